@@ -1,0 +1,289 @@
+"""The GRPO math as pure functions of tensors: log-probs, advantages, KL estimators, losses.
+
+N = P * G rows (prompt p owns rows p*G .. p*G + G - 1), T = padded completion length.
+References: GRPO (Shao et al. 2024, DeepSeekMath), DAPO (Yu et al. 2025), Dr. GRPO (Liu et al. 2025,
+"Understanding R1-Zero-Like Training"), GSPO (Zheng et al. 2025), RLOO (Ahmadian et al. 2024),
+k1/k2/k3 (Schulman 2020, "Approximating KL divergence").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.utils.checkpoint
+
+ADV_EPS = 1e-4
+
+
+def _unknown(kind: str, value: object, allowed) -> ValueError:
+    return ValueError(f"unknown {kind} {value!r}; expected one of {sorted(allowed)}")
+
+
+# ---------------------------------------------------------------- log-probs
+
+
+def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[ids] without materializing the full (..., V) log_softmax."""
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (...)
+        return picked - torch.logsumexp(logits, dim=-1)  # (...)
+    # logsumexp in bf16/fp16 is too coarse; upcast one row at a time to keep the peak small
+    flat_logits, flat_ids = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1)  # (R, V), (R,)
+    rows = [torch.log_softmax(row.float(), -1)[i] for row, i in zip(flat_logits, flat_ids)]
+    return torch.stack(rows).reshape(ids.shape)  # (...)
+
+
+def _chunk_logprobs(hidden, ids, lm_head, temperature, with_entropy):
+    logits = lm_head(hidden)  # (m, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (m, V)
+    if not with_entropy:
+        return selective_log_softmax(logits, ids), None  # (m,)
+    with torch.no_grad():  # entropy is a metric only
+        all_logp = torch.log_softmax(logits, dim=-1)  # (m, V)
+        entropy = -(all_logp.exp() * all_logp).sum(-1)  # (m,)
+    return selective_log_softmax(logits, ids), entropy  # (m,), (m,)
+
+
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    ids: torch.Tensor,
+    *,
+    temperature: float,
+    chunk_size: int = 512,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (M,) of `ids` under lm_head(hidden) / temperature, computed chunk by chunk.
+
+    With grad enabled each chunk is checkpointed, so only one chunk's (chunk, V) float32 logits
+    are alive at a time, in the forward and the backward. temperature <= 0 (greedy) counts as 1.
+    """
+    temperature = temperature if temperature > 0 else 1.0
+    fn = functools.partial(
+        _chunk_logprobs, lm_head=lm_head, temperature=temperature, with_entropy=with_entropy
+    )
+    step = max(int(chunk_size), 1)
+    outs = []
+    for start in range(0, max(hidden.shape[0], 1), step):  # M == 0 still runs one empty chunk
+        h, i = hidden[start : start + step], ids[start : start + step]  # (m, H), (m,)
+        if torch.is_grad_enabled():
+            outs.append(torch.utils.checkpoint.checkpoint(fn, h, i, use_reentrant=False))
+        else:
+            outs.append(fn(h, i))
+    logp = torch.cat([o[0] for o in outs])  # (M,)
+    return logp, (torch.cat([o[1] for o in outs]) if with_entropy else None)  # (M,), (M,) | None
+
+
+# ---------------------------------------------------------------- rewards and advantages
+
+
+def combine_rewards(rewards: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_i = sum_k w_k r_ik over the functions that returned a number (NaN = returned None).
+
+    A row where every function returned None is unscorable: total 0, scorable False.
+    """
+    present = ~torch.isnan(rewards)  # (N, K)
+    weighted = torch.where(present, rewards, 0.0) * weights.to(rewards)  # (N, K)
+    return weighted.sum(-1), present.any(-1)  # (N,), (N,)
+
+
+def _group_stats(r: torch.Tensor, s: torch.Tensor):
+    """Count, mean and Bessel-corrected std of the scorable entries along the last dim."""
+    count = s.sum(-1, keepdim=True).to(r.dtype)  # (P, 1)
+    mean = torch.where(s, r, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)  # (P, 1)
+    sq = torch.where(s, r - mean, 0.0).pow(2).sum(-1, keepdim=True)  # (P, 1)
+    return count, mean, (sq / (count - 1).clamp(min=1)).sqrt()
+
+
+def group_scaled(r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): A_i = (r_i - mean_g) / (std_g + eps)."""
+    _, mean, std = _group_stats(r, s)
+    return (r - mean) / (std + ADV_EPS)  # (P, G)
+
+
+def batch_scaled(r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Group mean, batch std: Lite PPO (Liu et al. 2025, "Tricks or Traps?"); robust to flat groups."""
+    _, mean, _ = _group_stats(r, s)
+    _, _, std = _group_stats(r.reshape(1, -1), s.reshape(1, -1))  # (1, 1)
+    return (r - mean) / (std + ADV_EPS)  # (P, G)
+
+
+def unscaled(r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): A_i = r_i - mean_g; the std would up-weight near-flat groups."""
+    _, mean, _ = _group_stats(r, s)
+    return r - mean  # (P, G)
+
+
+def rloo(r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): A_i = r_i - mean_{j != i} r_j = c / (c - 1) * (r_i - mean_g)."""
+    count, mean, _ = _group_stats(r, s)
+    return (r - mean) * count / (count - 1).clamp(min=1)  # (P, G); c == 1 is zeroed by the caller
+
+
+ADVANTAGE_SCALES = {"group": group_scaled, "batch": batch_scaled, "none": unscaled, "rloo": rloo}
+
+
+def advantages(total: torch.Tensor, scorable: torch.Tensor, *, group_size: int, scale: str) -> torch.Tensor:
+    """Per-row advantages (N,) from scalar rewards, normalized inside each group of `group_size`.
+
+    Unscorable rows get 0 and are left out of their group's statistics. A group whose scorable
+    rewards are all equal gets exactly 0: (r - mean) need not round to 0 (3 * 0.1 / 3 != 0.1).
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise _unknown("scale", scale, ADVANTAGE_SCALES)
+    if group_size < 1 or total.numel() % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the {total.numel()} rows")
+    if not total.is_floating_point():
+        total = total.to(torch.get_default_dtype())
+    r, s = total.reshape(-1, group_size), scorable.reshape(-1, group_size).bool()  # (P, G)
+    adv = ADVANTAGE_SCALES[scale](r, s)  # (P, G)
+    hi = torch.where(s, r, -torch.inf).amax(-1, keepdim=True)  # (P, 1)
+    lo = torch.where(s, r, torch.inf).amin(-1, keepdim=True)  # (P, 1)
+    return torch.where(s & (hi != lo), adv, 0.0).reshape(-1)  # (N,)
+
+
+# ---------------------------------------------------------------- KL estimators (Schulman 2020)
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 = -d = log pi - log pi_ref: unbiased, high variance, can be negative."""
+    return logp - ref_logp  # (N, T)
+
+
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k2 = d^2 / 2: biased, low variance, >= 0."""
+    return 0.5 * (ref_logp - logp).pow(2)  # (N, T)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(d) - d - 1: unbiased and >= 0; the estimator of the GRPO paper."""
+    d = ref_logp - logp  # (N, T)
+    return torch.expm1(d) - d  # (N, T); expm1 keeps small d accurate
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+# ---------------------------------------------------------------- ratios and the per-token loss
+
+
+def token_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """PPO/GRPO per-token importance ratio rho_it = pi / pi_old."""
+    return torch.exp(logp - old_logp)  # (N, T)
+
+
+def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO (Zheng et al. 2025): rho_i = exp(mean_t of the masked log ratio), length-normalized."""
+    m = mask.to(logp.dtype)  # (N, T)
+    log_ratio = torch.where(mask.bool(), logp - old_logp, 0.0).sum(-1, keepdim=True)  # (N, 1)
+    return torch.exp(log_ratio / m.sum(-1, keepdim=True).clamp(min=1))  # (N, 1)
+
+
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+def per_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    kl_estimator: str = "k3",
+    importance_level: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta KL_it, unmasked (N, T).
+
+    Asymmetric clipping ("clip-higher") is from DAPO (Yu et al. 2025). stats hold float (N, T)
+    maps "kl", "clipped_low", "clipped_high", "ratio" (detached; the caller masks and sums).
+    """
+    if kl_estimator not in KL_ESTIMATORS:
+        raise _unknown("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise _unknown("importance_level", importance_level, IMPORTANCE_LEVELS)
+    if beta != 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} needs ref_logp")
+    if importance_level == "token":
+        ratio = token_ratio(logp, old_logp)  # (N, T)
+    else:
+        ratio = sequence_ratio(logp, old_logp, mask).expand_as(logp)  # (N, T)
+    adv = advantages.to(logp.dtype).unsqueeze(-1)  # (N, 1)
+    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)  # (N, T)
+    loss = -torch.minimum(ratio * adv, clipped * adv)  # (N, T)
+    kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta != 0:
+        loss = loss + beta * kl
+    stats = {
+        "kl": kl.detach(),
+        "clipped_low": ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(logp.dtype),
+        "clipped_high": ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(logp.dtype),
+        "ratio": ratio.detach(),
+    }
+    return loss, stats
+
+
+# ---------------------------------------------------------------- aggregation (loss_type)
+
+
+def _grpo_normalizer(step_mask, generation_tokens, generation_sequences, max_completion_length):
+    """GRPO (Shao et al. 2024): mean over sequences, so count the sequences with a valid token."""
+    return float((step_mask.sum(-1) > 0).sum())
+
+
+def _bnpo_normalizer(step_mask, generation_tokens, generation_sequences, max_completion_length):
+    """BNPO: token-level mean over the optimizer step."""
+    return float(step_mask.sum())
+
+
+def _dapo_normalizer(step_mask, generation_tokens, generation_sequences, max_completion_length):
+    """DAPO (Yu et al. 2025): token-level mean over the whole generation batch, this step's share."""
+    return generation_tokens * step_mask.shape[0] / max(generation_sequences, 1)
+
+
+def _dr_grpo_normalizer(step_mask, generation_tokens, generation_sequences, max_completion_length):
+    """Dr. GRPO (Liu et al. 2025): a constant S * L_max, free of the length bias of 1 / |o_i|."""
+    return float(step_mask.shape[0] * max_completion_length)
+
+
+_NORMALIZERS = {
+    "grpo": _grpo_normalizer,
+    "bnpo": _bnpo_normalizer,
+    "dapo": _dapo_normalizer,
+    "dr_grpo": _dr_grpo_normalizer,
+}
+LOSS_TYPES = tuple(_NORMALIZERS)
+
+
+def step_normalizer(
+    loss_type: str,
+    step_mask: torch.Tensor,
+    *,
+    generation_tokens: int,
+    generation_sequences: int,
+    max_completion_length: int,
+) -> float:
+    """The loss denominator of one optimizer step, counted over ALL its micro-batches and ranks."""
+    if loss_type not in _NORMALIZERS:
+        raise _unknown("loss_type", loss_type, LOSS_TYPES)
+    fn = _NORMALIZERS[loss_type]
+    return max(fn(step_mask, generation_tokens, generation_sequences, max_completion_length), 1.0)
+
+
+def aggregate_loss(
+    loss: torch.Tensor, mask: torch.Tensor, *, loss_type: str, normalizer: float
+) -> torch.Tensor:
+    """Sum of this micro-batch's share of the step loss; the shares of a step add up to its loss.
+
+    grpo: sum_i (sum_t m L / max(sum_t m, 1)) / normalizer; the others: sum m L / normalizer.
+    """
+    if loss_type not in _NORMALIZERS:
+        raise _unknown("loss_type", loss_type, LOSS_TYPES)
+    masked = torch.where(mask.bool(), loss, 0.0)  # (n, T); where, not *, so inf/NaN padding stays out
+    if loss_type == "grpo":
+        per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1).to(loss.dtype)  # (n,)
+        return per_seq.sum() / normalizer
+    return masked.sum() / normalizer

@@ -1,0 +1,356 @@
+"""Configs: one dataclass per stage, a docstring under every field (the CLI help is made from them).
+
+A config comes from a YAML file, then per-field overrides on the command line
+(`grpokit train run.yaml --learning-rate 3e-4`). `validate()` runs before any model is loaded, so a
+bad value fails in a second with the field's name instead of minutes into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
+ScaleRewards = Literal["group", "batch", "none", "rloo"]
+KLEstimator = Literal["k1", "k2", "k3"]
+ImportanceLevel = Literal["token", "sequence"]
+LRSchedule = Literal["constant", "linear", "cosine"]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field."""
+
+
+@dataclass
+class RunConfig:
+    """Fields every stage shares: where the model and data come from, where the run goes."""
+
+    model: str = ""
+    """Path to a model folder in `save_pretrained` form (weights, config and tokenizer)."""
+    output_dir: str = "runs/run"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, plots and the final model."""
+    task: str | None = None
+    """Built-in synthetic task to draw prompts from (`addition`); leave empty when `train_data` is set."""
+    task_num_digits: int = 2
+    """Digits per operand of the built-in `addition` task."""
+    train_data: str | None = None
+    """A JSONL file or a `datasets` data set saved with `save_to_disk`, with a `prompt_column`."""
+    eval_data: str | None = None
+    """Held-out rows in the same form as `train_data`; with a `task`, its held-out split is used."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt: plain text, or chat messages [{role, content}] for the chat template."""
+    num_train_prompts: int = 4000
+    """Rows drawn from a built-in task for training."""
+    num_eval_prompts: int = 200
+    """Held-out rows used for evaluation."""
+    max_prompt_length: int = 256
+    """Longer prompts keep their last tokens (left truncation), and a warning counts them."""
+    max_completion_length: int = 16
+    """Tokens a completion may have; one without EOS by then is truncated."""
+    seed: int = 0
+    """Seeds Python, torch and the sampler: the same seed gives the same run on the same machine."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    dtype: str = "auto"
+    """`auto` (bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are very slow), `float32`, `bfloat16`."""
+    learning_rate: float = 1e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.99
+    """AdamW beta2."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to `learning_rate`."""
+    lr_schedule: LRSchedule = "constant"
+    """Learning-rate shape after warm-up: `constant`, `linear` decay to 0 or `cosine` decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global L2 norm (0 disables clipping)."""
+    logprob_chunk_size: int = 1024
+    """Token positions per chunk of the vocabulary projection: bounds the float32 logits held at once."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        _check_types(self)
+        _require(self.model != "", "model", "is empty: give the path of a model folder")
+        if (self.task is None) == (self.train_data is None):
+            raise ConfigError("set exactly one of `task` (a built-in task) and `train_data` (a file or folder)")
+        if self.task is not None:
+            from grpokit.tasks import TASKS
+
+            _require(self.task in TASKS, "task", f"is {self.task!r}; known tasks: {sorted(TASKS)}")
+        for name in ("num_train_prompts", "max_prompt_length", "max_completion_length", "logprob_chunk_size"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.num_eval_prompts >= 0, "num_eval_prompts", "must be >= 0")
+        _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                 f"is {self.dtype!r}; use auto, float32, bfloat16 or float16")
+
+
+@dataclass
+class GRPOConfig(RunConfig):
+    """`grpokit train`: GRPO against reward functions (Shao et al. 2024, DeepSeekMath)."""
+
+    output_dir: str = "runs/grpo"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, plots and the final model."""
+    max_steps: int = 100
+    """Generation steps: each samples `prompts_per_step` x `num_generations` completions."""
+    prompts_per_step: int = 16
+    """Distinct prompts sampled per step (P)."""
+    num_generations: int = 8
+    """Completions per prompt (G, the group); advantages compare completions of the same prompt."""
+    num_iterations: int = 1
+    """Passes over each generation batch (mu in the GRPO paper); > 1 reuses samples off-policy with clipping."""
+    minibatch_size: int | None = None
+    """Completions per optimizer step; must divide P*G. Empty: one optimizer step per generation batch."""
+    micro_batch_size: int | None = None
+    """Completions per forward/backward pass (gradient accumulation); must divide `minibatch_size`."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts; logprobs are computed under the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass for rollouts (1 disables)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0 disables)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Completions also end when their text contains one of these strings."""
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
+    """Reward functions: built-ins `accuracy`, `format`, `overlong`, or `package.module:function`."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward function (default: 1 each)."""
+    format_pattern: str = r"\d+"
+    """Regular expression the `format` reward requires the whole stripped completion to match."""
+    overlong_buffer: int = 4
+    """`overlong` reward (DAPO): completions within this many tokens of the limit get a linear penalty down to -1."""
+    loss_type: LossType = "grpo"
+    """Token-loss aggregation: `grpo` (mean per sequence), `bnpo` (mean per token), `dapo` (tokens of the
+    generation batch), `dr_grpo` (constant sequences x max_completion_length)."""
+    scale_rewards: ScaleRewards = "group"
+    """Advantage: `group` (z-score in the group), `batch` (group mean, batch std), `none` (Dr. GRPO), `rloo`."""
+    beta: float = 0.0
+    """KL penalty coefficient to the frozen reference; 0 loads no reference model at all."""
+    kl_estimator: KLEstimator = "k3"
+    """KL(pi || pi_ref) estimator per token: k1, k2 or k3 (the GRPO paper's, unbiased and >= 0)."""
+    epsilon_low: float = 0.2
+    """Lower clip range: the ratio is clipped at 1 - epsilon_low."""
+    epsilon_high: float = 0.2
+    """Upper clip range: the ratio is clipped at 1 + epsilon_high (DAPO's clip-higher uses 0.28)."""
+    importance_level: ImportanceLevel = "token"
+    """`token` ratios (GRPO) or one `sequence` ratio per completion from mean token log-ratio (GSPO)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit `max_completion_length` without EOS out of the loss entirely (DAPO)."""
+    eval_every: int = 0
+    """Evaluate held-out accuracy every this many steps (0: only before and after training)."""
+    eval_temperature: float = 1.0
+    """Temperature of the sampled evaluation (greedy is always reported as well)."""
+    log_completions_every: int = 10
+    """Write sampled completions to completions.jsonl every this many steps."""
+    save_every: int = 0
+    """Save the model (save_pretrained) to checkpoint-STEP every this many steps (0: only at the end)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to the run directory."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        _require(self.num_generations >= 2, "num_generations",
+                 f"must be >= 2, got {self.num_generations}: GRPO compares the completions of one prompt, "
+                 "and a group of 1 has advantage 0 everywhere, so nothing would be learned")
+        _require(self.num_iterations >= 1, "num_iterations", "must be >= 1")
+        batch = self.prompts_per_step * self.num_generations
+        minibatch = self.minibatch_size or batch
+        _require(minibatch >= 1 and batch % minibatch == 0, "minibatch_size",
+                 f"is {minibatch}; it must divide prompts_per_step x num_generations = {batch}")
+        micro = self.micro_batch_size or minibatch
+        _require(micro >= 1 and minibatch % micro == 0, "micro_batch_size",
+                 f"is {micro}; it must divide minibatch_size = {minibatch}")
+        _require(self.temperature > 0, "temperature", f"must be > 0 for training rollouts, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, "top_k", "must be >= 0")
+        _require(len(self.reward_funcs) >= 1, "reward_funcs", "is empty: give at least one reward function")
+        if self.reward_weights is not None:
+            _require(len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
+                     f"has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs")
+        _require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        _require(self.epsilon_low >= 0 and self.epsilon_high >= 0, "epsilon_low/epsilon_high", "must be >= 0")
+        _require(self.eval_every >= 0 and self.save_every >= 0 and self.log_completions_every >= 0,
+                 "eval_every/save_every/log_completions_every", "must be >= 0")
+        _require(self.overlong_buffer >= 1, "overlong_buffer", "must be >= 1")
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """`grpokit sft`: supervised fine-tuning, cross-entropy on completion tokens only (prompts are context)."""
+
+    output_dir: str = "runs/sft"
+    """Run directory: resolved config, metrics.jsonl and the final model."""
+    completion_column: str = "completion"
+    """Column holding the target completion (with a built-in task: the imperfect demonstrator's answer)."""
+    forget_carry: float = 0.5
+    """Built-in `addition` task: probability that the demonstrator forgets each carry."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate."""
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per optimizer step."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 50
+    """Optimizer steps of linear warm-up."""
+    lr_schedule: LRSchedule = "cosine"
+    """Learning-rate shape after warm-up."""
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.max_steps >= 1, "max_steps", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(0.0 <= self.forget_carry <= 1.0, "forget_carry", "must be in [0, 1]")
+
+
+@dataclass
+class EvalConfig:
+    """`grpokit eval`: held-out accuracy of a model on a task, greedy and sampled."""
+
+    model: str = ""
+    """Path to a model folder in `save_pretrained` form."""
+    task: str = "addition"
+    """Built-in task whose held-out split is scored with its gold checker."""
+    task_num_digits: int = 2
+    """Digits per operand of the built-in `addition` task."""
+    num_eval_prompts: int = 200
+    """Held-out problems to score."""
+    temperature: float = 1.0
+    """Temperature of the sampled evaluation (greedy is always reported as well)."""
+    max_completion_length: int = 16
+    """Tokens a completion may have."""
+    seed: int = 0
+    """Seed of the sampled evaluation."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda` or `cuda:N`."""
+    dtype: str = "auto"
+    """`auto`, `float32`, `bfloat16`."""
+
+    def validate(self) -> None:
+        _check_types(self)
+        _require(self.model != "", "model", "is empty: give the path of a model folder")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field `{name}` {message}")
+
+
+def _check_types(cfg: Any) -> None:
+    """YAML gives untyped values; catch `learning_rate: 1e-3x` or `beta: [0]` by field name."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ConfigError(f"config field `{f.name}` expects {_type_name(hints[f.name])}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
+    """Build `cls` from a dict, naming any unknown key and the nearest real field."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(f"{source}: unknown field `{key}` for {cls.__name__}{hint}")
+    cfg = cls(**values)
+    # ints written for float fields (learning_rate: 1) become floats so the saved config is exact
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if hints[f.name] is float and isinstance(getattr(cfg, f.name), int):
+            setattr(cfg, f.name, float(getattr(cfg, f.name)))
+    return cfg
+
+
+def load_yaml(cls: type, path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+    return from_dict(cls, values, source=str(path))
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+@dataclass
+class DemoConfig:
+    """`grpokit demo`: a tiny model learns addition from a teacher that forgets carries, then GRPO with the
+    gold checker as reward makes it better than its teacher. Everything is built locally; nothing is downloaded."""
+
+    output_dir: str = "runs/demo"
+    """Where the SFT and GRPO runs, their models and the plot go."""
+    seed: int = 0
+    """Seeds everything: the same seed gives the same table on the same machine."""
+    arch: Literal["llama", "qwen2"] = "llama"
+    """Architecture of the tiny model (a standard transformers config)."""
+    hidden_size: int = 128
+    """Width of the tiny model."""
+    num_layers: int = 2
+    """Transformer blocks of the tiny model."""
+    num_digits: int = 2
+    """Digits per operand."""
+    forget_carry: float = 0.7
+    """Probability that the demonstrator forgets each carry (its systematic mistake)."""
+    sft_steps: int = 600
+    """SFT optimizer steps on the demonstrator's answers."""
+    sft_learning_rate: float = 3e-3
+    """SFT peak learning rate."""
+    grpo_steps: int = 60
+    """GRPO steps."""
+    grpo_learning_rate: float = 1e-3
+    """GRPO peak learning rate."""
+    prompts_per_step: int = 32
+    """GRPO prompts per step."""
+    num_generations: int = 8
+    """GRPO completions per prompt."""
+    num_eval_prompts: int = 400
+    """Held-out problems in the before/after table."""
+    device: str = "auto"
+    """`auto`, `cpu` or `cuda`."""
+    progress: bool = True
+    """Show progress bars."""

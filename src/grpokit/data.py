@@ -1,0 +1,97 @@
+"""Rows in, token ids out: loading JSONL files and `datasets` folders, checking columns, encoding prompts.
+
+A row is a dict. Its `prompt_column` holds plain text or chat messages; every other column rides
+along to the reward functions untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from grpokit.rewards import RESERVED_COLUMNS
+
+
+class DataError(ValueError):
+    """The data set is missing, malformed, or lacks a column; the message names the file and the row."""
+
+
+def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, Any]]:
+    """A JSONL file (one JSON object per line) or a folder written by `datasets.Dataset.save_to_disk`."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"config field `{field}`: {path} does not exist")
+    if path.is_dir():
+        import datasets
+
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            raise DataError(f"{path} holds splits {list(data)}; point `{field}` at one split's folder")
+        return [dict(row) for row in data]
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    return rows
+
+
+def check_columns(rows: list[dict[str, Any]], required: list[str], source: str) -> None:
+    """Every row must have every required column; reserved names may not be used as columns."""
+    for i, row in enumerate(rows):
+        missing = [c for c in required if c not in row]
+        if missing:
+            raise DataError(f"{source}: row {i} has no column {missing[0]!r} (its columns: {sorted(row)})")
+    for name in RESERVED_COLUMNS:
+        if rows and name in rows[0]:
+            raise DataError(f"{source}: column {name!r} is reserved for what grpokit passes to reward functions")
+
+
+def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
+    """Plain text stays as it is; chat messages go through the tokenizer's chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("prompts are chat messages but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    raise DataError(f"a prompt must be text or a list of {{role, content}} messages, got {prompt!r:.80}")
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int) -> tuple[list[str], list[list[int]], int]:
+    """-> (rendered texts, token ids, how many were cut). Long prompts keep their LAST tokens, where the
+    question usually is. A chat template already holds any BOS, so it gets no special tokens added."""
+    texts, ids, cut = [], [], 0
+    for prompt in prompts:
+        text = render_prompt(tokenizer, prompt)
+        tokens = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+        if len(tokens) > max_length:
+            tokens, cut = tokens[-max_length:], cut + 1
+        if not tokens:
+            raise DataError(f"prompt {prompt!r:.80} encodes to no tokens")
+        texts.append(text)
+        ids.append(list(tokens))
+    return texts, ids, cut
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, *, side: str) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """-> (ids (B, T), mask (B, T)) padded on the `left` (prompts) or `right` (completions)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask

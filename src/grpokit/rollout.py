@@ -1,0 +1,210 @@
+"""The sampler: G completions for each of P prompts, with the logprobs the trainer will need.
+
+GRPO (Shao et al. 2024, "DeepSeekMath", Sec. 4.1) samples a group of G outputs per question. All G
+share the prompt, so the prompt is prefilled ONCE and its KV cache is repeated G times along the
+batch; only the decode steps run on all N = P * G rows.
+
+The logprob of each sampled token is taken under log_softmax(logits / temperature) on the
+UNFILTERED logits (top-k / top-p only shape the draw), which is exactly what the trainer computes
+from the same weights (DESIGN.md invariant 6), so old_logp can come straight from here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from grpokit.modeling import position_ids_from_mask
+from grpokit.types import Rollout
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one generation batch."""
+
+    max_new_tokens: int
+    """Most completion tokens per row; a row that reaches it without ending is truncated."""
+    temperature: float = 1.0
+    """Logits are divided by it before softmax; 0 means greedy (argmax), logprobs then at temperature 1."""
+    top_p: float = 1.0
+    """Nucleus sampling (Holtzman et al. 2020): draw from the smallest set with this much mass; 1 = off."""
+    top_k: int = 0
+    """Draw from the k most likely tokens only; 0 = off."""
+    stop_strings: tuple[str, ...] = ()
+    """A row ends at the first step whose decoded completion contains one of these (needs a tokenizer)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if isinstance(self.stop_strings, str) or any(not s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, then outside the top-p nucleus (Holtzman et al. 2020).
+
+    logits (N, V) are already divided by the temperature. The nucleus is the smallest set of most
+    likely tokens whose probability reaches top_p; the most likely token is always kept.
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (N, V)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+        probs = sorted_logits.softmax(dim=-1)  # (N, V)
+        mass_before = probs.cumsum(dim=-1) - probs  # (N, V) mass of the strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # (N, V) the set before it already reaches top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (N, V) back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))  # (N, V)
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; return (tokens (N,), logp (N,) float32 on the unfiltered logits)."""
+    greedy = params.temperature == 0
+    scaled = logits.float() / (1.0 if greedy else params.temperature)  # (N, V)
+    if greedy:
+        tokens = scaled.argmax(dim=-1)  # (N,)
+    else:
+        probs = filter_logits(scaled, top_k=params.top_k, top_p=params.top_p).softmax(dim=-1)  # (N, V)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+    logp = scaled.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # (N,)
+    return tokens, logp
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward() keyword for the KV cache: `cache` in transformers >= 5.x, `past_key_values` before."""
+    # Wrappers (PEFT, DDP) hide the name behind **kwargs; the decoder underneath still lists it.
+    forwards = [model.forward] + ([model.get_decoder().forward] if hasattr(model, "get_decoder") else [])
+    for fn in forwards:
+        params = inspect.signature(fn).parameters
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return name
+    return "past_key_values"
+
+
+def _left_pad(prompt_ids: list[list[int]], pad_token_id: int, device: torch.device):
+    """Left-pad token lists into (ids (P, Tp), mask (P, Tp)) so every prompt ends at the last column."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)  # (P, Tp)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)  # (P, Tp)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _hits_stop_string(tokenizer, rows: list[list[int]], stop_strings: tuple[str, ...]) -> list[bool]:
+    """Whether each row's decoded completion so far contains any stop string."""
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=False)
+    return [any(s in text for s in stop_strings) for text in texts]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: list[list[int]],
+    *,
+    num_generations: int,
+    params: SamplingParams,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    tokenizer=None,
+) -> Rollout:
+    """Sample `num_generations` completions for each prompt with a shared-prefix KV cache.
+
+    Rows p*G .. p*G+G-1 belong to prompt p. A row ends at its first EOS (kept, mask 1) or at the
+    first step whose decoded text contains a stop string (tokens kept); rows that reach
+    max_new_tokens without ending are truncated. Draws use `generator`, so a seeded generator
+    reproduces the rollout exactly.
+    """
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("prompt_ids must be a non-empty list of non-empty token lists")
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    if params.stop_strings and tokenizer is None:
+        raise ValueError(f"stop_strings={params.stop_strings!r} need a tokenizer to decode completions")
+    device = next(model.parameters()).device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}; they must match")
+    eos_ids = torch.tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device
+    )
+    G = num_generations
+
+    was_training = model.training
+    model.eval()
+    try:
+        p_ids, p_mask = _left_pad(prompt_ids, pad_token_id, device)  # (P, Tp)
+        prompt_len = p_mask.sum(-1)  # (P,)
+        cache = DynamicCache(config=getattr(model, "config", None))
+        cache_kw = {_cache_kwarg(model): cache}
+        # Prefill once per distinct prompt; only the last position's logits are needed.
+        out = model(
+            input_ids=p_ids,
+            attention_mask=p_mask,
+            position_ids=position_ids_from_mask(p_mask),  # (P, Tp)
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kw,
+        )
+        logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
+        cache.batch_repeat_interleave(G)  # every layer's (P, kv, Tp, hd) -> (N, kv, Tp, hd)
+        attn_mask = p_mask.repeat_interleave(G, dim=0)  # (N, Tp), grows one column per step
+        next_pos = prompt_len.repeat_interleave(G, dim=0)  # (N,) position of the next fed token
+
+        N = logits.shape[0]
+        done = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+        step_ids, step_logp, step_mask = [], [], []
+        for step in range(params.max_new_tokens):
+            tokens, logp = sample_tokens(logits, params, generator)  # (N,), (N,)
+            alive = ~done  # (N,) rows whose token this step is part of the completion
+            tokens = torch.where(alive, tokens, pad_token_id)  # (N,)
+            step_ids.append(tokens)
+            step_logp.append(torch.where(alive, logp, 0.0))
+            step_mask.append(alive.long())
+            done = done | (alive & torch.isin(tokens, eos_ids))  # (N,)
+            if params.stop_strings:
+                running = (~done).nonzero().squeeze(-1).tolist()
+                so_far = torch.stack(step_ids, dim=1)[running].tolist()  # (n_running, step + 1)
+                hits = _hits_stop_string(tokenizer, so_far, params.stop_strings)
+                done[running] |= torch.tensor(hits, dtype=torch.bool, device=device)
+            if bool(done.all()) or step == params.max_new_tokens - 1:
+                break
+            # Feed this step's tokens; rows that already ended get mask 0, so the attention mask
+            # stays equal to [prompt_mask | completion_mask], the layout the trainer sees.
+            attn_mask = torch.cat([attn_mask, alive.long()[:, None]], dim=-1)  # (N, Tp + step + 1)
+            out = model(
+                input_ids=tokens[:, None],  # (N, 1)
+                attention_mask=attn_mask,
+                position_ids=next_pos[:, None],  # (N, 1)
+                use_cache=True,
+                **cache_kw,
+            )
+            logits = out.logits[:, -1]  # (N, V)
+            next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+
+    return Rollout(
+        prompt_ids=p_ids.repeat_interleave(G, dim=0),  # (N, Tp)
+        prompt_mask=p_mask.repeat_interleave(G, dim=0),  # (N, Tp)
+        completion_ids=torch.stack(step_ids, dim=1),  # (N, Tc)
+        completion_mask=torch.stack(step_mask, dim=1),  # (N, Tc)
+        sampling_logp=torch.stack(step_logp, dim=1).float(),  # (N, Tc)
+        truncated=~done,  # (N,)
+        group_size=G,
+    )

@@ -1,0 +1,30 @@
+"""grpokit's offline small world: verifiable tasks, a character tokenizer and tiny models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .arithmetic import AdditionTask, accuracy_reward, check_answer, count_carries
+from .models import tiny_model
+from .tokenizer import build_char_tokenizer
+
+TASKS = {"addition": AdditionTask}
+
+
+def get_task(name: str, **kwargs: Any) -> AdditionTask:
+    """Instantiate the task registered under `name` with `kwargs`."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = [
+    "TASKS",
+    "AdditionTask",
+    "accuracy_reward",
+    "build_char_tokenizer",
+    "check_answer",
+    "count_carries",
+    "get_task",
+    "tiny_model",
+]

@@ -1,0 +1,31 @@
+"""Shared fixtures: the offline small world (character tokenizer, tiny models, the addition task)."""
+
+from __future__ import annotations
+
+import pytest
+
+from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """The default character tokenizer (<pad>=0, <eos>=1, <bos>=2, left padding). Do not mutate it."""
+    return build_char_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama(char_tokenizer):
+    """A fresh 2-layer Llama (hidden 64), seed 0, in train mode."""
+    return tiny_model(char_tokenizer, "llama", seed=0)
+
+
+@pytest.fixture
+def tiny_qwen2(char_tokenizer):
+    """A fresh 2-layer Qwen2 (hidden 64), seed 0, in train mode."""
+    return tiny_model(char_tokenizer, "qwen2", seed=0)
+
+
+@pytest.fixture
+def addition_task():
+    """Two-digit addition with a demonstrator that forgets each carry half the time."""
+    return AdditionTask(num_digits=2, forget_carry=0.5)
