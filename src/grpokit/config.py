@@ -336,13 +336,15 @@ class DemoConfig:
     """Digits per operand."""
     forget_carry: float = 0.7
     """Probability that the demonstrator forgets each carry (its systematic mistake)."""
-    sft_steps: int = 600
+    sft_examples: int = 50000
+    """Demonstrations in the SFT data set (problems repeat, each with its own draw of the teacher's mistakes)."""
+    sft_steps: int = 1000
     """SFT optimizer steps on the demonstrator's answers."""
-    sft_learning_rate: float = 3e-3
+    sft_learning_rate: float = 1e-3
     """SFT peak learning rate."""
-    grpo_steps: int = 60
+    grpo_steps: int = 200
     """GRPO steps."""
-    grpo_learning_rate: float = 1e-3
+    grpo_learning_rate: float = 2e-4
     """GRPO peak learning rate."""
     prompts_per_step: int = 32
     """GRPO prompts per step."""

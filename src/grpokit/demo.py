@@ -44,6 +44,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
 
     sft_cfg = SFTConfig(model="<in memory>", output_dir=str(out / "sft"), task="addition",
                         task_num_digits=cfg.num_digits, forget_carry=cfg.forget_carry, max_steps=cfg.sft_steps,
+                        num_train_prompts=cfg.sft_examples,
                         learning_rate=cfg.sft_learning_rate, max_completion_length=max_len, seed=cfg.seed,
                         device=cfg.device, progress=cfg.progress)
     train_sft(sft_cfg, model=model, tokenizer=tokenizer, rows=sft_rows(sft_cfg))
