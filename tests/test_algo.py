@@ -167,7 +167,7 @@ def test_kl_estimators_hand_computed():
     # e^0.5 - 0.5 - 1 = 0.14872127...; e^-1 + 1 - 1 = 0.36787944...
     expected_k3 = t64([[0.1487212707001282, 0.36787944117144233, 0.0]])
     torch.testing.assert_close(algo.kl_k3(logp, ref), expected_k3, rtol=0, atol=1e-15)
-    assert algo.KL_ESTIMATORS == {"k1": algo.kl_k1, "k2": algo.kl_k2, "k3": algo.kl_k3}
+    assert {"k1": algo.kl_k1, "k2": algo.kl_k2, "k3": algo.kl_k3} == algo.KL_ESTIMATORS
 
 
 @settings(max_examples=60, deadline=None)
@@ -211,9 +211,7 @@ HAND_LOSSES = {
 def test_per_token_loss_hand_computed():
     logp, old, ref, a, mask = hand_example()
     logp.requires_grad_(True)
-    loss, stats = algo.per_token_loss(
-        logp, old, a, mask, ref_logp=ref, beta=0.1, epsilon_low=0.2, epsilon_high=0.28
-    )
+    loss, stats = algo.per_token_loss(logp, old, a, mask, ref_logp=ref, beta=0.1, epsilon_low=0.2, epsilon_high=0.28)
     torch.testing.assert_close(loss[0], t64(ROW0), rtol=0, atol=1e-12)
     torch.testing.assert_close(loss[1, :2], t64(ROW1), rtol=0, atol=1e-12)
     assert stats["clipped_low"].tolist() == [[0, 0, 0], [1, 0, 0]]
@@ -230,12 +228,8 @@ def test_per_token_loss_hand_computed():
 @pytest.mark.parametrize("loss_type", algo.LOSS_TYPES)
 def test_aggregate_loss_hand_computed(loss_type):
     logp, old, ref, a, mask = hand_example()
-    loss, _ = algo.per_token_loss(
-        logp, old, a, mask, ref_logp=ref, beta=0.1, epsilon_low=0.2, epsilon_high=0.28
-    )
-    norm = algo.step_normalizer(
-        loss_type, mask, generation_tokens=24, generation_sequences=8, max_completion_length=4
-    )
+    loss, _ = algo.per_token_loss(logp, old, a, mask, ref_logp=ref, beta=0.1, epsilon_low=0.2, epsilon_high=0.28)
+    norm = algo.step_normalizer(loss_type, mask, generation_tokens=24, generation_sequences=8, max_completion_length=4)
     assert norm == {"grpo": 2.0, "bnpo": 5.0, "dapo": 6.0, "dr_grpo": 8.0}[loss_type]
     value = algo.aggregate_loss(loss, mask, loss_type=loss_type, normalizer=norm)
     assert float(value) == pytest.approx(HAND_LOSSES[loss_type], abs=1e-12)
@@ -284,9 +278,7 @@ def test_step_normalizer_counts_and_never_zero():
     empty = torch.zeros(2, 3)
     for loss_type in algo.LOSS_TYPES:
         assert (
-            algo.step_normalizer(
-                loss_type, empty, generation_tokens=0, generation_sequences=0, max_completion_length=0
-            )
+            algo.step_normalizer(loss_type, empty, generation_tokens=0, generation_sequences=0, max_completion_length=0)
             == 1.0
         )
 
@@ -306,9 +298,7 @@ class TinyLM(torch.nn.Module):
     def logp(self, ctx, targets, mask, chunk_size=4):
         valid = mask.bool()  # (n, T)
         hidden = torch.tanh(self.embed(ctx))[valid]  # (M, H)
-        flat, _ = algo.logprobs_from_hidden(
-            hidden, self.head, targets[valid], temperature=0.9, chunk_size=chunk_size
-        )
+        flat, _ = algo.logprobs_from_hidden(hidden, self.head, targets[valid], temperature=0.9, chunk_size=chunk_size)
         return torch.zeros(valid.shape).masked_scatter(valid, flat)  # (n, T)
 
 
@@ -504,9 +494,7 @@ def test_bad_values_raise_value_error_naming_them():
     with pytest.raises(ValueError, match="'tokens'.*'sequence'"):
         algo.per_token_loss(logp, old, a, mask, importance_level="tokens", **kw)
     with pytest.raises(ValueError, match="'ppo'.*'dr_grpo'"):
-        algo.step_normalizer(
-            "ppo", mask, generation_tokens=1, generation_sequences=1, max_completion_length=1
-        )
+        algo.step_normalizer("ppo", mask, generation_tokens=1, generation_sequences=1, max_completion_length=1)
     with pytest.raises(ValueError, match="'ppo'.*'bnpo'"):
         algo.aggregate_loss(logp, mask, loss_type="ppo", normalizer=1.0)
     with pytest.raises(ValueError, match="group_size=3"):

@@ -16,7 +16,11 @@ def grpo(**overrides) -> GRPOConfig:
     [
         ({"num_generations": 1}, "num_generations", "must be >= 2"),
         ({"prompts_per_step": 3, "num_generations": 4, "minibatch_size": 5}, "minibatch_size", "must divide"),
-        ({"minibatch_size": 16, "micro_batch_size": 6}, "micro_batch_size", "must divide minibatch_size = 16"),
+        (
+            {"minibatch_size": 16, "micro_batch_size": 6},
+            "micro_batch_size",
+            "must divide minibatch_size = 16",
+        ),
         ({"loss_type": "ppo"}, "loss_type", "'grpo', 'bnpo', 'dapo', 'dr_grpo'"),
         ({"scale_rewards": "zscore"}, "scale_rewards", "'group'"),
         ({"kl_estimator": "k4"}, "kl_estimator", "'k3'"),

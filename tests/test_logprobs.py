@@ -106,9 +106,7 @@ def loss_and_grads(model, batch, loss_type, tc):
         epsilon_low=0.2,
         epsilon_high=0.28,
     )
-    norm = algo.step_normalizer(
-        loss_type, mask, generation_tokens=9, generation_sequences=3, max_completion_length=6
-    )
+    norm = algo.step_normalizer(loss_type, mask, generation_tokens=9, generation_sequences=3, max_completion_length=6)
     value = algo.aggregate_loss(loss, mask, loss_type=loss_type, normalizer=norm)
     value.backward()
     return logp.detach(), (loss * mask).detach(), value.detach(), [p.grad.clone() for p in model.parameters()]

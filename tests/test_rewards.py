@@ -7,16 +7,27 @@ import math
 import pytest
 import torch
 
-from grpokit.rewards import RewardError, build_reward_funcs, format_reward, gold_reward, exact_match, \
-    overlong_reward, score
+from grpokit.rewards import (
+    RewardError,
+    build_reward_funcs,
+    exact_match,
+    format_reward,
+    gold_reward,
+    overlong_reward,
+    score,
+)
 
 
 def test_score_stacks_functions_and_keeps_none_as_nan():
     def half(prompts, completions, **_):
         return [0.5, None, 1]
 
-    out = score([("gold", gold_reward(exact_match)), ("half", half)], ["p"] * 3, ["7", " 7 ", "8"],
-                {"answer": ["7", "7", "7"]})
+    out = score(
+        [("gold", gold_reward(exact_match)), ("half", half)],
+        ["p"] * 3,
+        ["7", " 7 ", "8"],
+        {"answer": ["7", "7", "7"]},
+    )
     expected = torch.tensor([[1.0, 0.5], [1.0, math.nan], [0.0, 1.0]])
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.nan_to_num(-9), expected.nan_to_num(-9))
@@ -65,6 +76,5 @@ def test_unknown_reward_name_is_an_import_error_with_the_name():
 
 
 def test_custom_reward_by_import_path():
-    ((name, fn),) = build_reward_funcs(["math:fsum"], format_pattern=".*", max_completion_length=8,
-                                       overlong_buffer=2)
+    ((name, fn),) = build_reward_funcs(["math:fsum"], format_pattern=".*", max_completion_length=8, overlong_buffer=2)
     assert name == "math:fsum" and fn is math.fsum

@@ -127,9 +127,7 @@ def test_top_k_top_p_restrict_the_draw(llama):
     ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
     mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
     with torch.no_grad():
-        logits = llama(
-            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
-        ).logits
+        logits = llama(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     tp, tc = r.prompt_ids.shape[1], r.completion_ids.shape[1]
     step_logits = logits[:, tp - 1 : tp + tc - 1] / 0.7  # (N, Tc, V)
     allowed = filter_logits(step_logits.flatten(0, 1), top_k=6, top_p=0.6).isfinite()  # (N*Tc, V)
@@ -290,9 +288,7 @@ def test_truncated_rows_and_eos_list(llama):
         )
     check_endings(r, {EOS, 20}, PAD, 4)
     assert r.truncated.any() and not r.truncated.all()
-    ends = {
-        r.completion_ids[i, r.completion_mask[i].sum() - 1].item() for i in range(24) if not r.truncated[i]
-    }
+    ends = {r.completion_ids[i, r.completion_mask[i].sum() - 1].item() for i in range(24) if not r.truncated[i]}
     assert ends == {EOS, 20}  # both ids end rows
     assert r.completion_ids.shape[1] == 4
 
@@ -328,9 +324,7 @@ def test_stop_string_ends_row_untruncated(llama, char_tokenizer):
         n_stopped += cut is not None
     assert r.completion_mask[0].sum() <= 5 and not r.truncated[0]
     assert n_stopped >= 1
-    torch.testing.assert_close(
-        r.sampling_logp, free.sampling_logp[:, : r.sampling_logp.shape[1]] * r.completion_mask
-    )
+    torch.testing.assert_close(r.sampling_logp, free.sampling_logp[:, : r.sampling_logp.shape[1]] * r.completion_mask)
 
 
 # ---------------------------------------------------------------- bad input (invariant 9)

@@ -80,9 +80,7 @@ def test_pad_equals_eos_variant(char_tokenizer):
 def test_custom_alphabet_keeps_template_chars():
     tok = build_char_tokenizer("0123456789+=")
     assert tok.encode("0") == [4]
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": "3+4="}], add_generation_prompt=True, tokenize=False
-    )
+    text = tok.apply_chat_template([{"role": "user", "content": "3+4="}], add_generation_prompt=True, tokenize=False)
     assert tok.unk_token_id not in tok.encode(text)
 
 
@@ -107,10 +105,7 @@ def test_tokenizer_save_load(tmp_path, pad_equals_eos):
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     user = [{"role": "user", "content": "12+9="}]
-    assert (
-        loaded.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        == "user: 12+9=\nassistant: "
-    )
+    assert loaded.apply_chat_template(user, add_generation_prompt=True, tokenize=False) == "user: 12+9=\nassistant: "
     assert loaded.chat_template == tok.chat_template
     assert (loaded.pad_token_id, loaded.eos_token_id, loaded.bos_token_id) == (
         (1 if pad_equals_eos else 0),
@@ -152,9 +147,7 @@ def test_tiny_model_seeded_and_leaves_global_rng(char_tokenizer):
     assert torch.equal(after, expected_next)  # building a model did not consume the caller's RNG
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(
-        sa["model.layers.0.self_attn.q_proj.weight"], sc["model.layers.0.self_attn.q_proj.weight"]
-    )
+    assert not torch.equal(sa["model.layers.0.self_attn.q_proj.weight"], sc["model.layers.0.self_attn.q_proj.weight"])
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
@@ -258,8 +251,11 @@ def test_count_carries():
 
 def test_demonstrator_never_forgets_at_zero():
     task = AdditionTask(num_digits=2, forget_carry=0.0)
-    rows = [{"prompt": task.format_prompt(a, b), "answer": task.format_answer(a + b)}
-            for a in range(100) for b in range(100)]
+    rows = [
+        {"prompt": task.format_prompt(a, b), "answer": task.format_answer(a + b)}
+        for a in range(100)
+        for b in range(100)
+    ]
     assert all(task.demonstrate(r, random.Random(0)) == r["answer"] for r in rows)
     assert task.demonstrator_accuracy(rows, random.Random(0)) == 1.0
 

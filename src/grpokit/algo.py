@@ -60,9 +60,7 @@ def logprobs_from_hidden(
     are alive at a time, in the forward and the backward. temperature <= 0 (greedy) counts as 1.
     """
     temperature = temperature if temperature > 0 else 1.0
-    fn = functools.partial(
-        _chunk_logprobs, lm_head=lm_head, temperature=temperature, with_entropy=with_entropy
-    )
+    fn = functools.partial(_chunk_logprobs, lm_head=lm_head, temperature=temperature, with_entropy=with_entropy)
     step = max(int(chunk_size), 1)
     outs = []
     for start in range(0, max(hidden.shape[0], 1), step):  # M == 0 still runs one empty chunk
@@ -273,9 +271,7 @@ def step_normalizer(
     return max(fn(step_mask, generation_tokens, generation_sequences, max_completion_length), 1.0)
 
 
-def aggregate_loss(
-    loss: torch.Tensor, mask: torch.Tensor, *, loss_type: str, normalizer: float
-) -> torch.Tensor:
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, *, loss_type: str, normalizer: float) -> torch.Tensor:
     """Sum of this micro-batch's share of the step loss; the shares of a step add up to its loss.
 
     grpo: sum_i (sum_t m L / max(sum_t m, 1)) / normalizer; the others: sum m L / normalizer.

@@ -6,8 +6,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-USAGE = """usage: grpokit {train,sft,eval,demo} [CONFIG.yaml] [--field value ...]
+USAGE = """usage: grpokit {init,sft,train,eval,demo} [CONFIG.yaml] [--field value ...]
 
+  init    a fresh tiny model + char tokenizer   grpokit init --output-dir runs/tiny
   train   GRPO against reward functions        grpokit train examples/grpo_addition.yaml
   sft     supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
   eval    held-out accuracy, greedy and sampled grpokit eval --model runs/grpo/model
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sft(rest)
         if command == "eval":
             return _eval(rest)
+        if command == "init":
+            return _init(rest)
         if command == "demo":
             return _demo(rest)
     except (ConfigError, DataError, RewardError, FileNotFoundError, ValueError) as err:
@@ -93,9 +96,29 @@ def _eval(args: list[str]) -> int:
     task = get_task(cfg.task, num_digits=cfg.task_num_digits)
     rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
     for name, temperature in (("greedy", 0.0), (f"sampled (T={cfg.temperature:g})", cfg.temperature)):
-        acc = accuracy(model, tokenizer, rows, task.is_correct, temperature=temperature,
-                       max_new_tokens=cfg.max_completion_length, seed=cfg.seed)
+        acc = accuracy(
+            model,
+            tokenizer,
+            rows,
+            task.is_correct,
+            temperature=temperature,
+            max_new_tokens=cfg.max_completion_length,
+            seed=cfg.seed,
+        )
         print(f"{cfg.task} held-out accuracy, {name}: {acc:.1%} of {len(rows)}")
+    return 0
+
+
+def _init(args: list[str]) -> int:
+    from grpokit.checkpoint import save_model
+    from grpokit.config import InitConfig
+    from grpokit.tasks import build_char_tokenizer, tiny_model
+
+    cfg = parse_config(InitConfig, args, "grpokit init")
+    tokenizer = build_char_tokenizer()
+    model = tiny_model(tokenizer, cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
+    path = save_model(model, tokenizer, cfg.output_dir)
+    print(f"{cfg.arch} with {sum(p.numel() for p in model.parameters()):,} parameters -> {path}")
     return 0
 
 

@@ -94,8 +94,11 @@ class RunConfig:
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
-        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-                 f"is {self.dtype!r}; use auto, float32, bfloat16 or float16")
+        _require(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "dtype",
+            f"is {self.dtype!r}; use auto, float32, bfloat16 or float16",
+        )
 
 
 @dataclass
@@ -164,28 +167,43 @@ class GRPOConfig(RunConfig):
         super().validate()
         _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _require(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
-        _require(self.num_generations >= 2, "num_generations",
-                 f"must be >= 2, got {self.num_generations}: GRPO compares the completions of one prompt, "
-                 "and a group of 1 has advantage 0 everywhere, so nothing would be learned")
+        _require(
+            self.num_generations >= 2,
+            "num_generations",
+            f"must be >= 2, got {self.num_generations}: GRPO compares the completions of one prompt, "
+            "and a group of 1 has advantage 0 everywhere, so nothing would be learned",
+        )
         _require(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         batch = self.prompts_per_step * self.num_generations
         minibatch = self.minibatch_size or batch
-        _require(minibatch >= 1 and batch % minibatch == 0, "minibatch_size",
-                 f"is {minibatch}; it must divide prompts_per_step x num_generations = {batch}")
+        _require(
+            minibatch >= 1 and batch % minibatch == 0,
+            "minibatch_size",
+            f"is {minibatch}; it must divide prompts_per_step x num_generations = {batch}",
+        )
         micro = self.micro_batch_size or minibatch
-        _require(micro >= 1 and minibatch % micro == 0, "micro_batch_size",
-                 f"is {micro}; it must divide minibatch_size = {minibatch}")
+        _require(
+            micro >= 1 and minibatch % micro == 0,
+            "micro_batch_size",
+            f"is {micro}; it must divide minibatch_size = {minibatch}",
+        )
         _require(self.temperature > 0, "temperature", f"must be > 0 for training rollouts, got {self.temperature}")
         _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= 0, "top_k", "must be >= 0")
         _require(len(self.reward_funcs) >= 1, "reward_funcs", "is empty: give at least one reward function")
         if self.reward_weights is not None:
-            _require(len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
-                     f"has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs")
+            _require(
+                len(self.reward_weights) == len(self.reward_funcs),
+                "reward_weights",
+                f"has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs",
+            )
         _require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         _require(self.epsilon_low >= 0 and self.epsilon_high >= 0, "epsilon_low/epsilon_high", "must be >= 0")
-        _require(self.eval_every >= 0 and self.save_every >= 0 and self.log_completions_every >= 0,
-                 "eval_every/save_every/log_completions_every", "must be >= 0")
+        _require(
+            self.eval_every >= 0 and self.save_every >= 0 and self.log_completions_every >= 0,
+            "eval_every/save_every/log_completions_every",
+            "must be >= 0",
+        )
         _require(self.overlong_buffer >= 1, "overlong_buffer", "must be >= 1")
 
 
@@ -356,3 +374,19 @@ class DemoConfig:
     """`auto`, `cpu` or `cuda`."""
     progress: bool = True
     """Show progress bars."""
+
+
+@dataclass
+class InitConfig:
+    """`grpokit init DIR`: a fresh tiny model and the character tokenizer, saved for `grpokit sft` to start from."""
+
+    output_dir: str = "runs/tiny"
+    """Folder to write the model and tokenizer to (save_pretrained form)."""
+    arch: Literal["llama", "qwen2"] = "llama"
+    """Architecture: a standard transformers config, so every code path is the one a real checkpoint takes."""
+    hidden_size: int = 128
+    """Width of the model."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    seed: int = 0
+    """Seed of the random initialisation."""

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpokit.rewards import RESERVED_COLUMNS
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DataError(ValueError):
@@ -83,7 +86,7 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int) -> tuple
     return texts, ids, cut
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, *, side: str) -> tuple["torch.Tensor", "torch.Tensor"]:
+def pad_batch(seqs: list[list[int]], pad_id: int, *, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (ids (B, T), mask (B, T)) padded on the `left` (prompts) or `right` (completions)."""
     import torch
 

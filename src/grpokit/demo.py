@@ -11,9 +11,7 @@ import random
 import time
 from pathlib import Path
 
-
 from grpokit.config import DemoConfig, GRPOConfig, SFTConfig
-from grpokit.evaluate import accuracy
 from grpokit.modeling import resolve_device
 from grpokit.sft import sft_rows, train_sft
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
@@ -29,35 +27,58 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     max_len = task.max_completion_chars + 1  # digits + EOS
     eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
     tokenizer = build_char_tokenizer()
-    model = tiny_model(tokenizer, cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                       seed=cfg.seed).to(device)
-    print(f"grpokit demo: {cfg.num_digits}-digit addition; the teacher forgets each carry with p={cfg.forget_carry}; "
-          f"tiny {cfg.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-
-    def measure() -> dict[str, float]:
-        return {name: accuracy(model, tokenizer, eval_rows, task.is_correct, temperature=t,
-                               max_new_tokens=max_len, seed=cfg.seed)
-                for name, t in (("greedy", 0.0), ("sampled", 1.0))}
+    model = tiny_model(tokenizer, cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed).to(
+        device
+    )
+    print(
+        f"grpokit demo: {cfg.num_digits}-digit addition; the teacher forgets each carry with p={cfg.forget_carry}; "
+        f"tiny {cfg.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
+    )
 
     teacher = task.demonstrator_accuracy(eval_rows, random.Random(cfg.seed))
     table = {"demonstrator": {"greedy": teacher, "sampled": teacher}}
 
-    sft_cfg = SFTConfig(model="<in memory>", output_dir=str(out / "sft"), task="addition",
-                        task_num_digits=cfg.num_digits, forget_carry=cfg.forget_carry, max_steps=cfg.sft_steps,
-                        num_train_prompts=cfg.sft_examples,
-                        learning_rate=cfg.sft_learning_rate, max_completion_length=max_len, seed=cfg.seed,
-                        device=cfg.device, progress=cfg.progress)
+    sft_cfg = SFTConfig(
+        model="<in memory>",
+        output_dir=str(out / "sft"),
+        task="addition",
+        task_num_digits=cfg.num_digits,
+        forget_carry=cfg.forget_carry,
+        max_steps=cfg.sft_steps,
+        num_train_prompts=cfg.sft_examples,
+        learning_rate=cfg.sft_learning_rate,
+        max_completion_length=max_len,
+        seed=cfg.seed,
+        device=cfg.device,
+        progress=cfg.progress,
+    )
     train_sft(sft_cfg, model=model, tokenizer=tokenizer, rows=sft_rows(sft_cfg))
-    table["SFT on demonstrator"] = measure()
 
-    grpo_cfg = GRPOConfig(model="<in memory>", output_dir=str(out / "grpo"), task="addition",
-                          task_num_digits=cfg.num_digits, max_steps=cfg.grpo_steps,
-                          learning_rate=cfg.grpo_learning_rate, prompts_per_step=cfg.prompts_per_step,
-                          num_generations=cfg.num_generations, max_completion_length=max_len,
-                          reward_funcs=["accuracy"], num_eval_prompts=cfg.num_eval_prompts, seed=cfg.seed,
-                          device=cfg.device, progress=cfg.progress)
-    result = GRPOTrainer(grpo_cfg, model=model, tokenizer=tokenizer, eval_rows=[]).train()
-    table["SFT + GRPO (gold reward)"] = measure()
+    grpo_cfg = GRPOConfig(
+        model="<in memory>",
+        output_dir=str(out / "grpo"),
+        task="addition",
+        task_num_digits=cfg.num_digits,
+        max_steps=cfg.grpo_steps,
+        learning_rate=cfg.grpo_learning_rate,
+        prompts_per_step=cfg.prompts_per_step,
+        num_generations=cfg.num_generations,
+        max_completion_length=max_len,
+        reward_funcs=["accuracy"],
+        num_eval_prompts=cfg.num_eval_prompts,
+        eval_every=cfg.grpo_steps // 4,
+        eval_temperature=1.0,
+        seed=cfg.seed,
+        device=cfg.device,
+        progress=cfg.progress,
+    )
+    # The trainer scores the held-out rows before its first step (the SFT model) and after its last.
+    result = GRPOTrainer(grpo_cfg, model=model, tokenizer=tokenizer, eval_rows=eval_rows).train()
+    for name, row in (
+        ("SFT on demonstrator", result.eval_history[0]),
+        ("SFT + GRPO (gold reward)", result.eval_history[-1]),
+    ):
+        table[name] = {"greedy": row["eval/accuracy_greedy"], "sampled": row["eval/accuracy_sampled"]}
 
     print(f"\nheld-out accuracy on {len(eval_rows)} problems (seed {cfg.seed}):")
     print(f"{'':28s} {'greedy':>8s} {'sampled T=1':>12s}")

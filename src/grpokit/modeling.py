@@ -53,10 +53,23 @@ def load_model(path, device, dtype):
 
 
 def load_tokenizer(path):
-    """AutoTokenizer from a LOCAL directory; a tokenizer without a pad token pads with eos."""
-    from transformers import AutoTokenizer
+    """AutoTokenizer from a LOCAL directory; a tokenizer without a pad token pads with eos.
 
-    tokenizer = AutoTokenizer.from_pretrained(_existing(path), local_files_only=True)
+    A folder whose tokenizer_config.json declares the generic fast class loads as exactly that: transformers 5
+    otherwise picks the model type's own class for some types (qwen2 among them), which rebuilds the
+    pre-tokenizer and silently drops characters such as spaces and newlines from a custom tokenizer.json.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = _existing(path)
+    config_file = Path(path) / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

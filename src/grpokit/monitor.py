@@ -25,12 +25,20 @@ class SignalMonitor:
         """Feed one step's metrics; returns the warnings raised at this step (usually none)."""
         new = []
         for values, key, limit, what in (
-            (self._zero_std, "frac_zero_std_groups", self.max_zero_std_frac,
-             "of groups had identical rewards for every completion: no learning signal. Make the task "
-             "harder/easier, raise num_generations or temperature, or add a graded reward."),
-            (self._truncated, "truncated_frac", self.max_truncated_frac,
-             "of completions hit max_completion_length without EOS: raise max_completion_length, or "
-             "set mask_truncated_completions / add the `overlong` reward."),
+            (
+                self._zero_std,
+                "frac_zero_std_groups",
+                self.max_zero_std_frac,
+                "of groups had identical rewards for every completion: no learning signal. Make the task "
+                "harder/easier, raise num_generations or temperature, or add a graded reward.",
+            ),
+            (
+                self._truncated,
+                "truncated_frac",
+                self.max_truncated_frac,
+                "of completions hit max_completion_length without EOS: raise max_completion_length, or "
+                "set mask_truncated_completions / add the `overlong` reward.",
+            ),
         ):
             values.append(metrics[key])
             if len(values) > self.window:

@@ -24,8 +24,11 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
 def build_optimizer(model: torch.nn.Module, cfg, total_steps: int):
     """-> (AdamW over trainable parameters, LambdaLR). `cfg` is any RunConfig."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, warmup_steps=cfg.warmup_steps, total_steps=total_steps, schedule=cfg.lr_schedule))
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, warmup_steps=cfg.warmup_steps, total_steps=total_steps, schedule=cfg.lr_schedule),
+    )
     return optimizer, scheduler

@@ -59,8 +59,13 @@ def overlong_reward(max_completion_length: int, buffer: int) -> RewardFn:
     0 while L <= L_max - buffer, then linear down to -1 at L_max; a truncated completion gets -1."""
     start = max_completion_length - buffer
 
-    def overlong(prompts: list[str], completions: list[str], completion_lengths: list[int],
-                 truncated: list[bool], **_: Any) -> list[float]:
+    def overlong(
+        prompts: list[str],
+        completions: list[str],
+        completion_lengths: list[int],
+        truncated: list[bool],
+        **_: Any,
+    ) -> list[float]:
         return [-1.0 if cut else min(0.0, (start - n) / buffer) for n, cut in zip(completion_lengths, truncated)]
 
     return overlong
@@ -80,8 +85,14 @@ def import_reward(spec: str) -> RewardFn:
     return fn
 
 
-def build_reward_funcs(names: Sequence[str], *, format_pattern: str, max_completion_length: int,
-                       overlong_buffer: int, task: Any = None) -> list[tuple[str, RewardFn]]:
+def build_reward_funcs(
+    names: Sequence[str],
+    *,
+    format_pattern: str,
+    max_completion_length: int,
+    overlong_buffer: int,
+    task: Any = None,
+) -> list[tuple[str, RewardFn]]:
     """Resolve config names to (name, callable) pairs. `accuracy` uses the task's gold checker if any."""
     builtins: dict[str, Callable[[], RewardFn]] = {
         "accuracy": lambda: gold_reward(task.is_correct if task is not None else exact_match),
@@ -91,8 +102,12 @@ def build_reward_funcs(names: Sequence[str], *, format_pattern: str, max_complet
     return [(name, builtins[name]() if name in builtins else import_reward(name)) for name in names]
 
 
-def score(reward_funcs: Sequence[tuple[str, RewardFn]], prompts: list[str], completions: list[str],
-          columns: dict[str, list[Any]]) -> torch.Tensor:
+def score(
+    reward_funcs: Sequence[tuple[str, RewardFn]],
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list[Any]],
+) -> torch.Tensor:
     """Call every reward function once on the batch; returns (N, K) float32 with NaN where one said None.
 
     Every return value is checked here, so that a broken reward stops the run with the function's

@@ -140,9 +140,7 @@ def generate(
     device = next(model.parameters()).device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but the model is on {device}; they must match")
-    eos_ids = torch.tensor(
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device
-    )
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     G = num_generations
 
     was_training = model.training

@@ -6,16 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Curves worth a panel each, in this order, when the run logged them.
+# Panels, in this order, each with the curves it overlays; a panel appears when the run logged one.
 PLOT_PANELS = (
-    ("reward/mean", "reward (mean)"),
-    ("eval/accuracy_greedy", "held-out accuracy"),
-    ("frac_zero_std_groups", "groups with zero reward spread"),
-    ("kl", "KL to reference"),
-    ("entropy", "entropy (nats/token)"),
-    ("completion_length", "completion length (tokens)"),
-    ("clip_frac/total", "clipped token fraction"),
-    ("grad_norm", "grad norm"),
+    (("reward/mean",), "reward (mean)"),
+    (("eval/accuracy_greedy", "eval/accuracy_sampled"), "held-out accuracy"),
+    (("frac_zero_std_groups",), "groups with zero reward spread"),
+    (("kl",), "KL to reference"),
+    (("entropy",), "entropy (nats/token)"),
+    (("completion_length",), "completion length (tokens)"),
+    (("clip_frac/total",), "clipped token fraction"),
+    (("grad_norm",), "grad norm"),
 )
 
 
@@ -62,19 +62,23 @@ def plot_curves(rows: list[dict[str, float]], path: str | Path, title: str = "")
     matplotlib.use("Agg")  # files only: no display on training machines
     import matplotlib.pyplot as plt
 
-    panels = [(key, label) for key, label in PLOT_PANELS if any(key in r for r in rows)]
+    panels = [(keys, label) for keys, label in PLOT_PANELS if any(k in r for k in keys for r in rows)]
     if not panels:
         return None
-    cols = 4 if len(panels) > 4 else len(panels)
+    cols = min(len(panels), 4)
     n_rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3 * n_rows), squeeze=False)
-    for ax, (key, label) in zip(axes.flat, panels):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+    for ax, (keys, label) in zip(axes.flat, panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None,
+                    label=key.rsplit("/", 1)[-1])
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title)

@@ -30,8 +30,10 @@ def sft_rows(cfg: SFTConfig) -> list[dict[str, Any]]:
     else:
         task = get_task(cfg.task, num_digits=cfg.task_num_digits, forget_carry=cfg.forget_carry)
         rng = random.Random(cfg.seed)
-        rows = [{**row, cfg.completion_column: task.demonstrate(row, rng)}
-                for row in task.rows(cfg.num_train_prompts, split="train", seed=cfg.seed)]
+        rows = [
+            {**row, cfg.completion_column: task.demonstrate(row, rng)}
+            for row in task.rows(cfg.num_train_prompts, split="train", seed=cfg.seed)
+        ]
     check_columns(rows, [cfg.prompt_column, cfg.completion_column], "SFT data")
     return rows
 
@@ -53,14 +55,22 @@ def sft_loss(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int, 
     prompt_ids, prompt_mask = pad_batch([p for p, _ in batch], pad_id, side="left")  # (B, Tp)
     completion_ids, completion_mask = pad_batch([c for _, c in batch], pad_id, side="right")  # (B, Tc)
     device = model.device
-    logp, _ = completion_logprobs(model, prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
-                                  completion_mask.to(device), temperature=1.0, chunk_size=chunk_size)
+    logp, _ = completion_logprobs(
+        model,
+        prompt_ids.to(device),
+        prompt_mask.to(device),
+        completion_ids.to(device),
+        completion_mask.to(device),
+        temperature=1.0,
+        chunk_size=chunk_size,
+    )
     mask = completion_mask.to(device).float()
     return -(logp * mask).sum() / mask.sum()
 
 
-def train_sft(cfg: SFTConfig, *, model: Any = None, tokenizer: Any = None,
-              rows: list[dict[str, Any]] | None = None) -> Path:
+def train_sft(
+    cfg: SFTConfig, *, model: Any = None, tokenizer: Any = None, rows: list[dict[str, Any]] | None = None
+) -> Path:
     """Runs SFT and saves the model to OUTPUT_DIR/model; returns that folder."""
     from tqdm.auto import tqdm
 
@@ -70,7 +80,7 @@ def train_sft(cfg: SFTConfig, *, model: Any = None, tokenizer: Any = None,
     rows = rows if rows is not None else sft_rows(cfg)
     device = resolve_device(cfg.device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    model = (model if model is not None else load_model(cfg.model, device, resolve_dtype(cfg.dtype, device)))
+    model = model if model is not None else load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
     model.to(device).train()
     examples = encode_examples(tokenizer, rows, cfg)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)

@@ -56,9 +56,16 @@ def seed_everything(seed: int) -> None:
 class GRPOTrainer:
     """Owns the policy, the optional frozen reference, the optimizer and the run directory."""
 
-    def __init__(self, config: GRPOConfig, *, model: Any = None, tokenizer: Any = None,
-                 reward_funcs: list[tuple[str, RewardFn]] | None = None,
-                 train_rows: list[dict[str, Any]] | None = None, eval_rows: list[dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        config: GRPOConfig,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        reward_funcs: list[tuple[str, RewardFn]] | None = None,
+        train_rows: list[dict[str, Any]] | None = None,
+        eval_rows: list[dict[str, Any]] | None = None,
+    ):
         config.validate()
         self.cfg = cfg = config
         seed_everything(cfg.seed)
@@ -69,12 +76,18 @@ class GRPOTrainer:
         # Data and rewards are checked before the model is loaded: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = self._load_rows(train_rows, eval_rows)
         self.reward_funcs = reward_funcs or build_reward_funcs(
-            cfg.reward_funcs, format_pattern=cfg.format_pattern, max_completion_length=cfg.max_completion_length,
-            overlong_buffer=cfg.overlong_buffer, task=self.task)
+            cfg.reward_funcs,
+            format_pattern=cfg.format_pattern,
+            max_completion_length=cfg.max_completion_length,
+            overlong_buffer=cfg.overlong_buffer,
+            task=self.task,
+        )
         weights = cfg.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"config field `reward_weights` has {len(weights)} entries for "
-                             f"{len(self.reward_funcs)} reward functions")
+            raise ValueError(
+                f"config field `reward_weights` has {len(weights)} entries for "
+                f"{len(self.reward_funcs)} reward functions"
+            )
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)  # (K,)
         if "accuracy" in [name for name, _ in self.reward_funcs]:
             check_columns(self.train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
@@ -93,8 +106,13 @@ class GRPOTrainer:
         self.micro_batch_size = cfg.micro_batch_size or self.minibatch_size
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, optimizer_steps)
-        self.sampling = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                       top_p=cfg.top_p, top_k=cfg.top_k, stop_strings=tuple(cfg.stop_strings))
+        self.sampling = SamplingParams(
+            max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            stop_strings=tuple(cfg.stop_strings),
+        )
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self._order: list[int] = []
@@ -136,17 +154,24 @@ class GRPOTrainer:
         """rollout -> score -> advantages -> (reference, old logprobs) -> mu passes of updates."""
         cfg, G = self.cfg, self.cfg.num_generations
         t0 = time.perf_counter()
-        prompt_texts, prompt_ids, n_cut = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows],
-                                                         cfg.max_prompt_length)
-        rollout = generate(self.model, prompt_ids, num_generations=G, params=self.sampling,
-                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                           generator=self.generator, tokenizer=self.tokenizer)
+        prompt_texts, prompt_ids, n_cut = encode_prompts(
+            self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length
+        )
+        rollout = generate(
+            self.model,
+            prompt_ids,
+            num_generations=G,
+            params=self.sampling,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            generator=self.generator,
+            tokenizer=self.tokenizer,
+        )
         t_rollout = time.perf_counter()
 
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
         lengths = rollout.completion_mask.sum(-1)  # (N,)
-        columns = {key: [row[key] for row in rows for _ in range(G)]
-                   for key in rows[0] if key != cfg.prompt_column}
+        columns = {key: [row[key] for row in rows for _ in range(G)] for key in rows[0] if key != cfg.prompt_column}
         columns.update(completion_lengths=lengths.tolist(), truncated=rollout.truncated.tolist())
         prompts_n = [p for p in prompt_texts for _ in range(G)]
         rewards = score(self.reward_funcs, prompts_n, completions, columns)  # (N, K)
@@ -183,8 +208,15 @@ class GRPOTrainer:
             "time/step": t_update - t0,
             "tokens_per_s": float(lengths.sum()) / (t_update - t0),
         }
-        samples = [{"prompt": prompts_n[i], "completion": completions[i], "reward": total[i].item(),
-                    "advantage": advantages[i].item()} for i in range(0, len(completions), max(1, G // 2))]
+        samples = [
+            {
+                "prompt": prompts_n[i],
+                "completion": completions[i],
+                "reward": total[i].item(),
+                "advantage": advantages[i].item(),
+            }
+            for i in range(0, len(completions), max(1, G // 2))
+        ]
         return metrics, samples
 
     @torch.no_grad()
@@ -202,27 +234,54 @@ class GRPOTrainer:
         completion_mask = rollout.completion_mask[idx]  # (n, Tc)
         first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # left padding shared by all n rows
         width = int(completion_mask.sum(-1).max().clamp(min=1))
-        return completion_logprobs(model, rollout.prompt_ids[idx, first:], prompt_mask[:, first:],
-                                   rollout.completion_ids[idx, :width], completion_mask[:, :width],
-                                   temperature=self.cfg.temperature, chunk_size=self.cfg.logprob_chunk_size,
-                                   with_entropy=with_entropy)
+        return completion_logprobs(
+            model,
+            rollout.prompt_ids[idx, first:],
+            prompt_mask[:, first:],
+            rollout.completion_ids[idx, :width],
+            completion_mask[:, :width],
+            temperature=self.cfg.temperature,
+            chunk_size=self.cfg.logprob_chunk_size,
+            with_entropy=with_entropy,
+        )
 
-    def _update(self, rollout: Rollout, mask: torch.Tensor, advantages: torch.Tensor,
-                old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None) -> dict[str, float]:
+    def _update(
+        self,
+        rollout: Rollout,
+        mask: torch.Tensor,
+        advantages: torch.Tensor,
+        old_logp: torch.Tensor | None,
+        ref_logp: torch.Tensor | None,
+    ) -> dict[str, float]:
         """mu passes; each pass splits the batch into minibatches (one optimizer step each) and those into
         micro-batches (one backward each). Every normalizer is counted over the minibatch."""
         cfg, N = self.cfg, rollout.num_sequences
         self.model.train()
-        sums: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac/low": 0.0,
-                                  "clip_frac/high": 0.0, "sampler_logp_diff": 0.0}
+        sums: dict[str, float] = {
+            "loss": 0.0,
+            "grad_norm": 0.0,
+            "kl": 0.0,
+            "entropy": 0.0,
+            "clip_frac/low": 0.0,
+            "clip_frac/high": 0.0,
+            "sampler_logp_diff": 0.0,
+        }
         n_opt_steps, tokens_seen, first_pass_tokens = 0, 0.0, 0.0
         generation_tokens = int(mask.sum())
         for iteration in range(cfg.num_iterations):
-            order = torch.randperm(N, generator=self.shuffle_generator) if iteration > 0 or old_logp is not None \
+            order = (
+                torch.randperm(N, generator=self.shuffle_generator)
+                if iteration > 0 or old_logp is not None
                 else torch.arange(N)
+            )
             for mb_idx in order.split(self.minibatch_size):
-                normalizer = algo.step_normalizer(cfg.loss_type, mask[mb_idx], generation_tokens=generation_tokens,
-                                                  generation_sequences=N, max_completion_length=cfg.max_completion_length)
+                normalizer = algo.step_normalizer(
+                    cfg.loss_type,
+                    mask[mb_idx],
+                    generation_tokens=generation_tokens,
+                    generation_sequences=N,
+                    max_completion_length=cfg.max_completion_length,
+                )
                 for idx in mb_idx.split(self.micro_batch_size):
                     logp, entropy = self._forward(self.model, rollout, idx, with_entropy=iteration == 0)
                     width = logp.shape[1]
@@ -230,9 +289,17 @@ class GRPOTrainer:
                     old = old_logp[idx, :width] if old_logp is not None else logp.detach()
                     ref = ref_logp[idx, :width] if ref_logp is not None else None
                     token_loss, tok_stats = algo.per_token_loss(
-                        logp, old, advantages[idx], m, ref_logp=ref, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
-                        epsilon_high=cfg.epsilon_high, kl_estimator=cfg.kl_estimator,
-                        importance_level=cfg.importance_level)
+                        logp,
+                        old,
+                        advantages[idx],
+                        m,
+                        ref_logp=ref,
+                        beta=cfg.beta,
+                        epsilon_low=cfg.epsilon_low,
+                        epsilon_high=cfg.epsilon_high,
+                        kl_estimator=cfg.kl_estimator,
+                        importance_level=cfg.importance_level,
+                    )
                     loss = algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer)
                     loss.backward()
                     n_tok = float(m.sum())
@@ -280,13 +347,23 @@ class GRPOTrainer:
         if not self.eval_rows or "answer" not in self.eval_rows[0]:
             return {}
         is_correct = self.task.is_correct if self.task is not None else (lambda c, a: c.strip() == a.strip())
-        kwargs = dict(max_new_tokens=self.cfg.max_completion_length, seed=self.cfg.seed,
-                      prompt_column=self.cfg.prompt_column)
+        kwargs = {
+            "max_new_tokens": self.cfg.max_completion_length,
+            "seed": self.cfg.seed,
+            "prompt_column": self.cfg.prompt_column,
+        }
         return {
-            "eval/accuracy_greedy": accuracy(self.model, self.tokenizer, self.eval_rows, is_correct,
-                                             temperature=0.0, **kwargs),
-            "eval/accuracy_sampled": accuracy(self.model, self.tokenizer, self.eval_rows, is_correct,
-                                              temperature=self.cfg.eval_temperature, **kwargs),
+            "eval/accuracy_greedy": accuracy(
+                self.model, self.tokenizer, self.eval_rows, is_correct, temperature=0.0, **kwargs
+            ),
+            "eval/accuracy_sampled": accuracy(
+                self.model,
+                self.tokenizer,
+                self.eval_rows,
+                is_correct,
+                temperature=self.cfg.eval_temperature,
+                **kwargs,
+            ),
         }
 
     def train(self) -> TrainResult:
