@@ -60,6 +60,7 @@ def accuracy(
     max_new_tokens: int,
     seed: int = 0,
     prompt_column: str = "prompt",
+    max_prompt_length: int = 256,
 ) -> float:
     """Fraction of rows whose completion the gold checker accepts against the row's `answer`."""
     texts = completions_for(
@@ -69,5 +70,6 @@ def accuracy(
         temperature=temperature,
         max_new_tokens=max_new_tokens,
         seed=seed,
+        max_prompt_length=max_prompt_length,
     )
     return sum(is_correct(t, str(r["answer"])) for t, r in zip(texts, rows)) / max(1, len(rows))

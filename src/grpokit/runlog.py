@@ -71,8 +71,12 @@ def plot_curves(rows: list[dict[str, float]], path: str | Path, title: str = "")
     for ax, (keys, label) in zip(axes.flat, panels):
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None,
-                    label=key.rsplit("/", 1)[-1])
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="." if len(points) < 30 else None,
+                label=key.rsplit("/", 1)[-1],
+            )
         if len(keys) > 1:
             ax.legend(fontsize=8)
         ax.set_title(label, fontsize=10)

@@ -25,13 +25,13 @@ import torch
 
 from grpokit import algo
 from grpokit.checkpoint import save_model
-from grpokit.config import GRPOConfig, save_yaml
+from grpokit.config import ConfigError, GRPOConfig, save_yaml
 from grpokit.data import check_columns, encode_prompts, load_rows
 from grpokit.evaluate import accuracy, decode_completions
 from grpokit.modeling import completion_logprobs, load_model, load_tokenizer, resolve_device, resolve_dtype
 from grpokit.monitor import SignalMonitor
 from grpokit.optim import build_optimizer
-from grpokit.rewards import RewardFn, build_reward_funcs, score
+from grpokit.rewards import RewardFn, build_reward_funcs, exact_match, score
 from grpokit.rollout import SamplingParams, generate
 from grpokit.runlog import RunLog, plot_curves, read_metrics
 from grpokit.tasks import get_task
@@ -84,7 +84,7 @@ class GRPOTrainer:
         )
         weights = cfg.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
-            raise ValueError(
+            raise ConfigError(
                 f"config field `reward_weights` has {len(weights)} entries for "
                 f"{len(self.reward_funcs)} reward functions"
             )
@@ -135,7 +135,8 @@ class GRPOTrainer:
                 eval_rows = self.task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
             else:
                 eval_rows = []
-        check_columns(train_rows, [cfg.prompt_column], "train data")
+        # Reward functions get every column for every completion, so every row must carry the same ones.
+        check_columns(train_rows, [cfg.prompt_column, *train_rows[0]], "train data")
         check_columns(eval_rows, [cfg.prompt_column], "eval data")
         return train_rows, eval_rows[: cfg.num_eval_prompts]
 
@@ -153,6 +154,7 @@ class GRPOTrainer:
     def step(self, rows: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """rollout -> score -> advantages -> (reference, old logprobs) -> mu passes of updates."""
         cfg, G = self.cfg, self.cfg.num_generations
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's first update uses
         t0 = time.perf_counter()
         prompt_texts, prompt_ids, n_cut = encode_prompts(
             self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length
@@ -200,7 +202,7 @@ class GRPOTrainer:
             "truncated_frac": rollout.truncated.float().mean().item(),
             "prompts_truncated": float(n_cut),
             **stats,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "time/rollout": t_rollout - t0,
             "time/reward": t_reward - t_rollout,
             "time/reference": t_ref - t_reward,
@@ -346,11 +348,12 @@ class GRPOTrainer:
         """Held-out accuracy with the task's gold checker (or exact match on `answer`), greedy and sampled."""
         if not self.eval_rows or "answer" not in self.eval_rows[0]:
             return {}
-        is_correct = self.task.is_correct if self.task is not None else (lambda c, a: c.strip() == a.strip())
+        is_correct = self.task.is_correct if self.task is not None else exact_match
         kwargs = {
             "max_new_tokens": self.cfg.max_completion_length,
             "seed": self.cfg.seed,
             "prompt_column": self.cfg.prompt_column,
+            "max_prompt_length": self.cfg.max_prompt_length,
         }
         return {
             "eval/accuracy_greedy": accuracy(

@@ -1,0 +1,150 @@
+"""`python -m grpokit.cli` as a user runs it: YAML plus command-line overrides, exit codes and messages
+that name the field, generated help, and the train / eval / sft commands on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpokit.tasks import build_char_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    tokenizer = build_char_tokenizer()
+    tiny_model(tokenizer, "llama", hidden_size=32, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def grpokit(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    # one intra-op thread: the tiny models are faster that way, and much faster on shared cores
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "grpokit.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def write_yaml(path: Path, **values) -> Path:
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def train_yaml(path: Path, model: Path, **overrides) -> Path:
+    values = {
+        "model": str(model),
+        "task": "addition",
+        "max_steps": 50,
+        "prompts_per_step": 2,
+        "num_generations": 2,
+        "max_completion_length": 6,
+        "num_train_prompts": 16,
+        "num_eval_prompts": 4,
+        "tensorboard": False,
+        "progress": False,
+        "output_dir": "from-yaml",
+        **overrides,
+    }
+    return write_yaml(path, **values)
+
+
+def test_train_yaml_with_overrides(tmp_path, model_path):
+    cfg = train_yaml(tmp_path / "run.yaml", model_path)
+    proc = grpokit(tmp_path, "train", str(cfg), "--max-steps", "2", "--output-dir", "X")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "X"  # relative to the working directory, and the override won over the YAML
+    assert not (tmp_path / "from-yaml").exists()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_steps"] == 2 and saved["output_dir"] == "X"
+    assert saved["prompts_per_step"] == 2 and saved["model"] == str(model_path)  # the rest came from the YAML
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
+    assert (out / "model" / "config.json").is_file()
+    assert f"model: {Path('X') / 'model'}" in proc.stdout
+    assert "eval" in proc.stdout and "eval/accuracy_greedy" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("yaml_overrides", "args", "expected"),
+    [
+        ({"loss_type": "ppo"}, [], ["`loss_type`", "'grpo'"]),
+        ({"learning_rte": 0.1}, [], ["`learning_rte`", "did you mean `learning_rate`"]),
+        ({}, ["--num-generations", "1"], ["`num_generations`", "must be >= 2"]),
+        ({}, ["--model", "no/such/model"], ["no/such/model", "does not exist"]),
+    ],
+    ids=["bad-literal", "typo-key", "bad-override", "missing-model"],
+)
+def test_bad_input_exits_2_naming_the_field(tmp_path, model_path, yaml_overrides, args, expected):
+    cfg = train_yaml(tmp_path / "run.yaml", model_path, **yaml_overrides)
+    proc = grpokit(tmp_path, "train", str(cfg), *args)
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    for text in expected:
+        assert text in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "from-yaml").exists()  # it failed before the run started
+
+
+def test_train_help_lists_field_docstrings(tmp_path):
+    proc = grpokit(tmp_path, "train", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())  # help is wrapped to the terminal width
+    assert "--num-generations" in text and "Completions per prompt" in text
+    assert "--loss-type" in text and "--learning-rate" in text
+
+
+def test_top_level_usage_and_unknown_command(tmp_path):
+    ok = grpokit(tmp_path, "--help")
+    assert ok.returncode == 0 and "train" in ok.stdout and "sft" in ok.stdout
+    bad = grpokit(tmp_path, "trian")
+    assert bad.returncode == 2 and "'trian'" in bad.stderr
+
+
+def test_eval_prints_greedy_and_sampled_accuracy(tmp_path, model_path):
+    proc = grpokit(tmp_path, "eval", "--model", str(model_path), "--num-eval-prompts", "20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    greedy = re.search(r"addition held-out accuracy, greedy: (\d+\.\d)% of 20", proc.stdout)
+    sampled = re.search(r"addition held-out accuracy, sampled \(T=1\): (\d+\.\d)% of 20", proc.stdout)
+    assert greedy and sampled, proc.stdout
+    assert 0 <= float(greedy.group(1)) <= 100 and 0 <= float(sampled.group(1)) <= 100
+
+
+def test_sft_writes_the_model(tmp_path, model_path):
+    from transformers import AutoModelForCausalLM
+
+    proc = grpokit(
+        tmp_path,
+        "sft",
+        "--model",
+        str(model_path),
+        "--task",
+        "addition",
+        "--max-steps",
+        "5",
+        "--output-dir",
+        "Y",
+        "--batch-size",
+        "8",
+        "--num-train-prompts",
+        "64",
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model_dir = tmp_path / "Y" / "model"
+    assert f"model: {Path('Y') / 'model'}" in proc.stdout
+    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+    AutoModelForCausalLM.from_pretrained(model_dir)  # loads with plain transformers
+    rows = [json.loads(line) for line in (tmp_path / "Y" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5]
