@@ -72,3 +72,10 @@ def test_missing_config_file_is_named(tmp_path):
 def test_sft_config_checks_its_own_fields():
     with pytest.raises(ConfigError, match="`forget_carry`"):
         from_dict(SFTConfig, {"model": "m", "task": "addition", "forget_carry": 1.5}).validate()
+
+
+def test_model_path_may_be_empty_only_when_a_model_object_is_given():
+    cfg = GRPOConfig(task="addition")
+    with pytest.raises(ConfigError, match="`model` is empty"):
+        cfg.validate()
+    cfg.validate(model_given=True)

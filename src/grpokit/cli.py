@@ -65,8 +65,10 @@ def _train(args: list[str]) -> int:
 
     cfg = parse_config(GRPOConfig, args, "grpokit train [CONFIG.yaml]")
     result = GRPOTrainer(cfg).train()
+    if result.warnings:
+        print("warnings raised during the run:")
     for warning in result.warnings:
-        print(f"WARNING {warning}")
+        print(f"  {warning}")
     for row in result.eval_history:
         print("eval", {k: round(v, 4) for k, v in row.items()})
     print(f"model: {result.model_dir}\nmetrics: {result.output_dir / 'metrics.jsonl'}\nplot: {result.plot_path}")

@@ -79,9 +79,10 @@ class RunConfig:
     progress: bool = True
     """Show a progress bar."""
 
-    def validate(self) -> None:
+    def validate(self, *, model_given: bool = False) -> None:
+        """`model_given`: the caller passes a model object, so `model` may be empty."""
         _check_types(self)
-        _require(self.model != "", "model", "is empty: give the path of a model folder")
+        _require(model_given or self.model != "", "model", "is empty: give the path of a model folder")
         if (self.task is None) == (self.train_data is None):
             raise ConfigError("set exactly one of `task` (a built-in task) and `train_data` (a file or folder)")
         if self.task is not None:
@@ -163,8 +164,8 @@ class GRPOConfig(RunConfig):
     tensorboard: bool = True
     """Write TensorBoard events to the run directory."""
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, *, model_given: bool = False) -> None:
+        super().validate(model_given=model_given)
         _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _require(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         _require(
@@ -230,8 +231,8 @@ class SFTConfig(RunConfig):
     lr_schedule: LRSchedule = "cosine"
     """Learning-rate shape after warm-up."""
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, *, model_given: bool = False) -> None:
+        super().validate(model_given=model_given)
         _require(self.max_steps >= 1, "max_steps", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(0.0 <= self.forget_carry <= 1.0, "forget_carry", "must be in [0, 1]")

@@ -39,7 +39,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     table = {"demonstrator": {"greedy": teacher, "sampled": teacher}}
 
     sft_cfg = SFTConfig(
-        model="<in memory>",
         output_dir=str(out / "sft"),
         task="addition",
         task_num_digits=cfg.num_digits,
@@ -55,7 +54,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     train_sft(sft_cfg, model=model, tokenizer=tokenizer, rows=sft_rows(sft_cfg))
 
     grpo_cfg = GRPOConfig(
-        model="<in memory>",
         output_dir=str(out / "grpo"),
         task="addition",
         task_num_digits=cfg.num_digits,
@@ -85,6 +83,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     for name, row in table.items():
         print(f"{name:28s} {row['greedy']:8.1%} {row['sampled']:12.1%}")
     print(f"\nplot:  {result.plot_path}\nmodel: {result.model_dir}\ntime:  {time.perf_counter() - start:.0f} s")
+    if result.warnings:
+        print("warnings raised during the GRPO run:")
     for warning in result.warnings:
-        print(f"WARNING {warning}")
+        print(f"  {warning}")
     return table

@@ -74,7 +74,7 @@ def train_sft(
     """Runs SFT and saves the model to OUTPUT_DIR/model; returns that folder."""
     from tqdm.auto import tqdm
 
-    cfg.validate()
+    cfg.validate(model_given=model is not None)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rows = rows if rows is not None else sft_rows(cfg)

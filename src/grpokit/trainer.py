@@ -66,7 +66,7 @@ class GRPOTrainer:
         train_rows: list[dict[str, Any]] | None = None,
         eval_rows: list[dict[str, Any]] | None = None,
     ):
-        config.validate()
+        config.validate(model_given=model is not None)
         self.cfg = cfg = config
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
