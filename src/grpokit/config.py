@@ -29,6 +29,22 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoRAConfig:
+    """The `lora:` section: low-rank adapters through `peft` (Hu et al. 2021). r = 0 trains every weight."""
+
+    r: int = 0
+    """Adapter rank; 0 disables LoRA and trains the full model."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (`all-linear`: every linear layer but the output head)."""
+    save: Literal["merged", "adapter"] = "merged"
+    """Save the final model with adapters merged into the weights, or the adapter alone (plus the base path)."""
+
+
+@dataclass
 class RunConfig:
     """Fields every stage shares: where the model and data come from, where the run goes."""
 
@@ -163,6 +179,22 @@ class GRPOConfig(RunConfig):
     """Save the model (save_pretrained) to checkpoint-STEP every this many steps (0: only at the end)."""
     tensorboard: bool = True
     """Write TensorBoard events to the run directory."""
+    reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """`sum_then_normalize`: weighted sum of the rewards, then the advantage; `normalize_then_sum`: each
+    reward function's advantage in its group first, then their weighted sum (scales stop mattering)."""
+    reward_model_batch_size: int = 64
+    """Completions per forward pass of a reward model (a `reward_funcs` entry that is a model folder)."""
+    gold_reward: str | None = None
+    """A reward used only to WATCH the run, never in the loss (e.g. `accuracy` beside a learned reward model):
+    its mean is logged and the reward-hacking monitor compares it with the trained-on reward."""
+    monitor_window: int = 50
+    """Steps in the sliding window of the reward-hacking and collapse monitors."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters; with beta > 0 the reference is the base model with adapters switched off."""
+    ref_sync_every: int = 0
+    """Every this many steps, ref <- alpha * policy + (1 - alpha) * ref (TR-DPO style); 0 never syncs."""
+    ref_sync_alpha: float = 0.6
+    """Mixing weight of the policy in a reference sync."""
 
     def validate(self, *, model_given: bool = False) -> None:
         super().validate(model_given=model_given)
@@ -206,6 +238,16 @@ class GRPOConfig(RunConfig):
             "must be >= 0",
         )
         _require(self.overlong_buffer >= 1, "overlong_buffer", "must be >= 1")
+        _require(self.reward_model_batch_size >= 1, "reward_model_batch_size", "must be >= 1")
+        _require(self.monitor_window >= 2, "monitor_window", "must be >= 2")
+        _require(self.lora.r >= 0, "lora.r", f"must be >= 0, got {self.lora.r}")
+        _require(self.ref_sync_every >= 0, "ref_sync_every", "must be >= 0")
+        _require(0.0 <= self.ref_sync_alpha <= 1.0, "ref_sync_alpha", "must be in [0, 1]")
+        _require(
+            not (self.ref_sync_every and self.lora.r),
+            "ref_sync_every",
+            "cannot be used with LoRA: the reference is the base model with adapters off, not a copy",
+        )
 
 
 @dataclass
@@ -236,6 +278,45 @@ class SFTConfig(RunConfig):
         _require(self.max_steps >= 1, "max_steps", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(0.0 <= self.forget_carry <= 1.0, "forget_carry", "must be in [0, 1]")
+
+
+@dataclass
+class RewardModelConfig(RunConfig):
+    """`grpokit reward-model`: a Bradley-Terry reward model (one scalar head) trained on preference pairs."""
+
+    output_dir: str = "runs/reward_model"
+    """Run directory: resolved config, metrics.jsonl and the reward model in `save_pretrained` form."""
+    chosen_column: str = "chosen"
+    """Column with the preferred completion of each pair."""
+    rejected_column: str = "rejected"
+    """Column with the dispreferred completion of each pair."""
+    margin_column: str | None = None
+    """Optional column with a per-pair margin m: the loss becomes -log sigmoid(r_chosen - r_rejected - m)."""
+    center_rewards_coefficient: float = 0.0
+    """Adds coef * mean((r_chosen + r_rejected)^2), which keeps rewards centred on 0 (Eisenstein et al. 2023)."""
+    labeler_flaw: Literal["none", "longer"] = "none"
+    """Built-in task only: the synthetic labeler's systematic flaw (`longer`: between two answers of different
+    length it prefers the longer one, right or wrong)."""
+    num_train_pairs: int = 20000
+    """Built-in task only: preference pairs drawn for training."""
+    num_eval_pairs: int = 1000
+    """Held-out pairs for the pairwise accuracy (built-in task: labeled by a flawless labeler)."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate."""
+    max_steps: int = 500
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Pairs per optimizer step."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear warm-up."""
+    lr_schedule: LRSchedule = "cosine"
+    """Learning-rate shape after warm-up."""
+
+    def validate(self, *, model_given: bool = False) -> None:
+        super().validate(model_given=model_given)
+        _require(self.max_steps >= 1, "max_steps", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
 
 
 @dataclass
@@ -272,13 +353,16 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"config field `{name}` {message}")
 
 
-def _check_types(cfg: Any) -> None:
+def _check_types(cfg: Any, prefix: str = "") -> None:
     """YAML gives untyped values; catch `learning_rate: 1e-3x` or `beta: [0]` by field name."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, hints[f.name]):
+            _check_types(value, prefix=f"{prefix}{f.name}.")
+            continue
         if not _matches(value, hints[f.name]):
-            raise ConfigError(f"config field `{f.name}` expects {_type_name(hints[f.name])}, got {value!r}")
+            raise ConfigError(f"config field `{prefix}{f.name}` expects {_type_name(hints[f.name])}, got {value!r}")
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -313,9 +397,15 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
             close = difflib.get_close_matches(key, sorted(names), n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
             raise ConfigError(f"{source}: unknown field `{key}` for {cls.__name__}{hint}")
+    hints = typing.get_type_hints(cls)
+    values = {
+        key: from_dict(hints[key], value, source=f"{source}: {key}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict)
+        else value
+        for key, value in values.items()
+    }
     cfg = cls(**values)
     # ints written for float fields (learning_rate: 1) become floats so the saved config is exact
-    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if hints[f.name] is float and isinstance(getattr(cfg, f.name), int):
             setattr(cfg, f.name, float(getattr(cfg, f.name)))
