@@ -6,7 +6,8 @@ A reward function is any callable
 
 called once per generation batch. `columns` holds every extra column of the data set, one value per
 completion (a prompt's row is repeated for each of its G completions), plus `completion_lengths`
-(tokens) and `truncated`. None means "this function does not apply to this sample"; a NaN or an
+(tokens), `truncated`, and `raw_prompts` (the prompt column as the data set holds it: text or chat
+messages, for scorers such as reward models that render it with a chat template of their own). None means "this function does not apply to this sample"; a NaN or an
 exception is a bug and stops the run with the function's name and the sample.
 """
 
@@ -24,7 +25,7 @@ import torch
 RewardFn = Callable[..., Sequence[float | None]]
 
 # Names the trainer passes to every reward function; a data set column may not shadow them.
-RESERVED_COLUMNS = ("completion_lengths", "truncated")
+RESERVED_COLUMNS = ("completion_lengths", "truncated", "raw_prompts")
 
 
 class RewardError(RuntimeError):

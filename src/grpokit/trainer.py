@@ -174,7 +174,11 @@ class GRPOTrainer:
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
         lengths = rollout.completion_mask.sum(-1)  # (N,)
         columns = {key: [row[key] for row in rows for _ in range(G)] for key in rows[0] if key != cfg.prompt_column}
-        columns.update(completion_lengths=lengths.tolist(), truncated=rollout.truncated.tolist())
+        columns.update(
+            completion_lengths=lengths.tolist(),
+            truncated=rollout.truncated.tolist(),
+            raw_prompts=[row[cfg.prompt_column] for row in rows for _ in range(G)],
+        )
         prompts_n = [p for p in prompt_texts for _ in range(G)]
         rewards = score(self.reward_funcs, prompts_n, completions, columns)  # (N, K)
         total, scorable = algo.combine_rewards(rewards, self.reward_weights)  # (N,), (N,)
