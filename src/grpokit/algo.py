@@ -141,6 +141,31 @@ def advantages(total: torch.Tensor, scorable: torch.Tensor, *, group_size: int, 
     return torch.where(s & (hi != lo), adv, 0.0).reshape(-1)  # (N,)
 
 
+REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def multi_reward_advantages(
+    rewards: torch.Tensor, weights: torch.Tensor, *, group_size: int, scale: str, aggregation: str
+) -> torch.Tensor:
+    """Advantages (N,) from K reward columns (N, K), NaN where a function returned None.
+
+    sum_then_normalize (GRPO): A = normalize_g(sum_k w_k r_k).
+    normalize_then_sum: A = sum_k w_k normalize_g(r_k), each function normalized in its group over the
+    rows where it returned a number, so a reward on a large scale (a reward model's logits) cannot
+    drown a 0/1 rule, and a None leaves only that function's term at 0.
+    """
+    if aggregation == "sum_then_normalize":
+        total, scorable = combine_rewards(rewards, weights)  # (N,), (N,)
+        return advantages(total, scorable, group_size=group_size, scale=scale)
+    if aggregation == "normalize_then_sum":
+        per_function = [
+            advantages(torch.nan_to_num(column, nan=0.0), ~torch.isnan(column), group_size=group_size, scale=scale)
+            for column in rewards.unbind(-1)
+        ]  # K x (N,)
+        return (torch.stack(per_function, -1) * weights.to(rewards)).sum(-1)  # (N,)
+    raise _unknown("reward_aggregation", aggregation, REWARD_AGGREGATIONS)
+
+
 # ---------------------------------------------------------------- KL estimators (Schulman 2020)
 
 

@@ -1,50 +1,173 @@
-"""Watching the reward signal: a run that cannot learn should say so while it runs, not after.
+"""Watching the reward signal: a run that cannot learn, or learns the wrong thing, says so while it runs.
 
-GRPO learns only from groups whose rewards differ; when most groups are all-right or all-wrong, or
-most completions are cut at the length limit, the gradient is mostly noise or zero.
+GRPO changes the optimization, not the reward: a learned reward model with a blind spot gets exploited
+exactly as under PPO (Gao et al. 2023, "Scaling Laws for Reward Model Overoptimization"). The monitors
+read the per-step metrics and warn, once each, with the figures that triggered them:
+
+- no learning signal: most groups have identical rewards for every completion;
+- truncation: most completions hit the length limit;
+- mode collapse: the completions of a group are all alike and the entropy is ~0;
+- length drift: completion length moved far from where the run started;
+- KL drift: the policy is far from its reference;
+- reward hacking: the trained-on (proxy) reward rises while a gold reward watched beside it does not.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
 
+def group_diversity(completions: list[str], group_size: int) -> float:
+    """Mean over groups of (distinct completions / group size): 1 all different, 1/G all the same."""
+    groups = [completions[i : i + group_size] for i in range(0, len(completions), group_size)]
+    return sum(len(set(g)) / len(g) for g in groups) / len(groups)
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Correlation of two equal-length series; 0 when either is constant."""
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else 0.0
+
+
 @dataclass
 class SignalMonitor:
-    """Warns (once per kind) when a sliding-window average crosses its threshold."""
+    """Feeds on each step's metrics dict; a monitor whose metrics are absent stays silent."""
 
-    window: int = 10
+    window: int = 10  # short window: signal, truncation, collapse, KL
+    long_window: int = 50  # drift and reward hacking compare the halves of this many steps
     max_zero_std_frac: float = 0.9
     max_truncated_frac: float = 0.5
-    _zero_std: deque = field(default_factory=deque)
-    _truncated: deque = field(default_factory=deque)
+    collapse_diversity_margin: float = 0.05  # collapsed: diversity <= 1/G + margin ...
+    collapse_max_entropy: float = 0.02  # ... and entropy below this (nats/token)
+    max_length_drift: float = 0.5  # relative change of the mean completion length
+    max_kl: float = 1.0  # nats/token
+    hacking_min_proxy_rise: float = 1.0  # proxy gain between window halves, in proxy stds over the window
+    hacking_max_gold_gain: float = 0.01  # gold gain (accuracy fraction) at or below which gold "stalls"
     warnings: list[str] = field(default_factory=list)
+    fired: dict[str, str] = field(default_factory=dict)
+    latest: dict[str, str] = field(default_factory=dict)
+    _series: dict[str, deque] = field(default_factory=dict)
+    _length_baseline: float | None = None
 
-    def update(self, step: int, metrics: dict[str, float]) -> list[str]:
-        """Feed one step's metrics; returns the warnings raised at this step (usually none)."""
-        new = []
-        for values, key, limit, what in (
-            (
-                self._zero_std,
-                "frac_zero_std_groups",
-                self.max_zero_std_frac,
-                "of groups had identical rewards for every completion: no learning signal. Make the task "
-                "harder/easier, raise num_generations or temperature, or add a graded reward.",
-            ),
-            (
-                self._truncated,
-                "truncated_frac",
-                self.max_truncated_frac,
-                "of completions hit max_completion_length without EOS: raise max_completion_length, or "
-                "set mask_truncated_completions / add the `overlong` reward.",
-            ),
+    def _push(self, key: str, metrics: dict[str, float], size: int) -> deque | None:
+        if key not in metrics:
+            return None
+        values = self._series.setdefault(key, deque(maxlen=size))
+        values.append(metrics[key])
+        return values
+
+    def _raise(self, kind: str, step: int, message: str, new: list[str]) -> None:
+        self.latest[kind] = message
+        if kind not in self.fired:
+            self.fired[kind] = f"step {step}: {message}"
+            new.append(self.fired[kind])
+
+    def update(self, step: int, metrics: dict[str, float], *, group_size: int = 8) -> list[str]:
+        """Feed one step's metrics; returns the warnings first raised at this step (usually none).
+        Adds its own figures (monitor/...) to `metrics`."""
+        new: list[str] = []
+        full = self.window
+        zero_std = self._push("frac_zero_std_groups", metrics, full)
+        if (
+            zero_std is not None
+            and len(zero_std) == full
+            and (m := statistics.fmean(zero_std)) > self.max_zero_std_frac
         ):
-            values.append(metrics[key])
-            if len(values) > self.window:
-                values.popleft()
-            mean = sum(values) / len(values)
-            if len(values) == self.window and mean > limit and not any(key in w for w in self.warnings):
-                new.append(f"step {step}: {mean:.0%} [{key}] {what}")
+            self._raise(
+                "no_signal",
+                step,
+                f"{m:.0%} [frac_zero_std_groups] of groups had identical rewards for "
+                "every completion: no learning signal. Make the task harder/easier, raise num_generations "
+                "or temperature, or add a graded reward.",
+                new,
+            )
+        truncated = self._push("truncated_frac", metrics, full)
+        if (
+            truncated is not None
+            and len(truncated) == full
+            and (m := statistics.fmean(truncated)) > self.max_truncated_frac
+        ):
+            self._raise(
+                "truncation",
+                step,
+                f"{m:.0%} [truncated_frac] of completions hit max_completion_length "
+                "without EOS: raise max_completion_length, or set mask_truncated_completions / add the "
+                "`overlong` reward.",
+                new,
+            )
+        diversity, entropy = self._push("diversity", metrics, full), self._push("entropy", metrics, full)
+        if diversity is not None and entropy is not None and len(diversity) == full:
+            d, h = statistics.fmean(diversity), statistics.fmean(entropy)
+            if d <= 1 / group_size + self.collapse_diversity_margin and h < self.collapse_max_entropy:
+                self._raise(
+                    "collapse",
+                    step,
+                    f"mode collapse: within-group diversity {d:.2f} (1/G = "
+                    f"{1 / group_size:.2f}) and entropy {h:.3f} nats/token over the last {full} steps: "
+                    "every prompt gets the same completion, so groups carry no signal.",
+                    new,
+                )
+        kl = self._push("kl", metrics, full)
+        if kl is not None and len(kl) == full and (m := statistics.fmean(kl)) > self.max_kl:
+            self._raise(
+                "kl",
+                step,
+                f"KL to the reference {m:.2f} nats/token over the last {full} steps "
+                f"(threshold {self.max_kl}): raise beta or lower the learning rate.",
+                new,
+            )
+        self._check_length(step, metrics, new)
+        self._check_hacking(step, metrics, new)
         self.warnings.extend(new)
         return new
+
+    def _check_length(self, step: int, metrics: dict[str, float], new: list[str]) -> None:
+        lengths = self._push("completion_length", metrics, self.long_window)
+        if lengths is None or len(lengths) < self.long_window:
+            return
+        current = statistics.fmean(lengths)
+        if self._length_baseline is None:  # the first full window is the reference point
+            self._length_baseline = current
+        drift = (current - self._length_baseline) / max(self._length_baseline, 1e-8)
+        metrics["monitor/length_drift"] = drift
+        if abs(drift) > self.max_length_drift and abs(current - self._length_baseline) >= 1.0:
+            self._raise(
+                "length",
+                step,
+                f"completion length {self._length_baseline:.1f} -> {current:.1f} tokens "
+                f"({drift:+.0%}) since the start: a length exploit of the reward, or a collapse.",
+                new,
+            )
+
+    def _check_hacking(self, step: int, metrics: dict[str, float], new: list[str]) -> None:
+        proxy = self._push("reward/mean", metrics, self.long_window)
+        gold = self._push("gold/mean", metrics, self.long_window)
+        if proxy is None or gold is None or len(proxy) < self.long_window:
+            return
+        half = self.long_window // 2
+        p, g = list(proxy), list(gold)
+        proxy_gain = statistics.fmean(p[half:]) - statistics.fmean(p[:half])
+        gold_gain = statistics.fmean(g[half:]) - statistics.fmean(g[:half])
+        proxy_rise = proxy_gain / (statistics.pstdev(p) + 1e-8)
+        corr = pearson(p, g)
+        metrics["monitor/proxy_gold_corr"] = corr
+        figures = (
+            f"proxy reward {proxy_gain:+.2f} while gold accuracy {100 * gold_gain:+.0f} points over the last "
+            f"{self.long_window} steps (correlation {corr:+.2f})"
+        )
+        self.latest.setdefault("hacking", figures)
+        if proxy_rise > self.hacking_min_proxy_rise and gold_gain <= self.hacking_max_gold_gain:
+            self._raise("hacking", step, f"{figures}: likely reward hacking.", new)
+        elif "hacking" not in self.fired:
+            self.latest["hacking"] = figures
+
+    def summary(self) -> list[str]:
+        """One line per monitor that has seen its metrics: FIRED with the first warning, or its last figures."""
+        lines = [f"{kind}: FIRED at {message}" for kind, message in self.fired.items()]
+        if "hacking" not in self.fired and "hacking" in self.latest:
+            lines.append(f"hacking: quiet ({self.latest['hacking']})")
+        return lines
