@@ -513,18 +513,14 @@ def test_multi_reward_advantages_hand_computed_both_modes():
     weights = torch.tensor([0.5, 2.0], dtype=torch.float64)
 
     # sum_then_normalize: totals [3, 0, 2, 3] (the None term is absent), mean 2, Bessel std sqrt(2)
-    got = algo.multi_reward_advantages(
-        rewards, weights, group_size=4, scale="group", aggregation="sum_then_normalize"
-    )
+    got = algo.multi_reward_advantages(rewards, weights, group_size=4, scale="group", aggregation="sum_then_normalize")
     std = (((3 - 2) ** 2 * 2 + (0 - 2) ** 2 + 0) / 3) ** 0.5
     expected = torch.tensor([1.0, -2.0, 0.0, 1.0], dtype=torch.float64) / (std + algo.ADV_EPS)
     torch.testing.assert_close(got, expected)
 
     # normalize_then_sum: column 0 [2, 0, 4, 2]: mean 2, std sqrt(8/3) -> [0, -2, 2, 0] / (std + eps);
     # column 1 over rows 0, 2, 3 only: [1, -, 0, 1]: mean 2/3, std sqrt(1/3) -> [1/3, 0, -2/3, 1/3] / (std + eps)
-    got = algo.multi_reward_advantages(
-        rewards, weights, group_size=4, scale="group", aggregation="normalize_then_sum"
-    )
+    got = algo.multi_reward_advantages(rewards, weights, group_size=4, scale="group", aggregation="normalize_then_sum")
     a0 = torch.tensor([0.0, -2.0, 2.0, 0.0], dtype=torch.float64) / ((8 / 3) ** 0.5 + algo.ADV_EPS)
     a1 = torch.tensor([1 / 3, 0.0, -2 / 3, 1 / 3], dtype=torch.float64) / ((1 / 3) ** 0.5 + algo.ADV_EPS)
     torch.testing.assert_close(got, 0.5 * a0 + 2.0 * a1)
@@ -542,7 +538,9 @@ def test_normalize_then_sum_ignores_each_rewards_scale():
         atol=2e-4,
         rtol=0,
     )
-    summed = algo.multi_reward_advantages(scaled, weights, group_size=2, scale="group", aggregation="sum_then_normalize")
+    summed = algo.multi_reward_advantages(
+        scaled, weights, group_size=2, scale="group", aggregation="sum_then_normalize"
+    )
     assert torch.equal(summed.sign(), torch.tensor([-1.0, 1.0, 1.0, -1.0], dtype=torch.float64))  # column 0 decides
     with pytest.raises(ValueError, match="'sum_then_normalise'"):
         algo.multi_reward_advantages(rewards, weights, group_size=2, scale="group", aggregation="sum_then_normalise")

@@ -1,4 +1,4 @@
-"""`grpokit train | sft | eval | demo`. Each takes an optional YAML file, then per-field overrides
+"""`grpokit train | sft | reward-model | eval | demo`. Each takes an optional YAML file, then per-field overrides
 (`--learning-rate 3e-4`); `grpokit train --help` lists every field with its docstring."""
 
 from __future__ import annotations
@@ -6,13 +6,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-USAGE = """usage: grpokit {init,sft,train,eval,demo} [CONFIG.yaml] [--field value ...]
+USAGE = """usage: grpokit {init,sft,reward-model,train,eval,demo} [CONFIG.yaml] [--field value ...]
 
-  init    a fresh tiny model + char tokenizer   grpokit init --output-dir runs/tiny
-  train   GRPO against reward functions        grpokit train examples/grpo_addition.yaml
-  sft     supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
-  eval    held-out accuracy, greedy and sampled grpokit eval --model runs/grpo/model
-  demo    SFT on a flawed teacher, then GRPO: the whole story in ~3 minutes on a CPU
+  init          a fresh tiny model + char tokenizer   grpokit init --output-dir runs/tiny
+  train         GRPO against reward functions        grpokit train examples/grpo_addition.yaml
+  sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
+  reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
+  eval          held-out accuracy, greedy and sampled grpokit eval --model runs/grpo/model
+  demo          SFT on a flawed teacher, then GRPO: the whole story in ~3 minutes on a CPU
 
 `grpokit COMMAND --help` lists every field of that command's config."""
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(rest)
         if command == "sft":
             return _sft(rest)
+        if command == "reward-model":
+            return _reward_model(rest)
         if command == "eval":
             return _eval(rest)
         if command == "init":
@@ -81,6 +84,21 @@ def _sft(args: list[str]) -> int:
 
     cfg = parse_config(SFTConfig, args, "grpokit sft [CONFIG.yaml]")
     print(f"model: {train_sft(cfg)}")
+    return 0
+
+
+def _reward_model(args: list[str]) -> int:
+    from grpokit.config import RewardModelConfig
+    from grpokit.reward_model import train_reward_model
+
+    cfg = parse_config(RewardModelConfig, args, "grpokit reward-model [CONFIG.yaml]")
+    result = train_reward_model(cfg)
+    if result.eval_accuracy is None:
+        print("held-out pairwise accuracy: no held-out pairs (set `eval_data`)")
+    else:
+        n = cfg.num_eval_pairs
+        print(f"held-out pairwise accuracy: {result.eval_accuracy:.1%} (r_chosen > r_rejected, up to {n} pairs)")
+    print(f"model: {result.model_dir}")
     return 0
 
 
@@ -126,9 +144,10 @@ def _init(args: list[str]) -> int:
 
 def _demo(args: list[str]) -> int:
     from grpokit.config import DemoConfig
-    from grpokit.demo import run_demo
+    from grpokit.demo import run_demo, run_pipeline
 
-    run_demo(parse_config(DemoConfig, args, "grpokit demo"))
+    cfg = parse_config(DemoConfig, args, "grpokit demo")
+    (run_pipeline if cfg.pipeline else run_demo)(cfg)
     return 0
 
 

@@ -461,6 +461,17 @@ class DemoConfig:
     """GRPO completions per prompt."""
     num_eval_prompts: int = 400
     """Held-out problems in the before/after table."""
+    pipeline: bool = False
+    """Run the whole pipeline instead: SFT, a reward model trained on preferences with a verbosity bias, then
+    GRPO against that reward model (gold accuracy only watched) beside GRPO against the gold checker."""
+    reward_model_steps: int = 400
+    """--pipeline: reward-model optimizer steps."""
+    pipeline_grpo_steps: int = 150
+    """--pipeline: GRPO steps of each of the two runs."""
+    extra_completion_tokens: int = 4
+    """--pipeline: room past the answer's length, so that a longer answer can be written (and rewarded)."""
+    monitor_window: int = 30
+    """--pipeline: steps in the reward-hacking monitor's window."""
     device: str = "auto"
     """`auto`, `cpu` or `cuda`."""
     progress: bool = True

@@ -3,41 +3,52 @@
 The teacher (the imperfect demonstrator) adds numbers column by column but forgets carries; SFT copies
 its habit; GRPO with the gold checker as the only reward removes it. Every number in the table is
 measured on held-out problems that neither stage trained on.
+
+`grpokit demo --pipeline`: the whole alignment pipeline, and its classic failure. After SFT, a reward
+model learns from preference labels with a verbosity bias (between answers of different length the
+labeler prefers the longer one). GRPO against that reward model raises the proxy reward while gold
+accuracy falls, and the reward-hacking monitor says so; GRPO against the gold checker, side by side,
+gets better for real.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from grpokit.config import DemoConfig, GRPOConfig, SFTConfig
+from grpokit.config import DemoConfig, GRPOConfig, RewardModelConfig, SFTConfig
 from grpokit.modeling import resolve_device
+from grpokit.runlog import read_metrics
 from grpokit.sft import sft_rows, train_sft
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer, seed_everything
+from grpokit.trainer import GRPOTrainer, TrainResult, seed_everything
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
-    start = time.perf_counter()
-    out = Path(cfg.output_dir)
+@dataclass
+class WarmStart:
+    task: AdditionTask
+    tokenizer: Any
+    model: Any
+    eval_rows: list[dict[str, str]]
+    model_dir: Path
+
+
+def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
+    """Tiny model + char tokenizer, fine-tuned on the carry-forgetting teacher; saved to OUT/sft/model."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     task = AdditionTask(num_digits=cfg.num_digits, forget_carry=cfg.forget_carry)
-    max_len = task.max_completion_chars + 1  # digits + EOS
-    eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
     tokenizer = build_char_tokenizer()
-    model = tiny_model(tokenizer, cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed).to(
-        device
-    )
+    model = tiny_model(tokenizer, cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
+    model = model.to(device)
     print(
         f"grpokit demo: {cfg.num_digits}-digit addition; the teacher forgets each carry with p={cfg.forget_carry}; "
         f"tiny {cfg.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
     )
-
-    teacher = task.demonstrator_accuracy(eval_rows, random.Random(cfg.seed))
-    table = {"demonstrator": {"greedy": teacher, "sampled": teacher}}
-
     sft_cfg = SFTConfig(
         output_dir=str(out / "sft"),
         task="addition",
@@ -46,39 +57,54 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
         max_steps=cfg.sft_steps,
         num_train_prompts=cfg.sft_examples,
         learning_rate=cfg.sft_learning_rate,
-        max_completion_length=max_len,
+        max_completion_length=task.max_completion_chars + 1,
         seed=cfg.seed,
         device=cfg.device,
         progress=cfg.progress,
     )
-    train_sft(sft_cfg, model=model, tokenizer=tokenizer, rows=sft_rows(sft_cfg))
+    model_dir = train_sft(sft_cfg, model=model, tokenizer=tokenizer, rows=sft_rows(sft_cfg))
+    eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
+    return WarmStart(task, tokenizer, model, eval_rows, model_dir)
 
-    grpo_cfg = GRPOConfig(
-        output_dir=str(out / "grpo"),
-        task="addition",
-        task_num_digits=cfg.num_digits,
-        max_steps=cfg.grpo_steps,
-        learning_rate=cfg.grpo_learning_rate,
-        prompts_per_step=cfg.prompts_per_step,
-        num_generations=cfg.num_generations,
-        max_completion_length=max_len,
-        reward_funcs=["accuracy"],
-        num_eval_prompts=cfg.num_eval_prompts,
-        eval_every=cfg.grpo_steps // 4,
-        eval_temperature=1.0,
-        seed=cfg.seed,
-        device=cfg.device,
-        progress=cfg.progress,
-    )
+
+def grpo_config(cfg: DemoConfig, output_dir: Path, **overrides: Any) -> GRPOConfig:
+    values = {
+        "output_dir": str(output_dir),
+        "task": "addition",
+        "task_num_digits": cfg.num_digits,
+        "max_steps": cfg.grpo_steps,
+        "learning_rate": cfg.grpo_learning_rate,
+        "prompts_per_step": cfg.prompts_per_step,
+        "num_generations": cfg.num_generations,
+        "max_completion_length": cfg.num_digits + 2,  # digits + EOS
+        "reward_funcs": ["accuracy"],
+        "num_eval_prompts": cfg.num_eval_prompts,
+        "eval_every": cfg.grpo_steps // 4,
+        "eval_temperature": 1.0,
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "progress": cfg.progress,
+    }
+    return GRPOConfig(**{**values, **overrides})
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    warm = warm_start(cfg, out)
+    teacher = warm.task.demonstrator_accuracy(warm.eval_rows, random.Random(cfg.seed))
+    table = {"demonstrator": {"greedy": teacher, "sampled": teacher}}
     # The trainer scores the held-out rows before its first step (the SFT model) and after its last.
-    result = GRPOTrainer(grpo_cfg, model=model, tokenizer=tokenizer, eval_rows=eval_rows).train()
+    result = GRPOTrainer(
+        grpo_config(cfg, out / "grpo"), model=warm.model, tokenizer=warm.tokenizer, eval_rows=warm.eval_rows
+    ).train()
     for name, row in (
         ("SFT on demonstrator", result.eval_history[0]),
         ("SFT + GRPO (gold reward)", result.eval_history[-1]),
     ):
         table[name] = {"greedy": row["eval/accuracy_greedy"], "sampled": row["eval/accuracy_sampled"]}
 
-    print(f"\nheld-out accuracy on {len(eval_rows)} problems (seed {cfg.seed}):")
+    print(f"\nheld-out accuracy on {len(warm.eval_rows)} problems (seed {cfg.seed}):")
     print(f"{'':28s} {'greedy':>8s} {'sampled T=1':>12s}")
     for name, row in table.items():
         print(f"{name:28s} {row['greedy']:8.1%} {row['sampled']:12.1%}")
@@ -88,3 +114,128 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     for warning in result.warnings:
         print(f"  {warning}")
     return table
+
+
+def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
+    """SFT -> reward model on flawed preferences -> GRPO against it (gold watched) and against gold."""
+    from grpokit.reward_model import train_reward_model
+
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    warm = warm_start(cfg, out)
+    rm = train_reward_model(
+        RewardModelConfig(
+            model=str(warm.model_dir),
+            output_dir=str(out / "reward_model"),
+            task="addition",
+            task_num_digits=cfg.num_digits,
+            labeler_flaw="longer",
+            max_steps=cfg.reward_model_steps,
+            seed=cfg.seed,
+            device=cfg.device,
+            progress=cfg.progress,
+        )
+    )
+    print(f"reward model (labels with a verbosity bias): {rm.eval_accuracy:.1%} pairwise accuracy on clean pairs")
+    runs: dict[str, TrainResult] = {}
+    for name, reward in (("reward model", str(rm.model_dir)), ("gold checker", "accuracy")):
+        trainer_cfg = grpo_config(
+            cfg,
+            out / ("grpo_reward_model" if name == "reward model" else "grpo_gold"),
+            reward_funcs=[reward],
+            gold_reward="accuracy",
+            monitor_window=cfg.monitor_window,
+            max_completion_length=cfg.num_digits + 2 + cfg.extra_completion_tokens,
+            max_steps=cfg.pipeline_grpo_steps,
+            eval_every=cfg.pipeline_grpo_steps // 4,
+        )
+        runs[name] = GRPOTrainer(
+            trainer_cfg, model=copy.deepcopy(warm.model), tokenizer=warm.tokenizer, eval_rows=warm.eval_rows
+        ).train()
+
+    table = {name: _run_row(result) for name, result in runs.items()}
+    print(f"\nGRPO from the same SFT model, {cfg.pipeline_grpo_steps} steps each (seed {cfg.seed}):")
+    header = ("trained on", "proxy reward", "gold acc (samples)", "held-out greedy", "length", "hacking monitor")
+    print(" | ".join(f"{h:>18s}" for h in header))
+    for name, row in table.items():
+        cells = (
+            name,
+            f"{row['proxy_start']:+.2f} -> {row['proxy_end']:+.2f}",
+            f"{row['gold_start']:.0%} -> {row['gold_end']:.0%}",
+            f"{row['heldout_start']:.0%} -> {row['heldout_end']:.0%}",
+            f"{row['length_start']:.1f} -> {row['length_end']:.1f}",
+            "FIRED" if row["hacking_fired"] else "quiet",
+        )
+        print(" | ".join(f"{c:>18s}" for c in cells))
+    for name, result in runs.items():
+        print(f"\nmonitors, {name} run:")
+        for line in result.monitor_summary:
+            print(f"  {line}")
+    plot = plot_pipeline(runs, out / "pipeline.png")
+    print(f"\nplot:  {plot}\ntime:  {time.perf_counter() - start:.0f} s")
+    return table
+
+
+def _run_row(result: TrainResult) -> dict[str, Any]:
+    """First and last 10 steps of the trained-on reward, the gold reward on the same samples and length."""
+    rows = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "reward/mean" in r]
+
+    def mean(key: str, part: list[dict]) -> float:
+        return sum(r[key] for r in part) / len(part)
+
+    head, tail = rows[:10], rows[-10:]
+    return {
+        "proxy_start": mean("reward/mean", head),
+        "proxy_end": mean("reward/mean", tail),
+        "gold_start": mean("gold/mean", head),
+        "gold_end": mean("gold/mean", tail),
+        "heldout_start": result.eval_history[0]["eval/accuracy_greedy"],
+        "heldout_end": result.eval_history[-1]["eval/accuracy_greedy"],
+        "length_start": mean("completion_length", head),
+        "length_end": mean("completion_length", tail),
+        "hacking_fired": "hacking" in result.monitor_fired,
+    }
+
+
+def plot_pipeline(runs: dict[str, TrainResult], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("reward/mean", "trained-on (proxy) reward"),
+        ("gold/mean", "gold accuracy on the training samples"),
+        ("eval/accuracy_greedy", "held-out accuracy (greedy)"),
+        ("completion_length", "completion length (tokens)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        for name, result in runs.items():
+            points = [(r["step"], r[key]) for r in read_metrics(result.output_dir / "metrics.jsonl") if key in r]
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                label=f"GRPO on {name}",
+                marker="." if len(points) < 30 else None,
+            )
+        for result in runs.values():
+            fired = result.monitor_fired.get("hacking")
+            if fired and key == "gold/mean":
+                ax.axvline(
+                    int(fired.split(":")[0].removeprefix("step ")),
+                    color="red",
+                    ls="--",
+                    lw=1,
+                    label="hacking monitor fires",
+                )
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("GRPO against a flawed reward model vs against the gold checker")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -7,8 +7,9 @@ A reward function is any callable
 called once per generation batch. `columns` holds every extra column of the data set, one value per
 completion (a prompt's row is repeated for each of its G completions), plus `completion_lengths`
 (tokens), `truncated`, and `raw_prompts` (the prompt column as the data set holds it: text or chat
-messages, for scorers such as reward models that render it with a chat template of their own). None means "this function does not apply to this sample"; a NaN or an
-exception is a bug and stops the run with the function's name and the sample.
+messages, for scorers such as reward models that render it with a chat template of their own).
+None means "this function does not apply to this sample"; a NaN or an exception is a bug and stops
+the run with the function's name and the sample.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,14 +95,33 @@ def build_reward_funcs(
     max_completion_length: int,
     overlong_buffer: int,
     task: Any = None,
+    device: str = "cpu",
+    reward_model_batch_size: int = 64,
 ) -> list[tuple[str, RewardFn]]:
-    """Resolve config names to (name, callable) pairs. `accuracy` uses the task's gold checker if any."""
+    """Resolve config names to (name, callable) pairs. `accuracy` uses the task's gold checker if any; a
+    folder holding a config.json is a reward model (`RewardModelScorer`), logged under the folder's name."""
     builtins: dict[str, Callable[[], RewardFn]] = {
         "accuracy": lambda: gold_reward(task.is_correct if task is not None else exact_match),
         "format": lambda: format_reward(format_pattern),
         "overlong": lambda: overlong_reward(max_completion_length, overlong_buffer),
     }
-    return [(name, builtins[name]() if name in builtins else import_reward(name)) for name in names]
+    funcs = []
+    for name in names:
+        if name in builtins:
+            funcs.append((name, builtins[name]()))
+        elif Path(name).is_dir() and (Path(name) / "config.json").is_file():
+            from grpokit.reward_model import RewardModelScorer
+
+            scorer = RewardModelScorer(name, device=device, batch_size=reward_model_batch_size)
+            funcs.append((scorer.__name__, scorer))
+        elif "/" in name or Path(name).exists():
+            raise ValueError(
+                f"reward function {name!r} looks like a path but is not a reward-model folder "
+                "(a directory holding config.json, e.g. the `model` folder of `grpokit reward-model`)"
+            )
+        else:
+            funcs.append((name, import_reward(name)))
+    return funcs
 
 
 def score(

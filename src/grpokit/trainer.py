@@ -7,7 +7,9 @@ to a frozen reference. No value network. Where grpokit deviates from the paper:
   token mean, Dr. GRPO's constant normalizer; every normalizer is counted over the whole optimizer
   step, so micro-batching never changes the gradient;
 - `beta` defaults to 0 (no reference model is loaded) as DAPO and Dr. GRPO found the KL term
-  unnecessary for verifiable rewards; set it > 0 for the paper's behaviour;
+  unnecessary for verifiable rewards; set it > 0 for the paper's behaviour; with LoRA the reference is
+  the policy with its adapters switched off (no second copy), without it a frozen copy that
+  `ref_sync_every` can pull towards the policy (TR-DPO);
 - the old-policy logprobs of a single on-policy pass are the current ones detached (ratio = 1), and
   are recomputed once before the update only when samples are reused (mu > 1 or several minibatches).
 """
@@ -15,6 +17,7 @@ to a frozen reference. No value network. Where grpokit deviates from the paper:
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -28,8 +31,9 @@ from grpokit.checkpoint import save_model
 from grpokit.config import ConfigError, GRPOConfig, save_yaml
 from grpokit.data import check_columns, encode_prompts, load_rows
 from grpokit.evaluate import accuracy, decode_completions
+from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs, load_model, load_tokenizer, resolve_device, resolve_dtype
-from grpokit.monitor import SignalMonitor
+from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.optim import build_optimizer
 from grpokit.rewards import RewardFn, build_reward_funcs, exact_match, score
 from grpokit.rollout import SamplingParams, generate
@@ -46,6 +50,8 @@ class TrainResult:
     final_metrics: dict[str, float]
     eval_history: list[dict[str, float]]
     warnings: list[str]
+    monitor_summary: list[str]  # one line per monitor: FIRED with its first warning, or its last figures
+    monitor_fired: dict[str, str]  # monitor kind -> its first warning
 
 
 def seed_everything(seed: int) -> None:
@@ -75,13 +81,18 @@ class GRPOTrainer:
 
         # Data and rewards are checked before the model is loaded: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = self._load_rows(train_rows, eval_rows)
-        self.reward_funcs = reward_funcs or build_reward_funcs(
-            cfg.reward_funcs,
+        build = functools.partial(
+            build_reward_funcs,
             format_pattern=cfg.format_pattern,
             max_completion_length=cfg.max_completion_length,
             overlong_buffer=cfg.overlong_buffer,
             task=self.task,
+            device=str(self.device),
+            reward_model_batch_size=cfg.reward_model_batch_size,
         )
+        self.reward_funcs = reward_funcs or build(cfg.reward_funcs)
+        # Watched, never optimized: the honest yardstick beside a learned (proxy) reward.
+        self.gold_funcs = build([cfg.gold_reward]) if cfg.gold_reward else []
         weights = cfg.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ConfigError(
@@ -89,16 +100,19 @@ class GRPOTrainer:
                 f"{len(self.reward_funcs)} reward functions"
             )
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)  # (K,)
-        if "accuracy" in [name for name, _ in self.reward_funcs]:
+        if "accuracy" in [name for name, _ in self.reward_funcs + self.gold_funcs]:
             check_columns(self.train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
 
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         if self.tokenizer.pad_token_id is None:  # common for base checkpoints; pad is always masked out
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = (model if model is not None else load_model(cfg.model, self.device, dtype)).to(self.device)
+        if cfg.lora.r > 0:  # before the optimizer is built, so AdamW holds state for the adapters only
+            self.model = apply_lora(self.model, cfg.lora)
         # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
+        # With LoRA the reference is the policy with its adapters off (`_reference_logprobs`): no copy either.
         self.ref_model = None
-        if cfg.beta > 0:
+        if cfg.beta > 0 and not uses_lora(self.model):
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
@@ -117,7 +131,7 @@ class GRPOTrainer:
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self._order: list[int] = []
         self._data_rng = random.Random(cfg.seed)
-        self.monitor = SignalMonitor()
+        self.monitor = SignalMonitor(long_window=cfg.monitor_window)
         self.output_dir = Path(cfg.output_dir)
         self.log: RunLog | None = None
 
@@ -181,14 +195,17 @@ class GRPOTrainer:
         )
         prompts_n = [p for p in prompt_texts for _ in range(G)]
         rewards = score(self.reward_funcs, prompts_n, completions, columns)  # (N, K)
-        total, scorable = algo.combine_rewards(rewards, self.reward_weights)  # (N,), (N,)
-        advantages = algo.advantages(total, scorable, group_size=G, scale=cfg.scale_rewards).to(self.device)
+        total, _ = algo.combine_rewards(rewards, self.reward_weights)  # (N,)
+        advantages = algo.multi_reward_advantages(
+            rewards, self.reward_weights, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation
+        ).to(self.device)  # (N,)
+        gold = score(self.gold_funcs, prompts_n, completions, columns) if self.gold_funcs else None  # (N, 1)
         t_reward = time.perf_counter()
 
         mask = rollout.completion_mask.float()  # (N, Tc)
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated).float().unsqueeze(-1).to(mask.device)
-        ref_logp = self._logprobs_no_grad(self.ref_model, rollout) if self.ref_model is not None else None
+        ref_logp = self._reference_logprobs(rollout)
         reuses_samples = cfg.num_iterations > 1 or self.minibatch_size < self.generation_size
         old_logp = self._logprobs_no_grad(self.model, rollout) if reuses_samples else None
         t_ref = time.perf_counter()
@@ -201,7 +218,9 @@ class GRPOTrainer:
             "reward/mean": total.mean().item(),
             "reward/std": total.std().item(),
             **{f"reward/{name}": rewards[:, k].nanmean().item() for k, (name, _) in enumerate(self.reward_funcs)},
+            **({"gold/mean": gold.nanmean().item()} if gold is not None else {}),
             "frac_zero_std_groups": (group_std == 0).float().mean().item(),
+            "diversity": group_diversity(completions, G),
             "completion_length": lengths.float().mean().item(),
             "truncated_frac": rollout.truncated.float().mean().item(),
             "prompts_truncated": float(n_cut),
@@ -224,6 +243,20 @@ class GRPOTrainer:
             for i in range(0, len(completions), max(1, G // 2))
         ]
         return metrics, samples
+
+    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
+        """(N, Tc) logprobs under the KL reference; None when beta = 0."""
+        if self.cfg.beta == 0:
+            return None
+        if self.ref_model is not None:
+            return self._logprobs_no_grad(self.ref_model, rollout)
+        was_training = self.model.training
+        self.model.eval()  # as the frozen copy is: the reference never sees dropout
+        try:
+            with adapters_disabled(self.model):
+                return self._logprobs_no_grad(self.model, rollout)
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: Any, rollout: Rollout) -> torch.Tensor:
@@ -389,6 +422,8 @@ class GRPOTrainer:
         try:
             for step in bar:
                 metrics, samples = self.step(self._next_rows())
+                if self.ref_model is not None and cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
+                    sync_reference(self.ref_model, self.model, cfg.ref_sync_alpha)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     result = self.evaluate()
                     metrics.update(result)
@@ -396,20 +431,35 @@ class GRPOTrainer:
                 self.log.log(step, metrics)
                 if cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1):
                     self.log.log_completions(step, samples)
-                for warning in self.monitor.update(step, metrics):
+                for warning in self.monitor.update(step, metrics, group_size=cfg.num_generations):
                     bar.write(f"WARNING {warning}")
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save_model(self.model, self.tokenizer, self.output_dir / f"checkpoint-{step}")
+                    self.save(self.output_dir / f"checkpoint-{step}")
             if result := self.evaluate():
                 eval_history.append({"step": cfg.max_steps, **result})
                 self.log.log(cfg.max_steps, result)
         finally:
             bar.close()
             self.log.close()
-        model_dir = save_model(self.model, self.tokenizer, self.output_dir / "model")
+        model_dir = self.save(self.output_dir / "model")
         plot = plot_curves(read_metrics(self.log.metrics_path), self.output_dir / "curves.png", title="GRPO")
-        return TrainResult(self.output_dir, model_dir, plot, metrics, eval_history, list(self.monitor.warnings))
+        return TrainResult(
+            self.output_dir,
+            model_dir,
+            plot,
+            metrics,
+            eval_history,
+            list(self.monitor.warnings),
+            self.monitor.summary(),
+            dict(self.monitor.fired),
+        )
+
+    def save(self, path: Path) -> Path:
+        """The policy in `save_pretrained` form; with LoRA merged into the weights or as an adapter (`lora.save`)."""
+        if uses_lora(self.model):
+            return save_policy(self.model, self.tokenizer, path, self.cfg.lora.save)
+        return save_model(self.model, self.tokenizer, path)
 
 
 def _max_gap(logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor) -> float:

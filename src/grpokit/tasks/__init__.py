@@ -6,6 +6,7 @@ from typing import Any
 
 from .arithmetic import AdditionTask, accuracy_reward, check_answer, count_carries
 from .models import tiny_model
+from .preferences import LABELER_FLAWS, preference_pairs
 from .tokenizer import build_char_tokenizer
 
 TASKS = {"addition": AdditionTask}
@@ -20,11 +21,13 @@ def get_task(name: str, **kwargs: Any) -> AdditionTask:
 
 __all__ = [
     "TASKS",
+    "LABELER_FLAWS",
     "AdditionTask",
     "accuracy_reward",
     "build_char_tokenizer",
     "check_answer",
     "count_carries",
     "get_task",
+    "preference_pairs",
     "tiny_model",
 ]

@@ -1,0 +1,148 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) through `peft`, and the reference model that comes with them.
+
+With LoRA the base weights never change, so the GRPO reference is free: it is the policy with its adapters
+switched off (`adapters_disabled`), bit for bit the base model, with no second copy in memory. Without
+LoRA the reference is a full frozen copy, which `sync_reference` can pull towards the policy (TR-DPO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from grpokit.checkpoint import atomic_folder, save_model
+from grpokit.config import LoRAConfig
+
+
+def apply_lora(model: Any, cfg: LoRAConfig) -> Any:
+    """Wrap `model` in a `peft` PeftModel with fresh adapters; every base weight is frozen.
+
+    The adapters start with B = 0, so the wrapped model computes exactly what `model` did. `model` itself
+    is changed in place (its targeted linear layers become LoRA layers); use the returned wrapper. Build
+    the optimizer AFTER this call, so that it holds state only for the adapters.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.r < 1:
+        raise ValueError(f"apply_lora needs lora.r >= 1, got {cfg.r}")
+    target_modules = cfg.target_modules
+    if target_modules == ["all-linear"]:
+        target_modules = "all-linear"  # peft's keyword is a plain string, not a module name
+    peft_config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target_modules,
+    )
+    with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecated; nothing for users to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
+
+
+def uses_lora(model: Any) -> bool:
+    """True for a `peft` PeftModel (a model with adapters)."""
+    peft = sys.modules.get("peft")  # nothing can be a PeftModel before peft is imported; spare the import
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: Any) -> Iterator[Any]:
+    """Inside the block `model` computes its base model's outputs exactly (every adapter bypassed)."""
+    if not uses_lora(model):
+        raise ValueError("adapters_disabled needs a model with LoRA adapters (see apply_lora)")
+    with model.disable_adapter():
+        yield model
+
+
+def save_policy(
+    model: Any,
+    tokenizer: Any,
+    path: str | Path,
+    mode: Literal["merged", "adapter"] = "merged",
+    *,
+    base_path: str | None = None,
+) -> Path:
+    """Save a LoRA policy atomically (a temporary folder, then a rename), as `checkpoint.save_model` does.
+
+    `merged`: an ordinary `save_pretrained` model (loads with AutoModelForCausalLM) whose adapted weights
+    are W + (alpha / r) * B @ A. The merge is built beside the live model, never in it: merging in place
+    (`merge_and_unload`) would change the policy mid-training and break the disabled-adapter reference,
+    and unmerging is not exact in floating point; a deepcopy would cost a whole second model. The cost
+    here is one transient copy of the adapted weights, freed once written.
+
+    `adapter`: adapter_config.json + adapter weights + the tokenizer; loads with
+    `PeftModel.from_pretrained(base, path)` or `AutoPeftModelForCausalLM.from_pretrained(path)`. The
+    config's `base_model_name_or_path` is `base_path` (default: the folder the base was loaded from),
+    made absolute when it is a local folder so the adapter loads from any working directory.
+    """
+    if not uses_lora(model):
+        raise ValueError("save_policy needs a model with LoRA adapters; use grpokit.checkpoint.save_model")
+    if mode == "merged":
+        return save_model(model.get_base_model(), tokenizer, path, state_dict=merged_state_dict(model))
+    if mode != "adapter":
+        raise ValueError(f"save mode {mode!r}: use 'merged' or 'adapter'")
+    peft_config = model.peft_config[model.active_adapter]
+    base = base_path or peft_config.base_model_name_or_path
+    if base and Path(base).is_dir():
+        base = str(Path(base).resolve())
+    saved_base, peft_config.base_model_name_or_path = peft_config.base_model_name_or_path, base
+    try:
+        with atomic_folder(path) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    finally:
+        peft_config.base_model_name_or_path = saved_base
+    return Path(path)
+
+
+@torch.no_grad()
+def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The base model's state dict, under its original names, with every active adapter folded in.
+
+    Tensors of layers without adapters are the live ones (shared, not copied); each adapted weight is
+    a new tensor W + delta. The live model is not modified.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    state = {
+        name.replace(".base_layer.", "."): tensor
+        for name, tensor in base.state_dict().items()
+        if ".lora_" not in name  # lora_A / lora_B / lora_dropout ... : the adapters themselves
+    }
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or module.merged:
+            continue
+        weight = module.get_base_layer().weight
+        merged = weight.detach().clone()
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                merged += module.get_delta_weight(adapter).to(merged.dtype)
+        state[f"{name}.weight"] = merged
+    return state
+
+
+@torch.no_grad()
+def sync_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """ref <- alpha * policy + (1 - alpha) * ref, in place, parameter by parameter.
+
+    The periodic reference update of TR-DPO (Gorbatovski et al. 2024, "Learn Your Reference Model for
+    Real Good Alignment"), applied here to the GRPO KL reference. Buffers (e.g. RoPE tables) are not
+    weights and stay as they are.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"sync_reference: alpha must be in [0, 1], got {alpha}")
+    policy_params = dict(policy.named_parameters())
+    ref_params = dict(ref_model.named_parameters())
+    if policy_params.keys() != ref_params.keys():
+        missing = sorted(policy_params.keys() ^ ref_params.keys())[:3]
+        raise ValueError(f"sync_reference: the reference and the policy have different parameters, e.g. {missing}")
+    for name, ref in ref_params.items():
+        ref.lerp_(policy_params[name].to(ref.dtype), alpha)  # ref + alpha * (policy - ref)

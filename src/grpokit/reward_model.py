@@ -1,0 +1,370 @@
+"""Reward models: Bradley-Terry training on preference pairs, and scoring completions behind the reward contract.
+
+A reward model is an `AutoModelForSequenceClassification` with one output, started from a causal LM
+folder (an SFT model, typically: its body is kept, the score head is new). It reads
+prompt + completion + EOS and its reward is the score head at the LAST real token of the row.
+
+Deviations from the common recipe, and why:
+- Pooling picks the last token by the attention mask, not by `input_ids != pad_token_id` as
+  transformers' own forward does: with a pad == eos tokenizer the latter would skip the EOS that ends
+  every completion. Positions skip left padding, so padding never changes a reward.
+- The scorer re-renders and re-tokenizes every completion with the reward model's own tokenizer and
+  chat template, so the policy and the reward model may use different tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from grpokit.checkpoint import save_model
+from grpokit.config import RewardModelConfig, save_yaml
+from grpokit.data import DataError, check_columns, load_rows, pad_batch, render_prompt
+from grpokit.modeling import load_tokenizer, position_ids_from_mask, resolve_device, resolve_dtype
+from grpokit.optim import build_optimizer
+from grpokit.runlog import RunLog
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    center_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """mean -log sigmoid(r_chosen - r_rejected - margin) + center_coefficient * mean (r_chosen + r_rejected)^2.
+
+    The Bradley-Terry model (Bradley & Terry 1952) says P(chosen > rejected) = sigmoid(r_c - r_r); the
+    loss is its negative log-likelihood, as in InstructGPT's reward model (Ouyang et al. 2022, eq. 1).
+    `margin` (B,) asks for a gap of at least m between the two rewards, Llama 2's margin for pairs rated
+    far apart (Touvron et al. 2023, eq. 2). The centering term pins the otherwise free offset of the
+    rewards near 0 (Eisenstein et al. 2023), so rewards from different runs are comparable.
+
+    Args: r_chosen, r_rejected, margin: (B,). Returns a scalar.
+    """
+    diff = r_chosen - r_rejected  # (B,)
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coefficient:
+        loss = loss + center_coefficient * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward (B,) float32 of each row: the score head applied at the row's last token with mask 1.
+
+    Works for left and right padding alike, and for pad == eos. A model without a `score` head (not
+    one of transformers' decoder classifiers) falls back to its own forward and pooling.
+    """
+    mask = attention_mask.long()  # (B, T)
+    position_ids = position_ids_from_mask(mask)  # (B, T)
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        return logits[:, 0].float()  # (B,)
+    out = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)  # (B,) last position with mask 1
+    pooled = out.last_hidden_state[torch.arange(mask.shape[0], device=mask.device), last]  # (B, H)
+    return head(pooled)[:, 0].float()  # (B,)
+
+
+def reward_model_text(tokenizer: Any, prompt: str | list[dict[str, str]], completion: str) -> str:
+    """What a reward model reads for one completion, built with ITS tokenizer.
+
+    Chat messages with a chat template: the conversation with the completion as the assistant's turn.
+    Otherwise: the rendered prompt + completion + EOS (the EOS marks where the answer ends, and is the
+    token whose hidden state is scored).
+    """
+    if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None):
+        messages = [*prompt, {"role": "assistant", "content": completion}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return render_prompt(tokenizer, prompt) + completion + tokenizer.eos_token
+
+
+def encode_text(tokenizer: Any, prompt: Any, completion: str, max_length: int | None = None) -> list[int]:
+    """Token ids of `reward_model_text`; an over-long row keeps its LAST tokens (the answer and its EOS).
+    A chat template already holds any BOS, so it gets no special tokens added."""
+    ids = tokenizer(reward_model_text(tokenizer, prompt, completion), add_special_tokens=isinstance(prompt, str))
+    ids = list(ids["input_ids"])
+    return ids[-max_length:] if max_length is not None else ids
+
+
+def load_reward_model(path: str | Path, device: Any, dtype: torch.dtype, *, pad_token_id: int | None = None) -> Any:
+    """AutoModelForSequenceClassification (one output) from a LOCAL folder: a reward model, or a causal LM
+    whose body it keeps (the score head is then newly initialised from the global torch RNG)."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist (only local paths load)")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the "newly initialized: score.weight" report is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=dtype, local_files_only=True
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # transformers' own pooling (other tools) refuses batches without it
+    return model.to(device)
+
+
+class RewardModelScorer:
+    """A reward model folder as a reward function: fn(prompts, completions, *, raw_prompts=None, **columns) -> floats.
+
+    Each completion is rendered with the reward model's own tokenizer and chat template from its raw prompt
+    (text or chat messages; the policy-rendered `prompts[i]` when no raw prompt is given), scored in batches
+    of `batch_size` without gradients, and returned as Python floats.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        batch_size: int = 64,
+        max_length: int | None = None,
+        dtype: str = "auto",
+        model: Any = None,
+        tokenizer: Any = None,
+    ):
+        """`model` / `tokenizer`: use these objects instead of loading them from `path`."""
+        self.path = Path(path)
+        self.__name__ = self.path.name
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.path)
+        if model is None:
+            model = load_reward_model(
+                self.path, self.device, resolve_dtype(dtype, self.device), pad_token_id=self.tokenizer.pad_token_id
+            )
+        self.model = model.to(self.device).eval().requires_grad_(False)
+
+    def __repr__(self) -> str:
+        return f"RewardModelScorer({str(self.path)!r})"
+
+    def texts(self, prompts: list[str], completions: list[str], raw_prompts: list[Any] | None = None) -> list[str]:
+        """The text the reward model reads for each completion."""
+        sources = raw_prompts if raw_prompts is not None else prompts
+        return [reward_model_text(self.tokenizer, p, c) for p, c in zip(sources, completions)]
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: list[str], completions: list[str], *, raw_prompts: list[Any] | None = None, **columns: Any
+    ) -> list[float]:
+        sources = raw_prompts if raw_prompts is not None else prompts
+        if len(sources) != len(completions):
+            raise ValueError(f"{len(completions)} completions but {len(sources)} prompts")
+        ids = [encode_text(self.tokenizer, p, c, self.max_length) for p, c in zip(sources, completions)]
+        pad_id = self.tokenizer.pad_token_id
+        side = getattr(self.tokenizer, "padding_side", "right")
+        rewards: list[float] = []
+        for start in range(0, len(ids), self.batch_size):
+            b_ids, b_mask = pad_batch(ids[start : start + self.batch_size], pad_id, side=side)  # (b, T)
+            rewards += sequence_rewards(self.model, b_ids.to(self.device), b_mask.to(self.device)).tolist()
+        return rewards
+
+
+@dataclass
+class RewardModelResult:
+    """What `train_reward_model` leaves behind."""
+
+    model_dir: Path
+    """The reward model in `save_pretrained` form (OUTPUT_DIR/model)."""
+    eval_accuracy: float | None
+    """Held-out pairwise accuracy: fraction of pairs with r_chosen > r_rejected (None without held-out pairs)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Final training and evaluation metrics (the last rows of metrics.jsonl)."""
+
+
+def reward_model_pairs(cfg: RewardModelConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train pairs, held-out pairs): from `train_data` / `eval_data`, or the built-in task's synthetic
+    labeler (`labeler_flaw` for training; held-out pairs from the eval split, always labeled cleanly)."""
+    if cfg.train_data is not None:
+        train = load_rows(cfg.train_data, field="train_data")
+        held_out = load_rows(cfg.eval_data, field="eval_data") if cfg.eval_data is not None else []
+    else:
+        from grpokit.tasks import get_task
+        from grpokit.tasks.preferences import preference_pairs
+
+        task = get_task(cfg.task, num_digits=cfg.task_num_digits)
+        train = preference_pairs(task, cfg.num_train_pairs, split="train", seed=cfg.seed, labeler_flaw=cfg.labeler_flaw)
+        held_out = preference_pairs(task, cfg.num_eval_pairs, split="eval", seed=cfg.seed, labeler_flaw="none")
+    return train, held_out[: cfg.num_eval_pairs]
+
+
+def _check_pairs(rows: list[dict[str, Any]], cfg: RewardModelConfig, source: str, *, margin: bool) -> None:
+    """Columns present and typed; the margin column only where it is used (training, not the accuracy)."""
+    margin_column = cfg.margin_column if margin else None
+    columns = [cfg.prompt_column, cfg.chosen_column, cfg.rejected_column]
+    check_columns(rows, columns + ([margin_column] if margin_column else []), source)
+    for i, row in enumerate(rows):
+        for name in (cfg.chosen_column, cfg.rejected_column):
+            if not isinstance(row[name], str):
+                raise DataError(f"{source}: row {i}: column {name!r} must be text, got {row[name]!r:.60}")
+        if margin_column:
+            m = row[margin_column]
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+                raise DataError(f"{source}: row {i}: column {margin_column!r} must be a finite number, got {m!r:.60}")
+
+
+def encode_pairs(
+    tokenizer: Any, rows: list[dict[str, Any]], cfg: RewardModelConfig, *, margin: bool
+) -> list[tuple[list[int], list[int], float]]:
+    """(chosen ids, rejected ids, margin) per pair; the margin is 0 unless `margin` and a margin column."""
+    max_length = cfg.max_prompt_length + cfg.max_completion_length
+    out = []
+    for row in rows:
+        prompt = row[cfg.prompt_column]
+        margin_value = float(row[cfg.margin_column]) if margin and cfg.margin_column else 0.0
+        chosen = encode_text(tokenizer, prompt, row[cfg.chosen_column], max_length)
+        rejected = encode_text(tokenizer, prompt, row[cfg.rejected_column], max_length)
+        out.append((chosen, rejected, margin_value))
+    return out
+
+
+def pair_rewards(
+    model: Any, batch: list[tuple[list[int], list[int], float]], pad_id: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (r_chosen (B,), r_rejected (B,), margin (B,)): both sides of every pair in one forward pass."""
+    ids, mask = pad_batch([c for c, _, _ in batch] + [r for _, r, _ in batch], pad_id, side=side)  # (2B, T)
+    rewards = sequence_rewards(model, ids.to(model.device), mask.to(model.device))  # (2B,)
+    margin = torch.tensor([m for _, _, m in batch], dtype=torch.float32, device=rewards.device)  # (B,)
+    return rewards[: len(batch)], rewards[len(batch) :], margin
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model: Any,
+    tokenizer: Any,
+    examples: list[tuple[list[int], list[int], float]],
+    *,
+    batch_size: int = 64,
+    kinds: list[str] | None = None,
+) -> dict[str, float]:
+    """Held-out pairwise accuracy (r_chosen > r_rejected; a tie counts as wrong), the mean loss, the mean
+    rewards, and the accuracy per `kinds` entry when given (one label per pair)."""
+    was_training = model.training
+    model.eval()
+    r_c, r_r = [], []
+    side = getattr(tokenizer, "padding_side", "right")
+    for start in range(0, len(examples), batch_size):
+        c, r, _ = pair_rewards(model, examples[start : start + batch_size], tokenizer.pad_token_id, side)
+        r_c.append(c)
+        r_r.append(r)
+    model.train(was_training)
+    chosen, rejected = torch.cat(r_c), torch.cat(r_r)  # (N,), (N,)
+    correct = chosen > rejected  # (N,)
+    metrics = {
+        "eval/pairwise_accuracy": correct.float().mean().item(),
+        "eval/loss": bradley_terry_loss(chosen, rejected).item(),
+        "eval/reward_chosen": chosen.mean().item(),
+        "eval/reward_rejected": rejected.mean().item(),
+    }
+    for kind in sorted(set(kinds or [])):
+        picked = torch.tensor([k == kind for k in kinds])
+        metrics[f"eval/pairwise_accuracy/{kind}"] = correct[picked].float().mean().item()
+    return metrics
+
+
+def train_reward_model(
+    cfg: RewardModelConfig,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    train_pairs: list[dict[str, Any]] | None = None,
+    eval_pairs: list[dict[str, Any]] | None = None,
+) -> RewardModelResult:
+    """Bradley-Terry training of a one-output sequence classifier; saves it to OUTPUT_DIR/model.
+
+    Pairs come from `train_pairs` / `eval_pairs`, else from the config (`reward_model_pairs`); they are
+    checked before any model is loaded. `model`, when given, must be a sequence classifier with one
+    output. Without held-out pairs, `eval_accuracy` is None.
+    """
+    from tqdm.auto import tqdm
+
+    cfg.validate(model_given=model is not None)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if train_pairs is None or eval_pairs is None:
+        loaded_train, loaded_eval = reward_model_pairs(cfg)
+        train_pairs = loaded_train if train_pairs is None else train_pairs
+        eval_pairs = loaded_eval if eval_pairs is None else eval_pairs
+    _check_pairs(train_pairs, cfg, "reward-model train data", margin=True)
+    _check_pairs(eval_pairs, cfg, "reward-model eval data", margin=False)
+
+    device = resolve_device(cfg.device)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is None:
+        model = load_reward_model(
+            cfg.model, device, resolve_dtype(cfg.dtype, device), pad_token_id=tokenizer.pad_token_id
+        )
+    model.to(device).train()
+    train_examples = encode_pairs(tokenizer, train_pairs, cfg, margin=True)
+    eval_examples = encode_pairs(tokenizer, eval_pairs, cfg, margin=False)
+    eval_kinds = [row["kind"] for row in eval_pairs] if eval_pairs and "kind" in eval_pairs[0] else None
+
+    optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    log = RunLog(out, tensorboard=False)
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    side = getattr(tokenizer, "padding_side", "right")
+    metrics: dict[str, float] = {}
+    bar = tqdm(range(1, cfg.max_steps + 1), desc="reward-model", disable=not cfg.progress, dynamic_ncols=True)
+    for step in bar:
+        b_idx = []
+        while len(b_idx) < cfg.batch_size:  # a seeded shuffle of the pairs, epoch after epoch
+            if not order:
+                order = list(range(len(train_examples)))
+                rng.shuffle(order)
+            b_idx.append(order.pop())
+        b_chosen, b_rejected, b_margin = pair_rewards(
+            model, [train_examples[i] for i in b_idx], tokenizer.pad_token_id, side
+        )
+        loss = bradley_terry_loss(
+            b_chosen,
+            b_rejected,
+            margin=b_margin if cfg.margin_column else None,
+            center_coefficient=cfg.center_rewards_coefficient,
+        )
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == cfg.max_steps:
+            metrics = {
+                "loss": loss.item(),
+                "accuracy": (b_chosen > b_rejected).float().mean().item(),
+                "reward_chosen": b_chosen.mean().item(),
+                "reward_rejected": b_rejected.mean().item(),
+                "grad_norm": float(grad_norm),
+                "lr": lr,
+            }
+            log.log(step, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+
+    eval_accuracy = None
+    if eval_examples:
+        eval_metrics = evaluate_pairs(model, tokenizer, eval_examples, batch_size=cfg.batch_size, kinds=eval_kinds)
+        log.log(cfg.max_steps, eval_metrics)
+        metrics = {**metrics, **eval_metrics}
+        eval_accuracy = eval_metrics["eval/pairwise_accuracy"]
+    log.close()
+    model_dir = save_model(model, tokenizer, out / "model")
+    return RewardModelResult(model_dir=model_dir, eval_accuracy=eval_accuracy, metrics=metrics)
