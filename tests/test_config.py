@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grpokit.config import ConfigError, GRPOConfig, SFTConfig, from_dict, load_yaml
+from grpokit.config import ConfigError, GRPOConfig, LoRAConfig, SFTConfig, from_dict, load_yaml
 
 
 def grpo(**overrides) -> GRPOConfig:
@@ -29,6 +29,8 @@ def grpo(**overrides) -> GRPOConfig:
         ({"learning_rate": "fast"}, "learning_rate", "expects float"),
         ({"beta": -0.1}, "beta", "must be >= 0"),
         ({"task": "sorting"}, "task", "known tasks: ['addition']"),
+        ({"ref_sync_every": 10}, "ref_sync_every", "needs beta > 0"),
+        ({"lora": LoRAConfig(save="adapter")}, "lora.save", "no adapter to save"),
     ],
 )
 def test_bad_grpo_field_is_named(overrides, field, detail):

@@ -244,6 +244,16 @@ class GRPOConfig(RunConfig):
         _require(self.ref_sync_every >= 0, "ref_sync_every", "must be >= 0")
         _require(0.0 <= self.ref_sync_alpha <= 1.0, "ref_sync_alpha", "must be in [0, 1]")
         _require(
+            not (self.ref_sync_every and self.beta == 0),
+            "ref_sync_every",
+            "needs beta > 0: with beta = 0 there is no reference model to sync",
+        )
+        _require(
+            not (self.lora.save == "adapter" and self.lora.r == 0),
+            "lora.save",
+            "is `adapter` but lora.r = 0: there is no adapter to save",
+        )
+        _require(
             not (self.ref_sync_every and self.lora.r),
             "ref_sync_every",
             "cannot be used with LoRA: the reference is the base model with adapters off, not a copy",
