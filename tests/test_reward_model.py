@@ -234,8 +234,9 @@ def test_build_reward_funcs_turns_a_folder_into_a_scorer(rm_path, tmp_path):
         task=AdditionTask(2),
         reward_model_batch_size=7,
     )
-    assert (name, gold_name) == ("addition_rm", "accuracy")
-    assert isinstance(fn, RewardModelScorer) and fn.batch_size == 7 and fn.__name__ == "addition_rm"
+    logged = f"{rm_path.parent.name}/addition_rm"  # the run folder too: every saved RM is RUN/model
+    assert (name, gold_name) == (logged, "accuracy")
+    assert isinstance(fn, RewardModelScorer) and fn.batch_size == 7 and fn.__name__ == logged
     with pytest.raises(ValueError, match="not a reward-model folder"):
         build_reward_funcs([str(tmp_path / "missing")], format_pattern=".*", max_completion_length=8, overlong_buffer=2)
 
@@ -253,6 +254,16 @@ def test_pairs_missing_a_column_name_it_and_the_row(tmp_path):
     path.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": 3}))
     with pytest.raises(DataError, match=r"row 0: column 'rejected' must be text"):
         train_reward_model(cfg)
+
+
+def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path):
+    tokenizer = build_char_tokenizer()
+    with pytest.raises(ValueError, match=r"one output \(num_labels=1\).*LlamaForCausalLM"):
+        train_reward_model(
+            rm_config(tmp_path, "", num_train_pairs=8, num_eval_pairs=4),
+            model=tiny_model(tokenizer, "llama", hidden_size=HIDDEN),
+            tokenizer=tokenizer,
+        )
 
 
 def test_jsonl_pairs_with_margin_train_deterministically(tmp_path, causal_lm_path):
@@ -324,6 +335,16 @@ def test_reward_model_reaches_90_percent_from_an_sft_model(tmp_path):
         progress=False,
     )
     sft_model = train_sft(sft_cfg, model=tiny_model(tokenizer, "llama", hidden_size=128, seed=0), tokenizer=tokenizer)
-    cfg = rm_config(tmp_path, sft_model, num_train_pairs=20000, num_eval_pairs=1000, max_steps=1000)
+    cfg = rm_config(
+        tmp_path,
+        sft_model,
+        num_train_pairs=20000,
+        num_eval_pairs=1000,
+        max_steps=700,
+        batch_size=32,
+        learning_rate=5e-4,
+        center_rewards_coefficient=0.01,
+    )
     result = train_reward_model(cfg)
+    # measured 0.964 here (seed 0); 0.964, 0.981, 0.951 at seeds 1-3. Without centering: 0.90-0.95.
     assert result.eval_accuracy >= 0.9, result.metrics

@@ -13,7 +13,8 @@ USAGE = """usage: grpokit {init,sft,reward-model,train,eval,demo} [CONFIG.yaml] 
   sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
   reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
   eval          held-out accuracy, greedy and sampled grpokit eval --model runs/grpo/model
-  demo          SFT on a flawed teacher, then GRPO: the whole story in ~3 minutes on a CPU
+  demo          SFT on a flawed teacher, then GRPO: better than the teacher in ~1 minute on a CPU
+                (--pipeline: a flawed reward model gets exploited, the monitor says so; gold GRPO beside it)
 
 `grpokit COMMAND --help` lists every field of that command's config."""
 

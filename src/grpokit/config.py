@@ -302,7 +302,7 @@ class RewardModelConfig(RunConfig):
     """Column with the dispreferred completion of each pair."""
     margin_column: str | None = None
     """Optional column with a per-pair margin m: the loss becomes -log sigmoid(r_chosen - r_rejected - m)."""
-    center_rewards_coefficient: float = 0.0
+    center_rewards_coefficient: float = 0.01
     """Adds coef * mean((r_chosen + r_rejected)^2), which keeps rewards centred on 0 (Eisenstein et al. 2023)."""
     labeler_flaw: Literal["none", "longer"] = "none"
     """Built-in task only: the synthetic labeler's systematic flaw (`longer`: between two answers of different
@@ -311,11 +311,11 @@ class RewardModelConfig(RunConfig):
     """Built-in task only: preference pairs drawn for training."""
     num_eval_pairs: int = 1000
     """Held-out pairs for the pairwise accuracy (built-in task: labeled by a flawless labeler)."""
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     """Peak AdamW learning rate."""
     max_steps: int = 500
     """Optimizer steps."""
-    batch_size: int = 64
+    batch_size: int = 32
     """Pairs per optimizer step."""
     warmup_steps: int = 20
     """Optimizer steps of linear warm-up."""

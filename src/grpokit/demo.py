@@ -130,6 +130,10 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
             task="addition",
             task_num_digits=cfg.num_digits,
             labeler_flaw="longer",
+            # the flawed model only has to learn the labeler's length preference: the quicker recipe
+            learning_rate=1e-3,
+            batch_size=64,
+            center_rewards_coefficient=0.0,
             max_steps=cfg.reward_model_steps,
             seed=cfg.seed,
             device=cfg.device,

@@ -88,12 +88,25 @@ def reward_model_text(tokenizer: Any, prompt: str | list[dict[str, str]], comple
     return render_prompt(tokenizer, prompt) + completion + tokenizer.eos_token
 
 
-def encode_text(tokenizer: Any, prompt: Any, completion: str, max_length: int | None = None) -> list[int]:
-    """Token ids of `reward_model_text`; an over-long row keeps its LAST tokens (the answer and its EOS).
+def encode_texts(
+    tokenizer: Any, prompts: list[Any], completions: list[str], max_length: int | None = None
+) -> list[list[int]]:
+    """Token ids of each `reward_model_text`; an over-long row keeps its LAST tokens (the answer and its EOS).
     A chat template already holds any BOS, so it gets no special tokens added."""
-    ids = tokenizer(reward_model_text(tokenizer, prompt, completion), add_special_tokens=isinstance(prompt, str))
-    ids = list(ids["input_ids"])
-    return ids[-max_length:] if max_length is not None else ids
+    texts = [reward_model_text(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    out: list[list[int]] = [[] for _ in texts]
+    for plain in (True, False):  # one batched tokenizer call per setting of add_special_tokens
+        rows = [i for i, p in enumerate(prompts) if isinstance(p, str) == plain]
+        if rows:
+            encoded = tokenizer([texts[i] for i in rows], add_special_tokens=plain)["input_ids"]
+            for i, ids in zip(rows, encoded):
+                out[i] = list(ids)[-max_length:] if max_length is not None else list(ids)
+    return out
+
+
+def encode_text(tokenizer: Any, prompt: Any, completion: str, max_length: int | None = None) -> list[int]:
+    """`encode_texts` of one completion."""
+    return encode_texts(tokenizer, [prompt], [completion], max_length)[0]
 
 
 def load_reward_model(path: str | Path, device: Any, dtype: torch.dtype, *, pad_token_id: int | None = None) -> Any:
@@ -104,14 +117,18 @@ def load_reward_model(path: str | Path, device: Any, dtype: torch.dtype, *, pad_
 
     if not Path(path).exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist (only local paths load)")
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the "newly initialized: score.weight" report is expected here
+    # The "newly initialized: score.weight" report is expected here, and the loading bar is noise.
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=1, dtype=dtype, local_files_only=True
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # transformers' own pooling (other tools) refuses batches without it
     return model.to(device)
@@ -138,7 +155,8 @@ class RewardModelScorer:
     ):
         """`model` / `tokenizer`: use these objects instead of loading them from `path`."""
         self.path = Path(path)
-        self.__name__ = self.path.name
+        # `train_reward_model` always saves to RUN/model, so the run's folder is what tells scorers apart
+        self.__name__ = f"{self.path.parent.name}/{self.path.name}"
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.max_length = max_length
@@ -164,7 +182,7 @@ class RewardModelScorer:
         sources = raw_prompts if raw_prompts is not None else prompts
         if len(sources) != len(completions):
             raise ValueError(f"{len(completions)} completions but {len(sources)} prompts")
-        ids = [encode_text(self.tokenizer, p, c, self.max_length) for p, c in zip(sources, completions)]
+        ids = encode_texts(self.tokenizer, list(sources), list(completions), self.max_length)
         pad_id = self.tokenizer.pad_token_id
         side = getattr(self.tokenizer, "padding_side", "right")
         rewards: list[float] = []
@@ -222,14 +240,11 @@ def encode_pairs(
 ) -> list[tuple[list[int], list[int], float]]:
     """(chosen ids, rejected ids, margin) per pair; the margin is 0 unless `margin` and a margin column."""
     max_length = cfg.max_prompt_length + cfg.max_completion_length
-    out = []
-    for row in rows:
-        prompt = row[cfg.prompt_column]
-        margin_value = float(row[cfg.margin_column]) if margin and cfg.margin_column else 0.0
-        chosen = encode_text(tokenizer, prompt, row[cfg.chosen_column], max_length)
-        rejected = encode_text(tokenizer, prompt, row[cfg.rejected_column], max_length)
-        out.append((chosen, rejected, margin_value))
-    return out
+    prompts = [row[cfg.prompt_column] for row in rows]
+    chosen = encode_texts(tokenizer, prompts, [row[cfg.chosen_column] for row in rows], max_length)
+    rejected = encode_texts(tokenizer, prompts, [row[cfg.rejected_column] for row in rows], max_length)
+    margins = [float(row[cfg.margin_column]) if margin and cfg.margin_column else 0.0 for row in rows]
+    return list(zip(chosen, rejected, margins))
 
 
 def pair_rewards(
@@ -299,6 +314,8 @@ def train_reward_model(
         loaded_train, loaded_eval = reward_model_pairs(cfg)
         train_pairs = loaded_train if train_pairs is None else train_pairs
         eval_pairs = loaded_eval if eval_pairs is None else eval_pairs
+    if not train_pairs:
+        raise DataError("reward-model train data holds no pairs")
     _check_pairs(train_pairs, cfg, "reward-model train data", margin=True)
     _check_pairs(eval_pairs, cfg, "reward-model eval data", margin=False)
 
@@ -310,10 +327,16 @@ def train_reward_model(
         model = load_reward_model(
             cfg.model, device, resolve_dtype(cfg.dtype, device), pad_token_id=tokenizer.pad_token_id
         )
+    if getattr(model.config, "num_labels", None) != 1:
+        raise ValueError(
+            f"the reward model must be a sequence classifier with one output (num_labels=1), got "
+            f"{type(model).__name__} with num_labels={getattr(model.config, 'num_labels', None)}; "
+            "load one with grpokit.reward_model.load_reward_model"
+        )
     model.to(device).train()
     train_examples = encode_pairs(tokenizer, train_pairs, cfg, margin=True)
     eval_examples = encode_pairs(tokenizer, eval_pairs, cfg, margin=False)
-    eval_kinds = [row["kind"] for row in eval_pairs] if eval_pairs and "kind" in eval_pairs[0] else None
+    eval_kinds = [row["kind"] for row in eval_pairs] if all("kind" in row for row in eval_pairs) else None
 
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
     out = Path(cfg.output_dir)
