@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one intra-op thread, and far faster when another process shares the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

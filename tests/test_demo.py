@@ -12,6 +12,12 @@ from grpokit.config import DemoConfig
 from grpokit.demo import run_demo
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Overrides conftest's: the demos are big enough to use both cores, unlike the tiny-model tests."""
+    yield
+
+
 @pytest.mark.slow
 def test_demo_grpo_beats_sft_and_teacher_on_held_out_problems(tmp_path):
     table = run_demo(DemoConfig(output_dir=str(tmp_path), progress=False))
@@ -28,3 +34,19 @@ def test_demo_grpo_beats_sft_and_teacher_on_held_out_problems(tmp_path):
     ]
     assert sum(rewards[-10:]) / 10 > sum(rewards[:10]) / 10 + 0.2
     assert (tmp_path / "grpo" / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_pipeline_reward_hacking_is_caught_and_gold_grpo_is_not_flagged(tmp_path):
+    """The pipeline demo: GRPO against the verbosity-biased reward model raises its proxy reward while gold
+    accuracy falls, and the hacking monitor fires; GRPO against the gold checker improves, monitor quiet."""
+    from grpokit.demo import run_pipeline
+
+    table = run_pipeline(DemoConfig(output_dir=str(tmp_path), progress=False))
+    hacked, gold = table["reward model"], table["gold checker"]
+    assert hacked["hacking_fired"] and not gold["hacking_fired"]
+    assert hacked["proxy_end"] > hacked["proxy_start"] + 1.0  # the proxy reward climbs ...
+    assert hacked["gold_end"] < hacked["gold_start"] - 0.2  # ... while gold accuracy falls
+    assert hacked["length_end"] > hacked["length_start"] + 1.0  # by writing longer answers
+    assert gold["heldout_end"] >= gold["heldout_start"] + 0.25
+    assert (tmp_path / "pipeline.png").stat().st_size > 10_000

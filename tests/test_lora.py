@@ -19,15 +19,6 @@ from grpokit.trainer import GRPOTrainer
 R = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster when another process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base_path(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2")

@@ -35,15 +35,6 @@ HIDDEN = 32
 REVERSED_CHARS = DEFAULT_CHARS[::-1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster when another process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def save_causal_lm(path: Path, tokenizer, hidden_size: int = HIDDEN, seed: int = 0) -> Path:
     return save_model(tiny_model(tokenizer, "llama", hidden_size=hidden_size, seed=seed), tokenizer, path)
 
@@ -348,3 +339,35 @@ def test_reward_model_reaches_90_percent_from_an_sft_model(tmp_path):
     result = train_reward_model(cfg)
     # measured 0.964 here (seed 0); 0.964, 0.981, 0.951 at seeds 1-3. Without centering: 0.90-0.95.
     assert result.eval_accuracy >= 0.9, result.metrics
+
+
+def test_reward_model_and_rule_reward_combined_advantages_both_modes(rm_path):
+    """A reward model beside a rule reward that returns None once, weights (0.5, 2): the advantages of both
+    aggregation modes, computed here by hand from the scores with plain Python."""
+    from statistics import fmean, stdev
+
+    from grpokit import algo
+
+    def rule(prompts, completions, **_):  # 1 for a 3-digit answer, no opinion on "077"
+        return [None if c == "077" else float(len(c) == 3) for c in completions]
+
+    scorer = RewardModelScorer(rm_path, batch_size=3)
+    completions = ["132", "077", "122", "1322"]
+    rewards = score([("rm", scorer), ("rule", rule)], ["47+85="] * 4, completions, {})  # (4, 2)
+    s = [float(v) for v in rewards[:, 0]]
+    assert len(set(s)) == 4 and rewards[1, 1].isnan()
+    w = torch.tensor([0.5, 2.0])
+    eps = algo.ADV_EPS
+
+    totals = [0.5 * s[0] + 2.0, 0.5 * s[1], 0.5 * s[2] + 2.0, 0.5 * s[3]]  # None: that term is absent
+    expected_sum = [(t - fmean(totals)) / (stdev(totals) + eps) for t in totals]
+    got = algo.multi_reward_advantages(rewards, w, group_size=4, scale="group", aggregation="sum_then_normalize")
+    torch.testing.assert_close(got, torch.tensor(expected_sum), rtol=1e-5, atol=1e-5)
+
+    rm_adv = [(v - fmean(s)) / (stdev(s) + eps) for v in s]
+    rule_seen = {0: 1.0, 2: 1.0, 3: 0.0}  # row 1 returned None: left out of the rule's group statistics
+    mean, std = fmean(rule_seen.values()), stdev(rule_seen.values())
+    rule_adv = [(rule_seen[i] - mean) / (std + eps) if i in rule_seen else 0.0 for i in range(4)]
+    expected_norm = [0.5 * a + 2.0 * b for a, b in zip(rm_adv, rule_adv)]
+    got = algo.multi_reward_advantages(rewards, w, group_size=4, scale="group", aggregation="normalize_then_sum")
+    torch.testing.assert_close(got, torch.tensor(expected_norm), rtol=1e-5, atol=1e-5)

@@ -42,15 +42,6 @@ STEP_KEYS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster when another process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def digit_share(prompts, completions, **_):
     """A graded reward that (almost) always differs inside a group, so advantages and gradients are not 0."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.05 * len(c) for c in completions]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from grpokit.checkpoint import save_model
-from grpokit.config import RewardModelConfig, save_yaml
+from grpokit.config import RewardModelConfig
 from grpokit.data import DataError, check_columns, load_rows, pad_batch, render_prompt
 from grpokit.modeling import load_tokenizer, position_ids_from_mask, resolve_device, resolve_dtype
 from grpokit.optim import build_optimizer
@@ -340,9 +340,7 @@ def train_reward_model(
 
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
-    log = RunLog(out, tensorboard=False)
+    log = RunLog(out, tensorboard=False, config=cfg)
     rng = random.Random(cfg.seed)
     order: list[int] = []
     side = getattr(tokenizer, "padding_side", "right")

@@ -24,9 +24,14 @@ PLOT_PANELS = (
 class RunLog:
     """Appends one JSON row per step; mirrors scalars to TensorBoard."""
 
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True):
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, config: Any = None):
+        """Creates the run directory; `config` (a dataclass) is written to config.yaml, resolved."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            from grpokit.config import save_yaml
+
+            save_yaml(config, self.dir / "config.yaml")
         self.metrics_path = self.dir / "metrics.jsonl"
         self.completions_path = self.dir / "completions.jsonl"
         self.metrics_path.write_text("")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from grpokit.checkpoint import save_model
-from grpokit.config import SFTConfig, save_yaml
+from grpokit.config import SFTConfig
 from grpokit.data import check_columns, encode_prompts, load_rows, pad_batch
 from grpokit.modeling import completion_logprobs, load_model, load_tokenizer, resolve_device, resolve_dtype
 from grpokit.optim import build_optimizer
@@ -85,9 +85,7 @@ def train_sft(
     examples = encode_examples(tokenizer, rows, cfg)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
-    log = RunLog(out, tensorboard=False)
+    log = RunLog(out, tensorboard=False, config=cfg)
     rng = random.Random(cfg.seed)
     bar = tqdm(range(1, cfg.max_steps + 1), desc="sft", disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:

@@ -28,7 +28,7 @@ import torch
 
 from grpokit import algo
 from grpokit.checkpoint import save_model
-from grpokit.config import ConfigError, GRPOConfig, save_yaml
+from grpokit.config import ConfigError, GRPOConfig
 from grpokit.data import check_columns, encode_prompts, load_rows
 from grpokit.evaluate import accuracy, decode_completions
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
@@ -410,9 +410,7 @@ class GRPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, self.output_dir / "config.yaml")
-        self.log = RunLog(self.output_dir, tensorboard=cfg.tensorboard)
+        self.log = RunLog(self.output_dir, tensorboard=cfg.tensorboard, config=cfg)
         eval_history = []
         if result := self.evaluate():
             eval_history.append({"step": 0, **result})
