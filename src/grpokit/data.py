@@ -7,6 +7,7 @@ along to the reward functions untouched.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,3 +99,19 @@ def pad_batch(seqs: list[list[int]], pad_id: int, *, side: str) -> tuple[torch.T
         ids[i, span] = torch.tensor(s, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
+
+
+class ShuffledEpochs:
+    """Indices of a seeded shuffle of range(n), reshuffled whenever an epoch runs out."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.rng, self.order = n, random.Random(seed), []
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if not self.order:
+                self.order = list(range(self.n))
+                self.rng.shuffle(self.order)
+            out.append(self.order.pop())
+        return out

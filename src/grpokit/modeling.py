@@ -70,6 +70,11 @@ def load_tokenizer(path):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer):
+    """Base checkpoints often have no pad token; pad with EOS (padding is always masked out)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

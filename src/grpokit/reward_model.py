@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from grpokit.checkpoint import save_model
 from grpokit.config import RewardModelConfig
-from grpokit.data import DataError, check_columns, load_rows, pad_batch, render_prompt
-from grpokit.modeling import load_tokenizer, position_ids_from_mask, resolve_device, resolve_dtype
+from grpokit.data import DataError, ShuffledEpochs, check_columns, load_rows, pad_batch, render_prompt
+from grpokit.modeling import ensure_pad_token, load_tokenizer, position_ids_from_mask, resolve_device, resolve_dtype
 from grpokit.optim import build_optimizer
 from grpokit.runlog import RunLog
 
@@ -320,9 +320,7 @@ def train_reward_model(
     _check_pairs(eval_pairs, cfg, "reward-model eval data", margin=False)
 
     device = resolve_device(cfg.device)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
     if model is None:
         model = load_reward_model(
             cfg.model, device, resolve_dtype(cfg.dtype, device), pad_token_id=tokenizer.pad_token_id
@@ -341,18 +339,12 @@ def train_reward_model(
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
     out = Path(cfg.output_dir)
     log = RunLog(out, tensorboard=False, config=cfg)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
+    pair_order = ShuffledEpochs(len(train_examples), cfg.seed)
     side = getattr(tokenizer, "padding_side", "right")
     metrics: dict[str, float] = {}
     bar = tqdm(range(1, cfg.max_steps + 1), desc="reward-model", disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
-        b_idx = []
-        while len(b_idx) < cfg.batch_size:  # a seeded shuffle of the pairs, epoch after epoch
-            if not order:
-                order = list(range(len(train_examples)))
-                rng.shuffle(order)
-            b_idx.append(order.pop())
+        b_idx = pair_order.take(cfg.batch_size)
         b_chosen, b_rejected, b_margin = pair_rewards(
             model, [train_examples[i] for i in b_idx], tokenizer.pad_token_id, side
         )

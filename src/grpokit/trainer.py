@@ -29,10 +29,17 @@ import torch
 from grpokit import algo
 from grpokit.checkpoint import save_model
 from grpokit.config import ConfigError, GRPOConfig
-from grpokit.data import check_columns, encode_prompts, load_rows
+from grpokit.data import ShuffledEpochs, check_columns, encode_prompts, load_rows
 from grpokit.evaluate import accuracy, decode_completions
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
-from grpokit.modeling import completion_logprobs, load_model, load_tokenizer, resolve_device, resolve_dtype
+from grpokit.modeling import (
+    completion_logprobs,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.optim import build_optimizer
 from grpokit.rewards import RewardFn, build_reward_funcs, exact_match, score
@@ -103,9 +110,7 @@ class GRPOTrainer:
         if "accuracy" in [name for name, _ in self.reward_funcs + self.gold_funcs]:
             check_columns(self.train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
 
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-        if self.tokenizer.pad_token_id is None:  # common for base checkpoints; pad is always masked out
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
         self.model = (model if model is not None else load_model(cfg.model, self.device, dtype)).to(self.device)
         if cfg.lora.r > 0:  # before the optimizer is built, so AdamW holds state for the adapters only
             self.model = apply_lora(self.model, cfg.lora)
@@ -129,8 +134,7 @@ class GRPOTrainer:
         )
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self._order: list[int] = []
-        self._data_rng = random.Random(cfg.seed)
+        self._prompt_order = ShuffledEpochs(len(self.train_rows), cfg.seed)
         self.monitor = SignalMonitor(long_window=cfg.monitor_window)
         self.output_dir = Path(cfg.output_dir)
         self.log: RunLog | None = None
@@ -156,13 +160,7 @@ class GRPOTrainer:
 
     def _next_rows(self) -> list[dict[str, Any]]:
         """P rows, walking a seeded shuffle of the training set epoch after epoch."""
-        rows = []
-        while len(rows) < self.cfg.prompts_per_step:
-            if not self._order:
-                self._order = list(range(len(self.train_rows)))
-                self._data_rng.shuffle(self._order)
-            rows.append(self.train_rows[self._order.pop()])
-        return rows
+        return [self.train_rows[i] for i in self._prompt_order.take(self.cfg.prompts_per_step)]
 
     # ---------------------------------------------------------------- one step
     def step(self, rows: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
