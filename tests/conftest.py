@@ -39,3 +39,11 @@ def tiny_qwen2(char_tokenizer):
 def addition_task():
     """Two-digit addition with a demonstrator that forgets each carry half the time."""
     return AdditionTask(num_digits=2, forget_carry=0.5)
+
+
+@pytest.fixture(scope="module")
+def qwen2_path(tmp_path_factory):
+    """A tiny Qwen2 and the char tokenizer saved in `save_pretrained` form (hidden 32), per test module."""
+    from helpers import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2")

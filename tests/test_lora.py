@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import capture_rollouts, config, save_tiny, step_rows, with_digit_share
+from helpers import RecordingSampler, config, save_tiny, step_rows, with_digit_share
 from transformers import AutoModelForCausalLM
 
 from grpokit.config import ConfigError, GRPOConfig, LoRAConfig, from_dict
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
+from grpokit.policy import Policy
 from grpokit.trainer import GRPOTrainer
 
 R = 4
@@ -42,13 +43,13 @@ def trained(base_path, tmp_path_factory):
     """A LoRA trainer (beta > 0) after 2 GRPO steps, the rollouts it sampled, its metrics and its weights before."""
     threads = torch.get_num_threads()  # module fixtures run before the autouse one_thread
     torch.set_num_threads(1)
-    trainer = GRPOTrainer(lora_config(base_path, tmp_path_factory.mktemp("run")), reward_funcs=with_digit_share())
-    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    with pytest.MonkeyPatch.context() as mp:
-        rollouts = capture_rollouts(mp)
-        metrics = [trainer.step(trainer._next_rows())[0] for _ in range(2)]
+    sampler = RecordingSampler()
+    cfg = lora_config(base_path, tmp_path_factory.mktemp("run"))
+    trainer = GRPOTrainer(cfg, reward_funcs=with_digit_share(), sampler=sampler)
+    before = {name: p.detach().clone() for name, p in trainer.policy.model.named_parameters()}
+    metrics = [trainer.step()[0] for _ in range(2)]
     torch.set_num_threads(threads)
-    return trainer, rollouts, metrics, before
+    return trainer, sampler.rollouts, metrics, before
 
 
 def parameter_storages(trainer: GRPOTrainer) -> dict[int, int]:
@@ -67,9 +68,9 @@ def parameter_storages(trainer: GRPOTrainer) -> dict[int, int]:
             for v in value.values():
                 visit(v, depth + 1)
 
-    for value in vars(trainer).values():
+    for value in [*vars(trainer).values(), *vars(trainer.policy).values(), *vars(trainer.sampler).values()]:
         visit(value)
-    for group in trainer.optimizer.param_groups:
+    for group in trainer.policy.optimizer.param_groups:
         for p in group["params"]:
             found.update(storage_of(p))
     return found
@@ -95,13 +96,13 @@ def test_lora_with_beta_allocates_no_second_model(tmp_path, base_path):
     assert adapted and adapter_count < base_count / 2
 
     lora = GRPOTrainer(lora_config(base_path, tmp_path / "lora"))
-    assert lora.cfg.beta > 0 and lora.ref_model is None
+    assert lora.cfg.beta > 0 and lora.policy.ref_model is None
     reachable = parameter_storages(lora)
-    assert reachable == own_storages(lora.model)  # nothing the trainer holds is outside the policy
+    assert reachable == own_storages(lora.policy.model)  # nothing the trainer holds is outside the policy
     assert sum(reachable.values()) == base_count + adapter_count
 
     full = GRPOTrainer(config(base_path, tmp_path / "full", beta=0.1))
-    assert full.ref_model is not None
+    assert full.policy.ref_model is not None
     assert sum(parameter_storages(full).values()) == 2 * base_count  # the frozen copy
 
 
@@ -110,25 +111,30 @@ def test_lora_with_beta_allocates_no_second_model(tmp_path, base_path):
 
 def test_disabled_adapters_give_exactly_the_base_logprobs(trained, base_path):
     trainer, rollouts, metrics, _ = trained
-    lora_b = [p for name, p in trainer.model.named_parameters() if ".lora_B." in name]
+    lora_b = [p for name, p in trainer.policy.model.named_parameters() if ".lora_B." in name]
     assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # B starts at 0: the adapters are really on now
     assert metrics[0]["kl"] == 0.0  # B = 0 at step 1: the policy is the base
     assert metrics[1]["kl"] > 0
 
     base = load_base(base_path)
+    base_policy = Policy(
+        base, trainer.cfg, total_steps=1, device=torch.device("cpu"), temperature=trainer.cfg.temperature
+    )
+    trainer.policy.model.train()
     for rollout in (rollouts[0], rollouts[-1]):
-        ref_logp = trainer._reference_logprobs(rollout)  # (N, Tc)
-        base_logp = trainer._logprobs_no_grad(base, rollout)  # (N, Tc)
+        n = rollout.num_sequences
+        ref_logp = trainer.policy.reference_logprobs(rollout, n)  # (N, Tc)
+        base_logp = base_policy.logprobs(rollout, n)  # (N, Tc)
         assert torch.equal(ref_logp, base_logp)
-        policy_logp = trainer._logprobs_no_grad(trainer.model, rollout)
+        policy_logp = trainer.policy.logprobs(rollout, n)
         assert (policy_logp - base_logp).abs().max() > 1e-4  # outside the block the adapters are back
-    assert trainer.model.training  # _reference_logprobs restored the mode it found
+    assert trainer.policy.model.training  # reference_logprobs restored the mode it found
 
 
 def test_adapters_disabled_only_inside_the_block(trained):
     trainer, rollouts, _, _ = trained
     x = rollouts[0].prompt_ids[:2]  # (2, Tp)
-    model = trainer.model.eval()
+    model = trainer.policy.model.eval()
     try:
         adapted = model(input_ids=x).logits
         with adapters_disabled(model):
@@ -146,7 +152,7 @@ def test_adapters_disabled_only_inside_the_block(trained):
 
 def test_training_changes_only_adapter_weights(trained):
     trainer, _, _, before = trained
-    after = dict(trainer.model.named_parameters())
+    after = dict(trainer.policy.model.named_parameters())
     base_names = [n for n in after if not is_adapter(n)]
     adapter_names = [n for n in after if is_adapter(n)]
     assert base_names and adapter_names
@@ -157,9 +163,9 @@ def test_training_changes_only_adapter_weights(trained):
     assert any(".lora_A." in n for n in changed) and any(".lora_B." in n for n in changed)
 
     adapter_ids = {id(after[n]) for n in adapter_names}
-    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    optimized = {id(p) for group in trainer.policy.optimizer.param_groups for p in group["params"]}
     assert optimized == adapter_ids
-    assert trainer.optimizer.state and {id(p) for p in trainer.optimizer.state} <= adapter_ids
+    assert trainer.policy.optimizer.state and {id(p) for p in trainer.policy.optimizer.state} <= adapter_ids
 
 
 def test_target_modules_select_the_adapted_layers(tmp_path, base_path):
@@ -182,17 +188,19 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 def test_merged_save_loads_as_a_plain_model_with_the_trained_logits(trained, tmp_path):
     trainer, rollouts, _, _ = trained
     ids = torch.cat([rollouts[-1].prompt_ids, rollouts[-1].completion_ids], dim=1)[:8]  # (8, Tp+Tc)
-    live = {n: p.detach().clone() for n, p in trainer.model.state_dict().items()}
-    expected = logits_of(trainer.model, ids)
-    path = save_policy(trainer.model, trainer.tokenizer, tmp_path / "merged", "merged")
-    trainer.model.train()
+    live = {n: p.detach().clone() for n, p in trainer.policy.model.state_dict().items()}
+    expected = logits_of(trainer.policy.model, ids)
+    path = save_policy(trainer.policy.model, trainer.tokenizer, tmp_path / "merged", "merged")
+    trainer.policy.model.train()
 
     assert not (path / "adapter_config.json").exists() and (path / "tokenizer_config.json").exists()
     loaded = AutoModelForCausalLM.from_pretrained(path)
     assert not uses_lora(loaded)
     assert not any("lora" in n or "base_layer" in n for n in loaded.state_dict())
     torch.testing.assert_close(logits_of(loaded, ids), expected, rtol=0, atol=1e-5)
-    assert all(torch.equal(v, live[n]) for n, v in trainer.model.state_dict().items())  # the live model untouched
+    assert all(
+        torch.equal(v, live[n]) for n, v in trainer.policy.model.state_dict().items()
+    )  # the live model untouched
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # inside peft
@@ -201,9 +209,9 @@ def test_adapter_save_loads_on_the_base_with_the_trained_logits(trained, tmp_pat
 
     trainer, rollouts, _, _ = trained
     ids = torch.cat([rollouts[-1].prompt_ids, rollouts[-1].completion_ids], dim=1)[:8]  # (8, Tp+Tc)
-    expected = logits_of(trainer.model, ids)
-    path = save_policy(trainer.model, trainer.tokenizer, tmp_path / "adapter", "adapter")
-    trainer.model.train()
+    expected = logits_of(trainer.policy.model, ids)
+    path = save_policy(trainer.policy.model, trainer.tokenizer, tmp_path / "adapter", "adapter")
+    trainer.policy.model.train()
 
     assert not (path / "model.safetensors").exists()  # the adapter alone, not the base weights
     assert (path / "adapter_model.safetensors").exists() and (path / "tokenizer_config.json").exists()
@@ -256,11 +264,11 @@ def test_sync_reference_on_hand_values():
 def test_a_run_syncs_the_reference_every_n_steps(tmp_path, base_path, sync_every):
     cfg = config(base_path, tmp_path / "run", max_steps=1, beta=0.1, ref_sync_every=sync_every, ref_sync_alpha=0.6)
     trainer = GRPOTrainer(cfg, reward_funcs=with_digit_share())
-    ref_before = {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
+    ref_before = {n: p.detach().clone() for n, p in trainer.policy.ref_model.named_parameters()}
     trainer.train()
     assert step_rows(tmp_path / "run")[0]["kl"] == 0.0
-    policy = dict(trainer.model.named_parameters())
-    ref = dict(trainer.ref_model.named_parameters())
+    policy = dict(trainer.policy.model.named_parameters())
+    ref = dict(trainer.policy.ref_model.named_parameters())
     assert any(not torch.equal(policy[n], ref_before[n]) for n in policy)  # the policy moved
     for name, value in ref.items():
         if sync_every == 0:

@@ -9,7 +9,7 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from grpokit.modeling import completion_logprobs
-from grpokit.rollout import SamplingParams, filter_logits, generate
+from grpokit.sampler import SamplingParams, filter_logits, generate
 
 PAD, EOS, BOS = 0, 1, 2
 CHARS = "0123456789+=abcdefghijklmnopq"  # 3 specials + 29 chars = vocab 32

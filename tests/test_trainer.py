@@ -13,109 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import HIDDEN, STEP_KEYS, RecordingSampler, config, read_jsonl, save_tiny, step_rows, with_digit_share
 
 import grpokit.algo
-from grpokit.config import ConfigError, GRPOConfig, SFTConfig
+from grpokit.config import ConfigError, SFTConfig
 from grpokit.data import DataError
 from grpokit.monitor import SignalMonitor
-from grpokit.rewards import RewardError, gold_reward
+from grpokit.rewards import RewardError
 from grpokit.sft import train_sft
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
 from grpokit.trainer import GRPOTrainer
-
-HIDDEN = 32
-STEP_KEYS = (
-    "reward/mean",
-    "reward/std",
-    "reward/accuracy",
-    "frac_zero_std_groups",
-    "entropy",
-    "completion_length",
-    "truncated_frac",
-    "clip_frac/low",
-    "clip_frac/high",
-    "grad_norm",
-    "lr",
-    "time/rollout",
-    "time/update",
-    "tokens_per_s",
-)
-
-
-def digit_share(prompts, completions, **_):
-    """A graded reward that (almost) always differs inside a group, so advantages and gradients are not 0."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.05 * len(c) for c in completions]
-
-
-def with_digit_share():
-    """`accuracy` (the task's gold checker) plus the graded reward."""
-    return [("accuracy", gold_reward(AdditionTask().is_correct)), ("digit_share", digit_share)]
-
-
-def save_tiny(path: Path, arch: str = "qwen2", *, pad_equals_eos: bool = False, seed: int = 0) -> Path:
-    tokenizer = build_char_tokenizer(pad_equals_eos=pad_equals_eos)
-    tiny_model(tokenizer, arch, hidden_size=HIDDEN, seed=seed).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def qwen2_path(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2")
-
-
-def config(model, out: Path, **overrides) -> GRPOConfig:
-    values = {
-        "model": str(model),
-        "output_dir": str(out),
-        "max_steps": 2,
-        "prompts_per_step": 2,
-        "num_generations": 4,
-        "max_completion_length": 8,
-        "num_train_prompts": 32,
-        "num_eval_prompts": 0,
-        "learning_rate": 1e-3,
-        "progress": False,
-        "tensorboard": False,
-        "seed": 0,
-    }
-    if "train_data" not in overrides:
-        values["task"] = "addition"
-    return GRPOConfig(**{**values, **overrides})
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def step_rows(out: Path) -> list[dict]:
-    return [r for r in read_jsonl(out / "metrics.jsonl") if "reward/mean" in r]
-
-
-def capture_rollouts(monkeypatch) -> list:
-    """Record every Rollout the trainer samples (grpokit.trainer.generate wrapped, behaviour unchanged)."""
-    import grpokit.trainer
-
-    seen, real = [], grpokit.trainer.generate
-
-    def recording(*args, **kwargs):
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(grpokit.trainer, "generate", recording)
-    return seen
-
-
-def forbid_loading(monkeypatch):
-    """Make any model or tokenizer load fail the test: the error must come before it."""
-    import grpokit.trainer
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("a model/tokenizer was loaded before the bad input was reported")
-
-    monkeypatch.setattr(grpokit.trainer, "load_model", no_load)
-    monkeypatch.setattr(grpokit.trainer, "load_tokenizer", no_load)
-
 
 # ---------------------------------------------------------------- a run from a saved checkpoint
 
@@ -156,7 +63,7 @@ def test_train_from_saved_checkpoint_writes_the_run(tmp_path, arch):
     final = loaded.state_dict()
     assert final.keys() == initial.keys()
     assert any(not torch.equal(final[k], initial[k]) for k in initial)
-    for name, value in trainer.model.state_dict().items():
+    for name, value in trainer.policy.model.state_dict().items():
         assert torch.equal(final[name], value), name  # what was saved is what was trained
 
     assert (out / "curves.png").stat().st_size > 0 and result.plot_path == out / "curves.png"
@@ -185,7 +92,7 @@ def test_tokenizer_loaded_from_a_model_folder_encodes_like_the_original(tmp_path
     assert trainer.tokenizer.padding_side == "left"
 
 
-def test_chat_messages_from_jsonl_use_the_chat_template(tmp_path, qwen2_path, monkeypatch):
+def test_chat_messages_from_jsonl_use_the_chat_template(tmp_path, qwen2_path):
     questions = ["12+34=", "50+07=", "99+01=", "23+45="]
     answers = ["046", "057", "100", "068"]
     data = tmp_path / "train.jsonl"
@@ -195,9 +102,10 @@ def test_chat_messages_from_jsonl_use_the_chat_template(tmp_path, qwen2_path, mo
         )
         + "\n"
     )
-    rollouts = capture_rollouts(monkeypatch)
+    sampler = RecordingSampler()
     out = tmp_path / "run"
-    GRPOTrainer(config(qwen2_path, out, train_data=str(data), log_completions_every=1)).train()
+    GRPOTrainer(config(qwen2_path, out, train_data=str(data), log_completions_every=1), sampler=sampler).train()
+    rollouts = sampler.rollouts
 
     assert [r["step"] for r in step_rows(out)] == [1, 2]
     prompts = {s["prompt"] for s in read_jsonl(out / "completions.jsonl")}
@@ -230,56 +138,45 @@ def test_datasets_folder_as_train_data(tmp_path, qwen2_path):
 # ---------------------------------------------------------------- errors name the field or the sample
 
 
-def test_missing_prompt_column_names_column_and_row(tmp_path, monkeypatch):
+def test_missing_prompt_column_names_column_and_row(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "02"}\n{"question": "2+2=", "answer": "04"}\n')
-    forbid_loading(monkeypatch)
     with pytest.raises(DataError) as err:
         GRPOTrainer(config(tmp_path / "no-model", tmp_path / "run", train_data=str(data)))
     assert "row 1" in str(err.value) and "'prompt'" in str(err.value)
 
 
-def test_a_row_missing_a_column_the_others_have_is_named(tmp_path, monkeypatch):
+def test_a_row_missing_a_column_the_others_have_is_named(tmp_path):
     # reward functions receive every column for every completion, so a ragged data set fails up front
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "02", "level": 1}\n{"prompt": "2+2=", "answer": "04"}\n')
-    forbid_loading(monkeypatch)
     with pytest.raises(DataError, match="row 1 has no column 'level'"):
         GRPOTrainer(config(tmp_path / "m", tmp_path / "run", train_data=str(data)))
 
 
-def test_custom_prompt_column_is_the_one_checked(tmp_path, monkeypatch):
+def test_custom_prompt_column_is_the_one_checked(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "02"}\n')
-    forbid_loading(monkeypatch)
     with pytest.raises(DataError, match="row 0 has no column 'question'"):
         GRPOTrainer(config(tmp_path / "m", tmp_path / "run", train_data=str(data), prompt_column="question"))
 
 
-def test_accuracy_reward_needs_an_answer_column(tmp_path, monkeypatch):
+def test_accuracy_reward_needs_an_answer_column(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "1+1="}\n{"prompt": "2+2="}\n')
-    forbid_loading(monkeypatch)
     with pytest.raises(DataError) as err:
         GRPOTrainer(config(tmp_path / "m", tmp_path / "run", train_data=str(data)))
     assert "'answer'" in str(err.value) and "accuracy" in str(err.value) and "row 0" in str(err.value)
 
 
-def test_missing_train_data_file_names_the_field(tmp_path, monkeypatch):
-    forbid_loading(monkeypatch)
+def test_missing_train_data_file_names_the_field(tmp_path):
     missing = tmp_path / "nowhere.jsonl"
     with pytest.raises(DataError) as err:
         GRPOTrainer(config(tmp_path / "m", tmp_path / "run", train_data=str(missing)))
     assert "`train_data`" in str(err.value) and str(missing) in str(err.value)
 
 
-def test_nonexistent_model_path_is_named_before_any_model_load(tmp_path, monkeypatch):
-    import grpokit.trainer
-
-    def no_model(*args, **kwargs):
-        raise AssertionError("load_model was reached with a nonexistent path")
-
-    monkeypatch.setattr(grpokit.trainer, "load_model", no_model)  # the tokenizer load must fail first
+def test_nonexistent_model_path_is_named(tmp_path):
     missing = tmp_path / "no" / "such-model"
     with pytest.raises(FileNotFoundError) as err:
         GRPOTrainer(config(missing, tmp_path / "run"))
@@ -290,8 +187,7 @@ def test_nonexistent_model_path_is_named_before_any_model_load(tmp_path, monkeyp
     ("overrides", "field"),
     [({"num_generations": 1}, "num_generations"), ({"loss_type": "ppo"}, "loss_type")],
 )
-def test_bad_config_fails_in_the_trainer_constructor(tmp_path, monkeypatch, overrides, field):
-    forbid_loading(monkeypatch)
+def test_bad_config_fails_in_the_trainer_constructor(tmp_path, overrides, field):
     with pytest.raises(ConfigError, match=f"`{field}`"):
         GRPOTrainer(config(tmp_path / "m", tmp_path / "run", **overrides))
     assert not (tmp_path / "run").exists()
@@ -306,14 +202,14 @@ def test_raising_reward_stops_train_at_step_1_naming_it(tmp_path, qwen2_path):
 
     out = tmp_path / "run"
     trainer = GRPOTrainer(config(qwen2_path, out), reward_funcs=[("broken_reward", broken)])
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
     with pytest.raises(RewardError) as err:
         trainer.train()
     assert "`broken_reward`" in str(err.value) and "KeyError" in str(err.value)
     assert calls == [8]  # the first generation batch: P * G = 2 * 4
     assert step_rows(out) == []  # nothing logged for the failed step, no model written
     assert not (out / "model").exists()
-    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in trainer.policy.model.state_dict().items())
 
 
 def test_nan_reward_names_the_sample(tmp_path, qwen2_path):
@@ -329,24 +225,27 @@ def test_nan_reward_names_the_sample(tmp_path, qwen2_path):
 # ---------------------------------------------------------------- micro-batching (invariant 4), end to end
 
 
-def one_step(base, rows, monkeypatch, **overrides):
-    """A fresh trainer on a copy of `base`: one step on `rows`; returns (trainer, metrics, grads, rollout)."""
-    rollouts = capture_rollouts(monkeypatch)
+def one_step(base, rows, **overrides):
+    """A fresh trainer on a copy of `base`: one step on `rows`; returns (trainer, metrics, grads, rollout), the
+    grads as AdamW sees them at each optimizer step (after clipping)."""
+    sampler = RecordingSampler()
     cfg = config(
         "in-memory", Path("unused"), max_steps=1, prompts_per_step=4, num_generations=4, learning_rate=1e-4, **overrides
     )
     trainer = GRPOTrainer(
-        cfg, model=copy.deepcopy(base), tokenizer=build_char_tokenizer(), reward_funcs=with_digit_share()
+        cfg,
+        model=copy.deepcopy(base),
+        tokenizer=build_char_tokenizer(),
+        reward_funcs=with_digit_share(),
+        sampler=sampler,
     )
-    grads, real_step = [], trainer._optimizer_step
-
-    def recording_step():
-        grads.append([p.grad.detach().clone() for p in trainer.model.parameters()])
-        return real_step()
-
-    trainer._optimizer_step = recording_step
+    grads = []
+    params = list(trainer.policy.model.parameters())
+    trainer.policy.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: grads.append([p.grad.detach().clone() for p in params])
+    )
     metrics, _ = trainer.step(rows)
-    return trainer, metrics, grads, rollouts[-1]
+    return trainer, metrics, grads, sampler.rollouts[-1]
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
@@ -355,14 +254,12 @@ def one_step(base, rows, monkeypatch, **overrides):
     [{}, {"minibatch_size": 8, "num_iterations": 2}],
     ids=["one-optimizer-step", "minibatches-x2-iterations"],
 )
-def test_micro_batches_give_the_same_update(monkeypatch, loss_type, schedule):
+def test_micro_batches_give_the_same_update(loss_type, schedule):
     tokenizer = build_char_tokenizer()
     base = tiny_model(tokenizer, "llama", hidden_size=HIDDEN, seed=1)
     rows = AdditionTask().rows(4, seed=7)
-    whole, m_whole, g_whole, r_whole = one_step(base, rows, monkeypatch, loss_type=loss_type, **schedule)
-    micro, m_micro, g_micro, r_micro = one_step(
-        base, rows, monkeypatch, loss_type=loss_type, micro_batch_size=2, **schedule
-    )
+    whole, m_whole, g_whole, r_whole = one_step(base, rows, loss_type=loss_type, **schedule)
+    micro, m_micro, g_micro, r_micro = one_step(base, rows, loss_type=loss_type, micro_batch_size=2, **schedule)
 
     # the same seed gives the same rollout, so any difference below comes from the update
     assert torch.equal(r_whole.completion_ids, r_micro.completion_ids)
@@ -378,9 +275,9 @@ def test_micro_batches_give_the_same_update(monkeypatch, loss_type, schedule):
         for a, b in zip(step_whole, step_micro):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-6)
 
-    moved = max((p - q).abs().max().item() for p, q in zip(whole.model.parameters(), base.parameters()))
+    moved = max((p - q).abs().max().item() for p, q in zip(whole.policy.model.parameters(), base.parameters()))
     assert moved > 5e-5  # the update is far larger than the tolerance below
-    for (name, a), b in zip(whole.model.named_parameters(), micro.model.parameters()):
+    for (name, a), b in zip(whole.policy.model.named_parameters(), micro.policy.model.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -390,13 +287,13 @@ def test_micro_batches_give_the_same_update(monkeypatch, loss_type, schedule):
 def test_beta_loads_a_frozen_reference_and_kl_starts_at_zero(tmp_path, qwen2_path):
     out = tmp_path / "run"
     trainer = GRPOTrainer(config(qwen2_path, out, beta=0.1), reward_funcs=with_digit_share())
-    ref = trainer.ref_model
-    assert ref is not None and ref is not trainer.model
+    ref = trainer.policy.ref_model
+    assert ref is not None and ref is not trainer.policy.model
     assert not ref.training
     assert all(not p.requires_grad for p in ref.parameters())
-    assert all(p.requires_grad for p in trainer.model.parameters())
+    assert all(p.requires_grad for p in trainer.policy.model.parameters())
     ref_ptrs = {p.data_ptr() for p in ref.parameters()}
-    assert ref_ptrs.isdisjoint(p.data_ptr() for p in trainer.model.parameters())  # a copy, not shared storage
+    assert ref_ptrs.isdisjoint(p.data_ptr() for p in trainer.policy.model.parameters())  # a copy, not shared storage
     ref_before = {k: v.clone() for k, v in ref.state_dict().items()}
 
     trainer.train()
@@ -406,13 +303,13 @@ def test_beta_loads_a_frozen_reference_and_kl_starts_at_zero(tmp_path, qwen2_pat
     assert abs(first["loss"]) < 1e-5  # ratio 1, KL 0, advantages sum to 0 per group
     assert second["kl"] > 0  # the policy moved; the reference did not
     assert all(torch.equal(ref_before[k], v) for k, v in ref.state_dict().items())
-    assert any(not torch.equal(ref_before[k], v) for k, v in trainer.model.state_dict().items())
+    assert any(not torch.equal(ref_before[k], v) for k, v in trainer.policy.model.state_dict().items())
 
 
 def test_beta_zero_loads_no_reference(tmp_path, qwen2_path):
     out = tmp_path / "run"
     trainer = GRPOTrainer(config(qwen2_path, out, max_steps=1), reward_funcs=with_digit_share())
-    assert trainer.ref_model is None
+    assert trainer.policy.ref_model is None
     trainer.train()
     (row,) = step_rows(out)
     assert "kl" not in row
@@ -425,7 +322,7 @@ def test_beta_zero_loads_no_reference(tmp_path, qwen2_path):
 def test_pad_equal_to_eos_keeps_the_eos_in_the_completion(tmp_path, monkeypatch):
     path = save_tiny(tmp_path / "init", "llama", pad_equals_eos=True)
     out = tmp_path / "run"
-    rollouts = capture_rollouts(monkeypatch)
+    sampler = RecordingSampler(build_char_tokenizer(pad_equals_eos=True))
     loss_masks = []  # the token mask each loss aggregation sees (one call per step: no micro-batching)
     real_aggregate = grpokit.algo.aggregate_loss
 
@@ -435,20 +332,22 @@ def test_pad_equal_to_eos_keeps_the_eos_in_the_completion(tmp_path, monkeypatch)
 
     monkeypatch.setattr(grpokit.algo, "aggregate_loss", recording_aggregate)
     trainer = GRPOTrainer(
-        config(path, out, prompts_per_step=4, max_completion_length=12), reward_funcs=with_digit_share()
+        config(path, out, prompts_per_step=4, max_completion_length=12),
+        reward_funcs=with_digit_share(),
+        sampler=sampler,
     )
     eos = trainer.tokenizer.eos_token_id
     assert trainer.tokenizer.pad_token_id == eos
     # make EOS likely so that rows end at different steps (a hook on the LM head: sampler and trainer see it)
-    bias = torch.zeros(trainer.model.config.vocab_size)
+    bias = torch.zeros(trainer.policy.model.config.vocab_size)
     bias[eos] = 4.0
-    handle = trainer.model.get_output_embeddings().register_forward_hook(lambda mod, inp, logits: logits + bias)
+    handle = trainer.policy.model.get_output_embeddings().register_forward_hook(lambda mod, inp, logits: logits + bias)
     try:
         trainer.train()
     finally:
         handle.remove()
 
-    rows = step_rows(out)
+    rows, rollouts = step_rows(out), sampler.rollouts
     assert len(rollouts) == len(rows) == len(loss_masks) == 2
     ended_rows = after_eos_slots = 0
     for rollout, row, loss_mask in zip(rollouts, rows, loss_masks):

@@ -73,6 +73,12 @@ def logprobs_from_hidden(
     return logp, (torch.cat([o[1] for o in outs]) if with_entropy else None)  # (M,), (M,) | None
 
 
+def max_logp_gap(logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """Largest |trainer - sampler| logprob over real tokens (N, T): ~1e-6 in fp32; a large value means the
+    sampler and the trainer do not see the same model (dtype, kernels, or a bug)."""
+    return float(((logp - sampling_logp.to(logp.device)).abs() * mask.to(logp.dtype)).max())
+
+
 # ---------------------------------------------------------------- rewards and advantages
 
 
@@ -136,9 +142,20 @@ def advantages(total: torch.Tensor, scorable: torch.Tensor, *, group_size: int, 
         total = total.to(torch.get_default_dtype())
     r, s = total.reshape(-1, group_size), scorable.reshape(-1, group_size).bool()  # (P, G)
     adv = ADVANTAGE_SCALES[scale](r, s)  # (P, G)
-    hi = torch.where(s, r, -torch.inf).amax(-1, keepdim=True)  # (P, 1)
-    lo = torch.where(s, r, torch.inf).amin(-1, keepdim=True)  # (P, 1)
-    return torch.where(s & (hi != lo), adv, 0.0).reshape(-1)  # (N,)
+    flat = flat_groups(total, scorable, group_size=group_size).unsqueeze(-1)  # (P, 1)
+    return torch.where(s & ~flat, adv, 0.0).reshape(-1)  # (N,)
+
+
+def flat_groups(total: torch.Tensor, scorable: torch.Tensor, *, group_size: int) -> torch.Tensor:
+    """(P,) bool: groups without reward spread, whose advantages are all 0 (no learning signal).
+
+    The one definition of "no spread": fewer than two distinct rewards among the group's SCORABLE rows
+    (an unscorable row is left out, not counted as a reward of 0).
+    """
+    r, s = total.reshape(-1, group_size), scorable.reshape(-1, group_size).bool()  # (P, G)
+    hi = torch.where(s, r, -torch.inf).amax(-1)  # (P,)
+    lo = torch.where(s, r, torch.inf).amin(-1)  # (P,)
+    return ~(hi > lo)  # (P,); a group with no scorable row is flat too
 
 
 REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")

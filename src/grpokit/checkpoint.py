@@ -1,24 +1,139 @@
-"""Saving models so that a crash never leaves a half-written folder behind."""
+"""Run directories, whole-or-absent folders, checkpoints and exact resume.
+
+A folder written here (a model, a checkpoint) is built under a hidden temporary name, flushed to disk,
+and swapped into place in one atomic rename; a checkpoint also gets a marker file, written last, and a
+folder without it is never loaded. A run directory is locked while a run writes into it, and a new run
+never mixes with an old one: it resumes it, replaces it on request, or is refused.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
+import errno
+import json
+import os
+import random
+import re
 import shutil
-from collections.abc import Iterator
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
+MARKER = "checkpoint_complete.json"  # written last: a checkpoint folder without it is never loaded
+STATE_FILE = "trainer_state.pt"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+# What a run writes into its directory; `overwrite_output_dir` removes exactly these.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl", "tensorboard", "curves.png", "model")
+# Config fields a resumed run may change: how long it runs and how it reports, never what it computes.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "max_steps",
+        "progress",
+        "save_every",
+        "save_total_limit",
+        "eval_every",
+        "log_completions_every",
+        "tensorboard",
+        "output_dir",
+    }
+)
+
+
+class RunDirectoryError(ValueError):
+    """The output folder is in use, holds another run, or its checkpoint cannot be resumed."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM arrived; the step in flight finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+# ---------------------------------------------------------------- whole-or-absent folders
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+        return False
+    raise OSError(ctypes.get_errno(), f"could not swap {a} and {b}: {os.strerror(ctypes.get_errno())}")
+
+
+def temporary_name(path: Path) -> Path:
+    """Hidden and unlike `checkpoint-*` or `model`: nothing looking for those can pick it up."""
+    return path.with_name(f".tmp-{path.name}-{os.getpid()}")
+
 
 @contextlib.contextmanager
-def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary sibling of `path` to write into; on success it replaces `path`, so the
-    folder is whole or absent (an error leaves the previous `path` untouched)."""
+def atomic_folder(path: str | Path, *, marker: dict[str, Any] | None = None) -> Iterator[Path]:
+    """Yields a temporary folder to write into; on success it replaces `path` in one rename.
+
+    At every instant `path` is the complete old folder or the complete new one (a kill -9 in between
+    leaves the old one, the new one under its hidden temporary name). `marker`: a checkpoint's marker,
+    written after every other file is on disk. An error leaves `path` untouched.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if marker is not None:
+            (tmp / MARKER).write_text(json.dumps(marker))
+            _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not path.exists():
+        os.rename(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp)  # now the old folder
+    else:  # no atomic swap on this file system: a short window with only the hidden copies
+        old = path.with_name(f".old-{path.name}-{os.getpid()}")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_model(model: Any, tokenizer: Any, path: str | Path, *, state_dict: dict | None = None) -> Path:
@@ -27,3 +142,256 @@ def save_model(model: Any, tokenizer: Any, path: str | Path, *, state_dict: dict
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     return Path(path)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    found = []
+    for child in Path(run_dir).glob("checkpoint-*"):
+        match = CHECKPOINT_NAME.fullmatch(child.name)
+        if match and child.is_dir() and is_complete(child):
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *, keep: int) -> Path:
+    """checkpoint-STEP, whole or absent: `write(folder)` fills it, then the marker; the newest `keep` stay."""
+    path = run_dir / f"checkpoint-{step}"
+    with atomic_folder(path, marker={"step": step}) as tmp:
+        write(tmp)
+    if keep > 0:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    return path
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    torch.save(state, folder / STATE_FILE)
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    if not is_complete(folder):
+        raise RunDirectoryError(f"checkpoint {folder} is incomplete (no {MARKER}): its writing was interrupted")
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def rng_state(**generators: torch.Generator) -> dict[str, Any]:
+    """Python's, torch's (CPU and every CUDA device) and the named generators' states."""
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], **generators: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+class RunDirectory:
+    """The output folder of one run: checked before any work, locked while written, signals turned into a
+    checkpoint.
+
+    `resume_from`: None (a fresh run: the folder must hold no run, unless `overwrite`), `latest` (the newest
+    complete checkpoint, or a fresh start when there is none) or a checkpoint folder of this run.
+    """
+
+    def __init__(self, path: str | Path, *, config: Any, resume_from: str | None, overwrite: bool, keep: int):
+        self.path = Path(path)
+        self.config = config
+        self.resume_from = resume_from
+        self.overwrite = overwrite
+        self.keep = keep
+        self.checkpoint: Path | None = None  # what `open` decided to resume from
+        self.stop_signal: int | None = None
+        self._lock_file = None
+        self._handlers: dict[int, Any] = {}
+
+    @classmethod
+    def for_config(cls, cfg: Any) -> RunDirectory:
+        """The run directory of a stage config (output_dir, resume_from_checkpoint, overwrite_output_dir, ...)."""
+        return cls(
+            cfg.output_dir,
+            config=cfg,
+            resume_from=cfg.resume_from_checkpoint,
+            overwrite=cfg.overwrite_output_dir,
+            keep=cfg.save_total_limit,
+        )
+
+    def holds_run(self) -> list[str]:
+        """The names of earlier run output found in the folder."""
+        if not self.path.is_dir():
+            return []
+        names = [n for n in RUN_FILES if (self.path / n).exists()]
+        return names + [p.name for _, p in list_checkpoints(self.path)]
+
+    def plan(self) -> Path | None:
+        """The checkpoint to resume from (None: a fresh run); raises when the folder cannot be used."""
+        if self.resume_from is None:
+            found = self.holds_run()
+            if found and not self.overwrite:
+                raise RunDirectoryError(
+                    f"output_dir {self.path} holds another run ({', '.join(found[:4])}): resume it with "
+                    "`--resume-from-checkpoint latest`, replace it with `--overwrite-output-dir true`, or "
+                    "choose another output_dir"
+                )
+            return None
+        if self.resume_from == "latest":
+            found = list_checkpoints(self.path)
+            checkpoint = found[-1][1] if found else None
+        else:
+            checkpoint = Path(self.resume_from)
+            if not checkpoint.is_dir():
+                raise RunDirectoryError(f"config field `resume_from_checkpoint`: {checkpoint} does not exist")
+            if not is_complete(checkpoint):
+                raise RunDirectoryError(
+                    f"config field `resume_from_checkpoint`: {checkpoint} is incomplete (no {MARKER}): its "
+                    "writing was interrupted; resume from an earlier checkpoint, or `latest`"
+                )
+            if checkpoint.resolve().parent != self.path.resolve():
+                raise RunDirectoryError(
+                    f"config field `resume_from_checkpoint`: {checkpoint} is not a checkpoint of output_dir {self.path}"
+                )
+        if checkpoint is not None:
+            self._check_config_matches()
+        return checkpoint
+
+    def _check_config_matches(self) -> None:
+        import yaml
+
+        saved_file = self.path / "config.yaml"
+        if not saved_file.is_file() or not dataclasses.is_dataclass(self.config):
+            return
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        current = dataclasses.asdict(self.config)
+        changed = sorted(
+            k for k in current.keys() | saved.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+        )
+        if changed:
+            details = "; ".join(f"`{k}` {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
+            raise RunDirectoryError(
+                f"cannot resume {self.path}: the config differs from the run's own config.yaml ({details}); "
+                f"a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES - {'output_dir'}))}"
+            )
+
+    def __enter__(self) -> RunDirectory:
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "another process"
+            self._lock_file.close()
+            raise RunDirectoryError(
+                f"output_dir {self.path} is in use by a running run ({holder}); wait for it, or choose another "
+                "output_dir"
+            ) from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"pid {os.getpid()}\n")
+        self._lock_file.flush()
+        try:
+            self.checkpoint = self.plan()  # again, under the lock
+            for stale in self.path.glob(".tmp-*"):  # a killed writer's half folders
+                shutil.rmtree(stale, ignore_errors=True)
+            if self.checkpoint is None:
+                self._clear()
+            else:  # a later checkpoint than the one resumed belongs to a future that is being rewritten
+                step = checkpoint_step(self.checkpoint)
+                for later_step, later in list_checkpoints(self.path):
+                    if later_step > step:
+                        shutil.rmtree(later)
+        except BaseException:
+            self._release()
+            raise
+        self._install_signal_handlers()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore_signal_handlers()
+        self._release()
+
+    def _clear(self) -> None:
+        for name in RUN_FILES:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        for _, old in list_checkpoints(self.path):
+            shutil.rmtree(old)
+        for child in self.path.glob("checkpoint-*"):  # incomplete ones too: nothing can load them
+            shutil.rmtree(child, ignore_errors=True)
+
+    def _release(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing drops the flock
+            self._lock_file = None
+
+    # ---------------------------------------------------------------- SIGINT / SIGTERM
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None:  # the second one: stop now, as the user asks
+            self._restore_signal_handlers()
+            signal.raise_signal(signum)
+            return
+        self.stop_signal = signum
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def save_checkpoint(self, step: int, write: Callable[[Path], None]) -> Path:
+        return write_checkpoint(self.path, step, write, keep=self.keep)
+
+    def check_stop(self, step: int, checkpoint: Path) -> None:
+        """After a step's checkpoint: raise TrainingInterrupted if a signal asked to stop."""
+        if self.stop_signal is not None:
+            raise TrainingInterrupted(self.stop_signal, step, checkpoint)
+
+
+def checkpoint_step(folder: Path) -> int:
+    match = CHECKPOINT_NAME.fullmatch(Path(folder).name)
+    if not match:
+        raise RunDirectoryError(f"{folder} is not a checkpoint-STEP folder")
+    return int(match.group(1))
+
+
+def seed_everything(seed: int) -> None:
+    """Python's and torch's global RNGs (a stage's own generators are seeded where they are made)."""
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Any
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    from grpokit.checkpoint import TrainingInterrupted
     from grpokit.config import ConfigError
     from grpokit.data import DataError
     from grpokit.rewards import RewardError
@@ -56,6 +58,16 @@ def main(argv: list[str] | None = None) -> int:
             return _init(rest)
         if command == "demo":
             return _demo(rest)
+    except TrainingInterrupted as stop:
+        kept, skip = [], False
+        for arg in argv:  # a resume command for a run already resumed or overwritten once
+            if skip or arg in ("--resume-from-checkpoint", "--overwrite-output-dir"):
+                skip = not skip
+                continue
+            kept.append(arg)
+        resume = shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
+        print(f"grpokit {command}: {stop}\nresume with: {resume}", file=sys.stderr)
+        return stop.exit_code
     except (ConfigError, DataError, RewardError, FileNotFoundError, ValueError) as err:
         print(f"grpokit {command}: error: {err}", file=sys.stderr)
         return 2
@@ -107,24 +119,27 @@ def _eval(args: list[str]) -> int:
     from grpokit.config import EvalConfig
     from grpokit.evaluate import accuracy
     from grpokit.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from grpokit.sampler import KVCacheSampler
     from grpokit.tasks import get_task
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
     cfg.validate()
     device = resolve_device(cfg.device)
-    model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
     tokenizer = load_tokenizer(cfg.model)
+    sampler = KVCacheSampler(tokenizer)
+    sampler.update_weights(load_model(cfg.model, device, resolve_dtype(cfg.dtype, device)).eval())
     task = get_task(cfg.task, num_digits=cfg.task_num_digits)
     rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
     for name, temperature in (("greedy", 0.0), (f"sampled (T={cfg.temperature:g})", cfg.temperature)):
         acc = accuracy(
-            model,
+            sampler,
             tokenizer,
             rows,
             task.is_correct,
             temperature=temperature,
             max_new_tokens=cfg.max_completion_length,
             seed=cfg.seed,
+            device=device,
         )
         print(f"{cfg.task} held-out accuracy, {name}: {acc:.1%} of {len(rows)}")
     return 0

@@ -75,7 +75,8 @@ class RunConfig:
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     dtype: str = "auto"
-    """`auto` (bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are very slow), `float32`, `bfloat16`."""
+    """Compute dtype: `auto` (bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are very slow), `float32`,
+    `bfloat16`. Trained weights and optimizer state stay float32; bfloat16 runs the forwards under autocast."""
     learning_rate: float = 1e-5
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
@@ -94,12 +95,25 @@ class RunConfig:
     """Token positions per chunk of the vocabulary projection: bounds the float32 logits held at once."""
     progress: bool = True
     """Show a progress bar."""
+    save_every: int = 50
+    """Write a checkpoint (weights, optimizer, schedule, every RNG, data position) every this many steps, and
+    always after the last one; a crash loses at most the steps since (0: only after the last step)."""
+    save_total_limit: int = 2
+    """Keep the newest this many checkpoints (0 keeps all)."""
+    resume_from_checkpoint: str | None = None
+    """`latest` (the newest complete checkpoint in output_dir; a fresh start when there is none) or a
+    checkpoint folder of output_dir: the run continues exactly where that checkpoint left it."""
+    overwrite_output_dir: bool = False
+    """Replace an earlier run found in output_dir (without it, a fresh run there is refused)."""
 
-    def validate(self, *, model_given: bool = False) -> None:
-        """`model_given`: the caller passes a model object, so `model` may be empty."""
+    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
+        """`model_given`: the caller passes a model object, so `model` may be empty; `rows_given`: the caller
+        passes the training rows, so neither `task` nor `train_data` is needed."""
         _check_types(self)
         _require(model_given or self.model != "", "model", "is empty: give the path of a model folder")
-        if (self.task is None) == (self.train_data is None):
+        if rows_given:
+            _require(self.train_data is None, "train_data", "is set but training rows were passed in: use one")
+        elif (self.task is None) == (self.train_data is None):
             raise ConfigError("set exactly one of `task` (a built-in task) and `train_data` (a file or folder)")
         if self.task is not None:
             from grpokit.tasks import TASKS
@@ -112,9 +126,17 @@ class RunConfig:
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         _require(
-            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            self.dtype in ("auto", "float32", "bfloat16"),
             "dtype",
-            f"is {self.dtype!r}; use auto, float32, bfloat16 or float16",
+            f"is {self.dtype!r}; use auto, float32 or bfloat16 (float16 would need loss scaling, which grpokit "
+            "does not do)",
+        )
+        _require(self.save_every >= 0, "save_every", "must be >= 0")
+        _require(self.save_total_limit >= 0, "save_total_limit", "must be >= 0")
+        _require(
+            self.resume_from_checkpoint is None or self.resume_from_checkpoint != "",
+            "resume_from_checkpoint",
+            "is empty: use `latest` or a checkpoint folder",
         )
 
 
@@ -175,8 +197,6 @@ class GRPOConfig(RunConfig):
     """Temperature of the sampled evaluation (greedy is always reported as well)."""
     log_completions_every: int = 10
     """Write sampled completions to completions.jsonl every this many steps."""
-    save_every: int = 0
-    """Save the model (save_pretrained) to checkpoint-STEP every this many steps (0: only at the end)."""
     tensorboard: bool = True
     """Write TensorBoard events to the run directory."""
     reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
@@ -196,8 +216,8 @@ class GRPOConfig(RunConfig):
     ref_sync_alpha: float = 0.6
     """Mixing weight of the policy in a reference sync."""
 
-    def validate(self, *, model_given: bool = False) -> None:
-        super().validate(model_given=model_given)
+    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given)
         _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _require(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         _require(
@@ -233,8 +253,8 @@ class GRPOConfig(RunConfig):
         _require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         _require(self.epsilon_low >= 0 and self.epsilon_high >= 0, "epsilon_low/epsilon_high", "must be >= 0")
         _require(
-            self.eval_every >= 0 and self.save_every >= 0 and self.log_completions_every >= 0,
-            "eval_every/save_every/log_completions_every",
+            self.eval_every >= 0 and self.log_completions_every >= 0,
+            "eval_every/log_completions_every",
             "must be >= 0",
         )
         _require(self.overlong_buffer >= 1, "overlong_buffer", "must be >= 1")
@@ -283,8 +303,8 @@ class SFTConfig(RunConfig):
     lr_schedule: LRSchedule = "cosine"
     """Learning-rate shape after warm-up."""
 
-    def validate(self, *, model_given: bool = False) -> None:
-        super().validate(model_given=model_given)
+    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given)
         _require(self.max_steps >= 1, "max_steps", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(0.0 <= self.forget_carry <= 1.0, "forget_carry", "must be in [0, 1]")
@@ -322,8 +342,8 @@ class RewardModelConfig(RunConfig):
     lr_schedule: LRSchedule = "cosine"
     """Learning-rate shape after warm-up."""
 
-    def validate(self, *, model_given: bool = False) -> None:
-        super().validate(model_given=model_given)
+    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given)
         _require(self.max_steps >= 1, "max_steps", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")

@@ -11,10 +11,11 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grpokit.rewards import RESERVED_COLUMNS
-
 if TYPE_CHECKING:
     import torch
+
+# Names the trainer passes to every reward function; a data set column may not shadow them.
+RESERVED_COLUMNS = ("completion_lengths", "truncated", "raw_prompts")
 
 
 class DataError(ValueError):
@@ -101,11 +102,47 @@ def pad_batch(seqs: list[list[int]], pad_id: int, *, side: str) -> tuple[torch.T
     return ids, mask
 
 
+def grpo_rows(
+    cfg: Any, task: Any, train_rows: list[dict] | None, eval_rows: list[dict] | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, held-out rows) of a GRPO run: the rows passed in, else `train_data` / `eval_data`, else the
+    built-in task's splits. Checked here, before any model loads: every row has the prompt column and the
+    columns of the first row (reward functions get every column for every completion)."""
+    if train_rows is None:
+        if task is not None:
+            train_rows = task.rows(cfg.num_train_prompts, split="train", seed=cfg.seed)
+        else:
+            train_rows = load_rows(cfg.train_data, field="train_data")
+    if not train_rows:
+        raise DataError("the training rows are empty")
+    if eval_rows is None:
+        if cfg.eval_data is not None:
+            eval_rows = load_rows(cfg.eval_data, field="eval_data")
+        elif task is not None:
+            eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
+        else:
+            eval_rows = []
+    check_columns(train_rows, [cfg.prompt_column, *train_rows[0]], "train data")
+    check_columns(eval_rows, [cfg.prompt_column], "eval data")
+    return train_rows, eval_rows[: cfg.num_eval_prompts]
+
+
 class ShuffledEpochs:
     """Indices of a seeded shuffle of range(n), reshuffled whenever an epoch runs out."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.rng, self.order = n, random.Random(seed), []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the walk stands: the shuffler's state and what is left of this epoch's order."""
+        return {"n": self.n, "rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["n"] != self.n:
+            raise DataError(f"the checkpoint walked {state['n']} rows but the data now holds {self.n}")
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
 
     def take(self, k: int) -> list[int]:
         out = []

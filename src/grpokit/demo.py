@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grpokit.checkpoint import seed_everything
 from grpokit.config import DemoConfig, GRPOConfig, RewardModelConfig, SFTConfig
 from grpokit.modeling import resolve_device
 from grpokit.runlog import read_metrics
 from grpokit.sft import sft_rows, train_sft
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer, TrainResult, seed_everything
+from grpokit.trainer import GRPOTrainer, TrainResult
 
 
 @dataclass
@@ -61,6 +62,7 @@ def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
         seed=cfg.seed,
         device=cfg.device,
         progress=cfg.progress,
+        overwrite_output_dir=True,  # the demo is a fixed recipe: running it again replaces its runs
     )
     model_dir = train_sft(sft_cfg, model=model, tokenizer=tokenizer, rows=sft_rows(sft_cfg))
     eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
@@ -84,6 +86,7 @@ def grpo_config(cfg: DemoConfig, output_dir: Path, **overrides: Any) -> GRPOConf
         "seed": cfg.seed,
         "device": cfg.device,
         "progress": cfg.progress,
+        "overwrite_output_dir": True,
     }
     return GRPOConfig(**{**values, **overrides})
 
@@ -138,6 +141,7 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
             seed=cfg.seed,
             device=cfg.device,
             progress=cfg.progress,
+            overwrite_output_dir=True,
         )
     )
     print(f"reward model (labels with a verbosity bias): {rm.eval_accuracy:.1%} pairwise accuracy on clean pairs")

@@ -165,6 +165,23 @@ class SignalMonitor:
         elif "hacking" not in self.fired:
             self.latest["hacking"] = figures
 
+    def state_dict(self) -> dict:
+        """Everything the monitors remember (windows, baseline, what fired), for a checkpoint."""
+        return {
+            "warnings": list(self.warnings),
+            "fired": dict(self.fired),
+            "latest": dict(self.latest),
+            "series": {k: [list(v), v.maxlen] for k, v in self._series.items()},
+            "length_baseline": self._length_baseline,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warnings = list(state["warnings"])
+        self.fired = dict(state["fired"])
+        self.latest = dict(state["latest"])
+        self._series = {k: deque(values, maxlen=maxlen) for k, (values, maxlen) in state["series"].items()}
+        self._length_baseline = state["length_baseline"]
+
     def summary(self) -> list[str]:
         """One line per monitor that has seen its metrics: FIRED with the first warning, or its last figures."""
         lines = [f"{kind}: FIRED at {message}" for kind, message in self.fired.items()]

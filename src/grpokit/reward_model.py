@@ -15,7 +15,6 @@ Deviations from the common recipe, and why:
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from grpokit.checkpoint import save_model
+from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_state, seed_everything, set_rng_state
 from grpokit.config import RewardModelConfig
 from grpokit.data import DataError, ShuffledEpochs, check_columns, load_rows, pad_batch, render_prompt
 from grpokit.modeling import ensure_pad_token, load_tokenizer, position_ids_from_mask, resolve_device, resolve_dtype
-from grpokit.optim import build_optimizer
+from grpokit.policy import Policy
 from grpokit.runlog import RunLog
 
 
@@ -307,9 +306,8 @@ def train_reward_model(
     """
     from tqdm.auto import tqdm
 
-    cfg.validate(model_given=model is not None)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    cfg.validate(model_given=model is not None, rows_given=train_pairs is not None)
+    seed_everything(cfg.seed)
     if train_pairs is None or eval_pairs is None:
         loaded_train, loaded_eval = reward_model_pairs(cfg)
         train_pairs = loaded_train if train_pairs is None else train_pairs
@@ -318,66 +316,94 @@ def train_reward_model(
         raise DataError("reward-model train data holds no pairs")
     _check_pairs(train_pairs, cfg, "reward-model train data", margin=True)
     _check_pairs(eval_pairs, cfg, "reward-model eval data", margin=False)
+    run_dir = RunDirectory.for_config(cfg)
+    run_dir.plan()
 
     device = resolve_device(cfg.device)
     tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
     if model is None:
-        model = load_reward_model(
-            cfg.model, device, resolve_dtype(cfg.dtype, device), pad_token_id=tokenizer.pad_token_id
-        )
+        model = load_reward_model(cfg.model, device, torch.float32, pad_token_id=tokenizer.pad_token_id)
     if getattr(model.config, "num_labels", None) != 1:
         raise ValueError(
             f"the reward model must be a sequence classifier with one output (num_labels=1), got "
             f"{type(model).__name__} with num_labels={getattr(model.config, 'num_labels', None)}; "
             "load one with grpokit.reward_model.load_reward_model"
         )
-    model.to(device).train()
+    policy = Policy(
+        model, cfg, total_steps=cfg.max_steps, device=device, compute_dtype=resolve_dtype(cfg.dtype, device)
+    )
     train_examples = encode_pairs(tokenizer, train_pairs, cfg, margin=True)
     eval_examples = encode_pairs(tokenizer, eval_pairs, cfg, margin=False)
     eval_kinds = [row["kind"] for row in eval_pairs] if all("kind" in row for row in eval_pairs) else None
 
-    optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
-    out = Path(cfg.output_dir)
-    log = RunLog(out, tensorboard=False, config=cfg)
     pair_order = ShuffledEpochs(len(train_examples), cfg.seed)
     side = getattr(tokenizer, "padding_side", "right")
     metrics: dict[str, float] = {}
-    bar = tqdm(range(1, cfg.max_steps + 1), desc="reward-model", disable=not cfg.progress, dynamic_ncols=True)
-    for step in bar:
-        b_idx = pair_order.take(cfg.batch_size)
-        b_chosen, b_rejected, b_margin = pair_rewards(
-            model, [train_examples[i] for i in b_idx], tokenizer.pad_token_id, side
+    with run_dir as run:
+        start = 0
+        if run.checkpoint is not None:
+            state = load_state(run.checkpoint)
+            policy.load_weights(run.checkpoint)
+            policy.load_state_dict(state["policy"])
+            set_rng_state(state["rng"])
+            pair_order.load_state_dict(state["pair_order"])
+            metrics, start = state["metrics"], state["step"]
+        log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
+        steps = range(start + 1, cfg.max_steps + 1)
+        bar = tqdm(
+            steps, "reward-model", initial=start, total=cfg.max_steps, disable=not cfg.progress, dynamic_ncols=True
         )
-        loss = bradley_terry_loss(
-            b_chosen,
-            b_rejected,
-            margin=b_margin if cfg.margin_column else None,
-            center_coefficient=cfg.center_rewards_coefficient,
-        )
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == cfg.max_steps:
-            metrics = {
-                "loss": loss.item(),
-                "accuracy": (b_chosen > b_rejected).float().mean().item(),
-                "reward_chosen": b_chosen.mean().item(),
-                "reward_rejected": b_rejected.mean().item(),
-                "grad_norm": float(grad_norm),
-                "lr": lr,
-            }
-            log.log(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+        try:
+            for step in bar:
+                b_idx = pair_order.take(cfg.batch_size)
+                b_chosen, b_rejected, b_margin = policy.run(
+                    pair_rewards, [train_examples[i] for i in b_idx], tokenizer.pad_token_id, side
+                )
+                loss = bradley_terry_loss(
+                    b_chosen,
+                    b_rejected,
+                    margin=b_margin if cfg.margin_column else None,
+                    center_coefficient=cfg.center_rewards_coefficient,
+                )
+                policy.backward(loss)
+                lr = policy.lr
+                grad_norm = policy.optimizer_step()
+                if step % 10 == 0 or step == cfg.max_steps:
+                    metrics = {
+                        "loss": loss.item(),
+                        "accuracy": (b_chosen > b_rejected).float().mean().item(),
+                        "reward_chosen": b_chosen.mean().item(),
+                        "reward_rejected": b_rejected.mean().item(),
+                        "grad_norm": grad_norm,
+                        "lr": lr,
+                    }
+                    log.log(step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+                if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0) or run.stop_signal:
+                    state = {
+                        "step": step,
+                        "policy": policy.state_dict(),
+                        "rng": rng_state(),
+                        "pair_order": pair_order.state_dict(),
+                        "metrics": metrics,
+                    }
 
-    eval_accuracy = None
-    if eval_examples:
-        eval_metrics = evaluate_pairs(model, tokenizer, eval_examples, batch_size=cfg.batch_size, kinds=eval_kinds)
-        log.log(cfg.max_steps, eval_metrics)
-        metrics = {**metrics, **eval_metrics}
-        eval_accuracy = eval_metrics["eval/pairwise_accuracy"]
-    log.close()
-    model_dir = save_model(model, tokenizer, out / "model")
+                    def write(folder: Path, state: dict = state) -> None:
+                        policy.save_weights(folder, tokenizer)
+                        save_state(folder, state)
+
+                    run.check_stop(step, run.save_checkpoint(step, write))
+
+            eval_accuracy = None
+            if eval_examples:
+                eval_metrics = evaluate_pairs(
+                    policy.model, tokenizer, eval_examples, batch_size=cfg.batch_size, kinds=eval_kinds
+                )
+                log.log(cfg.max_steps, eval_metrics)
+                metrics = {**metrics, **eval_metrics}
+                eval_accuracy = eval_metrics["eval/pairwise_accuracy"]
+        finally:
+            bar.close()
+            log.close()
+        model_dir = policy.save(run.path / "model", tokenizer)
     return RewardModelResult(model_dir=model_dir, eval_accuracy=eval_accuracy, metrics=metrics)

@@ -19,15 +19,19 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-RewardFn = Callable[..., Sequence[float | None]]
+from grpokit.config import ConfigError
+from grpokit.data import RESERVED_COLUMNS, check_columns
+from grpokit.modeling import resolve_device
+from grpokit.reward_model import RewardModelScorer
 
-# Names the trainer passes to every reward function; a data set column may not shadow them.
-RESERVED_COLUMNS = ("completion_lengths", "truncated", "raw_prompts")
+RewardFn = Callable[..., Sequence[float | None]]
+__all__ = ["RESERVED_COLUMNS", "RewardFn", "RewardSet", "build_reward_funcs", "reward_set", "score"]
 
 
 class RewardError(RuntimeError):
@@ -110,8 +114,6 @@ def build_reward_funcs(
         if name in builtins:
             funcs.append((name, builtins[name]()))
         elif Path(name).is_dir() and (Path(name) / "config.json").is_file():
-            from grpokit.reward_model import RewardModelScorer
-
             scorer = RewardModelScorer(name, device=device, batch_size=reward_model_batch_size)
             funcs.append((scorer.__name__, scorer))
         elif "/" in name or Path(name).exists():
@@ -154,3 +156,39 @@ def score(
                 )
             out[i, k] = float(value)
     return out
+
+
+@dataclass
+class RewardSet:
+    """The rewards of a GRPO run: what it trains on, with weights, and what it only watches."""
+
+    funcs: list[tuple[str, RewardFn]]
+    weights: torch.Tensor  # (K,) float32
+    gold: list[tuple[str, RewardFn]]  # watched beside a learned reward, never in the loss
+
+
+def reward_set(
+    cfg: Any, task: Any, train_rows: list[dict[str, Any]], funcs: list[tuple[str, RewardFn]] | None = None
+) -> RewardSet:
+    """Resolve `cfg.reward_funcs` (or take `funcs`), `reward_weights` and `gold_reward`, and check that the
+    rows carry what they need, before any policy model loads."""
+
+    def build(names: Sequence[str]) -> list[tuple[str, RewardFn]]:
+        return build_reward_funcs(
+            names,
+            format_pattern=cfg.format_pattern,
+            max_completion_length=cfg.max_completion_length,
+            overlong_buffer=cfg.overlong_buffer,
+            task=task,
+            device=str(resolve_device(cfg.device)),
+            reward_model_batch_size=cfg.reward_model_batch_size,
+        )
+
+    funcs = funcs or build(cfg.reward_funcs)
+    gold = build([cfg.gold_reward]) if cfg.gold_reward else []
+    weights = cfg.reward_weights or [1.0] * len(funcs)
+    if len(weights) != len(funcs):
+        raise ConfigError(f"config field `reward_weights` has {len(weights)} entries for {len(funcs)} reward functions")
+    if "accuracy" in [name for name, _ in funcs + gold]:
+        check_columns(train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
+    return RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold)

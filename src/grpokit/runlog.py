@@ -24,22 +24,32 @@ PLOT_PANELS = (
 class RunLog:
     """Appends one JSON row per step; mirrors scalars to TensorBoard."""
 
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, config: Any = None):
-        """Creates the run directory; `config` (a dataclass) is written to config.yaml, resolved."""
+    def __init__(
+        self, output_dir: str | Path, *, tensorboard: bool = True, config: Any = None, resume_step: int | None = None
+    ):
+        """Opens the run directory's logs. A fresh run (`resume_step` None) starts them empty and writes `config`
+        (a dataclass) to config.yaml, resolved; a resumed one keeps what was logged up to `resume_step` (its
+        checkpoint) and drops the rest, so every step appears once, and TensorBoard purges the same steps."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        if config is not None:
-            from grpokit.config import save_yaml
-
-            save_yaml(config, self.dir / "config.yaml")
         self.metrics_path = self.dir / "metrics.jsonl"
         self.completions_path = self.dir / "completions.jsonl"
-        self.metrics_path.write_text("")
+        if resume_step is None:
+            if config is not None:
+                from grpokit.config import save_yaml
+
+                save_yaml(config, self.dir / "config.yaml")
+            self.metrics_path.write_text("")
+            self.completions_path.unlink(missing_ok=True)
+        else:
+            _keep_rows(self.metrics_path, lambda row: _logged_before(row, resume_step))
+            _keep_rows(self.completions_path, lambda row: row["step"] <= resume_step)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with self.metrics_path.open("a") as f:
@@ -56,6 +66,30 @@ class RunLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _logged_before(row: dict[str, Any], step: int) -> bool:
+    """Whether a row was logged before a checkpoint at `step` was written: the step rows up to it, but not
+    the final evaluation logged after the last step (eval keys only), which the resumed run repeats."""
+    eval_only = all(key == "step" or key.startswith("eval/") for key in row)
+    return row["step"] < step or (row["step"] == step and not eval_only)
+
+
+def _keep_rows(path: Path, keep: Any) -> None:
+    """Rewrite a JSONL file with the rows `keep` accepts (a torn last line from a kill is dropped too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the half-written line of a killed run
+        if keep(row):
+            kept.append(line + "\n")
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:

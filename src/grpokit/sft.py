@@ -8,16 +8,17 @@ so an SFT model and a GRPO model see their prompts byte for byte the same way.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpokit.checkpoint import save_model
+from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_state, seed_everything, set_rng_state
 from grpokit.config import SFTConfig
 from grpokit.data import check_columns, encode_prompts, load_rows, pad_batch
-from grpokit.modeling import completion_logprobs, load_model, load_tokenizer, resolve_device, resolve_dtype
-from grpokit.optim import build_optimizer
+from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype
+from grpokit.policy import Policy
 from grpokit.runlog import RunLog
 from grpokit.tasks import get_task
 
@@ -50,54 +51,86 @@ def encode_examples(tokenizer: Any, rows: list[dict[str, Any]], cfg: SFTConfig) 
     return examples
 
 
-def sft_loss(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int, chunk_size: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class SFTBatch:
+    """[left-padded prompt | right-padded completion + EOS] rows, the layout `Policy.forward` reads."""
+
+    prompt_ids: torch.Tensor  # (B, Tp)
+    prompt_mask: torch.Tensor  # (B, Tp)
+    completion_ids: torch.Tensor  # (B, Tc)
+    completion_mask: torch.Tensor  # (B, Tc)
+
+    @classmethod
+    def of(cls, examples: list[tuple[list[int], list[int]]], pad_id: int) -> SFTBatch:
+        prompt_ids, prompt_mask = pad_batch([p for p, _ in examples], pad_id, side="left")  # (B, Tp)
+        completion_ids, completion_mask = pad_batch([c for _, c in examples], pad_id, side="right")  # (B, Tc)
+        return cls(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def sft_loss(policy: Policy, batch: SFTBatch) -> torch.Tensor:
     """Mean negative log-likelihood per completion token of the batch."""
-    prompt_ids, prompt_mask = pad_batch([p for p, _ in batch], pad_id, side="left")  # (B, Tp)
-    completion_ids, completion_mask = pad_batch([c for _, c in batch], pad_id, side="right")  # (B, Tc)
-    device = model.device
-    logp, _ = completion_logprobs(
-        model,
-        prompt_ids.to(device),
-        prompt_mask.to(device),
-        completion_ids.to(device),
-        completion_mask.to(device),
-        temperature=1.0,
-        chunk_size=chunk_size,
-    )
-    mask = completion_mask.to(device).float()
+    logp, _ = policy.forward(batch, torch.arange(batch.completion_ids.shape[0]))  # (B, Tc)
+    mask = batch.completion_mask[:, : logp.shape[1]].to(logp.device).float()  # (B, Tc)
     return -(logp * mask).sum() / mask.sum()
 
 
 def train_sft(
     cfg: SFTConfig, *, model: Any = None, tokenizer: Any = None, rows: list[dict[str, Any]] | None = None
 ) -> Path:
-    """Runs SFT and saves the model to OUTPUT_DIR/model; returns that folder."""
+    """Runs SFT and saves the model to OUTPUT_DIR/model; returns that folder. Checkpoints, resume and
+    SIGINT / SIGTERM as in GRPO (`resume_from_checkpoint`, `save_every`)."""
     from tqdm.auto import tqdm
 
-    cfg.validate(model_given=model is not None)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    cfg.validate(model_given=model is not None, rows_given=rows is not None)
+    seed_everything(cfg.seed)
     rows = rows if rows is not None else sft_rows(cfg)
+    run_dir = RunDirectory.for_config(cfg)
+    run_dir.plan()
     device = resolve_device(cfg.device)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    model = model if model is not None else load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    model.to(device).train()
+    tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
+    model = model if model is not None else load_model(cfg.model, device, torch.float32)
+    policy = Policy(
+        model, cfg, total_steps=cfg.max_steps, device=device, compute_dtype=resolve_dtype(cfg.dtype, device)
+    )
     examples = encode_examples(tokenizer, rows, cfg)
-    optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
-    out = Path(cfg.output_dir)
-    log = RunLog(out, tensorboard=False, config=cfg)
-    rng = random.Random(cfg.seed)
-    bar = tqdm(range(1, cfg.max_steps + 1), desc="sft", disable=not cfg.progress, dynamic_ncols=True)
-    for step in bar:
-        batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
-        loss = sft_loss(model, batch, tokenizer.pad_token_id, cfg.logprob_chunk_size)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == cfg.max_steps:
-            log.log(step, {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    log.close()
-    return save_model(model, tokenizer, out / "model")
+    batch_rng = random.Random(cfg.seed)
+    with run_dir as run:
+        start = 0
+        if run.checkpoint is not None:
+            state = load_state(run.checkpoint)
+            policy.load_weights(run.checkpoint)
+            policy.load_state_dict(state["policy"])
+            set_rng_state(state["rng"])
+            version, internal, gauss = state["batch_rng"]
+            batch_rng.setstate((version, tuple(internal), gauss))
+            start = state["step"]
+        log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
+        steps = range(start + 1, cfg.max_steps + 1)
+        bar = tqdm(steps, "sft", initial=start, total=cfg.max_steps, disable=not cfg.progress, dynamic_ncols=True)
+        try:
+            for step in bar:
+                batch = [examples[batch_rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
+                lr = policy.lr  # the rate this step uses
+                loss = sft_loss(policy, SFTBatch.of(batch, tokenizer.pad_token_id))
+                policy.backward(loss)
+                grad_norm = policy.optimizer_step()
+                if step % 10 == 0 or step == cfg.max_steps:
+                    log.log(step, {"loss": loss.item(), "grad_norm": grad_norm, "lr": lr})
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0) or run.stop_signal:
+                    state = {
+                        "step": step,
+                        "policy": policy.state_dict(),
+                        "rng": rng_state(),
+                        "batch_rng": batch_rng.getstate(),
+                    }
+
+                    def write(folder: Path, state: dict = state) -> None:
+                        policy.save_weights(folder, tokenizer)
+                        save_state(folder, state)
+
+                    run.check_stop(step, run.save_checkpoint(step, write))
+        finally:
+            bar.close()
+            log.close()
+        return policy.save(run.path / "model", tokenizer)

@@ -16,9 +16,6 @@ to a frozen reference. No value network. Where grpokit deviates from the paper:
 
 from __future__ import annotations
 
-import copy
-import functools
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,24 +24,17 @@ from typing import Any
 import torch
 
 from grpokit import algo
-from grpokit.checkpoint import save_model
-from grpokit.config import ConfigError, GRPOConfig
-from grpokit.data import ShuffledEpochs, check_columns, encode_prompts, load_rows
-from grpokit.evaluate import accuracy, decode_completions
-from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
-from grpokit.modeling import (
-    completion_logprobs,
-    ensure_pad_token,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
+from grpokit.checkpoint import RunDirectory, RunDirectoryError, load_state, rng_state, save_state, seed_everything
+from grpokit.checkpoint import set_rng_state as restore_rng
+from grpokit.config import GRPOConfig
+from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows
+from grpokit.evaluate import decode_completions, heldout_accuracy
+from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype
 from grpokit.monitor import SignalMonitor, group_diversity
-from grpokit.optim import build_optimizer
-from grpokit.rewards import RewardFn, build_reward_funcs, exact_match, score
-from grpokit.rollout import SamplingParams, generate
+from grpokit.policy import Policy
+from grpokit.rewards import RewardFn, exact_match, reward_set, score
 from grpokit.runlog import RunLog, plot_curves, read_metrics
+from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams
 from grpokit.tasks import get_task
 from grpokit.types import Rollout
 
@@ -61,13 +51,8 @@ class TrainResult:
     monitor_fired: dict[str, str]  # monitor kind -> its first warning
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class GRPOTrainer:
-    """Owns the policy, the optional frozen reference, the optimizer and the run directory."""
+    """The GRPO loop over a `Policy` (model, reference, optimizer) and a `Sampler` (rollouts)."""
 
     def __init__(
         self,
@@ -78,109 +63,63 @@ class GRPOTrainer:
         reward_funcs: list[tuple[str, RewardFn]] | None = None,
         train_rows: list[dict[str, Any]] | None = None,
         eval_rows: list[dict[str, Any]] | None = None,
+        sampler: Sampler | None = None,
     ):
-        config.validate(model_given=model is not None)
+        """`model`, `tokenizer`, `train_rows` / `eval_rows`, `reward_funcs` (name, fn) pairs and `sampler` replace
+        what the config would load or build."""
+        config.validate(model_given=model is not None, rows_given=train_rows is not None)
         self.cfg = cfg = config
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, self.device)
+        compute_dtype = resolve_dtype(cfg.dtype, self.device)
         self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
-
-        # Data and rewards are checked before the model is loaded: a typo costs a second, not a load.
-        self.train_rows, self.eval_rows = self._load_rows(train_rows, eval_rows)
-        build = functools.partial(
-            build_reward_funcs,
-            format_pattern=cfg.format_pattern,
-            max_completion_length=cfg.max_completion_length,
-            overlong_buffer=cfg.overlong_buffer,
-            task=self.task,
-            device=str(self.device),
-            reward_model_batch_size=cfg.reward_model_batch_size,
-        )
-        self.reward_funcs = reward_funcs or build(cfg.reward_funcs)
-        # Watched, never optimized: the honest yardstick beside a learned (proxy) reward.
-        self.gold_funcs = build([cfg.gold_reward]) if cfg.gold_reward else []
-        weights = cfg.reward_weights or [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ConfigError(
-                f"config field `reward_weights` has {len(weights)} entries for "
-                f"{len(self.reward_funcs)} reward functions"
-            )
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)  # (K,)
-        if "accuracy" in [name for name, _ in self.reward_funcs + self.gold_funcs]:
-            check_columns(self.train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
-
+        # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
+        self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_rows, eval_rows)
+        self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)
+        self.run_dir = RunDirectory.for_config(cfg)
+        self.run_dir.plan()
         self.tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
-        self.model = (model if model is not None else load_model(cfg.model, self.device, dtype)).to(self.device)
-        if cfg.lora.r > 0:  # before the optimizer is built, so AdamW holds state for the adapters only
-            self.model = apply_lora(self.model, cfg.lora)
-        # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
-        # With LoRA the reference is the policy with its adapters off (`_reference_logprobs`): no copy either.
-        self.ref_model = None
-        if cfg.beta > 0 and not uses_lora(self.model):
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
 
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
         self.minibatch_size = cfg.minibatch_size or self.generation_size
         self.micro_batch_size = cfg.micro_batch_size or self.minibatch_size
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, optimizer_steps)
-        self.sampling = SamplingParams(
-            max_new_tokens=cfg.max_completion_length,
+        # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
+        self.policy = Policy(
+            model,
+            cfg,
+            total_steps=optimizer_steps,
+            device=self.device,
+            compute_dtype=compute_dtype,
+            lora=cfg.lora,
+            reference=cfg.beta > 0,
             temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            stop_strings=tuple(cfg.stop_strings),
         )
+        self.sampler = sampler if sampler is not None else KVCacheSampler(self.tokenizer, compute_dtype=compute_dtype)
+        self.sampler.update_weights(self.policy.model)
+        self.sampling = SamplingParams.for_training(cfg)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self._prompt_order = ShuffledEpochs(len(self.train_rows), cfg.seed)
+        self.prompt_order = ShuffledEpochs(len(self.train_rows), cfg.seed)
         self.monitor = SignalMonitor(long_window=cfg.monitor_window)
+        self.eval_history: list[dict[str, float]] = []
         self.output_dir = Path(cfg.output_dir)
         self.log: RunLog | None = None
 
-    def _load_rows(self, train_rows, eval_rows) -> tuple[list[dict], list[dict]]:
-        cfg = self.cfg
-        if train_rows is None:
-            if self.task is not None:
-                train_rows = self.task.rows(cfg.num_train_prompts, split="train", seed=cfg.seed)
-            else:
-                train_rows = load_rows(cfg.train_data, field="train_data")
-        if eval_rows is None:
-            if cfg.eval_data is not None:
-                eval_rows = load_rows(cfg.eval_data, field="eval_data")
-            elif self.task is not None:
-                eval_rows = self.task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
-            else:
-                eval_rows = []
-        # Reward functions get every column for every completion, so every row must carry the same ones.
-        check_columns(train_rows, [cfg.prompt_column, *train_rows[0]], "train data")
-        check_columns(eval_rows, [cfg.prompt_column], "eval data")
-        return train_rows, eval_rows[: cfg.num_eval_prompts]
-
-    def _next_rows(self) -> list[dict[str, Any]]:
-        """P rows, walking a seeded shuffle of the training set epoch after epoch."""
-        return [self.train_rows[i] for i in self._prompt_order.take(self.cfg.prompts_per_step)]
-
     # ---------------------------------------------------------------- one step
-    def step(self, rows: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """rollout -> score -> advantages -> (reference, old logprobs) -> mu passes of updates."""
+    def step(self, rows: list[dict[str, Any]] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """rollout -> score -> advantages -> (reference, old logprobs) -> mu passes of updates, on `rows`
+        (default: the next `prompts_per_step` rows of the seeded prompt order)."""
         cfg, G = self.cfg, self.cfg.num_generations
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step's first update uses
+        if rows is None:
+            rows = [self.train_rows[i] for i in self.prompt_order.take(cfg.prompts_per_step)]
+        lr = self.policy.lr  # the rate this step's first update uses
         t0 = time.perf_counter()
         prompt_texts, prompt_ids, n_cut = encode_prompts(
             self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length
         )
-        rollout = generate(
-            self.model,
-            prompt_ids,
-            num_generations=G,
-            params=self.sampling,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            generator=self.generator,
-            tokenizer=self.tokenizer,
-        )
+        rollout = self.sampler.generate(prompt_ids, num_generations=G, params=self.sampling, generator=self.generator)
         t_rollout = time.perf_counter()
 
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
@@ -192,32 +131,32 @@ class GRPOTrainer:
             raw_prompts=[row[cfg.prompt_column] for row in rows for _ in range(G)],
         )
         prompts_n = [p for p in prompt_texts for _ in range(G)]
-        rewards = score(self.reward_funcs, prompts_n, completions, columns)  # (N, K)
-        total, _ = algo.combine_rewards(rewards, self.reward_weights)  # (N,)
+        rewards = score(self.rewards.funcs, prompts_n, completions, columns)  # (N, K)
+        total, scorable = algo.combine_rewards(rewards, self.rewards.weights)  # (N,), (N,)
         advantages = algo.multi_reward_advantages(
-            rewards, self.reward_weights, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation
+            rewards, self.rewards.weights, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation
         ).to(self.device)  # (N,)
-        gold = score(self.gold_funcs, prompts_n, completions, columns) if self.gold_funcs else None  # (N, 1)
+        gold = score(self.rewards.gold, prompts_n, completions, columns) if self.rewards.gold else None  # (N, 1)
         t_reward = time.perf_counter()
 
         mask = rollout.completion_mask.float()  # (N, Tc)
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated).float().unsqueeze(-1).to(mask.device)
-        ref_logp = self._reference_logprobs(rollout)
+        ref_logp = self.policy.reference_logprobs(rollout, self.micro_batch_size)  # (N, Tc) or None
         reuses_samples = cfg.num_iterations > 1 or self.minibatch_size < self.generation_size
-        old_logp = self._logprobs_no_grad(self.model, rollout) if reuses_samples else None
+        old_logp = self.policy.logprobs(rollout, self.micro_batch_size) if reuses_samples else None
         t_ref = time.perf_counter()
 
         stats = self._update(rollout, mask, advantages, old_logp, ref_logp)
+        self.sampler.update_weights(self.policy.model)
         t_update = time.perf_counter()
 
-        group_std = total.view(-1, G).std(dim=-1)  # (P,)
         metrics = {
             "reward/mean": total.mean().item(),
             "reward/std": total.std().item(),
-            **{f"reward/{name}": rewards[:, k].nanmean().item() for k, (name, _) in enumerate(self.reward_funcs)},
+            **{f"reward/{name}": rewards[:, k].nanmean().item() for k, (name, _) in enumerate(self.rewards.funcs)},
             **({"gold/mean": gold.nanmean().item()} if gold is not None else {}),
-            "frac_zero_std_groups": (group_std == 0).float().mean().item(),
+            "frac_zero_std_groups": algo.flat_groups(total, scorable, group_size=G).float().mean().item(),
             "diversity": group_diversity(completions, G),
             "completion_length": lengths.float().mean().item(),
             "truncated_frac": rollout.truncated.float().mean().item(),
@@ -232,85 +171,22 @@ class GRPOTrainer:
             "tokens_per_s": float(lengths.sum()) / (t_update - t0),
         }
         samples = [
-            {
-                "prompt": prompts_n[i],
-                "completion": completions[i],
-                "reward": total[i].item(),
-                "advantage": advantages[i].item(),
-            }
-            for i in range(0, len(completions), max(1, G // 2))
-        ]
+            {"prompt": p, "completion": c, "reward": r, "advantage": a}
+            for p, c, r, a in zip(prompts_n, completions, total.tolist(), advantages.tolist())
+        ][:: max(1, G // 2)]
         return metrics, samples
 
-    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
-        """(N, Tc) logprobs under the KL reference; None when beta = 0."""
-        if self.cfg.beta == 0:
-            return None
-        if self.ref_model is not None:
-            return self._logprobs_no_grad(self.ref_model, rollout)
-        was_training = self.model.training
-        self.model.eval()  # as the frozen copy is: the reference never sees dropout
-        try:
-            with adapters_disabled(self.model):
-                return self._logprobs_no_grad(self.model, rollout)
-        finally:
-            self.model.train(was_training)
-
-    @torch.no_grad()
-    def _logprobs_no_grad(self, model: Any, rollout: Rollout) -> torch.Tensor:
-        """Logprobs of the sampled tokens under `model`, in micro-batches, without a graph."""
-        out = []
-        for idx in torch.arange(rollout.num_sequences).split(self.micro_batch_size):
-            logp, _ = self._forward(model, rollout, idx)
-            out.append(_pad_to(logp, rollout.completion_ids.shape[1]))
-        return torch.cat(out)  # (N, Tc)
-
-    def _forward(self, model: Any, rollout: Rollout, idx: torch.Tensor, *, with_entropy: bool = False):
-        """Completion logprobs for rows `idx`, trimmed to the columns those rows use (padding-invariant)."""
-        prompt_mask = rollout.prompt_mask[idx]  # (n, Tp)
-        completion_mask = rollout.completion_mask[idx]  # (n, Tc)
-        first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # left padding shared by all n rows
-        width = int(completion_mask.sum(-1).max().clamp(min=1))
-        return completion_logprobs(
-            model,
-            rollout.prompt_ids[idx, first:],
-            prompt_mask[:, first:],
-            rollout.completion_ids[idx, :width],
-            completion_mask[:, :width],
-            temperature=self.cfg.temperature,
-            chunk_size=self.cfg.logprob_chunk_size,
-            with_entropy=with_entropy,
-        )
-
-    def _update(
-        self,
-        rollout: Rollout,
-        mask: torch.Tensor,
-        advantages: torch.Tensor,
-        old_logp: torch.Tensor | None,
-        ref_logp: torch.Tensor | None,
-    ) -> dict[str, float]:
+    def _update(self, rollout: Rollout, mask, advantages, old_logp, ref_logp) -> dict[str, float]:
         """mu passes; each pass splits the batch into minibatches (one optimizer step each) and those into
         micro-batches (one backward each). Every normalizer is counted over the minibatch."""
-        cfg, N = self.cfg, rollout.num_sequences
-        self.model.train()
-        sums: dict[str, float] = {
-            "loss": 0.0,
-            "grad_norm": 0.0,
-            "kl": 0.0,
-            "entropy": 0.0,
-            "clip_frac/low": 0.0,
-            "clip_frac/high": 0.0,
-            "sampler_logp_diff": 0.0,
-        }
+        cfg, N, policy = self.cfg, rollout.num_sequences, self.policy
+        keys = ("loss", "grad_norm", "kl", "entropy", "clip_frac/low", "clip_frac/high", "sampler_logp_diff")
+        sums = dict.fromkeys(keys, 0.0)
         n_opt_steps, tokens_seen, first_pass_tokens = 0, 0.0, 0.0
         generation_tokens = int(mask.sum())
         for iteration in range(cfg.num_iterations):
-            order = (
-                torch.randperm(N, generator=self.shuffle_generator)
-                if iteration > 0 or old_logp is not None
-                else torch.arange(N)
-            )
+            reshuffle = iteration > 0 or old_logp is not None
+            order = torch.randperm(N, generator=self.shuffle_generator) if reshuffle else torch.arange(N)
             for mb_idx in order.split(self.minibatch_size):
                 normalizer = algo.step_normalizer(
                     cfg.loss_type,
@@ -320,17 +196,15 @@ class GRPOTrainer:
                     max_completion_length=cfg.max_completion_length,
                 )
                 for idx in mb_idx.split(self.micro_batch_size):
-                    logp, entropy = self._forward(self.model, rollout, idx, with_entropy=iteration == 0)
+                    logp, entropy = policy.forward(rollout, idx, with_entropy=iteration == 0)  # (n, w)
                     width = logp.shape[1]
                     m = mask[idx, :width]  # (n, w)
-                    old = old_logp[idx, :width] if old_logp is not None else logp.detach()
-                    ref = ref_logp[idx, :width] if ref_logp is not None else None
                     token_loss, tok_stats = algo.per_token_loss(
                         logp,
-                        old,
+                        old_logp[idx, :width] if old_logp is not None else logp.detach(),
                         advantages[idx],
                         m,
-                        ref_logp=ref,
+                        ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
                         beta=cfg.beta,
                         epsilon_low=cfg.epsilon_low,
                         epsilon_high=cfg.epsilon_high,
@@ -338,7 +212,7 @@ class GRPOTrainer:
                         importance_level=cfg.importance_level,
                     )
                     loss = algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer)
-                    loss.backward()
+                    policy.backward(loss)
                     n_tok = float(m.sum())
                     sums["loss"] += loss.item()
                     sums["clip_frac/low"] += float((tok_stats["clipped_low"] * m).sum())
@@ -349,12 +223,12 @@ class GRPOTrainer:
                         sums["entropy"] += float((entropy * m).sum())
                         first_pass_tokens += n_tok
                     if old_logp is None:  # one pass, one optimizer step: logp is still the sampling policy's
-                        gap = _max_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
+                        gap = algo.max_logp_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
                         sums["sampler_logp_diff"] = max(sums["sampler_logp_diff"], gap)
-                sums["grad_norm"] += self._optimizer_step()
+                sums["grad_norm"] += policy.optimizer_step()
                 n_opt_steps += 1
         if old_logp is not None:
-            sums["sampler_logp_diff"] = _max_gap(old_logp, rollout.sampling_logp, rollout.completion_mask.float())
+            sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask)
         tokens_seen, first_pass_tokens = max(tokens_seen, 1.0), max(first_pass_tokens, 1.0)
         stats = {
             "loss": sums["loss"] / n_opt_steps,
@@ -369,100 +243,84 @@ class GRPOTrainer:
             stats["kl"] = sums["kl"] / tokens_seen
         return stats
 
-    def _optimizer_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
     # ---------------------------------------------------------------- the run
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy with the task's gold checker (or exact match on `answer`), greedy and sampled."""
-        if not self.eval_rows or "answer" not in self.eval_rows[0]:
-            return {}
         is_correct = self.task.is_correct if self.task is not None else exact_match
-        kwargs = {
-            "max_new_tokens": self.cfg.max_completion_length,
-            "seed": self.cfg.seed,
-            "prompt_column": self.cfg.prompt_column,
-            "max_prompt_length": self.cfg.max_prompt_length,
-        }
-        return {
-            "eval/accuracy_greedy": accuracy(
-                self.model, self.tokenizer, self.eval_rows, is_correct, temperature=0.0, **kwargs
-            ),
-            "eval/accuracy_sampled": accuracy(
-                self.model,
-                self.tokenizer,
-                self.eval_rows,
-                is_correct,
-                temperature=self.cfg.eval_temperature,
-                **kwargs,
-            ),
-        }
+        return heldout_accuracy(self.sampler, self.tokenizer, self.eval_rows, is_correct, self.cfg, self.device)
 
     def train(self) -> TrainResult:
+        """The run: resumes or starts it (`resume_from_checkpoint`), checkpoints every `save_every` steps and
+        after the last, and on SIGINT / SIGTERM finishes the step, checkpoints and raises TrainingInterrupted."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self.log = RunLog(self.output_dir, tensorboard=cfg.tensorboard, config=cfg)
-        eval_history = []
-        if result := self.evaluate():
-            eval_history.append({"step": 0, **result})
-            self.log.log(0, result)
-        bar = tqdm(range(1, cfg.max_steps + 1), desc="grpo", disable=not cfg.progress, dynamic_ncols=True)
         metrics: dict[str, float] = {}
-        try:
-            for step in bar:
-                metrics, samples = self.step(self._next_rows())
-                if self.ref_model is not None and cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
-                    sync_reference(self.ref_model, self.model, cfg.ref_sync_alpha)
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                    result = self.evaluate()
-                    metrics.update(result)
-                    eval_history.append({"step": step, **result})
-                self.log.log(step, metrics)
-                if cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1):
-                    self.log.log_completions(step, samples)
-                for warning in self.monitor.update(step, metrics, group_size=cfg.num_generations):
-                    bar.write(f"WARNING {warning}")
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if cfg.save_every and step % cfg.save_every == 0:
-                    self.save(self.output_dir / f"checkpoint-{step}")
-            if result := self.evaluate():
-                eval_history.append({"step": cfg.max_steps, **result})
-                self.log.log(cfg.max_steps, result)
-        finally:
-            bar.close()
-            self.log.close()
-        model_dir = self.save(self.output_dir / "model")
+        with self.run_dir as run:
+            start = self._resume(run.checkpoint) if run.checkpoint is not None else 0
+            self.log = RunLog(run.path, tensorboard=cfg.tensorboard, config=cfg, resume_step=start or None)
+            if start == 0 and (result := self.evaluate()):
+                self.eval_history.append({"step": 0, **result})
+                self.log.log(0, result)
+            steps = range(start + 1, cfg.max_steps + 1)
+            bar = tqdm(steps, "grpo", initial=start, total=cfg.max_steps, disable=not cfg.progress, dynamic_ncols=True)
+            try:
+                for step in bar:
+                    metrics, samples = self.step()
+                    if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
+                        self.policy.sync_reference(cfg.ref_sync_alpha)
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                        result = self.evaluate()
+                        metrics.update(result)
+                        self.eval_history.append({"step": step, **result})
+                    for warning in self.monitor.update(step, metrics, group_size=cfg.num_generations):
+                        bar.write(f"WARNING {warning}")  # before the row is logged: the monitor's figures go in it
+                    self.log.log(step, metrics)
+                    if cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1):
+                        self.log.log_completions(step, samples)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    due = step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0)
+                    if due or run.stop_signal is not None:
+                        run.check_stop(step, self.save_checkpoint(step))
+                if result := self.evaluate():
+                    self.eval_history.append({"step": cfg.max_steps, **result})
+                    self.log.log(cfg.max_steps, result)
+            finally:
+                bar.close()
+                self.log.close()
+            model_dir = self.policy.save(self.output_dir / "model", self.tokenizer, lora_form=cfg.lora.save)
         plot = plot_curves(read_metrics(self.log.metrics_path), self.output_dir / "curves.png", title="GRPO")
+        m = self.monitor
         return TrainResult(
-            self.output_dir,
-            model_dir,
-            plot,
-            metrics,
-            eval_history,
-            list(self.monitor.warnings),
-            self.monitor.summary(),
-            dict(self.monitor.fired),
+            self.output_dir, model_dir, plot, metrics, self.eval_history, list(m.warnings), m.summary(), dict(m.fired)
         )
 
-    def save(self, path: Path) -> Path:
-        """The policy in `save_pretrained` form; with LoRA merged into the weights or as an adapter (`lora.save`)."""
-        if uses_lora(self.model):
-            return save_policy(self.model, self.tokenizer, path, self.cfg.lora.save)
-        return save_model(self.model, self.tokenizer, path)
+    def save_checkpoint(self, step: int) -> Path:
+        """checkpoint-STEP: weights (or the adapter), optimizer, schedule, every RNG, the prompt order and its
+        position, the monitors, the evaluations so far."""
+        state = {
+            "step": step,
+            "policy": self.policy.state_dict(),
+            "rng": rng_state(sampling=self.generator, shuffle=self.shuffle_generator),
+            "prompt_order": self.prompt_order.state_dict(),
+            "monitor": self.monitor.state_dict(),
+            "eval_history": self.eval_history,
+        }
 
+        def write(folder: Path) -> None:
+            self.policy.save_weights(folder, self.tokenizer)
+            save_state(folder, state)
 
-def _max_gap(logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor) -> float:
-    """Largest |trainer - sampler| logprob over real tokens: should be ~1e-6 in fp32; a large value means
-    the sampler and the trainer do not see the same model (dtype, kernels, or a bug)."""
-    return float(((logp - sampling_logp.to(logp.device)).abs() * mask).max())
+        return self.run_dir.save_checkpoint(step, write)
 
-
-def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+    def _resume(self, folder: Path) -> int:
+        state = load_state(folder)
+        if state["step"] > self.cfg.max_steps:
+            raise RunDirectoryError(f"{folder} is past max_steps = {self.cfg.max_steps}: raise max_steps to resume it")
+        self.policy.load_weights(folder)
+        self.policy.load_state_dict(state["policy"])
+        restore_rng(state["rng"], sampling=self.generator, shuffle=self.shuffle_generator)
+        self.prompt_order.load_state_dict(state["prompt_order"])
+        self.monitor.load_state_dict(state["monitor"])
+        self.eval_history = list(state["eval_history"])
+        return state["step"]

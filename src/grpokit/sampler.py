@@ -1,5 +1,10 @@
 """The sampler: G completions for each of P prompts, with the logprobs the trainer will need.
 
+The seam: a `Sampler` generates a `Rollout` for a batch of prompts and receives the policy's weights
+after every optimizer step (`update_weights`). `KVCacheSampler`, the in-process one, shares the policy's
+module, so it has nothing to copy; a sampler in another engine or process would load the weights there.
+Training rollouts and held-out evaluation go through the same object.
+
 GRPO (Shao et al. 2024, "DeepSeekMath", Sec. 4.1) samples a group of G outputs per question. All G
 share the prompt, so the prompt is prefilled ONCE and its KV cache is repeated G times along the
 batch; only the decode steps run on all N = P * G rows.
@@ -11,8 +16,10 @@ from the same weights (DESIGN.md invariant 6), so old_logp can come straight fro
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -35,6 +42,17 @@ class SamplingParams:
     """Draw from the k most likely tokens only; 0 = off."""
     stop_strings: tuple[str, ...] = ()
     """A row ends at the first step whose decoded completion contains one of these (needs a tokenizer)."""
+
+    @classmethod
+    def for_training(cls, cfg: Any) -> SamplingParams:
+        """The rollout settings of a GRPO config."""
+        return cls(
+            max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            stop_strings=tuple(cfg.stop_strings),
+        )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -206,3 +224,64 @@ def generate(
         truncated=~done,  # (N,)
         group_size=G,
     )
+
+
+class Sampler(Protocol):
+    """What the trainer needs from a generation engine."""
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Take the policy's current weights (called before the first rollout and after every update)."""
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> Rollout:
+        """`num_generations` completions of every prompt, rows p*G .. p*G+G-1 for prompt p."""
+
+
+class KVCacheSampler:
+    """The in-process sampler: `generate` above on the policy's own module, under its compute dtype.
+
+    `compute_dtype` below float32 runs the draws under autocast, as the trainer's forward does, so the
+    sampler's logprobs stay comparable to the trainer's (`sampler_logp_diff`).
+    """
+
+    def __init__(self, tokenizer: Any, *, compute_dtype: torch.dtype = torch.float32):
+        self.tokenizer = tokenizer
+        self.compute_dtype = compute_dtype
+        self.model: torch.nn.Module | None = None
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        self.model = model  # the same parameters the optimizer updates: nothing to copy
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> Rollout:
+        if self.model is None:
+            raise RuntimeError("KVCacheSampler.generate before update_weights: the sampler has no model yet")
+        device_type = next(self.model.parameters()).device.type
+        autocast = (
+            torch.autocast(device_type, dtype=self.compute_dtype)
+            if self.compute_dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            return generate(
+                self.model,
+                prompt_ids,
+                num_generations=num_generations,
+                params=params,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                generator=generator,
+                tokenizer=self.tokenizer,
+            )

@@ -1,0 +1,231 @@
+"""The policy: the trained model and everything that touches it for training, behind one narrow face.
+
+Every stage (GRPO, SFT, the reward model) trains through a `Policy`: it owns the model, the optional KL
+reference (a frozen copy, the base with its LoRA adapters off, or none), AdamW and its schedule, the
+micro-batched forward, the backward, the one optimizer step, the reference sync, saving and the state a
+checkpoint needs. Nothing outside it touches the raw model for training, so distributed wrapping lands
+here alone.
+
+Precision: trained weights and AdamW state stay float32 (master weights); `compute_dtype` below float32
+runs forwards under autocast. A bf16 weight cannot take a small update: its 8-bit mantissa rounds a step
+of lr 1e-6 on a weight of 0.02 back to the same number, so pure-bf16 training stalls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from grpokit.checkpoint import save_model
+from grpokit.config import LoRAConfig, RunConfig
+from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
+from grpokit.modeling import completion_logprobs
+from grpokit.optim import build_optimizer
+
+
+class TokenBatch(Protocol):
+    """Rows of [left-padded prompt | right-padded completion]; a `Rollout` is one."""
+
+    prompt_ids: torch.Tensor  # (N, Tp)
+    prompt_mask: torch.Tensor  # (N, Tp)
+    completion_ids: torch.Tensor  # (N, Tc)
+    completion_mask: torch.Tensor  # (N, Tc)
+
+
+class Policy:
+    """The trained model, its optional reference, its optimizer and schedule."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optim: RunConfig,
+        *,
+        total_steps: int,
+        device: torch.device,
+        compute_dtype: torch.dtype = torch.float32,
+        lora: LoRAConfig | None = None,
+        reference: bool = False,
+        temperature: float = 1.0,
+    ):
+        """`optim`: any stage config (learning rate, AdamW, schedule, max_grad_norm, logprob_chunk_size).
+        `reference`: keep a KL reference (with LoRA the base with adapters off, otherwise a frozen copy).
+        `temperature`: logprobs are taken under logits / temperature, as the sampler draws."""
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self.temperature = temperature
+        self.chunk_size = optim.logprob_chunk_size
+        self.max_grad_norm = optim.max_grad_norm
+        model = model.to(self.device)
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+            model = model.float()  # master weights: see the module docstring
+        if lora is not None and lora.r > 0:  # before the optimizer, so AdamW holds state for the adapters only
+            model = apply_lora(model, lora)
+        self.model = model
+        self.has_reference = reference
+        # With LoRA the reference is the policy with its adapters off: no copy (`reference_logprobs`).
+        self.ref_model: torch.nn.Module | None = None
+        if reference and not uses_lora(model):
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            if compute_dtype != torch.float32:
+                self.ref_model.to(compute_dtype)  # never trained: its forward runs in compute_dtype anyway
+        self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
+
+    # ---------------------------------------------------------------- forwards
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def forward(self, batch: TokenBatch, idx: torch.Tensor, *, with_entropy: bool = False):
+        """Completion logprobs (n, w) of rows `idx` with a graph, in train mode; w = their longest completion.
+        -> (logp, entropy or None)."""
+        self.model.train()
+        return self._logprobs(self.model, batch, idx, with_entropy=with_entropy)
+
+    @torch.no_grad()
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
+        """(N, Tc) logprobs of the current policy, without a graph (the old-policy logprobs)."""
+        return self._all_rows(self.model, batch, micro_batch_size)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor | None:
+        """(N, Tc) logprobs under the KL reference, in eval mode as a frozen model is; None without one."""
+        if not self.has_reference:
+            return None
+        if self.ref_model is not None:
+            return self._all_rows(self.ref_model, batch, micro_batch_size)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with adapters_disabled(self.model):
+                return self._all_rows(self.model, batch, micro_batch_size)
+        finally:
+            self.model.train(was_training)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(model, *args, **kwargs) in train mode under the compute dtype: the training forward of a stage
+        whose model is not a causal LM (the reward model's pair scores)."""
+        self.model.train()
+        with self.autocast():
+            return fn(self.model, *args, **kwargs)
+
+    def _all_rows(self, model: torch.nn.Module, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
+        width = batch.completion_ids.shape[1]
+        out = []
+        for idx in torch.arange(batch.completion_ids.shape[0]).split(micro_batch_size):
+            logp, _ = self._logprobs(model, batch, idx)
+            out.append(torch.nn.functional.pad(logp, (0, width - logp.shape[1])))
+        return torch.cat(out)  # (N, Tc)
+
+    def _logprobs(self, model: torch.nn.Module, batch: TokenBatch, idx: torch.Tensor, *, with_entropy=False):
+        """Rows `idx` trimmed to the columns they use, so padding elsewhere in the batch costs nothing."""
+        prompt_mask = batch.prompt_mask[idx]  # (n, Tp)
+        completion_mask = batch.completion_mask[idx]  # (n, Tc)
+        first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # left padding shared by all n rows
+        width = int(completion_mask.sum(-1).max().clamp(min=1))
+        with self.autocast():
+            return completion_logprobs(
+                model,
+                batch.prompt_ids[idx, first:].to(self.device),
+                prompt_mask[:, first:].to(self.device),
+                batch.completion_ids[idx, :width].to(self.device),
+                completion_mask[:, :width].to(self.device),
+                temperature=self.temperature,
+                chunk_size=self.chunk_size,
+                with_entropy=with_entropy,
+            )
+
+    # ---------------------------------------------------------------- the update
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self) -> float:
+        """Clip the trainable parameters' gradients, step AdamW and the schedule, zero the gradients.
+        Returns the gradient norm before clipping."""
+        params = self.trainable_parameters()
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step uses."""
+        return self.scheduler.get_last_lr()[0]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def sync_reference(self, alpha: float) -> None:
+        """ref <- alpha * policy + (1 - alpha) * ref (TR-DPO); only a frozen copy can be synced."""
+        if self.ref_model is None:
+            raise ValueError("sync_reference needs a frozen reference copy (beta > 0, no LoRA)")
+        sync_reference(self.ref_model, self.model, alpha)
+
+    # ---------------------------------------------------------------- saving and resuming
+    def save(self, path: str | Path, tokenizer: Any, *, lora_form: str = "merged") -> Path:
+        """The policy in `save_pretrained` form; with LoRA merged into the weights or as the adapter alone."""
+        if uses_lora(self.model):
+            return save_policy(self.model, tokenizer, path, lora_form)
+        return save_model(self.model, tokenizer, path)
+
+    def save_weights(self, folder: Path, tokenizer: Any) -> None:
+        """Into an open checkpoint folder: the model in `save_pretrained` form (with LoRA the adapter), which
+        loads back exactly (float32) and also serves anyone who wants that step's model."""
+        if uses_lora(self.model):
+            self.model.save_pretrained(folder, safe_serialization=True)
+        else:
+            # one file, so `load_weights` reads it whole
+            self.model.save_pretrained(folder, safe_serialization=True, max_shard_size="1000GB")
+        tokenizer.save_pretrained(folder)
+
+    @torch.no_grad()
+    def load_weights(self, folder: Path) -> None:
+        """The trained weights from a checkpoint folder written by `save_weights`, bit for bit."""
+        from safetensors.torch import load_file
+
+        if uses_lora(self.model):
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
+            missing = [k for k in result.missing_keys if ".lora_" in k]
+            if missing:
+                raise ValueError(f"{folder}: the adapter lacks {missing[:3]}: was it written by another LoRA config?")
+            return
+        saved = load_file(folder / "model.safetensors")
+        params = dict(self.model.named_parameters())  # tied weights appear once, under the name saved
+        missing = sorted(set(params) - set(saved))
+        if missing:
+            raise ValueError(f"{folder}: model.safetensors lacks {missing[:3]}: was it written for another model?")
+        for name, param in params.items():
+            param.copy_(saved[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights (`save_weights`): AdamW, the schedule, and a synced reference."""
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.ref_model is not None:
+            state["reference"] = {k: v.detach().clone() for k, v in self.ref_model.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ref_model is not None and "reference" in state:
+            self.ref_model.load_state_dict(state["reference"])
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -1,0 +1,86 @@
+"""Shared pieces of the trainer-level tests: tiny saved models, a small GRPO config, a recording sampler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from grpokit.config import GRPOConfig
+from grpokit.rewards import gold_reward
+from grpokit.sampler import KVCacheSampler
+from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
+
+HIDDEN = 32
+STEP_KEYS = (
+    "reward/mean",
+    "reward/std",
+    "reward/accuracy",
+    "frac_zero_std_groups",
+    "entropy",
+    "completion_length",
+    "truncated_frac",
+    "clip_frac/low",
+    "clip_frac/high",
+    "grad_norm",
+    "lr",
+    "time/rollout",
+    "time/update",
+    "tokens_per_s",
+)
+
+
+def digit_share(prompts, completions, **_):
+    """A graded reward that (almost) always differs inside a group, so advantages and gradients are not 0."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.05 * len(c) for c in completions]
+
+
+def with_digit_share():
+    """`accuracy` (the task's gold checker) plus the graded reward."""
+    return [("accuracy", gold_reward(AdditionTask().is_correct)), ("digit_share", digit_share)]
+
+
+def save_tiny(path: Path, arch: str = "qwen2", *, pad_equals_eos: bool = False, seed: int = 0) -> Path:
+    tokenizer = build_char_tokenizer(pad_equals_eos=pad_equals_eos)
+    tiny_model(tokenizer, arch, hidden_size=HIDDEN, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def config(model, out: Path, **overrides) -> GRPOConfig:
+    values = {
+        "model": str(model),
+        "output_dir": str(out),
+        "max_steps": 2,
+        "prompts_per_step": 2,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "num_train_prompts": 32,
+        "num_eval_prompts": 0,
+        "learning_rate": 1e-3,
+        "progress": False,
+        "tensorboard": False,
+        "seed": 0,
+    }
+    if "train_data" not in overrides:
+        values["task"] = "addition"
+    return GRPOConfig(**{**values, **overrides})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_rows(out: Path) -> list[dict]:
+    return [r for r in read_jsonl(out / "metrics.jsonl") if "reward/mean" in r]
+
+
+class RecordingSampler(KVCacheSampler):
+    """The in-process sampler, keeping every Rollout it returns (handed to the trainer as `sampler=`)."""
+
+    def __init__(self, tokenizer=None, **kwargs):
+        super().__init__(tokenizer if tokenizer is not None else build_char_tokenizer(), **kwargs)
+        self.rollouts = []
+
+    def generate(self, *args, **kwargs):
+        self.rollouts.append(super().generate(*args, **kwargs))
+        return self.rollouts[-1]
