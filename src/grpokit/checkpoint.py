@@ -246,12 +246,15 @@ class RunDirectory:
 
     def plan(self) -> Path | None:
         """The checkpoint to resume from (None: a fresh run); raises when the folder cannot be used."""
+        if (self.path / ".lock").exists() and self._lock_file is None:  # a quick look; `__enter__` takes it
+            with open(self.path / ".lock", "a+") as probe:
+                self._take_lock(probe)
         if self.resume_from is None:
             found = self.holds_run()
             if found and not self.overwrite:
                 raise RunDirectoryError(
                     f"output_dir {self.path} holds another run ({', '.join(found[:4])}): resume it with "
-                    "`--resume-from-checkpoint latest`, replace it with `--overwrite-output-dir true`, or "
+                    "`--resume-from-checkpoint latest`, replace it with `--overwrite-output-dir`, or "
                     "choose another output_dir"
                 )
             return None
@@ -275,6 +278,20 @@ class RunDirectory:
             self._check_config_matches()
         return checkpoint
 
+    def _take_lock(self, lock_file: Any) -> None:
+        """flock the folder's lock file; the kernel drops it when the holder exits, kill -9 included."""
+        import fcntl
+
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "another process"
+            raise RunDirectoryError(
+                f"output_dir {self.path} is in use by a running run ({holder}); wait for it, or choose another "
+                "output_dir"
+            ) from None
+
     def _check_config_matches(self) -> None:
         import yaml
 
@@ -294,20 +311,14 @@ class RunDirectory:
             )
 
     def __enter__(self) -> RunDirectory:
-        import fcntl
-
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+        lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the whole run
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "another process"
-            self._lock_file.close()
-            raise RunDirectoryError(
-                f"output_dir {self.path} is in use by a running run ({holder}); wait for it, or choose another "
-                "output_dir"
-            ) from None
+            self._take_lock(lock_file)
+        except RunDirectoryError:
+            lock_file.close()
+            raise
+        self._lock_file = lock_file
         self._lock_file.seek(0)
         self._lock_file.truncate()
         self._lock_file.write(f"pid {os.getpid()}\n")

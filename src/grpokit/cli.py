@@ -60,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(rest)
     except TrainingInterrupted as stop:
         kept, skip = [], False
-        for arg in argv:  # a resume command for a run already resumed or overwritten once
-            if skip or arg in ("--resume-from-checkpoint", "--overwrite-output-dir"):
-                skip = not skip
+        for arg in argv:  # the resume command of a run that was itself resumed or overwritten
+            if skip or arg in ("--overwrite-output-dir", "--no-overwrite-output-dir"):
+                skip = False
                 continue
-            kept.append(arg)
+            skip = arg == "--resume-from-checkpoint"
+            if not skip:
+                kept.append(arg)
         resume = shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
         print(f"grpokit {command}: {stop}\nresume with: {resume}", file=sys.stderr)
         return stop.exit_code

@@ -26,7 +26,8 @@ from grpokit.modeling import resolve_device
 from grpokit.runlog import read_metrics
 from grpokit.sft import sft_rows, train_sft
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer, TrainResult
+from grpokit.trainer import GRPOTrainer
+from grpokit.types import TrainResult
 
 
 @dataclass

@@ -17,7 +17,6 @@ to a frozen reference. No value network. Where grpokit deviates from the paper:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,7 @@ from grpokit.rewards import RewardFn, exact_match, reward_set, score
 from grpokit.runlog import RunLog, plot_curves, read_metrics
 from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams
 from grpokit.tasks import get_task
-from grpokit.types import Rollout
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    model_dir: Path
-    plot_path: Path | None
-    final_metrics: dict[str, float]
-    eval_history: list[dict[str, float]]
-    warnings: list[str]
-    monitor_summary: list[str]  # one line per monitor: FIRED with its first warning, or its last figures
-    monitor_fired: dict[str, str]  # monitor kind -> its first warning
+from grpokit.types import Rollout, TrainResult
 
 
 class GRPOTrainer:
@@ -104,7 +91,6 @@ class GRPOTrainer:
         self.prompt_order = ShuffledEpochs(len(self.train_rows), cfg.seed)
         self.monitor = SignalMonitor(long_window=cfg.monitor_window)
         self.eval_history: list[dict[str, float]] = []
-        self.output_dir = Path(cfg.output_dir)
         self.log: RunLog | None = None
 
     # ---------------------------------------------------------------- one step
@@ -244,24 +230,29 @@ class GRPOTrainer:
         return stats
 
     # ---------------------------------------------------------------- the run
-    def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy with the task's gold checker (or exact match on `answer`), greedy and sampled."""
+    def evaluate(self, step: int, *, log: bool = False) -> dict[str, float]:
+        """Held-out accuracy with the task's gold checker (or exact match on `answer`), greedy and sampled; kept in
+        the eval history at `step`, and logged as a row of its own when `log`."""
         is_correct = self.task.is_correct if self.task is not None else exact_match
-        return heldout_accuracy(self.sampler, self.tokenizer, self.eval_rows, is_correct, self.cfg, self.device)
+        result = heldout_accuracy(self.sampler, self.tokenizer, self.eval_rows, is_correct, self.cfg, self.device)
+        if result:
+            self.eval_history.append({"step": step, **result})
+            if log:
+                self.log.log(step, result)
+        return result
 
     def train(self) -> TrainResult:
         """The run: resumes or starts it (`resume_from_checkpoint`), checkpoints every `save_every` steps and
         after the last, and on SIGINT / SIGTERM finishes the step, checkpoints and raises TrainingInterrupted."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
+        cfg, out = self.cfg, self.run_dir.path
         metrics: dict[str, float] = {}
         with self.run_dir as run:
             start = self._resume(run.checkpoint) if run.checkpoint is not None else 0
-            self.log = RunLog(run.path, tensorboard=cfg.tensorboard, config=cfg, resume_step=start or None)
-            if start == 0 and (result := self.evaluate()):
-                self.eval_history.append({"step": 0, **result})
-                self.log.log(0, result)
+            self.log = RunLog(out, tensorboard=cfg.tensorboard, config=cfg, resume_step=start or None)
+            if start == 0:
+                self.evaluate(0, log=True)
             steps = range(start + 1, cfg.max_steps + 1)
             bar = tqdm(steps, "grpo", initial=start, total=cfg.max_steps, disable=not cfg.progress, dynamic_ncols=True)
             try:
@@ -270,9 +261,7 @@ class GRPOTrainer:
                     if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
                         self.policy.sync_reference(cfg.ref_sync_alpha)
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                        result = self.evaluate()
-                        metrics.update(result)
-                        self.eval_history.append({"step": step, **result})
+                        metrics.update(self.evaluate(step))
                     for warning in self.monitor.update(step, metrics, group_size=cfg.num_generations):
                         bar.write(f"WARNING {warning}")  # before the row is logged: the monitor's figures go in it
                     self.log.log(step, metrics)
@@ -282,17 +271,15 @@ class GRPOTrainer:
                     due = step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0)
                     if due or run.stop_signal is not None:
                         run.check_stop(step, self.save_checkpoint(step))
-                if result := self.evaluate():
-                    self.eval_history.append({"step": cfg.max_steps, **result})
-                    self.log.log(cfg.max_steps, result)
+                self.evaluate(cfg.max_steps, log=True)
             finally:
                 bar.close()
                 self.log.close()
-            model_dir = self.policy.save(self.output_dir / "model", self.tokenizer, lora_form=cfg.lora.save)
-        plot = plot_curves(read_metrics(self.log.metrics_path), self.output_dir / "curves.png", title="GRPO")
+            model_dir = self.policy.save(out / "model", self.tokenizer, lora_form=cfg.lora.save)
+        plot = plot_curves(read_metrics(self.log.metrics_path), out / "curves.png", title="GRPO")
         m = self.monitor
         return TrainResult(
-            self.output_dir, model_dir, plot, metrics, self.eval_history, list(m.warnings), m.summary(), dict(m.fired)
+            out, model_dir, plot, metrics, self.eval_history, list(m.warnings), m.summary(), dict(m.fired)
         )
 
     def save_checkpoint(self, step: int) -> Path:

@@ -7,6 +7,7 @@ Tp = padded prompt length (prompts are LEFT-padded), Tc = padded completion leng
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,3 +27,17 @@ class Rollout:
     @property
     def num_sequences(self) -> int:
         return self.completion_ids.shape[0]
+
+
+@dataclass
+class TrainResult:
+    """What a GRPO run returns (its files are in `output_dir`)."""
+
+    output_dir: Path
+    model_dir: Path
+    plot_path: Path | None
+    final_metrics: dict[str, float]
+    eval_history: list[dict[str, float]]
+    warnings: list[str]
+    monitor_summary: list[str]  # one line per monitor: FIRED with its first warning, or its last figures
+    monitor_fired: dict[str, str]  # monitor kind -> its first warning

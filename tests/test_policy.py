@@ -1,0 +1,102 @@
+"""The policy's precision and the whole-or-absent folders it is saved into.
+
+bf16 compute keeps float32 master weights and AdamW state: with pure bf16 weights a step at lr 1e-6 moved
+0.39% of a real model's weights (a bf16 weight of 0.02 cannot take a change of 1e-6); with master weights
+it moves nearly all of them, as float32 does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import with_digit_share
+
+from grpokit.checkpoint import atomic_folder, list_checkpoints, write_checkpoint
+from grpokit.config import GRPOConfig
+from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.trainer import GRPOTrainer
+
+
+def one_step_moved_fraction(dtype: str, tmp_path) -> tuple[float, GRPOTrainer]:
+    tokenizer = build_char_tokenizer()
+    model = tiny_model(tokenizer, "llama", hidden_size=32, seed=0)
+    cfg = GRPOConfig(
+        output_dir=str(tmp_path / dtype),
+        dtype=dtype,
+        device="cpu",
+        learning_rate=1e-6,
+        max_steps=1,
+        prompts_per_step=4,
+        num_generations=4,
+        max_completion_length=6,
+        beta=0.04,
+        progress=False,
+        tensorboard=False,
+    )
+    trainer = GRPOTrainer(
+        cfg, model=model, tokenizer=tokenizer, reward_funcs=with_digit_share(), train_rows=AdditionTask().rows(8)
+    )
+    before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    metrics, _ = trainer.step()
+    assert metrics["grad_norm"] > 0
+    after = trainer.policy.trainable_parameters()
+    moved = sum(int((a != b).sum()) for a, b in zip(after, before))
+    return moved / sum(p.numel() for p in before), trainer
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_step_at_lr_1e_6_moves_nearly_every_weight(dtype, tmp_path):
+    fraction, trainer = one_step_moved_fraction(dtype, tmp_path)
+    assert fraction > 0.99, f"{dtype}: one step moved {fraction:.2%} of the trainable weights"
+    assert all(p.dtype == torch.float32 for p in trainer.policy.trainable_parameters())  # master weights
+    state = trainer.policy.optimizer.state
+    assert state and all(v.dtype == torch.float32 for s in state.values() for v in s.values() if v.dim() > 0)
+    # the frozen reference is never trained: it is kept in the compute dtype
+    assert {p.dtype for p in trainer.policy.ref_model.parameters()} == {getattr(torch, dtype)}
+    assert trainer.policy.compute_dtype == getattr(torch, dtype)
+
+
+def test_bf16_compute_runs_under_autocast_and_stays_near_float32(tmp_path):
+    _, trainer = one_step_moved_fraction("bfloat16", tmp_path)
+    rows = AdditionTask().rows(4, seed=9)
+    metrics, _ = trainer.step(rows)
+    # the sampler draws under the same autocast as the trainer's forward, so their logprobs stay close
+    # (bf16 rounding: far above fp32's 1e-6, far below a mismatch of models)
+    assert 0 < metrics["sampler_logp_diff"] < 0.1
+
+
+# ---------------------------------------------------------------- whole-or-absent folders
+
+
+def test_atomic_folder_writes_under_a_hidden_name_and_swaps_in_whole(tmp_path):
+    target = tmp_path / "model"
+    with atomic_folder(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".tmp-")  # not `model*`, not `checkpoint-*`
+        (tmp / "weights").write_text("old")
+    assert (target / "weights").read_text() == "old"
+    with atomic_folder(target) as tmp:
+        (tmp / "weights").write_text("new")
+        assert (target / "weights").read_text() == "old"  # untouched until the new one is complete
+    assert (target / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_an_error_while_writing_leaves_the_previous_folder(tmp_path):
+    target = tmp_path / "model"
+    with atomic_folder(target) as tmp:
+        (tmp / "weights").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_folder(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("disk full")
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_checkpoints_carry_a_marker_and_only_the_newest_stay(tmp_path):
+    for step in (2, 4, 6):
+        write_checkpoint(tmp_path, step, lambda folder, s=step: (folder / "state").write_text(str(s)), keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 6]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    (tmp_path / "checkpoint-6" / "checkpoint_complete.json").unlink()  # as if its writing had been cut short
+    (tmp_path / "checkpoint-8").mkdir()  # a folder of the right name and no marker
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4]

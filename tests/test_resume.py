@@ -1,0 +1,337 @@
+"""Exact resume and faults (DESIGN invariant 8), through the CLI in subprocesses as a user meets them.
+
+N straight steps equal k steps + a real `kill -9` + resume + N - k steps: the same final parameters and
+optimizer state (torch.equal) and the same metrics rows (times aside), for GRPO full fine-tune (with the
+checkpoint on an epoch boundary of the prompt order), GRPO with LoRA, and SFT. SIGINT / SIGTERM finish the
+step, checkpoint and exit 130 / 143; a locked folder is refused; an interrupted checkpoint is never loaded;
+a kill during a model save leaves the old or the new folder, whole.
+
+The children learn where the run stands from their own output (a reward function that prints a line per
+step, or the progress bar), so no test sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import read_jsonl, save_tiny
+from safetensors.torch import load_file
+
+TIMES = re.compile(r"^time/|^tokens_per_s$")
+PROBE = '''
+import sys
+
+calls = 0
+
+
+def graded(prompts, completions, **_):
+    """A reward with a spread in every group; prints one line per step so the test knows where the run is."""
+    global calls
+    calls += 1
+    print(f"scored {calls}", flush=True)
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.05 * len(c) for c in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A saved tiny Llama, the printing reward module, and the environment the children run in."""
+    root = tmp_path_factory.mktemp("resume")
+    (root / "probe_rewards.py").write_text(PROBE)
+    model = save_tiny(root / "tiny", "llama")
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return {"root": root, "model": model, "env": env}
+
+
+def grpo_yaml(world, name: str, **overrides) -> Path:
+    values = {
+        "model": str(world["model"]),
+        "task": "addition",
+        "output_dir": str(world["root"] / name),
+        "max_steps": 6,
+        "prompts_per_step": 2,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "num_train_prompts": 4,  # 2 steps an epoch: checkpoint-2 falls exactly on the epoch boundary
+        "num_eval_prompts": 0,
+        "learning_rate": 1e-3,
+        "reward_funcs": ["probe_rewards:graded"],
+        "progress": False,
+        "tensorboard": False,
+        "save_every": 2,
+        "seed": 0,
+        **overrides,
+    }
+    path = world["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def cli(world, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "grpokit.cli", *args], env=world["env"], capture_output=True, text=True, timeout=300
+    )
+
+
+def start(world, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "grpokit.cli", *args],
+        env=world["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_line(proc: subprocess.Popen, line: str) -> None:
+    """Read the child's stdout until `line` (it blocks on the pipe: no sleeping, no polling)."""
+    seen = []
+    for out in proc.stdout:
+        seen.append(out.strip())
+        if out.strip() == line:
+            return
+    proc.wait()
+    raise AssertionError(
+        f"the child ended (rc {proc.returncode}) before printing {line!r}: {seen[-5:]}\n{proc.stderr.read()}"
+    )
+
+
+def final_state(run_dir: Path, step: int):
+    """(weights, optimizer state, metrics rows without times) of a finished run's checkpoint-STEP."""
+    folder = run_dir / f"checkpoint-{step}"
+    weights_file = (
+        "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors"
+    )
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    rows = [{k: v for k, v in r.items() if not TIMES.search(k)} for r in read_jsonl(run_dir / "metrics.jsonl")]
+    return load_file(folder / weights_file), state["policy"]["optimizer"], rows
+
+
+def assert_same_run(a: Path, b: Path, step: int) -> None:
+    w_a, opt_a, rows_a = final_state(a, step)
+    w_b, opt_b, rows_b = final_state(b, step)
+    assert w_a.keys() == w_b.keys() and w_a
+    for name in w_a:
+        assert torch.equal(w_a[name], w_b[name]), name
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
+    for i, s in opt_a["state"].items():
+        for key, value in s.items():
+            assert torch.equal(value, opt_b["state"][i][key]), (i, key)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]  # every step once, in order
+    assert rows_a == rows_b
+
+
+def initial_weights(world) -> dict[str, torch.Tensor]:
+    return load_file(world["model"] / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def straight_full(world):
+    """GRPO full fine-tune, 6 steps without interruption."""
+    result = cli(world, "train", str(grpo_yaml(world, "straight_full")))
+    assert result.returncode == 0, result.stderr
+    return world["root"] / "straight_full"
+
+
+def kill_and_resume(world, config: Path, *, after_line: str, command: str = "train") -> subprocess.CompletedProcess:
+    proc = start(world, command, str(config))
+    wait_for_line(proc, after_line)
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return cli(world, command, str(config), "--resume-from-checkpoint", "latest")
+
+
+# ---------------------------------------------------------------- kill -9 and resume == straight
+
+
+def test_grpo_full_kill9_on_an_epoch_boundary_resumes_to_the_straight_run(world, straight_full):
+    config = grpo_yaml(world, "killed_full")
+    run_dir = world["root"] / "killed_full"
+    resumed = kill_and_resume(world, config, after_line="scored 3")  # step 3 was running; checkpoint-2 is the last
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(straight_full, run_dir, 6)
+    trained, initial = final_state(run_dir, 6)[0], initial_weights(world)
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # the runs really trained
+
+
+def test_grpo_lora_kill9_resumes_to_the_straight_run(world):
+    lora = {"lora": {"r": 4, "alpha": 8.0}, "beta": 0.04, "num_train_prompts": 6, "learning_rate": 1e-2}
+    straight = cli(world, "train", str(grpo_yaml(world, "straight_lora", **lora)))
+    assert straight.returncode == 0, straight.stderr
+    config = grpo_yaml(world, "killed_lora", **lora)
+    resumed = kill_and_resume(world, config, after_line="scored 4")  # checkpoint-2 then an epoch end at step 3
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(world["root"] / "straight_lora", world["root"] / "killed_lora", 6)
+    weights = final_state(world["root"] / "killed_lora", 6)[0]
+    assert weights and all(".lora_" in k for k in weights)  # the checkpoint holds the adapter alone
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
+
+
+def sft_yaml(world, name: str) -> Path:
+    values = {
+        "model": str(world["model"]),
+        "task": "addition",
+        "output_dir": str(world["root"] / name),
+        "max_steps": 60,
+        "batch_size": 16,
+        "num_train_prompts": 200,
+        "max_completion_length": 4,
+        "save_every": 10,
+        "progress": True,
+        "seed": 0,
+    }
+    path = world["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_sft_kill9_resumes_to_the_straight_run(world):
+    straight = cli(world, "sft", str(sft_yaml(world, "straight_sft")))
+    assert straight.returncode == 0, straight.stderr
+    config = sft_yaml(world, "killed_sft")
+    proc = start(world, "sft", str(config))
+    # the progress bar (stderr) says how many steps are done; past 10, checkpoint-10 is on disk
+    buffer, done = "", 0
+    while not 11 <= done < 60:
+        chunk = proc.stderr.read(64)
+        assert chunk, f"SFT ended before step 11 was seen (rc {proc.wait()})"
+        buffer += chunk
+        counts = [int(n) for n in re.findall(r"(\d+)/60", buffer)]
+        done = max(counts, default=0)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = cli(world, "sft", str(config), "--resume-from-checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(world["root"] / "straight_sft", world["root"] / "killed_sft", 60)
+
+
+# ---------------------------------------------------------------- SIGINT / SIGTERM
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_checkpoints_exits_and_resumes_to_the_straight_run(world, straight_full, signum, code):
+    name = f"signal_{signum}"
+    config = grpo_yaml(world, name, save_every=0)  # no periodic checkpoint: the signal's is the only one
+    proc = start(world, "train", str(config))
+    wait_for_line(proc, "scored 3")
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == code, stderr
+    run_dir = world["root"] / name
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-3"]  # the step in flight finished
+    assert f"resume with: grpokit train {config} --resume-from-checkpoint latest" in stderr
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    resumed = cli(world, "train", str(config), "--resume-from-checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr
+    weights, straight = final_state(run_dir, 6)[0], final_state(straight_full, 6)[0]
+    assert all(torch.equal(weights[k], straight[k]) for k in straight)
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(world):
+    config = grpo_yaml(world, "locked", max_steps=100_000)  # still running when the others try
+    first = start(world, "train", str(config))
+    try:
+        wait_for_line(first, "scored 1")
+        for extra in ([], ["--resume-from-checkpoint", "latest"], ["--overwrite-output-dir"]):
+            second = cli(world, "train", str(config), *extra)
+            assert second.returncode == 2
+            assert "is in use by a running run" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_or_replaced(world, straight_full, tmp_path):
+    copy = shutil.copytree(straight_full, tmp_path / "copy")
+    config = grpo_yaml(world, "unused", output_dir=str(copy), max_steps=2)
+    refused = cli(world, "train", str(config))
+    assert refused.returncode == 2
+    assert "holds another run" in refused.stderr and "--overwrite-output-dir" in refused.stderr
+    assert len(read_jsonl(copy / "metrics.jsonl")) == 6  # nothing touched
+    replaced = cli(world, "train", str(config), "--overwrite-output-dir")
+    assert replaced.returncode == 0, replaced.stderr
+    assert [r["step"] for r in read_jsonl(copy / "metrics.jsonl")] == [1, 2]  # its own rows only
+    assert sorted(p.name for p in copy.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_resuming_with_a_changed_config_names_the_fields(world, straight_full, tmp_path):
+    copy = shutil.copytree(straight_full, tmp_path / "copy")
+    config = grpo_yaml(world, "unused", output_dir=str(copy), learning_rate=5e-4, max_steps=8)
+    result = cli(world, "train", str(config), "--resume-from-checkpoint", "latest")
+    assert result.returncode == 2
+    assert "`learning_rate` 0.001 -> 0.0005" in result.stderr
+    assert "`max_steps` 6" not in result.stderr  # a longer run is a resume, not a different one
+
+
+def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_path):
+    run_dir = shutil.copytree(straight_full, tmp_path / "run")
+    newest = run_dir / "checkpoint-6"
+    # what a kill in the middle of writing leaves: a truncated file and no marker
+    state_file = newest / "trainer_state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    (newest / "checkpoint_complete.json").unlink()
+    config = grpo_yaml(world, "unused", output_dir=str(run_dir))
+
+    explicit = cli(world, "train", str(config), "--resume-from-checkpoint", str(newest))
+    assert explicit.returncode == 2 and "incomplete" in explicit.stderr and str(newest) in explicit.stderr
+
+    latest = cli(world, "train", str(config), "--resume-from-checkpoint", "latest")
+    assert latest.returncode == 0, latest.stderr
+    assert latest.stdout.count("scored") == 2  # steps 5 and 6 again: it resumed from checkpoint-4
+    assert_same_run(straight_full, run_dir, 6)
+
+
+SAVER = """
+import sys
+import torch
+from grpokit.checkpoint import save_model
+from grpokit.tasks import build_char_tokenizer, tiny_model
+
+path, tokenizer = sys.argv[1], build_char_tokenizer()
+versions = [tiny_model(tokenizer, "llama", hidden_size=256, num_layers=4, seed=s) for s in (1, 2)]
+for i in range(1000):
+    print(f"saving {i}", flush=True)
+    save_model(versions[i % 2], tokenizer, path)
+"""
+
+
+def test_a_kill_during_a_model_save_leaves_the_old_or_the_new_model_whole(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grpokit.tasks import build_char_tokenizer, tiny_model
+
+    tokenizer = build_char_tokenizer()
+    versions = [tiny_model(tokenizer, "llama", hidden_size=256, num_layers=4, seed=s).state_dict() for s in (1, 2)]
+    path = tmp_path / "model"
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    outcomes = []
+    for kill_at in (1, 2, 3, 5, 8, 13):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(path)], env=world["env"], stdout=subprocess.PIPE, text=True
+        )
+        wait_for_line(proc, f"saving {kill_at}")  # save number `kill_at` has just begun
+        proc.kill()
+        proc.wait()
+        loaded = AutoModelForCausalLM.from_pretrained(path).state_dict()
+        matches = [all(torch.equal(loaded[k], v[k]) for k in v) for v in versions]
+        assert sum(matches) == 1, f"kill at save {kill_at}: the model folder is neither version"
+        outcomes.append(matches.index(True))
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("model") and p != path]
+    assert len(outcomes) == 6
