@@ -116,7 +116,8 @@ def final_state(run_dir: Path, step: int):
     return load_file(folder / weights_file), state["policy"]["optimizer"], rows
 
 
-def assert_same_run(a: Path, b: Path, step: int) -> None:
+def assert_same_run(a: Path, b: Path, step: int, *, rows_from: int = 0) -> None:
+    """Equal final weights and optimizer state, and equal metrics rows from step `rows_from` on."""
     w_a, opt_a, rows_a = final_state(a, step)
     w_b, opt_b, rows_b = final_state(b, step)
     assert w_a.keys() == w_b.keys() and w_a
@@ -127,6 +128,7 @@ def assert_same_run(a: Path, b: Path, step: int) -> None:
     for i, s in opt_a["state"].items():
         for key, value in s.items():
             assert torch.equal(value, opt_b["state"][i][key]), (i, key)
+    rows_a, rows_b = [r for r in rows_a if r["step"] >= rows_from], [r for r in rows_b if r["step"] >= rows_from]
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]  # every step once, in order
     assert rows_a == rows_b
 
@@ -335,3 +337,76 @@ def test_a_kill_during_a_model_save_leaves_the_old_or_the_new_model_whole(world,
         outcomes.append(matches.index(True))
         assert not [p for p in tmp_path.iterdir() if p.name.startswith("model") and p != path]
     assert len(outcomes) == 6
+
+
+# ---------------------------------------------------------------- in process: a crash, and the reward model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"beta": 0.1, "ref_sync_every": 3}], ids=["beta0", "synced-reference"])
+def test_an_exception_mid_run_leaves_the_last_checkpoint_and_resumes(tmp_path, overrides):
+    from helpers import config, with_digit_share
+
+    from grpokit.rewards import RewardError
+    from grpokit.tasks import build_char_tokenizer, tiny_model
+    from grpokit.trainer import GRPOTrainer
+
+    def run(out, reward_funcs, **run_overrides):
+        tokenizer = build_char_tokenizer()
+        model = tiny_model(tokenizer, "llama", hidden_size=32, seed=0)
+        cfg = config("in-memory", out, max_steps=6, save_every=2, **overrides, **run_overrides)
+        return GRPOTrainer(cfg, model=model, tokenizer=tokenizer, reward_funcs=reward_funcs)
+
+    calls = []
+
+    def backend_goes_away(prompts, completions, **columns):  # a reward server that dies at step 5
+        calls.append(1)
+        if len(calls) == 5:
+            raise ConnectionError("reward backend unreachable")
+        return with_digit_share()[1][1](prompts, completions, **columns)
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RewardError, match="`graded` raised ConnectionError"):
+        run(crashed, [("graded", backend_goes_away)]).train()
+    assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert [r["step"] for r in read_jsonl(crashed / "metrics.jsonl")] == [1, 2, 3, 4]
+
+    graded = [("graded", with_digit_share()[1][1])]
+    run(crashed, graded, resume_from_checkpoint="latest").train()
+    run(tmp_path / "straight", graded).train()
+    assert_same_run(tmp_path / "straight", crashed, 6)
+
+
+def test_reward_model_resume_extends_to_the_straight_run(tmp_path):
+    from grpokit.checkpoint import save_model
+    from grpokit.config import RewardModelConfig
+    from grpokit.reward_model import train_reward_model
+    from grpokit.tasks import build_char_tokenizer, tiny_model
+
+    tokenizer = build_char_tokenizer()
+    lm = save_model(tiny_model(tokenizer, "llama", hidden_size=32, seed=0), tokenizer, tmp_path / "lm")
+
+    def train(name: str, max_steps: int, **overrides):
+        return train_reward_model(
+            RewardModelConfig(
+                model=str(lm),
+                output_dir=str(tmp_path / name),
+                task="addition",
+                max_completion_length=6,
+                num_train_pairs=100,  # 3.1 epochs of 32 pairs: the order reshuffles inside the run
+                num_eval_pairs=50,
+                batch_size=32,
+                max_steps=max_steps,
+                warmup_steps=0,
+                lr_schedule="constant",  # so that 5 + 5 steps follow the schedule of 10
+                save_every=5,
+                progress=False,
+                **overrides,
+            )
+        )
+
+    straight = train("straight", 10)
+    train("extended", 5)
+    extended = train("extended", 10, resume_from_checkpoint="latest")
+    assert extended.eval_accuracy == straight.eval_accuracy
+    # the 5-step run logged its last step (5), which the straight run does not: rows compared from step 6
+    assert_same_run(tmp_path / "straight", tmp_path / "extended", 10, rows_from=6)

@@ -194,9 +194,14 @@ def rng_state(**generators: torch.Generator) -> dict[str, Any]:
     return state
 
 
+def python_random_state(saved: Any) -> tuple:
+    """A `random.getstate()` tuple back from a checkpoint (the loader gives its inner tuple as a list)."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
+
+
 def set_rng_state(state: dict[str, Any], **generators: torch.Generator) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(python_random_state(state["python"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -388,6 +393,10 @@ class RunDirectory:
 
     def save_checkpoint(self, step: int, write: Callable[[Path], None]) -> Path:
         return write_checkpoint(self.path, step, write, keep=self.keep)
+
+    def checkpoint_due(self, step: int, last_step: int, every: int) -> bool:
+        """After the last step, every `every` steps, and when a signal asked to stop."""
+        return step == last_step or (every > 0 and step % every == 0) or self.stop_signal is not None
 
     def check_stop(self, step: int, checkpoint: Path) -> None:
         """After a step's checkpoint: raise TrainingInterrupted if a signal asked to stop."""

@@ -140,8 +140,9 @@ class ShuffledEpochs:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["n"] != self.n:
             raise DataError(f"the checkpoint walked {state['n']} rows but the data now holds {self.n}")
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        from grpokit.checkpoint import python_random_state
+
+        self.rng.setstate(python_random_state(state["rng"]))
         self.order = list(state["order"])
 
     def take(self, k: int) -> list[int]:

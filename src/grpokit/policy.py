@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from grpokit.checkpoint import save_model
+from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_model, save_state, set_rng_state
 from grpokit.config import LoRAConfig, RunConfig
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs
@@ -67,6 +67,7 @@ class Policy:
             model = apply_lora(model, lora)
         self.model = model
         self.has_reference = reference
+        self.reference_synced = False  # a synced copy is no longer the initial model: checkpoints must hold it
         # With LoRA the reference is the policy with its adapters off: no copy (`reference_logprobs`).
         self.ref_model: torch.nn.Module | None = None
         if reference and not uses_lora(model):
@@ -168,6 +169,7 @@ class Policy:
         if self.ref_model is None:
             raise ValueError("sync_reference needs a frozen reference copy (beta > 0, no LoRA)")
         sync_reference(self.ref_model, self.model, alpha)
+        self.reference_synced = True
 
     # ---------------------------------------------------------------- saving and resuming
     def save(self, path: str | Path, tokenizer: Any, *, lora_form: str = "merged") -> Path:
@@ -207,10 +209,33 @@ class Policy:
         for name, param in params.items():
             param.copy_(saved[name])
 
+    def write_checkpoint(
+        self, run: RunDirectory, step: int, tokenizer: Any, stage_state: dict[str, Any], **generators: torch.Generator
+    ) -> Path:
+        """checkpoint-STEP of a stage: the weights (`save_weights`), this object's state, every RNG (with the
+        stage's own `generators`) and `stage_state` (its data position, monitors, ...)."""
+        state = {"step": step, "policy": self.state_dict(), "rng": rng_state(**generators), **stage_state}
+
+        def write(folder: Path) -> None:
+            self.save_weights(folder, tokenizer)
+            save_state(folder, state)
+
+        return run.save_checkpoint(step, write)
+
+    def resume(self, folder: Path, **generators: torch.Generator) -> dict[str, Any]:
+        """Undo `write_checkpoint`: weights, optimizer, schedule and RNGs restored; returns the stage's state
+        (with its `step`)."""
+        state = load_state(folder)
+        self.load_weights(folder)
+        self.load_state_dict(state["policy"])
+        set_rng_state(state["rng"], **generators)
+        return state
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights (`save_weights`): AdamW, the schedule, and a synced reference."""
+        """Everything but the weights (`save_weights`): AdamW, the schedule, and a synced reference (an unsynced
+        one is the initial model, which a resumed run loads again)."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        if self.ref_model is not None:
+        if self.ref_model is not None and self.reference_synced:
             state["reference"] = {k: v.detach().clone() for k, v in self.ref_model.state_dict().items()}
         return state
 
@@ -219,13 +244,4 @@ class Policy:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ref_model is not None and "reference" in state:
             self.ref_model.load_state_dict(state["reference"])
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+            self.reference_synced = True

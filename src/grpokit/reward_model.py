@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_state, seed_everything, set_rng_state
+from grpokit.checkpoint import RunDirectory, seed_everything
 from grpokit.config import RewardModelConfig
 from grpokit.data import DataError, ShuffledEpochs, check_columns, load_rows, pad_batch, render_prompt
 from grpokit.modeling import ensure_pad_token, load_tokenizer, position_ids_from_mask, resolve_device, resolve_dtype
@@ -342,10 +342,7 @@ def train_reward_model(
     with run_dir as run:
         start = 0
         if run.checkpoint is not None:
-            state = load_state(run.checkpoint)
-            policy.load_weights(run.checkpoint)
-            policy.load_state_dict(state["policy"])
-            set_rng_state(state["rng"])
+            state = policy.resume(run.checkpoint)
             pair_order.load_state_dict(state["pair_order"])
             metrics, start = state["metrics"], state["step"]
         log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
@@ -379,20 +376,9 @@ def train_reward_model(
                     }
                     log.log(step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
-                if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0) or run.stop_signal:
-                    state = {
-                        "step": step,
-                        "policy": policy.state_dict(),
-                        "rng": rng_state(),
-                        "pair_order": pair_order.state_dict(),
-                        "metrics": metrics,
-                    }
-
-                    def write(folder: Path, state: dict = state) -> None:
-                        policy.save_weights(folder, tokenizer)
-                        save_state(folder, state)
-
-                    run.check_stop(step, run.save_checkpoint(step, write))
+                if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
+                    stage = {"pair_order": pair_order.state_dict(), "metrics": metrics}
+                    run.check_stop(step, policy.write_checkpoint(run, step, tokenizer, stage))
 
             eval_accuracy = None
             if eval_examples:

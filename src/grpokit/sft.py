@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_state, seed_everything, set_rng_state
+from grpokit.checkpoint import RunDirectory, python_random_state, seed_everything
 from grpokit.config import SFTConfig
 from grpokit.data import check_columns, encode_prompts, load_rows, pad_batch
 from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -97,12 +97,8 @@ def train_sft(
     with run_dir as run:
         start = 0
         if run.checkpoint is not None:
-            state = load_state(run.checkpoint)
-            policy.load_weights(run.checkpoint)
-            policy.load_state_dict(state["policy"])
-            set_rng_state(state["rng"])
-            version, internal, gauss = state["batch_rng"]
-            batch_rng.setstate((version, tuple(internal), gauss))
+            state = policy.resume(run.checkpoint)
+            batch_rng.setstate(python_random_state(state["batch_rng"]))
             start = state["step"]
         log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
         steps = range(start + 1, cfg.max_steps + 1)
@@ -117,19 +113,9 @@ def train_sft(
                 if step % 10 == 0 or step == cfg.max_steps:
                     log.log(step, {"loss": loss.item(), "grad_norm": grad_norm, "lr": lr})
                     bar.set_postfix(loss=f"{loss.item():.4f}")
-                if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0) or run.stop_signal:
-                    state = {
-                        "step": step,
-                        "policy": policy.state_dict(),
-                        "rng": rng_state(),
-                        "batch_rng": batch_rng.getstate(),
-                    }
-
-                    def write(folder: Path, state: dict = state) -> None:
-                        policy.save_weights(folder, tokenizer)
-                        save_state(folder, state)
-
-                    run.check_stop(step, run.save_checkpoint(step, write))
+                if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
+                    checkpoint = policy.write_checkpoint(run, step, tokenizer, {"batch_rng": batch_rng.getstate()})
+                    run.check_stop(step, checkpoint)
         finally:
             bar.close()
             log.close()

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from grpokit import algo
-from grpokit.checkpoint import RunDirectory, RunDirectoryError, load_state, rng_state, save_state, seed_everything
-from grpokit.checkpoint import set_rng_state as restore_rng
+from grpokit.checkpoint import RunDirectory, RunDirectoryError, seed_everything
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows
 from grpokit.evaluate import decode_completions, heldout_accuracy
@@ -268,8 +267,7 @@ class GRPOTrainer:
                     if cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1):
                         self.log.log_completions(step, samples)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                    due = step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0)
-                    if due or run.stop_signal is not None:
+                    if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
                         run.check_stop(step, self.save_checkpoint(step))
                 self.evaluate(cfg.max_steps, log=True)
             finally:
@@ -285,28 +283,18 @@ class GRPOTrainer:
     def save_checkpoint(self, step: int) -> Path:
         """checkpoint-STEP: weights (or the adapter), optimizer, schedule, every RNG, the prompt order and its
         position, the monitors, the evaluations so far."""
-        state = {
-            "step": step,
-            "policy": self.policy.state_dict(),
-            "rng": rng_state(sampling=self.generator, shuffle=self.shuffle_generator),
+        stage = {
             "prompt_order": self.prompt_order.state_dict(),
             "monitor": self.monitor.state_dict(),
             "eval_history": self.eval_history,
         }
-
-        def write(folder: Path) -> None:
-            self.policy.save_weights(folder, self.tokenizer)
-            save_state(folder, state)
-
-        return self.run_dir.save_checkpoint(step, write)
+        generators = {"sampling": self.generator, "shuffle": self.shuffle_generator}
+        return self.policy.write_checkpoint(self.run_dir, step, self.tokenizer, stage, **generators)
 
     def _resume(self, folder: Path) -> int:
-        state = load_state(folder)
+        state = self.policy.resume(folder, sampling=self.generator, shuffle=self.shuffle_generator)
         if state["step"] > self.cfg.max_steps:
             raise RunDirectoryError(f"{folder} is past max_steps = {self.cfg.max_steps}: raise max_steps to resume it")
-        self.policy.load_weights(folder)
-        self.policy.load_state_dict(state["policy"])
-        restore_rng(state["rng"], sampling=self.generator, shuffle=self.shuffle_generator)
         self.prompt_order.load_state_dict(state["prompt_order"])
         self.monitor.load_state_dict(state["monitor"])
         self.eval_history = list(state["eval_history"])
