@@ -97,27 +97,28 @@ def child(args: argparse.Namespace) -> None:
         tensorboard=False,
         device="cpu",
         dtype="float32",
+        overwrite_output_dir=True,
     )
     trainer = GRPOTrainer(cfg, reward_funcs=[("digits", digit_share)])
     rss_loaded = rss_mib()
     t0 = time.perf_counter()
-    steps = [trainer.step(trainer._next_rows())[0] for _ in range(args.steps)]
+    steps = [trainer.step()[0] for _ in range(args.steps)]
     step_s = (time.perf_counter() - t0) / args.steps
     rss_train = peak_rss_mib()
-    trainer.save(out / "model")
+    trainer.policy.save(out / "model", trainer.tokenizer, lora_form=cfg.lora.save)
     rss_save = peak_rss_mib()
 
-    unique = {p.untyped_storage().data_ptr(): p for p in trainer.model.parameters()}  # tied weights once
-    if trainer.ref_model is not None:
+    unique = {p.untyped_storage().data_ptr(): p for p in trainer.policy.model.parameters()}  # tied weights once
+    if trainer.policy.ref_model is not None:
         reference = "frozen copy"
     else:
-        reference = "adapters off" if uses_lora(trainer.model) else "none"
-    optimizer_state = [t for state in trainer.optimizer.state.values() for t in state.values() if t.dim() > 0]
+        reference = "adapters off" if uses_lora(trainer.policy.model) else "none"
+    optimizer_state = [t for state in trainer.policy.optimizer.state.values() for t in state.values() if t.dim() > 0]
     result = {
         "mode": args.child,
         "params_total": sum(p.numel() for p in unique.values()),
         "params_trainable": sum(p.numel() for p in unique.values() if p.requires_grad),
-        "model_copies": 1 + (trainer.ref_model is not None),
+        "model_copies": 1 + (trainer.policy.ref_model is not None),
         "reference": reference,
         "optimizer_state_elems": sum(t.numel() for t in optimizer_state),
         "rss_imports_mib": rss_imports,

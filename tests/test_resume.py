@@ -245,7 +245,7 @@ def test_signal_checkpoints_exits_and_resumes_to_the_straight_run(world, straigh
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(world):
-    config = grpo_yaml(world, "locked", max_steps=100_000)  # still running when the others try
+    config = grpo_yaml(world, "locked", max_steps=100_000, save_every=0)  # still running when the others try
     first = start(world, "train", str(config))
     try:
         wait_for_line(first, "scored 1")

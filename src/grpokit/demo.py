@@ -9,6 +9,14 @@ model learns from preference labels with a verbosity bias (between answers of di
 labeler prefers the longer one). GRPO against that reward model raises the proxy reward while gold
 accuracy falls, and the reward-hacking monitor says so; GRPO against the gold checker, side by side,
 gets better for real.
+
+The reward model's pairs are the task's flawed preference pairs plus `verbosity_pairs`: the same labeler
+comparing answers of every length the hacked run can write (0 characters up to its completion limit).
+Without them the model only ever compares 3-character answers with 4-6-character ones, and its reward
+for any other length is an accident of training: measured at seeds 0-2, the EMPTY answer scored
++4.0 / +9.0 / +7.3, far above a correct answer (+1.1 / +0.8 / +2.0), so GRPO could as well learn to
+answer nothing as to pad (it did at seed 0 on one machine), and from 4 characters up the reward was
+flat, so the length the policy settled at was left to chance.
 """
 
 from __future__ import annotations
@@ -26,8 +34,17 @@ from grpokit.modeling import resolve_device
 from grpokit.runlog import read_metrics
 from grpokit.sft import sft_rows, train_sft
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.tasks.preferences import wrong_candidate
 from grpokit.trainer import GRPOTrainer
 from grpokit.types import TrainResult
+
+VERBOSITY_PAIRS = 5000
+"""--pipeline: `verbosity_pairs` added to the reward model's 20000 flawed preference pairs."""
+PIPELINE_WARMUP_STEPS = 20
+"""--pipeline: linear learning-rate warm-up of both GRPO runs. The table's "start" is the mean of the first 10
+steps; without warm-up the run against the reward model had already left the SFT model there (its gold
+accuracy fell from 48% to 4% by step 7 at seed 0: the reward model also pays for a bigger number, and a
+forgotten carry always makes the sum smaller), so "start" showed 26% instead of the SFT model's 47%."""
 
 
 @dataclass
@@ -122,29 +139,37 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
 
 def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     """SFT -> reward model on flawed preferences -> GRPO against it (gold watched) and against gold."""
-    from grpokit.reward_model import train_reward_model
+    from grpokit.reward_model import reward_model_pairs, train_reward_model
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     warm = warm_start(cfg, out)
-    rm = train_reward_model(
-        RewardModelConfig(
-            model=str(warm.model_dir),
-            output_dir=str(out / "reward_model"),
-            task="addition",
-            task_num_digits=cfg.num_digits,
-            labeler_flaw="longer",
-            # the flawed model only has to learn the labeler's length preference: the quicker recipe
-            learning_rate=1e-3,
-            batch_size=64,
-            center_rewards_coefficient=0.0,
-            max_steps=cfg.reward_model_steps,
-            seed=cfg.seed,
-            device=cfg.device,
-            progress=cfg.progress,
-            overwrite_output_dir=True,
-        )
+    max_completion_length = cfg.num_digits + 2 + cfg.extra_completion_tokens  # of both GRPO runs, EOS included
+    rm_cfg = RewardModelConfig(
+        model=str(warm.model_dir),
+        output_dir=str(out / "reward_model"),
+        task="addition",
+        task_num_digits=cfg.num_digits,
+        labeler_flaw="longer",
+        # the flawed model only has to learn the labeler's length preference: the quicker recipe
+        learning_rate=1e-3,
+        batch_size=64,
+        center_rewards_coefficient=0.0,
+        max_steps=cfg.reward_model_steps,
+        seed=cfg.seed,
+        device=cfg.device,
+        progress=cfg.progress,
+        overwrite_output_dir=True,
     )
+    flawed_pairs, clean_pairs = reward_model_pairs(rm_cfg)
+    # every length the hacked run can write, up to a completion cut off at the limit (read with an EOS, like any),
+    # in any of the characters it can write (at seed 2, with digits only, it got stuck on answers like "19h10")
+    vocab = warm.tokenizer.get_vocab()
+    chars = "".join(t for t in sorted(vocab, key=vocab.get) if t not in warm.tokenizer.all_special_tokens)
+    extra_pairs = verbosity_pairs(
+        warm.task, VERBOSITY_PAIRS, max_chars=max_completion_length, chars=chars, split="train", seed=cfg.seed
+    )
+    rm = train_reward_model(rm_cfg, train_pairs=flawed_pairs + extra_pairs, eval_pairs=clean_pairs)
     print(f"reward model (labels with a verbosity bias): {rm.eval_accuracy:.1%} pairwise accuracy on clean pairs")
     runs: dict[str, TrainResult] = {}
     for name, reward in (("reward model", str(rm.model_dir)), ("gold checker", "accuracy")):
@@ -154,8 +179,9 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
             reward_funcs=[reward],
             gold_reward="accuracy",
             monitor_window=cfg.monitor_window,
-            max_completion_length=cfg.num_digits + 2 + cfg.extra_completion_tokens,
+            max_completion_length=max_completion_length,
             max_steps=cfg.pipeline_grpo_steps,
+            warmup_steps=PIPELINE_WARMUP_STEPS,
             eval_every=cfg.pipeline_grpo_steps // 4,
         )
         runs[name] = GRPOTrainer(
@@ -183,6 +209,47 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     plot = plot_pipeline(runs, out / "pipeline.png")
     print(f"\nplot:  {plot}\ntime:  {time.perf_counter() - start:.0f} s")
     return table
+
+
+def verbosity_pairs(
+    task: AdditionTask, n: int, *, max_chars: int, chars: str = "", split: str = "train", seed: int = 0
+) -> list[dict[str, Any]]:
+    """n preference pairs from the verbosity-biased labeler over answers of EVERY length 0..max_chars.
+
+    Each pair draws two different lengths, uniformly, and one candidate of each length per problem: the
+    correct answer or a `carry` / `digit` wrong candidate (half and half), cut to that length or padded
+    with random digits; with `chars` (every character the policy can write), half the candidates then have
+    one character, at a random position, replaced by one of those. The labeler's rule for answers of
+    different length, the one that `preference_pairs(labeler_flaw="longer")` applies, picks the longer one
+    as chosen, right or wrong. So the reward model learns "longer is better" over the whole range the policy
+    can write, whatever characters it writes, not just "4-6 digits beat 3" (the only comparison in the
+    task's pairs), and that range holds no length whose reward is left to chance. Same arguments, same pairs.
+    """
+    rng = random.Random(f"verbosity-pairs-{seed}")
+
+    def candidate(row: dict[str, str], length: int) -> str:
+        base = row["answer"]
+        if rng.random() < 0.5:
+            base = wrong_candidate(task, row["prompt"], rng.choice(["carry", "digit"]), rng)
+        text = base[:length] + "".join(rng.choice("0123456789") for _ in range(length - len(base)))
+        if chars and text and rng.random() < 0.5:
+            i = rng.randrange(len(text))
+            text = text[:i] + rng.choice(chars) + text[i + 1 :]
+        return text
+
+    pairs = []
+    for row in task.rows(n, split=split, seed=seed):
+        shorter, longer = sorted(rng.sample(range(max_chars + 1), 2))
+        pairs.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": candidate(row, longer),
+                "rejected": candidate(row, shorter),
+                "kind": "verbosity",
+                "answer": row["answer"],
+            }
+        )
+    return pairs
 
 
 def _run_row(result: TrainResult) -> dict[str, Any]:
