@@ -11,12 +11,14 @@ accuracy falls, and the reward-hacking monitor says so; GRPO against the gold ch
 gets better for real.
 
 The reward model's pairs are the task's flawed preference pairs plus `verbosity_pairs`: the same labeler
-comparing answers of every length the hacked run can write (0 characters up to its completion limit).
-Without them the model only ever compares 3-character answers with 4-6-character ones, and its reward
-for any other length is an accident of training: measured at seeds 0-2, the EMPTY answer scored
+comparing answers of every length the hacked run can write (0 characters up to its completion limit), in
+any characters. Without them the model only ever compares 3-digit answers with 4-6-digit ones, and its
+reward for anything else is an accident of training: measured at seeds 0-2, the EMPTY answer scored
 +4.0 / +9.0 / +7.3, far above a correct answer (+1.1 / +0.8 / +2.0), so GRPO could as well learn to
-answer nothing as to pad (it did at seed 0 on one machine), and from 4 characters up the reward was
-flat, so the length the policy settled at was left to chance.
+answer nothing as to pad (it did at seed 0 on one machine); from 4 characters up the reward was flat, so
+the length the policy settled at was left to chance; and with extra pairs of digits only, the policy at
+seed 2 got stuck on 5-character answers with a letter inside ("19h10"), whose reward fell with every
+digit added after it.
 """
 
 from __future__ import annotations
