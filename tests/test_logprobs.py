@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpokit import algo, modeling
+from grpokit import algo, modeling, packing
 
 PAD, EOS, BOS = 0, 1, 2
 TEMPERATURE = 0.8
@@ -63,7 +63,7 @@ LENGTHS = [4, 2, 3]
 
 def test_position_ids_from_mask():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
-    assert modeling.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+    assert packing.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

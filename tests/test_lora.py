@@ -117,16 +117,22 @@ def test_disabled_adapters_give_exactly_the_base_logprobs(trained, base_path):
     assert metrics[1]["kl"] > 0
 
     base = load_base(base_path)
+    cfg = trainer.cfg
     base_policy = Policy(
-        base, trainer.cfg, total_steps=1, device=torch.device("cpu"), temperature=trainer.cfg.temperature
+        base,
+        cfg,
+        total_steps=1,
+        device=torch.device("cpu"),
+        temperature=cfg.temperature,
+        layout=cfg.training_forward,
+        max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
     )
     trainer.policy.model.train()
     for rollout in (rollouts[0], rollouts[-1]):
-        n = rollout.num_sequences
-        ref_logp = trainer.policy.reference_logprobs(rollout, n)  # (N, Tc)
-        base_logp = base_policy.logprobs(rollout, n)  # (N, Tc)
+        ref_logp = trainer.policy.reference_logprobs(rollout)  # (N, Tc)
+        base_logp = base_policy.logprobs(rollout)  # (N, Tc)
         assert torch.equal(ref_logp, base_logp)
-        policy_logp = trainer.policy.logprobs(rollout, n)
+        policy_logp = trainer.policy.logprobs(rollout)
         assert (policy_logp - base_logp).abs().max() > 1e-4  # outside the block the adapters are back
     assert trainer.policy.model.training  # reference_logprobs restored the mode it found
 

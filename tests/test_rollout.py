@@ -360,3 +360,37 @@ def test_bad_generate_input(llama):
         generate(llama, [[BOS], []], num_generations=2, params=params, eos_token_id=EOS, pad_token_id=PAD)
     with pytest.raises(ValueError, match="num_generations"):
         generate(llama, PROMPTS, num_generations=0, params=params, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    from grpokit.sampler import draw
+
+    probs = torch.tensor([[0.5, 0.3, 0.0, 0.2, 0.0]]).expand(40000, 5)  # (N, V)
+    tokens = draw(probs, torch.Generator().manual_seed(0))  # (N,)
+    freq = torch.bincount(tokens, minlength=5).double() / len(tokens)
+    assert freq[2] == 0 and freq[4] == 0  # probability 0: never, also not the last id
+    torch.testing.assert_close(freq, probs[0].double(), rtol=0, atol=0.01)  # 5 sigma at N = 40000 is 0.0125
+    one_hot = torch.zeros(3, 7)
+    one_hot[torch.arange(3), torch.tensor([0, 3, 6])] = 1.0
+    assert draw(one_hot, None).tolist() == [0, 3, 6]  # the first and last ids are reachable
+
+
+def test_the_rollout_frees_its_kv_cache():
+    """Nothing of the decode's KV cache outlives `generate`: the update's memory starts from the weights."""
+    import gc
+
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    rollout = generate(
+        model,
+        [[BOS, 5, 6], [BOS, 7]],
+        num_generations=3,
+        params=SamplingParams(max_new_tokens=6),
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert rollout.completion_ids.shape == (6, 6)
+    gc.collect()
+    assert not [obj for obj in gc.get_objects() if isinstance(obj, DynamicCache)]

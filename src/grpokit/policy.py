@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from grpokit import packing
 from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_model, save_state, set_rng_state
 from grpokit.config import LoRAConfig, RunConfig
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
@@ -51,18 +52,31 @@ class Policy:
         lora: LoRAConfig | None = None,
         reference: bool = False,
         temperature: float = 1.0,
+        layout: str = "padded",
+        max_tokens_per_micro_batch: int | None = None,
+        micro_batch_size: int | None = None,
     ):
-        """`optim`: any stage config (learning rate, AdamW, schedule, max_grad_norm, logprob_chunk_size).
-        `reference`: keep a KL reference (with LoRA the base with adapters off, otherwise a frozen copy).
-        `temperature`: logprobs are taken under logits / temperature, as the sampler draws."""
+        """`optim`: any stage config (learning rate, AdamW, schedule, max_grad_norm, logprob_chunk_size,
+        gradient_checkpointing). `reference`: keep a KL reference (with LoRA the base with adapters off,
+        otherwise a frozen copy). `temperature`: logprobs are taken under logits / temperature, as the sampler
+        draws. `layout`: how a forward lays out its rows (`grpokit.packing`); `max_tokens_per_micro_batch` and
+        `micro_batch_size` bound what one forward holds (`micro_batches`); None = no bound."""
+        if layout not in packing.LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {list(packing.LAYOUTS)}")
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.temperature = temperature
         self.chunk_size = optim.logprob_chunk_size
         self.max_grad_norm = optim.max_grad_norm
+        self.layout = layout
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.micro_batch_size = micro_batch_size
         model = model.to(self.device)
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
             model = model.float()  # master weights: see the module docstring
+        if optim.gradient_checkpointing:
+            # Non-reentrant: works with frozen inputs (LoRA) and keeps the forward's RNG for dropout.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None and lora.r > 0:  # before the optimizer, so AdamW holds state for the adapters only
             model = apply_lora(model, lora)
         self.model = model
@@ -82,6 +96,20 @@ class Policy:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
+    def micro_batches(self, batch: TokenBatch, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`rows` (default: all) split into the micro-batches of one forward each: at most
+        `max_tokens_per_micro_batch` computed positions and `micro_batch_size` rows (`packing.micro_batches`)."""
+        rows = torch.arange(batch.completion_ids.shape[0]) if rows is None else rows
+        return packing.micro_batches(
+            rows,
+            batch.prompt_mask.sum(-1),
+            batch.completion_mask.sum(-1),
+            self._group_ids(batch),
+            layout=self.layout,
+            max_tokens=self.max_tokens_per_micro_batch,
+            max_rows=self.micro_batch_size,
+        )
+
     def forward(self, batch: TokenBatch, idx: torch.Tensor, *, with_entropy: bool = False):
         """Completion logprobs (n, w) of rows `idx` with a graph, in train mode; w = their longest completion.
         -> (logp, entropy or None)."""
@@ -89,22 +117,22 @@ class Policy:
         return self._logprobs(self.model, batch, idx, with_entropy=with_entropy)
 
     @torch.no_grad()
-    def logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
+    def logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """(N, Tc) logprobs of the current policy, without a graph (the old-policy logprobs)."""
-        return self._all_rows(self.model, batch, micro_batch_size)
+        return self._all_rows(self.model, batch)
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor | None:
+    def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor | None:
         """(N, Tc) logprobs under the KL reference, in eval mode as a frozen model is; None without one."""
         if not self.has_reference:
             return None
         if self.ref_model is not None:
-            return self._all_rows(self.ref_model, batch, micro_batch_size)
+            return self._all_rows(self.ref_model, batch)
         was_training = self.model.training
         self.model.eval()
         try:
             with adapters_disabled(self.model):
-                return self._all_rows(self.model, batch, micro_batch_size)
+                return self._all_rows(self.model, batch)
         finally:
             self.model.train(was_training)
 
@@ -115,13 +143,17 @@ class Policy:
         with self.autocast():
             return fn(self.model, *args, **kwargs)
 
-    def _all_rows(self, model: torch.nn.Module, batch: TokenBatch, micro_batch_size: int) -> torch.Tensor:
-        width = batch.completion_ids.shape[1]
-        out = []
-        for idx in torch.arange(batch.completion_ids.shape[0]).split(micro_batch_size):
-            logp, _ = self._logprobs(model, batch, idx)
-            out.append(torch.nn.functional.pad(logp, (0, width - logp.shape[1])))
-        return torch.cat(out)  # (N, Tc)
+    def _all_rows(self, model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=self.device)  # (N, Tc)
+        for idx in self.micro_batches(batch):
+            logp, _ = self._logprobs(model, batch, idx)  # (n, w)
+            out[idx.to(self.device), : logp.shape[1]] = logp
+        return out
+
+    @staticmethod
+    def _group_ids(batch: TokenBatch) -> torch.Tensor:
+        """(N,) the prompt each row belongs to: rows g*G .. g*G+G-1 share one (a batch without groups: its own)."""
+        return torch.arange(batch.completion_ids.shape[0]) // getattr(batch, "group_size", 1)
 
     def _logprobs(self, model: torch.nn.Module, batch: TokenBatch, idx: torch.Tensor, *, with_entropy=False):
         """Rows `idx` trimmed to the columns they use, so padding elsewhere in the batch costs nothing."""
@@ -139,6 +171,8 @@ class Policy:
                 temperature=self.temperature,
                 chunk_size=self.chunk_size,
                 with_entropy=with_entropy,
+                layout=self.layout,
+                group_ids=self._group_ids(batch)[idx],
             )
 
     # ---------------------------------------------------------------- the update

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from grpokit.checkpoint import RunDirectory, seed_everything
 from grpokit.config import RewardModelConfig
 from grpokit.data import DataError, ShuffledEpochs, check_columns, load_rows, pad_batch, render_prompt
-from grpokit.modeling import ensure_pad_token, load_tokenizer, position_ids_from_mask, resolve_device, resolve_dtype
+from grpokit.modeling import ensure_pad_token, load_tokenizer, resolve_device, resolve_dtype
+from grpokit.packing import position_ids_from_mask
 from grpokit.policy import Policy
 from grpokit.runlog import RunLog
 

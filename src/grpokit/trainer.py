@@ -69,7 +69,6 @@ class GRPOTrainer:
 
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
         self.minibatch_size = cfg.minibatch_size or self.generation_size
-        self.micro_batch_size = cfg.micro_batch_size or self.minibatch_size
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
         # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
         self.policy = Policy(
@@ -81,6 +80,9 @@ class GRPOTrainer:
             lora=cfg.lora,
             reference=cfg.beta > 0,
             temperature=cfg.temperature,
+            layout=cfg.training_forward,
+            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
+            micro_batch_size=cfg.micro_batch_size,
         )
         self.sampler = sampler if sampler is not None else KVCacheSampler(self.tokenizer, compute_dtype=compute_dtype)
         self.sampler.update_weights(self.policy.model)
@@ -127,9 +129,9 @@ class GRPOTrainer:
         mask = rollout.completion_mask.float()  # (N, Tc)
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated).float().unsqueeze(-1).to(mask.device)
-        ref_logp = self.policy.reference_logprobs(rollout, self.micro_batch_size)  # (N, Tc) or None
+        ref_logp = self.policy.reference_logprobs(rollout)  # (N, Tc) or None
         reuses_samples = cfg.num_iterations > 1 or self.minibatch_size < self.generation_size
-        old_logp = self.policy.logprobs(rollout, self.micro_batch_size) if reuses_samples else None
+        old_logp = self.policy.logprobs(rollout) if reuses_samples else None
         t_ref = time.perf_counter()
 
         stats = self._update(rollout, mask, advantages, old_logp, ref_logp)
@@ -180,7 +182,7 @@ class GRPOTrainer:
                     generation_sequences=N,
                     max_completion_length=cfg.max_completion_length,
                 )
-                for idx in mb_idx.split(self.micro_batch_size):
+                for idx in policy.micro_batches(rollout, mb_idx):
                     logp, entropy = policy.forward(rollout, idx, with_entropy=iteration == 0)  # (n, w)
                     width = logp.shape[1]
                     m = mask[idx, :width]  # (n, w)
