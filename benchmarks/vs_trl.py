@@ -106,12 +106,22 @@ def grpokit_worker(workload: str, steps: int, checkpointing: bool | None) -> dic
     spec = WORKLOADS[workload]
     model_dir, data = prepare(workload)
     extra = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
+    starts = []
+
+    class Clocked(GRPOTrainer):
+        """Times the whole loop iteration, as TRL's callbacks see it: from one step's start to the next one's,
+        so logging, monitors and checkpoint decisions count too."""
+
+        def step(self, rows=None):
+            starts.append(time.perf_counter())
+            return super().step(rows)
+
     with tempfile.TemporaryDirectory() as out:
         cfg = GRPOConfig(
             model=str(model_dir),
             train_data=str(data),
             output_dir=out,
-            max_steps=steps,
+            max_steps=steps + 1,  # the last step only closes the interval of the one before
             prompts_per_step=spec["prompts"],
             num_generations=spec["generations"],
             max_completion_length=spec["max_completion"],
@@ -120,13 +130,13 @@ def grpokit_worker(workload: str, steps: int, checkpointing: bool | None) -> dic
             progress=False,
             **extra,
         )
-        trainer = GRPOTrainer(cfg, reward_funcs=[("answer", last_number_is_answer)])
+        trainer = Clocked(cfg, reward_funcs=[("answer", last_number_is_answer)])
         trainer.train()
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    steps_rows = [r for r in rows if "time/step" in r]
+    steps_rows = [r for r in rows if "time/step" in r][:steps]
     n = spec["prompts"] * spec["generations"]
     return {
-        "step_times": [r["time/step"] for r in steps_rows],
+        "step_times": [b - a for a, b in zip(starts, starts[1:])],
         "completion_tokens": [r["completion_length"] * n for r in steps_rows],
         "parts": {k: [r[k] for r in steps_rows] for k in ("time/rollout", "time/reference", "time/update")},
         "gradient_checkpointing": getattr(trainer.cfg, "gradient_checkpointing", False),

@@ -162,15 +162,17 @@ def test_shared_prefix_computes_each_prompt_once():
     shared = packing.shared_prefix(prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids)
     real_prompt, real_completion = int(prompt_mask.sum()), int(completion_mask.sum())  # 33, 30
     assert padded.computed_tokens == 9 * (6 + 6)  # every row padded to the widest prompt and completion
-    assert packed.computed_tokens == real_prompt + real_completion  # no padding at all
-    # one row per group: its prompt once, then its completions, padded to the longest group (6 + 2 + 3 + 5)
-    assert shared.input_ids.shape == (3, 16)
-    assert shared.computed_tokens == 3 * 16 < packed.computed_tokens < padded.computed_tokens
-    # each completion sees its prompt and itself, never a sibling: the last token of group 1's second
-    # completion (row 4, token 2 at position 6 + 2 + 2) attends to positions 0..5 and 8..10 only
-    seen = shared.attention_mask[1, 0, 10].nonzero().squeeze(-1).tolist()
-    assert seen == [0, 1, 2, 3, 4, 5, 8, 9, 10]
-    assert shared.position_ids[1].tolist()[:11] == [0, 1, 2, 3, 4, 5, 6, 7, 6, 7, 8]
+    # no padding at all, and no completion's last token (it predicts nothing)
+    assert packed.computed_tokens == real_prompt + real_completion - 9
+    # one row per group: its prompt once, then its completions less their last tokens, padded to the longest
+    # group (6 + 1 + 2 + 4)
+    assert shared.input_ids.shape == (3, 13)
+    assert shared.computed_tokens == 3 * 13 < packed.computed_tokens < padded.computed_tokens
+    # each completion sees its prompt and itself, never a sibling: the last fed token of group 1's second
+    # completion (row 4: its tokens 0 and 1 at columns 7 and 8) attends to columns 0..5, 7 and 8 only
+    seen = shared.attention_mask[1, 0, 8].nonzero().squeeze(-1).tolist()
+    assert seen == [0, 1, 2, 3, 4, 5, 7, 8]
+    assert shared.position_ids[1].tolist()[:9] == [0, 1, 2, 3, 4, 5, 6, 6, 7]
 
 
 def test_shared_prefix_refuses_a_group_with_two_prompts():
@@ -235,11 +237,12 @@ def split(layout, max_tokens, max_rows=None, rows=None, groups=(0, 0, 1, 1, 2, 2
 
 
 def test_micro_batches_follow_the_token_budget_of_each_layout():
-    # packed: the sum of real tokens, 9 7 9 4 11 12
+    # packed: the sum of the tokens fed (each completion's last one is not), 8 6 8 3 10 11
     assert split("packed", 16) == [[0, 1], [2, 3], [4], [5]]
     # padded: rows x (widest prompt + widest completion): [0,1] 2x9, [0,1,2] 3x11 > 20
     assert split("padded", 20) == [[0, 1], [2, 3], [4], [5]]
-    # shared prefix: groups x longest group (prompt once + its completions): [0,1,2,3] 2 x 11, [4,5] 1 x 14
+    # shared prefix: groups x longest group (prompt once + its completions less their last tokens):
+    # [0,1,2,3] 2 x 9, then [0..4] would be 3 x 10; [4,5] 1 x 12
     assert split("shared_prefix", 22) == [[0, 1, 2, 3], [4, 5]]
     assert split("packed", None) == [[0, 1, 2, 3, 4, 5]]
     assert split("packed", None, max_rows=4) == [[0, 1, 2, 3], [4, 5]]

@@ -7,7 +7,8 @@ token sits. All three give the same log-probs (up to float rounding); they diffe
 - `padded` (the reference implementation the tests compare against): one row per completion, padding
   included, each row with its own copy of the prompt.
 - `packed` (padding-free): the rows' real tokens end to end in one sequence, position ids restarting at
-  every row; transformers builds the per-row causal mask from the position ids. No pad token is computed.
+  every row; transformers builds the per-row causal mask from the position ids. No pad token is computed,
+  nor a completion's last token (it is scored, but predicts nothing).
 - `shared_prefix`: one sequence per prompt, [prompt | completion 1 | ... | completion k], with a mask that
   lets every completion see the prompt and itself only. The prompt is computed once per group instead of
   G times, and the gradients of all G completions flow into that one prompt pass.
@@ -71,11 +72,12 @@ def packed(prompt_ids, prompt_mask, completion_ids, completion_mask) -> Layout:
     pieces, positions, source = [], [], []
     offset = 0
     for p, c in zip(prompts, completions):
-        pieces += [p, c]
-        positions.append(torch.arange(len(p) + len(c)))
+        fed = c[:-1]  # a completion's last token predicts nothing: it is scored, never fed
+        pieces += [p, fed]
+        positions.append(torch.arange(len(p) + len(fed)))
         # token t of the completion is predicted at the position just before it
         source.append(offset + len(p) - 1 + torch.arange(len(c)))
-        offset += len(p) + len(c)
+        offset += len(p) + len(fed)
     device = prompt_ids.device
     ids = torch.cat(pieces)[None]  # (1, L)
     valid = completion_mask.bool()  # (n, Tc)
@@ -113,13 +115,14 @@ def shared_prefix(prompt_ids, prompt_mask, completion_ids, completion_mask, grou
         offset = p
         for j, i in enumerate(rows, start=1):
             c = len(completions[i])
-            pieces.append(completions[i])
-            seg.append(torch.full((c,), j))
-            pos.append(p + torch.arange(c))
+            fed = completions[i][:-1]  # the last token predicts nothing: scored, never fed
+            pieces.append(fed)
+            seg.append(torch.full((len(fed),), j))
+            pos.append(p + torch.arange(len(fed)))
             # token 0 is predicted by the prompt's last position, token t by the completion's token t - 1
-            source_pos[i] = torch.cat([torch.tensor([p - 1]), offset + torch.arange(c - 1)]) if c else seg[-1]
+            source_pos[i] = torch.cat([torch.tensor([p - 1]), offset + torch.arange(c - 1)])[:c]
             source_row[i] = b
-            offset += c
+            offset += len(fed)
         seqs.append(torch.cat(pieces))
         segments.append(torch.cat(seg))
         positions.append(torch.cat(pos))
@@ -202,9 +205,10 @@ def _cost(rows, prompt_lengths, completion_lengths, group_ids, layout: str) -> i
     p, c = prompt_lengths[rows], completion_lengths[rows]  # (k,), (k,)
     if layout == "padded":
         return len(rows) * int(p.max() + c.max())
+    fed = (c - 1).clamp(min=0)  # the packed layouts never feed a completion's last token
     if layout == "packed":
-        return int((p + c).sum())
+        return int((p + fed).sum())
     per_group: dict[int, int] = {}
-    for g, pi, ci in zip(group_ids[rows].tolist(), p.tolist(), c.tolist()):
+    for g, pi, ci in zip(group_ids[rows].tolist(), p.tolist(), fed.tolist()):
         per_group[g] = per_group.get(g, pi) + ci
     return len(per_group) * max(per_group.values())

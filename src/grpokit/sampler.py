@@ -68,6 +68,9 @@ class SamplingParams:
             raise ValueError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
 
 
+SHRINK_AT = 0.25  # ended rows leave the decode batch once they are this share of it
+
+
 def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
     """Set to -inf every logit outside the top-k, then outside the top-p nucleus (Holtzman et al. 2020).
 
@@ -134,6 +137,11 @@ class _ReservedLayer(DynamicLayer):
         self._keys[:, :, :length], self._values[:, :, :length] = keys, values
         self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        length = self.keys.shape[-2]
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
     def update(self, key_states, value_states, *args, **kwargs):
         start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
         self._keys[:, :, start:end], self._values[:, :, start:end] = key_states, value_states
@@ -192,9 +200,10 @@ def generate(
 ) -> Rollout:
     """Sample `num_generations` completions for each prompt with a shared-prefix KV cache.
 
-    Rows p*G .. p*G+G-1 belong to prompt p. A row ends at its first EOS (kept, mask 1) or at the
-    first step whose decoded text contains a stop string (tokens kept); rows that reach
-    max_new_tokens without ending are truncated. Draws use `generator`, so a seeded generator
+    Rows p*G .. p*G+G-1 belong to prompt p. A row ends at its first EOS (kept, mask 1) or at the first
+    step whose decoded text contains a stop string (tokens kept); rows that reach max_new_tokens without
+    ending are truncated. Rows that have ended leave the decode batch (in batches, with their cache), so the
+    decode's cost follows the rows still writing. Draws use `generator`, so a seeded generator
     reproduces the rollout exactly.
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
@@ -232,11 +241,14 @@ def generate(
         next_pos = prompt_len.repeat_interleave(G, dim=0)  # (N,) position of the next fed token
 
         N = logits.shape[0]
+        active = torch.arange(N, device=device)  # (n,) the rows still in the decode batch
         done = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
         step_ids, step_logp, step_mask = [], [], []
         for step in range(params.max_new_tokens):
-            tokens, logp = sample_tokens(logits, params, generator)  # (N,), (N,)
+            drawn, drawn_logp = sample_tokens(logits, params, generator)  # (n,), (n,)
             alive = ~done  # (N,) rows whose token this step is part of the completion
+            tokens = torch.full((N,), pad_token_id, dtype=torch.long, device=device).index_copy(0, active, drawn)
+            logp = torch.zeros(N, dtype=torch.float32, device=device).index_copy(0, active, drawn_logp.float())
             tokens = torch.where(alive, tokens, pad_token_id)  # (N,)
             step_ids.append(tokens)
             step_logp.append(torch.where(alive, logp, 0.0))
@@ -249,17 +261,23 @@ def generate(
                 done[running] |= torch.tensor(hits, dtype=torch.bool, device=device)
             if bool(done.all()) or step == params.max_new_tokens - 1:
                 break
+            # Rows that have ended leave the decode batch once they are a quarter of it: all they would
+            # still produce is padding, and no other row attends to them.
+            if int(done[active].sum()) >= SHRINK_AT * len(active):
+                keep = (~done[active]).nonzero().squeeze(-1)  # (n',) positions in the decode batch
+                cache.batch_select_indices(keep)
+                attn_mask, next_pos, active = attn_mask[keep], next_pos[keep], active[keep]
             # Feed this step's tokens; rows that already ended get mask 0, so the attention mask
             # stays equal to [prompt_mask | completion_mask], the layout the trainer sees.
-            attn_mask = torch.cat([attn_mask, alive.long()[:, None]], dim=-1)  # (N, Tp + step + 1)
+            attn_mask = torch.cat([attn_mask, alive[active].long()[:, None]], dim=-1)  # (n, Tp + step + 1)
             out = model(
-                input_ids=tokens[:, None],  # (N, 1)
+                input_ids=tokens[active][:, None],  # (n, 1)
                 attention_mask=attn_mask,
-                position_ids=next_pos[:, None],  # (N, 1)
+                position_ids=next_pos[:, None],  # (n, 1)
                 use_cache=True,
                 **cache_kw,
             )
-            logits = out.logits[:, -1]  # (N, V)
+            logits = out.logits[:, -1]  # (n, V)
             next_pos = next_pos + 1
     finally:
         model.train(was_training)
