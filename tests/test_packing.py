@@ -183,9 +183,8 @@ def test_shared_prefix_refuses_a_group_with_two_prompts():
 
 
 def test_shared_prefix_names_the_attention_it_cannot_use():
-    model = tiny("llama", "sdpa")
-    model.config._attn_implementation = "flash_attention_2"  # what a GPU user might configure
-    with pytest.raises(ValueError, match="needs attn_implementation sdpa or eager.*flash_attention_2"):
+    model = tiny("llama", "flex_attention")  # takes a BlockMask, not our boolean one (as flash_attention_2, on GPUs)
+    with pytest.raises(ValueError, match="needs attn_implementation sdpa or eager.*flex_attention"):
         completion_logprobs(model, *batch()[:4], temperature=1.0, layout="shared_prefix", group_ids=batch()[4])
 
 
@@ -254,3 +253,14 @@ def test_shared_prefix_micro_batches_keep_a_groups_rows_together():
     assert split("shared_prefix", None, rows=[4, 0, 5, 1]) == [[0, 1, 4, 5]]
     assert split("shared_prefix", 16, rows=[4, 0, 5, 1]) == [[0, 1], [4, 5]]
     assert split("packed", 21, rows=[4, 0, 5, 1]) == [[4, 0], [5, 1]]  # other layouts keep the order given
+
+
+def test_the_config_offers_exactly_the_layouts_that_exist():
+    import typing
+
+    from grpokit.config import GRPOConfig, TrainingForward
+
+    assert typing.get_args(TrainingForward) == packing.LAYOUTS
+    assert GRPOConfig().training_forward in packing.LAYOUTS
+    with pytest.raises(ValueError, match="unknown layout 'pad'"):
+        packing.build("pad", *batch()[:4])

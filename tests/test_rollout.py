@@ -116,6 +116,26 @@ def test_sampling_logp_matches_full_forward(arch, top_k, top_p):
     torch.testing.assert_close(r.sampling_logp, trainer_logp, atol=1e-5, rtol=0)  # what old_logp replaces
 
 
+def test_unpadded_prompts_decode_unmasked_with_the_same_logprobs(llama):
+    """Prompts of one length need no attention mask in the decode (rows that ended attend to padding, but
+    nothing reads them): the logprobs are still the full forward's."""
+    prompts = [[BOS, 5, 6, 7], [BOS, 11, 12, 13], [BOS, 8, 9, 10]]
+    with eos_bias_hook(llama, {EOS: 1.5}):
+        r = generate(
+            llama,
+            prompts,
+            num_generations=4,
+            params=SamplingParams(max_new_tokens=10, temperature=0.7),
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            generator=seeded(3),
+        )
+        ref = full_forward_logp(llama, r, temperature=0.7)  # (N, Tc)
+    lengths = r.completion_mask.sum(1)
+    assert r.prompt_mask.all() and (lengths < lengths.max()).sum() >= 3  # no padding; rows end early
+    torch.testing.assert_close(r.sampling_logp, ref, atol=1e-5, rtol=0)
+
+
 def test_top_k_top_p_restrict_the_draw(llama):
     """Every sampled token lies inside the top-k AND the top-p nucleus of its own logits."""
     params = SamplingParams(max_new_tokens=8, temperature=0.7, top_k=6, top_p=0.6)

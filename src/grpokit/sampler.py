@@ -238,6 +238,9 @@ def generate(
         cache.batch_repeat_interleave(G)  # every layer's (P, kv, Tp, hd) -> (N, kv, Tp, hd)
         reserve(cache, p_ids.shape[1] + params.max_new_tokens)
         attn_mask = p_mask.repeat_interleave(G, dim=0)  # (N, Tp), grows one column per step
+        # A row that has ended attends to whatever follows it, but its outputs are discarded and no other row
+        # sees it: the mask matters only for left-padded prompts. Without any, decode runs unmasked (faster).
+        masked = not bool(p_mask.all())
         next_pos = prompt_len.repeat_interleave(G, dim=0)  # (N,) position of the next fed token
 
         N = logits.shape[0]
@@ -272,7 +275,7 @@ def generate(
             attn_mask = torch.cat([attn_mask, alive[active].long()[:, None]], dim=-1)  # (n, Tp + step + 1)
             out = model(
                 input_ids=tokens[active][:, None],  # (n, 1)
-                attention_mask=attn_mask,
+                attention_mask=attn_mask if masked else None,
                 position_ids=next_pos[:, None],  # (n, 1)
                 use_cache=True,
                 **cache_kw,
