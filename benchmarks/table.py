@@ -1,6 +1,6 @@
 """The README's performance table, printed from the records benchmarks/vs_trl.py wrote (benchmarks/results/).
 
-    python benchmarks/table.py
+python benchmarks/table.py
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ SETTINGS = {
 def main() -> None:
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("vs_trl-*.json"))]
     records.sort(key=lambda r: (ORDER.index(r["workload"]["name"]), list(SETTINGS).index(r["setting"])))
-    print("| workload | setting | step time grpokit / TRL | ratio | tokens/s grpokit / TRL | peak RSS grpokit / TRL | ratio |")
+    print(
+        "| workload | setting | step time grpokit / TRL | ratio | tokens/s grpokit / TRL | peak RSS grpokit / TRL | ratio |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in records:
         w, g, t, q = r["workload"], r["grpokit"], r["trl"], r["ratios"]
@@ -31,7 +33,9 @@ def main() -> None:
             f"| {q['step_time']:.2f} | {g['tokens_per_s']:.0f} / {t['tokens_per_s']:.0f} "
             f"| {g['peak_rss_gb']:.2f} GB / {t['peak_rss_gb']:.2f} GB | {q['peak_rss']:.2f} |"
         )
-    machines = {(r["machine"]["cpu"], r["machine"]["cores"], r["machine"]["torch"], r["machine"]["trl"]) for r in records}
+    machines = {
+        (r["machine"]["cpu"], r["machine"]["cores"], r["machine"]["torch"], r["machine"]["trl"]) for r in records
+    }
     commits = sorted({r["commit"] for r in records})
     dates = sorted(r["date"][:10] for r in records)
     for cpu, cores, torch, trl in machines:

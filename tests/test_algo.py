@@ -413,10 +413,14 @@ def plain_logprobs(hidden, head, ids, temperature):
     return all_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), entropy
 
 
+@pytest.mark.parametrize("head_kind", ["linear", "other"])
 @pytest.mark.parametrize("chunk_size", [3, 10, 64])
-def test_logprobs_from_hidden_matches_plain(chunk_size, monkeypatch):
+def test_logprobs_from_hidden_matches_plain(chunk_size, head_kind, monkeypatch):
+    """A plain Linear head takes the hand-written gradient (no checkpoint); any other head a checkpointed
+    log_softmax per chunk. Both give the plain log_softmax's values and gradients."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(6, 13)
+    linear = torch.nn.Linear(6, 13)
+    head = linear if head_kind == "linear" else torch.nn.Sequential(linear)
     hidden = torch.randn(10, 6, requires_grad=True)
     ids = torch.randint(0, 13, (10,))
     calls = []
@@ -429,14 +433,14 @@ def test_logprobs_from_hidden_matches_plain(chunk_size, monkeypatch):
         hidden, head, ids, temperature=0.7, chunk_size=chunk_size, with_entropy=True
     )
     want, want_entropy = plain_logprobs(hidden, head, ids, 0.7)
-    assert len(calls) == math.ceil(10 / chunk_size)  # one checkpointed chunk each
+    assert len(calls) == (0 if head_kind == "linear" else math.ceil(10 / chunk_size))  # one checkpoint a chunk
     torch.testing.assert_close(logp, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(entropy, want_entropy, rtol=0, atol=1e-6)
     assert not entropy.requires_grad
 
     weights = torch.linspace(-1, 2, 10)  # a non-uniform upstream gradient
-    got_grads = torch.autograd.grad((logp * weights).sum(), [hidden, head.weight, head.bias])
-    want_grads = torch.autograd.grad((want * weights).sum(), [hidden, head.weight, head.bias])
+    got_grads = torch.autograd.grad((logp * weights).sum(), [hidden, linear.weight, linear.bias])
+    want_grads = torch.autograd.grad((want * weights).sum(), [hidden, linear.weight, linear.bias])
     for got, exp in zip(got_grads, want_grads):
         torch.testing.assert_close(got, exp, rtol=0, atol=1e-6)
 
@@ -445,6 +449,19 @@ def test_logprobs_from_hidden_matches_plain(chunk_size, monkeypatch):
         nograd, none = algo.logprobs_from_hidden(hidden, head, ids, temperature=0.7, chunk_size=chunk_size)
     assert calls == [] and none is None
     torch.testing.assert_close(nograd, want.detach(), rtol=0, atol=1e-6)
+
+
+def test_a_frozen_linear_head_gets_no_gradient_and_the_hidden_states_the_right_one():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(6, 13, bias=False).requires_grad_(False)  # LoRA leaves the head frozen
+    hidden = torch.randn(7, 6, requires_grad=True)
+    ids = torch.randint(0, 13, (7,))
+    logp, _ = algo.logprobs_from_hidden(hidden, head, ids, temperature=1.3, chunk_size=4)
+    (grad,) = torch.autograd.grad(logp.sum(), [hidden])
+    want, _ = plain_logprobs(hidden, head, ids, 1.3)
+    (want_grad,) = torch.autograd.grad(want.sum(), [hidden])
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=1e-6)
+    assert head.weight.grad is None
 
 
 def test_logprobs_from_hidden_with_no_valid_tokens():

@@ -155,6 +155,17 @@ def test_lora_adapters_get_the_padded_gradients(layout):
     assert_same(reference, logp_and_grads(model, layout, *rows))
 
 
+@pytest.mark.parametrize("layout", ["padded", "shared_prefix"])
+def test_gradient_checkpointing_gives_the_same_gradients(layout):
+    model = tiny("qwen2", "sdpa")
+    rows = batch()
+    model.train()  # checkpointing acts in train mode only
+    reference = logp_and_grads(model, layout, *rows)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.layers[0].gradient_checkpointing
+    assert_same(reference, logp_and_grads(model, layout, *rows))
+
+
 def test_shared_prefix_computes_each_prompt_once():
     prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids = batch()
     padded = packing.padded(prompt_ids, prompt_mask, completion_ids, completion_mask)

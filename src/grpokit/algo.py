@@ -34,15 +34,56 @@ def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tens
     return torch.stack(rows).reshape(ids.shape)  # (...)
 
 
-def _chunk_logprobs(hidden, ids, lm_head, temperature, with_entropy):
+def _chunk_logprobs(hidden, ids, lm_head, temperature, wants_entropy):
     logits = lm_head(hidden)  # (m, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (m, V)
-    if not with_entropy:
-        return selective_log_softmax(logits, ids), None  # (m,)
-    with torch.no_grad():  # entropy is a metric only
-        all_logp = torch.log_softmax(logits, dim=-1)  # (m, V)
-        entropy = -(all_logp.exp() * all_logp).sum(-1)  # (m,)
-    return selective_log_softmax(logits, ids), entropy  # (m,), (m,)
+    logp = selective_log_softmax(logits, ids)  # (m,)
+    if not wants_entropy["now"]:
+        return logp, None
+    wants_entropy["now"] = False  # a backward that recomputes this chunk needs no metric
+    with torch.no_grad():  # entropy is a metric only: H = lse - sum_v p_v * logit_v
+        lse = torch.logsumexp(logits, dim=-1)  # (m,)
+        probs = (logits - lse[:, None]).exp_()  # (m, V)
+        entropy = lse - (probs * logits).sum(-1)  # (m,)
+    return logp, entropy  # (m,), (m,)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """logp (m,) of `ids` under (hidden @ W^T + b) / T, with the gradient written out instead of taped.
+
+    d logp_i / d logit_iv = [v = ids_i] - p_iv, so the backward needs only the (m,) log-normalizers: it
+    recomputes the chunk's logits once and turns them into the gradient in place. autograd through
+    log_softmax would keep or rebuild a dozen (m, V) temporaries per chunk (a tenth of a 135M model's
+    update on a CPU); a frozen head (LoRA) gets no weight gradient at all.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, temperature, with_entropy):
+        logits = torch.nn.functional.linear(hidden, weight, bias).div_(temperature)  # (m, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (m,)
+        logp = logits.gather(-1, ids[:, None]).squeeze(-1) - lse  # (m,)
+        entropy = None
+        if with_entropy:  # a metric: H = -sum_v p_v log p_v
+            log_probs = logits.sub_(lse[:, None])  # (m, V) in place: the logits are not needed any more
+            entropy = -log_probs.exp().mul_(log_probs).sum(-1)  # (m,)
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, ids, lse = ctx.saved_tensors
+        T = ctx.temperature
+        logits = torch.nn.functional.linear(hidden, weight, bias).div_(T)  # (m, V)
+        # d loss / d logits = g_i ([v = ids_i] - p_iv) / T, built in the logits' memory
+        grad = logits.sub_(lse[:, None]).exp_().mul_(-grad_logp[:, None] / T)  # (m, V)
+        grad.scatter_add_(-1, ids[:, None], grad_logp[:, None] / T)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = grad @ weight if need_hidden else None  # (m, H)
+        grad_weight = grad.t() @ hidden if need_weight else None  # (V, H)
+        grad_bias = grad.sum(0) if bias is not None and need_bias else None  # (V,)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def logprobs_from_hidden(
@@ -56,15 +97,29 @@ def logprobs_from_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (M,) of `ids` under lm_head(hidden) / temperature, computed chunk by chunk.
 
-    With grad enabled each chunk is checkpointed, so only one chunk's (chunk, V) float32 logits
-    are alive at a time, in the forward and the backward. temperature <= 0 (greedy) counts as 1.
+    Only one chunk's (chunk, V) float32 logits are alive at a time, in the forward and the backward. A plain
+    `nn.Linear` head in float32 without hooks goes through `_LinearLogprobs`; any other head, or a forward under
+    autocast, through a checkpointed log_softmax per chunk (whose recompute skips the entropy).
+    temperature <= 0 (greedy) counts as 1.
     """
     temperature = temperature if temperature > 0 else 1.0
-    fn = functools.partial(_chunk_logprobs, lm_head=lm_head, temperature=temperature, with_entropy=with_entropy)
     step = max(int(chunk_size), 1)
+    fused = (
+        type(lm_head) is torch.nn.Linear
+        and not (lm_head._forward_hooks or lm_head._forward_pre_hooks)  # a hook must see the head's call
+        and lm_head.weight.dtype == torch.float32
+        and hidden.dtype == torch.float32
+        and not torch.is_autocast_enabled(hidden.device.type)
+    )
     outs = []
     for start in range(0, max(hidden.shape[0], 1), step):  # M == 0 still runs one empty chunk
         h, i = hidden[start : start + step], ids[start : start + step]  # (m, H), (m,)
+        if fused:
+            outs.append(_LinearLogprobs.apply(h, lm_head.weight, lm_head.bias, i, temperature, with_entropy))
+            continue
+        fn = functools.partial(
+            _chunk_logprobs, lm_head=lm_head, temperature=temperature, wants_entropy={"now": with_entropy}
+        )
         if torch.is_grad_enabled():
             outs.append(torch.utils.checkpoint.checkpoint(fn, h, i, use_reentrant=False))
         else:

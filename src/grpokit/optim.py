@@ -24,8 +24,15 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
 def build_optimizer(model: torch.nn.Module, cfg, total_steps: int):
     """-> (AdamW over trainable parameters, LambdaLR). `cfg` is any RunConfig."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # fused: one pass over each parameter instead of one per AdamW operation (fused kernels exist for CPU and
+    # CUDA float tensors); on a 135M model on a CPU the unfused step reads and writes its state ~6 times
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.weight_decay,
+        fused=fused or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
