@@ -46,6 +46,33 @@ def save_tiny(path: Path, arch: str = "qwen2", *, pad_equals_eos: bool = False, 
     return path
 
 
+def tiny_lm(
+    arch: str = "llama", attn: str = "sdpa", *, pad_token_id: int = 0, eos_token_id: int = 1, bos_token_id: int = 2
+):
+    """A float32 Llama / Qwen2 on a bare 32-token vocabulary (ids only, no tokenizer), grouped-query attention,
+    seeded: for tests of the forward's arithmetic."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cls, config_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
+    config = config_cls(
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = cls(config).float()
+    model.set_attn_implementation(attn)
+    return model
+
+
 def config(model, out: Path, **overrides) -> GRPOConfig:
     values = {
         "model": str(model),

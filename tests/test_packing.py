@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from helpers import tiny_lm
 
 from grpokit import packing
 from grpokit.config import LoRAConfig
@@ -28,23 +28,7 @@ COMPLETIONS = [
 
 
 def tiny(arch: str, attn: str, pad_token_id: int = PAD):
-    cls, config_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
-    config = config_cls(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        pad_token_id=pad_token_id,
-        eos_token_id=EOS,
-        bos_token_id=BOS,
-    )
-    torch.manual_seed(0)
-    model = cls(config).float()
-    model.set_attn_implementation(attn)
-    return model
+    return tiny_lm(arch, attn, pad_token_id=pad_token_id, eos_token_id=EOS, bos_token_id=BOS)
 
 
 def batch(*, extra_left=0, extra_right=0, fill=PAD, seed=0):
