@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_lm
 
 from grpokit import algo, modeling, packing
 
@@ -13,23 +13,7 @@ TEMPERATURE = 0.8
 
 
 def tiny_llama(pad_token_id=PAD, attn="sdpa"):
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        pad_token_id=pad_token_id,
-        eos_token_id=EOS,
-        bos_token_id=BOS,
-        dtype="float32",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).float()
-    model.set_attn_implementation(attn)
-    return model
+    return tiny_lm("llama", attn, pad_token_id=pad_token_id, eos_token_id=EOS, bos_token_id=BOS)
 
 
 def make_batch(prompts, completions, lengths, *, extra_left=0, extra_right=0, fill=PAD, seed=0):
