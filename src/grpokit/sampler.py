@@ -272,7 +272,8 @@ def generate(
                 attn_mask, next_pos, active = attn_mask[keep], next_pos[keep], active[keep]
             # Feed this step's tokens; rows that already ended get mask 0, so the attention mask
             # stays equal to [prompt_mask | completion_mask], the layout the trainer sees.
-            attn_mask = torch.cat([attn_mask, alive[active].long()[:, None]], dim=-1)  # (n, Tp + step + 1)
+            if masked:
+                attn_mask = torch.cat([attn_mask, alive[active].long()[:, None]], dim=-1)  # (n, Tp + step + 1)
             out = model(
                 input_ids=tokens[active][:, None],  # (n, 1)
                 attention_mask=attn_mask if masked else None,
