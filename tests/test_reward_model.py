@@ -240,10 +240,10 @@ def test_pairs_missing_a_column_name_it_and_the_row(tmp_path):
     rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "1+2=", "chosen": "3"}]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = rm_config(tmp_path, tmp_path / "no_model_needed_yet", task=None, train_data=str(path))
-    with pytest.raises(DataError, match=r"row 1 has no column 'rejected'"):
+    with pytest.raises(DataError, match=r"row 1 \(line 2\) has no column 'rejected'"):
         train_reward_model(cfg)
     path.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": 3}))
-    with pytest.raises(DataError, match=r"row 0: column 'rejected' must be text"):
+    with pytest.raises(DataError, match=r"row 0 \(line 1\): column 'rejected' must be text"):
         train_reward_model(cfg)
 
 

@@ -150,14 +150,14 @@ def test_a_row_missing_a_column_the_others_have_is_named(tmp_path):
     # reward functions receive every column for every completion, so a ragged data set fails up front
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "02", "level": 1}\n{"prompt": "2+2=", "answer": "04"}\n')
-    with pytest.raises(DataError, match="row 1 has no column 'level'"):
+    with pytest.raises(DataError, match=r"train.jsonl, row 1 \(line 2\) lacks 'level'"):
         GRPOTrainer(config(tmp_path / "m", tmp_path / "run", train_data=str(data)))
 
 
 def test_custom_prompt_column_is_the_one_checked(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "02"}\n')
-    with pytest.raises(DataError, match="row 0 has no column 'question'"):
+    with pytest.raises(DataError, match=r"row 0 \(line 1\) has no column 'question'"):
         GRPOTrainer(config(tmp_path / "m", tmp_path / "run", train_data=str(data), prompt_column="question"))
 
 

@@ -44,6 +44,7 @@ RESUMABLE_CHANGES = frozenset(
         "log_completions_every",
         "tensorboard",
         "output_dir",
+        "reward_timeout",  # a run stopped by a slow reward resumes with a longer limit
     }
 )
 

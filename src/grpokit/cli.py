@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from grpokit.checkpoint import TrainingInterrupted
     from grpokit.config import ConfigError
     from grpokit.data import DataError
+    from grpokit.policy import NumericsError
     from grpokit.rewards import RewardError
 
     try:
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         resume = shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
         print(f"grpokit {command}: {stop}\nresume with: {resume}", file=sys.stderr)
         return stop.exit_code
-    except (ConfigError, DataError, RewardError, FileNotFoundError, ValueError) as err:
+    except NumericsError as err:
+        print(f"grpokit {command}: stopped: {err}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, RewardError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         print(f"grpokit {command}: error: {err}", file=sys.stderr)
         return 2
     print(f"grpokit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -124,12 +128,13 @@ def _reward_model(args: list[str]) -> int:
 def _eval(args: list[str]) -> int:
     from grpokit.config import EvalConfig
     from grpokit.evaluate import accuracy
-    from grpokit.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from grpokit.modeling import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
     from grpokit.sampler import KVCacheSampler
     from grpokit.tasks import get_task
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
     cfg.validate()
+    check_model_source(cfg.model)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     sampler = KVCacheSampler(tokenizer)

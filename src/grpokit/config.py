@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,7 +130,19 @@ class RunConfig:
         for name in ("num_train_prompts", "max_prompt_length", "max_completion_length", "logprob_chunk_size"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.num_eval_prompts >= 0, "num_eval_prompts", "must be >= 0")
+        _require(self.task_num_digits >= 1, "task_num_digits", f"must be >= 1, got {self.task_num_digits}")
+        _require(self.prompt_column != "", "prompt_column", "is empty: name the column that holds the prompt")
+        _require(-(2**63) <= self.seed < 2**63, "seed", f"must fit in 64 bits, got {self.seed}")
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        for name in ("adam_beta1", "adam_beta2"):  # running averages: a weight of 1 never moves, above it diverges
+            _require(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(
+            self.learning_rate * self.weight_decay < 1,
+            "weight_decay",
+            f"x learning_rate = {self.learning_rate * self.weight_decay:g}: AdamW multiplies every weight by "
+            "(1 - learning_rate x weight_decay) per step, which must stay in (0, 1]",
+        )
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         _require(
@@ -143,6 +158,7 @@ class RunConfig:
             "resume_from_checkpoint",
             "is empty: use `latest` or a checkpoint folder",
         )
+        check_output_dir(self.output_dir)
 
 
 @dataclass
@@ -217,6 +233,9 @@ class GRPOConfig(RunConfig):
     reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     """`sum_then_normalize`: weighted sum of the rewards, then the advantage; `normalize_then_sum`: each
     reward function's advantage in its group first, then their weighted sum (scales stop mattering)."""
+    reward_timeout: float | None = 600.0
+    """Seconds one call of a reward function may take; a call that runs longer stops the run with an error
+    naming the function. Empty: no limit."""
     reward_model_batch_size: int = 64
     """Completions per forward pass of a reward model (a `reward_funcs` entry that is a model folder)."""
     gold_reward: str | None = None
@@ -261,6 +280,11 @@ class GRPOConfig(RunConfig):
             f"must be >= 1 or empty (no budget), got {self.max_tokens_per_micro_batch}",
         )
         _require(self.temperature > 0, "temperature", f"must be > 0 for training rollouts, got {self.temperature}")
+        _require(
+            self.eval_temperature > 0,
+            "eval_temperature",
+            f"must be > 0, got {self.eval_temperature} (greedy is always reported too)",
+        )
         _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= 0, "top_k", "must be >= 0")
         _require(len(self.reward_funcs) >= 1, "reward_funcs", "is empty: give at least one reward function")
@@ -270,17 +294,47 @@ class GRPOConfig(RunConfig):
                 "reward_weights",
                 f"has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs",
             )
+            _require(
+                any(w != 0 for w in self.reward_weights),
+                "reward_weights",
+                "are all 0: every advantage would be 0 and nothing would be learned",
+            )
+        _require(
+            self.reward_timeout is None or self.reward_timeout > 0,
+            "reward_timeout",
+            f"must be > 0 seconds or empty (no limit), got {self.reward_timeout}",
+        )
+        for text in self.stop_strings:
+            _require(text != "", "stop_strings", "holds an empty string, which every completion contains")
+        try:
+            re.compile(self.format_pattern)
+        except re.error as err:
+            raise ConfigError(f"config field `format_pattern` is not a regular expression: {err}") from None
         _require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
-        _require(self.epsilon_low >= 0 and self.epsilon_high >= 0, "epsilon_low/epsilon_high", "must be >= 0")
+        _require(
+            0 <= self.epsilon_low < 1,
+            "epsilon_low",
+            f"must be in [0, 1), got {self.epsilon_low}: the ratio is clipped at 1 - epsilon_low, and a ratio is > 0",
+        )
+        _require(self.epsilon_high >= 0, "epsilon_high", f"must be >= 0, got {self.epsilon_high}")
         _require(
             self.eval_every >= 0 and self.log_completions_every >= 0,
             "eval_every/log_completions_every",
             "must be >= 0",
         )
         _require(self.overlong_buffer >= 1, "overlong_buffer", "must be >= 1")
+        _require(
+            "overlong" not in self.reward_funcs or self.overlong_buffer <= self.max_completion_length,
+            "overlong_buffer",
+            f"is {self.overlong_buffer}, more than max_completion_length = {self.max_completion_length}: the "
+            "`overlong` reward would penalize every completion, however short",
+        )
         _require(self.reward_model_batch_size >= 1, "reward_model_batch_size", "must be >= 1")
         _require(self.monitor_window >= 2, "monitor_window", "must be >= 2")
         _require(self.lora.r >= 0, "lora.r", f"must be >= 0, got {self.lora.r}")
+        _require(self.lora.alpha > 0, "lora.alpha", f"must be > 0, got {self.lora.alpha}")
+        _require(0 <= self.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.lora.dropout}")
+        _require(len(self.lora.target_modules) >= 1, "lora.target_modules", "is empty: name the modules to adapt")
         _require(self.ref_sync_every >= 0, "ref_sync_every", "must be >= 0")
         _require(0.0 <= self.ref_sync_alpha <= 1.0, "ref_sync_alpha", "must be in [0, 1]")
         _require(
@@ -398,6 +452,17 @@ class EvalConfig:
         _require(self.temperature > 0, "temperature", "must be > 0")
 
 
+def check_output_dir(path: str, name: str = "output_dir") -> None:
+    """The run folder can be made here: no file on its way, and its nearest existing folder is writable."""
+    _require(path != "", name, "is empty: give the folder the run writes to")
+    for folder in [Path(path), *Path(path).parents]:
+        if not folder.exists():
+            continue
+        _require(folder.is_dir(), name, f"is {path!r}, but {folder} is a file, not a folder")
+        _require(os.access(folder, os.W_OK | os.X_OK), name, f"is {path!r}, but {folder} is not writable")
+        return
+
+
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config field `{name}` {message}")
@@ -413,6 +478,10 @@ def _check_types(cfg: Any, prefix: str = "") -> None:
             continue
         if not _matches(value, hints[f.name]):
             raise ConfigError(f"config field `{prefix}{f.name}` expects {_type_name(hints[f.name])}, got {value!r}")
+        for number in value if isinstance(value, list) else [value]:
+            # YAML reads `.nan` and `.inf`, and no field of any config can train on them
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"config field `{prefix}{f.name}` must be a finite number, got {value!r}")
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -466,7 +535,13 @@ def load_yaml(cls: type, path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
     return from_dict(cls, values, source=str(path))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +23,28 @@ class DataError(ValueError):
     """The data set is missing, malformed, or lacks a column; the message names the file and the row."""
 
 
+class InputWarning(UserWarning):
+    """grpokit changed an input to fit (a prompt cut to max_prompt_length, characters read as <unk>)."""
+
+
+# Roles the chat templates of transformers models know; anything else is a typo a template would drop or reject.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class Rows(list):
+    """Rows read from a file: a list of dicts that remembers where it came from, for error messages."""
+
+    def __init__(self, rows: list[dict[str, Any]], source: str, lines: list[int] | None = None):
+        super().__init__(rows)
+        self.source, self.lines = source, lines
+
+
+def where(rows: list[dict[str, Any]], i: int, source: str) -> str:
+    """`SOURCE, row I` (rows count from 0, as in `datasets`), with the line of a JSONL file."""
+    line = f" (line {rows.lines[i]})" if isinstance(rows, Rows) and rows.lines else ""
+    return f"{getattr(rows, 'source', source)}, row {i}{line}"
+
+
 def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, Any]]:
     """A JSONL file (one JSON object per line) or a folder written by `datasets.Dataset.save_to_disk`."""
     path = Path(path)
@@ -30,11 +53,14 @@ def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, 
     if path.is_dir():
         import datasets
 
-        data = datasets.load_from_disk(str(path))
+        try:
+            data = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise DataError(f"config field `{field}`: {path} is not a `datasets` folder ({err})") from None
         if isinstance(data, datasets.DatasetDict):
             raise DataError(f"{path} holds splits {list(data)}; point `{field}` at one split's folder")
-        return [dict(row) for row in data]
-    rows = []
+        return Rows([dict(row) for row in data], f"{field} {path}")
+    rows, lines = [], []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -45,9 +71,10 @@ def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, 
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
         rows.append(row)
+        lines.append(line_no)
     if not rows:
         raise DataError(f"{path} holds no rows")
-    return rows
+    return Rows(rows, f"{field} {path}", lines)
 
 
 def check_columns(rows: list[dict[str, Any]], required: list[str], source: str) -> None:
@@ -55,10 +82,48 @@ def check_columns(rows: list[dict[str, Any]], required: list[str], source: str) 
     for i, row in enumerate(rows):
         missing = [c for c in required if c not in row]
         if missing:
-            raise DataError(f"{source}: row {i} has no column {missing[0]!r} (its columns: {sorted(row)})")
+            raise DataError(f"{where(rows, i, source)} has no column {missing[0]!r} (its columns: {sorted(row)})")
     for name in RESERVED_COLUMNS:
         if rows and name in rows[0]:
             raise DataError(f"{source}: column {name!r} is reserved for what grpokit passes to reward functions")
+
+
+def check_rows(rows: list[dict[str, Any]], prompt_column: str, source: str) -> None:
+    """Every row, before any work: a dict, the same columns as row 0 (reward functions get every column for
+    every completion), and a prompt that is non-empty text or a list of chat messages {role, content}."""
+    columns = set(rows[0]) if rows else set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{where(rows, i, source)}: expected a dict of columns, got {type(row).__name__}")
+        if set(row) != columns:
+            missing, extra = sorted(columns - set(row)), sorted(set(row) - columns)
+            differs = ", ".join([*(f"lacks {c!r}" for c in missing), *(f"has the extra column {c!r}" for c in extra)])
+            raise DataError(
+                f"{where(rows, i, source)} {differs}; row 0 has {sorted(columns)}: every row needs the same columns"
+            )
+        check_prompt(row.get(prompt_column), f"{where(rows, i, source)}, column {prompt_column!r}")
+
+
+def check_prompt(prompt: Any, place: str) -> None:
+    """A prompt is non-empty text, or a non-empty list of {role, content} messages with known roles."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise DataError(f"{place}: the prompt is empty")
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise DataError(
+            f"{place}: a prompt must be text or a list of {{role, content}} messages, got "
+            f"{type(prompt).__name__} {prompt!r:.60}"
+        )
+    for j, message in enumerate(prompt):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise DataError(f"{place}: message {j} must be a dict with `role` and `content`, got {message!r:.80}")
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(f"{place}: message {j} has role {message['role']!r}; expected one of {list(CHAT_ROLES)}")
+        if not isinstance(message["content"], (str, list)):
+            raise DataError(
+                f"{place}: message {j} has content of type {type(message['content']).__name__}; expected text"
+            )
 
 
 def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
@@ -72,20 +137,100 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     raise DataError(f"a prompt must be text or a list of {{role, content}} messages, got {prompt!r:.80}")
 
 
-def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int) -> tuple[list[str], list[list[int]], int]:
-    """-> (rendered texts, token ids, how many were cut). Long prompts keep their LAST tokens, where the
-    question usually is. A chat template already holds any BOS, so it gets no special tokens added."""
-    texts, ids, cut = [], [], 0
+class EncodedPrompts(NamedTuple):
+    texts: list[str]  # as rendered (chat template applied), whole
+    ids: list[list[int]]  # what the model sees: the last max_length tokens
+    cut: int  # how many prompts were longer than max_length
+    seen: list[str]  # the text of `ids`: the rendered text, or the decoded kept tokens of a cut prompt
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int) -> EncodedPrompts:
+    """Render and tokenize prompts. Long prompts keep their LAST tokens, where the question usually is. A chat
+    template already holds any BOS, so it gets no special tokens added."""
+    texts, ids, cut, seen = [], [], 0, []
     for prompt in prompts:
         text = render_prompt(tokenizer, prompt)
-        tokens = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
-        if len(tokens) > max_length:
-            tokens, cut = tokens[-max_length:], cut + 1
+        tokens = list(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"])
         if not tokens:
             raise DataError(f"prompt {prompt!r:.80} encodes to no tokens")
         texts.append(text)
-        ids.append(list(tokens))
-    return texts, ids, cut
+        if len(tokens) > max_length:
+            tokens, cut = tokens[-max_length:], cut + 1
+            seen.append(tokenizer.decode(tokens))
+        else:
+            seen.append(text)
+        ids.append(tokens)
+    return EncodedPrompts(texts, ids, cut, seen)
+
+
+class PromptScan(NamedTuple):
+    warnings: list[str]
+    longest: int  # tokens of the longest prompt as the model will see it (after the cut)
+
+
+def scan_prompts(
+    tokenizer: Any, rows: list[dict[str, Any]], prompt_column: str, max_length: int, source: str
+) -> PromptScan:
+    """Every prompt rendered and tokenized once, before the first step: a prompt that cannot be rendered or
+    encodes to nothing is an error naming its row; warnings, with counts, say what grpokit will change: prompts
+    longer than `max_length` (cut from the left) and characters the tokenizer reads as its unknown token."""
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    lengths, unknown = [], {}  # unknown: row -> the first unknown text
+    for i, row in enumerate(rows):
+        prompt = row[prompt_column]
+        try:
+            text = render_prompt(tokenizer, prompt)
+        except DataError as err:
+            raise DataError(f"{where(rows, i, source)}: {err}") from None
+        except Exception as err:  # a chat template raising (roles it does not allow, say)
+            raise DataError(
+                f"{where(rows, i, source)}: the chat template failed: {type(err).__name__}: {err}"
+            ) from None
+        tokens = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+        if not tokens:
+            raise DataError(f"{where(rows, i, source)}: the prompt encodes to no tokens")
+        lengths.append(len(tokens))
+        if unk_id is not None and unk_id in tokens and tokenizer.unk_token not in text:
+            unknown[i] = _unknown_text(tokenizer, text, unk_id)
+    warnings = []
+    cut = sum(n > max_length for n in lengths)
+    if cut:
+        warnings.append(
+            f"{source}: {cut} of {len(rows)} prompts are longer than max_prompt_length = {max_length} tokens "
+            f"(longest {max(lengths)}): each keeps its last {max_length} tokens; completions.jsonl logs the cut text"
+        )
+    if unknown:
+        i, text = next(iter(unknown.items()))
+        warnings.append(
+            f"{source}: {len(unknown)} of {len(rows)} prompts hold text the tokenizer does not know, read as "
+            f"{tokenizer.unk_token} (first: {text!r} in row {i}): the model never sees it"
+        )
+    return PromptScan(warnings, min(max(lengths, default=0), max_length))
+
+
+def scan_all_prompts(tokenizer: Any, cfg: Any, train_rows: list[dict], eval_rows: list[dict]) -> tuple[list[str], int]:
+    """`scan_prompts` over the train and eval rows; each warning is also issued as an InputWarning.
+    -> (warnings, tokens of the longest prompt as the model will see it)."""
+    scans = [
+        scan_prompts(tokenizer, rows, cfg.prompt_column, cfg.max_prompt_length, source)
+        for rows, source in ((train_rows, "train data"), (eval_rows, "eval data"))
+    ]
+    messages = [message for scan in scans for message in scan.warnings]
+    for message in messages:
+        warnings.warn(message, InputWarning, stacklevel=3)
+    return messages, max(scan.longest for scan in scans)
+
+
+def _unknown_text(tokenizer: Any, text: str, unk_id: int) -> str:
+    """The first span of `text` that encodes to the unknown token (offsets from a fast tokenizer)."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError):  # a slow tokenizer has no offsets
+        return "?"
+    for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if token == unk_id:
+            return text[start:end]
+    return "?"
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, *, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +267,12 @@ def grpo_rows(
             eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
         else:
             eval_rows = []
-    check_columns(train_rows, [cfg.prompt_column, *train_rows[0]], "train data")
+    eval_rows = eval_rows[: cfg.num_eval_prompts]
+    check_columns(train_rows, [cfg.prompt_column], "train data")
+    check_rows(train_rows, cfg.prompt_column, "train data")
     check_columns(eval_rows, [cfg.prompt_column], "eval data")
-    return train_rows, eval_rows[: cfg.num_eval_prompts]
+    check_rows(eval_rows, cfg.prompt_column, "eval data")
+    return train_rows, eval_rows
 
 
 class ShuffledEpochs:

@@ -27,7 +27,7 @@ def completions_for(
     generator of their own, seeded with `seed`, so evaluating never moves the training RNG streams."""
     generator = torch.Generator(device=device).manual_seed(seed)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-    _, ids, _ = encode_prompts(tokenizer, prompts, max_prompt_length)
+    ids = encode_prompts(tokenizer, prompts, max_prompt_length).ids
     texts: list[str] = []
     for start in range(0, len(ids), batch_size):
         rollout = sampler.generate(

@@ -6,6 +6,7 @@ always passed in, never derived from `ids != pad`, because pad may equal eos.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -67,6 +68,92 @@ def _existing(path) -> str:
     return str(path)
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Any one of these makes a tokenizer folder: a fast tokenizer's JSON, or the vocabulary of a slow one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tekken.json")
+
+
+class ModelFolderError(FileNotFoundError):
+    """A model folder or file is missing a part or has a damaged one; the message names the path and the part."""
+
+
+def check_model_source(path, *, field: str = "model", tokenizer: bool = True) -> None:
+    """Before anything loads: the folder (or `.gguf` file) at `path` has a config, whole weights and, when
+    `tokenizer`, tokenizer files; the error says which part is missing or damaged."""
+    path = Path(_existing(path))
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelFolderError(f"config field `{field}`: {path} is a file; give a model folder or a .gguf file")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelFolderError(f"config field `{field}`: {path} is not a GGUF file (no GGUF magic number)")
+        return
+    names = {p.name for p in path.iterdir()}
+    prefix = f"config field `{field}`: the model folder {path}"
+    if "config.json" not in names:
+        raise ModelFolderError(f"{prefix} has no config.json (a folder written by `save_pretrained` has one)")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{prefix}: config.json is not valid JSON ({err})") from None
+    weights = [name for name in WEIGHT_FILES if name in names]
+    if not weights and "adapter_config.json" not in names:
+        raise ModelFolderError(f"{prefix} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    for name in weights:
+        if name.endswith(".index.json"):
+            shards = set(json.loads((path / name).read_text()).get("weight_map", {}).values())
+            lost = sorted(shard for shard in shards if shard not in names)
+            if lost:
+                raise ModelFolderError(f"{prefix}: {name} lists {lost[0]}, which is missing ({len(lost)} missing)")
+            weights += sorted(shards)
+    for name in weights:
+        if name.endswith(".safetensors"):
+            check_safetensors(path / name)
+    if tokenizer and not names & set(TOKENIZER_FILES):
+        raise ModelFolderError(
+            f"{prefix} has weights but no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} "
+            "(save the tokenizer with `tokenizer.save_pretrained` into the same folder)"
+        )
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is whole: its header parses and the tensors it lists end where the file ends (a copy
+    cut short or a download that stopped early fails here, named, instead of deep inside the loader)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len < 2 or 8 + header_len > size:
+            raise ModelFolderError(f"{path} is damaged: {size} bytes, too short for its own header (truncated?)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelFolderError(f"{path} is damaged: its header is not valid JSON") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise ModelFolderError(
+            f"{path} is damaged: its header lists {8 + header_len + end} bytes of tensors, the file has {size} "
+            "(truncated or overwritten?)"
+        )
+
+
+def check_context_length(model, longest_prompt: int, max_completion_length: int) -> None:
+    """The longest prompt (as cut) plus `max_completion_length` fit the model's positions: a learned position
+    table has no row past its end, and a rotary model was never trained there."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest_prompt + max_completion_length > limit:
+        raise ModelFolderError(
+            f"the longest prompt ({longest_prompt} tokens, see `max_prompt_length`) + `max_completion_length` "
+            f"({max_completion_length}) = {longest_prompt + max_completion_length} tokens, more than the model's "
+            f"max_position_embeddings = {limit}: lower `max_prompt_length` or `max_completion_length`"
+        )
+
+
 def _gguf_args(path) -> tuple[str, dict]:
     """(folder, extra from_pretrained kwargs): a `.gguf` file loads through transformers' GGUF reader (the `gguf`
     package), de-quantized to float32."""
@@ -97,8 +184,6 @@ def load_tokenizer(path):
     otherwise picks the model type's own class for some types (qwen2 among them), which rebuilds the
     pre-tokenizer and silently drops characters such as spaces and newlines from a custom tokenizer.json.
     """
-    import json
-
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path, extra = _gguf_args(path)

@@ -6,7 +6,10 @@ read the per-step metrics and warn, once each, with the figures that triggered t
 
 - no learning signal: most groups have identical rewards for every completion;
 - truncation: most completions hit the length limit;
-- mode collapse: the completions of a group are all alike and the entropy is ~0;
+- mode collapse: the completions of a group are all alike and the entropy is ~0; and a cliff: entropy or
+  within-group diversity falling most of the way within a few steps (one wild update does that);
+- unscored steps: every reward function returned None for every completion;
+- truncated completions: the first step where some hit max_completion_length without EOS (with counts);
 - length drift: completion length moved far from where the run started;
 - KL drift: the policy is far from its reference;
 - reward hacking: the trained-on (proxy) reward rises while a gold reward watched beside it does not.
@@ -14,6 +17,7 @@ read the per-step metrics and warn, once each, with the figures that triggered t
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,6 +47,10 @@ class SignalMonitor:
     max_truncated_frac: float = 0.5
     collapse_diversity_margin: float = 0.05  # collapsed: diversity <= 1/G + margin ...
     collapse_max_entropy: float = 0.02  # ... and entropy below this (nats/token)
+    cliff_steps: int = 5  # a cliff: within this many steps ...
+    cliff_entropy_drop: float = 0.75  # ... entropy lost this fraction of its level
+    cliff_min_entropy_drop: float = 0.5  # ... and at least this many nats/token
+    cliff_diversity_drop: float = 0.5  # ... or within-group diversity fell by this much (of 1)
     max_length_drift: float = 0.5  # relative change of the mean completion length
     max_kl: float = 1.0  # nats/token
     hacking_min_proxy_rise: float = 1.0  # proxy gain between window halves, in proxy stds over the window
@@ -54,8 +62,8 @@ class SignalMonitor:
     _length_baseline: float | None = None
 
     def _push(self, key: str, metrics: dict[str, float], size: int) -> deque | None:
-        if key not in metrics:
-            return None
+        if key not in metrics or not math.isfinite(metrics[key]):  # NaN: nothing measured this step
+            return self._series.get(key) if key in metrics else None
         values = self._series.setdefault(key, deque(maxlen=size))
         values.append(metrics[key])
         return values
@@ -111,6 +119,24 @@ class SignalMonitor:
                     "every prompt gets the same completion, so groups carry no signal.",
                     new,
                 )
+        self._check_cliff(step, group_size, new)
+        if metrics.get("reward/scored_frac", 1.0) == 0:
+            self._raise(
+                "unscored",
+                step,
+                "no completion got a reward: every reward function returned None for every sample, so the "
+                "step had no learning signal (reward/mean is logged as null); check what the functions apply to",
+                new,
+            )
+        if (cut := metrics.get("completions_truncated", 0)) > 0 and metrics.get("truncated_frac", 0) > 0:
+            self._raise(
+                "first_truncated",
+                step,
+                f"{cut:.0f} of the step's {round(cut / metrics['truncated_frac'])} completions "
+                "reached max_completion_length without EOS: they end there and are rewarded as they are "
+                "(mask_truncated_completions leaves them out of the loss)",
+                new,
+            )
         kl = self._push("kl", metrics, full)
         if kl is not None and len(kl) == full and (m := statistics.fmean(kl)) > self.max_kl:
             self._raise(
@@ -124,6 +150,33 @@ class SignalMonitor:
         self._check_hacking(step, metrics, new)
         self.warnings.extend(new)
         return new
+
+    def _check_cliff(self, step: int, group_size: int, new: list[str]) -> None:
+        """Entropy or diversity lost most of its level within `cliff_steps` steps: not a drift but one update
+        (a learning rate far too high, say) pushing the policy onto one answer."""
+        span = self.cliff_steps + 1
+        entropy = list(self._series.get("entropy", ()))[-span:]
+        diversity = list(self._series.get("diversity", ()))[-span:]
+        if len(entropy) >= 2:
+            before, now = max(entropy[:-1]), entropy[-1]
+            if before - now >= max(self.cliff_entropy_drop * before, self.cliff_min_entropy_drop):
+                self._raise(
+                    "collapse_cliff",
+                    step,
+                    f"entropy fell off a cliff: {before:.2f} -> {now:.2f} nats/token within {len(entropy) - 1} "
+                    "steps; one update moved the policy onto a few answers (learning_rate too high?)",
+                    new,
+                )
+        if len(diversity) >= 2:
+            before, now = max(diversity[:-1]), diversity[-1]
+            if before - now >= self.cliff_diversity_drop and now <= 1 / group_size + self.collapse_diversity_margin:
+                self._raise(
+                    "collapse_cliff",
+                    step,
+                    f"within-group diversity fell off a cliff: {before:.2f} -> {now:.2f} (1/G = {1 / group_size:.2f})"
+                    f" within {len(diversity) - 1} steps: every group now repeats one completion",
+                    new,
+                )
 
     def _check_length(self, step: int, metrics: dict[str, float], new: list[str]) -> None:
         lengths = self._push("completion_length", metrics, self.long_window)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,11 @@ from grpokit.config import LoRAConfig, RunConfig
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs
 from grpokit.optim import build_optimizer
+
+
+class NumericsError(RuntimeError):
+    """A loss, gradient or parameter that cannot train (NaN, inf): the run stops before the update lands, and
+    a model holding such a value is never saved."""
 
 
 class TokenBatch(Protocol):
@@ -185,10 +191,24 @@ class Policy:
         params = self.trainable_parameters()
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NumericsError(f"the gradient norm is {grad_norm}; the optimizer step was not applied")
+        lr = self.lr
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.check_finite(f"after the optimizer step (learning rate {lr:g}, gradient norm {grad_norm:.3g})")
         return grad_norm
+
+    @torch.no_grad()
+    def check_finite(self, when: str) -> None:
+        """NumericsError naming the first parameter holding NaN or inf (one max-abs pass over the weights)."""
+        params = self.trainable_parameters()
+        if math.isfinite(float(torch.nn.utils.get_total_norm(params, norm_type=math.inf))):
+            return
+        name = next(n for n, p in self.model.named_parameters() if p.requires_grad and not bool(p.isfinite().all()))
+        raise NumericsError(f"parameter {name} holds NaN or inf {when}")
 
     @property
     def lr(self) -> float:
@@ -208,6 +228,7 @@ class Policy:
     # ---------------------------------------------------------------- saving and resuming
     def save(self, path: str | Path, tokenizer: Any, *, lora_form: str = "merged") -> Path:
         """The policy in `save_pretrained` form; with LoRA merged into the weights or as the adapter alone."""
+        self.check_finite(f"so {path} was not written")
         if uses_lora(self.model):
             return save_policy(self.model, tokenizer, path, lora_form)
         return save_model(self.model, tokenizer, path)
@@ -215,6 +236,7 @@ class Policy:
     def save_weights(self, folder: Path, tokenizer: Any) -> None:
         """Into an open checkpoint folder: the model in `save_pretrained` form (with LoRA the adapter), which
         loads back exactly (float32) and also serves anyone who wants that step's model."""
+        self.check_finite("so the checkpoint was not written")
         if uses_lora(self.model):
             self.model.save_pretrained(folder, safe_serialization=True)
         else:

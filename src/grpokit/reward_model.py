@@ -24,8 +24,17 @@ import torch.nn.functional as F
 
 from grpokit.checkpoint import RunDirectory, seed_everything
 from grpokit.config import RewardModelConfig
-from grpokit.data import DataError, ShuffledEpochs, check_columns, load_rows, pad_batch, render_prompt
-from grpokit.modeling import ensure_pad_token, load_tokenizer, resolve_device, resolve_dtype
+from grpokit.data import (
+    DataError,
+    ShuffledEpochs,
+    check_columns,
+    check_prompt,
+    load_rows,
+    pad_batch,
+    render_prompt,
+    where,
+)
+from grpokit.modeling import check_model_source, ensure_pad_token, load_tokenizer, resolve_device, resolve_dtype
 from grpokit.packing import position_ids_from_mask
 from grpokit.policy import Policy
 from grpokit.runlog import RunLog
@@ -226,13 +235,15 @@ def _check_pairs(rows: list[dict[str, Any]], cfg: RewardModelConfig, source: str
     columns = [cfg.prompt_column, cfg.chosen_column, cfg.rejected_column]
     check_columns(rows, columns + ([margin_column] if margin_column else []), source)
     for i, row in enumerate(rows):
+        place = where(rows, i, source)
+        check_prompt(row[cfg.prompt_column], f"{place}, column {cfg.prompt_column!r}")
         for name in (cfg.chosen_column, cfg.rejected_column):
             if not isinstance(row[name], str):
-                raise DataError(f"{source}: row {i}: column {name!r} must be text, got {row[name]!r:.60}")
+                raise DataError(f"{place}: column {name!r} must be text, got {row[name]!r:.60}")
         if margin_column:
             m = row[margin_column]
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-                raise DataError(f"{source}: row {i}: column {margin_column!r} must be a finite number, got {m!r:.60}")
+                raise DataError(f"{place}: column {margin_column!r} must be a finite number, got {m!r:.60}")
 
 
 def encode_pairs(
@@ -321,6 +332,8 @@ def train_reward_model(
     run_dir.plan()
 
     device = resolve_device(cfg.device)
+    if model is None:
+        check_model_source(cfg.model, tokenizer=tokenizer is None)
     tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
     if model is None:
         model = load_reward_model(cfg.model, device, torch.float32, pad_token_id=tokenizer.pad_token_id)

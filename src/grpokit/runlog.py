@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +53,28 @@ class RunLog:
             self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """One strict-JSON row: a metric that has no value this step (NaN: nothing was scored) is null."""
+        row = strict({"step": step, **metrics})
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(key, value, step)
+            for key, value in row.items():
+                if key != "step" and value is not None:
+                    self._tb.add_scalar(key, value, step)
 
     def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
         with self.completions_path.open("a") as f:
             for sample in samples:
-                f.write(json.dumps({"step": step, **sample}) + "\n")
+                f.write(json.dumps(strict({"step": step, **sample}), allow_nan=False) + "\n")
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def strict(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN and inf become None (null): JSON has no such numbers, and strict parsers reject Python's NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def _logged_before(row: dict[str, Any], step: int) -> bool:
@@ -103,7 +112,7 @@ def plot_curves(rows: list[dict[str, float]], path: str | Path, title: str = "")
     matplotlib.use("Agg")  # files only: no display on training machines
     import matplotlib.pyplot as plt
 
-    panels = [(keys, label) for keys, label in PLOT_PANELS if any(k in r for k in keys for r in rows)]
+    panels = [(keys, label) for keys, label in PLOT_PANELS if any(r.get(k) is not None for k in keys for r in rows)]
     if not panels:
         return None
     cols = min(len(panels), 4)
@@ -111,7 +120,7 @@ def plot_curves(rows: list[dict[str, float]], path: str | Path, title: str = "")
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3 * n_rows), squeeze=False)
     for ax, (keys, label) in zip(axes.flat, panels):
         for key in keys:
-            points = [(r["step"], r[key]) for r in rows if key in r]
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             ax.plot(
                 [p[0] for p in points],
                 [p[1] for p in points],

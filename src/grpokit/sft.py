@@ -16,8 +16,15 @@ import torch
 
 from grpokit.checkpoint import RunDirectory, python_random_state, seed_everything
 from grpokit.config import SFTConfig
-from grpokit.data import check_columns, encode_prompts, load_rows, pad_batch
-from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype
+from grpokit.data import DataError, check_columns, check_prompt, encode_prompts, load_rows, pad_batch, where
+from grpokit.modeling import (
+    check_model_source,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from grpokit.policy import Policy
 from grpokit.runlog import RunLog
 from grpokit.tasks import get_task
@@ -35,12 +42,25 @@ def sft_rows(cfg: SFTConfig) -> list[dict[str, Any]]:
             {**row, cfg.completion_column: task.demonstrate(row, rng)}
             for row in task.rows(cfg.num_train_prompts, split="train", seed=cfg.seed)
         ]
-    check_columns(rows, [cfg.prompt_column, cfg.completion_column], "SFT data")
     return rows
 
 
+def check_sft_rows(rows: list[dict[str, Any]], cfg: SFTConfig) -> None:
+    """Every row has a prompt (text or chat messages) and non-empty completion text, before any model loads."""
+    if not rows:
+        raise DataError("SFT data holds no rows")
+    check_columns(rows, [cfg.prompt_column, cfg.completion_column], "SFT data")
+    for i, row in enumerate(rows):
+        check_prompt(row[cfg.prompt_column], f"{where(rows, i, 'SFT data')}, column {cfg.prompt_column!r}")
+        if not isinstance(row[cfg.completion_column], str) or not row[cfg.completion_column]:
+            raise DataError(
+                f"{where(rows, i, 'SFT data')}: column {cfg.completion_column!r} must be non-empty text, "
+                f"got {row[cfg.completion_column]!r:.60}"
+            )
+
+
 def encode_examples(tokenizer: Any, rows: list[dict[str, Any]], cfg: SFTConfig) -> list[tuple[list[int], list[int]]]:
-    _, prompt_ids, _ = encode_prompts(tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
+    prompt_ids = encode_prompts(tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length).ids
     examples = []
     for i, (row, p_ids) in enumerate(zip(rows, prompt_ids)):
         completion = row[cfg.completion_column]
@@ -84,9 +104,12 @@ def train_sft(
     cfg.validate(model_given=model is not None, rows_given=rows is not None)
     seed_everything(cfg.seed)
     rows = rows if rows is not None else sft_rows(cfg)
+    check_sft_rows(rows, cfg)
     run_dir = RunDirectory.for_config(cfg)
     run_dir.plan()
     device = resolve_device(cfg.device)
+    if model is None:
+        check_model_source(cfg.model, tokenizer=tokenizer is None)
     tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
     model = model if model is not None else load_model(cfg.model, device, torch.float32)
     policy = Policy(

@@ -16,21 +16,22 @@ to a frozen reference. No value network. Where grpokit deviates from the paper:
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpokit import algo
-from grpokit.checkpoint import RunDirectory, RunDirectoryError, seed_everything
+from grpokit import algo, modeling
+from grpokit.checkpoint import RunDirectory, RunDirectoryError, list_checkpoints, seed_everything
 from grpokit.config import GRPOConfig
-from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows
+from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.evaluate import decode_completions, heldout_accuracy
 from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype
 from grpokit.monitor import SignalMonitor, group_diversity
-from grpokit.policy import Policy
-from grpokit.rewards import RewardFn, exact_match, reward_set, score
+from grpokit.policy import NumericsError, Policy
+from grpokit.rewards import RewardFn, exact_match, reward_set
 from grpokit.runlog import RunLog, plot_curves, read_metrics
 from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams
 from grpokit.tasks import get_task
@@ -64,8 +65,13 @@ class GRPOTrainer:
         self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)
         self.run_dir = RunDirectory.for_config(cfg)
         self.run_dir.plan()
+        if model is None:
+            modeling.check_model_source(cfg.model, tokenizer=tokenizer is None)
         self.tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
+        # what grpokit will change in the prompts, said once (InputWarning), before the model loads
+        self.input_warnings, longest_prompt = scan_all_prompts(self.tokenizer, cfg, self.train_rows, self.eval_rows)
         model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
+        modeling.check_context_length(model, longest_prompt, cfg.max_completion_length)
 
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
         self.minibatch_size = cfg.minibatch_size or self.generation_size
@@ -103,10 +109,10 @@ class GRPOTrainer:
             rows = [self.train_rows[i] for i in self.prompt_order.take(cfg.prompts_per_step)]
         lr = self.policy.lr  # the rate this step's first update uses
         t0 = time.perf_counter()
-        prompt_texts, prompt_ids, n_cut = encode_prompts(
-            self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length
-        )
-        rollout = self.sampler.generate(prompt_ids, num_generations=G, params=self.sampling, generator=self.generator)
+        prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
+        rollout = self.sampler.generate(prompts.ids, num_generations=G, params=self.sampling, generator=self.generator)
+        if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
+            raise NumericsError("the policy's logprobs in the rollout are NaN or inf: its weights no longer train")
         t_rollout = time.perf_counter()
 
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
@@ -117,13 +123,10 @@ class GRPOTrainer:
             truncated=rollout.truncated.tolist(),
             raw_prompts=[row[cfg.prompt_column] for row in rows for _ in range(G)],
         )
-        prompts_n = [p for p in prompt_texts for _ in range(G)]
-        rewards = score(self.rewards.funcs, prompts_n, completions, columns)  # (N, K)
-        total, scorable = algo.combine_rewards(rewards, self.rewards.weights)  # (N,), (N,)
-        advantages = algo.multi_reward_advantages(
-            rewards, self.rewards.weights, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation
-        ).to(self.device)  # (N,)
-        gold = score(self.rewards.gold, prompts_n, completions, columns) if self.rewards.gold else None  # (N, 1)
+        prompts_n = [p for p in prompts.texts for _ in range(G)]
+        # (N, K) NaN where None, (N,), (N,), (N,), (N, 1) or None; a reward training cannot use stops the run here
+        rewards, total, scorable, advantages, gold = self.rewards.score_step(prompts_n, completions, columns, cfg)
+        advantages = advantages.to(self.device)
         t_reward = time.perf_counter()
 
         mask = rollout.completion_mask.float()  # (N, Tc)
@@ -138,16 +141,19 @@ class GRPOTrainer:
         self.sampler.update_weights(self.policy.model)
         t_update = time.perf_counter()
 
+        scored = total[scorable]  # rows where some reward function returned a number
         metrics = {
-            "reward/mean": total.mean().item(),
-            "reward/std": total.std().item(),
+            "reward/mean": scored.mean().item() if len(scored) else float("nan"),  # logged as null: nothing scored
+            "reward/std": scored.std().item() if len(scored) > 1 else float("nan"),
+            "reward/scored_frac": scorable.float().mean().item(),
             **{f"reward/{name}": rewards[:, k].nanmean().item() for k, (name, _) in enumerate(self.rewards.funcs)},
             **({"gold/mean": gold.nanmean().item()} if gold is not None else {}),
             "frac_zero_std_groups": algo.flat_groups(total, scorable, group_size=G).float().mean().item(),
             "diversity": group_diversity(completions, G),
             "completion_length": lengths.float().mean().item(),
             "truncated_frac": rollout.truncated.float().mean().item(),
-            "prompts_truncated": float(n_cut),
+            "completions_truncated": float(rollout.truncated.sum()),
+            "prompts_truncated": float(prompts.cut),
             **stats,
             "lr": lr,
             "time/rollout": t_rollout - t0,
@@ -157,9 +163,10 @@ class GRPOTrainer:
             "time/step": t_update - t0,
             "tokens_per_s": float(lengths.sum()) / (t_update - t0),
         }
+        seen_n = [p for p in prompts.seen for _ in range(G)]  # the prompt as the model saw it (cut ones cut)
         samples = [
-            {"prompt": p, "completion": c, "reward": r, "advantage": a}
-            for p, c, r, a in zip(prompts_n, completions, total.tolist(), advantages.tolist())
+            {"prompt": p, "completion": c, "reward": r if ok else None, "advantage": a}
+            for p, c, r, ok, a in zip(seen_n, completions, total.tolist(), scorable.tolist(), advantages.tolist())
         ][:: max(1, G // 2)]
         return metrics, samples
 
@@ -199,9 +206,11 @@ class GRPOTrainer:
                         importance_level=cfg.importance_level,
                     )
                     loss = algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer)
+                    if not math.isfinite(loss_value := loss.item()):
+                        raise NumericsError(f"the loss is {loss_value}; the optimizer step was not applied")
                     policy.backward(loss)
                     n_tok = float(m.sum())
-                    sums["loss"] += loss.item()
+                    sums["loss"] += loss_value
                     sums["clip_frac/low"] += float((tok_stats["clipped_low"] * m).sum())
                     sums["clip_frac/high"] += float((tok_stats["clipped_high"] * m).sum())
                     sums["kl"] += float((tok_stats["kl"] * m).sum())
@@ -272,15 +281,19 @@ class GRPOTrainer:
                     if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
                         run.check_stop(step, self.save_checkpoint(step))
                 self.evaluate(cfg.max_steps, log=True)
+            except NumericsError as err:  # say where the run stopped and what is left to resume
+                last = list_checkpoints(out)
+                keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                where = f"step {step} (learning rate {self.policy.lr:g})"
+                raise NumericsError(f"{where}: {err}; nothing of this step was saved, {keep}") from None
             finally:
                 bar.close()
                 self.log.close()
             model_dir = self.policy.save(out / "model", self.tokenizer, lora_form=cfg.lora.save)
         plot = plot_curves(read_metrics(self.log.metrics_path), out / "curves.png", title="GRPO")
         m = self.monitor
-        return TrainResult(
-            out, model_dir, plot, metrics, self.eval_history, list(m.warnings), m.summary(), dict(m.fired)
-        )
+        warned = [*self.input_warnings, *m.warnings]
+        return TrainResult(out, model_dir, plot, metrics, self.eval_history, warned, m.summary(), dict(m.fired))
 
     def save_checkpoint(self, step: int) -> Path:
         """checkpoint-STEP: weights (or the adapter), optimizer, schedule, every RNG, the prompt order and its

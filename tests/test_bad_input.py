@@ -1,0 +1,331 @@
+"""Nothing silent: each case a hostile but realistic user tried (issue "Nothing silent") gets a clear error before
+any training step (rc 2, naming the file, row, field or function), the documented warning, or, for numbers that
+cannot train, a stop before a bad update, and no saved model holding NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import warnings
+
+import pytest
+import torch
+from helpers import config, digit_share, read_jsonl, save_tiny, step_rows
+from safetensors.torch import load_file
+
+from grpokit.cli import main
+from grpokit.config import ConfigError, GRPOConfig
+from grpokit.data import DataError, InputWarning
+from grpokit.modeling import ModelFolderError
+from grpokit.monitor import SignalMonitor
+from grpokit.policy import NumericsError, Policy
+from grpokit.rewards import RewardError, call_with_timeout, check_advantages, score
+from grpokit.trainer import GRPOTrainer
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+def strict_json(line: str):
+    """json.loads that refuses NaN / Infinity, as strict parsers (and other languages) do."""
+    return json.loads(line, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(f"bare {name}")))
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def write_yaml(path, cfg: GRPOConfig, **extra) -> str:
+    import dataclasses
+
+    import yaml
+
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "lora"} | extra
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def no_step_ran(out) -> bool:
+    return not (out / "metrics.jsonl").exists() or not step_rows(out)
+
+
+# ---------------------------------------------------------------- silent cases, now stopped or said
+
+
+def test_learning_rate_1e30_stops_non_zero_and_saves_nothing_non_finite(tmp_path, model, capsys):
+    out = tmp_path / "run"
+    # a graded reward: with a 0/1 reward the untrained model scores 0 everywhere, the gradient is 0 and any
+    # learning rate moves nothing
+    cfg = config(model, out, max_steps=3, learning_rate=1e30, save_every=1, reward_funcs=["helpers:digit_share"])
+    rc, err = cli(capsys, "train", write_yaml(tmp_path / "run.yaml", cfg))
+    assert rc == 3, err
+    assert re.search(r"stopped: step \d+ \(learning rate 1e\+30\): .*(nan|NaN or inf).*last good checkpoint", err), err
+    assert not (out / "model").exists()  # the final model is never written
+    for weights in out.glob("checkpoint-*/model.safetensors"):  # what was saved before the stop is finite
+        assert all(bool(t.isfinite().all()) for t in load_file(weights).values()), weights
+
+
+def test_a_nan_gradient_is_refused_before_the_optimizer_step(tmp_path):
+    from grpokit.tasks import build_char_tokenizer, tiny_model
+
+    model = tiny_model(build_char_tokenizer(), "llama", hidden_size=32, seed=0)
+    policy = Policy(model, GRPOConfig(learning_rate=1e-2), total_steps=1, device=torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(NumericsError, match="gradient norm is nan; the optimizer step was not applied"):
+        policy.optimizer_step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    with pytest.raises(NumericsError, match="holds NaN or inf"):
+        policy.save(tmp_path / "m", build_char_tokenizer())
+    assert not (tmp_path / "m").exists()
+
+
+def test_learning_rate_10_collapse_is_named_a_cliff(tmp_path, model):
+    # one update takes the entropy from 4.43 to 0.00 nats/token and every group to one completion
+    cfg = config(model, tmp_path / "run", max_steps=4, learning_rate=10.0, prompts_per_step=4)
+    result = GRPOTrainer(cfg, reward_funcs=[("digit_share", digit_share)]).train()
+    assert result.monitor_fired["collapse_cliff"].startswith("step 2: entropy fell off a cliff: 4.43 -> 0.00")
+    assert any("collapse_cliff" in line for line in result.monitor_summary)
+
+
+def test_cliff_monitor_fires_on_a_cliff_and_not_on_a_slow_drift():
+    cliff, drift = SignalMonitor(), SignalMonitor()
+    fired_at = None
+    for step in range(1, 30):
+        entropy = 4.4 if step < 5 else 0.0
+        if cliff.update(step, {"entropy": entropy, "diversity": 1.0 if step < 5 else 0.125}) and fired_at is None:
+            fired_at = step
+        drift.update(step, {"entropy": 4.4 - 0.14 * step, "diversity": 1.0 - 0.025 * step})
+    assert fired_at == 5 and "4.40 -> 0.00" in cliff.fired["collapse_cliff"]
+    assert "collapse_cliff" not in drift.fired
+
+
+def test_a_reward_that_is_none_everywhere_is_logged_as_null_and_said(tmp_path, model):
+    def never(prompts, completions, **_):
+        return [None] * len(completions)
+
+    out = tmp_path / "run"
+    result = GRPOTrainer(config(model, out), reward_funcs=[("never", never)]).train()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rows = [strict_json(line) for line in lines]  # parses strictly: no bare NaN
+    steps = [r for r in rows if "reward/mean" in r]
+    assert steps and all(r["reward/mean"] is None and r["reward/never"] is None for r in steps)
+    assert all(r["reward/scored_frac"] == 0.0 for r in steps)
+    assert "unscored" in result.monitor_fired
+    assert all(strict_json(line)["reward"] is None for line in (out / "completions.jsonl").read_text().splitlines())
+
+
+def test_a_reward_that_never_returns_is_stopped_by_reward_timeout(tmp_path, model):
+    def hangs(prompts, completions, **_):
+        threading.Event().wait()  # never set: blocks for ever
+
+    out = tmp_path / "run"
+    cfg = config(model, out, reward_timeout=0.5)
+    with pytest.raises(RewardError, match=r"reward function `hangs` did not return within reward_timeout = 0.5 s"):
+        GRPOTrainer(cfg, reward_funcs=[("hangs", hangs)]).train()
+    assert not (out / "model").exists()
+
+
+def test_reward_timeout_off_the_main_thread_abandons_the_late_call():
+    box = {}
+
+    def run():
+        try:
+            call_with_timeout("hangs", lambda: threading.Event().wait(), 0.2)
+        except RewardError as err:
+            box["err"] = str(err)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(30)
+    assert "`hangs` did not return within reward_timeout = 0.2 s" in box["err"]
+    assert call_with_timeout("quick", lambda x: x + 1, 5.0, 1) == 2  # a punctual call just returns
+
+
+def test_a_cut_prompt_is_warned_with_counts_and_logged_as_the_model_saw_it(tmp_path, model):
+    data = tmp_path / "train.jsonl"
+    long_prompt = "1+1=" * 90  # 360 characters, one token each
+    data.write_text(json.dumps({"prompt": long_prompt, "answer": "2"}) + "\n" + '{"prompt": "2+2=", "answer": "4"}\n')
+    out = tmp_path / "run"
+    cfg = config(model, out, train_data=str(data), max_prompt_length=20, log_completions_every=1)
+    with pytest.warns(InputWarning, match=r"1 of 2 prompts are longer than max_prompt_length = 20 tokens"):
+        trainer = GRPOTrainer(cfg)
+    trainer.train()
+    logged = {r["prompt"] for r in read_jsonl(out / "completions.jsonl")}
+    assert long_prompt not in logged and "2+2=" in logged
+    assert any(len(p) <= 20 and long_prompt.endswith(p) for p in logged)  # the last 20 tokens, as seen
+
+
+def test_characters_the_tokenizer_does_not_know_are_warned(tmp_path, model):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "ü+1=", "answer": "2"}\n')
+    with pytest.warns(InputWarning, match=r"1 of 2 prompts hold text the tokenizer does not know.*'ü' in row 1"):
+        GRPOTrainer(config(model, tmp_path / "run", train_data=str(data)))
+
+
+# ---------------------------------------------------------------- unclear cases, now named, before any step
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nlearning_rate: [1e-3\nbeta: 0\n")
+    rc, err = cli(capsys, "train", str(path))
+    assert rc == 2 and f"{path}:" in err and "not valid YAML" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("empty", "has no config.json"),
+        ("no-tokenizer", "has weights but no tokenizer"),
+        ("truncated-weights", "model.safetensors is damaged"),
+        ("no-weights", "has no weights"),
+    ],
+)
+def test_a_broken_model_folder_says_which_part(tmp_path, capsys, damage, expected):
+    folder = save_tiny(tmp_path / "m", "llama")
+    if damage == "empty":
+        for child in folder.iterdir():
+            child.unlink()
+    elif damage == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            (folder / name).unlink(missing_ok=True)
+    elif damage == "truncated-weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    else:
+        (folder / "model.safetensors").unlink()
+    out = tmp_path / "run"
+    rc, err = cli(capsys, "train", write_yaml(tmp_path / "run.yaml", config(folder, out)))
+    assert rc == 2 and expected in err and str(folder) in err, err
+    assert no_step_ran(out)
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "expected"),
+    [
+        ({"prompt": 1234, "answer": "2"}, r"train\.jsonl, row 41 \(line 42\), column 'prompt': a prompt must be text"),
+        ({"prompt": "1+1=", "answer": "2", "extra": 1}, r"row 41 \(line 42\) has the extra column 'extra'"),
+        ({"prompt": [{"role": "usr", "content": "hi"}], "answer": "2"}, r"row 41.*message 0 has role 'usr'"),
+        ({"prompt": "", "answer": "2"}, r"row 41.*the prompt is empty"),
+    ],
+    ids=["int-prompt", "extra-column", "bad-role", "empty-prompt"],
+)
+def test_a_bad_row_deep_in_the_data_is_named_before_the_model_loads(tmp_path, capsys, bad_row, expected):
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(60)]
+    rows[41] = bad_row
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    cfg = config(tmp_path / "never-loaded", out, train_data=str(data))
+    rc, err = cli(capsys, "train", write_yaml(tmp_path / "run.yaml", cfg))
+    assert rc == 2, err
+    assert re.search(expected, err), err
+    assert no_step_ran(out)
+
+
+def test_a_reward_beyond_float32_names_the_function():
+    def huge(prompts, completions, **_):
+        return [1e39] * len(completions)
+
+    with pytest.raises(RewardError, match=r"reward function `huge` returned 1e\+39 for sample 0: beyond float32"):
+        score([("huge", huge)], ["p"] * 2, ["a", "b"], {})
+
+
+def test_a_reward_scale_that_overflows_or_vanishes_is_an_error():
+    from grpokit import algo
+
+    weights = torch.ones(1)
+    # rewards 1e10 apart by 1: float64 sees the spread, float32 rounds both to the same number
+    offset = torch.tensor([[1e10], [1e10 + 1.0], [1e10], [1e10 + 2.0]], dtype=torch.float64)
+    adv = algo.multi_reward_advantages(
+        offset.float(), weights, group_size=2, scale="group", aggregation="sum_then_normalize"
+    )
+    with pytest.raises(RewardError, match=r"every advantage of this step is below 1e-08.*`r` up to 1e\+10"):
+        check_advantages(adv, offset, weights, ["r"], group_size=2)
+    # Dr. GRPO (no std): rewards near float32's limit overflow the group mean
+    big = torch.tensor([[3e38], [2e38], [-3e38], [3e38]], dtype=torch.float64)
+    adv = algo.multi_reward_advantages(
+        big.float(), weights, group_size=2, scale="none", aggregation="sum_then_normalize"
+    )
+    with pytest.raises(RewardError, match="the advantages overflow float32"):
+        check_advantages(adv, big, weights, ["r"], group_size=2)
+    # an ordinary 0/1 reward passes
+    ok = torch.tensor([[0.0], [1.0], [1.0], [1.0]], dtype=torch.float64)
+    adv = algo.multi_reward_advantages(
+        ok.float(), weights, group_size=2, scale="group", aggregation="sum_then_normalize"
+    )
+    check_advantages(adv, ok, weights, ["r"], group_size=2)
+
+
+def test_output_dir_below_a_regular_file_is_named_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    cfg = config(tmp_path / "never-loaded", tmp_path / "a-file" / "run")
+    rc, err = cli(capsys, "train", write_yaml(tmp_path / "run.yaml", cfg))
+    assert rc == 2 and "`output_dir`" in err and "is a file, not a folder" in err, err
+
+
+def test_prompt_plus_completion_beyond_the_models_positions_is_refused(tmp_path, model):
+    with pytest.raises(ModelFolderError, match="max_position_embeddings = 128"):
+        GRPOTrainer(config(model, tmp_path / "run", max_completion_length=200))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("learning_rate", math.nan, "must be a finite number"),
+        ("beta", math.inf, "must be a finite number"),
+        ("adam_beta1", 1.0, "must be in [0, 1)"),
+        ("adam_beta2", 1.5, "must be in [0, 1)"),
+        ("epsilon_low", 1.0, "must be in [0, 1)"),
+        ("weight_decay", 2e5, "1 - learning_rate x weight_decay"),
+        ("reward_weights", [0.0], "are all 0"),
+        ("format_pattern", "(", "is not a regular expression"),
+        ("stop_strings", [""], "holds an empty string"),
+        ("reward_timeout", 0.0, "must be > 0 seconds"),
+        ("eval_temperature", 0.0, "must be > 0"),
+    ],
+)
+def test_config_ranges_the_math_allows(tmp_path, field, value, expected):
+    cfg = config("m", tmp_path / "run", **{field: value})
+    with pytest.raises(ConfigError, match=rf"`{field}`.*{re.escape(expected)}"):
+        cfg.validate()
+
+
+def test_overlong_buffer_longer_than_the_completion_is_refused(tmp_path):
+    cfg = config("m", tmp_path / "run", reward_funcs=["overlong"], overlong_buffer=20, max_completion_length=8)
+    with pytest.raises(ConfigError, match="`overlong_buffer` is 20, more than max_completion_length = 8"):
+        cfg.validate()
+
+
+def test_no_warning_for_clean_input(tmp_path, model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        trainer = GRPOTrainer(config(model, tmp_path / "run"))
+    assert trainer.input_warnings == []
+
+
+def test_a_chat_prompt_whose_row_is_bad_is_named_even_when_sampled_late(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+1="}], "answer": "x"} for i in range(20)]
+    rows[17]["prompt"] = [{"role": "user"}]
+    with pytest.raises(DataError, match=r"row 17, column 'prompt': message 0 must be a dict with `role` and `content`"):
+        GRPOTrainer(config("m", tmp_path / "run"), train_rows=rows)
+
+
+def test_truncated_completions_and_unscored_steps_are_said_once_with_counts():
+    monitor = SignalMonitor()
+    said = monitor.update(1, {"completions_truncated": 0.0, "truncated_frac": 0.0, "reward/scored_frac": 1.0})
+    assert said == []
+    said = monitor.update(2, {"completions_truncated": 3.0, "truncated_frac": 3 / 64, "reward/scored_frac": 0.0})
+    assert len(said) == 2
+    assert said[0].startswith("step 2: no completion got a reward")
+    assert said[1].startswith("step 2: 3 of the step's 64 completions reached max_completion_length without EOS")
+    assert monitor.update(3, {"completions_truncated": 9.0, "truncated_frac": 9 / 64, "reward/scored_frac": 0.0}) == []
