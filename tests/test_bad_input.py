@@ -329,3 +329,19 @@ def test_truncated_completions_and_unscored_steps_are_said_once_with_counts():
     assert said[0].startswith("step 2: no completion got a reward")
     assert said[1].startswith("step 2: 3 of the step's 64 completions reached max_completion_length without EOS")
     assert monitor.update(3, {"completions_truncated": 9.0, "truncated_frac": 9 / 64, "reward/scored_frac": 0.0}) == []
+
+
+def test_sft_says_how_many_prompts_and_completions_it_cut(char_tokenizer):
+    from grpokit.config import SFTConfig
+    from grpokit.sft import encode_examples
+
+    cfg = SFTConfig(max_prompt_length=4, max_completion_length=3)
+    rows = [{"prompt": "12+34=", "completion": "46"}, {"prompt": "1+1=", "completion": "2"}]
+    with pytest.warns(InputWarning) as said:
+        examples = encode_examples(char_tokenizer, rows, cfg)
+    messages = [str(w.message) for w in said]
+    assert "SFT data: 1 of 2 prompts keep their last 4 tokens (max_prompt_length = 4)" in messages
+    assert not any("completions" in m for m in messages)  # "46" + EOS fits in 3
+    assert [len(p) for p, _ in examples] == [4, 4]
+    with pytest.warns(InputWarning, match=r"1 of 2 completions keep their first 1 tokens \(max_completion_length = 2\)"):
+        encode_examples(char_tokenizer, rows, SFTConfig(max_prompt_length=8, max_completion_length=2))

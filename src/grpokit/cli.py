@@ -42,12 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    import transformers
+
     from grpokit.checkpoint import TrainingInterrupted
     from grpokit.config import ConfigError
     from grpokit.data import DataError
     from grpokit.policy import NumericsError
     from grpokit.rewards import RewardError
 
+    # transformers' own bars (one per checkpoint's "Writing model shards") would bury grpokit's output
+    transformers.logging.disable_progress_bar()
     try:
         if command == "train":
             return _train(rest)

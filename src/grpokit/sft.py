@@ -8,6 +8,7 @@ so an SFT model and a GRPO model see their prompts byte for byte the same way.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,16 @@ import torch
 
 from grpokit.checkpoint import RunDirectory, python_random_state, seed_everything
 from grpokit.config import SFTConfig
-from grpokit.data import DataError, check_columns, check_prompt, encode_prompts, load_rows, pad_batch, where
+from grpokit.data import (
+    DataError,
+    InputWarning,
+    check_columns,
+    check_prompt,
+    encode_prompts,
+    load_rows,
+    pad_batch,
+    where,
+)
 from grpokit.modeling import (
     check_model_source,
     ensure_pad_token,
@@ -60,14 +70,26 @@ def check_sft_rows(rows: list[dict[str, Any]], cfg: SFTConfig) -> None:
 
 
 def encode_examples(tokenizer: Any, rows: list[dict[str, Any]], cfg: SFTConfig) -> list[tuple[list[int], list[int]]]:
-    prompt_ids = encode_prompts(tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length).ids
-    examples = []
-    for i, (row, p_ids) in enumerate(zip(rows, prompt_ids)):
+    prompts = encode_prompts(tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
+    examples, cut = [], 0
+    for i, (row, p_ids) in enumerate(zip(rows, prompts.ids)):
         completion = row[cfg.completion_column]
         if not isinstance(completion, str):
             raise ValueError(f"SFT data row {i}: column {cfg.completion_column!r} must be text, got {completion!r:.60}")
-        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"][: cfg.max_completion_length - 1]
-        examples.append((p_ids, c_ids + [tokenizer.eos_token_id]))
+        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        cut += len(c_ids) > cfg.max_completion_length - 1
+        examples.append((p_ids, c_ids[: cfg.max_completion_length - 1] + [tokenizer.eos_token_id]))
+    for count, what, field in (
+        (prompts.cut, "prompts keep their last", "max_prompt_length"),
+        (cut, "completions keep their first", "max_completion_length"),
+    ):
+        if count:
+            limit = getattr(cfg, field) - (field == "max_completion_length")
+            warnings.warn(
+                f"SFT data: {count} of {len(rows)} {what} {limit} tokens ({field} = {getattr(cfg, field)})",
+                InputWarning,
+                stacklevel=2,
+            )
     return examples
 
 
