@@ -343,5 +343,7 @@ def test_sft_says_how_many_prompts_and_completions_it_cut(char_tokenizer):
     assert "SFT data: 1 of 2 prompts keep their last 4 tokens (max_prompt_length = 4)" in messages
     assert not any("completions" in m for m in messages)  # "46" + EOS fits in 3
     assert [len(p) for p, _ in examples] == [4, 4]
-    with pytest.warns(InputWarning, match=r"1 of 2 completions keep their first 1 tokens \(max_completion_length = 2\)"):
+    with pytest.warns(
+        InputWarning, match=r"1 of 2 completions keep their first 1 tokens \(max_completion_length = 2\)"
+    ):
         encode_examples(char_tokenizer, rows, SFTConfig(max_prompt_length=8, max_completion_length=2))

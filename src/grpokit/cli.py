@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 USAGE = """usage: grpokit {init,fetch-model,sft,reward-model,train,eval,demo} [CONFIG.yaml] [--field value ...]
+       grpokit --version
 
   init          a fresh tiny model + char tokenizer   grpokit init --output-dir runs/tiny
   fetch-model   a real pretrained model, offline      grpokit fetch-model smollm2 runs/smollm2
@@ -40,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from grpokit import __version__
+
+        print(f"grpokit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     import transformers

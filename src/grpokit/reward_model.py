@@ -37,7 +37,7 @@ from grpokit.data import (
 from grpokit.modeling import check_model_source, ensure_pad_token, load_tokenizer, resolve_device, resolve_dtype
 from grpokit.packing import position_ids_from_mask
 from grpokit.policy import Policy
-from grpokit.runlog import RunLog
+from grpokit.runlog import RunLog, progress
 
 
 def bradley_terry_loss(
@@ -316,8 +316,6 @@ def train_reward_model(
     checked before any model is loaded. `model`, when given, must be a sequence classifier with one
     output. Without held-out pairs, `eval_accuracy` is None.
     """
-    from tqdm.auto import tqdm
-
     cfg.validate(model_given=model is not None, rows_given=train_pairs is not None)
     seed_everything(cfg.seed)
     if train_pairs is None or eval_pairs is None:
@@ -361,9 +359,7 @@ def train_reward_model(
             metrics, start = state["metrics"], state["step"]
         log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
         steps = range(start + 1, cfg.max_steps + 1)
-        bar = tqdm(
-            steps, "reward-model", initial=start, total=cfg.max_steps, disable=not cfg.progress, dynamic_ncols=True
-        )
+        bar = progress(steps, "reward-model", initial=start, total=cfg.max_steps, enabled=cfg.progress)
         try:
             for step in bar:
                 b_idx = pair_order.take(cfg.batch_size)

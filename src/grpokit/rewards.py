@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import os
 import re
 import signal
 import sys
@@ -95,6 +96,10 @@ def import_reward(spec: str) -> RewardFn:
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"reward function {spec!r}: expected a built-in name or `package.module:function`")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # `python -m` puts the working folder on the path and the `grpokit` script does not: a reward module
+        # next to the config imports either way (appended: it never shadows an installed package)
+        sys.path.append(os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:

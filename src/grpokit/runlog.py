@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,43 @@ class RunLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def progress(steps: range, desc: str, *, initial: int, total: int, enabled: bool = True) -> Any:
+    """A tqdm bar on a terminal; anywhere else (a log file, a cluster job) `PlainProgress`, since a bar's
+    carriage-return redraws would make up most of the log."""
+    from tqdm.auto import tqdm
+
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress(steps, desc, total=total)
+    return tqdm(steps, desc, initial=initial, total=total, disable=not enabled, dynamic_ncols=True)
+
+
+class PlainProgress:
+    """What a bar shows, as one plain line on stderr every tenth of the run (and after the last step)."""
+
+    def __init__(self, steps: range, desc: str, *, total: int):
+        self.steps, self.desc, self.total = steps, desc, total
+        self.every = max(1, total // 10)
+        self.figures: dict[str, Any] = {}
+
+    def __iter__(self):
+        start = time.perf_counter()
+        for step in self.steps:
+            yield step
+            if step % self.every == 0 or step == self.total:
+                figures = "".join(f", {key}={value}" for key, value in self.figures.items())
+                elapsed = time.perf_counter() - start
+                print(f"{self.desc}: step {step}/{self.total}, {elapsed:.0f} s{figures}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **figures: Any) -> None:
+        self.figures = figures
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def strict(row: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from grpokit.modeling import (
     resolve_dtype,
 )
 from grpokit.policy import Policy
-from grpokit.runlog import RunLog
+from grpokit.runlog import RunLog, progress
 from grpokit.tasks import get_task
 
 
@@ -121,8 +121,6 @@ def train_sft(
 ) -> Path:
     """Runs SFT and saves the model to OUTPUT_DIR/model; returns that folder. Checkpoints, resume and
     SIGINT / SIGTERM as in GRPO (`resume_from_checkpoint`, `save_every`)."""
-    from tqdm.auto import tqdm
-
     cfg.validate(model_given=model is not None, rows_given=rows is not None)
     seed_everything(cfg.seed)
     rows = rows if rows is not None else sft_rows(cfg)
@@ -147,7 +145,7 @@ def train_sft(
             start = state["step"]
         log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
         steps = range(start + 1, cfg.max_steps + 1)
-        bar = tqdm(steps, "sft", initial=start, total=cfg.max_steps, disable=not cfg.progress, dynamic_ncols=True)
+        bar = progress(steps, "sft", initial=start, total=cfg.max_steps, enabled=cfg.progress)
         try:
             for step in bar:
                 batch = [examples[batch_rng.randrange(len(examples))] for _ in range(cfg.batch_size)]

@@ -32,7 +32,7 @@ from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resol
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardFn, exact_match, reward_set
-from grpokit.runlog import RunLog, plot_curves, read_metrics
+from grpokit.runlog import RunLog, plot_curves, progress, read_metrics
 from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams
 from grpokit.tasks import get_task
 from grpokit.types import Rollout, TrainResult
@@ -254,8 +254,6 @@ class GRPOTrainer:
     def train(self) -> TrainResult:
         """The run: resumes or starts it (`resume_from_checkpoint`), checkpoints every `save_every` steps and
         after the last, and on SIGINT / SIGTERM finishes the step, checkpoints and raises TrainingInterrupted."""
-        from tqdm.auto import tqdm
-
         cfg, out = self.cfg, self.run_dir.path
         metrics: dict[str, float] = {}
         with self.run_dir as run:
@@ -264,7 +262,7 @@ class GRPOTrainer:
             if start == 0:
                 self.evaluate(0, log=True)
             steps = range(start + 1, cfg.max_steps + 1)
-            bar = tqdm(steps, "grpo", initial=start, total=cfg.max_steps, disable=not cfg.progress, dynamic_ncols=True)
+            bar = progress(steps, "grpo", initial=start, total=cfg.max_steps, enabled=cfg.progress)
             try:
                 for step in bar:
                     metrics, samples = self.step()
