@@ -237,7 +237,7 @@ def test_a_reward_beyond_float32_names_the_function():
         return [1e39] * len(completions)
 
     with pytest.raises(RewardError, match=r"reward function `huge` returned 1e\+39 for sample 0: beyond float32"):
-        score([("huge", huge)], ["p"] * 2, ["a", "b"], {})
+        score([("huge", huge)], {"prompts": ["p"] * 2, "completions": ["a", "b"]})
 
 
 def test_a_reward_scale_that_overflows_or_vanishes_is_an_error():

@@ -1,14 +1,19 @@
-"""Small habits of a command-line tool: `--version`, a reward module beside the config, a log that is not a
-terminal gets plain progress lines instead of bar redraws."""
+"""Habits users bring from TRL and from other command-line tools: reward functions called by keyword with
+TRL's arguments (conversational completions for chat prompts), `reward_funcs` as a function, a list or pairs,
+`--version`, a reward module beside the config, plain progress lines when the output is not a terminal."""
 
 from __future__ import annotations
 
 import sys
 
+import pytest
+from helpers import config, save_tiny
+
 from grpokit import __version__
 from grpokit.cli import main
-from grpokit.rewards import import_reward
+from grpokit.rewards import RewardError, import_reward
 from grpokit.runlog import PlainProgress, progress
+from grpokit.trainer import GRPOTrainer
 
 
 def test_version(capsys):
@@ -32,3 +37,80 @@ def test_progress_off_a_terminal_is_a_plain_line_every_tenth_of_the_run(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(",")[0] for line in lines] == [f"grpo: step {s}/20" for s in range(2, 21, 2)]
     assert "\r" not in "".join(lines) and lines[-1].endswith("reward=2.000")
+
+
+# ---------------------------------------------------------------- reward functions as TRL calls them
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+def text_rows(n=8):
+    return [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(n)]
+
+
+def test_a_reward_gets_each_argument_by_its_name(tmp_path, model):
+    seen = {}
+
+    def f(completions, prompts, **kw):  # TRL's order does not matter: names do
+        seen.update(completions=completions, prompts=prompts, **kw)
+        return [float(len(c)) for c in completions]
+
+    trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=1), reward_funcs=f, train_rows=text_rows())
+    trainer.step()
+    rows = {r["prompt"]: r["answer"] for r in text_rows()}
+    assert all(p in rows for p in seen["prompts"])  # the prompts, not the completions
+    assert all(isinstance(c, str) for c in seen["completions"])
+    assert [rows[p] for p in seen["prompts"]] == seen["answer"]  # every data column, lined up
+    decoded = trainer.tokenizer.batch_decode(seen["completion_ids"], skip_special_tokens=True)
+    assert [d.strip() for d in decoded] == [c.strip() for c in seen["completions"]]
+    assert seen["raw_prompts"] == seen["prompts"] and len(seen["truncated"]) == len(seen["completions"])
+
+
+def test_chat_prompts_give_conversational_completions(tmp_path, model):
+    seen = {}
+
+    def reward_len(completions, **kwargs):  # TRL's documented conversational reward
+        seen.update(completions=completions, **kwargs)
+        return [-abs(4 - len(c[0]["content"])) for c in completions]
+
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}], "answer": str(2 * i)} for i in range(8)]
+    trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=1), reward_funcs=[reward_len], train_rows=rows)
+    metrics, _ = trainer.step()
+    assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in seen["completions"])
+    assert all(isinstance(p, list) and p[0]["role"] == "user" for p in seen["prompts"])
+    assert seen["rendered_prompts"][0] == trainer.tokenizer.apply_chat_template(
+        seen["prompts"][0], tokenize=False, add_generation_prompt=True
+    )
+    assert "reward/reward_len" in metrics
+
+
+def test_reward_funcs_as_a_function_a_list_or_pairs_and_names_made_unique(tmp_path, model):
+    def ones(completions, **_):
+        return [1.0] * len(completions)
+
+    for funcs, names in [
+        (ones, ["ones"]),
+        ([ones, ones], ["ones", "ones_2"]),
+        ([("custom", ones), "format"], ["custom", "format"]),
+    ]:
+        trainer = GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=funcs, train_rows=text_rows())
+        assert trainer.rewards.names == names
+
+
+def test_a_reward_that_cannot_be_called_by_keyword_is_refused_before_work(tmp_path):
+    def positional(p, c):
+        return [0.0] * len(c)
+
+    with pytest.raises(RewardError, match=r"reward function `positional` takes 'p', which grpokit does not pass"):
+        GRPOTrainer(config("never-loaded", tmp_path / "run"), reward_funcs=[positional], train_rows=text_rows())
+
+
+def test_a_reward_without_kwargs_gets_only_what_it_names(tmp_path, model):
+    def exact(completions, answer):
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    metrics, _ = GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=exact, train_rows=text_rows()).step()
+    assert 0.0 <= metrics["reward/exact"] <= 1.0

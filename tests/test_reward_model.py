@@ -184,7 +184,8 @@ def test_scorer_retokenizes_with_its_own_tokenizer(rm_path):
     scorer = RewardModelScorer(rm_path, batch_size=2)
     policy_tokenizer = build_char_tokenizer()
     prompts, completions = ["47+85=", "04+05=", "47+85="], ["132", "009", "1327"]
-    rewards = score([("rm", scorer)], prompts, completions, {"answer": ["132", "009", "132"]})  # (3, 1)
+    inputs = {"prompts": prompts, "completions": completions, "answer": ["132", "009", "132"]}
+    rewards = score([("rm", scorer)], inputs).float()  # (3, 1), as training uses them
     assert rewards.shape == (3, 1) and torch.isfinite(rewards).all()
 
     texts = [p + c + "<eos>" for p, c in zip(prompts, completions)]
@@ -353,7 +354,7 @@ def test_reward_model_and_rule_reward_combined_advantages_both_modes(rm_path):
 
     scorer = RewardModelScorer(rm_path, batch_size=3)
     completions = ["132", "077", "122", "1322"]
-    rewards = score([("rm", scorer), ("rule", rule)], ["47+85="] * 4, completions, {})  # (4, 2)
+    rewards = score([("rm", scorer), ("rule", rule)], {"prompts": ["47+85="] * 4, "completions": completions}).float()
     s = [float(v) for v in rewards[:, 0]]
     assert len(set(s)) == 4 and rewards[1, 1].isnan()
     w = torch.tensor([0.5, 2.0])

@@ -15,8 +15,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     import torch
 
-# Names the trainer passes to every reward function; a data set column may not shadow them.
-RESERVED_COLUMNS = ("completion_lengths", "truncated", "raw_prompts")
+# Names the trainer passes to every reward function (rewards.REWARD_INPUTS); a data set column may not shadow them.
+RESERVED_COLUMNS = (
+    "prompts",
+    "completions",
+    "completion_ids",
+    "completion_lengths",
+    "truncated",
+    "raw_prompts",
+    "rendered_prompts",
+)
 
 
 class DataError(ValueError):

@@ -188,10 +188,13 @@ class RewardModelScorer:
     def __call__(
         self, prompts: list[str], completions: list[str], *, raw_prompts: list[Any] | None = None, **columns: Any
     ) -> list[float]:
+        from grpokit.rewards import completion_text  # rewards imports this module
+
         sources = raw_prompts if raw_prompts is not None else prompts
         if len(sources) != len(completions):
             raise ValueError(f"{len(completions)} completions but {len(sources)} prompts")
-        ids = encode_texts(self.tokenizer, list(sources), list(completions), self.max_length)
+        texts = [completion_text(c) for c in completions]  # plain or conversational
+        ids = encode_texts(self.tokenizer, list(sources), texts, self.max_length)
         pad_id = self.tokenizer.pad_token_id
         side = getattr(self.tokenizer, "padding_side", "right")
         rewards: list[float] = []

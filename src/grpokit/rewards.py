@@ -1,13 +1,16 @@
 """Rewards: the contract, the built-in rule rewards, and the scoring step that checks every answer.
 
-A reward function is any callable
+A reward function is called once per generation batch BY KEYWORD, as TRL calls one:
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+    fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]
 
-called once per generation batch. `columns` holds every extra column of the data set, one value per
-completion (a prompt's row is repeated for each of its G completions), plus `completion_lengths`
-(tokens), `truncated`, and `raw_prompts` (the prompt column as the data set holds it: text or chat
-messages, for scorers such as reward models that render it with a chat template of their own).
+`prompts` are the data set's prompts as it holds them (text, or chat messages), one per completion (a
+prompt's row is repeated for each of its G completions); `completions` are text, or for chat prompts
+TRL's conversational form [{"role": "assistant", "content": text}]; `completion_ids` the sampled token
+ids. `columns` holds every other column of the data set, plus grpokit's extras `completion_lengths`
+(tokens), `truncated` (no EOS within max_completion_length), `raw_prompts` (= `prompts`, as before) and
+`rendered_prompts` (the text the model was given, chat template applied). A function without **kwargs
+gets only the names it declares; one that needs a name nobody provides is an error before the run.
 None means "this function does not apply to this sample"; a NaN or an exception is a bug and stops
 the run with the function's name and the sample.
 """
@@ -15,6 +18,7 @@ the run with the function's name and the sample.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
 import os
@@ -51,11 +55,83 @@ class RewardError(RuntimeError):
     """A reward function raised, timed out, returned the wrong number of values or a value training cannot use."""
 
 
+# What grpokit passes to every reward function besides the data set's own columns (which may not shadow them).
+REWARD_INPUTS = (
+    "prompts",
+    "completions",
+    "completion_ids",
+    "completion_lengths",
+    "truncated",
+    "raw_prompts",
+    "rendered_prompts",
+)
+
+
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """The text of a completion, plain or conversational ([{"role": "assistant", "content": ...}])."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(message.get("content", "")) for message in completion)
+
+
+def reward_inputs(
+    rows: list[dict[str, Any]],
+    prompt_column: str,
+    group_size: int,
+    rendered: list[str],
+    completions: list[str],
+    rollout,
+) -> dict[str, list[Any]]:
+    """The keyword arguments of one batch's reward calls: rows (P) repeated G times to line up with the N
+    completions, chat completions in TRL's conversational form."""
+    G = group_size
+    prompts = [row[prompt_column] for row in rows for _ in range(G)]
+    lengths = rollout.completion_mask.sum(-1).tolist()  # (N,)
+    columns = {key: [row[key] for row in rows for _ in range(G)] for key in rows[0] if key != prompt_column}
+    return {
+        **columns,
+        "prompts": prompts,
+        "completions": [
+            c if isinstance(p, str) else [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)
+        ],
+        "completion_ids": [ids[:n] for ids, n in zip(rollout.completion_ids.tolist(), lengths)],
+        "completion_lengths": lengths,
+        "truncated": rollout.truncated.tolist(),
+        "raw_prompts": prompts,
+        "rendered_prompts": [p for p in rendered for _ in range(G)],
+    }
+
+
+def accepted_inputs(name: str, fn: RewardFn, available: Sequence[str]) -> set[str] | None:
+    """The keyword names `fn` takes (None: all, it has **kwargs). Raises a RewardError, before any work, when it
+    takes a positional-only argument or requires a name that is not `available`."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it with everything
+        return None
+    positional_only = [p.name for p in params if p.kind is p.POSITIONAL_ONLY]
+    missing = [
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in available
+    ]
+    if positional_only or missing:
+        raise RewardError(
+            f"reward function `{name}` takes {(positional_only or missing)[0]!r}, which grpokit does not pass: "
+            f"reward functions are called by keyword, as TRL calls them, with {', '.join(REWARD_INPUTS)} and the "
+            f"data columns ({', '.join(sorted(set(available) - set(REWARD_INPUTS))) or 'none'}); "
+            f"e.g. def {name}(completions, **kwargs)"
+        )
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
 def gold_reward(is_correct: Callable[[str, str], bool]) -> RewardFn:
     """1 when `is_correct(completion, row's answer column)`, else 0: a verifier as a reward."""
 
-    def accuracy(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-        return [float(is_correct(c, str(a))) for c, a in zip(completions, answer)]
+    def accuracy(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
+        return [float(is_correct(completion_text(c), str(a))) for c, a in zip(completions, answer)]
 
     return accuracy
 
@@ -68,8 +144,8 @@ def format_reward(pattern: str) -> RewardFn:
     """1 when the whole stripped completion matches `pattern`, else 0."""
     compiled = re.compile(pattern)
 
-    def format_match(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-        return [float(compiled.fullmatch(c.strip()) is not None) for c in completions]
+    def format_match(completions: list[Any], **_: Any) -> list[float]:
+        return [float(compiled.fullmatch(completion_text(c).strip()) is not None) for c in completions]
 
     return format_match
 
@@ -79,13 +155,7 @@ def overlong_reward(max_completion_length: int, buffer: int) -> RewardFn:
     0 while L <= L_max - buffer, then linear down to -1 at L_max; a truncated completion gets -1."""
     start = max_completion_length - buffer
 
-    def overlong(
-        prompts: list[str],
-        completions: list[str],
-        completion_lengths: list[int],
-        truncated: list[bool],
-        **_: Any,
-    ) -> list[float]:
+    def overlong(completion_lengths: list[int], truncated: list[bool], **_: Any) -> list[float]:
         return [-1.0 if cut else min(0.0, (start - n) / buffer) for n, cut in zip(completion_lengths, truncated)]
 
     return overlong
@@ -217,24 +287,23 @@ def _call_in_worker(fn: RewardFn, timeout: float, late: RewardError, args: tuple
 
 
 def score(
-    reward_funcs: Sequence[tuple[str, RewardFn]],
-    prompts: list[str],
-    completions: list[str],
-    columns: dict[str, list[Any]],
-    *,
-    timeout: float | None = None,
+    reward_funcs: Sequence[tuple[str, RewardFn]], inputs: dict[str, list[Any]], *, timeout: float | None = None
 ) -> torch.Tensor:
-    """Call every reward function once on the batch; returns (N, K) float64 with NaN where one said None.
+    """Call every reward function once on the batch, by keyword (`inputs`: prompts, completions, ... as
+    `reward_inputs` builds them); returns (N, K) float64 with NaN where one said None.
 
     Every return value is checked here, so that a broken reward stops the run with the function's
     name and the sample, not later as a NaN loss: one finite number (or None) per completion, within
     float32's range (training computes in float32). A call may take `timeout` seconds (None: no limit).
     """
+    prompts, completions = inputs["prompts"], inputs["completions"]
     n = len(completions)
     out = torch.full((n, len(reward_funcs)), float("nan"), dtype=torch.float64)  # (N, K)
     for k, (name, fn) in enumerate(reward_funcs):
+        accepted = accepted_inputs(name, fn, list(inputs))
+        kwargs = inputs if accepted is None else {key: v for key, v in inputs.items() if key in accepted}
         try:
-            values = call_with_timeout(name, fn, timeout, prompts, completions, **columns)
+            values = call_with_timeout(name, fn, timeout, **kwargs)
         except RewardError:
             raise
         except Exception as err:
@@ -307,21 +376,19 @@ class RewardSet:
     def names(self) -> list[str]:
         return [name for name, _ in self.funcs]
 
-    def score_step(self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]], cfg: Any):
-        """One generation batch scored and turned into advantages (`score`, `check_advantages`), under the
-        config's `num_generations`, `scale_rewards`, `reward_aggregation` and `reward_timeout`.
+    def score_step(self, inputs: dict[str, list[Any]], cfg: Any):
+        """One generation batch (`reward_inputs`) scored and turned into advantages (`score`, `check_advantages`),
+        under the config's `num_generations`, `scale_rewards`, `reward_aggregation` and `reward_timeout`.
         -> (rewards (N, K) float32, NaN for None; total (N,); scorable (N,); advantages (N,); gold (N, 1) | None)."""
         G = cfg.num_generations
-        scores = score(self.funcs, prompts, completions, columns, timeout=cfg.reward_timeout)  # (N, K) float64
+        scores = score(self.funcs, inputs, timeout=cfg.reward_timeout)  # (N, K) float64
         rewards = scores.float()  # (N, K)
         total, scorable = algo.combine_rewards(rewards, self.weights)  # (N,), (N,)
         advantages = algo.multi_reward_advantages(
             rewards, self.weights, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation
         )  # (N,)
         check_advantages(advantages, scores, self.weights, self.names, group_size=G)
-        gold = (
-            score(self.gold, prompts, completions, columns, timeout=cfg.reward_timeout).float() if self.gold else None
-        )
+        gold = score(self.gold, inputs, timeout=cfg.reward_timeout).float() if self.gold else None
         return rewards, total, scorable, advantages, gold
 
 
@@ -342,11 +409,39 @@ def reward_set(
             reward_model_batch_size=cfg.reward_model_batch_size,
         )
 
-    funcs = funcs or build(cfg.reward_funcs)
+    funcs = named_reward_funcs(funcs, build) if funcs else build(cfg.reward_funcs)
     gold = build([cfg.gold_reward]) if cfg.gold_reward else []
     weights = cfg.reward_weights or [1.0] * len(funcs)
     if len(weights) != len(funcs):
         raise ConfigError(f"config field `reward_weights` has {len(weights)} entries for {len(funcs)} reward functions")
     if "accuracy" in [name for name, _ in funcs + gold]:
         check_columns(train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
+    available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != cfg.prompt_column)]
+    for name, fn in funcs + gold:
+        accepted_inputs(name, fn, available)  # a signature grpokit cannot call fails now, not at step 1
     return RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold)
+
+
+def named_reward_funcs(funcs: Any, build: Callable[[Sequence[str]], list[tuple[str, RewardFn]]]):
+    """A function, a list of functions, (name, function) pairs or names / reward-model folders (built by `build`)
+    -> (name, function) pairs; a name used twice gets a suffix, so every function has its own metric."""
+    entries = [funcs] if callable(funcs) or isinstance(funcs, str) else list(funcs)
+    named: list[tuple[str, RewardFn]] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            named += build([entry])
+        elif isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and callable(entry[1]):
+            named.append(entry)
+        elif callable(entry):
+            named.append((getattr(entry, "__name__", type(entry).__name__), entry))
+        else:
+            raise ConfigError(
+                f"reward_funcs entry {entry!r:.80}: expected a function, a (name, function) pair, a built-in "
+                "name or a reward-model folder"
+            )
+    seen: dict[str, int] = {}
+    for i, (name, fn) in enumerate(named):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            named[i] = (f"{name}_{seen[name]}", fn)
+    return named

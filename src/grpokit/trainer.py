@@ -31,7 +31,7 @@ from grpokit.evaluate import decode_completions, heldout_accuracy
 from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
-from grpokit.rewards import RewardFn, exact_match, reward_set
+from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
 from grpokit.runlog import RunLog, plot_curves, progress, read_metrics
 from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams
 from grpokit.tasks import get_task
@@ -47,13 +47,13 @@ class GRPOTrainer:
         *,
         model: Any = None,
         tokenizer: Any = None,
-        reward_funcs: list[tuple[str, RewardFn]] | None = None,
+        reward_funcs: RewardFn | list[RewardFn | tuple[str, RewardFn] | str] | None = None,
         train_rows: list[dict[str, Any]] | None = None,
         eval_rows: list[dict[str, Any]] | None = None,
         sampler: Sampler | None = None,
     ):
-        """`model`, `tokenizer`, `train_rows` / `eval_rows`, `reward_funcs` (name, fn) pairs and `sampler` replace
-        what the config would load or build."""
+        """`model`, `tokenizer`, `train_rows` / `eval_rows`, `reward_funcs` (a function, a list of functions or
+        (name, fn) pairs) and `sampler` replace what the config would load or build."""
         config.validate(model_given=model is not None, rows_given=train_rows is not None)
         self.cfg = cfg = config
         seed_everything(cfg.seed)
@@ -117,15 +117,9 @@ class GRPOTrainer:
 
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
         lengths = rollout.completion_mask.sum(-1)  # (N,)
-        columns = {key: [row[key] for row in rows for _ in range(G)] for key in rows[0] if key != cfg.prompt_column}
-        columns.update(
-            completion_lengths=lengths.tolist(),
-            truncated=rollout.truncated.tolist(),
-            raw_prompts=[row[cfg.prompt_column] for row in rows for _ in range(G)],
-        )
-        prompts_n = [p for p in prompts.texts for _ in range(G)]
+        inputs = reward_inputs(rows, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
         # (N, K) NaN where None, (N,), (N,), (N,), (N, 1) or None; a reward training cannot use stops the run here
-        rewards, total, scorable, advantages, gold = self.rewards.score_step(prompts_n, completions, columns, cfg)
+        rewards, total, scorable, advantages, gold = self.rewards.score_step(inputs, cfg)
         advantages = advantages.to(self.device)
         t_reward = time.perf_counter()
 
