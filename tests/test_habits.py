@@ -114,3 +114,67 @@ def test_a_reward_without_kwargs_gets_only_what_it_names(tmp_path, model):
 
     metrics, _ = GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=exact, train_rows=text_rows()).step()
     assert 0.0 <= metrics["reward/exact"] <= 1.0
+
+
+# ---------------------------------------------------------------- the native Python API
+
+
+def module_level_reward(completions, **_):
+    """Importable as test_habits:module_level_reward, so the saved config can name it."""
+    return [float(len(c)) for c in completions]
+
+
+def test_the_python_api_takes_a_path_a_dataset_and_a_function_and_records_them(tmp_path, model):
+    import datasets
+    import yaml
+
+    from grpokit import GRPOConfig
+    from grpokit import GRPOTrainer as TopLevelTrainer
+
+    cfg = GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        prompts_per_step=2,
+        num_generations=2,
+        max_completion_length=4,
+        num_eval_prompts=2,
+        progress=False,
+        tensorboard=False,
+    )
+    trainer = TopLevelTrainer(
+        cfg,
+        model=str(model),
+        reward_funcs=module_level_reward,
+        train_dataset=datasets.Dataset.from_list(text_rows()),
+        eval_dataset=text_rows(2),
+    )
+    trainer.train()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"] == str(model) and saved["task"] is None and saved["train_data"] is None
+    assert saved["reward_funcs"] == ["test_habits:module_level_reward"]
+    assert cfg.model == "" and cfg.reward_funcs == ["accuracy"]  # the caller's config is left as it was
+
+
+def test_a_model_object_without_a_tokenizer_says_to_pass_one(tmp_path):
+    from grpokit.tasks import build_char_tokenizer, tiny_model
+
+    in_memory = tiny_model(build_char_tokenizer(), "llama", hidden_size=32, seed=0)
+    with pytest.raises(ValueError, match=r"without `tokenizer=`.*pass tokenizer="):
+        GRPOTrainer(config("", tmp_path / "run"), model=in_memory, reward_funcs=module_level_reward)
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "hub-unreachable"])
+def test_a_hub_id_reaches_the_hub_or_says_within_seconds_why_not(tmp_path, monkeypatch, offline):
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    expected = "HF_HUB_OFFLINE is set" if offline else "cannot be reached.*needs a network, or give a local folder"
+    with pytest.raises(FileNotFoundError, match=expected):
+        GRPOTrainer(config("some-org/some-model-that-is-not-here", tmp_path / "run"))
+    from grpokit.data import DataError, load_rows
+
+    if not offline:
+        with pytest.raises(DataError, match="config field `train_data`: the data set 'some-org/some-data'"):
+            load_rows("some-org/some-data", field="train_data")

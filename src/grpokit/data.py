@@ -55,9 +55,15 @@ def where(rows: list[dict[str, Any]], i: int, source: str) -> str:
 
 def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, Any]]:
     """A JSONL file (one JSON object per line) or a folder written by `datasets.Dataset.save_to_disk`."""
+    from grpokit.modeling import is_hub_id
+
+    if is_hub_id(path):
+        return _hub_rows(str(path), field)
     path = Path(path)
     if not path.exists():
-        raise DataError(f"config field `{field}`: {path} does not exist")
+        raise DataError(
+            f"config field `{field}`: {path} does not exist (a JSONL file, a `datasets` folder, or org/name)"
+        )
     if path.is_dir():
         import datasets
 
@@ -83,6 +89,40 @@ def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, 
     if not rows:
         raise DataError(f"{path} holds no rows")
     return Rows(rows, f"{field} {path}", lines)
+
+
+def _hub_rows(name: str, field: str) -> Rows:
+    """A data set named on the hub, through `datasets.load_dataset`: its `train` split for `train_data`, `test`
+    for `eval_data`. Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), `datasets` reads its cache."""
+    import os
+
+    import datasets
+
+    from grpokit.modeling import hub_reachable
+
+    offline = any(os.environ.get(v, "").lower() in ("1", "true") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline:
+        try:
+            hub_reachable(name, f"config field `{field}`: the data set")
+        except FileNotFoundError as err:
+            raise DataError(str(err)) from None
+    split = "train" if field == "train_data" else "test"
+    try:
+        data = datasets.load_dataset(name, split=split)
+    except Exception as err:  # the hub's own words: not found, gated, no such split
+        raise DataError(f"config field `{field}`: {name} (split {split!r}) could not be loaded: {err}") from None
+    return Rows([dict(row) for row in data], f"{field} {name}")
+
+
+def dataset_rows(data: Any, field: str) -> list[dict[str, Any]]:
+    """The rows of a `datasets.Dataset`, a list of dicts, or a path / hub name (`load_rows`)."""
+    if isinstance(data, (str, Path)):
+        return load_rows(data, field=field)
+    if isinstance(data, list):
+        return data
+    if hasattr(data, "column_names") and hasattr(data, "__getitem__"):  # a datasets.Dataset, not imported for this
+        return Rows([dict(row) for row in data], field)
+    raise DataError(f"`{field}` is a {type(data).__name__}; expected a datasets.Dataset, a list of dicts or a path")
 
 
 def check_columns(rows: list[dict[str, Any]], required: list[str], source: str) -> None:

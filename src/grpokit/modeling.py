@@ -7,6 +7,7 @@ always passed in, never derived from `ids != pad`, because pad may equal eos.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -62,10 +63,50 @@ def packaged_gguf(name: str) -> Path:
     return path
 
 
+# `org/name` (one slash, no path-like parts): a name on the Hugging Face hub rather than a local path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
+
+
+def is_hub_id(name) -> bool:
+    return not Path(name).exists() and HUB_ID.fullmatch(str(name)) is not None and ".." not in str(name)
+
+
 def _existing(path) -> str:
     if not Path(path).exists():
-        raise FileNotFoundError(f"model/tokenizer path {str(path)!r} does not exist (only local paths load)")
+        raise FileNotFoundError(
+            f"model/tokenizer path {str(path)!r} does not exist (a local folder, a .gguf file, or a hub id org/name)"
+        )
     return str(path)
+
+
+def hub_reachable(name: str, what: str = "model") -> None:
+    """Before a hub download: an error within seconds, not transformers' half-minute of retries, when the hub
+    cannot be reached (offline mode, no DNS, no route)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise FileNotFoundError(f"{what} {name!r} is not a local path, and HF_HUB_OFFLINE is set: give a local folder")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as err:
+        raise FileNotFoundError(
+            f"{what} {name!r} is not a local path, so it would come from the hub ({endpoint.hostname}), which "
+            f"cannot be reached ({err}): this needs a network, or give a local folder"
+        ) from None
+
+
+def from_pretrained(cls, name, **kwargs):
+    """cls.from_pretrained: a local path offline; a hub id from the local cache, else (the hub reachable) the hub."""
+    if not is_hub_id(name):
+        return cls.from_pretrained(_existing(name), local_files_only=True, **kwargs)
+    try:
+        return cls.from_pretrained(str(name), local_files_only=True, **kwargs)  # downloaded before
+    except OSError:
+        hub_reachable(str(name))
+        return cls.from_pretrained(str(name), **kwargs)
 
 
 WEIGHT_FILES = (
@@ -84,7 +125,10 @@ class ModelFolderError(FileNotFoundError):
 
 def check_model_source(path, *, field: str = "model", tokenizer: bool = True) -> None:
     """Before anything loads: the folder (or `.gguf` file) at `path` has a config, whole weights and, when
-    `tokenizer`, tokenizer files; the error says which part is missing or damaged."""
+    `tokenizer`, tokenizer files; the error says which part is missing or damaged. A hub id is checked when
+    it loads (`from_pretrained`)."""
+    if is_hub_id(path):
+        return
     path = Path(_existing(path))
     if path.is_file():
         if path.suffix != ".gguf":
@@ -157,6 +201,8 @@ def check_context_length(model, longest_prompt: int, max_completion_length: int)
 def _gguf_args(path) -> tuple[str, dict]:
     """(folder, extra from_pretrained kwargs): a `.gguf` file loads through transformers' GGUF reader (the `gguf`
     package), de-quantized to float32."""
+    if is_hub_id(path):
+        return str(path), {}
     path = Path(_existing(path))
     if path.suffix != ".gguf":
         return str(path), {}
@@ -164,11 +210,12 @@ def _gguf_args(path) -> tuple[str, dict]:
 
 
 def load_model(path, device, dtype):
-    """AutoModelForCausalLM from a LOCAL folder or `.gguf` file (never the hub), on `device` in `dtype`."""
+    """AutoModelForCausalLM from a local folder, a `.gguf` file or a hub id (`from_pretrained`), on `device` in
+    `dtype`."""
     from transformers import AutoModelForCausalLM
 
     folder, extra = _gguf_args(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+    model = from_pretrained(AutoModelForCausalLM, folder, dtype=dtype, **extra)
     if extra:
         # The weights are de-quantized floats now; the GGUF quantization note would stop save_pretrained.
         model.config.quantization_config = None
@@ -178,7 +225,7 @@ def load_model(path, device, dtype):
 
 
 def load_tokenizer(path):
-    """AutoTokenizer from a LOCAL folder or `.gguf` file; a tokenizer without a pad token pads with eos.
+    """AutoTokenizer from a local folder, a `.gguf` file or a hub id; a tokenizer without a pad token pads with eos.
 
     A folder whose tokenizer_config.json declares the generic fast class loads as exactly that: transformers 5
     otherwise picks the model type's own class for some types (qwen2 among them), which rebuilds the
@@ -192,7 +239,7 @@ def load_tokenizer(path):
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and not extra:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
+        tokenizer = from_pretrained(AutoTokenizer, path, **extra)
     return ensure_pad_token(tokenizer)
 
 
@@ -203,6 +250,26 @@ def fetch_model(name: str, output_dir) -> Path:
     gguf = packaged_gguf(name)
     model = load_model(gguf, "cpu", torch.float32)
     return save_model(model, load_tokenizer(gguf), output_dir)
+
+
+def with_model(config, model, tokenizer=None):
+    """(a copy of the config, the model object or None): a path or hub id given as `model` becomes the config's
+    `model`; a model object's `name_or_path` is recorded there, so the saved config says what was trained, and
+    is where its tokenizer loads from unless `tokenizer` is given."""
+    import dataclasses
+
+    config = dataclasses.replace(config)
+    if isinstance(model, (str, Path)):
+        config.model, model = str(model), None
+    elif model is not None and not config.model:
+        source = getattr(model, "name_or_path", "")
+        if tokenizer is None and not (source and (Path(source).exists() or is_hub_id(source))):
+            raise ValueError(
+                f"a {type(model).__name__} object was passed as `model` without `tokenizer=`, and it was not loaded "
+                f"from a folder or hub id its tokenizer could come from (name_or_path {source!r}): pass tokenizer="
+            )
+        config.model = source or f"<{type(model).__name__} object>"
+    return config, model
 
 
 def ensure_pad_token(tokenizer):

@@ -34,7 +34,14 @@ from grpokit.data import (
     render_prompt,
     where,
 )
-from grpokit.modeling import check_model_source, ensure_pad_token, load_tokenizer, resolve_device, resolve_dtype
+from grpokit.modeling import (
+    check_model_source,
+    ensure_pad_token,
+    from_pretrained,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from grpokit.packing import position_ids_from_mask
 from grpokit.policy import Policy
 from grpokit.runlog import RunLog, progress
@@ -119,21 +126,17 @@ def encode_text(tokenizer: Any, prompt: Any, completion: str, max_length: int | 
 
 
 def load_reward_model(path: str | Path, device: Any, dtype: torch.dtype, *, pad_token_id: int | None = None) -> Any:
-    """AutoModelForSequenceClassification (one output) from a LOCAL folder: a reward model, or a causal LM
+    """AutoModelForSequenceClassification (one output) from a local folder or a hub id: a reward model, or a causal LM
     whose body it keeps (the score head is then newly initialised from the global torch RNG)."""
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    if not Path(path).exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist (only local paths load)")
     # The "newly initialized: score.weight" report is expected here, and the loading bar is noise.
     verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, dtype=dtype, local_files_only=True
-        )
+        model = from_pretrained(AutoModelForSequenceClassification, str(path), num_labels=1, dtype=dtype)
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:

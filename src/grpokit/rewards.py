@@ -376,6 +376,20 @@ class RewardSet:
     def names(self) -> list[str]:
         return [name for name, _ in self.funcs]
 
+    def specs(self) -> list[str]:
+        """What the config records for each function: a reward model's folder; `module:function` for a function
+        passed bare where that imports it back (a YAML run can repeat the Python run); else its name."""
+        out = []
+        for name, fn in self.funcs:
+            module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+            if isinstance(fn, RewardModelScorer):
+                out.append(str(fn.path))
+            elif name == qualname and module not in (None, "__main__", "grpokit.rewards") and qualname.isidentifier():
+                out.append(f"{module}:{qualname}")
+            else:
+                out.append(name)
+        return out
+
     def score_step(self, inputs: dict[str, list[Any]], cfg: Any):
         """One generation batch (`reward_inputs`) scored and turned into advantages (`score`, `check_advantages`),
         under the config's `num_generations`, `scale_rewards`, `reward_aggregation` and `reward_timeout`.

@@ -26,9 +26,9 @@ import torch
 from grpokit import algo, modeling
 from grpokit.checkpoint import RunDirectory, RunDirectoryError, list_checkpoints, seed_everything
 from grpokit.config import GRPOConfig
-from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
+from grpokit.data import ShuffledEpochs, dataset_rows, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.evaluate import decode_completions, heldout_accuracy
-from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype
+from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype, with_model
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
@@ -48,12 +48,19 @@ class GRPOTrainer:
         model: Any = None,
         tokenizer: Any = None,
         reward_funcs: RewardFn | list[RewardFn | tuple[str, RewardFn] | str] | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        sampler: Sampler | None = None,
         train_rows: list[dict[str, Any]] | None = None,
         eval_rows: list[dict[str, Any]] | None = None,
-        sampler: Sampler | None = None,
     ):
-        """`model`, `tokenizer`, `train_rows` / `eval_rows`, `reward_funcs` (a function, a list of functions or
-        (name, fn) pairs) and `sampler` replace what the config would load or build."""
+        """`model` (a path, a hub id or a model object), `tokenizer`, `reward_funcs` (a function, a list of them,
+        (name, fn) pairs or names), `train_dataset` / `eval_dataset` (a `datasets.Dataset`, a list of dicts or a
+        path; `train_rows` / `eval_rows` are older names) and `sampler` replace what the config would load or
+        build. The config saved with the run records what ran (the model's name, the reward functions)."""
+        config, model = with_model(config, model, tokenizer)
+        train_rows = dataset_rows(train_dataset, "train_dataset") if train_dataset is not None else train_rows
+        eval_rows = dataset_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else eval_rows
         config.validate(model_given=model is not None, rows_given=train_rows is not None)
         self.cfg = cfg = config
         seed_everything(cfg.seed)
@@ -63,6 +70,8 @@ class GRPOTrainer:
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_rows, eval_rows)
         self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)
+        if reward_funcs is not None:
+            cfg.reward_funcs = self.rewards.specs()
         self.run_dir = RunDirectory.for_config(cfg)
         self.run_dir.plan()
         if model is None:
