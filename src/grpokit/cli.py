@@ -27,13 +27,14 @@ def parse_config(cls: type, args: list[str], prog: str) -> Any:
     """YAML file (optional, first argument) -> dataclass defaults -> command-line overrides via tyro."""
     import tyro
 
-    from grpokit.config import _check_types, load_yaml
+    from grpokit.config import _check_types, check_override_names, load_yaml
 
     default = cls()
     if args and not args[0].startswith("-"):
         default = load_yaml(cls, args[0])
         _check_types(default)  # before tyro, which would otherwise trip over a bad YAML value
         args = args[1:]
+    check_override_names(cls, args)
     return tyro.cli(cls, default=default, args=args, prog=prog, description=cls.__doc__)
 
 

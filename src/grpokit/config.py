@@ -513,9 +513,7 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
-            close = difflib.get_close_matches(key, sorted(names), n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise ConfigError(f"{source}: unknown field `{key}` for {cls.__name__}{hint}")
+            raise ConfigError(f"{source}: unknown field `{key}` for {cls.__name__}{_nearest(key, names)}")
     hints = typing.get_type_hints(cls)
     values = {
         key: from_dict(hints[key], value, source=f"{source}: {key}")
@@ -529,6 +527,29 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
         if hints[f.name] is float and isinstance(getattr(cfg, f.name), int):
             setattr(cfg, f.name, float(getattr(cfg, f.name)))
     return cfg
+
+
+def _nearest(key: str, names: set[str]) -> str:
+    """A TRL field name's grpokit counterpart, or the closest real field."""
+    from grpokit.trl import trl_hint
+
+    if (hint := trl_hint(key)) is not None:
+        return f"; `{key}` is TRL's name. In grpokit: {hint}"
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def check_override_names(cls: type, args: list[str]) -> None:
+    """`--some-field value` on the command line names a field of `cls`, or gets the same answer as in YAML (tyro's
+    own message would not know TRL's names)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for arg in args:
+        if arg.startswith("--") and arg not in ("--help",):
+            key = arg[2:].split("=", 1)[0].replace("-", "_")
+            key = key[3:] if key.startswith("no_") and key[3:] in names else key
+            top = key.split(".", 1)[0]
+            if top not in names and key not in names:
+                raise ConfigError(f"command line: unknown option `{arg}` for {cls.__name__}{_nearest(key, names)}")
 
 
 def load_yaml(cls: type, path: str | Path) -> Any:
