@@ -347,3 +347,203 @@ def test_sft_says_how_many_prompts_and_completions_it_cut(char_tokenizer):
         InputWarning, match=r"1 of 2 completions keep their first 1 tokens \(max_completion_length = 2\)"
     ):
         encode_examples(char_tokenizer, rows, SFTConfig(max_prompt_length=8, max_completion_length=2))
+
+
+# ---------------------------------------------------------------- found by a hostile probe of the first version
+
+
+def inputs(n=2):
+    return {"prompts": ["p"] * n, "completions": ["a", "b"][:n]}
+
+
+@pytest.mark.parametrize("escape", [SystemExit(0), KeyboardInterrupt()], ids=["sys.exit", "KeyboardInterrupt"])
+def test_a_reward_that_exits_or_interrupts_is_named_not_obeyed(escape):
+    def leaves(completions, **_):
+        raise escape
+
+    with pytest.raises(RewardError, match=f"reward function `leaves` raised {type(escape).__name__}"):
+        score([("leaves", leaves)], inputs())
+
+
+def test_a_reward_that_edits_its_inputs_cannot_feed_the_next_one():
+    def vandal(prompts, completions, **_):
+        prompts.clear()
+        completions[:] = ["MUTATED"] * len(completions)
+        return [0.0, 0.0]
+
+    seen = {}
+
+    def spy(prompts, completions, **_):
+        seen.update(prompts=prompts, completions=completions)
+        return [1.0, 1.0]
+
+    batch = inputs()
+    score([("vandal", vandal), ("spy", spy)], batch)
+    assert seen == {"prompts": ["p", "p"], "completions": ["a", "b"]} and batch["completions"] == ["a", "b"]
+
+
+def test_a_reward_module_with_a_syntax_error_names_file_and_line(tmp_path, monkeypatch):
+    from grpokit.rewards import import_reward
+
+    (tmp_path / "broken_syntax_rw.py").write_text("def fn(completions, **_)\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"'broken_syntax_rw:fn' could not be imported: .* at .*broken_syntax_rw.py:1"):
+        import_reward("broken_syntax_rw:fn")
+
+
+def test_rewards_whose_squares_overflow_float32_say_so():
+    from grpokit import algo
+
+    big = torch.tensor([[1e30], [-1e30], [1e30], [-1e30]], dtype=torch.float64)
+    weights = torch.ones(1)
+    adv = algo.multi_reward_advantages(
+        big.float(), weights, group_size=2, scale="group", aggregation="sum_then_normalize"
+    )
+    with pytest.raises(RewardError, match="overflow float32 in the group statistics"):
+        check_advantages(adv, big, weights, ["r"], group_size=2)
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("other-arch", r"lack \d+ tensors a GPT2LMHeadModel needs"),
+        ("vocab-size", r"could not be loaded: RuntimeError"),
+        ("garbage-tokenizer", r"tokenizer.json is not valid JSON"),
+        ("empty-tokenizer", r"tokenizer.json is not a `tokenizers` file"),
+        ("unknown-type", r"could not be loaded: ValueError"),
+    ],
+)
+def test_a_model_folder_that_does_not_describe_its_weights_is_refused(tmp_path, capsys, damage, expected):
+    folder = save_tiny(tmp_path / "m", "llama")
+    config_file = folder / "config.json"
+    spec = json.loads(config_file.read_text())
+    if damage == "other-arch":
+        spec = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": spec["vocab_size"]}
+    elif damage == "vocab-size":
+        spec["vocab_size"] += 7
+    elif damage == "unknown-type":
+        spec["model_type"] = "frobnicator"
+    elif damage == "garbage-tokenizer":
+        (folder / "tokenizer.json").write_text("this is not json")
+    else:
+        (folder / "tokenizer.json").write_text("{}")
+    config_file.write_text(json.dumps(spec))
+    rc, err = cli(capsys, "train", write_yaml(tmp_path / "run.yaml", config(folder, tmp_path / "run")))
+    assert rc == 2 and re.search(expected, err) and "Traceback" not in err, err
+    assert no_step_ran(tmp_path / "run")
+
+
+def test_a_tokenizer_without_eos_is_refused(char_tokenizer):
+    import copy
+
+    from grpokit.modeling import ensure_pad_token
+
+    tokenizer = copy.deepcopy(char_tokenizer)
+    tokenizer.eos_token = None
+    with pytest.raises(ModelFolderError, match="has no EOS token, so no completion could end"):
+        ensure_pad_token(tokenizer)
+
+
+def test_output_dir_may_not_be_the_model_or_hold_it_under_overwrite(tmp_path, model):
+    with pytest.raises(ConfigError, match="`output_dir` is the model folder"):
+        config(model, model).validate()
+    inside = save_tiny(tmp_path / "run" / "model", "llama")
+    with pytest.raises(ConfigError, match="overwrite_output_dir would delete it"):
+        config(inside, tmp_path / "run", overwrite_output_dir=True).validate()
+    with pytest.raises(ConfigError, match="`output_dir` is '/': give a folder of its own"):
+        config(model, "/").validate()
+
+
+def test_resuming_from_a_damaged_checkpoint_names_the_file(tmp_path, model):
+    from grpokit.checkpoint import RunDirectoryError
+
+    out = tmp_path / "run"
+    GRPOTrainer(config(model, out, max_steps=1)).train()
+    state = out / "checkpoint-1" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(RunDirectoryError, match=r"checkpoint-1: trainer_state.pt is damaged.*earlier checkpoint"):
+        GRPOTrainer(config(model, out, max_steps=2, resume_from_checkpoint="latest")).train()
+
+
+def test_device_names_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="`device` is 'tpu'; use auto, cpu, cuda, cuda:N or mps"):
+        config("m", tmp_path / "run", device="tpu").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="`device` is 'cuda', but this machine has no CUDA device"):
+            config("m", tmp_path / "run", device="cuda").validate()
+
+
+def test_yaml_reads_1e_minus_4_as_a_number_and_refuses_a_key_given_twice(tmp_path):
+    from grpokit.config import load_yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ntask: addition\nlearning_rate: 1e-4\n")
+    assert load_yaml(GRPOConfig, path).learning_rate == 1e-4
+    path.write_text("model: a\ntask: addition\nmodel: b\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:3:1: the key 'model' is given twice"):
+        load_yaml(GRPOConfig, path)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"prompt": "1+1=", "answer": "2"}\n'.encode("utf-16"), "is UTF-16"),
+        (b'{"prompt": "1+1=", "prompt": "X", "answer": "2"}\n', r"train.jsonl:1: the key 'prompt' is given twice"),
+        (b'{"prompt": "1+1=", "answer": NaN}\n', r"train.jsonl:1: NaN is not valid JSON"),
+        (b'{"prompt": "1+1=", "answer": "\xff"}\n', r"is not UTF-8 text"),
+    ],
+    ids=["utf-16", "duplicate-key", "nan", "latin-1"],
+)
+def test_a_data_file_that_json_would_misread_is_refused(tmp_path, content, expected):
+    from grpokit.data import load_rows
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=expected):
+        load_rows(path)
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n')  # a UTF-8 byte-order mark is fine
+    assert load_rows(path) == [{"prompt": "1+1=", "answer": "2"}]
+
+
+def test_what_a_run_cannot_do_with_its_inputs_is_warned(tmp_path, model):
+    rows = [{"prompt": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}] + [
+        {"prompt": [{"role": "user", "content": f"{i}+1="}]} for i in range(2)
+    ]
+    cfg = config(
+        model, tmp_path / "run", prompts_per_step=4, warmup_steps=50, reward_funcs=["format"], num_eval_prompts=3
+    )
+    with pytest.warns(InputWarning) as said:
+        GRPOTrainer(cfg, train_rows=rows, eval_rows=rows)
+    text = " | ".join(str(w.message) for w in said)
+    assert "warmup_steps = 50 is more than the run's 2 optimizer steps" in text
+    assert "prompts_per_step = 4 is more than the 3 training prompts" in text
+    assert "1 of 3 chat prompts end with an assistant message (first: row 0)" in text
+    assert "eval data has no `answer` column" in text
+
+
+def test_reward_model_pairs_that_are_all_ties_are_refused(tmp_path):
+    from grpokit.config import RewardModelConfig
+    from grpokit.reward_model import train_reward_model
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n" for _ in range(3)))
+    cfg = RewardModelConfig(model="m", train_data=str(path), output_dir=str(tmp_path / "rm"))
+    with pytest.raises(DataError, match="every one of its 3 pairs has chosen == rejected"):
+        train_reward_model(cfg)
+
+
+def test_eval_refuses_zero_prompts(capsys, model):
+    rc, err = cli(capsys, "eval", "--model", str(model), "--num-eval-prompts", "0")
+    assert rc == 2 and "`num_eval_prompts` must be >= 1" in err
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grpokit.cli", "train", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # what `| head` does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err

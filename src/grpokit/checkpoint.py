@@ -180,7 +180,13 @@ def save_state(folder: Path, state: dict[str, Any]) -> None:
 def load_state(folder: Path) -> dict[str, Any]:
     if not is_complete(folder):
         raise RunDirectoryError(f"checkpoint {folder} is incomplete (no {MARKER}): its writing was interrupted")
-    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as err:  # a file damaged after it was written
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirectoryError(
+            f"checkpoint {folder}: {STATE_FILE} is damaged ({first}); resume from an earlier checkpoint"
+        ) from None
 
 
 def rng_state(**generators: torch.Generator) -> dict[str, Any]:

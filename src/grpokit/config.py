@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -158,7 +158,16 @@ class RunConfig:
             "resume_from_checkpoint",
             "is empty: use `latest` or a checkpoint folder",
         )
-        check_output_dir(self.output_dir)
+        check_output_dir(self.output_dir, model=self.model, overwrite=self.overwrite_output_dir)
+        _require(
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+            "device",
+            f"is {self.device!r}; use auto, cpu, cuda, cuda:N or mps",
+        )
+        if self.device.startswith("cuda"):
+            import torch
+
+            _require(torch.cuda.is_available(), "device", f"is {self.device!r}, but this machine has no CUDA device")
 
 
 @dataclass
@@ -262,6 +271,17 @@ class GRPOConfig(RunConfig):
         )
         _require(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         batch = self.prompts_per_step * self.num_generations
+        optimizer_steps = self.max_steps * self.num_iterations * (batch // (self.minibatch_size or batch))
+        if self.warmup_steps > optimizer_steps:
+            from grpokit.data import InputWarning
+
+            warnings.warn(
+                f"warmup_steps = {self.warmup_steps} is more than the run's {optimizer_steps} optimizer steps: the "
+                f"learning rate never reaches {self.learning_rate:g} (it ends at "
+                f"{self.learning_rate * optimizer_steps / self.warmup_steps:.3g})",
+                InputWarning,
+                stacklevel=3,
+            )
         minibatch = self.minibatch_size or batch
         _require(
             minibatch >= 1 and batch % minibatch == 0,
@@ -450,16 +470,37 @@ class EvalConfig:
         _check_types(self)
         _require(self.model != "", "model", "is empty: give the path of a model folder")
         _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(self.num_eval_prompts >= 1, "num_eval_prompts", f"must be >= 1, got {self.num_eval_prompts}")
+        _require(self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
 
 
-def check_output_dir(path: str, name: str = "output_dir") -> None:
-    """The run folder can be made here: no file on its way, and its nearest existing folder is writable."""
+def check_output_dir(path: str, name: str = "output_dir", *, model: str = "", overwrite: bool = False) -> None:
+    """The run folder can be made here: no file on its way, its nearest existing folder takes a file, and it is
+    neither the filesystem root, the home folder, nor the folder of the model being trained (or above it, when
+    `overwrite` would clear it)."""
+    import tempfile
+
     _require(path != "", name, "is empty: give the folder the run writes to")
-    for folder in [Path(path), *Path(path).parents]:
+    target = Path(path).expanduser().resolve()
+    _require(target not in (Path("/"), Path.home().resolve()), name, f"is {path!r}: give a folder of its own")
+    if model and Path(model).exists():
+        source = Path(model).resolve()
+        _require(source != target, name, f"is the model folder {model!r}: the run would write into its input")
+        _require(
+            not (overwrite and target in source.parents),
+            name,
+            f"holds the model folder {model!r}, and overwrite_output_dir would delete it: write the run elsewhere",
+        )
+    for folder in [target, *target.parents]:
         if not folder.exists():
             continue
         _require(folder.is_dir(), name, f"is {path!r}, but {folder} is a file, not a folder")
-        _require(os.access(folder, os.W_OK | os.X_OK), name, f"is {path!r}, but {folder} is not writable")
+        try:  # os.access says yes to root everywhere; a real file says whether this folder takes one
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            raise ConfigError(
+                f"config field `{name}` is {path!r}, but {folder} cannot be written: {err.strerror}"
+            ) from None
         return
 
 
@@ -557,15 +598,40 @@ def load_yaml(cls: type, path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if isinstance(err, yaml.constructor.ConstructorError) and mark is not None:
+            raise ConfigError(f"{where}: {problem}") from None
         raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
     return from_dict(cls, values, source=str(path))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last one silently), and
+    `1e-4` reads as the number it is (YAML 1.1 wants `1.0e-4`, so PyYAML reads it as text)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

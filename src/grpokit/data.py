@@ -74,14 +74,23 @@ def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, 
         if isinstance(data, datasets.DatasetDict):
             raise DataError(f"{path} holds splits {list(data)}; point `{field}` at one split's folder")
         return Rows([dict(row) for row in data], f"{field} {path}")
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"config field `{field}`: {path} is UTF-16 (its byte-order mark says so); save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is dropped
+    except UnicodeDecodeError as err:
+        raise DataError(f"config field `{field}`: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     rows, lines = [], []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+        except ValueError as err:  # a duplicate key, or NaN / Infinity
+            raise DataError(f"{path}:{line_no}: {err}") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
         rows.append(row)
@@ -89,6 +98,20 @@ def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, 
     if not rows:
         raise DataError(f"{path} holds no rows")
     return Rows(rows, f"{field} {path}", lines)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose key repeats is an error (json.loads would keep the last value without a word)."""
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise ValueError(f"the key {key!r} is given twice")
+        row[key] = value
+    return row
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (use null, or a number)")
 
 
 def _hub_rows(name: str, field: str) -> Rows:
@@ -224,6 +247,7 @@ def scan_prompts(
     longer than `max_length` (cut from the left) and characters the tokenizer reads as its unknown token."""
     unk_id = getattr(tokenizer, "unk_token_id", None)
     lengths, unknown = [], {}  # unknown: row -> the first unknown text
+    ends_as_assistant = [i for i, row in enumerate(rows) if _last_role(row[prompt_column]) == "assistant"]
     for i, row in enumerate(rows):
         prompt = row[prompt_column]
         try:
@@ -253,7 +277,16 @@ def scan_prompts(
             f"{source}: {len(unknown)} of {len(rows)} prompts hold text the tokenizer does not know, read as "
             f"{tokenizer.unk_token} (first: {text!r} in row {i}): the model never sees it"
         )
+    if ends_as_assistant:
+        warnings.append(
+            f"{source}: {len(ends_as_assistant)} of {len(rows)} chat prompts end with an assistant message (first: row "
+            f"{ends_as_assistant[0]}): the template still opens a new assistant turn after it"
+        )
     return PromptScan(warnings, min(max(lengths, default=0), max_length))
+
+
+def _last_role(prompt: Any) -> str | None:
+    return prompt[-1].get("role") if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) else None
 
 
 def scan_all_prompts(tokenizer: Any, cfg: Any, train_rows: list[dict], eval_rows: list[dict]) -> tuple[list[str], int]:
@@ -264,6 +297,13 @@ def scan_all_prompts(tokenizer: Any, cfg: Any, train_rows: list[dict], eval_rows
         for rows, source in ((train_rows, "train data"), (eval_rows, "eval data"))
     ]
     messages = [message for scan in scans for message in scan.warnings]
+    if eval_rows and "answer" not in eval_rows[0]:
+        messages.append("eval data has no `answer` column: held-out accuracy is not computed for it")
+    if cfg.prompts_per_step > len(train_rows):
+        messages.append(
+            f"prompts_per_step = {cfg.prompts_per_step} is more than the {len(train_rows)} training prompts: a step "
+            "samples some prompts twice"
+        )
     for message in messages:
         warnings.warn(message, InputWarning, stacklevel=3)
     return messages, max(scan.longest for scan in scans)
@@ -315,7 +355,12 @@ def grpo_rows(
             eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
         else:
             eval_rows = []
-    eval_rows = eval_rows[: cfg.num_eval_prompts]
+    if isinstance(eval_rows, Rows):  # a slice of Rows is a plain list: keep the file's name and lines
+        eval_rows = Rows(
+            eval_rows[: cfg.num_eval_prompts], eval_rows.source, (eval_rows.lines or [])[: cfg.num_eval_prompts]
+        )
+    else:
+        eval_rows = eval_rows[: cfg.num_eval_prompts]
     check_columns(train_rows, [cfg.prompt_column], "train data")
     check_rows(train_rows, cfg.prompt_column, "train data")
     check_columns(eval_rows, [cfg.prompt_column], "eval data")

@@ -158,6 +158,13 @@ def check_model_source(path, *, field: str = "model", tokenizer: bool = True) ->
     for name in weights:
         if name.endswith(".safetensors"):
             check_safetensors(path / name)
+    if "tokenizer.json" in names:
+        try:
+            spec = json.loads((path / "tokenizer.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelFolderError(f"{prefix}: tokenizer.json is not valid JSON ({err})") from None
+        if not isinstance(spec, dict) or "model" not in spec:
+            raise ModelFolderError(f"{prefix}: tokenizer.json is not a `tokenizers` file (it has no `model` entry)")
     if tokenizer and not names & set(TOKENIZER_FILES):
         raise ModelFolderError(
             f"{prefix} has weights but no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} "
@@ -215,7 +222,20 @@ def load_model(path, device, dtype):
     from transformers import AutoModelForCausalLM
 
     folder, extra = _gguf_args(path)
-    model = from_pretrained(AutoModelForCausalLM, folder, dtype=dtype, **extra)
+    try:
+        model, info = from_pretrained(AutoModelForCausalLM, folder, dtype=dtype, output_loading_info=True, **extra)
+    except (ValueError, KeyError, RuntimeError) as err:  # an unknown model_type, weights of other shapes, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelFolderError(
+            f"config field `model`: {path} could not be loaded: {type(err).__name__}: {first}"
+        ) from None
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    if missing:  # transformers would train a randomly initialised model and only log it
+        raise ModelFolderError(
+            f"config field `model`: the weights in {path} lack {len(missing)} tensors a "
+            f"{type(model).__name__} needs (first: {missing[0]}): does config.json describe these weights?"
+        )
     if extra:
         # The weights are de-quantized floats now; the GGUF quantization note would stop save_pretrained.
         model.config.quantization_config = None
@@ -273,7 +293,14 @@ def with_model(config, model, tokenizer=None):
 
 
 def ensure_pad_token(tokenizer):
-    """Base checkpoints often have no pad token; pad with EOS (padding is always masked out)."""
+    """Base checkpoints often have no pad token; pad with EOS (padding is always masked out). A tokenizer without
+    an EOS token is an error: no completion could ever end."""
+    if tokenizer.eos_token_id is None:
+        where = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ModelFolderError(
+            f"the tokenizer of {where} has no EOS token, so no completion could end: set `eos_token` in its "
+            "tokenizer_config.json (or tokenizer.eos_token in Python)"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -281,7 +281,15 @@ class Policy:
     def resume(self, folder: Path, **generators: torch.Generator) -> dict[str, Any]:
         """Undo `write_checkpoint`: weights, optimizer, schedule and RNGs restored; returns the stage's state
         (with its `step`)."""
+        from grpokit.checkpoint import RunDirectoryError
+        from grpokit.modeling import ModelFolderError, check_safetensors
+
         state = load_state(folder)
+        try:
+            for weights in folder.glob("*.safetensors"):
+                check_safetensors(weights)
+        except ModelFolderError as err:
+            raise RunDirectoryError(f"checkpoint {folder}: {err}; resume from an earlier checkpoint") from None
         self.load_weights(folder)
         self.load_state_dict(state["policy"])
         set_rng_state(state["rng"], **generators)

@@ -15,6 +15,7 @@ Deviations from the common recipe, and why:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from grpokit.checkpoint import RunDirectory, seed_everything
 from grpokit.config import RewardModelConfig
 from grpokit.data import (
     DataError,
+    InputWarning,
     ShuffledEpochs,
     check_columns,
     check_prompt,
@@ -240,6 +242,15 @@ def _check_pairs(rows: list[dict[str, Any]], cfg: RewardModelConfig, source: str
     margin_column = cfg.margin_column if margin else None
     columns = [cfg.prompt_column, cfg.chosen_column, cfg.rejected_column]
     check_columns(rows, columns + ([margin_column] if margin_column else []), source)
+    same = sum(row[cfg.chosen_column] == row[cfg.rejected_column] for row in rows)
+    if rows and same == len(rows):
+        raise DataError(
+            f"{source}: every one of its {same} pairs has chosen == rejected: there is no preference to learn"
+        )
+    if same:
+        warnings.warn(
+            f"{source}: {same} of {len(rows)} pairs have chosen == rejected (no signal)", InputWarning, stacklevel=3
+        )
     for i, row in enumerate(rows):
         place = where(rows, i, source)
         check_prompt(row[cfg.prompt_column], f"{place}, column {cfg.prompt_column!r}")

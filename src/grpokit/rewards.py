@@ -17,6 +17,7 @@ the run with the function's name and the sample.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import math
@@ -172,8 +173,12 @@ def import_reward(spec: str) -> RewardFn:
         sys.path.append(os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward function {spec!r} could not be imported: {err}") from err
+    except SyntaxError as err:
+        raise ValueError(
+            f"reward function {spec!r} could not be imported: {err.msg} at {err.filename}:{err.lineno}"
+        ) from None
+    except Exception as err:  # ImportError, AttributeError, or whatever the module raises while it imports
+        raise ValueError(f"reward function {spec!r} could not be imported: {type(err).__name__}: {err}") from err
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable")
     return fn
@@ -301,12 +306,18 @@ def score(
     out = torch.full((n, len(reward_funcs)), float("nan"), dtype=torch.float64)  # (N, K)
     for k, (name, fn) in enumerate(reward_funcs):
         accepted = accepted_inputs(name, fn, list(inputs))
-        kwargs = inputs if accepted is None else {key: v for key, v in inputs.items() if key in accepted}
+        # each function gets its own lists (and message dicts): one that edits its inputs cannot feed the next one,
+        # or the log, its edits
+        kwargs = {
+            key: copy.deepcopy(v) if key in ("prompts", "completions", "raw_prompts") else list(v)
+            for key, v in inputs.items()
+            if accepted is None or key in accepted
+        }
         try:
             values = call_with_timeout(name, fn, timeout, **kwargs)
         except RewardError:
             raise
-        except Exception as err:
+        except (Exception, SystemExit, KeyboardInterrupt) as err:  # a reward's exit() or Ctrl-C is its bug, named
             raise RewardError(f"reward function `{name}` raised {type(err).__name__}: {err}") from err
         if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
             raise RewardError(f"reward function `{name}` returned {type(values).__name__}; expected a list of floats")
@@ -356,6 +367,11 @@ def check_advantages(
         not bool(algo.flat_groups(r, s, group_size=group_size).all()) for r, s in [(total, scorable), *columns]
     )
     largest = float(advantages.abs().max()) if advantages.numel() else 0.0
+    if spread and largest < VANISHING_ADVANTAGE and float(rewards.nan_to_num(0.0).abs().max()) ** 2 > FLOAT32_MAX:
+        raise RewardError(
+            f"the rewards ({scale}) overflow float32 in the group statistics (their squares pass {FLOAT32_MAX:.3g}), "
+            "so every advantage is 0: rescale the reward functions"
+        )
     if spread and largest < VANISHING_ADVANTAGE:
         raise RewardError(
             f"every advantage of this step is below {VANISHING_ADVANTAGE:g} (largest {largest:.3g}) although the "
@@ -424,7 +440,10 @@ def reward_set(
         )
 
     funcs = named_reward_funcs(funcs, build) if funcs else build(cfg.reward_funcs)
-    gold = build([cfg.gold_reward]) if cfg.gold_reward else []
+    try:
+        gold = build([cfg.gold_reward]) if cfg.gold_reward else []
+    except ValueError as err:
+        raise ConfigError(f"config field `gold_reward`: {err}") from None
     weights = cfg.reward_weights or [1.0] * len(funcs)
     if len(weights) != len(funcs):
         raise ConfigError(f"config field `reward_weights` has {len(weights)} entries for {len(funcs)} reward functions")
