@@ -12,7 +12,8 @@ from helpers import save_tiny, step_rows
 
 from grpokit.config import ConfigError
 from grpokit.config import GRPOConfig as NativeConfig
-from grpokit.trl import CONVERSIONS, GRPOConfig, GRPOTrainer
+from grpokit.trl import GRPOConfig, GRPOTrainer
+from grpokit.trl_names import CONVERSIONS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -572,7 +572,7 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
 
 def _nearest(key: str, names: set[str]) -> str:
     """A TRL field name's grpokit counterpart, or the closest real field."""
-    from grpokit.trl import trl_hint
+    from grpokit.trl_names import trl_hint
 
     if (hint := trl_hint(key)) is not None:
         return f"; `{key}` is TRL's name. In grpokit: {hint}"

@@ -197,6 +197,13 @@ def check_prompt(prompt: Any, place: str) -> None:
             )
 
 
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """The text of a completion, plain or conversational ([{"role": "assistant", "content": ...}])."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(message.get("content", "")) for message in completion)
+
+
 def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     """Plain text stays as it is; chat messages go through the tokenizer's chat template."""
     if isinstance(prompt, str):

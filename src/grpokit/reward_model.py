@@ -31,6 +31,7 @@ from grpokit.data import (
     ShuffledEpochs,
     check_columns,
     check_prompt,
+    completion_text,
     load_rows,
     pad_batch,
     render_prompt,
@@ -193,8 +194,6 @@ class RewardModelScorer:
     def __call__(
         self, prompts: list[str], completions: list[str], *, raw_prompts: list[Any] | None = None, **columns: Any
     ) -> list[float]:
-        from grpokit.rewards import completion_text  # rewards imports this module
-
         sources = raw_prompts if raw_prompts is not None else prompts
         if len(sources) != len(completions):
             raise ValueError(f"{len(completions)} completions but {len(sources)} prompts")

@@ -36,7 +36,7 @@ import torch
 
 from grpokit import algo
 from grpokit.config import ConfigError
-from grpokit.data import RESERVED_COLUMNS, check_columns
+from grpokit.data import RESERVED_COLUMNS, check_columns, completion_text
 from grpokit.modeling import check_model_source, resolve_device
 from grpokit.reward_model import RewardModelScorer
 
@@ -66,13 +66,6 @@ REWARD_INPUTS = (
     "raw_prompts",
     "rendered_prompts",
 )
-
-
-def completion_text(completion: str | list[dict[str, Any]]) -> str:
-    """The text of a completion, plain or conversational ([{"role": "assistant", "content": ...}])."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(str(message.get("content", "")) for message in completion)
 
 
 def reward_inputs(
