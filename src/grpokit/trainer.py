@@ -284,7 +284,9 @@ class GRPOTrainer:
                 self.evaluate(cfg.max_steps, log=True)
             except NumericsError as err:  # say where the run stopped and what is left to resume
                 last = list_checkpoints(out)
-                keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                keep = (
+                    f"the last checkpoint (finite, written before it) is {last[-1][1]}" if last else "no checkpoint yet"
+                )
                 where = f"step {step} (learning rate {self.policy.lr:g})"
                 raise NumericsError(f"{where}: {err}; nothing of this step was saved, {keep}") from None
             finally:
