@@ -127,7 +127,7 @@ def child(args: argparse.Namespace) -> None:
         "peak_with_save_mib": rss_save,
         "step_s": step_s,
         **{key: sum(m[key] for m in steps) / len(steps) for key in TIMES},
-        "completion_length": sum(m["completion_length"] for m in steps) / len(steps),
+        "completions/mean_length": sum(m["completions/mean_length"] for m in steps) / len(steps),
     }
     print(MARK + json.dumps(result), flush=True)
 
@@ -222,7 +222,7 @@ def main(argv=None) -> None:
         ("  rollout", "time/rollout", "{:.2f}"),
         ("  reference logprobs", "time/reference", "{:.2f}"),
         ("  update", "time/update", "{:.2f}"),
-        ("mean completion length", "completion_length", "{:.1f}"),
+        ("mean completion length", "completions/mean_length", "{:.1f}"),
     ]
     print(f"| {'':32} | {'full fine-tune':>16} | {'LoRA r=' + str(args.rank):>16} |")
     print(f"| {'-' * 32} | {'-' * 16}:| {'-' * 16}:|")

@@ -137,7 +137,7 @@ def grpokit_worker(workload: str, steps: int, checkpointing: bool | None) -> dic
     n = spec["prompts"] * spec["generations"]
     return {
         "step_times": [b - a for a, b in zip(starts, starts[1:])],
-        "completion_tokens": [r["completion_length"] * n for r in steps_rows],
+        "completion_tokens": [r["completions/mean_length"] * n for r in steps_rows],
         "parts": {k: [r[k] for r in steps_rows] for k in ("time/rollout", "time/reference", "time/update")},
         "gradient_checkpointing": getattr(trainer.cfg, "gradient_checkpointing", False),
     }

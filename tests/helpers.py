@@ -12,17 +12,17 @@ from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
 
 HIDDEN = 32
 STEP_KEYS = (
-    "reward/mean",
-    "reward/std",
-    "reward/accuracy",
-    "frac_zero_std_groups",
+    "reward",
+    "reward_std",
+    "rewards/accuracy/mean",
+    "frac_reward_zero_std",
     "entropy",
-    "completion_length",
-    "truncated_frac",
-    "clip_frac/low",
-    "clip_frac/high",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
     "grad_norm",
-    "lr",
+    "learning_rate",
     "time/rollout",
     "time/update",
     "tokens_per_s",
@@ -98,7 +98,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def step_rows(out: Path) -> list[dict]:
-    return [r for r in read_jsonl(out / "metrics.jsonl") if "reward/mean" in r]
+    return [r for r in read_jsonl(out / "metrics.jsonl") if "reward" in r]
 
 
 class RecordingSampler(KVCacheSampler):

@@ -117,9 +117,9 @@ def test_a_reward_that_is_none_everywhere_is_logged_as_null_and_said(tmp_path, m
     result = GRPOTrainer(config(model, out), reward_funcs=[("never", never)]).train()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     rows = [strict_json(line) for line in lines]  # parses strictly: no bare NaN
-    steps = [r for r in rows if "reward/mean" in r]
-    assert steps and all(r["reward/mean"] is None and r["reward/never"] is None for r in steps)
-    assert all(r["reward/scored_frac"] == 0.0 for r in steps)
+    steps = [r for r in rows if "reward" in r]
+    assert steps and all(r["reward"] is None and r["rewards/never/mean"] is None for r in steps)
+    assert all(r["rewards/scored_frac"] == 0.0 for r in steps)
     assert "unscored" in result.monitor_fired
     assert all(strict_json(line)["reward"] is None for line in (out / "completions.jsonl").read_text().splitlines())
 
@@ -323,13 +323,22 @@ def test_a_chat_prompt_whose_row_is_bad_is_named_even_when_sampled_late(tmp_path
 
 def test_truncated_completions_and_unscored_steps_are_said_once_with_counts():
     monitor = SignalMonitor()
-    said = monitor.update(1, {"completions_truncated": 0.0, "truncated_frac": 0.0, "reward/scored_frac": 1.0})
+    said = monitor.update(
+        1, {"completions/clipped_count": 0.0, "completions/clipped_ratio": 0.0, "rewards/scored_frac": 1.0}
+    )
     assert said == []
-    said = monitor.update(2, {"completions_truncated": 3.0, "truncated_frac": 3 / 64, "reward/scored_frac": 0.0})
+    said = monitor.update(
+        2, {"completions/clipped_count": 3.0, "completions/clipped_ratio": 3 / 64, "rewards/scored_frac": 0.0}
+    )
     assert len(said) == 2
     assert said[0].startswith("step 2: no completion got a reward")
     assert said[1].startswith("step 2: 3 of the step's 64 completions reached max_completion_length without EOS")
-    assert monitor.update(3, {"completions_truncated": 9.0, "truncated_frac": 9 / 64, "reward/scored_frac": 0.0}) == []
+    assert (
+        monitor.update(
+            3, {"completions/clipped_count": 9.0, "completions/clipped_ratio": 9 / 64, "rewards/scored_frac": 0.0}
+        )
+        == []
+    )
 
 
 def test_sft_says_how_many_prompts_and_completions_it_cut(char_tokenizer):

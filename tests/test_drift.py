@@ -54,7 +54,7 @@ def test_sft_logs_the_learning_rate_its_step_used(tmp_path):
     cfg = sft_config(out, warmup_steps=20, lr_schedule="constant", max_steps=20, learning_rate=1e-3)
     train_sft(cfg, model=llama(), tokenizer=build_char_tokenizer(), rows=sft_rows())
 
-    logged = {row["step"]: row["lr"] for row in read_jsonl(out / "metrics.jsonl") if "lr" in row}
+    logged = {row["step"]: row["learning_rate"] for row in read_jsonl(out / "metrics.jsonl") if "learning_rate" in row}
     assert sorted(logged) == [10, 20]  # SFT logs every 10 steps and the last
 
     def expected(step: int) -> float:  # step is 1-based; lr_factor takes the 0-based optimizer step index
@@ -140,12 +140,12 @@ def test_monitor_figures_are_in_the_logged_rows(tmp_path):
         assert "monitor/length_drift" in row and "monitor/proxy_gold_corr" in row, row
         assert math.isfinite(row["monitor/length_drift"]) and math.isfinite(row["monitor/proxy_gold_corr"])
     # the logged figures are the ones the logged metrics give (window 2, baseline = the first full window)
-    lengths = [r["completion_length"] for r in rows]
+    lengths = [r["completions/mean_length"] for r in rows]
     baseline = (lengths[0] + lengths[1]) / 2
     assert rows[1]["monitor/length_drift"] == pytest.approx(0.0, abs=1e-12)
     assert rows[2]["monitor/length_drift"] == pytest.approx(((lengths[1] + lengths[2]) / 2 - baseline) / baseline)
     for i in (1, 2):
-        proxy = [rows[j]["reward/mean"] for j in (i - 1, i)]
+        proxy = [rows[j]["reward"] for j in (i - 1, i)]
         gold = [rows[j]["gold/mean"] for j in (i - 1, i)]
         assert rows[i]["monitor/proxy_gold_corr"] == pytest.approx(pearson(proxy, gold))
 
@@ -206,7 +206,7 @@ def test_step_counts_groups_flat_over_their_scorable_rows(tmp_path):
         cfg, model=llama(), tokenizer=build_char_tokenizer(), reward_funcs=[("one_none", one_none_per_group)]
     )
     metrics, samples = trainer.step()
-    assert metrics["frac_zero_std_groups"] == 1.0
+    assert metrics["frac_reward_zero_std"] == 1.0
     assert samples and all(s["advantage"] == 0.0 for s in samples)
 
 

@@ -84,7 +84,7 @@ def test_chat_prompts_give_conversational_completions(tmp_path, model):
     assert seen["rendered_prompts"][0] == trainer.tokenizer.apply_chat_template(
         seen["prompts"][0], tokenize=False, add_generation_prompt=True
     )
-    assert "reward/reward_len" in metrics
+    assert "rewards/reward_len/mean" in metrics
 
 
 def test_reward_funcs_as_a_function_a_list_or_pairs_and_names_made_unique(tmp_path, model):
@@ -113,7 +113,7 @@ def test_a_reward_without_kwargs_gets_only_what_it_names(tmp_path, model):
         return [float(c.strip() == a) for c, a in zip(completions, answer)]
 
     metrics, _ = GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=exact, train_rows=text_rows()).step()
-    assert 0.0 <= metrics["reward/exact"] <= 1.0
+    assert 0.0 <= metrics["rewards/exact/mean"] <= 1.0
 
 
 # ---------------------------------------------------------------- the native Python API

@@ -25,14 +25,14 @@ def run(monitor: SignalMonitor, steps: int, metrics_at) -> list[str]:
 
 
 def healthy(step: int) -> dict[str, float]:
-    return {"frac_zero_std_groups": 0.3, "truncated_frac": 0.0, "completion_length": 4.0}
+    return {"frac_reward_zero_std": 0.3, "completions/clipped_ratio": 0.0, "completions/mean_length": 4.0}
 
 
 def test_hacking_fires_when_proxy_rises_and_gold_falls():
     monitor = SignalMonitor(long_window=20)
 
     def metrics(step):  # proxy climbs 0.2 -> 0.8 while gold accuracy slides 0.60 -> 0.48
-        return {**healthy(step), "reward/mean": 0.2 + 0.03 * step, "gold/mean": 0.6 - 0.006 * step}
+        return {**healthy(step), "reward": 0.2 + 0.03 * step, "gold/mean": 0.6 - 0.006 * step}
 
     raised = run(monitor, 20, metrics)
     assert len(raised) == 1 and raised[0].startswith("step 20: proxy reward +0.30 while gold accuracy -6 points")
@@ -45,7 +45,7 @@ def test_hacking_is_quiet_when_gold_follows_the_proxy():
     monitor = SignalMonitor(long_window=20)
 
     def metrics(step):
-        return {**healthy(step), "reward/mean": 0.2 + 0.03 * step, "gold/mean": 0.2 + 0.03 * step}
+        return {**healthy(step), "reward": 0.2 + 0.03 * step, "gold/mean": 0.2 + 0.03 * step}
 
     assert run(monitor, 40, metrics) == []
     assert monitor.summary() == [
@@ -56,12 +56,12 @@ def test_hacking_is_quiet_when_gold_follows_the_proxy():
 def test_hacking_is_quiet_when_the_proxy_is_flat_noise():
     monitor = SignalMonitor(long_window=20)
     noise = [0.5, 0.52, 0.49, 0.51] * 10
-    assert run(monitor, 40, lambda s: {**healthy(s), "reward/mean": noise[s - 1], "gold/mean": 0.5}) == []
+    assert run(monitor, 40, lambda s: {**healthy(s), "reward": noise[s - 1], "gold/mean": 0.5}) == []
 
 
 def test_length_drift_fires_against_the_first_window():
     monitor = SignalMonitor(long_window=10)
-    raised = run(monitor, 30, lambda s: {**healthy(s), "completion_length": 4.0 if s <= 10 else 9.0})
+    raised = run(monitor, 30, lambda s: {**healthy(s), "completions/mean_length": 4.0 if s <= 10 else 9.0})
     assert len(raised) == 1 and "completion length 4.0 -> 6.5 tokens (+62%)" in raised[0]
 
 

@@ -281,7 +281,9 @@ def test_jsonl_pairs_with_margin_train_deterministically(tmp_path, causal_lm_pat
         results.append(train_reward_model(cfg))
     assert results[0].metrics == results[1].metrics  # seeded: the same numbers twice
     rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
-    assert {"loss", "accuracy", "lr"} <= set(rows[0]) and rows[-1]["eval/pairwise_accuracy"] == results[0].eval_accuracy
+    assert {"loss", "accuracy", "learning_rate"} <= set(rows[0]) and rows[-1]["eval/pairwise_accuracy"] == results[
+        0
+    ].eval_accuracy
     assert (results[0].model_dir / "config.json").is_file()
 
 

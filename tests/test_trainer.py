@@ -45,16 +45,16 @@ def test_train_from_saved_checkpoint_writes_the_run(tmp_path, arch):
         missing = [k for k in STEP_KEYS if k not in row]
         assert not missing, f"step {row['step']} lacks {missing}"
         assert all(math.isfinite(row[k]) for k in STEP_KEYS)
-        assert 0 <= row["reward/accuracy"] <= 1 and 0 <= row["frac_zero_std_groups"] <= 1
-        assert 1 <= row["completion_length"] <= cfg.max_completion_length
-        assert 0 <= row["truncated_frac"] <= 1
-        assert row["lr"] == pytest.approx(cfg.learning_rate)
+        assert 0 <= row["rewards/accuracy/mean"] <= 1 and 0 <= row["frac_reward_zero_std"] <= 1
+        assert 1 <= row["completions/mean_length"] <= cfg.max_completion_length
+        assert 0 <= row["completions/clipped_ratio"] <= 1
+        assert row["learning_rate"] == pytest.approx(cfg.learning_rate)
         assert row["grad_norm"] > 0  # the graded reward gives every group a spread
         assert row["sampler_logp_diff"] < 1e-4  # invariant 6 inside the loop (fp32)
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/accuracy_greedy" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert [h["step"] for h in result.eval_history] == [0, 2]
-    assert result.final_metrics["reward/mean"] == rows[-1]["reward/mean"]
+    assert result.final_metrics["reward"] == rows[-1]["reward"]
 
     # the final model loads with plain transformers and is not the initial one
     assert result.model_dir == out / "model"
@@ -75,7 +75,7 @@ def test_train_from_saved_checkpoint_writes_the_run(tmp_path, arch):
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events
     acc = EventAccumulator(str(out / "tensorboard")).Reload()
-    assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2]
+    assert [e.step for e in acc.Scalars("reward")] == [1, 2]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -390,8 +390,8 @@ def test_pad_equal_to_eos_keeps_the_eos_in_the_completion(tmp_path, monkeypatch)
         width = loss_mask.shape[1]
         assert width == int(lengths.max())
         assert torch.equal(loss_mask, rollout.completion_mask[:, :width].float())
-        assert row["completion_length"] == pytest.approx(lengths.float().mean().item())
-        assert row["truncated_frac"] == pytest.approx(rollout.truncated.float().mean().item())
+        assert row["completions/mean_length"] == pytest.approx(lengths.float().mean().item())
+        assert row["completions/clipped_ratio"] == pytest.approx(rollout.truncated.float().mean().item())
         for ids, mask, n, cut in zip(rollout.completion_ids, rollout.completion_mask, lengths, rollout.truncated):
             if cut:
                 continue
@@ -411,7 +411,9 @@ def test_pad_equal_to_eos_keeps_the_eos_in_the_completion(tmp_path, monkeypatch)
 
 
 def feed(monitor: SignalMonitor, steps, zero_std: float, truncated: float) -> list[list[str]]:
-    return [monitor.update(s, {"frac_zero_std_groups": zero_std, "truncated_frac": truncated}) for s in steps]
+    return [
+        monitor.update(s, {"frac_reward_zero_std": zero_std, "completions/clipped_ratio": truncated}) for s in steps
+    ]
 
 
 def test_monitor_warns_once_when_groups_have_no_spread():
@@ -419,7 +421,7 @@ def test_monitor_warns_once_when_groups_have_no_spread():
     per_step = feed(monitor, range(1, 11), 0.95, 0.0)
     assert per_step[:9] == [[]] * 9  # the window is not full yet
     (warning,) = per_step[9]
-    assert "frac_zero_std_groups" in warning and "step 10" in warning
+    assert "frac_reward_zero_std" in warning and "step 10" in warning
     assert feed(monitor, range(11, 31), 0.95, 0.0) == [[]] * 20  # never repeated
     assert monitor.warnings == [warning]
 
@@ -433,7 +435,7 @@ def test_monitor_is_quiet_on_a_healthy_signal():
 def test_monitor_warns_on_truncation_once():
     monitor = SignalMonitor()
     flat = [w for ws in feed(monitor, range(1, 31), 0.0, 0.8) for w in ws]
-    assert len(flat) == 1 and "truncated_frac" in flat[0] and "frac_zero_std_groups" not in flat[0]
+    assert len(flat) == 1 and "completions/clipped_ratio" in flat[0] and "frac_reward_zero_std" not in flat[0]
 
 
 def test_monitor_uses_a_sliding_window():

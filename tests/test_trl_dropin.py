@@ -53,7 +53,7 @@ def test_trl_quick_start_runs_with_the_import_line_changed(tmp_path, model):
     assert (cfg.loss_type, cfg.adam_beta2, cfg.seed, cfg.lr_schedule) == ("dapo", 0.999, 42, "linear")  # TRL's
     out = tmp_path / "Qwen2-GRPO"
     assert [r["step"] for r in step_rows(out)] == [1, 2]
-    assert all(r["reward/reward_len"] <= 0 for r in step_rows(out))
+    assert all(r["rewards/reward_len/mean"] <= 0 for r in step_rows(out))
     assert (out / "model" / "config.json").is_file() and any((out / "tensorboard").iterdir())
 
 

@@ -256,21 +256,21 @@ def verbosity_pairs(
 
 def _run_row(result: TrainResult) -> dict[str, Any]:
     """First and last 10 steps of the trained-on reward, the gold reward on the same samples and length."""
-    rows = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "reward/mean" in r]
+    rows = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "reward" in r]
 
     def mean(key: str, part: list[dict]) -> float:
         return sum(r[key] for r in part) / len(part)
 
     head, tail = rows[:10], rows[-10:]
     return {
-        "proxy_start": mean("reward/mean", head),
-        "proxy_end": mean("reward/mean", tail),
+        "proxy_start": mean("reward", head),
+        "proxy_end": mean("reward", tail),
         "gold_start": mean("gold/mean", head),
         "gold_end": mean("gold/mean", tail),
         "heldout_start": result.eval_history[0]["eval/accuracy_greedy"],
         "heldout_end": result.eval_history[-1]["eval/accuracy_greedy"],
-        "length_start": mean("completion_length", head),
-        "length_end": mean("completion_length", tail),
+        "length_start": mean("completions/mean_length", head),
+        "length_end": mean("completions/mean_length", tail),
         "hacking_fired": "hacking" in result.monitor_fired,
     }
 
@@ -282,10 +282,10 @@ def plot_pipeline(runs: dict[str, TrainResult], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = (
-        ("reward/mean", "trained-on (proxy) reward"),
+        ("reward", "trained-on (proxy) reward"),
         ("gold/mean", "gold accuracy on the training samples"),
         ("eval/accuracy_greedy", "held-out accuracy (greedy)"),
-        ("completion_length", "completion length (tokens)"),
+        ("completions/mean_length", "completion length (tokens)"),
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels):

@@ -79,7 +79,7 @@ class SignalMonitor:
         Adds its own figures (monitor/...) to `metrics`."""
         new: list[str] = []
         full = self.window
-        zero_std = self._push("frac_zero_std_groups", metrics, full)
+        zero_std = self._push("frac_reward_zero_std", metrics, full)
         if (
             zero_std is not None
             and len(zero_std) == full
@@ -88,12 +88,12 @@ class SignalMonitor:
             self._raise(
                 "no_signal",
                 step,
-                f"{m:.0%} [frac_zero_std_groups] of groups had identical rewards for "
+                f"{m:.0%} [frac_reward_zero_std] of groups had identical rewards for "
                 "every completion: no learning signal. Make the task harder/easier, raise num_generations "
                 "or temperature, or add a graded reward.",
                 new,
             )
-        truncated = self._push("truncated_frac", metrics, full)
+        truncated = self._push("completions/clipped_ratio", metrics, full)
         if (
             truncated is not None
             and len(truncated) == full
@@ -102,7 +102,7 @@ class SignalMonitor:
             self._raise(
                 "truncation",
                 step,
-                f"{m:.0%} [truncated_frac] of completions hit max_completion_length "
+                f"{m:.0%} [completions/clipped_ratio] of completions hit max_completion_length "
                 "without EOS: raise max_completion_length, or set mask_truncated_completions / add the "
                 "`overlong` reward.",
                 new,
@@ -120,19 +120,19 @@ class SignalMonitor:
                     new,
                 )
         self._check_cliff(step, group_size, new)
-        if metrics.get("reward/scored_frac", 1.0) == 0:
+        if metrics.get("rewards/scored_frac", 1.0) == 0:
             self._raise(
                 "unscored",
                 step,
                 "no completion got a reward: every reward function returned None for every sample, so the "
-                "step had no learning signal (reward/mean is logged as null); check what the functions apply to",
+                "step had no learning signal (`reward` is logged as null); check what the functions apply to",
                 new,
             )
-        if (cut := metrics.get("completions_truncated", 0)) > 0 and metrics.get("truncated_frac", 0) > 0:
+        if (cut := metrics.get("completions/clipped_count", 0)) > 0 and metrics.get("completions/clipped_ratio", 0) > 0:
             self._raise(
                 "first_truncated",
                 step,
-                f"{cut:.0f} of the step's {round(cut / metrics['truncated_frac'])} completions "
+                f"{cut:.0f} of the step's {round(cut / metrics['completions/clipped_ratio'])} completions "
                 "reached max_completion_length without EOS: they end there and are rewarded as they are "
                 "(mask_truncated_completions leaves them out of the loss)",
                 new,
@@ -179,7 +179,7 @@ class SignalMonitor:
                 )
 
     def _check_length(self, step: int, metrics: dict[str, float], new: list[str]) -> None:
-        lengths = self._push("completion_length", metrics, self.long_window)
+        lengths = self._push("completions/mean_length", metrics, self.long_window)
         if lengths is None or len(lengths) < self.long_window:
             return
         current = statistics.fmean(lengths)
@@ -197,7 +197,7 @@ class SignalMonitor:
             )
 
     def _check_hacking(self, step: int, metrics: dict[str, float], new: list[str]) -> None:
-        proxy = self._push("reward/mean", metrics, self.long_window)
+        proxy = self._push("reward", metrics, self.long_window)
         gold = self._push("gold/mean", metrics, self.long_window)
         if proxy is None or gold is None or len(proxy) < self.long_window:
             return

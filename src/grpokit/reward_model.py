@@ -398,7 +398,7 @@ def train_reward_model(
                         "reward_chosen": b_chosen.mean().item(),
                         "reward_rejected": b_rejected.mean().item(),
                         "grad_norm": grad_norm,
-                        "lr": lr,
+                        "learning_rate": lr,
                     }
                     log.log(step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")

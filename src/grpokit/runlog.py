@@ -11,15 +11,15 @@ from typing import Any
 
 # Panels, in this order, each with the curves it overlays; a panel appears when the run logged one.
 PLOT_PANELS = (
-    (("reward/mean",), "reward (mean)"),
+    (("reward",), "reward (mean)"),
     (("gold/mean",), "gold reward (watched, not trained on)"),
     (("eval/accuracy_greedy", "eval/accuracy_sampled"), "held-out accuracy"),
-    (("frac_zero_std_groups",), "groups with zero reward spread"),
+    (("frac_reward_zero_std",), "groups with zero reward spread"),
     (("kl",), "KL to reference"),
     (("entropy",), "entropy (nats/token)"),
     (("diversity",), "distinct completions per group"),
-    (("completion_length",), "completion length (tokens)"),
-    (("clip_frac/total",), "clipped token fraction"),
+    (("completions/mean_length",), "completion length (tokens)"),
+    (("clip_ratio/region_mean",), "clipped token fraction"),
     (("grad_norm",), "grad norm"),
 )
 

@@ -154,7 +154,7 @@ def train_sft(
                 policy.backward(loss)
                 grad_norm = policy.optimizer_step()
                 if step % 10 == 0 or step == cfg.max_steps:
-                    log.log(step, {"loss": loss.item(), "grad_norm": grad_norm, "lr": lr})
+                    log.log(step, {"loss": loss.item(), "grad_norm": grad_norm, "learning_rate": lr})
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
                     checkpoint = policy.write_checkpoint(run, step, tokenizer, {"batch_rng": batch_rng.getstate()})

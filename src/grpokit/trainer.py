@@ -146,19 +146,21 @@ class GRPOTrainer:
 
         scored = total[scorable]  # rows where some reward function returned a number
         metrics = {
-            "reward/mean": scored.mean().item() if len(scored) else float("nan"),  # logged as null: nothing scored
-            "reward/std": scored.std().item() if len(scored) > 1 else float("nan"),
-            "reward/scored_frac": scorable.float().mean().item(),
-            **{f"reward/{name}": rewards[:, k].nanmean().item() for k, (name, _) in enumerate(self.rewards.funcs)},
+            "reward": scored.mean().item() if len(scored) else float("nan"),  # logged as null: nothing scored
+            "reward_std": scored.std().item() if len(scored) > 1 else float("nan"),
+            "rewards/scored_frac": scorable.float().mean().item(),
+            **{
+                f"rewards/{name}/mean": rewards[:, k].nanmean().item() for k, (name, _) in enumerate(self.rewards.funcs)
+            },
             **({"gold/mean": gold.nanmean().item()} if gold is not None else {}),
-            "frac_zero_std_groups": algo.flat_groups(total, scorable, group_size=G).float().mean().item(),
+            "frac_reward_zero_std": algo.flat_groups(total, scorable, group_size=G).float().mean().item(),
             "diversity": group_diversity(completions, G),
-            "completion_length": lengths.float().mean().item(),
-            "truncated_frac": rollout.truncated.float().mean().item(),
-            "completions_truncated": float(rollout.truncated.sum()),
+            "completions/mean_length": lengths.float().mean().item(),
+            "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+            "completions/clipped_count": float(rollout.truncated.sum()),
             "prompts_truncated": float(prompts.cut),
             **stats,
-            "lr": lr,
+            "learning_rate": lr,
             "time/rollout": t_rollout - t0,
             "time/reward": t_reward - t_rollout,
             "time/reference": t_ref - t_reward,
@@ -177,7 +179,15 @@ class GRPOTrainer:
         """mu passes; each pass splits the batch into minibatches (one optimizer step each) and those into
         micro-batches (one backward each). Every normalizer is counted over the minibatch."""
         cfg, N, policy = self.cfg, rollout.num_sequences, self.policy
-        keys = ("loss", "grad_norm", "kl", "entropy", "clip_frac/low", "clip_frac/high", "sampler_logp_diff")
+        keys = (
+            "loss",
+            "grad_norm",
+            "kl",
+            "entropy",
+            "clip_ratio/low_mean",
+            "clip_ratio/high_mean",
+            "sampler_logp_diff",
+        )
         sums = dict.fromkeys(keys, 0.0)
         n_opt_steps, tokens_seen, first_pass_tokens = 0, 0.0, 0.0
         generation_tokens = int(mask.sum())
@@ -214,8 +224,8 @@ class GRPOTrainer:
                     policy.backward(loss)
                     n_tok = float(m.sum())
                     sums["loss"] += loss_value
-                    sums["clip_frac/low"] += float((tok_stats["clipped_low"] * m).sum())
-                    sums["clip_frac/high"] += float((tok_stats["clipped_high"] * m).sum())
+                    sums["clip_ratio/low_mean"] += float((tok_stats["clipped_low"] * m).sum())
+                    sums["clip_ratio/high_mean"] += float((tok_stats["clipped_high"] * m).sum())
                     sums["kl"] += float((tok_stats["kl"] * m).sum())
                     tokens_seen += n_tok
                     if iteration == 0:
@@ -233,11 +243,11 @@ class GRPOTrainer:
             "loss": sums["loss"] / n_opt_steps,
             "grad_norm": sums["grad_norm"] / n_opt_steps,
             "entropy": sums["entropy"] / first_pass_tokens,
-            "clip_frac/low": sums["clip_frac/low"] / tokens_seen,
-            "clip_frac/high": sums["clip_frac/high"] / tokens_seen,
+            "clip_ratio/low_mean": sums["clip_ratio/low_mean"] / tokens_seen,
+            "clip_ratio/high_mean": sums["clip_ratio/high_mean"] / tokens_seen,
             "sampler_logp_diff": sums["sampler_logp_diff"],
         }
-        stats["clip_frac/total"] = stats["clip_frac/low"] + stats["clip_frac/high"]
+        stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
         if ref_logp is not None:
             stats["kl"] = sums["kl"] / tokens_seen
         return stats
@@ -278,7 +288,7 @@ class GRPOTrainer:
                     self.log.log(step, metrics)
                     if cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1):
                         self.log.log_completions(step, samples)
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                     if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
                         run.check_stop(step, self.save_checkpoint(step))
                 self.evaluate(cfg.max_steps, log=True)
