@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from helpers import config, save_tiny
+from helpers import config, save_tiny, step_rows
 
 from grpokit import __version__
 from grpokit.cli import main
@@ -178,3 +178,59 @@ def test_a_hub_id_reaches_the_hub_or_says_within_seconds_why_not(tmp_path, monke
     if not offline:
         with pytest.raises(DataError, match="config field `train_data`: the data set 'some-org/some-data'"):
             load_rows("some-org/some-data", field="train_data")
+
+
+# ---------------------------------------------------------------- logging
+
+
+def wandb_history(path):
+    """The history rows of an offline `.wandb` file: W&B's log of protobuf Records in 32 KiB blocks, each
+    record cut into chunks with a 7-byte header (crc32, length, kind: 1 full, 2 first, 3 middle, 4 last)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, chunks, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (kind == 0 and length == 0):  # the padded tail of a block
+            pos += left
+            continue
+        chunks, pos = chunks + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_writes_a_run_folder_with_the_reward_curve(tmp_path, model, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    cfg = config(model, out, max_steps=3, wandb=True, log_completions_every=1)
+    GRPOTrainer(cfg, reward_funcs=module_level_reward, train_rows=text_rows()).train()
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    logged = [(h["_step"], h["reward"]) for h in history if "reward" in h]
+    assert logged == [(r["step"], r["reward"]) for r in step_rows(out)] and len(logged) == 3
+    assert any("completions/nrows" in h for h in history)  # the sampled completions, as a table
+
+
+def test_tensorboard_gets_the_sampled_completions_as_text(tmp_path, model):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    GRPOTrainer(config(model, out, tensorboard=True, log_completions_every=1), train_rows=text_rows()).train()
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert "completions/text_summary" in events.Tags()["tensors"]
+    text = events.Tensors("completions/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("| prompt | completion | reward | advantage |") and "+" in text

@@ -102,9 +102,10 @@ def test_a_trl_option_grpokit_lacks_is_an_error_naming_it(fields, expected):
         GRPOConfig(**fields)
 
 
-def test_report_to_wandb_and_unknown_schedules_are_errors_not_ignored():
-    with pytest.raises(ConfigError, match="`report_to` = 'wandb'"):
-        GRPOConfig(report_to="wandb", max_steps=1).to_grpokit()
+def test_unknown_report_targets_and_schedules_are_errors_not_ignored():
+    with pytest.raises(ConfigError, match="`report_to` = 'comet_ml'"):
+        GRPOConfig(report_to=["tensorboard", "comet_ml"], max_steps=1).to_grpokit()
+    assert GRPOConfig(report_to="wandb", max_steps=1).to_grpokit().wandb
     with pytest.raises(ConfigError, match="`lr_scheduler_type` = 'polynomial'"):
         GRPOConfig(lr_scheduler_type="polynomial", max_steps=1).to_grpokit()
 

@@ -30,7 +30,16 @@ MARKER = "checkpoint_complete.json"  # written last: a checkpoint folder without
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # What a run writes into its directory; `overwrite_output_dir` removes exactly these.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl", "tensorboard", "curves.png", "model")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "completions.jsonl",
+    "tensorboard",
+    "wandb",
+    "wandb-run-id",
+    "curves.png",
+    "model",
+)
 # Config fields a resumed run may change: how long it runs and how it reports, never what it computes.
 RESUMABLE_CHANGES = frozenset(
     {
@@ -45,6 +54,8 @@ RESUMABLE_CHANGES = frozenset(
         "tensorboard",
         "output_dir",
         "reward_timeout",  # a run stopped by a slow reward resumes with a longer limit
+        "wandb",
+        "wandb_project",
     }
 )
 

@@ -238,7 +238,11 @@ class GRPOConfig(RunConfig):
     log_completions_every: int = 10
     """Write sampled completions to completions.jsonl every this many steps."""
     tensorboard: bool = True
-    """Write TensorBoard events to the run directory."""
+    """Write TensorBoard events to the run directory (scalars, and the sampled completions as text)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (the `report` extra); WANDB_MODE=offline writes the run under output_dir only."""
+    wandb_project: str = "grpokit"
+    """The W&B project of the run."""
     reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     """`sum_then_normalize`: weighted sum of the rewards, then the advantage; `normalize_then_sum`: each
     reward function's advantage in its group first, then their weighted sum (scales stop mattering)."""
@@ -343,6 +347,14 @@ class GRPOConfig(RunConfig):
             "must be >= 0",
         )
         _require(self.overlong_buffer >= 1, "overlong_buffer", "must be >= 1")
+        if self.wandb:
+            import importlib.util
+
+            _require(
+                importlib.util.find_spec("wandb") is not None,
+                "wandb",
+                "is true but the wandb package is not installed: pip install 'grpokit[report]'",
+            )
         _require(
             "overlong" not in self.reward_funcs or self.overlong_buffer <= self.max_completion_length,
             "overlong_buffer",

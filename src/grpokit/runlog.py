@@ -53,25 +53,62 @@ class RunLog:
 
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=purge)
+        self._wandb = (
+            _wandb_run(self.dir, config, resumed=resume_step is not None) if getattr(config, "wandb", False) else None
+        )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """One strict-JSON row: a metric that has no value this step (NaN: nothing was scored) is null."""
         row = strict({"step": step, **metrics})
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
+        scalars = {key: value for key, value in row.items() if key != "step" and value is not None}
         if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and value is not None:
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
+        rows = [strict({"step": step, **sample}) for sample in samples]
         with self.completions_path.open("a") as f:
-            for sample in samples:
-                f.write(json.dumps(strict({"step": step, **sample}), allow_nan=False) + "\n")
+            for row in rows:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        columns = [key for key in rows[0] if key != "step"] if rows else []
+        if self._tb is not None and rows:  # a Markdown table, which TensorBoard's text tab renders
+            cells = [[str(row[c]).replace("|", "\\|").replace("\n", " ") for c in columns] for row in rows]
+            table = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            self._tb.add_text("completions", "\n".join(table + ["| " + " | ".join(c) + " |" for c in cells]), step)
+        if self._wandb is not None and rows:
+            import wandb
+
+            self._wandb.log(
+                {"completions": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step
+            )
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_run(folder: Path, config: Any, *, resumed: bool) -> Any:
+    """A W&B run whose files live in the run directory; a resumed run continues the same W&B run (its id is kept
+    in `wandb-run-id`)."""
+    import dataclasses
+    import uuid
+
+    import wandb
+
+    id_file = folder / "wandb-run-id"
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+    return wandb.init(
+        project=getattr(config, "wandb_project", "grpokit"), id=run_id, resume="allow", dir=str(folder), config=values
+    )
 
 
 def progress(steps: range, desc: str, *, initial: int, total: int, enabled: bool = True) -> Any:

@@ -88,10 +88,13 @@ class GRPOConfig:
             raise native.ConfigError(f"TRL field `save_strategy` = {f['save_strategy']!r}: grpokit saves by steps")
         out["log_completions_every"] = f["logging_steps"] if f["log_completions"] else 0
         reports = [f["report_to"]] if isinstance(f["report_to"], str) else list(f["report_to"] or [])
-        unknown = [r for r in reports if r not in ("none", "tensorboard", "all")]
+        unknown = [r for r in reports if r not in ("none", "tensorboard", "wandb", "all")]
         if unknown:
-            raise native.ConfigError(f"TRL field `report_to` = {unknown[0]!r}: grpokit logs to tensorboard or none")
+            raise native.ConfigError(
+                f"TRL field `report_to` = {unknown[0]!r}: grpokit logs to tensorboard, wandb, both (all) or none"
+            )
         out["tensorboard"] = any(r in ("tensorboard", "all") for r in reports)
+        out["wandb"] = any(r in ("wandb", "all") for r in reports)
         out["dtype"] = "bfloat16" if f["bf16"] else "auto"
         out["device"] = "cpu" if f["use_cpu"] else "auto"
         if f["sync_ref_model"]:

@@ -164,7 +164,7 @@ CONVERSIONS = {
     "save_strategy": "`save_every` (0: only after the last step)",
     "logging_steps": "grpokit logs every step; `log_completions_every` for sampled completions",
     "log_completions": "`log_completions_every` (0: never)",
-    "report_to": "`tensorboard: true` or `false`",
+    "report_to": "`tensorboard: true` and / or `wandb: true`",
     "bf16": "`dtype: bfloat16`",
     "fp16": "nothing: float16 needs loss scaling; `dtype: bfloat16`",
     "use_cpu": "`device: cpu`",
