@@ -318,7 +318,7 @@ def test_a_chat_prompt_whose_row_is_bad_is_named_even_when_sampled_late(tmp_path
     rows = [{"prompt": [{"role": "user", "content": f"{i}+1="}], "answer": "x"} for i in range(20)]
     rows[17]["prompt"] = [{"role": "user"}]
     with pytest.raises(DataError, match=r"row 17, column 'prompt': message 0 must be a dict with `role` and `content`"):
-        GRPOTrainer(config("m", tmp_path / "run"), train_rows=rows)
+        GRPOTrainer(config("m", tmp_path / "run"), train_dataset=rows)
 
 
 def test_truncated_completions_and_unscored_steps_are_said_once_with_counts():
@@ -523,7 +523,7 @@ def test_what_a_run_cannot_do_with_its_inputs_is_warned(tmp_path, model):
         model, tmp_path / "run", prompts_per_step=4, warmup_steps=50, reward_funcs=["format"], num_eval_prompts=3
     )
     with pytest.warns(InputWarning) as said:
-        GRPOTrainer(cfg, train_rows=rows, eval_rows=rows)
+        GRPOTrainer(cfg, train_dataset=rows, eval_dataset=rows)
     text = " | ".join(str(w.message) for w in said)
     assert "warmup_steps = 50 is more than the run's 2 optimizer steps" in text
     assert "prompts_per_step = 4 is more than the 3 training prompts" in text

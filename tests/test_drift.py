@@ -224,7 +224,7 @@ def test_rows_passed_in_need_neither_task_nor_train_data(tmp_path):
         model=llama(),
         tokenizer=build_char_tokenizer(),
         reward_funcs=[("digit_share", digit_share)],
-        train_rows=rows,
+        train_dataset=rows,
     )
     trainer.train()
 
@@ -242,6 +242,6 @@ def test_train_data_and_rows_passed_in_is_a_config_error(tmp_path):
             model=llama(),
             tokenizer=build_char_tokenizer(),
             reward_funcs=[("digit_share", digit_share)],
-            train_rows=AdditionTask().rows(8, seed=3),
+            train_dataset=AdditionTask().rows(8, seed=3),
         )
     assert not out.exists()

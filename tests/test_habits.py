@@ -4,6 +4,8 @@ TRL's arguments (conversational completions for chat prompts), `reward_funcs` as
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 
 import pytest
@@ -58,7 +60,7 @@ def test_a_reward_gets_each_argument_by_its_name(tmp_path, model):
         seen.update(completions=completions, prompts=prompts, **kw)
         return [float(len(c)) for c in completions]
 
-    trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=1), reward_funcs=f, train_rows=text_rows())
+    trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=1), reward_funcs=f, train_dataset=text_rows())
     trainer.step()
     rows = {r["prompt"]: r["answer"] for r in text_rows()}
     assert all(p in rows for p in seen["prompts"])  # the prompts, not the completions
@@ -77,7 +79,7 @@ def test_chat_prompts_give_conversational_completions(tmp_path, model):
         return [-abs(4 - len(c[0]["content"])) for c in completions]
 
     rows = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}], "answer": str(2 * i)} for i in range(8)]
-    trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=1), reward_funcs=[reward_len], train_rows=rows)
+    trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=1), reward_funcs=[reward_len], train_dataset=rows)
     metrics, _ = trainer.step()
     assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in seen["completions"])
     assert all(isinstance(p, list) and p[0]["role"] == "user" for p in seen["prompts"])
@@ -96,7 +98,7 @@ def test_reward_funcs_as_a_function_a_list_or_pairs_and_names_made_unique(tmp_pa
         ([ones, ones], ["ones", "ones_2"]),
         ([("custom", ones), "format"], ["custom", "format"]),
     ]:
-        trainer = GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=funcs, train_rows=text_rows())
+        trainer = GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=funcs, train_dataset=text_rows())
         assert trainer.rewards.names == names
 
 
@@ -105,14 +107,14 @@ def test_a_reward_that_cannot_be_called_by_keyword_is_refused_before_work(tmp_pa
         return [0.0] * len(c)
 
     with pytest.raises(RewardError, match=r"reward function `positional` takes 'p', which grpokit does not pass"):
-        GRPOTrainer(config("never-loaded", tmp_path / "run"), reward_funcs=[positional], train_rows=text_rows())
+        GRPOTrainer(config("never-loaded", tmp_path / "run"), reward_funcs=[positional], train_dataset=text_rows())
 
 
 def test_a_reward_without_kwargs_gets_only_what_it_names(tmp_path, model):
     def exact(completions, answer):
         return [float(c.strip() == a) for c, a in zip(completions, answer)]
 
-    metrics, _ = GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=exact, train_rows=text_rows()).step()
+    metrics, _ = GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=exact, train_dataset=text_rows()).step()
     assert 0.0 <= metrics["rewards/exact/mean"] <= 1.0
 
 
@@ -216,7 +218,7 @@ def test_wandb_offline_writes_a_run_folder_with_the_reward_curve(tmp_path, model
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     cfg = config(model, out, max_steps=3, wandb=True, log_completions_every=1)
-    GRPOTrainer(cfg, reward_funcs=module_level_reward, train_rows=text_rows()).train()
+    GRPOTrainer(cfg, reward_funcs=module_level_reward, train_dataset=text_rows()).train()
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     history = wandb_history(run_file)
     logged = [(h["_step"], h["reward"]) for h in history if "reward" in h]
@@ -228,9 +230,39 @@ def test_tensorboard_gets_the_sampled_completions_as_text(tmp_path, model):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    GRPOTrainer(config(model, out, tensorboard=True, log_completions_every=1), train_rows=text_rows()).train()
+    GRPOTrainer(config(model, out, tensorboard=True, log_completions_every=1), train_dataset=text_rows()).train()
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert "completions/text_summary" in events.Tags()["tensors"]
     text = events.Tensors("completions/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text.startswith("| prompt | completion | reward | advantage |") and "+" in text
+
+
+# ---------------------------------------------------------------- evaluation with the user's rewards
+
+
+def test_eval_reports_each_reward_mean_greedy_and_sampled(tmp_path, model):
+    from grpokit.evaluate import completions_for
+
+    eval_rows = [{"prompt": f"{i}+{i}="} for i in range(6)]  # no `answer`: accuracy has nothing to check
+    cfg = config(model, tmp_path / "run", num_eval_prompts=6)
+    trainer = GRPOTrainer(cfg, reward_funcs=module_level_reward, train_dataset=text_rows(), eval_dataset=eval_rows)
+    result = trainer.evaluate(0)
+    assert not any("accuracy" in key for key in result)
+    greedy = completions_for(
+        trainer.sampler, trainer.tokenizer, [r["prompt"] for r in eval_rows], temperature=0.0,
+        max_new_tokens=cfg.max_completion_length, seed=cfg.seed,
+    )  # fmt: skip
+    expected = sum(len(c) for c in greedy) / len(greedy)
+    assert result["eval/rewards/module_level_reward/mean_greedy"] == pytest.approx(expected)
+    assert result["eval/reward_greedy"] == pytest.approx(expected)  # one function, weight 1
+    assert "eval/rewards/module_level_reward/mean_sampled" in result and "eval/reward_sampled" in result
+
+
+def test_grpokit_eval_takes_any_data_file_and_reward_functions(tmp_path, model, capsys):
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in text_rows(4)))
+    assert main(["eval", "--model", str(model), "--eval-data", str(data), "--reward-funcs", "format"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"held_out.jsonl held-out accuracy, greedy: \d+\.\d% of 4", out), out
+    assert re.search(r"held_out.jsonl held-out rewards/format, sampled \(T=1\): [01]\.\d{4} \(mean of 4\)", out), out

@@ -34,7 +34,7 @@ def one_step_moved_fraction(dtype: str, tmp_path) -> tuple[float, GRPOTrainer]:
         tensorboard=False,
     )
     trainer = GRPOTrainer(
-        cfg, model=model, tokenizer=tokenizer, reward_funcs=with_digit_share(), train_rows=AdditionTask().rows(8)
+        cfg, model=model, tokenizer=tokenizer, reward_funcs=with_digit_share(), train_dataset=AdditionTask().rows(8)
     )
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
     metrics, _ = trainer.step()

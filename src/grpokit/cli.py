@@ -16,7 +16,7 @@ USAGE = """usage: grpokit {init,fetch-model,sft,reward-model,train,eval,demo} [C
   train         GRPO against reward functions        grpokit train examples/grpo_addition.yaml
   sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
   reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
-  eval          held-out accuracy, greedy and sampled grpokit eval --model runs/grpo/model
+  eval          held-out accuracy and reward means    grpokit eval --model runs/grpo/model
   demo          SFT on a flawed teacher, then GRPO: better than the teacher in ~1 minute on a CPU
                 (--pipeline: a flawed reward model gets exploited, the monitor says so; gold GRPO beside it)
 
@@ -147,33 +147,61 @@ def _reward_model(args: list[str]) -> int:
 
 
 def _eval(args: list[str]) -> int:
-    from grpokit.config import EvalConfig
-    from grpokit.evaluate import accuracy
+    import types
+
+    import torch
+
+    from grpokit.config import EvalConfig, GRPOConfig
+    from grpokit.data import check_rows, load_rows
+    from grpokit.evaluate import heldout_eval
     from grpokit.modeling import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from grpokit.rewards import RewardSet, build_reward_funcs, exact_match
     from grpokit.sampler import KVCacheSampler
     from grpokit.tasks import get_task
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
     cfg.validate()
+    if cfg.eval_data is not None:
+        rows, is_correct, name = (
+            load_rows(cfg.eval_data, field="eval_data")[: cfg.num_eval_prompts],
+            exact_match,
+            cfg.eval_data,
+        )
+    else:
+        task = get_task(cfg.task, num_digits=cfg.task_num_digits)
+        rows, is_correct, name = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed), task.is_correct, cfg.task
+    check_rows(rows, cfg.prompt_column, "eval data")
     check_model_source(cfg.model)
     device = resolve_device(cfg.device)
+    defaults = GRPOConfig()
+    funcs = build_reward_funcs(
+        cfg.reward_funcs,
+        format_pattern=defaults.format_pattern,
+        max_completion_length=cfg.max_completion_length,
+        overlong_buffer=min(defaults.overlong_buffer, cfg.max_completion_length),
+        task=None if cfg.eval_data is not None else task,
+        device=str(device),
+    )
+    rewards = RewardSet(funcs, torch.ones(len(funcs)), []) if funcs else None
     tokenizer = load_tokenizer(cfg.model)
     sampler = KVCacheSampler(tokenizer)
     sampler.update_weights(load_model(cfg.model, device, resolve_dtype(cfg.dtype, device)).eval())
-    task = get_task(cfg.task, num_digits=cfg.task_num_digits)
-    rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
-    for name, temperature in (("greedy", 0.0), (f"sampled (T={cfg.temperature:g})", cfg.temperature)):
-        acc = accuracy(
-            sampler,
-            tokenizer,
-            rows,
-            task.is_correct,
-            temperature=temperature,
-            max_new_tokens=cfg.max_completion_length,
-            seed=cfg.seed,
-            device=device,
-        )
-        print(f"{cfg.task} held-out accuracy, {name}: {acc:.1%} of {len(rows)}")
+    settings = types.SimpleNamespace(
+        eval_temperature=cfg.temperature,
+        max_completion_length=cfg.max_completion_length,
+        seed=cfg.seed,
+        prompt_column=cfg.prompt_column,
+        max_prompt_length=cfg.max_prompt_length,
+        reward_timeout=defaults.reward_timeout,
+    )
+    result = heldout_eval(sampler, tokenizer, rows, settings, device, is_correct, rewards)
+    for key, value in result.items():
+        what, mode = key.removeprefix("eval/").rsplit("_", 1)
+        mode = mode if mode == "greedy" else f"sampled (T={cfg.temperature:g})"
+        if what == "accuracy":
+            print(f"{name} held-out accuracy, {mode}: {value:.1%} of {len(rows)}")
+        else:
+            print(f"{name} held-out {what.removesuffix('/mean')}, {mode}: {value:.4f} (mean of {len(rows)})")
     return 0
 
 

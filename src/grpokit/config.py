@@ -460,9 +460,18 @@ class EvalConfig:
     """`grpokit eval`: held-out accuracy of a model on a task, greedy and sampled."""
 
     model: str = ""
-    """Path to a model folder in `save_pretrained` form."""
-    task: str = "addition"
-    """Built-in task whose held-out split is scored with its gold checker."""
+    """Path to a model folder in `save_pretrained` form (or a .gguf file, or a hub id)."""
+    task: str | None = "addition"
+    """Built-in task whose held-out split is scored with its gold checker (when `eval_data` is empty)."""
+    eval_data: str | None = None
+    """Held-out rows instead of the task's: a JSONL file, a `datasets` folder or a hub name; an `answer` column is
+    scored by exact match, and `reward_funcs` by their means."""
+    prompt_column: str = "prompt"
+    """Column of `eval_data` holding the prompt (text or chat messages)."""
+    reward_funcs: list[str] = field(default_factory=list)
+    """Reward functions to report the mean of: built-ins, `module:function`, or reward-model folders."""
+    max_prompt_length: int = 256
+    """Longer prompts keep their last tokens."""
     task_num_digits: int = 2
     """Digits per operand of the built-in `addition` task."""
     num_eval_prompts: int = 200
@@ -483,6 +492,7 @@ class EvalConfig:
         _require(self.model != "", "model", "is empty: give the path of a model folder")
         _require(self.temperature > 0, "temperature", "must be > 0")
         _require(self.num_eval_prompts >= 1, "num_eval_prompts", f"must be >= 1, got {self.num_eval_prompts}")
+        _require(self.task is not None or self.eval_data is not None, "eval_data", "or `task` must be set")
         _require(self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
 
 

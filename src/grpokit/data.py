@@ -348,6 +348,8 @@ def grpo_rows(
     """(train rows, held-out rows) of a GRPO run: the rows passed in, else `train_data` / `eval_data`, else the
     built-in task's splits. Checked here, before any model loads: every row has the prompt column and the
     columns of the first row (reward functions get every column for every completion)."""
+    train_rows = dataset_rows(train_rows, "train_dataset") if train_rows is not None else None
+    eval_rows = dataset_rows(eval_rows, "eval_dataset") if eval_rows is not None else None
     if train_rows is None:
         if task is not None:
             train_rows = task.rows(cfg.num_train_prompts, split="train", seed=cfg.seed)

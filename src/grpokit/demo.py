@@ -119,7 +119,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     table = {"demonstrator": {"greedy": teacher, "sampled": teacher}}
     # The trainer scores the held-out rows before its first step (the SFT model) and after its last.
     result = GRPOTrainer(
-        grpo_config(cfg, out / "grpo"), model=warm.model, tokenizer=warm.tokenizer, eval_rows=warm.eval_rows
+        grpo_config(cfg, out / "grpo"), model=warm.model, tokenizer=warm.tokenizer, eval_dataset=warm.eval_rows
     ).train()
     for name, row in (
         ("SFT on demonstrator", result.eval_history[0]),
@@ -187,7 +187,7 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
             eval_every=cfg.pipeline_grpo_steps // 4,
         )
         runs[name] = GRPOTrainer(
-            trainer_cfg, model=copy.deepcopy(warm.model), tokenizer=warm.tokenizer, eval_rows=warm.eval_rows
+            trainer_cfg, model=copy.deepcopy(warm.model), tokenizer=warm.tokenizer, eval_dataset=warm.eval_rows
         ).train()
 
     table = {name: _run_row(result) for name, result in runs.items()}

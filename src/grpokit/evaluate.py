@@ -1,7 +1,9 @@
-"""Held-out accuracy of a model under a gold checker, greedy and sampled, through the run's sampler."""
+"""Held-out figures of a model, greedy and sampled, through the run's sampler: accuracy under a gold checker and
+the mean of every reward function."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -72,28 +74,63 @@ def accuracy(
     return sum(is_correct(t, str(r["answer"])) for t, r in zip(texts, rows)) / max(1, len(rows))
 
 
-def heldout_accuracy(
+def heldout_eval(
     sampler: Sampler,
     tokenizer: Any,
     rows: list[dict[str, Any]],
-    is_correct: Callable[[str, str], bool],
     cfg: Any,
     device: torch.device | str,
+    is_correct: Callable[[str, str], bool] | None = None,
+    rewards: Any = None,
+    *,
+    batch_size: int = 256,
 ) -> dict[str, float]:
-    """{eval/accuracy_greedy, eval/accuracy_sampled} of a GRPO run's held-out rows; {} when they have no
-    `answer` to check."""
-    if not rows or "answer" not in rows[0]:
+    """Held-out figures of one completion per row, greedy and sampled at `cfg.eval_temperature`:
+    eval/accuracy_{greedy,sampled} (rows with an `answer`, under `is_correct`), and with `rewards` (a RewardSet)
+    eval/rewards/NAME/mean_{mode} of every function the rows can feed and eval/reward_{mode}, their weighted sum
+    over the rows some function scored. {} without rows. `cfg` gives eval_temperature, max_completion_length,
+    seed, prompt_column, max_prompt_length and reward_timeout."""
+    temperature, max_new_tokens, seed = cfg.eval_temperature, cfg.max_completion_length, cfg.seed
+    prompt_column, max_prompt_length = cfg.prompt_column, cfg.max_prompt_length
+    reward_timeout = getattr(cfg, "reward_timeout", None)
+    from grpokit import algo
+    from grpokit.rewards import RewardError, accepted_inputs, reward_inputs, score
+
+    if not rows:
         return {}
-    kwargs = {
-        "max_new_tokens": cfg.max_completion_length,
-        "seed": cfg.seed,
-        "device": device,
-        "prompt_column": cfg.prompt_column,
-        "max_prompt_length": cfg.max_prompt_length,
-    }
-    return {
-        "eval/accuracy_greedy": accuracy(sampler, tokenizer, rows, is_correct, temperature=0.0, **kwargs),
-        "eval/accuracy_sampled": accuracy(
-            sampler, tokenizer, rows, is_correct, temperature=cfg.eval_temperature, **kwargs
-        ),
-    }
+    funcs, skipped = [], []
+    available = [*rows[0], "prompts", "completions", "completion_ids", "completion_lengths", "truncated",
+                 "raw_prompts", "rendered_prompts"]  # fmt: skip
+    for k, (name, fn) in enumerate(rewards.funcs if rewards is not None else []):
+        try:
+            accepted_inputs(name, fn, available)
+            funcs.append((k, name, fn))
+        except RewardError:
+            skipped.append(name)
+    if skipped:
+        warnings.warn(f"held-out rows lack what {skipped} need: those reward functions are not evaluated", stacklevel=2)
+    out: dict[str, float] = {}
+    for mode, mode_temperature in (("greedy", 0.0), ("sampled", temperature)):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=mode_temperature)
+        texts, scores = [], []
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            prompts = encode_prompts(tokenizer, [r[prompt_column] for r in batch], max_prompt_length)
+            rollout = sampler.generate(prompts.ids, num_generations=1, params=params, generator=generator)
+            batch_texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+            texts += batch_texts
+            if funcs:
+                inputs = reward_inputs(batch, prompt_column, 1, prompts.texts, batch_texts, rollout)
+                scores.append(score([(n, f) for _, n, f in funcs], inputs, timeout=reward_timeout).float())
+        if is_correct is not None and "answer" in rows[0]:
+            correct = sum(is_correct(t, str(r["answer"])) for t, r in zip(texts, rows))
+            out[f"eval/accuracy_{mode}"] = correct / len(rows)
+        if funcs:
+            table = torch.cat(scores)  # (n, K') NaN where None
+            for column, (_, name, _) in zip(table.T, funcs):
+                out[f"eval/rewards/{name}/mean_{mode}"] = column.nanmean().item()
+            weights = rewards.weights[[k for k, _, _ in funcs]]
+            total, scorable = algo.combine_rewards(table, weights)
+            out[f"eval/reward_{mode}"] = total[scorable].mean().item() if bool(scorable.any()) else float("nan")
+    return out

@@ -96,6 +96,24 @@ class Policy:
                 self.ref_model.to(compute_dtype)  # never trained: its forward runs in compute_dtype anyway
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
 
+    @classmethod
+    def for_grpo(cls, model: torch.nn.Module, cfg: Any, *, total_steps: int, device: torch.device, dtype: torch.dtype):
+        """The policy of a GRPO run: LoRA, a reference when beta > 0, the sampling temperature, the training
+        forward's layout and micro-batch bounds, all from the config."""
+        return cls(
+            model,
+            cfg,
+            total_steps=total_steps,
+            device=device,
+            compute_dtype=dtype,
+            lora=cfg.lora,
+            reference=cfg.beta > 0,
+            temperature=cfg.temperature,
+            layout=cfg.training_forward,
+            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
+            micro_batch_size=cfg.micro_batch_size,
+        )
+
     # ---------------------------------------------------------------- forwards
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype == torch.float32:

@@ -432,6 +432,7 @@ def reward_set(
             reward_model_batch_size=cfg.reward_model_batch_size,
         )
 
+    given = funcs
     funcs = named_reward_funcs(funcs, build) if funcs else build(cfg.reward_funcs)
     try:
         gold = build([cfg.gold_reward]) if cfg.gold_reward else []
@@ -445,7 +446,10 @@ def reward_set(
     available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != cfg.prompt_column)]
     for name, fn in funcs + gold:
         accepted_inputs(name, fn, available)  # a signature grpokit cannot call fails now, not at step 1
-    return RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold)
+    rewards = RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold)
+    if given is not None:  # the config (saved with the run) records the functions that were passed in
+        cfg.reward_funcs = rewards.specs()
+    return rewards
 
 
 def named_reward_funcs(funcs: Any, build: Callable[[Sequence[str]], list[tuple[str, RewardFn]]]):

@@ -26,8 +26,8 @@ import torch
 from grpokit import algo, modeling
 from grpokit.checkpoint import RunDirectory, RunDirectoryError, list_checkpoints, seed_everything
 from grpokit.config import GRPOConfig
-from grpokit.data import ShuffledEpochs, dataset_rows, encode_prompts, grpo_rows, scan_all_prompts
-from grpokit.evaluate import decode_completions, heldout_accuracy
+from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
+from grpokit.evaluate import decode_completions, heldout_eval
 from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype, with_model
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
@@ -51,27 +51,21 @@ class GRPOTrainer:
         train_dataset: Any = None,
         eval_dataset: Any = None,
         sampler: Sampler | None = None,
-        train_rows: list[dict[str, Any]] | None = None,
-        eval_rows: list[dict[str, Any]] | None = None,
     ):
         """`model` (a path, a hub id or a model object), `tokenizer`, `reward_funcs` (a function, a list of them,
         (name, fn) pairs or names), `train_dataset` / `eval_dataset` (a `datasets.Dataset`, a list of dicts or a
-        path; `train_rows` / `eval_rows` are older names) and `sampler` replace what the config would load or
-        build. The config saved with the run records what ran (the model's name, the reward functions)."""
+        path) and `sampler` replace what the config would load or build. The config saved with the run records
+        what ran (the model's name, the reward functions)."""
         config, model = with_model(config, model, tokenizer)
-        train_rows = dataset_rows(train_dataset, "train_dataset") if train_dataset is not None else train_rows
-        eval_rows = dataset_rows(eval_dataset, "eval_dataset") if eval_dataset is not None else eval_rows
-        config.validate(model_given=model is not None, rows_given=train_rows is not None)
+        config.validate(model_given=model is not None, rows_given=train_dataset is not None)
         self.cfg = cfg = config
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         compute_dtype = resolve_dtype(cfg.dtype, self.device)
         self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
-        self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_rows, eval_rows)
-        self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)
-        if reward_funcs is not None:
-            cfg.reward_funcs = self.rewards.specs()
+        self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_dataset, eval_dataset)
+        self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)  # (records what it took in cfg)
         self.run_dir = RunDirectory.for_config(cfg)
         self.run_dir.plan()
         if model is None:
@@ -86,19 +80,7 @@ class GRPOTrainer:
         self.minibatch_size = cfg.minibatch_size or self.generation_size
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
         # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
-        self.policy = Policy(
-            model,
-            cfg,
-            total_steps=optimizer_steps,
-            device=self.device,
-            compute_dtype=compute_dtype,
-            lora=cfg.lora,
-            reference=cfg.beta > 0,
-            temperature=cfg.temperature,
-            layout=cfg.training_forward,
-            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
-            micro_batch_size=cfg.micro_batch_size,
-        )
+        self.policy = Policy.for_grpo(model, cfg, total_steps=optimizer_steps, device=self.device, dtype=compute_dtype)
         self.sampler = sampler if sampler is not None else KVCacheSampler(self.tokenizer, compute_dtype=compute_dtype)
         self.sampler.update_weights(self.policy.model)
         self.sampling = SamplingParams.for_training(cfg)
@@ -254,10 +236,10 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------- the run
     def evaluate(self, step: int, *, log: bool = False) -> dict[str, float]:
-        """Held-out accuracy with the task's gold checker (or exact match on `answer`), greedy and sampled; kept in
-        the eval history at `step`, and logged as a row of its own when `log`."""
-        is_correct = self.task.is_correct if self.task is not None else exact_match
-        result = heldout_accuracy(self.sampler, self.tokenizer, self.eval_rows, is_correct, self.cfg, self.device)
+        """Held-out accuracy (the task's gold checker, or exact match on `answer`) and every reward's mean, greedy
+        and sampled (`heldout_eval`); kept in the eval history at `step`, and logged as a row of its own when `log`."""
+        check = self.task.is_correct if self.task is not None else exact_match
+        result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, self.cfg, self.device, check, self.rewards)
         if result:
             self.eval_history.append({"step": step, **result})
             if log:
