@@ -94,13 +94,12 @@ def heldout_eval(
     prompt_column, max_prompt_length = cfg.prompt_column, cfg.max_prompt_length
     reward_timeout = getattr(cfg, "reward_timeout", None)
     from grpokit import algo
-    from grpokit.rewards import RewardError, accepted_inputs, reward_inputs, score
+    from grpokit.rewards import REWARD_INPUTS, RewardError, accepted_inputs, reward_inputs, score
 
     if not rows:
         return {}
     funcs, skipped = [], []
-    available = [*rows[0], "prompts", "completions", "completion_ids", "completion_lengths", "truncated",
-                 "raw_prompts", "rendered_prompts"]  # fmt: skip
+    available = [*rows[0], *REWARD_INPUTS]
     for k, (name, fn) in enumerate(rewards.funcs if rewards is not None else []):
         try:
             accepted_inputs(name, fn, available)

@@ -57,15 +57,7 @@ class RewardError(RuntimeError):
 
 
 # What grpokit passes to every reward function besides the data set's own columns (which may not shadow them).
-REWARD_INPUTS = (
-    "prompts",
-    "completions",
-    "completion_ids",
-    "completion_lengths",
-    "truncated",
-    "raw_prompts",
-    "rendered_prompts",
-)
+REWARD_INPUTS = RESERVED_COLUMNS
 
 
 def reward_inputs(
