@@ -221,9 +221,13 @@ class Policy:
 
     @torch.no_grad()
     def check_finite(self, when: str) -> None:
-        """NumericsError naming the first parameter holding NaN or inf (one max-abs pass over the weights)."""
+        """NumericsError naming the first parameter holding NaN or inf (one norm over the weights when all is well)."""
         params = self.trainable_parameters()
-        if math.isfinite(float(torch.nn.utils.get_total_norm(params, norm_type=math.inf))):
+        # the L2 norm (the fused kernel clip_grad_norm_ uses, ~5x faster than the max here) is finite when every
+        # weight is; only when it is not does the slow search run, which also tells an overflow of the norm alone
+        if math.isfinite(float(torch.nn.utils.get_total_norm(params, norm_type=2.0))):
+            return
+        if all(bool(p.isfinite().all()) for p in params):
             return
         name = next(n for n, p in self.model.named_parameters() if p.requires_grad and not bool(p.isfinite().all()))
         raise NumericsError(f"parameter {name} holds NaN or inf {when}")
