@@ -557,3 +557,15 @@ def test_help_into_a_closed_pipe_exits_quietly():
     proc.stdout.close()  # what `| head` does once it has its lines
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_a_completion_limit_shorter_than_the_tasks_answers_is_warned(tmp_path):
+    from grpokit.config import EvalConfig
+
+    with pytest.warns(InputWarning, match=r"shorter than the addition task's answers \(41 digits"):
+        EvalConfig(model="m", task_num_digits=40).validate()
+    with pytest.warns(InputWarning, match=r"max_completion_length = 3 tokens"):
+        config("m", tmp_path / "run", max_completion_length=3).validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        config("m", tmp_path / "run", max_completion_length=4).validate()  # 3 digits + EOS fit

@@ -131,6 +131,7 @@ class RunConfig:
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.num_eval_prompts >= 0, "num_eval_prompts", "must be >= 0")
         _require(self.task_num_digits >= 1, "task_num_digits", f"must be >= 1, got {self.task_num_digits}")
+        _warn_if_answers_cannot_fit(self.task, self.task_num_digits, self.max_completion_length)
         _require(self.prompt_column != "", "prompt_column", "is empty: name the column that holds the prompt")
         _require(-(2**63) <= self.seed < 2**63, "seed", f"must fit in 64 bits, got {self.seed}")
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
@@ -492,6 +493,8 @@ class EvalConfig:
         _require(self.model != "", "model", "is empty: give the path of a model folder")
         _require(self.temperature > 0, "temperature", "must be > 0")
         _require(self.num_eval_prompts >= 1, "num_eval_prompts", f"must be >= 1, got {self.num_eval_prompts}")
+        if self.eval_data is None:
+            _warn_if_answers_cannot_fit(self.task, self.task_num_digits, self.max_completion_length)
         _require(self.task is not None or self.eval_data is not None, "eval_data", "or `task` must be set")
         _require(self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
 
@@ -524,6 +527,21 @@ def check_output_dir(path: str, name: str = "output_dir", *, model: str = "", ov
                 f"config field `{name}` is {path!r}, but {folder} cannot be written: {err.strerror}"
             ) from None
         return
+
+
+def _warn_if_answers_cannot_fit(task: str | None, num_digits: int, max_completion_length: int) -> None:
+    """The built-in addition task's answers have num_digits + 1 characters, then EOS: a shorter completion limit
+    cuts every one of them with the character tokenizer (a BPE tokenizer may need fewer tokens, so: a warning)."""
+    if task == "addition" and max_completion_length < num_digits + 2:
+        from grpokit.data import InputWarning
+
+        warnings.warn(
+            f"max_completion_length = {max_completion_length} tokens is shorter than the addition task's answers "
+            f"({num_digits + 1} digits for task_num_digits = {num_digits}, then EOS): with the character tokenizer "
+            "no answer fits and every one scores 0",
+            InputWarning,
+            stacklevel=4,
+        )
 
 
 def _require(ok: bool, name: str, message: str) -> None:
