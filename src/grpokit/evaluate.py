@@ -13,7 +13,7 @@ from grpokit.data import encode_prompts
 from grpokit.sampler import Sampler, SamplingParams
 
 
-def completions_for(
+def sample_batches(
     sampler: Sampler,
     tokenizer: Any,
     prompts: list[Any],
@@ -24,19 +24,21 @@ def completions_for(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     max_prompt_length: int = 256,
-) -> list[str]:
-    """One completion per prompt (temperature 0: greedy), decoded without special tokens. The draws use a
-    generator of their own, seeded with `seed`, so evaluating never moves the training RNG streams."""
+):
+    """One completion per prompt (temperature 0: greedy), `batch_size` prompts at a time; yields (start, the
+    batch's EncodedPrompts, its Rollout, its texts decoded without special tokens). The draws use a generator of
+    their own, seeded with `seed`, so evaluating never moves the training RNG streams."""
     generator = torch.Generator(device=device).manual_seed(seed)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-    ids = encode_prompts(tokenizer, prompts, max_prompt_length).ids
-    texts: list[str] = []
-    for start in range(0, len(ids), batch_size):
-        rollout = sampler.generate(
-            ids[start : start + batch_size], num_generations=1, params=params, generator=generator
-        )
-        texts += decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
-    return texts
+    for start in range(0, len(prompts), batch_size):
+        encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length)
+        rollout = sampler.generate(encoded.ids, num_generations=1, params=params, generator=generator)
+        yield start, encoded, rollout, decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+
+
+def completions_for(sampler: Sampler, tokenizer: Any, prompts: list[Any], **kwargs: Any) -> list[str]:
+    """The texts of `sample_batches` (same arguments), in prompt order."""
+    return [text for *_, texts in sample_batches(sampler, tokenizer, prompts, **kwargs) for text in texts]
 
 
 def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
@@ -45,33 +47,6 @@ def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, completion_
         tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
         for ids, mask in zip(completion_ids, completion_mask)
     ]
-
-
-def accuracy(
-    sampler: Sampler,
-    tokenizer: Any,
-    rows: list[dict[str, Any]],
-    is_correct: Callable[[str, str], bool],
-    *,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    prompt_column: str = "prompt",
-    max_prompt_length: int = 256,
-) -> float:
-    """Fraction of rows whose completion the gold checker accepts against the row's `answer`."""
-    texts = completions_for(
-        sampler,
-        tokenizer,
-        [r[prompt_column] for r in rows],
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        device=device,
-        max_prompt_length=max_prompt_length,
-    )
-    return sum(is_correct(t, str(r["answer"])) for t, r in zip(texts, rows)) / max(1, len(rows))
 
 
 def heldout_eval(
@@ -110,16 +85,22 @@ def heldout_eval(
         warnings.warn(f"held-out rows lack what {skipped} need: those reward functions are not evaluated", stacklevel=2)
     out: dict[str, float] = {}
     for mode, mode_temperature in (("greedy", 0.0), ("sampled", temperature)):
-        generator = torch.Generator(device=device).manual_seed(seed)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=mode_temperature)
         texts, scores = [], []
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            prompts = encode_prompts(tokenizer, [r[prompt_column] for r in batch], max_prompt_length)
-            rollout = sampler.generate(prompts.ids, num_generations=1, params=params, generator=generator)
-            batch_texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+        batches = sample_batches(
+            sampler,
+            tokenizer,
+            [r[prompt_column] for r in rows],
+            temperature=mode_temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            device=device,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+        )
+        for start, prompts, rollout, batch_texts in batches:
             texts += batch_texts
             if funcs:
+                batch = rows[start : start + len(batch_texts)]
                 inputs = reward_inputs(batch, prompt_column, 1, prompts.texts, batch_texts, rollout)
                 scores.append(score([(n, f) for _, n, f in funcs], inputs, timeout=reward_timeout).float())
         if is_correct is not None and "answer" in rows[0]:
