@@ -150,6 +150,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(layout):
     assert_same(reference, logp_and_grads(model, layout, *rows))
 
 
+def visible_keys(layout, position):
+    """The packed positions the query at `position` attends to, read from the layout's Segments."""
+    seg = layout.segments
+    run, slot = divmod(int(seg.order[position]), seg.q_index.shape[1])
+    assert int(seg.q_index[run, slot]) == position
+    return seg.k_index[run][seg.allowed[run, 0, slot]].tolist()
+
+
 def test_shared_prefix_computes_each_prompt_once():
     prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids = batch()
     padded = packing.padded(prompt_ids, prompt_mask, completion_ids, completion_mask)
@@ -159,15 +167,17 @@ def test_shared_prefix_computes_each_prompt_once():
     assert padded.computed_tokens == 9 * (6 + 6)  # every row padded to the widest prompt and completion
     # no padding at all, and no completion's last token (it predicts nothing)
     assert packed.computed_tokens == real_prompt + real_completion - 9
-    # one row per group: its prompt once, then its completions less their last tokens, padded to the longest
-    # group (6 + 1 + 2 + 4)
-    assert shared.input_ids.shape == (3, 13)
-    assert shared.computed_tokens == 3 * 13 < packed.computed_tokens < padded.computed_tokens
-    # each completion sees its prompt and itself, never a sibling: the last fed token of group 1's second
-    # completion (row 4: its tokens 0 and 1 at columns 7 and 8) attends to columns 0..5, 7 and 8 only
-    seen = shared.attention_mask[1, 0, 8].nonzero().squeeze(-1).tolist()
-    assert seen == [0, 1, 2, 3, 4, 5, 7, 8]
-    assert shared.position_ids[1].tolist()[:9] == [0, 1, 2, 3, 4, 5, 6, 6, 7]
+    # each prompt once (3 + 6 + 2 tokens), then its completions less their last tokens, no padding
+    assert shared.input_ids.shape == (1, 11 + 30 - 9)
+    assert shared.computed_tokens < packed.computed_tokens < padded.computed_tokens
+    # each completion sees its prompt and itself, never a sibling: group 1's prompt sits at 11..16, its first
+    # completion's fed token at 17, its second's at 18 and 19; the query at 19 sees 11..16, 18 and 19 only
+    assert visible_keys(shared, 19) == [11, 12, 13, 14, 15, 16, 18, 19]
+    assert visible_keys(shared, 13) == [11, 12, 13]  # a prompt token: its prompt, causally
+    assert shared.position_ids[0, 11:20].tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 7]
+    # packed: a row sees its own prompt copy and itself; row 1 (group 0's second) starts at 3 + 3 = 6
+    assert visible_keys(packed, 9) == [6, 7, 8, 9]
+    assert packed.position_ids[0, 6:10].tolist() == [0, 1, 2, 3]
 
 
 def test_shared_prefix_refuses_a_group_with_two_prompts():
@@ -177,9 +187,28 @@ def test_shared_prefix_refuses_a_group_with_two_prompts():
         packing.shared_prefix(prompt_ids, prompt_mask, completion_ids, completion_mask, wrong)
 
 
-def test_shared_prefix_names_the_attention_it_cannot_use():
-    model = tiny("llama", "flex_attention")  # takes a BlockMask, not our boolean one (as flash_attention_2, on GPUs)
-    with pytest.raises(ValueError, match="needs attn_implementation sdpa or eager.*flex_attention"):
+@pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
+def test_the_packed_layouts_leave_the_models_own_attention_as_it_was(layout, tmp_path):
+    """They attend through grpokit's segment attention, installed into the model once; without segments
+    (padded rows, sampling) the model attends as loaded, and a saved model does not name grpokit's function."""
+    model = tiny("qwen2", "sdpa")
+    rows = batch()
+    reference = logp_and_grads(model, "padded", *rows)
+    assert_same(reference, logp_and_grads(model, layout, *rows))
+    assert model.config._attn_implementation == "grpokit_segments:sdpa"
+    assert_same(reference, logp_and_grads(model, "padded", *rows))  # the fallback: sdpa with its mask
+    model.save_pretrained(tmp_path)
+    assert "grpokit" not in (tmp_path / "config.json").read_text()
+
+
+def test_a_sliding_window_is_refused_by_name():
+    model = tiny("qwen2", "sdpa")
+    model.config.use_sliding_window, model.config.sliding_window = True, 4
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(model.config)  # the layers read their window when built
+    with pytest.raises(ValueError, match="cannot attend with this model's sliding_window.*training_forward: padded"):
         completion_logprobs(model, *batch()[:4], temperature=1.0, layout="shared_prefix", group_ids=batch()[4])
 
 

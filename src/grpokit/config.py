@@ -196,9 +196,10 @@ class GRPOConfig(RunConfig):
     budget. The gradient does not depend on how the batch is cut (normalizers count the whole step)."""
     training_forward: TrainingForward = "shared_prefix"
     """How the training, old-policy and reference forwards lay out their rows: `shared_prefix` computes each
-    prompt once for its group and attends the completions to it (needs sdpa or eager attention), `packed`
-    puts the rows end to end without padding, `padded` is one padded row per completion (the reference
-    implementation). All three give the same logprobs and gradients up to float rounding."""
+    prompt once for its group and attends the completions to it, `packed` puts the rows end to end (both
+    without padding, attending through grpokit's segment attention; a model whose sliding window is shorter
+    than a row, or with attention softcapping, needs `padded`), `padded` is one padded row per completion
+    (the reference implementation). All three give the same logprobs and gradients up to float rounding."""
     temperature: float = 1.0
     """Sampling temperature for training rollouts; logprobs are computed under the same temperature."""
     top_p: float = 1.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -323,26 +324,23 @@ def completion_logprobs(
 
     Runs the decoder body once on the rows laid out as `layout` (`grpokit.packing`: padded, packed or
     shared_prefix, the last with `group_ids` (N,)) and applies the LM head only to the hidden states that
-    predict a real completion token, in chunks of `chunk_size` tokens.
+    predict a real completion token, in chunks of `chunk_size` tokens. The packed layouts run their attention
+    through `segment_attention`, whatever attention the model was loaded with.
     """
     if prompt_ids.shape[1] == 0 or not bool(prompt_mask.bool().any(-1).all()):
         raise ValueError("completion_logprobs needs at least one prompt token (e.g. BOS) per row")
     decoder = model.get_decoder()
+    lay = packing.build(layout, prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids)
     extra = {}
-    if layout == "shared_prefix":
-        attention = decoder.config._attn_implementation
-        if attention not in ("sdpa", "eager"):
-            raise ValueError(
-                f"training_forward shared_prefix needs attn_implementation sdpa or eager (it passes its own 4D "
-                f"attention mask), not {attention!r}; use training_forward packed or padded with it"
-            )
-        extra["mask_dtype"] = torch.bool if attention == "sdpa" else torch.float32
-    lay = packing.build(layout, prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids, **extra)
+    if lay.segments is not None:
+        use_segment_attention(decoder)
+        extra["grpokit_segments"] = lay.segments  # transformers passes extra kwargs down to every attention call
     out = decoder(
         input_ids=lay.input_ids,
         attention_mask=lay.attention_mask,
         position_ids=lay.position_ids,
         use_cache=False,
+        **extra,
     )
     hidden = out.last_hidden_state[lay.source_row, lay.source_pos]  # (M, H); position t predicts token t + 1
     logp_flat, entropy_flat = algo.logprobs_from_hidden(
@@ -357,3 +355,75 @@ def completion_logprobs(
     logp = zeros.masked_scatter(lay.valid, logp_flat.float())  # (N, Tc)
     entropy = zeros.masked_scatter(lay.valid, entropy_flat.float()) if with_entropy else None  # (N, Tc)
     return logp, entropy
+
+
+SEGMENT_ATTENTION = "grpokit_segments"
+
+
+def use_segment_attention(decoder) -> None:
+    """Route the decoder's attention through `segment_attention` whenever a forward passes
+    `grpokit_segments`, and through the attention it was loaded with otherwise (sampling, padded rows).
+
+    Each attention layer looks its function up by `config._attn_implementation` at every call, also when
+    gradient checkpointing recomputes it in the backward, so the switch is made once, for good, under the
+    name "grpokit_segments:<loaded>"; that name's mask function is the loaded one's. transformers does not
+    write `_attn_implementation` into a saved config.json, so the saved model is as loaded.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    config = decoder.config
+    loaded = config._attn_implementation or "eager"
+    if loaded.startswith(SEGMENT_ATTENTION + ":"):
+        return
+    name = f"{SEGMENT_ATTENTION}:{loaded}"
+    if name not in AttentionInterface._global_mapping:
+        registered = AttentionInterface._global_mapping.get(loaded)  # None for eager: each model file has its own
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            if kwargs.get("grpokit_segments") is not None:
+                return segment_attention(module, query, key, value, attention_mask, **kwargs)
+            fn = registered or sys.modules[type(module).__module__].eager_attention_forward
+            return fn(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(name, attention)
+        if loaded in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[loaded])
+    config._attn_implementation = name
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of a packed (1, L) sequence over its `grpokit_segments` (packing.Segments): the queries and
+    keys of each run gathered into (R, heads, Qm / Km, D) and attended in one scaled_dot_product_attention
+    call, then put back in packed order. A transformers attention function:
+    query (1, Hq, L, D), key / value (1, Hkv, L, D) -> ((1, L, Hq, D), None)."""
+    seg = kwargs.get("grpokit_segments")
+    if seg is None:
+        raise ValueError("segment_attention needs the grpokit_segments of a packed layout")
+    runs, qm = seg.q_index.shape
+    km = seg.k_index.shape[1]
+    window = kwargs.get("sliding_window")
+    unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
+    unsupported += ["sliding_window"] if window is not None and km > window else []  # a window all keys fit: moot
+    if unsupported:
+        raise ValueError(
+            f"training_forward packed / shared_prefix cannot attend with this model's {unsupported[0]} "
+            f"({type(module).__name__}); use training_forward: padded"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"segment_attention takes one packed sequence, got a batch of {query.shape[0]}")
+    # index_select (its backward is an index_add) over the flattened slots, then to (R, heads, slots, D)
+    q = query[0].index_select(1, seg.q_index.flatten()).unflatten(1, (runs, qm)).transpose(0, 1)
+    k = key[0].index_select(1, seg.k_index.flatten()).unflatten(1, (runs, km)).transpose(0, 1)
+    v = value[0].index_select(1, seg.k_index.flatten()).unflatten(1, (runs, km)).transpose(0, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=seg.allowed,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # (R, Hq, Qm, D)
+    out = out.transpose(1, 2).flatten(0, 1).index_select(0, seg.order)  # (L, Hq, D)
+    return out[None], None
