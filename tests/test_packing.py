@@ -195,7 +195,7 @@ def test_the_packed_layouts_leave_the_models_own_attention_as_it_was(layout, tmp
     rows = batch()
     reference = logp_and_grads(model, "padded", *rows)
     assert_same(reference, logp_and_grads(model, layout, *rows))
-    assert model.config._attn_implementation == "grpokit_segments:sdpa"
+    assert model.config._attn_implementation == "grpokit:sdpa"
     assert_same(reference, logp_and_grads(model, "padded", *rows))  # the fallback: sdpa with its mask
     model.save_pretrained(tmp_path)
     assert "grpokit" not in (tmp_path / "config.json").read_text()

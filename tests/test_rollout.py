@@ -418,3 +418,60 @@ def test_the_rollout_frees_its_kv_cache():
     assert rollout.completion_ids.shape == (6, 6)
     gc.collect()
     assert not [obj for obj in gc.get_objects() if isinstance(obj, DynamicCache)]
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+def test_single_query_attention_equals_sdpa_with_grouped_heads(mask):
+    """The decode step's two matrix products against torch's sdpa: 8 query heads over 2 kv heads, a left-padded
+    row (masked keys), keys read from a reserved buffer (a strided view, as the sampler's cache holds them)."""
+    from grpokit.modeling import single_query_attention
+
+    gen = torch.Generator().manual_seed(0)
+    n, hq, hkv, t, d = 5, 8, 2, 7, 16
+    query = torch.randn(n, 1, hq, d, generator=gen).transpose(1, 2)  # (N, Hq, 1, D) as a transformers layer makes it
+    buffer = torch.randn(2, n, hkv, t + 4, d, generator=gen)
+    key, value = buffer[0, :, :, :t], buffer[1, :, :, :t]  # (N, Hkv, T, D) views of the filled part
+    attend = torch.ones(n, 1, 1, t, dtype=torch.bool)
+    attend[1, ..., :3] = False  # row 1: three padding keys
+    given = {"none": None, "bool": attend, "additive": torch.zeros(attend.shape).masked_fill(~attend, -1e30)}[mask]
+    out = single_query_attention(query, key, value, given, d**-0.5)  # (N, 1, Hq, D)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=None if mask == "none" else attend, scale=d**-0.5, enable_gqa=True
+    ).transpose(1, 2)  # (N, 1, Hq, D)
+    assert out.shape == (n, 1, hq, d)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    if mask != "none":  # the padding keys change nothing for row 1 and matter for the others
+        alone = single_query_attention(query[1:2], key[1:2, :, 3:], value[1:2, :, 3:], None, d**-0.5)
+        torch.testing.assert_close(out[1:2], alone, rtol=0, atol=1e-6)
+
+
+def test_decode_steps_take_the_matrix_product_attention_and_score_as_the_full_forward(llama, monkeypatch):
+    """A masked rollout (prompts of unequal length) goes through grpokit's single-query attention, and its
+    sampling logprobs equal a full padded forward's over the same rows (which attends through sdpa)."""
+    import grpokit.modeling as modeling
+
+    calls = []
+    real = modeling.single_query_attention
+    monkeypatch.setattr(modeling, "single_query_attention", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    rollout = generate(
+        llama,
+        [[2, 5, 6, 7], [2, 9]],
+        num_generations=3,
+        params=SamplingParams(max_new_tokens=6),
+        eos_token_id=1,
+        pad_token_id=0,
+        generator=g,
+    )
+    assert calls and llama.config._attn_implementation == "grpokit:sdpa"
+    logp, _ = completion_logprobs(
+        llama,
+        rollout.prompt_ids,
+        rollout.prompt_mask,
+        rollout.completion_ids,
+        rollout.completion_mask,
+        temperature=1.0,
+        layout="padded",
+    )
+    assert rollout.completion_mask.sum() > 12
+    torch.testing.assert_close(rollout.sampling_logp, logp, rtol=0, atol=1e-5)

@@ -333,7 +333,7 @@ def completion_logprobs(
     lay = packing.build(layout, prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids)
     extra = {}
     if lay.segments is not None:
-        use_segment_attention(decoder)
+        use_grpokit_attention(model)
         extra["grpokit_segments"] = lay.segments  # transformers passes extra kwargs down to every attention call
     out = decoder(
         input_ids=lay.input_ids,
@@ -357,32 +357,35 @@ def completion_logprobs(
     return logp, entropy
 
 
-SEGMENT_ATTENTION = "grpokit_segments"
+ATTENTION_PREFIX = "grpokit:"
 
 
-def use_segment_attention(decoder) -> None:
-    """Route the decoder's attention through `segment_attention` whenever a forward passes
-    `grpokit_segments`, and through the attention it was loaded with otherwise (sampling, padded rows).
+def use_grpokit_attention(model) -> None:
+    """Route the model's attention through grpokit's own where it is cheaper, the loaded one elsewhere:
+    a forward that passes `grpokit_segments` (the packed layouts) -> `segment_attention`; a single-query
+    decode step -> `single_query_attention`; anything else -> the attention the model was loaded with.
 
     Each attention layer looks its function up by `config._attn_implementation` at every call, also when
     gradient checkpointing recomputes it in the backward, so the switch is made once, for good, under the
-    name "grpokit_segments:<loaded>"; that name's mask function is the loaded one's. transformers does not
-    write `_attn_implementation` into a saved config.json, so the saved model is as loaded.
+    name "grpokit:<loaded>", whose mask function is the loaded one's. transformers does not write
+    `_attn_implementation` into a saved config.json, so a saved model is as it was loaded.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    config = decoder.config
+    config = model.get_decoder().config if hasattr(model, "get_decoder") else model.config
     loaded = config._attn_implementation or "eager"
-    if loaded.startswith(SEGMENT_ATTENTION + ":"):
+    if loaded.startswith(ATTENTION_PREFIX):
         return
-    name = f"{SEGMENT_ATTENTION}:{loaded}"
+    name = ATTENTION_PREFIX + loaded
     if name not in AttentionInterface._global_mapping:
         registered = AttentionInterface._global_mapping.get(loaded)  # None for eager: each model file has its own
 
         def attention(module, query, key, value, attention_mask, **kwargs):
             if kwargs.get("grpokit_segments") is not None:
                 return segment_attention(module, query, key, value, attention_mask, **kwargs)
+            if _is_plain_single_query(module, query, key, attention_mask, kwargs):
+                return single_query_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
             fn = registered or sys.modules[type(module).__module__].eager_attention_forward
             return fn(module, query, key, value, attention_mask, **kwargs)
 
@@ -390,6 +393,35 @@ def use_segment_attention(decoder) -> None:
         if loaded in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[loaded])
     config._attn_implementation = name
+
+
+def _is_plain_single_query(module, query, key, attention_mask, kwargs) -> bool:
+    """A decode step that two matrix products compute exactly: one query per row, no dropout in effect, no
+    softcapping or attention sinks, a window (if any) that holds every key, a boolean or additive mask."""
+    if query.shape[2] != 1 or query.shape[1] % key.shape[1] or kwargs.get("scaling") is None:
+        return False
+    if (module.training and kwargs.get("dropout", 0.0) > 0) or kwargs.get("softcap") is not None:
+        return False
+    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        return False
+    window = kwargs.get("sliding_window")
+    return (window is None or key.shape[2] <= window) and (attention_mask is None or attention_mask.dim() == 4)
+
+
+def single_query_attention(query, key, value, mask, scaling: float) -> torch.Tensor:
+    """One query per row over its cached keys, as two matrix products: on a CPU ~3x faster than the sdpa
+    kernel at decode shapes (a fifth of a tiny model's decode step went to it).
+    query (N, Hq, 1, D), key / value (N, Hkv, T, D), mask (N, 1, 1, >=T) bool (True = attend) or additive
+    -> (N, 1, Hq, D)."""
+    n, hq, _, d = query.shape
+    hkv, t = key.shape[1], key.shape[2]
+    q = query.reshape(n, hkv, hq // hkv, d)  # (N, Hkv, rep, D): the query heads that share a kv head
+    scores = torch.matmul(q, key.transpose(-1, -2)) * scaling  # (N, Hkv, rep, T)
+    if mask is not None:
+        mask = mask[..., :t]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(-1, dtype=torch.float32).to(value.dtype)  # (N, Hkv, rep, T)
+    return torch.matmul(probs, value).reshape(n, 1, hq, d)  # (N, 1, Hq, D)
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from grpokit.modeling import use_grpokit_attention
 from grpokit.packing import position_ids_from_mask
 from grpokit.types import Rollout
 
@@ -218,6 +219,7 @@ def generate(
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     G = num_generations
 
+    use_grpokit_attention(model)  # single-query decode steps as two matrix products
     was_training = model.training
     model.eval()
     try:
