@@ -22,15 +22,16 @@ def main() -> None:
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("vs_trl-*.json"))]
     records.sort(key=lambda r: (ORDER.index(r["workload"]["name"]), list(SETTINGS).index(r["setting"])))
     header = ["workload", "setting", "step time grpokit / TRL", "ratio", "tokens/s grpokit / TRL"]
-    print("| " + " | ".join(header + ["peak RSS grpokit / TRL", "ratio"]) + " |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| " + " | ".join(header + ["peak RSS grpokit / TRL", "ratio", "commit, date"]) + " |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in records:
         w, g, t, q = r["workload"], r["grpokit"], r["trl"], r["ratios"]
         shape = f"{w['name']}, {w['prompts']} x {w['generations']}, <= {w['max_completion']}"
         print(
             f"| {shape} | {SETTINGS[r['setting']]} | {g['median_step_s']:.2f} s / {t['median_step_s']:.2f} s "
             f"| {q['step_time']:.2f} | {g['tokens_per_s']:.0f} / {t['tokens_per_s']:.0f} "
-            f"| {g['peak_rss_gb']:.2f} GB / {t['peak_rss_gb']:.2f} GB | {q['peak_rss']:.2f} |"
+            f"| {g['peak_rss_gb']:.2f} GB / {t['peak_rss_gb']:.2f} GB | {q['peak_rss']:.2f} "
+            f"| {r['commit']}, {r['date'][:10]} |"
         )
     machines = {
         (r["machine"]["cpu"], r["machine"]["cores"], r["machine"]["torch"], r["machine"]["trl"]) for r in records

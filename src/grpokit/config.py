@@ -190,7 +190,7 @@ class GRPOConfig(RunConfig):
     micro_batch_size: int | None = None
     """Most completions per forward/backward pass (gradient accumulation); must divide `minibatch_size`.
     Empty: as many as `max_tokens_per_micro_batch` allows."""
-    max_tokens_per_micro_batch: int | None = 1024
+    max_tokens_per_micro_batch: int | None = 512
     """Most token positions one forward/backward computes (padding included): micro-batches are cut by this
     budget, so one long completion cannot blow the peak memory. A single longer row runs alone. Empty: no
     budget. The gradient does not depend on how the batch is cut (normalizers count the whole step)."""
