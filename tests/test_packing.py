@@ -113,6 +113,17 @@ def test_extra_padding_changes_nothing(layout, padding):
 
 
 @pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
+def test_a_row_without_completion_tokens_scores_nothing_and_changes_nothing(layout):
+    prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids = batch()
+    completion_mask, completion_ids = completion_mask.clone(), completion_ids.clone()
+    completion_mask[4], completion_ids[4] = 0, PAD  # group 1's second row: nothing was generated
+    rows = (prompt_ids, prompt_mask, completion_ids, completion_mask, group_ids)
+    reference = logp_and_grads(tiny("llama", "sdpa"), "padded", *rows)
+    assert (reference[0][4] == 0).all()
+    assert_same(reference, logp_and_grads(tiny("llama", "sdpa"), layout, *rows))
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
 def test_pad_equal_to_eos_scores_the_eos_and_masks_what_follows(layout):
     model = tiny("qwen2", "sdpa", pad_token_id=EOS)
     rows = batch(fill=EOS)

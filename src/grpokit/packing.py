@@ -145,7 +145,8 @@ def shared_prefix(prompt_ids, prompt_mask, completion_ids, completion_mask, grou
             pieces.append(fed)
             positions.append(p + torch.arange(len(fed)))
             # token 0 is predicted by the prompt's last position, token t by the completion's token t - 1
-            source[i] = torch.cat([torch.tensor([prompt_start + p - 1]), offset + torch.arange(len(fed))])
+            c = len(completions[i])  # 0 for a row with no completion: it predicts nothing
+            source[i] = torch.cat([torch.tensor([prompt_start + p - 1]), offset + torch.arange(len(fed))])[:c]
             if len(fed):
                 runs.append((prompt_start, p, offset, len(fed)))  # a completion sees its prompt and itself
             offset += len(fed)
