@@ -395,17 +395,23 @@ def use_grpokit_attention(model) -> None:
     config._attn_implementation = name
 
 
+def _beyond_plain_attention(kwargs, key_length: int) -> list[str]:
+    """What a layer asks of its attention that softmax(q k^T * scale) v over the given keys does not do:
+    softcapping, attention sinks, a position bias, a sliding window shorter than the keys (one that holds
+    them all changes nothing). grpokit's own attention functions compute only the plain kind."""
+    asked = [k for k in ("softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
+    window = kwargs.get("sliding_window")
+    return asked + (["sliding_window"] if window is not None and key_length > window else [])
+
+
 def _is_plain_single_query(module, query, key, attention_mask, kwargs) -> bool:
-    """A decode step that two matrix products compute exactly: one query per row, no dropout in effect, no
-    softcapping or attention sinks, a window (if any) that holds every key, a boolean or additive mask."""
+    """A decode step that two matrix products compute exactly: one query per row, no dropout in effect,
+    nothing beyond plain attention (`_beyond_plain_attention`), a boolean or additive mask."""
     if query.shape[2] != 1 or query.shape[1] % key.shape[1] or kwargs.get("scaling") is None:
         return False
-    if (module.training and kwargs.get("dropout", 0.0) > 0) or kwargs.get("softcap") is not None:
+    if (module.training and kwargs.get("dropout", 0.0) > 0) or _beyond_plain_attention(kwargs, key.shape[2]):
         return False
-    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
-        return False
-    window = kwargs.get("sliding_window")
-    return (window is None or key.shape[2] <= window) and (attention_mask is None or attention_mask.dim() == 4)
+    return attention_mask is None or attention_mask.dim() == 4
 
 
 def single_query_attention(query, key, value, mask, scaling: float) -> torch.Tensor:
@@ -434,9 +440,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError("segment_attention needs the grpokit_segments of a packed layout")
     runs, qm = seg.q_index.shape
     km = seg.k_index.shape[1]
-    window = kwargs.get("sliding_window")
-    unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
-    unsupported += ["sliding_window"] if window is not None and km > window else []  # a window all keys fit: moot
+    unsupported = _beyond_plain_attention(kwargs, km)
     if unsupported:
         raise ValueError(
             f"training_forward packed / shared_prefix cannot attend with this model's {unsupported[0]} "
