@@ -9,7 +9,7 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from grpokit.modeling import completion_logprobs
-from grpokit.sampler import SamplingParams, filter_logits, generate
+from grpokit.sampler import SamplingParams, filter_logits, generate, prompt_generators
 
 PAD, EOS, BOS = 0, 1, 2
 CHARS = "0123456789+=abcdefghijklmnopq"  # 3 specials + 29 chars = vocab 32
@@ -255,6 +255,54 @@ def test_seeded_rollouts_reproduce_and_groups_differ(llama):
     for p in range(2):
         group = a.completion_ids[p * 8 : (p + 1) * 8]
         assert group.unique(dim=0).shape[0] > 1
+
+
+def test_per_prompt_generators_make_a_prompts_completions_independent_of_the_batch(llama):
+    """Seeded per prompt (the run's seed, the step, the prompt's place): a prompt draws the same completions
+    alone, beside others, in another order; with rows that end early (an EOS bias) so the batch shrinks."""
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    prompts = PROMPTS[:3]
+
+    def run(places: list[int]):
+        gens = prompt_generators(5, step=2, places=places, device="cpu")
+        hook = eos_bias_hook(llama, {EOS: 2.0})
+        try:
+            r = generate(
+                llama,
+                [prompts[i] for i in places],
+                num_generations=4,
+                params=params,
+                eos_token_id=EOS,
+                pad_token_id=PAD,
+                generator=gens,
+            )
+        finally:
+            hook.remove()
+        pad = params.max_new_tokens - r.completion_ids.shape[1]  # a batch that ends early is narrower
+        rows = torch.nn.functional.pad(r.completion_ids * r.completion_mask, (0, pad))
+        logp = torch.nn.functional.pad(r.sampling_logp, (0, pad))
+        return {p: (rows[k * 4 : (k + 1) * 4], logp[k * 4 : (k + 1) * 4]) for k, p in enumerate(places)}
+
+    together, alone, reversed_ = run([0, 1, 2]), run([1]), run([2, 1, 0])
+    for p in (0, 1, 2):
+        other = alone if p == 1 else reversed_
+        assert torch.equal(other[p][0], together[p][0])
+        torch.testing.assert_close(other[p][1], together[p][1], atol=1e-5, rtol=0)
+    ended = (together[0][0] == EOS).any(-1) | (together[1][0] == EOS).any(-1)
+    assert bool(ended.any())  # the batch shrank while it ran
+    assert torch.equal(together[0][0], run([0, 1, 2])[0][0])
+    step3 = prompt_generators(5, step=3, places=[0], device="cpu")
+    assert step3[0].initial_seed() != prompt_generators(5, step=2, places=[0], device="cpu")[0].initial_seed()
+    with pytest.raises(ValueError, match="2 generators for 3 prompts: give one per prompt"):
+        generate(
+            llama,
+            prompts,
+            num_generations=2,
+            params=params,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            generator=prompt_generators(0, 1, [0, 1], "cpu"),
+        )
 
 
 # ---------------------------------------------------------------- EOS (invariant 3) and truncation

@@ -91,15 +91,18 @@ def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.Te
     return logits
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of `probs` (N, V), by inverting the cumulative distribution at a uniform draw.
 
     The same distribution as torch.multinomial, from one uniform number per row instead of V exponential
     ones: on a CPU, with V = 49k, multinomial spent more time drawing random numbers than the model spent on
-    the token. float64 sums keep the tail exact enough; a token of probability 0 is never drawn.
+    the token. float64 sums keep the tail exact enough; a token of probability 0 is never drawn. `uniforms`
+    (N,) float64 in [0, 1), when given, are the draws (`generator` is then unused).
     """
     cdf = probs.double().cumsum(-1)  # (N, V)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)  # (N, 1)
+    if uniforms is None:
+        uniforms = torch.rand(probs.shape[0], generator=generator, device=probs.device, dtype=torch.float64)
+    u = uniforms.to(device=probs.device, dtype=torch.float64)[:, None]  # (N, 1)
     tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # (N,)
     tokens = tokens.clamp(max=probs.shape[-1] - 1)
     impossible = probs.gather(-1, tokens[:, None]).squeeze(-1) <= 0  # (N,) only at a rounding edge
@@ -107,16 +110,20 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row; return (tokens (N,), logp (N,) float32 on the unfiltered logits)."""
+    """Draw one token per row (from `uniforms` (N,) when given, see `draw`); return (tokens (N,), logp (N,)
+    float32 on the unfiltered logits)."""
     greedy = params.temperature == 0
     scaled = logits.float() / (1.0 if greedy else params.temperature)  # (N, V)
     if greedy:
         tokens = scaled.argmax(dim=-1)  # (N,)
     else:
         probs = filter_logits(scaled, top_k=params.top_k, top_p=params.top_p).softmax(dim=-1)  # (N, V)
-        tokens = draw(probs, generator)  # (N,)
+        tokens = draw(probs, generator, uniforms)  # (N,)
     logp = scaled.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # (N,)
     return tokens, logp
 
@@ -158,6 +165,20 @@ def reserve(cache: DynamicCache, capacity: int) -> None:
             cache.layers[i] = _ReservedLayer(layer.keys, layer.values, capacity)
 
 
+def prompt_generators(seed: int, step: int, places: list[int], device: torch.device | str) -> list[torch.Generator]:
+    """One generator per prompt of a training step, seeded from (the run's seed, the step, the prompt's place
+    in the step): the same prompt at the same place draws the same completions however the step is split
+    over ranks or micro-batches, and a resumed run needs no sampling state."""
+    import numpy as np
+
+    out = []
+    for place in places:
+        entropy = [seed % 2**64, step, place]  # a seed may be negative; SeedSequence takes naturals
+        (state,) = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
+        out.append(torch.Generator(device=device).manual_seed(int(state)))
+    return out
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """The forward() keyword for the KV cache: `cache` in transformers >= 5.x, `past_key_values` before."""
     # Wrappers (PEFT, DDP) hide the name behind **kwargs; the decoder underneath still lists it.
@@ -196,7 +217,7 @@ def generate(
     params: SamplingParams,
     eos_token_id: int | list[int],
     pad_token_id: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     tokenizer=None,
 ) -> Rollout:
     """Sample `num_generations` completions for each prompt with a shared-prefix KV cache.
@@ -214,10 +235,21 @@ def generate(
     if params.stop_strings and tokenizer is None:
         raise ValueError(f"stop_strings={params.stop_strings!r} need a tokenizer to decode completions")
     device = next(model.parameters()).device
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the model is on {device}; they must match")
+    per_prompt = isinstance(generator, (list, tuple))
+    for g in generator if per_prompt else [generator]:
+        if g is not None and g.device.type != device.type:
+            raise ValueError(f"generator is on {g.device} but the model is on {device}; they must match")
+    if per_prompt and len(generator) != len(prompt_ids):
+        raise ValueError(f"{len(generator)} generators for {len(prompt_ids)} prompts: give one per prompt")
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     G = num_generations
+
+    def uniforms() -> torch.Tensor | None:
+        """(N,) this step's draws, G from each prompt's stream (drawn for ended rows too, so that a stream
+        advances one number per row per step whatever the rest of the batch does)."""
+        if not per_prompt or params.temperature == 0:
+            return None
+        return torch.cat([torch.rand(G, generator=g, device=device, dtype=torch.float64) for g in generator])
 
     use_grpokit_attention(model)  # single-query decode steps as two matrix products
     was_training = model.training
@@ -250,7 +282,10 @@ def generate(
         done = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
         step_ids, step_logp, step_mask = [], [], []
         for step in range(params.max_new_tokens):
-            drawn, drawn_logp = sample_tokens(logits, params, generator)  # (n,), (n,)
+            u = uniforms()  # (N,) or None
+            drawn, drawn_logp = sample_tokens(
+                logits, params, None if per_prompt else generator, None if u is None else u[active]
+            )
             alive = ~done  # (N,) rows whose token this step is part of the completion
             tokens = torch.full((N,), pad_token_id, dtype=torch.long, device=device).index_copy(0, active, drawn)
             logp = torch.zeros(N, dtype=torch.float32, device=device).index_copy(0, active, drawn_logp.float())
@@ -311,7 +346,7 @@ class Sampler(Protocol):
         *,
         num_generations: int,
         params: SamplingParams,
-        generator: torch.Generator | None,
+        generator: torch.Generator | list[torch.Generator] | None,
     ) -> Rollout:
         """`num_generations` completions of every prompt, rows p*G .. p*G+G-1 for prompt p."""
 
@@ -337,7 +372,7 @@ class KVCacheSampler:
         *,
         num_generations: int,
         params: SamplingParams,
-        generator: torch.Generator | None,
+        generator: torch.Generator | list[torch.Generator] | None,
     ) -> Rollout:
         if self.model is None:
             raise RuntimeError("KVCacheSampler.generate before update_weights: the sampler has no model yet")

@@ -33,7 +33,7 @@ from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
 from grpokit.runlog import RunLog, plot_curves, progress, read_metrics
-from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams
+from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams, prompt_generators
 from grpokit.tasks import get_task
 from grpokit.types import Rollout, TrainResult
 
@@ -84,7 +84,7 @@ class GRPOTrainer:
         self.sampler = sampler if sampler is not None else KVCacheSampler(self.tokenizer, compute_dtype=compute_dtype)
         self.sampler.update_weights(self.policy.model)
         self.sampling = SamplingParams.for_training(cfg)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_generators`)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.prompt_order = ShuffledEpochs(len(self.train_rows), cfg.seed)
         self.monitor = SignalMonitor(long_window=cfg.monitor_window)
@@ -99,9 +99,11 @@ class GRPOTrainer:
         if rows is None:
             rows = [self.train_rows[i] for i in self.prompt_order.take(cfg.prompts_per_step)]
         lr = self.policy.lr  # the rate this step's first update uses
+        self.steps_taken += 1
         t0 = time.perf_counter()
         prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
-        rollout = self.sampler.generate(prompts.ids, num_generations=G, params=self.sampling, generator=self.generator)
+        generators = prompt_generators(cfg.seed, self.steps_taken, list(range(len(rows))), self.device)
+        rollout = self.sampler.generate(prompts.ids, num_generations=G, params=self.sampling, generator=generators)
         if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
             raise NumericsError("the policy's logprobs in the rollout are NaN or inf: its weights no longer train")
         t_rollout = time.perf_counter()
@@ -298,14 +300,14 @@ class GRPOTrainer:
             "monitor": self.monitor.state_dict(),
             "eval_history": self.eval_history,
         }
-        generators = {"sampling": self.generator, "shuffle": self.shuffle_generator}
-        return self.policy.write_checkpoint(self.run_dir, step, self.tokenizer, stage, **generators)
+        return self.policy.write_checkpoint(self.run_dir, step, self.tokenizer, stage, shuffle=self.shuffle_generator)
 
     def _resume(self, folder: Path) -> int:
-        state = self.policy.resume(folder, sampling=self.generator, shuffle=self.shuffle_generator)
+        state = self.policy.resume(folder, shuffle=self.shuffle_generator)
         if state["step"] > self.cfg.max_steps:
             raise RunDirectoryError(f"{folder} is past max_steps = {self.cfg.max_steps}: raise max_steps to resume it")
         self.prompt_order.load_state_dict(state["prompt_order"])
         self.monitor.load_state_dict(state["monitor"])
         self.eval_history = list(state["eval_history"])
+        self.steps_taken = state["step"]
         return state["step"]
