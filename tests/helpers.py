@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 from grpokit.config import GRPOConfig
@@ -32,6 +34,20 @@ STEP_KEYS = (
 def digit_share(prompts, completions, **_):
     """A graded reward that (almost) always differs inside a group, so advantages and gradients are not 0."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.05 * len(c) for c in completions]
+
+
+KILL_AT_CALL = "GRPOKIT_TEST_KILL_AT_CALL"
+_calls = 0
+
+
+def digit_share_or_kill(prompts, completions, **kwargs):
+    """`digit_share`, except that its call number $GRPOKIT_TEST_KILL_AT_CALL in a process SIGKILLs the process
+    group (a launch started in a session of its own: torchrun and every rank), as `kill -9` would."""
+    global _calls
+    _calls += 1
+    if os.environ.get(KILL_AT_CALL) == str(_calls):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    return digit_share(prompts, completions)
 
 
 def with_digit_share():

@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = frozenset(
         "reward_timeout",  # a run stopped by a slow reward resumes with a longer limit
         "wandb",
         "wandb_project",
+        "distributed",  # how ranks share the work, not what it computes
     }
 )
 
@@ -236,21 +237,26 @@ class RunDirectory:
 
     `resume_from`: None (a fresh run: the folder must hold no run, unless `overwrite`), `latest` (the newest
     complete checkpoint, or a fresh start when there is none) or a checkpoint folder of this run.
+    `writer` False (a rank other than 0 of a torchrun launch): the folder is rank 0's; this object only turns
+    signals into a stop request, and the checkpoint to resume is what rank 0 decided (set by the caller).
     """
 
-    def __init__(self, path: str | Path, *, config: Any, resume_from: str | None, overwrite: bool, keep: int):
+    def __init__(
+        self, path: str | Path, *, config: Any, resume_from: str | None, overwrite: bool, keep: int, writer=True
+    ):
         self.path = Path(path)
         self.config = config
         self.resume_from = resume_from
         self.overwrite = overwrite
         self.keep = keep
+        self.writer = writer
         self.checkpoint: Path | None = None  # what `open` decided to resume from
         self.stop_signal: int | None = None
         self._lock_file = None
         self._handlers: dict[int, Any] = {}
 
     @classmethod
-    def for_config(cls, cfg: Any) -> RunDirectory:
+    def for_config(cls, cfg: Any, *, writer: bool = True) -> RunDirectory:
         """The run directory of a stage config (output_dir, resume_from_checkpoint, overwrite_output_dir, ...)."""
         return cls(
             cfg.output_dir,
@@ -258,6 +264,7 @@ class RunDirectory:
             resume_from=cfg.resume_from_checkpoint,
             overwrite=cfg.overwrite_output_dir,
             keep=cfg.save_total_limit,
+            writer=writer,
         )
 
     def holds_run(self) -> list[str]:
@@ -334,6 +341,9 @@ class RunDirectory:
             )
 
     def __enter__(self) -> RunDirectory:
+        if not self.writer:
+            self._install_signal_handlers()
+            return self
         self.path.mkdir(parents=True, exist_ok=True)
         lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the whole run
         try:
@@ -410,6 +420,8 @@ class RunDirectory:
         )
 
     def save_checkpoint(self, step: int, write: Callable[[Path], None]) -> Path:
+        if not self.writer:
+            raise RunDirectoryError(f"{self.path} is written by rank 0 alone")
         return write_checkpoint(self.path, step, write, keep=self.keep)
 
     def checkpoint_due(self, step: int, last_step: int, every: int) -> bool:

@@ -111,7 +111,13 @@ def _train(args: list[str]) -> int:
     from grpokit.trainer import GRPOTrainer
 
     cfg = parse_config(GRPOConfig, args, "grpokit train [CONFIG.yaml]")
-    result = GRPOTrainer(cfg).train()
+    trainer = GRPOTrainer(cfg)  # under torchrun: one rank of the launch (grpokit.distributed)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.cluster.close()
+    if not trainer.cluster.is_main:
+        return 0  # rank 0 reports the run
     if result.warnings:
         print("warnings raised during the run:")
     for warning in result.warnings:

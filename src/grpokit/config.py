@@ -180,7 +180,8 @@ class GRPOConfig(RunConfig):
     max_steps: int = 100
     """Generation steps: each samples `prompts_per_step` x `num_generations` completions."""
     prompts_per_step: int = 16
-    """Distinct prompts sampled per step (P)."""
+    """Distinct prompts sampled per step (P), over all ranks: under torchrun each rank samples P / world size
+    of them (it must divide), so the world size changes the speed, not the algorithm."""
     num_generations: int = 8
     """Completions per prompt (G, the group); advantages compare completions of the same prompt."""
     num_iterations: int = 1
@@ -264,6 +265,10 @@ class GRPOConfig(RunConfig):
     """Every this many steps, ref <- alpha * policy + (1 - alpha) * ref (TR-DPO style); 0 never syncs."""
     ref_sync_alpha: float = 0.6
     """Mixing weight of the policy in a reference sync."""
+    distributed: Literal["ddp"] = "ddp"
+    """How the ranks of a torchrun launch share the run (one process: unused). `ddp`: every rank holds the
+    whole model and samples and trains its share of the step's prompts; gradients are summed across ranks
+    once per optimizer step."""
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given)

@@ -25,6 +25,7 @@ import torch
 from grpokit import packing
 from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_model, save_state, set_rng_state
 from grpokit.config import LoRAConfig, RunConfig
+from grpokit.distributed import Cluster
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs
 from grpokit.optim import build_optimizer
@@ -61,12 +62,14 @@ class Policy:
         layout: str = "padded",
         max_tokens_per_micro_batch: int | None = None,
         micro_batch_size: int | None = None,
+        cluster: Cluster | None = None,
     ):
         """`optim`: any stage config (learning rate, AdamW, schedule, max_grad_norm, logprob_chunk_size,
         gradient_checkpointing). `reference`: keep a KL reference (with LoRA the base with adapters off,
         otherwise a frozen copy). `temperature`: logprobs are taken under logits / temperature, as the sampler
         draws. `layout`: how a forward lays out its rows (`grpokit.packing`); `max_tokens_per_micro_batch` and
-        `micro_batch_size` bound what one forward holds (`micro_batches`); None = no bound."""
+        `micro_batch_size` bound what one forward holds (`micro_batches`); None = no bound. `cluster`: the ranks
+        of a torchrun launch (`grpokit.distributed`), whose gradients each optimizer step sums."""
         if layout not in packing.LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; expected one of {list(packing.LAYOUTS)}")
         self.device = torch.device(device)
@@ -77,6 +80,7 @@ class Policy:
         self.layout = layout
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.micro_batch_size = micro_batch_size
+        self.cluster = cluster or Cluster()
         model = model.to(self.device)
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
             model = model.float()  # master weights: see the module docstring
@@ -97,9 +101,9 @@ class Policy:
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
 
     @classmethod
-    def for_grpo(cls, model: torch.nn.Module, cfg: Any, *, total_steps: int, device: torch.device, dtype: torch.dtype):
+    def for_grpo(cls, model: torch.nn.Module, cfg: Any, *, total_steps: int, device, dtype, cluster=None):
         """The policy of a GRPO run: LoRA, a reference when beta > 0, the sampling temperature, the training
-        forward's layout and micro-batch bounds, all from the config."""
+        forward's layout and micro-batch bounds, all from the config; `cluster` the ranks it trains on."""
         return cls(
             model,
             cfg,
@@ -112,6 +116,7 @@ class Policy:
             layout=cfg.training_forward,
             max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
             micro_batch_size=cfg.micro_batch_size,
+            cluster=cluster,
         )
 
     # ---------------------------------------------------------------- forwards
@@ -205,8 +210,10 @@ class Policy:
 
     def optimizer_step(self) -> float:
         """Clip the trainable parameters' gradients, step AdamW and the schedule, zero the gradients.
-        Returns the gradient norm before clipping."""
+        Returns the gradient norm before clipping. Across ranks the gradients are summed first: each rank's
+        backwards added its rows' share of the step loss."""
         params = self.trainable_parameters()
+        self.cluster.sum_gradients(params)
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm):
@@ -249,11 +256,15 @@ class Policy:
 
     # ---------------------------------------------------------------- saving and resuming
     def save(self, path: str | Path, tokenizer: Any, *, lora_form: str = "merged") -> Path:
-        """The policy in `save_pretrained` form; with LoRA merged into the weights or as the adapter alone."""
+        """The policy in `save_pretrained` form; with LoRA merged into the weights or as the adapter alone.
+        Rank 0 writes it; every rank returns the folder once it is whole."""
         self.check_finite(f"so {path} was not written")
-        if uses_lora(self.model):
-            return save_policy(self.model, tokenizer, path, lora_form)
-        return save_model(self.model, tokenizer, path)
+        folder = None
+        if self.cluster.is_main and uses_lora(self.model):
+            folder = save_policy(self.model, tokenizer, path, lora_form)
+        elif self.cluster.is_main:
+            folder = save_model(self.model, tokenizer, path)
+        return Path(self.cluster.broadcast(folder and str(folder)))
 
     def save_weights(self, folder: Path, tokenizer: Any) -> None:
         """Into an open checkpoint folder: the model in `save_pretrained` form (with LoRA the adapter), which
@@ -291,14 +302,18 @@ class Policy:
         self, run: RunDirectory, step: int, tokenizer: Any, stage_state: dict[str, Any], **generators: torch.Generator
     ) -> Path:
         """checkpoint-STEP of a stage: the weights (`save_weights`), this object's state, every RNG (with the
-        stage's own `generators`) and `stage_state` (its data position, monitors, ...)."""
+        stage's own `generators`; each rank's own under `rank_rng`) and `stage_state` (its data position,
+        monitors, ...). Rank 0 writes it (every rank holds the same weights); every rank returns its folder once
+        it is whole."""
+        ranks_rng = self.cluster.gather_objects([rng_state()])  # rank r's RNGs at [r]
         state = {"step": step, "policy": self.state_dict(), "rng": rng_state(**generators), **stage_state}
 
         def write(folder: Path) -> None:
             self.save_weights(folder, tokenizer)
-            save_state(folder, state)
+            save_state(folder, {**state, "rank_rng": ranks_rng})
 
-        return run.save_checkpoint(step, write)
+        folder = run.save_checkpoint(step, write) if self.cluster.is_main else None
+        return Path(self.cluster.broadcast(folder and str(folder)))
 
     def resume(self, folder: Path, **generators: torch.Generator) -> dict[str, Any]:
         """Undo `write_checkpoint`: weights, optimizer, schedule and RNGs restored; returns the stage's state
@@ -315,6 +330,8 @@ class Policy:
         self.load_weights(folder)
         self.load_state_dict(state["policy"])
         set_rng_state(state["rng"], **generators)
+        if self.cluster.rank < len(state.get("rank_rng", [])):  # a rank new to a larger world keeps its seeded RNGs
+            set_rng_state(state["rank_rng"][self.cluster.rank])
         return state
 
     def state_dict(self) -> dict[str, Any]:

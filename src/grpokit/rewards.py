@@ -391,20 +391,36 @@ class RewardSet:
                 out.append(name)
         return out
 
-    def score_step(self, inputs: dict[str, list[Any]], cfg: Any):
+    def score_step(self, inputs: dict[str, list[Any]], cfg: Any, gather: Callable | None = None):
         """One generation batch (`reward_inputs`) scored and turned into advantages (`score`, `check_advantages`),
         under the config's `num_generations`, `scale_rewards`, `reward_aggregation` and `reward_timeout`.
+        `gather` (`Cluster.gather`) joins the scores of every rank's share, so that advantages and every figure
+        are of the whole step (a batch-level `scale_rewards` included) wherever its rows were sampled.
         -> (rewards (N, K) float32, NaN for None; total (N,); scorable (N,); advantages (N,); gold (N, 1) | None)."""
         G = cfg.num_generations
-        scores = score(self.funcs, inputs, timeout=cfg.reward_timeout)  # (N, K) float64
+        gather = gather or (lambda t: t)
+        scores = gather(score(self.funcs, inputs, timeout=cfg.reward_timeout))  # (N, K) float64
         rewards = scores.float()  # (N, K)
         total, scorable = algo.combine_rewards(rewards, self.weights)  # (N,), (N,)
         advantages = algo.multi_reward_advantages(
             rewards, self.weights, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation
         )  # (N,)
         check_advantages(advantages, scores, self.weights, self.names, group_size=G)
-        gold = score(self.gold, inputs, timeout=cfg.reward_timeout).float() if self.gold else None
+        gold = gather(score(self.gold, inputs, timeout=cfg.reward_timeout)).float() if self.gold else None
         return rewards, total, scorable, advantages, gold
+
+    def step_figures(self, rewards, total, scorable, gold, *, group_size: int) -> dict[str, float]:
+        """What a step logs of `score_step`'s answer: the mean and spread of the total (NaN, logged as null,
+        when nothing was scored), the scored share, each function's mean, the gold mean, the flat groups' share."""
+        scored = total[scorable]  # rows where some reward function returned a number
+        return {
+            "reward": scored.mean().item() if len(scored) else float("nan"),
+            "reward_std": scored.std().item() if len(scored) > 1 else float("nan"),
+            "rewards/scored_frac": scorable.float().mean().item(),
+            **{f"rewards/{name}/mean": rewards[:, k].nanmean().item() for k, name in enumerate(self.names)},
+            **({"gold/mean": gold.nanmean().item()} if gold is not None else {}),
+            "frac_reward_zero_std": algo.flat_groups(total, scorable, group_size=group_size).float().mean().item(),
+        }
 
 
 def reward_set(

@@ -27,8 +27,9 @@ from grpokit import algo, modeling
 from grpokit.checkpoint import RunDirectory, RunDirectoryError, list_checkpoints, seed_everything
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
+from grpokit.distributed import Cluster
 from grpokit.evaluate import decode_completions, heldout_eval
-from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_device, resolve_dtype, with_model
+from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_dtype, with_model
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
@@ -59,15 +60,17 @@ class GRPOTrainer:
         config, model = with_model(config, model, tokenizer)
         config.validate(model_given=model is not None, rows_given=train_dataset is not None)
         self.cfg = cfg = config
+        self.cluster = Cluster.from_env(cfg.distributed, prompts_per_step=cfg.prompts_per_step)  # 1 rank: no torchrun
         seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device)
+        self.device = self.cluster.device(cfg.device)
         compute_dtype = resolve_dtype(cfg.dtype, self.device)
         self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_dataset, eval_dataset)
         self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)  # (records what it took in cfg)
-        self.run_dir = RunDirectory.for_config(cfg)
-        self.run_dir.plan()
+        self.run_dir = RunDirectory.for_config(cfg, writer=self.cluster.is_main)
+        if self.cluster.is_main:
+            self.run_dir.plan()
         if model is None:
             modeling.check_model_source(cfg.model, tokenizer=tokenizer is None)
         self.tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
@@ -80,7 +83,9 @@ class GRPOTrainer:
         self.minibatch_size = cfg.minibatch_size or self.generation_size
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
         # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
-        self.policy = Policy.for_grpo(model, cfg, total_steps=optimizer_steps, device=self.device, dtype=compute_dtype)
+        self.policy = Policy.for_grpo(
+            model, cfg, total_steps=optimizer_steps, device=self.device, dtype=compute_dtype, cluster=self.cluster
+        )
         self.sampler = sampler if sampler is not None else KVCacheSampler(self.tokenizer, compute_dtype=compute_dtype)
         self.sampler.update_weights(self.policy.model)
         self.sampling = SamplingParams.for_training(cfg)
@@ -95,98 +100,91 @@ class GRPOTrainer:
     def step(self, rows: list[dict[str, Any]] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """rollout -> score -> advantages -> (reference, old logprobs) -> mu passes of updates, on `rows`
         (default: the next `prompts_per_step` rows of the seeded prompt order)."""
-        cfg, G = self.cfg, self.cfg.num_generations
+        cfg, G, cluster = self.cfg, self.cfg.num_generations, self.cluster
         if rows is None:
             rows = [self.train_rows[i] for i in self.prompt_order.take(cfg.prompts_per_step)]
+        mine = cluster.share(len(rows))  # every rank walks the same order and samples its share of it
+        rows_here = range(mine.start * G, mine.stop * G)  # this rank's rows among the step's N
+        rows = [rows[i] for i in mine]
         lr = self.policy.lr  # the rate this step's first update uses
         self.steps_taken += 1
         t0 = time.perf_counter()
         prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
-        generators = prompt_generators(cfg.seed, self.steps_taken, list(range(len(rows))), self.device)
+        generators = prompt_generators(cfg.seed, self.steps_taken, list(mine), self.device)
         rollout = self.sampler.generate(prompts.ids, num_generations=G, params=self.sampling, generator=generators)
         if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
             raise NumericsError("the policy's logprobs in the rollout are NaN or inf: its weights no longer train")
         t_rollout = time.perf_counter()
 
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
-        lengths = rollout.completion_mask.sum(-1)  # (N,)
         inputs = reward_inputs(rows, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
-        # (N, K) NaN where None, (N,), (N,), (N,), (N, 1) or None; a reward training cannot use stops the run here
-        rewards, total, scorable, advantages, gold = self.rewards.score_step(inputs, cfg)
-        advantages = advantages.to(self.device)
+        # of the whole step: (N, K) NaN where None, (N,), (N,), (N,), (N, 1) or None; a reward training cannot use
+        # stops the run here
+        rewards, total, scorable, advantages, gold = self.rewards.score_step(inputs, cfg, gather=cluster.gather)
+        step_advantages, advantages = advantages, advantages[rows_here.start : rows_here.stop].to(self.device)
         t_reward = time.perf_counter()
 
-        mask = rollout.completion_mask.float()  # (N, Tc)
+        mask = rollout.completion_mask.float()  # (n, Tc)
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated).float().unsqueeze(-1).to(mask.device)
+        step_mask = cluster.gather(torch.nn.functional.pad(mask, (0, cfg.max_completion_length - mask.shape[1])))
         ref_logp = self.policy.reference_logprobs(rollout)  # (N, Tc) or None
         reuses_samples = cfg.num_iterations > 1 or self.minibatch_size < self.generation_size
         old_logp = self.policy.logprobs(rollout) if reuses_samples else None
         t_ref = time.perf_counter()
 
-        stats = self._update(rollout, mask, advantages, old_logp, ref_logp)
+        stats = self._update(rollout, mask, step_mask, rows_here.start, advantages, old_logp, ref_logp)
         self.sampler.update_weights(self.policy.model)
         t_update = time.perf_counter()
 
-        scored = total[scorable]  # rows where some reward function returned a number
+        # the whole step's figures on every rank; the step lasts as long as its slowest rank
+        lengths = cluster.gather(rollout.completion_mask.sum(-1))  # (N,)
+        truncated = cluster.gather(rollout.truncated.long()).bool()  # (N,)
+        completions, seen = cluster.gather_objects(completions), cluster.gather_objects(prompts.seen)
+        span = [t_rollout - t0, t_reward - t_rollout, t_ref - t_reward, t_update - t_ref, t_update - t0]
+        times = list(cluster.max(dict(enumerate(span))).values())
         metrics = {
-            "reward": scored.mean().item() if len(scored) else float("nan"),  # logged as null: nothing scored
-            "reward_std": scored.std().item() if len(scored) > 1 else float("nan"),
-            "rewards/scored_frac": scorable.float().mean().item(),
-            **{
-                f"rewards/{name}/mean": rewards[:, k].nanmean().item() for k, (name, _) in enumerate(self.rewards.funcs)
-            },
-            **({"gold/mean": gold.nanmean().item()} if gold is not None else {}),
-            "frac_reward_zero_std": algo.flat_groups(total, scorable, group_size=G).float().mean().item(),
+            **self.rewards.step_figures(rewards, total, scorable, gold, group_size=G),
             "diversity": group_diversity(completions, G),
             "completions/mean_length": lengths.float().mean().item(),
-            "completions/clipped_ratio": rollout.truncated.float().mean().item(),
-            "completions/clipped_count": float(rollout.truncated.sum()),
-            "prompts_truncated": float(prompts.cut),
+            "completions/clipped_ratio": truncated.float().mean().item(),
+            "completions/clipped_count": float(truncated.sum()),
+            "prompts_truncated": cluster.sum({"cut": float(prompts.cut)})["cut"],
             **stats,
             "learning_rate": lr,
-            "time/rollout": t_rollout - t0,
-            "time/reward": t_reward - t_rollout,
-            "time/reference": t_ref - t_reward,
-            "time/update": t_update - t_ref,
-            "time/step": t_update - t0,
-            "tokens_per_s": float(lengths.sum()) / (t_update - t0),
+            **dict(zip(("time/rollout", "time/reward", "time/reference", "time/update", "time/step"), times)),
+            "tokens_per_s": float(lengths.sum()) / times[-1],
         }
-        seen_n = [p for p in prompts.seen for _ in range(G)]  # the prompt as the model saw it (cut ones cut)
+        seen_n = [p for p in seen for _ in range(G)]  # the prompt as the model saw it (cut ones cut)
         samples = [
             {"prompt": p, "completion": c, "reward": r if ok else None, "advantage": a}
-            for p, c, r, ok, a in zip(seen_n, completions, total.tolist(), scorable.tolist(), advantages.tolist())
+            for p, c, r, ok, a in zip(seen_n, completions, total.tolist(), scorable.tolist(), step_advantages.tolist())
         ][:: max(1, G // 2)]
         return metrics, samples
 
-    def _update(self, rollout: Rollout, mask, advantages, old_logp, ref_logp) -> dict[str, float]:
-        """mu passes; each pass splits the batch into minibatches (one optimizer step each) and those into
-        micro-batches (one backward each). Every normalizer is counted over the minibatch."""
-        cfg, N, policy = self.cfg, rollout.num_sequences, self.policy
-        keys = (
-            "loss",
-            "grad_norm",
-            "kl",
-            "entropy",
-            "clip_ratio/low_mean",
-            "clip_ratio/high_mean",
-            "sampler_logp_diff",
-        )
-        sums = dict.fromkeys(keys, 0.0)
+    def _update(self, rollout: Rollout, mask, step_mask, first_row, advantages, old_logp, ref_logp) -> dict[str, float]:
+        """mu passes; each pass splits the step's N rows into minibatches (one optimizer step each) and this
+        rank's rows of a minibatch into micro-batches (one backward each). Every normalizer is counted over the
+        whole minibatch (`step_mask` (N, T): every rank's mask; this rank's rows start at `first_row`)."""
+        cfg, N, policy = self.cfg, step_mask.shape[0], self.policy
+        n_here = rollout.num_sequences
+        sums = dict.fromkeys(["loss", "grad_norm", "kl", "entropy", "sampler_logp_diff"], 0.0)
+        sums.update(dict.fromkeys(["clip_ratio/low_mean", "clip_ratio/high_mean"], 0.0))
         n_opt_steps, tokens_seen, first_pass_tokens = 0, 0.0, 0.0
-        generation_tokens = int(mask.sum())
+        generation_tokens = int(step_mask.sum())
         for iteration in range(cfg.num_iterations):
             reshuffle = iteration > 0 or old_logp is not None
             order = torch.randperm(N, generator=self.shuffle_generator) if reshuffle else torch.arange(N)
             for mb_idx in order.split(self.minibatch_size):
                 normalizer = algo.step_normalizer(
                     cfg.loss_type,
-                    mask[mb_idx],
+                    step_mask[mb_idx],
                     generation_tokens=generation_tokens,
                     generation_sequences=N,
                     max_completion_length=cfg.max_completion_length,
                 )
-                for idx in policy.micro_batches(rollout, mb_idx):
+                here = mb_idx[(mb_idx >= first_row) & (mb_idx < first_row + n_here)] - first_row
+                for idx in policy.micro_batches(rollout, here) if len(here) else []:
                     logp, entropy = policy.forward(rollout, idx, with_entropy=iteration == 0)  # (n, w)
                     width = logp.shape[1]
                     m = mask[idx, :width]  # (n, w)
@@ -222,7 +220,11 @@ class GRPOTrainer:
                 n_opt_steps += 1
         if old_logp is not None:
             sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask)
-        tokens_seen, first_pass_tokens = max(tokens_seen, 1.0), max(first_pass_tokens, 1.0)
+        # over the ranks: the gap's maximum; counts and sums added (grad_norm is already of the summed gradients)
+        kept = {k: sums.pop(k) for k in ("sampler_logp_diff", "grad_norm")}
+        sums = {**self.cluster.sum({**sums, "tokens": tokens_seen, "first": first_pass_tokens}), **kept}
+        sums["sampler_logp_diff"] = self.cluster.max({"gap": kept["sampler_logp_diff"]})["gap"]
+        tokens_seen, first_pass_tokens = max(sums.pop("tokens"), 1.0), max(sums.pop("first"), 1.0)
         stats = {
             "loss": sums["loss"] / n_opt_steps,
             "grad_norm": sums["grad_norm"] / n_opt_steps,
@@ -244,22 +246,23 @@ class GRPOTrainer:
         result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, self.cfg, self.device, check, self.rewards)
         if result:
             self.eval_history.append({"step": step, **result})
-            if log:
+            if log and self.log is not None:
                 self.log.log(step, result)
         return result
 
     def train(self) -> TrainResult:
         """The run: resumes or starts it (`resume_from_checkpoint`), checkpoints every `save_every` steps and
         after the last, and on SIGINT / SIGTERM finishes the step, checkpoints and raises TrainingInterrupted."""
-        cfg, out = self.cfg, self.run_dir.path
+        cfg, out, main = self.cfg, self.run_dir.path, self.cluster.is_main  # rank 0 alone writes
         metrics: dict[str, float] = {}
         with self.run_dir as run:
+            run.checkpoint = self.cluster.broadcast(run.checkpoint)  # what rank 0 found, under its lock
             start = self._resume(run.checkpoint) if run.checkpoint is not None else 0
-            self.log = RunLog(out, tensorboard=cfg.tensorboard, config=cfg, resume_step=start or None)
+            self.log = RunLog(out, tensorboard=cfg.tensorboard, config=cfg, resume_step=start or None) if main else None
             if start == 0:
                 self.evaluate(0, log=True)
             steps = range(start + 1, cfg.max_steps + 1)
-            bar = progress(steps, "grpo", initial=start, total=cfg.max_steps, enabled=cfg.progress)
+            bar = progress(steps, "grpo", initial=start, total=cfg.max_steps, enabled=cfg.progress and main)
             try:
                 for step in bar:
                     metrics, samples = self.step()
@@ -267,12 +270,15 @@ class GRPOTrainer:
                         self.policy.sync_reference(cfg.ref_sync_alpha)
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                         metrics.update(self.evaluate(step))
-                    for warning in self.monitor.update(step, metrics, group_size=cfg.num_generations):
-                        bar.write(f"WARNING {warning}")  # before the row is logged: the monitor's figures go in it
-                    self.log.log(step, metrics)
-                    if cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1):
-                        self.log.log_completions(step, samples)
+                    warnings = self.monitor.update(step, metrics, group_size=cfg.num_generations)  # (its figures
+                    if main:  # go in the row)
+                        for warning in warnings:
+                            bar.write(f"WARNING {warning}")
+                        self.log.log(step, metrics)
+                        if cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1):
+                            self.log.log_completions(step, samples)
                     bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    run.stop_signal = int(self.cluster.max({"s": run.stop_signal or 0})["s"]) or None  # all stop
                     if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
                         run.check_stop(step, self.save_checkpoint(step))
                 self.evaluate(cfg.max_steps, log=True)
@@ -285,9 +291,10 @@ class GRPOTrainer:
                 raise NumericsError(f"{where}: {err}; nothing of this step was saved, {keep}") from None
             finally:
                 bar.close()
-                self.log.close()
+                if self.log is not None:
+                    self.log.close()
             model_dir = self.policy.save(out / "model", self.tokenizer, lora_form=cfg.lora.save)
-        plot = plot_curves(read_metrics(self.log.metrics_path), out / "curves.png", title="GRPO")
+        plot = plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", title="GRPO") if main else None
         m = self.monitor
         warned = [*self.input_warnings, *m.warnings]
         return TrainResult(out, model_dir, plot, metrics, self.eval_history, warned, m.summary(), dict(m.fired))

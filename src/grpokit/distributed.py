@@ -1,0 +1,187 @@
+"""Several processes, one run: where this process stands in a `torchrun` launch and the few collectives the
+GRPO loop needs.
+
+`torchrun --nproc_per_node N grpokit train CONFIG.yaml` starts N copies of the same command; each reads its
+rank and the world size from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) and joins one `torch.distributed` process group: gloo on CPUs, NCCL on GPUs. In one process
+(`python`, `grpokit train` without torchrun) the world size is 1 and every collective below is the identity,
+so the loop has one code path.
+
+The split of a step (DESIGN.md, "one optimizer step is one algorithm step"): every rank walks the same
+seeded prompt order and takes its contiguous share of the step's prompts with all G completions of each,
+so advantages are computed from the whole step's rewards (gathered: cheap) and every normalizer is counted
+over the whole step. Under `ddp` every rank holds the whole model; each backward adds its rows' share of
+the step loss, and the gradients are summed across ranks once per optimizer step, before clipping, so the
+step is the one a single process would take (to float rounding).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+WORLD_ENV = "WORLD_SIZE"
+
+
+class DistributedError(ValueError):
+    """A launch the run cannot split as asked (world size against the batch shape, a missing variable)."""
+
+
+@dataclass
+class Cluster:
+    """This process's rank among `world_size` and the collectives of the loop; world size 1: the identity."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this object initialised the process group, so `close` destroys it
+
+    @classmethod
+    def from_env(cls, mode: str = "ddp", *, prompts_per_step: int | None = None) -> Cluster:
+        """The launch torchrun made (WORLD_SIZE > 1: join the process group), else a single process; checked
+        against the step it must split (`share`) before any work."""
+        if mode != "ddp":
+            raise DistributedError(f"config field `distributed`: unknown mode {mode!r}; expected 'ddp'")
+        world_size = int(os.environ.get(WORLD_ENV, "1"))
+        if world_size <= 1:
+            return cls()
+        if prompts_per_step is not None:
+            cls(world_size=world_size).share(prompts_per_step)
+        import torch.distributed as dist
+
+        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise DistributedError(
+                f"WORLD_SIZE={world_size} but {', '.join(missing)} unset: launch with torchrun --nproc_per_node N"
+            )
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        owns = not dist.is_initialized()
+        if owns:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank, owns_group=owns)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes logs, plots, completions, checkpoints and the final model."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def device(self, name: str) -> torch.device:
+        """The config's device for this rank: `auto` or `cuda` becomes this rank's own GPU (cuda:LOCAL_RANK)."""
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cuda" and self.active:
+            return torch.device("cuda", self.local_rank)
+        return torch.device(name)
+
+    def share(self, n: int, what: str = "prompts_per_step") -> range:
+        """This rank's contiguous share of n items (the step's prompts); n must split evenly over the ranks."""
+        if n % self.world_size:
+            raise DistributedError(
+                f"config field `{what}` = {n} does not split over {self.world_size} ranks: make it a multiple of "
+                f"the world size (it counts the whole step over all ranks)"
+            )
+        per_rank = n // self.world_size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    # ---------------------------------------------------------------- collectives
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` (same shape on all) concatenated along dim 0, in rank order, on every rank."""
+        if not self.active:
+            return tensor
+        import torch.distributed as dist
+
+        here = tensor.to(self._comm_device).contiguous()
+        parts = [torch.empty_like(here) for _ in range(self.world_size)]
+        dist.all_gather(parts, here)
+        return torch.cat(parts).to(tensor.device)
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Every rank's list (picklable items: texts, rows) concatenated in rank order, on every rank."""
+        if not self.active:
+            return items
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, items)
+        return [item for part in out for item in part]
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value summed over the ranks (float64, one all-reduce)."""
+        return self._reduce(values, "sum")
+
+    def max(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value's maximum over the ranks."""
+        return self._reduce(values, "max")
+
+    def _reduce(self, values: dict[str, float], op: str) -> dict[str, float]:
+        if not self.active or not values:
+            return dict(values)
+        import torch.distributed as dist
+
+        flat = torch.tensor(list(values.values()), dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return dict(zip(values, flat.tolist()))
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Each parameter's gradient summed over the ranks, in place (a rank whose rows left a gradient unset
+        adds zeros), in buckets of one flat tensor each: what DDP does, once per optimizer step."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for p in params:
+            bucket.append(p.grad)
+            size += p.grad.numel()
+            if size >= GRADIENT_BUCKET or p is params[-1]:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat)
+                for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(part.view_as(g))
+                bucket, size = [], 0
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group this object joined (one the caller made is left to the caller)."""
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    @property
+    def _comm_device(self) -> torch.device:
+        import torch.distributed as dist
+
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+GRADIENT_BUCKET = 25 * 2**20 // 4  # gradient elements per all-reduce: DDP's 25 MB buckets of float32

@@ -1,0 +1,161 @@
+"""torchrun: a run on 2 ranks (gloo, CPU) is the run on one process, split. The same completions, the same final
+weights (to float rounding), for every loss type, with and without LoRA, with a KL reference; checkpoints written
+by rank 0 resume on 2 ranks or on 1.
+
+Each case launches `torchrun --nproc_per_node 2 grpokit train CONFIG.yaml` in a subprocess, as a user would, and
+compares it with the same config trained in this process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import KILL_AT_CALL, read_jsonl, save_tiny
+from safetensors.torch import load_file
+
+from grpokit.checkpoint import list_checkpoints
+from grpokit.config import GRPOConfig, load_yaml
+from grpokit.trainer import GRPOTrainer
+
+TESTS = Path(__file__).resolve().parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+GRPOKIT = Path(sys.executable).with_name("grpokit")
+LAUNCH_TIMEOUT = 600  # a hang guard only (a collective one rank never joins), far above a real launch
+
+# Each loss type once, LoRA on half of them; the last reuses samples (mu = 2, two minibatches) so that a
+# minibatch's rows are spread unevenly over the ranks.
+CASES = {
+    "grpo": {"loss_type": "grpo"},
+    "bnpo-lora": {"loss_type": "bnpo", "lora": {"r": 4, "alpha": 8.0}},
+    "dapo": {"loss_type": "dapo", "scale_rewards": "batch"},
+    "dr_grpo-lora-mu2": {
+        "loss_type": "dr_grpo",
+        "lora": {"r": 4, "alpha": 8.0},
+        "num_iterations": 2,
+        "minibatch_size": 4,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    """A tiny Llama: no biases. (Qwen2's key bias has a gradient that is exactly 0 in exact arithmetic, a
+    softmax does not see a shift shared by all its keys, so AdamW turns its rounding noise into steps of the
+    learning rate's size that differ between any two summation orders: 1.7e-4 relative on a 3-step run here,
+    every other tensor within 3.4e-6.)"""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+def write_config(folder: Path, model: Path, **overrides) -> Path:
+    values = {
+        "model": str(model),
+        "output_dir": str(folder / "run"),
+        "task": "addition",
+        "reward_funcs": ["helpers:digit_share"],
+        "max_steps": 3,
+        "prompts_per_step": 4,
+        "num_generations": 2,  # every completion lands in completions.jsonl (it logs every G // 2-th)
+        "max_completion_length": 8,
+        "num_train_prompts": 32,
+        "num_eval_prompts": 0,
+        # the default learning rate (1e-5): at 1e-3, AdamW's steps on the few weights whose gradient is near its
+        # eps (1e-8) amplify rounding (two summation orders) to 3e-5 of a weight, though the steps agree to 2e-5
+        "beta": 0.04,
+        "log_completions_every": 1,
+        "save_every": 0,
+        "progress": False,
+        "tensorboard": False,
+        "seed": 0,
+        **overrides,
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def launch(config: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True):
+    """`torchrun --nproc_per_node 2 grpokit train CONFIG.yaml EXTRA...` in its own process group."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(GRPOKIT), "train", str(config), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, start_new_session=True)
+    assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def one_process(config: Path, output_dir: Path, **overrides) -> Path:
+    cfg = load_yaml(GRPOConfig, config)
+    cfg = GRPOConfig(**{**cfg.__dict__, "output_dir": str(output_dir), **overrides})
+    sys.path.insert(0, str(TESTS))  # the config names helpers:digit_share, as the launched ranks import it
+    GRPOTrainer(cfg).train()
+    return output_dir
+
+
+def completions(run: Path) -> list[tuple[int, str, str]]:
+    return [(r["step"], r["prompt"], r["completion"]) for r in read_jsonl(run / "completions.jsonl")]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Over every tensor: max |a - b| / max |b|."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_train_as_one_process(case, llama_path, tmp_path):
+    config = write_config(tmp_path, llama_path, **CASES[case])
+    launch(config)
+    split, whole = tmp_path / "run", one_process(config, tmp_path / "whole")
+    assert len(completions(whole)) == 3 * 4 * 2
+    assert completions(split) == completions(whole)
+    moved = max_relative_difference(weights(whole), load_file(llama_path / "model.safetensors"))
+    assert moved > 1e-4  # the run trained: the comparison below is not of two untouched models
+    assert max_relative_difference(weights(split), weights(whole)) <= 1e-5
+    steps_split, steps_whole = read_jsonl(split / "metrics.jsonl"), read_jsonl(whole / "metrics.jsonl")
+    for a, b in zip(steps_split, steps_whole):  # figures of the whole step, reduced over the ranks
+        for key in ("reward", "completions/mean_length", "frac_reward_zero_std", "kl", "entropy", "loss", "grad_norm"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    assert [r["step"] for r in steps_split if "loss" in r] == [1, 2, 3]  # rank 0 alone wrote the log
+
+
+def test_killed_two_rank_run_resumes_on_two_ranks_and_on_one(llama_path, tmp_path):
+    """kill -9 of the whole launch (torchrun and both ranks) in step 3, after the checkpoint of step 2: the run
+    resumed on 2 ranks ends where the straight run ends; the same checkpoint resumed in one process continues
+    with the same data and draws."""
+    reward = {"reward_funcs": ["helpers:digit_share_or_kill"]}
+    config = write_config(tmp_path, llama_path, max_steps=4, save_every=2, **reward)
+    straight = one_process(config, tmp_path / "straight")
+
+    # the reward function's 3rd call on a rank is in step 3: it SIGKILLs the launch's process group
+    killed = launch(config, env={KILL_AT_CALL: "3"}, check=False)
+    assert killed.returncode != 0
+    run = tmp_path / "run"
+    assert [step for step, _ in list_checkpoints(run)] == [2]
+    assert max(r["step"] for r in read_jsonl(run / "metrics.jsonl")) == 2  # it died in step 3
+    one_rank = tmp_path / "one-rank"
+    shutil.copytree(run, one_rank)
+
+    launch(config, "--resume-from-checkpoint", "latest")
+    assert completions(run) == completions(straight)
+    assert max_relative_difference(weights(run), weights(straight)) <= 1e-5
+
+    one_process(config, one_rank, resume_from_checkpoint="latest")
+    assert completions(one_rank) == completions(straight)
+    assert max_relative_difference(weights(one_rank), weights(straight)) <= 1e-5
+
+
+def test_a_step_that_does_not_split_over_the_ranks_is_refused(llama_path, tmp_path):
+    proc = launch(write_config(tmp_path, llama_path, prompts_per_step=3), check=False)
+    assert proc.returncode != 0
+    assert "`prompts_per_step` = 3 does not split over 2 ranks" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any work
