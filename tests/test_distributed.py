@@ -28,18 +28,18 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 GRPOKIT = Path(sys.executable).with_name("grpokit")
 LAUNCH_TIMEOUT = 600  # a hang guard only (a collective one rank never joins), far above a real launch
 
-# Each loss type once, LoRA on half of them; the last reuses samples (mu = 2, two minibatches) so that a
-# minibatch's rows are spread unevenly over the ranks.
+LORA = {"lora": {"r": 4, "alpha": 8.0}}
+REUSE = {"num_iterations": 2, "minibatch_size": 4}  # mu = 2, two minibatches: spread unevenly over the ranks
+# Each loss type under both modes, with LoRA under one of them and without under the other.
 CASES = {
-    "grpo": {"loss_type": "grpo"},
-    "bnpo-lora": {"loss_type": "bnpo", "lora": {"r": 4, "alpha": 8.0}},
-    "dapo": {"loss_type": "dapo", "scale_rewards": "batch"},
-    "dr_grpo-lora-mu2": {
-        "loss_type": "dr_grpo",
-        "lora": {"r": 4, "alpha": 8.0},
-        "num_iterations": 2,
-        "minibatch_size": 4,
-    },
+    "ddp-grpo": {"loss_type": "grpo"},
+    "ddp-bnpo-lora": {"loss_type": "bnpo", **LORA},
+    "ddp-dapo": {"loss_type": "dapo", "scale_rewards": "batch"},
+    "ddp-dr_grpo-lora-mu2": {"loss_type": "dr_grpo", **LORA, **REUSE},
+    "fsdp-grpo-lora": {"distributed": "fsdp", "loss_type": "grpo", **LORA},
+    "fsdp-bnpo": {"distributed": "fsdp", "loss_type": "bnpo"},
+    "fsdp-dapo-lora-mu2": {"distributed": "fsdp", "loss_type": "dapo", **LORA, **REUSE},
+    "fsdp-dr_grpo": {"distributed": "fsdp", "loss_type": "dr_grpo", "gradient_checkpointing": True},
 }
 
 
@@ -128,12 +128,13 @@ def test_two_ranks_train_as_one_process(case, llama_path, tmp_path):
     assert [r["step"] for r in steps_split if "loss" in r] == [1, 2, 3]  # rank 0 alone wrote the log
 
 
-def test_killed_two_rank_run_resumes_on_two_ranks_and_on_one(llama_path, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_killed_two_rank_run_resumes_on_two_ranks_and_on_one(mode, llama_path, tmp_path):
     """kill -9 of the whole launch (torchrun and both ranks) in step 3, after the checkpoint of step 2: the run
     resumed on 2 ranks ends where the straight run ends; the same checkpoint resumed in one process continues
     with the same data and draws."""
     reward = {"reward_funcs": ["helpers:digit_share_or_kill"]}
-    config = write_config(tmp_path, llama_path, max_steps=4, save_every=2, **reward)
+    config = write_config(tmp_path, llama_path, max_steps=4, save_every=2, distributed=mode, **reward)
     straight = one_process(config, tmp_path / "straight")
 
     # the reward function's 3rd call on a rank is in step 3: it SIGKILLs the launch's process group
@@ -141,6 +142,7 @@ def test_killed_two_rank_run_resumes_on_two_ranks_and_on_one(llama_path, tmp_pat
     assert killed.returncode != 0
     run = tmp_path / "run"
     assert [step for step, _ in list_checkpoints(run)] == [2]
+    assert (run / "checkpoint-2" / "shards").is_dir() == (mode == "fsdp")  # FSDP's: torch.distributed.checkpoint
     assert max(r["step"] for r in read_jsonl(run / "metrics.jsonl")) == 2  # it died in step 3
     one_rank = tmp_path / "one-rank"
     shutil.copytree(run, one_rank)

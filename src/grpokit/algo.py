@@ -130,7 +130,9 @@ def logprobs_from_hidden(
 
 def max_logp_gap(logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor) -> float:
     """Largest |trainer - sampler| logprob over real tokens (N, T): ~1e-6 in fp32; a large value means the
-    sampler and the trainer do not see the same model (dtype, kernels, or a bug)."""
+    sampler and the trainer do not see the same model (dtype, kernels, or a bug). No rows: 0."""
+    if mask.numel() == 0:
+        return 0.0
     return float(((logp - sampling_logp.to(logp.device)).abs() * mask.to(logp.dtype)).max())
 
 

@@ -265,10 +265,11 @@ class GRPOConfig(RunConfig):
     """Every this many steps, ref <- alpha * policy + (1 - alpha) * ref (TR-DPO style); 0 never syncs."""
     ref_sync_alpha: float = 0.6
     """Mixing weight of the policy in a reference sync."""
-    distributed: Literal["ddp"] = "ddp"
-    """How the ranks of a torchrun launch share the run (one process: unused). `ddp`: every rank holds the
-    whole model and samples and trains its share of the step's prompts; gradients are summed across ranks
-    once per optimizer step."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """How the ranks of a torchrun launch share the run (one process: unused); each samples and trains its
+    share of the step's prompts. `ddp`: every rank holds the whole model; gradients are summed across ranks
+    once per optimizer step. `fsdp`: FSDP2, the model (and the reference), gradients and AdamW state sharded
+    over the ranks, each decoder layer a unit."""
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given)

@@ -10,20 +10,26 @@ so the loop has one code path.
 The split of a step (DESIGN.md, "one optimizer step is one algorithm step"): every rank walks the same
 seeded prompt order and takes its contiguous share of the step's prompts with all G completions of each,
 so advantages are computed from the whole step's rewards (gathered: cheap) and every normalizer is counted
-over the whole step. Under `ddp` every rank holds the whole model; each backward adds its rows' share of
-the step loss, and the gradients are summed across ranks once per optimizer step, before clipping, so the
-step is the one a single process would take (to float rounding).
+over the whole step. Each backward adds its rows' share of the step loss, and the gradients are summed
+across ranks, so the step is the one a single process would take (to float rounding). Under `ddp` every
+rank holds the whole model and the sum is one all-reduce per optimizer step, before clipping; under `fsdp`
+(FSDP2, `fully_shard`) every decoder layer and the rest of the model are sharded over the ranks, gathered
+layer by layer for each forward and backward (so every rank runs as many of them: `Policy.micro_batches`),
+and gathered whole once per rollout (`full_weights`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 WORLD_ENV = "WORLD_SIZE"
+MODES = ("ddp", "fsdp")
 
 
 class DistributedError(ValueError):
@@ -37,14 +43,15 @@ class Cluster:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    mode: str = "ddp"
     owns_group: bool = False  # this object initialised the process group, so `close` destroys it
 
     @classmethod
     def from_env(cls, mode: str = "ddp", *, prompts_per_step: int | None = None) -> Cluster:
         """The launch torchrun made (WORLD_SIZE > 1: join the process group), else a single process; checked
         against the step it must split (`share`) before any work."""
-        if mode != "ddp":
-            raise DistributedError(f"config field `distributed`: unknown mode {mode!r}; expected 'ddp'")
+        if mode not in MODES:
+            raise DistributedError(f"config field `distributed`: unknown mode {mode!r}; expected one of {MODES}")
         world_size = int(os.environ.get(WORLD_ENV, "1"))
         if world_size <= 1:
             return cls()
@@ -63,7 +70,7 @@ class Cluster:
             if torch.cuda.is_available():
                 torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(rank=rank, world_size=world_size, local_rank=local_rank, owns_group=owns)
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank, mode=mode, owns_group=owns)
 
     @property
     def is_main(self) -> bool:
@@ -73,6 +80,11 @@ class Cluster:
     @property
     def active(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: the weights, gradients and optimizer state are split over the ranks."""
+        return self.active and self.mode == "fsdp"
 
     def device(self, name: str) -> torch.device:
         """The config's device for this rank: `auto` or `cuda` becomes this rank's own GPU (cuda:LOCAL_RANK)."""
@@ -185,3 +197,71 @@ class Cluster:
 
 
 GRADIENT_BUCKET = 25 * 2**20 // 4  # gradient elements per all-reduce: DDP's 25 MB buckets of float32
+
+
+# ---------------------------------------------------------------- FSDP2 (`distributed: fsdp`)
+
+
+class LogprobForward(torch.nn.Module):
+    """`completion_logprobs` of a causal LM as a module's forward. The training forward calls the decoder and
+    the LM head by themselves, never the model's own forward, so FSDP's root (the embeddings, the final norm
+    and the LM head) is this module: its hooks gather those weights before the decoder runs and reduce their
+    gradients after the backward."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, *args: Any, **kwargs: Any):
+        from grpokit.modeling import completion_logprobs
+
+        return completion_logprobs(self.lm, *args, **kwargs)
+
+
+def shard(lm: torch.nn.Module) -> LogprobForward:
+    """FSDP2 over the ranks: each decoder layer is a unit of its own, the rest (embeddings, final norm, LM head,
+    tied or not: one parameter in one unit) the root's. Gradients are summed, not averaged: each rank's loss
+    already carries the whole step's normalizer. One tiny forward initialises FSDP from the root, so that the
+    sampler may later call the layers directly; after it every weight is a shard again (AdamW must hold those,
+    the objects FSDP puts back after each gather)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = list(lm.get_decoder().layers)
+    for layer in layers:
+        fully_shard(layer)
+    root = LogprobForward(lm)
+    fully_shard(root, reshard_after_forward=True)  # (the root's default keeps its weights whole after a forward)
+    for unit in (root, *layers):
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
+    device = next(lm.parameters()).device
+    one = torch.ones((1, 1), dtype=torch.long, device=device)
+    with torch.no_grad():
+        root(one, one, one, one, temperature=1.0)
+    return root
+
+
+@contextlib.contextmanager
+def full_weights(root: LogprobForward) -> Iterator[None]:
+    """The whole model gathered once on every rank (a rollout: many small forwards, a different number on each
+    rank) and sharded again after: inside, no forward communicates."""
+    units = [root, *root.lm.get_decoder().layers]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective: every rank calls it); a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def shard_of(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (no communication); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -68,6 +68,7 @@ def save_policy(
     mode: Literal["merged", "adapter"] = "merged",
     *,
     base_path: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save a LoRA policy atomically (a temporary folder, then a rename), as `checkpoint.save_model` does.
 
@@ -81,11 +82,13 @@ def save_policy(
     `PeftModel.from_pretrained(base, path)` or `AutoPeftModelForCausalLM.from_pretrained(path)`. The
     config's `base_model_name_or_path` is `base_path` (default: the folder the base was loaded from),
     made absolute when it is a local folder so the adapter loads from any working directory.
+
+    `state_dict`: the model's whole state dict gathered from its shards (FSDP), used instead of its tensors.
     """
     if not uses_lora(model):
         raise ValueError("save_policy needs a model with LoRA adapters; use grpokit.checkpoint.save_model")
     if mode == "merged":
-        return save_model(model.get_base_model(), tokenizer, path, state_dict=merged_state_dict(model))
+        return save_model(model.get_base_model(), tokenizer, path, state_dict=merged_state_dict(model, state_dict))
     if mode != "adapter":
         raise ValueError(f"save mode {mode!r}: use 'merged' or 'adapter'")
     peft_config = model.peft_config[model.active_adapter]
@@ -95,7 +98,7 @@ def save_policy(
     saved_base, peft_config.base_model_name_or_path = peft_config.base_model_name_or_path, base
     try:
         with atomic_folder(path) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
     finally:
         peft_config.base_model_name_or_path = saved_base
@@ -103,28 +106,37 @@ def save_policy(
 
 
 @torch.no_grad()
-def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: Any, gathered: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The base model's state dict, under its original names, with every active adapter folded in.
 
     Tensors of layers without adapters are the live ones (shared, not copied); each adapted weight is
-    a new tensor W + delta. The live model is not modified.
+    a new tensor W + delta. The live model is not modified. `gathered`: the PEFT model's whole state dict
+    (FSDP's shards gathered), whose tensors are used instead of the module's: W + scaling * B @ A.
     """
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
+    prefix = "base_model.model."  # where a PeftModel's state dict keeps the base model's names
+    source = base.state_dict() if gathered is None else {k.removeprefix(prefix): v for k, v in gathered.items()}
     state = {
         name.replace(".base_layer.", "."): tensor
-        for name, tensor in base.state_dict().items()
+        for name, tensor in source.items()
         if ".lora_" not in name  # lora_A / lora_B / lora_dropout ... : the adapters themselves
     }
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer) or module.merged:
             continue
-        weight = module.get_base_layer().weight
-        merged = weight.detach().clone()
+        if gathered is None:
+            merged = module.get_base_layer().weight.detach().clone()
+        else:
+            merged = source[f"{name}.base_layer.weight"].clone()
         for adapter in module.active_adapters:
-            if adapter in module.lora_A:
+            if adapter in module.lora_A and gathered is None:
                 merged += module.get_delta_weight(adapter).to(merged.dtype)
+            elif adapter in module.lora_A:
+                delta = source[f"{name}.lora_B.{adapter}.weight"] @ source[f"{name}.lora_A.{adapter}.weight"]
+                delta = delta.T if module.fan_in_fan_out else delta
+                merged += (delta * module.scaling[adapter]).to(merged.dtype)
         state[f"{name}.weight"] = merged
     return state
 

@@ -15,20 +15,31 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from grpokit import packing
 from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_model, save_state, set_rng_state
 from grpokit.config import LoRAConfig, RunConfig
-from grpokit.distributed import Cluster
+from grpokit.distributed import Cluster, full, full_weights, shard, shard_of
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs
 from grpokit.optim import build_optimizer
+
+SHARDS = "shards"  # in a checkpoint folder under FSDP: torch.distributed.checkpoint's files
 
 
 class NumericsError(RuntimeError):
@@ -98,6 +109,10 @@ class Policy:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
             if compute_dtype != torch.float32:
                 self.ref_model.to(compute_dtype)  # never trained: its forward runs in compute_dtype anyway
+        # FSDP2: the forwards go through a sharded root per model (`distributed.shard`); AdamW then holds shards
+        self.sharded = {}
+        if self.cluster.sharded:
+            self.sharded = {id(m): shard(m) for m in (model, self.ref_model) if m is not None}
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
 
     @classmethod
@@ -120,6 +135,11 @@ class Policy:
         )
 
     # ---------------------------------------------------------------- forwards
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        """Around a rollout or an evaluation: under FSDP the policy's weights gathered once, not per forward."""
+        root = self.sharded.get(id(self.model))
+        return full_weights(root) if root is not None else contextlib.nullcontext()
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
@@ -127,17 +147,17 @@ class Policy:
 
     def micro_batches(self, batch: TokenBatch, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
         """`rows` (default: all) split into the micro-batches of one forward each: at most
-        `max_tokens_per_micro_batch` computed positions and `micro_batch_size` rows (`packing.micro_batches`)."""
+        `max_tokens_per_micro_batch` computed positions and `micro_batch_size` rows (`packing.micro_batches`).
+        Under FSDP every rank runs as many forwards (each gathers the weights with the others): a rank with fewer
+        gets empty micro-batches, whose forward runs one row for nothing (`_logprobs`)."""
         rows = torch.arange(batch.completion_ids.shape[0]) if rows is None else rows
-        return packing.micro_batches(
-            rows,
-            batch.prompt_mask.sum(-1),
-            batch.completion_mask.sum(-1),
-            self._group_ids(batch),
-            layout=self.layout,
-            max_tokens=self.max_tokens_per_micro_batch,
-            max_rows=self.micro_batch_size,
-        )
+        groups, lengths = self._group_ids(batch), batch.completion_mask.sum(-1)
+        limits = {"max_tokens": self.max_tokens_per_micro_batch, "max_rows": self.micro_batch_size}
+        out = packing.micro_batches(rows, batch.prompt_mask.sum(-1), lengths, groups, layout=self.layout, **limits)
+        if self.sharded:
+            most = int(self.cluster.max({"n": len(out)})["n"])
+            out += [rows[:0]] * (most - len(out))
+        return out
 
     def forward(self, batch: TokenBatch, idx: torch.Tensor, *, with_entropy: bool = False):
         """Completion logprobs (n, w) of rows `idx` with a graph, in train mode; w = their longest completion.
@@ -185,14 +205,19 @@ class Policy:
         return torch.arange(batch.completion_ids.shape[0]) // getattr(batch, "group_size", 1)
 
     def _logprobs(self, model: torch.nn.Module, batch: TokenBatch, idx: torch.Tensor, *, with_entropy=False):
-        """Rows `idx` trimmed to the columns they use, so padding elsewhere in the batch costs nothing."""
+        """Rows `idx` trimmed to the columns they use, so padding elsewhere in the batch costs nothing. No rows
+        (an FSDP rank with fewer micro-batches): row 0 runs so the weights are gathered with the other ranks, and
+        (0, 1) results come back, tied to the graph so that the backward reduces the gradients with them too."""
+        if len(idx) == 0:
+            logp, entropy = self._logprobs(model, batch, torch.zeros(1, dtype=torch.long), with_entropy=with_entropy)
+            return logp[:0], None if entropy is None else entropy[:0]
         prompt_mask = batch.prompt_mask[idx]  # (n, Tp)
         completion_mask = batch.completion_mask[idx]  # (n, Tc)
         first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # left padding shared by all n rows
         width = int(completion_mask.sum(-1).max().clamp(min=1))
+        forward = self.sharded.get(id(model)) or functools.partial(completion_logprobs, model)
         with self.autocast():
-            return completion_logprobs(
-                model,
+            return forward(
                 batch.prompt_ids[idx, first:].to(self.device),
                 prompt_mask[:, first:].to(self.device),
                 batch.completion_ids[idx, :width].to(self.device),
@@ -213,9 +238,10 @@ class Policy:
         Returns the gradient norm before clipping. Across ranks the gradients are summed first: each rank's
         backwards added its rows' share of the step loss."""
         params = self.trainable_parameters()
-        self.cluster.sum_gradients(params)
+        if not self.sharded:  # FSDP summed them into each rank's shards in the backward
+            self.cluster.sum_gradients(params)
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NumericsError(f"the gradient norm is {grad_norm}; the optimizer step was not applied")
@@ -232,11 +258,13 @@ class Policy:
         params = self.trainable_parameters()
         # the L2 norm (the fused kernel clip_grad_norm_ uses, ~5x faster than the max here) is finite when every
         # weight is; only when it is not does the slow search run, which also tells an overflow of the norm alone
-        if math.isfinite(float(torch.nn.utils.get_total_norm(params, norm_type=2.0))):
+        if math.isfinite(float(full(torch.nn.utils.get_total_norm(params, norm_type=2.0)))):
             return
-        if all(bool(p.isfinite().all()) for p in params):
-            return
-        name = next(n for n, p in self.model.named_parameters() if p.requires_grad and not bool(p.isfinite().all()))
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        bad = [n for n, p in named if not bool(shard_of(p).isfinite().all())]
+        if not self.cluster.sum({"bad": float(len(bad))})["bad"]:  # FSDP: each rank searched its own shards
+            return  # only the norm overflowed
+        name = bad[0] if bad else "a parameter (in another rank's shard)"
         raise NumericsError(f"parameter {name} holds NaN or inf {when}")
 
     @property
@@ -259,11 +287,20 @@ class Policy:
         """The policy in `save_pretrained` form; with LoRA merged into the weights or as the adapter alone.
         Rank 0 writes it; every rank returns the folder once it is whole."""
         self.check_finite(f"so {path} was not written")
+        gathered = None  # under FSDP the whole state dict, on rank 0 (every rank takes part)
+        if self.sharded:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            gathered = get_model_state_dict(self.model, options=options)
+            # a tied weight comes back once per name, as copies that save_pretrained would both write
+            first: dict[int, str] = {}
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                if first.setdefault(id(param), name) != name:
+                    gathered.pop(name, None)
         folder = None
         if self.cluster.is_main and uses_lora(self.model):
-            folder = save_policy(self.model, tokenizer, path, lora_form)
+            folder = save_policy(self.model, tokenizer, path, lora_form, state_dict=gathered)
         elif self.cluster.is_main:
-            folder = save_model(self.model, tokenizer, path)
+            folder = save_model(self.model, tokenizer, path, state_dict=gathered)
         return Path(self.cluster.broadcast(folder and str(folder)))
 
     def save_weights(self, folder: Path, tokenizer: Any) -> None:
@@ -305,15 +342,24 @@ class Policy:
         stage's own `generators`; each rank's own under `rank_rng`) and `stage_state` (its data position,
         monitors, ...). Rank 0 writes it (every rank holds the same weights); every rank returns its folder once
         it is whole."""
+        self.check_finite("so the checkpoint was not written")
         ranks_rng = self.cluster.gather_objects([rng_state()])  # rank r's RNGs at [r]
         state = {"step": step, "policy": self.state_dict(), "rng": rng_state(**generators), **stage_state}
 
         def write(folder: Path) -> None:
-            self.save_weights(folder, tokenizer)
+            if self.sharded:  # every rank writes its shards into the folder rank 0 is filling
+                self._save_shards(Path(self.cluster.broadcast(str(folder))) / SHARDS)
+                tokenizer.save_pretrained(folder)
+            else:
+                self.save_weights(folder, tokenizer)
             save_state(folder, {**state, "rank_rng": ranks_rng})
 
-        folder = run.save_checkpoint(step, write) if self.cluster.is_main else None
-        return Path(self.cluster.broadcast(folder and str(folder)))
+        folder = None
+        if self.cluster.is_main:
+            folder = run.save_checkpoint(step, write)
+        elif self.sharded:
+            self._save_shards(Path(self.cluster.broadcast(None)) / SHARDS)
+        return Path(self.cluster.broadcast(folder and str(folder)))  # whole: marked and in place
 
     def resume(self, folder: Path, **generators: torch.Generator) -> dict[str, Any]:
         """Undo `write_checkpoint`: weights, optimizer, schedule and RNGs restored; returns the stage's state
@@ -322,12 +368,19 @@ class Policy:
         from grpokit.modeling import ModelFolderError, check_safetensors
 
         state = load_state(folder)
-        try:
-            for weights in folder.glob("*.safetensors"):
-                check_safetensors(weights)
-        except ModelFolderError as err:
-            raise RunDirectoryError(f"checkpoint {folder}: {err}; resume from an earlier checkpoint") from None
-        self.load_weights(folder)
+        if (folder / SHARDS).is_dir():  # FSDP's: any number of ranks, one process too
+            self._load_shards(folder / SHARDS)
+        elif self.sharded:
+            raise RunDirectoryError(
+                f"checkpoint {folder} was written without `distributed: fsdp`: resume it under ddp or in one process"
+            )
+        else:
+            try:
+                for weights in folder.glob("*.safetensors"):
+                    check_safetensors(weights)
+            except ModelFolderError as err:
+                raise RunDirectoryError(f"checkpoint {folder}: {err}; resume from an earlier checkpoint") from None
+            self.load_weights(folder)
         self.load_state_dict(state["policy"])
         set_rng_state(state["rng"], **generators)
         if self.cluster.rank < len(state.get("rank_rng", [])):  # a rank new to a larger world keeps its seeded RNGs
@@ -336,14 +389,49 @@ class Policy:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights (`save_weights`): AdamW, the schedule, and a synced reference (an unsynced
-        one is the initial model, which a resumed run loads again)."""
+        one is the initial model, which a resumed run loads again). Under FSDP AdamW and the reference are in
+        the shards (`_save_shards`)."""
+        if self.sharded:
+            return {"scheduler": self.scheduler.state_dict()}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.ref_model is not None and self.reference_synced:
             state["reference"] = {k: v.detach().clone() for k, v in self.ref_model.state_dict().items()}
         return state
 
+    def _save_shards(self, path: Path) -> None:
+        """torch.distributed.checkpoint: this rank's shards of the trained weights (with LoRA the adapters),
+        of AdamW's state and of a synced reference, under names that do not depend on the world size."""
+        import torch.distributed.checkpoint as dcp
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
+        state = {"model": model, "optimizer": optimizer}
+        if self.ref_model is not None and self.reference_synced:
+            state["reference"] = get_model_state_dict(self.ref_model)
+        dcp.save(state, checkpoint_id=path)
+
+    def _load_shards(self, path: Path) -> None:
+        """Undo `_save_shards` on any number of ranks, sharded or not (DCP reshards on load)."""
+        import torch.distributed.checkpoint as dcp
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
+        state = {"model": model, "optimizer": optimizer}
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        synced = self.ref_model is not None and any(key.startswith("reference.") for key in saved)
+        if synced:
+            state["reference"] = get_model_state_dict(self.ref_model)
+        with warnings.catch_warnings():  # one process reading every rank's shards is what is meant here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, checkpoint_id=path, no_dist=not self.cluster.active)
+        set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optimizer, options=options)
+        if synced:
+            set_model_state_dict(self.ref_model, state["reference"])
+            self.reference_synced = True
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # else in the shards, loaded already
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ref_model is not None and "reference" in state:
             self.ref_model.load_state_dict(state["reference"])

@@ -355,12 +355,15 @@ class KVCacheSampler:
     """The in-process sampler: `generate` above on the policy's own module, under its compute dtype.
 
     `compute_dtype` below float32 runs the draws under autocast, as the trainer's forward does, so the
-    sampler's logprobs stay comparable to the trainer's (`sampler_logp_diff`).
+    sampler's logprobs stay comparable to the trainer's (`sampler_logp_diff`). `gather`: a context in which
+    the whole weights are in place (`Policy.full_weights`: FSDP's shards gathered once for all the decode
+    steps of a call, not once per step).
     """
 
-    def __init__(self, tokenizer: Any, *, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, tokenizer: Any, *, compute_dtype: torch.dtype = torch.float32, gather=contextlib.nullcontext):
         self.tokenizer = tokenizer
         self.compute_dtype = compute_dtype
+        self.gather = gather
         self.model: torch.nn.Module | None = None
 
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -382,7 +385,7 @@ class KVCacheSampler:
             if self.compute_dtype != torch.float32
             else contextlib.nullcontext()
         )
-        with autocast:
+        with autocast, self.gather():
             return generate(
                 self.model,
                 prompt_ids,

@@ -63,7 +63,7 @@ class GRPOTrainer:
         self.cluster = Cluster.from_env(cfg.distributed, prompts_per_step=cfg.prompts_per_step)  # 1 rank: no torchrun
         seed_everything(cfg.seed)
         self.device = self.cluster.device(cfg.device)
-        compute_dtype = resolve_dtype(cfg.dtype, self.device)
+        dtype = resolve_dtype(cfg.dtype, self.device)
         self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_dataset, eval_dataset)
@@ -83,11 +83,11 @@ class GRPOTrainer:
         self.minibatch_size = cfg.minibatch_size or self.generation_size
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
         # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
-        self.policy = Policy.for_grpo(
-            model, cfg, total_steps=optimizer_steps, device=self.device, dtype=compute_dtype, cluster=self.cluster
+        policy = self.policy = Policy.for_grpo(
+            model, cfg, total_steps=optimizer_steps, device=self.device, dtype=dtype, cluster=self.cluster
         )
-        self.sampler = sampler if sampler is not None else KVCacheSampler(self.tokenizer, compute_dtype=compute_dtype)
-        self.sampler.update_weights(self.policy.model)
+        self.sampler = sampler or KVCacheSampler(self.tokenizer, compute_dtype=dtype, gather=policy.full_weights)
+        self.sampler.update_weights(policy.model)
         self.sampling = SamplingParams.for_training(cfg)
         self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_generators`)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -184,7 +184,7 @@ class GRPOTrainer:
                     max_completion_length=cfg.max_completion_length,
                 )
                 here = mb_idx[(mb_idx >= first_row) & (mb_idx < first_row + n_here)] - first_row
-                for idx in policy.micro_batches(rollout, here) if len(here) else []:
+                for idx in policy.micro_batches(rollout, here):
                     logp, entropy = policy.forward(rollout, idx, with_entropy=iteration == 0)  # (n, w)
                     width = logp.shape[1]
                     m = mask[idx, :width]  # (n, w)
