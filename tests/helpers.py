@@ -62,6 +62,23 @@ def save_tiny(path: Path, arch: str = "qwen2", *, pad_equals_eos: bool = False, 
     return path
 
 
+def save_tiny_reward_model(folder: Path, chars: str | None = None, name: str = "reward_model") -> Path:
+    """FOLDER/NAME, a reward model: a tiny Llama with a random, visible score head (rewards differ clearly
+    between texts), with a character tokenizer over `chars` (default: grpokit's own alphabet)."""
+    import torch
+
+    from grpokit.checkpoint import save_model
+    from grpokit.reward_model import load_reward_model
+
+    tokenizer = build_char_tokenizer(chars) if chars else build_char_tokenizer()
+    lm = save_model(tiny_model(tokenizer, "llama", hidden_size=HIDDEN, seed=0), tokenizer, folder / "llama")
+    torch.manual_seed(0)
+    model = load_reward_model(lm, "cpu", torch.float32, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    return save_model(model, tokenizer, folder / name)
+
+
 def tiny_lm(
     arch: str = "llama", attn: str = "sdpa", *, pad_token_id: int = 0, eos_token_id: int = 1, bos_token_id: int = 2
 ):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import KILL_AT_CALL, read_jsonl, save_tiny
+from helpers import KILL_AT_CALL, read_jsonl, save_tiny, save_tiny_reward_model
 from safetensors.torch import load_file
 
 from grpokit.checkpoint import list_checkpoints
@@ -40,6 +40,7 @@ CASES = {
     "fsdp-bnpo": {"distributed": "fsdp", "loss_type": "bnpo"},
     "fsdp-dapo-lora-mu2": {"distributed": "fsdp", "loss_type": "dapo", **LORA, **REUSE},
     "fsdp-dr_grpo": {"distributed": "fsdp", "loss_type": "dr_grpo", "gradient_checkpointing": True},
+    "fsdp-reward-model": {"distributed": "fsdp", "reward_funcs": ["REWARD_MODEL", "helpers:digit_share"]},
 }
 
 
@@ -112,7 +113,11 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_train_as_one_process(case, llama_path, tmp_path):
-    config = write_config(tmp_path, llama_path, **CASES[case])
+    overrides = dict(CASES[case])
+    if "REWARD_MODEL" in overrides.get("reward_funcs", []):  # a reward model folder: loaded on every rank
+        folder = str(save_tiny_reward_model(tmp_path / "rm"))
+        overrides["reward_funcs"] = [folder if f == "REWARD_MODEL" else f for f in overrides["reward_funcs"]]
+    config = write_config(tmp_path, llama_path, **overrides)
     launch(config)
     split, whole = tmp_path / "run", one_process(config, tmp_path / "whole")
     assert len(completions(whole)) == 3 * 4 * 2

@@ -47,13 +47,9 @@ def causal_lm_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def rm_path(tmp_path_factory) -> Path:
     """A reward model folder (random score head) whose tokenizer is the reversed-alphabet one."""
-    tokenizer = build_char_tokenizer(REVERSED_CHARS)
-    lm = save_causal_lm(tmp_path_factory.mktemp("lm_rev") / "llama", tokenizer)
-    torch.manual_seed(0)
-    model = load_reward_model(lm, "cpu", torch.float32, pad_token_id=tokenizer.pad_token_id)
-    with torch.no_grad():  # a visible head, so rewards differ clearly between texts
-        model.score.weight.normal_(0, 1.0)
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("rm") / "addition_rm")
+    from helpers import save_tiny_reward_model
+
+    return save_tiny_reward_model(tmp_path_factory.mktemp("rm"), REVERSED_CHARS, name="addition_rm")
 
 
 def rm_config(tmp_path: Path, model: Path | str, **overrides) -> RewardModelConfig:
