@@ -30,18 +30,30 @@ LAUNCH_TIMEOUT = 600  # a hang guard only (a collective one rank never joins), f
 
 LORA = {"lora": {"r": 4, "alpha": 8.0}}
 REUSE = {"num_iterations": 2, "minibatch_size": 4}  # mu = 2, two minibatches: spread unevenly over the ranks
-# Each loss type under both modes, with LoRA under one of them and without under the other.
-CASES = {
-    "ddp-grpo": {"loss_type": "grpo"},
-    "ddp-bnpo-lora": {"loss_type": "bnpo", **LORA},
-    "ddp-dapo": {"loss_type": "dapo", "scale_rewards": "batch"},
-    "ddp-dr_grpo-lora-mu2": {"loss_type": "dr_grpo", **LORA, **REUSE},
-    "fsdp-grpo-lora": {"distributed": "fsdp", "loss_type": "grpo", **LORA},
-    "fsdp-bnpo": {"distributed": "fsdp", "loss_type": "bnpo"},
-    "fsdp-dapo-lora-mu2": {"distributed": "fsdp", "loss_type": "dapo", **LORA, **REUSE},
-    "fsdp-dr_grpo": {"distributed": "fsdp", "loss_type": "dr_grpo", "gradient_checkpointing": True},
-    "fsdp-reward-model": {"distributed": "fsdp", "reward_funcs": ["REWARD_MODEL", "helpers:digit_share"]},
+# (mode, loss type) -> what else the case turns on
+EXTRAS = {
+    ("ddp", "dapo"): {"scale_rewards": "batch"},
+    ("ddp", "dr_grpo"): REUSE,
+    ("fsdp", "dapo"): REUSE,
+    ("fsdp", "dr_grpo"): {"gradient_checkpointing": True},
 }
+# Every loss type under both modes, with LoRA and without: 16 launches. The default run takes the half in which
+# each loss type meets each mode once and each mode meets LoRA and its absence twice; GRPOKIT_DISTRIBUTED_ALL=1
+# runs the other half too (the whole product costs more than the 3 minutes the suite gives these tests).
+DEFAULT = {("ddp", "grpo", False), ("ddp", "bnpo", True), ("ddp", "dapo", False), ("ddp", "dr_grpo", True)}
+DEFAULT |= {("fsdp", "grpo", True), ("fsdp", "bnpo", False), ("fsdp", "dapo", True), ("fsdp", "dr_grpo", False)}
+ALL = os.environ.get("GRPOKIT_DISTRIBUTED_ALL") == "1"
+CASES = {}
+for mode in ("ddp", "fsdp"):
+    for loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"):
+        for lora in (False, True):
+            name = f"{mode}-{loss_type}" + ("-lora" if lora else "")
+            values = {"distributed": mode, "loss_type": loss_type, **(LORA if lora else {})}
+            marks = [] if ALL or (mode, loss_type, lora) in DEFAULT else [pytest.mark.skip("GRPOKIT_DISTRIBUTED_ALL=1")]
+            CASES[name] = pytest.param({**values, **EXTRAS.get((mode, loss_type), {})}, marks=marks, id=name)
+CASES["fsdp-reward-model"] = pytest.param(
+    {"distributed": "fsdp", "reward_funcs": ["REWARD_MODEL", "helpers:digit_share"]}, id="fsdp-reward-model"
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +123,9 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES.values()))
 def test_two_ranks_train_as_one_process(case, llama_path, tmp_path):
-    overrides = dict(CASES[case])
+    overrides = dict(case)
     if "REWARD_MODEL" in overrides.get("reward_funcs", []):  # a reward model folder: loaded on every rank
         folder = str(save_tiny_reward_model(tmp_path / "rm"))
         overrides["reward_funcs"] = [folder if f == "REWARD_MODEL" else f for f in overrides["reward_funcs"]]

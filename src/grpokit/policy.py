@@ -23,13 +23,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
 from grpokit import packing
 from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_model, save_state, set_rng_state
@@ -289,6 +282,8 @@ class Policy:
         self.check_finite(f"so {path} was not written")
         gathered = None  # under FSDP the whole state dict, on rank 0 (every rank takes part)
         if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             gathered = get_model_state_dict(self.model, options=options)
             # a tied weight comes back once per name, as copies that save_pretrained would both write
@@ -402,6 +397,7 @@ class Policy:
         """torch.distributed.checkpoint: this rank's shards of the trained weights (with LoRA the adapters),
         of AdamW's state and of a synced reference, under names that do not depend on the world size."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
         options = StateDictOptions(ignore_frozen_params=True)
         model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
@@ -413,6 +409,13 @@ class Policy:
     def _load_shards(self, path: Path) -> None:
         """Undo `_save_shards` on any number of ranks, sharded or not (DCP reshards on load)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
 
         options = StateDictOptions(ignore_frozen_params=True)
         model, optimizer = get_state_dict(self.model, self.optimizer, options=options)

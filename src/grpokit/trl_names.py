@@ -127,8 +127,8 @@ NO_EFFECT = frozenset(
 )
 UNSUPPORTED = {
     "use_vllm": "grpokit samples in-process (the `sampler=` seam takes another engine)",
-    "deepspeed": "grpokit runs in one process; DeepSpeed is not used",
-    "fsdp": "grpokit runs in one process",
+    "deepspeed": "DeepSpeed is not used: launch under torchrun with grpokit's `distributed: fsdp` (FSDP2)",
+    "fsdp": "accelerate's FSDP is not used: launch under torchrun with grpokit's `distributed: fsdp` (FSDP2)",
     "torch_compile": "grpokit does not compile the model",
     "use_liger_kernel": "grpokit's LM-head logprob gradient is its own (no Liger kernels)",
     "push_to_hub": "grpokit writes the model folder; push it with huggingface_hub",
