@@ -182,10 +182,14 @@ class Cluster:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group this object joined (one the caller made is left to the caller)."""
+        """Leave the process group this object joined (one the caller made is left to the caller), once every
+        rank is done with it: rank 0 writes the last files alone, and a rank that tears its connections down
+        while a peer still holds them open can abort (seen as SIGABRT, "terminate called without an active
+        exception", at the end of a 2-rank gloo run)."""
         if self.owns_group:
             import torch.distributed as dist
 
+            dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 
