@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,35 +40,10 @@ ALLOCATORS = {"glibc-default": {}, "mmap-128k": {"MALLOC_MMAP_THRESHOLD_": "1310
 
 def worker(workload: str, steps: int, mode: str, out: str, report: str) -> None:
     """One process of a launch: train, then write this rank's peak RSS and step times to REPORT-RANK.json."""
-    from examples.word_problems import last_number_is_answer
-    from grpokit.config import GRPOConfig
-    from grpokit.trainer import GRPOTrainer
-
-    spec = vs_trl.WORKLOADS[workload]
-    model_dir, data = vs_trl.prepare(workload)
-    starts = []
-
-    class Clocked(GRPOTrainer):
-        def step(self, rows=None):
-            starts.append(time.perf_counter())
-            return super().step(rows)
-
-    cfg = GRPOConfig(
-        model=str(model_dir),
-        train_data=str(data),
-        output_dir=out,
-        max_steps=steps + 1,  # the last step only closes the interval of the one before
-        prompts_per_step=spec["prompts"],
-        num_generations=spec["generations"],
-        max_completion_length=spec["max_completion"],
-        beta=vs_trl.BETA,
-        num_eval_prompts=0,
-        save_every=0,
-        progress=False,
-        tensorboard=False,
-        distributed="fsdp" if mode == "fsdp" else "ddp",
+    distributed = "fsdp" if mode == "fsdp" else "ddp"
+    trainer, starts = vs_trl.clocked_grpokit(
+        workload, steps, out, save_every=0, tensorboard=False, distributed=distributed
     )
-    trainer = Clocked(cfg, reward_funcs=[("answer", last_number_is_answer)])
     trainer.train()
     rank = trainer.cluster.rank
     state = model_state_mb(trainer.policy)

@@ -99,14 +99,15 @@ def prepare(workload: str) -> tuple[Path, Path]:
 # ---------------------------------------------------------------- workers (one process each)
 
 
-def grpokit_worker(workload: str, steps: int, checkpointing: bool | None) -> dict:
+def clocked_grpokit(workload: str, steps: int, out: str, **extra) -> tuple:
+    """A GRPOTrainer on the workload, writing into `out`, whose step start times land in the list returned beside
+    it: (trainer, starts). `extra`: config fields beyond the workload's."""
     from grpokit.config import GRPOConfig
     from grpokit.trainer import GRPOTrainer
 
     spec = WORKLOADS[workload]
     model_dir, data = prepare(workload)
-    extra = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
-    starts = []
+    starts: list[float] = []
 
     class Clocked(GRPOTrainer):
         """Times the whole loop iteration, as TRL's callbacks see it: from one step's start to the next one's,
@@ -116,21 +117,27 @@ def grpokit_worker(workload: str, steps: int, checkpointing: bool | None) -> dic
             starts.append(time.perf_counter())
             return super().step(rows)
 
+    cfg = GRPOConfig(
+        model=str(model_dir),
+        train_data=str(data),
+        output_dir=out,
+        max_steps=steps + 1,  # the last step only closes the interval of the one before
+        prompts_per_step=spec["prompts"],
+        num_generations=spec["generations"],
+        max_completion_length=spec["max_completion"],
+        beta=BETA,
+        num_eval_prompts=0,
+        progress=False,
+        **extra,
+    )
+    return Clocked(cfg, reward_funcs=[("answer", last_number_is_answer)]), starts
+
+
+def grpokit_worker(workload: str, steps: int, checkpointing: bool | None) -> dict:
+    spec = WORKLOADS[workload]
+    extra = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
     with tempfile.TemporaryDirectory() as out:
-        cfg = GRPOConfig(
-            model=str(model_dir),
-            train_data=str(data),
-            output_dir=out,
-            max_steps=steps + 1,  # the last step only closes the interval of the one before
-            prompts_per_step=spec["prompts"],
-            num_generations=spec["generations"],
-            max_completion_length=spec["max_completion"],
-            beta=BETA,
-            num_eval_prompts=0,
-            progress=False,
-            **extra,
-        )
-        trainer = Clocked(cfg, reward_funcs=[("answer", last_number_is_answer)])
+        trainer, starts = clocked_grpokit(workload, steps, out, **extra)
         trainer.train()
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if "time/step" in r][:steps]

@@ -94,12 +94,12 @@ class Cluster:
             return torch.device("cuda", self.local_rank)
         return torch.device(name)
 
-    def share(self, n: int, what: str = "prompts_per_step") -> range:
+    def share(self, n: int) -> range:
         """This rank's contiguous share of n items (the step's prompts); n must split evenly over the ranks."""
         if n % self.world_size:
             raise DistributedError(
-                f"config field `{what}` = {n} does not split over {self.world_size} ranks: make it a multiple of "
-                f"the world size (it counts the whole step over all ranks)"
+                f"config field `prompts_per_step` = {n} does not split over {self.world_size} ranks: make it a "
+                "multiple of the world size (it counts the whole step over all ranks)"
             )
         per_rank = n // self.world_size
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
@@ -174,12 +174,6 @@ class Cluster:
                 for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
                     g.copy_(part.view_as(g))
                 bucket, size = [], 0
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
 
     def close(self) -> None:
         """Leave the process group this object joined (one the caller made is left to the caller), once every

@@ -103,9 +103,9 @@ class Policy:
             if compute_dtype != torch.float32:
                 self.ref_model.to(compute_dtype)  # never trained: its forward runs in compute_dtype anyway
         # FSDP2: the forwards go through a sharded root per model (`distributed.shard`); AdamW then holds shards
-        self.sharded = {}
+        self.fsdp_roots = {}  # id(model) -> its FSDP root; empty unless sharded
         if self.cluster.sharded:
-            self.sharded = {id(m): shard(m) for m in (model, self.ref_model) if m is not None}
+            self.fsdp_roots = {id(m): shard(m) for m in (model, self.ref_model) if m is not None}
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
 
     @classmethod
@@ -130,7 +130,7 @@ class Policy:
     # ---------------------------------------------------------------- forwards
     def full_weights(self) -> contextlib.AbstractContextManager:
         """Around a rollout or an evaluation: under FSDP the policy's weights gathered once, not per forward."""
-        root = self.sharded.get(id(self.model))
+        root = self.fsdp_roots.get(id(self.model))
         return full_weights(root) if root is not None else contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -147,7 +147,7 @@ class Policy:
         groups, lengths = self._group_ids(batch), batch.completion_mask.sum(-1)
         limits = {"max_tokens": self.max_tokens_per_micro_batch, "max_rows": self.micro_batch_size}
         out = packing.micro_batches(rows, batch.prompt_mask.sum(-1), lengths, groups, layout=self.layout, **limits)
-        if self.sharded:
+        if self.fsdp_roots:
             most = int(self.cluster.max({"n": len(out)})["n"])
             out += [rows[:0]] * (most - len(out))
         return out
@@ -208,7 +208,7 @@ class Policy:
         completion_mask = batch.completion_mask[idx]  # (n, Tc)
         first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # left padding shared by all n rows
         width = int(completion_mask.sum(-1).max().clamp(min=1))
-        forward = self.sharded.get(id(model)) or functools.partial(completion_logprobs, model)
+        forward = self.fsdp_roots.get(id(model)) or functools.partial(completion_logprobs, model)
         with self.autocast():
             return forward(
                 batch.prompt_ids[idx, first:].to(self.device),
@@ -231,7 +231,7 @@ class Policy:
         Returns the gradient norm before clipping. Across ranks the gradients are summed first: each rank's
         backwards added its rows' share of the step loss."""
         params = self.trainable_parameters()
-        if not self.sharded:  # FSDP summed them into each rank's shards in the backward
+        if not self.fsdp_roots:  # FSDP summed them into each rank's shards in the backward
             self.cluster.sum_gradients(params)
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
@@ -281,7 +281,7 @@ class Policy:
         Rank 0 writes it; every rank returns the folder once it is whole."""
         self.check_finite(f"so {path} was not written")
         gathered = None  # under FSDP the whole state dict, on rank 0 (every rank takes part)
-        if self.sharded:
+        if self.fsdp_roots:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -300,8 +300,8 @@ class Policy:
 
     def save_weights(self, folder: Path, tokenizer: Any) -> None:
         """Into an open checkpoint folder: the model in `save_pretrained` form (with LoRA the adapter), which
-        loads back exactly (float32) and also serves anyone who wants that step's model."""
-        self.check_finite("so the checkpoint was not written")
+        loads back exactly (float32) and also serves anyone who wants that step's model. `write_checkpoint`,
+        its caller, has checked the weights are finite."""
         if uses_lora(self.model):
             self.model.save_pretrained(folder, safe_serialization=True)
         else:
@@ -342,7 +342,7 @@ class Policy:
         state = {"step": step, "policy": self.state_dict(), "rng": rng_state(**generators), **stage_state}
 
         def write(folder: Path) -> None:
-            if self.sharded:  # every rank writes its shards into the folder rank 0 is filling
+            if self.fsdp_roots:  # every rank writes its shards into the folder rank 0 is filling
                 self._save_shards(Path(self.cluster.broadcast(str(folder))) / SHARDS)
                 tokenizer.save_pretrained(folder)
             else:
@@ -352,7 +352,7 @@ class Policy:
         folder = None
         if self.cluster.is_main:
             folder = run.save_checkpoint(step, write)
-        elif self.sharded:
+        elif self.fsdp_roots:
             self._save_shards(Path(self.cluster.broadcast(None)) / SHARDS)
         return Path(self.cluster.broadcast(folder and str(folder)))  # whole: marked and in place
 
@@ -365,7 +365,7 @@ class Policy:
         state = load_state(folder)
         if (folder / SHARDS).is_dir():  # FSDP's: any number of ranks, one process too
             self._load_shards(folder / SHARDS)
-        elif self.sharded:
+        elif self.fsdp_roots:
             raise RunDirectoryError(
                 f"checkpoint {folder} was written without `distributed: fsdp`: resume it under ddp or in one process"
             )
@@ -386,7 +386,7 @@ class Policy:
         """Everything but the weights (`save_weights`): AdamW, the schedule, and a synced reference (an unsynced
         one is the initial model, which a resumed run loads again). Under FSDP AdamW and the reference are in
         the shards (`_save_shards`)."""
-        if self.sharded:
+        if self.fsdp_roots:
             return {"scheduler": self.scheduler.state_dict()}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.ref_model is not None and self.reference_synced:

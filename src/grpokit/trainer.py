@@ -168,9 +168,9 @@ class GRPOTrainer:
         whole minibatch (`step_mask` (N, T): every rank's mask; this rank's rows start at `first_row`)."""
         cfg, N, policy = self.cfg, step_mask.shape[0], self.policy
         n_here = rollout.num_sequences
-        sums = dict.fromkeys(["loss", "grad_norm", "kl", "entropy", "sampler_logp_diff"], 0.0)
-        sums.update(dict.fromkeys(["clip_ratio/low_mean", "clip_ratio/high_mean"], 0.0))
-        n_opt_steps, tokens_seen, first_pass_tokens = 0, 0.0, 0.0
+        added = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "tokens", "first_pass_tokens")
+        sums = dict.fromkeys((*added, "grad_norm", "sampler_logp_diff"), 0.0)  # `added`: summed over ranks too
+        n_opt_steps = 0
         generation_tokens = int(step_mask.sum())
         for iteration in range(cfg.num_iterations):
             reshuffle = iteration > 0 or old_logp is not None
@@ -209,10 +209,10 @@ class GRPOTrainer:
                     sums["clip_ratio/low_mean"] += float((tok_stats["clipped_low"] * m).sum())
                     sums["clip_ratio/high_mean"] += float((tok_stats["clipped_high"] * m).sum())
                     sums["kl"] += float((tok_stats["kl"] * m).sum())
-                    tokens_seen += n_tok
+                    sums["tokens"] += n_tok
                     if iteration == 0:
                         sums["entropy"] += float((entropy * m).sum())
-                        first_pass_tokens += n_tok
+                        sums["first_pass_tokens"] += n_tok
                     if old_logp is None:  # one pass, one optimizer step: logp is still the sampling policy's
                         gap = algo.max_logp_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
                         sums["sampler_logp_diff"] = max(sums["sampler_logp_diff"], gap)
@@ -220,11 +220,10 @@ class GRPOTrainer:
                 n_opt_steps += 1
         if old_logp is not None:
             sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask)
-        # over the ranks: the gap's maximum; counts and sums added (grad_norm is already of the summed gradients)
-        kept = {k: sums.pop(k) for k in ("sampler_logp_diff", "grad_norm")}
-        sums = {**self.cluster.sum({**sums, "tokens": tokens_seen, "first": first_pass_tokens}), **kept}
-        sums["sampler_logp_diff"] = self.cluster.max({"gap": kept["sampler_logp_diff"]})["gap"]
-        tokens_seen, first_pass_tokens = max(sums.pop("tokens"), 1.0), max(sums.pop("first"), 1.0)
+        # over the ranks: sums and counts added, the gap's maximum (grad_norm is already of the summed gradients)
+        sums.update(self.cluster.sum({k: sums[k] for k in added}))
+        sums.update(self.cluster.max({"sampler_logp_diff": sums["sampler_logp_diff"]}))
+        tokens_seen, first_pass_tokens = max(sums["tokens"], 1.0), max(sums["first_pass_tokens"], 1.0)
         stats = {
             "loss": sums["loss"] / n_opt_steps,
             "grad_norm": sums["grad_norm"] / n_opt_steps,
