@@ -58,25 +58,10 @@ def worker(workload: str, steps: int, mode: str, out: str, report: str) -> None:
 
 
 def model_state_mb(policy) -> dict[str, float]:
-    """What this rank's tensors of the model state hold (its shards under fsdp), counted from their storage:
-    weights, the reference's weights, AdamW's moments, and the gradients the update holds (one per trained
-    weight)."""
-    from grpokit.distributed import shard_of
-
-    def mb(tensors) -> float:
-        return sum(shard_of(t).numel() * shard_of(t).element_size() for t in tensors) / 2**20
-
-    import torch
-
-    trained = [p for p in policy.model.parameters() if p.requires_grad]
-    state = policy.optimizer.state.values()
-    moments = [v for s in state for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]  # not `step`
-    out = {
-        "weights": mb(policy.model.parameters()),
-        "reference": mb(policy.ref_model.parameters()) if policy.ref_model is not None else 0.0,
-        "adamw": mb(moments),
-        "gradients": mb(trained),
-    }
+    """What this rank's tensors of the model state hold (its shards under fsdp): `Policy.memory_mb`."""
+    held = policy.memory_mb()
+    out = {"weights": held["weights"], "reference": held["reference"], "adamw": held["optimizer"]}
+    out["gradients"] = held["gradients"]
     out["total"] = sum(out.values())
     return out
 

@@ -561,3 +561,93 @@ def test_normalize_then_sum_ignores_each_rewards_scale():
     assert torch.equal(summed.sign(), torch.tensor([-1.0, 1.0, 1.0, -1.0], dtype=torch.float64))  # column 0 decides
     with pytest.raises(ValueError, match="'sum_then_normalise'"):
         algo.multi_reward_advantages(rewards, weights, group_size=2, scale="group", aggregation="sum_then_normalise")
+
+
+# ---------------------------------------------------------------- PPO: token rewards, GAE, whitening, value loss
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token_and_the_kl_penalty_on_every_one():
+    scores = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5]])
+    got = algo.token_rewards(scores, mask, kl=kl, beta=0.1)
+    want = torch.tensor([[-0.01, -0.02, 0.97], [-0.05, -2.05, 0.0]])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(algo.token_rewards(scores, mask), torch.tensor([[0.0, 0.0, 1.0], [0.0, -2.0, 0.0]]))
+    # a row without tokens gets no reward at all (not the score on column 0)
+    assert algo.token_rewards(torch.tensor([3.0]), torch.tensor([[0, 0]])).abs().sum() == 0
+
+
+def test_gae_matches_hand_computed_advantages_and_returns():
+    # row 0, gamma 1, lam 0.5: deltas 0.1, 0.2, 0.2 -> A2 = 0.2, A1 = 0.2 + 0.5 * 0.2, A0 = 0.1 + 0.5 * 0.3
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.8]])
+    adv, ret = algo.gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.25, 0.3, 0.2]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.75, 0.9, 1.0]]))
+    # row 1, gamma 0.9, lam 0.95, one padded column whose reward and value must be ignored:
+    # t=1: delta = 2 - 0.5 = 1.5; t=0: delta = 0.9 * 0.5 - 1 = -0.55, A0 = -0.55 + 0.9 * 0.95 * 1.5 = 0.7325
+    rewards = torch.tensor([[0.0, 2.0, 5.0]])
+    values = torch.tensor([[1.0, 0.5, 9.0]])
+    adv, ret = algo.gae(rewards, values, torch.tensor([[1, 1, 0]]), gamma=0.9, lam=0.95)
+    torch.testing.assert_close(adv, torch.tensor([[0.7325, 1.5, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.7325, 2.0, 0.0]]))
+
+
+def test_gae_with_lambda_one_gives_the_discounted_return_and_lambda_zero_the_one_step_error():
+    gen = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    _, ret = algo.gae(rewards, values, mask, gamma=0.9, lam=1.0)
+    for i, n in enumerate(mask.sum(-1).tolist()):
+        for t in range(n):
+            discounted = sum(0.9 ** (k - t) * rewards[i, k] for k in range(t, n))
+            torch.testing.assert_close(ret[i, t], torch.as_tensor(discounted, dtype=torch.float32))
+    adv, _ = algo.gae(rewards, values, mask, gamma=0.9, lam=0.0)
+    next_v = torch.cat([values[:, 1:] * mask[:, 1:], torch.zeros(3, 1)], 1)
+    torch.testing.assert_close(adv, (rewards + 0.9 * next_v - values) * mask)
+
+
+def test_whiten_over_real_tokens_only():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    torch.testing.assert_close(algo.whiten(x, mask, eps=0.0), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]))
+    # without the shift the mean stays: (x / 1) masked
+    torch.testing.assert_close(algo.whiten(x, mask, shift_mean=False, eps=0.0), torch.tensor([[1.0, 2.0, 3.0, 0.0]]))
+    # one real token: its mean removed, no division by an undefined std
+    torch.testing.assert_close(algo.whiten(torch.tensor([[4.0, 7.0]]), torch.tensor([[1, 0]])), torch.zeros(1, 2))
+
+
+def test_clipped_value_loss_matches_hand_computed_values_and_its_gradient_stops_at_the_clip():
+    values = torch.tensor([[1.0, 0.0, 0.9]], requires_grad=True)
+    old = torch.tensor([[0.5, 0.5, 0.5]])
+    returns = torch.tensor([[0.0, 1.0, 1.0]])
+    loss, clipped = algo.value_loss(values, old, returns, clip_range=0.2)
+    # V_clip = 0.7, 0.3, 0.7; plain 1, 1, 0.01; clipped 0.49, 0.49, 0.09 -> 0.5 max
+    torch.testing.assert_close(loss.detach(), torch.tensor([[0.5, 0.5, 0.045]]))
+    torch.testing.assert_close(clipped, torch.tensor([[0.0, 0.0, 1.0]]))
+    loss.sum().backward()
+    # d/dV 0.5 (V - R)^2 = V - R where the plain term wins; 0 where the clipped (constant in V) term wins
+    torch.testing.assert_close(values.grad, torch.tensor([[1.0, -1.0, 0.0]]))
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 50.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert algo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert algo.explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
+    assert math.isnan(algo.explained_variance(returns, torch.ones(1, 4), mask))
+
+
+def test_per_token_advantages_broadcast_like_per_sequence_ones():
+    gen = torch.Generator().manual_seed(1)
+    logp = torch.randn(2, 3, generator=gen)
+    old = logp + 0.3 * torch.randn(2, 3, generator=gen)
+    adv = torch.tensor([0.7, -1.2])
+    kwargs = {"ref_logp": None, "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2}
+    per_seq, _ = algo.per_token_loss(logp, old, adv, torch.ones(2, 3), **kwargs)
+    per_tok, _ = algo.per_token_loss(logp, old, adv[:, None].expand(2, 3), torch.ones(2, 3), **kwargs)
+    torch.testing.assert_close(per_seq, per_tok)
+    varied = torch.tensor([[0.7, 0.0, -0.7], [1.0, 2.0, 3.0]])
+    loss, _ = algo.per_token_loss(logp, logp.detach(), varied, torch.ones(2, 3), **kwargs)
+    torch.testing.assert_close(loss, -varied)  # ratio 1: L = -A per token

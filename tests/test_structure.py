@@ -29,8 +29,9 @@ TESTS_DIR = ROOT / "tests"
 TRAINER_MAX_LINES = 320
 # Modules allowed to import the trainer: the trainer is the top of the library, only entry points sit above it.
 # The entry points that compose the trainer: the command line, the demo, the package's own face
-# (`from grpokit import GRPOTrainer`) and the TRL-named facade over it (`grpokit.trl`).
-TRAINER_IMPORTERS = {"grpokit.cli", "grpokit.demo", "grpokit", "grpokit.trl"}
+# (`from grpokit import GRPOTrainer`), the TRL-named facade over it (`grpokit.trl`), PPO (the GRPO loop with a
+# critic, a stage above it) and the GRPO-vs-PPO comparison (which runs both).
+TRAINER_IMPORTERS = {"grpokit.cli", "grpokit.demo", "grpokit", "grpokit.trl", "grpokit.ppo", "grpokit.compare"}
 IMPORT_WORKERS = 2  # the machine has 2 cores; more processes would only contend for them
 
 

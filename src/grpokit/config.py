@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -271,15 +272,18 @@ class GRPOConfig(RunConfig):
     once per optimizer step. `fsdp`: FSDP2, the model (and the reference), gradients and AdamW state sharded
     over the ranks, each decoder layer a unit."""
 
+    min_generations: typing.ClassVar[int] = 2  # the group is GRPO's baseline; PPO's critic needs none
+
     def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given)
         _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _require(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         _require(
-            self.num_generations >= 2,
+            self.num_generations >= self.min_generations,
             "num_generations",
             f"must be >= 2, got {self.num_generations}: GRPO compares the completions of one prompt, "
-            "and a group of 1 has advantage 0 everywhere, so nothing would be learned",
+            "and a group of 1 has advantage 0 everywhere, so nothing would be learned (PPO's critic needs no "
+            "group: `grpokit ppo` takes 1)",
         )
         _require(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         batch = self.prompts_per_step * self.num_generations
@@ -395,6 +399,58 @@ class GRPOConfig(RunConfig):
 
 
 @dataclass
+class PPOConfig(GRPOConfig):
+    """`grpokit ppo`: PPO with a learned critic (Schulman et al. 2017; per-token KL reward of Ouyang et al. 2022):
+    the rollout, rewards, reference and policy of GRPO, with per-token GAE advantages from a value model in
+    place of the group baseline. `scale_rewards` and `reward_aggregation` are GRPO's and unused here."""
+
+    output_dir: str = "runs/ppo"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, plots, the final model and critic."""
+    num_generations: int = 1
+    """Completions per prompt; PPO's baseline is the critic, so 1 suffices (more give more samples per prompt)."""
+    kl_estimator: KLEstimator = "k1"
+    """KL(pi || pi_ref) estimator per token: k1 (log pi - log pi_ref, the InstructGPT penalty), k2 or k3."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where `beta` x KL goes: `reward`, a per-token penalty in the rewards (InstructGPT), so GAE carries it;
+    `loss`, a term of the policy loss as in GRPO."""
+    critic_model: str | None = None
+    """The critic's starting weights: a grpokit reward model folder (its body and its score head, as InstructGPT
+    starts the value model from the reward model) or a causal LM folder (its body, a zero scalar head). Empty:
+    the policy's own starting weights with a zero scalar head."""
+    critic_learning_rate: float | None = None
+    """The critic's peak learning rate (its own AdamW, the same schedule). Empty: `learning_rate`."""
+    gamma: float = 1.0
+    """Discount per token in GAE; 1: the completion's reward counts in full at every token."""
+    lam: float = 0.95
+    """GAE's lambda: 0 the one-step TD error (low variance, biased by the critic), 1 the Monte Carlo return."""
+    vf_coef: float = 0.1
+    """Weight of the value loss. The critic has its own AdamW, which is blind to a constant factor, so this
+    matters only against the critic's gradient clipping (`max_grad_norm`)."""
+    cliprange_value: float = 0.2
+    """A value may move at most this far from the one the advantages were computed with in one loss term
+    (PPO's clipped value loss)."""
+    whiten_advantages: bool = True
+    """Normalize the step's per-token advantages to mean 0, std 1 over its real tokens."""
+
+    min_generations: typing.ClassVar[int] = 1
+
+    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given)
+        _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
+        _require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        _require(self.vf_coef > 0, "vf_coef", f"must be > 0, got {self.vf_coef}: the critic would never learn")
+        _require(self.cliprange_value > 0, "cliprange_value", f"must be > 0, got {self.cliprange_value}")
+        lr = self.critic_learning_rate
+        _require(lr is None or (math.isfinite(lr) and lr > 0), "critic_learning_rate", f"must be > 0, got {lr}")
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        _require(
+            world == 1,
+            "distributed",
+            f"grpokit ppo runs in one process; this is a torchrun launch of {world}: run it without torchrun",
+        )
+
+
+@dataclass
 class SFTConfig(RunConfig):
     """`grpokit sft`: supervised fine-tuning, cross-entropy on completion tokens only (prompts are context)."""
 
@@ -416,6 +472,8 @@ class SFTConfig(RunConfig):
     """Optimizer steps of linear warm-up."""
     lr_schedule: LRSchedule = "cosine"
     """Learning-rate shape after warm-up."""
+
+    min_generations: typing.ClassVar[int] = 2  # the group is GRPO's baseline; PPO's critic needs none
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given)
@@ -455,6 +513,8 @@ class RewardModelConfig(RunConfig):
     """Optimizer steps of linear warm-up."""
     lr_schedule: LRSchedule = "cosine"
     """Learning-rate shape after warm-up."""
+
+    min_generations: typing.ClassVar[int] = 2  # the group is GRPO's baseline; PPO's critic needs none
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given)

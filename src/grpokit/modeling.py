@@ -327,6 +327,24 @@ def completion_logprobs(
     predict a real completion token, in chunks of `chunk_size` tokens. The packed layouts run their attention
     through `segment_attention`, whatever attention the model was loaded with.
     """
+    hidden, lay = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, layout, group_ids)
+    logp_flat, entropy_flat = algo.logprobs_from_hidden(
+        hidden,
+        model.get_output_embeddings(),
+        lay.targets,  # (M,)
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
+    zeros = torch.zeros(lay.valid.shape, dtype=torch.float32, device=hidden.device)  # (N, Tc)
+    logp = zeros.masked_scatter(lay.valid, logp_flat.float())  # (N, Tc)
+    entropy = zeros.masked_scatter(lay.valid, entropy_flat.float()) if with_entropy else None  # (N, Tc)
+    return logp, entropy
+
+
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, layout, group_ids):
+    """The decoder's last hidden states (M, H) at the positions that predict a real completion token (position t
+    predicts token t + 1), for the rows laid out as `layout`; -> (hidden, the layout: `valid` (N, Tc) places them)."""
     if prompt_ids.shape[1] == 0 or not bool(prompt_mask.bool().any(-1).all()):
         raise ValueError("completion_logprobs needs at least one prompt token (e.g. BOS) per row")
     decoder = model.get_decoder()
@@ -342,19 +360,7 @@ def completion_logprobs(
         use_cache=False,
         **extra,
     )
-    hidden = out.last_hidden_state[lay.source_row, lay.source_pos]  # (M, H); position t predicts token t + 1
-    logp_flat, entropy_flat = algo.logprobs_from_hidden(
-        hidden,
-        model.get_output_embeddings(),
-        lay.targets,  # (M,)
-        temperature=temperature,
-        chunk_size=chunk_size,
-        with_entropy=with_entropy,
-    )
-    zeros = torch.zeros(lay.valid.shape, dtype=torch.float32, device=hidden.device)  # (N, Tc)
-    logp = zeros.masked_scatter(lay.valid, logp_flat.float())  # (N, Tc)
-    entropy = zeros.masked_scatter(lay.valid, entropy_flat.float()) if with_entropy else None  # (N, Tc)
-    return logp, entropy
+    return out.last_hidden_state[lay.source_row, lay.source_pos], lay  # (M, H)
 
 
 ATTENTION_PREFIX = "grpokit:"

@@ -67,13 +67,16 @@ class Policy:
         max_tokens_per_micro_batch: int | None = None,
         micro_batch_size: int | None = None,
         cluster: Cluster | None = None,
+        per_token: Callable[..., Any] = completion_logprobs,
     ):
         """`optim`: any stage config (learning rate, AdamW, schedule, max_grad_norm, logprob_chunk_size,
         gradient_checkpointing). `reference`: keep a KL reference (with LoRA the base with adapters off,
         otherwise a frozen copy). `temperature`: logprobs are taken under logits / temperature, as the sampler
         draws. `layout`: how a forward lays out its rows (`grpokit.packing`); `max_tokens_per_micro_batch` and
         `micro_batch_size` bound what one forward holds (`micro_batches`); None = no bound. `cluster`: the ranks
-        of a torchrun launch (`grpokit.distributed`), whose gradients each optimizer step sums."""
+        of a torchrun launch (`grpokit.distributed`), whose gradients each optimizer step sums. `per_token`: what
+        the forwards compute per completion token, `completion_logprobs` (model, rows...) -> (logp, entropy), or
+        for a critic `critic.completion_values` -> (values, None)."""
         if layout not in packing.LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; expected one of {list(packing.LAYOUTS)}")
         self.device = torch.device(device)
@@ -85,6 +88,7 @@ class Policy:
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.micro_batch_size = micro_batch_size
         self.cluster = cluster or Cluster()
+        self.per_token = per_token
         model = model.to(self.device)
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
             model = model.float()  # master weights: see the module docstring
@@ -208,7 +212,7 @@ class Policy:
         completion_mask = batch.completion_mask[idx]  # (n, Tc)
         first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # left padding shared by all n rows
         width = int(completion_mask.sum(-1).max().clamp(min=1))
-        forward = self.fsdp_roots.get(id(model)) or functools.partial(completion_logprobs, model)
+        forward = self.fsdp_roots.get(id(model)) or functools.partial(self.per_token, model)
         with self.autocast():
             return forward(
                 batch.prompt_ids[idx, first:].to(self.device),
@@ -264,6 +268,24 @@ class Policy:
     def lr(self) -> float:
         """The learning rate the next optimizer step uses."""
         return self.scheduler.get_last_lr()[0]
+
+    def memory_mb(self) -> dict[str, float]:
+        """What this policy's training state holds in this process (its shards under FSDP), counted from the
+        tensors' storage, in MiB: weights (frozen ones too), the reference's weights, AdamW's two moments, and
+        the gradients (one per trained weight, alive from a step's first backward to its optimizer step). Before
+        the first optimizer step AdamW has no moments yet: counted as what it will allocate."""
+
+        def mb(tensors) -> float:
+            return sum(shard_of(t).numel() * shard_of(t).element_size() for t in tensors) / 2**20
+
+        trained = self.trainable_parameters()
+        moments = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        return {
+            "weights": mb(self.model.parameters()),
+            "reference": mb(self.ref_model.parameters()) if self.ref_model is not None else 0.0,
+            "optimizer": mb(moments) if moments else 2 * mb(trained),
+            "gradients": mb(trained),
+        }
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

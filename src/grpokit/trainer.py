@@ -1,17 +1,17 @@
 """The GRPO loop: rollout -> score -> advantages -> update -> log, top to bottom.
 
-GRPO (Shao et al. 2024, DeepSeekMath, section 4.1): sample G completions per prompt, normalize their
-rewards inside the group to get advantages, and take clipped policy-gradient steps with a KL penalty
-to a frozen reference. No value network. Where grpokit deviates from the paper:
-- the token-loss aggregation is a choice (`loss_type`): the paper's per-sequence mean (`grpo`), DAPO's
-  token mean, Dr. GRPO's constant normalizer; every normalizer is counted over the whole optimizer
-  step, so micro-batching never changes the gradient;
-- `beta` defaults to 0 (no reference model is loaded) as DAPO and Dr. GRPO found the KL term
-  unnecessary for verifiable rewards; set it > 0 for the paper's behaviour; with LoRA the reference is
-  the policy with its adapters switched off (no second copy), without it a frozen copy that
-  `ref_sync_every` can pull towards the policy (TR-DPO);
-- the old-policy logprobs of a single on-policy pass are the current ones detached (ratio = 1), and
-  are recomputed once before the update only when samples are reused (mu > 1 or several minibatches).
+GRPO (Shao et al. 2024, DeepSeekMath, section 4.1): sample G completions per prompt, normalize their rewards inside
+the group to get advantages, and take clipped policy-gradient steps with a KL penalty to a frozen reference. No
+value network. Where grpokit deviates from the paper:
+- the token-loss aggregation is a choice (`loss_type`): the paper's per-sequence mean (`grpo`), DAPO's token mean,
+  Dr. GRPO's constant normalizer; every normalizer is counted over the whole optimizer step, so micro-batching
+  never changes the gradient;
+- `beta` defaults to 0 (no reference model is loaded) as DAPO and Dr. GRPO found the KL term unnecessary for
+  verifiable rewards; set it > 0 for the paper's behaviour; with LoRA the reference is the policy with its adapters
+  switched off (no second copy), without it a frozen copy that `ref_sync_every` can pull towards the policy (TR-DPO);
+- the old-policy logprobs of a single on-policy pass are the current ones detached (ratio = 1), and are recomputed
+  once before the update only when samples are reused (mu > 1 or several minibatches).
+PPO (`grpokit.ppo`) is this loop with a critic's per-token advantages in place of the group's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from grpokit import algo, modeling
-from grpokit.checkpoint import RunDirectory, RunDirectoryError, list_checkpoints, seed_everything
+from grpokit.checkpoint import RunDirectory, RunDirectoryError, numerics_stop, seed_everything
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.distributed import Cluster
@@ -36,11 +36,13 @@ from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
 from grpokit.runlog import RunLog, plot_curves, progress, read_metrics
 from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams, prompt_generators
 from grpokit.tasks import get_task
-from grpokit.types import Rollout, TrainResult
+from grpokit.types import Rollout, StepBatch, TrainResult
 
 
 class GRPOTrainer:
     """The GRPO loop over a `Policy` (model, reference, optimizer) and a `Sampler` (rollouts)."""
+
+    name = "GRPO"  # on the progress bar and the plot
 
     def __init__(
         self,
@@ -69,8 +71,7 @@ class GRPOTrainer:
         self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_dataset, eval_dataset)
         self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)  # (records what it took in cfg)
         self.run_dir = RunDirectory.for_config(cfg, writer=self.cluster.is_main)
-        if self.cluster.is_main:
-            self.run_dir.plan()
+        self.run_dir.plan()
         if model is None:
             modeling.check_model_source(cfg.model, tokenizer=tokenizer is None)
         self.tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
@@ -100,13 +101,25 @@ class GRPOTrainer:
     def step(self, rows: list[dict[str, Any]] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """rollout -> score -> advantages -> (reference, old logprobs) -> mu passes of updates, on `rows`
         (default: the next `prompts_per_step` rows of the seeded prompt order)."""
+        b = self.sample(rows)
+        ref_logp = self.policy.reference_logprobs(b.rollout)  # (n, Tc) or None
+        reuses_samples = self.cfg.num_iterations > 1 or self.minibatch_size < self.generation_size
+        old_logp = self.policy.logprobs(b.rollout) if reuses_samples else None
+        b.clock.append(time.perf_counter())
+        stats = self._update(b.rollout, b.mask, b.step_mask, b.first_row, b.advantages, old_logp, ref_logp)
+        self.sampler.update_weights(self.policy.model)
+        b.clock.append(time.perf_counter())
+        return self.figures(b, stats)
+
+    def sample(self, rows: list[dict[str, Any]] | None = None) -> StepBatch:
+        """This rank's share of the step's prompts (`rows`, default the next of the seeded order) sampled, and the
+        whole step scored, its group advantages computed (`RewardSet.score_step`)."""
         cfg, G, cluster = self.cfg, self.cfg.num_generations, self.cluster
         if rows is None:
             rows = [self.train_rows[i] for i in self.prompt_order.take(cfg.prompts_per_step)]
         mine = cluster.share(len(rows))  # every rank walks the same order and samples its share of it
         rows_here = range(mine.start * G, mine.stop * G)  # this rank's rows among the step's N
         rows = [rows[i] for i in mine]
-        lr = self.policy.lr  # the rate this step's first update uses
         self.steps_taken += 1
         t0 = time.perf_counter()
         prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
@@ -115,63 +128,56 @@ class GRPOTrainer:
         if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
             raise NumericsError("the policy's logprobs in the rollout are NaN or inf: its weights no longer train")
         t_rollout = time.perf_counter()
-
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
         inputs = reward_inputs(rows, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
-        # of the whole step: (N, K) NaN where None, (N,), (N,), (N,), (N, 1) or None; a reward training cannot use
-        # stops the run here
+        # of the whole step: (N, K) NaN where None, (N,) x 3, (N, 1) or None; a reward training cannot use stops here
         rewards, total, scorable, advantages, gold = self.rewards.score_step(inputs, cfg, gather=cluster.gather)
-        step_advantages, advantages = advantages, advantages[rows_here.start : rows_here.stop].to(self.device)
-        t_reward = time.perf_counter()
-
         mask = rollout.completion_mask.float()  # (n, Tc)
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated).float().unsqueeze(-1).to(mask.device)
         step_mask = cluster.gather(torch.nn.functional.pad(mask, (0, cfg.max_completion_length - mask.shape[1])))
-        ref_logp = self.policy.reference_logprobs(rollout)  # (N, Tc) or None
-        reuses_samples = cfg.num_iterations > 1 or self.minibatch_size < self.generation_size
-        old_logp = self.policy.logprobs(rollout) if reuses_samples else None
-        t_ref = time.perf_counter()
+        mine_adv = advantages[rows_here.start : rows_here.stop].to(self.device)
+        return StepBatch(
+            rollout, prompts, completions, rewards, total, scorable, gold, mine_adv, advantages, mask, step_mask,
+            rows_here.start, [t0, t_rollout, time.perf_counter()],
+        )  # fmt: skip
 
-        stats = self._update(rollout, mask, step_mask, rows_here.start, advantages, old_logp, ref_logp)
-        self.sampler.update_weights(self.policy.model)
-        t_update = time.perf_counter()
-
-        # the whole step's figures on every rank; the step lasts as long as its slowest rank
+    def figures(self, batch: StepBatch, stats: dict[str, float]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The whole step's metrics (on every rank; times of the slowest) with the update's `stats`; samples to log."""
+        cluster, rollout, G = self.cluster, batch.rollout, self.cfg.num_generations
         lengths = cluster.gather(rollout.completion_mask.sum(-1))  # (N,)
         truncated = cluster.gather(rollout.truncated.long()).bool()  # (N,)
-        completions, seen = cluster.gather_objects(completions), cluster.gather_objects(prompts.seen)
+        completions, seen = cluster.gather_objects(batch.completions), cluster.gather_objects(batch.prompts.seen)
+        t0, t_rollout, t_reward, t_ref, t_update = batch.clock
         span = [t_rollout - t0, t_reward - t_rollout, t_ref - t_reward, t_update - t_ref, t_update - t0]
         times = list(cluster.max(dict(enumerate(span))).values())
         metrics = {
-            **self.rewards.step_figures(rewards, total, scorable, gold, group_size=G),
+            **self.rewards.step_figures(batch.rewards, batch.total, batch.scorable, batch.gold, group_size=G),
             "diversity": group_diversity(completions, G),
             "completions/mean_length": lengths.float().mean().item(),
             "completions/clipped_ratio": truncated.float().mean().item(),
             "completions/clipped_count": float(truncated.sum()),
-            "prompts_truncated": cluster.sum({"cut": float(prompts.cut)})["cut"],
+            "prompts_truncated": cluster.sum({"cut": float(batch.prompts.cut)})["cut"],
             **stats,
-            "learning_rate": lr,
             **dict(zip(("time/rollout", "time/reward", "time/reference", "time/update", "time/step"), times)),
             "tokens_per_s": float(lengths.sum()) / times[-1],
         }
         seen_n = [p for p in seen for _ in range(G)]  # the prompt as the model saw it (cut ones cut)
+        rows = zip(seen_n, completions, batch.total.tolist(), batch.scorable.tolist(), batch.step_advantages.tolist())
         samples = [
-            {"prompt": p, "completion": c, "reward": r if ok else None, "advantage": a}
-            for p, c, r, ok, a in zip(seen_n, completions, total.tolist(), scorable.tolist(), step_advantages.tolist())
-        ][:: max(1, G // 2)]
-        return metrics, samples
+            {"prompt": p, "completion": c, "reward": r if ok else None, "advantage": a} for p, c, r, ok, a in rows
+        ]
+        return metrics, samples[:: max(1, G // 2)]
 
     def _update(self, rollout: Rollout, mask, step_mask, first_row, advantages, old_logp, ref_logp) -> dict[str, float]:
         """mu passes; each pass splits the step's N rows into minibatches (one optimizer step each) and this
         rank's rows of a minibatch into micro-batches (one backward each). Every normalizer is counted over the
         whole minibatch (`step_mask` (N, T): every rank's mask; this rank's rows start at `first_row`)."""
-        cfg, N, policy = self.cfg, step_mask.shape[0], self.policy
+        cfg, N, policy, lr = self.cfg, step_mask.shape[0], self.policy, self.policy.lr  # (the step's first rate)
         n_here = rollout.num_sequences
         added = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "tokens", "first_pass_tokens")
         sums = dict.fromkeys((*added, "grad_norm", "sampler_logp_diff"), 0.0)  # `added`: summed over ranks too
-        n_opt_steps = 0
-        generation_tokens = int(step_mask.sum())
+        n_opt_steps, generation_tokens = 0, int(step_mask.sum())
         for iteration in range(cfg.num_iterations):
             reshuffle = iteration > 0 or old_logp is not None
             order = torch.randperm(N, generator=self.shuffle_generator) if reshuffle else torch.arange(N)
@@ -235,7 +241,7 @@ class GRPOTrainer:
         stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
         if ref_logp is not None:
             stats["kl"] = sums["kl"] / tokens_seen
-        return stats
+        return {**stats, "learning_rate": lr}
 
     # ---------------------------------------------------------------- the run
     def evaluate(self, step: int, *, log: bool = False) -> dict[str, float]:
@@ -256,12 +262,12 @@ class GRPOTrainer:
         metrics: dict[str, float] = {}
         with self.run_dir as run:
             run.checkpoint = self.cluster.broadcast(run.checkpoint)  # what rank 0 found, under its lock
-            start = self._resume(run.checkpoint) if run.checkpoint is not None else 0
+            start = self._resume(run.checkpoint)["step"] if run.checkpoint is not None else 0
             self.log = RunLog(out, tensorboard=cfg.tensorboard, config=cfg, resume_step=start or None) if main else None
             if start == 0:
                 self.evaluate(0, log=True)
             steps = range(start + 1, cfg.max_steps + 1)
-            bar = progress(steps, "grpo", initial=start, total=cfg.max_steps, enabled=cfg.progress and main)
+            bar = progress(steps, self.name.lower(), initial=start, total=cfg.max_steps, enabled=cfg.progress and main)
             try:
                 for step in bar:
                     metrics, samples = self.step()
@@ -282,33 +288,28 @@ class GRPOTrainer:
                         run.check_stop(step, self.save_checkpoint(step))
                 self.evaluate(cfg.max_steps, log=True)
             except NumericsError as err:  # say where the run stopped and what is left to resume
-                last = list_checkpoints(out)
-                keep = (
-                    f"the last checkpoint (finite, written before it) is {last[-1][1]}" if last else "no checkpoint yet"
-                )
                 where = f"step {step} (learning rate {self.policy.lr:g})"
-                raise NumericsError(f"{where}: {err}; nothing of this step was saved, {keep}") from None
+                raise NumericsError(numerics_stop(out, where, err)) from None
             finally:
                 bar.close()
                 if self.log is not None:
                     self.log.close()
             model_dir = self.policy.save(out / "model", self.tokenizer, lora_form=cfg.lora.save)
-        plot = plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", title="GRPO") if main else None
-        m = self.monitor
-        warned = [*self.input_warnings, *m.warnings]
+        plot = plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", title=self.name) if main else None
+        m, warned = self.monitor, [*self.input_warnings, *self.monitor.warnings]
         return TrainResult(out, model_dir, plot, metrics, self.eval_history, warned, m.summary(), dict(m.fired))
 
     def save_checkpoint(self, step: int) -> Path:
-        """checkpoint-STEP: weights (or the adapter), optimizer, schedule, every RNG, the prompt order and its
-        position, the monitors, the evaluations so far."""
-        stage = {
-            "prompt_order": self.prompt_order.state_dict(),
-            "monitor": self.monitor.state_dict(),
-            "eval_history": self.eval_history,
-        }
-        return self.policy.write_checkpoint(self.run_dir, step, self.tokenizer, stage, shuffle=self.shuffle_generator)
+        """checkpoint-STEP: the policy's weights (or the adapter), optimizer, schedule, every RNG, `stage_state`."""
+        stage, shuffle = self.stage_state(), self.shuffle_generator
+        return self.policy.write_checkpoint(self.run_dir, step, self.tokenizer, stage, shuffle=shuffle)
 
-    def _resume(self, folder: Path) -> int:
+    def stage_state(self) -> dict[str, Any]:
+        """The rest of a checkpoint: the prompt order and its position, the monitors, the evaluations so far."""
+        return {"prompt_order": self.prompt_order.state_dict(), "monitor": self.monitor.state_dict(),
+                "eval_history": self.eval_history}  # fmt: skip
+
+    def _resume(self, folder: Path) -> dict[str, Any]:
         state = self.policy.resume(folder, shuffle=self.shuffle_generator)
         if state["step"] > self.cfg.max_steps:
             raise RunDirectoryError(f"{folder} is past max_steps = {self.cfg.max_steps}: raise max_steps to resume it")
@@ -316,4 +317,4 @@ class GRPOTrainer:
         self.monitor.load_state_dict(state["monitor"])
         self.eval_history = list(state["eval_history"])
         self.steps_taken = state["step"]
-        return state["step"]
+        return state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +28,25 @@ class Rollout:
     @property
     def num_sequences(self) -> int:
         return self.completion_ids.shape[0]
+
+
+@dataclass
+class StepBatch:
+    """One step between its rollout and its update (`GRPOTrainer.sample`): this rank's n rows, the whole step's N."""
+
+    rollout: Rollout  # this rank's n rows
+    prompts: Any  # `data.encode_prompts` of this rank's prompts: .texts, .seen (as the model saw them), .cut
+    completions: list[str]  # (n,) decoded
+    rewards: torch.Tensor  # (N, K) float32, NaN where a function returned None
+    total: torch.Tensor  # (N,) the weighted sum
+    scorable: torch.Tensor  # (N,) bool
+    gold: torch.Tensor | None  # (N, 1) the watched-only reward
+    advantages: torch.Tensor  # (n,) this rank's rows' group advantages, on the device
+    step_advantages: torch.Tensor  # (N,) shown beside the logged samples
+    mask: torch.Tensor  # (n, Tc) float: the tokens in the loss
+    step_mask: torch.Tensor  # (N, max_completion_length) every rank's `mask`
+    first_row: int  # this rank's rows among the step's N start here
+    clock: list[float]  # perf_counter at the start, after the rollout, after scoring; the step appends the rest
 
 
 @dataclass

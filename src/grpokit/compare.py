@@ -1,0 +1,240 @@
+"""`grpokit compare CONFIG.yaml`: GRPO and PPO with a critic on the same model, data and machine, side by side.
+
+The config is a GRPO config; PPO runs with the same fields (its own, `gamma`, `lam`, `vf_coef`, ..., at their
+defaults), in OUTPUT_DIR/grpo and OUTPUT_DIR/ppo. Each method trains in a fresh process of its own, so that one's
+peak cannot hide in the other's: the peak is the process's high-water mark (max RSS on a CPU, the most memory
+allocated on CUDA), loading included. Its breakdown is counted from the tensors at the end of the run (`Policy.
+memory_mb`): the policy's weights, gradients and AdamW moments; the reference; the critic's weights, gradients and
+moments; on a CPU also the process before any model loaded (interpreter, torch, transformers); the rest of the
+peak is activations and temporaries (and, on a CPU, what the allocator kept of them).
+
+Written to OUTPUT_DIR: comparison.json (both methods' figures, the machine, the commit, the date), comparison.png
+(held-out accuracy against samples seen and against training wall time, and the memory breakdown), and the same
+table printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+METHODS = ("grpo", "ppo")
+REPORT = "comparison.json"
+PLOT = "comparison.png"
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; elsewhere its high-water mark so far)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def method_config(grpo: Any, method: str) -> Any:
+    """The config `method` runs: the GRPO config itself, or a PPOConfig with the same fields, each in its own
+    folder under the comparison's output_dir."""
+    from grpokit.config import PPOConfig
+
+    out = str(Path(grpo.output_dir) / method)
+    if method == "grpo":
+        return dataclasses.replace(grpo, output_dir=out)
+    fields = {f.name: getattr(grpo, f.name) for f in dataclasses.fields(grpo)}
+    return PPOConfig(**{**fields, "output_dir": out})
+
+
+def worker(method: str, config_path: str, report_path: str) -> None:
+    """One method's run in this (fresh) process; its figures to `report_path` as JSON."""
+    import torch
+    import transformers  # noqa: F401  (loaded before the baseline: it is the runtime, not the method)
+
+    from grpokit.config import GRPOConfig, load_yaml
+    from grpokit.ppo import PPOTrainer
+    from grpokit.runlog import read_metrics
+    from grpokit.trainer import GRPOTrainer
+
+    before_models_mb = _rss_mb()
+    cfg = method_config(load_yaml(GRPOConfig, config_path), method)
+    trainer = (PPOTrainer if method == "ppo" else GRPOTrainer)(cfg)
+    on_cuda = trainer.device.type == "cuda"
+    result = trainer.train()
+    if on_cuda:
+        peak, runtime = torch.cuda.max_memory_allocated(trainer.device) / 2**20, 0.0
+    else:
+        peak, runtime = _peak_rss_mb(), before_models_mb
+    policy = trainer.policy.memory_mb()
+    critic = trainer.critic.memory_mb() if method == "ppo" else {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0}
+    parts = {
+        "policy_weights_mb": policy["weights"],
+        "policy_gradients_mb": policy["gradients"],
+        "policy_optimizer_mb": policy["optimizer"],
+        "reference_mb": policy["reference"],
+        "critic_weights_mb": critic["weights"],
+        "critic_gradients_mb": critic["gradients"],
+        "critic_optimizer_mb": critic["optimizer"],
+        "runtime_mb": runtime,
+    }
+    parts["activations_and_other_mb"] = peak - sum(parts.values())
+    rows = read_metrics(Path(result.output_dir) / "metrics.jsonl")
+    train_rows = [r for r in rows if r.get("time/step") is not None]
+    step_times = [r["time/step"] for r in train_rows]
+    clock, elapsed = {0: 0.0}, 0.0
+    for r in train_rows:  # training wall time at the end of each step, evaluation left out
+        elapsed += r["time/step"]
+        clock[int(r["step"])] = elapsed
+    samples_per_step = cfg.prompts_per_step * cfg.num_generations
+    curve = [
+        {
+            "step": int(e["step"]),
+            "samples": int(e["step"]) * samples_per_step,
+            "train_time_s": clock.get(int(e["step"]), elapsed),
+            "accuracy_greedy": e.get("eval/accuracy_greedy"),
+            "accuracy_sampled": e.get("eval/accuracy_sampled"),
+        }
+        for e in result.eval_history
+    ]
+    report = {
+        "peak_memory_mb": peak,
+        "peak_kind": "max allocated (CUDA)" if on_cuda else "max RSS",
+        "step_time_s": statistics.median(step_times[1:] or step_times),  # the first step warms up
+        "critic_memory_mb": critic["weights"] + critic["gradients"] + critic["optimizer"],
+        "breakdown": parts,
+        "steps": len(step_times),
+        "samples_per_step": samples_per_step,
+        "accuracy": curve,
+        "final_accuracy_greedy": curve[-1]["accuracy_greedy"] if curve else None,
+        "device": str(trainer.device),
+    }
+    Path(report_path).write_text(json.dumps(report, indent=1))
+
+
+def run_comparison(grpo_cfg: Any, config_path: Path) -> dict[str, Any]:
+    """Both methods, one fresh process each (GRPO first), then the table, comparison.json and comparison.png."""
+    out = Path(grpo_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reports: dict[str, Any] = {}
+    for method in METHODS:
+        method_config(grpo_cfg, method).validate()  # a PPO-only refusal shows before GRPO's run, not after it
+    for method in METHODS:
+        report_path = out / f".{method}-report.json"
+        report_path.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "grpokit.compare", "--worker", method, str(config_path), str(report_path)]
+        print(f"grpokit compare: {method} in its own process -> {out / method}", flush=True)
+        done = subprocess.run(command, env=os.environ.copy())
+        if done.returncode != 0 or not report_path.is_file():
+            raise RuntimeError(f"grpokit compare: the {method} run failed (exit status {done.returncode}); see above")
+        reports[method] = json.loads(report_path.read_text())
+        report_path.unlink()
+    record = {**reports, "config": str(config_path), **provenance()}
+    record["grpo_saves_mb"] = reports["ppo"]["peak_memory_mb"] - reports["grpo"]["peak_memory_mb"]
+    (out / REPORT).write_text(json.dumps(record, indent=1))
+    print(table(record))
+    plot_comparison(record, out / PLOT)
+    print(f"\n{out / REPORT}\n{out / PLOT}")
+    return record
+
+
+def provenance() -> dict[str, str]:
+    """The machine, the commit (`-dirty` when src/ has changes) and the date of a record."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "src"):
+        commit += "-dirty"
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        cpu = f"{names[0]} x {len(names)}" if names else cpu
+    except OSError:
+        pass
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {"machine": cpu, "commit": commit, "date": now}
+
+
+def table(record: dict[str, Any]) -> str:
+    """Markdown: one column per method, the peak and its parts, step time, final accuracy."""
+    g, p = record["grpo"], record["ppo"]
+    lines = ["| | GRPO | PPO (critic) |", "| --- | ---: | ---: |"]
+
+    def row(name: str, a: Any, b: Any, unit: str = "MB", digits: int = 0) -> None:
+        def fmt(x: Any) -> str:
+            return "-" if x is None else f"{x:,.{digits}f}{' ' + unit if unit else ''}"
+
+        lines.append(f"| {name} | {fmt(a)} | {fmt(b)} |")
+
+    row(f"peak memory ({g['peak_kind']})", g["peak_memory_mb"], p["peak_memory_mb"])
+    for key in g["breakdown"]:
+        row("- " + key.removesuffix("_mb").replace("_", " "), g["breakdown"][key], p["breakdown"][key], digits=1)
+    row("critic (weights + gradients + AdamW)", g["critic_memory_mb"], p["critic_memory_mb"], digits=1)
+    row("time per step (median)", g["step_time_s"], p["step_time_s"], unit="s", digits=2)
+    ga, pa = g["final_accuracy_greedy"], p["final_accuracy_greedy"]
+    row("held-out greedy accuracy, end", ga and 100 * ga, pa and 100 * pa, unit="%", digits=1)
+    lines.append(
+        f"\nGRPO's peak is {record['grpo_saves_mb']:,.0f} MB below PPO's; the critic's state alone is "
+        f"{p['critic_memory_mb']:,.0f} MB ({record['machine']}, commit {record['commit']}, {record['date']})"
+    )
+    return "\n".join(lines)
+
+
+def plot_comparison(record: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_samples, by_time, memory) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for method, color in zip(METHODS, ("tab:blue", "tab:orange")):
+        curve = [c for c in record[method]["accuracy"] if c["accuracy_greedy"] is not None]
+        label = "GRPO" if method == "grpo" else "PPO (critic)"
+        acc = [100 * c["accuracy_greedy"] for c in curve]
+        by_samples.plot([c["samples"] for c in curve], acc, "o-", color=color, label=label)
+        by_time.plot([c["train_time_s"] for c in curve], acc, "o-", color=color, label=label)
+    for ax, xlabel in ((by_samples, "completions sampled"), (by_time, "training wall time (s, evaluation left out)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out greedy accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    parts = list(record["grpo"]["breakdown"])
+    bottom = [0.0, 0.0]
+    for i, key in enumerate(parts):
+        heights = [max(record[m]["breakdown"][key], 0.0) for m in METHODS]
+        memory.bar(["GRPO", "PPO (critic)"], heights, bottom=bottom, label=key.removesuffix("_mb"), color=f"C{i}")
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    memory.set_ylabel(f"MB ({record['grpo']['peak_kind']} = the bar's height)")
+    memory.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"GRPO vs PPO with a critic: {record['config']} ({record['commit']}, {record['date']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
+    else:
+        sys.exit("usage: python -m grpokit.compare --worker METHOD CONFIG.yaml REPORT.json (grpokit compare runs it)")

@@ -1,0 +1,80 @@
+"""PPO's critic: a value model V(prefix) for every completion token, the piece GRPO does without.
+
+A `ValueModel` is a decoder body (a causal LM's, without its LM head) with a scalar head. It trains through
+its own `Policy` (AdamW, schedule, micro-batches, clipping, the finite checks), whose forwards compute
+`completion_values` where the policy's compute `completion_logprobs`: the same rows, layouts and micro-batch
+bounds, so the two walk a step's rows in step.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpokit.modeling import completion_hidden
+
+
+class ValueModel(torch.nn.Module):
+    """decoder (the body of a causal LM) + head: hidden (H) -> one value."""
+
+    def __init__(self, decoder: torch.nn.Module, head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.decoder = decoder
+        self.config = decoder.config
+        if head is None:
+            # zero: every value starts at 0, a guess that favours no completion, and the first advantages are
+            # the rewards themselves (a random head would add noise of the hidden states' scale to them)
+            head = torch.nn.Linear(decoder.config.hidden_size, 1, bias=True)
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+        self.head = head
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.decoder
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.decoder.gradient_checkpointing_enable(**kwargs)
+
+
+def completion_values(
+    model: ValueModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    layout: str = "padded",
+    group_ids: torch.Tensor | None = None,
+    **_logprob_settings: Any,  # temperature, chunk_size, with_entropy: a value has none of them
+) -> tuple[torch.Tensor, None]:
+    """V_t (N, Tc) float32 for every real completion token t, from the state before it is sampled (the hidden state
+    that predicts it); 0 where masked. -> (values, None), the shape of `completion_logprobs`'s answer."""
+    hidden, lay = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, layout, group_ids)
+    values = model.head(hidden).squeeze(-1).float()  # (M,)
+    zeros = torch.zeros(lay.valid.shape, dtype=torch.float32, device=hidden.device)  # (N, Tc)
+    return zeros.masked_scatter(lay.valid, values), None
+
+
+def build_critic(policy_start: torch.nn.Module | None, critic_model: str | None, device: Any) -> ValueModel:
+    """The critic of a PPO run: from `critic_model` (a grpokit reward model folder: its body and its score head, as
+    InstructGPT starts the value model from the reward model; a causal LM folder: its body and a zero head), or
+    else from `policy_start` (the policy's own starting weights, copied, with a zero head)."""
+    if critic_model is None:
+        if policy_start is None:
+            raise ValueError("build_critic needs the policy's starting model or a `critic_model` folder")
+        return ValueModel(copy.deepcopy(policy_start.get_decoder())).to(device)
+    from grpokit.reward_model import load_reward_model
+
+    scorer = load_reward_model(Path(critic_model), device, torch.float32)
+    body = getattr(scorer, scorer.base_model_prefix)
+    trained_head = any(a.endswith("ForSequenceClassification") for a in scorer.config.architectures or ())
+    head = None
+    if trained_head:
+        head = torch.nn.Linear(body.config.hidden_size, 1, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(scorer.score.weight)
+            head.bias.zero_()  # the reward model's score head has no bias
+    return ValueModel(body, head).to(device)

@@ -1,0 +1,225 @@
+"""`grpokit ppo`: PPO with a learned critic, GRPO's loop with per-token advantages from a value model.
+
+PPO (Schulman et al. 2017) as RLHF uses it (Ouyang et al. 2022, InstructGPT): the reward of a completion on its
+last token, optionally a per-token KL penalty to the reference in the rewards, GAE (Schulman et al. 2016) over
+the critic's values, whitened advantages, the clipped surrogate for the policy and a clipped value loss for the
+critic. Everything else is GRPO's, reused rather than copied: the rollout, the reward functions, the reference,
+the policy and its update machinery (`GRPOTrainer.sample`, `Policy`), evaluation, logging, monitors, signals and
+checkpoints. The critic trains through a `Policy` of its own (`grpokit.critic`).
+
+What the critic costs is the point of the comparison with GRPO (`grpokit compare`): a second model's weights, its
+gradients and its AdamW moments, and a second forward and backward per micro-batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpokit import algo
+from grpokit.config import PPOConfig
+from grpokit.critic import ValueModel, build_critic, completion_values
+from grpokit.lora import uses_lora
+from grpokit.modeling import check_model_source
+from grpokit.policy import NumericsError, Policy
+from grpokit.trainer import GRPOTrainer
+from grpokit.types import Rollout, TrainResult
+
+CRITIC_FILE = "critic.safetensors"
+
+
+class PPOTrainer(GRPOTrainer):
+    """GRPO's loop (`GRPOTrainer`) with a critic: `critic` a `ValueModel` replaces what `critic_model` would load."""
+
+    name = "PPO"
+
+    def __init__(self, config: PPOConfig, *, critic: ValueModel | None = None, **grpo_arguments: Any):
+        """`grpo_arguments`: those of `GRPOTrainer` (model, tokenizer, reward_funcs, datasets, sampler)."""
+        if not isinstance(config, PPOConfig):
+            raise TypeError(f"PPOTrainer takes a PPOConfig, got a {type(config).__name__}")
+        if config.critic_model is not None and critic is None:
+            check_model_source(config.critic_model, field="critic_model", tokenizer=False)
+        super().__init__(config, **grpo_arguments)
+        cfg = self.cfg
+        if critic is None:
+            critic = build_critic(None if cfg.critic_model else self._starting_model(), cfg.critic_model, self.device)
+        optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
+        critic_optim = dataclasses.replace(cfg, learning_rate=cfg.critic_learning_rate or cfg.learning_rate)
+        self.critic = Policy(
+            critic,
+            critic_optim,
+            total_steps=optimizer_steps,
+            device=self.device,
+            compute_dtype=self.policy.compute_dtype,
+            layout=cfg.training_forward,
+            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
+            micro_batch_size=cfg.micro_batch_size,
+            per_token=completion_values,
+        )
+
+    def _starting_model(self) -> torch.nn.Module:
+        """The policy's weights as they start (the default critic copies them): with LoRA its base, which is what
+        merging the fresh adapters gives (their B matrices start at 0), on a copy."""
+        model = self.policy.model
+        return copy.deepcopy(model).merge_and_unload() if uses_lora(model) else model
+
+    # ---------------------------------------------------------------- one step
+    def step(self, rows: list[dict[str, Any]] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """rollout -> score -> (reference, old logprobs, values) -> per-token rewards -> GAE -> mu passes of
+        policy and critic updates."""
+        cfg, policy, critic = self.cfg, self.policy, self.critic
+        b = self.sample(rows)  # one process: this rank's rows are the step's
+        rollout = b.rollout
+        scorable = b.scorable.to(self.device)
+        # a completion no reward function could score has no reward to learn from: out of both losses
+        mask = b.mask * scorable.unsqueeze(-1).to(b.mask.dtype)  # (N, Tc)
+        ref_logp = policy.reference_logprobs(rollout)  # (N, Tc) or None
+        old_logp = policy.logprobs(rollout)  # (N, Tc): the sampling policy's, for the ratio and the KL reward
+        old_values = critic.logprobs(rollout)  # (N, Tc): V before this step's update
+        kl = algo.KL_ESTIMATORS[cfg.kl_estimator](old_logp, ref_logp) if ref_logp is not None else None  # (N, Tc)
+        scores = torch.where(scorable, b.total.to(self.device), 0.0)  # (N,)
+        in_reward = cfg.kl_penalty == "reward"
+        rewards = algo.token_rewards(scores, mask, kl=kl if in_reward else None, beta=cfg.beta)  # (N, Tc)
+        advantages, returns = algo.gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)  # (N, Tc) x 2
+        figures = {
+            "values/mean": masked_mean(old_values, mask),
+            "returns/mean": masked_mean(returns, mask),
+            "advantages/mean": masked_mean(advantages, mask),  # before whitening: the critic's bias shows here
+            "explained_variance": algo.explained_variance(old_values, returns, mask),
+        }
+        if kl is not None and in_reward:
+            figures["kl_reward"] = -cfg.beta * float((kl * mask).sum()) / max(rollout.num_sequences, 1)
+        if cfg.whiten_advantages:
+            advantages = algo.whiten(advantages, mask)
+        b.clock.append(time.perf_counter())
+        stats = self._ppo_update(rollout, mask, advantages, returns, old_logp, old_values, ref_logp)
+        self.sampler.update_weights(policy.model)
+        b.clock.append(time.perf_counter())
+        # beside each logged sample: its mean advantage over its tokens
+        b.step_advantages = ((advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)).cpu()
+        metrics, samples = self.figures(b, {**stats, **figures})
+        if cfg.num_generations == 1:  # no groups: their spread and diversity do not exist
+            for key in ("frac_reward_zero_std", "diversity"):
+                metrics.pop(key, None)
+        return metrics, samples
+
+    def _ppo_update(self, rollout: Rollout, mask, advantages, returns, old_logp, old_values, ref_logp):
+        """mu passes over the step's rows in minibatches (one optimizer step of the policy and one of the critic
+        each), micro-batched alike (the critic's forwards take the policy's rows)."""
+        cfg, policy, critic = self.cfg, self.policy, self.critic
+        N, lr = rollout.num_sequences, policy.lr
+        sums: dict[str, float] = defaultdict(float)
+        generation_tokens = int(mask.sum())
+        beta_in_loss = cfg.beta if cfg.kl_penalty == "loss" else 0.0
+        n_opt_steps = 0
+        for iteration in range(cfg.num_iterations):
+            reshuffle = iteration > 0 or self.minibatch_size < N
+            order = torch.randperm(N, generator=self.shuffle_generator) if reshuffle else torch.arange(N)
+            for mb_idx in order.split(self.minibatch_size):
+                mb_mask = mask[mb_idx]
+                normalizer = algo.step_normalizer(
+                    cfg.loss_type,
+                    mb_mask,
+                    generation_tokens=generation_tokens,
+                    generation_sequences=N,
+                    max_completion_length=cfg.max_completion_length,
+                )
+                value_normalizer = max(float(mb_mask.sum()), 1.0)  # the value loss: a mean over the tokens
+                for idx in policy.micro_batches(rollout, mb_idx):
+                    logp, entropy = policy.forward(rollout, idx, with_entropy=iteration == 0)  # (n, w)
+                    width = logp.shape[1]
+                    m = mask[idx, :width]  # (n, w)
+                    token_loss, tok_stats = algo.per_token_loss(
+                        logp,
+                        old_logp[idx, :width],
+                        advantages[idx, :width],
+                        m,
+                        ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
+                        beta=beta_in_loss,
+                        epsilon_low=cfg.epsilon_low,
+                        epsilon_high=cfg.epsilon_high,
+                        kl_estimator=cfg.kl_estimator,
+                        importance_level=cfg.importance_level,
+                    )
+                    loss = algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer)
+                    values, _ = critic.forward(rollout, idx)  # (n, w)
+                    value_token_loss, value_clipped = algo.value_loss(
+                        values, old_values[idx, :width], returns[idx, :width], clip_range=cfg.cliprange_value
+                    )
+                    value_loss = cfg.vf_coef * algo.aggregate_loss(
+                        value_token_loss, m, loss_type="bnpo", normalizer=value_normalizer
+                    )
+                    for what, term in (("policy loss", loss), ("value loss", value_loss)):
+                        if not math.isfinite(term.item()):
+                            raise NumericsError(f"the {what} is {term.item()}; the optimizer step was not applied")
+                    policy.backward(loss)
+                    critic.backward(value_loss)
+                    n_tok = float(m.sum())
+                    sums["loss"] += loss.item()
+                    sums["value_loss"] += value_loss.item()
+                    sums["value_clip_frac"] += float((value_clipped * m).sum())
+                    sums["clip_ratio/low_mean"] += float((tok_stats["clipped_low"] * m).sum())
+                    sums["clip_ratio/high_mean"] += float((tok_stats["clipped_high"] * m).sum())
+                    sums["kl"] += float((tok_stats["kl"] * m).sum())
+                    sums["tokens"] += n_tok
+                    if iteration == 0:
+                        sums["entropy"] += float((entropy * m).sum())
+                        sums["first_pass_tokens"] += n_tok
+                sums["grad_norm"] += policy.optimizer_step()
+                sums["critic/grad_norm"] += critic.optimizer_step()
+                n_opt_steps += 1
+        tokens, first_pass_tokens = max(sums["tokens"], 1.0), max(sums["first_pass_tokens"], 1.0)
+        stats = {
+            "loss": sums["loss"] / n_opt_steps,
+            "value_loss": sums["value_loss"] / n_opt_steps,
+            "grad_norm": sums["grad_norm"] / n_opt_steps,
+            "critic/grad_norm": sums["critic/grad_norm"] / n_opt_steps,
+            "entropy": sums["entropy"] / first_pass_tokens,
+            "value_clip_frac": sums["value_clip_frac"] / tokens,
+            "clip_ratio/low_mean": sums["clip_ratio/low_mean"] / tokens,
+            "clip_ratio/high_mean": sums["clip_ratio/high_mean"] / tokens,
+            "sampler_logp_diff": algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask),
+        }
+        stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
+        if ref_logp is not None:
+            stats["kl"] = sums["kl"] / tokens
+        return {**stats, "learning_rate": lr, "critic/learning_rate": self.critic.lr}
+
+    # ---------------------------------------------------------------- the run
+    def train(self) -> TrainResult:
+        """GRPO's run (`GRPOTrainer.train`); the critic is saved beside the final model as `critic.safetensors`."""
+        result = super().train()
+        from safetensors.torch import save_model
+
+        path = Path(result.output_dir) / CRITIC_FILE
+        save_model(self.critic.model, str(path.with_name(f".tmp-{CRITIC_FILE}")))
+        path.with_name(f".tmp-{CRITIC_FILE}").replace(path)  # whole or absent
+        return result
+
+    def stage_state(self) -> dict[str, Any]:
+        """GRPO's, plus the critic: its weights, AdamW and schedule."""
+        weights = {k: v.detach().clone() for k, v in self.critic.model.state_dict().items()}
+        return {**super().stage_state(), "critic": {"weights": weights, "training": self.critic.state_dict()}}
+
+    def _resume(self, folder: Path) -> dict[str, Any]:
+        state = super()._resume(folder)
+        if "critic" not in state:
+            from grpokit.checkpoint import RunDirectoryError
+
+            raise RunDirectoryError(f"checkpoint {folder} holds no critic: it was written by a GRPO run, not PPO")
+        self.critic.model.load_state_dict(state["critic"]["weights"])
+        self.critic.load_state_dict(state["critic"]["training"])
+        return state
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of x over the real tokens (NaN when there are none)."""
+    count = float(mask.sum())
+    return float((x * mask).sum()) / count if count else float("nan")
