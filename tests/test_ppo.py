@@ -270,9 +270,10 @@ def test_compare_writes_both_methods_memory_breakdown_time_and_accuracy(tmp_path
 
 @pytest.mark.slow
 def test_ppo_learns_the_demo_task_from_the_sft_model(tmp_path):
-    """From the demo's SFT model (greedy held-out accuracy 30.8% at seed 0), PPO with one completion per prompt
-    and the gold checker as reward must gain 25 points within 30 steps. Measured (seed 0, 64 prompts a step):
-    30.7% -> 91.7% by step 25."""
+    """From the demo's SFT model, PPO with one completion per prompt (the critic is the only baseline), the gold
+    checker as reward and the defaults of `grpokit ppo` must gain 25 points of held-out greedy accuracy within 60
+    steps of 64 prompts. Measured on this project's CPU at seeds 0 / 1 / 2 / 3: 30.7 -> 93.2%, 32.3 -> 88.7%,
+    36.0 -> 65.7%, 31.2 -> 79.0% (+62, +56, +30, +48 points); the test runs seed 0, the demo's."""
     from grpokit.config import DemoConfig
     from grpokit.demo import grpo_config as demo_grpo_config
     from grpokit.demo import warm_start
@@ -282,11 +283,13 @@ def test_ppo_learns_the_demo_task_from_the_sft_model(tmp_path):
     warm = warm_start(demo, tmp_path)
     base = demo_grpo_config(demo, tmp_path / "ppo")
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-    cfg = PPOConfig(**{**fields, "num_generations": 1, "prompts_per_step": 64, "max_steps": 30, "eval_every": 0,
+    cfg = PPOConfig(**{**fields, "num_generations": 1, "prompts_per_step": 64, "max_steps": 60, "eval_every": 0,
                        "save_every": 0})  # fmt: skip
     result = PPOTrainer(cfg, model=warm.model, tokenizer=warm.tokenizer, eval_dataset=warm.eval_rows).train()
     before, after = result.eval_history[0], result.eval_history[-1]
     assert after["eval/accuracy_greedy"] >= before["eval/accuracy_greedy"] + 0.25, result.eval_history
+    rows = step_rows(tmp_path / "ppo")
+    assert sum(r["reward"] for r in rows[-10:]) > sum(r["reward"] for r in rows[:10]) + 1.0  # +0.1 a step, mean
     assert (tmp_path / "ppo" / CRITIC_FILE).is_file()
 
 
