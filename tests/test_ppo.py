@@ -81,6 +81,25 @@ def test_default_critic_copies_the_policy_body_and_starts_at_zero(tmp_path):
     assert critic.head.weight.abs().sum() == 0 and critic.head.bias.abs().sum() == 0
 
 
+def test_default_critic_under_lora_is_the_base_model_not_the_adapted_one(tmp_path):
+    from grpokit.config import LoRAConfig
+
+    tokenizer = build_char_tokenizer()
+    start = tiny_model(tokenizer, "llama", hidden_size=HIDDEN, seed=3)
+    expected = {n: p.detach().clone() for n, p in start.get_decoder().named_parameters()}
+    cfg = ppo_config("unused", tmp_path, lora=LoRAConfig(r=4))
+    trainer = PPOTrainer(cfg, model=start, tokenizer=tokenizer, reward_funcs=[("graded", digit_share_reward)])
+    critic = dict(trainer.critic.model.decoder.named_parameters())
+    assert critic.keys() == expected.keys()  # no lora_A / lora_B left in the critic
+    for name, weight in expected.items():
+        assert torch.equal(critic[name], weight), name
+    assert all(p.requires_grad for p in critic.values())  # the critic trains in full, whatever the policy's LoRA
+    metrics, _ = trainer.step(AdditionTask().rows(4, seed=7))
+    metrics, _ = trainer.step(AdditionTask().rows(4, seed=8))  # the head is no longer 0: the body gets a gradient
+    assert metrics["critic/grad_norm"] > 0 and metrics["grad_norm"] > 0
+    assert any(not torch.equal(critic[name], weight) for name, weight in expected.items())
+
+
 def test_critic_from_a_reward_model_folder_takes_its_body_and_score_head(tmp_path):
     from grpokit.reward_model import load_reward_model
 

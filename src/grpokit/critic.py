@@ -22,7 +22,9 @@ class ValueModel(torch.nn.Module):
 
     def __init__(self, decoder: torch.nn.Module, head: torch.nn.Linear | None = None):
         super().__init__()
-        self.decoder = decoder
+        # the whole critic trains, also when its body comes from a model whose weights were frozen (the base of a
+        # LoRA policy: peft freezes it)
+        self.decoder = decoder.requires_grad_(True)
         self.config = decoder.config
         if head is None:
             # zero: every value starts at 0, a guess that favours no completion, and the first advantages are
