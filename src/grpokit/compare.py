@@ -206,7 +206,7 @@ def plot_comparison(record: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_samples, by_time, memory) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (by_samples, by_time, memory) = plt.subplots(1, 3, figsize=(17, 4.4), width_ratios=(1, 1, 0.8))
     for method, color in zip(METHODS, ("tab:blue", "tab:orange")):
         curve = [c for c in record[method]["accuracy"] if c["accuracy_greedy"] is not None]
         label = "GRPO" if method == "grpo" else "PPO (critic)"
@@ -225,7 +225,7 @@ def plot_comparison(record: dict[str, Any], path: Path) -> Path:
         memory.bar(["GRPO", "PPO (critic)"], heights, bottom=bottom, label=key.removesuffix("_mb"), color=f"C{i}")
         bottom = [b + h for b, h in zip(bottom, heights)]
     memory.set_ylabel(f"MB ({record['grpo']['peak_kind']} = the bar's height)")
-    memory.legend(fontsize=7, loc="upper left")
+    memory.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the bars, not over them
     fig.suptitle(f"GRPO vs PPO with a critic: {record['config']} ({record['commit']}, {record['date']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
