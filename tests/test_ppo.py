@@ -177,7 +177,7 @@ def test_kl_as_reward_penalty_or_loss_term_and_no_group_figures_for_one_generati
     assert in_reward["kl"] != 0  # the second pass moved the policy away from the reference
     assert "frac_reward_zero_std" not in in_reward and "diversity" not in in_reward  # no groups of one
     model = tiny_model(tokenizer, "llama", hidden_size=HIDDEN, seed=1)
-    _, in_loss, _ = one_ppo_step(model, tmp_path / "l", beta=0.5, kl_penalty="loss")
+    _, in_loss, _ = one_ppo_step(model, tmp_path / "l", beta=0.5, kl_penalty="loss", kl_estimator="k3")
     assert "kl_reward" not in in_loss and "frac_reward_zero_std" in in_loss
 
 
@@ -197,6 +197,20 @@ def test_group_of_one_is_refused_by_grpo_and_taken_by_ppo(tmp_path):
 def test_bad_ppo_fields_are_refused_by_name(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"`{field}`"):
         ppo_config("m", tmp_path, **{field: value}).validate(model_given=True)
+
+
+def test_k1_as_a_loss_term_is_refused_naming_the_estimator(tmp_path):
+    with pytest.raises(ConfigError, match="`kl_estimator`.*zero expected gradient"):
+        ppo_config("m", tmp_path, beta=0.1, kl_penalty="loss", kl_estimator="k1").validate(model_given=True)
+    ppo_config("m", tmp_path, beta=0.1, kl_penalty="loss", kl_estimator="k3").validate(model_given=True)
+    ppo_config("m", tmp_path, beta=0.1, kl_penalty="reward", kl_estimator="k1").validate(model_given=True)
+
+
+def test_critic_model_with_a_smaller_vocabulary_is_refused_by_name(tmp_path):
+    folder = save_tiny_reward_model(tmp_path, chars="0123456789")  # a tokenizer of a dozen tokens
+    model = save_tiny(tmp_path / "tiny", "llama")
+    with pytest.raises(ConfigError, match="`critic_model`.*token embeddings"):
+        PPOTrainer(ppo_config(model, tmp_path / "run", critic_model=str(folder)))
 
 
 def test_ppo_under_torchrun_is_refused_before_any_work(tmp_path, monkeypatch):

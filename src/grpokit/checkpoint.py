@@ -39,6 +39,7 @@ RUN_FILES = (
     "wandb-run-id",
     "curves.png",
     "model",
+    "critic.safetensors",  # a PPO run's final critic
 )
 # Config fields a resumed run may change: how long it runs and how it reports, never what it computes.
 RESUMABLE_CHANGES = frozenset(

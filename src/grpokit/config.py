@@ -281,9 +281,13 @@ class GRPOConfig(RunConfig):
         _require(
             self.num_generations >= self.min_generations,
             "num_generations",
-            f"must be >= 2, got {self.num_generations}: GRPO compares the completions of one prompt, "
-            "and a group of 1 has advantage 0 everywhere, so nothing would be learned (PPO's critic needs no "
-            "group: `grpokit ppo` takes 1)",
+            f"must be >= {self.min_generations}, got {self.num_generations}"
+            + (
+                ": GRPO compares the completions of one prompt, and a group of 1 has advantage 0 everywhere, so "
+                "nothing would be learned (PPO's critic needs no group: `grpokit ppo` takes 1)"
+                if self.min_generations > 1
+                else ""
+            ),
         )
         _require(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         batch = self.prompts_per_step * self.num_generations
@@ -442,6 +446,12 @@ class PPOConfig(GRPOConfig):
         _require(self.cliprange_value > 0, "cliprange_value", f"must be > 0, got {self.cliprange_value}")
         lr = self.critic_learning_rate
         _require(lr is None or (math.isfinite(lr) and lr > 0), "critic_learning_rate", f"must be > 0, got {lr}")
+        _require(
+            not (self.kl_penalty == "loss" and self.beta > 0 and self.kl_estimator == "k1"),
+            "kl_estimator",
+            "is k1 with kl_penalty: loss: the k1 term log pi - log pi_ref has zero expected gradient on the policy's "
+            "own samples, so it would not hold the policy near the reference; use k3 (or k2), or kl_penalty: reward",
+        )
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         _require(
             world == 1,

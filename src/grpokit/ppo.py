@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from grpokit import algo
-from grpokit.config import PPOConfig
+from grpokit.config import ConfigError, PPOConfig
 from grpokit.critic import ValueModel, build_critic, completion_values
 from grpokit.lora import uses_lora
 from grpokit.modeling import check_model_source
@@ -50,6 +50,12 @@ class PPOTrainer(GRPOTrainer):
         cfg = self.cfg
         if critic is None:
             critic = build_critic(None if cfg.critic_model else self._starting_model(), cfg.critic_model, self.device)
+        embeddings, tokens = critic.decoder.get_input_embeddings().num_embeddings, len(self.tokenizer)
+        if embeddings < tokens:
+            raise ConfigError(
+                f"config field `critic_model`: the critic has {embeddings} token embeddings and the policy's tokenizer "
+                f"{tokens} tokens: the critic reads the policy's token ids, so it needs the policy's tokenizer"
+            )
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
         critic_optim = dataclasses.replace(cfg, learning_rate=cfg.critic_learning_rate or cfg.learning_rate)
         self.critic = Policy(
@@ -81,11 +87,19 @@ class PPOTrainer(GRPOTrainer):
         # a completion no reward function could score has no reward to learn from: out of both losses
         mask = b.mask * scorable.unsqueeze(-1).to(b.mask.dtype)  # (N, Tc)
         ref_logp = policy.reference_logprobs(rollout)  # (N, Tc) or None
-        old_logp = policy.logprobs(rollout)  # (N, Tc): the sampling policy's, for the ratio and the KL reward
-        old_values = critic.logprobs(rollout)  # (N, Tc): V before this step's update
-        kl = algo.KL_ESTIMATORS[cfg.kl_estimator](old_logp, ref_logp) if ref_logp is not None else None  # (N, Tc)
-        scores = torch.where(scorable, b.total.to(self.device), 0.0)  # (N,)
         in_reward = cfg.kl_penalty == "reward"
+        # the sampling policy's logprobs, without a graph, only where they are needed before the update: for the
+        # KL reward, or as the old policy of reused samples; one on-policy pass takes them detached (ratio 1)
+        reuses_samples = cfg.num_iterations > 1 or self.minibatch_size < self.generation_size
+        needs_old = reuses_samples or (ref_logp is not None and in_reward)
+        old_logp = policy.logprobs(rollout) if needs_old else None  # (N, Tc)
+        old_values = critic.logprobs(rollout)  # (N, Tc): V before this step's update
+        if not bool(old_values[mask.bool()].isfinite().all()):
+            raise NumericsError("the critic's values are NaN or inf: its weights no longer train")
+        kl = None
+        if ref_logp is not None and old_logp is not None:
+            kl = algo.KL_ESTIMATORS[cfg.kl_estimator](old_logp, ref_logp)  # (N, Tc)
+        scores = torch.where(scorable, b.total.to(self.device), 0.0)  # (N,)
         rewards = algo.token_rewards(scores, mask, kl=kl if in_reward else None, beta=cfg.beta)  # (N, Tc)
         advantages, returns = algo.gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)  # (N, Tc) x 2
         figures = {
@@ -95,7 +109,8 @@ class PPOTrainer(GRPOTrainer):
             "explained_variance": algo.explained_variance(old_values, returns, mask),
         }
         if kl is not None and in_reward:
-            figures["kl_reward"] = -cfg.beta * float((kl * mask).sum()) / max(rollout.num_sequences, 1)
+            rows_in_loss = int((mask.sum(-1) > 0).sum())  # a truncated (masked) or unscorable row pays nothing
+            figures["kl_reward"] = -cfg.beta * float((kl * mask).sum()) / max(rows_in_loss, 1)
         if cfg.whiten_advantages:
             advantages = algo.whiten(advantages, mask)
         b.clock.append(time.perf_counter())
@@ -114,7 +129,7 @@ class PPOTrainer(GRPOTrainer):
         """mu passes over the step's rows in minibatches (one optimizer step of the policy and one of the critic
         each), micro-batched alike (the critic's forwards take the policy's rows)."""
         cfg, policy, critic = self.cfg, self.policy, self.critic
-        N, lr = rollout.num_sequences, policy.lr
+        N, lr, critic_lr = rollout.num_sequences, policy.lr, critic.lr  # (the rates of the step's first update)
         sums: dict[str, float] = defaultdict(float)
         generation_tokens = int(mask.sum())
         beta_in_loss = cfg.beta if cfg.kl_penalty == "loss" else 0.0
@@ -138,7 +153,7 @@ class PPOTrainer(GRPOTrainer):
                     m = mask[idx, :width]  # (n, w)
                     token_loss, tok_stats = algo.per_token_loss(
                         logp,
-                        old_logp[idx, :width],
+                        old_logp[idx, :width] if old_logp is not None else logp.detach(),
                         advantages[idx, :width],
                         m,
                         ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
@@ -149,6 +164,11 @@ class PPOTrainer(GRPOTrainer):
                         importance_level=cfg.importance_level,
                     )
                     loss = algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer)
+                    check_finite("policy loss", loss)
+                    policy.backward(loss)  # before the critic's forward: one model's graph alive at a time
+                    if old_logp is None:  # one pass, one optimizer step: logp is still the sampling policy's
+                        gap = algo.max_logp_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
+                        sums["sampler_logp_diff"] = max(sums["sampler_logp_diff"], gap)
                     values, _ = critic.forward(rollout, idx)  # (n, w)
                     value_token_loss, value_clipped = algo.value_loss(
                         values, old_values[idx, :width], returns[idx, :width], clip_range=cfg.cliprange_value
@@ -156,10 +176,7 @@ class PPOTrainer(GRPOTrainer):
                     value_loss = cfg.vf_coef * algo.aggregate_loss(
                         value_token_loss, m, loss_type="bnpo", normalizer=value_normalizer
                     )
-                    for what, term in (("policy loss", loss), ("value loss", value_loss)):
-                        if not math.isfinite(term.item()):
-                            raise NumericsError(f"the {what} is {term.item()}; the optimizer step was not applied")
-                    policy.backward(loss)
+                    check_finite("value loss", value_loss)
                     critic.backward(value_loss)
                     n_tok = float(m.sum())
                     sums["loss"] += loss.item()
@@ -185,12 +202,14 @@ class PPOTrainer(GRPOTrainer):
             "value_clip_frac": sums["value_clip_frac"] / tokens,
             "clip_ratio/low_mean": sums["clip_ratio/low_mean"] / tokens,
             "clip_ratio/high_mean": sums["clip_ratio/high_mean"] / tokens,
-            "sampler_logp_diff": algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask),
+            "sampler_logp_diff": sums["sampler_logp_diff"]
+            if old_logp is None
+            else algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask),
         }
         stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
         if ref_logp is not None:
             stats["kl"] = sums["kl"] / tokens
-        return {**stats, "learning_rate": lr, "critic/learning_rate": self.critic.lr}
+        return {**stats, "learning_rate": lr, "critic/learning_rate": critic_lr}
 
     # ---------------------------------------------------------------- the run
     def train(self) -> TrainResult:
@@ -199,13 +218,14 @@ class PPOTrainer(GRPOTrainer):
         from safetensors.torch import save_model
 
         path = Path(result.output_dir) / CRITIC_FILE
+        self.critic.check_finite(f"so {path} was not written")
         save_model(self.critic.model, str(path.with_name(f".tmp-{CRITIC_FILE}")))
         path.with_name(f".tmp-{CRITIC_FILE}").replace(path)  # whole or absent
         return result
 
     def stage_state(self) -> dict[str, Any]:
         """GRPO's, plus the critic: its weights, AdamW and schedule."""
-        weights = {k: v.detach().clone() for k, v in self.critic.model.state_dict().items()}
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.critic.model.state_dict().items()}
         return {**super().stage_state(), "critic": {"weights": weights, "training": self.critic.state_dict()}}
 
     def _resume(self, folder: Path) -> dict[str, Any]:
@@ -217,6 +237,11 @@ class PPOTrainer(GRPOTrainer):
         self.critic.model.load_state_dict(state["critic"]["weights"])
         self.critic.load_state_dict(state["critic"]["training"])
         return state
+
+
+def check_finite(what: str, loss: torch.Tensor) -> None:
+    if not math.isfinite(value := loss.item()):
+        raise NumericsError(f"the {what} is {value}; the optimizer step was not applied")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
