@@ -92,10 +92,7 @@ def step_gradient(trainer: GRPOTrainer) -> tuple[torch.Tensor, torch.Tensor, tor
             m,
             ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
             beta=cfg.beta,
-            epsilon_low=cfg.epsilon_low,
-            epsilon_high=cfg.epsilon_high,
-            kl_estimator=cfg.kl_estimator,
-            importance_level=cfg.importance_level,
+            **cfg.surrogate(),
         )
         policy.backward(algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer))
     # a step whose groups are all flat leaves no gradient at all: that is a zero gradient, not a missing one

@@ -274,6 +274,11 @@ class GRPOConfig(RunConfig):
 
     min_generations: typing.ClassVar[int] = 2  # the group is GRPO's baseline; PPO's critic needs none
 
+    def surrogate(self) -> dict[str, Any]:
+        """The clipped surrogate's settings, as `algo.per_token_loss` takes them."""
+        names = ("epsilon_low", "epsilon_high", "kl_estimator", "importance_level")
+        return {name: getattr(self, name) for name in names}
+
     def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given)
         _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -483,8 +488,6 @@ class SFTConfig(RunConfig):
     lr_schedule: LRSchedule = "cosine"
     """Learning-rate shape after warm-up."""
 
-    min_generations: typing.ClassVar[int] = 2  # the group is GRPO's baseline; PPO's critic needs none
-
     def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given)
         _require(self.max_steps >= 1, "max_steps", "must be >= 1")
@@ -523,8 +526,6 @@ class RewardModelConfig(RunConfig):
     """Optimizer steps of linear warm-up."""
     lr_schedule: LRSchedule = "cosine"
     """Learning-rate shape after warm-up."""
-
-    min_generations: typing.ClassVar[int] = 2  # the group is GRPO's baseline; PPO's critic needs none
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given)

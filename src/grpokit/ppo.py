@@ -158,10 +158,7 @@ class PPOTrainer(GRPOTrainer):
                         m,
                         ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
                         beta=beta_in_loss,
-                        epsilon_low=cfg.epsilon_low,
-                        epsilon_high=cfg.epsilon_high,
-                        kl_estimator=cfg.kl_estimator,
-                        importance_level=cfg.importance_level,
+                        **cfg.surrogate(),
                     )
                     loss = algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer)
                     check_finite("policy loss", loss)

@@ -201,10 +201,7 @@ class GRPOTrainer:
                         m,
                         ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
                         beta=cfg.beta,
-                        epsilon_low=cfg.epsilon_low,
-                        epsilon_high=cfg.epsilon_high,
-                        kl_estimator=cfg.kl_estimator,
-                        importance_level=cfg.importance_level,
+                        **cfg.surrogate(),
                     )
                     loss = algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer)
                     if not math.isfinite(loss_value := loss.item()):
