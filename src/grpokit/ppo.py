@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from grpokit import algo
+from grpokit import algo, update
 from grpokit.config import ConfigError, PPOConfig
 from grpokit.critic import ValueModel, build_critic, completion_values
 from grpokit.lora import uses_lora
@@ -148,24 +148,12 @@ class PPOTrainer(GRPOTrainer):
                 )
                 value_normalizer = max(float(mb_mask.sum()), 1.0)  # the value loss: a mean over the tokens
                 for idx in policy.micro_batches(rollout, mb_idx):
-                    logp, entropy = policy.forward(rollout, idx, with_entropy=iteration == 0)  # (n, w)
-                    width = logp.shape[1]
-                    m = mask[idx, :width]  # (n, w)
-                    token_loss, tok_stats = algo.per_token_loss(
-                        logp,
-                        old_logp[idx, :width] if old_logp is not None else logp.detach(),
-                        advantages[idx, :width],
-                        m,
-                        ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
-                        beta=beta_in_loss,
-                        **cfg.surrogate(),
-                    )
-                    loss = algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer)
-                    check_finite("policy loss", loss)
-                    policy.backward(loss)  # before the critic's forward: one model's graph alive at a time
-                    if old_logp is None:  # one pass, one optimizer step: logp is still the sampling policy's
-                        gap = algo.max_logp_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
-                        sums["sampler_logp_diff"] = max(sums["sampler_logp_diff"], gap)
+                    # the policy's backward before the critic's forward: one model's graph alive at a time
+                    m = update.policy_pass(
+                        policy, cfg, rollout, idx, mask, advantages, old_logp, ref_logp,
+                        normalizer=normalizer, beta=beta_in_loss, first_pass=iteration == 0, sums=sums,
+                    )  # fmt: skip
+                    width = m.shape[1]
                     values, _ = critic.forward(rollout, idx)  # (n, w)
                     value_token_loss, value_clipped = algo.value_loss(
                         values, old_values[idx, :width], returns[idx, :width], clip_range=cfg.cliprange_value
@@ -173,39 +161,23 @@ class PPOTrainer(GRPOTrainer):
                     value_loss = cfg.vf_coef * algo.aggregate_loss(
                         value_token_loss, m, loss_type="bnpo", normalizer=value_normalizer
                     )
-                    check_finite("value loss", value_loss)
+                    if not math.isfinite(value := value_loss.item()):
+                        raise NumericsError(f"the value loss is {value}; the optimizer step was not applied")
                     critic.backward(value_loss)
-                    n_tok = float(m.sum())
-                    sums["loss"] += loss.item()
-                    sums["value_loss"] += value_loss.item()
+                    sums["value_loss"] += value
                     sums["value_clip_frac"] += float((value_clipped * m).sum())
-                    sums["clip_ratio/low_mean"] += float((tok_stats["clipped_low"] * m).sum())
-                    sums["clip_ratio/high_mean"] += float((tok_stats["clipped_high"] * m).sum())
-                    sums["kl"] += float((tok_stats["kl"] * m).sum())
-                    sums["tokens"] += n_tok
-                    if iteration == 0:
-                        sums["entropy"] += float((entropy * m).sum())
-                        sums["first_pass_tokens"] += n_tok
                 sums["grad_norm"] += policy.optimizer_step()
                 sums["critic/grad_norm"] += critic.optimizer_step()
                 n_opt_steps += 1
-        tokens, first_pass_tokens = max(sums["tokens"], 1.0), max(sums["first_pass_tokens"], 1.0)
+        if old_logp is not None:
+            sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask)
+        tokens = max(sums["tokens"], 1.0)
         stats = {
-            "loss": sums["loss"] / n_opt_steps,
+            **update.policy_figures(sums, n_opt_steps, with_kl=ref_logp is not None),
             "value_loss": sums["value_loss"] / n_opt_steps,
-            "grad_norm": sums["grad_norm"] / n_opt_steps,
             "critic/grad_norm": sums["critic/grad_norm"] / n_opt_steps,
-            "entropy": sums["entropy"] / first_pass_tokens,
             "value_clip_frac": sums["value_clip_frac"] / tokens,
-            "clip_ratio/low_mean": sums["clip_ratio/low_mean"] / tokens,
-            "clip_ratio/high_mean": sums["clip_ratio/high_mean"] / tokens,
-            "sampler_logp_diff": sums["sampler_logp_diff"]
-            if old_logp is None
-            else algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask),
         }
-        stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
-        if ref_logp is not None:
-            stats["kl"] = sums["kl"] / tokens
         return {**stats, "learning_rate": lr, "critic/learning_rate": critic_lr}
 
     # ---------------------------------------------------------------- the run
@@ -234,11 +206,6 @@ class PPOTrainer(GRPOTrainer):
         self.critic.model.load_state_dict(state["critic"]["weights"])
         self.critic.load_state_dict(state["critic"]["training"])
         return state
-
-
-def check_finite(what: str, loss: torch.Tensor) -> None:
-    if not math.isfinite(value := loss.item()):
-        raise NumericsError(f"the {what} is {value}; the optimizer step was not applied")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

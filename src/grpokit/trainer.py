@@ -16,14 +16,13 @@ PPO (`grpokit.ppo`) is this loop with a critic's per-token advantages in place o
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpokit import algo, modeling
+from grpokit import algo, modeling, update
 from grpokit.checkpoint import RunDirectory, RunDirectoryError, numerics_stop, seed_everything
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
@@ -175,8 +174,8 @@ class GRPOTrainer:
         whole minibatch (`step_mask` (N, T): every rank's mask; this rank's rows start at `first_row`)."""
         cfg, N, policy, lr = self.cfg, step_mask.shape[0], self.policy, self.policy.lr  # (the step's first rate)
         n_here = rollout.num_sequences
-        added = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "tokens", "first_pass_tokens")
-        sums = dict.fromkeys((*added, "grad_norm", "sampler_logp_diff"), 0.0)  # `added`: summed over ranks too
+        added = update.FIGURES  # what the micro-batches add up, summed over the ranks too
+        sums = dict.fromkeys((*added, "grad_norm", "sampler_logp_diff"), 0.0)
         n_opt_steps, generation_tokens = 0, int(step_mask.sum())
         for iteration in range(cfg.num_iterations):
             reshuffle = iteration > 0 or old_logp is not None
@@ -191,34 +190,10 @@ class GRPOTrainer:
                 )
                 here = mb_idx[(mb_idx >= first_row) & (mb_idx < first_row + n_here)] - first_row
                 for idx in policy.micro_batches(rollout, here):
-                    logp, entropy = policy.forward(rollout, idx, with_entropy=iteration == 0)  # (n, w)
-                    width = logp.shape[1]
-                    m = mask[idx, :width]  # (n, w)
-                    token_loss, tok_stats = algo.per_token_loss(
-                        logp,
-                        old_logp[idx, :width] if old_logp is not None else logp.detach(),
-                        advantages[idx],
-                        m,
-                        ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
-                        beta=cfg.beta,
-                        **cfg.surrogate(),
-                    )
-                    loss = algo.aggregate_loss(token_loss, m, loss_type=cfg.loss_type, normalizer=normalizer)
-                    if not math.isfinite(loss_value := loss.item()):
-                        raise NumericsError(f"the loss is {loss_value}; the optimizer step was not applied")
-                    policy.backward(loss)
-                    n_tok = float(m.sum())
-                    sums["loss"] += loss_value
-                    sums["clip_ratio/low_mean"] += float((tok_stats["clipped_low"] * m).sum())
-                    sums["clip_ratio/high_mean"] += float((tok_stats["clipped_high"] * m).sum())
-                    sums["kl"] += float((tok_stats["kl"] * m).sum())
-                    sums["tokens"] += n_tok
-                    if iteration == 0:
-                        sums["entropy"] += float((entropy * m).sum())
-                        sums["first_pass_tokens"] += n_tok
-                    if old_logp is None:  # one pass, one optimizer step: logp is still the sampling policy's
-                        gap = algo.max_logp_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
-                        sums["sampler_logp_diff"] = max(sums["sampler_logp_diff"], gap)
+                    update.policy_pass(
+                        policy, cfg, rollout, idx, mask, advantages, old_logp, ref_logp,
+                        normalizer=normalizer, beta=cfg.beta, first_pass=iteration == 0, sums=sums,
+                    )  # fmt: skip
                 sums["grad_norm"] += policy.optimizer_step()
                 n_opt_steps += 1
         if old_logp is not None:
@@ -226,18 +201,7 @@ class GRPOTrainer:
         # over the ranks: sums and counts added, the gap's maximum (grad_norm is already of the summed gradients)
         sums.update(self.cluster.sum({k: sums[k] for k in added}))
         sums.update(self.cluster.max({"sampler_logp_diff": sums["sampler_logp_diff"]}))
-        tokens_seen, first_pass_tokens = max(sums["tokens"], 1.0), max(sums["first_pass_tokens"], 1.0)
-        stats = {
-            "loss": sums["loss"] / n_opt_steps,
-            "grad_norm": sums["grad_norm"] / n_opt_steps,
-            "entropy": sums["entropy"] / first_pass_tokens,
-            "clip_ratio/low_mean": sums["clip_ratio/low_mean"] / tokens_seen,
-            "clip_ratio/high_mean": sums["clip_ratio/high_mean"] / tokens_seen,
-            "sampler_logp_diff": sums["sampler_logp_diff"],
-        }
-        stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
-        if ref_logp is not None:
-            stats["kl"] = sums["kl"] / tokens_seen
+        stats = update.policy_figures(sums, n_opt_steps, with_kl=ref_logp is not None)
         return {**stats, "learning_rate": lr}
 
     # ---------------------------------------------------------------- the run
