@@ -137,26 +137,31 @@ def test_an_error_about_a_computed_field_names_the_trl_fields_written():
 # ---------------------------------------------------------------- peft
 
 
-def test_peft_options_grpokit_lacks_are_refused_by_name(model):
+def with_peft(tmp_path, model, peft_config) -> GRPOTrainer:
+    return GRPOTrainer(str(model), length_reward, args=trl_args(tmp_path), train_dataset=DATA, peft_config=peft_config)
+
+
+def test_peft_options_grpokit_lacks_are_refused_by_name(tmp_path, model):
     from peft import LoraConfig
 
     with pytest.raises(ConfigError, match=r"peft_config.use_dora = True is not supported"):
-        lora_from_peft(LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]), str(model))
+        with_peft(tmp_path, model, LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match=r"peft_config.modules_to_save = \['lm_head'\] is not supported"):
-        lora_from_peft(LoraConfig(r=4, modules_to_save=["lm_head"], target_modules=["q_proj"]), str(model))
+        with_peft(tmp_path, model, LoraConfig(r=4, modules_to_save=["lm_head"], target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="peft_config.task_type = 'SEQ_CLS'"):
-        lora_from_peft(LoraConfig(r=4, task_type="SEQ_CLS"), str(model))
+        with_peft(tmp_path, model, LoraConfig(r=4, task_type="SEQ_CLS", target_modules=["q_proj"]))
 
 
-def test_peft_target_modules_are_resolved_as_peft_resolves_them(model):
+def test_peft_target_modules_are_resolved_as_peft_resolves_them(tmp_path, model):
     from peft import LoraConfig
 
     regex = LoraConfig(r=4, lora_alpha=8, target_modules=r"model\.layers\.0\.self_attn\.(q|v)_proj")
-    assert lora_from_peft(regex, str(model)).target_modules == [
+    assert with_peft(tmp_path, model, regex).trainer.cfg.lora.target_modules == [
         "model.layers.0.self_attn.q_proj",
         "model.layers.0.self_attn.v_proj",
     ]
-    assert lora_from_peft(LoraConfig(r=4), str(model)).target_modules == ["q_proj", "v_proj"]  # Qwen2's default
+    default = with_peft(tmp_path, model, LoraConfig(r=4)).trainer.cfg.lora.target_modules
+    assert default == ["q_proj", "v_proj"]  # peft's default for Qwen2
     with pytest.raises(ConfigError, match="target_modules = 'attn' .* matches no module"):
         lora_from_peft(LoraConfig(r=4, target_modules="attn"), str(model))
 
