@@ -142,14 +142,34 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
 def _compare(args: list[str]) -> int:
     from pathlib import Path
 
-    from grpokit.compare import run_comparison
+    from grpokit.compare import ComparisonFailed, check_comparison, run_comparison
     from grpokit.config import GRPOConfig, save_yaml
 
+    if args[:1] == ["--worker"]:  # one method's process (`python -m grpokit.compare --worker ...`)
+        return _compare_worker(*args[1:])
     cfg = parse_config(GRPOConfig, args, "grpokit compare [GRPO-CONFIG.yaml]  (PPO runs with the same fields)")
+    check_comparison(cfg)  # before the earlier comparison's files are touched
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "compare-config.yaml")  # what both worker processes read: the file with the overrides
-    run_comparison(cfg, out / "compare-config.yaml")
+    try:
+        run_comparison(cfg, out / "compare-config.yaml")
+    except ComparisonFailed as failed:
+        print(f"grpokit compare: error: {failed}", file=sys.stderr)
+        return failed.exit_code
+    return 0
+
+
+def _compare_worker(method: str, config_path: str, report_path: str) -> int:
+    from grpokit.checkpoint import TrainingInterrupted
+    from grpokit.compare import stop_with_parent, worker
+
+    stop_with_parent()
+    try:
+        worker(method, config_path, report_path)
+    except TrainingInterrupted as stop:  # the parent says what was kept and how to resume the comparison
+        print(f"grpokit compare: {method}: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
