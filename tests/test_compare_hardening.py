@@ -59,6 +59,12 @@ def test_a_second_comparison_into_the_same_folder_is_refused_naming_it(tmp_path,
     assert "a comparison continues each method from its own latest checkpoint; use `latest`" in capsys.readouterr().err
 
 
+def test_a_ppo_only_field_given_to_compare_says_why_it_is_refused(capsys):
+    assert main(["compare", "--gamma", "0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option `--gamma`" in err and "one of PPO's own fields" in err and "`grpokit ppo`" in err
+
+
 def test_sigterm_stops_the_comparison_with_a_checkpoint_and_prints_its_resume_command(tmp_path):
     path = write_config(tmp_path, max_steps=50, save_every=0, reward_funcs=[f"{__name__}:digit_share_or_signal_parent"])
     pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -63,6 +63,14 @@ def test_a_wrong_type_or_range_is_an_error_naming_the_trl_field(field, value, ex
         GRPOConfig(**{field: value}).to_grpokit(num_prompts=64)
 
 
+def test_a_path_is_taken_where_trl_takes_a_folder_name(tmp_path):
+    cfg = GRPOConfig(output_dir=tmp_path / "out", max_steps=1, resume_from_checkpoint=tmp_path / "out" / "checkpoint-1")
+    assert (cfg.to_grpokit().output_dir, cfg.to_grpokit().resume_from_checkpoint) == (
+        str(tmp_path / "out"),
+        str(tmp_path / "out" / "checkpoint-1"),
+    )
+
+
 def test_strategies_by_epoch_are_mapped_and_unknown_ones_refused():
     # 32 prompts, generation batches of 8 / 4 = 2 prompts: an epoch is 16 generation steps
     cfg = GRPOConfig(eval_strategy="epoch", save_strategy="epoch", num_generations=4).to_grpokit(num_prompts=32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,8 @@ from grpokit.trl_names import (
     UNSUPPORTED,
 )
 
+PATH_FIELDS = frozenset({"output_dir", "logging_dir", "resume_from_checkpoint"})
+
 
 class GRPOConfig:
     """TRL's GRPOConfig fields (TRL 1.16 names, units and defaults); `to_grpokit()` gives grpokit's config."""
@@ -52,6 +55,9 @@ class GRPOConfig:
                 raise native.ConfigError(f"TRL field `{name}` = {fields[name]!r} is not supported: {reason}")
         if fields.get("fp16"):
             raise native.ConfigError("TRL field `fp16` = True is not supported: float16 needs loss scaling; use bf16")
+        for name in PATH_FIELDS & fields.keys():  # TRL (transformers) takes a Path where it takes a folder's name
+            if isinstance(fields[name], os.PathLike):
+                fields[name] = os.fspath(fields[name])
         for name, value in fields.items():
             check_trl_field(name, value)
         self.given = frozenset(fields)  # what the user wrote: the names an error speaks of
