@@ -293,7 +293,8 @@ class GRPOTrainer:
                         f"TRL field `eval_strategy` = {args.eval_strategy!r} needs an eval_dataset (TRL refuses it "
                         "as well): pass eval_dataset=, or leave eval_strategy at 'no'"
                     )
-                cfg = args.to_grpokit(num_prompts=len(train_dataset) if train_dataset is not None else None)
+                sized = train_dataset is not None and hasattr(train_dataset, "__len__")  # not a stream
+                cfg = args.to_grpokit(num_prompts=len(train_dataset) if sized else None)
             else:
                 cfg = dataclasses.replace(args)
             if peft_config is not None:
