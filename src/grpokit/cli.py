@@ -145,7 +145,10 @@ def _compare(args: list[str]) -> int:
     from grpokit.compare import ComparisonFailed, check_comparison, run_comparison
     from grpokit.config import ConfigError, GRPOConfig, save_yaml
 
-    if args[:1] == ["--worker"]:  # one method's process (`python -m grpokit.compare --worker ...`)
+    if args[:1] == ["--worker"]:  # one method's process, started by `run_comparison`
+        if len(args) != 4:
+            print("usage: grpokit compare --worker METHOD CONFIG.yaml REPORT.json (grpokit compare runs it)")
+            return 2
         return _compare_worker(*args[1:])
     try:
         cfg = parse_config(GRPOConfig, args, "grpokit compare [GRPO-CONFIG.yaml]  (PPO runs with the same fields)")

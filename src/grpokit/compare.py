@@ -190,7 +190,9 @@ def run_comparison(grpo_cfg: Any, config_path: Path) -> dict[str, Any]:
         for method in METHODS:
             report_path = out / f".{method}-report.json"
             report_path.unlink(missing_ok=True)
-            command = [sys.executable, "-m", "grpokit.compare", "--worker", method, str(config_path), str(report_path)]
+            # the CLI's own error reporting in the method's process (`_compare_worker`)
+            command = [sys.executable, "-m", "grpokit.cli", "compare", "--worker", method, str(config_path),
+                       str(report_path)]  # fmt: skip
             env = {**os.environ, PARENT_PID: str(os.getpid())}
             # a session of its own: a terminal's Ctrl-C reaches this process alone, which passes it on once
             worker = subprocess.Popen(command, env=env, start_new_session=True)
@@ -360,12 +362,3 @@ def plot_comparison(record: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        from grpokit.cli import main
-
-        sys.exit(main(["compare", *sys.argv[1:]]))  # the CLI's error reporting, in the method's own process
-    else:
-        sys.exit("usage: python -m grpokit.compare --worker METHOD CONFIG.yaml REPORT.json (grpokit compare runs it)")
