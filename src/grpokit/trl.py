@@ -101,12 +101,13 @@ class GRPOConfig:
             steps_per_generation = f["steps_per_generation"] or accumulation
             generation = per_step * steps_per_generation
         if generation % G:
-            raise native.ConfigError(
-                f"TRL fields: the generation batch of {generation} completions ("
-                + ("generation_batch_size" if f["generation_batch_size"] else "per_device_train_batch_size x world "
-                   "size x steps_per_generation (default: gradient_accumulation_steps)")
-                + f") is not a multiple of num_generations = {G}"
+            source = "generation_batch_size" if f["generation_batch_size"] else (
+                "per_device_train_batch_size x world size x steps_per_generation (default: gradient_accumulation_steps)"
             )  # fmt: skip
+            raise native.ConfigError(
+                f"TRL fields: the generation batch of {generation} completions ({source}) is not a multiple of "
+                f"num_generations = {G}"
+            )
         if steps_per_generation % accumulation:
             raise native.ConfigError(
                 f"TRL fields: gradient_accumulation_steps = {accumulation} does not divide the generation batch's "
