@@ -24,12 +24,14 @@ _calls = 0
 
 
 def digit_share_or_signal_parent(prompts, completions, **kwargs):
-    """`digit_share`, except that its call number $GRPOKIT_TEST_SIGNAL_PARENT_AT_CALL in a process sends SIGTERM to
-    the process's parent (the `grpokit compare` that started this method's process), as a user's `kill` would."""
+    """`digit_share`, except that its call number N in a process, $GRPOKIT_TEST_SIGNAL_PARENT_AT_CALL = `N` or
+    `N:SIGNAME`, sends SIGTERM (or SIGNAME) to the process's parent (the `grpokit compare` that started this
+    method's process), as a user's `kill` would."""
     global _calls
     _calls += 1
-    if os.environ.get(SIGNAL_PARENT_AT_CALL) == str(_calls):
-        os.kill(os.getppid(), signal.SIGTERM)
+    at, _, name = os.environ.get(SIGNAL_PARENT_AT_CALL, "").partition(":")
+    if at == str(_calls):
+        os.kill(os.getppid(), signal.Signals[name or "SIGTERM"])
     return digit_share(prompts, completions)
 
 
@@ -97,3 +99,28 @@ def test_sigterm_stops_the_comparison_with_a_checkpoint_and_prints_its_resume_co
     check_comparison(resumed)
     assert method_config(resumed, "grpo").resume_from_checkpoint == "latest"
     assert method_config(resumed, "ppo").resume_from_checkpoint is None
+
+
+def test_a_worker_whose_comparison_is_killed_checkpoints_and_exits(tmp_path):
+    """kill -9 of `grpokit compare` cannot be forwarded: its worker gets SIGTERM from the kernel (parent-death
+    signal), finishes its step, checkpoints and exits instead of training on alone."""
+    import select
+
+    path = write_config(tmp_path, max_steps=50, save_every=0, reward_funcs=[f"{__name__}:digit_share_or_signal_parent"])
+    pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", SIGNAL_PARENT_AT_CALL: "2:SIGKILL"}
+    command = [sys.executable, "-m", "grpokit.cli", "compare", str(path)]
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    worker_pid = int(killed.stdout.split("(pid ")[1].split(")")[0])
+    try:
+        exited = os.pidfd_open(worker_pid)  # readable once the worker has exited (it is not this test's child)
+    except ProcessLookupError:
+        pass  # already gone
+    else:
+        try:
+            assert select.select([exited], [], [], 300)[0], f"the GRPO worker {worker_pid} still runs"
+        finally:
+            os.close(exited)
+    (checkpoint,) = (tmp_path / "cmp" / "grpo").glob("checkpoint-*")  # written on the SIGTERM (save_every 0)
+    assert 1 <= int(checkpoint.name.split("-")[1]) < 50
