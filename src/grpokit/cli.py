@@ -142,14 +142,57 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
 def _compare(args: list[str]) -> int:
     from pathlib import Path
 
-    from grpokit.compare import run_comparison
-    from grpokit.config import GRPOConfig, save_yaml
+    from grpokit.compare import ComparisonFailed, check_comparison, run_comparison
+    from grpokit.config import ConfigError, GRPOConfig, save_yaml
 
-    cfg = parse_config(GRPOConfig, args, "grpokit compare [GRPO-CONFIG.yaml]  (PPO runs with the same fields)")
+    if args[:1] == ["--worker"]:  # one method's process, started by `run_comparison`
+        if len(args) != 4:
+            print("usage: grpokit compare --worker METHOD CONFIG.yaml REPORT.json (grpokit compare runs it)")
+            return 2
+        return _compare_worker(*args[1:])
+    try:
+        cfg = parse_config(GRPOConfig, args, "grpokit compare [GRPO-CONFIG.yaml]  (PPO runs with the same fields)")
+    except ConfigError as err:
+        raise ConfigError(f"{err}{_ppo_only_hint(str(err))}") from None
+    check_comparison(cfg)  # before the earlier comparison's files are touched
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "compare-config.yaml")  # what both worker processes read: the file with the overrides
-    run_comparison(cfg, out / "compare-config.yaml")
+    try:
+        run_comparison(cfg, out / "compare-config.yaml")
+    except ComparisonFailed as failed:
+        print(f"grpokit compare: error: {failed}", file=sys.stderr)
+        return failed.exit_code
+    return 0
+
+
+def _ppo_only_hint(message: str) -> str:
+    """An unknown field that is PPO's own (`--gamma`): say that the comparison runs PPO at its defaults."""
+    import dataclasses
+    import re
+
+    from grpokit.config import GRPOConfig, PPOConfig
+
+    match = re.search(r"unknown (?:field|option) `(?:--)?([\w-]+)", message)
+    ppo_only = {f.name for f in dataclasses.fields(PPOConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
+    if match is None or match.group(1).replace("-", "_") not in ppo_only:
+        return ""
+    return (
+        f"; it is one of PPO's own fields ({', '.join(sorted(ppo_only))}), which `grpokit compare` runs at their "
+        "defaults, so that both methods share every other field: run `grpokit ppo` to set them"
+    )
+
+
+def _compare_worker(method: str, config_path: str, report_path: str) -> int:
+    from grpokit.checkpoint import TrainingInterrupted
+    from grpokit.compare import stop_with_parent, worker
+
+    stop_with_parent()
+    try:
+        worker(method, config_path, report_path)
+    except TrainingInterrupted as stop:  # the parent says what was kept and how to resume the comparison
+        print(f"grpokit compare: {method}: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -8,6 +8,12 @@ memory_mb`): the policy's weights, gradients and AdamW moments; the reference; t
 moments; on a CPU also the process before any model loaded (interpreter, torch, transformers); the rest of the
 peak is activations and temporaries (and, on a CPU, what the allocator kept of them).
 
+The run folders follow `grpokit train`'s rules: a comparison already in OUTPUT_DIR is refused (naming the folder)
+unless `--resume-from-checkpoint latest` (each method continues its own latest checkpoint; one not started yet
+starts) or `--overwrite-output-dir`. SIGINT / SIGTERM to `grpokit compare` go to the method's process, which
+finishes its step and writes a checkpoint as `grpokit train` does; the comparison then says what was kept and how
+to resume. A worker dies with its parent (SIGTERM, so it checkpoints), never left running alone.
+
 Written to OUTPUT_DIR: comparison.json (both methods' figures, the machine, the commit, the date), comparison.png
 (held-out accuracy against samples seen and against training wall time, and the memory breakdown), and the same
 table printed.
@@ -21,15 +27,38 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
+
+from grpokit.checkpoint import RunDirectory, TrainingInterrupted, list_checkpoints
 
 METHODS = ("grpo", "ppo")
 REPORT = "comparison.json"
 PLOT = "comparison.png"
+PARENT_PID = "GRPOKIT_COMPARE_PARENT"  # the worker's parent: a worker whose parent is gone stops
+
+
+class ComparisonFailed(RuntimeError):
+    """A method's process failed; its own error was printed above."""
+
+    def __init__(self, method: str, returncode: int):
+        self.method = method
+        self.exit_code = returncode if returncode > 0 else 128 - returncode  # killed by a signal: the shell's code
+        how = f"exit status {returncode}" if returncode >= 0 else f"killed by {signal.Signals(-returncode).name}"
+        super().__init__(f"the {method} run failed ({how}); its error is above, the next method did not run")
+
+
+class ComparisonInterrupted(TrainingInterrupted):
+    """SIGINT / SIGTERM stopped the comparison; the message says what each method kept."""
+
+    def __init__(self, signum: int, kept: str):
+        self.signum, self.step, self.checkpoint = signum, None, None
+        Exception.__init__(self, f"stopped by {signal.Signals(signum).name}: {kept}")
 
 
 def _rss_mb() -> float:
@@ -50,14 +79,38 @@ def _peak_rss_mb() -> float:
 
 def method_config(grpo: Any, method: str) -> Any:
     """The config `method` runs: the GRPO config itself, or a PPOConfig with the same fields, each in its own
-    folder under the comparison's output_dir."""
+    folder under the comparison's output_dir. Resuming `latest`, a method whose folder holds no run yet (the
+    comparison stopped before it began) starts fresh."""
     from grpokit.config import PPOConfig
 
     out = str(Path(grpo.output_dir) / method)
+    changes: dict[str, Any] = {"output_dir": out}
+    if (
+        grpo.resume_from_checkpoint == "latest"
+        and not RunDirectory(out, config=None, resume_from=None, overwrite=False, keep=0).holds_run()
+    ):
+        changes["resume_from_checkpoint"] = None  # a method the interrupted comparison never started starts now
     if method == "grpo":
-        return dataclasses.replace(grpo, output_dir=out)
+        return dataclasses.replace(grpo, **changes)
     fields = {f.name: getattr(grpo, f.name) for f in dataclasses.fields(grpo)}
-    return PPOConfig(**{**fields, "output_dir": out})
+    return PPOConfig(**{**fields, **changes})
+
+
+def check_comparison(grpo: Any) -> None:
+    """Before anything is written or run: both methods' configs are valid (a PPO-only refusal shows before GRPO's
+    run, not after it) and both run folders can be used as `grpokit train` would use them (fresh, resumed with
+    `latest`, or replaced with overwrite_output_dir); the error names the folder."""
+    from grpokit.config import ConfigError
+
+    if grpo.resume_from_checkpoint not in (None, "latest"):
+        raise ConfigError(
+            f"config field `resume_from_checkpoint` is {grpo.resume_from_checkpoint!r}: a comparison continues each "
+            "method from its own latest checkpoint; use `latest`"
+        )
+    for method in METHODS:
+        cfg = method_config(grpo, method)
+        cfg.validate()
+        RunDirectory.for_config(cfg).plan()
 
 
 def worker(method: str, config_path: str, report_path: str) -> None:
@@ -65,12 +118,14 @@ def worker(method: str, config_path: str, report_path: str) -> None:
     import torch
     import transformers  # noqa: F401  (loaded before the baseline: it is the runtime, not the method)
 
-    from grpokit.config import GRPOConfig, load_yaml
+    from grpokit.config import load_yaml
     from grpokit.ppo import PPOTrainer
     from grpokit.runlog import read_metrics
     from grpokit.trainer import GRPOTrainer
 
     before_models_mb = _rss_mb()
+    from grpokit.config import GRPOConfig
+
     cfg = method_config(load_yaml(GRPOConfig, config_path), method)
     trainer = (PPOTrainer if method == "ppo" else GRPOTrainer)(cfg)
     on_cuda = trainer.device.type == "cuda"
@@ -127,21 +182,28 @@ def worker(method: str, config_path: str, report_path: str) -> None:
 
 def run_comparison(grpo_cfg: Any, config_path: Path) -> dict[str, Any]:
     """Both methods, one fresh process each (GRPO first), then the table, comparison.json and comparison.png."""
+    check_comparison(grpo_cfg)
     out = Path(grpo_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     reports: dict[str, Any] = {}
-    for method in METHODS:
-        method_config(grpo_cfg, method).validate()  # a PPO-only refusal shows before GRPO's run, not after it
-    for method in METHODS:
-        report_path = out / f".{method}-report.json"
-        report_path.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "grpokit.compare", "--worker", method, str(config_path), str(report_path)]
-        print(f"grpokit compare: {method} in its own process -> {out / method}", flush=True)
-        done = subprocess.run(command, env=os.environ.copy())
-        if done.returncode != 0 or not report_path.is_file():
-            raise RuntimeError(f"grpokit compare: the {method} run failed (exit status {done.returncode}); see above")
-        reports[method] = json.loads(report_path.read_text())
-        report_path.unlink()
+    with ForwardedSignals() as signals:
+        for method in METHODS:
+            report_path = out / f".{method}-report.json"
+            report_path.unlink(missing_ok=True)
+            # the CLI's own error reporting in the method's process (`_compare_worker`)
+            command = [sys.executable, "-m", "grpokit.cli", "compare", "--worker", method, str(config_path),
+                       str(report_path)]  # fmt: skip
+            env = {**os.environ, PARENT_PID: str(os.getpid())}
+            # a session of its own: a terminal's Ctrl-C reaches this process alone, which passes it on once
+            worker = subprocess.Popen(command, env=env, start_new_session=True)
+            print(f"grpokit compare: {method} in its own process (pid {worker.pid}) -> {out / method}", flush=True)
+            code = signals.wait(worker)
+            if signals.received is not None:
+                raise ComparisonInterrupted(signals.received, kept(grpo_cfg, reports, method))
+            if code != 0 or not report_path.is_file():
+                raise ComparisonFailed(method, code)
+            reports[method] = json.loads(report_path.read_text())
+            report_path.unlink()
     record = {**reports, "config": str(config_path), **provenance()}
     record["grpo_saves_mb"] = reports["ppo"]["peak_memory_mb"] - reports["grpo"]["peak_memory_mb"]
     (out / REPORT).write_text(json.dumps(record, indent=1))
@@ -149,6 +211,75 @@ def run_comparison(grpo_cfg: Any, config_path: Path) -> dict[str, Any]:
     plot_comparison(record, out / PLOT)
     print(f"\n{out / REPORT}\n{out / PLOT}")
     return record
+
+
+class ForwardedSignals:
+    """While a method's process runs, SIGINT / SIGTERM to this process are passed on to it (it checkpoints and
+    exits), and remembered so that no further method starts."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.worker: subprocess.Popen | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> ForwardedSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._forward)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.send_signal(signum)  # a second one stops the worker at once, as in `grpokit train`
+
+    def wait(self, worker: subprocess.Popen) -> int:
+        self.worker = worker
+        if self.received is not None and worker.poll() is None:  # it came between two methods
+            worker.send_signal(self.received)
+        return worker.wait()
+
+
+def kept(grpo_cfg: Any, reports: dict[str, Any], stopped: str) -> str:
+    """What each method of an interrupted comparison has on disk."""
+    parts = []
+    for method in METHODS:
+        folder = Path(grpo_cfg.output_dir) / method
+        checkpoints = list_checkpoints(folder)
+        if method in reports:
+            parts.append(f"{method} finished ({folder})")
+        elif method == stopped and checkpoints:
+            step, path = checkpoints[-1]
+            parts.append(f"{method} stopped after step {step} of {grpo_cfg.max_steps} (checkpoint: {path})")
+        elif method == stopped:
+            parts.append(f"{method} stopped before its first checkpoint")
+        else:
+            parts.append(f"{method} not started")
+    return "; ".join(parts)
+
+
+def stop_with_parent() -> None:
+    """This worker gets SIGTERM (and checkpoints) when the `grpokit compare` process that started it dies."""
+    parent = int(os.environ.get(PARENT_PID, "0"))
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    else:  # no parent-death signal: watch the parent instead
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                threading.Event().wait(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if parent and os.getppid() != parent:  # it died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def provenance() -> dict[str, str]:
@@ -231,10 +362,3 @@ def plot_comparison(record: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:])
-    else:
-        sys.exit("usage: python -m grpokit.compare --worker METHOD CONFIG.yaml REPORT.json (grpokit compare runs it)")

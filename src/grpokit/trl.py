@@ -5,24 +5,39 @@
 `GRPOConfig` takes the field names, units and defaults of TRL 1.16's GRPOConfig and maps them onto grpokit's
 own config (`to_grpokit`); `GRPOTrainer` takes TRL's arguments and runs grpokit's trainer. A TRL option that
 grpokit does not have is an error naming it as soon as it is set to anything but TRL's default (`use_vllm=True`,
-`deepspeed=...`), never silently ignored. This module never imports `trl`; the native config stays grpokit's.
+`deepspeed=...`), never silently ignored; a value of the wrong type or out of range is an error naming the TRL
+field, and an error grpokit's own validation raises about a field computed from TRL's names those TRL fields
+(`trl_error`). `trainer.train(resume_from_checkpoint=True)` continues the latest checkpoint of output_dir, as in
+TRL. This module never imports `trl`; the native config stays grpokit's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from grpokit import config as native
+from grpokit.checkpoint import RunDirectory, RunDirectoryError, list_checkpoints
 from grpokit.trl_names import (
+    GRPOKIT_SOURCES,
     LOSS_TYPES,
     RENAMED,
     SAME_NAME,
     SCHEDULES,
+    TRL_ABOVE_ZERO,
     TRL_DEFAULTS,
+    TRL_MINIMUM,
+    TRL_TYPES,
     UNSUPPORTED,
 )
+
+PATH_FIELDS = frozenset({"output_dir", "logging_dir", "resume_from_checkpoint"})
 
 
 class GRPOConfig:
@@ -40,32 +55,67 @@ class GRPOConfig:
                 raise native.ConfigError(f"TRL field `{name}` = {fields[name]!r} is not supported: {reason}")
         if fields.get("fp16"):
             raise native.ConfigError("TRL field `fp16` = True is not supported: float16 needs loss scaling; use bf16")
+        for name in PATH_FIELDS & fields.keys():  # TRL (transformers) takes a Path where it takes a folder's name
+            if isinstance(fields[name], os.PathLike):
+                fields[name] = os.fspath(fields[name])
+        for name, value in fields.items():
+            check_trl_field(name, value)
+        self.given = frozenset(fields)  # what the user wrote: the names an error speaks of
         self.fields = {**TRL_DEFAULTS, **fields}
+        if self.fields["steps_per_generation"] is not None and self.fields["generation_batch_size"] is not None:
+            raise native.ConfigError(
+                "TRL fields `steps_per_generation` and `generation_batch_size` are both set: give one (TRL refuses "
+                "both as well)"
+            )
 
     def __getattr__(self, name: str) -> Any:
-        if name != "fields" and name in self.fields:
+        if name not in ("fields", "given") and name in self.fields:
             return self.fields[name]
         raise AttributeError(name)
 
     def to_grpokit(self, *, num_prompts: int | None = None, world_size: int = 1) -> native.GRPOConfig:
-        """grpokit's GRPOConfig; `num_prompts` (the training set's size) turns TRL's epochs into steps."""
+        """grpokit's GRPOConfig; `num_prompts` (the training set's size) turns TRL's epochs into steps.
+
+        TRL counts steps in optimizer steps, grpokit in generation steps (one generation batch each, trained in
+        num_iterations x steps_per_generation / gradient_accumulation_steps optimizer steps): max_steps, save_steps,
+        logging_steps and eval_steps are converted, rounded up to whole generation steps."""
         f = self.fields
         out: dict[str, Any] = {name: f[name] for name in SAME_NAME if f[name] is not None}
         out.update({new: f[old] for old, new in RENAMED.items()})
-        out["save_total_limit"] = f["save_total_limit"] or 0  # TRL None keeps all, as grpokit's 0
+        out["save_total_limit"] = max(f["save_total_limit"] or 0, 0)  # TRL: None (or <= 0) keeps all, grpokit's 0
+        out["top_k"] = f["top_k"] or 0
+        out["gradient_checkpointing"] = bool(f["gradient_checkpointing"])
         G = f["num_generations"]
         # TRL counts completions: per device per forward; x devices x steps_per_generation per generation batch
         per_step = f["per_device_train_batch_size"] * world_size
-        generation = f["generation_batch_size"] or per_step * (
-            f["steps_per_generation"] or f["gradient_accumulation_steps"]
-        )
+        accumulation = f["gradient_accumulation_steps"]
+        if f["generation_batch_size"] is not None:
+            generation = f["generation_batch_size"]
+            if generation % per_step:
+                raise native.ConfigError(
+                    f"TRL field `generation_batch_size` = {generation} is not a multiple of "
+                    f"per_device_train_batch_size x world size = {per_step} (TRL refuses it as well)"
+                )
+            steps_per_generation = generation // per_step
+        else:
+            steps_per_generation = f["steps_per_generation"] or accumulation
+            generation = per_step * steps_per_generation
         if generation % G:
+            source = "generation_batch_size" if f["generation_batch_size"] else (
+                "per_device_train_batch_size x world size x steps_per_generation (default: gradient_accumulation_steps)"
+            )  # fmt: skip
             raise native.ConfigError(
-                f"TRL fields: the generation batch of {generation} completions (per_device_train_batch_size x world "
-                f"size x steps_per_generation) is not a multiple of num_generations = {G}"
+                f"TRL fields: the generation batch of {generation} completions ({source}) is not a multiple of "
+                f"num_generations = {G}"
+            )
+        if steps_per_generation % accumulation:
+            raise native.ConfigError(
+                f"TRL fields: gradient_accumulation_steps = {accumulation} does not divide the generation batch's "
+                f"{steps_per_generation} steps (steps_per_generation, or generation_batch_size / "
+                "per_device_train_batch_size): grpokit's optimizer steps split one generation batch evenly"
             )
         out["prompts_per_step"] = generation // G
-        minibatch = per_step * f["gradient_accumulation_steps"]  # completions per optimizer step
+        minibatch = per_step * accumulation  # completions per optimizer step
         out["minibatch_size"] = None if minibatch == generation else minibatch
         out["micro_batch_size"] = f["per_device_train_batch_size"]
         out["epsilon_low"] = f["epsilon"]
@@ -80,13 +130,20 @@ class GRPOConfig:
                 f"TRL field `lr_scheduler_type` = {f['lr_scheduler_type']!r}: grpokit has {', '.join(SCHEDULES)}"
             )
         out["lr_schedule"] = SCHEDULES[f["lr_scheduler_type"]]
-        out["max_steps"] = self._max_steps(out["prompts_per_step"], num_prompts)
+        per_generation = steps_per_generation // accumulation * f["num_iterations"]  # optimizer steps
+        per_epoch = None if num_prompts is None else num_prompts // out["prompts_per_step"]  # TRL drops a last part
+        out["max_steps"] = self._max_steps(per_generation, per_epoch, out["prompts_per_step"], num_prompts)
+        optimizer_steps = out["max_steps"] * per_generation
+
+        def in_generations(name: str) -> int:
+            """A TRL step count (optimizer steps; below 1, a fraction of the run) as grpokit's generation steps."""
+            steps = f[name] if f[name] >= 1 else math.ceil(f[name] * optimizer_steps)
+            return max(1, math.ceil(steps / per_generation))
+
         warmup = f["warmup_steps"]  # transformers reads a value below 1 as a fraction of the run
-        out["warmup_steps"] = math.ceil(warmup * out["max_steps"]) if 0 < warmup < 1 else int(warmup)
-        out["save_every"] = 0 if f["save_strategy"] == "no" else f["save_steps"]
-        if f["save_strategy"] not in ("steps", "no"):
-            raise native.ConfigError(f"TRL field `save_strategy` = {f['save_strategy']!r}: grpokit saves by steps")
-        out["log_completions_every"] = f["logging_steps"] if f["log_completions"] else 0
+        out["warmup_steps"] = math.ceil(warmup * optimizer_steps) if 0 < warmup < 1 else int(warmup)
+        out["save_every"] = self._every("save_strategy", "save_steps", in_generations, per_epoch, ("no", "steps"))
+        out["log_completions_every"] = in_generations("logging_steps") if f["log_completions"] else 0
         reports = [f["report_to"]] if isinstance(f["report_to"], str) else list(f["report_to"] or [])
         unknown = [r for r in reports if r not in ("none", "tensorboard", "wandb", "all")]
         if unknown:
@@ -98,29 +155,111 @@ class GRPOConfig:
         out["dtype"] = "bfloat16" if f["bf16"] else "auto"
         out["device"] = "cpu" if f["use_cpu"] else "auto"
         if f["sync_ref_model"]:
-            out["ref_sync_every"] = f["ref_model_sync_steps"]
-        if f["eval_strategy"] == "steps":
-            out["eval_every"] = int(f["eval_steps"] or f["logging_steps"])
+            out["ref_sync_every"] = in_generations("ref_model_sync_steps")
+        eval_field = "eval_steps" if f["eval_steps"] is not None else "logging_steps"  # transformers' fallback
+        out["eval_every"] = self._every("eval_strategy", eval_field, in_generations, per_epoch, ("no", "steps"))
         if f["disable_tqdm"]:
             out["progress"] = False
         if f["resume_from_checkpoint"]:
-            out["resume_from_checkpoint"] = (
-                "latest" if f["resume_from_checkpoint"] is True else f["resume_from_checkpoint"]
-            )
+            resume = f["resume_from_checkpoint"]
+            out["resume_from_checkpoint"] = "latest" if resume is True else str(resume)
+        out["overwrite_output_dir"] = f["overwrite_output_dir"]
         out.setdefault("output_dir", "trainer_output")  # TRL's own default folder
         return native.GRPOConfig(**out)
 
-    def _max_steps(self, prompts_per_step: int, num_prompts: int | None) -> int:
-        """TRL's max_steps (optimizer steps; -1: num_train_epochs over the data) as grpokit's generation steps."""
-        f = self.fields
-        optimizer_steps_per_generation = max(
-            1, (f["steps_per_generation"] or f["gradient_accumulation_steps"]) // f["gradient_accumulation_steps"]
+    def _every(self, strategy: str, steps: str, in_generations: Any, per_epoch: int | None, kinds: tuple) -> int:
+        """`save_strategy` / `eval_strategy` with its step count, as grpokit's every-N generation steps (0: off)."""
+        value = self.fields[strategy]
+        if value == "no":
+            return 0
+        if value == "steps":
+            return in_generations(steps)
+        if value == "epoch":
+            if per_epoch is None:
+                raise native.ConfigError(f"TRL field `{strategy}` = 'epoch' needs the training set to count epochs")
+            return per_epoch
+        raise native.ConfigError(
+            f"TRL field `{strategy}` = {value!r}: grpokit has 'no', 'steps' and 'epoch'"
+            + (" (no metric picks a 'best' checkpoint)" if value == "best" else "")
         )
+
+    def _max_steps(self, per_generation: int, per_epoch: int | None, prompts: int, num_prompts: int | None) -> int:
+        """TRL's max_steps (optimizer steps; <= 0: num_train_epochs over the data) as grpokit's generation steps."""
+        f = self.fields
         if f["max_steps"] > 0:
-            return max(1, math.ceil(f["max_steps"] / optimizer_steps_per_generation))
+            return max(1, math.ceil(f["max_steps"] / per_generation))
         if num_prompts is None:
             raise native.ConfigError("TRL field `max_steps` = -1 needs the training set to count epochs")
-        return max(1, math.ceil(f["num_train_epochs"] * num_prompts / prompts_per_step))
+        if not per_epoch:
+            raise native.ConfigError(
+                f"TRL field `num_train_epochs`: the training set's {num_prompts} prompts are fewer than one generation "
+                f"batch of {prompts} prompts (generation batch / num_generations), so an epoch has no step (TRL would "
+                "train none): set max_steps, or a smaller batch"
+            )
+        return math.ceil(f["num_train_epochs"] * per_epoch)
+
+
+def check_trl_field(name: str, value: Any) -> None:
+    """A TRL field's value has TRL's type and a usable range; the error names the field."""
+    hint = TRL_TYPES.get(name)
+    if hint is None:
+        return
+    if not native._matches(value, hint):
+        got = f"{value!r} (a {type(value).__name__})"
+        text = " (a number written as text: write it without quotes)" if _is_number_text(value, hint) else ""
+        raise native.ConfigError(f"TRL field `{name}` expects {native._type_name(hint)}, got {got}{text}")
+    for number in value if isinstance(value, list) else [value]:
+        if isinstance(number, float) and not math.isfinite(number):
+            raise native.ConfigError(f"TRL field `{name}` must be a finite number, got {value!r}")
+    if value is None or isinstance(value, (bool, str, list)):
+        return
+    if name in TRL_MINIMUM and value < TRL_MINIMUM[name]:
+        raise native.ConfigError(f"TRL field `{name}` must be >= {TRL_MINIMUM[name]:g}, got {value!r}")
+    if name in TRL_ABOVE_ZERO and value <= 0:
+        raise native.ConfigError(f"TRL field `{name}` must be > 0, got {value!r}")
+
+
+def _is_number_text(value: Any, hint: Any) -> bool:
+    if not isinstance(value, str) or native._matches(value, hint):
+        return False
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    return native._matches(number, hint) or native._matches(int(number), hint)
+
+
+def trl_error(err: native.ConfigError, given: frozenset[str] | set[str]) -> native.ConfigError:
+    """grpokit's error about one of its own fields (`config field `minibatch_size` ...`), told in the TRL names it
+    was computed from: those the user wrote, else all of them. An error about a field no TRL name gives is kept."""
+    text = str(err)
+    match = re.match(r"config field `([\w./]+)`\s*(.*)", text, re.DOTALL)
+    if match is None:
+        return err
+    field, rest = match.group(1), match.group(2)
+    sources = list(dict.fromkeys(s for name in field.split("/") for s in GRPOKIT_SOURCES.get(name, ())))
+    if not sources:
+        return err
+    written = [s for s in sources if s.split(".")[0] in given] or sources
+    trl_names = ", ".join(f"`{s}`" for s in written)
+    kind = "TRL field" if len(written) == 1 else "TRL fields"
+    if written == [field]:  # the same name in both
+        return native.ConfigError(f"{kind} {trl_names} {rest}")
+    return native.ConfigError(f"{kind} {trl_names}, as grpokit's `{field}`, {rest}")
+
+
+@contextlib.contextmanager
+def trl_names_in_errors(given: frozenset[str] | set[str] | None) -> Iterator[None]:
+    """ConfigErrors raised inside speak of the TRL fields in `given` (None: a native config, nothing to tell)."""
+    try:
+        yield
+    except native.ConfigError as err:
+        if given is None:
+            raise
+        translated = trl_error(err, given)
+        if translated is err:
+            raise
+        raise translated from None
 
 
 class GRPOTrainer:
@@ -130,7 +269,7 @@ class GRPOTrainer:
         self,
         model: Any,
         reward_funcs: Any = None,
-        args: GRPOConfig | None = None,
+        args: GRPOConfig | native.GRPOConfig | dict[str, Any] | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
@@ -144,42 +283,213 @@ class GRPOTrainer:
             raise native.ConfigError(f"GRPOTrainer argument `{set_[0]}` is not supported by grpokit.trl")
         if reward_funcs is None:
             raise native.ConfigError("GRPOTrainer needs reward_funcs (a function, a list of them, or a model folder)")
-        args = args if args is not None else GRPOConfig()
-        cfg = args.to_grpokit(num_prompts=len(train_dataset) if train_dataset is not None else None)
-        if peft_config is not None:
-            cfg = dataclasses.replace(cfg, lora=lora_from_peft(peft_config))
-        self.args = args
-        self.trainer = NativeTrainer(
-            cfg,
-            model=model,
-            tokenizer=processing_class,
-            reward_funcs=reward_funcs,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-        )
+        args = trl_args(args)
+        given = None  # a native config: its own names are the ones the user wrote
+        if isinstance(args, GRPOConfig):
+            given = args.given | ({"peft_config"} if peft_config is not None else set())
+        with trl_names_in_errors(given):
+            if isinstance(args, GRPOConfig):
+                if args.eval_strategy != "no" and eval_dataset is None:
+                    raise native.ConfigError(
+                        f"TRL field `eval_strategy` = {args.eval_strategy!r} needs an eval_dataset (TRL refuses it "
+                        "as well): pass eval_dataset=, or leave eval_strategy at 'no'"
+                    )
+                sized = train_dataset is not None and hasattr(train_dataset, "__len__")  # not a stream
+                cfg = args.to_grpokit(num_prompts=len(train_dataset) if sized else None)
+            else:
+                cfg = dataclasses.replace(args)
+            if peft_config is not None:
+                cfg = dataclasses.replace(cfg, lora=lora_from_peft(peft_config, model))
+            self.args = args
+            self._resume_asked = cfg.resume_from_checkpoint
+            # TRL decides whether to resume in train(resume_from_checkpoint=...); the trainer is built as a resume
+            # of output_dir's latest checkpoint would be (its config checked against it), decided in `train`
+            earlier = [] if cfg.resume_from_checkpoint or cfg.overwrite_output_dir else _earlier_run(cfg)
+            build = cfg
+            if earlier and list_checkpoints(cfg.output_dir):
+                build = dataclasses.replace(cfg, resume_from_checkpoint="latest")
+            elif earlier:
+                raise RunDirectoryError(_held_run_message(cfg, earlier, resumable=False))
+            try:
+                self.trainer = NativeTrainer(
+                    build,
+                    model=model,
+                    tokenizer=processing_class,
+                    reward_funcs=reward_funcs,
+                    train_dataset=train_dataset,
+                    eval_dataset=eval_dataset,
+                )
+            except RunDirectoryError as err:
+                if build is cfg:
+                    raise
+                raise RunDirectoryError(
+                    f"output_dir {cfg.output_dir} holds an earlier run, which trainer.train(resume_from_checkpoint="
+                    f"True) would continue, but not with these arguments ({err}); for a new run there set "
+                    "overwrite_output_dir=True, or choose another output_dir"
+                ) from None
 
-    def train(self, resume_from_checkpoint: str | bool | None = None):
-        if resume_from_checkpoint:
-            self.trainer.cfg.resume_from_checkpoint = (
-                "latest" if resume_from_checkpoint is True else resume_from_checkpoint
+    def train(self, resume_from_checkpoint: str | bool | None = None, **unsupported: Any):
+        """TRL's `train`: `resume_from_checkpoint` True continues the latest checkpoint in output_dir, a path that
+        checkpoint (it must be one of output_dir's); None / False starts a fresh run (an earlier run in output_dir
+        is refused unless `overwrite_output_dir=True`), or resumes what the config's own field asks."""
+        set_ = [name for name, value in unsupported.items() if value is not None]
+        if set_:
+            raise native.ConfigError(f"GRPOTrainer.train argument `{set_[0]}` is not supported by grpokit.trl")
+        native_trainer = self.trainer
+        cfg = native_trainer.cfg
+        if resume_from_checkpoint is True:
+            asked: str | None = "latest"
+        elif resume_from_checkpoint in (None, False):
+            asked = self._resume_asked
+        else:
+            asked = str(resume_from_checkpoint)
+        if asked is None and not cfg.overwrite_output_dir and (earlier := _earlier_run(cfg)):
+            raise RunDirectoryError(_held_run_message(cfg, earlier, resumable=bool(list_checkpoints(cfg.output_dir))))
+        if asked == "latest" and not list_checkpoints(cfg.output_dir):
+            raise RunDirectoryError(
+                f"resume_from_checkpoint=True: output_dir {cfg.output_dir} holds no complete checkpoint to continue "
+                "(TRL refuses it as well): train without it for a fresh run"
             )
-            self.trainer.run_dir = type(self.trainer.run_dir).for_config(self.trainer.cfg)
-        return self.trainer.train()
+        cfg.resume_from_checkpoint = asked
+        native_trainer.run_dir = RunDirectory.for_config(cfg, writer=native_trainer.cluster.is_main)
+        native_trainer.run_dir.plan()
+        return native_trainer.train()
 
     def save_model(self, output_dir: str | None = None):
         """The policy in `save_pretrained` form (default: OUTPUT_DIR/model, where `train` also saves it)."""
-        from pathlib import Path
-
         target = Path(output_dir) if output_dir else Path(self.trainer.cfg.output_dir) / "model"
         return self.trainer.policy.save(target, self.trainer.tokenizer, lora_form=self.trainer.cfg.lora.save)
 
 
-def lora_from_peft(peft_config: Any) -> native.LoRAConfig:
-    """A peft LoraConfig as grpokit's `lora:` section (rank, alpha, dropout, target modules)."""
-    targets = peft_config.target_modules
-    targets = (
-        ["all-linear"] if targets in (None, "all-linear") else [targets] if isinstance(targets, str) else list(targets)
+def trl_args(args: Any) -> GRPOConfig | native.GRPOConfig:
+    """`args=` as TRL users write it: grpokit.trl's GRPOConfig, None (TRL's defaults), a dict of TRL GRPOConfig
+    fields, or grpokit's own GRPOConfig (used as it is)."""
+    if args is None:
+        return GRPOConfig()
+    if isinstance(args, dict):
+        return GRPOConfig(**args)
+    if isinstance(args, native.PPOConfig):
+        raise native.ConfigError(
+            "GRPOTrainer argument `args` is grpokit's PPOConfig: this trainer runs GRPO (PPO is grpokit.ppo.PPOTrainer)"
+        )
+    if isinstance(args, (GRPOConfig, native.GRPOConfig)):
+        return args
+    kind = f"{type(args).__module__}.{type(args).__name__}"
+    hint = (
+        ": build it with grpokit.trl's GRPOConfig (`from grpokit.trl import GRPOConfig`, the same fields)"
+        if type(args).__module__.split(".")[0] in ("trl", "transformers")
+        else ""
     )
+    raise native.ConfigError(
+        f"GRPOTrainer argument `args` is a {kind}; it takes grpokit.trl.GRPOConfig, a dict of its fields or grpokit's "
+        f"own GRPOConfig{hint}"
+    )
+
+
+def _earlier_run(cfg: native.GRPOConfig) -> list[str]:
+    """What an earlier run left in output_dir."""
+    return RunDirectory.for_config(cfg).holds_run()
+
+
+def _held_run_message(cfg: native.GRPOConfig, found: list[str], *, resumable: bool) -> str:
+    how = "continue it with trainer.train(resume_from_checkpoint=True), " if resumable else ""
+    return (
+        f"output_dir {cfg.output_dir} holds an earlier run ({', '.join(found[:4])}): {how}replace it with "
+        "GRPOConfig(overwrite_output_dir=True), or choose another output_dir"
+    )
+
+
+# peft LoraConfig fields that say nothing about the adapters trained (bookkeeping set by peft itself)
+PEFT_BOOKKEEPING = frozenset({"peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision"})
+
+
+def lora_from_peft(peft_config: Any, model: Any = None) -> native.LoRAConfig:
+    """A peft LoraConfig (or a dict of its keywords) as grpokit's `lora:` section: rank, alpha, dropout and target
+    modules, resolved as peft resolves them for `model` (None: the architecture's default modules; a string: a
+    regular expression over the full module names). Any other option set away from peft's default is an error
+    naming it: grpokit's LoRA would silently train something else."""
+    from peft import LoraConfig
+
+    if isinstance(peft_config, dict):
+        try:
+            peft_config = LoraConfig(**peft_config)
+        except (TypeError, ValueError) as err:
+            raise native.ConfigError(f"peft_config (a dict, read as peft.LoraConfig keywords): {err}") from None
+    if not isinstance(peft_config, LoraConfig):
+        raise native.ConfigError(
+            f"peft_config is a {type(peft_config).__name__}: grpokit trains LoRA adapters only (peft.LoraConfig)"
+        )
+    if peft_config.task_type not in (None, "CAUSAL_LM"):
+        raise native.ConfigError(
+            f"peft_config.task_type = {peft_config.task_type!r}: GRPO trains a causal LM (CAUSAL_LM)"
+        )
+    mapped = {
+        "r": peft_config.r,
+        "lora_alpha": peft_config.lora_alpha,
+        "lora_dropout": peft_config.lora_dropout,
+        "target_modules": peft_config.target_modules,
+        "task_type": peft_config.task_type,
+    }
+    reference = LoraConfig(**mapped)  # everything else at peft's defaults, normalized by peft as the given one is
+    for f in dataclasses.fields(LoraConfig):
+        if f.name in mapped or f.name in PEFT_BOOKKEEPING:
+            continue
+        if getattr(peft_config, f.name) != getattr(reference, f.name):
+            raise native.ConfigError(
+                f"peft_config.{f.name} = {getattr(peft_config, f.name)!r} is not supported: grpokit's LoRA takes r, "
+                "lora_alpha, lora_dropout and target_modules (the rest at peft's defaults)"
+            )
     return native.LoRAConfig(
-        r=peft_config.r, alpha=float(peft_config.lora_alpha), dropout=peft_config.lora_dropout, target_modules=targets
+        r=peft_config.r,
+        alpha=float(peft_config.lora_alpha),
+        dropout=peft_config.lora_dropout,
+        target_modules=_target_modules(peft_config.target_modules, model),
     )
+
+
+def _target_modules(targets: Any, model: Any) -> list[str]:
+    """peft's `target_modules` as the names grpokit's LoRA takes (peft matches a name list by suffix)."""
+    if targets == "all-linear":
+        return ["all-linear"]
+    if targets is None:  # peft: the architecture's usual modules
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        model_type = getattr(_model_config(model), "model_type", None)
+        if model_type not in DEFAULTS:
+            raise native.ConfigError(
+                f"peft_config.target_modules is None, and peft has no default modules for model type {model_type!r}: "
+                "name them (a list, or 'all-linear')"
+            )
+        return sorted(DEFAULTS[model_type])
+    if isinstance(targets, str):  # peft: a regular expression the whole module name must match
+        names = [name for name in _module_names(model) if re.fullmatch(targets, name)]
+        if not names:
+            raise native.ConfigError(
+                f"peft_config.target_modules = {targets!r} (a regular expression over full module names, as peft "
+                "reads a string) matches no module of the model: give a list of names, or 'all-linear'"
+            )
+        return names
+    return sorted(targets)
+
+
+def _model_config(model: Any) -> Any:
+    if isinstance(model, (str, Path)):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(model))
+        except (OSError, ValueError) as err:
+            raise native.ConfigError(f"peft_config: cannot read the model's config at {str(model)!r}: {err}") from None
+    return getattr(model, "config", None)
+
+
+def _module_names(model: Any) -> list[str]:
+    """Every module's full name, as peft's regular expression sees them (a path: built on the meta device)."""
+    if not isinstance(model, (str, Path)):
+        return [name for name, _ in model.named_modules()]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(_model_config(model))
+    return [name for name, _ in skeleton.named_modules()]

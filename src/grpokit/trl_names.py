@@ -82,6 +82,7 @@ TRL_DEFAULTS: dict[str, Any] = {
     "eval_steps": None,
     "disable_tqdm": None,
     "resume_from_checkpoint": None,
+    "overwrite_output_dir": False,  # transformers 4's field (gone in 5): the adapter's way to replace a run
     "use_cpu": False,
     # accepted, no effect on what grpokit computes (cosmetic, or grpokit has no such machinery to tune)
     "run_name": None,
@@ -145,6 +146,130 @@ UNSUPPORTED = {
     "model_init_kwargs": "pass a model object for custom loading",
     "cast_lm_head_to_fp32": "grpokit computes the LM head's logprobs in float32 already",
     "num_generations_eval": "evaluation is greedy and sampled, once per prompt",
+}
+# The type of each field grpokit reads, as TRL 1.16's dataclass (and transformers 5's TrainingArguments) declares
+# it; a value of another type is refused by name before any arithmetic. Python callers get no HfArgumentParser:
+# `learning_rate="1e-5"` is text, as it would be in TRL's own dataclass. The unsupported fields need no entry:
+# anything but their default is refused.
+TRL_TYPES: dict[str, Any] = {
+    "output_dir": str | None,
+    "learning_rate": float,
+    "beta": float,
+    "num_generations": int,
+    "max_completion_length": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int | None,
+    "num_iterations": int,
+    "mask_truncated_completions": bool,
+    "reward_weights": list[float] | None,
+    "seed": int,
+    "weight_decay": float,
+    "adam_beta1": float,
+    "adam_beta2": float,
+    "max_grad_norm": float,
+    "gradient_checkpointing": bool | None,
+    "save_total_limit": int | None,
+    "max_prompt_length": int | None,
+    "importance_sampling_level": str,
+    "multi_objective_aggregation": str,
+    "ref_model_mixup_alpha": float,
+    "epsilon": float,
+    "epsilon_high": float | None,
+    "loss_type": str,
+    "scale_rewards": str | bool,
+    "per_device_train_batch_size": int,
+    "gradient_accumulation_steps": int,
+    "steps_per_generation": int | None,
+    "generation_batch_size": int | None,
+    "max_steps": int,
+    "num_train_epochs": float,
+    "warmup_steps": float,  # transformers 5: a value below 1 is a fraction of the run (warmup_ratio is gone)
+    "lr_scheduler_type": str,
+    "save_steps": float,  # transformers: below 1, a fraction of the run (as logging_steps and eval_steps)
+    "save_strategy": str,
+    "logging_steps": float,
+    "log_completions": bool,
+    "report_to": str | list[str] | None,
+    "bf16": bool | None,
+    "fp16": bool,
+    "sync_ref_model": bool,
+    "ref_model_sync_steps": int,
+    "eval_strategy": str,
+    "eval_steps": float | None,
+    "disable_tqdm": bool | None,
+    "resume_from_checkpoint": str | bool | None,
+    "overwrite_output_dir": bool,
+    "use_cpu": bool,
+    "run_name": str | None,
+    "logging_dir": str | None,
+    "dataloader_num_workers": int,
+    "remove_unused_columns": bool,
+    "per_device_eval_batch_size": int,
+    "num_completions_to_print": int | None,
+    "log_unique_prompts": bool,
+    "shuffle_dataset": bool,
+}
+# The least value of a TRL field that counts or divides (TRL's and transformers' own checks), checked up front so
+# that `gradient_accumulation_steps=0` is an error naming it, not a ZeroDivisionError.
+TRL_MINIMUM: dict[str, float] = {
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "steps_per_generation": 1,
+    "generation_batch_size": 1,
+    "num_generations": 2,  # TRL: GRPO needs at least 2 generations per prompt
+    "max_completion_length": 1,
+    "num_iterations": 1,
+    "ref_model_sync_steps": 1,
+    "warmup_steps": 0,
+    "per_device_eval_batch_size": 1,
+    "dataloader_num_workers": 0,
+}
+TRL_ABOVE_ZERO = ("save_steps", "logging_steps", "eval_steps", "num_train_epochs")
+
+# grpokit field -> the TRL field(s) it is computed from: a grpokit error about a field the user never wrote is
+# told in the TRL names they did write (`grpokit.trl.trl_error`). Same-named fields map to themselves.
+GRPOKIT_SOURCES: dict[str, tuple[str, ...]] = {
+    "prompts_per_step": (
+        "per_device_train_batch_size",
+        "steps_per_generation",
+        "gradient_accumulation_steps",
+        "generation_batch_size",
+        "num_generations",
+    ),
+    "minibatch_size": (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "steps_per_generation",
+        "generation_batch_size",
+    ),
+    "micro_batch_size": ("per_device_train_batch_size",),
+    "epsilon_low": ("epsilon",),
+    "epsilon_high": ("epsilon_high", "epsilon"),
+    "max_steps": ("max_steps", "num_train_epochs"),
+    "warmup_steps": ("warmup_steps",),
+    "save_every": ("save_steps", "save_strategy"),
+    "save_total_limit": ("save_total_limit",),
+    "eval_every": ("eval_steps", "eval_strategy", "logging_steps"),
+    "log_completions_every": ("logging_steps", "log_completions"),
+    "ref_sync_every": ("sync_ref_model", "ref_model_sync_steps"),
+    "lr_schedule": ("lr_scheduler_type",),
+    "dtype": ("bf16",),
+    "device": ("use_cpu",),
+    "tensorboard": ("report_to",),
+    "wandb": ("report_to",),
+    "progress": ("disable_tqdm",),
+    "top_k": ("top_k",),
+    "scale_rewards": ("scale_rewards",),
+    "loss_type": ("loss_type",),
+    **{new: (old,) for old, new in RENAMED.items()},
+    **{name: (name,) for name in SAME_NAME},
+    **{name: (name,) for name in ("resume_from_checkpoint", "overwrite_output_dir")},
+    # a peft LoraConfig's options, as grpokit's `lora:` section
+    "lora.r": ("peft_config.r",),
+    "lora.alpha": ("peft_config.lora_alpha",),
+    "lora.dropout": ("peft_config.lora_dropout",),
+    "lora.target_modules": ("peft_config.target_modules",),
 }
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")

@@ -1,0 +1,126 @@
+"""`grpokit compare` under hostile use: a second comparison into the same folder follows `grpokit train`'s
+run-directory rules, and SIGTERM to the comparison reaches its method's process, which checkpoints; nothing is left
+running, and the printed resume command continues what was kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from helpers import config, digit_share, save_tiny, step_rows
+
+from grpokit.cli import main
+from grpokit.config import GRPOConfig
+
+TESTS = Path(__file__).resolve().parent
+SIGNAL_PARENT_AT_CALL = "GRPOKIT_TEST_SIGNAL_PARENT_AT_CALL"
+_calls = 0
+
+
+def digit_share_or_signal_parent(prompts, completions, **kwargs):
+    """`digit_share`, except that its call number N in a process, $GRPOKIT_TEST_SIGNAL_PARENT_AT_CALL = `N` or
+    `N:SIGNAME`, sends SIGTERM (or SIGNAME) to the process's parent (the `grpokit compare` that started this
+    method's process), as a user's `kill` would."""
+    global _calls
+    _calls += 1
+    at, _, name = os.environ.get(SIGNAL_PARENT_AT_CALL, "").partition(":")
+    if at == str(_calls):
+        os.kill(os.getppid(), signal.Signals[name or "SIGTERM"])
+    return digit_share(prompts, completions)
+
+
+def write_config(tmp_path: Path, **overrides) -> Path:
+    model = save_tiny(tmp_path / "tiny", "llama")
+    cfg = config(model, tmp_path / "cmp", num_eval_prompts=4, **overrides)
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GRPOConfig) if f.name != "lora"}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_a_second_comparison_into_the_same_folder_is_refused_naming_it(tmp_path, capsys):
+    path = write_config(tmp_path, max_steps=1)
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "cmp" / "grpo")]) == 0  # an earlier GRPO run
+    (tmp_path / "cmp" / "compare-config.yaml").write_text("earlier: comparison\n")
+    capsys.readouterr()
+    assert main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"grpokit compare: error: output_dir {tmp_path / 'cmp' / 'grpo'} holds another run" in err
+    assert "--resume-from-checkpoint latest" in err and "--overwrite-output-dir" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "cmp" / "compare-config.yaml").read_text() == "earlier: comparison\n"  # nothing touched
+    assert [r["step"] for r in step_rows(tmp_path / "cmp" / "grpo")] == [1]
+    checkpoint = tmp_path / "cmp" / "grpo" / "checkpoint-1"
+    assert main(["compare", str(path), "--resume-from-checkpoint", str(checkpoint)]) == 2
+    assert "a comparison continues each method from its own latest checkpoint; use `latest`" in capsys.readouterr().err
+
+
+def test_a_ppo_only_field_given_to_compare_says_why_it_is_refused(capsys):
+    assert main(["compare", "--gamma", "0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option `--gamma`" in err and "one of PPO's own fields" in err and "`grpokit ppo`" in err
+
+
+def test_sigterm_stops_the_comparison_with_a_checkpoint_and_prints_its_resume_command(tmp_path):
+    path = write_config(tmp_path, max_steps=50, save_every=0, reward_funcs=[f"{__name__}:digit_share_or_signal_parent"])
+    pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "grpokit.cli", "compare", str(path)]
+    stopped = subprocess.run(
+        command, env={**env, SIGNAL_PARENT_AT_CALL: "2"}, capture_output=True, text=True, timeout=600
+    )  # the GRPO worker's second reward call sends SIGTERM to `grpokit compare`
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    worker_pid = int(stopped.stdout.split("(pid ")[1].split(")")[0])
+    try:
+        os.kill(worker_pid, 0)
+        raise AssertionError(f"the GRPO worker {worker_pid} still runs after its parent exited")
+    except ProcessLookupError:
+        pass
+    grpo = tmp_path / "cmp" / "grpo"
+    (checkpoint,) = grpo.glob("checkpoint-*")  # written because of the signal (save_every 0: only at the end)
+    step = int(checkpoint.name.split("-")[1])
+    assert 1 <= step < 50
+    assert f"grpo stopped after step {step} of 50 (checkpoint: {checkpoint}); ppo not started" in stopped.stderr
+    assert not (tmp_path / "cmp" / "ppo").exists()
+    resume = stopped.stderr.split("resume with: ")[1].splitlines()[0]
+    assert shlex.split(resume) == ["grpokit", "compare", str(path), "--resume-from-checkpoint", "latest"]
+
+    # the printed command is accepted, and continues GRPO's checkpoint while PPO, never started, starts fresh
+    from grpokit.compare import check_comparison, method_config
+    from grpokit.config import load_yaml
+
+    resumed = dataclasses.replace(load_yaml(GRPOConfig, path), resume_from_checkpoint="latest")
+    check_comparison(resumed)
+    assert method_config(resumed, "grpo").resume_from_checkpoint == "latest"
+    assert method_config(resumed, "ppo").resume_from_checkpoint is None
+
+
+def test_a_worker_whose_comparison_is_killed_checkpoints_and_exits(tmp_path):
+    """kill -9 of `grpokit compare` cannot be forwarded: its worker gets SIGTERM from the kernel (parent-death
+    signal), finishes its step, checkpoints and exits instead of training on alone."""
+    import select
+
+    path = write_config(tmp_path, max_steps=50, save_every=0, reward_funcs=[f"{__name__}:digit_share_or_signal_parent"])
+    pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", SIGNAL_PARENT_AT_CALL: "2:SIGKILL"}
+    command = [sys.executable, "-m", "grpokit.cli", "compare", str(path)]
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    worker_pid = int(killed.stdout.split("(pid ")[1].split(")")[0])
+    try:
+        exited = os.pidfd_open(worker_pid)  # readable once the worker has exited (it is not this test's child)
+    except ProcessLookupError:
+        pass  # already gone
+    else:
+        try:
+            assert select.select([exited], [], [], 300)[0], f"the GRPO worker {worker_pid} still runs"
+        finally:
+            os.close(exited)
+    (checkpoint,) = (tmp_path / "cmp" / "grpo").glob("checkpoint-*")  # written on the SIGTERM (save_every 0)
+    assert 1 <= int(checkpoint.name.split("-")[1]) < 50
