@@ -163,7 +163,10 @@ class GRPOTrainer:
             self.trainer.cfg.resume_from_checkpoint = (
                 "latest" if resume_from_checkpoint is True else resume_from_checkpoint
             )
-            self.trainer.run_dir = type(self.trainer.run_dir).for_config(self.trainer.cfg)
+            run_dir = self.trainer.run_dir
+            self.trainer.run_dir = type(run_dir).for_config(
+                self.trainer.cfg, writer=run_dir.writer, inputs=run_dir.inputs
+            )
         return self.trainer.train()
 
     def save_model(self, output_dir: str | None = None):
