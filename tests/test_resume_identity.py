@@ -95,10 +95,11 @@ def test_latest_with_nothing_to_resume_is_an_error_and_keeps_the_model(world, tm
         out.mkdir()
         expected = "holds nothing: it is empty"
     else:
-        expected = "does not exist (a misspelled path?)"
+        expected = "does not exist (a misspelled path?):"
     rc, err = cli(capsys, resume(world, out, "--max-steps", "6"))
     assert rc == 2
-    assert f"output_dir {out} {expected}" in err and "leave out `--resume-from-checkpoint`" in err
+    assert f"output_dir {out} {expected}" in err
+    assert "nothing to resume; to start a fresh run, leave out resume_from_checkpoint (`--resume-from" in err
     if folder == "checkpoints deleted":
         assert "add `--overwrite-output-dir`" in err
         assert (out / "model" / "model.safetensors").read_bytes() == trained  # the trained model was not replaced
@@ -191,7 +192,7 @@ def test_a_replaced_reference_model_is_refused_and_a_moved_one_accepted(world, t
     rc, err = cli(
         capsys, grpo_args(model, world["data"], out, "--resume-from-checkpoint", "latest", "--max-steps", "2")
     )
-    assert rc == 2 and "the folder's contents of `model`: " in err
+    assert rc == 2 and "the contents of `model`: " in err and " bytes, sha256 " in err
     assert checkpoints(out) == ["checkpoint-1"] and not (out / "checkpoint-2").exists()
 
     moved = tmp_path / "moved"  # the run's own model, in another folder: the same contents, so it resumes
@@ -210,6 +211,28 @@ def test_a_finished_run_is_not_resumed_again(world, tmp_path, capsys):
     assert rc == 2 and "is the last step of a finished run (max_steps = 4" in err and "raise max_steps" in err
 
 
+def test_a_grpo_checkpoint_is_not_resumed_by_ppo(world, tmp_path, capsys):
+    out = copy_run(world, tmp_path)
+    rc, err = cli(capsys, ["ppo", *resume(world, out, "--max-steps", "6")[1:]])
+    assert rc == 2 and "it was written by `grpokit train`, not `grpokit ppo`" in err
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_trl_resume_from_checkpoint_true_with_nothing_to_resume_raises(world, tmp_path):
+    """TRL's Trainer raises "No valid checkpoint found in output directory" for `resume_from_checkpoint=True` with
+    none; so does the adapter, instead of training from the base model."""
+    from grpokit.checkpoint import RunDirectoryError
+    from grpokit.trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=2, max_completion_length=4
+    )
+    trainer = GRPOTrainer(model=str(world["model"]), reward_funcs="accuracy", args=args, train_dataset=rows(8))
+    with pytest.raises(RunDirectoryError, match=f"output_dir {tmp_path / 'trl'} does not exist"):
+        trainer.train(resume_from_checkpoint=True)
+    assert not (tmp_path / "trl").exists()
+
+
 def test_a_checkpoint_without_a_record_resumes_with_a_warning(world, tmp_path, capsys):
     """A checkpoint of an older grpokit: resumed (refusing would strand runs across an upgrade), with a warning
     that says what cannot be checked, and config.yaml's check as before."""
@@ -217,7 +240,8 @@ def test_a_checkpoint_without_a_record_resumes_with_a_warning(world, tmp_path, c
     for folder in out.glob("checkpoint-*"):
         (folder / RECORD_FILE).unlink()
     (out / RUN_ID_FILE).unlink()
-    rc, err = cli(capsys, resume(world, out, "--max-steps", "5", "--learning-rate", "0.5"))
+    with pytest.warns(ResumeWarning):
+        rc, err = cli(capsys, resume(world, out, "--max-steps", "5", "--learning-rate", "0.5"))
     assert rc == 2 and "`learning_rate` 0.001 -> 0.5" in err  # config.yaml still checked
     with pytest.warns(ResumeWarning, match=f"checkpoint {out / 'checkpoint-4'} has no {RECORD_FILE}"):
         rc, err = cli(capsys, resume(world, out, "--max-steps", "5"))
@@ -248,9 +272,29 @@ def test_sft_refuses_data_that_shrank(world, sft_run, capsys):
     assert checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
 
 
+def test_an_sft_checkpoint_past_max_steps_is_refused(world, sft_run, capsys):
+    out = sft_run["run"]
+    argv = sft_args(world["model"], sft_run["data"], out, "--resume-from-checkpoint", "latest", "--max-steps", "1")
+    rc, err = cli(capsys, argv)
+    assert rc == 2 and f"{out / 'checkpoint-2'} is past max_steps = 1: raise max_steps to resume it" in err
+    assert (out / "model" / "model.safetensors").is_file() and checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+
+
 def test_an_sft_checkpoint_is_not_resumed_by_grpo(world, sft_run, capsys):
     out = sft_run["run"]
     (out / "config.yaml").unlink()
     argv = grpo_args(world["model"], world["data"], out, "--resume-from-checkpoint", "latest", "--max-steps", "4")
     rc, err = cli(capsys, argv)
     assert rc == 2 and "it was written by `grpokit sft`, not `grpokit train`" in err
+
+
+def test_reward_model_refuses_changed_pairs(world, tmp_path, capsys):
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(8)]
+    data = write_rows(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "rm"
+    argv = ["reward-model", "--model", str(world["model"]), "--train-data", str(data), "--output-dir", str(out),
+            "--batch-size", "2", "--max-steps", "1", *COMMON]  # fmt: skip
+    assert main(argv) == 0
+    write_rows(data, [{**pairs[0], "chosen": "9", "rejected": "2"}, *pairs[1:]])  # one pair flipped, same count
+    rc, err = cli(capsys, [*argv, "--resume-from-checkpoint", "latest", "--max-steps", "2"])
+    assert rc == 2 and "the rows of `train_data`: 8 rows, sha256 " in err and " -> 8 rows, sha256 " in err

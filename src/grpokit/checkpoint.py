@@ -336,13 +336,25 @@ def fingerprint_rows(rows: Any) -> dict[str, Any]:
     return {"rows": len(rows), "sha256": digest.hexdigest()}
 
 
-def run_inputs(cfg: Any, *, model: Any = None, **rows: Any) -> dict[str, Any]:
+def fingerprint_tokenizer(tokenizer: Any) -> dict[str, Any]:
+    """A tokenizer object handed in (not loaded from the model folder, whose files `fingerprint_source` covers):
+    its vocabulary and special tokens, which decide every token id the run saw."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
+    text = json.dumps([type(tokenizer).__name__, vocab, special], ensure_ascii=False)
+    return {"object": type(tokenizer).__name__, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def run_inputs(cfg: Any, *, model: Any = None, tokenizer: Any = None, **rows: Any) -> dict[str, Any]:
     """Fingerprints of everything a stage reads besides its config, for the checkpoint's record: each of `rows`
     (train_data=[...], eval_data=[...]), the model (`model`, a model object, else the config's `model`: with
-    beta > 0 also the reference), and every other model folder the config names (`critic_model`, reward models in
-    `reward_funcs` and `gold_reward`). One function for every stage, so all of them check the same things."""
+    beta > 0 also the reference), a `tokenizer` object handed in, and every other model folder the config names
+    (`critic_model`, reward models in `reward_funcs` and `gold_reward`). One function for every stage, so all of
+    them check the same things."""
     inputs: dict[str, Any] = {name: fingerprint_rows(value) for name, value in rows.items() if value is not None}
     inputs["model"] = fingerprint_source(model if model is not None else getattr(cfg, "model", None))
+    if tokenizer is not None:
+        inputs["tokenizer"] = fingerprint_tokenizer(tokenizer)
     if getattr(cfg, "critic_model", None):
         inputs["critic_model"] = fingerprint_source(cfg.critic_model)
     named = [*(getattr(cfg, "reward_funcs", None) or []), getattr(cfg, "gold_reward", None)]
@@ -393,7 +405,7 @@ def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
                     if was.get(name) != now.get(name):
                         found.append(f"reward model {name}: {_describe(was.get(name))} -> {_describe(now.get(name))}")
                 continue
-            what = "the rows" if key.endswith("_data") else "the folder's contents"
+            what = "the rows" if key.endswith("_data") else "the object" if key == "tokenizer" else "the contents"
             found.append(f"{what} of `{key}`: {_describe(old_inputs.get(key))} -> {_describe(new_inputs.get(key))}")
     return found
 
@@ -505,22 +517,23 @@ class RunDirectory:
     def _nothing_to_resume(self) -> str:
         """Why `latest` finds nothing, with what the folder holds: resuming must never quietly become a fresh
         start over a run's trained model (TRL's Trainer refuses the same: "No valid checkpoint found")."""
-        fresh = "to start a fresh run, leave out `--resume-from-checkpoint`"
+        fresh = "to start a fresh run, leave out resume_from_checkpoint (`--resume-from-checkpoint`)"
         if not self.path.exists():
-            return (
-                f"resume_from_checkpoint `latest`: output_dir {self.path} does not exist (a misspelled path?); {fresh}"
-            )
-        held = sorted(p.name for p in self.path.iterdir() if p.name != ".lock")
-        incomplete = [name for name in held if CHECKPOINT_NAME.fullmatch(name)]
-        if incomplete:
-            what = f"only incomplete checkpoints ({', '.join(incomplete[:3])}: their writing was interrupted)"
-        elif held:
-            what = f"no checkpoint-* folder (it holds {', '.join(held[:5])})"
+            what = "does not exist (a misspelled path?):"
         else:
-            what = "nothing: it is empty"
+            held = sorted(p.name for p in self.path.iterdir() if p.name != ".lock")
+            incomplete = [name for name in held if CHECKPOINT_NAME.fullmatch(name)]
+            if incomplete:
+                what = (
+                    f"holds only incomplete checkpoints ({', '.join(incomplete[:3])}: their writing was interrupted);"
+                )
+            elif held:
+                what = f"holds no checkpoint-* folder (it holds {', '.join(held[:5])});"
+            else:
+                what = "holds nothing: it is empty;"
         if self.holds_run():
             fresh += " and add `--overwrite-output-dir` to replace the run it holds"
-        return f"resume_from_checkpoint `latest`: output_dir {self.path} holds {what}; nothing to resume; {fresh}"
+        return f"resume_from_checkpoint `latest`: output_dir {self.path} {what} nothing to resume; {fresh}"
 
     def verify(self, checkpoint: Path) -> None:
         """Refuses a checkpoint that does not continue this run: its record (written by `save_checkpoint`) must
@@ -612,6 +625,8 @@ class RunDirectory:
         if not self.writer:
             self._install_signal_handlers()
             return self
+        if not self.path.exists():
+            self.plan()  # a resume of a folder that is not there is refused before the folder is made
         self.path.mkdir(parents=True, exist_ok=True)
         lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the whole run
         try:

@@ -342,7 +342,7 @@ def train_reward_model(
         raise DataError("reward-model train data holds no pairs")
     _check_pairs(train_pairs, cfg, "reward-model train data", margin=True)
     _check_pairs(eval_pairs, cfg, "reward-model eval data", margin=False)
-    inputs = run_inputs(cfg, model=model, train_data=train_pairs, eval_data=eval_pairs)
+    inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, train_data=train_pairs, eval_data=eval_pairs)
     run_dir = RunDirectory.for_config(cfg, inputs=inputs)
     run_dir.plan()
 

@@ -125,7 +125,7 @@ def train_sft(
     seed_everything(cfg.seed)
     rows = rows if rows is not None else sft_rows(cfg)
     check_sft_rows(rows, cfg)
-    run_dir = RunDirectory.for_config(cfg, inputs=run_inputs(cfg, model=model, train_data=rows))
+    run_dir = RunDirectory.for_config(cfg, inputs=run_inputs(cfg, model=model, tokenizer=tokenizer, train_data=rows))
     run_dir.plan()
     device = resolve_device(cfg.device)
     if model is None:

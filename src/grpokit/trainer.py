@@ -71,7 +71,7 @@ class GRPOTrainer:
         self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)  # (records what it took in cfg)
         # what the run reads, which its checkpoints record and a resume must find again (rank 0 checks and writes)
         rows = {"train_data": self.train_rows, "eval_data": self.eval_rows}
-        inputs = run_inputs(cfg, model=model, **rows) if self.cluster.is_main else None
+        inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, **rows) if self.cluster.is_main else None
         self.run_dir = RunDirectory.for_config(cfg, writer=self.cluster.is_main, inputs=inputs)
         self.run_dir.plan()
         if model is None:
