@@ -12,7 +12,7 @@ import json
 import shutil
 
 import pytest
-from helpers import read_jsonl, save_tiny
+from helpers import read_jsonl, save_tiny, save_tiny_reward_model
 
 from grpokit.checkpoint import RECORD_FILE, RUN_ID_FILE, ResumeWarning
 from grpokit.cli import main
@@ -203,6 +203,19 @@ def test_a_replaced_reference_model_is_refused_and_a_moved_one_accepted(world, t
     )
     assert rc == 0, err
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+def test_a_replaced_reward_model_folder_is_refused(world, tmp_path, capsys):
+    scorer = save_tiny_reward_model(tmp_path, name="scorer")
+    out = tmp_path / "run"
+    argv = grpo_args(world["model"], world["data"], out, "--reward-funcs", str(scorer), "--max-steps", "1")
+    assert main(argv) == 0
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(scorer / "model.safetensors")  # the score head retrained, in the same folder
+    save_file({**weights, "score.weight": -weights["score.weight"]}, scorer / "model.safetensors", {"format": "pt"})
+    rc, err = cli(capsys, [*argv, "--resume-from-checkpoint", "latest", "--max-steps", "2"])
+    assert rc == 2 and f"reward model {scorer}: " in err and " bytes, sha256 " in err
 
 
 def test_a_finished_run_is_not_resumed_again(world, tmp_path, capsys):
