@@ -172,6 +172,18 @@ def test_a_checkpoint_of_another_run_copied_in_is_refused(world, tmp_path, capsy
     assert f"it belongs to run {theirs}, but output_dir {out} holds run {ours}" in err
 
 
+def test_a_folder_that_lost_its_run_id_says_how_to_restore_it(world, tmp_path, capsys):
+    out = copy_run(world, tmp_path)
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    (out / RUN_ID_FILE).unlink()
+    rc, err = cli(capsys, resume(world, out, "--max-steps", "5"))
+    assert rc == 2 and f"holds no {RUN_ID_FILE} file" in err and f"write {run_id} into {out / RUN_ID_FILE}" in err
+    (out / RUN_ID_FILE).write_text(run_id)  # as the message says
+    rc, err = cli(capsys, resume(world, out, "--max-steps", "5"))
+    assert rc == 0, err
+    assert checkpoints(out) == ["checkpoint-4", "checkpoint-5"]
+
+
 def test_changed_training_data_with_the_same_row_count_is_refused(world, tmp_path, capsys):
     data = write_rows(tmp_path / "rows.jsonl", rows(8))
     out = tmp_path / "run"

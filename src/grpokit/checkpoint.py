@@ -568,11 +568,14 @@ class RunDirectory:
             ) from None
         folder_id = self._folder_run_id()
         if recorded.get("run_id") != folder_id:
+            theirs = recorded.get("run_id")
             where = f"run {folder_id}" if folder_id else f"no {RUN_ID_FILE} file (its run's identity)"
+            hint = "copy a run's whole folder to move it, or start a fresh run"
+            if folder_id is None:
+                hint += f"; if this is that run's folder, write {theirs} into {self.path / RUN_ID_FILE}"
             raise RunDirectoryError(
-                f"cannot resume {checkpoint}: it belongs to run {recorded.get('run_id')}, but output_dir {self.path} "
-                f"holds {where}: a checkpoint continues only the run that wrote it; copy a run's whole folder to "
-                "move it, or start a fresh run"
+                f"cannot resume {checkpoint}: it belongs to run {theirs}, but output_dir {self.path} holds {where}: "
+                f"a checkpoint continues only the run that wrote it; {hint}"
             )
         changed = record_differences(recorded, self.record(step))
         if changed:
