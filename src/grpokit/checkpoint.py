@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import random
@@ -20,6 +21,8 @@ import shutil
 import signal
 import sys
 import threading
+import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ import torch
 
 MARKER = "checkpoint_complete.json"  # written last: a checkpoint folder without it is never loaded
 STATE_FILE = "trainer_state.pt"
+RECORD_FILE = "run_record.json"  # in each checkpoint: what it continues (`run_record`), checked before any resume
+RUN_ID_FILE = "run_id"  # in the run directory: the identity its checkpoints must carry
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # What a run writes into its directory; `overwrite_output_dir` removes exactly these.
 RUN_FILES = (
@@ -40,6 +45,7 @@ RUN_FILES = (
     "curves.png",
     "model",
     "critic.safetensors",  # a PPO run's final critic
+    RUN_ID_FILE,
 )
 # Config fields a resumed run may change: how long it runs and how it reports, never what it computes.
 RESUMABLE_CHANGES = frozenset(
@@ -62,8 +68,24 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+# Config fields naming an input the record fingerprints: the path may change (a folder moved) when what it holds
+# did not.
+MOVABLE_INPUTS = frozenset({"model", "train_data", "eval_data", "critic_model"})
+# The command that writes each stage's checkpoints, for the message that refuses one stage's checkpoint in another.
+STAGE_COMMANDS = {
+    "GRPOConfig": "grpokit train",
+    "PPOConfig": "grpokit ppo",
+    "SFTConfig": "grpokit sft",
+    "RewardModelConfig": "grpokit reward-model",
+}
+
+
 class RunDirectoryError(ValueError):
     """The output folder is in use, holds another run, or its checkpoint cannot be resumed."""
+
+
+class ResumeWarning(UserWarning):
+    """A resume that goes ahead but cannot prove all it continues (a checkpoint older than its record)."""
 
 
 class TrainingInterrupted(Exception):
@@ -236,6 +258,158 @@ def set_rng_state(state: dict[str, Any], **generators: torch.Generator) -> None:
         g.set_state(state["generators"][name])
 
 
+# ---------------------------------------------------------------- what a checkpoint proves
+
+# Below this size a file is hashed whole; above it (a 7B model's shards) its size, its first MiB (a safetensors file's
+# header: every tensor's name, dtype, shape and offsets) and blocks spread evenly over the rest: another model, or the
+# same one trained further, differs in every block, and a resume reads a few MiB per shard instead of gigabytes.
+WHOLE_FILE_BYTES = 64 << 20
+SAMPLED_BLOCKS, BLOCK_BYTES = 64, 256 << 10
+# The files of a model folder that decide what it computes (weights, configs, tokenizer); a README does not.
+MODEL_FILE_SUFFIXES = frozenset(
+    {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken"}
+)
+
+
+def _file_digest(path: Path, digest: Any) -> None:
+    size = path.stat().st_size
+    digest.update(f"{size}\n".encode())
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+            return
+        digest.update(f.read(1 << 20))
+        for i in range(SAMPLED_BLOCKS):
+            f.seek((1 << 20) + (size - (1 << 20) - BLOCK_BYTES) * i // (SAMPLED_BLOCKS - 1))
+            digest.update(f.read(BLOCK_BYTES))
+
+
+def _module_digest(model: Any, digest: Any) -> None:
+    """A model object: every tensor's name, dtype and shape, and its values (a strided sample of a large one)."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > (1 << 20):
+            flat = flat[:: flat.numel() // (1 << 16)]
+        digest.update(flat.to("cpu", torch.float32).numpy().tobytes())
+
+
+def fingerprint_source(source: Any) -> dict[str, Any] | None:
+    """What a model input holds, cheaply: a local folder's model files (`MODEL_FILE_SUFFIXES`; names, sizes and
+    contents, sampled for files over `WHOLE_FILE_BYTES`), a single file (a GGUF), or a model object's tensors. A
+    hub id, or a path that is not there, is recorded by its name: that is all a resume can compare."""
+    if source is None:
+        return None
+    digest = hashlib.sha256()
+    if not isinstance(source, (str, Path)):
+        _module_digest(source, digest)
+        return {"object": type(source).__name__, "sha256": digest.hexdigest()}
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix in MODEL_FILE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    else:
+        return {"name": str(source)}
+    for file in files:
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\n".encode())
+        _file_digest(file, digest)
+    return {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "sha256": digest.hexdigest()}
+
+
+def fingerprint_rows(rows: Any) -> dict[str, Any]:
+    """The rows a stage actually uses (after loading and filtering): their number and a hash of their contents,
+    so a file edited to the same row count still differs."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=repr, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return {"rows": len(rows), "sha256": digest.hexdigest()}
+
+
+def fingerprint_tokenizer(tokenizer: Any) -> dict[str, Any]:
+    """A tokenizer object handed in (not loaded from the model folder, whose files `fingerprint_source` covers):
+    its vocabulary and special tokens, which decide every token id the run saw."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
+    text = json.dumps([type(tokenizer).__name__, vocab, special], ensure_ascii=False)
+    return {"object": type(tokenizer).__name__, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def run_inputs(cfg: Any, *, model: Any = None, tokenizer: Any = None, **rows: Any) -> dict[str, Any]:
+    """Fingerprints of everything a stage reads besides its config, for the checkpoint's record: each of `rows`
+    (train_data=[...], eval_data=[...]), the model (`model`, a model object, else the config's `model`: with
+    beta > 0 also the reference), a `tokenizer` object handed in, and every other model folder the config names
+    (`critic_model`, reward models in `reward_funcs` and `gold_reward`). One function for every stage, so all of
+    them check the same things."""
+    inputs: dict[str, Any] = {name: fingerprint_rows(value) for name, value in rows.items() if value is not None}
+    inputs["model"] = fingerprint_source(model if model is not None else getattr(cfg, "model", None))
+    if tokenizer is not None:
+        inputs["tokenizer"] = fingerprint_tokenizer(tokenizer)
+    if getattr(cfg, "critic_model", None):
+        inputs["critic_model"] = fingerprint_source(cfg.critic_model)
+    named = [*(getattr(cfg, "reward_funcs", None) or []), getattr(cfg, "gold_reward", None)]
+    folders = [name for name in named if isinstance(name, str) and Path(name).is_dir()]
+    if folders:
+        inputs["reward_models"] = {name: fingerprint_source(name) for name in folders}
+    return inputs
+
+
+def plain_config(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as JSON values (nested sections as dicts, tuples as lists), as the record keeps it."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def _describe(fingerprint: dict[str, Any] | None) -> str:
+    if fingerprint is None:
+        return "none"
+    if "name" in fingerprint:  # a hub id, or a path that is not there
+        return repr(fingerprint["name"])
+    if "rows" in fingerprint:
+        size = f"{fingerprint['rows']} rows"
+    elif "files" in fingerprint:
+        size = f"{fingerprint['files']} files, {fingerprint['bytes']} bytes"
+    else:
+        size = f"a {fingerprint.get('object')} object"
+    return f"{size}, sha256 {fingerprint['sha256'][:12]}"
+
+
+def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What makes the run described by `current` (a record as `RunDirectory.record` makes it) another run than the
+    checkpoint's `recorded` one: the stage, config fields outside RESUMABLE_CHANGES (a moved input whose contents
+    match aside), and the inputs' fingerprints; each as `field` old -> new."""
+    if recorded.get("stage") != current["stage"]:
+        was, now = recorded.get("stage"), current["stage"]
+        return [f"it was written by `{STAGE_COMMANDS.get(was, was)}`, not `{STAGE_COMMANDS.get(now, now)}`"]
+    old_inputs, new_inputs = recorded.get("inputs", {}), current["inputs"]
+    old_config, new_config = recorded.get("config", {}), current["config"]
+    found = []
+    for key in sorted(old_config.keys() | new_config.keys()):
+        moved = key in MOVABLE_INPUTS and key in new_inputs and old_inputs.get(key) == new_inputs[key]
+        if key not in RESUMABLE_CHANGES and not moved and old_config.get(key) != new_config.get(key):
+            found.append(f"`{key}` {old_config.get(key)!r} -> {new_config.get(key)!r}")
+    for key in sorted(old_inputs.keys() | new_inputs.keys()):
+        if old_inputs.get(key) != new_inputs.get(key):
+            if key == "reward_models":
+                was, now = old_inputs.get(key) or {}, new_inputs.get(key) or {}
+                for name in sorted(was.keys() | now.keys()):
+                    if was.get(name) != now.get(name):
+                        found.append(f"reward model {name}: {_describe(was.get(name))} -> {_describe(now.get(name))}")
+                continue
+            what = "the rows" if key.endswith("_data") else "the object" if key == "tokenizer" else "the contents"
+            found.append(f"{what} of `{key}`: {_describe(old_inputs.get(key))} -> {_describe(new_inputs.get(key))}")
+    return found
+
+
 # ---------------------------------------------------------------- the run directory
 
 
@@ -244,13 +418,23 @@ class RunDirectory:
     checkpoint.
 
     `resume_from`: None (a fresh run: the folder must hold no run, unless `overwrite`), `latest` (the newest
-    complete checkpoint, or a fresh start when there is none) or a checkpoint folder of this run.
-    `writer` False (a rank other than 0 of a torchrun launch): the folder is rank 0's; this object only turns
-    signals into a stop request, and the checkpoint to resume is what rank 0 decided (set by the caller).
+    complete checkpoint; an error when there is none) or a checkpoint folder of this run. The checkpoint to resume
+    must prove it continues this run (`verify`): the run's identity, stage, config and `inputs` (`run_inputs`) as
+    its record has them. `writer` False (a rank other than 0 of a torchrun launch): the folder is rank 0's; this
+    object only turns signals into a stop request, and the checkpoint to resume is what rank 0 decided (set by the
+    caller).
     """
 
     def __init__(
-        self, path: str | Path, *, config: Any, resume_from: str | None, overwrite: bool, keep: int, writer=True
+        self,
+        path: str | Path,
+        *,
+        config: Any,
+        resume_from: str | None,
+        overwrite: bool,
+        keep: int,
+        writer=True,
+        inputs: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
         self.config = config
@@ -258,14 +442,19 @@ class RunDirectory:
         self.overwrite = overwrite
         self.keep = keep
         self.writer = writer
+        self.inputs = inputs or {}
+        # None: a look at the folder before the stage has read its inputs (compare's parent); the stage checks them
+        self.checks_inputs = inputs is not None
         self.checkpoint: Path | None = None  # what `open` decided to resume from
+        self.run_id: str | None = None  # the run's identity, written to RUN_ID_FILE at its fresh start
         self.stop_signal: int | None = None
         self._lock_file = None
         self._handlers: dict[int, Any] = {}
 
     @classmethod
-    def for_config(cls, cfg: Any, *, writer: bool = True) -> RunDirectory:
-        """The run directory of a stage config (output_dir, resume_from_checkpoint, overwrite_output_dir, ...)."""
+    def for_config(cls, cfg: Any, *, writer: bool = True, inputs: dict[str, Any] | None = None) -> RunDirectory:
+        """The run directory of a stage config (output_dir, resume_from_checkpoint, overwrite_output_dir, ...);
+        `inputs`: the stage's `run_inputs`, recorded in its checkpoints and checked on resume."""
         return cls(
             cfg.output_dir,
             config=cfg,
@@ -273,7 +462,14 @@ class RunDirectory:
             overwrite=cfg.overwrite_output_dir,
             keep=cfg.save_total_limit,
             writer=writer,
+            inputs=inputs,
         )
+
+    def record(self, step: int) -> dict[str, Any]:
+        """What checkpoint-STEP of this run records: the run's identity, its stage, its resolved config and the
+        fingerprints of its inputs; a resume checks them against the run resuming it."""
+        return {"run_id": self.run_id, "stage": type(self.config).__name__, "step": step,
+                "config": plain_config(self.config), "inputs": self.inputs}  # fmt: skip
 
     def holds_run(self) -> list[str]:
         """The names of earlier run output found in the folder."""
@@ -301,7 +497,9 @@ class RunDirectory:
             return None
         if self.resume_from == "latest":
             found = list_checkpoints(self.path)
-            checkpoint = found[-1][1] if found else None
+            if not found:
+                raise RunDirectoryError(self._nothing_to_resume())
+            checkpoint = found[-1][1]
         else:
             checkpoint = Path(self.resume_from)
             if not checkpoint.is_dir():
@@ -315,9 +513,89 @@ class RunDirectory:
                 raise RunDirectoryError(
                     f"config field `resume_from_checkpoint`: {checkpoint} is not a checkpoint of output_dir {self.path}"
                 )
-        if checkpoint is not None:
-            self._check_config_matches()
+        self.verify(checkpoint)
         return checkpoint
+
+    def _nothing_to_resume(self) -> str:
+        """Why `latest` finds nothing, with what the folder holds: resuming must never quietly become a fresh
+        start over a run's trained model (TRL's Trainer refuses the same: "No valid checkpoint found")."""
+        fresh = "to start a fresh run, leave out resume_from_checkpoint (`--resume-from-checkpoint`)"
+        if not self.path.exists():
+            what = "does not exist (a misspelled path?):"
+        else:
+            held = sorted(p.name for p in self.path.iterdir() if p.name != ".lock")
+            incomplete = [name for name in held if CHECKPOINT_NAME.fullmatch(name)]
+            if incomplete:
+                what = (
+                    f"holds only incomplete checkpoints ({', '.join(incomplete[:3])}: their writing was interrupted);"
+                )
+            elif held:
+                what = f"holds no checkpoint-* folder (it holds {', '.join(held[:5])});"
+            else:
+                what = "holds nothing: it is empty;"
+        if self.holds_run():
+            fresh += " and add `--overwrite-output-dir` to replace the run it holds"
+        return f"resume_from_checkpoint `latest`: output_dir {self.path} {what} nothing to resume; {fresh}"
+
+    def verify(self, checkpoint: Path) -> None:
+        """Refuses a checkpoint that does not continue this run: its record (written by `save_checkpoint`) must
+        name this folder's run, this stage, the same config (RESUMABLE_CHANGES aside) and the same inputs. The
+        record is authoritative: config.yaml, which a user may delete or edit, is only read for a checkpoint
+        written before records existed (accepted with a ResumeWarning, as refusing would strand every run in
+        progress across an upgrade, and the checks it had then still apply)."""
+        step = checkpoint_step(checkpoint)
+        max_steps = getattr(self.config, "max_steps", None)
+        if max_steps is not None and step > max_steps:
+            raise RunDirectoryError(f"{checkpoint} is past max_steps = {max_steps}: raise max_steps to resume it")
+        if max_steps is not None and step == max_steps and (self.path / "model").is_dir():
+            raise RunDirectoryError(
+                f"{checkpoint} is the last step of a finished run (max_steps = {max_steps}, its model is in "
+                f"{self.path / 'model'}): nothing to resume; raise max_steps to train it further"
+            )
+        record_file = checkpoint / RECORD_FILE
+        if not record_file.is_file():
+            warnings.warn(
+                f"checkpoint {checkpoint} has no {RECORD_FILE} (written by an older grpokit): only its config.yaml "
+                "and data size can be checked, not the run it belongs to nor its data, model and reference",
+                ResumeWarning,
+                stacklevel=2,
+            )
+            self._check_config_matches()
+            return
+        try:
+            recorded = json.loads(record_file.read_text())
+        except (OSError, ValueError) as err:
+            raise RunDirectoryError(
+                f"checkpoint {checkpoint}: {RECORD_FILE} is damaged ({err}); resume from an earlier checkpoint"
+            ) from None
+        folder_id = self._folder_run_id()
+        if recorded.get("run_id") != folder_id:
+            theirs = recorded.get("run_id")
+            where = f"run {folder_id}" if folder_id else f"no {RUN_ID_FILE} file (its run's identity)"
+            hint = "copy a run's whole folder to move it, or start a fresh run"
+            if folder_id is None:
+                hint += f"; if this is that run's folder, write {theirs} into {self.path / RUN_ID_FILE}"
+            raise RunDirectoryError(
+                f"cannot resume {checkpoint}: it belongs to run {theirs}, but output_dir {self.path} holds {where}: "
+                f"a checkpoint continues only the run that wrote it; {hint}"
+            )
+        current = self.record(step)
+        if not self.checks_inputs:
+            current["inputs"] = recorded.get("inputs", {})
+        changed = record_differences(recorded, current)
+        if changed:
+            allowed = ", ".join(sorted(RESUMABLE_CHANGES - {"output_dir"}))
+            raise RunDirectoryError(
+                f"cannot resume {checkpoint}: it continues another run than this one: {'; '.join(changed[:6])}; a "
+                f"resumed run may change only {allowed} (and the path of an input it finds unchanged); to train "
+                "with these, start a fresh run (another output_dir, or --overwrite-output-dir)"
+            )
+
+    def _folder_run_id(self) -> str | None:
+        try:
+            return (self.path / RUN_ID_FILE).read_text().strip() or None
+        except OSError:
+            return None
 
     def _take_lock(self, lock_file: Any) -> None:
         """flock the folder's lock file; the kernel drops it when the holder exits, kill -9 included."""
@@ -355,6 +633,8 @@ class RunDirectory:
         if not self.writer:
             self._install_signal_handlers()
             return self
+        if not self.path.exists():
+            self.plan()  # a resume of a folder that is not there is refused before the folder is made
         self.path.mkdir(parents=True, exist_ok=True)
         lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the whole run
         try:
@@ -373,16 +653,27 @@ class RunDirectory:
                 shutil.rmtree(stale, ignore_errors=True)
             if self.checkpoint is None:
                 self._clear()
-            else:  # a later checkpoint than the one resumed belongs to a future that is being rewritten
-                step = checkpoint_step(self.checkpoint)
-                for later_step, later in list_checkpoints(self.path):
-                    if later_step > step:
-                        shutil.rmtree(later)
+            # checkpoints later than the one resumed stay until it has loaded (`discard_later_checkpoints`)
+            self.run_id = self._folder_run_id()
+            if self.run_id is None:  # a fresh run, or one resumed from a checkpoint older than run identities
+                self.run_id = uuid.uuid4().hex
+                (self.path / RUN_ID_FILE).write_text(self.run_id + "\n")
         except BaseException:
             self._release()
             raise
         self._install_signal_handlers()
         return self
+
+    def discard_later_checkpoints(self) -> None:
+        """After the checkpoint resumed has loaded and passed the stage's own checks: the checkpoints later than
+        it belong to a future this run rewrites (metrics.jsonl drops their rows as it reopens), so they go now, and
+        never before: a resume that fails leaves every checkpoint where it was."""
+        if not self.writer or self.checkpoint is None:
+            return
+        step = checkpoint_step(self.checkpoint)
+        for later_step, later in list_checkpoints(self.path):
+            if later_step > step:
+                shutil.rmtree(later)
 
     def __exit__(self, *exc: Any) -> None:
         self._restore_signal_handlers()
@@ -433,7 +724,13 @@ class RunDirectory:
     def save_checkpoint(self, step: int, write: Callable[[Path], None]) -> Path:
         if not self.writer:
             raise RunDirectoryError(f"{self.path} is written by rank 0 alone")
-        return write_checkpoint(self.path, step, write, keep=self.keep)
+        record = self.record(step)
+
+        def write_with_record(folder: Path) -> None:
+            write(folder)
+            (folder / RECORD_FILE).write_text(json.dumps(record, indent=1))
+
+        return write_checkpoint(self.path, step, write_with_record, keep=self.keep)
 
     def checkpoint_due(self, step: int, last_step: int, every: int) -> bool:
         """After the last step, every `every` steps, and when a signal asked to stop."""

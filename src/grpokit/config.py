@@ -110,8 +110,9 @@ class RunConfig:
     save_total_limit: int = 2
     """Keep the newest this many checkpoints (0 keeps all)."""
     resume_from_checkpoint: str | None = None
-    """`latest` (the newest complete checkpoint in output_dir; a fresh start when there is none) or a
-    checkpoint folder of output_dir: the run continues exactly where that checkpoint left it."""
+    """`latest` (the newest complete checkpoint in output_dir; an error when there is none) or a checkpoint
+    folder of output_dir: the run continues exactly where that checkpoint left it. The checkpoint must be this
+    run's, with the same config (but for how long it runs and how it reports) and the same data and models."""
     overwrite_output_dir: bool = False
     """Replace an earlier run found in output_dir (without it, a fresh run there is refused)."""
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from grpokit.checkpoint import RunDirectory, seed_everything
+from grpokit.checkpoint import RunDirectory, run_inputs, seed_everything
 from grpokit.config import RewardModelConfig
 from grpokit.data import (
     DataError,
@@ -342,7 +342,8 @@ def train_reward_model(
         raise DataError("reward-model train data holds no pairs")
     _check_pairs(train_pairs, cfg, "reward-model train data", margin=True)
     _check_pairs(eval_pairs, cfg, "reward-model eval data", margin=False)
-    run_dir = RunDirectory.for_config(cfg)
+    inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, train_data=train_pairs, eval_data=eval_pairs)
+    run_dir = RunDirectory.for_config(cfg, inputs=inputs)
     run_dir.plan()
 
     device = resolve_device(cfg.device)
@@ -373,6 +374,7 @@ def train_reward_model(
             state = policy.resume(run.checkpoint)
             pair_order.load_state_dict(state["pair_order"])
             metrics, start = state["metrics"], state["step"]
+        run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
         log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
         steps = range(start + 1, cfg.max_steps + 1)
         bar = progress(steps, "reward-model", initial=start, total=cfg.max_steps, enabled=cfg.progress)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from grpokit.checkpoint import RunDirectory, python_random_state, seed_everything
+from grpokit.checkpoint import RunDirectory, python_random_state, run_inputs, seed_everything
 from grpokit.config import SFTConfig
 from grpokit.data import (
     DataError,
@@ -125,7 +125,7 @@ def train_sft(
     seed_everything(cfg.seed)
     rows = rows if rows is not None else sft_rows(cfg)
     check_sft_rows(rows, cfg)
-    run_dir = RunDirectory.for_config(cfg)
+    run_dir = RunDirectory.for_config(cfg, inputs=run_inputs(cfg, model=model, tokenizer=tokenizer, train_data=rows))
     run_dir.plan()
     device = resolve_device(cfg.device)
     if model is None:
@@ -143,6 +143,7 @@ def train_sft(
             state = policy.resume(run.checkpoint)
             batch_rng.setstate(python_random_state(state["batch_rng"]))
             start = state["step"]
+        run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
         log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
         steps = range(start + 1, cfg.max_steps + 1)
         bar = progress(steps, "sft", initial=start, total=cfg.max_steps, enabled=cfg.progress)

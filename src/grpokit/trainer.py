@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from grpokit import algo, modeling, update
-from grpokit.checkpoint import RunDirectory, RunDirectoryError, numerics_stop, seed_everything
+from grpokit.checkpoint import RunDirectory, numerics_stop, run_inputs, seed_everything
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.distributed import Cluster
@@ -69,7 +69,10 @@ class GRPOTrainer:
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_dataset, eval_dataset)
         self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)  # (records what it took in cfg)
-        self.run_dir = RunDirectory.for_config(cfg, writer=self.cluster.is_main)
+        # what the run reads, which its checkpoints record and a resume must find again (rank 0 checks and writes)
+        rows = {"train_data": self.train_rows, "eval_data": self.eval_rows}
+        inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, **rows) if self.cluster.is_main else None
+        self.run_dir = RunDirectory.for_config(cfg, writer=self.cluster.is_main, inputs=inputs)
         self.run_dir.plan()
         if model is None:
             modeling.check_model_source(cfg.model, tokenizer=tokenizer is None)
@@ -224,6 +227,7 @@ class GRPOTrainer:
         with self.run_dir as run:
             run.checkpoint = self.cluster.broadcast(run.checkpoint)  # what rank 0 found, under its lock
             start = self._resume(run.checkpoint)["step"] if run.checkpoint is not None else 0
+            run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
             self.log = RunLog(out, tensorboard=cfg.tensorboard, config=cfg, resume_step=start or None) if main else None
             if start == 0:
                 self.evaluate(0, log=True)
@@ -272,8 +276,6 @@ class GRPOTrainer:
 
     def _resume(self, folder: Path) -> dict[str, Any]:
         state = self.policy.resume(folder, shuffle=self.shuffle_generator)
-        if state["step"] > self.cfg.max_steps:
-            raise RunDirectoryError(f"{folder} is past max_steps = {self.cfg.max_steps}: raise max_steps to resume it")
         self.prompt_order.load_state_dict(state["prompt_order"])
         self.monitor.load_state_dict(state["monitor"])
         self.eval_history = list(state["eval_history"])

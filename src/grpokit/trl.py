@@ -351,7 +351,8 @@ class GRPOTrainer:
                 "(TRL refuses it as well): train without it for a fresh run"
             )
         cfg.resume_from_checkpoint = asked
-        native_trainer.run_dir = RunDirectory.for_config(cfg, writer=native_trainer.cluster.is_main)
+        previous = native_trainer.run_dir
+        native_trainer.run_dir = RunDirectory.for_config(cfg, writer=previous.writer, inputs=previous.inputs)
         native_trainer.run_dir.plan()
         return native_trainer.train()
 
