@@ -136,6 +136,36 @@ def test_a_reward_that_edits_nested_inputs_in_place_cannot_feed_the_next_one():
     assert batch["completion_ids"] == [[5, 6], [7]]
 
 
+def test_an_eval_dataset_longer_than_num_eval_prompts_is_said(tmp_path):
+    with pytest.warns(InputWarning, match=r"eval data holds 8 rows; num_eval_prompts = 3 of them \(the first\)"):
+        trainer = in_memory_trainer(
+            tmp_path, eval_dataset=addition_rows(), reward_funcs=[graded], overrides={"num_eval_prompts": 3}
+        )
+    assert len(trainer.eval_rows) == 3
+
+
+def test_a_blank_sft_completion_is_refused_naming_its_row(tmp_path):
+    sft_cfg = SFTConfig(model=NEVER_LOADED, output_dir=str(tmp_path / "sft"), task=None)
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": " \n"}]
+    with pytest.raises(DataError, match=r"SFT data, row 1: column 'completion' must be text that is not blank"):
+        train_sft(sft_cfg, rows=rows)
+
+
+def test_reward_values_as_arrays_and_tensors_are_read_alike_and_a_single_number_is_named():
+    import numpy as np
+    import torch
+
+    from grpokit.rewards import RewardError
+
+    batch = {"prompts": ["p", "p"], "completions": ["a", "b"]}
+    for name, values in [("column_array", np.array([[1.0], [2.0]])), ("column_tensor", torch.tensor([[1.0], [2.0]]))]:
+        assert score([(name, lambda completions, values=values, **_: values)], batch).flatten().tolist() == [1.0, 2.0]
+    with pytest.raises(
+        RewardError, match=r"`mean_only` returned Tensor tensor\(0\.5000\); expected a list of 2 floats"
+    ):
+        score([("mean_only", lambda completions, **_: torch.tensor(0.5))], batch)
+
+
 @pytest.mark.parametrize(("answer", "kind"), [(None, "NoneType None"), (3.0, "float 3.0"), (["3"], "list")])
 def test_a_gold_answer_that_is_not_text_is_refused_before_the_model_loads(tmp_path, answer, kind):
     rows = addition_rows()

@@ -424,6 +424,13 @@ def grpo_rows(
             eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
         else:
             eval_rows = []
+    if len(eval_rows) > cfg.num_eval_prompts:
+        warnings.warn(
+            f"eval data holds {len(eval_rows)} rows; num_eval_prompts = {cfg.num_eval_prompts} of them (the first) are "
+            "evaluated: raise num_eval_prompts to evaluate them all",
+            InputWarning,
+            stacklevel=3,
+        )
     if isinstance(eval_rows, Rows):  # a slice of Rows is a plain list: keep the file's name and lines
         eval_rows = Rows(
             eval_rows[: cfg.num_eval_prompts], eval_rows.source, (eval_rows.lines or [])[: cfg.num_eval_prompts]

@@ -320,15 +320,25 @@ def score(
             raise
         except (Exception, SystemExit, KeyboardInterrupt) as err:  # a reward's exit() or Ctrl-C is its bug, named
             raise RewardError(f"reward function `{name}` raised {type(err).__name__}: {err}") from err
-        if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
-            raise RewardError(f"reward function `{name}` returned {type(values).__name__}; expected a list of floats")
+        # a 0-d tensor or array is one number for the whole batch, not one per completion (and cannot be iterated)
+        if (
+            isinstance(values, (str, bytes, dict))
+            or not isinstance(values, Iterable)
+            or getattr(values, "ndim", 1) == 0
+        ):
+            raise RewardError(
+                f"reward function `{name}` returned {type(values).__name__} {values!r:.60}; expected a list of {n} "
+                "floats, one per completion"
+            )
         values = list(values)
         if len(values) != n:
             raise RewardError(f"reward function `{name}` returned {len(values)} values for {n} completions")
         for i, value in enumerate(values):
             if value is None:
                 continue
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
+            # one-element tensors and numpy arrays (a row of an (N, 1) output) are their number, alike
+            size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", None)
+            if size == 1 and callable(getattr(value, "item", None)):
                 value = value.item()
             if not isinstance(value, numbers.Real) or not math.isfinite(value):  # a bool counts as 0 or 1
                 raise RewardError(

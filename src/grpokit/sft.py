@@ -63,9 +63,9 @@ def check_sft_rows(rows: list[dict[str, Any]], cfg: SFTConfig) -> None:
     check_columns(rows, [cfg.prompt_column, cfg.completion_column], "SFT data")
     for i, row in enumerate(rows):
         check_prompt(row[cfg.prompt_column], f"{where(rows, i, 'SFT data')}, column {cfg.prompt_column!r}")
-        if not isinstance(row[cfg.completion_column], str) or not row[cfg.completion_column]:
+        if not isinstance(row[cfg.completion_column], str) or not row[cfg.completion_column].strip():
             raise DataError(
-                f"{where(rows, i, 'SFT data')}: column {cfg.completion_column!r} must be non-empty text, "
+                f"{where(rows, i, 'SFT data')}: column {cfg.completion_column!r} must be text that is not blank, "
                 f"got {row[cfg.completion_column]!r:.60}"
             )
 
