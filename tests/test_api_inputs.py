@@ -98,6 +98,15 @@ def test_chat_content_given_as_text_parts_reaches_the_model_as_text(tmp_path):
     assert render_prompt(trainer.tokenizer, rows[0]["prompt"]) == "user: 0+\n1=\nassistant: "
 
 
+def test_a_reward_model_reads_text_parts_as_the_text_they_hold():
+    from grpokit.reward_model import reward_model_text
+
+    tokenizer = build_char_tokenizer()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "1+1="}]}]
+    plain = [{"role": "user", "content": "1+1="}]
+    assert reward_model_text(tokenizer, parts, "2") == reward_model_text(tokenizer, plain, "2")
+
+
 def test_a_non_text_content_part_is_refused_naming_row_message_and_part(tmp_path):
     rows = [{"prompt": [{"role": "user", "content": f"{i}+1="}]} for i in range(8)]
     image = {"type": "image_url", "image_url": {"url": "x.png"}}

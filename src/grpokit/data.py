@@ -260,6 +260,11 @@ def completion_text(completion: str | list[dict[str, Any]]) -> str:
     return "".join(str(message.get("content", "")) for message in completion)
 
 
+def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages with every content as text (`message_text`), as a text-only chat template needs them."""
+    return [{**m, "content": message_text(m["content"])} for m in messages]
+
+
 def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     """Plain text stays as it is; chat messages go through the tokenizer's chat template."""
     if isinstance(prompt, str):
@@ -267,8 +272,7 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("prompts are chat messages but the tokenizer has no chat template")
-        messages = [{**m, "content": message_text(m["content"])} for m in prompt]  # text parts joined
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(text_messages(prompt), tokenize=False, add_generation_prompt=True)
     raise DataError(f"a prompt must be text or a list of {{role, content}} messages, got {prompt!r:.80}")
 
 

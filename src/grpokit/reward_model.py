@@ -36,6 +36,7 @@ from grpokit.data import (
     load_rows,
     pad_batch,
     render_prompt,
+    text_messages,
     where,
 )
 from grpokit.modeling import (
@@ -103,7 +104,7 @@ def reward_model_text(tokenizer: Any, prompt: str | list[dict[str, str]], comple
     token whose hidden state is scored).
     """
     if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None):
-        messages = [*prompt, {"role": "assistant", "content": completion}]
+        messages = [*text_messages(prompt), {"role": "assistant", "content": completion}]
         return tokenizer.apply_chat_template(messages, tokenize=False)
     return render_prompt(tokenizer, prompt) + completion + tokenizer.eos_token
 
