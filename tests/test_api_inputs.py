@@ -24,6 +24,7 @@ from grpokit.data import DataError, InputWarning, render_prompt
 from grpokit.ppo import PPOTrainer
 from grpokit.reward_model import train_reward_model
 from grpokit.rewards import build_reward_funcs, score
+from grpokit.sampler import KVCacheSampler
 from grpokit.sft import train_sft
 from grpokit.tasks import build_char_tokenizer, tiny_model
 from grpokit.trainer import GRPOTrainer
@@ -225,6 +226,8 @@ def test_reward_names_stay_unique_when_a_suffix_is_itself_a_given_name(tmp_path)
     ("arguments", "error", "expected"),
     [
         ({"sampler": object()}, TypeError, r"`sampler` is an object without generate\(\) or update_weights\(\)"),
+        ({"sampler": KVCacheSampler}, TypeError, r"`sampler` is the class KVCacheSampler, not a sampler"),
+        ({"train_dataset": []}, DataError, r"`train_dataset` holds no rows"),
         ({"tokenizer": "tiny"}, TypeError, r"`tokenizer` is the text 'tiny', not a tokenizer"),
         ({"tokenizer": 7}, TypeError, r"`tokenizer` is an int; expected a transformers tokenizer"),
         ({"model": 3}, TypeError, r"`model` is an int \(3\); expected a model folder's path"),
@@ -232,7 +235,17 @@ def test_reward_names_stay_unique_when_a_suffix_is_itself_a_given_name(tmp_path)
         ({"train_dataset": {"prompt": ["1+1="]}}, DataError, r"`train_dataset` is a dict \(keys \['prompt'\]\)"),
         ({"train_dataset": addition_rows(), "eval_dataset": [1]}, DataError, r"`eval_dataset`\[0\] is of type int"),
     ],
-    ids=["sampler", "tokenizer-str", "tokenizer-int", "model-int", "list-of-str", "dict-of-columns", "eval-int"],
+    ids=[
+        "sampler",
+        "sampler-class",
+        "empty-list",
+        "tokenizer-str",
+        "tokenizer-int",
+        "model-int",
+        "list-of-str",
+        "dict-of-columns",
+        "eval-int",
+    ],
 )
 def test_grpo_trainer_arguments_of_the_wrong_type_are_named(tmp_path, arguments, error, expected):
     with pytest.raises(error, match=expected):

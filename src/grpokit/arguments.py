@@ -111,6 +111,10 @@ def check_sampler(sampler: Any) -> None:
     """None (the in-process sampler), or an object with the sampler protocol's methods (`grpokit.sampler.Sampler`)."""
     if sampler is None:
         return
+    if isinstance(sampler, type):  # its methods are callable on the class too, and would fail without `self`
+        raise ArgumentError(
+            f"`sampler` is the class {sampler.__name__}, not a sampler: pass an instance, e.g. {sampler.__name__}(...)"
+        )
     missing = [name for name in ("generate", "update_weights") if not callable(getattr(sampler, name, None))]
     if missing:
         raise ArgumentError(

@@ -412,7 +412,8 @@ def grpo_rows(
     """(train rows, held-out rows) of a GRPO run: the rows passed in, else `train_data` / `eval_data`, else the
     built-in task's splits. Checked here, before any model loads: every row has the prompt column and the
     columns of the first row (reward functions get every column for every completion)."""
-    train_rows = dataset_rows(train_rows, "train_dataset") if train_rows is not None else None
+    given = train_rows is not None
+    train_rows = dataset_rows(train_rows, "train_dataset") if given else None
     eval_rows = dataset_rows(eval_rows, "eval_dataset") if eval_rows is not None else None
     if train_rows is None:
         if task is not None:
@@ -420,7 +421,7 @@ def grpo_rows(
         else:
             train_rows = load_rows(cfg.train_data, field="train_data")
     if not train_rows:
-        raise DataError("the training rows are empty")
+        raise DataError("`train_dataset` holds no rows" if given else "the training rows are empty")
     if eval_rows is None:
         if cfg.eval_data is not None:
             eval_rows = load_rows(cfg.eval_data, field="eval_data")
