@@ -27,6 +27,8 @@ KLEstimator = Literal["k1", "k2", "k3"]
 ImportanceLevel = Literal["token", "sequence"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 TrainingForward = Literal["padded", "packed", "shared_prefix"]
+# The reward functions `reward_funcs` names without a module (grpokit.rewards.build_reward_funcs builds them).
+BUILTIN_REWARDS = ("accuracy", "format", "overlong")
 
 
 class ConfigError(ValueError):

@@ -138,11 +138,29 @@ def _hub_rows(name: str, field: str) -> Rows:
 
 
 def dataset_rows(data: Any, field: str) -> list[dict[str, Any]]:
-    """The rows of a `datasets.Dataset`, a list of dicts, or a path / hub name (`load_rows`)."""
+    """The rows of a `datasets.Dataset`, a list of dicts, or a path / hub name (`load_rows`). `field` is the
+    argument's name as the caller wrote it (`train_dataset`), for the errors."""
     if isinstance(data, (str, Path)):
         return load_rows(data, field=field)
-    if isinstance(data, list):
-        return data
+    if isinstance(data, dict):  # a DatasetDict is a dict of splits; its columns would read as its split names
+        splits = list(data)
+        if splits and all(hasattr(split, "column_names") for split in data.values()):
+            raise DataError(
+                f"`{field}` is a {type(data).__name__} of the splits {splits}: pass one split, e.g. "
+                f"{field}=data[{splits[0]!r}]"
+            )
+        raise DataError(
+            f"`{field}` is a dict (keys {splits[:5]}); expected a list of rows, each a dict of columns, or a "
+            "datasets.Dataset (datasets.Dataset.from_dict(columns) turns a dict of columns into one)"
+        )
+    if isinstance(data, (list, tuple)):
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):  # a str row would have its characters read as column names
+                raise DataError(
+                    f"`{field}`[{i}] is of type {type(row).__name__} ({row!r:.60}); each row is a dict of columns, "
+                    "e.g. {'prompt': ..., 'answer': ...}"
+                )
+        return data if isinstance(data, list) else list(data)
     if hasattr(data, "column_names") and hasattr(data, "__getitem__"):  # a datasets.Dataset, not imported for this
         return Rows([dict(row) for row in data], field)
     raise DataError(f"`{field}` is a {type(data).__name__}; expected a datasets.Dataset, a list of dicts or a path")
@@ -175,11 +193,26 @@ def check_rows(rows: list[dict[str, Any]], prompt_column: str, source: str) -> N
         check_prompt(row.get(prompt_column), f"{where(rows, i, source)}, column {prompt_column!r}")
 
 
+def check_answers(rows: list[dict[str, Any]], source: str, column: str = "answer") -> None:
+    """The gold answers that the `accuracy` reward and held-out accuracy compare as text: each is text or a whole
+    number. Anything else would be compared as its repr ("None", "12.0", "['a', 'b']") and silently score 0."""
+    for i, row in enumerate(rows):
+        answer = row[column]
+        if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+            raise DataError(
+                f"{where(rows, i, source)}: column {column!r} is {type(answer).__name__} {answer!r:.40}; the gold "
+                f"checker compares the completion with the answer as text: write it as text or a whole number"
+            )
+        if isinstance(answer, str) and not answer.strip():
+            raise DataError(f"{where(rows, i, source)}: column {column!r} is empty: no completion could match it")
+
+
 def check_prompt(prompt: Any, place: str) -> None:
-    """A prompt is non-empty text, or a non-empty list of {role, content} messages with known roles."""
+    """A prompt is text that is not blank, or a non-empty list of {role, content} messages with known roles whose
+    content is text or a list of text parts, not all of it blank."""
     if isinstance(prompt, str):
-        if not prompt:
-            raise DataError(f"{place}: the prompt is empty")
+        if not prompt.strip():
+            raise DataError(f"{place}: the prompt is {'empty' if not prompt else f'only whitespace ({prompt!r:.20})'}")
         return
     if not isinstance(prompt, list) or not prompt:
         raise DataError(
@@ -191,10 +224,33 @@ def check_prompt(prompt: Any, place: str) -> None:
             raise DataError(f"{place}: message {j} must be a dict with `role` and `content`, got {message!r:.80}")
         if message["role"] not in CHAT_ROLES:
             raise DataError(f"{place}: message {j} has role {message['role']!r}; expected one of {list(CHAT_ROLES)}")
-        if not isinstance(message["content"], (str, list)):
+        try:
+            message_text(message["content"])
+        except DataError as err:
+            raise DataError(f"{place}: message {j} {err}") from None
+    if not any(message_text(message["content"]).strip() for message in prompt):
+        raise DataError(f"{place}: every message of the prompt is empty or only whitespace")
+
+
+def message_text(content: Any) -> str:
+    """A chat message's content as text. Content given as a list of parts (the OpenAI / TRL multimodal form,
+    [{"type": "text", "text": ...}, ...]) is its text parts joined by newlines, as vLLM joins them for a text-only
+    model: a text-only chat template would print the list itself. A part of another type (an image) is an error:
+    grpokit trains text-only causal LMs."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(f"has content of type {type(content).__name__}; expected text or a list of text parts")
+    texts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise DataError(
-                f"{place}: message {j} has content of type {type(message['content']).__name__}; expected text"
+                f"has content part {k} of type {kind!r} ({part!r:.60}); grpokit trains text-only models: a part "
+                'must be {"type": "text", "text": ...}'
             )
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def completion_text(completion: str | list[dict[str, Any]]) -> str:
@@ -204,6 +260,11 @@ def completion_text(completion: str | list[dict[str, Any]]) -> str:
     return "".join(str(message.get("content", "")) for message in completion)
 
 
+def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages with every content as text (`message_text`), as a text-only chat template needs them."""
+    return [{**m, "content": message_text(m["content"])} for m in messages]
+
+
 def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     """Plain text stays as it is; chat messages go through the tokenizer's chat template."""
     if isinstance(prompt, str):
@@ -211,7 +272,7 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("prompts are chat messages but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(text_messages(prompt), tokenize=False, add_generation_prompt=True)
     raise DataError(f"a prompt must be text or a list of {{role, content}} messages, got {prompt!r:.80}")
 
 
@@ -269,8 +330,8 @@ def scan_prompts(
         if not tokens:
             raise DataError(f"{where(rows, i, source)}: the prompt encodes to no tokens")
         lengths.append(len(tokens))
-        if unk_id is not None and unk_id in tokens and tokenizer.unk_token not in text:
-            unknown[i] = _unknown_text(tokenizer, text, unk_id)
+        if unk_id is not None and unk_id in tokens and (span := _unknown_text(tokenizer, text, unk_id)) is not None:
+            unknown[i] = span
     warnings = []
     cut = sum(n > max_length for n in lengths)
     if cut:
@@ -316,16 +377,19 @@ def scan_all_prompts(tokenizer: Any, cfg: Any, train_rows: list[dict], eval_rows
     return messages, max(scan.longest for scan in scans)
 
 
-def _unknown_text(tokenizer: Any, text: str, unk_id: int) -> str:
-    """The first span of `text` that encodes to the unknown token (offsets from a fast tokenizer)."""
+def _unknown_text(tokenizer: Any, text: str, unk_id: int) -> str | None:
+    """The first span of `text` that the tokenizer reads as its unknown token although it is not that token
+    written out (a prompt may hold `<unk>` on purpose; it must not hide an unknown character elsewhere). None
+    when every unknown token is the written-out one."""
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError):  # a slow tokenizer has no offsets
-        return "?"
+    except (NotImplementedError, ValueError):  # a slow tokenizer has no offsets: compare counts instead
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return "?" if ids.count(unk_id) > text.count(tokenizer.unk_token) else None
     for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
-        if token == unk_id:
+        if token == unk_id and text[start:end] != tokenizer.unk_token:
             return text[start:end]
-    return "?"
+    return None
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, *, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,7 +412,8 @@ def grpo_rows(
     """(train rows, held-out rows) of a GRPO run: the rows passed in, else `train_data` / `eval_data`, else the
     built-in task's splits. Checked here, before any model loads: every row has the prompt column and the
     columns of the first row (reward functions get every column for every completion)."""
-    train_rows = dataset_rows(train_rows, "train_dataset") if train_rows is not None else None
+    given = train_rows is not None
+    train_rows = dataset_rows(train_rows, "train_dataset") if given else None
     eval_rows = dataset_rows(eval_rows, "eval_dataset") if eval_rows is not None else None
     if train_rows is None:
         if task is not None:
@@ -356,7 +421,7 @@ def grpo_rows(
         else:
             train_rows = load_rows(cfg.train_data, field="train_data")
     if not train_rows:
-        raise DataError("the training rows are empty")
+        raise DataError("`train_dataset` holds no rows" if given else "the training rows are empty")
     if eval_rows is None:
         if cfg.eval_data is not None:
             eval_rows = load_rows(cfg.eval_data, field="eval_data")
@@ -364,6 +429,13 @@ def grpo_rows(
             eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
         else:
             eval_rows = []
+    if len(eval_rows) > cfg.num_eval_prompts:
+        warnings.warn(
+            f"eval data holds {len(eval_rows)} rows; num_eval_prompts = {cfg.num_eval_prompts} of them (the first) are "
+            "evaluated: raise num_eval_prompts to evaluate them all",
+            InputWarning,
+            stacklevel=3,
+        )
     if isinstance(eval_rows, Rows):  # a slice of Rows is a plain list: keep the file's name and lines
         eval_rows = Rows(
             eval_rows[: cfg.num_eval_prompts], eval_rows.source, (eval_rows.lines or [])[: cfg.num_eval_prompts]
@@ -374,6 +446,8 @@ def grpo_rows(
     check_rows(train_rows, cfg.prompt_column, "train data")
     check_columns(eval_rows, [cfg.prompt_column], "eval data")
     check_rows(eval_rows, cfg.prompt_column, "eval data")
+    if eval_rows and "answer" in eval_rows[0]:  # held-out accuracy compares them
+        check_answers(eval_rows, "eval data")
     return train_rows, eval_rows
 
 

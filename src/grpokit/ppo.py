@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from grpokit import algo, update
+from grpokit.arguments import stage_config
 from grpokit.config import ConfigError, PPOConfig
 from grpokit.critic import ValueModel, build_critic, completion_values
 from grpokit.lora import uses_lora
@@ -42,8 +43,7 @@ class PPOTrainer(GRPOTrainer):
 
     def __init__(self, config: PPOConfig, *, critic: ValueModel | None = None, **grpo_arguments: Any):
         """`grpo_arguments`: those of `GRPOTrainer` (model, tokenizer, reward_funcs, datasets, sampler)."""
-        if not isinstance(config, PPOConfig):
-            raise TypeError(f"PPOTrainer takes a PPOConfig, got a {type(config).__name__}")
+        config = stage_config(type(self).__name__, PPOConfig, config)
         if config.critic_model is not None and critic is None:
             check_model_source(config.critic_model, field="critic_model", tokenizer=False)
         super().__init__(config, **grpo_arguments)

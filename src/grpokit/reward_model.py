@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from grpokit.arguments import python_arguments
 from grpokit.checkpoint import RunDirectory, run_inputs, seed_everything
 from grpokit.config import RewardModelConfig
 from grpokit.data import (
@@ -35,6 +36,7 @@ from grpokit.data import (
     load_rows,
     pad_batch,
     render_prompt,
+    text_messages,
     where,
 )
 from grpokit.modeling import (
@@ -102,7 +104,7 @@ def reward_model_text(tokenizer: Any, prompt: str | list[dict[str, str]], comple
     token whose hidden state is scored).
     """
     if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None):
-        messages = [*prompt, {"role": "assistant", "content": completion}]
+        messages = [*text_messages(prompt), {"role": "assistant", "content": completion}]
         return tokenizer.apply_chat_template(messages, tokenize=False)
     return render_prompt(tokenizer, prompt) + completion + tokenizer.eos_token
 
@@ -330,9 +332,15 @@ def train_reward_model(
 
     Pairs come from `train_pairs` / `eval_pairs`, else from the config (`reward_model_pairs`); they are
     checked before any model is loaded. `model`, when given, must be a sequence classifier with one
-    output. Without held-out pairs, `eval_accuracy` is None.
+    output. Without held-out pairs, `eval_accuracy` is None. `cfg` may be a RewardModelConfig, its YAML file's
+    path or a dict; every argument's type is checked first (`python_arguments`).
     """
-    cfg.validate(model_given=model is not None, rows_given=train_pairs is not None)
+    args = python_arguments(
+        "train_reward_model", RewardModelConfig, cfg, model=model, tokenizer=tokenizer,
+        datasets={"train_pairs": train_pairs, "eval_pairs": eval_pairs},
+    )  # fmt: skip
+    cfg, model = args.config, args.model
+    train_pairs, eval_pairs = args.rows["train_pairs"], args.rows["eval_pairs"]
     seed_everything(cfg.seed)
     if train_pairs is None or eval_pairs is None:
         loaded_train, loaded_eval = reward_model_pairs(cfg)

@@ -36,7 +36,7 @@ import torch
 
 from grpokit import algo
 from grpokit.config import ConfigError
-from grpokit.data import RESERVED_COLUMNS, check_columns, completion_text
+from grpokit.data import RESERVED_COLUMNS, check_answers, check_columns, completion_text
 from grpokit.modeling import check_model_source, resolve_device
 from grpokit.reward_model import RewardModelScorer
 
@@ -276,6 +276,26 @@ def _call_in_worker(fn: RewardFn, timeout: float, late: RewardError, args: tuple
     return box["value"]
 
 
+IMMUTABLE = (str, bytes, int, float, bool, type(None), numbers.Number)
+
+
+def private_copy(value: Any) -> Any:
+    """A copy of a reward input that shares nothing mutable with it: lists, dicts and tuples copied down to their
+    immutable leaves (cheap for the common case, token ids and text), anything else through `copy.deepcopy`."""
+    if isinstance(value, IMMUTABLE):
+        return value
+    if type(value) is list:  # exactly: a subclass keeps its type through deepcopy below
+        return [private_copy(v) for v in value]
+    if type(value) is dict:
+        return {k: private_copy(v) for k, v in value.items()}
+    if type(value) is tuple and all(isinstance(v, IMMUTABLE) for v in value):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # an object that cannot be copied (a lock, a client) is shared, as a column of it must be
+        return value
+
+
 def score(
     reward_funcs: Sequence[tuple[str, RewardFn]], inputs: dict[str, list[Any]], *, timeout: float | None = None
 ) -> torch.Tensor:
@@ -291,28 +311,34 @@ def score(
     out = torch.full((n, len(reward_funcs)), float("nan"), dtype=torch.float64)  # (N, K)
     for k, (name, fn) in enumerate(reward_funcs):
         accepted = accepted_inputs(name, fn, list(inputs))
-        # each function gets its own lists (and message dicts): one that edits its inputs cannot feed the next one,
-        # or the log, its edits
-        kwargs = {
-            key: copy.deepcopy(v) if key in ("prompts", "completions", "raw_prompts") else list(v)
-            for key, v in inputs.items()
-            if accepted is None or key in accepted
-        }
+        # each function gets its own copy of every input, nested lists and dicts included (completion_ids, chat
+        # messages, list columns): one that edits its inputs in place cannot feed the next one, or the log, its edits
+        kwargs = {key: private_copy(v) for key, v in inputs.items() if accepted is None or key in accepted}
         try:
             values = call_with_timeout(name, fn, timeout, **kwargs)
         except RewardError:
             raise
         except (Exception, SystemExit, KeyboardInterrupt) as err:  # a reward's exit() or Ctrl-C is its bug, named
             raise RewardError(f"reward function `{name}` raised {type(err).__name__}: {err}") from err
-        if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
-            raise RewardError(f"reward function `{name}` returned {type(values).__name__}; expected a list of floats")
+        # a 0-d tensor or array is one number for the whole batch, not one per completion (and cannot be iterated)
+        if (
+            isinstance(values, (str, bytes, dict))
+            or not isinstance(values, Iterable)
+            or getattr(values, "ndim", 1) == 0
+        ):
+            raise RewardError(
+                f"reward function `{name}` returned {type(values).__name__} {values!r:.60}; expected a list of {n} "
+                "floats, one per completion"
+            )
         values = list(values)
         if len(values) != n:
             raise RewardError(f"reward function `{name}` returned {len(values)} values for {n} completions")
         for i, value in enumerate(values):
             if value is None:
                 continue
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
+            # one-element tensors and numpy arrays (a row of an (N, 1) output) are their number, alike
+            size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", None)
+            if size == 1 and callable(getattr(value, "item", None)):
                 value = value.item()
             if not isinstance(value, numbers.Real) or not math.isfinite(value):  # a bool counts as 0 or 1
                 raise RewardError(
@@ -441,7 +467,7 @@ def reward_set(
         )
 
     given = funcs
-    funcs = named_reward_funcs(funcs, build) if funcs else build(cfg.reward_funcs)
+    funcs = named_reward_funcs(funcs, build) if funcs is not None else build(cfg.reward_funcs)
     try:
         gold = build([cfg.gold_reward]) if cfg.gold_reward else []
     except ValueError as err:
@@ -451,6 +477,7 @@ def reward_set(
         raise ConfigError(f"config field `reward_weights` has {len(weights)} entries for {len(funcs)} reward functions")
     if "accuracy" in [name for name, _ in funcs + gold]:
         check_columns(train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
+        check_answers(train_rows, "train data (the `accuracy` reward compares its `answer`)")
     available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != cfg.prompt_column)]
     for name, fn in funcs + gold:
         accepted_inputs(name, fn, available)  # a signature grpokit cannot call fails now, not at step 1
@@ -461,25 +488,26 @@ def reward_set(
 
 
 def named_reward_funcs(funcs: Any, build: Callable[[Sequence[str]], list[tuple[str, RewardFn]]]):
-    """A function, a list of functions, (name, function) pairs or names / reward-model folders (built by `build`)
-    -> (name, function) pairs; a name used twice gets a suffix, so every function has its own metric."""
-    entries = [funcs] if callable(funcs) or isinstance(funcs, str) else list(funcs)
+    """`reward_funcs` as a Python caller gave it (checked by `arguments.reward_entries`): functions, (name, function)
+    pairs, names or reward-model folders (built by `build`) -> (name, function) pairs; a name used twice gets a
+    suffix, so every function has its own metric."""
+    from grpokit.arguments import reward_entries
+
+    entries = reward_entries(funcs)
     named: list[tuple[str, RewardFn]] = []
     for entry in entries:
         if isinstance(entry, str):
             named += build([entry])
-        elif isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and callable(entry[1]):
+        elif isinstance(entry, tuple):  # (name, function)
             named.append(entry)
-        elif callable(entry):
-            named.append((getattr(entry, "__name__", type(entry).__name__), entry))
         else:
-            raise ConfigError(
-                f"reward_funcs entry {entry!r:.80}: expected a function, a (name, function) pair, a built-in "
-                "name or a reward-model folder"
-            )
-    seen: dict[str, int] = {}
+            named.append((getattr(entry, "__name__", type(entry).__name__), entry))
+    taken: set[str] = set()
     for i, (name, fn) in enumerate(named):
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            named[i] = (f"{name}_{seen[name]}", fn)
+        unique, count = name, 1
+        while unique in taken:  # the suffix too may be a name given: ("f", a), ("f_2", b), ("f", c)
+            count += 1
+            unique = f"{name}_{count}"
+        taken.add(unique)
+        named[i] = (unique, fn)
     return named

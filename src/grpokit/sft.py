@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from grpokit.arguments import python_arguments
 from grpokit.checkpoint import RunDirectory, python_random_state, run_inputs, seed_everything
 from grpokit.config import SFTConfig
 from grpokit.data import (
@@ -62,9 +63,9 @@ def check_sft_rows(rows: list[dict[str, Any]], cfg: SFTConfig) -> None:
     check_columns(rows, [cfg.prompt_column, cfg.completion_column], "SFT data")
     for i, row in enumerate(rows):
         check_prompt(row[cfg.prompt_column], f"{where(rows, i, 'SFT data')}, column {cfg.prompt_column!r}")
-        if not isinstance(row[cfg.completion_column], str) or not row[cfg.completion_column]:
+        if not isinstance(row[cfg.completion_column], str) or not row[cfg.completion_column].strip():
             raise DataError(
-                f"{where(rows, i, 'SFT data')}: column {cfg.completion_column!r} must be non-empty text, "
+                f"{where(rows, i, 'SFT data')}: column {cfg.completion_column!r} must be text that is not blank, "
                 f"got {row[cfg.completion_column]!r:.60}"
             )
 
@@ -120,8 +121,10 @@ def train_sft(
     cfg: SFTConfig, *, model: Any = None, tokenizer: Any = None, rows: list[dict[str, Any]] | None = None
 ) -> Path:
     """Runs SFT and saves the model to OUTPUT_DIR/model; returns that folder. Checkpoints, resume and
-    SIGINT / SIGTERM as in GRPO (`resume_from_checkpoint`, `save_every`)."""
-    cfg.validate(model_given=model is not None, rows_given=rows is not None)
+    SIGINT / SIGTERM as in GRPO (`resume_from_checkpoint`, `save_every`). `cfg` may be an SFTConfig, its YAML
+    file's path or a dict; every argument's type is checked first (`python_arguments`)."""
+    args = python_arguments("train_sft", SFTConfig, cfg, model=model, tokenizer=tokenizer, datasets={"rows": rows})
+    cfg, model, rows = args.config, args.model, args.rows["rows"]
     seed_everything(cfg.seed)
     rows = rows if rows is not None else sft_rows(cfg)
     check_sft_rows(rows, cfg)

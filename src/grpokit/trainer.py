@@ -23,12 +23,13 @@ from typing import Any
 import torch
 
 from grpokit import algo, modeling, update
+from grpokit.arguments import python_arguments
 from grpokit.checkpoint import RunDirectory, numerics_stop, run_inputs, seed_everything
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.distributed import Cluster
 from grpokit.evaluate import decode_completions, heldout_eval
-from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_dtype, with_model
+from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_dtype
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
@@ -54,13 +55,18 @@ class GRPOTrainer:
         eval_dataset: Any = None,
         sampler: Sampler | None = None,
     ):
-        """`model` (a path, a hub id or a model object), `tokenizer`, `reward_funcs` (a function, a list of them,
-        (name, fn) pairs or names), `train_dataset` / `eval_dataset` (a `datasets.Dataset`, a list of dicts or a
-        path) and `sampler` replace what the config would load or build. The config saved with the run records
-        what ran (the model's name, the reward functions)."""
-        config, model = with_model(config, model, tokenizer)
-        config.validate(model_given=model is not None, rows_given=train_dataset is not None)
-        self.cfg = cfg = config
+        """`config` is a GRPOConfig (or its YAML file's path, or a dict of its fields). `model` (a path, a hub id or a
+        model object), `tokenizer`, `reward_funcs` (a function, a list of them, (name, fn) pairs or names),
+        `train_dataset` / `eval_dataset` (a `datasets.Dataset`, a list of dicts or a path) and `sampler` replace what
+        the config would load or build; their types are checked first (`python_arguments`). The config saved with
+        the run records what ran (the model's name, the reward functions)."""
+        args = python_arguments(
+            type(self).__name__, GRPOConfig, config, model=model, tokenizer=tokenizer, reward_funcs=reward_funcs,
+            sampler=sampler, datasets={"train_dataset": train_dataset, "eval_dataset": eval_dataset},
+        )  # fmt: skip
+        self.cfg = cfg = args.config
+        model, reward_funcs = args.model, args.reward_funcs
+        train_dataset, eval_dataset = args.rows["train_dataset"], args.rows["eval_dataset"]
         self.cluster = Cluster.from_env(cfg.distributed, prompts_per_step=cfg.prompts_per_step)  # 1 rank: no torchrun
         seed_everything(cfg.seed)
         self.device = self.cluster.device(cfg.device)

@@ -1,0 +1,188 @@
+"""The arguments of the Python entry points (GRPOTrainer, PPOTrainer, train_sft, train_reward_model), checked up front.
+
+A Python caller can hand over anything. Each argument's type is checked here, in one place, before any file is read
+or any model loads, and an error names the argument as the caller wrote it (`reward_funcs`, `train_dataset`,
+`tokenizer`, ...) rather than surfacing later as "'int' object is not iterable" or a string read as a list of
+columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from grpokit.config import BUILTIN_REWARDS, ConfigError, from_dict, load_yaml
+from grpokit.data import dataset_rows
+from grpokit.modeling import with_model
+
+
+class ArgumentError(ConfigError, TypeError):
+    """An argument of a Python entry point has a type grpokit cannot use; the message names the argument.
+    A TypeError for Python callers, a ConfigError for the command line's error printing."""
+
+
+class Arguments(NamedTuple):
+    config: Any  # a copy of the stage's config, validated, recording the model that was passed
+    model: Any  # a model object, or None (the config's `model` names what to load)
+    rows: dict[str, list[dict[str, Any]] | None]  # each data set argument's rows, None where not given
+    reward_funcs: list[Any] | None  # non-empty: functions, (name, function) pairs, names; None: the config's
+
+
+def python_arguments(
+    entry: str,
+    config_class: type,
+    config: Any,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    datasets: dict[str, Any] | None = None,
+    reward_funcs: Any = None,
+    sampler: Any = None,
+) -> Arguments:
+    """Every argument of the entry point `entry` checked, in the order a user reads them, before any work:
+    `config` (a `config_class`, the path of its YAML file or a dict of its fields), `model`, `tokenizer`,
+    `reward_funcs`, `sampler`; then the config validated; then `datasets` (argument name -> value, the training
+    data first) read into rows."""
+    config = stage_config(entry, config_class, config)
+    check_model(model)
+    check_tokenizer(tokenizer)
+    entries = reward_entries(reward_funcs)
+    check_sampler(sampler)
+    config, model = with_model(config, model, tokenizer)
+    datasets = datasets or {}
+    train_given = next(iter(datasets.values()), None) is not None
+    config.validate(model_given=model is not None, rows_given=train_given)
+    rows = {name: dataset_rows(value, name) if value is not None else None for name, value in datasets.items()}
+    return Arguments(config, model, rows, entries)
+
+
+def stage_config(entry: str, config_class: type, config: Any) -> Any:
+    """A `config_class` instance, or one read from a YAML file (a path) or from a dict of its fields."""
+    if isinstance(config, config_class):
+        return config
+    if isinstance(config, (str, Path)):
+        if not Path(config).is_file():
+            expected = _article(config_class.__name__)
+            raise ConfigError(
+                f"{entry}: `config` is {str(config)!r}, which is not a file: pass {expected} or the path of its "
+                "YAML file"
+            )
+        return load_yaml(config_class, config)
+    if isinstance(config, dict):
+        return from_dict(config_class, config, source=f"{entry}: `config` (a dict)")
+    raise ArgumentError(
+        f"{entry}: `config` is {_a(config)}; expected {_article(config_class.__name__)}, the path of its YAML "
+        "file, or a dict of its fields"
+    )
+
+
+def check_model(model: Any) -> None:
+    """None (the config's `model`), a path or hub id, or a model object (a torch module)."""
+    import torch
+
+    if model is None or isinstance(model, (str, Path, torch.nn.Module)):
+        return
+    raise ArgumentError(
+        f"`model` is {_a(model)} ({model!r:.60}); expected a model folder's path, a hub id, or a "
+        "transformers model object"
+    )
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    """None (the model's own tokenizer loads), or a tokenizer object: something that encodes text when called and
+    decodes ids."""
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, Path)):
+        raise ArgumentError(
+            f"`tokenizer` is the text {str(tokenizer)!r}, not a tokenizer: pass "
+            f"transformers.AutoTokenizer.from_pretrained({str(tokenizer)!r}), or leave `tokenizer` out to load the "
+            "model's own"
+        )
+    if not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+        raise ArgumentError(
+            f"`tokenizer` is {_a(tokenizer)}; expected a transformers tokenizer (called on text, with "
+            "decode), or leave it out to load the model's own"
+        )
+
+
+def check_sampler(sampler: Any) -> None:
+    """None (the in-process sampler), or an object with the sampler protocol's methods (`grpokit.sampler.Sampler`)."""
+    if sampler is None:
+        return
+    if isinstance(sampler, type):  # its methods are callable on the class too, and would fail without `self`
+        raise ArgumentError(
+            f"`sampler` is the class {sampler.__name__}, not a sampler: pass an instance, e.g. {sampler.__name__}(...)"
+        )
+    missing = [name for name in ("generate", "update_weights") if not callable(getattr(sampler, name, None))]
+    if missing:
+        raise ArgumentError(
+            f"`sampler` is {_a(sampler)} without {' or '.join(f'{m}()' for m in missing)}; a sampler "
+            "has generate(prompt_ids, num_generations=, params=, generator=) and update_weights(model) "
+            "(grpokit.sampler.Sampler), or leave it out for the in-process sampler"
+        )
+
+
+def reward_entries(reward_funcs: Any) -> list[Any] | None:
+    """`reward_funcs` as a non-empty list of entries: functions, (name, function) pairs, built-in names, reward-model
+    folders or `module:function` names. One function, one name or one (name, function) pair stands alone."""
+    if reward_funcs is None:
+        return None
+    if callable(reward_funcs) or isinstance(reward_funcs, (str, Path)):
+        return [_entry(reward_funcs, "reward_funcs")]
+    if _is_pair(reward_funcs):
+        name = reward_funcs[0]
+        if name in BUILTIN_REWARDS or ":" in name or "/" in name or Path(name).exists():
+            # "accuracy" alone is also a reward: the tuple could be one named function or two rewards
+            raise ArgumentError(
+                f"`reward_funcs` = ({name!r}, {_name_of(reward_funcs[1])}) is ambiguous: write "
+                f"[({name!r}, {_name_of(reward_funcs[1])})] for one function named {name!r}, or "
+                f"[{name!r}, {_name_of(reward_funcs[1])}] for two reward functions"
+            )
+        return [reward_funcs]
+    if isinstance(reward_funcs, (dict, bytes)) or not isinstance(reward_funcs, Iterable):
+        raise ArgumentError(
+            f"`reward_funcs` is {_a(reward_funcs)} ({reward_funcs!r:.60}); expected a function, a list of "
+            "functions, (name, function) pairs, built-in names or reward-model folders"
+        )
+    entries = [_entry(entry, f"reward_funcs[{i}]") for i, entry in enumerate(reward_funcs)]
+    if not entries:
+        raise ArgumentError(
+            "`reward_funcs` is empty: pass at least one reward function, or leave it out (None) to use the "
+            "config's `reward_funcs`"
+        )
+    return entries
+
+
+def _entry(entry: Any, name: str) -> Any:
+    if isinstance(entry, Path):
+        return str(entry)
+    if isinstance(entry, str) or callable(entry) or _is_pair(entry):
+        return entry
+    if isinstance(entry, tuple):
+        raise ArgumentError(
+            f"`{name}` is the tuple {entry!r:.80}; a pair is (name, function): a text name and a callable"
+        )
+    raise ArgumentError(
+        f"`{name}` is {_a(entry)} ({entry!r:.60}); expected a function, a (name, function) pair, "
+        "a built-in name, a reward-model folder or `module:function`"
+    )
+
+
+def _is_pair(entry: Any) -> bool:
+    return isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and callable(entry[1])
+
+
+def _name_of(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _a(value: Any) -> str:
+    """`an int`, `a str`, `an SFTConfig`: the type of `value` with its article."""
+    return _article(type(value).__name__)
+
+
+def _article(name: str) -> str:
+    spelled = name[:2].isupper() and name[0] in "FHLMNRSX"  # an acronym read letter by letter: an SFTConfig
+    return f"{'an' if name[0].lower() in 'aeiou' or spelled else 'a'} {name}"
