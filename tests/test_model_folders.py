@@ -79,7 +79,7 @@ def test_a_folder_without_a_trained_score_head_is_refused_as_a_reward_model(fold
 
 
 def test_a_lora_checkpoint_is_refused_as_a_reward_model(folders):
-    with pytest.raises(ModelFolderError, match=r"`reward_funcs`.*is a LoRA adapter, not a reward model"):
+    with pytest.raises(ModelFolderError, match=r"`reward_funcs`.*is a LoRA adapter of a causal LM, not a reward model"):
         RewardModelScorer(folders["lora_checkpoint"])
 
 
@@ -103,7 +103,11 @@ def test_a_config_with_more_layers_than_the_weights_is_refused_for_every_loader(
     ):
         build_critic(None, str(deeper), "cpu")
     with pytest.raises(ModelFolderError, match=r"`model`: the weights in .*rm3 lack"):
-        train_reward_model(RewardModelConfig(model=str(deeper), output_dir=str(tmp_path / "rm"), task="addition"))
+        train_reward_model(
+            RewardModelConfig(
+                model=str(deeper), output_dir=str(tmp_path / "rm"), task="addition", num_train_pairs=8, num_eval_pairs=4
+            )
+        )
 
 
 def test_a_config_with_fewer_layers_than_the_weights_is_refused(folders, tmp_path):
