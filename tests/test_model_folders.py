@@ -242,3 +242,22 @@ def test_eval_on_rows_with_nothing_to_measure_is_refused(folders, tmp_path, caps
     rows.write_text(json.dumps({"prompt": "1+1="}) + "\n")
     rc, out, err = cli(capsys, "eval", "--model", folders["lm"], "--eval-data", rows)
     assert rc == 2 and "`eval_data`" in err and "no `answer` column" in err and "--reward-funcs" in err, err
+
+
+def test_eval_whose_reward_functions_cannot_score_the_rows_is_refused(folders, tmp_path, capsys, monkeypatch):
+    (tmp_path / "column_rewards.py").write_text(
+        "def by_label(completions, label, **_):\n    return [1.0] * len(completions)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "1+1="}) + "\n")
+    with pytest.warns(UserWarning, match=r"held-out rows lack what \['column_rewards:by_label'\] need"):
+        rc, out, err = cli(capsys, "eval", "--model", folders["lm"], "--eval-data", rows, "--reward-funcs",
+                           "column_rewards:by_label", "--max-completion-length", "2")  # fmt: skip
+    assert rc == 2 and "`reward_funcs`" in err and "nothing was measured" in err and "held-out" not in out, err
+
+
+def test_a_classifier_with_two_outputs_is_refused_as_a_reward_model(folders, tmp_path):
+    two = copy_with_config(folders["reward_model"], tmp_path / "two", id2label={"0": "NEG", "1": "POS"})
+    with pytest.raises(ModelFolderError, match=r"`reward_funcs`.*a sequence classifier with 2 outputs"):
+        RewardModelScorer(two)
