@@ -582,16 +582,16 @@ class EvalConfig:
 
 def check_data_source(path: str | None, name: str) -> None:
     """A data field names a file or folder that exists, or a `datasets` hub name (org/name): every stage refuses a
-    missing one before anything loads, also a stage that reads the field only at its end."""
+    missing one before anything loads, also a stage that reads the field only at its end (a DataError, as
+    `data.load_rows` gives)."""
+    from grpokit.data import DataError
     from grpokit.modeling import is_hub_id
 
     _require(path != "", name, "is empty: give a JSONL file, a `datasets` folder or a hub name org/name")
-    if path is not None and not is_hub_id(path):
-        _require(
-            Path(path).exists(),
-            name,
-            f"is {path!r}, which does not exist (a JSONL file, a `datasets` folder saved with `save_to_disk`, or a "
-            "hub name org/name)",
+    if path is not None and not is_hub_id(path) and not Path(path).exists():
+        raise DataError(
+            f"config field `{name}`: {path} does not exist (a JSONL file, a `datasets` folder saved with "
+            "`save_to_disk`, or a hub name org/name)"
         )
 
 
