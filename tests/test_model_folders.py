@@ -261,3 +261,10 @@ def test_a_classifier_with_two_outputs_is_refused_as_a_reward_model(folders, tmp
     two = copy_with_config(folders["reward_model"], tmp_path / "two", id2label={"0": "NEG", "1": "POS"})
     with pytest.raises(ModelFolderError, match=r"`reward_funcs`.*a sequence classifier with 2 outputs"):
         RewardModelScorer(two)
+
+
+def test_a_lora_runs_checkpoint_starts_a_new_run_as_its_merged_model(folders, tmp_path):
+    trainer = GRPOTrainer(config(folders["lora_checkpoint"], tmp_path / "run"))
+    merged = load_model(folders["lora_checkpoint"], "cpu", torch.float32).state_dict()
+    assert all(torch.equal(p, merged[n]) for n, p in trainer.policy.model.state_dict().items())
+    assert all(p.requires_grad for p in trainer.policy.model.parameters())  # peft had frozen the base: it trains

@@ -474,6 +474,7 @@ def load_model(path, device, dtype, *, field: str = "model"):
         with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecated; nothing for users to do
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base for its adapter; merged, it is a plain model to train
     else:
         model = load_pretrained(AutoModelForCausalLM, path, dtype, field=field)
     return model.to(device)
