@@ -73,7 +73,7 @@ def save_tiny_reward_model(folder: Path, chars: str | None = None, name: str = "
     tokenizer = build_char_tokenizer(chars) if chars else build_char_tokenizer()
     lm = save_model(tiny_model(tokenizer, "llama", hidden_size=HIDDEN, seed=0), tokenizer, folder / "llama")
     torch.manual_seed(0)
-    model = load_reward_model(lm, "cpu", torch.float32, pad_token_id=tokenizer.pad_token_id)
+    model = load_reward_model(lm, "cpu", torch.float32, pad_token_id=tokenizer.pad_token_id, new_head=True)
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)
     return save_model(model, tokenizer, folder / name)

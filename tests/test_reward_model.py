@@ -111,7 +111,7 @@ def test_pooling_picks_the_last_real_token(tmp_path, arch, pad_equals_eos):
     tokenizer = build_char_tokenizer(pad_equals_eos=pad_equals_eos)
     lm = save_model(tiny_model(tokenizer, arch, hidden_size=HIDDEN, seed=0), tokenizer, tmp_path / "lm")
     torch.manual_seed(0)
-    model = load_reward_model(lm, "cpu", torch.float32).eval()
+    model = load_reward_model(lm, "cpu", torch.float32, new_head=True).eval()
     rows = [encode_text(tokenizer, "47+85=", c) for c in ("132", "1327", "13", "032")]
     assert all(r[-1] == tokenizer.eos_token_id for r in rows)  # every row ends with EOS, which is scored
 

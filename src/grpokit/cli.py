@@ -225,10 +225,17 @@ def _eval(args: list[str]) -> int:
 
     import torch
 
-    from grpokit.config import EvalConfig, GRPOConfig
-    from grpokit.data import check_rows, load_rows
+    from grpokit.config import ConfigError, EvalConfig, GRPOConfig
+    from grpokit.data import check_rows, encode_prompts, load_rows
     from grpokit.evaluate import heldout_eval
-    from grpokit.modeling import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from grpokit.modeling import (
+        check_context_length,
+        check_model_source,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
     from grpokit.rewards import RewardSet, build_reward_funcs, exact_match
     from grpokit.sampler import KVCacheSampler
     from grpokit.tasks import get_task
@@ -256,10 +263,21 @@ def _eval(args: list[str]) -> int:
         task=None if cfg.eval_data is not None else task,
         device=str(device),
     )
+    if cfg.eval_data is not None and not funcs and not any("answer" in row for row in rows):
+        raise ConfigError(
+            f"config field `eval_data`: the rows of {cfg.eval_data} have no `answer` column and `reward_funcs` is "
+            "empty, so there is nothing to measure: add an `answer` column (scored by exact match) or give "
+            "--reward-funcs"
+        )
     rewards = RewardSet(funcs, torch.ones(len(funcs)), []) if funcs else None
     tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device)).eval()
+    longest_prompt = max(
+        map(len, encode_prompts(tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length).ids)
+    )
+    check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=tokenizer)
     sampler = KVCacheSampler(tokenizer)
-    sampler.update_weights(load_model(cfg.model, device, resolve_dtype(cfg.dtype, device)).eval())
+    sampler.update_weights(model)
     settings = types.SimpleNamespace(
         eval_temperature=cfg.temperature,
         max_completion_length=cfg.max_completion_length,
@@ -269,6 +287,11 @@ def _eval(args: list[str]) -> int:
         reward_timeout=defaults.reward_timeout,
     )
     result = heldout_eval(sampler, tokenizer, rows, settings, device, is_correct, rewards)
+    if not result:  # the reward functions need columns the rows lack (heldout_eval warned which), and no answer
+        raise ConfigError(
+            f"config field `reward_funcs`: none of {cfg.reward_funcs} could score the rows of {name} (see the warning "
+            "above for what they lack), and the rows have no `answer` column: nothing was measured"
+        )
     for key, value in result.items():
         what, mode = key.removeprefix("eval/").rsplit("_", 1)
         mode = mode if mode == "greedy" else f"sampled (T={cfg.temperature:g})"

@@ -164,6 +164,8 @@ class RunConfig:
             "is empty: use `latest` or a checkpoint folder",
         )
         check_output_dir(self.output_dir, model=self.model, overwrite=self.overwrite_output_dir)
+        for name in ("train_data", "eval_data"):
+            check_data_source(getattr(self, name), name)
         _require(
             re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
             "device",
@@ -577,7 +579,23 @@ class EvalConfig:
         if self.eval_data is None:
             _warn_if_answers_cannot_fit(self.task, self.task_num_digits, self.max_completion_length)
         _require(self.task is not None or self.eval_data is not None, "eval_data", "or `task` must be set")
+        check_data_source(self.eval_data, "eval_data")
         _require(self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
+
+
+def check_data_source(path: str | None, name: str) -> None:
+    """A data field names a file or folder that exists, or a `datasets` hub name (org/name): every stage refuses a
+    missing one before anything loads, also a stage that reads the field only at its end (a DataError, as
+    `data.load_rows` gives)."""
+    from grpokit.data import DataError
+    from grpokit.modeling import is_hub_id
+
+    _require(path != "", name, "is empty: give a JSONL file, a `datasets` folder or a hub name org/name")
+    if path is not None and not is_hub_id(path) and not Path(path).exists():
+        raise DataError(
+            f"config field `{name}`: {path} does not exist (a JSONL file, a `datasets` folder saved with "
+            "`save_to_disk`, or a hub name org/name)"
+        )
 
 
 def check_output_dir(path: str, name: str = "output_dir", *, model: str = "", overwrite: bool = False) -> None:

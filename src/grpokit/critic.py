@@ -68,11 +68,15 @@ def build_critic(policy_start: torch.nn.Module | None, critic_model: str | None,
         if policy_start is None:
             raise ValueError("build_critic needs the policy's starting model or a `critic_model` folder")
         return ValueModel(copy.deepcopy(policy_start.get_decoder())).to(device)
+    from grpokit.modeling import declares_classifier
     from grpokit.reward_model import load_reward_model
 
-    scorer = load_reward_model(Path(critic_model), device, torch.float32)
+    # a reward model's score head must be in its weights (it is the critic's start); a causal LM's body gets a new one
+    trained_head = declares_classifier(critic_model)
+    scorer = load_reward_model(
+        Path(critic_model), device, torch.float32, new_head=not trained_head, field="critic_model"
+    )
     body = getattr(scorer, scorer.base_model_prefix)
-    trained_head = any(a.endswith("ForSequenceClassification") for a in scorer.config.architectures or ())
     head = None
     if trained_head:
         head = torch.nn.Linear(body.config.hidden_size, 1, bias=True)

@@ -49,6 +49,18 @@ def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, completion_
     ]
 
 
+def require_heldout_rows(eval_every: int, rows: list[Any]) -> None:
+    """Before any work: `eval_every` asks for evaluations that held-out rows make; without rows there would be
+    none, and no word of it."""
+    from grpokit.config import ConfigError
+
+    if eval_every and not rows:
+        raise ConfigError(
+            f"config field `eval_every` is {eval_every}, but there are no held-out rows to evaluate on: set "
+            "`eval_data` (or pass eval_dataset=; with a `task`, num_eval_prompts > 0), or set eval_every: 0"
+        )
+
+
 def heldout_eval(
     sampler: Sampler,
     tokenizer: Any,

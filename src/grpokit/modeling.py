@@ -124,10 +124,55 @@ class ModelFolderError(FileNotFoundError):
     """A model folder or file is missing a part or has a damaged one; the message names the path and the part."""
 
 
-def check_model_source(path, *, field: str = "model", tokenizer: bool = True) -> None:
-    """Before anything loads: the folder (or `.gguf` file) at `path` has a config, whole weights and, when
-    `tokenizer`, tokenizer files; the error says which part is missing or damaged. A hub id is checked when
-    it loads (`from_pretrained`)."""
+# What a loader expects of a folder (`check_model_source`'s `kind`):
+#   causal_lm     a policy, a reference, a model to evaluate: an LM head, not a classifier
+#   reward_model  a trained reward model: a sequence classifier with one output, its score head in the weights
+#   body          a decoder body whose head is replaced (reward-model training, a critic): either of the two
+MODEL_KINDS = ("causal_lm", "reward_model", "body")
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+CHECKPOINT_STATE_FILE = "trainer_state.pt"  # checkpoint.STATE_FILE (modeling sits below checkpoint)
+
+
+def declares_classifier(path) -> bool:
+    """The model config at `path` (a folder or a hub id) names a sequence-classifier architecture (a reward
+    model's), whose score head its weights then hold."""
+    from transformers import AutoConfig
+
+    if Path(path).suffix == ".gguf":
+        return False
+    if (Path(path) / "config.json").is_file():  # read as it is: the folder's checks come with its loading
+        architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or ()
+    else:
+        architectures = from_pretrained(AutoConfig, str(path)).architectures or ()
+    return any(a.endswith(CLASSIFIER_SUFFIX) for a in architectures)
+
+
+def folder_kind(path) -> str:
+    """What a local model folder holds, in words (for errors): a LoRA adapter, a grpokit training checkpoint, a
+    reward model or a causal LM, with the architecture its config.json names."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return "a LoRA adapter"
+    try:
+        spec = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "a model folder"
+    architecture = ", ".join(spec.get("architectures") or ()) or spec.get("model_type", "no architecture named")
+    what = "a reward model" if CLASSIFIER_SUFFIX in architecture else "a causal LM"
+    if CHECKPOINT_STATE_FILE in {p.name for p in path.iterdir()}:
+        what = f"a grpokit training checkpoint of {what}"
+    return f"{what} ({architecture})"
+
+
+def check_model_source(path, *, field: str = "model", tokenizer: bool = True, kind: str = "causal_lm") -> None:
+    """Before anything loads: the folder (or `.gguf` file) at `path` has a config whose model_type transformers
+    knows, whole weights and, when `tokenizer`, tokenizer files; it is the `kind` of model its loader needs
+    (`MODEL_KINDS`); a LoRA adapter folder (a causal LM only) has its weights and a base that passes these checks.
+    The error names `field`, the path and the part that is missing, damaged or of another kind. A hub id is
+    checked when it loads (`load_pretrained`)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind {kind!r}: expected one of {MODEL_KINDS}")
     if is_hub_id(path):
         return
     path = Path(_existing(path))
@@ -137,15 +182,24 @@ def check_model_source(path, *, field: str = "model", tokenizer: bool = True) ->
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelFolderError(f"config field `{field}`: {path} is not a GGUF file (no GGUF magic number)")
+        if kind == "reward_model":
+            raise ModelFolderError(
+                f"config field `{field}`: {path} is a GGUF causal LM, not a reward model: its score head would be "
+                "random. Train one with `grpokit reward-model` and give its OUTPUT_DIR/model"
+            )
         return
     names = {p.name for p in path.iterdir()}
     prefix = f"config field `{field}`: the model folder {path}"
+    if "config.json" not in names and "adapter_config.json" in names:
+        check_adapter_source(path, field=field, tokenizer=tokenizer, kind=kind)
+        return
     if "config.json" not in names:
         raise ModelFolderError(f"{prefix} has no config.json (a folder written by `save_pretrained` has one)")
     try:
-        json.loads((path / "config.json").read_text())
+        spec = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFolderError(f"{prefix}: config.json is not valid JSON ({err})") from None
+    check_model_spec(spec, path, field=field, kind=kind)
     weights = [name for name in WEIGHT_FILES if name in names]
     if not weights and "adapter_config.json" not in names:
         raise ModelFolderError(f"{prefix} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
@@ -173,6 +227,83 @@ def check_model_source(path, *, field: str = "model", tokenizer: bool = True) ->
         )
 
 
+def check_model_spec(spec: dict, path: Path, *, field: str, kind: str) -> None:
+    """config.json's `model_type` is one transformers knows, and its `architectures` are the `kind` asked for: a
+    causal LM is not a classifier; a reward model is a classifier with one output."""
+    from transformers import CONFIG_MAPPING, __version__
+
+    prefix = f"config field `{field}`: the model folder {path}"
+    model_type = spec.get("model_type")
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        raise ModelFolderError(
+            f"{prefix}: its config.json says model_type {model_type!r}, which transformers {__version__} does not "
+            "know (a typo, or a model newer than this transformers: upgrade transformers)"
+        )
+    architectures = spec.get("architectures") or []
+    classifier = any(a.endswith(CLASSIFIER_SUFFIX) for a in architectures)
+    if kind == "causal_lm" and classifier:
+        raise ModelFolderError(
+            f"{prefix} is {folder_kind(path)}, not a causal LM: it has a score head and no LM head to generate "
+            "with. Give the policy's folder here; a reward model goes in `reward_funcs`"
+        )
+    if kind == "reward_model" and not classifier:
+        raise ModelFolderError(
+            f"{prefix} is {folder_kind(path)}, not a reward model: it has no trained score head, so its rewards "
+            f"would come from a random one. Train a reward model from it (`grpokit reward-model --model {path}`) "
+            "and give that run's OUTPUT_DIR/model"
+        )
+    outputs = len(spec["id2label"]) if isinstance(spec.get("id2label"), dict) else spec.get("num_labels", 2)
+    if kind == "reward_model" and outputs != 1:
+        raise ModelFolderError(
+            f"{prefix} is a sequence classifier with {outputs} outputs (config.json's id2label / num_labels); a "
+            "reward model has one: the score of a completion"
+        )
+
+
+def check_adapter_source(path: Path, *, field: str, tokenizer: bool, kind: str) -> None:
+    """A LoRA adapter folder as `peft` writes it (grpokit's `lora.save: adapter`, a LoRA run's checkpoint): its
+    weights are there and the base model it names passes `check_model_source`."""
+    prefix = f"config field `{field}`: {path} is a LoRA adapter"
+    if kind == "reward_model":
+        raise ModelFolderError(
+            f"{prefix} of a causal LM, not a reward model: it has no trained score head, so its rewards would come "
+            "from a random one. Give the OUTPUT_DIR/model of a `grpokit reward-model` run"
+        )
+    if kind == "body":
+        raise ModelFolderError(
+            f"{prefix}, not a model with weights of its own: give a folder saved with `lora.save: merged` (the "
+            "default), or merge the adapter into its base"
+        )
+    names = {p.name for p in path.iterdir()}
+    if not names & set(ADAPTER_WEIGHTS):
+        raise ModelFolderError(f"{prefix} without its weights: expected one of {', '.join(ADAPTER_WEIGHTS)}")
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{prefix}: adapter_config.json is not valid JSON ({err})") from None
+    if not base:
+        raise ModelFolderError(
+            f"{prefix} whose adapter_config.json names no base model (`base_model_name_or_path`): set it to the "
+            "folder the adapter was trained on"
+        )
+    if not is_hub_id(base) and not Path(base).exists():
+        raise ModelFolderError(
+            f"{prefix} over the base model {base!r} (its adapter_config.json's `base_model_name_or_path`), which "
+            "does not exist: put the base there, or edit that path"
+        )
+    try:
+        check_model_source(base, field=field, tokenizer=False)
+    except ModelFolderError as err:
+        raise ModelFolderError(
+            f"{prefix} over the base model {base!r}, which cannot serve as its base: {err}"
+        ) from None
+    if tokenizer and not names & set(TOKENIZER_FILES):
+        raise ModelFolderError(
+            f"{prefix} without a tokenizer: expected one of {', '.join(TOKENIZER_FILES)} (grpokit saves the "
+            "tokenizer with the adapter; copy the base model's tokenizer files into the folder)"
+        )
+
+
 def check_safetensors(path: Path) -> None:
     """A safetensors file is whole: its header parses and the tensors it lists end where the file ends (a copy
     cut short or a download that stopped early fails here, named, instead of deep inside the loader)."""
@@ -194,15 +325,47 @@ def check_safetensors(path: Path) -> None:
         )
 
 
-def check_context_length(model, longest_prompt: int, max_completion_length: int) -> None:
-    """The longest prompt (as cut) plus `max_completion_length` fit the model's positions: a learned position
-    table has no row past its end, and a rotary model was never trained there."""
+def check_context_length(
+    model,
+    longest_prompt: int,
+    max_completion_length: int,
+    *,
+    tokenizer=None,
+    field: str = "model",
+) -> None:
+    """The model can read what a stage gives it: the longest prompt (as cut) plus `max_completion_length` fit its
+    positions (a learned position table has no row past its end, and a rotary model was never trained there), and
+    with `tokenizer`, every token id it makes has an embedding (`check_vocabulary`)."""
+    if tokenizer is not None:
+        check_vocabulary(model, tokenizer, field=field)
+    check_positions(
+        model,
+        longest_prompt + max_completion_length,
+        f"the longest prompt ({longest_prompt} tokens, see `max_prompt_length`) + `max_completion_length` "
+        f"({max_completion_length})",
+    )
+
+
+def check_positions(model, tokens: int, what: str) -> None:
+    """`tokens` (the longest row a stage forwards, `what` says how it is made) fit the model's positions."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and longest_prompt + max_completion_length > limit:
+    if limit is not None and tokens > limit:
         raise ModelFolderError(
-            f"the longest prompt ({longest_prompt} tokens, see `max_prompt_length`) + `max_completion_length` "
-            f"({max_completion_length}) = {longest_prompt + max_completion_length} tokens, more than the model's "
-            f"max_position_embeddings = {limit}: lower `max_prompt_length` or `max_completion_length`"
+            f"{what} = {tokens} tokens, more than the model's max_position_embeddings = {limit}: lower "
+            "`max_prompt_length` or `max_completion_length`"
+        )
+
+
+def check_vocabulary(model, tokenizer, *, field: str = "model", tokenizer_of: str = "the tokenizer") -> None:
+    """Every token id `tokenizer` can make has a row in the model's input embeddings: an id past the table's end
+    is an IndexError in the middle of a rollout or a step, after the work before it."""
+    embeddings = model.get_input_embeddings().num_embeddings
+    tokens = len(tokenizer)
+    if tokens > embeddings:
+        raise ModelFolderError(
+            f"config field `{field}`: {tokenizer_of} has {tokens} tokens, the model's token embeddings "
+            f"{embeddings}: ids {embeddings} and up have no embedding. Is the tokenizer from another model? "
+            "(A tokenizer that grew needs `model.resize_token_embeddings(len(tokenizer))` and the model saved again)"
         )
 
 
@@ -217,31 +380,103 @@ def _gguf_args(path) -> tuple[str, dict]:
     return str(path.parent), {"gguf_file": path.name}
 
 
-def load_model(path, device, dtype):
-    """AutoModelForCausalLM from a local folder, a `.gguf` file or a hub id (`from_pretrained`), on `device` in
-    `dtype`."""
-    from transformers import AutoModelForCausalLM
+def check_same_tokenizer(folder, tokenizer, *, field: str, tokenizer_of: str = "the policy's tokenizer") -> None:
+    """A model that reads another model's token ids (PPO's critic reads the policy's) was trained with the same
+    tokenizer: the one saved in `folder`, if any, maps every token to the id `tokenizer` does. Same-sized
+    vocabularies of different tokenizers would otherwise pass every shape check and read ids as other words."""
+    if (
+        is_hub_id(folder)
+        or not Path(folder).is_dir()
+        or not {p.name for p in Path(folder).iterdir()} & set(TOKENIZER_FILES)
+    ):
+        return
+    own, theirs = load_tokenizer(folder).get_vocab(), tokenizer.get_vocab()
+    differ = sorted(token for token in own.keys() | theirs.keys() if own.get(token) != theirs.get(token))
+    if differ:
+        raise ModelFolderError(
+            f"config field `{field}`: the tokenizer saved in {folder} is not {tokenizer_of}: {len(differ)} tokens "
+            f"have another id or are missing (first: {differ[0]!r}). This model reads {tokenizer_of}'s token ids, so "
+            "it must have been trained with that tokenizer"
+        )
 
+
+def load_pretrained(
+    cls, path, dtype, *, field: str = "model", kind: str = "causal_lm", new_modules: tuple[str, ...] = (), **kwargs
+):
+    """`cls.from_pretrained` (a local folder, a `.gguf` file or a hub id) that refuses what transformers would only
+    log: weights the model needs and the folder lacks (a random tensor would train or score), weights of another
+    shape, and weights the model has no place for (a config describing fewer layers than were saved). `new_modules`:
+    name prefixes the caller initialises itself (a reward model's new score head), whose absence is expected. Every
+    model grpokit loads from a folder (policy, reference, reward model, critic, eval) comes through here, after
+    `check_model_source` of the `kind` it is loaded as."""
+    import transformers
+
+    check_model_source(path, field=field, tokenizer=False, kind=kind)
     folder, extra = _gguf_args(path)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report says what is checked below, as a log line
     try:
-        model, info = from_pretrained(AutoModelForCausalLM, folder, dtype=dtype, output_loading_info=True, **extra)
-    except (ValueError, KeyError, RuntimeError) as err:  # an unknown model_type, weights of other shapes, ...
+        model, info = from_pretrained(
+            cls, folder, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra, **kwargs
+        )
+    except (ValueError, KeyError, RuntimeError) as err:  # an unknown model_type, a config it cannot build, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ModelFolderError(
-            f"config field `model`: {path} could not be loaded: {type(err).__name__}: {first}"
+            f"config field `{field}`: {path} could not be loaded: {type(err).__name__}: {first}"
         ) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    what = f"config field `{field}`: the weights in {path}"
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(info.get("missing_keys") or ()) - tied)
-    if missing:  # transformers would train a randomly initialised model and only log it
+    missing = sorted(k for k in set(info.get("missing_keys") or ()) - tied if not k.startswith(new_modules))
+    if missing:
         raise ModelFolderError(
-            f"config field `model`: the weights in {path} lack {len(missing)} tensors a "
-            f"{type(model).__name__} needs (first: {missing[0]}): does config.json describe these weights?"
+            f"{what} lack {len(missing)} tensors a {type(model).__name__} needs (first: {missing[0]}), which would "
+            "start random: does config.json describe these weights?"
+        )
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, saved, wanted = mismatched[0]
+        raise ModelFolderError(
+            f"{what} have other shapes than its config.json describes ({len(mismatched)} tensors; first: {name} is "
+            f"{list(saved)} in the weights, {list(wanted)} by config.json): is config.json the one saved with them?"
+        )
+    # a causal LM's head is not part of a classifier built on the same body: it is left out on purpose
+    dropped = ("lm_head.",) if cls.__name__.endswith(CLASSIFIER_SUFFIX) else ()
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.startswith(dropped))
+    if unexpected:
+        raise ModelFolderError(
+            f"{what} hold {len(unexpected)} tensors a {type(model).__name__} has no place for (first: "
+            f"{unexpected[0]}), which would be dropped: does config.json describe these weights?"
         )
     if extra:
         # The weights are de-quantized floats now; the GGUF quantization note would stop save_pretrained.
         model.config.quantization_config = None
         del model.config.quantization_config
         model.hf_quantizer = None
+    return model
+
+
+def load_model(path, device, dtype, *, field: str = "model"):
+    """AutoModelForCausalLM from a local folder, a `.gguf` file or a hub id (`load_pretrained`), on `device` in
+    `dtype`. A LoRA adapter folder (`lora.save: adapter`, a LoRA run's checkpoint) loads over the base model its
+    adapter_config.json names, merged into a plain model, as `peft`'s AutoPeftModelForCausalLM would."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(path) / "adapter_config.json"
+    if not is_hub_id(path) and adapter.is_file() and not (Path(path) / "config.json").is_file():
+        import warnings
+
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        model = load_pretrained(AutoModelForCausalLM, base, dtype, field=field)
+        with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecated; nothing for users to do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base for its adapter; merged, it is a plain model to train
+    else:
+        model = load_pretrained(AutoModelForCausalLM, path, dtype, field=field)
     return model.to(device)
 
 

@@ -28,7 +28,7 @@ from grpokit.arguments import stage_config
 from grpokit.config import ConfigError, PPOConfig
 from grpokit.critic import ValueModel, build_critic, completion_values
 from grpokit.lora import uses_lora
-from grpokit.modeling import check_model_source
+from grpokit.modeling import ModelFolderError, check_model_source, check_same_tokenizer, check_vocabulary
 from grpokit.policy import NumericsError, Policy
 from grpokit.trainer import GRPOTrainer
 from grpokit.types import Rollout, TrainResult
@@ -45,17 +45,19 @@ class PPOTrainer(GRPOTrainer):
         """`grpo_arguments`: those of `GRPOTrainer` (model, tokenizer, reward_funcs, datasets, sampler)."""
         config = stage_config(type(self).__name__, PPOConfig, config)
         if config.critic_model is not None and critic is None:
-            check_model_source(config.critic_model, field="critic_model", tokenizer=False)
+            check_model_source(config.critic_model, field="critic_model", tokenizer=False, kind="body")
         super().__init__(config, **grpo_arguments)
         cfg = self.cfg
         if critic is None:
             critic = build_critic(None if cfg.critic_model else self._starting_model(), cfg.critic_model, self.device)
-        embeddings, tokens = critic.decoder.get_input_embeddings().num_embeddings, len(self.tokenizer)
-        if embeddings < tokens:
-            raise ConfigError(
-                f"config field `critic_model`: the critic has {embeddings} token embeddings and the policy's tokenizer "
-                f"{tokens} tokens: the critic reads the policy's token ids, so it needs the policy's tokenizer"
+        try:  # the critic reads the policy's token ids
+            check_vocabulary(
+                critic.decoder, self.tokenizer, field="critic_model", tokenizer_of="the policy's tokenizer"
             )
+            if cfg.critic_model is not None:
+                check_same_tokenizer(cfg.critic_model, self.tokenizer, field="critic_model")
+        except ModelFolderError as err:
+            raise ConfigError(str(err)) from None
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
         critic_optim = dataclasses.replace(cfg, learning_rate=cfg.critic_learning_rate or cfg.learning_rate)
         self.critic = Policy(

@@ -41,8 +41,10 @@ from grpokit.data import (
 )
 from grpokit.modeling import (
     check_model_source,
+    check_positions,
+    check_vocabulary,
     ensure_pad_token,
-    from_pretrained,
+    load_pretrained,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -130,20 +132,35 @@ def encode_text(tokenizer: Any, prompt: Any, completion: str, max_length: int | 
     return encode_texts(tokenizer, [prompt], [completion], max_length)[0]
 
 
-def load_reward_model(path: str | Path, device: Any, dtype: torch.dtype, *, pad_token_id: int | None = None) -> Any:
-    """AutoModelForSequenceClassification (one output) from a local folder or a hub id: a reward model, or a causal LM
-    whose body it keeps (the score head is then newly initialised from the global torch RNG)."""
+def load_reward_model(
+    path: str | Path,
+    device: Any,
+    dtype: torch.dtype,
+    *,
+    pad_token_id: int | None = None,
+    new_head: bool = False,
+    field: str = "reward_funcs",
+) -> Any:
+    """AutoModelForSequenceClassification (one output) from a local folder or a hub id (`modeling.load_pretrained`,
+    which refuses weights that do not match the config). A trained reward model, whose score head must be in the
+    weights; with `new_head` (the start of reward-model training, a critic), also a causal LM whose body it keeps,
+    the score head then newly initialised from the global torch RNG. `field` names the config field in errors."""
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    # The "newly initialized: score.weight" report is expected here, and the loading bar is noise.
-    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.disable_progress_bar()  # the loading bar of a model that is not the one trained is noise
     try:
-        model = from_pretrained(AutoModelForSequenceClassification, str(path), num_labels=1, dtype=dtype)
+        model = load_pretrained(
+            AutoModelForSequenceClassification,
+            str(path),
+            dtype,
+            field=field,
+            kind="body" if new_head else "reward_model",
+            new_modules=("score.",) if new_head else (),
+            num_labels=1,
+        )
     finally:
-        transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.logging.enable_progress_bar()
     if model.config.pad_token_id is None and pad_token_id is not None:
@@ -169,19 +186,28 @@ class RewardModelScorer:
         dtype: str = "auto",
         model: Any = None,
         tokenizer: Any = None,
+        field: str = "reward_funcs",
     ):
-        """`model` / `tokenizer`: use these objects instead of loading them from `path`."""
+        """`model` / `tokenizer`: use these objects instead of loading them from `path`; `field`: the config field
+        that named the folder, for errors."""
         self.path = Path(path)
         # `train_reward_model` always saves to RUN/model, so the run's folder is what tells scorers apart
         self.__name__ = f"{self.path.parent.name}/{self.path.name}"
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.max_length = max_length
+        if model is None:
+            check_model_source(self.path, field=field, tokenizer=tokenizer is None, kind="reward_model")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.path)
         if model is None:
             model = load_reward_model(
-                self.path, self.device, resolve_dtype(dtype, self.device), pad_token_id=self.tokenizer.pad_token_id
+                self.path,
+                self.device,
+                resolve_dtype(dtype, self.device),
+                pad_token_id=self.tokenizer.pad_token_id,
+                field=field,
             )
+        check_vocabulary(model, self.tokenizer, field=field, tokenizer_of=f"the tokenizer of {self.path}")
         self.model = model.to(self.device).eval().requires_grad_(False)
 
     def __repr__(self) -> str:
@@ -356,10 +382,12 @@ def train_reward_model(
 
     device = resolve_device(cfg.device)
     if model is None:
-        check_model_source(cfg.model, tokenizer=tokenizer is None)
+        check_model_source(cfg.model, tokenizer=tokenizer is None, kind="body")
     tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
     if model is None:
-        model = load_reward_model(cfg.model, device, torch.float32, pad_token_id=tokenizer.pad_token_id)
+        model = load_reward_model(
+            cfg.model, device, torch.float32, pad_token_id=tokenizer.pad_token_id, new_head=True, field="model"
+        )
     if getattr(model.config, "num_labels", None) != 1:
         raise ValueError(
             f"the reward model must be a sequence classifier with one output (num_labels=1), got "
@@ -369,8 +397,15 @@ def train_reward_model(
     policy = Policy(
         model, cfg, total_steps=cfg.max_steps, device=device, compute_dtype=resolve_dtype(cfg.dtype, device)
     )
+    check_vocabulary(model, tokenizer)
     train_examples = encode_pairs(tokenizer, train_pairs, cfg, margin=True)
     eval_examples = encode_pairs(tokenizer, eval_pairs, cfg, margin=False)
+    check_positions(
+        model,
+        max(len(ids) for c, r, _ in train_examples + eval_examples for ids in (c, r)),
+        "the longest reward-model row (prompt + completion + EOS, its last `max_prompt_length` + "
+        "`max_completion_length` tokens kept)",
+    )
     eval_kinds = [row["kind"] for row in eval_pairs] if all("kind" in row for row in eval_pairs) else None
 
     pair_order = ShuffledEpochs(len(train_examples), cfg.seed)

@@ -191,7 +191,7 @@ def build_reward_funcs(
         if name in builtins:
             funcs.append((name, builtins[name]()))
         elif Path(name).is_dir() and (Path(name) / "config.json").is_file():
-            check_model_source(name, field="reward_funcs")
+            check_model_source(name, field="reward_funcs", kind="reward_model")
             scorer = RewardModelScorer(name, device=device, batch_size=reward_model_batch_size)
             funcs.append((scorer.__name__, scorer))
         elif "/" in name or Path(name).exists():

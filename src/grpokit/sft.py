@@ -30,6 +30,8 @@ from grpokit.data import (
 )
 from grpokit.modeling import (
     check_model_source,
+    check_positions,
+    check_vocabulary,
     ensure_pad_token,
     load_model,
     load_tokenizer,
@@ -56,16 +58,16 @@ def sft_rows(cfg: SFTConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def check_sft_rows(rows: list[dict[str, Any]], cfg: SFTConfig) -> None:
+def check_sft_rows(rows: list[dict[str, Any]], cfg: SFTConfig, source: str = "SFT data") -> None:
     """Every row has a prompt (text or chat messages) and non-empty completion text, before any model loads."""
     if not rows:
-        raise DataError("SFT data holds no rows")
-    check_columns(rows, [cfg.prompt_column, cfg.completion_column], "SFT data")
+        raise DataError(f"{source} holds no rows")
+    check_columns(rows, [cfg.prompt_column, cfg.completion_column], source)
     for i, row in enumerate(rows):
-        check_prompt(row[cfg.prompt_column], f"{where(rows, i, 'SFT data')}, column {cfg.prompt_column!r}")
+        check_prompt(row[cfg.prompt_column], f"{where(rows, i, source)}, column {cfg.prompt_column!r}")
         if not isinstance(row[cfg.completion_column], str) or not row[cfg.completion_column].strip():
             raise DataError(
-                f"{where(rows, i, 'SFT data')}: column {cfg.completion_column!r} must be text that is not blank, "
+                f"{where(rows, i, source)}: column {cfg.completion_column!r} must be text that is not blank, "
                 f"got {row[cfg.completion_column]!r:.60}"
             )
 
@@ -117,6 +119,21 @@ def sft_loss(policy: Policy, batch: SFTBatch) -> torch.Tensor:
     return -(logp * mask).sum() / mask.sum()
 
 
+@torch.no_grad()
+def heldout_loss(policy: Policy, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float:
+    """Mean negative log-likelihood per completion token over the held-out examples (`sft_loss` without a graph)."""
+    was_training = policy.model.training
+    policy.model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = SFTBatch.of(examples[start : start + batch_size], pad_id)
+        count = int(batch.completion_mask.sum())
+        total += sft_loss(policy, batch).item() * count
+        tokens += count
+    policy.model.train(was_training)
+    return total / tokens
+
+
 def train_sft(
     cfg: SFTConfig, *, model: Any = None, tokenizer: Any = None, rows: list[dict[str, Any]] | None = None
 ) -> Path:
@@ -128,7 +145,11 @@ def train_sft(
     seed_everything(cfg.seed)
     rows = rows if rows is not None else sft_rows(cfg)
     check_sft_rows(rows, cfg)
-    run_dir = RunDirectory.for_config(cfg, inputs=run_inputs(cfg, model=model, tokenizer=tokenizer, train_data=rows))
+    eval_rows = load_rows(cfg.eval_data, field="eval_data")[: cfg.num_eval_prompts] if cfg.eval_data else []
+    if cfg.eval_data:
+        check_sft_rows(eval_rows, cfg, f"SFT eval data {cfg.eval_data}")
+    inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, train_data=rows, eval_data=eval_rows)
+    run_dir = RunDirectory.for_config(cfg, inputs=inputs)
     run_dir.plan()
     device = resolve_device(cfg.device)
     if model is None:
@@ -138,7 +159,15 @@ def train_sft(
     policy = Policy(
         model, cfg, total_steps=cfg.max_steps, device=device, compute_dtype=resolve_dtype(cfg.dtype, device)
     )
+    check_vocabulary(model, tokenizer)
     examples = encode_examples(tokenizer, rows, cfg)
+    eval_examples = encode_examples(tokenizer, eval_rows, cfg) if eval_rows else []
+    check_positions(
+        model,
+        max(len(p) + len(c) for p, c in examples + eval_examples),
+        "the longest SFT example (its prompt as cut by `max_prompt_length`, its completion + EOS as cut by "
+        "`max_completion_length`)",
+    )
     batch_rng = random.Random(cfg.seed)
     with run_dir as run:
         start = 0
@@ -163,6 +192,9 @@ def train_sft(
                 if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
                     checkpoint = policy.write_checkpoint(run, step, tokenizer, {"batch_rng": batch_rng.getstate()})
                     run.check_stop(step, checkpoint)
+            if eval_examples:
+                eval_loss = heldout_loss(policy, eval_examples, tokenizer.pad_token_id, cfg.batch_size)
+                log.log(cfg.max_steps, {"eval/loss": eval_loss})
         finally:
             bar.close()
             log.close()

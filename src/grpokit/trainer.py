@@ -28,7 +28,7 @@ from grpokit.checkpoint import RunDirectory, numerics_stop, run_inputs, seed_eve
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.distributed import Cluster
-from grpokit.evaluate import decode_completions, heldout_eval
+from grpokit.evaluate import decode_completions, heldout_eval, require_heldout_rows
 from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_dtype
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
@@ -74,6 +74,7 @@ class GRPOTrainer:
         self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_dataset, eval_dataset)
+        require_heldout_rows(cfg.eval_every, self.eval_rows)
         self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)  # (records what it took in cfg)
         # what the run reads, which its checkpoints record and a resume must find again (rank 0 checks and writes)
         rows = {"train_data": self.train_rows, "eval_data": self.eval_rows}
@@ -86,7 +87,7 @@ class GRPOTrainer:
         # what grpokit will change in the prompts, said once (InputWarning), before the model loads
         self.input_warnings, longest_prompt = scan_all_prompts(self.tokenizer, cfg, self.train_rows, self.eval_rows)
         model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
-        modeling.check_context_length(model, longest_prompt, cfg.max_completion_length)
+        modeling.check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=self.tokenizer)
 
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
         self.minibatch_size = cfg.minibatch_size or self.generation_size
