@@ -1,5 +1,6 @@
 """The machine misbehaves (issue 19, class 4): a step that cannot fit in memory is refused before the model loads,
-with the estimate and the fields that size it."""
+with the estimate and the fields that size it; the numbers of a seeded run do not depend on how many CPUs the
+process was given when it started (torch's thread count), only on `num_threads`."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, save_tiny
+import yaml
+from helpers import config, read_jsonl, save_tiny
 from transformers import LlamaConfig
 
 from grpokit import trainer as trainer_module
 from grpokit.cli import main
 from grpokit.config import ConfigError, DemoConfig, GRPOConfig, load_yaml
-from grpokit.memory import GIB, check_grpo_memory, estimate
+from grpokit.demo import run_demo
+from grpokit.machine import GIB, check_grpo_memory, estimate
 from grpokit.tasks import build_char_tokenizer, tiny_model
+from grpokit.trainer import GRPOTrainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -127,3 +131,43 @@ def test_a_model_folder_is_read_for_the_estimate_without_loading(model):
 def test_the_tiny_grpo_config_of_the_tests_passes(tmp_path, model):
     cfg = config(model, tmp_path / "run")
     assert check_grpo_memory(str(model), cfg, 10, torch.device("cpu"), torch.float32) is not None
+
+
+# ---------------------------------------------------------------- the same seed, the same numbers, whatever the CPUs
+
+
+def demo_figures(out: Path) -> list[dict]:
+    """Every figure of the demo's SFT and GRPO runs but the clocks (the step rows, the evaluations)."""
+    rows = [r for stage in ("sft", "grpo") for r in read_jsonl(out / stage / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
+
+
+def test_the_demo_gives_the_same_figures_whatever_thread_count_the_process_started_with(tmp_path):
+    """torch's default thread count is the CPUs the process may use (affinity, a container's cpuset,
+    OMP_NUM_THREADS), and sums split among threads round differently: the demo started with two threads printed
+    another table than with one. The demo pins its count (`num_threads`, default 1), so both starts agree."""
+    short = {"sft_steps": 10, "sft_examples": 200, "grpo_steps": 2, "num_eval_prompts": 16, "progress": False}
+    figures, used = [], []
+    for threads_at_start in (2, 1):  # both CPUs allowed, or one
+        torch.set_num_threads(threads_at_start)
+        out = tmp_path / f"started_with_{threads_at_start}"
+        run_demo(DemoConfig(output_dir=str(out), **short))
+        figures.append(demo_figures(out))
+        used.append(torch.get_num_threads())
+    assert used == [1, 1]
+    assert yaml.safe_load((tmp_path / "started_with_2" / "grpo" / "config.yaml").read_text())["num_threads"] == 1
+    assert figures[0] == figures[1]  # exact: float == float, every step, every key
+
+
+def test_num_threads_is_applied_and_recorded_and_empty_records_the_count_used(tmp_path, model):
+    torch.set_num_threads(1)
+    trainer = GRPOTrainer(config(model, tmp_path / "pinned", num_threads=2))
+    assert torch.get_num_threads() == 2 and trainer.cfg.num_threads == 2
+    torch.set_num_threads(1)
+    trainer = GRPOTrainer(config(model, tmp_path / "default"))
+    assert torch.get_num_threads() == 1 and trainer.cfg.num_threads == 1  # what the config.yaml will say
+
+
+def test_num_threads_0_is_refused_by_name(tmp_path, model):
+    with pytest.raises(ConfigError, match="num_threads"):
+        GRPOTrainer(config(model, tmp_path / "run", num_threads=0))

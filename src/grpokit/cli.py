@@ -185,6 +185,7 @@ def _eval(args: list[str]) -> int:
     from grpokit.config import EvalConfig, GRPOConfig
     from grpokit.data import check_rows, load_rows
     from grpokit.evaluate import heldout_eval
+    from grpokit.machine import pin_threads
     from grpokit.modeling import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
     from grpokit.rewards import RewardSet, build_reward_funcs, exact_match
     from grpokit.sampler import KVCacheSampler
@@ -192,6 +193,7 @@ def _eval(args: list[str]) -> int:
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
     cfg.validate()
+    pin_threads(cfg.num_threads)
     if cfg.eval_data is not None:
         rows, is_correct, name = (
             load_rows(cfg.eval_data, field="eval_data")[: cfg.num_eval_prompts],

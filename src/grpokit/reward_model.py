@@ -37,6 +37,7 @@ from grpokit.data import (
     render_prompt,
     where,
 )
+from grpokit.machine import pin_threads
 from grpokit.modeling import (
     check_model_source,
     ensure_pad_token,
@@ -334,6 +335,7 @@ def train_reward_model(
     """
     cfg.validate(model_given=model is not None, rows_given=train_pairs is not None)
     seed_everything(cfg.seed)
+    cfg.num_threads = pin_threads(cfg.num_threads)  # the numbers depend on it: recorded in config.yaml
     if train_pairs is None or eval_pairs is None:
         loaded_train, loaded_eval = reward_model_pairs(cfg)
         train_pairs = loaded_train if train_pairs is None else train_pairs

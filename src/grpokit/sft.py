@@ -27,6 +27,7 @@ from grpokit.data import (
     pad_batch,
     where,
 )
+from grpokit.machine import pin_threads
 from grpokit.modeling import (
     check_model_source,
     ensure_pad_token,
@@ -123,6 +124,7 @@ def train_sft(
     SIGINT / SIGTERM as in GRPO (`resume_from_checkpoint`, `save_every`)."""
     cfg.validate(model_given=model is not None, rows_given=rows is not None)
     seed_everything(cfg.seed)
+    cfg.num_threads = pin_threads(cfg.num_threads)  # the numbers depend on it: recorded in config.yaml
     rows = rows if rows is not None else sft_rows(cfg)
     check_sft_rows(rows, cfg)
     run_dir = RunDirectory.for_config(cfg)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from grpokit import algo, memory, modeling, update
+from grpokit import algo, machine, modeling, update
 from grpokit.checkpoint import RunDirectory, RunDirectoryError, numerics_stop, seed_everything
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
@@ -63,6 +63,7 @@ class GRPOTrainer:
         self.cfg = cfg = config
         self.cluster = Cluster.from_env(cfg.distributed, prompts_per_step=cfg.prompts_per_step)  # 1 rank: no torchrun
         seed_everything(cfg.seed)
+        cfg.num_threads = machine.pin_threads(cfg.num_threads)  # the numbers depend on it: recorded in config.yaml
         self.device = self.cluster.device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, self.device)
         self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
@@ -76,7 +77,7 @@ class GRPOTrainer:
         self.tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
         # what grpokit will change in the prompts, said once (InputWarning), before the model loads
         self.input_warnings, longest_prompt = scan_all_prompts(self.tokenizer, cfg, self.train_rows, self.eval_rows)
-        memory.check_grpo_memory(model if model is not None else cfg.model, cfg, longest_prompt, self.device, dtype,
+        machine.check_grpo_memory(model if model is not None else cfg.model, cfg, longest_prompt, self.device, dtype,
                                  world_size=self.cluster.world_size, num_eval_rows=len(self.eval_rows),
                                  in_process_sampler=sampler is None or isinstance(sampler, KVCacheSampler))  # fmt: skip
         model = model if model is not None else load_model(cfg.model, self.device, torch.float32)

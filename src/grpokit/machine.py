@@ -1,8 +1,9 @@
-"""The memory a GRPO step needs at its peak, estimated from the model's config before the model loads.
+"""What a run takes from the machine, settled before it starts: the memory a GRPO step needs, and torch's CPU threads.
 
-A config such as `num_generations: 30000` would otherwise fail deep inside the sampler, when its KV cache is
-allocated, after the model loaded and the first evaluation ran, with a bare allocator error. The estimate counts
-what grows with the config's sizes and is certain to be allocated, so a refusal is never a false alarm:
+Memory. A config such as `num_generations: 30000` would otherwise fail deep inside the sampler, when its KV cache is
+allocated, after the model loaded and the first evaluation ran, with a bare allocator error. The estimate, made
+from the model's config before the model loads, counts what grows with the config's sizes and is certain to be
+allocated, so a refusal is never a false alarm:
 - the KV cache `KVCacheSampler` reserves for a whole rollout: every row (prompts_per_step x num_generations, this
   rank's share) at full length (the longest prompt + max_completion_length), all at once (the sampler does not
   split rows into chunks);
@@ -11,6 +12,14 @@ what grows with the config's sizes and is certain to be allocated, so a refusal 
 - the activations one training forward keeps for its backward, for the largest micro-batch the config allows
   with every completion at max_completion_length (a step can reach that).
 The weights and the optimizer state are not counted (they do not grow with these fields).
+
+Threads. torch splits a sum, and MKL a matrix product along its inner dimension, into one part per intra-op
+thread, so the float rounding, and with it a whole seeded run, depends on the thread count (the demo's GRPO
+figures differ from step 10 on between 1 and 2 threads). torch's default count is the CPUs the process may use
+when it starts (its CPU affinity or cpuset, OMP_NUM_THREADS), not the machine's load: a run started under
+`taskset`, in a container given fewer CPUs, or with OMP_NUM_THREADS set prints another table. A stage pins the
+count (`num_threads`, recorded in config.yaml), and an explicit count also switches off MKL's own choice of
+fewer threads (MKL_DYNAMIC), so the same seed and the same `num_threads` give the same numbers on the same CPU.
 """
 
 from __future__ import annotations
@@ -194,3 +203,12 @@ def memory_message(
         f"({need.training_tokens} positions, see max_tokens_per_micro_batch). Lower `num_generations`, "
         "`prompts_per_step` or `max_completion_length` (or `max_prompt_length`)"
     )
+
+
+def pin_threads(num_threads: int | None) -> int:
+    """Set torch's intra-op CPU threads to `num_threads` (None: the count torch starts with, the CPUs this process
+    may use) and return the count, for the run's config to record. Setting it explicitly, even to torch's own
+    default, fixes the count MKL uses too."""
+    count = num_threads or torch.get_num_threads()
+    torch.set_num_threads(count)
+    return count
