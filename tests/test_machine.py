@@ -128,6 +128,13 @@ def test_a_model_folder_is_read_for_the_estimate_without_loading(model):
     assert need.kv_cache == saved["num_hidden_layers"] * 2 * saved["num_key_value_heads"] * head_dim * 15 * 8 * 4
 
 
+def test_a_config_without_attention_heads_is_not_estimated():
+    from transformers import PretrainedConfig
+
+    cfg = GRPOConfig(model="m")
+    assert check_grpo_memory(PretrainedConfig(), cfg, 10, torch.device("cpu"), torch.float32, available=1) is None
+
+
 def test_the_tiny_grpo_config_of_the_tests_passes(tmp_path, model):
     cfg = config(model, tmp_path / "run")
     assert check_grpo_memory(str(model), cfg, 10, torch.device("cpu"), torch.float32) is not None
@@ -154,9 +161,9 @@ def test_the_demo_gives_the_same_figures_whatever_thread_count_the_process_start
         run_demo(DemoConfig(output_dir=str(out), **short))
         figures.append(demo_figures(out))
         used.append(torch.get_num_threads())
+    assert figures[0] == figures[1]  # exact: float == float, every step, every key
     assert used == [1, 1]
     assert yaml.safe_load((tmp_path / "started_with_2" / "grpo" / "config.yaml").read_text())["num_threads"] == 1
-    assert figures[0] == figures[1]  # exact: float == float, every step, every key
 
 
 def test_num_threads_is_applied_and_recorded_and_empty_records_the_count_used(tmp_path, model):

@@ -163,7 +163,8 @@ def check_grpo_memory(
     estimate of the model `source` (a model object, its config, or a path whose config is read) against `available`
     bytes (default: what `available_bytes` reads; on a CPU the ranks of one machine share it). Without
     `in_process_sampler` (an engine of its own, such as vLLM) the rollout's memory is not this process's. The
-    message names the fields that size it. -> the estimate, or None where the model's config cannot be read."""
+    message names the fields that size it. -> the estimate, or None where the model's config cannot be read or has
+    no attention of the usual shape."""
     config = model_config(source)
     if config is None:
         return None
@@ -174,8 +175,11 @@ def check_grpo_memory(
     training_tokens = (cfg.micro_batch_size or minibatch) * positions
     if cfg.max_tokens_per_micro_batch:  # cut by the budget, but a single longer row runs alone
         training_tokens = min(training_tokens, max(cfg.max_tokens_per_micro_batch, positions))
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    need = estimate(config, rows=rows, positions=positions, training_tokens=training_tokens, dtype_bytes=dtype_bytes)
+    sizes = {"rows": rows, "positions": positions, "training_tokens": training_tokens}
+    try:
+        need = estimate(config, **sizes, dtype_bytes=torch.empty((), dtype=dtype).element_size())
+    except (AttributeError, TypeError, ZeroDivisionError):  # no attention heads (a state-space model, ...): no KV
+        return None  # cache of this shape to estimate
     if available is None:
         available = available_bytes(device)
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
