@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -335,7 +335,8 @@ def train_reward_model(
     """
     cfg.validate(model_given=model is not None, rows_given=train_pairs is not None)
     seed_everything(cfg.seed)
-    cfg.num_threads = pin_threads(cfg.num_threads)  # the numbers depend on it: recorded in config.yaml
+    # the numbers depend on the thread count: recorded in config.yaml (on a copy: the caller's config stays as it was)
+    cfg = replace(cfg, num_threads=pin_threads(cfg.num_threads))
     if train_pairs is None or eval_pairs is None:
         loaded_train, loaded_eval = reward_model_pairs(cfg)
         train_pairs = loaded_train if train_pairs is None else train_pairs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,8 @@ def train_sft(
     SIGINT / SIGTERM as in GRPO (`resume_from_checkpoint`, `save_every`)."""
     cfg.validate(model_given=model is not None, rows_given=rows is not None)
     seed_everything(cfg.seed)
-    cfg.num_threads = pin_threads(cfg.num_threads)  # the numbers depend on it: recorded in config.yaml
+    # the numbers depend on the thread count: recorded in config.yaml (on a copy: the caller's config stays as it was)
+    cfg = replace(cfg, num_threads=pin_threads(cfg.num_threads))
     rows = rows if rows is not None else sft_rows(cfg)
     check_sft_rows(rows, cfg)
     run_dir = RunDirectory.for_config(cfg)
