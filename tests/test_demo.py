@@ -14,7 +14,7 @@ from grpokit.demo import run_demo
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Overrides conftest's: the demos are big enough to use both cores, unlike the tiny-model tests."""
+    """Overrides conftest's: the demos pin their own thread count (DemoConfig.num_threads)."""
     yield
 
 

@@ -64,6 +64,7 @@ RESUMABLE_CHANGES = frozenset(
         "wandb",
         "wandb_project",
         "distributed",  # how ranks share the work, not what it computes
+        "num_threads",  # how many CPU threads compute it (rounding may differ; config.yaml records the new count)
     }
 )
 

@@ -228,6 +228,7 @@ def _eval(args: list[str]) -> int:
     from grpokit.config import ConfigError, EvalConfig, GRPOConfig
     from grpokit.data import check_rows, encode_prompts, load_rows
     from grpokit.evaluate import heldout_eval
+    from grpokit.machine import pin_threads
     from grpokit.modeling import (
         check_context_length,
         check_model_source,
@@ -242,6 +243,7 @@ def _eval(args: list[str]) -> int:
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
     cfg.validate()
+    pin_threads(cfg.num_threads)
     if cfg.eval_data is not None:
         rows, is_correct, name = (
             load_rows(cfg.eval_data, field="eval_data")[: cfg.num_eval_prompts],

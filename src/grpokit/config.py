@@ -81,6 +81,10 @@ class RunConfig:
     """Seeds Python, torch and the sampler: the same seed gives the same run on the same machine."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    num_threads: int | None = None
+    """torch's CPU threads. Sums are split among them, so the run's numbers depend on the count: the same seed and
+    the same num_threads give the same run on the same CPU. Empty: the CPUs this process may use when it starts
+    (affinity, OMP_NUM_THREADS); config.yaml records the count used."""
     dtype: str = "auto"
     """Compute dtype: `auto` (bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are very slow), `float32`,
     `bfloat16`. Trained weights and optimizer state stay float32; bfloat16 runs the forwards under autocast."""
@@ -123,6 +127,8 @@ class RunConfig:
         passes the training rows, so neither `task` nor `train_data` is needed."""
         _check_types(self)
         _require(model_given or self.model != "", "model", "is empty: give the path of a model folder")
+        threads = self.num_threads
+        _require(threads is None or threads >= 1, "num_threads", f"must be >= 1 or empty, got {threads}")
         if rows_given:
             _require(self.train_data is None, "train_data", "is set but training rows were passed in: use one")
         elif (self.task is None) == (self.train_data is None):
@@ -568,12 +574,17 @@ class EvalConfig:
     """Seed of the sampled evaluation."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda` or `cuda:N`."""
+    num_threads: int | None = None
+    """torch's CPU threads: the figures depend on the count (see the training stages' field). Empty: the CPUs this
+    process may use when it starts."""
     dtype: str = "auto"
     """`auto`, `float32`, `bfloat16`."""
 
     def validate(self) -> None:
         _check_types(self)
         _require(self.model != "", "model", "is empty: give the path of a model folder")
+        threads = self.num_threads
+        _require(threads is None or threads >= 1, "num_threads", f"must be >= 1 or empty, got {threads}")
         _require(self.temperature > 0, "temperature", "must be > 0")
         _require(self.num_eval_prompts >= 1, "num_eval_prompts", f"must be >= 1, got {self.num_eval_prompts}")
         if self.eval_data is None:
@@ -825,6 +836,9 @@ class DemoConfig:
     """--pipeline: steps in the reward-hacking monitor's window."""
     device: str = "auto"
     """`auto`, `cpu` or `cuda`."""
+    num_threads: int = 1
+    """torch's CPU threads in every stage. Sums are split among the threads, so the table depends on their count;
+    with one thread nothing is split, and the same seed gives the same table on the same CPU under any load."""
     progress: bool = True
     """Show progress bars."""
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from grpokit.checkpoint import seed_everything
 from grpokit.config import DemoConfig, GRPOConfig, RewardModelConfig, SFTConfig
+from grpokit.machine import pin_threads
 from grpokit.modeling import resolve_device
 from grpokit.runlog import read_metrics
 from grpokit.sft import sft_rows, train_sft
@@ -61,6 +62,7 @@ class WarmStart:
 def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
     """Tiny model + char tokenizer, fine-tuned on the carry-forgetting teacher; saved to OUT/sft/model."""
     seed_everything(cfg.seed)
+    pin_threads(cfg.num_threads)  # before the tiny model is built; every stage's config carries it too
     device = resolve_device(cfg.device)
     task = AdditionTask(num_digits=cfg.num_digits, forget_carry=cfg.forget_carry)
     tokenizer = build_char_tokenizer()
@@ -81,6 +83,7 @@ def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
         max_completion_length=task.max_completion_chars + 1,
         seed=cfg.seed,
         device=cfg.device,
+        num_threads=cfg.num_threads,
         progress=cfg.progress,
         overwrite_output_dir=True,  # the demo is a fixed recipe: running it again replaces its runs
     )
@@ -105,6 +108,7 @@ def grpo_config(cfg: DemoConfig, output_dir: Path, **overrides: Any) -> GRPOConf
         "eval_temperature": 1.0,
         "seed": cfg.seed,
         "device": cfg.device,
+        "num_threads": cfg.num_threads,
         "progress": cfg.progress,
         "overwrite_output_dir": True,
     }
@@ -160,6 +164,7 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
         max_steps=cfg.reward_model_steps,
         seed=cfg.seed,
         device=cfg.device,
+        num_threads=cfg.num_threads,
         progress=cfg.progress,
         overwrite_output_dir=True,
     )

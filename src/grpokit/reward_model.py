@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from grpokit.data import (
     text_messages,
     where,
 )
+from grpokit.machine import pin_threads
 from grpokit.modeling import (
     check_model_source,
     check_positions,
@@ -368,6 +369,8 @@ def train_reward_model(
     cfg, model = args.config, args.model
     train_pairs, eval_pairs = args.rows["train_pairs"], args.rows["eval_pairs"]
     seed_everything(cfg.seed)
+    # the numbers depend on the thread count: recorded in config.yaml (on a copy: the caller's config stays as it was)
+    cfg = replace(cfg, num_threads=pin_threads(cfg.num_threads))
     if train_pairs is None or eval_pairs is None:
         loaded_train, loaded_eval = reward_model_pairs(cfg)
         train_pairs = loaded_train if train_pairs is None else train_pairs

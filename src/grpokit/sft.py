@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from grpokit.data import (
     pad_batch,
     where,
 )
+from grpokit.machine import pin_threads
 from grpokit.modeling import (
     check_model_source,
     check_positions,
@@ -143,6 +144,8 @@ def train_sft(
     args = python_arguments("train_sft", SFTConfig, cfg, model=model, tokenizer=tokenizer, datasets={"rows": rows})
     cfg, model, rows = args.config, args.model, args.rows["rows"]
     seed_everything(cfg.seed)
+    # the numbers depend on the thread count: recorded in config.yaml (on a copy: the caller's config stays as it was)
+    cfg = replace(cfg, num_threads=pin_threads(cfg.num_threads))
     rows = rows if rows is not None else sft_rows(cfg)
     check_sft_rows(rows, cfg)
     eval_rows = load_rows(cfg.eval_data, field="eval_data")[: cfg.num_eval_prompts] if cfg.eval_data else []

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from grpokit import algo, modeling, update
+from grpokit import algo, machine, modeling, update
 from grpokit.arguments import python_arguments
 from grpokit.checkpoint import RunDirectory, numerics_stop, run_inputs, seed_everything
 from grpokit.config import GRPOConfig
@@ -69,6 +69,7 @@ class GRPOTrainer:
         train_dataset, eval_dataset = args.rows["train_dataset"], args.rows["eval_dataset"]
         self.cluster = Cluster.from_env(cfg.distributed, prompts_per_step=cfg.prompts_per_step)  # 1 rank: no torchrun
         seed_everything(cfg.seed)
+        cfg.num_threads = machine.pin_threads(cfg.num_threads)  # the numbers depend on it: recorded in config.yaml
         self.device = self.cluster.device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, self.device)
         self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
@@ -86,6 +87,9 @@ class GRPOTrainer:
         self.tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
         # what grpokit will change in the prompts, said once (InputWarning), before the model loads
         self.input_warnings, longest_prompt = scan_all_prompts(self.tokenizer, cfg, self.train_rows, self.eval_rows)
+        machine.check_grpo_memory(model if model is not None else cfg.model, cfg, longest_prompt, self.device, dtype,
+                                 world_size=self.cluster.world_size, num_eval_rows=len(self.eval_rows),
+                                 in_process_sampler=sampler is None or isinstance(sampler, KVCacheSampler))  # fmt: skip
         model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
         modeling.check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=self.tokenizer)
 
