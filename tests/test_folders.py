@@ -88,7 +88,8 @@ def test_init_replaces_its_own_model_folder_only_when_asked(tmp_path, capsys):
     rc, err = cli(capsys, "init", "--output-dir", path, "--hidden-size", "32", "--seed", "1")
     assert rc == 2 and "grpokit wrote earlier" in err and "--overwrite-output-dir" in err
     assert snapshot(path) == first
-    assert cli(capsys, "init", "--output-dir", path, "--hidden-size", "32", "--seed", "1", "--overwrite-output-dir")[0] == 0
+    replace = ("--seed", "1", "--overwrite-output-dir")
+    assert cli(capsys, "init", "--output-dir", path, "--hidden-size", "32", *replace)[0] == 0
     assert snapshot(path)["model.safetensors"] != first["model.safetensors"]
 
 
@@ -175,7 +176,8 @@ def test_a_checkpoint_write_cut_short_says_what_happened_and_what_was_kept(tmp_p
     assert state > weights + 1000  # AdamW's moments: the state file is the larger one
     kept = snapshot(out / "checkpoint-1")
     with file_size_limit((weights + state) // 2):  # the weights fit, the trainer state is cut mid-file
-        rc, err = cli(capsys, "train", *train_args(model, out, "--max-steps", "2", "--resume-from-checkpoint", "latest"))
+        resumed = train_args(model, out, "--max-steps", "2", "--resume-from-checkpoint", "latest")
+        rc, err = cli(capsys, "train", *resumed)
     assert rc == 2 and "Traceback" not in err and "unexpected pos" not in err
     assert f"could not write {out / 'checkpoint-2'}: file too large" in err
     assert f"the last whole checkpoint is {out / 'checkpoint-1'} (step 1)" in err
