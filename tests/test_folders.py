@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import resource
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -46,8 +47,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def fake_run(folder: Path) -> Path:
-    """A run directory as `grpokit train` leaves it (its files' names and a marked checkpoint)."""
+    """A run directory as `grpokit train` leaves it (its files' names, its lock and marks, a checkpoint)."""
     (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / ".lock").write_text("")
+    (folder / ".grpokit.json").write_text('{"kind": "run"}')
     (folder / "checkpoint-2" / "checkpoint_complete.json").write_text('{"step": 2}')
     (folder / "checkpoint-2" / "trainer_state.pt").write_bytes(b"state")
     (folder / "config.yaml").write_text("model: tiny\n")
@@ -97,7 +100,7 @@ def test_fetch_model_refuses_a_run_directory_before_loading_anything(tmp_path, c
     run = fake_run(tmp_path / "r1")
     before = snapshot(run)
     rc, err = cli(capsys, "fetch-model", "smollm2", run)
-    assert rc == 2 and str(run) in err and "did not write as a model folder" in err
+    assert rc == 2 and str(run) in err and "holds a grpokit run (checkpoint-2, config.yaml" in err
     assert snapshot(run) == before
 
 
@@ -106,7 +109,7 @@ def test_a_policy_save_into_a_run_directory_is_refused(tmp_path, model):
     trainer = GRPOTrainer(config(model, tmp_path / "out"))
     run = fake_run(tmp_path / "r1")
     before = snapshot(run)
-    with pytest.raises(ValueError, match="holds files grpokit did not write as a model folder"):
+    with pytest.raises(ValueError, match="holds a grpokit run .*replaces only a model folder it wrote"):
         trainer.policy.save(run, trainer.tokenizer)
     assert snapshot(run) == before
 
@@ -145,10 +148,34 @@ def test_a_users_folder_named_model_or_checkpoint_in_output_dir_is_not_deleted(t
     mine = tmp_path / "mine"
     fake_run(mine)
     (mine / "model").mkdir()  # the user's own folder, not a model grpokit wrote
+    (mine / "model" / "config.json").write_text("{}")
     (mine / "model" / "notes.txt").write_text("mine")
     rc, err = cli(capsys, "train", *train_args(model, mine, "--overwrite-output-dir"))
     assert rc == 2 and str(mine / "model") in err and "did not write as a model folder" in err
     assert (mine / "model" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_in_a_folder_no_grpokit_run_wrote_deletes_nothing(tmp_path, capsys, model):
+    """`--output-dir . --overwrite-output-dir` in a project folder: its own `wandb/` and `config.yaml` share
+    RUN_FILES' names, and stay."""
+    project = tmp_path / "project"
+    (project / "wandb" / "run-1").mkdir(parents=True)
+    (project / "wandb" / "run-1" / "events").write_text("another project's run")
+    (project / "config.yaml").write_text("# my settings\n")
+    before = snapshot(project)
+    rc, err = cli(capsys, "train", *train_args(model, project, "--overwrite-output-dir"))
+    assert rc == 2 and "config.yaml, wandb" in err and "no grpokit run wrote" in err
+    assert snapshot(project) == before
+
+
+def test_a_run_written_before_provenance_files_is_still_replaced_on_request(tmp_path, capsys, model):
+    out = tmp_path / "out"
+    assert cli(capsys, "train", *train_args(model, out))[0] == 0
+    for marker in (out / ".grpokit.json", out / "model" / ".grpokit.json"):  # as 6455fb2 left a run
+        marker.unlink()
+    assert cli(capsys, "train", *train_args(model, out, "--overwrite-output-dir", "--seed", "1"))[0] == 0
+    assert json.loads((out / "model" / ".grpokit.json").read_text())["kind"] == "model"
+    assert json.loads((out / ".grpokit.json").read_text())["kind"] == "run"
 
 
 # ---------------------------------------------------------------- a write the disk refuses
@@ -181,7 +208,8 @@ def test_a_checkpoint_write_cut_short_says_what_happened_and_what_was_kept(tmp_p
     assert rc == 2 and "Traceback" not in err and "unexpected pos" not in err
     assert f"could not write {out / 'checkpoint-2'}: file too large" in err
     assert f"the last whole checkpoint is {out / 'checkpoint-1'} (step 1)" in err
-    assert "the final model was not written" in err and "--resume-from-checkpoint latest" in err
+    assert "the final model was not written" in err
+    assert f"then resume with: {shlex.join(['grpokit', 'train', *map(str, resumed)])}" in err
     assert [s for s, _ in list_checkpoints(out)] == [1] and snapshot(out / "checkpoint-1") == kept
     assert not list(out.glob(".tmp-*"))
 

@@ -207,7 +207,11 @@ def check_replaceable(path: str | Path, kind: str, *, overwrite: bool, what: str
             f"{name} holds a {kind} folder grpokit wrote earlier: replace it with {ask or 'overwrite=True'}, or "
             "choose another path"
         )
-    held = f"a {found} folder" if found else f"files grpokit did not write as a {kind} folder"
+    held = (
+        f"a grpokit {'run' if found == 'run' else f'{found} folder'}"
+        if found
+        else f"files grpokit did not write as a {kind} folder"
+    )
     listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
     raise OutputExistsError(
         f"{name} holds {held} ({listed}); grpokit replaces only a {kind} folder it wrote itself: nothing was "
@@ -392,6 +396,7 @@ class RunDirectory:
         self.stop_signal: int | None = None
         self._lock_file = None
         self._handlers: dict[int, Any] = {}
+        self._had_lock = (self.path / ".lock").is_file()  # before this run makes one: an earlier run was here
 
     @classmethod
     def for_config(cls, cfg: Any, *, writer: bool = True) -> RunDirectory:
@@ -472,13 +477,26 @@ class RunDirectory:
                     "of output_dir, or choose another output_dir"
                 )
 
+    def holds_grpokit_run(self) -> bool:
+        """The folder is a grpokit run's (PROVENANCE `run`, or the `.lock` every run since locking left behind)."""
+        return written_kind(self.path) == "run" or self._had_lock
+
     def _check_replaced(self) -> None:
-        """What the run may replace or delete in its folder is grpokit's own: `model` (replaced by the final model,
-        deleted by `overwrite`) is a model folder grpokit wrote, and a checkpoint-STEP folder is a grpokit
-        checkpoint (a trainer's own `checkpoint-500` would be deleted or swapped out)."""
-        check_replaceable(
-            self.path / "model", "model", overwrite=True, what=f"output_dir {self.path}: the run's final model path"
-        )
+        """What the run may replace or delete in its folder is grpokit's own: RUN_FILES names only in a folder a
+        grpokit run wrote (`.` may hold a user's `wandb/` or `config.yaml`); `model` (replaced by the final model,
+        deleted by `overwrite`) is a model folder grpokit wrote (a run from before PROVENANCE: one with a
+        config.json); a checkpoint-STEP folder is a grpokit checkpoint (not another trainer's `checkpoint-500`)."""
+        found = [n for n in RUN_FILES if (self.path / n).exists() or (self.path / n).is_symlink()]
+        if found and not self.holds_grpokit_run():
+            raise RunDirectoryError(
+                f"output_dir {self.path} holds {', '.join(found[:4])}, which no grpokit run wrote (no {PROVENANCE} or "
+                ".lock): a run there would replace or delete them; choose another output_dir"
+            )
+        model = self.path / "model"
+        earlier_run = written_kind(self.path) is None and self._had_lock and written_kind(model) is None
+        if not (earlier_run and (model / "config.json").is_file()):
+            what = f"output_dir {self.path}: the run's final model path"
+            check_replaceable(model, "model", overwrite=True, what=what)
         for child in sorted(self.path.glob("checkpoint-*")):
             if CHECKPOINT_NAME.fullmatch(child.name) and not _is_grpokit_checkpoint(child):
                 raise RunDirectoryError(
@@ -545,6 +563,8 @@ class RunDirectory:
                 for later_step, later in list_checkpoints(self.path):
                     if later_step > step:
                         shutil.rmtree(later)
+            with writing(self.path):  # what the folder is: later runs may clear it, `init` never replaces it
+                (self.path / PROVENANCE).write_text(json.dumps({"kind": "run"}))
         except BaseException:
             self._release()
             raise

@@ -92,25 +92,33 @@ def _main(argv: list[str] | None = None) -> int:
         if command == "demo":
             return _demo(rest)
     except TrainingInterrupted as stop:
-        kept, skip = [], False
-        for arg in argv:  # the resume command of a run that was itself resumed or overwritten
-            if skip or arg in ("--overwrite-output-dir", "--no-overwrite-output-dir"):
-                skip = False
-                continue
-            skip = arg == "--resume-from-checkpoint"
-            if not skip:
-                kept.append(arg)
-        resume = shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
-        print(f"grpokit {command}: {stop}\nresume with: {resume}", file=sys.stderr)
+        print(f"grpokit {command}: {stop}\nresume with: {resume_command(argv)}", file=sys.stderr)
         return stop.exit_code
     except NumericsError as err:
         print(f"grpokit {command}: stopped: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, RewardError, FileNotFoundError, NotADirectoryError, ValueError, WriteError) as err:
+    except WriteError as err:  # the disk said no: what happened, what was kept, and the command to go on with
+        resume = f"\nthen resume with: {resume_command(argv)}" if "--resume-from-checkpoint" in str(err) else ""
+        print(f"grpokit {command}: error: {err}{resume}", file=sys.stderr)
+        return 2
+    except (ConfigError, DataError, RewardError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         print(f"grpokit {command}: error: {err}", file=sys.stderr)
         return 2
     print(f"grpokit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes the run `argv` started (itself resumed or overwritten, perhaps)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg in ("--overwrite-output-dir", "--no-overwrite-output-dir"):
+            skip = False
+            continue
+        skip = arg == "--resume-from-checkpoint"
+        if not skip:
+            kept.append(arg)
+    return shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
 
 
 def _train(args: list[str], *, ppo: bool = False) -> int:
