@@ -264,9 +264,12 @@ def test_an_output_folder_made_read_only_mid_run_stops_with_what_was_kept(tmp_pa
         return digit_share(prompts, completions)
 
     cfg = config(model, out, max_steps=3, save_every=1)
+    trainer = GRPOTrainer(cfg, reward_funcs=[("freeze_at_step_2", freeze_at_step_2)])
     try:
         with pytest.raises(OSError) as caught:
-            GRPOTrainer(cfg, reward_funcs=[("freeze_at_step_2", freeze_at_step_2)]).train()
+            trainer.train()
+        with pytest.raises(OSError, match=f"could not write {out / 'model'}: operation not permitted"):
+            trainer.policy.save(out / "model", trainer.tokenizer, overwrite=True)  # the final save, on its own
     finally:
         subprocess.run(["chattr", "-i", str(out)], check=True)
     message = str(caught.value)

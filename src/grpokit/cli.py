@@ -150,13 +150,15 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
 def _compare(args: list[str]) -> int:
     from pathlib import Path
 
+    from grpokit.checkpoint import writing
     from grpokit.compare import run_comparison
     from grpokit.config import GRPOConfig, save_yaml
 
     cfg = parse_config(GRPOConfig, args, "grpokit compare [GRPO-CONFIG.yaml]  (PPO runs with the same fields)")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "compare-config.yaml")  # what both worker processes read: the file with the overrides
+    with writing(out / "compare-config.yaml"):
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "compare-config.yaml")  # what both worker processes read: the file with the overrides
     run_comparison(cfg, out / "compare-config.yaml")
     return 0
 
