@@ -309,7 +309,7 @@ path, tokenizer = sys.argv[1], build_char_tokenizer()
 versions = [tiny_model(tokenizer, "llama", hidden_size=256, num_layers=4, seed=s) for s in (1, 2)]
 for i in range(1000):
     print(f"saving {i}", flush=True)
-    save_model(versions[i % 2], tokenizer, path)
+    save_model(versions[i % 2], tokenizer, path, overwrite=True)  # replacing its own model folder, as asked
 """
 
 

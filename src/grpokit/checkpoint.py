@@ -2,8 +2,11 @@
 
 A folder written here (a model, a checkpoint) is built under a hidden temporary name, flushed to disk,
 and swapped into place in one atomic rename; a checkpoint also gets a marker file, written last, and a
-folder without it is never loaded. A run directory is locked while a run writes into it, and a new run
-never mixes with an old one: it resumes it, replaces it on request, or is refused.
+folder without it is never loaded. A model folder records that grpokit wrote it (`PROVENANCE`), and a path is
+replaced only when it is empty or is such a folder and the caller asked (`check_replaceable`). A run directory is
+locked while a run writes into it, and a new run never mixes with an old one: it resumes it, replaces it on
+request, or is refused; it never deletes or replaces an input the config names. A write the disk refuses (full,
+read-only, no permission) is one `WriteError` that says so, naming the path.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from typing import Any
 import torch
 
 MARKER = "checkpoint_complete.json"  # written last: a checkpoint folder without it is never loaded
+# In every model folder grpokit writes: its kind, so a later write can tell grpokit's own folder (which it may
+# replace when asked) from a user's (which it never replaces). Hidden: `from_pretrained` and the hub ignore it.
+PROVENANCE = ".grpokit.json"
 STATE_FILE = "trainer_state.pt"
 RECORD_FILE = "run_record.json"  # in each checkpoint: what it continues (`run_record`), checked before any resume
 RUN_ID_FILE = "run_id"  # in the run directory: the identity its checkpoints must carry
@@ -89,6 +95,66 @@ class ResumeWarning(UserWarning):
     """A resume that goes ahead but cannot prove all it continues (a checkpoint older than its record)."""
 
 
+class OutputExistsError(ValueError):
+    """A folder would be written where something stands that grpokit did not write as that kind of folder, or
+    did write and was not asked to replace."""
+
+
+class WriteError(OSError):
+    """The disk refused a write (no space left, read-only, permission denied, a file size limit): says which
+    path, what happened and, once the run adds it (`RunDirectory.__exit__`), what was kept and how to go on."""
+
+    def __init__(self, path: Path, code: int, kept: str = ""):
+        self.path, self.kept = Path(path), kept
+        super().__init__(code, os.strerror(code), str(path))
+
+    def __str__(self) -> str:
+        what = WRITE_ERRNOS.get(self.errno, "")
+        text = f"could not write {self.path}: {self.strerror.lower()}{f' ({what})' if what else ''}"
+        return f"{text}; {self.kept}" if self.kept else text
+
+
+# The write failures a user can act on, with what to do: the disk, not grpokit, said no.
+WRITE_ERRNOS = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EROFS: "the file system is mounted read-only",
+    errno.EACCES: "make the folder writable",
+    errno.EPERM: "the folder is protected (permissions or an immutable flag): make it writable",
+    errno.EFBIG: "a file size limit (`ulimit -f`) stopped it",
+    errno.EIO: "the disk reported an I/O error",
+}
+
+
+def write_errno(err: BaseException) -> int | None:
+    """The errno of a refused write behind `err`, or None: an OSError anywhere in its chain (torch.save wraps the
+    file object's error in a RuntimeError: "unexpected pos ..."), or safetensors' "(os error N)" text."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            return err.errno
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found and int(found.group(1)) in WRITE_ERRNOS:
+            return int(found.group(1))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turns a write the disk refuses, inside the block, into a WriteError naming `path`; other errors pass."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as err:
+        code = write_errno(err)
+        if code is None:
+            raise
+        raise WriteError(Path(path), code) from err
+
+
 class TrainingInterrupted(Exception):
     """SIGINT / SIGTERM arrived; the step in flight finished and a checkpoint was written."""
 
@@ -132,37 +198,99 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".tmp-{path.name}-{os.getpid()}")
 
 
+def written_kind(path: Path) -> str | None:
+    """What grpokit wrote `path` as (`model`), from its PROVENANCE file; None for anything else."""
+    try:
+        return json.loads((path / PROVENANCE).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_replaceable(path: str | Path, kind: str, *, overwrite: bool, what: str = "", ask: str = "") -> None:
+    """`path` may become a `kind` folder: it is absent, an empty folder, or a `kind` folder grpokit wrote and
+    `overwrite` asks to replace. Anything else (a file, a run, a user's folder, $HOME) is refused, untouched.
+    `what`: how the message names the path (`config field output_dir`); `ask`: how the caller asks to replace."""
+    path = Path(path)
+    name = f"{what} {str(path)!r}" if what else str(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputExistsError(
+            f"{name} is a {'symbolic link' if path.is_symlink() else 'file'}, not a folder: nothing was written; "
+            "choose another path"
+        )
+    if not path.exists():
+        return
+    entries = sorted((p.name for p in path.iterdir()), key=lambda n: (n.startswith("."), n))  # hidden last
+    if not entries:
+        return
+    found = written_kind(path)
+    if found == kind:
+        if overwrite:
+            return
+        raise OutputExistsError(
+            f"{name} holds a {kind} folder grpokit wrote earlier: replace it with {ask or 'overwrite=True'}, or "
+            "choose another path"
+        )
+    held = (
+        f"a grpokit {'run' if found == 'run' else f'{found} folder'}"
+        if found
+        else f"files grpokit did not write as a {kind} folder"
+    )
+    listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    raise OutputExistsError(
+        f"{name} holds {held} ({listed}); grpokit replaces only a {kind} folder it wrote itself: nothing was "
+        "written; choose another path, or move that folder away first"
+    )
+
+
 @contextlib.contextmanager
-def atomic_folder(path: str | Path, *, marker: dict[str, Any] | None = None) -> Iterator[Path]:
+def atomic_folder(
+    path: str | Path, *, marker: dict[str, Any] | None = None, kind: str | None = None, overwrite: bool = False
+) -> Iterator[Path]:
     """Yields a temporary folder to write into; on success it replaces `path` in one rename.
 
     At every instant `path` is the complete old folder or the complete new one (a kill -9 in between
     leaves the old one, the new one under its hidden temporary name). `marker`: a checkpoint's marker,
-    written after every other file is on disk. An error leaves `path` untouched.
+    written after every other file is on disk. An error leaves `path` untouched; a write the disk refuses is
+    a WriteError naming `path`.
+
+    `kind` (`model`): the folder is marked as grpokit's (PROVENANCE), and an existing `path` is replaced only as
+    `check_replaceable` allows, checked before the first byte and again before the swap. Without `kind`, `path`
+    is the caller's own (a checkpoint-STEP of the run directory it holds locked).
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `.` has no name to put a temporary one beside
+    if kind is not None:
+        check_replaceable(path, kind, overwrite=overwrite)
     tmp = temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with writing(path):
+        tmp.mkdir(parents=True)
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        if marker is not None:
-            (tmp / MARKER).write_text(json.dumps(marker))
+        with writing(path):
+            yield tmp
+            if kind is not None:
+                from grpokit import __version__
+
+                (tmp / PROVENANCE).write_text(json.dumps({"kind": kind, "grpokit": __version__}))
             _fsync_tree(tmp)
+            if marker is not None:
+                (tmp / MARKER).write_text(json.dumps(marker))
+                _fsync_tree(tmp)
+            if kind is not None:
+                check_replaceable(path, kind, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not path.exists():
-        os.rename(tmp, path)
-    elif _exchange(tmp, path):
-        shutil.rmtree(tmp)  # now the old folder
-    else:  # no atomic swap on this file system: a short window with only the hidden copies
-        old = path.with_name(f".old-{path.name}-{os.getpid()}")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    _fsync_dir(path.parent)
+    with writing(path):
+        if not path.exists():
+            os.rename(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp)  # now the old folder
+        else:  # no atomic swap on this file system: a short window with only the hidden copies
+            old = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -173,9 +301,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_model(model: Any, tokenizer: Any, path: str | Path, *, state_dict: dict | None = None) -> Path:
-    """`save_pretrained` (weights from `state_dict` when given) and the tokenizer, atomically."""
-    with atomic_folder(path) as tmp:
+def save_model(
+    model: Any, tokenizer: Any, path: str | Path, *, state_dict: dict | None = None, overwrite: bool = False
+) -> Path:
+    """`save_pretrained` (weights from `state_dict` when given) and the tokenizer, atomically, as a model folder
+    grpokit wrote. An existing `path` is replaced only when it is empty, or a model folder grpokit wrote and
+    `overwrite` is set; anything else is refused untouched (OutputExistsError)."""
+    with atomic_folder(path, kind="model", overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     return Path(path)
@@ -217,7 +349,9 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *,
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> None:
-    torch.save(state, folder / STATE_FILE)
+    # through a Python file object: a refused write keeps its OSError (errno) behind torch's "unexpected pos"
+    with open(folder / STATE_FILE, "wb") as f:
+        torch.save(state, f)
 
 
 def load_state(folder: Path) -> dict[str, Any]:
@@ -451,6 +585,7 @@ class RunDirectory:
         self.stop_signal: int | None = None
         self._lock_file = None
         self._handlers: dict[int, Any] = {}
+        self._had_lock = (self.path / ".lock").is_file()  # before this run makes one: an earlier run was here
 
     @classmethod
     def for_config(cls, cfg: Any, *, writer: bool = True, inputs: dict[str, Any] | None = None) -> RunDirectory:
@@ -484,6 +619,8 @@ class RunDirectory:
         (`writer` False) leaves that to rank 0."""
         if not self.writer:
             return None
+        self._check_inputs()
+        self._check_replaced()
         if (self.path / ".lock").exists() and self._lock_file is None:  # a quick look; `__enter__` takes it
             with open(self.path / ".lock", "a+") as probe:
                 self._take_lock(probe)
@@ -524,7 +661,7 @@ class RunDirectory:
         if not self.path.exists():
             what = "does not exist (a misspelled path?):"
         else:
-            held = sorted(p.name for p in self.path.iterdir() if p.name != ".lock")
+            held = sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))  # not grpokit's own
             incomplete = [name for name in held if CHECKPOINT_NAME.fullmatch(name)]
             if incomplete:
                 what = (
@@ -598,6 +735,54 @@ class RunDirectory:
         except OSError:
             return None
 
+    def _check_inputs(self) -> None:
+        """No input the config names (model, data, reward model, critic, ...) is the output folder or lies inside
+        what a run there deletes or replaces: its RUN_FILES (the final model among them) and checkpoint-STEP."""
+        out = self.path.resolve()
+        for name, value in _named_paths(self.config):
+            source = Path(value).resolve()
+            if source == out:
+                raise RunDirectoryError(
+                    f"config field `{name}` is {value!r}, the output_dir itself: the run would write into its "
+                    "input; choose another output_dir"
+                )
+            if out not in source.parents:
+                continue
+            top = source.relative_to(out).parts[0]
+            if top in RUN_FILES or CHECKPOINT_NAME.fullmatch(top):
+                raise RunDirectoryError(
+                    f"config field `{name}` is {value!r}, in {out / top}, which a run in output_dir {self.path} "
+                    "replaces or deletes (its final model, its checkpoints, `--overwrite-output-dir`): copy it out "
+                    "of output_dir, or choose another output_dir"
+                )
+
+    def holds_grpokit_run(self) -> bool:
+        """The folder is a grpokit run's (PROVENANCE `run`, or the `.lock` every run since locking left behind)."""
+        return written_kind(self.path) == "run" or self._had_lock
+
+    def _check_replaced(self) -> None:
+        """What the run may replace or delete in its folder is grpokit's own: RUN_FILES names only in a folder a
+        grpokit run wrote (`.` may hold a user's `wandb/` or `config.yaml`); `model` (replaced by the final model,
+        deleted by `overwrite`) is a model folder grpokit wrote (a run from before PROVENANCE: one with a
+        config.json); a checkpoint-STEP folder is a grpokit checkpoint (not another trainer's `checkpoint-500`)."""
+        found = [n for n in RUN_FILES if (self.path / n).exists() or (self.path / n).is_symlink()]
+        if found and not self.holds_grpokit_run():
+            raise RunDirectoryError(
+                f"output_dir {self.path} holds {', '.join(found[:4])}, which no grpokit run wrote (no {PROVENANCE} or "
+                ".lock): a run there would replace or delete them; choose another output_dir"
+            )
+        model = self.path / "model"
+        earlier_run = written_kind(self.path) is None and self._had_lock and written_kind(model) is None
+        if not (earlier_run and (model / "config.json").is_file()):
+            what = f"output_dir {self.path}: the run's final model path"
+            check_replaceable(model, "model", overwrite=True, what=what)
+        for child in sorted(self.path.glob("checkpoint-*")):
+            if CHECKPOINT_NAME.fullmatch(child.name) and not _is_grpokit_checkpoint(child):
+                raise RunDirectoryError(
+                    f"output_dir {self.path} holds {child.name}, which grpokit did not write (no {STATE_FILE}): a "
+                    "run there would replace or delete it; move it away, or choose another output_dir"
+                )
+
     def _take_lock(self, lock_file: Any) -> None:
         """flock the folder's lock file; the kernel drops it when the holder exits, kill -9 included."""
         import fcntl
@@ -655,10 +840,12 @@ class RunDirectory:
             if self.checkpoint is None:
                 self._clear()
             # checkpoints later than the one resumed stay until it has loaded (`discard_later_checkpoints`)
-            self.run_id = self._folder_run_id()
-            if self.run_id is None:  # a fresh run, or one resumed from a checkpoint older than run identities
-                self.run_id = uuid.uuid4().hex
-                (self.path / RUN_ID_FILE).write_text(self.run_id + "\n")
+            with writing(self.path):  # what the folder is: later runs may clear it, `init` never replaces it
+                (self.path / PROVENANCE).write_text(json.dumps({"kind": "run"}))
+                self.run_id = self._folder_run_id()
+                if self.run_id is None:  # a fresh run, or one resumed from a checkpoint older than run identities
+                    self.run_id = uuid.uuid4().hex
+                    (self.path / RUN_ID_FILE).write_text(self.run_id + "\n")
         except BaseException:
             self._release()
             raise
@@ -676,21 +863,36 @@ class RunDirectory:
             if later_step > step:
                 shutil.rmtree(later)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
         self._restore_signal_handlers()
         self._release()
+        if isinstance(exc, WriteError) and self.writer and not exc.kept:
+            exc.kept = self.kept_after_failed_write()
+
+    def kept_after_failed_write(self) -> str:
+        """What a run stopped by a refused write leaves, and how to go on (the run's final model is written last,
+        so it was not)."""
+        found = list_checkpoints(self.path)
+        if not found:
+            return "no checkpoint was written yet and the final model was not written; fix that, then run again"
+        step, folder = found[-1]
+        return (
+            f"the last whole checkpoint is {folder} (step {step}); the final model was not written; fix that, then "
+            "resume with `--resume-from-checkpoint latest`"
+        )
 
     def _clear(self) -> None:
+        """A fresh run's start: the earlier run's files go (`_check_replaced` has made sure `model` and every
+        checkpoint-STEP are grpokit's); a user's `checkpoint-best` or other folders stay."""
         for name in RUN_FILES:
             target = self.path / name
-            if target.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
-            elif target.exists():
+            elif target.exists() or target.is_symlink():
                 target.unlink()
-        for _, old in list_checkpoints(self.path):
-            shutil.rmtree(old)
         for child in self.path.glob("checkpoint-*"):  # incomplete ones too: nothing can load them
-            shutil.rmtree(child, ignore_errors=True)
+            if CHECKPOINT_NAME.fullmatch(child.name) and _is_grpokit_checkpoint(child):
+                shutil.rmtree(child, ignore_errors=True)
 
     def _release(self) -> None:
         if self._lock_file is not None:
@@ -741,6 +943,27 @@ class RunDirectory:
         """After a step's checkpoint: raise TrainingInterrupted if a signal asked to stop."""
         if self.stop_signal is not None:
             raise TrainingInterrupted(self.stop_signal, step, checkpoint)
+
+
+def _is_grpokit_checkpoint(folder: Path) -> bool:
+    """Written by `write_checkpoint` (its marker, or its state file when the marker is gone)."""
+    return folder.is_dir() and ((folder / MARKER).is_file() or (folder / STATE_FILE).is_file())
+
+
+def _named_paths(config: Any) -> list[tuple[str, str]]:
+    """(field, value) of every config field naming an existing file or folder (a list field's entries too), but
+    where the run writes (`output_dir`) and what it resumes (`resume_from_checkpoint`)."""
+    if not dataclasses.is_dataclass(config):
+        return []
+    named = []
+    for f in dataclasses.fields(config):
+        if f.name in ("output_dir", "resume_from_checkpoint"):
+            continue
+        value = getattr(config, f.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and item and os.path.exists(item):
+                named.append((f.name, item))
+    return named
 
 
 def checkpoint_step(folder: Path) -> int:

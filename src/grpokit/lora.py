@@ -69,6 +69,7 @@ def save_policy(
     *,
     base_path: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Save a LoRA policy atomically (a temporary folder, then a rename), as `checkpoint.save_model` does.
 
@@ -84,11 +85,13 @@ def save_policy(
     made absolute when it is a local folder so the adapter loads from any working directory.
 
     `state_dict`: the model's whole state dict gathered from its shards (FSDP), used instead of its tensors.
+    `overwrite`: an existing `path` is replaced only when it is a model folder grpokit wrote and this is set.
     """
     if not uses_lora(model):
         raise ValueError("save_policy needs a model with LoRA adapters; use grpokit.checkpoint.save_model")
     if mode == "merged":
-        return save_model(model.get_base_model(), tokenizer, path, state_dict=merged_state_dict(model, state_dict))
+        merged = merged_state_dict(model, state_dict)
+        return save_model(model.get_base_model(), tokenizer, path, state_dict=merged, overwrite=overwrite)
     if mode != "adapter":
         raise ValueError(f"save mode {mode!r}: use 'merged' or 'adapter'")
     peft_config = model.peft_config[model.active_adapter]
@@ -97,7 +100,7 @@ def save_policy(
         base = str(Path(base).resolve())
     saved_base, peft_config.base_model_name_or_path = peft_config.base_model_name_or_path, base
     try:
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, kind="model", overwrite=overwrite) as tmp:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
     finally:

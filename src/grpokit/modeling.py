@@ -499,13 +499,17 @@ def load_tokenizer(path):
     return ensure_pad_token(tokenizer)
 
 
-def fetch_model(name: str, output_dir) -> Path:
-    """A packaged model (`PACKAGED_MODELS`) as a float32 `save_pretrained` folder that any stage can train."""
-    from grpokit.checkpoint import save_model
+def fetch_model(name: str, output_dir, *, overwrite: bool = False) -> Path:
+    """A packaged model (`PACKAGED_MODELS`) as a float32 `save_pretrained` folder that any stage can train.
+    `output_dir` is new or empty, or a model folder grpokit wrote there before and `overwrite` replaces it;
+    anything else is refused before the model loads (`checkpoint.check_replaceable`)."""
+    from grpokit.checkpoint import check_replaceable, save_model
 
+    ask = "--overwrite-output-dir (overwrite=True)"
+    check_replaceable(output_dir, "model", overwrite=overwrite, what="output_dir", ask=ask)
     gguf = packaged_gguf(name)
     model = load_model(gguf, "cpu", torch.float32)
-    return save_model(model, load_tokenizer(gguf), output_dir)
+    return save_model(model, load_tokenizer(gguf), output_dir, overwrite=overwrite)
 
 
 def with_model(config, model, tokenizer=None):

@@ -298,9 +298,10 @@ class Policy:
         self.reference_synced = True
 
     # ---------------------------------------------------------------- saving and resuming
-    def save(self, path: str | Path, tokenizer: Any, *, lora_form: str = "merged") -> Path:
+    def save(self, path: str | Path, tokenizer: Any, *, lora_form: str = "merged", overwrite: bool = False) -> Path:
         """The policy in `save_pretrained` form; with LoRA merged into the weights or as the adapter alone.
-        Rank 0 writes it; every rank returns the folder once it is whole."""
+        Rank 0 writes it; every rank returns the folder once it is whole. An existing `path` is replaced only
+        when it is a model folder grpokit wrote and `overwrite` is set (`checkpoint.save_model`)."""
         self.check_finite(f"so {path} was not written")
         gathered = None  # under FSDP the whole state dict, on rank 0 (every rank takes part)
         if self.fsdp_roots:
@@ -315,9 +316,9 @@ class Policy:
                     gathered.pop(name, None)
         folder = None
         if self.cluster.is_main and uses_lora(self.model):
-            folder = save_policy(self.model, tokenizer, path, lora_form, state_dict=gathered)
+            folder = save_policy(self.model, tokenizer, path, lora_form, state_dict=gathered, overwrite=overwrite)
         elif self.cluster.is_main:
-            folder = save_model(self.model, tokenizer, path, state_dict=gathered)
+            folder = save_model(self.model, tokenizer, path, state_dict=gathered, overwrite=overwrite)
         return Path(self.cluster.broadcast(folder and str(folder)))
 
     def save_weights(self, folder: Path, tokenizer: Any) -> None:

@@ -190,8 +190,11 @@ class PPOTrainer(GRPOTrainer):
 
         path = Path(result.output_dir) / CRITIC_FILE
         self.critic.check_finite(f"so {path} was not written")
-        save_model(self.critic.model, str(path.with_name(f".tmp-{CRITIC_FILE}")))
-        path.with_name(f".tmp-{CRITIC_FILE}").replace(path)  # whole or absent
+        from grpokit.checkpoint import writing
+
+        with writing(path):
+            save_model(self.critic.model, str(path.with_name(f".tmp-{CRITIC_FILE}")))
+            path.with_name(f".tmp-{CRITIC_FILE}").replace(path)  # whole or absent
         return result
 
     def stage_state(self) -> dict[str, Any]:

@@ -465,5 +465,5 @@ def train_reward_model(
         finally:
             bar.close()
             log.close()
-        model_dir = policy.save(run.path / "model", tokenizer)
+        model_dir = policy.save(run.path / "model", tokenizer, overwrite=True)  # the run's own
     return RewardModelResult(model_dir=model_dir, eval_accuracy=eval_accuracy, metrics=metrics)

@@ -27,6 +27,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,34 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 VANISHING_ADVANTAGE = 1e-8
 
 
+class RewardWarning(UserWarning):
+    """A reward function did something to the process that grpokit undid (it changed the working directory)."""
+
+
+_moved_cwd: set[str] = set()  # reward functions already warned about, so a run says it once per function
+
+
+def _restore_cwd(cwd: str, name: str) -> None:
+    """Back to `cwd` after a reward call that left another working directory: the run's relative paths (its
+    output_dir, data, model folders) keep meaning what the user wrote. Warned once per function."""
+    try:
+        moved_to = os.getcwd()
+    except FileNotFoundError:  # it moved into a folder that is gone now
+        moved_to = "a deleted folder"
+    if moved_to == cwd:
+        return
+    os.chdir(cwd)
+    if name not in _moved_cwd:
+        _moved_cwd.add(name)
+        warnings.warn(
+            f"reward function `{name}` changed the working directory to {moved_to}; grpokit changed it back to "
+            f"{cwd} after the call (and does after every call), so the run's relative paths keep their meaning. "
+            "Use absolute paths, or `os.chdir` back, inside the function",
+            RewardWarning,
+            stacklevel=2,
+        )
+
+
 class _Timeout(BaseException):
     """Raised inside a reward call that ran past `reward_timeout` (a BaseException, so `except Exception` in the
     reward function cannot swallow it)."""
@@ -314,12 +343,15 @@ def score(
         # each function gets its own copy of every input, nested lists and dicts included (completion_ids, chat
         # messages, list columns): one that edits its inputs in place cannot feed the next one, or the log, its edits
         kwargs = {key: private_copy(v) for key, v in inputs.items() if accepted is None or key in accepted}
+        cwd = os.getcwd()
         try:
             values = call_with_timeout(name, fn, timeout, **kwargs)
         except RewardError:
             raise
         except (Exception, SystemExit, KeyboardInterrupt) as err:  # a reward's exit() or Ctrl-C is its bug, named
             raise RewardError(f"reward function `{name}` raised {type(err).__name__}: {err}") from err
+        finally:
+            _restore_cwd(cwd, name)
         # a 0-d tensor or array is one number for the whole batch, not one per completion (and cannot be iterated)
         if (
             isinstance(values, (str, bytes, dict))

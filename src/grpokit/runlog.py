@@ -33,20 +33,23 @@ class RunLog:
         """Opens the run directory's logs. A fresh run (`resume_step` None) starts them empty and writes `config`
         (a dataclass) to config.yaml, resolved; a resumed one keeps what was logged up to `resume_step` (its
         checkpoint) and drops the rest, so every step appears once, and TensorBoard purges the same steps."""
+        from grpokit.checkpoint import writing
+
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.completions_path = self.dir / "completions.jsonl"
-        if resume_step is None:
-            if config is not None:
-                from grpokit.config import save_yaml
+        with writing(self.dir):  # a refused write: a WriteError naming the folder, not a traceback
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                if config is not None:
+                    from grpokit.config import save_yaml
 
-                save_yaml(config, self.dir / "config.yaml")
-            self.metrics_path.write_text("")
-            self.completions_path.unlink(missing_ok=True)
-        else:
-            _keep_rows(self.metrics_path, lambda row: _logged_before(row, resume_step))
-            _keep_rows(self.completions_path, lambda row: row["step"] <= resume_step)
+                    save_yaml(config, self.dir / "config.yaml")
+                self.metrics_path.write_text("")
+                self.completions_path.unlink(missing_ok=True)
+            else:
+                _keep_rows(self.metrics_path, lambda row: _logged_before(row, resume_step))
+                _keep_rows(self.completions_path, lambda row: row["step"] <= resume_step)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -59,8 +62,10 @@ class RunLog:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """One strict-JSON row: a metric that has no value this step (NaN: nothing was scored) is null."""
+        from grpokit.checkpoint import writing
+
         row = strict({"step": step, **metrics})
-        with self.metrics_path.open("a") as f:
+        with writing(self.metrics_path), self.metrics_path.open("a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
         scalars = {key: value for key, value in row.items() if key != "step" and value is not None}
         if self._tb is not None:
@@ -70,8 +75,10 @@ class RunLog:
             self._wandb.log(scalars, step=step)
 
     def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
+        from grpokit.checkpoint import writing
+
         rows = [strict({"step": step, **sample}) for sample in samples]
-        with self.completions_path.open("a") as f:
+        with writing(self.completions_path), self.completions_path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row, allow_nan=False) + "\n")
         columns = [key for key in rows[0] if key != "step"] if rows else []
@@ -213,6 +220,11 @@ def plot_curves(rows: list[dict[str, float]], path: str | Path, title: str = "")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    from grpokit.checkpoint import writing
+
+    try:
+        with writing(path):
+            fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
     return Path(path)

@@ -201,4 +201,4 @@ def train_sft(
         finally:
             bar.close()
             log.close()
-        return policy.save(run.path / "model", tokenizer)
+        return policy.save(run.path / "model", tokenizer, overwrite=True)  # the run's own (`_check_replaced`)

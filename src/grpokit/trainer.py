@@ -270,7 +270,7 @@ class GRPOTrainer:
                 bar.close()
                 if self.log is not None:
                     self.log.close()
-            model_dir = self.policy.save(out / "model", self.tokenizer, lora_form=cfg.lora.save)
+            model_dir = self.policy.save(out / "model", self.tokenizer, lora_form=cfg.lora.save, overwrite=True)
         plot = plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", title=self.name) if main else None
         m, warned = self.monitor, [*self.input_warnings, *self.monitor.warnings]
         return TrainResult(out, model_dir, plot, metrics, self.eval_history, warned, m.summary(), dict(m.fired))

@@ -357,9 +357,12 @@ class GRPOTrainer:
         return native_trainer.train()
 
     def save_model(self, output_dir: str | None = None):
-        """The policy in `save_pretrained` form (default: OUTPUT_DIR/model, where `train` also saves it)."""
+        """The policy in `save_pretrained` form (default: OUTPUT_DIR/model, where `train` also saves it). As TRL's,
+        it replaces an earlier save there, but only a model folder grpokit wrote: never a run directory (OUTPUT_DIR
+        itself) or a user's folder."""
         target = Path(output_dir) if output_dir else Path(self.trainer.cfg.output_dir) / "model"
-        return self.trainer.policy.save(target, self.trainer.tokenizer, lora_form=self.trainer.cfg.lora.save)
+        lora_form = self.trainer.cfg.lora.save
+        return self.trainer.policy.save(target, self.trainer.tokenizer, lora_form=lora_form, overwrite=True)
 
 
 def trl_args(args: Any) -> GRPOConfig | native.GRPOConfig:
