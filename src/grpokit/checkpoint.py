@@ -765,6 +765,13 @@ class RunDirectory:
         grpokit run wrote (`.` may hold a user's `wandb/` or `config.yaml`); `model` (replaced by the final model,
         deleted by `overwrite`) is a model folder grpokit wrote (a run from before PROVENANCE: one with a
         config.json); a checkpoint-STEP folder is a grpokit checkpoint (not another trainer's `checkpoint-500`)."""
+        kind = written_kind(self.path)
+        if kind not in (None, "run"):
+            raise RunDirectoryError(
+                f"output_dir {self.path} is a {kind} folder grpokit wrote (its {PROVENANCE} says `{kind}`), not a "
+                f"run's folder: a run there would write into it and replace it; if it is the {kind} to train from, "
+                "give it as an input (`model`) and choose another output_dir"
+            )
         found = [n for n in RUN_FILES if (self.path / n).exists() or (self.path / n).is_symlink()]
         if found and not self.holds_grpokit_run():
             raise RunDirectoryError(
@@ -772,8 +779,7 @@ class RunDirectory:
                 ".lock): a run there would replace or delete them; choose another output_dir"
             )
         model = self.path / "model"
-        earlier_run = written_kind(self.path) is None and self._had_lock and written_kind(model) is None
-        if not (earlier_run and (model / "config.json").is_file()):
+        if not self._legacy_model():
             what = f"output_dir {self.path}: the run's final model path"
             check_replaceable(model, "model", overwrite=True, what=what)
         for child in sorted(self.path.glob("checkpoint-*")):
@@ -782,6 +788,26 @@ class RunDirectory:
                     f"output_dir {self.path} holds {child.name}, which grpokit did not write (no {STATE_FILE}): a "
                     "run there would replace or delete it; move it away, or choose another output_dir"
                 )
+
+    def _legacy_model(self) -> bool:
+        """The folder is a run of a grpokit from before PROVENANCE (its `.lock`, no PROVENANCE of its own) and its
+        `model` is that run's final model (a config.json, no PROVENANCE): grpokit's own, though unmarked."""
+        model = self.path / "model"
+        return (
+            self._had_lock
+            and written_kind(self.path) is None
+            and written_kind(model) is None
+            and (model / "config.json").is_file()
+        )
+
+    def _mark_legacy_model(self) -> None:
+        """Marks such a `model` as the model folder grpokit wrote, once, before the folder is marked as a run (which
+        ends `_legacy_model`): the final model then replaces it, and every later run of the folder accepts it."""
+        if self._legacy_model():
+            from grpokit import __version__
+
+            marker = {"kind": "model", "grpokit": __version__, "marked": "written by an earlier grpokit"}
+            (self.path / "model" / PROVENANCE).write_text(json.dumps(marker))
 
     def _take_lock(self, lock_file: Any) -> None:
         """flock the folder's lock file; the kernel drops it when the holder exits, kill -9 included."""
@@ -841,6 +867,7 @@ class RunDirectory:
                 self._clear()
             # checkpoints later than the one resumed stay until it has loaded (`discard_later_checkpoints`)
             with writing(self.path):  # what the folder is: later runs may clear it, `init` never replaces it
+                self._mark_legacy_model()
                 (self.path / PROVENANCE).write_text(json.dumps({"kind": "run"}))
                 self.run_id = self._folder_run_id()
                 if self.run_id is None:  # a fresh run, or one resumed from a checkpoint older than run identities
