@@ -5,6 +5,8 @@ depend on object addresses, a mistyped data path never taken for a hub name, and
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,56 @@ def test_overwrite_output_dir_beside_the_model_is_accepted_and_the_model_kept(tm
     rc, err = cli(capsys, "train", *train_args(inside, exp, "--overwrite-output-dir"))
     assert rc == 2 and "config field `model`" in err and f"in {inside.resolve()}" in err
     assert (inside / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- reward inputs
+
+
+def test_a_row_shared_by_a_group_is_copied_once_per_reward_call_and_never_shared_between_functions():
+    from grpokit.rewards import score
+
+    messages = [{"role": "user", "content": "1+1="}]  # one prompt row, shared by its group's 3 completions
+    ids = [5, 6, 7]
+    batch = {"prompts": [messages] * 3, "completions": ["2", "3", "4"], "completion_ids": [ids, [8], ids]}
+    seen = []
+
+    def keep(prompts, completion_ids, **_):
+        seen.append((prompts, completion_ids))
+        prompts[0][0]["content"] = "edited"  # an edit in place reaches neither the batch nor the next function
+        completion_ids[0].append(0)
+        return [1.0, 0.0, 0.5]
+
+    score([("first", keep), ("second", keep)], batch)
+    (first, first_ids), (second, second_ids) = seen
+    assert first[0] is first[1] is first[2] and first_ids[0] is first_ids[2]  # copied once, as shared
+    assert first[0] is not messages and second[0] is not first[0] and second_ids[0] is not first_ids[0]
+    assert second[0][0]["content"] == "edited" and second_ids[0] == [5, 6, 7, 0]  # only its own edit
+    assert messages == [{"role": "user", "content": "1+1="}] and ids == [5, 6, 7]
+
+
+def test_a_reward_that_changes_the_working_directory_is_said_once_per_function_and_run(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from grpokit.rewards import RewardSet, RewardWarning
+
+    monkeypatch.chdir(tmp_path)
+
+    def f2_wanders(completions, **_):
+        os.chdir("/")
+        return [float(len(c)) for c in completions]
+
+    cfg = SimpleNamespace(
+        num_generations=2, scale_rewards="group", reward_aggregation="sum_then_normalize", reward_timeout=None
+    )
+    batch = {"prompts": ["p", "p"], "completions": ["a", "bb"]}
+    for _run in range(2):  # each run says it once, the second one too
+        rewards = RewardSet([("f2_wanders", f2_wanders)], torch.ones(1), [])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rewards.score_step(batch, cfg)
+            rewards.score_step(batch, cfg)
+        moved = [w for w in caught if issubclass(w.category, RewardWarning)]
+        assert len(moved) == 1 and "`f2_wanders` changed the working directory" in str(moved[0].message)
+        assert Path.cwd() == tmp_path
