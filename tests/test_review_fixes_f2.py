@@ -135,3 +135,16 @@ def test_a_reward_that_changes_the_working_directory_is_said_once_per_function_a
         moved = [w for w in caught if issubclass(w.category, RewardWarning)]
         assert len(moved) == 1 and "`f2_wanders` changed the working directory" in str(moved[0].message)
         assert Path.cwd() == tmp_path
+
+
+# ---------------------------------------------------------------- data paths
+
+
+@pytest.mark.parametrize("typo", ["data/trian.jsonl", "data/train.JSON", "d/t.parquet"])
+def test_a_mistyped_two_part_data_path_is_refused_naming_the_field(tmp_path, capsys, model, monkeypatch, typo):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    argv = [a for a in train_args(model, tmp_path / "out", "--train-data", typo) if a not in ("--task", "addition")]
+    rc, err = cli(capsys, "train", *argv)
+    assert rc == 2 and f"config field `train_data`: file {typo} does not exist" in err
+    assert not (tmp_path / "out").exists()

@@ -599,10 +599,15 @@ def check_data_source(path: str | None, name: str) -> None:
     missing one before anything loads, also a stage that reads the field only at its end (a DataError, as
     `data.load_rows` gives)."""
     from grpokit.data import DataError
-    from grpokit.modeling import is_hub_id
+    from grpokit.modeling import FILE_SUFFIXES, is_hub_id
 
     _require(path != "", name, "is empty: give a JSONL file, a `datasets` folder or a hub name org/name")
     if path is not None and not is_hub_id(path) and not Path(path).exists():
+        if str(path).lower().endswith(FILE_SUFFIXES):  # `data/trian.jsonl` is a mistyped path, not a hub name
+            raise DataError(
+                f"config field `{name}`: file {path} does not exist (a name ending in {Path(path).suffix} is a "
+                "file's path, not a hub data set): check its spelling and the working directory"
+            )
         raise DataError(
             f"config field `{name}`: {path} does not exist (a JSONL file, a `datasets` folder saved with "
             "`save_to_disk`, or a hub name org/name)"
