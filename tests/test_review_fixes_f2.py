@@ -148,3 +148,30 @@ def test_a_mistyped_two_part_data_path_is_refused_naming_the_field(tmp_path, cap
     rc, err = cli(capsys, "train", *argv)
     assert rc == 2 and f"config field `train_data`: file {typo} does not exist" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- row fingerprints
+
+
+def test_row_fingerprints_see_every_array_element_and_refuse_what_only_a_repr_could_name():
+    import numpy as np
+    import torch
+
+    from grpokit.checkpoint import fingerprint_rows
+    from grpokit.data import DataError
+
+    values = np.arange(2000, dtype=np.int64)
+    edited = values.copy()
+    edited[1000] = -1  # inside what numpy's repr elides as `...`
+    assert fingerprint_rows([{"ids": values}]) != fingerprint_rows([{"ids": edited}])
+    tensor = torch.arange(2000)
+    assert fingerprint_rows([{"ids": tensor}]) == fingerprint_rows([{"ids": tensor.clone()}])
+    changed = tensor.clone()
+    changed[1000] = 7
+    assert fingerprint_rows([{"ids": tensor}]) != fingerprint_rows([{"ids": changed}])
+
+    class Opaque:  # its repr holds its address: new in every process
+        pass
+
+    with pytest.raises(DataError, match=r"row 1, key 'meta' holds a .*Opaque, which a run's record cannot"):
+        fingerprint_rows([{"prompt": "a"}, {"prompt": "b", "meta": Opaque()}])

@@ -463,12 +463,53 @@ def fingerprint_source(source: Any) -> dict[str, Any] | None:
 
 def fingerprint_rows(rows: Any) -> dict[str, Any]:
     """The rows a stage actually uses (after loading and filtering): their number and a hash of their contents,
-    so a file edited to the same row count still differs."""
+    so a file edited to the same row count still differs. Each row is hashed in a canonical form
+    (`_canonical_value`) that is the same in every process and covers every element of an array."""
     digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, default=repr, ensure_ascii=False).encode())
+    for i, row in enumerate(rows):
+        canonical = _canonical_value(row, f"row {i}")
+        digest.update(json.dumps(canonical, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\n")
     return {"rows": len(rows), "sha256": digest.hexdigest()}
+
+
+def _canonical_value(value: Any, where: str) -> Any:
+    """`value` as JSON that depends only on its contents: arrays and tensors by dtype, shape and a hash of their
+    bytes (a repr elides the middle of a long one with `...`), dates and the like by their text. Anything else is
+    refused (a DataError naming `where`): its repr may hold a memory address, so no resume could match it."""
+    import datetime
+    import decimal
+
+    import numpy
+
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(key): _canonical_value(item, f"{where}, key {key!r}") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical_value(item, f"{where}[{j}]") for j, item in enumerate(value)]
+    if isinstance(value, numpy.generic):
+        return _canonical_value(value.item(), where)
+    if isinstance(value, numpy.ndarray) and value.dtype != object:
+        data = numpy.ascontiguousarray(value).tobytes()
+        return {"ndarray": value.dtype.str, "shape": list(value.shape), "sha256": hashlib.sha256(data).hexdigest()}
+    if isinstance(value, numpy.ndarray):  # of Python objects: its bytes are their addresses
+        return {"ndarray": "object", "items": _canonical_value(value.tolist(), where)}
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+        return {"tensor": str(value.dtype), "shape": list(value.shape), "sha256": digest}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, (datetime.date, datetime.time, datetime.timedelta, decimal.Decimal, uuid.UUID, Path)):
+        return {type(value).__name__: str(value)}
+    from grpokit.data import DataError
+
+    raise DataError(
+        f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which a run's record cannot "
+        "fingerprint (its text may hold a memory address, so a resume could never match it): give the data as "
+        "text, numbers, lists, dicts, numpy arrays or tensors"
+    )
 
 
 def fingerprint_tokenizer(tokenizer: Any) -> dict[str, Any]:
