@@ -457,9 +457,15 @@ def test_a_tokenizer_without_eos_is_refused(char_tokenizer):
 def test_output_dir_may_not_be_the_model_or_hold_it_under_overwrite(tmp_path, model):
     with pytest.raises(ConfigError, match="`output_dir` is the model folder"):
         config(model, model).validate()
+    from grpokit.checkpoint import RunDirectory, RunDirectoryError
+
+    # the model at the run's final model path: refused (by the run directory's exact check) before anything loads
     inside = save_tiny(tmp_path / "run" / "model", "llama")
-    with pytest.raises(ConfigError, match="overwrite_output_dir would delete it"):
-        config(inside, tmp_path / "run", overwrite_output_dir=True).validate()
+    cfg = config(inside, tmp_path / "run", overwrite_output_dir=True)
+    cfg.validate()
+    with pytest.raises(RunDirectoryError, match="config field `model` .* which a run in output_dir .* replaces"):
+        RunDirectory.for_config(cfg).plan()
+    assert (inside / "config.json").is_file()
     with pytest.raises(ConfigError, match="`output_dir` is '/': give a folder of its own"):
         config(model, "/").validate()
 

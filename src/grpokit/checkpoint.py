@@ -463,12 +463,53 @@ def fingerprint_source(source: Any) -> dict[str, Any] | None:
 
 def fingerprint_rows(rows: Any) -> dict[str, Any]:
     """The rows a stage actually uses (after loading and filtering): their number and a hash of their contents,
-    so a file edited to the same row count still differs."""
+    so a file edited to the same row count still differs. Each row is hashed in a canonical form
+    (`_canonical_value`) that is the same in every process and covers every element of an array."""
     digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, default=repr, ensure_ascii=False).encode())
+    for i, row in enumerate(rows):
+        canonical = _canonical_value(row, f"row {i}")
+        digest.update(json.dumps(canonical, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\n")
     return {"rows": len(rows), "sha256": digest.hexdigest()}
+
+
+def _canonical_value(value: Any, where: str) -> Any:
+    """`value` as JSON that depends only on its contents: arrays and tensors by dtype, shape and a hash of their
+    bytes (a repr elides the middle of a long one with `...`), dates and the like by their text. Anything else is
+    refused (a DataError naming `where`): its repr may hold a memory address, so no resume could match it."""
+    import datetime
+    import decimal
+
+    import numpy
+
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(key): _canonical_value(item, f"{where}, key {key!r}") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical_value(item, f"{where}[{j}]") for j, item in enumerate(value)]
+    if isinstance(value, numpy.generic):
+        return _canonical_value(value.item(), where)
+    if isinstance(value, numpy.ndarray) and value.dtype != object:
+        data = numpy.ascontiguousarray(value).tobytes()
+        return {"ndarray": value.dtype.str, "shape": list(value.shape), "sha256": hashlib.sha256(data).hexdigest()}
+    if isinstance(value, numpy.ndarray):  # of Python objects: its bytes are their addresses
+        return {"ndarray": "object", "items": _canonical_value(value.tolist(), where)}
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+        return {"tensor": str(value.dtype), "shape": list(value.shape), "sha256": digest}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, (datetime.date, datetime.time, datetime.timedelta, decimal.Decimal, uuid.UUID, Path)):
+        return {type(value).__name__: str(value)}
+    from grpokit.data import DataError
+
+    raise DataError(
+        f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which a run's record cannot "
+        "fingerprint (its text may hold a memory address, so a resume could never match it): give the data as "
+        "text, numbers, lists, dicts, numpy arrays or tensors"
+    )
 
 
 def fingerprint_tokenizer(tokenizer: Any) -> dict[str, Any]:
@@ -765,6 +806,13 @@ class RunDirectory:
         grpokit run wrote (`.` may hold a user's `wandb/` or `config.yaml`); `model` (replaced by the final model,
         deleted by `overwrite`) is a model folder grpokit wrote (a run from before PROVENANCE: one with a
         config.json); a checkpoint-STEP folder is a grpokit checkpoint (not another trainer's `checkpoint-500`)."""
+        kind = written_kind(self.path)
+        if kind not in (None, "run"):
+            raise RunDirectoryError(
+                f"output_dir {self.path} is a {kind} folder grpokit wrote (its {PROVENANCE} says `{kind}`), not a "
+                f"run's folder: a run there would write into it and replace it; if it is the {kind} to train from, "
+                "give it as an input (`model`) and choose another output_dir"
+            )
         found = [n for n in RUN_FILES if (self.path / n).exists() or (self.path / n).is_symlink()]
         if found and not self.holds_grpokit_run():
             raise RunDirectoryError(
@@ -772,8 +820,7 @@ class RunDirectory:
                 ".lock): a run there would replace or delete them; choose another output_dir"
             )
         model = self.path / "model"
-        earlier_run = written_kind(self.path) is None and self._had_lock and written_kind(model) is None
-        if not (earlier_run and (model / "config.json").is_file()):
+        if not self._legacy_model():
             what = f"output_dir {self.path}: the run's final model path"
             check_replaceable(model, "model", overwrite=True, what=what)
         for child in sorted(self.path.glob("checkpoint-*")):
@@ -782,6 +829,26 @@ class RunDirectory:
                     f"output_dir {self.path} holds {child.name}, which grpokit did not write (no {STATE_FILE}): a "
                     "run there would replace or delete it; move it away, or choose another output_dir"
                 )
+
+    def _legacy_model(self) -> bool:
+        """The folder is a run of a grpokit from before PROVENANCE (its `.lock`, no PROVENANCE of its own) and its
+        `model` is that run's final model (a config.json, no PROVENANCE): grpokit's own, though unmarked."""
+        model = self.path / "model"
+        return (
+            self._had_lock
+            and written_kind(self.path) is None
+            and written_kind(model) is None
+            and (model / "config.json").is_file()
+        )
+
+    def _mark_legacy_model(self) -> None:
+        """Marks such a `model` as the model folder grpokit wrote, once, before the folder is marked as a run (which
+        ends `_legacy_model`): the final model then replaces it, and every later run of the folder accepts it."""
+        if self._legacy_model():
+            from grpokit import __version__
+
+            marker = {"kind": "model", "grpokit": __version__, "marked": "written by an earlier grpokit"}
+            (self.path / "model" / PROVENANCE).write_text(json.dumps(marker))
 
     def _take_lock(self, lock_file: Any) -> None:
         """flock the folder's lock file; the kernel drops it when the holder exits, kill -9 included."""
@@ -841,6 +908,7 @@ class RunDirectory:
                 self._clear()
             # checkpoints later than the one resumed stay until it has loaded (`discard_later_checkpoints`)
             with writing(self.path):  # what the folder is: later runs may clear it, `init` never replaces it
+                self._mark_legacy_model()
                 (self.path / PROVENANCE).write_text(json.dumps({"kind": "run"}))
                 self.run_id = self._folder_run_id()
                 if self.run_id is None:  # a fresh run, or one resumed from a checkpoint older than run identities

@@ -169,7 +169,7 @@ class RunConfig:
             "resume_from_checkpoint",
             "is empty: use `latest` or a checkpoint folder",
         )
-        check_output_dir(self.output_dir, model=self.model, overwrite=self.overwrite_output_dir)
+        check_output_dir(self.output_dir, model=self.model)
         for name in ("train_data", "eval_data"):
             check_data_source(getattr(self, name), name)
         _require(
@@ -599,20 +599,26 @@ def check_data_source(path: str | None, name: str) -> None:
     missing one before anything loads, also a stage that reads the field only at its end (a DataError, as
     `data.load_rows` gives)."""
     from grpokit.data import DataError
-    from grpokit.modeling import is_hub_id
+    from grpokit.modeling import FILE_SUFFIXES, is_hub_id
 
     _require(path != "", name, "is empty: give a JSONL file, a `datasets` folder or a hub name org/name")
     if path is not None and not is_hub_id(path) and not Path(path).exists():
+        if str(path).lower().endswith(FILE_SUFFIXES):  # `data/trian.jsonl` is a mistyped path, not a hub name
+            raise DataError(
+                f"config field `{name}`: file {path} does not exist (a name ending in {Path(path).suffix} is a "
+                "file's path, not a hub data set): check its spelling and the working directory"
+            )
         raise DataError(
             f"config field `{name}`: {path} does not exist (a JSONL file, a `datasets` folder saved with "
             "`save_to_disk`, or a hub name org/name)"
         )
 
 
-def check_output_dir(path: str, name: str = "output_dir", *, model: str = "", overwrite: bool = False) -> None:
+def check_output_dir(path: str, name: str = "output_dir", *, model: str = "") -> None:
     """The run folder can be made here: no file on its way, its nearest existing folder takes a file, and it is
-    neither the filesystem root, the home folder, nor the folder of the model being trained (or above it, when
-    `overwrite` would clear it)."""
+    neither the filesystem root, the home folder, nor the folder of the model being trained. A model inside it is
+    `RunDirectory._check_inputs`' to judge: only the run's own files are replaced or cleared, so a model beside
+    them (`runs/exp/base` for `runs/exp`) is safe even with overwrite_output_dir."""
     import tempfile
 
     _require(path != "", name, "is empty: give the folder the run writes to")
@@ -621,11 +627,6 @@ def check_output_dir(path: str, name: str = "output_dir", *, model: str = "", ov
     if model and Path(model).exists():
         source = Path(model).resolve()
         _require(source != target, name, f"is the model folder {model!r}: the run would write into its input")
-        _require(
-            not (overwrite and target in source.parents),
-            name,
-            f"holds the model folder {model!r}, and overwrite_output_dir would delete it: write the run elsewhere",
-        )
     for folder in [target, *target.parents]:
         if not folder.exists():
             continue

@@ -68,8 +68,18 @@ def packaged_gguf(name: str) -> Path:
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
 
 
+# A name ending so is a file's path (`data/train.jsonl`), never a hub name: a missing one is a mistyped path
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
 def is_hub_id(name) -> bool:
-    return not Path(name).exists() and HUB_ID.fullmatch(str(name)) is not None and ".." not in str(name)
+    text = str(name)
+    return (
+        not Path(name).exists()
+        and HUB_ID.fullmatch(text) is not None
+        and ".." not in text
+        and not text.lower().endswith(FILE_SUFFIXES)
+    )
 
 
 def _existing(path) -> str:

@@ -29,7 +29,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +214,10 @@ class RewardWarning(UserWarning):
     """A reward function did something to the process that grpokit undid (it changed the working directory)."""
 
 
-_moved_cwd: set[str] = set()  # reward functions already warned about, so a run says it once per function
-
-
-def _restore_cwd(cwd: str, name: str) -> None:
+def _restore_cwd(cwd: str, name: str, warned: set[str]) -> None:
     """Back to `cwd` after a reward call that left another working directory: the run's relative paths (its
-    output_dir, data, model folders) keep meaning what the user wrote. Warned once per function."""
+    output_dir, data, model folders) keep meaning what the user wrote. Warned once per function of `warned` (the
+    names already warned about: a RewardSet's own, so each run says it once per function)."""
     try:
         moved_to = os.getcwd()
     except FileNotFoundError:  # it moved into a folder that is gone now
@@ -227,8 +225,8 @@ def _restore_cwd(cwd: str, name: str) -> None:
     if moved_to == cwd:
         return
     os.chdir(cwd)
-    if name not in _moved_cwd:
-        _moved_cwd.add(name)
+    if name not in warned:
+        warned.add(name)
         warnings.warn(
             f"reward function `{name}` changed the working directory to {moved_to}; grpokit changed it back to "
             f"{cwd} after the call (and does after every call), so the run's relative paths keep their meaning. "
@@ -306,27 +304,52 @@ def _call_in_worker(fn: RewardFn, timeout: float, late: RewardError, args: tuple
 
 
 IMMUTABLE = (str, bytes, int, float, bool, type(None), numbers.Number)
+SCALAR_TYPES = frozenset({str, bytes, int, float, bool, type(None)})  # a flat list of exactly these: one copy
 
 
-def private_copy(value: Any) -> Any:
+def private_copy(value: Any, memo: dict[int, Any] | None = None) -> Any:
     """A copy of a reward input that shares nothing mutable with it: lists, dicts and tuples copied down to their
-    immutable leaves (cheap for the common case, token ids and text), anything else through `copy.deepcopy`."""
+    immutable leaves, anything else through `copy.deepcopy`. A flat list of scalars (a row of token ids, of
+    texts) is copied in one C-level call, not item by item. `memo` (one per reward call, `copy.deepcopy`'s own
+    form: id of an original -> its copy) copies an object met several times once: a prompt row that the G
+    completions of its group share, or the same messages in two columns, stays one object in the copy, as in the
+    original."""
+    if memo is None:
+        memo = {}
     if isinstance(value, IMMUTABLE):
         return value
-    if type(value) is list:  # exactly: a subclass keeps its type through deepcopy below
-        return [private_copy(v) for v in value]
-    if type(value) is dict:
-        return {k: private_copy(v) for k, v in value.items()}
-    if type(value) is tuple and all(isinstance(v, IMMUTABLE) for v in value):
-        return value
+    kind = type(value)  # exactly: a subclass keeps its type through deepcopy below
+    if kind is list or kind is dict or kind is tuple:
+        key = id(value)
+        if key in memo:
+            return memo[key]
+        if kind is list:
+            if set(map(type, value)) <= SCALAR_TYPES:
+                copied = value.copy()
+            else:
+                copied = []
+                memo[key] = copied  # before its items: a list that holds itself
+                copied.extend(private_copy(v, memo) for v in value)
+        elif kind is dict:
+            copied = {}
+            memo[key] = copied
+            copied.update((k, private_copy(v, memo)) for k, v in value.items())
+        else:
+            copied = value if set(map(type, value)) <= SCALAR_TYPES else tuple(private_copy(v, memo) for v in value)
+        memo[key] = copied
+        return copied
     try:
-        return copy.deepcopy(value)
+        return copy.deepcopy(value, memo)
     except Exception:  # an object that cannot be copied (a lock, a client) is shared, as a column of it must be
         return value
 
 
 def score(
-    reward_funcs: Sequence[tuple[str, RewardFn]], inputs: dict[str, list[Any]], *, timeout: float | None = None
+    reward_funcs: Sequence[tuple[str, RewardFn]],
+    inputs: dict[str, list[Any]],
+    *,
+    timeout: float | None = None,
+    warned_cwd: set[str] | None = None,
 ) -> torch.Tensor:
     """Call every reward function once on the batch, by keyword (`inputs`: prompts, completions, ... as
     `reward_inputs` builds them); returns (N, K) float64 with NaN where one said None.
@@ -334,7 +357,10 @@ def score(
     Every return value is checked here, so that a broken reward stops the run with the function's
     name and the sample, not later as a NaN loss: one finite number (or None) per completion, within
     float32's range (training computes in float32). A call may take `timeout` seconds (None: no limit).
+    `warned_cwd`: the functions already warned about changing the working directory (a RewardSet's, kept across
+    its steps; None: a set of this call's own).
     """
+    warned_cwd = set() if warned_cwd is None else warned_cwd
     prompts, completions = inputs["prompts"], inputs["completions"]
     n = len(completions)
     out = torch.full((n, len(reward_funcs)), float("nan"), dtype=torch.float64)  # (N, K)
@@ -342,7 +368,8 @@ def score(
         accepted = accepted_inputs(name, fn, list(inputs))
         # each function gets its own copy of every input, nested lists and dicts included (completion_ids, chat
         # messages, list columns): one that edits its inputs in place cannot feed the next one, or the log, its edits
-        kwargs = {key: private_copy(v) for key, v in inputs.items() if accepted is None or key in accepted}
+        memo: dict[int, Any] = {}  # one per call: a row shared by several completions is copied once
+        kwargs = {key: private_copy(v, memo) for key, v in inputs.items() if accepted is None or key in accepted}
         cwd = os.getcwd()
         try:
             values = call_with_timeout(name, fn, timeout, **kwargs)
@@ -351,7 +378,7 @@ def score(
         except (Exception, SystemExit, KeyboardInterrupt) as err:  # a reward's exit() or Ctrl-C is its bug, named
             raise RewardError(f"reward function `{name}` raised {type(err).__name__}: {err}") from err
         finally:
-            _restore_cwd(cwd, name)
+            _restore_cwd(cwd, name, warned_cwd)
         # a 0-d tensor or array is one number for the whole batch, not one per completion (and cannot be iterated)
         if (
             isinstance(values, (str, bytes, dict))
@@ -430,6 +457,8 @@ class RewardSet:
     funcs: list[tuple[str, RewardFn]]
     weights: torch.Tensor  # (K,) float32
     gold: list[tuple[str, RewardFn]]  # watched beside a learned reward, never in the loss
+    # the functions this run has warned about changing the working directory: said once per function and run
+    warned_cwd: set[str] = field(default_factory=set)
 
     @property
     def names(self) -> list[str]:
@@ -457,14 +486,15 @@ class RewardSet:
         -> (rewards (N, K) float32, NaN for None; total (N,); scorable (N,); advantages (N,); gold (N, 1) | None)."""
         G = cfg.num_generations
         gather = gather or (lambda t: t)
-        scores = gather(score(self.funcs, inputs, timeout=cfg.reward_timeout))  # (N, K) float64
+        timeout, warned = cfg.reward_timeout, self.warned_cwd
+        scores = gather(score(self.funcs, inputs, timeout=timeout, warned_cwd=warned))  # (N, K) float64
         rewards = scores.float()  # (N, K)
         total, scorable = algo.combine_rewards(rewards, self.weights)  # (N,), (N,)
         advantages = algo.multi_reward_advantages(
             rewards, self.weights, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation
         )  # (N,)
         check_advantages(advantages, scores, self.weights, self.names, group_size=G)
-        gold = gather(score(self.gold, inputs, timeout=cfg.reward_timeout)).float() if self.gold else None
+        gold = gather(score(self.gold, inputs, timeout=timeout, warned_cwd=warned)).float() if self.gold else None
         return rewards, total, scorable, advantages, gold
 
     def step_figures(self, rewards, total, scorable, gold, *, group_size: int) -> dict[str, float]:
