@@ -52,7 +52,7 @@ def python_arguments(
     config, model = with_model(config, model, tokenizer)
     datasets = datasets or {}
     train_given = next(iter(datasets.values()), None) is not None
-    config.validate(model_given=model is not None, rows_given=train_given)
+    config.validate(model_given=model is not None, rows_given=train_given, rewards_given=entries is not None)
     rows = {name: dataset_rows(value, name) if value is not None else None for name, value in datasets.items()}
     return Arguments(config, model, rows, entries)
 

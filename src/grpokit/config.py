@@ -122,7 +122,7 @@ class RunConfig:
     overwrite_output_dir: bool = False
     """Replace an earlier run found in output_dir (without it, a fresh run there is refused)."""
 
-    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
         """`model_given`: the caller passes a model object, so `model` may be empty; `rows_given`: the caller
         passes the training rows, so neither `task` nor `train_data` is needed."""
         _check_types(self)
@@ -290,8 +290,8 @@ class GRPOConfig(RunConfig):
         names = ("epsilon_low", "epsilon_high", "kl_estimator", "importance_level")
         return {name: getattr(self, name) for name in names}
 
-    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
-        super().validate(model_given=model_given, rows_given=rows_given)
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
         _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _require(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         _require(
@@ -345,8 +345,8 @@ class GRPOConfig(RunConfig):
         _require(self.top_k >= 0, "top_k", "must be >= 0")
         _require(len(self.reward_funcs) >= 1, "reward_funcs", "is empty: give at least one reward function")
         if self.reward_weights is not None:
-            _require(
-                len(self.reward_weights) == len(self.reward_funcs),
+            _require(  # reward functions handed in are counted against the weights when they are built (reward_set)
+                rewards_given or len(self.reward_weights) == len(self.reward_funcs),
                 "reward_weights",
                 f"has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs",
             )
@@ -454,8 +454,8 @@ class PPOConfig(GRPOConfig):
 
     min_generations: typing.ClassVar[int] = 1
 
-    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
-        super().validate(model_given=model_given, rows_given=rows_given)
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
         _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
         _require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
         _require(self.vf_coef > 0, "vf_coef", f"must be > 0, got {self.vf_coef}: the critic would never learn")
@@ -499,8 +499,8 @@ class SFTConfig(RunConfig):
     lr_schedule: LRSchedule = "cosine"
     """Learning-rate shape after warm-up."""
 
-    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
-        super().validate(model_given=model_given, rows_given=rows_given)
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
         _require(self.max_steps >= 1, "max_steps", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(0.0 <= self.forget_carry <= 1.0, "forget_carry", "must be in [0, 1]")
@@ -538,8 +538,8 @@ class RewardModelConfig(RunConfig):
     lr_schedule: LRSchedule = "cosine"
     """Learning-rate shape after warm-up."""
 
-    def validate(self, *, model_given: bool = False, rows_given: bool = False) -> None:
-        super().validate(model_given=model_given, rows_given=rows_given)
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
         _require(self.max_steps >= 1, "max_steps", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
