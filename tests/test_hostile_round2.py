@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from helpers import save_tiny
@@ -36,3 +38,114 @@ def test_reward_weights_count_the_reward_functions_handed_to_the_trainer(model, 
     assert trainer.trainer.rewards.weights.tolist() == [1.0, 0.5]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "rewards/exact/mean" in rows[-1]
+
+
+# ---------------------------------------------------------------- folders (the CLI, in-process)
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    from grpokit.cli import main
+
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def train_args(model, out, *extra) -> list[str]:
+    return [
+        "train", "--model", model, "--task", "addition", "--output-dir", out, "--max-steps", "1",
+        "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "4", "--num-train-prompts",
+        "8", "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(model, tmp_path_factory):
+    """A one-step run with its checkpoint-1 and final model, made once; tests copy it."""
+    from grpokit.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "r1"
+    assert main(train_args(str(model), str(out), "--save-every", "1")) == 0
+    return out
+
+
+def copy_of(run, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "copy", symlinks=True))
+
+
+@pytest.mark.parametrize("inside", ["checkpoint-1/sub", "model/sub", "metrics.jsonl.d"])
+def test_a_run_inside_what_another_run_replaces_is_refused(finished_run, tmp_path, capsys, model, inside):
+    """A run written inside another run's checkpoint or final model went with it when that run pruned, resumed or
+    was overwritten (the whole nested run lost, no word); a folder beside the run's files is fine."""
+    r1 = copy_of(finished_run, tmp_path)
+    rc, err = cli(capsys, *train_args(str(model), str(r1 / inside)))
+    if inside == "metrics.jsonl.d":  # not a name the run owns: a run may live there
+        assert rc == 0, err
+        return
+    assert rc == 2 and "lies inside" in err and str(r1 / inside.split("/")[0]) in err, err
+    assert not (r1 / inside).exists()
+
+
+def test_a_run_inside_a_model_folder_grpokit_wrote_is_refused(tmp_path, capsys):
+    """`grpokit sft --model tiny --output-dir tiny/sub` then `grpokit init --output-dir tiny --overwrite-output-dir`
+    replaced tiny whole, the SFT run inside it too: the run is refused where a model folder would take it along."""
+    rc, err = cli(capsys, "init", "--output-dir", tmp_path / "tiny")
+    assert rc == 0, err
+    rc, err = cli(capsys, *train_args(str(tmp_path / "tiny"), str(tmp_path / "tiny" / "sub")))
+    assert rc == 2 and f"lies inside {tmp_path / 'tiny'}, a model folder grpokit wrote" in err, err
+
+
+def test_a_file_a_user_added_to_a_model_folder_is_never_deleted_by_replacing_it(finished_run, tmp_path, capsys, model):
+    """A model card written into a run's model/ was deleted by `--overwrite-output-dir` and by a resume's final save
+    (the folder is grpokit's, the card is not): both are refused before any work, naming the file."""
+    r1 = copy_of(finished_run, tmp_path)
+    (r1 / "model" / "README.md").write_text("my card")
+    for extra in (["--overwrite-output-dir"], ["--resume-from-checkpoint", "latest", "--max-steps", "2"]):
+        rc, err = cli(capsys, *train_args(str(model), str(r1), *extra))
+        assert rc == 2 and "README.md in it are not files grpokit wrote" in err, err
+        assert (r1 / "model" / "README.md").read_text() == "my card"
+        assert [p.name for p in r1.glob("checkpoint-*")] == ["checkpoint-1"]
+    (r1 / "model" / "README.md").unlink()  # moved out: the run goes on
+    rc, err = cli(capsys, *train_args(str(model), str(r1), "--resume-from-checkpoint", "latest", "--max-steps", "2"))
+    assert rc == 0, err
+
+
+def test_a_final_model_given_as_the_checkpoint_to_resume_is_named_as_a_model_folder(
+    finished_run, tmp_path, capsys, model
+):
+    """It said "is incomplete (no checkpoint_complete.json): its writing was interrupted", a wrong cause."""
+    r1 = copy_of(finished_run, tmp_path)
+    rc, err = cli(capsys, *train_args(str(model), str(r1), "--resume-from-checkpoint", r1 / "model"))
+    assert rc == 2 and "is not a checkpoint" in err and "it is a model folder: give it as `model`" in err, err
+
+
+@pytest.mark.parametrize("shape", ["a 300-character folder name", "a path of 4,200 characters"])
+def test_an_output_dir_the_file_system_cannot_hold_is_named_before_any_work(tmp_path, capsys, model, shape):
+    """A name over the file system's limits ended in `OSError: [Errno 36] File name too long` tracebacks, one of
+    them after a step had trained (a checkpoint's files past PATH_MAX)."""
+    out = tmp_path / ("a" * 300) if "300" in shape else tmp_path / "/".join(["b" * 200] * 21)
+    rc, err = cli(capsys, *train_args(str(model), str(out)))
+    assert rc == 2 and "config field `output_dir`" in err and "Traceback" not in err, err
+    assert not os.path.exists(out)  # (Path.exists raises on a name this long)
+
+
+def test_an_old_checkpoint_that_cannot_be_deleted_stays_and_the_run_goes_on(tmp_path, model, capsys):
+    """Pruning an older checkpoint that holds an immutable file ended the run in a PermissionError traceback after
+    the new checkpoint was written; it is a warning now (nothing is lost by keeping an old checkpoint)."""
+    import shutil
+    import subprocess
+
+    out = tmp_path / "run"
+    assert cli(capsys, *train_args(str(model), str(out), "--save-every", "1"))[0] == 0
+    frozen = out / "checkpoint-1" / "trainer_state.pt"
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(frozen)]).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        with pytest.warns(UserWarning, match="could not delete .*checkpoint-1"):
+            rc, err = cli(capsys, *train_args(str(model), str(out), "--save-every", "1", "--save-total-limit", "1",
+                                              "--resume-from-checkpoint", "latest", "--max-steps", "2"))  # fmt: skip
+        assert rc == 0, err
+        assert (out / "checkpoint-2").is_dir() and (out / "model").is_dir()
+    finally:
+        subprocess.run(["chattr", "-i", str(frozen)])

@@ -123,6 +123,7 @@ WRITE_ERRNOS = {
     errno.EPERM: "the folder is protected (permissions or an immutable flag): make it writable",
     errno.EFBIG: "a file size limit (`ulimit -f`) stopped it",
     errno.EIO: "the disk reported an I/O error",
+    errno.ENAMETOOLONG: "a name or path longer than the file system allows: choose a shorter output_dir",
 }
 
 
@@ -224,6 +225,12 @@ def check_replaceable(path: str | Path, kind: str, *, overwrite: bool, what: str
         return
     found = written_kind(path)
     if found == kind:
+        added = _added_files(path, entries)
+        if added:
+            raise OutputExistsError(
+                f"{name} is a {kind} folder grpokit wrote, but {', '.join(added[:4])} in it are not files grpokit "
+                "wrote: replacing the folder would delete them; move them out, or choose another path"
+            )
         if overwrite:
             return
         raise OutputExistsError(
@@ -240,6 +247,18 @@ def check_replaceable(path: str | Path, kind: str, *, overwrite: bool, what: str
         f"{name} holds {held} ({listed}); grpokit replaces only a {kind} folder it wrote itself: nothing was "
         "written; choose another path, or move that folder away first"
     )
+
+
+def _added_files(path: Path, entries: list[str]) -> list[str]:
+    """The names in a folder grpokit wrote that its PROVENANCE does not list (a folder marked before grpokit
+    listed its files lists none, and is taken as it is)."""
+    try:
+        written = json.loads((path / PROVENANCE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(written, list):
+        return []
+    return [name for name in entries if name not in written and name != PROVENANCE]
 
 
 @contextlib.contextmanager
@@ -270,7 +289,9 @@ def atomic_folder(
             if kind is not None:
                 from grpokit import __version__
 
-                (tmp / PROVENANCE).write_text(json.dumps({"kind": kind, "grpokit": __version__}))
+                # the names it holds: a later replace finds a file a user added (a model card) and keeps it
+                written = sorted(p.name for p in tmp.iterdir())
+                (tmp / PROVENANCE).write_text(json.dumps({"kind": kind, "grpokit": __version__, "files": written}))
             _fsync_tree(tmp)
             if marker is not None:
                 (tmp / MARKER).write_text(json.dumps(marker))
@@ -284,7 +305,7 @@ def atomic_folder(
         if not path.exists():
             os.rename(tmp, path)
         elif _exchange(tmp, path):
-            shutil.rmtree(tmp)  # now the old folder
+            remove_left_over(tmp, f"the previous {path.name} it replaced")  # now the old folder
         else:  # no atomic swap on this file system: a short window with only the hidden copies
             old = path.with_name(f".old-{path.name}-{os.getpid()}")
             os.rename(path, old)
@@ -344,8 +365,17 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *,
         write(tmp)
     if keep > 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            remove_left_over(old, "an older checkpoint than the newest save_total_limit")
     return path
+
+
+def remove_left_over(folder: Path, what: str) -> None:
+    """Deletes a folder nothing needs any more (`what` it is); one the disk will not let go of (an immutable file, a
+    read-only mount) stays, said once, and the run goes on: nothing is lost by keeping it."""
+    try:
+        shutil.rmtree(folder)
+    except OSError as err:
+        warnings.warn(f"could not delete {folder} ({what}): {err}; it stays: delete it by hand", stacklevel=2)
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> None:
@@ -683,6 +713,16 @@ class RunDirectory:
             checkpoint = Path(self.resume_from)
             if not checkpoint.is_dir():
                 raise RunDirectoryError(f"config field `resume_from_checkpoint`: {checkpoint} does not exist")
+            if not is_complete(checkpoint) and not (checkpoint / STATE_FILE).exists():
+                raise RunDirectoryError(
+                    f"config field `resume_from_checkpoint`: {checkpoint} is not a checkpoint (a checkpoint-STEP "
+                    f"folder holds {STATE_FILE} and {MARKER})"
+                    + (
+                        "; it is a model folder: give it as `model` to start a new run from it"
+                        if (checkpoint / "config.json").is_file()
+                        else ""
+                    )
+                )
             if not is_complete(checkpoint):
                 raise RunDirectoryError(
                     f"config field `resume_from_checkpoint`: {checkpoint} is incomplete (no {MARKER}): its "
@@ -801,11 +841,32 @@ class RunDirectory:
         """The folder is a grpokit run's (PROVENANCE `run`, or the `.lock` every run since locking left behind)."""
         return written_kind(self.path) == "run" or self._had_lock
 
+    def _check_not_nested(self) -> None:
+        """output_dir does not lie inside a folder grpokit replaces or deletes whole: a model folder it wrote (a
+        later `init` or final save replaces it), or another run's checkpoint-STEP, final model or other run files
+        (pruning, a resume or `--overwrite-output-dir` there deletes them): this run would go with it."""
+        here = self.path.resolve()
+        for parent in here.parents:
+            kind = written_kind(parent)
+            top = here.relative_to(parent).parts[0]
+            if kind == "model" or (kind == "run" and (top in RUN_FILES or CHECKPOINT_NAME.fullmatch(top))):
+                what = (
+                    "a model folder grpokit wrote"
+                    if kind == "model"
+                    else f"{parent / top}, part of the run in {parent}"
+                )
+                raise RunDirectoryError(
+                    f"output_dir {self.path} lies inside {what if kind == 'run' else f'{parent}, {what}'}, which "
+                    "grpokit replaces or deletes whole (a final save, pruning, --overwrite-output-dir): this run would "
+                    "go with it; choose an output_dir outside it"
+                )
+
     def _check_replaced(self) -> None:
         """What the run may replace or delete in its folder is grpokit's own: RUN_FILES names only in a folder a
         grpokit run wrote (`.` may hold a user's `wandb/` or `config.yaml`); `model` (replaced by the final model,
         deleted by `overwrite`) is a model folder grpokit wrote (a run from before PROVENANCE: one with a
         config.json); a checkpoint-STEP folder is a grpokit checkpoint (not another trainer's `checkpoint-500`)."""
+        self._check_not_nested()
         kind = written_kind(self.path)
         if kind not in (None, "run"):
             raise RunDirectoryError(
@@ -929,7 +990,8 @@ class RunDirectory:
         step = checkpoint_step(self.checkpoint)
         for later_step, later in list_checkpoints(self.path):
             if later_step > step:
-                shutil.rmtree(later)
+                with writing(later):  # one left would be `latest` again: it goes, or the run stops here
+                    shutil.rmtree(later)
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
         self._restore_signal_handlers()

@@ -622,7 +622,12 @@ def check_output_dir(path: str, name: str = "output_dir", *, model: str = "") ->
     import tempfile
 
     _require(path != "", name, "is empty: give the folder the run writes to")
-    target = Path(path).expanduser().resolve()
+    target = Path(os.path.abspath(os.path.expanduser(path)))
+    # the longest name a run writes below it (checkpoint-123456/.tmp-...) must fit the file system's limits
+    longest_name, path_max = max(len(part) for part in target.parts), 4096 - 200
+    _require(longest_name <= 255 - 40, name, f"has a folder name of {longest_name} characters: keep names under 215")
+    _require(len(str(target)) <= path_max, name, f"is {len(str(target))} characters long: keep it under {path_max}")
+    target = target.resolve()
     _require(target not in (Path("/"), Path.home().resolve()), name, f"is {path!r}: give a folder of its own")
     if model and Path(model).exists():
         source = Path(model).resolve()

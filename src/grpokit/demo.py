@@ -63,6 +63,9 @@ def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
     """Tiny model + char tokenizer, fine-tuned on the carry-forgetting teacher; saved to OUT/sft/model."""
     seed_everything(cfg.seed)
     pin_threads(cfg.num_threads)  # before the tiny model is built; every stage's config carries it too
+    earlier = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if earlier:  # the demo replaces its own runs (a fixed recipe), and says so
+        print(f"replacing the earlier demo's runs in {out} ({', '.join(earlier)}); --output-dir DIR keeps them")
     device = resolve_device(cfg.device)
     task = AdditionTask(num_digits=cfg.num_digits, forget_carry=cfg.forget_carry)
     tokenizer = build_char_tokenizer()
