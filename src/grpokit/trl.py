@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit import config as native
-from grpokit.checkpoint import RunDirectory, RunDirectoryError, list_checkpoints
+from grpokit.checkpoint import FinishedRunError, RunDirectory, RunDirectoryError, list_checkpoints
 from grpokit.trl_names import (
     GRPOKIT_SOURCES,
     LOSS_TYPES,
@@ -319,6 +319,14 @@ class GRPOTrainer:
                     train_dataset=train_dataset,
                     eval_dataset=eval_dataset,
                 )
+            except FinishedRunError as err:
+                if build is cfg:
+                    raise
+                # a finished run: TRL's script re-run as it was, which nothing in output_dir can continue
+                raise FinishedRunError(
+                    f"output_dir {cfg.output_dir} holds a finished run ({err}); for a new run there set "
+                    "overwrite_output_dir=True, or choose another output_dir"
+                ) from None
             except RunDirectoryError as err:
                 if build is cfg:
                     raise
