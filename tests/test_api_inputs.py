@@ -28,6 +28,7 @@ from grpokit.sampler import KVCacheSampler
 from grpokit.sft import train_sft
 from grpokit.tasks import build_char_tokenizer, tiny_model
 from grpokit.trainer import GRPOTrainer
+from grpokit.trl import GRPOConfig as TRLGRPOConfig
 
 NEVER_LOADED = "never-loaded-model"
 
@@ -276,6 +277,11 @@ def test_the_config_may_be_a_yaml_path_or_a_dict_and_another_type_is_named(tmp_p
         GRPOTrainer(SFTConfig(model=NEVER_LOADED, task="addition"))
     with pytest.raises(TypeError, match=r"PPOTrainer: `config` is a GRPOConfig; expected a PPOConfig"):
         PPOTrainer(cfg)
+    trl_config = TRLGRPOConfig(output_dir=str(tmp_path / "trl"))
+    with pytest.raises(TypeError) as refused:
+        GRPOTrainer(trl_config)
+    assert "`config` is a grpokit.trl.GRPOConfig; expected a grpokit.config.GRPOConfig" in str(refused.value)
+    assert "grpokit.trl.GRPOTrainer" in str(refused.value) and "`config.to_grpokit()`" in str(refused.value)
     with pytest.raises(ConfigError, match=r"unknown field `learning_rat` for GRPOConfig; did you mean `learning_rate`"):
         GRPOTrainer({**values, "learning_rat": 1e-3})
     with pytest.raises(ConfigError, match=r"`config` is 'no/such.yaml', which is not a file"):

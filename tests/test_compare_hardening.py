@@ -5,6 +5,7 @@ running, and the printed resume command continues what was kept."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import signal
@@ -20,14 +21,19 @@ from grpokit.config import GRPOConfig
 
 TESTS = Path(__file__).resolve().parent
 SIGNAL_PARENT_AT_CALL = "GRPOKIT_TEST_SIGNAL_PARENT_AT_CALL"
+SIGNAL_IN_METHOD = "GRPOKIT_TEST_SIGNAL_IN_METHOD"
 _calls = 0
 
 
 def digit_share_or_signal_parent(prompts, completions, **kwargs):
     """`digit_share`, except that its call number N in a process, $GRPOKIT_TEST_SIGNAL_PARENT_AT_CALL = `N` or
     `N:SIGNAME`, sends SIGTERM (or SIGNAME) to the process's parent (the `grpokit compare` that started this
-    method's process), as a user's `kill` would."""
+    method's process), as a user's `kill` would; with $GRPOKIT_TEST_SIGNAL_IN_METHOD, only in that method's process
+    (`grpokit compare --worker METHOD ...`)."""
     global _calls
+    only_in = os.environ.get(SIGNAL_IN_METHOD)
+    if only_in and sys.argv[sys.argv.index("--worker") + 1 :][:1] != [only_in]:
+        return digit_share(prompts, completions)
     _calls += 1
     at, _, name = os.environ.get(SIGNAL_PARENT_AT_CALL, "").partition(":")
     if at == str(_calls):
@@ -124,3 +130,31 @@ def test_a_worker_whose_comparison_is_killed_checkpoints_and_exits(tmp_path):
             os.close(exited)
     (checkpoint,) = (tmp_path / "cmp" / "grpo").glob("checkpoint-*")  # written on the SIGTERM (save_every 0)
     assert 1 <= int(checkpoint.name.split("-")[1]) < 50
+
+
+def test_a_comparison_stopped_in_ppo_resumes_ppo_and_keeps_the_finished_grpo_figures(tmp_path, monkeypatch, capsys):
+    path = write_config(tmp_path, max_steps=3, save_every=0, reward_funcs=[f"{__name__}:digit_share_or_signal_parent"])
+    pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", SIGNAL_IN_METHOD: "ppo"}
+    command = [sys.executable, "-m", "grpokit.cli", "compare", str(path)]
+    stopped = subprocess.run(
+        command, env={**env, SIGNAL_PARENT_AT_CALL: "2"}, capture_output=True, text=True, timeout=600
+    )  # the PPO worker's second reward call sends SIGTERM to `grpokit compare`; GRPO had finished
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    cmp = tmp_path / "cmp"
+    (checkpoint,) = (cmp / "ppo").glob("checkpoint-*")
+    assert int(checkpoint.name.split("-")[1]) < 3 and not (cmp / "ppo" / "model").exists()
+    assert f"grpo finished ({cmp / 'grpo'}); ppo stopped after step" in stopped.stderr
+    grpo_figures = json.loads((cmp / ".grpo-report.json").read_text())  # kept for the resume
+    assert grpo_figures["steps"] == 3
+
+    monkeypatch.setenv("PYTHONPATH", pythonpath)  # the workers import this file's reward
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    capsys.readouterr()
+    assert main(["compare", str(path), "--resume-from-checkpoint", "latest"]) == 0, capsys.readouterr().err[-3000:]
+    assert "grpo finished before the interruption; its figures are kept" in capsys.readouterr().out
+    assert [r["step"] for r in step_rows(cmp / "grpo")] == [1, 2, 3]  # GRPO was not run again
+    assert [r["step"] for r in step_rows(cmp / "ppo")] == [1, 2, 3]
+    record = json.loads((cmp / "comparison.json").read_text())
+    assert record["grpo"] == grpo_figures and record["ppo"]["steps"] == 3
+    assert not list(cmp.glob(".*-report.json"))  # in comparison.json now

@@ -5,6 +5,7 @@ The math (token rewards, GAE, whitening, the clipped value loss) is pinned by ha
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from helpers import HIDDEN, KILL_AT_CALL, read_jsonl, save_tiny, save_tiny_rewar
 from helpers import config as grpo_config
 from safetensors.torch import load_file
 
+from grpokit.checkpoint import WriteError
 from grpokit.config import ConfigError, GRPOConfig, PPOConfig
 from grpokit.critic import ValueModel, build_critic, completion_values
 from grpokit.ppo import CRITIC_FILE, PPOTrainer
@@ -265,6 +267,25 @@ def test_killed_ppo_run_resumes_to_the_straight_run(tmp_path):
     for key in ("reward", "loss", "value_loss", "explained_variance", "critic/grad_norm"):
         assert [r[key] for r in straight] == [r[key] for r in again], key
     assert load_file(tmp_path / "straight" / CRITIC_FILE)["head.weight"].abs().sum() > 0  # the critic trained
+
+
+def test_a_refused_critic_write_leaves_the_run_resumable_and_the_resume_writes_it(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    cfg = ppo_config(save_tiny(tmp_path / "tiny", "llama"), tmp_path / "run", max_steps=1, save_every=1)
+    real_save = safetensors.torch.save_model
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    with pytest.raises(WriteError) as refused:
+        PPOTrainer(cfg).train()
+    assert "checkpoint-1" in str(refused.value)  # what was kept, to resume from
+    assert not (tmp_path / "run" / "model").exists()  # not a finished run without its critic
+    monkeypatch.setattr(safetensors.torch, "save_model", real_save)
+    PPOTrainer(dataclasses.replace(cfg, resume_from_checkpoint="latest")).train()
+    assert load_file(tmp_path / "run" / CRITIC_FILE).keys() and (tmp_path / "run" / "model").is_dir()
 
 
 # ---------------------------------------------------------------- grpokit compare

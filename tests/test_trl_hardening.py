@@ -5,6 +5,7 @@ TRL's habits (train(resume_from_checkpoint=True), args= as a dict) work as in TR
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -223,3 +224,25 @@ def test_resume_from_checkpoint_true_with_no_checkpoint_is_refused(tmp_path, mod
     trainer = GRPOTrainer(str(model), length_reward, args=trl_args(tmp_path), train_dataset=DATA)
     with pytest.raises(RunDirectoryError, match="resume_from_checkpoint=True: output_dir .* holds no complete"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_save_model_to_output_dir_as_trl_scripts_end_saves_the_run_model(tmp_path, model):
+    args = trl_args(tmp_path)
+    trainer = GRPOTrainer(str(model), length_reward, args=args, train_dataset=DATA)
+    trainer.train()
+    written = trainer.save_model(args.output_dir)  # the last line of TRL's own scripts
+    assert Path(written) == tmp_path / "out" / "model"
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+    assert (tmp_path / "out" / "metrics.jsonl").is_file()  # the run folder is kept around it
+
+
+def test_rerunning_a_finished_trl_script_says_the_run_finished_and_how_to_start_anew(tmp_path, model):
+    def trainer():
+        return GRPOTrainer(str(model), length_reward, args=trl_args(tmp_path, save_steps=1), train_dataset=DATA)
+
+    trainer().train()
+    with pytest.raises(RunDirectoryError) as refused:
+        trainer()  # the same script, run again
+    message = str(refused.value)
+    assert "is the last step of a finished run" in message and "overwrite_output_dir=True" in message
+    assert "not with these arguments" not in message  # the arguments are the same: that is not the reason

@@ -71,9 +71,18 @@ def stage_config(entry: str, config_class: type, config: Any) -> Any:
         return load_yaml(config_class, config)
     if isinstance(config, dict):
         return from_dict(config_class, config, source=f"{entry}: `config` (a dict)")
+    given, expected = _a(config), _article(config_class.__name__)
+    if type(config).__name__ == config_class.__name__:  # same name, another module's class: name both modules
+        given = f"{given.split()[0]} {type(config).__module__}.{type(config).__name__}"
+        expected = f"{expected.split()[0]} {config_class.__module__}.{config_class.__name__}"
+    hint = ""
+    if callable(getattr(config, "to_grpokit", None)):  # grpokit.trl's TRL-named config
+        hint = (
+            f"; a grpokit.trl config runs with grpokit.trl.{entry}, or convert it with `config.to_grpokit()` "
+            "(pass num_prompts= to turn epochs into steps)"
+        )
     raise ArgumentError(
-        f"{entry}: `config` is {_a(config)}; expected {_article(config_class.__name__)}, the path of its YAML "
-        "file, or a dict of its fields"
+        f"{entry}: `config` is {given}; expected {expected}, the path of its YAML file, or a dict of its fields{hint}"
     )
 
 

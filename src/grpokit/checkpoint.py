@@ -91,6 +91,10 @@ class RunDirectoryError(ValueError):
     """The output folder is in use, holds another run, or its checkpoint cannot be resumed."""
 
 
+class FinishedRunError(RunDirectoryError):
+    """The checkpoint to resume is the last step of a run that finished: nothing is left to continue."""
+
+
 class ResumeWarning(UserWarning):
     """A resume that goes ahead but cannot prove all it continues (a checkpoint older than its record)."""
 
@@ -767,7 +771,7 @@ class RunDirectory:
         if max_steps is not None and step > max_steps:
             raise RunDirectoryError(f"{checkpoint} is past max_steps = {max_steps}: raise max_steps to resume it")
         if max_steps is not None and step == max_steps and (self.path / "model").is_dir():
-            raise RunDirectoryError(
+            raise FinishedRunError(
                 f"{checkpoint} is the last step of a finished run (max_steps = {max_steps}, its model is in "
                 f"{self.path / 'model'}): nothing to resume; raise max_steps to train it further"
             )

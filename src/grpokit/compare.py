@@ -10,9 +10,11 @@ peak is activations and temporaries (and, on a CPU, what the allocator kept of t
 
 The run folders follow `grpokit train`'s rules: a comparison already in OUTPUT_DIR is refused (naming the folder)
 unless `--resume-from-checkpoint latest` (each method continues its own latest checkpoint; one not started yet
-starts) or `--overwrite-output-dir`. SIGINT / SIGTERM to `grpokit compare` go to the method's process, which
-finishes its step and writes a checkpoint as `grpokit train` does; the comparison then says what was kept and how
-to resume. A worker dies with its parent (SIGTERM, so it checkpoints), never left running alone.
+starts; one that finished is not run again: its figures, kept in OUTPUT_DIR/.METHOD-report.json until
+comparison.json is written, are its whole run's) or `--overwrite-output-dir`. SIGINT / SIGTERM to `grpokit compare`
+go to the method's process, which finishes its step and writes a checkpoint as `grpokit train` does; the comparison
+then says what was kept and how to resume. A worker dies with its parent (SIGTERM, so it checkpoints), never left
+running alone.
 
 Written to OUTPUT_DIR: comparison.json (both methods' figures, the machine, the commit, the date), comparison.png
 (held-out accuracy against samples seen and against training wall time, and the memory breakdown), and the same
@@ -96,6 +98,24 @@ def method_config(grpo: Any, method: str) -> Any:
     return PPOConfig(**{**fields, **changes})
 
 
+def report_file(output_dir: str | Path, method: str) -> Path:
+    """Where `method`'s process writes its figures; kept until comparison.json is written."""
+    return Path(output_dir) / f".{method}-report.json"
+
+
+def finished_report(grpo: Any, method: str) -> dict[str, Any] | None:
+    """Resuming `latest`: the figures of a method the interrupted comparison had finished (its report kept, its
+    folder holding its final model), which is not run again: a second process would find nothing to resume, and
+    its peak memory and wall time would describe no step."""
+    path = report_file(grpo.output_dir, method)
+    if grpo.resume_from_checkpoint != "latest" or not (Path(grpo.output_dir) / method / "model").is_dir():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or cut short: the method's folder says it finished, `plan` says more
+        return None
+
+
 def check_comparison(grpo: Any) -> None:
     """Before anything is written or run: both methods' configs are valid (a PPO-only refusal shows before GRPO's
     run, not after it) and both run folders can be used as `grpokit train` would use them (fresh, resumed with
@@ -110,7 +130,8 @@ def check_comparison(grpo: Any) -> None:
     for method in METHODS:
         cfg = method_config(grpo, method)
         cfg.validate()
-        RunDirectory.for_config(cfg).plan()
+        if finished_report(grpo, method) is None:  # a finished method's folder is only read
+            RunDirectory.for_config(cfg).plan()
 
 
 def worker(method: str, config_path: str, report_path: str) -> None:
@@ -188,8 +209,12 @@ def run_comparison(grpo_cfg: Any, config_path: Path) -> dict[str, Any]:
     reports: dict[str, Any] = {}
     with ForwardedSignals() as signals:
         for method in METHODS:
-            report_path = out / f".{method}-report.json"
-            report_path.unlink(missing_ok=True)
+            report_path = report_file(out, method)
+            if (done := finished_report(grpo_cfg, method)) is not None:
+                print(f"grpokit compare: {method} finished before the interruption; its figures are kept", flush=True)
+                reports[method] = done
+                continue
+            report_path.unlink(missing_ok=True)  # an earlier comparison's
             # the CLI's own error reporting in the method's process (`_compare_worker`)
             command = [sys.executable, "-m", "grpokit.cli", "compare", "--worker", method, str(config_path),
                        str(report_path)]  # fmt: skip
@@ -202,11 +227,13 @@ def run_comparison(grpo_cfg: Any, config_path: Path) -> dict[str, Any]:
                 raise ComparisonInterrupted(signals.received, kept(grpo_cfg, reports, method))
             if code != 0 or not report_path.is_file():
                 raise ComparisonFailed(method, code)
-            reports[method] = json.loads(report_path.read_text())
-            report_path.unlink()
+            reports[method] = json.loads(report_path.read_text())  # the file stays: a resume after an
+            # interruption in a later method takes this method's figures from it instead of running it again
     record = {**reports, "config": str(config_path), **provenance()}
     record["grpo_saves_mb"] = reports["ppo"]["peak_memory_mb"] - reports["grpo"]["peak_memory_mb"]
     (out / REPORT).write_text(json.dumps(record, indent=1))
+    for method in METHODS:
+        report_file(out, method).unlink(missing_ok=True)  # in comparison.json now
     print(table(record))
     plot_comparison(record, out / PLOT)
     print(f"\n{out / REPORT}\n{out / PLOT}")

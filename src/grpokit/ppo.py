@@ -31,7 +31,7 @@ from grpokit.lora import uses_lora
 from grpokit.modeling import ModelFolderError, check_model_source, check_same_tokenizer, check_vocabulary
 from grpokit.policy import NumericsError, Policy
 from grpokit.trainer import GRPOTrainer
-from grpokit.types import Rollout, TrainResult
+from grpokit.types import Rollout
 
 CRITIC_FILE = "critic.safetensors"
 
@@ -183,19 +183,19 @@ class PPOTrainer(GRPOTrainer):
         return {**stats, "learning_rate": lr, "critic/learning_rate": critic_lr}
 
     # ---------------------------------------------------------------- the run
-    def train(self) -> TrainResult:
-        """GRPO's run (`GRPOTrainer.train`); the critic is saved beside the final model as `critic.safetensors`."""
-        result = super().train()
+    def save_beside_model(self, out: Path) -> None:
+        """The critic, as `critic.safetensors`, written before the final model: a PPO run folder with model/ holds
+        its critic, and a write the disk refuses leaves the run resumable from its last checkpoint."""
         from safetensors.torch import save_model
 
-        path = Path(result.output_dir) / CRITIC_FILE
-        self.critic.check_finite(f"so {path} was not written")
         from grpokit.checkpoint import writing
 
+        path = out / CRITIC_FILE
+        self.critic.check_finite(f"so {path} was not written")
+        partial = path.with_name(f".tmp-{CRITIC_FILE}")
         with writing(path):
-            save_model(self.critic.model, str(path.with_name(f".tmp-{CRITIC_FILE}")))
-            path.with_name(f".tmp-{CRITIC_FILE}").replace(path)  # whole or absent
-        return result
+            save_model(self.critic.model, str(partial))
+            partial.replace(path)  # whole or absent
 
     def stage_state(self) -> dict[str, Any]:
         """GRPO's, plus the critic: its weights, AdamW and schedule."""

@@ -270,10 +270,15 @@ class GRPOTrainer:
                 bar.close()
                 if self.log is not None:
                     self.log.close()
+            self.save_beside_model(out)  # before the model: a run folder with model/ holds all the run wrote
             model_dir = self.policy.save(out / "model", self.tokenizer, lora_form=cfg.lora.save, overwrite=True)
         plot = plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", title=self.name) if main else None
         m, warned = self.monitor, [*self.input_warnings, *self.monitor.warnings]
         return TrainResult(out, model_dir, plot, metrics, self.eval_history, warned, m.summary(), dict(m.fired))
+
+    def save_beside_model(self, out: Path) -> None:
+        """What a stage saves beside the final model, inside the run folder's guard (a refused write says what was
+        kept); GRPO saves nothing more."""
 
     def save_checkpoint(self, step: int) -> Path:
         """checkpoint-STEP: the policy's weights (or the adapter), optimizer, schedule, every RNG, `stage_state`."""

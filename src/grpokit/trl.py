@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit import config as native
-from grpokit.checkpoint import RunDirectory, RunDirectoryError, list_checkpoints
+from grpokit.checkpoint import FinishedRunError, RunDirectory, RunDirectoryError, list_checkpoints
 from grpokit.trl_names import (
     GRPOKIT_SOURCES,
     LOSS_TYPES,
@@ -319,6 +319,14 @@ class GRPOTrainer:
                     train_dataset=train_dataset,
                     eval_dataset=eval_dataset,
                 )
+            except FinishedRunError as err:
+                if build is cfg:
+                    raise
+                # a finished run: TRL's script re-run as it was, which nothing in output_dir can continue
+                raise FinishedRunError(
+                    f"output_dir {cfg.output_dir} holds a finished run ({err}); for a new run there set "
+                    "overwrite_output_dir=True, or choose another output_dir"
+                ) from None
             except RunDirectoryError as err:
                 if build is cfg:
                     raise
@@ -357,10 +365,14 @@ class GRPOTrainer:
         return native_trainer.train()
 
     def save_model(self, output_dir: str | None = None):
-        """The policy in `save_pretrained` form (default: OUTPUT_DIR/model, where `train` also saves it). As TRL's,
-        it replaces an earlier save there, but only a model folder grpokit wrote: never a run directory (OUTPUT_DIR
-        itself) or a user's folder."""
-        target = Path(output_dir) if output_dir else Path(self.trainer.cfg.output_dir) / "model"
+        """The policy in `save_pretrained` form. As TRL's, it replaces an earlier save there, but only a model folder
+        grpokit wrote, never a user's folder. The default, and `output_dir` itself (TRL's scripts end with
+        `trainer.save_model(training_args.output_dir)`), save to OUTPUT_DIR/model, where `train` already saved it:
+        OUTPUT_DIR is the run's folder (checkpoints, logs), which a model folder cannot replace."""
+        run_folder = Path(self.trainer.cfg.output_dir)
+        target = Path(output_dir) if output_dir else run_folder
+        if target.resolve() == run_folder.resolve():
+            target = run_folder / "model"
         lora_form = self.trainer.cfg.lora.save
         return self.trainer.policy.save(target, self.trainer.tokenizer, lora_form=lora_form, overwrite=True)
 
