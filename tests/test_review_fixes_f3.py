@@ -44,3 +44,28 @@ def test_the_jsonl_example_evaluates_held_out_rows_without_a_warning(monkeypatch
         train_rows, eval_rows = grpo_rows(cfg, None, None, None)
     assert len(eval_rows) == cfg.num_eval_prompts == 64
     assert not {r["prompt"] for r in eval_rows} & {r["prompt"] for r in train_rows}  # held out, not trained on
+
+
+@pytest.fixture(scope="module")
+def two_label_classifier(model, tmp_path_factory):
+    """A Llama sequence classifier with 2 labels (a sentiment model, say) on the tiny model's body."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("clf") / "two_labels"
+    AutoModelForSequenceClassification.from_pretrained(model, num_labels=2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+    return folder
+
+
+def test_reward_model_training_from_a_two_label_classifier_starts_a_new_one_output_head(two_label_classifier, tmp_path):
+    from grpokit.config import RewardModelConfig
+    from grpokit.data import InputWarning
+    from grpokit.reward_model import train_reward_model
+
+    cfg = RewardModelConfig(model=str(two_label_classifier), output_dir=str(tmp_path / "rm"), task="addition",
+                            num_train_pairs=8, num_eval_pairs=4, max_steps=1, batch_size=4, progress=False)  # fmt: skip
+    with pytest.warns(InputWarning, match=r"`model`.*score\.weight of shape \[2, \d+\] \(2 labels\).*num_labels=1"):
+        train_reward_model(cfg)
+    saved = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
+    assert len(saved["id2label"]) == 1  # one output, as TRL's RewardTrainer builds
+
