@@ -68,4 +68,3 @@ def test_reward_model_training_from_a_two_label_classifier_starts_a_new_one_outp
         train_reward_model(cfg)
     saved = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
     assert len(saved["id2label"]) == 1  # one output, as TRL's RewardTrainer builds
-
