@@ -5,6 +5,7 @@ a reward model started from a classifier with another number of labels is said s
 from __future__ import annotations
 
 import json
+import types
 import warnings
 from pathlib import Path
 
@@ -68,3 +69,56 @@ def test_reward_model_training_from_a_two_label_classifier_starts_a_new_one_outp
         train_reward_model(cfg)
     saved = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
     assert len(saved["id2label"]) == 1  # one output, as TRL's RewardTrainer builds
+
+
+def accepted_answers(completions, answer, **_):
+    """A reward of the user's own: `answer` is a list of accepted answers."""
+    return [float(c.strip() in accepted) for c, accepted in zip(completions, answer)]
+
+
+def rows_with_answer_lists() -> list[dict]:
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+    for i in (1, 5):
+        rows[i]["answer"] = [str(i + 1), f"0{i + 1}"]
+    return rows
+
+
+def test_answer_lists_for_a_users_reward_are_left_out_of_held_out_accuracy(tmp_path, model, monkeypatch):
+    from helpers import config
+
+    from grpokit.data import InputWarning
+    from grpokit.trainer import GRPOTrainer
+
+    compared = []
+
+    def is_correct(completion, answer):
+        compared.append(answer)
+        return True
+
+    with pytest.warns(InputWarning, match=r"eval data.*row 1: column 'answer' is list.*2 of 8 held-out rows are left"):
+        trainer = GRPOTrainer(
+            config(model, tmp_path / "run", num_eval_prompts=8),
+            train_dataset=rows_with_answer_lists(),
+            eval_dataset=rows_with_answer_lists(),
+            reward_funcs=[accepted_answers],
+        )
+    monkeypatch.setattr(trainer, "task", types.SimpleNamespace(is_correct=is_correct))  # records what it compares
+    result = trainer.evaluate(0)
+    assert result["eval/accuracy_greedy"] == 1.0  # over the 6 rows with a text answer
+    assert sorted(set(compared)) == sorted(str(i + 1) for i in (0, 2, 3, 4, 6, 7))
+    assert "eval/rewards/accepted_answers/mean_greedy" in result
+
+
+def test_answer_lists_are_refused_where_the_accuracy_reward_compares_them(tmp_path):
+    from helpers import config
+
+    from grpokit.data import DataError
+    from grpokit.trainer import GRPOTrainer
+
+    with pytest.raises(DataError, match=r"eval data.*row 1: column 'answer' is list.*compares the completion"):
+        GRPOTrainer(
+            config("never-loaded-model", tmp_path / "run", num_eval_prompts=8, gold_reward="accuracy"),
+            train_dataset=[{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)],
+            eval_dataset=rows_with_answer_lists(),
+            reward_funcs=[accepted_answers],
+        )

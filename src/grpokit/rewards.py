@@ -37,7 +37,7 @@ import torch
 
 from grpokit import algo
 from grpokit.config import ConfigError
-from grpokit.data import RESERVED_COLUMNS, check_answers, check_columns, completion_text
+from grpokit.data import RESERVED_COLUMNS, check_answers, check_columns, check_eval_answers, completion_text
 from grpokit.modeling import check_model_source, resolve_device
 from grpokit.reward_model import RewardModelScorer
 
@@ -484,10 +484,14 @@ class RewardSet:
 
 
 def reward_set(
-    cfg: Any, task: Any, train_rows: list[dict[str, Any]], funcs: list[tuple[str, RewardFn]] | None = None
+    cfg: Any,
+    task: Any,
+    train_rows: list[dict[str, Any]],
+    funcs: list[tuple[str, RewardFn]] | None = None,
+    eval_rows: list[dict[str, Any]] | None = None,
 ) -> RewardSet:
     """Resolve `cfg.reward_funcs` (or take `funcs`), `reward_weights` and `gold_reward`, and check that the
-    rows carry what they need, before any policy model loads."""
+    rows (training and held-out) carry what they need, before any policy model loads."""
 
     def build(names: Sequence[str], field: str = "reward_funcs") -> list[tuple[str, RewardFn]]:
         return build_reward_funcs(
@@ -510,9 +514,11 @@ def reward_set(
     weights = cfg.reward_weights or [1.0] * len(funcs)
     if len(weights) != len(funcs):
         raise ConfigError(f"config field `reward_weights` has {len(weights)} entries for {len(funcs)} reward functions")
-    if "accuracy" in [name for name, _ in funcs + gold]:
+    gold_checked = "accuracy" in [name for name, _ in funcs + gold]
+    if gold_checked:
         check_columns(train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
         check_answers(train_rows, "train data (the `accuracy` reward compares its `answer`)")
+    check_eval_answers(eval_rows or [], gold_reward_used=gold_checked)
     available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != cfg.prompt_column)]
     for name, fn in funcs + gold:
         accepted_inputs(name, fn, available)  # a signature grpokit cannot call fails now, not at step 1
