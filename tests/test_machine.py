@@ -180,7 +180,7 @@ def test_the_tiny_grpo_config_of_the_tests_passes(tmp_path, model):
 
 
 def test_no_num_threads_means_the_cpus_at_start_not_an_earlier_stages_pin():
-    start = torch.get_num_threads() if not hasattr(machine, "STARTING_THREADS") else machine.STARTING_THREADS
+    start = machine.STARTING_THREADS  # conftest: 1
     other = 1 if start != 1 else 2
     try:
         assert machine.pin_threads(other) == other  # an earlier stage (the demo's SFT) pinned another count
@@ -217,7 +217,7 @@ def test_num_threads_is_applied_and_recorded_and_empty_records_the_count_used(tm
     torch.set_num_threads(1)
     trainer = GRPOTrainer(config(model, tmp_path / "pinned", num_threads=2))
     assert torch.get_num_threads() == 2 and trainer.cfg.num_threads == 2
-    torch.set_num_threads(1)  # pinned by an earlier stage: empty means the CPUs at start, not that pin
+    # the pin of an earlier stage (2) is not inherited: empty means the count at start (conftest: 1)
     trainer = GRPOTrainer(config(model, tmp_path / "default"))
     start = machine.STARTING_THREADS
     assert torch.get_num_threads() == start and trainer.cfg.num_threads == start  # what the config.yaml will say
