@@ -122,3 +122,12 @@ def test_answer_lists_are_refused_where_the_accuracy_reward_compares_them(tmp_pa
             eval_dataset=rows_with_answer_lists(),
             reward_funcs=[accepted_answers],
         )
+
+
+def test_eval_refuses_answer_lists_where_the_accuracy_reward_compares_them(tmp_path, model, capsys):
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows_with_answer_lists()))
+    rc = main(["eval", "--model", str(model), "--eval-data", str(data), "--reward-funcs", "accuracy"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "grpokit eval: error:" in err and "row 1: column 'answer' is list" in err and "Traceback" not in err
