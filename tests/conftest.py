@@ -9,10 +9,14 @@ from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster when another process shares the cores."""
+def one_thread(monkeypatch):
+    """Tiny models run faster on one intra-op thread, and far faster when another process shares the cores. A
+    stage without `num_threads` takes the count the process started with (`machine.STARTING_THREADS`): one here."""
+    from grpokit import machine
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setattr(machine, "STARTING_THREADS", 1, raising=False)
     yield
     torch.set_num_threads(before)
 

@@ -13,6 +13,7 @@ import yaml
 from helpers import config, read_jsonl, save_tiny
 from transformers import LlamaConfig
 
+from grpokit import machine
 from grpokit import trainer as trainer_module
 from grpokit.cli import main
 from grpokit.config import ConfigError, DemoConfig, GRPOConfig, load_yaml
@@ -49,6 +50,41 @@ def test_the_estimate_is_the_hand_computed_one():
     # 100 positions x 2 layers x (6 x hidden 64 + 4 x intermediate 128) values x 4 bytes
     assert need.training == 100 * 2 * (6 * 64 + 4 * 128) * 4
     assert need.total == max(40_960 + 8 * 32 * 28, 100 * 2 * 896 * 4)
+
+
+def test_gradient_checkpointing_keeps_one_input_per_layer_and_one_layer_recomputed():
+    need = estimate(
+        small_llama_config(), rows=8, positions=10, training_tokens=100, dtype_bytes=4, gradient_checkpointing=True
+    )
+    # 100 positions x (2 layers x the layer's input, hidden 64 + one layer recomputed, 6 x 64 + 4 x 128) x 4 bytes
+    assert need.training == 100 * (2 * 64 + 6 * 64 + 4 * 128) * 4
+
+
+def test_a_micro_batch_that_fits_under_gradient_checkpointing_is_not_refused():
+    # 24 layers: without checkpointing each keeps 6 x 64 + 4 x 128 = 896 values per token, with it 64 (+ one 896)
+    deep = small_llama_config()
+    deep.num_hidden_layers = 24
+    fields = {"prompts_per_step": 2, "num_generations": 4, "max_completion_length": 22, "micro_batch_size": 8}
+    positions, tokens = 10 + 22, 8 * (10 + 22)  # one micro-batch of 8 rows (the whole step, under the budget 512)
+    budget = tokens * (24 * 64 + 896) * 4 + GIB // 1024  # what the checkpointed forward keeps, and a little more
+    plain = GRPOConfig(model="m", max_tokens_per_micro_batch=None, **fields)
+    with pytest.raises(ConfigError, match="training forward"):
+        check_grpo_memory(deep, plain, 10, torch.device("cpu"), torch.float32, available=budget)
+    checkpointed = GRPOConfig(model="m", max_tokens_per_micro_batch=None, gradient_checkpointing=True, **fields)
+    need = check_grpo_memory(deep, checkpointed, 10, torch.device("cpu"), torch.float32, available=budget)
+    assert need.training_tokens == tokens and need.positions == positions
+    assert need.training == tokens * (24 * 64 + 896) * 4
+
+
+def test_the_training_estimate_counts_one_micro_batch_not_the_step():
+    cfg = GRPOConfig(model="m", prompts_per_step=4, num_generations=8, max_completion_length=6,
+                     micro_batch_size=4, max_tokens_per_micro_batch=None)  # fmt: skip
+    need = check_grpo_memory(small_llama_config(), cfg, 10, torch.device("cpu"), torch.float32, available=GIB)
+    assert need.training_tokens == 4 * 16  # 4 rows of 10 + 6 positions, not the step's 32 rows
+    budgeted = GRPOConfig(model="m", prompts_per_step=4, num_generations=8, max_completion_length=6,
+                          max_tokens_per_micro_batch=40)  # fmt: skip
+    need = check_grpo_memory(small_llama_config(), budgeted, 10, torch.device("cpu"), torch.float32, available=GIB)
+    assert need.training_tokens == 40
 
 
 def test_the_refusal_names_the_fields_and_gives_the_hand_computed_figures():
@@ -143,6 +179,17 @@ def test_the_tiny_grpo_config_of_the_tests_passes(tmp_path, model):
 # ---------------------------------------------------------------- the same seed, the same numbers, whatever the CPUs
 
 
+def test_no_num_threads_means_the_cpus_at_start_not_an_earlier_stages_pin():
+    start = machine.STARTING_THREADS  # conftest: 1
+    other = 1 if start != 1 else 2
+    try:
+        assert machine.pin_threads(other) == other  # an earlier stage (the demo's SFT) pinned another count
+        assert machine.pin_threads(None) == start
+        assert torch.get_num_threads() == start
+    finally:
+        torch.set_num_threads(start)
+
+
 def demo_figures(out: Path) -> list[dict]:
     """Every figure of the demo's SFT and GRPO runs but the clocks (the step rows, the evaluations)."""
     rows = [r for stage in ("sft", "grpo") for r in read_jsonl(out / stage / "metrics.jsonl")]
@@ -170,9 +217,10 @@ def test_num_threads_is_applied_and_recorded_and_empty_records_the_count_used(tm
     torch.set_num_threads(1)
     trainer = GRPOTrainer(config(model, tmp_path / "pinned", num_threads=2))
     assert torch.get_num_threads() == 2 and trainer.cfg.num_threads == 2
-    torch.set_num_threads(1)
+    # the pin of an earlier stage (2) is not inherited: empty means the count at start (conftest: 1)
     trainer = GRPOTrainer(config(model, tmp_path / "default"))
-    assert torch.get_num_threads() == 1 and trainer.cfg.num_threads == 1  # what the config.yaml will say
+    start = machine.STARTING_THREADS
+    assert torch.get_num_threads() == start and trainer.cfg.num_threads == start  # what the config.yaml will say
 
 
 def test_num_threads_0_is_refused_by_name(tmp_path, model):

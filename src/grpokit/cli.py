@@ -236,7 +236,7 @@ def _eval(args: list[str]) -> int:
     import torch
 
     from grpokit.config import ConfigError, EvalConfig, GRPOConfig
-    from grpokit.data import check_rows, encode_prompts, load_rows
+    from grpokit.data import check_eval_answers, check_rows, encode_prompts, load_rows
     from grpokit.evaluate import heldout_eval
     from grpokit.machine import pin_threads
     from grpokit.modeling import (
@@ -264,6 +264,7 @@ def _eval(args: list[str]) -> int:
         task = get_task(cfg.task, num_digits=cfg.task_num_digits)
         rows, is_correct, name = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed), task.is_correct, cfg.task
     check_rows(rows, cfg.prompt_column, "eval data")
+    check_eval_answers(rows, gold_reward_used="accuracy" in cfg.reward_funcs)  # a task's rows have text answers
     check_model_source(cfg.model)
     device = resolve_device(cfg.device)
     defaults = GRPOConfig()

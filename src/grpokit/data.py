@@ -193,18 +193,49 @@ def check_rows(rows: list[dict[str, Any]], prompt_column: str, source: str) -> N
         check_prompt(row.get(prompt_column), f"{where(rows, i, source)}, column {prompt_column!r}")
 
 
+def answer_problem(answer: Any) -> str | None:
+    """Why the gold checker cannot compare a completion with `answer` as text (None: it can): it is text that is
+    not blank or a whole number. Anything else would be compared as its repr ("None", "12.0", "['a', 'b']") and
+    silently score 0."""
+    if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+        return f"is {type(answer).__name__} {answer!r:.40}"
+    if isinstance(answer, str) and not answer.strip():
+        return "is empty: no completion could match it"
+    return None
+
+
 def check_answers(rows: list[dict[str, Any]], source: str, column: str = "answer") -> None:
-    """The gold answers that the `accuracy` reward and held-out accuracy compare as text: each is text or a whole
-    number. Anything else would be compared as its repr ("None", "12.0", "['a', 'b']") and silently score 0."""
+    """The gold answers that the `accuracy` reward compares as text: each is text or a whole number
+    (`answer_problem`)."""
     for i, row in enumerate(rows):
-        answer = row[column]
-        if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+        problem = answer_problem(row[column])
+        if problem:
             raise DataError(
-                f"{where(rows, i, source)}: column {column!r} is {type(answer).__name__} {answer!r:.40}; the gold "
-                f"checker compares the completion with the answer as text: write it as text or a whole number"
+                f"{where(rows, i, source)}: column {column!r} {problem}; the gold checker compares the completion "
+                "with the answer as text: write it as text or a whole number"
             )
-        if isinstance(answer, str) and not answer.strip():
-            raise DataError(f"{where(rows, i, source)}: column {column!r} is empty: no completion could match it")
+
+
+def check_eval_answers(rows: list[dict[str, Any]], *, gold_reward_used: bool, column: str = "answer") -> None:
+    """The held-out rows' answers. Where the `accuracy` reward (the gold checker) scores them, each must be text or
+    a whole number (`check_answers`). Otherwise the column may be the user's own (a list of accepted answers, for a
+    reward of theirs): rows the gold checker cannot compare are left out of held-out accuracy, said once
+    (InputWarning), rather than refused."""
+    if not rows or column not in rows[0]:
+        return
+    if gold_reward_used:
+        check_answers(rows, "eval data (the `accuracy` reward compares its `answer`)", column)
+        return
+    left_out = [i for i, row in enumerate(rows) if answer_problem(row.get(column)) is not None]
+    if left_out:
+        first = left_out[0]
+        warnings.warn(
+            f"{where(rows, first, 'eval data')}: column {column!r} {answer_problem(rows[first][column])}, which the "
+            f"gold checker cannot compare as text: {len(left_out)} of {len(rows)} held-out rows are left out of "
+            "eval/accuracy (reward functions still get the column)",
+            InputWarning,
+            stacklevel=3,
+        )
 
 
 def check_prompt(prompt: Any, place: str) -> None:
@@ -446,8 +477,6 @@ def grpo_rows(
     check_rows(train_rows, cfg.prompt_column, "train data")
     check_columns(eval_rows, [cfg.prompt_column], "eval data")
     check_rows(eval_rows, cfg.prompt_column, "eval data")
-    if eval_rows and "answer" in eval_rows[0]:  # held-out accuracy compares them
-        check_answers(eval_rows, "eval data")
     return train_rows, eval_rows
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from grpokit.data import encode_prompts
+from grpokit.data import answer_problem, encode_prompts
 from grpokit.sampler import Sampler, SamplingParams
 
 
@@ -115,9 +115,10 @@ def heldout_eval(
                 batch = rows[start : start + len(batch_texts)]
                 inputs = reward_inputs(batch, prompt_column, 1, prompts.texts, batch_texts, rollout)
                 scores.append(score([(n, f) for _, n, f in funcs], inputs, timeout=reward_timeout).float())
-        if is_correct is not None and "answer" in rows[0]:
-            correct = sum(is_correct(t, str(r["answer"])) for t, r in zip(texts, rows))
-            out[f"eval/accuracy_{mode}"] = correct / len(rows)
+        # rows whose answer the checker cannot compare as text (a list a reward of the user's reads) are left out
+        compared = [(t, r["answer"]) for t, r in zip(texts, rows) if answer_problem(r.get("answer")) is None]
+        if is_correct is not None and compared:
+            out[f"eval/accuracy_{mode}"] = sum(is_correct(t, str(answer)) for t, answer in compared) / len(compared)
         if funcs:
             table = torch.cat(scores)  # (n, K') NaN where None
             for column, (_, name, _) in zip(table.T, funcs):

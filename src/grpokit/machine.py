@@ -10,7 +10,10 @@ allocated, so a refusal is never a false alarm:
 - the buffers of one sampling step: the (rows, vocabulary) logits and the probabilities and float64 CDF drawn
   from them (`sampler.sample_tokens`);
 - the activations one training forward keeps for its backward, for the largest micro-batch the config allows
-  with every completion at max_completion_length (a step can reach that).
+  (`micro_batch_size` rows, within the `max_tokens_per_micro_batch` budget; the micro-batches of a step run one
+  after another) with every completion at max_completion_length (a step can reach that). Under
+  `gradient_checkpointing` a layer keeps only its input (hidden_size values per token) and one layer's
+  activations exist at a time, while the backward recomputes it.
 The weights and the optimizer state are not counted (they do not grow with these fields).
 
 Threads. torch splits a sum, and MKL a matrix product along its inner dimension, into one part per intra-op
@@ -83,14 +86,26 @@ def kv_cache_bytes(config: Any, rows: int, positions: int, dtype_bytes: int) -> 
     return 2 * kv_heads * head_dim * sum(kept) * rows * dtype_bytes
 
 
-def estimate(config: Any, *, rows: int, positions: int, training_tokens: int, dtype_bytes: int) -> MemoryEstimate:
+def estimate(
+    config: Any,
+    *,
+    rows: int,
+    positions: int,
+    training_tokens: int,
+    dtype_bytes: int,
+    gradient_checkpointing: bool = False,
+) -> MemoryEstimate:
     """The estimate for a model `config`: `rows` sampled at once for `positions` (prompt + completion),
     `training_tokens` positions in the largest training forward, activations of `dtype_bytes`."""
     text = text_config(config)
     hidden = text.hidden_size
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     per_hidden, per_intermediate = SAVED_PER_TOKEN_LAYER
-    saved_per_token = text.num_hidden_layers * (per_hidden * hidden + per_intermediate * intermediate)
+    one_layer = per_hidden * hidden + per_intermediate * intermediate
+    if gradient_checkpointing:  # every layer's input kept, plus the one layer the backward is recomputing
+        saved_per_token = text.num_hidden_layers * hidden + one_layer
+    else:
+        saved_per_token = text.num_hidden_layers * one_layer
     return MemoryEstimate(
         kv_cache=kv_cache_bytes(config, rows, positions, dtype_bytes),
         sampling=rows * text.vocab_size * (dtype_bytes + SAMPLING_BYTES_PER_LOGIT),
@@ -176,6 +191,7 @@ def check_grpo_memory(
     if cfg.max_tokens_per_micro_batch:  # cut by the budget, but a single longer row runs alone
         training_tokens = min(training_tokens, max(cfg.max_tokens_per_micro_batch, positions))
     sizes = {"rows": rows, "positions": positions, "training_tokens": training_tokens}
+    sizes["gradient_checkpointing"] = bool(cfg.gradient_checkpointing)
     try:
         need = estimate(config, **sizes, dtype_bytes=torch.empty((), dtype=dtype).element_size())
     except (AttributeError, TypeError, ZeroDivisionError):  # no attention heads (a state-space model, ...): no KV
@@ -204,15 +220,22 @@ def memory_message(
         f"{need.kv_cache / GIB:.1f} GiB ({rows} x {need.positions} positions: the longest prompt, {longest_prompt} "
         f"tokens, + max_completion_length {cfg.max_completion_length}) and its sampling buffers "
         f"{need.sampling / GIB:.1f} GiB (rows x vocabulary); the training forward {need.training / GIB:.1f} GiB "
-        f"({need.training_tokens} positions, see max_tokens_per_micro_batch). Lower `num_generations`, "
+        f"({need.training_tokens} positions of one micro-batch, see max_tokens_per_micro_batch, micro_batch_size "
+        "and gradient_checkpointing). Lower `num_generations`, "
         "`prompts_per_step` or `max_completion_length` (or `max_prompt_length`)"
     )
 
 
+STARTING_THREADS = torch.get_num_threads()
+"""torch's intra-op thread count when grpokit.machine was first imported, before any stage pinned it: the CPUs the
+process may use. A later stage of the same process (the demo's GRPO after its SFT, a script running two trainers)
+must not inherit an earlier stage's `num_threads` as its default."""
+
+
 def pin_threads(num_threads: int | None) -> int:
-    """Set torch's intra-op CPU threads to `num_threads` (None: the count torch starts with, the CPUs this process
-    may use) and return the count, for the run's config to record. Setting it explicitly, even to torch's own
-    default, fixes the count MKL uses too."""
-    count = num_threads or torch.get_num_threads()
+    """Set torch's intra-op CPU threads to `num_threads` (None: `STARTING_THREADS`, the count torch started with,
+    whatever an earlier stage pinned) and return the count, for the run's config to record. Setting it explicitly,
+    even to torch's own default, fixes the count MKL uses too."""
+    count = num_threads or STARTING_THREADS
     torch.set_num_threads(count)
     return count

@@ -445,6 +445,22 @@ def load_pretrained(
             "start random: does config.json describe these weights?"
         )
     mismatched = sorted(info.get("mismatched_keys") or ())
+    renewed = [(name, saved, wanted) for name, saved, wanted in mismatched if name.startswith(new_modules)]
+    if renewed:
+        # TRL's RewardTrainer does the same with a classifier of other labels: num_labels=1, a new head, a warning
+        import warnings
+
+        from grpokit.data import InputWarning
+
+        name, saved, wanted = renewed[0]
+        warnings.warn(
+            f"config field `{field}`: {path} holds {name} of shape {list(saved)} ({saved[0]} labels); this "
+            f"{type(model).__name__} has num_labels={wanted[0]}, so that head starts newly initialised and only the "
+            "rest of the weights are kept",
+            InputWarning,
+            stacklevel=3,
+        )
+    mismatched = [m for m in mismatched if m not in renewed]
     if mismatched:
         name, saved, wanted = mismatched[0]
         raise ModelFolderError(

@@ -37,7 +37,7 @@ import torch
 
 from grpokit import algo
 from grpokit.config import ConfigError
-from grpokit.data import RESERVED_COLUMNS, check_answers, check_columns, completion_text
+from grpokit.data import RESERVED_COLUMNS, check_answers, check_columns, check_eval_answers, completion_text
 from grpokit.modeling import check_model_source, resolve_device
 from grpokit.reward_model import RewardModelScorer
 
@@ -179,9 +179,11 @@ def build_reward_funcs(
     task: Any = None,
     device: str = "cpu",
     reward_model_batch_size: int = 64,
+    field: str = "reward_funcs",
 ) -> list[tuple[str, RewardFn]]:
     """Resolve config names to (name, callable) pairs. `accuracy` uses the task's gold checker if any; a
-    folder holding a config.json is a reward model (`RewardModelScorer`), logged under the folder's name."""
+    folder holding a config.json is a reward model (`RewardModelScorer`), logged under the folder's name.
+    `field`: the config field that gave the names (`reward_funcs`, `gold_reward`), named by a folder's errors."""
     builtins: dict[str, Callable[[], RewardFn]] = {
         "accuracy": lambda: gold_reward(task.is_correct if task is not None else exact_match),
         "format": lambda: format_reward(format_pattern),
@@ -192,8 +194,8 @@ def build_reward_funcs(
         if name in builtins:
             funcs.append((name, builtins[name]()))
         elif Path(name).is_dir() and (Path(name) / "config.json").is_file():
-            check_model_source(name, field="reward_funcs", kind="reward_model")
-            scorer = RewardModelScorer(name, device=device, batch_size=reward_model_batch_size)
+            check_model_source(name, field=field, kind="reward_model")
+            scorer = RewardModelScorer(name, device=device, batch_size=reward_model_batch_size, field=field)
             funcs.append((scorer.__name__, scorer))
         elif "/" in name or Path(name).exists():
             raise ValueError(
@@ -512,12 +514,16 @@ class RewardSet:
 
 
 def reward_set(
-    cfg: Any, task: Any, train_rows: list[dict[str, Any]], funcs: list[tuple[str, RewardFn]] | None = None
+    cfg: Any,
+    task: Any,
+    train_rows: list[dict[str, Any]],
+    funcs: list[tuple[str, RewardFn]] | None = None,
+    eval_rows: list[dict[str, Any]] | None = None,
 ) -> RewardSet:
     """Resolve `cfg.reward_funcs` (or take `funcs`), `reward_weights` and `gold_reward`, and check that the
-    rows carry what they need, before any policy model loads."""
+    rows (training and held-out) carry what they need, before any policy model loads."""
 
-    def build(names: Sequence[str]) -> list[tuple[str, RewardFn]]:
+    def build(names: Sequence[str], field: str = "reward_funcs") -> list[tuple[str, RewardFn]]:
         return build_reward_funcs(
             names,
             format_pattern=cfg.format_pattern,
@@ -526,20 +532,23 @@ def reward_set(
             task=task,
             device=str(resolve_device(cfg.device)),
             reward_model_batch_size=cfg.reward_model_batch_size,
+            field=field,
         )
 
     given = funcs
     funcs = named_reward_funcs(funcs, build) if funcs is not None else build(cfg.reward_funcs)
     try:
-        gold = build([cfg.gold_reward]) if cfg.gold_reward else []
+        gold = build([cfg.gold_reward], "gold_reward") if cfg.gold_reward else []
     except ValueError as err:
         raise ConfigError(f"config field `gold_reward`: {err}") from None
     weights = cfg.reward_weights or [1.0] * len(funcs)
     if len(weights) != len(funcs):
         raise ConfigError(f"config field `reward_weights` has {len(weights)} entries for {len(funcs)} reward functions")
-    if "accuracy" in [name for name, _ in funcs + gold]:
+    gold_checked = "accuracy" in [name for name, _ in funcs + gold]
+    if gold_checked:
         check_columns(train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
         check_answers(train_rows, "train data (the `accuracy` reward compares its `answer`)")
+    check_eval_answers(eval_rows or [], gold_reward_used=gold_checked)
     available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != cfg.prompt_column)]
     for name, fn in funcs + gold:
         accepted_inputs(name, fn, available)  # a signature grpokit cannot call fails now, not at step 1
