@@ -149,3 +149,45 @@ def test_an_old_checkpoint_that_cannot_be_deleted_stays_and_the_run_goes_on(tmp_
         assert (out / "checkpoint-2").is_dir() and (out / "model").is_dir()
     finally:
         subprocess.run(["chattr", "-i", str(frozen)])
+
+
+@pytest.mark.parametrize("target", ["the base model", "a reward model"])
+def test_save_model_never_replaces_an_input_of_the_run(tmp_path, target):
+    """`trainer.save_model(<the base model folder>)` overwrote the run's own base model (also its KL reference) with
+    the trained weights, and `save_model(<the reward model's folder>)` the reward model, exit 0: both refused."""
+    import shutil
+
+    from helpers import save_tiny_reward_model
+
+    from grpokit.checkpoint import OutputExistsError
+
+    base = Path(shutil.copytree(save_tiny(tmp_path / "tiny", "llama"), tmp_path / "base"))
+    reward_model = save_tiny_reward_model(tmp_path / "rm")
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+        max_completion_length=4, use_cpu=True, report_to="none", save_strategy="no",
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=str(base), reward_funcs=[exact, str(reward_model)], args=args, train_dataset=addition_rows()
+    )
+    trainer.train()
+    folder = base if target == "the base model" else reward_model
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(OutputExistsError, match="the run's input `(model|reward_funcs)`"):
+        trainer.save_model(str(folder))
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_a_peft_config_of_rank_0_is_refused_not_trained_in_full(model, tmp_path):
+    """`peft_config=LoraConfig(r=0)` ran a full fine-tune of every weight without a word (grpokit's `lora.r: 0`
+    means no LoRA); peft itself refuses a rank below 1."""
+    from peft import LoraConfig
+
+    from grpokit.config import ConfigError
+
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_generations=2)
+    with pytest.raises(ConfigError, match=r"peft_config.r = 0: a LoRA rank must be a positive integer"):
+        GRPOTrainer(
+            model=str(model), reward_funcs=exact, args=args, train_dataset=addition_rows(), peft_config=LoraConfig(r=0)
+        )
+    assert not (tmp_path / "run").exists()

@@ -1084,6 +1084,20 @@ def _is_grpokit_checkpoint(folder: Path) -> bool:
     return folder.is_dir() and ((folder / MARKER).is_file() or (folder / STATE_FILE).is_file())
 
 
+def check_not_an_input(config: Any, target: str | Path, what: str) -> None:
+    """Saving into `target` (`what` names it) replaces no input the config names: not the model trained from
+    (also the KL reference), a reward model, the critic or a data file, nor a folder holding one or inside one."""
+    target = Path(target).resolve()
+    for field, value in _named_paths(config):
+        source = Path(value).resolve()
+        if source == target or source in target.parents or target in source.parents:
+            relation = "is" if source == target else "holds or lies inside"
+            raise OutputExistsError(
+                f"{what} {str(target)!r} {relation} the run's input `{field}` "
+                f"({value}): saving there would replace it; choose another folder"
+            )
+
+
 def _named_paths(config: Any) -> list[tuple[str, str]]:
     """(field, value) of every config field naming an existing file or folder (a list field's entries too), but
     where the run writes (`output_dir`) and what it resumes (`resume_from_checkpoint`)."""

@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from grpokit import config as native
-from grpokit.checkpoint import FinishedRunError, RunDirectory, RunDirectoryError, list_checkpoints
+from grpokit.checkpoint import (
+    FinishedRunError,
+    RunDirectory,
+    RunDirectoryError,
+    check_not_an_input,
+    list_checkpoints,
+)
 from grpokit.trl_names import (
     GRPOKIT_SOURCES,
     LOSS_TYPES,
@@ -373,6 +379,7 @@ class GRPOTrainer:
         target = Path(output_dir) if output_dir else run_folder
         if target.resolve() == run_folder.resolve():
             target = run_folder / "model"
+        check_not_an_input(self.trainer.cfg, target, "save_model's output_dir")  # the base model, a reward model
         lora_form = self.trainer.cfg.lora.save
         return self.trainer.policy.save(target, self.trainer.tokenizer, lora_form=lora_form, overwrite=True)
 
@@ -438,6 +445,10 @@ def lora_from_peft(peft_config: Any, model: Any = None) -> native.LoRAConfig:
     if peft_config.task_type not in (None, "CAUSAL_LM"):
         raise native.ConfigError(
             f"peft_config.task_type = {peft_config.task_type!r}: GRPO trains a causal LM (CAUSAL_LM)"
+        )
+    if not isinstance(peft_config.r, int) or peft_config.r < 1:  # grpokit's `lora.r: 0` means no LoRA at all
+        raise native.ConfigError(
+            f"peft_config.r = {peft_config.r!r}: a LoRA rank must be a positive integer (peft refuses it too)"
         )
     mapped = {
         "r": peft_config.r,
