@@ -191,3 +191,64 @@ def test_a_peft_config_of_rank_0_is_refused_not_trained_in_full(model, tmp_path)
             model=str(model), reward_funcs=exact, args=args, train_dataset=addition_rows(), peft_config=LoraConfig(r=0)
         )
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("how", ["pruning", "resuming an earlier checkpoint", "overwrite"])
+def test_a_file_a_user_added_to_a_checkpoint_or_tensorboard_is_never_deleted(model, tmp_path, capsys, how):
+    """A NOTES.md in a checkpoint went with it when pruning or a resume removed the checkpoint, and a user's files
+    in tensorboard/ went with --overwrite-output-dir, no word: pruning keeps such a checkpoint (said), a resume or
+    an overwrite that would delete one is refused before any work, naming the file."""
+    out = tmp_path / "run"
+    rc, err = cli(capsys, *train_args(str(model), str(out), "--save-every", "1", "--max-steps", "2", "--tensorboard"))
+    assert rc == 0, err
+    if how == "pruning":
+        (out / "checkpoint-1" / "NOTES.md").write_text("the best one")
+        with pytest.warns(UserWarning, match="checkpoint-1 is kept past save_total_limit: it holds NOTES.md"):
+            rc, err = cli(capsys, *train_args(str(model), str(out), "--save-every", "1", "--save-total-limit", "1",
+                                              "--resume-from-checkpoint", "latest", "--max-steps", "3"))  # fmt: skip
+        assert rc == 0, err
+        assert (out / "checkpoint-1" / "NOTES.md").read_text() == "the best one"
+        return
+    if how == "overwrite":
+        (out / "tensorboard" / "my_annotations.txt").write_text("mine")
+        extra, doomed = ["--overwrite-output-dir"], out / "tensorboard" / "my_annotations.txt"
+    else:
+        (out / "checkpoint-2" / "NOTES.md").write_text("mine")
+        extra, doomed = (
+            ["--resume-from-checkpoint", str(out / "checkpoint-1"), "--max-steps", "2"],
+            out / "checkpoint-2" / "NOTES.md",
+        )
+    rc, err = cli(capsys, *train_args(str(model), str(out), "--save-every", "1", *extra))
+    assert rc == 2 and f"which holds {doomed.name}: grpokit did not write them" in err, err
+    assert doomed.read_text() == "mine" and (out / "checkpoint-2").is_dir()
+
+
+@pytest.mark.parametrize("value", ["dangling", "~/from_yaml"])
+def test_an_output_dir_that_would_surprise_is_named(model, tmp_path, capsys, monkeypatch, value):
+    """A dangling symlink as output_dir ended in a FileExistsError traceback; `~/x` from a YAML file made a folder
+    literally named `~` in the working folder (and printed `model: ~/x/model`)."""
+    monkeypatch.chdir(tmp_path)
+    if value == "dangling":
+        os.symlink(tmp_path / "nothing", tmp_path / "dangling")
+    rc, err = cli(capsys, *train_args(str(model), value))
+    assert rc == 2 and "config field `output_dir`" in err and "Traceback" not in err, err
+    assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize(
+    "stage, field, value",
+    [
+        ("sft", "--forget-carry", "0.3"),
+        ("train", "--task-num-digits", "3"),
+        ("reward-model", "--labeler-flaw", "longer"),
+    ],
+)
+def test_a_field_of_the_built_in_task_with_rows_from_a_file_is_refused(tmp_path, capsys, model, stage, field, value):
+    """`--forget-carry 0.3` with SFT data from a file, `--task-num-digits 3` or `--labeler-flaw longer` with a data
+    file: recorded in config.yaml and doing nothing, exit 0; refused naming the field before any work."""
+    data = tmp_path / "rows.jsonl"
+    row = {"prompt": "1+1=", "answer": "2", "completion": "2", "chosen": "2", "rejected": "3"}
+    data.write_text("\n".join(json.dumps(row) for _ in range(4)) + "\n")
+    rc, err = cli(capsys, stage, "--model", model, "--train-data", data, "--output-dir", tmp_path / "out", field, value)
+    assert rc == 2 and f"config field `{field[2:].replace('-', '_')}`" in err and "it would do nothing" in err, err
+    assert not (tmp_path / "out").exists()

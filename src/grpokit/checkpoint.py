@@ -298,7 +298,8 @@ def atomic_folder(
                 (tmp / PROVENANCE).write_text(json.dumps({"kind": kind, "grpokit": __version__, "files": written}))
             _fsync_tree(tmp)
             if marker is not None:
-                (tmp / MARKER).write_text(json.dumps(marker))
+                # with the names it holds: pruning or a rewrite finds a file a user added later, and keeps it
+                (tmp / MARKER).write_text(json.dumps({**marker, "files": sorted(p.name for p in tmp.iterdir())}))
                 _fsync_tree(tmp)
             if kind is not None:
                 check_replaceable(path, kind, overwrite=overwrite)
@@ -369,8 +370,29 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *,
         write(tmp)
     if keep > 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:
+            added = foreign_files(old)
+            if added:
+                warnings.warn(f"{old} is kept past save_total_limit: it holds {', '.join(added[:3])}, which grpokit "
+                              "did not write", stacklevel=2)  # fmt: skip
+                continue
             remove_left_over(old, "an older checkpoint than the newest save_total_limit")
     return path
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files in a folder grpokit writes whole and later deletes or replaces (a checkpoint, the run's TensorBoard
+    folder) that grpokit did not write: a user's notes, another run's events. A checkpoint's marker lists what it
+    wrote (one from before the list: nothing is taken as foreign); TensorBoard's folder holds only event files."""
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.iterdir())
+    if folder.name == "tensorboard":
+        return [n for n in names if not (n.startswith("events.out.tfevents.") and (folder / n).is_file())]
+    try:
+        written = json.loads((folder / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if n not in written and n != MARKER] if isinstance(written, list) else []
 
 
 def remove_left_over(folder: Path, what: str) -> None:
@@ -707,6 +729,7 @@ class RunDirectory:
                     "`--resume-from-checkpoint latest`, replace it with `--overwrite-output-dir`, or "
                     "choose another output_dir"
                 )
+            self._check_left_alone(None)
             return None
         if self.resume_from == "latest":
             found = list_checkpoints(self.path)
@@ -737,6 +760,7 @@ class RunDirectory:
                     f"config field `resume_from_checkpoint`: {checkpoint} is not a checkpoint of output_dir {self.path}"
                 )
         self.verify(checkpoint)
+        self._check_left_alone(checkpoint)
         return checkpoint
 
     def _nothing_to_resume(self) -> str:
@@ -991,11 +1015,33 @@ class RunDirectory:
         never before: a resume that fails leaves every checkpoint where it was."""
         if not self.writer or self.checkpoint is None:
             return
-        step = checkpoint_step(self.checkpoint)
-        for later_step, later in list_checkpoints(self.path):
-            if later_step > step:
-                with writing(later):  # one left would be `latest` again: it goes, or the run stops here
-                    shutil.rmtree(later)
+        for later in self._later_checkpoints(self.checkpoint):
+            print(f"resuming {self.checkpoint.name}: the later {later.name} goes (its steps are trained again)",
+                  file=sys.stderr)  # fmt: skip
+            with writing(later):  # one left would be `latest` again: it goes, or the run stops here
+                shutil.rmtree(later)
+
+    def _later_checkpoints(self, checkpoint: Path) -> list[Path]:
+        step = checkpoint_step(checkpoint)
+        return [later for later_step, later in list_checkpoints(self.path) if later_step > step]
+
+    def _check_left_alone(self, checkpoint: Path | None) -> None:
+        """Before any work: what this run will delete (a fresh run under overwrite: the earlier run's checkpoints
+        and TensorBoard folder; a resume: the checkpoints after the one resumed) holds no file grpokit did not
+        write; such a file is named and the run refused."""
+        if checkpoint is not None:
+            doomed = self._later_checkpoints(checkpoint)
+        elif self.overwrite:
+            doomed = [p for _, p in list_checkpoints(self.path)] + [self.path / "tensorboard"]
+        else:
+            return
+        for folder in doomed:
+            added = foreign_files(folder)
+            if added:
+                raise RunDirectoryError(
+                    f"{'resuming ' + str(checkpoint) if checkpoint else '--overwrite-output-dir'} would delete "
+                    f"{folder}, which holds {', '.join(added[:3])}: grpokit did not write them; move them out first"
+                )
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
         self._restore_signal_handlers()

@@ -55,6 +55,9 @@ class LoRAConfig:
 class RunConfig:
     """Fields every stage shares: where the model and data come from, where the run goes."""
 
+    # fields that shape a built-in task's rows: with rows from a file (or handed in) they would do nothing
+    task_fields: typing.ClassVar[tuple[str, ...]] = ("task_num_digits",)
+
     model: str = ""
     """Path to a model folder in `save_pretrained` form (weights, config and tokenizer)."""
     output_dir: str = "runs/run"
@@ -133,6 +136,15 @@ class RunConfig:
             _require(self.train_data is None, "train_data", "is set but training rows were passed in: use one")
         elif (self.task is None) == (self.train_data is None):
             raise ConfigError("set exactly one of `task` (a built-in task) and `train_data` (a file or folder)")
+        if self.task is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in self.task_fields:
+                _require(
+                    getattr(self, name) == defaults[name],
+                    name,
+                    f"is {getattr(self, name)!r}, but it shapes a built-in `task`'s rows, and this run's rows come "
+                    "from `train_data` (or are handed in): it would do nothing; leave it out",
+                )
         if self.task is not None:
             from grpokit.tasks import TASKS
 
@@ -251,7 +263,8 @@ class GRPOConfig(RunConfig):
     eval_temperature: float = 1.0
     """Temperature of the sampled evaluation (greedy is always reported as well)."""
     log_completions_every: int = 10
-    """Write sampled completions to completions.jsonl every this many steps."""
+    """Write sampled completions to completions.jsonl every this many steps (and at step 1): every prompt of the step
+    with every (num_generations // 2)-th of its completions, with its reward and advantage."""
     tensorboard: bool = True
     """Write TensorBoard events to the run directory (scalars, and the sampled completions as text)."""
     wandb: bool = False
@@ -486,6 +499,7 @@ class SFTConfig(RunConfig):
     """Column holding the target completion (with a built-in task: the imperfect demonstrator's answer)."""
     forget_carry: float = 0.5
     """Built-in `addition` task: probability that the demonstrator forgets each carry."""
+    task_fields: typing.ClassVar[tuple[str, ...]] = (*RunConfig.task_fields, "forget_carry")
     learning_rate: float = 1e-3
     """Peak AdamW learning rate."""
     max_steps: int = 1000
@@ -520,6 +534,7 @@ class RewardModelConfig(RunConfig):
     """Optional column with a per-pair margin m: the loss becomes -log sigmoid(r_chosen - r_rejected - m)."""
     center_rewards_coefficient: float = 0.01
     """Adds coef * mean((r_chosen + r_rejected)^2), which keeps rewards centred on 0 (Eisenstein et al. 2023)."""
+    task_fields: typing.ClassVar[tuple[str, ...]] = (*RunConfig.task_fields, "labeler_flaw")
     labeler_flaw: Literal["none", "longer"] = "none"
     """Built-in task only: the synthetic labeler's systematic flaw (`longer`: between two answers of different
     length it prefers the longer one, right or wrong)."""
@@ -622,6 +637,10 @@ def check_output_dir(path: str, name: str = "output_dir", *, model: str = "") ->
     import tempfile
 
     _require(path != "", name, "is empty: give the folder the run writes to")
+    _require(not (os.path.islink(path) and not os.path.exists(path)), name, f"is {path!r}, a symbolic link to nothing")
+    _require(
+        not path.startswith("~"), name, f"is {path!r}: `~` is not expanded here (a YAML value): write the full path"
+    )
     target = Path(os.path.abspath(os.path.expanduser(path)))
     # the longest name a run writes below it (checkpoint-123456/.tmp-...) must fit the file system's limits
     longest_name, path_max = max(len(part) for part in target.parts), 4096 - 200
