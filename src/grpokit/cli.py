@@ -112,7 +112,8 @@ def resume_command(argv: list[str]) -> str:
     """The command that resumes the run `argv` started (itself resumed or overwritten, perhaps)."""
     kept, skip = [], False
     for arg in argv:
-        if skip or arg in ("--overwrite-output-dir", "--no-overwrite-output-dir"):
+        dropped = ("--overwrite-output-dir", "--no-overwrite-output-dir")
+        if skip or arg in dropped or arg.startswith("--resume-from-checkpoint="):
             skip = False
             continue
         skip = arg == "--resume-from-checkpoint"
