@@ -103,10 +103,24 @@ def test_a_bad_row_of_a_parquet_file_is_named_by_its_row(tmp_path, model, capsys
     assert f"{data}, row 1: column 'answer' is empty" in err, err
 
 
+def test_a_json_array_of_rows_is_read_with_the_checks_of_jsonl(tmp_path):
+    data = tmp_path / "add.json"
+    data.write_text(json.dumps(ROWS, indent=2))
+    assert load_rows(data) == ROWS
+    data.write_text('[{"prompt": "1+2=", "answer": "3"}, ["4+4=", "8"]]')
+    with pytest.raises(DataError, match=r"add\.json, row 1: expected a JSON object per row of the array, got list"):
+        load_rows(data)
+    data.write_text('[{"prompt": "1+2=", "answer": "3", "answer": "4"}]')
+    with pytest.raises(DataError, match=r"add\.json: the key 'answer' is given twice"):
+        load_rows(data)
+
+
 def test_a_binary_file_that_is_no_known_table_names_the_formats(tmp_path):
     data = tmp_path / "add.bin"
     data.write_bytes(b"PAR1\x15\x04\xff\xfe")
-    with pytest.raises(DataError, match=r"not UTF-8 text .* JSONL, \.parquet, \.csv or a `datasets` folder"):
+    with pytest.raises(
+        DataError, match=r"not UTF-8 text .* JSONL, a JSON array, \.parquet, \.csv or a `datasets` folder"
+    ):
         load_rows(data)
 
 

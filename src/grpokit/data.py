@@ -54,8 +54,8 @@ def where(rows: list[dict[str, Any]], i: int, source: str) -> str:
 
 
 def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, Any]]:
-    """A JSONL file (one JSON object per line), a .parquet or .csv file, or a folder written by
-    `datasets.Dataset.save_to_disk`."""
+    """A JSONL file (one JSON object per line) or a JSON array of objects, a .parquet or .csv file, or a folder
+    written by `datasets.Dataset.save_to_disk`."""
     from grpokit.modeling import is_hub_id
 
     if is_hub_id(path):
@@ -85,8 +85,10 @@ def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, 
     except UnicodeDecodeError as err:
         raise DataError(
             f"config field `{field}`: {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
-            "train and eval data are JSONL, .parquet, .csv or a `datasets` folder"
+            "train and eval data are JSONL, a JSON array, .parquet, .csv or a `datasets` folder"
         ) from None
+    if text.lstrip().startswith("["):  # a JSON array of rows, as `datasets` reads .json too; not a line per row
+        return _array_rows(text, path, field)
     rows, lines = [], []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -122,6 +124,22 @@ def _table_rows(path: Path, field: str) -> Rows:
     if table.num_rows == 0:
         raise DataError(f"{path} holds no rows")
     return Rows(table.to_pylist(), f"{field} {path}")
+
+
+def _array_rows(text: str, path: Path, field: str) -> Rows:
+    """A JSON array of objects: the same refusals as JSONL (a key twice, NaN), rows named by their index."""
+    try:
+        rows = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except ValueError as err:  # a duplicate key, or NaN / Infinity
+        raise DataError(f"{path}: {err}") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {i}: expected a JSON object per row of the array, got {type(row).__name__}")
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    return Rows(rows, f"{field} {path}")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
