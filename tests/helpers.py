@@ -144,3 +144,24 @@ class RecordingSampler(KVCacheSampler):
     def generate(self, *args, **kwargs):
         self.rollouts.append(super().generate(*args, **kwargs))
         return self.rollouts[-1]
+
+
+def overriding(args: list, *extra) -> list[str]:
+    """`args` then `extra`, where an option in `extra` replaces the same option (and its values) in `args`: grpokit
+    refuses a field given twice on one command line, so a test helper's defaults give way to the test's own."""
+
+    def name(arg) -> str | None:
+        arg = str(arg)
+        if not arg.startswith("--"):
+            return None
+        key = arg[2:].split("=", 1)[0].replace("_", "-")
+        return key[3:] if key.startswith("no-") else key
+
+    replaced = {name(arg) for arg in extra} - {None}
+    kept, dropping = [], False
+    for arg in args:
+        if name(arg) is not None:
+            dropping = name(arg) in replaced
+        if not dropping:
+            kept.append(arg)
+    return [*kept, *extra]

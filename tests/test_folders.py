@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, digit_share, save_tiny, save_tiny_reward_model, step_rows
+from helpers import config, digit_share, overriding, save_tiny, save_tiny_reward_model, step_rows
 
 from grpokit.checkpoint import list_checkpoints
 from grpokit.cli import main
@@ -34,11 +34,11 @@ def cli(capsys, *argv) -> tuple[int, str]:
 
 
 def train_args(model, out, *extra) -> list[str]:
-    return [
+    return overriding([
         "--model", model, "--task", "addition", "--output-dir", out, "--max-steps", "1", "--prompts-per-step", "2",
         "--num-generations", "2", "--max-completion-length", "4", "--num-train-prompts", "8",
-        "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard", *extra,
-    ]  # fmt: skip
+        "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard"
+    ], *extra)  # fmt: skip
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import config, digit_share, read_jsonl, save_tiny, save_tiny_reward_model
+from helpers import config, digit_share, overriding, read_jsonl, save_tiny, save_tiny_reward_model
 
 from grpokit.cli import main
 from grpokit.config import ConfigError, PPOConfig, RewardModelConfig, SFTConfig
@@ -60,9 +60,9 @@ def sft_config(model, out, **overrides) -> SFTConfig:
 
 
 def grpo_args(model, out, *extra) -> list[str]:
-    return ["train", "--model", model, "--output-dir", out, "--task", "addition", "--max-steps", "1",
+    return overriding(["train", "--model", model, "--output-dir", out, "--task", "addition", "--max-steps", "1",
             "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "4",
-            "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard", *extra]  # fmt: skip
+            "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard"], *extra)  # fmt: skip
 
 
 # ---------------------------------------------------------------- class 3: a folder loaded as something it is not

@@ -12,7 +12,7 @@ import json
 import shutil
 
 import pytest
-from helpers import read_jsonl, save_tiny, save_tiny_reward_model
+from helpers import overriding, read_jsonl, save_tiny, save_tiny_reward_model
 
 from grpokit.checkpoint import RECORD_FILE, RUN_ID_FILE, ResumeWarning
 from grpokit.cli import main
@@ -32,18 +32,18 @@ def write_rows(path, data: list[dict]):
 
 
 def grpo_args(model, data, out, *extra: str) -> list[str]:
-    return [
+    return overriding([
         "train", "--model", str(model), "--train-data", str(data), "--output-dir", str(out),
         "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "4",
-        "--learning-rate", "1e-3", "--beta", "0.1", "--no-tensorboard", *COMMON, *extra,
-    ]  # fmt: skip
+        "--learning-rate", "1e-3", "--beta", "0.1", "--no-tensorboard", *COMMON
+    ], *extra)  # fmt: skip
 
 
 def sft_args(model, data, out, *extra: str) -> list[str]:
-    return [
+    return overriding([
         "sft", "--model", str(model), "--train-data", str(data), "--output-dir", str(out),
-        "--batch-size", "2", "--max-completion-length", "4", *COMMON, *extra,
-    ]  # fmt: skip
+        "--batch-size", "2", "--max-completion-length", "4", *COMMON
+    ], *extra)  # fmt: skip
 
 
 def resume_latest(model, data, out, *extra: str) -> list[str]:
@@ -116,7 +116,7 @@ def test_a_damaged_earlier_checkpoint_keeps_the_later_ones(world, tmp_path, caps
     state = out / "checkpoint-2" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:200])
     argv = grpo_args(world["model"], world["data"], out, "--resume-from-checkpoint", str(out / "checkpoint-2"))
-    rc, err = cli(capsys, [*argv, "--max-steps", "4"])
+    rc, err = cli(capsys, overriding(argv, "--max-steps", "4"))
     assert rc == 2 and "checkpoint-2: trainer_state.pt is damaged" in err
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]  # checkpoint-4 is still there to resume
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
@@ -128,7 +128,7 @@ def test_data_that_shrank_is_refused_before_any_checkpoint_goes(world, tmp_path,
     assert main(grpo_args(world["model"], data, out, "--max-steps", "2", "--save-every", "1")) == 0
     write_rows(data, rows(2))  # the same file, 2 rows left
     argv = grpo_args(world["model"], data, out, "--resume-from-checkpoint", str(out / "checkpoint-1"))
-    rc, err = cli(capsys, [*argv, "--max-steps", "2"])
+    rc, err = cli(capsys, overriding(argv, "--max-steps", "2"))
     assert checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
     assert rc == 2 and "the rows of `train_data`: 8 rows, sha256 " in err and " -> 2 rows, sha256 " in err
 
@@ -226,7 +226,7 @@ def test_a_replaced_reward_model_folder_is_refused(world, tmp_path, capsys):
 
     weights = load_file(scorer / "model.safetensors")  # the score head retrained, in the same folder
     save_file({**weights, "score.weight": -weights["score.weight"]}, scorer / "model.safetensors", {"format": "pt"})
-    rc, err = cli(capsys, [*argv, "--resume-from-checkpoint", "latest", "--max-steps", "2"])
+    rc, err = cli(capsys, overriding(argv, "--resume-from-checkpoint", "latest", "--max-steps", "2"))
     assert rc == 2 and f"reward model {scorer}: " in err and " bytes, sha256 " in err
 
 
@@ -292,7 +292,7 @@ def test_sft_refuses_data_that_shrank(world, sft_run, capsys):
     out, data = sft_run["run"], sft_run["data"]
     write_rows(data, read_jsonl(data)[:2])  # the same file, 2 rows left
     argv = sft_args(world["model"], data, out, "--resume-from-checkpoint", str(out / "checkpoint-1"))
-    rc, err = cli(capsys, [*argv, "--max-steps", "3"])
+    rc, err = cli(capsys, overriding(argv, "--max-steps", "3"))
     assert rc == 2 and "the rows of `train_data`: 8 rows, sha256 " in err and " -> 2 rows, sha256 " in err
     assert checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
 
@@ -321,5 +321,5 @@ def test_reward_model_refuses_changed_pairs(world, tmp_path, capsys):
             "--batch-size", "2", "--max-steps", "1", *COMMON]  # fmt: skip
     assert main(argv) == 0
     write_rows(data, [{**pairs[0], "chosen": "9", "rejected": "2"}, *pairs[1:]])  # one pair flipped, same count
-    rc, err = cli(capsys, [*argv, "--resume-from-checkpoint", "latest", "--max-steps", "2"])
+    rc, err = cli(capsys, overriding(argv, "--resume-from-checkpoint", "latest", "--max-steps", "2"))
     assert rc == 2 and "the rows of `train_data`: 8 rows, sha256 " in err and " -> 8 rows, sha256 " in err

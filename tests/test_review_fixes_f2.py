@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny
+from helpers import overriding, save_tiny
 
 from grpokit.cli import main
 
@@ -26,11 +26,11 @@ def cli(capsys, *argv) -> tuple[int, str]:
 
 
 def train_args(model, out, *extra) -> list[str]:
-    return [
+    return overriding([
         "--model", model, "--task", "addition", "--output-dir", out, "--max-steps", "1", "--prompts-per-step", "2",
         "--num-generations", "2", "--max-completion-length", "4", "--num-train-prompts", "8",
-        "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard", *extra,
-    ]  # fmt: skip
+        "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard"
+    ], *extra)  # fmt: skip
 
 
 def kind(folder: Path) -> str:

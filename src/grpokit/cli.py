@@ -112,7 +112,8 @@ def resume_command(argv: list[str]) -> str:
     """The command that resumes the run `argv` started (itself resumed or overwritten, perhaps)."""
     kept, skip = [], False
     for arg in argv:
-        if skip or arg in ("--overwrite-output-dir", "--no-overwrite-output-dir"):
+        dropped = ("--overwrite-output-dir", "--no-overwrite-output-dir")
+        if skip or arg in dropped or arg.startswith("--resume-from-checkpoint="):
             skip = False
             continue
         skip = arg == "--resume-from-checkpoint"
@@ -321,6 +322,7 @@ def _init(args: list[str]) -> int:
     from grpokit.tasks import build_char_tokenizer, tiny_model
 
     cfg = parse_config(InitConfig, args, "grpokit init")
+    cfg.validate()  # before anything is built or written
     overwrite = cfg.overwrite_output_dir
     check_replaceable(cfg.output_dir, "model", overwrite=overwrite, what="output_dir", ask="--overwrite-output-dir")
     tokenizer = build_char_tokenizer()
@@ -352,6 +354,9 @@ def _demo(args: list[str]) -> int:
     from grpokit.demo import run_demo, run_pipeline
 
     cfg = parse_config(DemoConfig, args, "grpokit demo")
+    from grpokit.tasks.models import check_sizes
+
+    check_sizes(cfg.hidden_size, cfg.num_layers)  # before the data, the SFT run and its folders
     (run_pipeline if cfg.pipeline else run_demo)(cfg)
     return 0
 

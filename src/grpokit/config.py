@@ -759,6 +759,9 @@ def check_override_names(cls: type, args: list[str]) -> None:
     """`--some-field value` on the command line names a field of `cls`, or gets the same answer as in YAML (tyro's
     own message would not know TRL's names)."""
     names = {f.name for f in dataclasses.fields(cls)}
+    # A field given twice is refused like a key twice in YAML: "last one wins" would hide which value the run used.
+    # `--x` and `--no-x` set the same boolean, and `--lora.r` is the field `lora.r`, not `lora`.
+    first_given: dict[str, str] = {}
     for arg in args:
         if arg.startswith("--") and arg not in ("--help",):
             key = arg[2:].split("=", 1)[0].replace("-", "_")
@@ -766,6 +769,11 @@ def check_override_names(cls: type, args: list[str]) -> None:
             top = key.split(".", 1)[0]
             if top not in names and key not in names:
                 raise ConfigError(f"command line: unknown option `{arg}` for {cls.__name__}{_nearest(key, names)}")
+            if key in first_given:
+                raise ConfigError(
+                    f"command line: field {key} given twice (`{first_given[key]}` and `{arg}`); give it once"
+                )
+            first_given[key] = arg
 
 
 def load_yaml(cls: type, path: str | Path) -> Any:
@@ -885,3 +893,8 @@ class InitConfig:
     """Transformer blocks."""
     seed: int = 0
     """Seed of the random initialisation."""
+
+    def validate(self) -> None:
+        from grpokit.tasks.models import check_sizes
+
+        check_sizes(self.hidden_size, self.num_layers)

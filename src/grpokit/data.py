@@ -54,7 +54,8 @@ def where(rows: list[dict[str, Any]], i: int, source: str) -> str:
 
 
 def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, Any]]:
-    """A JSONL file (one JSON object per line) or a folder written by `datasets.Dataset.save_to_disk`."""
+    """A JSONL file (one JSON object per line) or a JSON array of objects, a .parquet or .csv file, or a folder
+    written by `datasets.Dataset.save_to_disk`."""
     from grpokit.modeling import is_hub_id
 
     if is_hub_id(path):
@@ -74,13 +75,20 @@ def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, 
         if isinstance(data, datasets.DatasetDict):
             raise DataError(f"{path} holds splits {list(data)}; point `{field}` at one split's folder")
         return Rows([dict(row) for row in data], f"{field} {path}")
+    if path.suffix.lower() in TABLE_READERS:
+        return _table_rows(path, field)
     raw = path.read_bytes()
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise DataError(f"config field `{field}`: {path} is UTF-16 (its byte-order mark says so); save it as UTF-8")
     try:
         text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is dropped
     except UnicodeDecodeError as err:
-        raise DataError(f"config field `{field}`: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+        raise DataError(
+            f"config field `{field}`: {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+            "train and eval data are JSONL, a JSON array, .parquet, .csv or a `datasets` folder"
+        ) from None
+    if text.lstrip().startswith("["):  # a JSON array of rows, as `datasets` reads .json too; not a line per row
+        return _array_rows(text, path, field)
     rows, lines = [], []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -98,6 +106,40 @@ def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, 
     if not rows:
         raise DataError(f"{path} holds no rows")
     return Rows(rows, f"{field} {path}", lines)
+
+
+# Tables read with pyarrow (what `datasets` reads them with), straight into rows: no `datasets` cache folder.
+TABLE_READERS = {".parquet": "pyarrow.parquet:read_table", ".csv": "pyarrow.csv:read_csv"}
+
+
+def _table_rows(path: Path, field: str) -> Rows:
+    """A .parquet / .csv file's rows (row numbers count from 0, as in `datasets`), checked as any other rows."""
+    import importlib
+
+    module, function = TABLE_READERS[path.suffix.lower()].split(":")
+    try:
+        table = getattr(importlib.import_module(module), function)(str(path))
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError: a damaged or mis-named file
+        raise DataError(f"config field `{field}`: {path} could not be read as {path.suffix[1:]} ({err})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path} holds no rows")
+    return Rows(table.to_pylist(), f"{field} {path}")
+
+
+def _array_rows(text: str, path: Path, field: str) -> Rows:
+    """A JSON array of objects: the same refusals as JSONL (a key twice, NaN), rows named by their index."""
+    try:
+        rows = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except ValueError as err:  # a duplicate key, or NaN / Infinity
+        raise DataError(f"{path}: {err}") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {i}: expected a JSON object per row of the array, got {type(row).__name__}")
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    return Rows(rows, f"{field} {path}")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from grpokit.checkpoint import atomic_folder, save_model
-from grpokit.config import LoRAConfig
+from grpokit.config import ConfigError, LoRAConfig
 
 
 def apply_lora(model: Any, cfg: LoRAConfig) -> Any:
@@ -34,6 +34,8 @@ def apply_lora(model: Any, cfg: LoRAConfig) -> Any:
     target_modules = cfg.target_modules
     if target_modules == ["all-linear"]:
         target_modules = "all-linear"  # peft's keyword is a plain string, not a module name
+    else:
+        check_target_modules(model, target_modules)
     peft_config = LoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.r,
@@ -44,6 +46,27 @@ def apply_lora(model: Any, cfg: LoRAConfig) -> Any:
     with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecated; nothing for users to do
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, peft_config)
+
+
+def check_target_modules(model: Any, target_modules: list[str]) -> None:
+    """Every name in lora.target_modules matches a module of `model`, as peft matches a list (the whole module name
+    or its last dotted parts). peft refuses a list where nothing matches, but adapts the rest silently when one name
+    of several (a typo) matches nothing: the run would train fewer layers than the config says."""
+    module_names = [name for name, _ in model.named_modules() if name]
+    unmatched = [
+        target
+        for target in target_modules
+        if not any(name == target or name.endswith(f".{target}") for name in module_names)
+    ]
+    if unmatched:
+        linear_names = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ConfigError(
+            f"config field lora.target_modules: {', '.join(map(repr, unmatched))} "
+            f"match{'es' if len(unmatched) == 1 else ''} no module of the model; its linear layers are "
+            f"{', '.join(linear_names)} (or give 'all-linear')"
+        )
 
 
 def uses_lora(model: Any) -> bool:

@@ -237,6 +237,37 @@ def check_model_source(path, *, field: str = "model", tokenizer: bool = True, ki
         )
 
 
+# config.json's sizes; one below 1 builds a model transformers fails on only later, in its own words (-1 layers:
+# "__len__() should return >= 0" at the first generation), or saves without a word.
+MODEL_SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+
+
+def check_model_sizes(spec: dict, prefix: str) -> None:
+    """config.json's sizes are whole numbers >= 1, and its width splits into its attention heads."""
+    for key in MODEL_SIZE_KEYS:
+        value = spec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelFolderError(
+                f"{prefix}: its config.json says {key} {value!r}; a model needs a whole number >= 1 there (is this "
+                "config.json the one saved with the weights?)"
+            )
+    hidden, heads = spec.get("hidden_size"), spec.get("num_attention_heads")
+    if spec.get("head_dim") is None and hidden and heads and hidden % heads:
+        raise ModelFolderError(
+            f"{prefix}: its config.json says hidden_size {hidden}, which {heads} attention heads "
+            "(num_attention_heads) do not divide evenly: no model can be built from it"
+        )
+
+
 def check_model_spec(spec: dict, path: Path, *, field: str, kind: str) -> None:
     """config.json's `model_type` is one transformers knows, and its `architectures` are the `kind` asked for: a
     causal LM is not a classifier; a reward model is a classifier with one output."""
@@ -249,6 +280,7 @@ def check_model_spec(spec: dict, path: Path, *, field: str, kind: str) -> None:
             f"{prefix}: its config.json says model_type {model_type!r}, which transformers {__version__} does not "
             "know (a typo, or a model newer than this transformers: upgrade transformers)"
         )
+    check_model_sizes(spec, prefix)
     architectures = spec.get("architectures") or []
     classifier = any(a.endswith(CLASSIFIER_SUFFIX) for a in architectures)
     if kind == "causal_lm" and classifier:

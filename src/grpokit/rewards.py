@@ -158,16 +158,43 @@ def import_reward(spec: str) -> RewardFn:
         # next to the config imports either way (appended: it never shadows an installed package)
         sys.path.append(os.getcwd())
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        module = importlib.import_module(module_name)
     except SyntaxError as err:
         raise ValueError(
             f"reward function {spec!r} could not be imported: {err.msg} at {err.filename}:{err.lineno}"
         ) from None
-    except Exception as err:  # ImportError, AttributeError, or whatever the module raises while it imports
+    except Exception as err:  # ImportError, or whatever the module raises while it imports
         raise ValueError(f"reward function {spec!r} could not be imported: {type(err).__name__}: {err}") from err
+    if not hasattr(module, attr):
+        raise ValueError(
+            f"reward function {spec!r} could not be imported: the module {module_name!r} that Python imported, "
+            f"{getattr(module, '__file__', None) or '(built in)'}, has no attribute {attr!r}{_shadowing(module)}"
+        )
+    fn = getattr(module, attr)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable")
     return fn
+
+
+def _shadowing(module: Any) -> str:
+    """Why a module of the user's may not be the one imported: its name is also a standard library module's
+    (`calendar.py` beside the config imports Python's own calendar; on PYTHONPATH it replaces it for everyone)."""
+    import sysconfig
+
+    top = module.__name__.split(".")[0]
+    if top not in sys.stdlib_module_names:
+        return ""
+    file = getattr(module, "__file__", None)
+    stdlib = {os.path.realpath(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib")}
+    if file is None or any(os.path.realpath(file).startswith(folder + os.sep) for folder in stdlib):
+        return (
+            f": that is the standard library's {top!r}, which shadows a module of yours of the same name; rename "
+            f"your {top}.py (e.g. my_{top}.py) and name it in reward_funcs"
+        )
+    return (
+        f": this file shadows the standard library module {top!r} (everything that imports {top!r} gets it); "
+        f"rename it (e.g. my_{top}.py)"
+    )
 
 
 def build_reward_funcs(

@@ -13,6 +13,22 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
 
 CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+NUM_HEADS = 4  # attention heads of every tiny model `grpokit init` / `demo` build
+
+
+def check_sizes(hidden_size: int, num_layers: int, num_heads: int = NUM_HEADS) -> None:
+    """Sizes a tiny model can be built and run with, refused by the names `init` and `demo` take (transformers would
+    fail later, in a traceback: a width not divisible by the heads, 0 ** -x in the rotary frequencies, or a folder
+    with -1 layers saved without a word). Each head's width must be even: rotary positions rotate pairs."""
+    from grpokit.config import ConfigError
+
+    if num_layers < 1:
+        raise ConfigError(f"config field `num_layers` must be >= 1, got {num_layers}")
+    if hidden_size < 1 or hidden_size % (2 * num_heads):
+        raise ConfigError(
+            f"config field `hidden_size` must be a positive multiple of {2 * num_heads} ({num_heads} attention heads, "
+            f"each of an even width for the rotary positions), got {hidden_size}"
+        )
 
 
 def tiny_model(
@@ -22,7 +38,7 @@ def tiny_model(
     hidden_size: int = 64,
     intermediate_size: int | None = None,
     num_layers: int = 2,
-    num_heads: int = 4,
+    num_heads: int = NUM_HEADS,
     num_kv_heads: int | None = None,
     max_position_embeddings: int = 128,
     seed: int = 0,
@@ -43,6 +59,7 @@ def tiny_model(
     """
     if arch not in CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(CONFIGS)}")
+    check_sizes(hidden_size, num_layers, num_heads)
     config = CONFIGS[arch](
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
