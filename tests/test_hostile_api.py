@@ -9,7 +9,6 @@ import pytest
 import torch
 from helpers import RecordingSampler, config, save_tiny
 
-from grpokit.sampler import SamplerError
 from grpokit.trainer import GRPOTrainer
 from grpokit.types import Rollout
 
@@ -51,6 +50,8 @@ MANGLED = {
 
 
 def test_what_a_sampler_returns_is_checked_every_step_naming_the_sampler(tmp_path):
+    from grpokit.sampler import SamplerError
+
     sampler = MangledSampler(lambda r: r)
     trainer = GRPOTrainer(config(save_tiny(tmp_path / "tiny"), tmp_path / "out", max_steps=1), sampler=sampler)
     assert isinstance(trainer.sample().rollout, Rollout)  # the sampler's own answer passes
@@ -59,3 +60,43 @@ def test_what_a_sampler_returns_is_checked_every_step_naming_the_sampler(tmp_pat
         with pytest.raises(SamplerError, match=r"`sampler` \(MangledSampler\)\.generate returned (a Rollout whose )?.*" + message):
             trainer.sample()
         print(case, "refused")
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_model(tmp_path):
+    from grpokit.arguments import ArgumentError
+    from grpokit.tasks import build_char_tokenizer, tiny_model
+
+    with torch.device("meta"):  # as accelerate's init_empty_weights makes it: shapes, no values
+        model = tiny_model(build_char_tokenizer(), "qwen2", hidden_size=32)
+    with pytest.raises(ArgumentError, match=r"`model` has its weights on the meta device \(e\.g\. model\.embed"):
+        GRPOTrainer(config("never-loaded", tmp_path / "out"), model=model)
+    assert not (tmp_path / "out").exists()
+
+
+def _ppo_config(grpo_config):
+    from grpokit.config import GRPOConfig, PPOConfig
+
+    return PPOConfig(**{f.name: getattr(grpo_config, f.name) for f in dataclasses.fields(GRPOConfig)})
+
+
+def test_a_critic_argument_is_checked_before_any_work_naming_critic(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grpokit.arguments import ArgumentError
+    from grpokit.critic import ValueModel
+    from grpokit.ppo import PPOTrainer
+
+    lm = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "tiny"))
+    cfg = _ppo_config(config(tmp_path / "tiny", tmp_path / "out", max_steps=1))
+    hidden = lm.config.hidden_size
+    critics = {
+        r"`critic` is an object; expected a grpokit\.critic\.ValueModel": object(),
+        rf"`critic`'s head reads 7 features but its body \(Qwen2Model\) has hidden size {hidden}": ValueModel(
+            lm.model, torch.nn.Linear(7, 1)
+        ),
+        r"`critic` wraps a whole causal LM \(Qwen2ForCausalLM\).*ValueModel\(model\.get_decoder\(\)\)": ValueModel(lm),
+    }
+    for message, critic in critics.items():
+        with pytest.raises(ArgumentError, match=message):
+            PPOTrainer(cfg, critic=critic)
+        assert not (tmp_path / "out").exists()
