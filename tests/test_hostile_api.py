@@ -100,3 +100,16 @@ def test_a_critic_argument_is_checked_before_any_work_naming_critic(tmp_path):
         with pytest.raises(ArgumentError, match=message):
             PPOTrainer(cfg, critic=critic)
         assert not (tmp_path / "out").exists()
+
+
+def test_reward_model_pairs_handed_in_without_held_out_ones_or_a_task_train_with_no_accuracy(tmp_path):
+    from grpokit.config import RewardModelConfig
+    from grpokit.reward_model import train_reward_model
+
+    cfg = RewardModelConfig(
+        model=str(save_tiny(tmp_path / "tiny")), output_dir=str(tmp_path / "rm"), max_steps=1, batch_size=4,
+        max_completion_length=4, device="cpu", warmup_steps=0,
+    )  # fmt: skip
+    result = train_reward_model(cfg, train_pairs=[{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 4)
+    assert result.eval_accuracy is None
+    assert result.model_dir.is_dir()
