@@ -113,3 +113,23 @@ def test_reward_model_pairs_handed_in_without_held_out_ones_or_a_task_train_with
     result = train_reward_model(cfg, train_pairs=[{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 4)
     assert result.eval_accuracy is None
     assert result.model_dir.is_dir()
+
+
+def test_an_image_column_is_refused_naming_it_unless_a_reward_function_reads_it(tmp_path):
+    from grpokit.data import DataError
+
+    model = save_tiny(tmp_path / "tiny")
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "images": [f"picture {i}"]} for i in range(4)]
+
+    def length(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    def mentions_picture(completions, images, **kwargs):
+        return [float(str(i[0]) in c) for c, i in zip(completions, images)]
+
+    cfg = config(model, tmp_path / "out", train_data=None, max_steps=1)
+    with pytest.raises(DataError, match=r"train data has an 'images' column .*the images would be dropped"):
+        GRPOTrainer(cfg, train_dataset=rows, reward_funcs=length)
+    assert not (tmp_path / "out").exists()
+    trainer = GRPOTrainer(cfg, train_dataset=rows, reward_funcs=[length, mentions_picture])
+    assert trainer.sample().rewards.shape == (8, 2)  # the column reached the function that asked for it
