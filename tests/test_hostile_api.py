@@ -133,3 +133,14 @@ def test_an_image_column_is_refused_naming_it_unless_a_reward_function_reads_it(
     assert not (tmp_path / "out").exists()
     trainer = GRPOTrainer(cfg, train_dataset=rows, reward_funcs=[length, mentions_picture])
     assert trainer.sample().rewards.shape == (8, 2)  # the column reached the function that asked for it
+
+
+def test_sft_rows_with_a_task_are_refused_as_rows_with_train_data_are(tmp_path):
+    from grpokit.config import ConfigError, SFTConfig
+    from grpokit.sft import train_sft
+
+    model = str(save_tiny(tmp_path / "tiny"))
+    cfg = SFTConfig(model=model, output_dir=str(tmp_path / "sft"), task="addition", max_steps=1, progress=False)
+    with pytest.raises(ConfigError, match=r"`task` is 'addition' but training rows were passed in \(`rows`\)"):
+        train_sft(cfg, rows=[{"prompt": "1+1=", "completion": "2"}] * 4)
+    assert not (tmp_path / "sft").exists()
