@@ -144,3 +144,26 @@ def test_sft_rows_with_a_task_are_refused_as_rows_with_train_data_are(tmp_path):
     with pytest.raises(ConfigError, match=r"`task` is 'addition' but training rows were passed in \(`rows`\)"):
         train_sft(cfg, rows=[{"prompt": "1+1=", "completion": "2"}] * 4)
     assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("kind", ["trl", "native"])
+def test_trl_args_changed_after_the_trainer_is_built_are_refused_naming_them(tmp_path, kind):
+    from grpokit.config import ConfigError
+    from grpokit.trl import GRPOConfig as TRLConfig
+    from grpokit.trl import GRPOTrainer as TRLTrainer
+
+    model = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "out"
+    if kind == "trl":
+        args = TRLConfig(output_dir=str(out), per_device_train_batch_size=4, num_generations=4, max_steps=1,
+                         max_completion_length=4, disable_tqdm=True)  # fmt: skip
+    else:
+        args = config(model, out, train_data=None, max_steps=1)
+    rows = [{"prompt": f"{a}+{a}="} for a in range(8)]
+    trainer = TRLTrainer(str(model), reward_funcs=lambda completions, **kw: [1.0] * len(completions), args=args,
+                         train_dataset=rows)  # fmt: skip
+    trainer.args.max_steps = 3  # TRL's own trainer reads args in train(); grpokit's was built from them
+    trainer.args.learning_rate = 0.5
+    with pytest.raises(ConfigError, match=r"`learning_rate` \(.* -> 0\.5\), `max_steps` \(1 -> 3\).*set them before"):
+        trainer.train()
+    assert not (out / "metrics.jsonl").exists()
