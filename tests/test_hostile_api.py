@@ -55,11 +55,11 @@ def test_what_a_sampler_returns_is_checked_every_step_naming_the_sampler(tmp_pat
     sampler = MangledSampler(lambda r: r)
     trainer = GRPOTrainer(config(save_tiny(tmp_path / "tiny"), tmp_path / "out", max_steps=1), sampler=sampler)
     assert isinstance(trainer.sample().rollout, Rollout)  # the sampler's own answer passes
-    for case, (mangle, message) in MANGLED.items():
+    named = r"`sampler` \(MangledSampler\)\.generate returned "
+    for mangle, message in MANGLED.values():
         sampler.mangle = mangle
-        with pytest.raises(SamplerError, match=r"`sampler` \(MangledSampler\)\.generate returned (a Rollout whose )?.*" + message):
+        with pytest.raises(SamplerError, match=named + message):
             trainer.sample()
-        print(case, "refused")
 
 
 def test_a_model_on_the_meta_device_is_refused_naming_model(tmp_path):
