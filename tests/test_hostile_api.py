@@ -130,6 +130,14 @@ def test_an_image_column_is_refused_naming_it_unless_a_reward_function_reads_it(
     cfg = config(model, tmp_path / "out", train_data=None, max_steps=1)
     with pytest.raises(DataError, match=r"train data has an 'images' column .*the images would be dropped"):
         GRPOTrainer(cfg, train_dataset=rows, reward_funcs=length)
+    text_rows = [{k: v for k, v in row.items() if k != "images"} for row in rows]
+    with pytest.raises(DataError, match=r"eval data has an 'images' column"):
+        GRPOTrainer(
+            dataclasses.replace(cfg, num_eval_prompts=4),
+            train_dataset=text_rows,
+            eval_dataset=rows,
+            reward_funcs=length,
+        )
     assert not (tmp_path / "out").exists()
     trainer = GRPOTrainer(cfg, train_dataset=rows, reward_funcs=[length, mentions_picture])
     assert trainer.sample().rewards.shape == (8, 2)  # the column reached the function that asked for it

@@ -521,10 +521,14 @@ class RewardSet:
 
 
 def reward_set(
-    cfg: Any, task: Any, train_rows: list[dict[str, Any]], funcs: list[tuple[str, RewardFn]] | None = None
+    cfg: Any,
+    task: Any,
+    train_rows: list[dict[str, Any]],
+    funcs: list[tuple[str, RewardFn]] | None = None,
+    eval_rows: list[dict[str, Any]] | None = None,
 ) -> RewardSet:
     """Resolve `cfg.reward_funcs` (or take `funcs`), `reward_weights` and `gold_reward`, and check that the
-    rows carry what they need, before any policy model loads."""
+    rows (`train_rows`, and `eval_rows`' image columns) carry what they need, before any policy model loads."""
 
     def build(names: Sequence[str]) -> list[tuple[str, RewardFn]]:
         return build_reward_funcs(
@@ -554,7 +558,8 @@ def reward_set(
     for name, fn in funcs + gold:
         accepted_inputs(name, fn, available)  # a signature grpokit cannot call fails now, not at step 1
         asked |= named_parameters(fn)
-    check_image_columns(train_rows, asked, cfg.prompt_column)
+    check_image_columns(train_rows, asked, cfg.prompt_column, "train data")
+    check_image_columns(eval_rows or [], asked, cfg.prompt_column, "eval data")
     rewards = RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold)
     if given is not None:  # the config (saved with the run) records the functions that were passed in
         cfg.reward_funcs = rewards.specs()
@@ -564,14 +569,14 @@ def reward_set(
 IMAGE_COLUMNS = ("image", "images")  # TRL's vision-language input columns
 
 
-def check_image_columns(rows: list[dict[str, Any]], asked: set[str], prompt_column: str) -> None:
+def check_image_columns(rows: list[dict[str, Any]], asked: set[str], prompt_column: str, source: str) -> None:
     """grpokit trains text models: an `image` / `images` column (TRL's VLM input) would never reach the model, and
     the run would train on the text alone. Refused, naming the column, unless a reward function asks for it by
     name (then it is a data column that function reads, like any other)."""
     for column in IMAGE_COLUMNS:
         if rows and column in rows[0] and column not in asked:
             raise DataError(
-                f"train data has an {column!r} column (a vision-language model's input, as TRL reads it), but "
+                f"{source} has an {column!r} column (a vision-language model's input, as TRL reads it), but "
                 f"grpokit trains text models: the model would see only {prompt_column!r} and the images would be "
                 f"dropped. Remove the column, or name it in a reward function's signature, e.g. "
                 f"def my_reward(completions, {column}, **kwargs), if a reward reads it"

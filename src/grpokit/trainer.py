@@ -76,7 +76,8 @@ class GRPOTrainer:
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_dataset, eval_dataset)
         require_heldout_rows(cfg.eval_every, self.eval_rows)
-        self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs)  # (records what it took in cfg)
+        self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs, self.eval_rows)  # (records in cfg
+        # the functions it took)
         # what the run reads, which its checkpoints record and a resume must find again (rank 0 checks and writes)
         rows = {"train_data": self.train_rows, "eval_data": self.eval_rows}
         inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, **rows) if self.cluster.is_main else None
