@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny
+from helpers import overriding, save_tiny
 
 from grpokit.trl import GRPOConfig, GRPOTrainer
 
@@ -51,11 +51,11 @@ def cli(capsys, *argv) -> tuple[int, str]:
 
 
 def train_args(model, out, *extra) -> list[str]:
-    return [
+    return overriding([
         "train", "--model", model, "--task", "addition", "--output-dir", out, "--max-steps", "1",
         "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "4", "--num-train-prompts",
-        "8", "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard", *extra,
-    ]  # fmt: skip
+        "8", "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard",
+    ], *extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,16 @@ def check_model(model: Any) -> None:
     """None (the config's `model`), a path or hub id, or a model object (a torch module)."""
     import torch
 
-    if model is None or isinstance(model, (str, Path, torch.nn.Module)):
+    if isinstance(model, torch.nn.Module):
+        on_meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+        if on_meta is not None:  # (made under accelerate's init_empty_weights or device="meta": shapes, no numbers)
+            raise ArgumentError(
+                f"`model` has its weights on the meta device (e.g. {on_meta}): they have shapes but no values. "
+                "Load the weights (from_pretrained without init_empty_weights, or model.to_empty(...) and "
+                "load_state_dict), or pass the model's folder"
+            )
+        return
+    if model is None or isinstance(model, (str, Path)):
         return
     raise ArgumentError(
         f"`model` is {_a(model)} ({model!r:.60}); expected a model folder's path, a hub id, or a "

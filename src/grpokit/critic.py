@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationMixin
 
 from grpokit.modeling import completion_hidden
 
@@ -39,6 +40,36 @@ class ValueModel(torch.nn.Module):
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.decoder.gradient_checkpointing_enable(**kwargs)
+
+
+def check_critic(critic: Any) -> None:
+    """PPOTrainer's `critic` argument, up front: None (built from the config), or a `ValueModel` whose decoder is a
+    causal LM's body (it returns `last_hidden_state`; the whole LM returns logits) and whose head reads that body's
+    hidden size and gives one value. Otherwise an ArgumentError naming `critic`, not a traceback mid-step."""
+    from grpokit.arguments import ArgumentError, _a
+
+    if critic is None:
+        return
+    if not isinstance(critic, ValueModel):
+        raise ArgumentError(
+            f"`critic` is {_a(critic)}; expected a grpokit.critic.ValueModel(body, head) (body: a causal LM's "
+            "decoder, `model.model`), or leave it out to build one from `critic_model` or the policy"
+        )
+    body = critic.decoder
+    if isinstance(body, GenerationMixin) or body.get_output_embeddings() is not None:
+        raise ArgumentError(
+            f"`critic` wraps a whole causal LM ({type(body).__name__}), which returns logits, not hidden states: "
+            "pass its decoder body, ValueModel(model.get_decoder()) (for most models `model.model`)"
+        )
+    hidden = getattr(critic.config, "hidden_size", None)
+    reads, gives = getattr(critic.head, "in_features", None), getattr(critic.head, "out_features", None)
+    if hidden is not None and reads is not None and reads != hidden:
+        raise ArgumentError(
+            f"`critic`'s head reads {reads} features but its body ({type(body).__name__}) has hidden size "
+            f"{hidden}: make the head torch.nn.Linear({hidden}, 1), or leave the head out for a zero one"
+        )
+    if gives is not None and gives != 1:
+        raise ArgumentError(f"`critic`'s head gives {gives} outputs; a value model gives one: torch.nn.Linear(..., 1)")
 
 
 def completion_values(

@@ -35,7 +35,7 @@ from grpokit.config import DemoConfig, GRPOConfig, RewardModelConfig, SFTConfig
 from grpokit.machine import pin_threads
 from grpokit.modeling import resolve_device
 from grpokit.runlog import read_metrics
-from grpokit.sft import sft_rows, train_sft
+from grpokit.sft import train_sft
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
 from grpokit.tasks.preferences import wrong_candidate
 from grpokit.trainer import GRPOTrainer
@@ -90,7 +90,7 @@ def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
         progress=cfg.progress,
         overwrite_output_dir=True,  # the demo is a fixed recipe: running it again replaces its runs
     )
-    model_dir = train_sft(sft_cfg, model=model, tokenizer=tokenizer, rows=sft_rows(sft_cfg))
+    model_dir = train_sft(sft_cfg, model=model, tokenizer=tokenizer)  # its rows: the task's demonstrations
     eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
     return WarmStart(task, tokenizer, model, eval_rows, model_dir)
 

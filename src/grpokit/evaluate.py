@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from grpokit.data import answer_problem, encode_prompts
-from grpokit.sampler import Sampler, SamplingParams
+from grpokit.sampler import Sampler, SamplingParams, check_rollout
 
 
 def sample_batches(
@@ -33,6 +33,7 @@ def sample_batches(
     for start in range(0, len(prompts), batch_size):
         encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length)
         rollout = sampler.generate(encoded.ids, num_generations=1, params=params, generator=generator)
+        check_rollout(rollout, sampler, rows=len(encoded.ids))
         yield start, encoded, rollout, decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
 
 

@@ -26,7 +26,7 @@ import torch
 from grpokit import algo, update
 from grpokit.arguments import stage_config
 from grpokit.config import ConfigError, PPOConfig
-from grpokit.critic import ValueModel, build_critic, completion_values
+from grpokit.critic import ValueModel, build_critic, check_critic, completion_values
 from grpokit.lora import uses_lora
 from grpokit.modeling import ModelFolderError, check_model_source, check_same_tokenizer, check_vocabulary
 from grpokit.policy import NumericsError, Policy
@@ -44,6 +44,7 @@ class PPOTrainer(GRPOTrainer):
     def __init__(self, config: PPOConfig, *, critic: ValueModel | None = None, **grpo_arguments: Any):
         """`grpo_arguments`: those of `GRPOTrainer` (model, tokenizer, reward_funcs, datasets, sampler)."""
         config = stage_config(type(self).__name__, PPOConfig, config)
+        check_critic(critic)
         if config.critic_model is not None and critic is None:
             check_model_source(config.critic_model, field="critic_model", tokenizer=False, kind="body")
         super().__init__(config, **grpo_arguments)

@@ -251,9 +251,10 @@ class RewardModelResult:
 
 def reward_model_pairs(cfg: RewardModelConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train pairs, held-out pairs): from `train_data` / `eval_data`, or the built-in task's synthetic
-    labeler (`labeler_flaw` for training; held-out pairs from the eval split, always labeled cleanly)."""
-    if cfg.train_data is not None:
-        train = load_rows(cfg.train_data, field="train_data")
+    labeler (`labeler_flaw` for training; held-out pairs from the eval split, always labeled cleanly). With neither
+    `train_data` nor a task (the pairs handed in), no training pairs, and held-out ones only from `eval_data`."""
+    if cfg.train_data is not None or cfg.task is None:  # (no task: the training pairs were handed in, train_pairs=)
+        train = load_rows(cfg.train_data, field="train_data") if cfg.train_data is not None else []
         held_out = load_rows(cfg.eval_data, field="eval_data") if cfg.eval_data is not None else []
     else:
         from grpokit.tasks import get_task

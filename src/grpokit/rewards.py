@@ -37,7 +37,7 @@ import torch
 
 from grpokit import algo
 from grpokit.config import ConfigError
-from grpokit.data import RESERVED_COLUMNS, check_answers, check_columns, check_eval_answers, completion_text
+from grpokit.data import RESERVED_COLUMNS, DataError, check_answers, check_columns, check_eval_answers, completion_text
 from grpokit.modeling import check_model_source, resolve_device
 from grpokit.reward_model import RewardModelScorer
 
@@ -112,6 +112,15 @@ def accepted_inputs(name: str, fn: RewardFn, available: Sequence[str]) -> set[st
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params}
+
+
+def named_parameters(fn: RewardFn) -> set[str]:
+    """The argument names `fn`'s signature spells out (its **kwargs aside); none when it has no signature."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 def gold_reward(is_correct: Callable[[str, str], bool]) -> RewardFn:
@@ -548,7 +557,8 @@ def reward_set(
     eval_rows: list[dict[str, Any]] | None = None,
 ) -> RewardSet:
     """Resolve `cfg.reward_funcs` (or take `funcs`), `reward_weights` and `gold_reward`, and check that the
-    rows (training and held-out) carry what they need, before any policy model loads."""
+    rows (training and held-out: their answers, their image columns) carry what they need, before any policy model
+    loads."""
 
     def build(names: Sequence[str], field: str = "reward_funcs") -> list[tuple[str, RewardFn]]:
         return build_reward_funcs(
@@ -577,12 +587,33 @@ def reward_set(
         check_answers(train_rows, "train data (the `accuracy` reward compares its `answer`)")
     check_eval_answers(eval_rows or [], gold_reward_used=gold_checked)
     available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != cfg.prompt_column)]
+    asked: set[str] = set()  # the names reward functions ask for in their signatures (not through **kwargs)
     for name, fn in funcs + gold:
         accepted_inputs(name, fn, available)  # a signature grpokit cannot call fails now, not at step 1
+        asked |= named_parameters(fn)
+    check_image_columns(train_rows, asked, cfg.prompt_column, "train data")
+    check_image_columns(eval_rows or [], asked, cfg.prompt_column, "eval data")
     rewards = RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold)
     if given is not None:  # the config (saved with the run) records the functions that were passed in
         cfg.reward_funcs = rewards.specs()
     return rewards
+
+
+IMAGE_COLUMNS = ("image", "images")  # TRL's vision-language input columns
+
+
+def check_image_columns(rows: list[dict[str, Any]], asked: set[str], prompt_column: str, source: str) -> None:
+    """grpokit trains text models: an `image` / `images` column (TRL's VLM input) would never reach the model, and
+    the run would train on the text alone. Refused, naming the column, unless a reward function asks for it by
+    name (then it is a data column that function reads, like any other)."""
+    for column in IMAGE_COLUMNS:
+        if rows and column in rows[0] and column not in asked:
+            raise DataError(
+                f"{source} has an {column!r} column (a vision-language model's input, as TRL reads it), but "
+                f"grpokit trains text models: the model would see only {prompt_column!r} and the images would be "
+                f"dropped. Remove the column, or name it in a reward function's signature, e.g. "
+                f"def my_reward(completions, {column}, **kwargs), if a reward reads it"
+            )
 
 
 def named_reward_funcs(funcs: Any, build: Callable[[Sequence[str]], list[tuple[str, RewardFn]]]):

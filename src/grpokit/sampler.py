@@ -69,6 +69,69 @@ class SamplingParams:
             raise ValueError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
 
 
+class SamplerError(RuntimeError):
+    """A sampler's `generate` returned what the trainer cannot use; the message names the sampler's class and what
+    was wrong, before the rollout reaches the reward functions or the update."""
+
+
+def check_rollout(rollout: Any, sampler: Any, *, rows: int, vocab_size: int | None = None) -> None:
+    """What `sampler.generate` returned is a `Rollout` of `rows` rows whose tensors have the shapes, dtypes and
+    token ids the trainer indexes with; otherwise a SamplerError naming the sampler. Shapes and dtypes cost
+    nothing; the id range is two reductions over (N, Tc), once per generation batch."""
+    where = f"`sampler` ({type(sampler).__name__}).generate returned"
+    if not isinstance(rollout, Rollout):
+        raise SamplerError(f"{where} {_a(rollout)}; expected a grpokit.types.Rollout")
+    tensors = {name: getattr(rollout, name) for name in _ROLLOUT_DTYPES}
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise SamplerError(f"{where} a Rollout whose `{name}` is {_a(value)}; expected a torch.Tensor")
+    shape = tuple(rollout.completion_ids.shape)
+    if len(shape) != 2 or shape[0] != rows:
+        raise SamplerError(
+            f"{where} `completion_ids` of shape {shape}; expected ({rows}, completion length): one row per prompt "
+            "and generation (prompts x num_generations, each prompt's generations together)"
+        )
+    expected = {
+        "completion_mask": shape,
+        "sampling_logp": shape,
+        "truncated": (rows,),
+        "prompt_ids": (rows, None),
+        "prompt_mask": tuple(rollout.prompt_ids.shape),
+    }
+    for name, want in expected.items():
+        got = tuple(tensors[name].shape)
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+            wanted = ", ".join("prompt length" if w is None else str(w) for w in want)
+            raise SamplerError(f"{where} `{name}` of shape {got}; expected ({wanted}), as `completion_ids` {shape}")
+    for name, kinds in _ROLLOUT_DTYPES.items():
+        if tensors[name].dtype not in kinds:
+            allowed = " or ".join(str(k) for k in kinds)
+            raise SamplerError(f"{where} `{name}` of dtype {tensors[name].dtype}; expected {allowed}")
+    ids = rollout.completion_ids
+    if ids.numel() and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
+        bound = f" and below the model's {vocab_size} token embeddings" if vocab_size is not None else ""
+        raise SamplerError(
+            f"{where} completion ids from {int(ids.min())} to {int(ids.max())}; token ids are >= 0{bound}. "
+            "Does the sampler use another model's tokenizer?"
+        )
+
+
+_INTEGERS = (torch.int64, torch.int32)
+_ROLLOUT_DTYPES = {
+    "prompt_ids": _INTEGERS,
+    "prompt_mask": (*_INTEGERS, torch.bool),
+    "completion_ids": _INTEGERS,
+    "completion_mask": (*_INTEGERS, torch.bool),
+    "sampling_logp": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "truncated": (torch.bool,),
+}
+
+
+def _a(value: Any) -> str:
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
 SHRINK_AT = 0.25  # ended rows leave the decode batch once they are this share of it
 
 

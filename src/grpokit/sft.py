@@ -17,7 +17,7 @@ import torch
 
 from grpokit.arguments import python_arguments
 from grpokit.checkpoint import RunDirectory, python_random_state, run_inputs, seed_everything
-from grpokit.config import SFTConfig
+from grpokit.config import ConfigError, SFTConfig
 from grpokit.data import (
     DataError,
     InputWarning,
@@ -143,6 +143,11 @@ def train_sft(
     file's path or a dict; every argument's type is checked first (`python_arguments`)."""
     args = python_arguments("train_sft", SFTConfig, cfg, model=model, tokenizer=tokenizer, datasets={"rows": rows})
     cfg, model, rows = args.config, args.model, args.rows["rows"]
+    if rows is not None and cfg.task is not None:  # (as `train_data` with rows is): the task's only part in SFT is
+        raise ConfigError(  # its rows, so the config saved with the run would record data that never trained
+            f"train_sft: config field `task` is {cfg.task!r} but training rows were passed in (`rows`): use one "
+            "(set task: null to train on the rows, or leave `rows` out to train on the task's demonstrations)"
+        )
     seed_everything(cfg.seed)
     # the numbers depend on the thread count: recorded in config.yaml (on a copy: the caller's config stays as it was)
     cfg = replace(cfg, num_threads=pin_threads(cfg.num_threads))

@@ -34,7 +34,7 @@ from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
 from grpokit.runlog import RunLog, plot_curves, progress, read_metrics
-from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams, prompt_generators
+from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams, check_rollout, prompt_generators
 from grpokit.tasks import get_task
 from grpokit.types import Rollout, StepBatch, TrainResult
 
@@ -100,6 +100,7 @@ class GRPOTrainer:
         policy = self.policy = Policy.for_grpo(
             model, cfg, total_steps=optimizer_steps, device=self.device, dtype=dtype, cluster=self.cluster
         )
+        self.vocab_size = policy.model.get_input_embeddings().num_embeddings  # a sampled id must have an embedding
         self.sampler = sampler or KVCacheSampler(self.tokenizer, compute_dtype=dtype, gather=policy.full_weights)
         self.sampler.update_weights(policy.model)
         self.sampling = SamplingParams.for_training(cfg)
@@ -138,6 +139,7 @@ class GRPOTrainer:
         prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
         generators = prompt_generators(cfg.seed, self.steps_taken, list(mine), self.device)
         rollout = self.sampler.generate(prompts.ids, num_generations=G, params=self.sampling, generator=generators)
+        check_rollout(rollout, self.sampler, rows=len(rows) * G, vocab_size=self.vocab_size)
         if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
             raise NumericsError("the policy's logprobs in the rollout are NaN or inf: its weights no longer train")
         t_rollout = time.perf_counter()

@@ -14,6 +14,7 @@ TRL. This module never imports `trl`; the native config stays grpokit's.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -307,6 +308,7 @@ class GRPOTrainer:
             if peft_config is not None:
                 cfg = dataclasses.replace(cfg, lora=lora_from_peft(peft_config, model))
             self.args = args
+            self._args_as_built = args_fields(args)
             self._resume_asked = cfg.resume_from_checkpoint
             # TRL decides whether to resume in train(resume_from_checkpoint=...); the trainer is built as a resume
             # of output_dir's latest checkpoint would be (its config checked against it), decided in `train`
@@ -349,6 +351,7 @@ class GRPOTrainer:
         set_ = [name for name, value in unsupported.items() if value is not None]
         if set_:
             raise native.ConfigError(f"GRPOTrainer.train argument `{set_[0]}` is not supported by grpokit.trl")
+        check_args_unchanged(self.args, self._args_as_built)
         native_trainer = self.trainer
         cfg = native_trainer.cfg
         if resume_from_checkpoint is True:
@@ -382,6 +385,26 @@ class GRPOTrainer:
         check_not_an_input(self.trainer.cfg, target, "save_model's output_dir")  # the base model, a reward model
         lora_form = self.trainer.cfg.lora.save
         return self.trainer.policy.save(target, self.trainer.tokenizer, lora_form=lora_form, overwrite=True)
+
+
+def args_fields(args: Any) -> dict[str, Any]:
+    """The fields of a trainer's `args` (TRL's GRPOConfig or grpokit's), by name, as a copy to compare later."""
+    if isinstance(args, GRPOConfig):  # an assignment sets an attribute beside `fields`, which it then shadows
+        return copy.deepcopy({**args.fields, **{k: v for k, v in vars(args).items() if k not in ("fields", "given")}})
+    return copy.deepcopy(vars(args))
+
+
+def check_args_unchanged(args: Any, as_built: dict[str, Any]) -> None:
+    """TRL's trainer reads `self.args` again in train(); grpokit's adapter built its trainer from them once. A field
+    changed in between would be ignored with no word: refused, naming it."""
+    now = args_fields(args)
+    changed = sorted(name for name in now.keys() | as_built.keys() if [now.get(name)] != [as_built.get(name)])
+    if changed:
+        fields = ", ".join(f"`{name}` ({as_built.get(name)!r} -> {now.get(name)!r})" for name in changed[:5])
+        raise native.ConfigError(
+            f"trainer.args changed after GRPOTrainer(...) was built: {fields}. grpokit's trainer is built from "
+            "args when it is made: set them before GRPOTrainer(...), and build a new trainer"
+        )
 
 
 def trl_args(args: Any) -> GRPOConfig | native.GRPOConfig:
