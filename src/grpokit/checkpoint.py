@@ -229,7 +229,7 @@ def check_replaceable(path: str | Path, kind: str, *, overwrite: bool, what: str
         return
     found = written_kind(path)
     if found == kind:
-        added = _added_files(path, entries)
+        added = foreign_files(path)
         if added:
             raise OutputExistsError(
                 f"{name} is a {kind} folder grpokit wrote, but {', '.join(added[:4])} in it are not files grpokit "
@@ -251,18 +251,6 @@ def check_replaceable(path: str | Path, kind: str, *, overwrite: bool, what: str
         f"{name} holds {held} ({listed}); grpokit replaces only a {kind} folder it wrote itself: nothing was "
         "written; choose another path, or move that folder away first"
     )
-
-
-def _added_files(path: Path, entries: list[str]) -> list[str]:
-    """The names in a folder grpokit wrote that its PROVENANCE does not list (a folder marked before grpokit
-    listed its files lists none, and is taken as it is)."""
-    try:
-        written = json.loads((path / PROVENANCE).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return []
-    if not isinstance(written, list):
-        return []
-    return [name for name in entries if name not in written and name != PROVENANCE]
 
 
 @contextlib.contextmanager
@@ -380,19 +368,25 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *,
 
 
 def foreign_files(folder: Path) -> list[str]:
-    """Files in a folder grpokit writes whole and later deletes or replaces (a checkpoint, the run's TensorBoard
-    folder) that grpokit did not write: a user's notes, another run's events. A checkpoint's marker lists what it
-    wrote (one from before the list: nothing is taken as foreign); TensorBoard's folder holds only event files."""
+    """Files in a folder grpokit writes whole and later deletes or replaces (a model folder, a checkpoint, the run's
+    TensorBoard folder) that grpokit did not write: a model card, a user's notes, another run's events. A model
+    folder's PROVENANCE and a checkpoint's marker list what grpokit wrote (one marked before the list: nothing is
+    taken as foreign); TensorBoard's folder holds only event files."""
     if not folder.is_dir():
         return []
     names = sorted(p.name for p in folder.iterdir())
     if folder.name == "tensorboard":
         return [n for n in names if not (n.startswith("events.out.tfevents.") and (folder / n).is_file())]
-    try:
-        written = json.loads((folder / MARKER).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
+    written = None
+    for listing in (PROVENANCE, MARKER):
+        try:
+            written = json.loads((folder / listing).read_text()).get("files")
+            break
+        except (OSError, ValueError, AttributeError):
+            continue
+    if not isinstance(written, list):
         return []
-    return [n for n in names if n not in written and n != MARKER] if isinstance(written, list) else []
+    return [n for n in names if n not in written and n not in (PROVENANCE, MARKER)]
 
 
 def remove_left_over(folder: Path, what: str) -> None:
