@@ -553,7 +553,7 @@ def _canonical_value(value: Any, where: str) -> Any:
         return {"bytes": hashlib.sha256(value).hexdigest()}
     if isinstance(value, (datetime.date, datetime.time, datetime.timedelta, decimal.Decimal, uuid.UUID, Path)):
         return {type(value).__name__: str(value)}
-    from grpokit.data import DataError
+    from grpokit.types import DataError
 
     raise DataError(
         f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which a run's record cannot "

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from grpokit.types import ConfigError  # defined there, so that lower layers can raise it too
+
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
 ScaleRewards = Literal["group", "batch", "none", "rloo"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -29,10 +31,6 @@ LRSchedule = Literal["constant", "linear", "cosine"]
 TrainingForward = Literal["padded", "packed", "shared_prefix"]
 # The reward functions `reward_funcs` names without a module (grpokit.rewards.build_reward_funcs builds them).
 BUILTIN_REWARDS = ("accuracy", "format", "overlong")
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the field."""
 
 
 @dataclass

@@ -12,6 +12,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+# defined in types, so that lower layers (the run directory, model loading) can raise them too
+from grpokit.types import DataError, InputWarning
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,14 +28,6 @@ RESERVED_COLUMNS = (
     "raw_prompts",
     "rendered_prompts",
 )
-
-
-class DataError(ValueError):
-    """The data set is missing, malformed, or lacks a column; the message names the file and the row."""
-
-
-class InputWarning(UserWarning):
-    """grpokit changed an input to fit (a prompt cut to max_prompt_length, characters read as <unk>)."""
 
 
 # Roles the chat templates of transformers models know; anything else is a typo a template would drop or reject.

@@ -482,7 +482,7 @@ def load_pretrained(
         # TRL's RewardTrainer does the same with a classifier of other labels: num_labels=1, a new head, a warning
         import warnings
 
-        from grpokit.data import InputWarning
+        from grpokit.types import InputWarning
 
         name, saved, wanted = renewed[0]
         warnings.warn(

@@ -61,3 +61,15 @@ class TrainResult:
     warnings: list[str]
     monitor_summary: list[str]  # one line per monitor: FIRED with its first warning, or its last figures
     monitor_fired: dict[str, str]  # monitor kind -> its first warning
+
+
+class DataError(ValueError):
+    """The data set is missing, malformed, or lacks a column; the message names the file and the row."""
+
+
+class InputWarning(UserWarning):
+    """grpokit changed an input to fit (a prompt cut to max_prompt_length, characters read as <unk>)."""
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field."""

@@ -20,7 +20,7 @@ def check_sizes(hidden_size: int, num_layers: int, num_heads: int = NUM_HEADS) -
     """Sizes a tiny model can be built and run with, refused by the names `init` and `demo` take (transformers would
     fail later, in a traceback: a width not divisible by the heads, 0 ** -x in the rotary frequencies, or a folder
     with -1 layers saved without a word). Each head's width must be even: rotary positions rotate pairs."""
-    from grpokit.config import ConfigError
+    from grpokit.types import ConfigError
 
     if num_layers < 1:
         raise ConfigError(f"config field `num_layers` must be >= 1, got {num_layers}")
