@@ -165,3 +165,20 @@ def overriding(args: list, *extra) -> list[str]:
         if not dropping:
             kept.append(arg)
     return [*kept, *extra]
+
+
+def cli_run(capsys, *argv) -> tuple[int, str]:
+    """`grpokit ARGV...` in this process (the CLI's own entry point): its exit code and what it wrote to stderr."""
+    from grpokit.cli import main
+
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def tiny_run_args(model, out, *extra) -> list[str]:
+    """The options of a one-step GRPO run of the tiny model on the addition task into `out`; `extra` replace them."""
+    return overriding([
+        "--model", model, "--task", "addition", "--output-dir", out, "--max-steps", "1", "--prompts-per-step", "2",
+        "--num-generations", "2", "--max-completion-length", "4", "--num-train-prompts", "8",
+        "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard",
+    ], *extra)  # fmt: skip

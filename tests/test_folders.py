@@ -16,10 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, digit_share, overriding, save_tiny, save_tiny_reward_model, step_rows
+from helpers import (
+    cli_run,
+    config,
+    digit_share,
+    save_tiny,
+    save_tiny_reward_model,
+    step_rows,
+    tiny_run_args,
+)
 
 from grpokit.checkpoint import list_checkpoints
-from grpokit.cli import main
 from grpokit.trainer import GRPOTrainer
 
 
@@ -28,17 +35,8 @@ def model(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
 
 
-def cli(capsys, *argv) -> tuple[int, str]:
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
-
-
-def train_args(model, out, *extra) -> list[str]:
-    return overriding([
-        "--model", model, "--task", "addition", "--output-dir", out, "--max-steps", "1", "--prompts-per-step", "2",
-        "--num-generations", "2", "--max-completion-length", "4", "--num-train-prompts", "8",
-        "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard"
-    ], *extra)  # fmt: skip
+cli = cli_run
+train_args = tiny_run_args
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import overriding, save_tiny
+from helpers import cli_run, save_tiny, tiny_run_args
 
 from grpokit.trl import GRPOConfig, GRPOTrainer
 
@@ -43,19 +43,11 @@ def test_reward_weights_count_the_reward_functions_handed_to_the_trainer(model, 
 # ---------------------------------------------------------------- folders (the CLI, in-process)
 
 
-def cli(capsys, *argv) -> tuple[int, str]:
-    from grpokit.cli import main
-
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
+cli = cli_run
 
 
 def train_args(model, out, *extra) -> list[str]:
-    return overriding([
-        "train", "--model", model, "--task", "addition", "--output-dir", out, "--max-steps", "1",
-        "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "4", "--num-train-prompts",
-        "8", "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard",
-    ], *extra)  # fmt: skip
+    return ["train", *tiny_run_args(model, out, *extra)]
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from helpers import overriding, save_tiny
-
-from grpokit.cli import main
+from helpers import cli_run, save_tiny, tiny_run_args
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +18,8 @@ def model(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
 
 
-def cli(capsys, *argv) -> tuple[int, str]:
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
-
-
-def train_args(model, out, *extra) -> list[str]:
-    return overriding([
-        "--model", model, "--task", "addition", "--output-dir", out, "--max-steps", "1", "--prompts-per-step", "2",
-        "--num-generations", "2", "--max-completion-length", "4", "--num-train-prompts", "8",
-        "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard"
-    ], *extra)  # fmt: skip
+cli = cli_run
+train_args = tiny_run_args
 
 
 def kind(folder: Path) -> str:
