@@ -88,12 +88,7 @@ def load_rows(path: str | Path, *, field: str = "train_data") -> list[dict[str, 
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-        except ValueError as err:  # a duplicate key, or NaN / Infinity
-            raise DataError(f"{path}:{line_no}: {err}") from None
+        row = _strict_json(line, path, line_no)
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
         rows.append(row)
@@ -123,18 +118,24 @@ def _table_rows(path: Path, field: str) -> Rows:
 
 def _array_rows(text: str, path: Path, field: str) -> Rows:
     """A JSON array of objects: the same refusals as JSONL (a key twice, NaN), rows named by their index."""
-    try:
-        rows = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    except ValueError as err:  # a duplicate key, or NaN / Infinity
-        raise DataError(f"{path}: {err}") from None
+    rows = _strict_json(text, path)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{path}, row {i}: expected a JSON object per row of the array, got {type(row).__name__}")
     if not rows:
         raise DataError(f"{path} holds no rows")
     return Rows(rows, f"{field} {path}")
+
+
+def _strict_json(text: str, path: Path, line_no: int | None = None) -> Any:
+    """JSON that refuses a key given twice and NaN / Infinity; errors name the file and the line (`line_no`: the
+    JSONL line `text` is; None: the whole file, the parser's line for a syntax error)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{line_no or err.lineno}: not valid JSON ({err.msg})") from None
+    except ValueError as err:  # a duplicate key, or NaN / Infinity
+        raise DataError(f"{path}{f':{line_no}' if line_no else ''}: {err}") from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
