@@ -114,7 +114,6 @@ def config(model, out: Path, **overrides) -> GRPOConfig:
         "prompts_per_step": 2,
         "num_generations": 4,
         "max_completion_length": 8,
-        "num_train_prompts": 32,
         "num_eval_prompts": 0,
         "learning_rate": 1e-3,
         "progress": False,
@@ -123,7 +122,10 @@ def config(model, out: Path, **overrides) -> GRPOConfig:
     }
     if "train_data" not in overrides:
         values["task"] = "addition"
-    return GRPOConfig(**{**values, **overrides})
+    values = {**values, **overrides}
+    if values.get("task") is not None:  # (the task's row count; with rows from elsewhere it would be refused)
+        values.setdefault("num_train_prompts", 32)
+    return GRPOConfig(**values)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -176,9 +178,11 @@ def cli_run(capsys, *argv) -> tuple[int, str]:
 
 
 def tiny_run_args(model, out, *extra) -> list[str]:
-    """The options of a one-step GRPO run of the tiny model on the addition task into `out`; `extra` replace them."""
+    """The options of a one-step GRPO run of the tiny model on the addition task into `out`; `extra` replace them
+    (`--train-data` replaces the task and its row count)."""
+    task = [] if "--train-data" in map(str, extra) else ["--task", "addition", "--num-train-prompts", "8"]
     return overriding([
-        "--model", model, "--task", "addition", "--output-dir", out, "--max-steps", "1", "--prompts-per-step", "2",
-        "--num-generations", "2", "--max-completion-length", "4", "--num-train-prompts", "8",
-        "--num-eval-prompts", "0", "--no-progress", "--no-tensorboard",
+        "--model", model, *task, "--output-dir", out, "--max-steps", "1", "--prompts-per-step", "2",
+        "--num-generations", "2", "--max-completion-length", "4", "--num-eval-prompts", "0", "--no-progress",
+        "--no-tensorboard",
     ], *extra)  # fmt: skip

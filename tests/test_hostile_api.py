@@ -42,6 +42,18 @@ MANGLED = {
         r"completion ids from 99999 to 99999; token ids are >= 0 and below the model's \d+ token embeddings",
     ),
     "a list": (lambda r: r.completion_ids.tolist(), r"a list; expected a grpokit.types.Rollout"),
+    "other prompt tokens": (
+        lambda r: dataclasses.replace(r, prompt_ids=r.prompt_ids.roll(1, dims=1)),
+        r"a Rollout whose row 0 holds other prompt tokens \(under `prompt_mask`\) than prompt 0 it was given",
+    ),
+    "another group size": (
+        lambda r: dataclasses.replace(r, group_size=2),
+        r"a Rollout whose `group_size` is 2; it was asked for num_generations = 4 completions of each of 2 prompts",
+    ),
+    "an empty completion": (
+        lambda r: dataclasses.replace(r, completion_mask=torch.zeros_like(r.completion_mask)),
+        r"a Rollout whose row 0 has no completion token \(its `completion_mask` is all 0",
+    ),
     "float mask": (
         lambda r: dataclasses.replace(r, completion_mask=r.completion_mask.float()),
         r"`completion_mask` of dtype torch.float32",
@@ -60,6 +72,17 @@ def test_what_a_sampler_returns_is_checked_every_step_naming_the_sampler(tmp_pat
         sampler.mangle = mangle
         with pytest.raises(SamplerError, match=named + message):
             trainer.sample()
+
+
+def test_nan_logprobs_from_a_sampler_of_its_own_are_named_as_the_samplers(tmp_path):
+    from grpokit.policy import NumericsError
+
+    nan_logp = MangledSampler(
+        lambda r: dataclasses.replace(r, sampling_logp=torch.full_like(r.sampling_logp, float("nan")))
+    )
+    trainer = GRPOTrainer(config(save_tiny(tmp_path / "tiny"), tmp_path / "out", max_steps=1), sampler=nan_logp)
+    with pytest.raises(NumericsError, match=r"`sampler` \(MangledSampler\)'s logprobs in the rollout are NaN or inf"):
+        trainer.sample()
 
 
 def test_a_model_on_the_meta_device_is_refused_naming_model(tmp_path):

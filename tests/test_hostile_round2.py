@@ -233,6 +233,11 @@ def test_an_output_dir_that_would_surprise_is_named(model, tmp_path, capsys, mon
         ("sft", "--forget-carry", "0.3"),
         ("train", "--task-num-digits", "3"),
         ("reward-model", "--labeler-flaw", "longer"),
+        ("train", "--num-train-prompts", "8"),
+        ("sft", "--num-train-prompts", "8"),
+        ("reward-model", "--num-train-pairs", "8"),
+        ("reward-model", "--num-train-prompts", "8"),
+        ("reward-model", "--num-eval-prompts", "8"),
     ],
 )
 def test_a_field_of_the_built_in_task_with_rows_from_a_file_is_refused(tmp_path, capsys, model, stage, field, value):

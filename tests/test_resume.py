@@ -295,6 +295,7 @@ def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_pat
 
     latest = cli(world, "train", str(config), "--resume-from-checkpoint", "latest")
     assert latest.returncode == 0, latest.stderr
+    assert "`latest` is checkpoint-4: the newer checkpoint-6 is incomplete" in latest.stderr  # said, not skipped
     assert latest.stdout.count("scored") == 2  # steps 5 and 6 again: it resumed from checkpoint-4
     assert_same_run(straight_full, run_dir, 6)
 

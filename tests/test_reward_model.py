@@ -58,7 +58,6 @@ def rm_config(tmp_path: Path, model: Path | str, **overrides) -> RewardModelConf
         "output_dir": str(tmp_path / "rm_run"),
         "task": "addition",
         "max_completion_length": 8,
-        "num_train_pairs": 4000,
         "num_eval_pairs": 400,
         "batch_size": 32,
         "max_steps": 150,
@@ -66,6 +65,8 @@ def rm_config(tmp_path: Path, model: Path | str, **overrides) -> RewardModelConf
         "progress": False,
         **overrides,
     }
+    if values.get("task") is not None:  # the task's pair count (with pairs from a file it would be refused)
+        values.setdefault("num_train_pairs", 4000)
     return RewardModelConfig(**values)
 
 

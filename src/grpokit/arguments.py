@@ -8,6 +8,7 @@ columns.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -15,6 +16,7 @@ from typing import Any, NamedTuple
 from grpokit.config import BUILTIN_REWARDS, ConfigError, from_dict, load_yaml
 from grpokit.data import dataset_rows
 from grpokit.modeling import with_model
+from grpokit.types import InputWarning
 
 
 class ArgumentError(ConfigError, TypeError):
@@ -45,7 +47,8 @@ def python_arguments(
     `reward_funcs`, `sampler`; then the config validated; then `datasets` (argument name -> value, the training
     data first) read into rows."""
     config = stage_config(entry, config_class, config)
-    check_model(model)
+    lora_rank = getattr(getattr(config, "lora", None), "r", 0)
+    check_model(model, causal_lm=config_class.__name__ != "RewardModelConfig", adapters=bool(lora_rank))
     check_tokenizer(tokenizer)
     entries = reward_entries(reward_funcs)
     check_sampler(sampler)
@@ -53,14 +56,31 @@ def python_arguments(
     datasets = datasets or {}
     train_given = next(iter(datasets.values()), None) is not None
     config.validate(model_given=model is not None, rows_given=train_given, rewards_given=entries is not None)
+    eval_given = [name for name, value in list(datasets.items())[1:] if value is not None]
+    if eval_given and getattr(config, "eval_data", None) is not None:
+        raise ConfigError(
+            f"config field `eval_data` is set ({config.eval_data!r}) but `{eval_given[0]}` was passed in: use one"
+        )
+    if datasets.get("train_dataset") is not None and getattr(config, "task", None) is not None:
+        warnings.warn(
+            f"{entry}: `train_dataset` passed in: these are the training rows; the config's task "
+            f"{config.task!r} gives only its checker (`accuracy`) and, without an eval set, its held-out rows",
+            InputWarning,
+            stacklevel=3,
+        )
     rows = {name: dataset_rows(value, name) if value is not None else None for name, value in datasets.items()}
     return Arguments(config, model, rows, entries)
 
 
 def stage_config(entry: str, config_class: type, config: Any) -> Any:
     """A `config_class` instance, or one read from a YAML file (a path) or from a dict of its fields."""
-    if isinstance(config, config_class):
+    if type(config) is config_class:
         return config
+    if isinstance(config, config_class):  # a subclass: PPOConfig is a GRPOConfig with a critic's fields
+        raise ArgumentError(
+            f"{entry}: `config` is a {type(config).__name__}, not a {config_class.__name__}: its own fields would be "
+            f"recorded and ignored; use the trainer of a {type(config).__name__} (PPOTrainer for a PPOConfig)"
+        )
     if isinstance(config, (str, Path)):
         if not Path(config).is_file():
             expected = _article(config_class.__name__)
@@ -86,11 +106,37 @@ def stage_config(entry: str, config_class: type, config: Any) -> Any:
     )
 
 
-def check_model(model: Any) -> None:
-    """None (the config's `model`), a path or hub id, or a model object (a torch module)."""
+def check_model(model: Any, *, causal_lm: bool = True, adapters: bool = False) -> None:
+    """None (the config's `model`), a path or hub id, or a model object (a torch module): with `causal_lm`, one that
+    writes text (a language-model head), with every weight on a device, and weights to train (`adapters`: LoRA
+    adapters will be the weights trained)."""
     import torch
 
     if isinstance(model, torch.nn.Module):
+        head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+        if causal_lm and head is None:
+            raise ArgumentError(
+                f"`model` is a {type(model).__name__}, which has no language-model head (a classifier?): the policy "
+                "writes completions token by token; pass a causal LM (AutoModelForCausalLM)"
+            )
+        if adapters and _is_peft(model):
+            raise ArgumentError(
+                f"`model` is a {type(model).__name__} (it carries LoRA adapters already) and `lora` asks for more: "
+                "the two sets would stack and the saved model would hold neither whole. Pass its base model "
+                "(model.get_base_model()) with `lora`, or the PeftModel with lora.r = 0 (its own adapters train)"
+            )
+        saved_whole = [m for c in getattr(model, "peft_config", {}).values() for m in (c.modules_to_save or [])]
+        if saved_whole and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            raise ArgumentError(
+                f"`model` is a {type(model).__name__} whose modules_to_save ({', '.join(saved_whole)}) copy a module "
+                "of a model with tied input and output embeddings: the copy and the tied weight share a tensor, and "
+                "the model could not be saved after training. Leave modules_to_save out, or untie the embeddings"
+            )
+        if not adapters and not _is_peft(model) and not any(p.requires_grad for p in model.parameters()):
+            raise ArgumentError(
+                f"`model` ({type(model).__name__}) has no parameter that requires grad (a frozen model): nothing "
+                "would train. Call model.requires_grad_(True), or set `lora` to train adapters over the frozen base"
+            )
         on_meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
         if on_meta is not None:  # (made under accelerate's init_empty_weights or device="meta": shapes, no numbers)
             raise ArgumentError(
@@ -176,6 +222,12 @@ def reward_entries(reward_funcs: Any) -> list[Any] | None:
 def _entry(entry: Any, name: str) -> Any:
     if isinstance(entry, Path):
         return str(entry)
+    if _is_module(entry):  # callable, but called with tensors, not with completions by keyword
+        raise ArgumentError(
+            f"`{name}` is a {type(entry).__name__} model object: grpokit loads a reward model from its folder, with "
+            "its own tokenizer; save both (`model.save_pretrained(DIR)`, `tokenizer.save_pretrained(DIR)`) and pass "
+            "DIR, or wrap the model in a function of (completions, **kwargs)"
+        )
     if isinstance(entry, str) or callable(entry) or _is_pair(entry):
         return entry
     if isinstance(entry, tuple):
@@ -204,3 +256,13 @@ def _a(value: Any) -> str:
 def _article(name: str) -> str:
     spelled = name[:2].isupper() and name[0] in "FHLMNRSX"  # an acronym read letter by letter: an SFTConfig
     return f"{'an' if name[0].lower() in 'aeiou' or spelled else 'a'} {name}"
+
+
+def _is_module(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.nn.Module)
+
+
+def _is_peft(model: Any) -> bool:
+    return type(model).__name__.startswith("Peft")

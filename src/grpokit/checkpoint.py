@@ -123,8 +123,8 @@ WRITE_ERRNOS = {
     errno.ENOSPC: "free space on that disk",
     errno.EDQUOT: "free space within your disk quota",
     errno.EROFS: "the file system is mounted read-only",
-    errno.EACCES: "make the folder writable",
-    errno.EPERM: "the folder is protected (permissions or an immutable flag): make it writable",
+    errno.EACCES: "make it writable",
+    errno.EPERM: "it is protected (permissions, or an immutable or append-only flag): make it writable",
     errno.EFBIG: "a file size limit (`ulimit -f`) stopped it",
     errno.EIO: "the disk reported an I/O error",
     errno.ENAMETOOLONG: "a name or path longer than the file system allows: choose a shorter output_dir",
@@ -157,7 +157,21 @@ def writing(path: str | Path) -> Iterator[None]:
         code = write_errno(err)
         if code is None:
             raise
-        raise WriteError(Path(path), code) from err
+        raise WriteError(_refused_path(err, Path(path)), code) from err
+
+
+def _refused_path(err: BaseException | None, folder: Path) -> Path:
+    """The file the disk refused (an OSError's filename in `err`'s chain: a protected metrics.jsonl rather than
+    its writable folder), else `folder`."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and isinstance(err.filename, (str, os.PathLike)):
+            refused = Path(err.filename2 or err.filename)  # a rename's target, where it has one
+            # a hidden temporary name (`temporary_name`, a log's rewrite) is named as what it becomes
+            return Path(*(re.sub(r"^\.tmp-(.+?)(-\d+)?$", r"\1", part) for part in refused.parts))
+        err = err.__cause__ or err.__context__
+    return folder
 
 
 class TrainingInterrupted(Exception):
@@ -342,13 +356,35 @@ def is_complete(folder: Path) -> bool:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first: checkpoint-N folders with a marker that says step N (a copy
+    renamed checkpoint-100 whose marker says step 1 is not step 100: `misnamed_checkpoints`)."""
     found = []
     for child in Path(run_dir).glob("checkpoint-*"):
         match = CHECKPOINT_NAME.fullmatch(child.name)
-        if match and child.is_dir() and is_complete(child):
+        if match and child.is_dir() and is_complete(child) and marker_step(child) in (None, int(match.group(1))):
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def marker_step(folder: Path) -> int | None:
+    """The step a checkpoint's marker records (None: a marker written without one, or unreadable)."""
+    try:
+        step = json.loads((folder / MARKER).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def misnamed_checkpoints(run_dir: str | Path) -> list[str]:
+    """Complete checkpoint-N folders whose marker records another step: renamed copies, never resumed or pruned."""
+    return sorted(
+        child.name
+        for child in Path(run_dir).glob("checkpoint-*")
+        if (match := CHECKPOINT_NAME.fullmatch(child.name))
+        and child.is_dir()
+        and is_complete(child)
+        and marker_step(child) not in (None, int(match.group(1)))
+    )
 
 
 def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *, keep: int) -> Path:
@@ -730,6 +766,22 @@ class RunDirectory:
             if not found:
                 raise RunDirectoryError(self._nothing_to_resume())
             checkpoint = found[-1][1]
+            copies = misnamed_checkpoints(self.path)
+            if copies:
+                warnings.warn(
+                    f"resume_from_checkpoint `latest`: {', '.join(copies[:3])} in {self.path} records another step in "
+                    f"its {MARKER} than its name says (a renamed copy?): not resumed, not pruned, left as it is",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
+            skipped = self._incomplete_after(found[-1][0])
+            if skipped:
+                warnings.warn(
+                    f"resume_from_checkpoint `latest` is {checkpoint.name}: the newer {', '.join(skipped[:3])} "
+                    f"is incomplete (no {MARKER}: its writing was interrupted) and is not used",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
         else:
             checkpoint = Path(self.resume_from)
             if not checkpoint.is_dir():
@@ -749,13 +801,57 @@ class RunDirectory:
                     f"config field `resume_from_checkpoint`: {checkpoint} is incomplete (no {MARKER}): its "
                     "writing was interrupted; resume from an earlier checkpoint, or `latest`"
                 )
+            if checkpoint.name in misnamed_checkpoints(checkpoint.parent):
+                raise RunDirectoryError(
+                    f"config field `resume_from_checkpoint`: {checkpoint}'s {MARKER} records step "
+                    f"{marker_step(checkpoint)}, not the step its name says (a renamed copy?): resume the folder of "
+                    "that step, named as it was written"
+                )
             if checkpoint.resolve().parent != self.path.resolve():
                 raise RunDirectoryError(
                     f"config field `resume_from_checkpoint`: {checkpoint} is not a checkpoint of output_dir {self.path}"
                 )
         self.verify(checkpoint)
+        self._check_logged_through(checkpoint)
         self._check_left_alone(checkpoint)
         return checkpoint
+
+    def _check_logged_through(self, checkpoint: Path) -> None:
+        """A GRPO or PPO run logs every step before its checkpoint: a folder whose metrics.jsonl stops before the
+        checkpoint's step holds a checkpoint written elsewhere (another copy of the run, which shares its id), and
+        continuing it would leave those steps out of the record."""
+        if type(self.config).__name__ not in ("GRPOConfig", "PPOConfig"):
+            return  # SFT and reward-model training log every few steps
+        metrics = self.path / "metrics.jsonl"
+        try:
+            lines = metrics.read_text().splitlines()
+        except OSError:
+            return
+        logged = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                logged.append(row["step"])
+        step = checkpoint_step(checkpoint)
+        if logged and max(logged) < step:
+            raise RunDirectoryError(
+                f"cannot resume {checkpoint}: {metrics} stops at step {max(logged)}, before the checkpoint's step "
+                f"{step}, so the checkpoint was written elsewhere (by a copy of this run?) and steps "
+                f"{max(logged) + 1}-{step} would be missing from this run's record; resume it in the folder that wrote "
+                "it, or copy that whole folder"
+            )
+
+    def _incomplete_after(self, step: int) -> list[str]:
+        """Names of incomplete checkpoint-N folders with N > step, oldest first."""
+        later = []
+        for child in self.path.glob("checkpoint-*"):
+            match = CHECKPOINT_NAME.fullmatch(child.name)
+            if match and int(match.group(1)) > step and child.is_dir() and not is_complete(child):
+                later.append((int(match.group(1)), child.name))
+        return [name for _, name in sorted(later)]
 
     def _nothing_to_resume(self) -> str:
         """Why `latest` finds nothing, with what the folder holds: resuming must never quietly become a fresh
@@ -1087,6 +1183,18 @@ class RunDirectory:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stop_signal is not None:  # the second one: stop now, as the user asks
+            found = list_checkpoints(self.path) if self.writer else []
+            kept = (
+                f"the newest complete checkpoint is {found[-1][1]} (`--resume-from-checkpoint latest` continues it)"
+                if found
+                else "no complete checkpoint was written"
+            )
+            print(
+                f"\n{signal.Signals(signum).name} again: stopping at once; {kept}; a checkpoint or model being "
+                "written now is left incomplete, never half-replaced",
+                file=sys.stderr,
+                flush=True,
+            )
             self._restore_signal_handlers()
             signal.raise_signal(signum)
             return

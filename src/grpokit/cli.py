@@ -3,6 +3,7 @@ per-field overrides (`--learning-rate 3e-4`); `grpokit train --help` lists every
 
 from __future__ import annotations
 
+import errno
 import shlex
 import sys
 from typing import Any
@@ -62,13 +63,26 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"grpokit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    import transformers
+    try:
+        import transformers
 
-    from grpokit.checkpoint import TrainingInterrupted, WriteError
-    from grpokit.config import ConfigError
-    from grpokit.data import DataError
-    from grpokit.policy import NumericsError
-    from grpokit.rewards import RewardError
+        from grpokit.checkpoint import TrainingInterrupted, WriteError
+        from grpokit.config import ConfigError
+        from grpokit.data import DataError
+        from grpokit.policy import NumericsError
+        from grpokit.rewards import RewardError
+    except ImportError:
+        shadows = _stdlib_shadows()
+        if not shadows:
+            raise
+        name, file = shadows[0]
+        print(
+            f"grpokit {command}: error: {file} shadows the standard library module {name!r} (it is on the import "
+            f"path: the working folder or PYTHONPATH), so the libraries grpokit imports get it instead of Python's "
+            f"own; rename it (e.g. my_{name}.py) and name the new module where you use it",
+            file=sys.stderr,
+        )
+        return 2
 
     # transformers' own bars (one per checkpoint's "Writing model shards") would bury grpokit's output
     transformers.logging.disable_progress_bar()
@@ -104,8 +118,29 @@ def _main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RewardError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         print(f"grpokit {command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        print(
+            f"grpokit {command}: error: a path is longer than the file system allows: {err.filename}", file=sys.stderr
+        )
+        return 2
     print(f"grpokit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _stdlib_shadows() -> list[tuple[str, str]]:
+    """(name, file) of imported modules named as standard library ones that are not the standard library's."""
+    import os
+    import sysconfig
+
+    stdlib = tuple(os.path.realpath(sysconfig.get_paths()[key]) + os.sep for key in ("stdlib", "platstdlib"))
+    found = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if name in sys.stdlib_module_names and file and not os.path.realpath(file).startswith(stdlib):
+            found.append((name, file))
+    return found
 
 
 def resume_command(argv: list[str]) -> str:
@@ -345,6 +380,9 @@ def _fetch_model(args: list[str]) -> int:
             file=sys.stderr,
         )
         return 0 if args and args[0] in ("-h", "--help") else 2
+    from grpokit.config import check_path_length
+
+    check_path_length(args[1], "OUTPUT_DIR")
     print(f"{args[0]} -> {fetch_model(args[0], args[1], overwrite=overwrite)}")
     return 0
 

@@ -50,6 +50,13 @@ class ComparisonFailed(RuntimeError):
 
     def __init__(self, method: str, returncode: int):
         self.method = method
+        if returncode == 0:  # it ended early without an error of its own (something in it called os._exit(0))
+            self.exit_code = 1
+            super().__init__(
+                f"the {method} run ended (exit status 0) without writing its report: something in its process ended "
+                "it early, with no error; the next method did not run"
+            )
+            return
         self.exit_code = returncode if returncode > 0 else 128 - returncode  # killed by a signal: the shell's code
         how = f"exit status {returncode}" if returncode >= 0 else f"killed by {signal.Signals(-returncode).name}"
         super().__init__(f"the {method} run failed ({how}); its error is above, the next method did not run")

@@ -54,7 +54,10 @@ class RunConfig:
     """Fields every stage shares: where the model and data come from, where the run goes."""
 
     # fields that shape a built-in task's rows: with rows from a file (or handed in) they would do nothing
-    task_fields: typing.ClassVar[tuple[str, ...]] = ("task_num_digits",)
+    # fields that shape a built-in task's rows: with `train_data` (or rows handed in) they would do nothing
+    task_fields: typing.ClassVar[tuple[str, ...]] = ("task_num_digits", "num_train_prompts")
+    # fields this stage inherits and never reads: set, they are refused rather than recorded and ignored
+    unused_fields: typing.ClassVar[tuple[str, ...]] = ()
 
     model: str = ""
     """Path to a model folder in `save_pretrained` form (weights, config and tokenizer)."""
@@ -71,7 +74,7 @@ class RunConfig:
     prompt_column: str = "prompt"
     """Column holding the prompt: plain text, or chat messages [{role, content}] for the chat template."""
     num_train_prompts: int = 4000
-    """Rows drawn from a built-in task for training."""
+    """Rows drawn from a built-in task for training (with `train_data`, every row of it is used)."""
     num_eval_prompts: int = 200
     """Held-out rows used for evaluation."""
     max_prompt_length: int = 256
@@ -128,14 +131,25 @@ class RunConfig:
         passes the training rows, so neither `task` nor `train_data` is needed."""
         _check_types(self)
         _require(model_given or self.model != "", "model", "is empty: give the path of a model folder")
+        check_no_tilde(self)
         threads = self.num_threads
         _require(threads is None or threads >= 1, "num_threads", f"must be >= 1 or empty, got {threads}")
         if rows_given:
             _require(self.train_data is None, "train_data", "is set but training rows were passed in: use one")
         elif (self.task is None) == (self.train_data is None):
-            raise ConfigError("set exactly one of `task` (a built-in task) and `train_data` (a file or folder)")
+            raise ConfigError(
+                "set exactly one of `task` (a built-in task) and `train_data` (a file or folder); from Python, the "
+                "training rows may be passed in instead (train_dataset=, rows=, train_pairs=)"
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in self.unused_fields:
+            _require(
+                getattr(self, name) == defaults[name],
+                name,
+                f"is {getattr(self, name)!r}, but {type(self).__name__} never reads it: it would do nothing; leave it "
+                "out",
+            )
         if self.task is None:
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
             for name in self.task_fields:
                 _require(
                     getattr(self, name) == defaults[name],
@@ -155,6 +169,7 @@ class RunConfig:
         _require(self.prompt_column != "", "prompt_column", "is empty: name the column that holds the prompt")
         _require(-(2**63) <= self.seed < 2**63, "seed", f"must fit in 64 bits, got {self.seed}")
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _warn_if_step_overwrites_weights(self.learning_rate, "learning_rate")
         for name in ("adam_beta1", "adam_beta2"):  # running averages: a weight of 1 never moves, above it diverges
             _require(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -178,6 +193,12 @@ class RunConfig:
             self.resume_from_checkpoint is None or self.resume_from_checkpoint != "",
             "resume_from_checkpoint",
             "is empty: use `latest` or a checkpoint folder",
+        )
+        _require(
+            self.resume_from_checkpoint is None or not self.overwrite_output_dir,
+            "overwrite_output_dir",
+            f"and resume_from_checkpoint ({self.resume_from_checkpoint!r}) are both set: one continues the run in "
+            "output_dir, the other replaces it; give one of them",
         )
         check_output_dir(self.output_dir, model=self.model)
         for name in ("train_data", "eval_data"):
@@ -473,6 +494,7 @@ class PPOConfig(GRPOConfig):
         _require(self.cliprange_value > 0, "cliprange_value", f"must be > 0, got {self.cliprange_value}")
         lr = self.critic_learning_rate
         _require(lr is None or (math.isfinite(lr) and lr > 0), "critic_learning_rate", f"must be > 0, got {lr}")
+        _warn_if_step_overwrites_weights(lr, "critic_learning_rate")
         _require(
             not (self.kl_penalty == "loss" and self.beta > 0 and self.kl_estimator == "k1"),
             "kl_estimator",
@@ -532,7 +554,8 @@ class RewardModelConfig(RunConfig):
     """Optional column with a per-pair margin m: the loss becomes -log sigmoid(r_chosen - r_rejected - m)."""
     center_rewards_coefficient: float = 0.01
     """Adds coef * mean((r_chosen + r_rejected)^2), which keeps rewards centred on 0 (Eisenstein et al. 2023)."""
-    task_fields: typing.ClassVar[tuple[str, ...]] = (*RunConfig.task_fields, "labeler_flaw")
+    task_fields: typing.ClassVar[tuple[str, ...]] = ("task_num_digits", "labeler_flaw", "num_train_pairs")
+    unused_fields: typing.ClassVar[tuple[str, ...]] = ("num_train_prompts", "num_eval_prompts")  # pairs, not prompts
     labeler_flaw: Literal["none", "longer"] = "none"
     """Built-in task only: the synthetic labeler's systematic flaw (`longer`: between two answers of different
     length it prefers the longer one, right or wrong)."""
@@ -564,10 +587,11 @@ class EvalConfig:
 
     model: str = ""
     """Path to a model folder in `save_pretrained` form (or a .gguf file, or a hub id)."""
-    task: str | None = "addition"
-    """Built-in task whose held-out split is scored with its gold checker (when `eval_data` is empty)."""
+    task: str | None = None
+    """Built-in task whose held-out split is scored with its gold checker; empty: `addition` unless `eval_data` is
+    set (give one of the two)."""
     eval_data: str | None = None
-    """Held-out rows instead of the task's: a JSONL file, a `datasets` folder or a hub name; an `answer` column is
+    """Held-out rows instead of a task's: a JSONL file, a `datasets` folder or a hub name; an `answer` column is
     scored by exact match, and `reward_funcs` by their means."""
     prompt_column: str = "prompt"
     """Column of `eval_data` holding the prompt (text or chat messages)."""
@@ -596,15 +620,47 @@ class EvalConfig:
     def validate(self) -> None:
         _check_types(self)
         _require(self.model != "", "model", "is empty: give the path of a model folder")
+        check_no_tilde(self)
         threads = self.num_threads
         _require(threads is None or threads >= 1, "num_threads", f"must be >= 1 or empty, got {threads}")
         _require(self.temperature > 0, "temperature", "must be > 0")
         _require(self.num_eval_prompts >= 1, "num_eval_prompts", f"must be >= 1, got {self.num_eval_prompts}")
+        _require(
+            self.task is None or self.eval_data is None,
+            "task",
+            f"({self.task!r}) and `eval_data` ({self.eval_data!r}) are both set: the rows come from one; give one",
+        )
+        if self.task is None and self.eval_data is None:
+            self.task = "addition"  # the built-in task, as `grpokit eval --model DIR` has always scored
+        _require(
+            self.eval_data is None or self.task_num_digits == EvalConfig.task_num_digits,
+            "task_num_digits",
+            f"is {self.task_num_digits}, but it shapes the built-in task's rows, and the rows come from `eval_data`: "
+            "it would do nothing; leave it out",
+        )
         if self.eval_data is None:
             _warn_if_answers_cannot_fit(self.task, self.task_num_digits, self.max_completion_length)
-        _require(self.task is not None or self.eval_data is not None, "eval_data", "or `task` must be set")
         check_data_source(self.eval_data, "eval_data")
         _require(self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
+
+
+# fields that name a file or folder grpokit reads (output_dir has its own check)
+PATH_FIELDS = (
+    "model", "train_data", "eval_data", "resume_from_checkpoint", "critic_model", "gold_reward", "reward_funcs",
+)  # fmt: skip
+
+
+def check_no_tilde(cfg: Any) -> None:
+    """A path field starting with `~` (from a YAML file: the shell expands it on a command line) is refused by name:
+    it would read as a folder named `~` in the working directory."""
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name, None)
+        for i, path in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(path, str) and path.startswith("~"):
+                where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                raise ConfigError(
+                    f"config field `{where}` is {path!r}: `~` is not expanded here (a YAML value): write the full path"
+                )
 
 
 def check_data_source(path: str | None, name: str) -> None:
@@ -627,6 +683,18 @@ def check_data_source(path: str | None, name: str) -> None:
         )
 
 
+def check_path_length(path: str, name: str) -> Path:
+    """The absolute path of a folder grpokit will write, refused when the names it writes below it
+    (checkpoint-123456/.tmp-...) would not fit the file system's limits, which count bytes (255 a name, 4096 a
+    path), not characters: `é` is two."""
+    target = Path(os.path.abspath(os.path.expanduser(path)))
+    longest_name, path_max = max(len(os.fsencode(part)) for part in target.parts), 4096 - 200
+    _require(longest_name <= 255 - 40, name, f"has a folder name of {longest_name} bytes: keep names under 215")
+    length = len(os.fsencode(str(target)))
+    _require(length <= path_max, name, f"is {length} bytes long: keep it under {path_max}")
+    return target
+
+
 def check_output_dir(path: str, name: str = "output_dir", *, model: str = "") -> None:
     """The run folder can be made here: no file on its way, its nearest existing folder takes a file, and it is
     neither the filesystem root, the home folder, nor the folder of the model being trained. A model inside it is
@@ -639,11 +707,7 @@ def check_output_dir(path: str, name: str = "output_dir", *, model: str = "") ->
     _require(
         not path.startswith("~"), name, f"is {path!r}: `~` is not expanded here (a YAML value): write the full path"
     )
-    target = Path(os.path.abspath(os.path.expanduser(path)))
-    # the longest name a run writes below it (checkpoint-123456/.tmp-...) must fit the file system's limits
-    longest_name, path_max = max(len(part) for part in target.parts), 4096 - 200
-    _require(longest_name <= 255 - 40, name, f"has a folder name of {longest_name} characters: keep names under 215")
-    _require(len(str(target)) <= path_max, name, f"is {len(str(target))} characters long: keep it under {path_max}")
+    target = check_path_length(path, name)
     target = target.resolve()
     _require(target not in (Path("/"), Path.home().resolve()), name, f"is {path!r}: give a folder of its own")
     if model and Path(model).exists():
@@ -672,6 +736,20 @@ def _warn_if_answers_cannot_fit(task: str | None, num_digits: int, max_completio
             f"max_completion_length = {max_completion_length} tokens is shorter than the addition task's answers "
             f"({num_digits + 1} digits for task_num_digits = {num_digits}, then EOS): with the character tokenizer "
             "no answer fits and every one scores 0",
+            InputWarning,
+            stacklevel=4,
+        )
+
+
+def _warn_if_step_overwrites_weights(rate: float | None, name: str) -> None:
+    """An AdamW step moves each weight by about the learning rate: above 1 one step replaces every weight (a typo
+    for 1e-6 written 1e6?). Said, not refused: a run may mean to break its model (a monitor's test does)."""
+    if rate is not None and rate > 1:
+        from grpokit.types import InputWarning
+
+        warnings.warn(
+            f"config field `{name}` is {rate:g}: an AdamW step moves each weight by about the learning rate, so one "
+            "step above 1 overwrites the model (usual values are 1e-6 to 1e-3)",
             InputWarning,
             stacklevel=4,
         )
@@ -896,3 +974,4 @@ class InitConfig:
         from grpokit.tasks.models import check_sizes
 
         check_sizes(self.hidden_size, self.num_layers)
+        check_path_length(self.output_dir, "output_dir")

@@ -59,7 +59,8 @@ def check_critic(critic: Any) -> None:
     if isinstance(body, GenerationMixin) or body.get_output_embeddings() is not None:
         raise ArgumentError(
             f"`critic` wraps a whole causal LM ({type(body).__name__}), which returns logits, not hidden states: "
-            "pass its decoder body, ValueModel(model.get_decoder()) (for most models `model.model`)"
+            "pass its decoder body, ValueModel(model.get_decoder()) (for most models `model.model`; a copy's, "
+            "copy.deepcopy(model).get_decoder(), when `model` is the policy)"
         )
     hidden = getattr(critic.config, "hidden_size", None)
     reads, gives = getattr(critic.head, "in_features", None), getattr(critic.head, "out_features", None)

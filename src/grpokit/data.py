@@ -108,12 +108,30 @@ def _table_rows(path: Path, field: str) -> Rows:
 
     module, function = TABLE_READERS[path.suffix.lower()].split(":")
     try:
-        table = getattr(importlib.import_module(module), function)(str(path))
+        if path.suffix.lower() == ".csv":
+            table = _csv_as_text(path)
+        else:
+            table = getattr(importlib.import_module(module), function)(str(path))
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError: a damaged or mis-named file
         raise DataError(f"config field `{field}`: {path} could not be read as {path.suffix[1:]} ({err})") from None
+    twice = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
+    if twice:  # rows are dicts: one of the two columns would be dropped
+        raise DataError(f"config field `{field}`: {path} has the column {twice[0]!r} twice: rename one")
     if table.num_rows == 0:
         raise DataError(f"{path} holds no rows")
     return Rows(table.to_pylist(), f"{field} {path}")
+
+
+def _csv_as_text(path: Path) -> Any:
+    """A CSV file's cells as the text written in it: a type guessed from the cells would turn the answer `060` into
+    the number 60 (which no longer equals a completion's "060") or `1e3` into 1000.0. Empty cells are empty text."""
+    import pyarrow as pa
+    import pyarrow.csv
+
+    with pyarrow.csv.open_csv(str(path)) as reader:  # the header (the first block is read to find it)
+        names = reader.schema.names
+    text = pyarrow.csv.ConvertOptions(column_types={name: pa.string() for name in names}, strings_can_be_null=False)
+    return pyarrow.csv.read_csv(str(path), convert_options=text)
 
 
 def _array_rows(text: str, path: Path, field: str) -> Rows:
@@ -385,6 +403,12 @@ def scan_prompts(
     unk_id = getattr(tokenizer, "unk_token_id", None)
     lengths, unknown = [], {}  # unknown: row -> the first unknown text
     ends_as_assistant = [i for i, row in enumerate(rows) if _last_role(row[prompt_column]) == "assistant"]
+    messages_as_text = [i for i, row in enumerate(rows) if _reads_as_messages(row[prompt_column])]
+    no_user = [
+        i
+        for i, row in enumerate(rows)
+        if isinstance(row[prompt_column], list) and not any(m.get("role") == "user" for m in row[prompt_column])
+    ]
     for i, row in enumerate(rows):
         prompt = row[prompt_column]
         try:
@@ -419,7 +443,29 @@ def scan_prompts(
             f"{source}: {len(ends_as_assistant)} of {len(rows)} chat prompts end with an assistant message (first: row "
             f"{ends_as_assistant[0]}): the template still opens a new assistant turn after it"
         )
+    if no_user:
+        warnings.append(
+            f"{source}: {len(no_user)} of {len(rows)} chat prompts have no user message (first: row {no_user[0]}): "
+            "the model is asked nothing but what the other messages say"
+        )
+    if messages_as_text:
+        warnings.append(
+            f"{source}: {len(messages_as_text)} of {len(rows)} prompts are text that reads as chat messages in JSON "
+            f"(first: row {messages_as_text[0]}; a .csv cell holds text): the model sees that JSON text, not a chat; "
+            "JSONL or a JSON array keep messages as a list"
+        )
     return PromptScan(warnings, min(max(lengths, default=0), max_length))
+
+
+def _reads_as_messages(prompt: Any) -> bool:
+    """A text prompt that is a JSON list of {role, content} messages (written into a text column)."""
+    if not isinstance(prompt, str) or not prompt.lstrip().startswith("[{"):
+        return False
+    try:
+        value = json.loads(prompt)
+    except ValueError:
+        return False
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def _last_role(prompt: Any) -> str | None:

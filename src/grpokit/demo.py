@@ -24,13 +24,14 @@ digit added after it.
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpokit.checkpoint import seed_everything
+from grpokit.checkpoint import PROVENANCE, OutputExistsError, seed_everything, written_kind
 from grpokit.config import DemoConfig, GRPOConfig, RewardModelConfig, SFTConfig
 from grpokit.machine import pin_threads
 from grpokit.modeling import resolve_device
@@ -64,8 +65,15 @@ def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
     seed_everything(cfg.seed)
     pin_threads(cfg.num_threads)  # before the tiny model is built; every stage's config carries it too
     earlier = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if earlier and written_kind(out) != "demo":  # a folder of yours, or runs of your own named sft / grpo
+        raise OutputExistsError(
+            f"--output-dir {out} holds {', '.join(earlier[:4])}, which no grpokit demo wrote there: the demo "
+            "replaces only its own earlier runs; choose another --output-dir, or move them away"
+        )
     if earlier:  # the demo replaces its own runs (a fixed recipe), and says so
         print(f"replacing the earlier demo's runs in {out} ({', '.join(earlier)}); --output-dir DIR keeps them")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PROVENANCE).write_text(json.dumps({"kind": "demo"}))  # what a later demo may replace here
     device = resolve_device(cfg.device)
     task = AdditionTask(num_digits=cfg.num_digits, forget_carry=cfg.forget_carry)
     tokenizer = build_char_tokenizer()

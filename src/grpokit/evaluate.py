@@ -33,7 +33,7 @@ def sample_batches(
     for start in range(0, len(prompts), batch_size):
         encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length)
         rollout = sampler.generate(encoded.ids, num_generations=1, params=params, generator=generator)
-        check_rollout(rollout, sampler, rows=len(encoded.ids))
+        check_rollout(rollout, sampler, rows=len(encoded.ids), prompts=encoded.ids)
         yield start, encoded, rollout, decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
 
 
@@ -50,11 +50,16 @@ def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, completion_
     ]
 
 
-def require_heldout_rows(eval_every: int, rows: list[Any]) -> None:
+def require_heldout_rows(eval_every: int, rows: list[Any], num_eval_prompts: int | None = None) -> None:
     """Before any work: `eval_every` asks for evaluations that held-out rows make; without rows there would be
     none, and no word of it."""
     from grpokit.config import ConfigError
 
+    if eval_every and num_eval_prompts == 0:
+        raise ConfigError(
+            f"config field `eval_every` is {eval_every}, but num_eval_prompts is 0, so no held-out row is evaluated: "
+            "raise num_eval_prompts, or set eval_every: 0"
+        )
     if eval_every and not rows:
         raise ConfigError(
             f"config field `eval_every` is {eval_every}, but there are no held-out rows to evaluate on: set "

@@ -200,6 +200,12 @@ def check_model_source(path, *, field: str = "model", tokenizer: bool = True, ki
         return
     names = {p.name for p in path.iterdir()}
     prefix = f"config field `{field}`: the model folder {path}"
+    # checkpoint.STATE_FILE without checkpoint.MARKER (named here: checkpoint imports this module)
+    if "trainer_state.pt" in names and "checkpoint_complete.json" not in names:
+        raise ModelFolderError(
+            f"config field `{field}`: {path} is an incomplete checkpoint (no checkpoint_complete.json: its writing "
+            "was interrupted, so its weights may be partly written); give a complete checkpoint or a model folder"
+        )
     if "config.json" not in names and "adapter_config.json" in names:
         check_adapter_source(path, field=field, tokenizer=tokenizer, kind=kind)
         return
@@ -422,10 +428,14 @@ def _gguf_args(path) -> tuple[str, dict]:
     return str(path.parent), {"gguf_file": path.name}
 
 
-def check_same_tokenizer(folder, tokenizer, *, field: str, tokenizer_of: str = "the policy's tokenizer") -> None:
-    """A model that reads another model's token ids (PPO's critic reads the policy's) was trained with the same
-    tokenizer: the one saved in `folder`, if any, maps every token to the id `tokenizer` does. Same-sized
-    vocabularies of different tokenizers would otherwise pass every shape check and read ids as other words."""
+def check_same_tokenizer(
+    folder, tokenizer, *, field: str, tokenizer_of: str = "the policy's tokenizer", added: bool = False
+) -> None:
+    """A model that reads another model's token ids (PPO's critic reads the policy's; a model given with a
+    tokenizer object reads that object's) was trained with the same tokenizer: the one saved in `folder`, if any,
+    maps every token to the id `tokenizer` does (`added`: `tokenizer` may hold tokens added after, such as a pad
+    token). Same-sized vocabularies of different tokenizers would otherwise pass every shape check and read ids as
+    other words."""
     if (
         is_hub_id(folder)
         or not Path(folder).is_dir()
@@ -433,7 +443,8 @@ def check_same_tokenizer(folder, tokenizer, *, field: str, tokenizer_of: str = "
     ):
         return
     own, theirs = load_tokenizer(folder).get_vocab(), tokenizer.get_vocab()
-    differ = sorted(token for token in own.keys() | theirs.keys() if own.get(token) != theirs.get(token))
+    compared = own.keys() if added else own.keys() | theirs.keys()
+    differ = sorted(token for token in compared if own.get(token) != theirs.get(token))
     if differ:
         raise ModelFolderError(
             f"config field `{field}`: the tokenizer saved in {folder} is not {tokenizer_of}: {len(differ)} tokens "
@@ -554,6 +565,16 @@ def load_tokenizer(path):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     else:
         tokenizer = from_pretrained(AutoTokenizer, path, **extra)
+    return ensure_pad_token(tokenizer)
+
+
+def stage_tokenizer(tokenizer, model_path):
+    """A stage's tokenizer: the object handed in (checked against the tokenizer saved with `model_path`, if any: a
+    model reads the token ids it was trained with), else the model folder's own."""
+    if tokenizer is None:
+        return load_tokenizer(model_path)
+    if model_path:
+        check_same_tokenizer(model_path, tokenizer, field="model", tokenizer_of="the `tokenizer` passed in", added=True)
     return ensure_pad_token(tokenizer)
 
 

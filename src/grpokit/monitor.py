@@ -128,6 +128,15 @@ class SignalMonitor:
                 "step had no learning signal (`reward` is logged as null); check what the functions apply to",
                 new,
             )
+        gold = metrics.get("gold/mean", 0.0)
+        if gold is None or gold != gold:  # NaN: every gold score was None
+            self._raise(
+                "gold_unscored",
+                step,
+                "the gold_reward returned None for every sample: `gold/mean` is null and the reward-hacking monitor "
+                "has nothing to compare the training reward with; check what the gold function applies to",
+                new,
+            )
         if (cut := metrics.get("completions/clipped_count", 0)) > 0 and metrics.get("completions/clipped_ratio", 0) > 0:
             self._raise(
                 "first_truncated",

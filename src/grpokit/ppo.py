@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from grpokit import algo, update
-from grpokit.arguments import stage_config
+from grpokit.arguments import ArgumentError, stage_config
 from grpokit.config import ConfigError, PPOConfig
 from grpokit.critic import ValueModel, build_critic, check_critic, completion_values
 from grpokit.lora import uses_lora
 from grpokit.modeling import ModelFolderError, check_model_source, check_same_tokenizer, check_vocabulary
 from grpokit.policy import NumericsError, Policy
+from grpokit.sampler import push_weights
 from grpokit.trainer import GRPOTrainer
 from grpokit.types import Rollout
 
@@ -40,6 +41,7 @@ class PPOTrainer(GRPOTrainer):
     """GRPO's loop (`GRPOTrainer`) with a critic: `critic` a `ValueModel` replaces what `critic_model` would load."""
 
     name = "PPO"
+    config_class = PPOConfig
 
     def __init__(self, config: PPOConfig, *, critic: ValueModel | None = None, **grpo_arguments: Any):
         """`grpo_arguments`: those of `GRPOTrainer` (model, tokenizer, reward_funcs, datasets, sampler)."""
@@ -49,6 +51,12 @@ class PPOTrainer(GRPOTrainer):
             check_model_source(config.critic_model, field="critic_model", tokenizer=False, kind="body")
         super().__init__(config, **grpo_arguments)
         cfg = self.cfg
+        policy_weights = {id(p) for p in self.policy.model.parameters()}
+        if critic is not None and (shared := sum(id(p) in policy_weights for p in critic.parameters())):
+            raise ArgumentError(
+                f"`critic` shares {shared} weight tensors with the policy: its updates would move the policy. Build "
+                "it on a copy: ValueModel(copy.deepcopy(model).get_decoder()), or leave it out (grpokit copies)"
+            )
         if critic is None:
             critic = build_critic(None if cfg.critic_model else self._starting_model(), cfg.critic_model, self.device)
         try:  # the critic reads the policy's token ids
@@ -118,7 +126,7 @@ class PPOTrainer(GRPOTrainer):
             advantages = algo.whiten(advantages, mask)
         b.clock.append(time.perf_counter())
         stats = self._ppo_update(rollout, mask, advantages, returns, old_logp, old_values, ref_logp)
-        self.sampler.update_weights(policy.model)
+        push_weights(self.sampler, policy.model)
         b.clock.append(time.perf_counter())
         # beside each logged sample: its mean advantage over its tokens
         b.step_advantages = ((advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)).cpu()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from grpokit.arguments import python_arguments
-from grpokit.checkpoint import RunDirectory, run_inputs, seed_everything
+from grpokit.checkpoint import RunDirectory, numerics_stop, run_inputs, seed_everything
 from grpokit.config import RewardModelConfig
 from grpokit.data import (
     DataError,
@@ -44,14 +44,14 @@ from grpokit.modeling import (
     check_model_source,
     check_positions,
     check_vocabulary,
-    ensure_pad_token,
     load_pretrained,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
+    stage_tokenizer,
 )
 from grpokit.packing import position_ids_from_mask
-from grpokit.policy import Policy
+from grpokit.policy import NumericsError, Policy
 from grpokit.runlog import RunLog, progress
 
 
@@ -269,6 +269,11 @@ def reward_model_pairs(cfg: RewardModelConfig) -> tuple[list[dict[str, Any]], li
 def _check_pairs(rows: list[dict[str, Any]], cfg: RewardModelConfig, source: str, *, margin: bool) -> None:
     """Columns present and typed; the margin column only where it is used (training, not the accuracy)."""
     margin_column = cfg.margin_column if margin else None
+    if rows and cfg.margin_column is None and "margin" in rows[0]:
+        raise DataError(
+            f"{source} has a `margin` column, which TRL's RewardTrainer subtracts in its loss and grpokit uses only "
+            "when asked: set margin_column: margin (`--margin-column margin`) to use it, or drop the column"
+        )
     columns = [cfg.prompt_column, cfg.chosen_column, cfg.rejected_column]
     check_columns(rows, columns + ([margin_column] if margin_column else []), source)
     same = sum(row[cfg.chosen_column] == row[cfg.rejected_column] for row in rows)
@@ -286,10 +291,22 @@ def _check_pairs(rows: list[dict[str, Any]], cfg: RewardModelConfig, source: str
         for name in (cfg.chosen_column, cfg.rejected_column):
             if not isinstance(row[name], str):
                 raise DataError(f"{place}: column {name!r} must be text, got {row[name]!r:.60}")
-        if margin_column:
-            m = row[margin_column]
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-                raise DataError(f"{place}: column {margin_column!r} must be a finite number, got {m!r:.60}")
+            if not row[name].strip():
+                raise DataError(f"{place}: column {name!r} is blank: a pair compares two completions")
+        if margin_column and _finite_number(row[margin_column]) is None:
+            got = row[margin_column]
+            raise DataError(f"{place}: column {margin_column!r} must be a finite number, got {got!r:.60}")
+
+
+def _finite_number(value: Any) -> float | None:
+    """A margin as a float: a number, or the text of one (a .csv file's cells are text); None if neither."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def encode_pairs(
@@ -387,7 +404,7 @@ def train_reward_model(
     device = resolve_device(cfg.device)
     if model is None:
         check_model_source(cfg.model, tokenizer=tokenizer is None, kind="body")
-    tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
+    tokenizer = stage_tokenizer(tokenizer, cfg.model)
     if model is None:
         model = load_reward_model(
             cfg.model, device, torch.float32, pad_token_id=tokenizer.pad_token_id, new_head=True, field="model"
@@ -424,6 +441,7 @@ def train_reward_model(
         run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
         log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
         steps = range(start + 1, cfg.max_steps + 1)
+        step = start
         bar = progress(steps, "reward-model", initial=start, total=cfg.max_steps, enabled=cfg.progress)
         try:
             for step in bar:
@@ -463,6 +481,8 @@ def train_reward_model(
                 log.log(cfg.max_steps, eval_metrics)
                 metrics = {**metrics, **eval_metrics}
                 eval_accuracy = eval_metrics["eval/pairwise_accuracy"]
+        except NumericsError as err:  # say where the run stopped and what is left to resume
+            raise NumericsError(numerics_stop(run.path, f"step {step} (learning rate {policy.lr:g})", err)) from None
         finally:
             bar.close()
             log.close()

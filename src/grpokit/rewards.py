@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from grpokit import algo
-from grpokit.config import ConfigError
+from grpokit.config import BUILTIN_REWARDS, ConfigError
 from grpokit.data import RESERVED_COLUMNS, DataError, check_answers, check_columns, check_eval_answers, completion_text
 from grpokit.modeling import check_model_source, resolve_device
 from grpokit.reward_model import RewardModelScorer
@@ -102,9 +102,15 @@ def accepted_inputs(name: str, fn: RewardFn, available: Sequence[str]) -> set[st
         for p in params
         if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in available
     ]
-    if positional_only or missing:
+    if positional_only:
         raise RewardError(
-            f"reward function `{name}` takes {(positional_only or missing)[0]!r}, which grpokit does not pass: "
+            f"reward function `{name}` takes {positional_only[0]!r} as a positional-only parameter (before `/`): "
+            "reward functions are called by keyword, as TRL calls them; drop the `/`, e.g. "
+            f"def {name}({positional_only[0]}, **kwargs)"
+        )
+    if missing:
+        raise RewardError(
+            f"reward function `{name}` takes {missing[0]!r}, which grpokit does not pass: "
             f"reward functions are called by keyword, as TRL calls them, with {', '.join(REWARD_INPUTS)} and the "
             f"data columns ({', '.join(sorted(set(available) - set(REWARD_INPUTS))) or 'none'}); "
             f"e.g. def {name}(completions, **kwargs)"
@@ -249,7 +255,8 @@ VANISHING_ADVANTAGE = 1e-8
 
 
 class RewardWarning(UserWarning):
-    """A reward function did something to the process that grpokit undid (it changed the working directory)."""
+    """A reward function did something to the process that grpokit undid (it changed the working directory or the
+    file-creation mask)."""
 
 
 def _restore_cwd(cwd: str, name: str, warned: set[str]) -> None:
@@ -272,6 +279,46 @@ def _restore_cwd(cwd: str, name: str, warned: set[str]) -> None:
             RewardWarning,
             stacklevel=2,
         )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the mask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def _restore_umask(mask: int, name: str, warned: set[str]) -> None:
+    """Back to the run's file-creation mask after a reward call that changed it (`os.umask(0o777)` would write the
+    model and checkpoints unreadable), warned once per function."""
+    now = _umask()
+    if now == mask:
+        return
+    os.umask(mask)
+    if f"umask {name}" not in warned:
+        warned.add(f"umask {name}")
+        warnings.warn(
+            f"reward function `{name}` changed the file-creation mask (umask) to {now:03o}; grpokit set it back to "
+            f"{mask:03o} after the call (and does after every call), so the run's files stay readable",
+            RewardWarning,
+            stacklevel=2,
+        )
+
+
+class _ExitCalled(BaseException):
+    """os._exit called inside a reward function (a BaseException: `except Exception` there cannot swallow it)."""
+
+
+def _exit_refused(real_exit: Any) -> Any:
+    """os._exit for the time of a reward call: in this process it raises `_ExitCalled` (the run stops with the
+    function named, not with exit code 0 and nothing saved); a child the reward forked exits as it asks."""
+    pid = os.getpid()
+
+    def _exit(code: int) -> None:
+        if os.getpid() != pid:
+            real_exit(code)
+        raise _ExitCalled(code)
+
+    return _exit
 
 
 class _Timeout(BaseException):
@@ -408,15 +455,26 @@ def score(
         # messages, list columns): one that edits its inputs in place cannot feed the next one, or the log, its edits
         memo: dict[int, Any] = {}  # one per call: a row shared by several completions is copied once
         kwargs = {key: private_copy(v, memo) for key, v in inputs.items() if accepted is None or key in accepted}
-        cwd = os.getcwd()
+        cwd, umask, real_exit = os.getcwd(), _umask(), os._exit
+        os._exit = _exit_refused(real_exit)
         try:
             values = call_with_timeout(name, fn, timeout, **kwargs)
         except RewardError:
             raise
+        except _ExitCalled as err:
+            raise RewardError(
+                f"reward function `{name}` called os._exit({err.args[0]}), which would end the run at once, with no "
+                "word and nothing saved"
+            ) from None
         except (Exception, SystemExit, KeyboardInterrupt) as err:  # a reward's exit() or Ctrl-C is its bug, named
             raise RewardError(f"reward function `{name}` raised {type(err).__name__}: {err}") from err
         finally:
+            os._exit = real_exit
             _restore_cwd(cwd, name, warned_cwd)
+            _restore_umask(umask, name, warned_cwd)
+        for stream in ("stdout", "stderr"):
+            if getattr(sys, stream).closed:
+                raise RewardError(f"reward function `{name}` closed sys.{stream}: the run could no longer report")
         # a 0-d tensor or array is one number for the whole batch, not one per completion (and cannot be iterated)
         if (
             isinstance(values, (str, bytes, dict))
@@ -512,6 +570,8 @@ class RewardSet:
                 out.append(str(fn.path))
             elif name == qualname and module not in (None, "__main__", "grpokit.rewards") and qualname.isidentifier():
                 out.append(f"{module}:{qualname}")
+            elif name in BUILTIN_REWARDS and not str(module).startswith("grpokit"):
+                out.append(f"{module}:{qualname}")  # a function of yours named as a built-in: not the built-in
             else:
                 out.append(name)
         return out

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class RunLog:
                 self.completions_path.unlink(missing_ok=True)
             else:
                 _keep_rows(self.metrics_path, lambda row: _logged_before(row, resume_step))
-                _keep_rows(self.completions_path, lambda row: row["step"] <= resume_step)
+                _keep_rows(self.completions_path, lambda row: row["step"] <= resume_step, say=False)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -167,25 +168,51 @@ def _logged_before(row: dict[str, Any], step: int) -> bool:
     return row["step"] < step or (row["step"] == step and not eval_only)
 
 
-def _keep_rows(path: Path, keep: Any) -> None:
-    """Rewrite a JSONL file with the rows `keep` accepts (a torn last line from a kill is dropped too)."""
+def _keep_rows(path: Path, keep: Any, *, say: bool = True) -> None:
+    """Rewrite a JSONL file with the rows `keep` accepts, saying how many rows of later steps a resume drops (the
+    resumed run logs those steps again). A torn last line (a kill mid-write) is dropped; any other line that is not
+    a step row of grpokit's (a note added by hand) is kept as it is."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    kept, dropped = [], []
+    for number, line in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # the half-written line of a killed run
-        if keep(row):
+            if number == len(lines) - 1:
+                continue  # the half-written line of a killed run
+            row = None
+        is_step_row = isinstance(row, dict) and isinstance(row.get("step"), int)
+        if not is_step_row or keep(row):
             kept.append(line + "\n")
+        else:
+            dropped.append(row["step"])
+    if dropped and say:
+        low, high = min(dropped), max(dropped)
+        steps = f"step {low}" if low == high else f"steps {low}-{high}"
+        warnings.warn(
+            f"{path}: {len(dropped)} row(s) of {steps}, logged after the checkpoint this run resumes, are dropped: "
+            "the resumed run logs those steps again",
+            stacklevel=3,
+        )
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text("".join(kept))
     tmp.replace(path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The step rows of a metrics.jsonl file (a line that is not a JSON object, such as a note added by hand or the
+    torn last line of a kill, is not a step row)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 def plot_curves(rows: list[dict[str, float]], path: str | Path, title: str = "") -> Path | None:

@@ -74,10 +74,14 @@ class SamplerError(RuntimeError):
     was wrong, before the rollout reaches the reward functions or the update."""
 
 
-def check_rollout(rollout: Any, sampler: Any, *, rows: int, vocab_size: int | None = None) -> None:
+def check_rollout(
+    rollout: Any, sampler: Any, *, rows: int, vocab_size: int | None = None, prompts: list[list[int]] | None = None
+) -> None:
     """What `sampler.generate` returned is a `Rollout` of `rows` rows whose tensors have the shapes, dtypes and
-    token ids the trainer indexes with; otherwise a SamplerError naming the sampler. Shapes and dtypes cost
-    nothing; the id range is two reductions over (N, Tc), once per generation batch."""
+    token ids the trainer indexes with, and (given `prompts`, the token ids it was asked to continue) whose row
+    p*G + g holds prompt p under its `prompt_mask`; otherwise a SamplerError naming the sampler. Shapes and dtypes
+    cost nothing; the id range is two reductions over (N, Tc) and the prompts one look per row, once per
+    generation batch."""
     where = f"`sampler` ({type(sampler).__name__}).generate returned"
     if not isinstance(rollout, Rollout):
         raise SamplerError(f"{where} {_a(rollout)}; expected a grpokit.types.Rollout")
@@ -107,6 +111,12 @@ def check_rollout(rollout: Any, sampler: Any, *, rows: int, vocab_size: int | No
         if tensors[name].dtype not in kinds:
             allowed = " or ".join(str(k) for k in kinds)
             raise SamplerError(f"{where} `{name}` of dtype {tensors[name].dtype}; expected {allowed}")
+    empty = (rollout.completion_mask.sum(dim=1) == 0).nonzero()
+    if len(empty):
+        raise SamplerError(
+            f"{where} a Rollout whose row {int(empty[0])} has no completion token (its `completion_mask` is all 0; a "
+            "completion holds at least the EOS that ends it, or the tokens written until it was cut)"
+        )
     ids = rollout.completion_ids
     if ids.numel() and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
         bound = f" and below the model's {vocab_size} token embeddings" if vocab_size is not None else ""
@@ -114,6 +124,31 @@ def check_rollout(rollout: Any, sampler: Any, *, rows: int, vocab_size: int | No
             f"{where} completion ids from {int(ids.min())} to {int(ids.max())}; token ids are >= 0{bound}. "
             "Does the sampler use another model's tokenizer?"
         )
+    if prompts is not None:
+        group = rows // len(prompts)
+        if rollout.group_size != group:
+            raise SamplerError(
+                f"{where} a Rollout whose `group_size` is {rollout.group_size!r}; it was asked for num_generations = "
+                f"{group} completions of each of {len(prompts)} prompts"
+            )
+        prompt_mask = rollout.prompt_mask.bool().cpu()
+        for row, (ids_row, mask_row) in enumerate(zip(rollout.prompt_ids.cpu(), prompt_mask)):
+            if ids_row[mask_row].tolist() != list(prompts[row // group]):
+                raise SamplerError(
+                    f"{where} a Rollout whose row {row} holds other prompt tokens (under `prompt_mask`) than prompt "
+                    f"{row // group} it was given: row p*G + g must continue prompt p, its tokens unchanged"
+                )
+
+
+def push_weights(sampler: Any, model: torch.nn.Module) -> None:
+    """`sampler.update_weights(model)`; what it raises (an engine that died, a weight it refused) is a SamplerError
+    naming the sampler, not a bare exception from inside the step."""
+    try:
+        sampler.update_weights(model)
+    except Exception as err:
+        raise SamplerError(
+            f"`sampler` ({type(sampler).__name__}).update_weights raised {type(err).__name__}: {err}"
+        ) from err
 
 
 _INTEGERS = (torch.int64, torch.int32)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from grpokit.arguments import python_arguments
-from grpokit.checkpoint import RunDirectory, python_random_state, run_inputs, seed_everything
+from grpokit.checkpoint import RunDirectory, numerics_stop, python_random_state, run_inputs, seed_everything
 from grpokit.config import ConfigError, SFTConfig
 from grpokit.data import (
     DataError,
@@ -33,13 +33,12 @@ from grpokit.modeling import (
     check_model_source,
     check_positions,
     check_vocabulary,
-    ensure_pad_token,
     load_model,
-    load_tokenizer,
     resolve_device,
     resolve_dtype,
+    stage_tokenizer,
 )
-from grpokit.policy import Policy
+from grpokit.policy import NumericsError, Policy
 from grpokit.runlog import RunLog, progress
 from grpokit.tasks import get_task
 
@@ -162,7 +161,7 @@ def train_sft(
     device = resolve_device(cfg.device)
     if model is None:
         check_model_source(cfg.model, tokenizer=tokenizer is None)
-    tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
+    tokenizer = stage_tokenizer(tokenizer, cfg.model)
     model = model if model is not None else load_model(cfg.model, device, torch.float32)
     policy = Policy(
         model, cfg, total_steps=cfg.max_steps, device=device, compute_dtype=resolve_dtype(cfg.dtype, device)
@@ -186,6 +185,7 @@ def train_sft(
         run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
         log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
         steps = range(start + 1, cfg.max_steps + 1)
+        step = start
         bar = progress(steps, "sft", initial=start, total=cfg.max_steps, enabled=cfg.progress)
         try:
             for step in bar:
@@ -203,6 +203,8 @@ def train_sft(
             if eval_examples:
                 eval_loss = heldout_loss(policy, eval_examples, tokenizer.pad_token_id, cfg.batch_size)
                 log.log(cfg.max_steps, {"eval/loss": eval_loss})
+        except NumericsError as err:  # say where the run stopped and what is left to resume
+            raise NumericsError(numerics_stop(run.path, f"step {step} (learning rate {policy.lr:g})", err)) from None
         finally:
             bar.close()
             log.close()

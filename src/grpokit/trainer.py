@@ -29,12 +29,12 @@ from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.distributed import Cluster
 from grpokit.evaluate import decode_completions, heldout_eval, require_heldout_rows
-from grpokit.modeling import ensure_pad_token, load_model, load_tokenizer, resolve_dtype
+from grpokit.modeling import load_model, resolve_dtype, stage_tokenizer
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
 from grpokit.runlog import RunLog, plot_curves, progress, read_metrics
-from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams, check_rollout, prompt_generators
+from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams, check_rollout, prompt_generators, push_weights
 from grpokit.tasks import get_task
 from grpokit.types import Rollout, StepBatch, TrainResult
 
@@ -43,6 +43,7 @@ class GRPOTrainer:
     """The GRPO loop over a `Policy` (model, reference, optimizer) and a `Sampler` (rollouts)."""
 
     name = "GRPO"  # on the progress bar and the plot
+    config_class: type = GRPOConfig  # the config it runs (a subclass's trainer runs the subclass's)
 
     def __init__(
         self,
@@ -61,7 +62,7 @@ class GRPOTrainer:
         the config would load or build; their types are checked first (`python_arguments`). The config saved with
         the run records what ran (the model's name, the reward functions)."""
         args = python_arguments(
-            type(self).__name__, GRPOConfig, config, model=model, tokenizer=tokenizer, reward_funcs=reward_funcs,
+            type(self).__name__, self.config_class, config, model=model, tokenizer=tokenizer, reward_funcs=reward_funcs,
             sampler=sampler, datasets={"train_dataset": train_dataset, "eval_dataset": eval_dataset},
         )  # fmt: skip
         self.cfg = cfg = args.config
@@ -75,7 +76,8 @@ class GRPOTrainer:
         self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_dataset, eval_dataset)
-        require_heldout_rows(cfg.eval_every, self.eval_rows)
+        source = cfg.eval_data is not None or eval_dataset is not None or self.task is not None  # (cut to 0?)
+        require_heldout_rows(cfg.eval_every, self.eval_rows, cfg.num_eval_prompts if source else None)
         self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs, self.eval_rows)  # (records in cfg)
         # what the run reads, which its checkpoints record and a resume must find again (rank 0 checks and writes)
         rows = {"train_data": self.train_rows, "eval_data": self.eval_rows}
@@ -84,7 +86,7 @@ class GRPOTrainer:
         self.run_dir.plan()
         if model is None:
             modeling.check_model_source(cfg.model, tokenizer=tokenizer is None)
-        self.tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model)
+        self.tokenizer = stage_tokenizer(tokenizer, cfg.model)
         # what grpokit will change in the prompts, said once (InputWarning), before the model loads
         self.input_warnings, longest_prompt = scan_all_prompts(self.tokenizer, cfg, self.train_rows, self.eval_rows)
         machine.check_grpo_memory(model if model is not None else cfg.model, cfg, longest_prompt, self.device, dtype,
@@ -102,7 +104,7 @@ class GRPOTrainer:
         )
         self.vocab_size = policy.model.get_input_embeddings().num_embeddings  # a sampled id must have an embedding
         self.sampler = sampler or KVCacheSampler(self.tokenizer, compute_dtype=dtype, gather=policy.full_weights)
-        self.sampler.update_weights(policy.model)
+        push_weights(self.sampler, policy.model)
         self.sampling = SamplingParams.for_training(cfg)
         self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_generators`)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -121,7 +123,7 @@ class GRPOTrainer:
         old_logp = self.policy.logprobs(b.rollout) if reuses_samples else None
         b.clock.append(time.perf_counter())
         stats = self._update(b.rollout, b.mask, b.step_mask, b.first_row, b.advantages, old_logp, ref_logp)
-        self.sampler.update_weights(self.policy.model)
+        push_weights(self.sampler, self.policy.model)
         b.clock.append(time.perf_counter())
         return self.figures(b, stats)
 
@@ -139,9 +141,12 @@ class GRPOTrainer:
         prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
         generators = prompt_generators(cfg.seed, self.steps_taken, list(mine), self.device)
         rollout = self.sampler.generate(prompts.ids, num_generations=G, params=self.sampling, generator=generators)
-        check_rollout(rollout, self.sampler, rows=len(rows) * G, vocab_size=self.vocab_size)
+        check_rollout(rollout, self.sampler, rows=len(rows) * G, vocab_size=self.vocab_size, prompts=prompts.ids)
         if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
-            raise NumericsError("the policy's logprobs in the rollout are NaN or inf: its weights no longer train")
+            own = type(self.sampler) is KVCacheSampler  # (a subclass may change what it returns)
+            source = "the policy's" if own else f"`sampler` ({type(self.sampler).__name__})'s"
+            raise NumericsError(f"{source} logprobs in the rollout are NaN or inf: the weights it sampled with no "
+                                "longer give numbers")  # fmt: skip
         t_rollout = time.perf_counter()
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
         inputs = reward_inputs(rows, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
@@ -274,9 +279,12 @@ class GRPOTrainer:
                     self.log.close()
             self.save_beside_model(out)  # before the model: a run folder with model/ holds all the run wrote
             model_dir = self.policy.save(out / "model", self.tokenizer, lora_form=cfg.lora.save, overwrite=True)
-        plot = plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", title=self.name) if main else None
+        logged = read_metrics(out / "metrics.jsonl") if main else []
+        plot = plot_curves(logged, out / "curves.png", title=self.name) if main else None
+        losses = [row["loss"] for row in logged if row.get("loss") is not None]
         m, warned = self.monitor, [*self.input_warnings, *self.monitor.warnings]
-        return TrainResult(out, model_dir, plot, metrics, self.eval_history, warned, m.summary(), dict(m.fired))
+        return TrainResult(out, model_dir, plot, metrics, self.eval_history, warned, m.summary(), dict(m.fired),
+                           cfg.max_steps, sum(losses) / len(losses) if losses else float("nan"))  # fmt: skip
 
     def save_beside_model(self, out: Path) -> None:
         """What a stage saves beside the final model, inside the run folder's guard (a refused write says what was

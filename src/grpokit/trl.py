@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ from typing import Any
 from grpokit import config as native
 from grpokit.checkpoint import (
     FinishedRunError,
+    OutputExistsError,
     RunDirectory,
     RunDirectoryError,
     check_not_an_input,
     list_checkpoints,
+    written_kind,
 )
 from grpokit.trl_names import (
     GRPOKIT_SOURCES,
@@ -43,6 +46,7 @@ from grpokit.trl_names import (
     TRL_TYPES,
     UNSUPPORTED,
 )
+from grpokit.types import InputWarning
 
 PATH_FIELDS = frozenset({"output_dir", "logging_dir", "resume_from_checkpoint"})
 
@@ -194,7 +198,16 @@ class GRPOConfig:
         """TRL's max_steps (optimizer steps; <= 0: num_train_epochs over the data) as grpokit's generation steps."""
         f = self.fields
         if f["max_steps"] > 0:
-            return max(1, math.ceil(f["max_steps"] / per_generation))
+            steps = max(1, math.ceil(f["max_steps"] / per_generation))
+            if steps * per_generation != f["max_steps"]:
+                warnings.warn(
+                    f"TRL field `max_steps` = {f['max_steps']} optimizer steps is not a whole number of generation "
+                    f"steps ({per_generation} optimizer steps each: num_iterations x steps_per_generation): grpokit "
+                    f"runs {steps}, {steps * per_generation} optimizer steps",
+                    InputWarning,
+                    stacklevel=4,
+                )
+            return steps
         if num_prompts is None:
             raise native.ConfigError("TRL field `max_steps` = -1 needs the training set to count epochs")
         if not per_epoch:
@@ -269,6 +282,14 @@ def trl_names_in_errors(given: frozenset[str] | set[str] | None) -> Iterator[Non
         raise translated from None
 
 
+# transformers.Trainer members TRL scripts call that the adapter lacks: named in the AttributeError, not a bare name
+TRAINER_MEMBERS_NOT_PROVIDED = frozenset({
+    "state", "model", "model_wrapped", "evaluate", "predict", "log", "log_metrics", "save_metrics", "save_state",
+    "push_to_hub", "create_model_card", "add_callback", "remove_callback", "pop_callback", "callback_handler",
+    "accelerator", "is_world_process_zero", "is_local_process_zero", "processing_class", "optimizer", "lr_scheduler",
+})  # fmt: skip
+
+
 class GRPOTrainer:
     """TRL's GRPOTrainer arguments on grpokit's trainer (`grpokit.trainer.GRPOTrainer`, as `.trainer`)."""
 
@@ -310,6 +331,7 @@ class GRPOTrainer:
             self.args = args
             self._args_as_built = args_fields(args)
             self._resume_asked = cfg.resume_from_checkpoint
+            self._saved: set[Path] = set()  # the folders `save_model` wrote
             # TRL decides whether to resume in train(resume_from_checkpoint=...); the trainer is built as a resume
             # of output_dir's latest checkpoint would be (its config checked against it), decided in `train`
             earlier = [] if cfg.resume_from_checkpoint or cfg.overwrite_output_dir else _earlier_run(cfg)
@@ -346,8 +368,9 @@ class GRPOTrainer:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **unsupported: Any):
         """TRL's `train`: `resume_from_checkpoint` True continues the latest checkpoint in output_dir, a path that
-        checkpoint (it must be one of output_dir's); None / False starts a fresh run (an earlier run in output_dir
-        is refused unless `overwrite_output_dir=True`), or resumes what the config's own field asks."""
+        checkpoint (it must be one of output_dir's); False starts a fresh run (an earlier run in output_dir is
+        refused unless `overwrite_output_dir=True`); None does what the args' own `resume_from_checkpoint` asks
+        (a fresh run when it is unset)."""
         set_ = [name for name, value in unsupported.items() if value is not None]
         if set_:
             raise native.ConfigError(f"GRPOTrainer.train argument `{set_[0]}` is not supported by grpokit.trl")
@@ -356,7 +379,9 @@ class GRPOTrainer:
         cfg = native_trainer.cfg
         if resume_from_checkpoint is True:
             asked: str | None = "latest"
-        elif resume_from_checkpoint in (None, False):
+        elif resume_from_checkpoint is False:  # said in the call: a fresh run, whatever the args hold (as in TRL)
+            asked = None
+        elif resume_from_checkpoint is None:
             asked = self._resume_asked
         else:
             asked = str(resume_from_checkpoint)
@@ -368,10 +393,22 @@ class GRPOTrainer:
                 "(TRL refuses it as well): train without it for a fresh run"
             )
         cfg.resume_from_checkpoint = asked
+        if asked is not None:  # TRL: an explicit resume continues the run; overwrite_output_dir guards fresh runs only
+            cfg.overwrite_output_dir = False
         previous = native_trainer.run_dir
         native_trainer.run_dir = RunDirectory.for_config(cfg, writer=previous.writer, inputs=previous.inputs)
         native_trainer.run_dir.plan()
         return native_trainer.train()
+
+    def __getattr__(self, name: str) -> Any:  # only for names the object lacks
+        if name in TRAINER_MEMBERS_NOT_PROVIDED:
+            raise AttributeError(
+                f"grpokit.trl.GRPOTrainer has no `{name}` (a transformers.Trainer member the adapter does not "
+                "provide). It has train() (which returns a TrainResult with .metrics, .global_step, "
+                ".training_loss, .eval_history), save_model(), .args and .trainer (grpokit's trainer: "
+                ".trainer.policy.model, .trainer.tokenizer); the run's figures are in OUTPUT_DIR/metrics.jsonl"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def save_model(self, output_dir: str | None = None):
         """The policy in `save_pretrained` form. As TRL's, it replaces an earlier save there, but only a model folder
@@ -383,8 +420,21 @@ class GRPOTrainer:
         if target.resolve() == run_folder.resolve():
             target = run_folder / "model"
         check_not_an_input(self.trainer.cfg, target, "save_model's output_dir")  # the base model, a reward model
+        # what this trainer saved may be saved over (TRL's scripts save more than once); another model folder grpokit
+        # wrote (another run's model, a tokenizer's source, a reward model) is not this run's to replace
+        own = {(run_folder / "model").resolve(), *self._saved}
+        if target.resolve() not in own and written_kind(target) == "model":
+            raise OutputExistsError(
+                f"save_model's output_dir {target} holds a model folder grpokit wrote for something else (another "
+                "run's model, a `grpokit init` model, a reward model): save_model replaces only what this trainer "
+                "saved; choose another folder, or delete that one first"
+            )
         lora_form = self.trainer.cfg.lora.save
-        return self.trainer.policy.save(target, self.trainer.tokenizer, lora_form=lora_form, overwrite=True)
+        folder = self.trainer.policy.save(
+            target, self.trainer.tokenizer, lora_form=lora_form, overwrite=target.resolve() in own
+        )
+        self._saved.add(Path(folder).resolve())
+        return folder
 
 
 def args_fields(args: Any) -> dict[str, Any]:

@@ -61,6 +61,13 @@ class TrainResult:
     warnings: list[str]
     monitor_summary: list[str]  # one line per monitor: FIRED with its first warning, or its last figures
     monitor_fired: dict[str, str]  # monitor kind -> its first warning
+    global_step: int = 0  # the steps the run has taken (its max_steps), as TRL's TrainOutput names it
+    training_loss: float = float("nan")  # the mean logged loss over those steps (metrics.jsonl), as TRL's
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """TRL's `TrainOutput.metrics` keys grpokit has: `train_loss` and `global_step`."""
+        return {"train_loss": self.training_loss, "global_step": self.global_step}
 
 
 class DataError(ValueError):
