@@ -617,3 +617,92 @@ def test_eval_task_digits_with_eval_data_and_chat_prompts_without_a_user_turn_ar
     rows = [{"prompt": [{"role": "system", "content": "add"}]}, {"prompt": [{"role": "user", "content": "1+1="}]}]
     scan = scan_prompts(build_char_tokenizer(), rows, "prompt", 256, "train data")
     assert any("1 of 2 chat prompts have no user message (first: row 0)" in w for w in scan.warnings)
+
+
+@pytest.mark.parametrize("what", ["folder", "lock"])
+def test_a_run_whose_folder_or_lock_goes_away_stops_by_name(model, tmp_path, what):
+    """The output folder deleted mid-run: a raw errno and a TensorBoard thread's traceback. Its `.lock` deleted: a
+    second run wrote into the same folder (metrics.jsonl read steps [117, 1, 2])."""
+    import shutil
+
+    from grpokit.checkpoint import RunDirectoryError
+    from grpokit.trainer import GRPOTrainer
+
+    out = tmp_path / "run"
+    calls = []
+
+    def meddles(completions, **_):
+        calls.append(1)
+        if len(calls) == 2:  # during step 2
+            shutil.rmtree(out) if what == "folder" else (out / ".lock").unlink()
+        return [float(len(c)) for c in completions]
+
+    trainer = GRPOTrainer(config(model, out, max_steps=3, tensorboard=True), reward_funcs=[meddles])
+    expected = "was deleted while the run was writing it" if what == "folder" else "this run's lock, was deleted"
+    with pytest.raises(RunDirectoryError, match=expected):
+        trainer.train()
+    assert len(calls) == 2
+
+
+def test_model_destinations_of_init_are_checked_like_run_folders(two_step_run, tmp_path, capsys, monkeypatch):
+    """init wrote inside a run's checkpoint, made a folder named `~`, and renamed its model over the working
+    folder (`--output-dir .` / `''`)."""
+    monkeypatch.chdir(tmp_path)
+    for target, said in [
+        (two_step_run / "checkpoint-1" / "sub", "lies inside"),
+        ("~/m", "`~` is not expanded here"),
+        (".", "the working folder"),
+        ("", "give the folder to write"),
+    ]:
+        rc, err = cli(capsys, "init", "--output-dir", target)
+        assert rc == 2 and said in err, (target, err)
+    assert not (two_step_run / "checkpoint-1" / "sub").exists() and not (tmp_path / "~").exists()
+
+
+def test_pruning_keeps_a_checkpoint_a_link_points_to_and_never_takes_a_copy_named_checkpoint_01(
+    two_step_run, model, tmp_path, capsys
+):
+    import shutil
+
+    out = shutil.copytree(two_step_run, tmp_path / "r", symlinks=True)
+    (out / "checkpoint-best").symlink_to("checkpoint-1")
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-02")
+    with pytest.warns(UserWarning, match=r"checkpoint-1 is kept past save_total_limit: a link in .* points to it"):
+        args = [
+            "--max-steps",
+            "4",
+            "--save-every",
+            "1",
+            "--save-total-limit",
+            "1",
+            "--resume-from-checkpoint",
+            "latest",
+        ]
+        rc, err = cli(capsys, "train", *tiny_run_args(model, out, *args))
+    assert rc == 0, err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-02",
+        "checkpoint-1",
+        "checkpoint-4",
+        "checkpoint-best",
+    ]
+    assert (out / "checkpoint-best").resolve() == (out / "checkpoint-1").resolve()
+
+
+def test_a_final_model_that_failed_to_write_is_written_by_the_resume_it_prints(two_step_run, model, tmp_path, capsys):
+    """The resume printed after a refused final save was refused as "a finished run" (model/ was step 2's)."""
+    import shutil
+    import subprocess
+
+    out = shutil.copytree(two_step_run, tmp_path / "r")
+    if subprocess.run(["chattr", "+i", str(out / "model")], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not allowed here")
+    try:
+        args = tiny_run_args(model, out, "--max-steps", "3", "--save-every", "1", "--resume-from-checkpoint", "latest")
+        rc, err = cli(capsys, "train", *args)
+    finally:
+        subprocess.run(["chattr", "-i", str(out / "model")], check=True)
+    assert rc == 2 and "the final model was not written" in err, err
+    rc, err = cli(capsys, "train", *args)
+    assert rc == 0, err
+    assert (out / "model" / ".grpokit.json").stat().st_mtime >= (out / "checkpoint-3").stat().st_mtime

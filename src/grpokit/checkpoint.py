@@ -39,7 +39,7 @@ PROVENANCE = ".grpokit.json"
 STATE_FILE = "trainer_state.pt"
 RECORD_FILE = "run_record.json"  # in each checkpoint: what it continues (`run_record`), checked before any resume
 RUN_ID_FILE = "run_id"  # in the run directory: the identity its checkpoints must carry
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9]\d*)")  # as grpokit names them: `checkpoint-01` is a copy of yours
 # What a run writes into its directory; `overwrite_output_dir` removes exactly these.
 RUN_FILES = (
     "config.yaml",
@@ -169,7 +169,7 @@ def _refused_path(err: BaseException | None, folder: Path) -> Path:
         if isinstance(err, OSError) and isinstance(err.filename, (str, os.PathLike)):
             refused = Path(err.filename2 or err.filename)  # a rename's target, where it has one
             # a hidden temporary name (`temporary_name`, a log's rewrite) is named as what it becomes
-            return Path(*(re.sub(r"^\.tmp-(.+?)(-\d+)?$", r"\1", part) for part in refused.parts))
+            return Path(*(re.sub(r"^\.(?:tmp|old)-(.+?)(-\d+)?$", r"\1", part) for part in refused.parts))
         err = err.__cause__ or err.__context__
     return folder
 
@@ -223,6 +223,48 @@ def written_kind(path: Path) -> str | None:
         return json.loads((path / PROVENANCE).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def replaced_whole_above(path: str | Path) -> str | None:
+    """What folder above `path` grpokit replaces or deletes whole, described (None: none): a model folder it wrote (a
+    later `init` or final save replaces it), or another run's checkpoint-STEP, final model or other run files
+    (pruning, a resume or `--overwrite-output-dir` there deletes them). Anything written inside would go with it."""
+    here = Path(os.path.abspath(path))
+    for parent in here.parents:
+        kind = written_kind(parent)
+        top = here.relative_to(parent).parts[0]
+        if kind == "model":
+            return f"{parent}, a model folder grpokit wrote"
+        if kind == "run" and (top in RUN_FILES or CHECKPOINT_NAME.fullmatch(top)):
+            return f"{parent / top}, part of the run in {parent}"
+    return None
+
+
+def check_model_destination(path: str, what: str = "output_dir") -> None:
+    """Where `init` / `fetch-model` may write a model folder, before anything is built: a path (not empty, no
+    unexpanded `~`, names the file system takes), not the working folder, the home folder or `/` (a folder is
+    replaced by a rename: the shell would be left in a deleted folder), and not inside a folder grpokit replaces
+    or deletes whole."""
+    from grpokit.config import check_path_length
+
+    if path == "" or path.startswith("~"):
+        raise OutputExistsError(
+            f"{what} is {path!r}: "
+            + ("give the folder to write" if not path else "`~` is not expanded here: write the full path")
+        )
+    target = check_path_length(path, what).resolve()
+    special = {Path.cwd().resolve(): "the working folder", Path.home().resolve(): "the home folder", Path("/"): "/"}
+    if target in special:
+        raise OutputExistsError(
+            f"{what} is {path!r}, {special[target]}: a model folder is written whole and replaces what is there; "
+            "give a folder of its own"
+        )
+    inside = replaced_whole_above(target)
+    if inside:
+        raise OutputExistsError(
+            f"{what} {path!r} lies inside {inside}, which grpokit replaces or deletes whole: the model would go with "
+            "it; choose a folder outside it"
+        )
 
 
 def check_replaceable(path: str | Path, kind: str, *, overwrite: bool, what: str = "", ask: str = "") -> None:
@@ -393,7 +435,11 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *,
     with atomic_folder(path, marker={"step": step}) as tmp:
         write(tmp)
     if keep > 0:
+        linked = {link.resolve() for link in run_dir.iterdir() if link.is_symlink()}  # `checkpoint-best -> ...`
         for _, old in list_checkpoints(run_dir)[:-keep]:
+            if old.resolve() in linked:
+                warnings.warn(f"{old} is kept past save_total_limit: a link in {run_dir} points to it", stacklevel=2)
+                continue
             added = foreign_files(old)
             if added:
                 warnings.warn(f"{old} is kept past save_total_limit: it holds {', '.join(added[:3])}, which grpokit "
@@ -884,7 +930,7 @@ class RunDirectory:
         max_steps = getattr(self.config, "max_steps", None)
         if max_steps is not None and step > max_steps:
             raise RunDirectoryError(f"{checkpoint} is past max_steps = {max_steps}: raise max_steps to resume it")
-        if max_steps is not None and step == max_steps and (self.path / "model").is_dir():
+        if max_steps is not None and step == max_steps and _written_after(self.path / "model", checkpoint):
             raise FinishedRunError(
                 f"{checkpoint} is the last step of a finished run (max_steps = {max_steps}, its model is in "
                 f"{self.path / 'model'}): nothing to resume; raise max_steps to train it further"
@@ -960,24 +1006,13 @@ class RunDirectory:
         return written_kind(self.path) == "run" or self._had_lock
 
     def _check_not_nested(self) -> None:
-        """output_dir does not lie inside a folder grpokit replaces or deletes whole: a model folder it wrote (a
-        later `init` or final save replaces it), or another run's checkpoint-STEP, final model or other run files
-        (pruning, a resume or `--overwrite-output-dir` there deletes them): this run would go with it."""
-        here = self.path.resolve()
-        for parent in here.parents:
-            kind = written_kind(parent)
-            top = here.relative_to(parent).parts[0]
-            if kind == "model" or (kind == "run" and (top in RUN_FILES or CHECKPOINT_NAME.fullmatch(top))):
-                what = (
-                    "a model folder grpokit wrote"
-                    if kind == "model"
-                    else f"{parent / top}, part of the run in {parent}"
-                )
-                raise RunDirectoryError(
-                    f"output_dir {self.path} lies inside {what if kind == 'run' else f'{parent}, {what}'}, which "
-                    "grpokit replaces or deletes whole (a final save, pruning, --overwrite-output-dir): this run would "
-                    "go with it; choose an output_dir outside it"
-                )
+        """output_dir does not lie inside a folder grpokit replaces or deletes whole (`replaced_whole_above`)."""
+        inside = replaced_whole_above(self.path)
+        if inside:
+            raise RunDirectoryError(
+                f"output_dir {self.path} lies inside {inside}, which grpokit replaces or deletes whole (a final save, "
+                "pruning, --overwrite-output-dir): this run would go with it; choose an output_dir outside it"
+            )
 
     def _check_replaced(self) -> None:
         """What the run may replace or delete in its folder is grpokit's own: RUN_FILES names only in a folder a
@@ -1217,14 +1252,50 @@ class RunDirectory:
 
         return write_checkpoint(self.path, step, write_with_record, keep=self.keep)
 
+    def check_still_ours(self) -> None:
+        """The folder is still there and still locked by this run: one deleted while the run wrote it, or whose
+        `.lock` was deleted or replaced (another run may now write there), stops the run by name, not with a raw
+        errno or two runs in one folder. Two stats, every step."""
+        if not self.writer:
+            return
+        if not self.path.is_dir():
+            raise RunDirectoryError(
+                f"output_dir {self.path} was deleted while the run was writing it: the run stops; what it had "
+                "written (checkpoints, metrics) went with it"
+            )
+        if self._lock_file is not None:
+            try:
+                same = os.stat(self.path / ".lock").st_ino == os.fstat(self._lock_file.fileno()).st_ino
+            except OSError:
+                same = False
+            if not same:
+                last = list_checkpoints(self.path)
+                kept = f"the last checkpoint is {last[-1][1]}" if last else "no checkpoint was written"
+                raise RunDirectoryError(
+                    f"{self.path / '.lock'}, this run's lock, was deleted or replaced while it ran: another run may "
+                    f"be writing into {self.path} now, so this one stops rather than write into its files; {kept}"
+                )
+
     def checkpoint_due(self, step: int, last_step: int, every: int) -> bool:
-        """After the last step, every `every` steps, and when a signal asked to stop."""
+        """After the last step, every `every` steps, and when a signal asked to stop (checking first that the folder
+        is still this run's: `check_still_ours`)."""
+        self.check_still_ours()
         return step == last_step or (every > 0 and step % every == 0) or self.stop_signal is not None
 
     def check_stop(self, step: int, checkpoint: Path) -> None:
         """After a step's checkpoint: raise TrainingInterrupted if a signal asked to stop."""
         if self.stop_signal is not None:
             raise TrainingInterrupted(self.stop_signal, step, checkpoint)
+
+
+def _written_after(model: Path, checkpoint: Path) -> bool:
+    """`model` exists and was written after `checkpoint` (a run saves its final model after its last checkpoint:
+    a model from before it is an earlier run's, left when writing the final one failed)."""
+
+    def written(folder: Path, marker: str) -> float:
+        return (folder / marker).stat().st_mtime if (folder / marker).exists() else folder.stat().st_mtime
+
+    return model.is_dir() and written(model, PROVENANCE) >= written(checkpoint, MARKER)
 
 
 def _is_grpokit_checkpoint(folder: Path) -> bool:

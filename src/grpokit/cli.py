@@ -352,12 +352,13 @@ def _eval(args: list[str]) -> int:
 
 
 def _init(args: list[str]) -> int:
-    from grpokit.checkpoint import check_replaceable, save_model
+    from grpokit.checkpoint import check_model_destination, check_replaceable, save_model
     from grpokit.config import InitConfig
     from grpokit.tasks import build_char_tokenizer, tiny_model
 
     cfg = parse_config(InitConfig, args, "grpokit init")
     cfg.validate()  # before anything is built or written
+    check_model_destination(cfg.output_dir)
     overwrite = cfg.overwrite_output_dir
     check_replaceable(cfg.output_dir, "model", overwrite=overwrite, what="output_dir", ask="--overwrite-output-dir")
     tokenizer = build_char_tokenizer()
@@ -380,9 +381,6 @@ def _fetch_model(args: list[str]) -> int:
             file=sys.stderr,
         )
         return 0 if args and args[0] in ("-h", "--help") else 2
-    from grpokit.config import check_path_length
-
-    check_path_length(args[1], "OUTPUT_DIR")
     print(f"{args[0]} -> {fetch_model(args[0], args[1], overwrite=overwrite)}")
     return 0
 

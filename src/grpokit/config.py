@@ -974,4 +974,3 @@ class InitConfig:
         from grpokit.tasks.models import check_sizes
 
         check_sizes(self.hidden_size, self.num_layers)
-        check_path_length(self.output_dir, "output_dir")

@@ -582,9 +582,10 @@ def fetch_model(name: str, output_dir, *, overwrite: bool = False) -> Path:
     """A packaged model (`PACKAGED_MODELS`) as a float32 `save_pretrained` folder that any stage can train.
     `output_dir` is new or empty, or a model folder grpokit wrote there before and `overwrite` replaces it;
     anything else is refused before the model loads (`checkpoint.check_replaceable`)."""
-    from grpokit.checkpoint import check_replaceable, save_model
+    from grpokit.checkpoint import check_model_destination, check_replaceable, save_model
 
     ask = "--overwrite-output-dir (overwrite=True)"
+    check_model_destination(str(output_dir))
     check_replaceable(output_dir, "model", overwrite=overwrite, what="output_dir", ask=ask)
     gguf = packaged_gguf(name)
     model = load_model(gguf, "cpu", torch.float32)

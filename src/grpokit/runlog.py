@@ -95,7 +95,7 @@ class RunLog:
             )
 
     def close(self) -> None:
-        if self._tb is not None:
+        if self._tb is not None and self.dir.is_dir():  # a deleted folder: nothing to flush into
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()

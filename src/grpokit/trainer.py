@@ -260,6 +260,7 @@ class GRPOTrainer:
                         metrics.update(self.evaluate(step))
                     warnings = self.monitor.update(step, metrics, group_size=cfg.num_generations)  # (its figures
                     if main:  # go in the row)
+                        run.check_still_ours()  # before its files are written: deleted, or another run's now
                         for warning in warnings:
                             bar.write(f"WARNING {warning}")
                         self.log.log(step, metrics)
