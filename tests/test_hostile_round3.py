@@ -290,18 +290,19 @@ def test_a_sampler_whose_update_weights_fails_is_named(model, tmp_path):
 # ---------------------------------------------------------------- data and paths
 
 
-def test_reward_model_pairs_blank_or_with_an_unused_margin_column_are_refused(model, tmp_path):
+def test_reward_model_pairs_with_a_blank_chosen_are_said_and_an_unused_margin_column_refused(model, tmp_path):
     from grpokit.config import RewardModelConfig
-    from grpokit.data import DataError
+    from grpokit.data import DataError, InputWarning
     from grpokit.reward_model import train_reward_model
 
     cfg = RewardModelConfig(model=str(model), output_dir=str(tmp_path / "rm"), task=None, max_steps=1, progress=False)
     pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"} for i in range(4)]
-    with pytest.raises(DataError, match=r"row 1: column 'chosen' is blank: a pair compares two completions"):
-        train_reward_model(cfg, train_pairs=[pairs[0], {**pairs[1], "chosen": " "}, *pairs[2:]])
+    blank = [pairs[0], {**pairs[1], "chosen": " "}, *pairs[2:]]
     with pytest.raises(DataError, match=r"has a `margin` column, which TRL's RewardTrainer subtracts in its loss"):
         train_reward_model(cfg, train_pairs=[{**p, "margin": 5.0} for p in pairs])
     assert not (tmp_path / "rm").exists()
+    with pytest.warns(InputWarning, match=r"1 of 4 pairs have a blank 'chosen' completion \(first: row 1\)"):
+        train_reward_model(cfg, train_pairs=blank)
 
 
 def test_a_csv_column_named_twice_is_refused(tmp_path):

@@ -285,14 +285,24 @@ def _check_pairs(rows: list[dict[str, Any]], cfg: RewardModelConfig, source: str
         warnings.warn(
             f"{source}: {same} of {len(rows)} pairs have chosen == rejected (no signal)", InputWarning, stacklevel=3
         )
+    blank = [
+        i
+        for i, row in enumerate(rows)
+        if isinstance(row[cfg.chosen_column], str) and not row[cfg.chosen_column].strip()
+    ]
+    if blank:  # (a blank rejected completion is a lesson: an empty answer, which a policy can write, is worse)
+        warnings.warn(
+            f"{source}: {len(blank)} of {len(rows)} pairs have a blank {cfg.chosen_column!r} completion (first: row "
+            f"{blank[0]}): the reward model learns to prefer an empty answer there",
+            InputWarning,
+            stacklevel=3,
+        )
     for i, row in enumerate(rows):
         place = where(rows, i, source)
         check_prompt(row[cfg.prompt_column], f"{place}, column {cfg.prompt_column!r}")
         for name in (cfg.chosen_column, cfg.rejected_column):
             if not isinstance(row[name], str):
                 raise DataError(f"{place}: column {name!r} must be text, got {row[name]!r:.60}")
-            if not row[name].strip():
-                raise DataError(f"{place}: column {name!r} is blank: a pair compares two completions")
         if margin_column and _finite_number(row[margin_column]) is None:
             got = row[margin_column]
             raise DataError(f"{place}: column {margin_column!r} must be a finite number, got {got!r:.60}")
