@@ -394,11 +394,13 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, *, loss_type: str, no
 def token_rewards(
     scores: torch.Tensor, mask: torch.Tensor, *, kl: torch.Tensor | None = None, beta: float = 0.0
 ) -> torch.Tensor:
-    """Per-token rewards (N, T): the completion's score (N,) on its last real token, and with a `kl` (N, T) the
-    InstructGPT penalty -beta * kl_t on every real token. A row without tokens gets nothing."""
+    """Per-token rewards (N, T): the completion's score (N,) on its last token in the loss (`mask`, which may have
+    holes: tokens the model did not write), and with a `kl` (N, T) the InstructGPT penalty -beta * kl_t on every
+    token in the loss. A row without tokens gets nothing."""
     m = mask.to(scores.dtype if scores.is_floating_point() else torch.float32)  # (N, T)
-    lengths = m.sum(-1).long()  # (N,)
-    last = torch.nn.functional.one_hot((lengths - 1).clamp(min=0), m.shape[1]).to(m.dtype) * m  # (N, T)
+    place = torch.arange(1, m.shape[1] + 1, device=m.device, dtype=m.dtype)  # (T,) 1-based: 0 stays "none"
+    last_index = (m * place).argmax(-1)  # (N,) the last position whose mask is 1 (0 for an empty row)
+    last = torch.nn.functional.one_hot(last_index, m.shape[1]).to(m.dtype) * m  # (N, T)
     rewards = last * scores.to(m.dtype).unsqueeze(-1)  # (N, T)
     if kl is not None and beta != 0:
         rewards = rewards - beta * kl.to(m.dtype) * m
@@ -408,20 +410,25 @@ def token_rewards(
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over right-padded rows (N, T) -> (advantages, returns), 0 where masked.
+    """Generalized advantage estimation over rows (N, T) whose `mask` marks the tokens in the loss -> (advantages,
+    returns), 0 where masked.
 
-    delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 past the last real token (the episode ends there);
-    A_t = delta_t + gamma lam A_{t+1}; the value targets are R_t = A_t + V_t (lam = 1: the discounted return)."""
+    Over the masked tokens only: delta_t = r_t + gamma V_next - V_t and A_t = delta_t + gamma lam A_next, where
+    "next" is the next token in the loss (V = 0 past the last one: the episode ends there). A token outside the
+    loss (padding, or a tool's output inside a multi-turn completion) is no target and no step: the chain passes
+    over a hole as one step. The value targets are R_t = A_t + V_t (lam = 1: the discounted return)."""
     m = mask.to(values.dtype)  # (N, T)
     values = values * m
     advantages = torch.zeros_like(values)  # (N, T)
-    next_value = torch.zeros_like(values[:, 0])  # (N,)
+    next_value = torch.zeros_like(values[:, 0])  # (N,) V of the next token in the loss
     next_advantage = torch.zeros_like(values[:, 0])  # (N,)
     for t in reversed(range(values.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (N,)
-        next_advantage = (delta + gamma * lam * next_advantage) * m[:, t]
-        advantages[:, t] = next_advantage
-        next_value = values[:, t]
+        advantage = delta + gamma * lam * next_advantage  # (N,)
+        in_loss = m[:, t].bool()  # (N,)
+        advantages[:, t] = torch.where(in_loss, advantage, 0.0)
+        next_advantage = torch.where(in_loss, advantage, next_advantage)
+        next_value = torch.where(in_loss, values[:, t], next_value)
     return advantages, (advantages + values) * m
 
 

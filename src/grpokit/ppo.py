@@ -181,7 +181,7 @@ class PPOTrainer(GRPOTrainer):
                 sums["critic/grad_norm"] += critic.optimizer_step()
                 n_opt_steps += 1
         if old_logp is not None:
-            sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask)
+            sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)
         tokens = max(sums["tokens"], 1.0)
         stats = {
             **update.policy_figures(sums, n_opt_steps, with_kl=ref_logp is not None),

@@ -111,6 +111,18 @@ def check_rollout(
         if tensors[name].dtype not in kinds:
             allowed = " or ".join(str(k) for k in kinds)
             raise SamplerError(f"{where} `{name}` of dtype {tensors[name].dtype}; expected {allowed}")
+    if rollout.loss_mask is not None:  # a subset of the real tokens, shaped like them
+        loss_mask = rollout.loss_mask
+        if not isinstance(loss_mask, torch.Tensor) or tuple(loss_mask.shape) != shape:
+            got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else _a(loss_mask)
+            raise SamplerError(f"{where} `loss_mask` of shape {got}; expected {shape}, as `completion_ids`")
+        if loss_mask.dtype not in _ROLLOUT_DTYPES["completion_mask"]:
+            raise SamplerError(f"{where} `loss_mask` of dtype {loss_mask.dtype}; expected an integer or bool mask")
+        if bool((loss_mask.bool() & ~rollout.completion_mask.bool()).any()):
+            raise SamplerError(
+                f"{where} a `loss_mask` that trains tokens outside `completion_mask` (padding): every trained token "
+                "is a real one"
+            )
     empty = (rollout.completion_mask.sum(dim=1) == 0).nonzero()
     if len(empty):
         raise SamplerError(

@@ -152,7 +152,7 @@ class GRPOTrainer:
         inputs = reward_inputs(rows, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
         # of the whole step: (N, K) NaN where None, (N,) x 3, (N, 1) or None; a reward training cannot use stops here
         rewards, total, scorable, advantages, gold = self.rewards.score_step(inputs, cfg, gather=cluster.gather)
-        mask = rollout.completion_mask.float()  # (n, Tc)
+        mask = rollout.trained_mask.float()  # (n, Tc): the tokens in the loss
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated).float().unsqueeze(-1).to(mask.device)
         step_mask = cluster.gather(torch.nn.functional.pad(mask, (0, cfg.max_completion_length - mask.shape[1])))
@@ -165,7 +165,7 @@ class GRPOTrainer:
     def figures(self, batch: StepBatch, stats: dict[str, float]) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The whole step's metrics (on every rank; times of the slowest) with the update's `stats`; samples to log."""
         cluster, rollout, G = self.cluster, batch.rollout, self.cfg.num_generations
-        lengths = cluster.gather(rollout.completion_mask.sum(-1))  # (N,)
+        lengths = cluster.gather(rollout.trained_mask.sum(-1))  # (N,) the tokens the model wrote and trains on
         truncated = cluster.gather(rollout.truncated.long()).bool()  # (N,)
         completions, seen = cluster.gather_objects(batch.completions), cluster.gather_objects(batch.prompts.seen)
         t0, t_rollout, t_reward, t_ref, t_update = batch.clock
@@ -218,7 +218,7 @@ class GRPOTrainer:
                 sums["grad_norm"] += policy.optimizer_step()
                 n_opt_steps += 1
         if old_logp is not None:
-            sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.completion_mask)
+            sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)
         # over the ranks: sums and counts added, the gap's maximum (grad_norm is already of the summed gradients)
         sums.update(self.cluster.sum({k: sums[k] for k in added}))
         sums.update(self.cluster.max({"sampler_logp_diff": sums["sampler_logp_diff"]}))

@@ -24,10 +24,20 @@ class Rollout:
     sampling_logp: torch.Tensor  # (N, Tc) float32, log pi(token) under logits / temperature; 0 where masked
     truncated: torch.Tensor  # (N,) bool, True when no EOS / stop string within max_new_tokens
     group_size: int  # G
+    # (N, Tc) long, 1 for the completion tokens the loss trains on; None: every real completion token. A token the
+    # model did not write (a tool's output, an observation, template glue between turns) is real (attended to, in
+    # `completion_mask`) and not trained (0 here, sampling_logp 0); the forward reads `completion_mask`, every
+    # loss, count and figure reads `trained_mask`.
+    loss_mask: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
         return self.completion_ids.shape[0]
+
+    @property
+    def trained_mask(self) -> torch.Tensor:
+        """(N, Tc): the tokens in the loss (`loss_mask`, or every real completion token)."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
 
 
 @dataclass
