@@ -533,7 +533,7 @@ def test_the_demo_replaces_only_its_own_earlier_runs(tmp_path, capsys):
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("my run")
     rc, err = cli(capsys, "demo", "--output-dir", tmp_path / "d", "--sft-steps", "1", "--grpo-steps", "1")
-    assert rc == 2 and "holds sft, which no grpokit demo wrote there" in err, err
+    assert rc == 2 and "holds sft, not what a grpokit demo wrote there" in err, err
     assert (mine / "notes.txt").read_text() == "my run"
 
 
@@ -639,7 +639,9 @@ def test_a_run_whose_folder_or_lock_goes_away_stops_by_name(model, tmp_path, wha
         return [float(len(c)) for c in completions]
 
     trainer = GRPOTrainer(config(model, out, max_steps=3, tensorboard=True), reward_funcs=[meddles])
-    expected = "was deleted while the run was writing it" if what == "folder" else "this run's lock, was deleted"
+    expected = (
+        "was deleted or moved while the run was writing it" if what == "folder" else "this run's lock, was deleted"
+    )
     with pytest.raises(RunDirectoryError, match=expected):
         trainer.train()
     assert len(calls) == 2
@@ -707,3 +709,82 @@ def test_a_final_model_that_failed_to_write_is_written_by_the_resume_it_prints(t
     rc, err = cli(capsys, "train", *args)
     assert rc == 0, err
     assert (out / "model" / ".grpokit.json").stat().st_mtime >= (out / "checkpoint-3").stat().st_mtime
+
+
+# ---------------------------------------------------------------- the verification round's findings
+
+
+def test_a_reward_that_closes_a_file_descriptor_or_switches_off_grad_is_named_or_undone(capfd):
+    """`os.close(1)` ended in tqdm's EBADF traceback; `torch.set_grad_enabled(False)` in the backward's."""
+    import os
+
+    import torch
+
+    from grpokit.rewards import RewardError, RewardWarning
+
+    def no_grad(completions, **_):
+        torch.set_grad_enabled(False)
+        return [1.0] * len(completions)
+
+    with pytest.warns(RewardWarning, match=r"`no_grad` changed torch's grad mode; grpokit set it back"):
+        _score(no_grad)
+    assert torch.is_grad_enabled()
+
+    def closes_fd(completions, **_):
+        os.close(1)
+        return [1.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"reward function `closes_fd` closed file descriptor 1 \(stdout\)"):
+        _score(closes_fd)
+    os.fstat(1)  # open again
+    print("still writes")
+    assert "still writes" in capfd.readouterr().out
+
+
+def test_verification_round_api_cases(model, tmp_path):
+    """A reward-model object in a (name, model) pair; TrainResult unpacked as TRL's TrainOutput; the task beside
+    train_pairs said; a frozen model with `lora` as a dict names the dict, not the frozen model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from grpokit.arguments import ArgumentError
+    from grpokit.config import ConfigError, RewardModelConfig
+    from grpokit.data import InputWarning
+    from grpokit.reward_model import train_reward_model
+    from grpokit.trainer import GRPOTrainer
+    from grpokit.types import TrainResult
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    with pytest.raises(ArgumentError, match=r"`reward_funcs\[0\]` = \('rm', a LlamaForSequenceClassification model"):
+        GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=[("rm", scorer)])
+    result = TrainResult(tmp_path, tmp_path, None, {}, [], [], [], {}, 3, 0.25)
+    global_step, training_loss, metrics = result
+    assert (global_step, training_loss, metrics) == (3, 0.25, {"train_loss": 0.25, "global_step": 3})
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"} for i in range(4)]
+    cfg = RewardModelConfig(model=str(model), output_dir=str(tmp_path / "rm"), task="addition", max_steps=1,
+                            num_eval_pairs=4, progress=False)  # fmt: skip
+    with pytest.warns(InputWarning, match=r"`train_pairs` passed in: these are the training pairs; the config's task"):
+        train_reward_model(cfg, train_pairs=pairs)
+    frozen = AutoModelForCausalLM.from_pretrained(model).requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"lora"):
+        GRPOTrainer(config(model, tmp_path / "run3", lora={"r": 4, "alpha": 8.0}), model=frozen)
+
+
+def test_trl_save_model_may_replace_a_save_of_a_run_of_the_same_output_dir(model, tmp_path):
+    """A run's own `save_model("final")`, saved again after a resume or a re-run with overwrite_output_dir, was
+    refused as another run's model."""
+    from grpokit.trl import GRPOConfig, GRPOTrainer
+
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+
+    def trainer(**changes):
+        args = {"output_dir": str(tmp_path / "r"), "max_steps": 1, "per_device_train_batch_size": 4,
+                "num_generations": 2, "max_completion_length": 4, "use_cpu": True, "report_to": "none",
+                "save_strategy": "no", **changes}  # fmt: skip
+        return GRPOTrainer(str(model), "accuracy", args=GRPOConfig(**args), train_dataset=rows)
+
+    first = trainer()
+    first.train()
+    saved = first.save_model(str(tmp_path / "r" / "final"))
+    again = trainer(overwrite_output_dir=True)
+    again.train()
+    assert again.save_model(str(tmp_path / "r" / "final")) == saved

@@ -47,7 +47,8 @@ def python_arguments(
     `reward_funcs`, `sampler`; then the config validated; then `datasets` (argument name -> value, the training
     data first) read into rows."""
     config = stage_config(entry, config_class, config)
-    lora_rank = getattr(getattr(config, "lora", None), "r", 0)
+    lora = getattr(config, "lora", None)
+    lora_rank = lora.get("r", 0) if isinstance(lora, dict) else getattr(lora, "r", 0)  # (a dict: refused later)
     check_model(model, causal_lm=config_class.__name__ != "RewardModelConfig", adapters=bool(lora_rank))
     check_tokenizer(tokenizer)
     entries = reward_entries(reward_funcs)
@@ -60,6 +61,13 @@ def python_arguments(
     if eval_given and getattr(config, "eval_data", None) is not None:
         raise ConfigError(
             f"config field `eval_data` is set ({config.eval_data!r}) but `{eval_given[0]}` was passed in: use one"
+        )
+    if datasets.get("train_pairs") is not None and datasets.get("eval_pairs") is None and config.task is not None:
+        warnings.warn(
+            f"{entry}: `train_pairs` passed in: these are the training pairs; the config's task {config.task!r} gives "
+            "only the held-out pairs (pass eval_pairs= to evaluate on pairs of yours)",
+            InputWarning,
+            stacklevel=3,
         )
     if datasets.get("train_dataset") is not None and getattr(config, "task", None) is not None:
         warnings.warn(
@@ -227,6 +235,12 @@ def _entry(entry: Any, name: str) -> Any:
             f"`{name}` is a {type(entry).__name__} model object: grpokit loads a reward model from its folder, with "
             "its own tokenizer; save both (`model.save_pretrained(DIR)`, `tokenizer.save_pretrained(DIR)`) and pass "
             "DIR, or wrap the model in a function of (completions, **kwargs)"
+        )
+    if _is_pair(entry) and _is_module(entry[1]):
+        raise ArgumentError(
+            f"`{name}` = ({entry[0]!r}, a {type(entry[1]).__name__} model object): grpokit loads a reward model from "
+            "its folder, with its own tokenizer; save both and pass the folder, or wrap the model in a function of "
+            "(completions, **kwargs)"
         )
     if isinstance(entry, str) or callable(entry) or _is_pair(entry):
         return entry

@@ -435,7 +435,7 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *,
     with atomic_folder(path, marker={"step": step}) as tmp:
         write(tmp)
     if keep > 0:
-        linked = {link.resolve() for link in run_dir.iterdir() if link.is_symlink()}  # `checkpoint-best -> ...`
+        linked = _linked_from(run_dir)  # `checkpoint-best -> checkpoint-1`, `marks/best -> ../checkpoint-1`
         for _, old in list_checkpoints(run_dir)[:-keep]:
             if old.resolve() in linked:
                 warnings.warn(f"{old} is kept past save_total_limit: a link in {run_dir} points to it", stacklevel=2)
@@ -447,6 +447,19 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *,
                 continue
             remove_left_over(old, "an older checkpoint than the newest save_total_limit")
     return path
+
+
+def _linked_from(run_dir: Path) -> set[Path]:
+    """What the links in a run folder (and in its folders other than checkpoints, model/ and tensorboard/) point to."""
+    linked = set()
+    for root, dirs, files in os.walk(run_dir):
+        here = Path(root)
+        for name in dirs + files:
+            if (here / name).is_symlink():
+                linked.add((here / name).resolve())
+        dirs[:] = [d for d in dirs if not (here / d).is_symlink() and not CHECKPOINT_NAME.fullmatch(d)
+                   and d not in ("model", "tensorboard") and not d.startswith(".")]  # fmt: skip
+    return linked
 
 
 def foreign_files(folder: Path) -> list[str]:
@@ -858,9 +871,22 @@ class RunDirectory:
                     f"config field `resume_from_checkpoint`: {checkpoint} is not a checkpoint of output_dir {self.path}"
                 )
         self.verify(checkpoint)
+        self._check_no_copy_ahead(checkpoint_step(checkpoint))
         self._check_logged_through(checkpoint)
         self._check_left_alone(checkpoint)
         return checkpoint
+
+    def _check_no_copy_ahead(self, step: int) -> None:
+        """A renamed copy (`misnamed_checkpoints`) at a step this run will write would be replaced by it: refused
+        before any step, so that the copy is moved by its owner, not lost."""
+        max_steps = getattr(self.config, "max_steps", None)
+        for name in misnamed_checkpoints(self.path):
+            if max_steps is not None and step < checkpoint_step(self.path / name) <= max_steps:
+                raise RunDirectoryError(
+                    f"{self.path / name} records step {marker_step(self.path / name)} in its {MARKER} (a renamed "
+                    f"copy?), and this run will write its own {name}, which would replace it: move or rename the copy "
+                    "first"
+                )
 
     def _check_logged_through(self, checkpoint: Path) -> None:
         """A GRPO or PPO run logs every step before its checkpoint: a folder whose metrics.jsonl stops before the
@@ -1260,8 +1286,8 @@ class RunDirectory:
             return
         if not self.path.is_dir():
             raise RunDirectoryError(
-                f"output_dir {self.path} was deleted while the run was writing it: the run stops; what it had "
-                "written (checkpoints, metrics) went with it"
+                f"output_dir {self.path} was deleted or moved while the run was writing it: the run stops (what "
+                "it had written, checkpoints and metrics, went with the folder)"
             )
         if self._lock_file is not None:
             try:

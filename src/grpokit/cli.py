@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 USAGE = """usage: grpokit COMMAND [CONFIG.yaml] [--field value ...]   (COMMAND: one of the list below)
@@ -154,7 +155,24 @@ def resume_command(argv: list[str]) -> str:
         skip = arg == "--resume-from-checkpoint"
         if not skip:
             kept.append(arg)
+    if _yaml_overwrites(kept):  # the YAML's own `overwrite_output_dir: true` would refuse the resume
+        kept.append("--no-overwrite-output-dir")
     return shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
+
+
+def _yaml_overwrites(argv: list[str]) -> bool:
+    """Whether a YAML config among `argv` sets overwrite_output_dir (read leniently: it was read once already)."""
+    import yaml
+
+    for arg in argv:
+        if arg.endswith((".yaml", ".yml")):
+            try:
+                values = yaml.safe_load(Path(arg).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(values, dict) and values.get("overwrite_output_dir") is True:
+                return True
+    return False
 
 
 def _train(args: list[str], *, ppo: bool = False) -> int:
@@ -347,7 +365,8 @@ def _eval(args: list[str]) -> int:
         if what == "accuracy":
             print(f"{name} held-out accuracy, {mode}: {value:.1%} of {len(rows)}")
         else:
-            print(f"{name} held-out {what.removesuffix('/mean')}, {mode}: {value:.4f} (mean of {len(rows)})")
+            unscored = " (no completion got a score from it: every call returned None)" if value != value else ""
+            print(f"{name} held-out {what.removesuffix('/mean')}, {mode}: {value:.4f} (mean of {len(rows)}){unscored}")
     return 0
 
 

@@ -656,10 +656,11 @@ def check_no_tilde(cfg: Any) -> None:
     for name in PATH_FIELDS:
         value = getattr(cfg, name, None)
         for i, path in enumerate(value if isinstance(value, (list, tuple)) else [value]):
-            if isinstance(path, str) and path.startswith("~"):
+            if isinstance(path, str) and path.startswith("~") and not Path(path).exists():  # (`~tiny` may be a name)
                 where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
                 raise ConfigError(
-                    f"config field `{where}` is {path!r}: `~` is not expanded here (a YAML value): write the full path"
+                    f"config field `{where}` is {path!r}: `~` is not expanded here (in a YAML file, or after `=` on a "
+                    "command line): write the full path"
                 )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpokit.checkpoint import PROVENANCE, OutputExistsError, seed_everything, written_kind
+from grpokit.checkpoint import PROVENANCE, OutputExistsError, seed_everything
 from grpokit.config import DemoConfig, GRPOConfig, RewardModelConfig, SFTConfig
 from grpokit.machine import pin_threads
 from grpokit.modeling import resolve_device
@@ -58,22 +58,59 @@ class WarmStart:
     model: Any
     eval_rows: list[dict[str, str]]
     model_dir: Path
+    folder: DemoFolder
+
+
+class DemoFolder:
+    """The demo's --output-dir. Its `.grpokit.json` (kind `demo`) records each entry the demo wrote there (a run by
+    its run id, or a file), so that a later demo replaces those and nothing else: a run of yours trained into
+    `sft/`, a link, or a folder that was there before is refused, untouched."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        try:
+            record = json.loads((out / PROVENANCE).read_text())
+        except (OSError, ValueError):
+            record = {}
+        self.entries: dict[str, str] = record.get("entries", {}) if record.get("kind") == "demo" else {}
+
+    def check(self) -> list[str]:
+        """The entries an earlier demo wrote (to be replaced); anything else is an OutputExistsError."""
+        earlier = sorted(p.name for p in self.out.iterdir() if not p.name.startswith(".")) if self.out.is_dir() else []
+        for name in earlier:
+            path, recorded = self.out / name, self.entries.get(name)
+            theirs = (path / "run_id").read_text().strip() if (path / "run_id").is_file() else None
+            if path.is_symlink() or recorded is None or recorded not in ("pending", "file", theirs):
+                what = "a link" if path.is_symlink() else "not what a grpokit demo wrote there"
+                raise OutputExistsError(
+                    f"--output-dir {self.out} holds {name}, {what}: the demo replaces only its own earlier runs; "
+                    "choose another --output-dir, or move it away"
+                )
+        return earlier
+
+    def claim(self, name: str) -> Path:
+        """OUT/name, recorded before the demo writes it (a demo stopped midway may replace it next time)."""
+        self._save(name, "pending")
+        return self.out / name
+
+    def done(self, name: str) -> None:
+        path = self.out / name
+        self._save(name, (path / "run_id").read_text().strip() if (path / "run_id").is_file() else "file")
+
+    def _save(self, name: str, value: str) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.entries[name] = value
+        (self.out / PROVENANCE).write_text(json.dumps({"kind": "demo", "entries": self.entries}))
 
 
 def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
     """Tiny model + char tokenizer, fine-tuned on the carry-forgetting teacher; saved to OUT/sft/model."""
     seed_everything(cfg.seed)
     pin_threads(cfg.num_threads)  # before the tiny model is built; every stage's config carries it too
-    earlier = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    if earlier and written_kind(out) != "demo":  # a folder of yours, or runs of your own named sft / grpo
-        raise OutputExistsError(
-            f"--output-dir {out} holds {', '.join(earlier[:4])}, which no grpokit demo wrote there: the demo "
-            "replaces only its own earlier runs; choose another --output-dir, or move them away"
-        )
+    folder = DemoFolder(out)
+    earlier = folder.check()
     if earlier:  # the demo replaces its own runs (a fixed recipe), and says so
         print(f"replacing the earlier demo's runs in {out} ({', '.join(earlier)}); --output-dir DIR keeps them")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PROVENANCE).write_text(json.dumps({"kind": "demo"}))  # what a later demo may replace here
     device = resolve_device(cfg.device)
     task = AdditionTask(num_digits=cfg.num_digits, forget_carry=cfg.forget_carry)
     tokenizer = build_char_tokenizer()
@@ -84,7 +121,7 @@ def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
         f"tiny {cfg.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
     )
     sft_cfg = SFTConfig(
-        output_dir=str(out / "sft"),
+        output_dir=str(folder.claim("sft")),
         task="addition",
         task_num_digits=cfg.num_digits,
         forget_carry=cfg.forget_carry,
@@ -99,8 +136,9 @@ def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
         overwrite_output_dir=True,  # the demo is a fixed recipe: running it again replaces its runs
     )
     model_dir = train_sft(sft_cfg, model=model, tokenizer=tokenizer)  # its rows: the task's demonstrations
+    folder.done("sft")
     eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
-    return WarmStart(task, tokenizer, model, eval_rows, model_dir)
+    return WarmStart(task, tokenizer, model, eval_rows, model_dir, folder)
 
 
 def grpo_config(cfg: DemoConfig, output_dir: Path, **overrides: Any) -> GRPOConfig:
@@ -134,8 +172,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     table = {"demonstrator": {"greedy": teacher, "sampled": teacher}}
     # The trainer scores the held-out rows before its first step (the SFT model) and after its last.
     result = GRPOTrainer(
-        grpo_config(cfg, out / "grpo"), model=warm.model, tokenizer=warm.tokenizer, eval_dataset=warm.eval_rows
-    ).train()
+        grpo_config(cfg, warm.folder.claim("grpo")), model=warm.model, tokenizer=warm.tokenizer,
+        eval_dataset=warm.eval_rows,
+    ).train()  # fmt: skip
+    warm.folder.done("grpo")
     for name, row in (
         ("SFT on demonstrator", result.eval_history[0]),
         ("SFT + GRPO (gold reward)", result.eval_history[-1]),
@@ -164,7 +204,7 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     max_completion_length = cfg.num_digits + 2 + cfg.extra_completion_tokens  # of both GRPO runs, EOS included
     rm_cfg = RewardModelConfig(
         model=str(warm.model_dir),
-        output_dir=str(out / "reward_model"),
+        output_dir=str(warm.folder.claim("reward_model")),
         task="addition",
         task_num_digits=cfg.num_digits,
         labeler_flaw="longer",
@@ -188,12 +228,13 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
         warm.task, VERBOSITY_PAIRS, max_chars=max_completion_length, chars=chars, split="train", seed=cfg.seed
     )
     rm = train_reward_model(rm_cfg, train_pairs=flawed_pairs + extra_pairs, eval_pairs=clean_pairs)
+    warm.folder.done("reward_model")
     print(f"reward model (labels with a verbosity bias): {rm.eval_accuracy:.1%} pairwise accuracy on clean pairs")
     runs: dict[str, TrainResult] = {}
     for name, reward in (("reward model", str(rm.model_dir)), ("gold checker", "accuracy")):
         trainer_cfg = grpo_config(
             cfg,
-            out / ("grpo_reward_model" if name == "reward model" else "grpo_gold"),
+            warm.folder.claim(run_name := "grpo_reward_model" if name == "reward model" else "grpo_gold"),
             reward_funcs=[reward],
             gold_reward="accuracy",
             monitor_window=cfg.monitor_window,
@@ -205,6 +246,7 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
         runs[name] = GRPOTrainer(
             trainer_cfg, model=copy.deepcopy(warm.model), tokenizer=warm.tokenizer, eval_dataset=warm.eval_rows
         ).train()
+        warm.folder.done(run_name)
 
     table = {name: _run_row(result) for name, result in runs.items()}
     print(f"\nGRPO from the same SFT model, {cfg.pipeline_grpo_steps} steps each (seed {cfg.seed}):")
@@ -224,7 +266,8 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
         print(f"\nmonitors, {name} run:")
         for line in result.monitor_summary:
             print(f"  {line}")
-    plot = plot_pipeline(runs, out / "pipeline.png")
+    plot = plot_pipeline(runs, warm.folder.claim("pipeline.png"))
+    warm.folder.done("pipeline.png")
     print(f"\nplot:  {plot}\ntime:  {time.perf_counter() - start:.0f} s")
     return table
 

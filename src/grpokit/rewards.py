@@ -17,6 +17,7 @@ the run with the function's name and the sample.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
@@ -281,6 +282,40 @@ def _restore_cwd(cwd: str, name: str, warned: set[str]) -> None:
         )
 
 
+_SPARE_FDS: dict[int, int] = {}  # fd 1 / 2 -> a duplicate taken before any reward ran
+
+
+def _keep_spare_streams() -> None:
+    """Duplicates of fds 1 and 2, taken once: a reward that closes them leaves the run a way to report it."""
+    for fd in (1, 2):
+        if fd not in _SPARE_FDS:
+            with contextlib.suppress(OSError):  # (a process started without one)
+                _SPARE_FDS[fd] = os.dup(fd)
+
+
+def _reopen_closed_streams() -> str:
+    """After a reward call: stdout / stderr (the Python objects or their fds) that it closed are reopened on the
+    spares; -> what was closed, named ('' when nothing was)."""
+    closed = []
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if fd in _SPARE_FDS:
+                os.dup2(_SPARE_FDS[fd], fd)
+            closed.append(f"file descriptor {fd} ({name})")
+        if getattr(sys, name).closed:
+            setattr(sys, name, os.fdopen(os.dup(fd), "w", buffering=1))
+            closed.append(f"sys.{name}")
+    return " and ".join(closed)
+
+
+def _warn_once(warned: set[str], key: str, message: str) -> None:
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(message, RewardWarning, stacklevel=3)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # reading the mask means setting it: set it straight back
     os.umask(mask)
@@ -455,7 +490,8 @@ def score(
         # messages, list columns): one that edits its inputs in place cannot feed the next one, or the log, its edits
         memo: dict[int, Any] = {}  # one per call: a row shared by several completions is copied once
         kwargs = {key: private_copy(v, memo) for key, v in inputs.items() if accepted is None or key in accepted}
-        cwd, umask, real_exit = os.getcwd(), _umask(), os._exit
+        cwd, umask, real_exit, grad = os.getcwd(), _umask(), os._exit, torch.is_grad_enabled()
+        _keep_spare_streams()
         os._exit = _exit_refused(real_exit)
         try:
             values = call_with_timeout(name, fn, timeout, **kwargs)
@@ -472,9 +508,13 @@ def score(
             os._exit = real_exit
             _restore_cwd(cwd, name, warned_cwd)
             _restore_umask(umask, name, warned_cwd)
-        for stream in ("stdout", "stderr"):
-            if getattr(sys, stream).closed:
-                raise RewardError(f"reward function `{name}` closed sys.{stream}: the run could no longer report")
+            if torch.is_grad_enabled() != grad:  # torch.set_grad_enabled(False) would leave the backward no graph
+                torch.set_grad_enabled(grad)
+                _warn_once(warned_cwd, f"grad {name}", f"reward function `{name}` changed torch's grad mode; "
+                           "grpokit set it back after the call (and does after every call)")  # fmt: skip
+        closed = _reopen_closed_streams()
+        if closed:
+            raise RewardError(f"reward function `{name}` closed {closed}: the run could no longer report")
         # a 0-d tensor or array is one number for the whole batch, not one per completion (and cannot be iterated)
         if (
             isinstance(values, (str, bytes, dict))

@@ -69,6 +69,14 @@ class RunLog:
         with writing(self.metrics_path), self.metrics_path.open("a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
         scalars = {key: value for key, value in row.items() if key != "step" and value is not None}
+        if self._tb is not None and not (self.dir / "tensorboard").is_dir():
+            from grpokit.checkpoint import RunDirectoryError
+
+            self._tb = None  # nothing left to flush into
+            raise RunDirectoryError(
+                f"{self.dir / 'tensorboard'} was deleted or moved while the run was writing it: the run stops "
+                "(its checkpoints and metrics.jsonl stay where they are)"
+            )
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
@@ -180,8 +188,8 @@ def _keep_rows(path: Path, keep: Any, *, say: bool = True) -> None:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines) - 1:
-                continue  # the half-written line of a killed run
+            if number == len(lines) - 1 and line.lstrip().startswith("{"):
+                continue  # the half-written row of a killed run (a note of yours is kept)
             row = None
         is_step_row = isinstance(row, dict) and isinstance(row.get("step"), int)
         if not is_step_row or keep(row):

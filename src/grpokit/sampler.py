@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicLayer
 
 from grpokit.modeling import use_grpokit_attention
 from grpokit.packing import position_ids_from_mask
-from grpokit.types import Rollout
+from grpokit.types import Rollout, SamplerError  # (defined there: the trainer names it without a cycle)
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,6 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if isinstance(self.stop_strings, str) or any(not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
-
-
-class SamplerError(RuntimeError):
-    """A sampler's `generate` returned what the trainer cannot use; the message names the sampler's class and what
-    was wrong, before the rollout reaches the reward functions or the update."""
 
 
 def check_rollout(
@@ -157,7 +152,7 @@ def push_weights(sampler: Any, model: torch.nn.Module) -> None:
     naming the sampler, not a bare exception from inside the step."""
     try:
         sampler.update_weights(model)
-    except Exception as err:
+    except (Exception, KeyboardInterrupt) as err:  # (Ctrl-C reaches the run's signal handler, not here)
         raise SamplerError(
             f"`sampler` ({type(sampler).__name__}).update_weights raised {type(err).__name__}: {err}"
         ) from err

@@ -36,7 +36,7 @@ from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
 from grpokit.runlog import RunLog, plot_curves, progress, read_metrics
 from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams, check_rollout, prompt_generators, push_weights
 from grpokit.tasks import get_task
-from grpokit.types import Rollout, StepBatch, TrainResult
+from grpokit.types import Rollout, SamplerError, StepBatch, TrainResult
 
 
 class GRPOTrainer:
@@ -271,9 +271,9 @@ class GRPOTrainer:
                     if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
                         run.check_stop(step, self.save_checkpoint(step))
                 self.evaluate(cfg.max_steps, log=True)
-            except NumericsError as err:  # say where the run stopped and what is left to resume
+            except (NumericsError, SamplerError) as err:  # say where the run stopped and what is left to resume
                 where = f"step {step} (learning rate {self.policy.lr:g})"
-                raise NumericsError(numerics_stop(out, where, err)) from None
+                raise type(err)(numerics_stop(out, where, err)) from None
             finally:
                 bar.close()
                 if self.log is not None:

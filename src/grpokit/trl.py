@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any
 
 from grpokit import config as native
 from grpokit.checkpoint import (
+    PROVENANCE,
     FinishedRunError,
     OutputExistsError,
     RunDirectory,
@@ -326,6 +328,13 @@ class GRPOTrainer:
                 cfg = args.to_grpokit(num_prompts=len(train_dataset) if sized else None)
             else:
                 cfg = dataclasses.replace(args)
+            if peft_config is not None and type(model).__name__.startswith("Peft"):
+                raise native.ConfigError(
+                    f"GRPOTrainer: `model` is a {type(model).__name__} (it carries LoRA adapters already) and "
+                    "`peft_config` asks for more: the two sets would stack. Pass the base model "
+                    "(model.get_base_model()) with peft_config, or the PeftModel without peft_config (its adapters "
+                    "train)"
+                )
             if peft_config is not None:
                 cfg = dataclasses.replace(cfg, lora=lora_from_peft(peft_config, model))
             self.args = args
@@ -423,7 +432,8 @@ class GRPOTrainer:
         # what this trainer saved may be saved over (TRL's scripts save more than once); another model folder grpokit
         # wrote (another run's model, a tokenizer's source, a reward model) is not this run's to replace
         own = {(run_folder / "model").resolve(), *self._saved}
-        if target.resolve() not in own and written_kind(target) == "model":
+        saved_here = _saved_from(target) == run_folder.resolve()  # by a trainer of this output_dir: a resume, a re-run
+        if target.resolve() not in own and written_kind(target) == "model" and not saved_here:
             raise OutputExistsError(
                 f"save_model's output_dir {target} holds a model folder grpokit wrote for something else (another "
                 "run's model, a `grpokit init` model, a reward model): save_model replaces only what this trainer "
@@ -431,10 +441,28 @@ class GRPOTrainer:
             )
         lora_form = self.trainer.cfg.lora.save
         folder = self.trainer.policy.save(
-            target, self.trainer.tokenizer, lora_form=lora_form, overwrite=target.resolve() in own
+            target, self.trainer.tokenizer, lora_form=lora_form, overwrite=target.resolve() in own or saved_here
         )
         self._saved.add(Path(folder).resolve())
+        _mark_saved_from(Path(folder), run_folder)  # a later run of this output_dir (a resume, a re-run) may replace it
         return folder
+
+
+def _saved_from(folder: Path) -> Path | None:
+    """The output_dir whose trainer's `save_model` wrote `folder` (None: not a save_model folder)."""
+    try:
+        saved = json.loads((folder / PROVENANCE).read_text()).get("saved_from")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(saved) if isinstance(saved, str) else None
+
+
+def _mark_saved_from(folder: Path, run_folder: Path) -> None:
+    record = json.loads((folder / PROVENANCE).read_text())
+    record["saved_from"] = str(run_folder.resolve())
+    tmp = folder / f".tmp-{PROVENANCE}"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(folder / PROVENANCE)
 
 
 def args_fields(args: Any) -> dict[str, Any]:

@@ -79,6 +79,10 @@ class TrainResult:
         """TRL's `TrainOutput.metrics` keys grpokit has: `train_loss` and `global_step`."""
         return {"train_loss": self.training_loss, "global_step": self.global_step}
 
+    def __iter__(self):
+        """`global_step, training_loss, metrics = trainer.train()`, as TRL's TrainOutput (a named tuple) unpacks."""
+        return iter((self.global_step, self.training_loss, self.metrics))
+
 
 class DataError(ValueError):
     """The data set is missing, malformed, or lacks a column; the message names the file and the row."""
@@ -90,3 +94,8 @@ class InputWarning(UserWarning):
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field."""
+
+
+class SamplerError(RuntimeError):
+    """A sampler's `generate` returned what the trainer cannot use; the message names the sampler's class and what
+    was wrong, before the rollout reaches the reward functions or the update."""
