@@ -1,14 +1,21 @@
-"""The README's performance table, printed from the records benchmarks/vs_trl.py wrote (benchmarks/results/).
+"""docs/benchmarks.md, made from the records under benchmarks/results/ (each benchmark script writes its own).
 
-python benchmarks/table.py
+    python benchmarks/table.py            # print the vs-TRL table
+    python benchmarks/table.py --write    # regenerate docs/benchmarks.md from every record
+
+Every table carries its records' own provenance (machine, commit, date); nothing here is typed by hand.
+tests/test_docs.py regenerates the page in memory and fails when docs/benchmarks.md differs.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
 ORDER = ["smollm2-135m", "qwen2-34m", "tiny-qwen2-6m"]
 SETTINGS = {
     "defaults": "both at their defaults",
@@ -18,28 +25,263 @@ SETTINGS = {
 }
 
 
-def main() -> None:
-    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("vs_trl-*.json"))]
+def _load(pattern: str) -> list[tuple[str, dict]]:
+    return [(p.name, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern))]
+
+
+def provenance(record: dict) -> str:
+    """A record's own line: machine, commit, date."""
+    m = record["machine"]
+    if isinstance(m, str):  # `grpokit compare` writes the machine as one string
+        machine = m
+    else:
+        versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "transformers", "trl") if m.get(k))
+        machine = f"{m['cpu']}, {m['cores']} cores, no GPU, {versions}"
+    return f"{machine}; commit {record['commit']}; {str(record['date'])[:10]}"
+
+
+def vs_trl_rows() -> list[dict]:
+    records = [r for _, r in _load("vs_trl-*.json")]
     records.sort(key=lambda r: (ORDER.index(r["workload"]["name"]), list(SETTINGS).index(r["setting"])))
-    header = ["workload", "setting", "step time grpokit / TRL", "ratio", "tokens/s grpokit / TRL"]
-    print("| " + " | ".join(header + ["peak RSS grpokit / TRL", "ratio", "commit, date"]) + " |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for r in records:
+    return records
+
+
+def vs_trl_table() -> list[str]:
+    lines = [
+        "| workload | setting | step time grpokit / TRL | ratio | tokens/s grpokit / TRL | peak RSS grpokit / TRL "
+        "| ratio | record |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in vs_trl_rows():
         w, g, t, q = r["workload"], r["grpokit"], r["trl"], r["ratios"]
         shape = f"{w['name']}, {w['prompts']} x {w['generations']}, <= {w['max_completion']}"
-        print(
+        lines.append(
             f"| {shape} | {SETTINGS[r['setting']]} | {g['median_step_s']:.2f} s / {t['median_step_s']:.2f} s "
             f"| {q['step_time']:.2f} | {g['tokens_per_s']:.0f} / {t['tokens_per_s']:.0f} "
             f"| {g['peak_rss_gb']:.2f} GB / {t['peak_rss_gb']:.2f} GB | {q['peak_rss']:.2f} "
             f"| {r['commit']}, {r['date'][:10]} |"
         )
-    machines = {
-        (r["machine"]["cpu"], r["machine"]["cores"], r["machine"]["torch"], r["machine"]["trl"]) for r in records
-    }
-    commits = sorted({r["commit"] for r in records})
-    dates = sorted(r["date"][:10] for r in records)
-    for cpu, cores, torch, trl in machines:
-        print(f"\n{cpu}, {cores} cores, torch {torch}, TRL {trl}; commit {', '.join(commits)}; {dates[0]}..{dates[-1]}")
+    return lines
+
+
+def vs_trl_section() -> list[str]:
+    rows = vs_trl_rows()
+    machines = sorted({provenance(r).split("; commit")[0] for r in rows})
+    parts = [
+        "| workload | setting | rollout | reference | update | step (median) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        p = r["grpokit"].get("median_parts_s", {})
+        if p:
+            parts.append(
+                f"| {r['workload']['name']} | {r['setting']} | {p['time/rollout']:.2f} s | {p['time/reference']:.2f} s "
+                f"| {p['time/update']:.2f} s | {r['grpokit']['median_step_s']:.2f} s |"
+            )
+    return [
+        "## grpokit beside TRL: time and memory per GRPO step",
+        "",
+        "`python benchmarks/vs_trl.py --workload all --setting all` runs grpokit and TRL's `GRPOTrainer` on the same",
+        "workload, each in a fresh process, alternating grpokit, TRL, grpokit, TRL, and writes one record per row.",
+        "Both train the same saved model on the same prompts with the same reward function, batch shape",
+        "(P prompts x G completions, one optimizer step per generation batch), completion limit and beta = 0.04, in",
+        "float32 on the CPU; everything else is each framework's default (TRL: gradient checkpointing on, fused AdamW,",
+        "`per_device_train_batch_size` = P x G so the batch is one forward; grpokit: the shared-prefix forward,",
+        "micro-batches of at most 512 positions, no gradient checkpointing). A step is timed from one step's start",
+        "to the next; the first step of every process is a warm-up; times are medians over the other steps of all",
+        "processes; peak RSS is each process's high-water mark, loading included, median over processes; a ratio",
+        "is grpokit / TRL. smollm2-135m is SmolLM2-135M-Instruct on chat word problems; the two others are random",
+        "Qwen2 models with grpokit's character tokenizer on addition prompts. Ratios compare within a row (one",
+        "alternating run); absolute times compare only within one record.",
+        "",
+        *vs_trl_table(),
+        "",
+        *[f"Machine: {m}. Each row's commit and date in its last column." for m in machines],
+        "",
+        "grpokit's step in parts (medians of the same records):",
+        "",
+        *parts,
+        "",
+    ]
+
+
+def decode_section() -> list[str]:
+    out = []
+    for _, r in _load("decode-*.json"):
+        w = r["workload"]
+        lines = [
+            "| decoder | median time | tokens/s | time vs the bare loop |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, f in sorted(r["results"].items(), key=lambda kv: kv[1]["median_s"]):
+            lines.append(f"| {name} | {f['median_s']:.2f} s | {f['tokens_per_s']:.0f} | {f['vs_bare_loop']:.2f} |")
+        out += [
+            f"## Decode: {w['model']}, {w['prompts']} prompts x {w['generations']}, {w['new_tokens']} new tokens",
+            "",
+            "`python benchmarks/decode.py`: grpokit's sampler beside a bare KV-cache loop and HF `generate`, all three",
+            "drawing exactly the same number of tokens for every row (no EOS stop), from the same chat prompts, "
+            f"{w['dtype']}",
+            "on the CPU, alternating; medians.",
+            "",
+            *lines,
+            "",
+            f"Record: {provenance(r)}.",
+            "",
+        ]
+    return out
+
+
+def distributed_section() -> list[str]:
+    out = []
+    for _, r in _load("distributed-memory-*.json"):
+        c, figs = r["config"], r["figures"]
+        alloc = {name: ", ".join(f"{k}={v}" for k, v in env.items()) for name, env in r["allocators"].items()}
+        cols = list(figs)
+        head = " | ".join(f"peak RSS, {alloc[a] or 'glibc default'}" for a in cols)
+        lines = [f"| | model state held | {head} |", "| --- | ---: |" + " ---: |" * len(cols)]
+        for mode, label in (("one-process", "one process"), ("ddp", "ddp, per rank"), ("fsdp", "fsdp, per rank")):
+            state = figs[cols[0]][mode]["model_state_mb_per_process"]["total"]
+            peaks = " | ".join(f"{figs[a][mode]['median_peak_rss_gb_per_process']:.2f} GB" for a in cols)
+            lines.append(f"| {label} | {state:.0f} MB | {peaks} |")
+        out += [
+            f"## Memory per process under torchrun: {r['workload']}",
+            "",
+            "`python benchmarks/distributed_memory.py`: the same GRPO workload "
+            f"({c['prompts']} x {c['generations']} completions <= {c['max_completion']} tokens, beta {c['beta']}, so",
+            "a reference is held) as one process and as 2 ranks (torchrun, gloo) under `distributed: ddp` and",
+            "`distributed: fsdp`. Model state is counted from the tensors (weights, reference, AdamW moments,",
+            "gradients; under fsdp the rank's shards). On a CPU glibc keeps the blocks FSDP frees after each layer's",
+            "gather in the heap, so RSS shows that high-water mark; with a fixed mmap threshold large blocks go back",
+            "when freed. Every rank's RSS also holds its own PyTorch runtime and, before sharding, the whole model.",
+            "",
+            *lines,
+            "",
+            f"Record: {provenance(r)}.",
+            "",
+        ]
+    return out
+
+
+def group_size_section() -> list[str]:
+    out = []
+    for _, r in _load("group-size-*.json"):
+        c = r["config"]
+        lines = [
+            "| seed | G | prompts / step | gradient noise | groups without reward spread (first 10 steps / run) "
+            "| held-out greedy, SFT -> GRPO | sampled, end | time / step |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for seed, by_g in r["runs"].items():
+            for g, f in sorted(by_g.items(), key=lambda kv: int(kv[0])):
+                lines.append(
+                    f"| {seed} | {g} | {f['prompts_per_step']} | {f['gradient']['relative_variance']:.2f} "
+                    f"| {f['flat_groups_first10']:.0%} / {f['flat_groups_run']:.0%} "
+                    f"| {f['heldout_greedy_before']:.1%} -> {f['heldout_greedy_after']:.1%} "
+                    f"| {f['heldout_sampled_after']:.1%} | {f['median_step_s'] * 1000:.0f} ms |"
+                )
+        out += [
+            "## Choosing the group size G",
+            "",
+            "`python benchmarks/group_size.py`: GRPO on the demo task from its SFT model, "
+            f"{c['samples_per_step']} completions per step",
+            f"for every G ({c['samples_per_step']} / G prompts), {c['steps']} steps, "
+            f'{c["heldout_problems"]} held-out problems. "Gradient noise" is',
+            "tr Cov(g) / ||mean g||^2 of the step gradient at the SFT weights over "
+            f"{c['gradient_draws']} independent steps' samples",
+            "(noise per unit of signal in one step). The plot is `benchmarks/results/group-size-demo.png`.",
+            "",
+            *lines,
+            "",
+            "A larger group gives fewer groups without signal, but at a fixed number of samples also fewer prompts",
+            "per step. Two seeds and one small task: read it as how to measure the trade-off on your own task.",
+            "",
+            f"Record: {provenance(r)}.",
+            "",
+        ]
+    return out
+
+
+def _compare_table(r: dict) -> list[str]:
+    g, p = r["grpo"], r["ppo"]
+
+    def mb(x: float) -> str:
+        return f"{x:,.1f} MB" if x < 100 else f"{x:,.0f} MB"
+
+    def row(label: str, fn) -> str:
+        return f"| {label} | {fn(g)} | {fn(p)} |"
+
+    def acc(x: dict) -> str:
+        if not x["accuracy"]:
+            return "not measured"
+        return f"{x['accuracy'][0]['accuracy_greedy']:.1%} -> {x['final_accuracy_greedy']:.1%}"
+
+    b = lambda key: lambda x: mb(x["breakdown"][key])  # noqa: E731
+    return [
+        "| | GRPO | PPO |",
+        "| --- | ---: | ---: |",
+        row(f"peak memory ({g['peak_kind']})", lambda x: mb(x["peak_memory_mb"])),
+        row(
+            "policy weights + gradients + AdamW",
+            lambda x: mb(sum(x["breakdown"][f"policy_{k}_mb"] for k in ("weights", "gradients", "optimizer"))),
+        ),
+        row("reference", b("reference_mb")),
+        row("critic weights + gradients + AdamW", lambda x: mb(x["critic_memory_mb"])),
+        row("process before the models", b("runtime_mb")),
+        row("activations and the rest", b("activations_and_other_mb")),
+        row("time per step (median)", lambda x: f"{x['step_time_s']:.3g} s"),
+        row("held-out greedy accuracy, start -> end", acc),
+    ]
+
+
+def compare_section() -> list[str]:
+    out = [
+        "## GRPO beside PPO with a critic (`grpokit compare`)",
+        "",
+        "Each record is one `grpokit compare` run: GRPO, then PPO with the same fields, each in a fresh process. The",
+        "peak is the process's max RSS on a CPU, loading included; its breakdown is counted from the tensors at the",
+        "end of the run; the rest of the peak is activations and temporaries. See [ppo.md](ppo.md).",
+        "",
+    ]
+    for name, r in _load("compare-*.json"):
+        g = r["grpo"]
+        out += [
+            f"### {name[:-5]}: {g['steps']} steps of {g['samples_per_step']} completions",
+            "",
+            *_compare_table(r),
+            "",
+            f"GRPO's peak is {r['grpo_saves_mb']:,.0f} MB below PPO's. Record: {provenance(r)}.",
+            "",
+        ]
+    return out
+
+
+def render_page() -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- generated by `python benchmarks/table.py --write` from benchmarks/results/*.json: do not edit -->",
+        "",
+        "Every figure on this page comes from a record under `benchmarks/results/`, written by the benchmark script",
+        "named above its table; each table says the machine, grpokit commit and date its record was made at.",
+        "Regenerate the page with `python benchmarks/table.py --write`.",
+        "",
+        *vs_trl_section(),
+        *decode_section(),
+        *distributed_section(),
+        *group_size_section(),
+        *compare_section(),
+    ]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--write", action="store_true", help=f"write {PAGE.relative_to(ROOT)}")
+    if parser.parse_args().write:
+        PAGE.write_text(render_page())
+        print(f"wrote {PAGE.relative_to(ROOT)}")
+        return
+    print("\n".join(vs_trl_table()))
 
 
 if __name__ == "__main__":

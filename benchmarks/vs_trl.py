@@ -1,7 +1,7 @@
 """grpokit and TRL's GRPOTrainer on the same workload, side by side, in one run: a record, not a test.
 
     python benchmarks/vs_trl.py --workload smollm2-135m --setting defaults
-    python benchmarks/vs_trl.py --workload all --setting all          # every row of the README's table
+    python benchmarks/vs_trl.py --workload all --setting all          # every row of docs/benchmarks.md's vs-TRL table
 
 Each framework runs in its own fresh process (`--worker`), alternating grpokit, TRL, grpokit, TRL, ... so
 machine drift hits both alike. Every worker trains `--steps` GRPO steps from the same saved model on the

@@ -15,7 +15,7 @@ from grpokit.config import GRPOConfig as NativeConfig
 from grpokit.trl import GRPOConfig, GRPOTrainer
 from grpokit.trl_names import CONVERSIONS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TRL_PAGE = Path(__file__).resolve().parents[1] / "docs" / "from-trl.md"  # the TRL field map
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,8 @@ def test_a_trl_name_in_native_yaml_names_the_grpokit_field(tmp_path):
         load_yaml(NativeConfig, path)
 
 
-def test_every_grpokit_field_the_readme_trl_table_names_exists():
-    text = README.read_text()
+def test_every_grpokit_field_the_trl_page_table_names_exists():
+    text = TRL_PAGE.read_text()
     table = text[text.index("| TRL GRPOConfig field |") :].split("\n\n", 1)[0]
     rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
     assert len(rows) >= 40

@@ -60,7 +60,7 @@ class GRPOConfig:
         unknown = sorted(set(fields) - set(TRL_DEFAULTS))
         if unknown:
             raise native.ConfigError(
-                f"TRL field `{unknown[0]}` is not one grpokit maps (see the README's TRL table); "
+                f"TRL field `{unknown[0]}` is not one grpokit maps (see docs/from-trl.md); "
                 "use grpokit's own GRPOConfig for grpokit-only fields"
             )
         for name, reason in UNSUPPORTED.items():
