@@ -56,8 +56,9 @@ def policy_gradients(model, cfg: GRPOConfig, batch: Rollout, *, layout: str, mic
                                       generation_sequences=len(mask), max_completion_length=mask.shape[1])  # fmt: skip
     sums = dict.fromkeys((*update.FIGURES, "sampler_logp_diff"), 0.0)
     for idx in policy.micro_batches(batch):
-        update.policy_pass(policy, cfg, batch, idx, mask, ADVANTAGES, None, None, normalizer=normalizer, beta=0.0,
-                           first_pass=True, sums=sums)  # fmt: skip
+        update.policy_pass(policy, batch, idx, mask, ADVANTAGES, None, None, loss_type=cfg.loss_type,
+                           surrogate=cfg.surrogate(), normalizer=normalizer, beta=0.0, first_pass=True,
+                           sums=sums)  # fmt: skip
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 

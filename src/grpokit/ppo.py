@@ -137,49 +137,39 @@ class PPOTrainer(GRPOTrainer):
         return metrics, samples
 
     def _ppo_update(self, rollout: Rollout, mask, advantages, returns, old_logp, old_values, ref_logp):
-        """mu passes over the step's rows in minibatches (one optimizer step of the policy and one of the critic
-        each), micro-batched alike (the critic's forwards take the policy's rows)."""
+        """GRPO's update loop (`update.run_update`) with the critic trained beside the policy: one optimizer step of
+        each per minibatch, its value loss on the micro-batches the policy's pass took (its forwards take the
+        policy's rows, after the policy's backward: one model's graph alive at a time)."""
         cfg, policy, critic = self.cfg, self.policy, self.critic
-        N, lr, critic_lr = rollout.num_sequences, policy.lr, critic.lr  # (the rates of the step's first update)
+        lr, critic_lr = policy.lr, critic.lr  # (the rates of the step's first update)
         sums: dict[str, float] = defaultdict(float)
-        generation_tokens = int(mask.sum())
-        beta_in_loss = cfg.beta if cfg.kl_penalty == "loss" else 0.0
-        n_opt_steps = 0
-        for iteration in range(cfg.num_iterations):
-            reshuffle = iteration > 0 or self.minibatch_size < N
-            order = torch.randperm(N, generator=self.shuffle_generator) if reshuffle else torch.arange(N)
-            for mb_idx in order.split(self.minibatch_size):
-                mb_mask = mask[mb_idx]
-                normalizer = algo.step_normalizer(
-                    cfg.loss_type,
-                    mb_mask,
-                    generation_tokens=generation_tokens,
-                    generation_sequences=N,
-                    max_completion_length=cfg.max_completion_length,
-                )
-                value_normalizer = max(float(mb_mask.sum()), 1.0)  # the value loss: a mean over the tokens
-                for idx in policy.micro_batches(rollout, mb_idx):
-                    # the policy's backward before the critic's forward: one model's graph alive at a time
-                    m = update.policy_pass(
-                        policy, cfg, rollout, idx, mask, advantages, old_logp, ref_logp,
-                        normalizer=normalizer, beta=beta_in_loss, first_pass=iteration == 0, sums=sums,
-                    )  # fmt: skip
-                    width = m.shape[1]
-                    values, _ = critic.forward(rollout, idx)  # (n, w)
-                    value_token_loss, value_clipped = algo.value_loss(
-                        values, old_values[idx, :width], returns[idx, :width], clip_range=cfg.cliprange_value
-                    )
-                    value_loss = cfg.vf_coef * algo.aggregate_loss(
-                        value_token_loss, m, loss_type="bnpo", normalizer=value_normalizer
-                    )
-                    if not math.isfinite(value := value_loss.item()):
-                        raise NumericsError(f"the value loss is {value}; the optimizer step was not applied")
-                    critic.backward(value_loss)
-                    sums["value_loss"] += value
-                    sums["value_clip_frac"] += float((value_clipped * m).sum())
-                sums["grad_norm"] += policy.optimizer_step()
-                sums["critic/grad_norm"] += critic.optimizer_step()
-                n_opt_steps += 1
+
+        def critic_pass(idx, m, minibatch) -> None:
+            width = m.shape[1]
+            values, _ = critic.forward(rollout, idx)  # (n, w)
+            value_token_loss, value_clipped = algo.value_loss(
+                values, old_values[idx, :width], returns[idx, :width], clip_range=cfg.cliprange_value
+            )
+            value_normalizer = max(float(mask[minibatch].sum()), 1.0)  # the value loss: a mean over the tokens
+            value_loss = cfg.vf_coef * algo.aggregate_loss(
+                value_token_loss, m, loss_type="bnpo", normalizer=value_normalizer
+            )
+            if not math.isfinite(value := value_loss.item()):
+                raise NumericsError(f"the value loss is {value}; the optimizer step was not applied")
+            critic.backward(value_loss)
+            sums["value_loss"] += value
+            sums["value_clip_frac"] += float((value_clipped * m).sum())
+
+        def critic_step() -> None:
+            sums["critic/grad_norm"] += critic.optimizer_step()
+
+        n_opt_steps = update.run_update(
+            policy, rollout, mask=mask, step_mask=mask, first_row=0, advantages=advantages, old_logp=old_logp,
+            ref_logp=ref_logp, loss_type=cfg.loss_type, surrogate=cfg.surrogate(),
+            beta=cfg.beta if cfg.kl_penalty == "loss" else 0.0, num_iterations=cfg.num_iterations,
+            minibatch_size=self.minibatch_size, max_completion_length=cfg.max_completion_length,
+            shuffle=self.shuffle_generator, sums=sums, on_micro_batch=critic_pass, on_optimizer_step=critic_step,
+        )  # fmt: skip
         if old_logp is not None:
             sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)
         tokens = max(sums["tokens"], 1.0)

@@ -190,33 +190,16 @@ class GRPOTrainer:
         return metrics, samples[:: max(1, G // 2)]
 
     def _update(self, rollout: Rollout, mask, step_mask, first_row, advantages, old_logp, ref_logp) -> dict[str, float]:
-        """mu passes; each pass splits the step's N rows into minibatches (one optimizer step each) and this
-        rank's rows of a minibatch into micro-batches (one backward each). Every normalizer is counted over the
-        whole minibatch (`step_mask` (N, T): every rank's mask; this rank's rows start at `first_row`)."""
-        cfg, N, policy, lr = self.cfg, step_mask.shape[0], self.policy, self.policy.lr  # (the step's first rate)
-        n_here = rollout.num_sequences
+        """The step's update (`update.run_update`) and its figures, summed over the ranks."""
+        cfg, lr = self.cfg, self.policy.lr  # (the step's first rate)
         added = update.FIGURES  # what the micro-batches add up, summed over the ranks too
         sums = dict.fromkeys((*added, "grad_norm", "sampler_logp_diff"), 0.0)
-        n_opt_steps, generation_tokens = 0, int(step_mask.sum())
-        for iteration in range(cfg.num_iterations):
-            reshuffle = iteration > 0 or old_logp is not None
-            order = torch.randperm(N, generator=self.shuffle_generator) if reshuffle else torch.arange(N)
-            for mb_idx in order.split(self.minibatch_size):
-                normalizer = algo.step_normalizer(
-                    cfg.loss_type,
-                    step_mask[mb_idx],
-                    generation_tokens=generation_tokens,
-                    generation_sequences=N,
-                    max_completion_length=cfg.max_completion_length,
-                )
-                here = mb_idx[(mb_idx >= first_row) & (mb_idx < first_row + n_here)] - first_row
-                for idx in policy.micro_batches(rollout, here):
-                    update.policy_pass(
-                        policy, cfg, rollout, idx, mask, advantages, old_logp, ref_logp,
-                        normalizer=normalizer, beta=cfg.beta, first_pass=iteration == 0, sums=sums,
-                    )  # fmt: skip
-                sums["grad_norm"] += policy.optimizer_step()
-                n_opt_steps += 1
+        n_opt_steps = update.run_update(
+            self.policy, rollout, mask=mask, step_mask=step_mask, first_row=first_row, advantages=advantages,
+            old_logp=old_logp, ref_logp=ref_logp, loss_type=cfg.loss_type, surrogate=cfg.surrogate(), beta=cfg.beta,
+            num_iterations=cfg.num_iterations, minibatch_size=self.minibatch_size,
+            max_completion_length=cfg.max_completion_length, shuffle=self.shuffle_generator, sums=sums,
+        )  # fmt: skip
         if old_logp is not None:
             sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)
         # over the ranks: sums and counts added, the gap's maximum (grad_norm is already of the summed gradients)
