@@ -788,3 +788,13 @@ def test_trl_save_model_may_replace_a_save_of_a_run_of_the_same_output_dir(model
     again = trainer(overwrite_output_dir=True)
     again.train()
     assert again.save_model(str(tmp_path / "r" / "final")) == saved
+
+
+def test_a_model_folder_named_with_a_leading_tilde_trains(model, tmp_path, capsys, monkeypatch):
+    """`~tiny` that exists is a folder's name (no user called tiny): it crashed in the run's fingerprints."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(model, tmp_path / "~tiny")
+    rc, err = cli(capsys, "train", *tiny_run_args("~tiny", tmp_path / "out"))
+    assert rc == 0, err

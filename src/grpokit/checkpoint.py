@@ -587,7 +587,7 @@ def fingerprint_source(source: Any) -> dict[str, Any] | None:
     if not isinstance(source, (str, Path)):
         _module_digest(source, digest)
         return {"object": type(source).__name__, "sha256": digest.hexdigest()}
-    path = Path(source).expanduser()
+    path = Path(os.path.expanduser(source))  # (`~tiny`, no user tiny: the name as written, not an error)
     if path.is_file():
         files = [path]
     elif path.is_dir():
