@@ -769,9 +769,10 @@ def test_verification_round_api_cases(model, tmp_path):
         GRPOTrainer(config(model, tmp_path / "run3", lora={"r": 4, "alpha": 8.0}), model=frozen)
 
 
-def test_trl_save_model_may_replace_a_save_of_a_run_of_the_same_output_dir(model, tmp_path):
-    """A run's own `save_model("final")`, saved again after a resume or a re-run with overwrite_output_dir, was
-    refused as another run's model."""
+def test_trl_save_model_may_replace_a_save_of_the_same_run_only(model, tmp_path):
+    """A run's own `save_model("final")`, saved again after a resume, was refused as another run's model; a save of
+    an earlier run that a new one replaced in the same output_dir (overwrite_output_dir) is another run's."""
+    from grpokit.checkpoint import OutputExistsError
     from grpokit.trl import GRPOConfig, GRPOTrainer
 
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
@@ -779,15 +780,19 @@ def test_trl_save_model_may_replace_a_save_of_a_run_of_the_same_output_dir(model
     def trainer(**changes):
         args = {"output_dir": str(tmp_path / "r"), "max_steps": 1, "per_device_train_batch_size": 4,
                 "num_generations": 2, "max_completion_length": 4, "use_cpu": True, "report_to": "none",
-                "save_strategy": "no", **changes}  # fmt: skip
+                "save_steps": 1, **changes}  # fmt: skip
         return GRPOTrainer(str(model), "accuracy", args=GRPOConfig(**args), train_dataset=rows)
 
     first = trainer()
     first.train()
-    saved = first.save_model(str(tmp_path / "r" / "final"))
-    again = trainer(overwrite_output_dir=True)
-    again.train()
-    assert again.save_model(str(tmp_path / "r" / "final")) == saved
+    saved = first.save_model(str(tmp_path / "final"))
+    resumed = trainer(max_steps=2)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.save_model(str(tmp_path / "final")) == saved
+    replaced = trainer(overwrite_output_dir=True)
+    replaced.train()
+    with pytest.raises(OutputExistsError, match=r"also an earlier run replaced in this output_dir"):
+        replaced.save_model(str(tmp_path / "final"))
 
 
 def test_a_model_folder_named_with_a_leading_tilde_trains(model, tmp_path, capsys, monkeypatch):
@@ -798,3 +803,49 @@ def test_a_model_folder_named_with_a_leading_tilde_trains(model, tmp_path, capsy
     shutil.copytree(model, tmp_path / "~tiny")
     rc, err = cli(capsys, "train", *tiny_run_args("~tiny", tmp_path / "out"))
     assert rc == 0, err
+
+
+def test_final_round_cases(model, tmp_path):
+    """A sampler whose generate raises is named (with the step); TrainResult reads as TRL's TrainOutput tuple; a
+    reward model's task beside both pair sets is said."""
+    import dataclasses
+
+    from helpers import RecordingSampler
+
+    from grpokit.config import RewardModelConfig
+    from grpokit.data import InputWarning
+    from grpokit.reward_model import train_reward_model
+    from grpokit.sampler import SamplerError
+    from grpokit.trainer import GRPOTrainer
+    from grpokit.types import TrainResult
+
+    class DiesAtStep2(RecordingSampler):
+        def generate(self, *args, **kwargs):
+            if len(self.rollouts) == 1:
+                raise RuntimeError("engine died")
+            return super().generate(*args, **kwargs)
+
+    trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=3, save_every=1), sampler=DiesAtStep2())
+    stop = r"step 2 .*`sampler` \(DiesAtStep2\)\.generate raised RuntimeError: engine died; nothing of this step"
+    with pytest.raises(SamplerError, match=stop):
+        trainer.train()
+    result = TrainResult(tmp_path, tmp_path, None, {}, [], [], [], {}, 3, 0.25)
+    assert result[0] == 3 and len(result) == 3 and result._asdict()["training_loss"] == 0.25
+    assert dataclasses.is_dataclass(result)
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"} for i in range(4)]
+    cfg = RewardModelConfig(model=str(model), output_dir=str(tmp_path / "rm"), task="addition", max_steps=1,
+                            progress=False)  # fmt: skip
+    with pytest.warns(InputWarning, match=r"gives nothing \(both pair sets were passed in\): leave it out"):
+        train_reward_model(cfg, train_pairs=pairs, eval_pairs=pairs)
+
+
+def test_a_link_to_a_file_inside_a_checkpoint_protects_it(two_step_run, model, tmp_path, capsys):
+    import shutil
+
+    out = shutil.copytree(two_step_run, tmp_path / "r", symlinks=True)
+    (out / "marks").mkdir()
+    (out / "marks" / "w1.safetensors").symlink_to("../checkpoint-1/model.safetensors")
+    args = ["--max-steps", "4", "--save-every", "1", "--save-total-limit", "1", "--resume-from-checkpoint", "latest"]
+    with pytest.warns(UserWarning, match=r"checkpoint-1 is kept past save_total_limit: a link"):
+        rc, err = cli(capsys, "train", *tiny_run_args(model, out, *args))
+    assert rc == 0 and (out / "marks" / "w1.safetensors").resolve().is_file(), err

@@ -62,10 +62,15 @@ def python_arguments(
         raise ConfigError(
             f"config field `eval_data` is set ({config.eval_data!r}) but `{eval_given[0]}` was passed in: use one"
         )
-    if datasets.get("train_pairs") is not None and datasets.get("eval_pairs") is None and config.task is not None:
+    if datasets.get("train_pairs") is not None and config.task is not None:
+        gives = (
+            "only the held-out pairs (pass eval_pairs= to evaluate on pairs of yours)"
+            if datasets.get("eval_pairs") is None
+            else "nothing (both pair sets were passed in): leave it out"
+        )
         warnings.warn(
-            f"{entry}: `train_pairs` passed in: these are the training pairs; the config's task {config.task!r} gives "
-            "only the held-out pairs (pass eval_pairs= to evaluate on pairs of yours)",
+            f"{entry}: `train_pairs` passed in: these are the training pairs; the config's task {config.task!r} "
+            f"gives {gives}",
             InputWarning,
             stacklevel=3,
         )
@@ -191,7 +196,7 @@ def check_sampler(sampler: Any) -> None:
     if missing:
         raise ArgumentError(
             f"`sampler` is {_a(sampler)} without {' or '.join(f'{m}()' for m in missing)}; a sampler "
-            "has generate(prompt_ids, num_generations=, params=, generator=) and update_weights(model) "
+            "has generate(prompt_ids, num_generations=, params=, seeds=) and update_weights(weights) "
             "(grpokit.sampler.Sampler), or leave it out for the in-process sampler"
         )
 

@@ -437,7 +437,7 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *,
     if keep > 0:
         linked = _linked_from(run_dir)  # `checkpoint-best -> checkpoint-1`, `marks/best -> ../checkpoint-1`
         for _, old in list_checkpoints(run_dir)[:-keep]:
-            if old.resolve() in linked:
+            if any(target == old.resolve() or old.resolve() in target.parents for target in linked):
                 warnings.warn(f"{old} is kept past save_total_limit: a link in {run_dir} points to it", stacklevel=2)
                 continue
             added = foreign_files(old)

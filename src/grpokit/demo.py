@@ -24,6 +24,7 @@ digit added after it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -73,6 +74,7 @@ class DemoFolder:
         except (OSError, ValueError):
             record = {}
         self.entries: dict[str, str] = record.get("entries", {}) if record.get("kind") == "demo" else {}
+        self.unrecorded = record.get("kind") == "demo" and "entries" not in record  # an older grpokit's demo
 
     def check(self) -> list[str]:
         """The entries an earlier demo wrote (to be replaced); anything else is an OutputExistsError."""
@@ -82,6 +84,8 @@ class DemoFolder:
             theirs = (path / "run_id").read_text().strip() if (path / "run_id").is_file() else None
             if path.is_symlink() or recorded is None or recorded not in ("pending", "file", theirs):
                 what = "a link" if path.is_symlink() else "not what a grpokit demo wrote there"
+                if self.unrecorded and not path.is_symlink():
+                    what = "which this folder's older demo record does not list (an older grpokit's demo)"
                 raise OutputExistsError(
                     f"--output-dir {self.out} holds {name}, {what}: the demo replaces only its own earlier runs; "
                     "choose another --output-dir, or move it away"
@@ -227,7 +231,11 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     extra_pairs = verbosity_pairs(
         warm.task, VERBOSITY_PAIRS, max_chars=max_completion_length, chars=chars, split="train", seed=cfg.seed
     )
-    rm = train_reward_model(rm_cfg, train_pairs=flawed_pairs + extra_pairs, eval_pairs=clean_pairs)
+    # the pairs are made: the run trains on them, and its config records no task that would have made others
+    plain = dataclasses.replace(
+        rm_cfg, task=None, task_num_digits=RewardModelConfig.task_num_digits, labeler_flaw="none"
+    )
+    rm = train_reward_model(plain, train_pairs=flawed_pairs + extra_pairs, eval_pairs=clean_pairs)
     warm.folder.done("reward_model")
     print(f"reward model (labels with a verbosity bias): {rm.eval_accuracy:.1%} pairwise accuracy on clean pairs")
     runs: dict[str, TrainResult] = {}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from grpokit.data import answer_problem, encode_prompts
-from grpokit.sampler import Sampler, SamplingParams, check_rollout
+from grpokit.sampler import EVAL_STEP, Sampler, SamplingParams, check_rollout, prompt_seeds
 
 
 def sample_batches(
@@ -26,13 +26,14 @@ def sample_batches(
     max_prompt_length: int = 256,
 ):
     """One completion per prompt (temperature 0: greedy), `batch_size` prompts at a time; yields (start, the
-    batch's EncodedPrompts, its Rollout, its texts decoded without special tokens). The draws use a generator of
-    their own, seeded with `seed`, so evaluating never moves the training RNG streams."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+    batch's EncodedPrompts, its Rollout, its texts decoded without special tokens). Prompt i draws from its own
+    seed (`prompt_seeds(seed, EVAL_STEP, [i])`), so a sampled evaluation is the same at any batch size or engine
+    split and never moves the training streams."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     for start in range(0, len(prompts), batch_size):
         encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length)
-        rollout = sampler.generate(encoded.ids, num_generations=1, params=params, generator=generator)
+        seeds = prompt_seeds(seed, EVAL_STEP, list(range(start, start + len(encoded.ids))))  # by place: any batch size
+        rollout = sampler.generate(encoded.ids, num_generations=1, params=params, seeds=seeds)
         check_rollout(rollout, sampler, rows=len(encoded.ids), prompts=encoded.ids)
         yield start, encoded, rollout, decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
 

@@ -31,6 +31,7 @@ from grpokit.distributed import Cluster, full, full_weights, shard, shard_of
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs
 from grpokit.optim import build_optimizer
+from grpokit.sampler import PolicyWeights
 
 SHARDS = "shards"  # in a checkpoint folder under FSDP: torch.distributed.checkpoint's files
 
@@ -136,6 +137,19 @@ class Policy:
         """Around a rollout or an evaluation: under FSDP the policy's weights gathered once, not per forward."""
         root = self.fsdp_roots.get(id(self.model))
         return full_weights(root) if root is not None else contextlib.nullcontext()
+
+    def sampler_weights(self) -> PolicyWeights:
+        """The policy's weights as a sampler takes them (`sampler.PolicyWeights`): the live module, the context that
+        gathers its shards, and under FSDP the gathered state dict its named tensors come from (on rank 0)."""
+        if not self.fsdp_roots:
+            return PolicyWeights(self.model, self.full_weights)
+        return PolicyWeights(self.model, self.full_weights, self._gathered_state)
+
+    def _gathered_state(self) -> dict[str, torch.Tensor]:
+        """The whole state dict from every rank's shards (every rank calls; rank 0 gets it), on the CPU."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype == torch.float32:

@@ -126,7 +126,7 @@ class PPOTrainer(GRPOTrainer):
             advantages = algo.whiten(advantages, mask)
         b.clock.append(time.perf_counter())
         stats = self._ppo_update(rollout, mask, advantages, returns, old_logp, old_values, ref_logp)
-        push_weights(self.sampler, policy.model)
+        push_weights(self.sampler, policy.sampler_weights())
         b.clock.append(time.perf_counter())
         # beside each logged sample: its mean advantage over its tokens
         b.step_advantages = ((advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)).cpu()

@@ -1,9 +1,9 @@
 """The sampler: G completions for each of P prompts, with the logprobs the trainer will need.
 
-The seam: a `Sampler` generates a `Rollout` for a batch of prompts and receives the policy's weights
-after every optimizer step (`update_weights`). `KVCacheSampler`, the in-process one, shares the policy's
-module, so it has nothing to copy; a sampler in another engine or process would load the weights there.
-Training rollouts and held-out evaluation go through the same object.
+The seam: a `Sampler` generates a `Rollout` for a batch of prompts, each prompt's draws seeded by an integer
+(`prompt_seeds`), and receives the policy's weights once per generation step (`update_weights`, a `PolicyWeights`).
+`KVCacheSampler`, the in-process one, shares the policy's module, so it has nothing to copy; an engine in another
+memory loads `PolicyWeights.named_tensors()`. Training rollouts and held-out evaluation go through the same object.
 
 GRPO (Shao et al. 2024, "DeepSeekMath", Sec. 4.1) samples a group of G outputs per question. All G
 share the prompt, so the prompt is prefilled ONCE and its KV cache is repeated G times along the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -147,6 +148,17 @@ def check_rollout(
                 )
 
 
+def call_generate(sampler: Any, prompt_ids: list[list[int]], **kwargs: Any) -> Any:
+    """`sampler.generate(prompt_ids, **kwargs)`; what it raises (an engine that died) is a SamplerError naming the
+    sampler, which the run turns into a stop naming the step and its last checkpoint."""
+    try:
+        return sampler.generate(prompt_ids, **kwargs)
+    except SamplerError:
+        raise
+    except (Exception, KeyboardInterrupt) as err:  # (Ctrl-C reaches the run's signal handler, not here)
+        raise SamplerError(f"`sampler` ({type(sampler).__name__}).generate raised {type(err).__name__}: {err}") from err
+
+
 def push_weights(sampler: Any, model: torch.nn.Module) -> None:
     """`sampler.update_weights(model)`; what it raises (an engine that died, a weight it refused) is a SamplerError
     naming the sampler, not a bare exception from inside the step."""
@@ -270,18 +282,28 @@ def reserve(cache: DynamicCache, capacity: int) -> None:
             cache.layers[i] = _ReservedLayer(layer.keys, layer.values, capacity)
 
 
-def prompt_generators(seed: int, step: int, places: list[int], device: torch.device | str) -> list[torch.Generator]:
-    """One generator per prompt of a training step, seeded from (the run's seed, the step, the prompt's place
-    in the step): the same prompt at the same place draws the same completions however the step is split
-    over ranks or micro-batches, and a resumed run needs no sampling state."""
+EVAL_STEP = 0
+"""The `step` of evaluation's seeds (`prompt_seeds`): training steps count from 1, so the streams never meet."""
+
+
+def prompt_seeds(seed: int, step: int, places: list[int]) -> list[int]:
+    """One integer seed per prompt of a step, from (the run's seed, the step, the prompt's place in the step): the
+    same prompt at the same place draws the same completions however the step is split over ranks, micro-batches
+    or engine calls, a resumed run needs no sampling state, and any engine can take them (integers, not torch
+    generators). Evaluation uses step `EVAL_STEP`."""
     import numpy as np
 
     out = []
     for place in places:
         entropy = [seed % 2**64, step, place]  # a seed may be negative; SeedSequence takes naturals
         (state,) = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
-        out.append(torch.Generator(device=device).manual_seed(int(state)))
+        out.append(int(state))
     return out
+
+
+def prompt_generators(seed: int, step: int, places: list[int], device: torch.device | str) -> list[torch.Generator]:
+    """`prompt_seeds` as the torch generators the in-process `generate` draws from."""
+    return [torch.Generator(device=device).manual_seed(s) for s in prompt_seeds(seed, step, places)]
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -439,11 +461,39 @@ def generate(
     )
 
 
+@dataclass(frozen=True)
+class PolicyWeights:
+    """The policy's weights as a sampler takes them (`Sampler.update_weights`), once per generation step: before
+    the first rollout and after each step's update (all its optimizer steps).
+
+    `module`: the live policy module, for a sampler in the same process (it shares the parameters: nothing to copy);
+    `gather()`: a context in which that module holds its whole weights (FSDP's shards gathered once for all the
+    decode steps of a call). `named_tensors(dtype)`: the full weights in the model's own names (those of its
+    `state_dict` / `save_pretrained`), gathered from every rank's shards under FSDP (every rank must call it), LoRA
+    adapters merged into their base weights, cast to `dtype` if given: what an engine in another memory loads."""
+
+    module: torch.nn.Module
+    gather: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    gathered_state: Callable[[], dict[str, torch.Tensor] | None] = lambda: None
+
+    def named_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        from grpokit.lora import merged_state_dict, uses_lora
+
+        state = self.gathered_state()  # None: this process holds the whole model
+        if uses_lora(self.module):
+            state = merged_state_dict(self.module, state)
+        elif state is None:
+            state = self.module.state_dict()
+        for name, tensor in state.items():
+            yield name, tensor.detach().to(dtype) if dtype is not None else tensor.detach()
+
+
 class Sampler(Protocol):
     """What the trainer needs from a generation engine."""
 
-    def update_weights(self, model: torch.nn.Module) -> None:
-        """Take the policy's current weights (called before the first rollout and after every update)."""
+    def update_weights(self, weights: PolicyWeights) -> None:
+        """Take the policy's current weights (`PolicyWeights`: the live module, or its full named tensors), once per
+        generation step: before the first rollout and after each step's update."""
 
     def generate(
         self,
@@ -451,28 +501,32 @@ class Sampler(Protocol):
         *,
         num_generations: int,
         params: SamplingParams,
-        generator: torch.Generator | list[torch.Generator] | None,
+        seeds: list[int] | None,
     ) -> Rollout:
-        """`num_generations` completions of every prompt, rows p*G .. p*G+G-1 for prompt p."""
+        """`num_generations` completions of every prompt, rows p*G .. p*G+G-1 for prompt p; prompt p's draws from
+        `seeds[p]` (an integer: `prompt_seeds`), so that a seed reproduces them; None: unseeded."""
 
 
 class KVCacheSampler:
     """The in-process sampler: `generate` above on the policy's own module, under its compute dtype.
 
     `compute_dtype` below float32 runs the draws under autocast, as the trainer's forward does, so the
-    sampler's logprobs stay comparable to the trainer's (`sampler_logp_diff`). `gather`: a context in which
-    the whole weights are in place (`Policy.full_weights`: FSDP's shards gathered once for all the decode
-    steps of a call, not once per step).
+    sampler's logprobs stay comparable to the trainer's (`sampler_logp_diff`). It decodes with the policy's own
+    module (`PolicyWeights.module`, inside `PolicyWeights.gather()`): nothing is copied.
     """
 
-    def __init__(self, tokenizer: Any, *, compute_dtype: torch.dtype = torch.float32, gather=contextlib.nullcontext):
+    def __init__(self, tokenizer: Any, *, compute_dtype: torch.dtype = torch.float32):
         self.tokenizer = tokenizer
         self.compute_dtype = compute_dtype
-        self.gather = gather
-        self.model: torch.nn.Module | None = None
+        self.weights: PolicyWeights | None = None
 
-    def update_weights(self, model: torch.nn.Module) -> None:
-        self.model = model  # the same parameters the optimizer updates: nothing to copy
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return None if self.weights is None else self.weights.module
+
+    def update_weights(self, weights: PolicyWeights | torch.nn.Module) -> None:
+        """`weights`: the policy's (a bare module is taken as its own whole weights)."""
+        self.weights = weights if isinstance(weights, PolicyWeights) else PolicyWeights(weights)
 
     def generate(
         self,
@@ -480,17 +534,19 @@ class KVCacheSampler:
         *,
         num_generations: int,
         params: SamplingParams,
-        generator: torch.Generator | list[torch.Generator] | None,
+        seeds: list[int] | None,
     ) -> Rollout:
-        if self.model is None:
+        if self.weights is None:
             raise RuntimeError("KVCacheSampler.generate before update_weights: the sampler has no model yet")
-        device_type = next(self.model.parameters()).device.type
+        device = next(self.model.parameters()).device
+        device_type = device.type
         autocast = (
             torch.autocast(device_type, dtype=self.compute_dtype)
             if self.compute_dtype != torch.float32
             else contextlib.nullcontext()
         )
-        with autocast, self.gather():
+        generators = None if seeds is None else [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        with autocast, self.weights.gather():
             return generate(
                 self.model,
                 prompt_ids,
@@ -498,6 +554,6 @@ class KVCacheSampler:
                 params=params,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
-                generator=generator,
+                generator=generators,
                 tokenizer=self.tokenizer,
             )

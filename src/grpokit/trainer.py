@@ -34,7 +34,15 @@ from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
 from grpokit.runlog import RunLog, plot_curves, progress, read_metrics
-from grpokit.sampler import KVCacheSampler, Sampler, SamplingParams, check_rollout, prompt_generators, push_weights
+from grpokit.sampler import (
+    KVCacheSampler,
+    Sampler,
+    SamplingParams,
+    call_generate,
+    check_rollout,
+    prompt_seeds,
+    push_weights,
+)
 from grpokit.tasks import get_task
 from grpokit.types import Rollout, SamplerError, StepBatch, TrainResult
 
@@ -103,10 +111,10 @@ class GRPOTrainer:
             model, cfg, total_steps=optimizer_steps, device=self.device, dtype=dtype, cluster=self.cluster
         )
         self.vocab_size = policy.model.get_input_embeddings().num_embeddings  # a sampled id must have an embedding
-        self.sampler = sampler or KVCacheSampler(self.tokenizer, compute_dtype=dtype, gather=policy.full_weights)
-        push_weights(self.sampler, policy.model)
+        self.sampler = sampler or KVCacheSampler(self.tokenizer, compute_dtype=dtype)
+        push_weights(self.sampler, policy.sampler_weights())
         self.sampling = SamplingParams.for_training(cfg)
-        self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_generators`)
+        self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_seeds`)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.prompt_order = ShuffledEpochs(len(self.train_rows), cfg.seed)
         self.monitor = SignalMonitor(long_window=cfg.monitor_window)
@@ -123,7 +131,7 @@ class GRPOTrainer:
         old_logp = self.policy.logprobs(b.rollout) if reuses_samples else None
         b.clock.append(time.perf_counter())
         stats = self._update(b.rollout, b.mask, b.step_mask, b.first_row, b.advantages, old_logp, ref_logp)
-        push_weights(self.sampler, self.policy.model)
+        push_weights(self.sampler, self.policy.sampler_weights())
         b.clock.append(time.perf_counter())
         return self.figures(b, stats)
 
@@ -139,8 +147,8 @@ class GRPOTrainer:
         self.steps_taken += 1
         t0 = time.perf_counter()
         prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
-        generators = prompt_generators(cfg.seed, self.steps_taken, list(mine), self.device)
-        rollout = self.sampler.generate(prompts.ids, num_generations=G, params=self.sampling, generator=generators)
+        seeds = prompt_seeds(cfg.seed, self.steps_taken, list(mine))
+        rollout = call_generate(self.sampler, prompts.ids, num_generations=G, params=self.sampling, seeds=seeds)
         check_rollout(rollout, self.sampler, rows=len(rows) * G, vocab_size=self.vocab_size, prompts=prompts.ids)
         if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
             own = type(self.sampler) is KVCacheSampler  # (a subclass may change what it returns)

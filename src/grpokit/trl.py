@@ -432,34 +432,43 @@ class GRPOTrainer:
         # what this trainer saved may be saved over (TRL's scripts save more than once); another model folder grpokit
         # wrote (another run's model, a tokenizer's source, a reward model) is not this run's to replace
         own = {(run_folder / "model").resolve(), *self._saved}
-        saved_here = _saved_from(target) == run_folder.resolve()  # by a trainer of this output_dir: a resume, a re-run
+        run_id = self.trainer.run_dir.run_id or _folder_run_id(run_folder)
+        saved_here = _saved_from(target) == (run_folder.resolve(), run_id)  # by this run (before a resume, say)
         if target.resolve() not in own and written_kind(target) == "model" and not saved_here:
             raise OutputExistsError(
                 f"save_model's output_dir {target} holds a model folder grpokit wrote for something else (another "
-                "run's model, a `grpokit init` model, a reward model): save_model replaces only what this trainer "
-                "saved; choose another folder, or delete that one first"
+                "run's model or save, also an earlier run replaced in this output_dir; a `grpokit init` model; a "
+                "reward model): save_model replaces only what this run saved; choose another folder, or delete that "
+                "one first"
             )
         lora_form = self.trainer.cfg.lora.save
         folder = self.trainer.policy.save(
             target, self.trainer.tokenizer, lora_form=lora_form, overwrite=target.resolve() in own or saved_here
         )
         self._saved.add(Path(folder).resolve())
-        _mark_saved_from(Path(folder), run_folder)  # a later run of this output_dir (a resume, a re-run) may replace it
+        _mark_saved_from(Path(folder), run_folder, run_id)  # this run, resumed later, may replace it
         return folder
 
 
-def _saved_from(folder: Path) -> Path | None:
-    """The output_dir whose trainer's `save_model` wrote `folder` (None: not a save_model folder)."""
+def _saved_from(folder: Path) -> tuple[Path, str | None] | None:
+    """(output_dir, run id) of the run whose `save_model` wrote `folder` (None: not a save_model folder)."""
     try:
         saved = json.loads((folder / PROVENANCE).read_text()).get("saved_from")
     except (OSError, ValueError, AttributeError):
         return None
-    return Path(saved) if isinstance(saved, str) else None
+    return (Path(saved["output_dir"]), saved.get("run_id")) if isinstance(saved, dict) else None
 
 
-def _mark_saved_from(folder: Path, run_folder: Path) -> None:
+def _folder_run_id(run_folder: Path) -> str | None:
+    try:
+        return (run_folder / "run_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _mark_saved_from(folder: Path, run_folder: Path, run_id: str | None) -> None:
     record = json.loads((folder / PROVENANCE).read_text())
-    record["saved_from"] = str(run_folder.resolve())
+    record["saved_from"] = {"output_dir": str(run_folder.resolve()), "run_id": run_id}
     tmp = folder / f".tmp-{PROVENANCE}"
     tmp.write_text(json.dumps(record))
     tmp.replace(folder / PROVENANCE)

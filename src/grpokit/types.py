@@ -79,9 +79,19 @@ class TrainResult:
         """TRL's `TrainOutput.metrics` keys grpokit has: `train_loss` and `global_step`."""
         return {"train_loss": self.training_loss, "global_step": self.global_step}
 
+    def _asdict(self) -> dict[str, Any]:
+        """TRL's TrainOutput is a named tuple (global_step, training_loss, metrics); a TrainResult reads as one too:
+        unpacked, indexed, measured and as this dict."""
+        return {"global_step": self.global_step, "training_loss": self.training_loss, "metrics": self.metrics}
+
     def __iter__(self):
-        """`global_step, training_loss, metrics = trainer.train()`, as TRL's TrainOutput (a named tuple) unpacks."""
-        return iter((self.global_step, self.training_loss, self.metrics))
+        return iter(self._asdict().values())
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return tuple(self._asdict().values())[index]
+
+    def __len__(self) -> int:
+        return 3
 
 
 class DataError(ValueError):

@@ -1,0 +1,83 @@
+"""The sampler protocol an engine can serve: integer seeds per prompt (`prompt_seeds`), and the policy's weights
+handed over as `PolicyWeights` (the live module for the in-process sampler; the full tensors in the model's own
+names, LoRA merged, for an engine in another memory)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_lm
+
+from grpokit.config import GRPOConfig, LoRAConfig
+from grpokit.evaluate import completions_for
+from grpokit.policy import Policy
+from grpokit.sampler import KVCacheSampler, PolicyWeights, SamplingParams, prompt_generators, prompt_seeds
+from grpokit.tasks import build_char_tokenizer, tiny_model
+
+
+def test_prompt_seeds_are_the_integers_the_training_generators_were_seeded_with():
+    """The in-process draws are unchanged by the move to integer seeds (the loss record holds them too)."""
+    seeds = prompt_seeds(7, 3, [0, 1, 5])
+    assert all(isinstance(s, int) and 0 <= s < 2**64 for s in seeds) and len(set(seeds)) == 3
+    assert [g.initial_seed() for g in prompt_generators(7, 3, [0, 1, 5], "cpu")] == seeds
+    assert prompt_seeds(7, 3, [1]) == seeds[1:2]  # a prompt's seed depends on its place, not on the others
+
+
+def test_an_integer_seed_reproduces_a_prompts_completions_whatever_else_is_in_the_call():
+    tokenizer = build_char_tokenizer()
+    sampler = KVCacheSampler(tokenizer)
+    sampler.update_weights(PolicyWeights(tiny_model(tokenizer, "llama", hidden_size=32, seed=0)))
+    prompts = [tokenizer("1+2=")["input_ids"], tokenizer("33+4=")["input_ids"], tokenizer("5+5=")["input_ids"]]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    three = sampler.generate(prompts, num_generations=2, params=params, seeds=[11, 12, 13])
+    alone = sampler.generate(prompts[1:2], num_generations=2, params=params, seeds=[12])
+    width = alone.completion_ids.shape[1]
+    assert torch.equal(three.completion_ids[2:4, :width], alone.completion_ids)
+    other = sampler.generate(prompts[1:2], num_generations=2, params=params, seeds=[99])
+    assert not torch.equal(other.completion_ids, alone.completion_ids)
+
+
+def test_sampled_evaluation_is_the_same_at_any_batch_size():
+    """Each held-out prompt draws from its own seed: the eval batch size no longer changes the sampled figures."""
+    tokenizer = build_char_tokenizer()
+    sampler = KVCacheSampler(tokenizer)
+    sampler.update_weights(tiny_model(tokenizer, "llama", hidden_size=32, seed=0))  # a bare module is its weights
+    prompts = [f"{i}+{i + 1}=" for i in range(7)]
+    kwargs = {"temperature": 1.0, "max_new_tokens": 5, "seed": 3}
+    assert completions_for(sampler, tokenizer, prompts, batch_size=2, **kwargs) == completions_for(
+        sampler, tokenizer, prompts, batch_size=256, **kwargs
+    )
+
+
+def test_the_weights_handed_over_are_the_models_own_names_and_a_lora_policy_hands_over_the_merged_ones():
+    model = tiny_lm()
+    names = list(model.state_dict())
+    plain = Policy(tiny_lm(), GRPOConfig(), total_steps=1, device=torch.device("cpu"))
+    handed = dict(plain.sampler_weights().named_tensors(dtype=torch.bfloat16))
+    assert list(handed) == names and all(t.dtype == torch.bfloat16 for t in handed.values())
+
+    lora = Policy(tiny_lm(), GRPOConfig(), total_steps=1, device=torch.device("cpu"), lora=LoRAConfig(r=4, alpha=8.0))
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at 0 (merged == base): give the adapters something to add
+        for name, p in lora.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    weights = lora.sampler_weights()
+    assert weights.module is lora.model  # the in-process sampler shares it
+    merged = dict(weights.named_tensors())
+    assert list(merged) == names  # no base_layer / lora_ names: the model's own
+    q = lora.model.get_base_model().model.layers[0].self_attn.q_proj
+    expected = q.base_layer.weight + (8.0 / 4) * q.lora_B["default"].weight @ q.lora_A["default"].weight
+    torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(expected, q.base_layer.weight)
+    torch.testing.assert_close(merged["model.embed_tokens.weight"], model.state_dict()["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("bad", ["generator"])
+def test_the_old_generator_keyword_is_not_the_protocol(bad):
+    """The protocol takes integer seeds: a torch.Generator keyword is refused by Python itself (no silent ignore)."""
+    tokenizer = build_char_tokenizer()
+    sampler = KVCacheSampler(tokenizer)
+    sampler.update_weights(tiny_model(tokenizer, "llama", hidden_size=32, seed=0))
+    with pytest.raises(TypeError, match=bad):
+        sampler.generate([[5, 6]], num_generations=1, params=SamplingParams(max_new_tokens=2), **{bad: None})
