@@ -472,10 +472,9 @@ def test_a_function_of_yours_named_as_a_built_in_reward_is_recorded_as_yours(mod
     """A script's `accuracy` (a length reward) was recorded as `accuracy`, so a resume with the built-in passed."""
     from grpokit.trainer import GRPOTrainer
 
-    def accuracy(completions, **_):
-        return [float(len(c)) for c in completions]
-
-    accuracy.__module__ = "__main__"  # as a script defines it
+    script = {"__name__": "__main__"}  # a function as a script defines it: module __main__, qualname accuracy
+    exec("def accuracy(completions, **_):\n    return [float(len(c)) for c in completions]\n", script)
+    accuracy = script["accuracy"]
     trainer = GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=[accuracy, "accuracy"])
     assert (
         trainer.cfg.reward_funcs[0] == "__main__:" + accuracy.__qualname__ and trainer.cfg.reward_funcs[1] != "accuracy"

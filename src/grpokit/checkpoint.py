@@ -245,7 +245,7 @@ def check_model_destination(path: str, what: str = "output_dir") -> None:
     unexpanded `~`, names the file system takes), not the working folder, the home folder or `/` (a folder is
     replaced by a rename: the shell would be left in a deleted folder), and not inside a folder grpokit replaces
     or deletes whole."""
-    from grpokit.config import check_path_length
+    from grpokit.types import check_path_length
 
     if path == "" or path.startswith("~"):
         raise OutputExistsError(

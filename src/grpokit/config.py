@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from grpokit.types import ConfigError  # defined there, so that lower layers can raise it too
+from grpokit.types import ConfigError, check_path_length  # defined there, so that lower layers use them too
 
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
 ScaleRewards = Literal["group", "batch", "none", "rloo"]
@@ -682,18 +682,6 @@ def check_data_source(path: str | None, name: str) -> None:
             f"config field `{name}`: {path} does not exist (a JSONL file, a `datasets` folder saved with "
             "`save_to_disk`, or a hub name org/name)"
         )
-
-
-def check_path_length(path: str, name: str) -> Path:
-    """The absolute path of a folder grpokit will write, refused when the names it writes below it
-    (checkpoint-123456/.tmp-...) would not fit the file system's limits, which count bytes (255 a name, 4096 a
-    path), not characters: `é` is two."""
-    target = Path(os.path.abspath(os.path.expanduser(path)))
-    longest_name, path_max = max(len(os.fsencode(part)) for part in target.parts), 4096 - 200
-    _require(longest_name <= 255 - 40, name, f"has a folder name of {longest_name} bytes: keep names under 215")
-    length = len(os.fsencode(str(target)))
-    _require(length <= path_max, name, f"is {length} bytes long: keep it under {path_max}")
-    return target
 
 
 def check_output_dir(path: str, name: str = "output_dir", *, model: str = "") -> None:

@@ -109,3 +109,19 @@ class ConfigError(ValueError):
 class SamplerError(RuntimeError):
     """A sampler's `generate` returned what the trainer cannot use; the message names the sampler's class and what
     was wrong, before the rollout reaches the reward functions or the update."""
+
+
+def check_path_length(path: str, name: str) -> Path:
+    """The absolute path of a folder grpokit will write, refused (a ConfigError naming `name`) when the names it
+    writes below it (checkpoint-123456/.tmp-...) would not fit the file system's limits, which count bytes (255 a
+    name, 4096 a path), not characters: `é` is two."""
+    import os
+
+    target = Path(os.path.abspath(os.path.expanduser(path)))
+    longest_name, path_max = max(len(os.fsencode(part)) for part in target.parts), 4096 - 200
+    if longest_name > 255 - 40:
+        raise ConfigError(f"config field `{name}` has a folder name of {longest_name} bytes: keep names under 215")
+    length = len(os.fsencode(str(target)))
+    if length > path_max:
+        raise ConfigError(f"config field `{name}` is {length} bytes long: keep it under {path_max}")
+    return target
