@@ -81,3 +81,31 @@ def test_the_old_generator_keyword_is_not_the_protocol(bad):
     sampler.update_weights(tiny_model(tokenizer, "llama", hidden_size=32, seed=0))
     with pytest.raises(TypeError, match=bad):
         sampler.generate([[5, 6]], num_generations=1, params=SamplingParams(max_new_tokens=2), **{bad: None})
+
+
+def test_under_fsdp_on_two_ranks_the_weights_handed_over_equal_the_one_process_models(tmp_path):
+    """What an engine loads (`named_tensors`) from a policy sharded over 2 ranks equals what one process hands over:
+    every tensor of the full fine-tune, and the merged weights of a LoRA policy."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from weights_handover_worker import handed_over
+
+    from grpokit.distributed import Cluster
+
+    tests = Path(__file__).resolve().parent
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(tests / "weights_handover_worker.py"),
+           str(tmp_path / "out.pt")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sharded, whole = torch.load(tmp_path / "out.pt"), handed_over(Cluster())
+    for name in ("full", "lora"):
+        assert list(sharded[name]) == list(whole[name]) == list(tiny_lm().state_dict()), name
+        for key, tensor in whole[name].items():
+            assert torch.equal(sharded[name][key], tensor), (name, key)
+    assert not torch.equal(whole["lora"]["model.layers.0.self_attn.q_proj.weight"],
+                           whole["full"]["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip

@@ -469,8 +469,9 @@ class PolicyWeights:
     `module`: the live policy module, for a sampler in the same process (it shares the parameters: nothing to copy);
     `gather()`: a context in which that module holds its whole weights (FSDP's shards gathered once for all the
     decode steps of a call). `named_tensors(dtype)`: the full weights in the model's own names (those of its
-    `state_dict` / `save_pretrained`), gathered from every rank's shards under FSDP (every rank must call it), LoRA
-    adapters merged into their base weights, cast to `dtype` if given: what an engine in another memory loads."""
+    `state_dict` / `save_pretrained`), gathered from every rank's shards under FSDP (every rank must call it; rank 0
+    gets them, the others none), LoRA adapters merged into their base weights, cast to `dtype` if given: what an
+    engine in another memory loads."""
 
     module: torch.nn.Module
     gather: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
@@ -480,6 +481,8 @@ class PolicyWeights:
         from grpokit.lora import merged_state_dict, uses_lora
 
         state = self.gathered_state()  # None: this process holds the whole model
+        if state is not None and not state:
+            return  # a rank other than 0 under FSDP: it took part in the gather, rank 0 holds the tensors
         if uses_lora(self.module):
             state = merged_state_dict(self.module, state)
         elif state is None:
