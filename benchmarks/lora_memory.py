@@ -74,6 +74,7 @@ def child(args: argparse.Namespace) -> None:
 
     from grpokit.config import GRPOConfig, LoRAConfig
     from grpokit.lora import uses_lora
+    from grpokit.saving import save_trained
     from grpokit.trainer import GRPOTrainer
 
     torch.set_num_threads(args.threads)
@@ -105,7 +106,7 @@ def child(args: argparse.Namespace) -> None:
     steps = [trainer.step()[0] for _ in range(args.steps)]
     step_s = (time.perf_counter() - t0) / args.steps
     rss_train = peak_rss_mib()
-    trainer.policy.save(out / "model", trainer.tokenizer, lora_form=cfg.lora.save)
+    save_trained(trainer.policy, out / "model", trainer.tokenizer, lora_form=cfg.lora.save)
     rss_save = peak_rss_mib()
 
     unique = {p.untyped_storage().data_ptr(): p for p in trainer.policy.model.parameters()}  # tied weights once

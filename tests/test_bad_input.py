@@ -22,6 +22,7 @@ from grpokit.modeling import ModelFolderError
 from grpokit.monitor import SignalMonitor
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardError, call_with_timeout, check_advantages, score
+from grpokit.saving import save_trained
 from grpokit.trainer import GRPOTrainer
 
 
@@ -85,7 +86,7 @@ def test_a_nan_gradient_is_refused_before_the_optimizer_step(tmp_path):
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("inf")
     with pytest.raises(NumericsError, match="holds NaN or inf"):
-        policy.save(tmp_path / "m", build_char_tokenizer())
+        save_trained(policy, tmp_path / "m", build_char_tokenizer())
     assert not (tmp_path / "m").exists()
 
 

@@ -27,6 +27,7 @@ from helpers import (
 )
 
 from grpokit.checkpoint import list_checkpoints
+from grpokit.saving import save_trained
 from grpokit.trainer import GRPOTrainer
 
 
@@ -108,7 +109,7 @@ def test_a_policy_save_into_a_run_directory_is_refused(tmp_path, model):
     run = fake_run(tmp_path / "r1")
     before = snapshot(run)
     with pytest.raises(ValueError, match="holds a grpokit run .*replaces only a model folder it wrote"):
-        trainer.policy.save(run, trainer.tokenizer)
+        save_trained(trainer.policy, run, trainer.tokenizer)
     assert snapshot(run) == before
 
 
@@ -267,7 +268,7 @@ def test_an_output_folder_made_read_only_mid_run_stops_with_what_was_kept(tmp_pa
         with pytest.raises(OSError) as caught:
             trainer.train()
         with pytest.raises(OSError, match=f"could not write {out / 'model'}: operation not permitted"):
-            trainer.policy.save(out / "model", trainer.tokenizer, overwrite=True)  # the final save, on its own
+            save_trained(trainer.policy, out / "model", trainer.tokenizer, overwrite=True)  # the final save, on its own
     finally:
         subprocess.run(["chattr", "-i", str(out)], check=True)
     message = str(caught.value)

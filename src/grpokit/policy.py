@@ -2,8 +2,8 @@
 
 Every stage (GRPO, SFT, the reward model) trains through a `Policy`: it owns the model, the optional KL
 reference (a frozen copy, the base with its LoRA adapters off, or none), AdamW and its schedule, the
-micro-batched forward, the backward, the one optimizer step, the reference sync, saving and the state a
-checkpoint needs. Nothing outside it touches the raw model for training, so distributed wrapping lands
+micro-batched forward, the backward, the one optimizer step and the reference sync; saving it and resuming it
+live in `grpokit.saving`. Nothing outside it touches the raw model for training, so distributed wrapping lands
 here alone.
 
 Precision: trained weights and AdamW state stay float32 (master weights); `compute_dtype` below float32
@@ -17,23 +17,18 @@ import contextlib
 import copy
 import functools
 import math
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from grpokit import packing
-from grpokit.checkpoint import RunDirectory, load_state, rng_state, save_model, save_state, set_rng_state
 from grpokit.config import LoRAConfig, RunConfig
 from grpokit.distributed import Cluster, full, full_weights, shard, shard_of
-from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
+from grpokit.lora import adapters_disabled, apply_lora, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs
 from grpokit.optim import build_optimizer
 from grpokit.sampler import PolicyWeights
-
-SHARDS = "shards"  # in a checkpoint folder under FSDP: torch.distributed.checkpoint's files
 
 
 class NumericsError(RuntimeError):
@@ -310,169 +305,3 @@ class Policy:
             raise ValueError("sync_reference needs a frozen reference copy (beta > 0, no LoRA)")
         sync_reference(self.ref_model, self.model, alpha)
         self.reference_synced = True
-
-    # ---------------------------------------------------------------- saving and resuming
-    def save(self, path: str | Path, tokenizer: Any, *, lora_form: str = "merged", overwrite: bool = False) -> Path:
-        """The policy in `save_pretrained` form; with LoRA merged into the weights or as the adapter alone.
-        Rank 0 writes it; every rank returns the folder once it is whole. An existing `path` is replaced only
-        when it is a model folder grpokit wrote and `overwrite` is set (`checkpoint.save_model`)."""
-        self.check_finite(f"so {path} was not written")
-        gathered = None  # under FSDP the whole state dict, on rank 0 (every rank takes part)
-        if self.fsdp_roots:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            gathered = get_model_state_dict(self.model, options=options)
-            # a tied weight comes back once per name, as copies that save_pretrained would both write
-            first: dict[int, str] = {}
-            for name, param in self.model.named_parameters(remove_duplicate=False):
-                if first.setdefault(id(param), name) != name:
-                    gathered.pop(name, None)
-        folder = None
-        if self.cluster.is_main and uses_lora(self.model):
-            folder = save_policy(self.model, tokenizer, path, lora_form, state_dict=gathered, overwrite=overwrite)
-        elif self.cluster.is_main:
-            folder = save_model(self.model, tokenizer, path, state_dict=gathered, overwrite=overwrite)
-        return Path(self.cluster.broadcast(folder and str(folder)))
-
-    def save_weights(self, folder: Path, tokenizer: Any) -> None:
-        """Into an open checkpoint folder: the model in `save_pretrained` form (with LoRA the adapter), which
-        loads back exactly (float32) and also serves anyone who wants that step's model. `write_checkpoint`,
-        its caller, has checked the weights are finite."""
-        if uses_lora(self.model):
-            self.model.save_pretrained(folder, safe_serialization=True)
-        else:
-            # one file, so `load_weights` reads it whole
-            self.model.save_pretrained(folder, safe_serialization=True, max_shard_size="1000GB")
-        tokenizer.save_pretrained(folder)
-
-    @torch.no_grad()
-    def load_weights(self, folder: Path) -> None:
-        """The trained weights from a checkpoint folder written by `save_weights`, bit for bit."""
-        from safetensors.torch import load_file
-
-        if uses_lora(self.model):
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
-            missing = [k for k in result.missing_keys if ".lora_" in k]
-            if missing:
-                raise ValueError(f"{folder}: the adapter lacks {missing[:3]}: was it written by another LoRA config?")
-            return
-        saved = load_file(folder / "model.safetensors")
-        params = dict(self.model.named_parameters())  # tied weights appear once, under the name saved
-        missing = sorted(set(params) - set(saved))
-        if missing:
-            raise ValueError(f"{folder}: model.safetensors lacks {missing[:3]}: was it written for another model?")
-        for name, param in params.items():
-            param.copy_(saved[name])
-
-    def write_checkpoint(
-        self, run: RunDirectory, step: int, tokenizer: Any, stage_state: dict[str, Any], **generators: torch.Generator
-    ) -> Path:
-        """checkpoint-STEP of a stage: the weights (`save_weights`), this object's state, every RNG (with the
-        stage's own `generators`; each rank's own under `rank_rng`) and `stage_state` (its data position,
-        monitors, ...). Rank 0 writes it (every rank holds the same weights); every rank returns its folder once
-        it is whole."""
-        self.check_finite("so the checkpoint was not written")
-        ranks_rng = self.cluster.gather_objects([rng_state()])  # rank r's RNGs at [r]
-        state = {"step": step, "policy": self.state_dict(), "rng": rng_state(**generators), **stage_state}
-
-        def write(folder: Path) -> None:
-            if self.fsdp_roots:  # every rank writes its shards into the folder rank 0 is filling
-                self._save_shards(Path(self.cluster.broadcast(str(folder))) / SHARDS)
-                tokenizer.save_pretrained(folder)
-            else:
-                self.save_weights(folder, tokenizer)
-            save_state(folder, {**state, "rank_rng": ranks_rng})
-
-        folder = None
-        if self.cluster.is_main:
-            folder = run.save_checkpoint(step, write)
-        elif self.fsdp_roots:
-            self._save_shards(Path(self.cluster.broadcast(None)) / SHARDS)
-        return Path(self.cluster.broadcast(folder and str(folder)))  # whole: marked and in place
-
-    def resume(self, folder: Path, **generators: torch.Generator) -> dict[str, Any]:
-        """Undo `write_checkpoint`: weights, optimizer, schedule and RNGs restored; returns the stage's state
-        (with its `step`)."""
-        from grpokit.checkpoint import RunDirectoryError
-        from grpokit.modeling import ModelFolderError, check_safetensors
-
-        state = load_state(folder)
-        if (folder / SHARDS).is_dir():  # FSDP's: any number of ranks, one process too
-            self._load_shards(folder / SHARDS)
-        elif self.fsdp_roots:
-            raise RunDirectoryError(
-                f"checkpoint {folder} was written without `distributed: fsdp`: resume it under ddp or in one process"
-            )
-        else:
-            try:
-                for weights in folder.glob("*.safetensors"):
-                    check_safetensors(weights)
-            except ModelFolderError as err:
-                raise RunDirectoryError(f"checkpoint {folder}: {err}; resume from an earlier checkpoint") from None
-            self.load_weights(folder)
-        self.load_state_dict(state["policy"])
-        set_rng_state(state["rng"], **generators)
-        if self.cluster.rank < len(state.get("rank_rng", [])):  # a rank new to a larger world keeps its seeded RNGs
-            set_rng_state(state["rank_rng"][self.cluster.rank])
-        return state
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights (`save_weights`): AdamW, the schedule, and a synced reference (an unsynced
-        one is the initial model, which a resumed run loads again). Under FSDP AdamW and the reference are in
-        the shards (`_save_shards`)."""
-        if self.fsdp_roots:
-            return {"scheduler": self.scheduler.state_dict()}
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        if self.ref_model is not None and self.reference_synced:
-            state["reference"] = {k: v.detach().clone() for k, v in self.ref_model.state_dict().items()}
-        return state
-
-    def _save_shards(self, path: Path) -> None:
-        """torch.distributed.checkpoint: this rank's shards of the trained weights (with LoRA the adapters),
-        of AdamW's state and of a synced reference, under names that do not depend on the world size."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-        options = StateDictOptions(ignore_frozen_params=True)
-        model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
-        state = {"model": model, "optimizer": optimizer}
-        if self.ref_model is not None and self.reference_synced:
-            state["reference"] = get_model_state_dict(self.ref_model)
-        dcp.save(state, checkpoint_id=path)
-
-    def _load_shards(self, path: Path) -> None:
-        """Undo `_save_shards` on any number of ranks, sharded or not (DCP reshards on load)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_state_dict,
-            set_model_state_dict,
-            set_state_dict,
-        )
-
-        options = StateDictOptions(ignore_frozen_params=True)
-        model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
-        state = {"model": model, "optimizer": optimizer}
-        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        synced = self.ref_model is not None and any(key.startswith("reference.") for key in saved)
-        if synced:
-            state["reference"] = get_model_state_dict(self.ref_model)
-        with warnings.catch_warnings():  # one process reading every rank's shards is what is meant here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp.load(state, checkpoint_id=path, no_dist=not self.cluster.active)
-        set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optimizer, options=options)
-        if synced:
-            set_model_state_dict(self.ref_model, state["reference"])
-            self.reference_synced = True
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "optimizer" in state:  # else in the shards, loaded already
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ref_model is not None and "reference" in state:
-            self.ref_model.load_state_dict(state["reference"])
-            self.reference_synced = True

@@ -31,6 +31,7 @@ from grpokit.lora import uses_lora
 from grpokit.modeling import ModelFolderError, check_model_source, check_same_tokenizer, check_vocabulary
 from grpokit.policy import NumericsError, Policy
 from grpokit.sampler import push_weights
+from grpokit.saving import load_training_state, training_state
 from grpokit.trainer import GRPOTrainer
 from grpokit.types import Rollout
 
@@ -199,7 +200,7 @@ class PPOTrainer(GRPOTrainer):
     def stage_state(self) -> dict[str, Any]:
         """GRPO's, plus the critic: its weights, AdamW and schedule."""
         weights = {k: v.detach().to("cpu", copy=True) for k, v in self.critic.model.state_dict().items()}
-        return {**super().stage_state(), "critic": {"weights": weights, "training": self.critic.state_dict()}}
+        return {**super().stage_state(), "critic": {"weights": weights, "training": training_state(self.critic)}}
 
     def _resume(self, folder: Path) -> dict[str, Any]:
         state = super()._resume(folder)
@@ -208,7 +209,7 @@ class PPOTrainer(GRPOTrainer):
 
             raise RunDirectoryError(f"checkpoint {folder} holds no critic: it was written by a GRPO run, not PPO")
         self.critic.model.load_state_dict(state["critic"]["weights"])
-        self.critic.load_state_dict(state["critic"]["training"])
+        load_training_state(self.critic, state["critic"]["training"])
         return state
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from grpokit.arguments import python_arguments
-from grpokit.checkpoint import RunDirectory, numerics_stop, run_inputs, seed_everything
+from grpokit.checkpoint import RunDirectory, run_inputs, seed_everything
 from grpokit.config import RewardModelConfig
 from grpokit.data import (
     DataError,
@@ -51,8 +51,10 @@ from grpokit.modeling import (
     stage_tokenizer,
 )
 from grpokit.packing import position_ids_from_mask
-from grpokit.policy import NumericsError, Policy
-from grpokit.runlog import RunLog, progress
+from grpokit.policy import Policy
+from grpokit.run_loop import LoopSettings, StepReport, run_stage
+from grpokit.runlog import RunLog
+from grpokit.saving import resume, save_trained, write_checkpoint
 
 
 def bradley_terry_loss(
@@ -439,62 +441,88 @@ def train_reward_model(
     )
     eval_kinds = [row["kind"] for row in eval_pairs] if all("kind" in row for row in eval_pairs) else None
 
-    pair_order = ShuffledEpochs(len(train_examples), cfg.seed)
-    side = getattr(tokenizer, "padding_side", "right")
-    metrics: dict[str, float] = {}
-    with run_dir as run:
-        start = 0
-        if run.checkpoint is not None:
-            state = policy.resume(run.checkpoint)
-            pair_order.load_state_dict(state["pair_order"])
-            metrics, start = state["metrics"], state["step"]
-        run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
-        log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
-        steps = range(start + 1, cfg.max_steps + 1)
-        step = start
-        bar = progress(steps, "reward-model", initial=start, total=cfg.max_steps, enabled=cfg.progress)
-        try:
-            for step in bar:
-                b_idx = pair_order.take(cfg.batch_size)
-                b_chosen, b_rejected, b_margin = policy.run(
-                    pair_rewards, [train_examples[i] for i in b_idx], tokenizer.pad_token_id, side
-                )
-                loss = bradley_terry_loss(
-                    b_chosen,
-                    b_rejected,
-                    margin=b_margin if cfg.margin_column else None,
-                    center_coefficient=cfg.center_rewards_coefficient,
-                )
-                policy.backward(loss)
-                lr = policy.lr
-                grad_norm = policy.optimizer_step()
-                if step % 10 == 0 or step == cfg.max_steps:
-                    metrics = {
-                        "loss": loss.item(),
-                        "accuracy": (b_chosen > b_rejected).float().mean().item(),
-                        "reward_chosen": b_chosen.mean().item(),
-                        "reward_rejected": b_rejected.mean().item(),
-                        "grad_norm": grad_norm,
-                        "learning_rate": lr,
-                    }
-                    log.log(step, metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
-                if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
-                    stage = {"pair_order": pair_order.state_dict(), "metrics": metrics}
-                    run.check_stop(step, policy.write_checkpoint(run, step, tokenizer, stage))
+    margin = bool(cfg.margin_column)
+    stage = RewardModelStage(
+        policy, tokenizer, train_examples, eval_examples, eval_kinds, batch_size=cfg.batch_size, seed=cfg.seed,
+        max_steps=cfg.max_steps, margin=margin, center_coefficient=cfg.center_rewards_coefficient,
+    )  # fmt: skip
+    settings = LoopSettings("reward-model", cfg.max_steps, cfg.save_every, cfg.progress, record=asdict(cfg))
+    model_dir = run_stage(stage, run_dir, settings)
+    return RewardModelResult(model_dir=model_dir, eval_accuracy=stage.eval_accuracy, metrics=stage.metrics)
 
-            eval_accuracy = None
-            if eval_examples:
-                eval_metrics = evaluate_pairs(
-                    policy.model, tokenizer, eval_examples, batch_size=cfg.batch_size, kinds=eval_kinds
-                )
-                log.log(cfg.max_steps, eval_metrics)
-                metrics = {**metrics, **eval_metrics}
-                eval_accuracy = eval_metrics["eval/pairwise_accuracy"]
-        except NumericsError as err:  # say where the run stopped and what is left to resume
-            raise NumericsError(numerics_stop(run.path, f"step {step} (learning rate {policy.lr:g})", err)) from None
-        finally:
-            bar.close()
-            log.close()
-        model_dir = policy.save(run.path / "model", tokenizer, overwrite=True)  # the run's own
-    return RewardModelResult(model_dir=model_dir, eval_accuracy=eval_accuracy, metrics=metrics)
+
+class RewardModelStage:
+    """Bradley-Terry training as the run loop drives it (`run_loop.Stage`): the pairs in a seeded order that
+    reshuffles every epoch (its position kept in checkpoints), the figures logged every 10 steps, the held-out
+    pairwise accuracy after the last."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        tokenizer: Any,
+        train_examples: list[tuple[list[int], list[int], float]],
+        eval_examples: list[tuple[list[int], list[int], float]],
+        eval_kinds: list[str] | None,
+        *,
+        batch_size: int,
+        seed: int,
+        max_steps: int,
+        margin: bool,
+        center_coefficient: float | None,
+    ):
+        self.policy, self.tokenizer, self.batch_size, self.max_steps = policy, tokenizer, batch_size, max_steps
+        self.train_examples, self.eval_examples, self.eval_kinds = train_examples, eval_examples, eval_kinds
+        self.margin, self.center_coefficient = margin, center_coefficient
+        self.pair_order = ShuffledEpochs(len(train_examples), seed)
+        self.side = getattr(tokenizer, "padding_side", "right")
+        self.metrics: dict[str, float] = {}  # the last logged figures (and the held-out ones after the run)
+        self.eval_accuracy: float | None = None  # None without held-out pairs
+
+    def resume(self, checkpoint: Path) -> int:
+        state = resume(self.policy, checkpoint)
+        self.pair_order.load_state_dict(state["pair_order"])
+        self.metrics = state["metrics"]
+        return state["step"]
+
+    def begin(self, log: RunLog | None, start: int) -> None:
+        pass
+
+    def train_step(self, step: int) -> StepReport:
+        policy = self.policy
+        batch = [self.train_examples[i] for i in self.pair_order.take(self.batch_size)]
+        chosen, rejected, margin = policy.run(pair_rewards, batch, self.tokenizer.pad_token_id, self.side)
+        loss = bradley_terry_loss(
+            chosen, rejected, margin=margin if self.margin else None, center_coefficient=self.center_coefficient
+        )
+        policy.backward(loss)
+        lr = policy.lr
+        grad_norm = policy.optimizer_step()
+        if step % 10 and step != self.max_steps:
+            return StepReport()
+        self.metrics = {
+            "loss": loss.item(),
+            "accuracy": (chosen > rejected).float().mean().item(),
+            "reward_chosen": chosen.mean().item(),
+            "reward_rejected": rejected.mean().item(),
+            "grad_norm": grad_norm,
+            "learning_rate": lr,
+        }
+        postfix = {"loss": f"{self.metrics['loss']:.4f}", "acc": f"{self.metrics['accuracy']:.2f}"}
+        return StepReport(self.metrics, postfix=postfix)
+
+    def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
+        stage = {"pair_order": self.pair_order.state_dict(), "metrics": self.metrics}
+        return write_checkpoint(self.policy, run, step, self.tokenizer, stage)
+
+    def finish(self, log: RunLog | None) -> None:
+        if not self.eval_examples:
+            return
+        eval_metrics = evaluate_pairs(
+            self.policy.model, self.tokenizer, self.eval_examples, batch_size=self.batch_size, kinds=self.eval_kinds
+        )
+        log.log(self.max_steps, eval_metrics)
+        self.metrics = {**self.metrics, **eval_metrics}
+        self.eval_accuracy = eval_metrics["eval/pairwise_accuracy"]
+
+    def save(self, folder: Path) -> Path:
+        return save_trained(self.policy, folder / "model", self.tokenizer, overwrite=True)  # the run's own

@@ -29,11 +29,18 @@ class RunLog:
     """Appends one JSON row per step; mirrors scalars to TensorBoard."""
 
     def __init__(
-        self, output_dir: str | Path, *, tensorboard: bool = True, config: Any = None, resume_step: int | None = None
+        self,
+        output_dir: str | Path,
+        *,
+        tensorboard: bool = True,
+        record: dict[str, Any] | None = None,
+        wandb_project: str | None = None,
+        resume_step: int | None = None,
     ):
-        """Opens the run directory's logs. A fresh run (`resume_step` None) starts them empty and writes `config`
-        (a dataclass) to config.yaml, resolved; a resumed one keeps what was logged up to `resume_step` (its
-        checkpoint) and drops the rest, so every step appears once, and TensorBoard purges the same steps."""
+        """Opens the run directory's logs. A fresh run (`resume_step` None) starts them empty and writes `record`
+        (the resolved config, as plain values) to config.yaml; a resumed one keeps what was logged up to
+        `resume_step` (its checkpoint) and drops the rest, so every step appears once, and TensorBoard purges the
+        same steps. `wandb_project`: also mirror the figures to that W&B project (with `record` as its config)."""
         from grpokit.checkpoint import writing
 
         self.dir = Path(output_dir)
@@ -42,10 +49,10 @@ class RunLog:
         with writing(self.dir):  # a refused write: a WriteError naming the folder, not a traceback
             self.dir.mkdir(parents=True, exist_ok=True)
             if resume_step is None:
-                if config is not None:
-                    from grpokit.config import save_yaml
+                if record is not None:
+                    import yaml
 
-                    save_yaml(config, self.dir / "config.yaml")
+                    (self.dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
                 self.metrics_path.write_text("")
                 self.completions_path.unlink(missing_ok=True)
             else:
@@ -57,9 +64,9 @@ class RunLog:
 
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=purge)
-        self._wandb = (
-            _wandb_run(self.dir, config, resumed=resume_step is not None) if getattr(config, "wandb", False) else None
-        )
+        self._wandb = None
+        if wandb_project is not None:
+            self._wandb = _wandb_run(self.dir, wandb_project, record or {}, resumed=resume_step is not None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """One strict-JSON row: a metric that has no value this step (NaN: nothing was scored) is null."""
@@ -110,10 +117,9 @@ class RunLog:
             self._wandb = None
 
 
-def _wandb_run(folder: Path, config: Any, *, resumed: bool) -> Any:
+def _wandb_run(folder: Path, project: str, record: dict[str, Any], *, resumed: bool) -> Any:
     """A W&B run whose files live in the run directory; a resumed run continues the same W&B run (its id is kept
     in `wandb-run-id`)."""
-    import dataclasses
     import uuid
 
     import wandb
@@ -121,10 +127,7 @@ def _wandb_run(folder: Path, config: Any, *, resumed: bool) -> Any:
     id_file = folder / "wandb-run-id"
     run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
-    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
-    return wandb.init(
-        project=getattr(config, "wandb_project", "grpokit"), id=run_id, resume="allow", dir=str(folder), config=values
-    )
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(folder), config=record)
 
 
 def progress(steps: range, desc: str, *, initial: int, total: int, enabled: bool = True) -> Any:

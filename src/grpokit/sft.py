@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from grpokit.arguments import python_arguments
-from grpokit.checkpoint import RunDirectory, numerics_stop, python_random_state, run_inputs, seed_everything
+from grpokit.checkpoint import RunDirectory, python_random_state, run_inputs, seed_everything
 from grpokit.config import ConfigError, SFTConfig
 from grpokit.data import (
     DataError,
@@ -38,8 +38,10 @@ from grpokit.modeling import (
     resolve_dtype,
     stage_tokenizer,
 )
-from grpokit.policy import NumericsError, Policy
-from grpokit.runlog import RunLog, progress
+from grpokit.policy import Policy
+from grpokit.run_loop import LoopSettings, StepReport, run_stage
+from grpokit.runlog import RunLog
+from grpokit.saving import resume, save_trained, write_checkpoint
 from grpokit.tasks import get_task
 
 
@@ -175,37 +177,59 @@ def train_sft(
         "the longest SFT example (its prompt as cut by `max_prompt_length`, its completion + EOS as cut by "
         "`max_completion_length`)",
     )
-    batch_rng = random.Random(cfg.seed)
-    with run_dir as run:
-        start = 0
-        if run.checkpoint is not None:
-            state = policy.resume(run.checkpoint)
-            batch_rng.setstate(python_random_state(state["batch_rng"]))
-            start = state["step"]
-        run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
-        log = RunLog(run.path, tensorboard=False, config=cfg, resume_step=start or None)
-        steps = range(start + 1, cfg.max_steps + 1)
-        step = start
-        bar = progress(steps, "sft", initial=start, total=cfg.max_steps, enabled=cfg.progress)
-        try:
-            for step in bar:
-                batch = [examples[batch_rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
-                lr = policy.lr  # the rate this step uses
-                loss = sft_loss(policy, SFTBatch.of(batch, tokenizer.pad_token_id))
-                policy.backward(loss)
-                grad_norm = policy.optimizer_step()
-                if step % 10 == 0 or step == cfg.max_steps:
-                    log.log(step, {"loss": loss.item(), "grad_norm": grad_norm, "learning_rate": lr})
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
-                    checkpoint = policy.write_checkpoint(run, step, tokenizer, {"batch_rng": batch_rng.getstate()})
-                    run.check_stop(step, checkpoint)
-            if eval_examples:
-                eval_loss = heldout_loss(policy, eval_examples, tokenizer.pad_token_id, cfg.batch_size)
-                log.log(cfg.max_steps, {"eval/loss": eval_loss})
-        except NumericsError as err:  # say where the run stopped and what is left to resume
-            raise NumericsError(numerics_stop(run.path, f"step {step} (learning rate {policy.lr:g})", err)) from None
-        finally:
-            bar.close()
-            log.close()
-        return policy.save(run.path / "model", tokenizer, overwrite=True)  # the run's own (`_check_replaced`)
+    stage = SFTStage(
+        policy, tokenizer, examples, eval_examples, batch_size=cfg.batch_size, seed=cfg.seed, max_steps=cfg.max_steps
+    )
+    settings = LoopSettings("sft", cfg.max_steps, cfg.save_every, cfg.progress, record=asdict(cfg))
+    return run_stage(stage, run_dir, settings)
+
+
+class SFTStage:
+    """SFT as the run loop drives it (`run_loop.Stage`): batches drawn with replacement from the examples by a
+    seeded RNG (kept in checkpoints), the loss logged every 10 steps, the held-out loss after the last."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        tokenizer: Any,
+        examples: list[tuple[list[int], list[int]]],
+        eval_examples: list[tuple[list[int], list[int]]],
+        *,
+        batch_size: int,
+        seed: int,
+        max_steps: int,
+    ):
+        self.policy, self.tokenizer, self.batch_size, self.max_steps = policy, tokenizer, batch_size, max_steps
+        self.examples, self.eval_examples = examples, eval_examples
+        self.batch_rng = random.Random(seed)
+
+    def resume(self, checkpoint: Path) -> int:
+        state = resume(self.policy, checkpoint)
+        self.batch_rng.setstate(python_random_state(state["batch_rng"]))
+        return state["step"]
+
+    def begin(self, log: RunLog | None, start: int) -> None:
+        pass
+
+    def train_step(self, step: int) -> StepReport:
+        batch = [self.examples[self.batch_rng.randrange(len(self.examples))] for _ in range(self.batch_size)]
+        lr = self.policy.lr  # the rate this step uses
+        loss = sft_loss(self.policy, SFTBatch.of(batch, self.tokenizer.pad_token_id))
+        self.policy.backward(loss)
+        grad_norm = self.policy.optimizer_step()
+        if step % 10 and step != self.max_steps:
+            return StepReport()
+        metrics = {"loss": loss.item(), "grad_norm": grad_norm, "learning_rate": lr}
+        return StepReport(metrics, postfix={"loss": f"{metrics['loss']:.4f}"})
+
+    def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
+        return write_checkpoint(self.policy, run, step, self.tokenizer, {"batch_rng": self.batch_rng.getstate()})
+
+    def finish(self, log: RunLog | None) -> None:
+        if self.eval_examples and log is not None:
+            pad_id = self.tokenizer.pad_token_id
+            eval_loss = heldout_loss(self.policy, self.eval_examples, pad_id, self.batch_size)
+            log.log(self.max_steps, {"eval/loss": eval_loss})
+
+    def save(self, folder: Path) -> Path:
+        return save_trained(self.policy, folder / "model", self.tokenizer, overwrite=True)  # the run's own

@@ -16,6 +16,7 @@ PPO (`grpokit.ppo`) is this loop with a critic's per-token advantages in place o
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 
 from grpokit import algo, machine, modeling, update
 from grpokit.arguments import python_arguments
-from grpokit.checkpoint import RunDirectory, numerics_stop, run_inputs, seed_everything
+from grpokit.checkpoint import RunDirectory, run_inputs, seed_everything
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.distributed import Cluster
@@ -33,7 +34,8 @@ from grpokit.modeling import load_model, resolve_dtype, stage_tokenizer
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError, Policy
 from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
-from grpokit.runlog import RunLog, plot_curves, progress, read_metrics
+from grpokit.run_loop import LoopSettings, StepReport, run_stage
+from grpokit.runlog import RunLog, plot_curves, read_metrics
 from grpokit.sampler import (
     KVCacheSampler,
     Sampler,
@@ -43,8 +45,9 @@ from grpokit.sampler import (
     prompt_seeds,
     push_weights,
 )
+from grpokit.saving import resume, save_trained, write_checkpoint
 from grpokit.tasks import get_task
-from grpokit.types import Rollout, SamplerError, StepBatch, TrainResult
+from grpokit.types import Rollout, StepBatch, TrainResult
 
 
 class GRPOTrainer:
@@ -120,6 +123,7 @@ class GRPOTrainer:
         self.monitor = SignalMonitor(long_window=cfg.monitor_window)
         self.eval_history: list[dict[str, float]] = []
         self.log: RunLog | None = None
+        self.last_metrics: dict[str, float] = {}  # the last step's figures
 
     # ---------------------------------------------------------------- one step
     def step(self, rows: list[dict[str, Any]] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -229,71 +233,70 @@ class GRPOTrainer:
         return result
 
     def train(self) -> TrainResult:
-        """The run: resumes or starts it (`resume_from_checkpoint`), checkpoints every `save_every` steps and
-        after the last, and on SIGINT / SIGTERM finishes the step, checkpoints and raises TrainingInterrupted."""
+        """The run (`run_loop.run_stage`): resumes or starts it (`resume_from_checkpoint`), checkpoints every
+        `save_every` steps and after the last, and on SIGINT / SIGTERM finishes the step, checkpoints and raises
+        TrainingInterrupted."""
         cfg, out, main = self.cfg, self.run_dir.path, self.cluster.is_main  # rank 0 alone writes
-        metrics: dict[str, float] = {}
-        with self.run_dir as run:
-            run.checkpoint = self.cluster.broadcast(run.checkpoint)  # what rank 0 found, under its lock
-            start = self._resume(run.checkpoint)["step"] if run.checkpoint is not None else 0
-            run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
-            self.log = RunLog(out, tensorboard=cfg.tensorboard, config=cfg, resume_step=start or None) if main else None
-            if start == 0:
-                self.evaluate(0, log=True)
-            steps = range(start + 1, cfg.max_steps + 1)
-            bar = progress(steps, self.name.lower(), initial=start, total=cfg.max_steps, enabled=cfg.progress and main)
-            try:
-                for step in bar:
-                    metrics, samples = self.step()
-                    if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
-                        self.policy.sync_reference(cfg.ref_sync_alpha)
-                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                        metrics.update(self.evaluate(step))
-                    warnings = self.monitor.update(step, metrics, group_size=cfg.num_generations)  # (its figures
-                    if main:  # go in the row)
-                        run.check_still_ours()  # before its files are written: deleted, or another run's now
-                        for warning in warnings:
-                            bar.write(f"WARNING {warning}")
-                        self.log.log(step, metrics)
-                        if cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1):
-                            self.log.log_completions(step, samples)
-                    bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                    run.stop_signal = int(self.cluster.max({"s": run.stop_signal or 0})["s"]) or None  # all stop
-                    if run.checkpoint_due(step, cfg.max_steps, cfg.save_every):
-                        run.check_stop(step, self.save_checkpoint(step))
-                self.evaluate(cfg.max_steps, log=True)
-            except (NumericsError, SamplerError) as err:  # say where the run stopped and what is left to resume
-                where = f"step {step} (learning rate {self.policy.lr:g})"
-                raise type(err)(numerics_stop(out, where, err)) from None
-            finally:
-                bar.close()
-                if self.log is not None:
-                    self.log.close()
-            self.save_beside_model(out)  # before the model: a run folder with model/ holds all the run wrote
-            model_dir = self.policy.save(out / "model", self.tokenizer, lora_form=cfg.lora.save, overwrite=True)
+        record = dataclasses.asdict(cfg)
+        settings = LoopSettings(self.name, cfg.max_steps, cfg.save_every, cfg.progress, tensorboard=cfg.tensorboard,
+                                record=record, wandb_project=cfg.wandb_project if cfg.wandb else None)  # fmt: skip
+        model_dir = run_stage(self, self.run_dir, settings, self.cluster)
         logged = read_metrics(out / "metrics.jsonl") if main else []
         plot = plot_curves(logged, out / "curves.png", title=self.name) if main else None
         losses = [row["loss"] for row in logged if row.get("loss") is not None]
-        m, warned = self.monitor, [*self.input_warnings, *self.monitor.warnings]
-        return TrainResult(out, model_dir, plot, metrics, self.eval_history, warned, m.summary(), dict(m.fired),
-                           cfg.max_steps, sum(losses) / len(losses) if losses else float("nan"))  # fmt: skip
+        m, warned, mean_loss = self.monitor, [*self.input_warnings, *self.monitor.warnings], float("nan")
+        if losses:
+            mean_loss = sum(losses) / len(losses)
+        return TrainResult(out, model_dir, plot, self.last_metrics, self.eval_history, warned, m.summary(),
+                           dict(m.fired), cfg.max_steps, mean_loss)  # fmt: skip
+
+    # ---------------------------------------------------------------- the run loop's hooks (`run_loop.Stage`)
+    def begin(self, log: RunLog | None, start: int) -> None:
+        self.log = log
+        if start == 0:
+            self.evaluate(0, log=True)
+
+    def train_step(self, step: int) -> StepReport:
+        """`step`, the reference sync, a held-out evaluation when due, the monitors' warnings."""
+        cfg = self.cfg
+        metrics, samples = self.step()
+        if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
+            self.policy.sync_reference(cfg.ref_sync_alpha)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            metrics.update(self.evaluate(step))
+        warnings = self.monitor.update(step, metrics, group_size=cfg.num_generations)  # (its figures go in the row)
+        self.last_metrics = metrics
+        due = cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1)
+        postfix = {"reward": f"{metrics['reward']:.3f}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+        return StepReport(metrics, postfix, warnings, samples if due else None)
+
+    def finish(self, log: RunLog | None) -> None:
+        self.evaluate(self.cfg.max_steps, log=True)
+
+    def save(self, folder: Path) -> Path:
+        """What goes beside the model first (a run folder with model/ holds all the run wrote), then the model."""
+        self.save_beside_model(folder)
+        return save_trained(self.policy, folder / "model", self.tokenizer, lora_form=self.cfg.lora.save, overwrite=True)
 
     def save_beside_model(self, out: Path) -> None:
         """What a stage saves beside the final model, inside the run folder's guard (a refused write says what was
         kept); GRPO saves nothing more."""
 
-    def save_checkpoint(self, step: int) -> Path:
+    def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         """checkpoint-STEP: the policy's weights (or the adapter), optimizer, schedule, every RNG, `stage_state`."""
-        stage, shuffle = self.stage_state(), self.shuffle_generator
-        return self.policy.write_checkpoint(self.run_dir, step, self.tokenizer, stage, shuffle=shuffle)
+        shuffle = self.shuffle_generator
+        return write_checkpoint(self.policy, run, step, self.tokenizer, self.stage_state(), shuffle=shuffle)
 
     def stage_state(self) -> dict[str, Any]:
         """The rest of a checkpoint: the prompt order and its position, the monitors, the evaluations so far."""
         return {"prompt_order": self.prompt_order.state_dict(), "monitor": self.monitor.state_dict(),
                 "eval_history": self.eval_history}  # fmt: skip
 
+    def resume(self, checkpoint: Path) -> int:
+        return self._resume(checkpoint)["step"]
+
     def _resume(self, folder: Path) -> dict[str, Any]:
-        state = self.policy.resume(folder, shuffle=self.shuffle_generator)
+        state = resume(self.policy, folder, shuffle=self.shuffle_generator)
         self.prompt_order.load_state_dict(state["prompt_order"])
         self.monitor.load_state_dict(state["monitor"])
         self.eval_history = list(state["eval_history"])

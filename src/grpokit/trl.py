@@ -441,9 +441,15 @@ class GRPOTrainer:
                 "reward model): save_model replaces only what this run saved; choose another folder, or delete that "
                 "one first"
             )
+        from grpokit.saving import save_trained
+
         lora_form = self.trainer.cfg.lora.save
-        folder = self.trainer.policy.save(
-            target, self.trainer.tokenizer, lora_form=lora_form, overwrite=target.resolve() in own or saved_here
+        folder = save_trained(
+            self.trainer.policy,
+            target,
+            self.trainer.tokenizer,
+            lora_form=lora_form,
+            overwrite=target.resolve() in own or saved_here,
         )
         self._saved.add(Path(folder).resolve())
         _mark_saved_from(Path(folder), run_folder, run_id)  # this run, resumed later, may replace it
