@@ -11,8 +11,9 @@ from helpers import tiny_lm
 from grpokit.config import GRPOConfig, LoRAConfig
 from grpokit.evaluate import completions_for
 from grpokit.policy import Policy
-from grpokit.sampler import KVCacheSampler, PolicyWeights, SamplingParams, prompt_generators, prompt_seeds
+from grpokit.sampler import KVCacheSampler, SamplingParams, prompt_generators, prompt_seeds
 from grpokit.tasks import build_char_tokenizer, tiny_model
+from grpokit.weights import PolicyWeights
 
 
 def test_prompt_seeds_are_the_integers_the_training_generators_were_seeded_with():

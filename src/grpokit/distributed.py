@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,33 +201,33 @@ GRADIENT_BUCKET = 25 * 2**20 // 4  # gradient elements per all-reduce: DDP's 25 
 
 
 class LogprobForward(torch.nn.Module):
-    """`completion_logprobs` of a causal LM as a module's forward. The training forward calls the decoder and
-    the LM head by themselves, never the model's own forward, so FSDP's root (the embeddings, the final norm
-    and the LM head) is this module: its hooks gather those weights before the decoder runs and reduce their
-    gradients after the backward."""
+    """`per_token(lm, ...)` (the policy's `completion_logprobs`) of a causal LM as a module's forward. The training
+    forward calls the decoder and the LM head by themselves, never the model's own forward, so FSDP's root (the
+    embeddings, the final norm and the LM head) is this module: its hooks gather those weights before the decoder
+    runs and reduce their gradients after the backward."""
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, per_token: Callable[..., Any]):
         super().__init__()
         self.lm = lm
+        self.per_token = per_token
 
     def forward(self, *args: Any, **kwargs: Any):
-        from grpokit.modeling import completion_logprobs
-
-        return completion_logprobs(self.lm, *args, **kwargs)
+        return self.per_token(self.lm, *args, **kwargs)
 
 
-def shard(lm: torch.nn.Module) -> LogprobForward:
+def shard(lm: torch.nn.Module, per_token: Callable[..., Any]) -> LogprobForward:
     """FSDP2 over the ranks: each decoder layer is a unit of its own, the rest (embeddings, final norm, LM head,
     tied or not: one parameter in one unit) the root's. Gradients are summed, not averaged: each rank's loss
     already carries the whole step's normalizer. One tiny forward initialises FSDP from the root, so that the
     sampler may later call the layers directly; after it every weight is a shard again (AdamW must hold those,
-    the objects FSDP puts back after each gather)."""
+    the objects FSDP puts back after each gather). `per_token(lm, prompt_ids, prompt_mask, completion_ids,
+    completion_mask, temperature=...)` is the forward the root runs."""
     from torch.distributed.fsdp import fully_shard
 
     layers = list(lm.get_decoder().layers)
     for layer in layers:
         fully_shard(layer)
-    root = LogprobForward(lm)
+    root = LogprobForward(lm, per_token)
     fully_shard(root, reshard_after_forward=True)  # (the root's default keeps its weights whole after a forward)
     for unit in (root, *layers):
         unit.set_gradient_divide_factor(1.0)

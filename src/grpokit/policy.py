@@ -28,7 +28,7 @@ from grpokit.distributed import Cluster, full, full_weights, shard, shard_of
 from grpokit.lora import adapters_disabled, apply_lora, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs
 from grpokit.optim import build_optimizer
-from grpokit.sampler import PolicyWeights
+from grpokit.weights import PolicyWeights
 
 
 class NumericsError(RuntimeError):
@@ -105,7 +105,7 @@ class Policy:
         # FSDP2: the forwards go through a sharded root per model (`distributed.shard`); AdamW then holds shards
         self.fsdp_roots = {}  # id(model) -> its FSDP root; empty unless sharded
         if self.cluster.sharded:
-            self.fsdp_roots = {id(m): shard(m) for m in (model, self.ref_model) if m is not None}
+            self.fsdp_roots = {id(m): shard(m, completion_logprobs) for m in (model, self.ref_model) if m is not None}
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
 
     @classmethod
