@@ -68,7 +68,7 @@ def save_tiny_reward_model(folder: Path, chars: str | None = None, name: str = "
     import torch
 
     from grpokit.checkpoint import save_model
-    from grpokit.reward_model import load_reward_model
+    from grpokit.modeling import load_reward_model
 
     tokenizer = build_char_tokenizer(chars) if chars else build_char_tokenizer()
     lm = save_model(tiny_model(tokenizer, "llama", hidden_size=HIDDEN, seed=0), tokenizer, folder / "llama")

@@ -103,7 +103,7 @@ def test_default_critic_under_lora_is_the_base_model_not_the_adapted_one(tmp_pat
 
 
 def test_critic_from_a_reward_model_folder_takes_its_body_and_score_head(tmp_path):
-    from grpokit.reward_model import load_reward_model
+    from grpokit.modeling import load_reward_model
 
     folder = save_tiny_reward_model(tmp_path)
     reward_model = load_reward_model(folder, "cpu", torch.float32)

@@ -100,8 +100,7 @@ def build_critic(policy_start: torch.nn.Module | None, critic_model: str | None,
         if policy_start is None:
             raise ValueError("build_critic needs the policy's starting model or a `critic_model` folder")
         return ValueModel(copy.deepcopy(policy_start.get_decoder())).to(device)
-    from grpokit.modeling import declares_classifier
-    from grpokit.reward_model import load_reward_model
+    from grpokit.modeling import declares_classifier, load_reward_model
 
     # a reward model's score head must be in its weights (it is the critic's start); a causal LM's body gets a new one
     trained_head = declares_classifier(critic_model)

@@ -10,6 +10,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -546,6 +547,42 @@ def load_model(path, device, dtype, *, field: str = "model"):
         model.requires_grad_(True)  # peft froze the base for its adapter; merged, it is a plain model to train
     else:
         model = load_pretrained(AutoModelForCausalLM, path, dtype, field=field)
+    return model.to(device)
+
+
+def load_reward_model(
+    path: str | Path,
+    device: Any,
+    dtype: torch.dtype,
+    *,
+    pad_token_id: int | None = None,
+    new_head: bool = False,
+    field: str = "reward_funcs",
+) -> Any:
+    """AutoModelForSequenceClassification (one output) from a local folder or a hub id (`load_pretrained`,
+    which refuses weights that do not match the config). A trained reward model, whose score head must be in the
+    weights; with `new_head` (the start of reward-model training, a critic), also a causal LM whose body it keeps,
+    the score head then newly initialised from the global torch RNG. `field` names the config field in errors."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.disable_progress_bar()  # the loading bar of a model that is not the one trained is noise
+    try:
+        model = load_pretrained(
+            AutoModelForSequenceClassification,
+            str(path),
+            dtype,
+            field=field,
+            kind="body" if new_head else "reward_model",
+            new_modules=("score.",) if new_head else (),
+            num_labels=1,
+        )
+    finally:
+        if bars:
+            transformers.logging.enable_progress_bar()
+    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # transformers' own pooling (other tools) refuses batches without it
     return model.to(device)
 
 

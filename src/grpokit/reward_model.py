@@ -44,7 +44,7 @@ from grpokit.modeling import (
     check_model_source,
     check_positions,
     check_vocabulary,
-    load_pretrained,
+    load_reward_model,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -133,42 +133,6 @@ def encode_texts(
 def encode_text(tokenizer: Any, prompt: Any, completion: str, max_length: int | None = None) -> list[int]:
     """`encode_texts` of one completion."""
     return encode_texts(tokenizer, [prompt], [completion], max_length)[0]
-
-
-def load_reward_model(
-    path: str | Path,
-    device: Any,
-    dtype: torch.dtype,
-    *,
-    pad_token_id: int | None = None,
-    new_head: bool = False,
-    field: str = "reward_funcs",
-) -> Any:
-    """AutoModelForSequenceClassification (one output) from a local folder or a hub id (`modeling.load_pretrained`,
-    which refuses weights that do not match the config). A trained reward model, whose score head must be in the
-    weights; with `new_head` (the start of reward-model training, a critic), also a causal LM whose body it keeps,
-    the score head then newly initialised from the global torch RNG. `field` names the config field in errors."""
-    import transformers
-    from transformers import AutoModelForSequenceClassification
-
-    bars = transformers.logging.is_progress_bar_enabled()
-    transformers.logging.disable_progress_bar()  # the loading bar of a model that is not the one trained is noise
-    try:
-        model = load_pretrained(
-            AutoModelForSequenceClassification,
-            str(path),
-            dtype,
-            field=field,
-            kind="body" if new_head else "reward_model",
-            new_modules=("score.",) if new_head else (),
-            num_labels=1,
-        )
-    finally:
-        if bars:
-            transformers.logging.enable_progress_bar()
-    if model.config.pad_token_id is None and pad_token_id is not None:
-        model.config.pad_token_id = pad_token_id  # transformers' own pooling (other tools) refuses batches without it
-    return model.to(device)
 
 
 class RewardModelScorer:
