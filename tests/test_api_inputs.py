@@ -104,7 +104,7 @@ def test_chat_content_given_as_text_parts_reaches_the_model_as_text(tmp_path):
 
 
 def test_a_reward_model_reads_text_parts_as_the_text_they_hold():
-    from grpokit.reward_model import reward_model_text
+    from grpokit.reward_scorer import reward_model_text
 
     tokenizer = build_char_tokenizer()
     parts = [{"role": "user", "content": [{"type": "text", "text": "1+1="}]}]

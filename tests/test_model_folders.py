@@ -15,7 +15,8 @@ from grpokit.config import ConfigError, PPOConfig, RewardModelConfig, SFTConfig
 from grpokit.critic import build_critic
 from grpokit.modeling import ModelFolderError, load_model
 from grpokit.ppo import PPOTrainer
-from grpokit.reward_model import RewardModelScorer, train_reward_model
+from grpokit.reward_model import train_reward_model
+from grpokit.reward_scorer import RewardModelScorer
 from grpokit.sft import train_sft
 from grpokit.tasks.tokenizer import DEFAULT_CHARS, build_char_tokenizer
 from grpokit.trainer import GRPOTrainer

@@ -15,14 +15,9 @@ from grpokit.checkpoint import save_model
 from grpokit.cli import main as cli_main
 from grpokit.config import RewardModelConfig, SFTConfig
 from grpokit.data import DataError, pad_batch
-from grpokit.reward_model import (
-    RewardModelScorer,
-    bradley_terry_loss,
-    encode_text,
-    load_reward_model,
-    sequence_rewards,
-    train_reward_model,
-)
+from grpokit.modeling import load_reward_model
+from grpokit.reward_model import bradley_terry_loss, train_reward_model
+from grpokit.reward_scorer import RewardModelScorer, encode_text, sequence_rewards
 from grpokit.rewards import build_reward_funcs, score
 from grpokit.runlog import read_metrics
 from grpokit.sft import train_sft

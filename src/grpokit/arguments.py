@@ -9,19 +9,14 @@ columns.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from grpokit.config import BUILTIN_REWARDS, ConfigError, from_dict, load_yaml
+from grpokit.config import ConfigError, from_dict, load_yaml
 from grpokit.data import dataset_rows
 from grpokit.modeling import with_model
-from grpokit.types import InputWarning
-
-
-class ArgumentError(ConfigError, TypeError):
-    """An argument of a Python entry point has a type grpokit cannot use; the message names the argument.
-    A TypeError for Python callers, a ConfigError for the command line's error printing."""
+from grpokit.rewards import reward_entries
+from grpokit.types import ArgumentError, InputWarning, kind_of, with_article
 
 
 class Arguments(NamedTuple):
@@ -96,7 +91,7 @@ def stage_config(entry: str, config_class: type, config: Any) -> Any:
         )
     if isinstance(config, (str, Path)):
         if not Path(config).is_file():
-            expected = _article(config_class.__name__)
+            expected = with_article(config_class.__name__)
             raise ConfigError(
                 f"{entry}: `config` is {str(config)!r}, which is not a file: pass {expected} or the path of its "
                 "YAML file"
@@ -104,7 +99,7 @@ def stage_config(entry: str, config_class: type, config: Any) -> Any:
         return load_yaml(config_class, config)
     if isinstance(config, dict):
         return from_dict(config_class, config, source=f"{entry}: `config` (a dict)")
-    given, expected = _a(config), _article(config_class.__name__)
+    given, expected = kind_of(config), with_article(config_class.__name__)
     if type(config).__name__ == config_class.__name__:  # same name, another module's class: name both modules
         given = f"{given.split()[0]} {type(config).__module__}.{type(config).__name__}"
         expected = f"{expected.split()[0]} {config_class.__module__}.{config_class.__name__}"
@@ -161,7 +156,7 @@ def check_model(model: Any, *, causal_lm: bool = True, adapters: bool = False) -
     if model is None or isinstance(model, (str, Path)):
         return
     raise ArgumentError(
-        f"`model` is {_a(model)} ({model!r:.60}); expected a model folder's path, a hub id, or a "
+        f"`model` is {kind_of(model)} ({model!r:.60}); expected a model folder's path, a hub id, or a "
         "transformers model object"
     )
 
@@ -179,7 +174,7 @@ def check_tokenizer(tokenizer: Any) -> None:
         )
     if not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
         raise ArgumentError(
-            f"`tokenizer` is {_a(tokenizer)}; expected a transformers tokenizer (called on text, with "
+            f"`tokenizer` is {kind_of(tokenizer)}; expected a transformers tokenizer (called on text, with "
             "decode), or leave it out to load the model's own"
         )
 
@@ -195,92 +190,10 @@ def check_sampler(sampler: Any) -> None:
     missing = [name for name in ("generate", "update_weights") if not callable(getattr(sampler, name, None))]
     if missing:
         raise ArgumentError(
-            f"`sampler` is {_a(sampler)} without {' or '.join(f'{m}()' for m in missing)}; a sampler "
+            f"`sampler` is {kind_of(sampler)} without {' or '.join(f'{m}()' for m in missing)}; a sampler "
             "has generate(prompt_ids, num_generations=, params=, seeds=) and update_weights(weights) "
             "(grpokit.sampler.Sampler), or leave it out for the in-process sampler"
         )
-
-
-def reward_entries(reward_funcs: Any) -> list[Any] | None:
-    """`reward_funcs` as a non-empty list of entries: functions, (name, function) pairs, built-in names, reward-model
-    folders or `module:function` names. One function, one name or one (name, function) pair stands alone."""
-    if reward_funcs is None:
-        return None
-    if callable(reward_funcs) or isinstance(reward_funcs, (str, Path)):
-        return [_entry(reward_funcs, "reward_funcs")]
-    if _is_pair(reward_funcs):
-        name = reward_funcs[0]
-        if name in BUILTIN_REWARDS or ":" in name or "/" in name or Path(name).exists():
-            # "accuracy" alone is also a reward: the tuple could be one named function or two rewards
-            raise ArgumentError(
-                f"`reward_funcs` = ({name!r}, {_name_of(reward_funcs[1])}) is ambiguous: write "
-                f"[({name!r}, {_name_of(reward_funcs[1])})] for one function named {name!r}, or "
-                f"[{name!r}, {_name_of(reward_funcs[1])}] for two reward functions"
-            )
-        return [reward_funcs]
-    if isinstance(reward_funcs, (dict, bytes)) or not isinstance(reward_funcs, Iterable):
-        raise ArgumentError(
-            f"`reward_funcs` is {_a(reward_funcs)} ({reward_funcs!r:.60}); expected a function, a list of "
-            "functions, (name, function) pairs, built-in names or reward-model folders"
-        )
-    entries = [_entry(entry, f"reward_funcs[{i}]") for i, entry in enumerate(reward_funcs)]
-    if not entries:
-        raise ArgumentError(
-            "`reward_funcs` is empty: pass at least one reward function, or leave it out (None) to use the "
-            "config's `reward_funcs`"
-        )
-    return entries
-
-
-def _entry(entry: Any, name: str) -> Any:
-    if isinstance(entry, Path):
-        return str(entry)
-    if _is_module(entry):  # callable, but called with tensors, not with completions by keyword
-        raise ArgumentError(
-            f"`{name}` is a {type(entry).__name__} model object: grpokit loads a reward model from its folder, with "
-            "its own tokenizer; save both (`model.save_pretrained(DIR)`, `tokenizer.save_pretrained(DIR)`) and pass "
-            "DIR, or wrap the model in a function of (completions, **kwargs)"
-        )
-    if _is_pair(entry) and _is_module(entry[1]):
-        raise ArgumentError(
-            f"`{name}` = ({entry[0]!r}, a {type(entry[1]).__name__} model object): grpokit loads a reward model from "
-            "its folder, with its own tokenizer; save both and pass the folder, or wrap the model in a function of "
-            "(completions, **kwargs)"
-        )
-    if isinstance(entry, str) or callable(entry) or _is_pair(entry):
-        return entry
-    if isinstance(entry, tuple):
-        raise ArgumentError(
-            f"`{name}` is the tuple {entry!r:.80}; a pair is (name, function): a text name and a callable"
-        )
-    raise ArgumentError(
-        f"`{name}` is {_a(entry)} ({entry!r:.60}); expected a function, a (name, function) pair, "
-        "a built-in name, a reward-model folder or `module:function`"
-    )
-
-
-def _is_pair(entry: Any) -> bool:
-    return isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and callable(entry[1])
-
-
-def _name_of(fn: Any) -> str:
-    return getattr(fn, "__name__", type(fn).__name__)
-
-
-def _a(value: Any) -> str:
-    """`an int`, `a str`, `an SFTConfig`: the type of `value` with its article."""
-    return _article(type(value).__name__)
-
-
-def _article(name: str) -> str:
-    spelled = name[:2].isupper() and name[0] in "FHLMNRSX"  # an acronym read letter by letter: an SFTConfig
-    return f"{'an' if name[0].lower() in 'aeiou' or spelled else 'a'} {name}"
-
-
-def _is_module(value: Any) -> bool:
-    import torch
-
-    return isinstance(value, torch.nn.Module)
 
 
 def _is_peft(model: Any) -> bool:

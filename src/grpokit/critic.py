@@ -46,13 +46,13 @@ def check_critic(critic: Any) -> None:
     """PPOTrainer's `critic` argument, up front: None (built from the config), or a `ValueModel` whose decoder is a
     causal LM's body (it returns `last_hidden_state`; the whole LM returns logits) and whose head reads that body's
     hidden size and gives one value. Otherwise an ArgumentError naming `critic`, not a traceback mid-step."""
-    from grpokit.arguments import ArgumentError, _a
+    from grpokit.types import ArgumentError, kind_of
 
     if critic is None:
         return
     if not isinstance(critic, ValueModel):
         raise ArgumentError(
-            f"`critic` is {_a(critic)}; expected a grpokit.critic.ValueModel(body, head) (body: a causal LM's "
+            f"`critic` is {kind_of(critic)}; expected a grpokit.critic.ValueModel(body, head) (body: a causal LM's "
             "decoder, `model.model`), or leave it out to build one from `critic_model` or the policy"
         )
     body = critic.decoder

@@ -40,7 +40,8 @@ from grpokit import algo
 from grpokit.config import BUILTIN_REWARDS, ConfigError
 from grpokit.data import RESERVED_COLUMNS, DataError, check_answers, check_columns, check_eval_answers, completion_text
 from grpokit.modeling import check_model_source, resolve_device
-from grpokit.reward_model import RewardModelScorer
+from grpokit.reward_scorer import RewardModelScorer
+from grpokit.types import ArgumentError, kind_of
 
 RewardFn = Callable[..., Sequence[float | None]]
 __all__ = [
@@ -717,11 +718,9 @@ def check_image_columns(rows: list[dict[str, Any]], asked: set[str], prompt_colu
 
 
 def named_reward_funcs(funcs: Any, build: Callable[[Sequence[str]], list[tuple[str, RewardFn]]]):
-    """`reward_funcs` as a Python caller gave it (checked by `arguments.reward_entries`): functions, (name, function)
+    """`reward_funcs` as a Python caller gave it (checked by `reward_entries`): functions, (name, function)
     pairs, names or reward-model folders (built by `build`) -> (name, function) pairs; a name used twice gets a
     suffix, so every function has its own metric."""
-    from grpokit.arguments import reward_entries
-
     entries = reward_entries(funcs)
     named: list[tuple[str, RewardFn]] = []
     for entry in entries:
@@ -740,3 +739,75 @@ def named_reward_funcs(funcs: Any, build: Callable[[Sequence[str]], list[tuple[s
         taken.add(unique)
         named[i] = (unique, fn)
     return named
+
+
+def reward_entries(reward_funcs: Any) -> list[Any] | None:
+    """`reward_funcs` as a non-empty list of entries: functions, (name, function) pairs, built-in names, reward-model
+    folders or `module:function` names. One function, one name or one (name, function) pair stands alone."""
+    if reward_funcs is None:
+        return None
+    if callable(reward_funcs) or isinstance(reward_funcs, (str, Path)):
+        return [_entry(reward_funcs, "reward_funcs")]
+    if _is_pair(reward_funcs):
+        name = reward_funcs[0]
+        if name in BUILTIN_REWARDS or ":" in name or "/" in name or Path(name).exists():
+            # "accuracy" alone is also a reward: the tuple could be one named function or two rewards
+            raise ArgumentError(
+                f"`reward_funcs` = ({name!r}, {_name_of(reward_funcs[1])}) is ambiguous: write "
+                f"[({name!r}, {_name_of(reward_funcs[1])})] for one function named {name!r}, or "
+                f"[{name!r}, {_name_of(reward_funcs[1])}] for two reward functions"
+            )
+        return [reward_funcs]
+    if isinstance(reward_funcs, (dict, bytes)) or not isinstance(reward_funcs, Iterable):
+        raise ArgumentError(
+            f"`reward_funcs` is {kind_of(reward_funcs)} ({reward_funcs!r:.60}); expected a function, a list of "
+            "functions, (name, function) pairs, built-in names or reward-model folders"
+        )
+    entries = [_entry(entry, f"reward_funcs[{i}]") for i, entry in enumerate(reward_funcs)]
+    if not entries:
+        raise ArgumentError(
+            "`reward_funcs` is empty: pass at least one reward function, or leave it out (None) to use the "
+            "config's `reward_funcs`"
+        )
+    return entries
+
+
+def _entry(entry: Any, name: str) -> Any:
+    if isinstance(entry, Path):
+        return str(entry)
+    if _is_module(entry):  # callable, but called with tensors, not with completions by keyword
+        raise ArgumentError(
+            f"`{name}` is a {type(entry).__name__} model object: grpokit loads a reward model from its folder, with "
+            "its own tokenizer; save both (`model.save_pretrained(DIR)`, `tokenizer.save_pretrained(DIR)`) and pass "
+            "DIR, or wrap the model in a function of (completions, **kwargs)"
+        )
+    if _is_pair(entry) and _is_module(entry[1]):
+        raise ArgumentError(
+            f"`{name}` = ({entry[0]!r}, a {type(entry[1]).__name__} model object): grpokit loads a reward model from "
+            "its folder, with its own tokenizer; save both and pass the folder, or wrap the model in a function of "
+            "(completions, **kwargs)"
+        )
+    if isinstance(entry, str) or callable(entry) or _is_pair(entry):
+        return entry
+    if isinstance(entry, tuple):
+        raise ArgumentError(
+            f"`{name}` is the tuple {entry!r:.80}; a pair is (name, function): a text name and a callable"
+        )
+    raise ArgumentError(
+        f"`{name}` is {kind_of(entry)} ({entry!r:.60}); expected a function, a (name, function) pair, "
+        "a built-in name, a reward-model folder or `module:function`"
+    )
+
+
+def _is_pair(entry: Any) -> bool:
+    return isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and callable(entry[1])
+
+
+def _name_of(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _is_module(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.nn.Module)

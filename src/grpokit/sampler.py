@@ -27,7 +27,11 @@ from transformers.cache_utils import DynamicLayer
 
 from grpokit.modeling import use_grpokit_attention
 from grpokit.packing import position_ids_from_mask
-from grpokit.types import Rollout, SamplerError  # (defined there: the trainer names it without a cycle)
+from grpokit.types import (  # (defined there: the trainer names it without a cycle)
+    Rollout,
+    SamplerError,
+    kind_of,
+)
 from grpokit.weights import PolicyWeights
 
 
@@ -80,11 +84,12 @@ def check_rollout(
     generation batch."""
     where = f"`sampler` ({type(sampler).__name__}).generate returned"
     if not isinstance(rollout, Rollout):
-        raise SamplerError(f"{where} {_a(rollout)}; expected a grpokit.types.Rollout")
+        raise SamplerError(f"{where} {kind_of(rollout)}; expected a grpokit.types.Rollout")
     tensors = {name: getattr(rollout, name) for name in _ROLLOUT_DTYPES}
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
-            raise SamplerError(f"{where} a Rollout whose `{name}` is {_a(value)}; expected a torch.Tensor")
+            got = kind_of(value)
+            raise SamplerError(f"{where} a Rollout whose `{name}` is {got}; expected a torch.Tensor")
     shape = tuple(rollout.completion_ids.shape)
     if len(shape) != 2 or shape[0] != rows:
         raise SamplerError(
@@ -110,7 +115,7 @@ def check_rollout(
     if rollout.loss_mask is not None:  # a subset of the real tokens, shaped like them
         loss_mask = rollout.loss_mask
         if not isinstance(loss_mask, torch.Tensor) or tuple(loss_mask.shape) != shape:
-            got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else _a(loss_mask)
+            got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else kind_of(loss_mask)
             raise SamplerError(f"{where} `loss_mask` of shape {got}; expected {shape}, as `completion_ids`")
         if loss_mask.dtype not in _ROLLOUT_DTYPES["completion_mask"]:
             raise SamplerError(f"{where} `loss_mask` of dtype {loss_mask.dtype}; expected an integer or bool mask")
@@ -179,11 +184,6 @@ _ROLLOUT_DTYPES = {
     "sampling_logp": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "truncated": (torch.bool,),
 }
-
-
-def _a(value: Any) -> str:
-    name = type(value).__name__
-    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 SHRINK_AT = 0.25  # ended rows leave the decode batch once they are this share of it

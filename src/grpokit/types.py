@@ -106,6 +106,21 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the field."""
 
 
+class ArgumentError(ConfigError, TypeError):
+    """An argument of a Python entry point has a type grpokit cannot use; the message names the argument.
+    A TypeError for Python callers, a ConfigError for the command line's error printing."""
+
+
+def kind_of(value: object) -> str:
+    """`an int`, `a str`, `an SFTConfig`: the type of `value` with its article (for messages about arguments)."""
+    return with_article(type(value).__name__)
+
+
+def with_article(name: str) -> str:
+    spelled = name[:2].isupper() and name[0] in "FHLMNRSX"  # an acronym read letter by letter: an SFTConfig
+    return f"{'an' if name[0].lower() in 'aeiou' or spelled else 'a'} {name}"
+
+
 class SamplerError(RuntimeError):
     """A sampler's `generate` returned what the trainer cannot use; the message names the sampler's class and what
     was wrong, before the rollout reaches the reward functions or the update."""
