@@ -20,8 +20,9 @@ from grpokit.config import ConfigError, GRPOConfig
 from grpokit.data import DataError, InputWarning
 from grpokit.modeling import ModelFolderError
 from grpokit.monitor import SignalMonitor
-from grpokit.policy import NumericsError, Policy
+from grpokit.policy import NumericsError
 from grpokit.rewards import RewardError, call_with_timeout, check_advantages, score
+from grpokit.run_setup import run_directory, stage_policy
 from grpokit.saving import save_trained
 from grpokit.trainer import GRPOTrainer
 
@@ -76,7 +77,9 @@ def test_a_nan_gradient_is_refused_before_the_optimizer_step(tmp_path):
     from grpokit.tasks import build_char_tokenizer, tiny_model
 
     model = tiny_model(build_char_tokenizer(), "llama", hidden_size=32, seed=0)
-    policy = Policy(model, GRPOConfig(learning_rate=1e-2), total_steps=1, device=torch.device("cpu"))
+    policy = stage_policy(
+        model, GRPOConfig(learning_rate=1e-2), total_steps=1, device=torch.device("cpu"), dtype=torch.float32
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.full_like(p, float("nan"))
@@ -458,14 +461,14 @@ def test_a_tokenizer_without_eos_is_refused(char_tokenizer):
 def test_output_dir_may_not_be_the_model_or_hold_it_under_overwrite(tmp_path, model):
     with pytest.raises(ConfigError, match="`output_dir` is the model folder"):
         config(model, model).validate()
-    from grpokit.checkpoint import RunDirectory, RunDirectoryError
+    from grpokit.checkpoint import RunDirectoryError
 
     # the model at the run's final model path: refused (by the run directory's exact check) before anything loads
     inside = save_tiny(tmp_path / "run" / "model", "llama")
     cfg = config(inside, tmp_path / "run", overwrite_output_dir=True)
     cfg.validate()
     with pytest.raises(RunDirectoryError, match="config field `model` .* which a run in output_dir .* replaces"):
-        RunDirectory.for_config(cfg).plan()
+        run_directory(cfg).plan()
     assert (inside / "config.json").is_file()
     with pytest.raises(ConfigError, match="`output_dir` is '/': give a folder of its own"):
         config(model, "/").validate()

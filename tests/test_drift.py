@@ -15,7 +15,7 @@ from grpokit import algo
 from grpokit.config import ConfigError, SFTConfig
 from grpokit.monitor import pearson
 from grpokit.optim import lr_factor
-from grpokit.policy import Policy
+from grpokit.run_setup import stage_policy
 from grpokit.sft import train_sft
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
 from grpokit.trainer import GRPOTrainer
@@ -77,7 +77,7 @@ def test_optimizer_step_clips_and_reports_the_trainable_gradients_only(tmp_path)
     frozen = model.model.norm.weight  # the final RMSNorm: a parameter of its own, not tied to anything
     frozen.requires_grad_(False)
     cfg = sft_config(tmp_path / "unused", max_grad_norm=1.0)
-    policy = Policy(model, cfg, total_steps=1, device=torch.device("cpu"))
+    policy = stage_policy(model, cfg, total_steps=1, device=torch.device("cpu"), dtype=torch.float32)
 
     trainable = policy.trainable_parameters()
     assert trainable and all(p is not frozen for p in trainable)

@@ -56,7 +56,7 @@ def test_a_second_signal_says_what_was_kept_before_it_stops(tmp_path, capsys):
     """The second SIGTERM stops at once, as the first one's message says; it used to stop without a word."""
     out = tmp_path / "run"
     out.mkdir()
-    rd = RunDirectory(out, config=None, resume_from=None, overwrite=False, keep=0)
+    rd = RunDirectory(out, settings=None, resume_from=None, overwrite=False, keep=0)
     write_checkpoint(out, 3, lambda folder: (folder / "trainer_state.pt").write_bytes(b"x"), keep=0)
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from grpokit.config import ConfigError, GRPOConfig, LoRAConfig, from_dict
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
-from grpokit.policy import Policy
+from grpokit.run_setup import stage_policy
 from grpokit.trainer import GRPOTrainer
 
 R = 4
@@ -118,11 +118,12 @@ def test_disabled_adapters_give_exactly_the_base_logprobs(trained, base_path):
 
     base = load_base(base_path)
     cfg = trainer.cfg
-    base_policy = Policy(
+    base_policy = stage_policy(
         base,
         cfg,
         total_steps=1,
         device=torch.device("cpu"),
+        dtype=torch.float32,
         temperature=cfg.temperature,
         layout=cfg.training_forward,
         max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,

@@ -16,7 +16,7 @@ from helpers import tiny_lm
 from grpokit import algo, update
 from grpokit.config import GRPOConfig
 from grpokit.modeling import completion_logprobs
-from grpokit.policy import Policy
+from grpokit.run_setup import stage_policy
 from grpokit.types import Rollout
 
 PAD, EOS, BOS = 0, 1, 2
@@ -49,8 +49,8 @@ ADVANTAGES = torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, 0.9])
 def policy_gradients(model, cfg: GRPOConfig, batch: Rollout, *, layout: str, micro_batch_size: int | None):
     """The gradient of one on-policy update through what the trainer runs: `Policy` micro-batches in `layout` and
     `update.policy_pass`, the step's normalizer counted over the trained tokens."""
-    policy = Policy(model, cfg, total_steps=1, device=torch.device("cpu"), layout=layout,
-                    micro_batch_size=micro_batch_size)  # fmt: skip
+    policy = stage_policy(model, cfg, total_steps=1, device=torch.device("cpu"), dtype=torch.float32, layout=layout,
+                          micro_batch_size=micro_batch_size)  # fmt: skip
     mask = batch.trained_mask.float()
     normalizer = algo.step_normalizer(cfg.loss_type, mask, generation_tokens=int(mask.sum()),
                                       generation_sequences=len(mask), max_completion_length=mask.shape[1])  # fmt: skip
@@ -77,7 +77,7 @@ def reference_gradients(model, cfg: GRPOConfig, batch: Rollout, mask: torch.Tens
 def test_a_span_out_of_the_loss_leaves_every_logprob_as_it_was():
     """The hole changes what is trained, not what is attended: the tokens after it see the same context."""
     plain, holed = rollout()
-    policy = Policy(tiny_lm(), GRPOConfig(), total_steps=1, device=torch.device("cpu"))
+    policy = stage_policy(tiny_lm(), GRPOConfig(), total_steps=1, device=torch.device("cpu"), dtype=torch.float32)
     with_span, without_span = policy.logprobs(plain), policy.logprobs(holed)
     assert torch.equal(with_span, without_span)
     after = holed.completion_mask.bool() & ~holed.trained_mask.bool()

@@ -19,6 +19,7 @@ from grpokit.cli import main
 from grpokit.config import ConfigError, DemoConfig, GRPOConfig, load_yaml
 from grpokit.demo import run_demo
 from grpokit.machine import GIB, check_grpo_memory, estimate
+from grpokit.run_setup import step_sizes
 from grpokit.tasks import build_char_tokenizer, tiny_model
 from grpokit.trainer import GRPOTrainer
 
@@ -69,9 +70,9 @@ def test_a_micro_batch_that_fits_under_gradient_checkpointing_is_not_refused():
     budget = tokens * (24 * 64 + 896) * 4 + GIB // 1024  # what the checkpointed forward keeps, and a little more
     plain = GRPOConfig(model="m", max_tokens_per_micro_batch=None, **fields)
     with pytest.raises(ConfigError, match="training forward"):
-        check_grpo_memory(deep, plain, 10, torch.device("cpu"), torch.float32, available=budget)
+        check_grpo_memory(deep, step_sizes(plain), 10, torch.device("cpu"), torch.float32, available=budget)
     checkpointed = GRPOConfig(model="m", max_tokens_per_micro_batch=None, gradient_checkpointing=True, **fields)
-    need = check_grpo_memory(deep, checkpointed, 10, torch.device("cpu"), torch.float32, available=budget)
+    need = check_grpo_memory(deep, step_sizes(checkpointed), 10, torch.device("cpu"), torch.float32, available=budget)
     assert need.training_tokens == tokens and need.positions == positions
     assert need.training == tokens * (24 * 64 + 896) * 4
 
@@ -79,18 +80,22 @@ def test_a_micro_batch_that_fits_under_gradient_checkpointing_is_not_refused():
 def test_the_training_estimate_counts_one_micro_batch_not_the_step():
     cfg = GRPOConfig(model="m", prompts_per_step=4, num_generations=8, max_completion_length=6,
                      micro_batch_size=4, max_tokens_per_micro_batch=None)  # fmt: skip
-    need = check_grpo_memory(small_llama_config(), cfg, 10, torch.device("cpu"), torch.float32, available=GIB)
+    need = check_grpo_memory(
+        small_llama_config(), step_sizes(cfg), 10, torch.device("cpu"), torch.float32, available=GIB
+    )
     assert need.training_tokens == 4 * 16  # 4 rows of 10 + 6 positions, not the step's 32 rows
     budgeted = GRPOConfig(model="m", prompts_per_step=4, num_generations=8, max_completion_length=6,
                           max_tokens_per_micro_batch=40)  # fmt: skip
-    need = check_grpo_memory(small_llama_config(), budgeted, 10, torch.device("cpu"), torch.float32, available=GIB)
+    need = check_grpo_memory(
+        small_llama_config(), step_sizes(budgeted), 10, torch.device("cpu"), torch.float32, available=GIB
+    )
     assert need.training_tokens == 40
 
 
 def test_the_refusal_names_the_fields_and_gives_the_hand_computed_figures():
     cfg = GRPOConfig(model="m", prompts_per_step=64, num_generations=30000, max_completion_length=16)
     with pytest.raises(ConfigError) as err:
-        check_grpo_memory(small_llama_config(), cfg, 6, torch.device("cpu"), torch.float32, available=GIB)
+        check_grpo_memory(small_llama_config(), step_sizes(cfg), 6, torch.device("cpu"), torch.float32, available=GIB)
     message = str(err.value)
     rows, positions = 64 * 30000, 6 + 16
     kv = 2 * 2 * 2 * 16 * positions * rows * 4  # 28.3 GiB
@@ -151,14 +156,14 @@ def test_normal_configs_pass(model_config, yaml_or_fields):
     else:
         cfg = GRPOConfig(model="m", **yaml_or_fields)
     # at the longest prompt that max_prompt_length lets through, against 1 GiB (any machine that runs them has more)
-    need = check_grpo_memory(model_config(), cfg, cfg.max_prompt_length, torch.device("cpu"), torch.float32,
+    need = check_grpo_memory(model_config(), step_sizes(cfg), cfg.max_prompt_length, torch.device("cpu"), torch.float32,
                              num_eval_rows=cfg.num_eval_prompts, available=GIB)  # fmt: skip
     assert need is not None and need.total < GIB
 
 
 def test_a_model_folder_is_read_for_the_estimate_without_loading(model):
     cfg = GRPOConfig(model=str(model), prompts_per_step=2, num_generations=4, max_completion_length=8)
-    need = check_grpo_memory(str(model), cfg, 7, torch.device("cpu"), torch.float32)
+    need = check_grpo_memory(str(model), step_sizes(cfg), 7, torch.device("cpu"), torch.float32)
     saved = json.loads((model / "config.json").read_text())
     head_dim = saved["hidden_size"] // saved["num_attention_heads"]
     assert need.kv_cache == saved["num_hidden_layers"] * 2 * saved["num_key_value_heads"] * head_dim * 15 * 8 * 4
@@ -168,12 +173,15 @@ def test_a_config_without_attention_heads_is_not_estimated():
     from transformers import PretrainedConfig
 
     cfg = GRPOConfig(model="m")
-    assert check_grpo_memory(PretrainedConfig(), cfg, 10, torch.device("cpu"), torch.float32, available=1) is None
+    assert (
+        check_grpo_memory(PretrainedConfig(), step_sizes(cfg), 10, torch.device("cpu"), torch.float32, available=1)
+        is None
+    )
 
 
 def test_the_tiny_grpo_config_of_the_tests_passes(tmp_path, model):
     cfg = config(model, tmp_path / "run")
-    assert check_grpo_memory(str(model), cfg, 10, torch.device("cpu"), torch.float32) is not None
+    assert check_grpo_memory(str(model), step_sizes(cfg), 10, torch.device("cpu"), torch.float32) is not None
 
 
 # ---------------------------------------------------------------- the same seed, the same numbers, whatever the CPUs

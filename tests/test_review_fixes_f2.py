@@ -99,8 +99,6 @@ def test_a_row_shared_by_a_group_is_copied_once_per_reward_call_and_never_shared
 
 
 def test_a_reward_that_changes_the_working_directory_is_said_once_per_function_and_run(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
     import torch
 
     from grpokit.rewards import RewardSet, RewardWarning
@@ -111,16 +109,14 @@ def test_a_reward_that_changes_the_working_directory_is_said_once_per_function_a
         os.chdir("/")
         return [float(len(c)) for c in completions]
 
-    cfg = SimpleNamespace(
-        num_generations=2, scale_rewards="group", reward_aggregation="sum_then_normalize", reward_timeout=None
-    )
+    settings = {"group_size": 2, "scale": "group", "aggregation": "sum_then_normalize", "timeout": None}
     batch = {"prompts": ["p", "p"], "completions": ["a", "bb"]}
     for _run in range(2):  # each run says it once, the second one too
         rewards = RewardSet([("f2_wanders", f2_wanders)], torch.ones(1), [])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rewards.score_step(batch, cfg)
-            rewards.score_step(batch, cfg)
+            rewards.score_step(batch, **settings)
+            rewards.score_step(batch, **settings)
         moved = [w for w in caught if issubclass(w.category, RewardWarning)]
         assert len(moved) == 1 and "`f2_wanders` changed the working directory" in str(moved[0].message)
         assert Path.cwd() == tmp_path

@@ -42,7 +42,11 @@ def test_the_jsonl_example_evaluates_held_out_rows_without_a_warning(monkeypatch
     cfg = load_yaml(GRPOConfig, ROOT / "examples" / "grpo_jsonl.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("error", InputWarning)
-        train_rows, eval_rows = grpo_rows(cfg, None, None, None)
+        train_rows, eval_rows = grpo_rows(
+            None, None, None, train_data=cfg.train_data, eval_data=cfg.eval_data, seed=cfg.seed,
+            num_train_prompts=cfg.num_train_prompts, num_eval_prompts=cfg.num_eval_prompts,
+            prompt_column=cfg.prompt_column,
+        )  # fmt: skip
     assert len(eval_rows) == cfg.num_eval_prompts == 64
     assert not {r["prompt"] for r in eval_rows} & {r["prompt"] for r in train_rows}  # held out, not trained on
 

@@ -10,7 +10,7 @@ from helpers import tiny_lm
 
 from grpokit.config import GRPOConfig, LoRAConfig
 from grpokit.evaluate import completions_for
-from grpokit.policy import Policy
+from grpokit.run_setup import stage_policy
 from grpokit.sampler import KVCacheSampler, SamplingParams, prompt_generators, prompt_seeds
 from grpokit.tasks import build_char_tokenizer, tiny_model
 from grpokit.weights import PolicyWeights
@@ -53,11 +53,14 @@ def test_sampled_evaluation_is_the_same_at_any_batch_size():
 def test_the_weights_handed_over_are_the_models_own_names_and_a_lora_policy_hands_over_the_merged_ones():
     model = tiny_lm()
     names = list(model.state_dict())
-    plain = Policy(tiny_lm(), GRPOConfig(), total_steps=1, device=torch.device("cpu"))
+    plain = stage_policy(tiny_lm(), GRPOConfig(), total_steps=1, device=torch.device("cpu"), dtype=torch.float32)
     handed = dict(plain.sampler_weights().named_tensors(dtype=torch.bfloat16))
     assert list(handed) == names and all(t.dtype == torch.bfloat16 for t in handed.values())
 
-    lora = Policy(tiny_lm(), GRPOConfig(), total_steps=1, device=torch.device("cpu"), lora=LoRAConfig(r=4, alpha=8.0))
+    lora = stage_policy(
+        tiny_lm(), GRPOConfig(), total_steps=1, device=torch.device("cpu"), dtype=torch.float32,
+        lora=LoRAConfig(r=4, alpha=8.0),
+    )  # fmt: skip
     torch.manual_seed(1)
     with torch.no_grad():  # B starts at 0 (merged == base): give the adapters something to add
         for name, p in lora.model.named_parameters():

@@ -12,7 +12,7 @@ from helpers import tiny_lm
 from grpokit.config import GRPOConfig, LoRAConfig
 from grpokit.distributed import Cluster
 from grpokit.lora import apply_lora
-from grpokit.policy import Policy
+from grpokit.run_setup import stage_policy
 
 
 def handed_over(cluster: Cluster) -> dict[str, dict[str, torch.Tensor]]:
@@ -26,7 +26,9 @@ def handed_over(cluster: Cluster) -> dict[str, dict[str, torch.Tensor]]:
                 for param_name, p in model.named_parameters():
                     if "lora_B" in param_name:
                         p.copy_(torch.randn(p.shape, generator=generator))
-        policy = Policy(model, GRPOConfig(), total_steps=1, device=torch.device("cpu"), cluster=cluster)
+        policy = stage_policy(
+            model, GRPOConfig(), total_steps=1, device=torch.device("cpu"), dtype=torch.float32, cluster=cluster
+        )
         out[name] = {k: v.clone() for k, v in policy.sampler_weights().named_tensors()}
     return out
 

@@ -26,7 +26,7 @@ import sys
 import threading
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -666,30 +666,6 @@ def fingerprint_tokenizer(tokenizer: Any) -> dict[str, Any]:
     return {"object": type(tokenizer).__name__, "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def run_inputs(cfg: Any, *, model: Any = None, tokenizer: Any = None, **rows: Any) -> dict[str, Any]:
-    """Fingerprints of everything a stage reads besides its config, for the checkpoint's record: each of `rows`
-    (train_data=[...], eval_data=[...]), the model (`model`, a model object, else the config's `model`: with
-    beta > 0 also the reference), a `tokenizer` object handed in, and every other model folder the config names
-    (`critic_model`, reward models in `reward_funcs` and `gold_reward`). One function for every stage, so all of
-    them check the same things."""
-    inputs: dict[str, Any] = {name: fingerprint_rows(value) for name, value in rows.items() if value is not None}
-    inputs["model"] = fingerprint_source(model if model is not None else getattr(cfg, "model", None))
-    if tokenizer is not None:
-        inputs["tokenizer"] = fingerprint_tokenizer(tokenizer)
-    if getattr(cfg, "critic_model", None):
-        inputs["critic_model"] = fingerprint_source(cfg.critic_model)
-    named = [*(getattr(cfg, "reward_funcs", None) or []), getattr(cfg, "gold_reward", None)]
-    folders = [name for name in named if isinstance(name, str) and Path(name).is_dir()]
-    if folders:
-        inputs["reward_models"] = {name: fingerprint_source(name) for name in folders}
-    return inputs
-
-
-def plain_config(cfg: Any) -> dict[str, Any]:
-    """A config dataclass as JSON values (nested sections as dicts, tuples as lists), as the record keeps it."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
 def _describe(fingerprint: dict[str, Any] | None) -> str:
     if fingerprint is None:
         return "none"
@@ -734,23 +710,43 @@ def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
 # ---------------------------------------------------------------- the run directory
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a run directory reads of its stage's config (`run_setup.run_directory` takes it from one): recorded in
+    each checkpoint, matched on resume, and checked against the folder before any work."""
+
+    stage: str
+    """The config's class (GRPOConfig, PPOConfig, SFTConfig, RewardModelConfig): a checkpoint continues only its own
+    stage's run."""
+    resolved_config: dict[str, Any]
+    """The config as JSON values (nested sections as dicts), as the record keeps it."""
+    max_steps: int | None
+    logs_every_step: bool
+    """GRPO and PPO log every step (SFT and reward-model training every few): a folder whose metrics stop before a
+    checkpoint's step holds a checkpoint written elsewhere."""
+    input_paths: tuple[tuple[str, str], ...]
+    """(field, text) of every text a config field holds (a list field's entries too), but where the run writes
+    (`output_dir`) and what it resumes (`resume_from_checkpoint`): those that name an existing file or folder are
+    inputs the run must not write into, replace or delete (`existing_paths`)."""
+
+
 class RunDirectory:
     """The output folder of one run: checked before any work, locked while written, signals turned into a
     checkpoint.
 
     `resume_from`: None (a fresh run: the folder must hold no run, unless `overwrite`), `latest` (the newest
     complete checkpoint; an error when there is none) or a checkpoint folder of this run. The checkpoint to resume
-    must prove it continues this run (`verify`): the run's identity, stage, config and `inputs` (`run_inputs`) as
-    its record has them. `writer` False (a rank other than 0 of a torchrun launch): the folder is rank 0's; this
-    object only turns signals into a stop request, and the checkpoint to resume is what rank 0 decided (set by the
-    caller).
+    must prove it continues this run (`verify`): the run's identity, stage, config (`settings`; None: a look at a
+    folder that runs nothing) and `inputs` (`run_setup.run_inputs`) as its record has them. `writer` False (a rank
+    other than 0 of a torchrun launch): the folder is rank 0's; this object only turns signals into a stop request,
+    and the checkpoint to resume is what rank 0 decided (set by the caller).
     """
 
     def __init__(
         self,
         path: str | Path,
         *,
-        config: Any,
+        settings: RunSettings | None,
         resume_from: str | None,
         overwrite: bool,
         keep: int,
@@ -758,7 +754,7 @@ class RunDirectory:
         inputs: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
-        self.config = config
+        self.settings = settings
         self.resume_from = resume_from
         self.overwrite = overwrite
         self.keep = keep
@@ -773,25 +769,11 @@ class RunDirectory:
         self._handlers: dict[int, Any] = {}
         self._had_lock = (self.path / ".lock").is_file()  # before this run makes one: an earlier run was here
 
-    @classmethod
-    def for_config(cls, cfg: Any, *, writer: bool = True, inputs: dict[str, Any] | None = None) -> RunDirectory:
-        """The run directory of a stage config (output_dir, resume_from_checkpoint, overwrite_output_dir, ...);
-        `inputs`: the stage's `run_inputs`, recorded in its checkpoints and checked on resume."""
-        return cls(
-            cfg.output_dir,
-            config=cfg,
-            resume_from=cfg.resume_from_checkpoint,
-            overwrite=cfg.overwrite_output_dir,
-            keep=cfg.save_total_limit,
-            writer=writer,
-            inputs=inputs,
-        )
-
     def record(self, step: int) -> dict[str, Any]:
         """What checkpoint-STEP of this run records: the run's identity, its stage, its resolved config and the
         fingerprints of its inputs; a resume checks them against the run resuming it."""
-        return {"run_id": self.run_id, "stage": type(self.config).__name__, "step": step,
-                "config": plain_config(self.config), "inputs": self.inputs}  # fmt: skip
+        return {"run_id": self.run_id, "stage": self.settings.stage, "step": step,
+                "config": self.settings.resolved_config, "inputs": self.inputs}  # fmt: skip
 
     def holds_run(self) -> list[str]:
         """The names of earlier run output found in the folder."""
@@ -879,7 +861,7 @@ class RunDirectory:
     def _check_no_copy_ahead(self, step: int) -> None:
         """A renamed copy (`misnamed_checkpoints`) at a step this run will write would be replaced by it: refused
         before any step, so that the copy is moved by its owner, not lost."""
-        max_steps = getattr(self.config, "max_steps", None)
+        max_steps = self.settings.max_steps if self.settings else None
         for name in misnamed_checkpoints(self.path):
             if max_steps is not None and step < checkpoint_step(self.path / name) <= max_steps:
                 raise RunDirectoryError(
@@ -892,8 +874,8 @@ class RunDirectory:
         """A GRPO or PPO run logs every step before its checkpoint: a folder whose metrics.jsonl stops before the
         checkpoint's step holds a checkpoint written elsewhere (another copy of the run, which shares its id), and
         continuing it would leave those steps out of the record."""
-        if type(self.config).__name__ not in ("GRPOConfig", "PPOConfig"):
-            return  # SFT and reward-model training log every few steps
+        if self.settings is None or not self.settings.logs_every_step:
+            return
         metrics = self.path / "metrics.jsonl"
         try:
             lines = metrics.read_text().splitlines()
@@ -953,7 +935,7 @@ class RunDirectory:
         written before records existed (accepted with a ResumeWarning, as refusing would strand every run in
         progress across an upgrade, and the checks it had then still apply)."""
         step = checkpoint_step(checkpoint)
-        max_steps = getattr(self.config, "max_steps", None)
+        max_steps = self.settings.max_steps if self.settings else None
         if max_steps is not None and step > max_steps:
             raise RunDirectoryError(f"{checkpoint} is past max_steps = {max_steps}: raise max_steps to resume it")
         if max_steps is not None and step == max_steps and _written_after(self.path / "model", checkpoint):
@@ -1010,7 +992,7 @@ class RunDirectory:
         """No input the config names (model, data, reward model, critic, ...) is the output folder or lies inside
         what a run there deletes or replaces: its RUN_FILES (the final model among them) and checkpoint-STEP."""
         out = self.path.resolve()
-        for name, value in _named_paths(self.config):
+        for name, value in existing_paths(self.settings.input_paths if self.settings else ()):
             source = Path(value).resolve()
             if source == out:
                 raise RunDirectoryError(
@@ -1108,10 +1090,10 @@ class RunDirectory:
         import yaml
 
         saved_file = self.path / "config.yaml"
-        if not saved_file.is_file() or not dataclasses.is_dataclass(self.config):
+        if not saved_file.is_file() or self.settings is None:
             return
         saved = yaml.safe_load(saved_file.read_text()) or {}
-        current = dataclasses.asdict(self.config)
+        current = self.settings.resolved_config
         changed = sorted(
             k for k in current.keys() | saved.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
         )
@@ -1329,11 +1311,12 @@ def _is_grpokit_checkpoint(folder: Path) -> bool:
     return folder.is_dir() and ((folder / MARKER).is_file() or (folder / STATE_FILE).is_file())
 
 
-def check_not_an_input(config: Any, target: str | Path, what: str) -> None:
-    """Saving into `target` (`what` names it) replaces no input the config names: not the model trained from
-    (also the KL reference), a reward model, the critic or a data file, nor a folder holding one or inside one."""
+def check_not_an_input(input_paths: Iterable[tuple[str, str]], target: str | Path, what: str) -> None:
+    """Saving into `target` (`what` names it) replaces no input of the run (`input_paths`, as `RunSettings` holds
+    them): not the model trained from (also the KL reference), a reward model, the critic or a data file, nor a
+    folder holding one or inside one."""
     target = Path(target).resolve()
-    for field, value in _named_paths(config):
+    for field, value in existing_paths(input_paths):
         source = Path(value).resolve()
         if source == target or source in target.parents or target in source.parents:
             relation = "is" if source == target else "holds or lies inside"
@@ -1343,20 +1326,10 @@ def check_not_an_input(config: Any, target: str | Path, what: str) -> None:
             )
 
 
-def _named_paths(config: Any) -> list[tuple[str, str]]:
-    """(field, value) of every config field naming an existing file or folder (a list field's entries too), but
-    where the run writes (`output_dir`) and what it resumes (`resume_from_checkpoint`)."""
-    if not dataclasses.is_dataclass(config):
-        return []
-    named = []
-    for f in dataclasses.fields(config):
-        if f.name in ("output_dir", "resume_from_checkpoint"):
-            continue
-        value = getattr(config, f.name)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, str) and item and os.path.exists(item):
-                named.append((f.name, item))
-    return named
+def existing_paths(input_paths: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (field, path) pairs of `input_paths` that name an existing file or folder, looked up when asked (an input
+    may appear or go between the run's set-up and a check)."""
+    return [(field, value) for field, value in input_paths if os.path.exists(value)]
 
 
 def checkpoint_step(folder: Path) -> int:

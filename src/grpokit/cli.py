@@ -285,13 +285,11 @@ def _reward_model(args: list[str]) -> int:
 
 
 def _eval(args: list[str]) -> int:
-    import types
-
     import torch
 
     from grpokit.config import ConfigError, EvalConfig, GRPOConfig
     from grpokit.data import check_eval_answers, check_rows, encode_prompts, load_rows
-    from grpokit.evaluate import heldout_eval
+    from grpokit.evaluate import HeldoutSettings, heldout_eval
     from grpokit.machine import pin_threads
     from grpokit.modeling import (
         check_context_length,
@@ -302,7 +300,8 @@ def _eval(args: list[str]) -> int:
         resolve_dtype,
     )
     from grpokit.rewards import RewardSet, build_reward_funcs, exact_match
-    from grpokit.sampler import KVCacheSampler
+    from grpokit.run_setup import run_sampler
+    from grpokit.sampler import PolicyWeights
     from grpokit.tasks import get_task
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
@@ -338,22 +337,22 @@ def _eval(args: list[str]) -> int:
         )
     rewards = RewardSet(funcs, torch.ones(len(funcs)), []) if funcs else None
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device)).eval()
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = load_model(cfg.model, device, dtype).eval()
     longest_prompt = max(
         map(len, encode_prompts(tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length).ids)
     )
     check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=tokenizer)
-    sampler = KVCacheSampler(tokenizer)
-    sampler.update_weights(model)
-    settings = types.SimpleNamespace(
-        eval_temperature=cfg.temperature,
-        max_completion_length=cfg.max_completion_length,
+    sampler = run_sampler(tokenizer, dtype, PolicyWeights(model))  # as a run builds the one it evaluates through
+    settings = HeldoutSettings(
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_completion_length,
         seed=cfg.seed,
         prompt_column=cfg.prompt_column,
         max_prompt_length=cfg.max_prompt_length,
         reward_timeout=defaults.reward_timeout,
     )
-    result = heldout_eval(sampler, tokenizer, rows, settings, device, is_correct, rewards)
+    result = heldout_eval(sampler, tokenizer, rows, settings, is_correct, rewards)
     if not result:  # the reward functions need columns the rows lack (heldout_eval warned which), and no answer
         raise ConfigError(
             f"config field `reward_funcs`: none of {cfg.reward_funcs} could score the rows of {name} (see the warning "

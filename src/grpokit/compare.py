@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.checkpoint import RunDirectory, TrainingInterrupted, list_checkpoints
+from grpokit.run_setup import run_directory
 
 METHODS = ("grpo", "ppo")
 REPORT = "comparison.json"
@@ -96,7 +97,7 @@ def method_config(grpo: Any, method: str) -> Any:
     changes: dict[str, Any] = {"output_dir": out}
     if (
         grpo.resume_from_checkpoint == "latest"
-        and not RunDirectory(out, config=None, resume_from=None, overwrite=False, keep=0).holds_run()
+        and not RunDirectory(out, settings=None, resume_from=None, overwrite=False, keep=0).holds_run()
     ):
         changes["resume_from_checkpoint"] = None  # a method the interrupted comparison never started starts now
     if method == "grpo":
@@ -138,7 +139,7 @@ def check_comparison(grpo: Any) -> None:
         cfg = method_config(grpo, method)
         cfg.validate()
         if finished_report(grpo, method) is None:  # a finished method's folder is only read
-            RunDirectory.for_config(cfg).plan()
+            run_directory(cfg).plan()
 
 
 def worker(method: str, config_path: str, report_path: str) -> None:

@@ -472,19 +472,27 @@ def _last_role(prompt: Any) -> str | None:
     return prompt[-1].get("role") if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) else None
 
 
-def scan_all_prompts(tokenizer: Any, cfg: Any, train_rows: list[dict], eval_rows: list[dict]) -> tuple[list[str], int]:
-    """`scan_prompts` over the train and eval rows; each warning is also issued as an InputWarning.
-    -> (warnings, tokens of the longest prompt as the model will see it)."""
+def scan_all_prompts(
+    tokenizer: Any,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    *,
+    prompt_column: str,
+    max_prompt_length: int,
+    prompts_per_step: int,
+) -> tuple[list[str], int]:
+    """`scan_prompts` over the train and eval rows, and `prompts_per_step` against the training rows; each warning
+    is also issued as an InputWarning. -> (warnings, tokens of the longest prompt as the model will see it)."""
     scans = [
-        scan_prompts(tokenizer, rows, cfg.prompt_column, cfg.max_prompt_length, source)
+        scan_prompts(tokenizer, rows, prompt_column, max_prompt_length, source)
         for rows, source in ((train_rows, "train data"), (eval_rows, "eval data"))
     ]
     messages = [message for scan in scans for message in scan.warnings]
     if eval_rows and "answer" not in eval_rows[0]:
         messages.append("eval data has no `answer` column: held-out accuracy is not computed for it")
-    if cfg.prompts_per_step > len(train_rows):
+    if prompts_per_step > len(train_rows):
         messages.append(
-            f"prompts_per_step = {cfg.prompts_per_step} is more than the {len(train_rows)} training prompts: a step "
+            f"prompts_per_step = {prompts_per_step} is more than the {len(train_rows)} training prompts: a step "
             "samples some prompts twice"
         )
     for message in messages:
@@ -522,45 +530,53 @@ def pad_batch(seqs: list[list[int]], pad_id: int, *, side: str) -> tuple[torch.T
 
 
 def grpo_rows(
-    cfg: Any, task: Any, train_rows: list[dict] | None, eval_rows: list[dict] | None
+    task: Any,
+    train_rows: list[dict] | None,
+    eval_rows: list[dict] | None,
+    *,
+    train_data: str | None,
+    eval_data: str | None,
+    num_train_prompts: int,
+    num_eval_prompts: int,
+    seed: int,
+    prompt_column: str,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train rows, held-out rows) of a GRPO run: the rows passed in, else `train_data` / `eval_data`, else the
-    built-in task's splits. Checked here, before any model loads: every row has the prompt column and the
-    columns of the first row (reward functions get every column for every completion)."""
+    """(train rows, held-out rows) of a GRPO run: the rows passed in, else the files `train_data` / `eval_data`,
+    else the built-in task's splits (`num_train_prompts`, `num_eval_prompts` rows drawn under `seed`); the first
+    `num_eval_prompts` held-out rows are kept. Checked here, before any model loads: every row has the
+    `prompt_column` and the columns of the first row (reward functions get every column for every completion)."""
     given = train_rows is not None
     train_rows = dataset_rows(train_rows, "train_dataset") if given else None
     eval_rows = dataset_rows(eval_rows, "eval_dataset") if eval_rows is not None else None
     if train_rows is None:
         if task is not None:
-            train_rows = task.rows(cfg.num_train_prompts, split="train", seed=cfg.seed)
+            train_rows = task.rows(num_train_prompts, split="train", seed=seed)
         else:
-            train_rows = load_rows(cfg.train_data, field="train_data")
+            train_rows = load_rows(train_data, field="train_data")
     if not train_rows:
         raise DataError("`train_dataset` holds no rows" if given else "the training rows are empty")
     if eval_rows is None:
-        if cfg.eval_data is not None:
-            eval_rows = load_rows(cfg.eval_data, field="eval_data")
+        if eval_data is not None:
+            eval_rows = load_rows(eval_data, field="eval_data")
         elif task is not None:
-            eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
+            eval_rows = task.rows(num_eval_prompts, split="eval", seed=seed)
         else:
             eval_rows = []
-    if len(eval_rows) > cfg.num_eval_prompts:
+    if len(eval_rows) > num_eval_prompts:
         warnings.warn(
-            f"eval data holds {len(eval_rows)} rows; num_eval_prompts = {cfg.num_eval_prompts} of them (the first) are "
+            f"eval data holds {len(eval_rows)} rows; num_eval_prompts = {num_eval_prompts} of them (the first) are "
             "evaluated: raise num_eval_prompts to evaluate them all",
             InputWarning,
             stacklevel=3,
         )
     if isinstance(eval_rows, Rows):  # a slice of Rows is a plain list: keep the file's name and lines
-        eval_rows = Rows(
-            eval_rows[: cfg.num_eval_prompts], eval_rows.source, (eval_rows.lines or [])[: cfg.num_eval_prompts]
-        )
+        eval_rows = Rows(eval_rows[:num_eval_prompts], eval_rows.source, (eval_rows.lines or [])[:num_eval_prompts])
     else:
-        eval_rows = eval_rows[: cfg.num_eval_prompts]
-    check_columns(train_rows, [cfg.prompt_column], "train data")
-    check_rows(train_rows, cfg.prompt_column, "train data")
-    check_columns(eval_rows, [cfg.prompt_column], "eval data")
-    check_rows(eval_rows, cfg.prompt_column, "eval data")
+        eval_rows = eval_rows[:num_eval_prompts]
+    check_columns(train_rows, [prompt_column], "train data")
+    check_rows(train_rows, prompt_column, "train data")
+    check_columns(eval_rows, [prompt_column], "eval data")
+    check_rows(eval_rows, prompt_column, "eval data")
     return train_rows, eval_rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,6 @@ def sample_batches(
     temperature: float,
     max_new_tokens: int,
     seed: int,
-    device: torch.device | str = "cpu",
     batch_size: int = 256,
     max_prompt_length: int = 256,
 ):
@@ -68,25 +68,37 @@ def require_heldout_rows(eval_every: int, rows: list[Any], num_eval_prompts: int
         )
 
 
+@dataclass(frozen=True)
+class HeldoutSettings:
+    """How `heldout_eval` samples and scores the held-out rows: a GRPO / PPO run's config sets them
+    (`GRPOTrainer.evaluate`), `grpokit eval` its own fields."""
+
+    temperature: float
+    """Of the sampled pass (the greedy pass draws at 0)."""
+    max_new_tokens: int
+    seed: int
+    """Prompt i of the sampled pass draws from `prompt_seeds(seed, EVAL_STEP, [i])`."""
+    prompt_column: str
+    max_prompt_length: int
+    reward_timeout: float | None
+    """Seconds a reward function's call may take (`rewards.score`); None: no limit."""
+
+
 def heldout_eval(
     sampler: Sampler,
     tokenizer: Any,
     rows: list[dict[str, Any]],
-    cfg: Any,
-    device: torch.device | str,
+    settings: HeldoutSettings,
     is_correct: Callable[[str, str], bool] | None = None,
     rewards: Any = None,
     *,
     batch_size: int = 256,
 ) -> dict[str, float]:
-    """Held-out figures of one completion per row, greedy and sampled at `cfg.eval_temperature`:
+    """Held-out figures of one completion per row, greedy and sampled at `settings.temperature`:
     eval/accuracy_{greedy,sampled} (rows with an `answer`, under `is_correct`), and with `rewards` (a RewardSet)
     eval/rewards/NAME/mean_{mode} of every function the rows can feed and eval/reward_{mode}, their weighted sum
-    over the rows some function scored. {} without rows. `cfg` gives eval_temperature, max_completion_length,
-    seed, prompt_column, max_prompt_length and reward_timeout."""
-    temperature, max_new_tokens, seed = cfg.eval_temperature, cfg.max_completion_length, cfg.seed
-    prompt_column, max_prompt_length = cfg.prompt_column, cfg.max_prompt_length
-    reward_timeout = getattr(cfg, "reward_timeout", None)
+    over the rows some function scored. {} without rows."""
+    prompt_column = settings.prompt_column
     from grpokit import algo
     from grpokit.rewards import REWARD_INPUTS, RewardError, accepted_inputs, reward_inputs, score
 
@@ -103,25 +115,24 @@ def heldout_eval(
     if skipped:
         warnings.warn(f"held-out rows lack what {skipped} need: those reward functions are not evaluated", stacklevel=2)
     out: dict[str, float] = {}
-    for mode, mode_temperature in (("greedy", 0.0), ("sampled", temperature)):
+    for mode, mode_temperature in (("greedy", 0.0), ("sampled", settings.temperature)):
         texts, scores = [], []
         batches = sample_batches(
             sampler,
             tokenizer,
             [r[prompt_column] for r in rows],
             temperature=mode_temperature,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            device=device,
+            max_new_tokens=settings.max_new_tokens,
+            seed=settings.seed,
             batch_size=batch_size,
-            max_prompt_length=max_prompt_length,
+            max_prompt_length=settings.max_prompt_length,
         )
         for start, prompts, rollout, batch_texts in batches:
             texts += batch_texts
             if funcs:
                 batch = rows[start : start + len(batch_texts)]
                 inputs = reward_inputs(batch, prompt_column, 1, prompts.texts, batch_texts, rollout)
-                scores.append(score([(n, f) for _, n, f in funcs], inputs, timeout=reward_timeout).float())
+                scores.append(score([(n, f) for _, n, f in funcs], inputs, timeout=settings.reward_timeout).float())
         # rows whose answer the checker cannot compare as text (a list a reward of the user's reads) are left out
         compared = [(t, r["answer"]) for t, r in zip(texts, rows) if answer_problem(r.get("answer")) is None]
         if is_correct is not None and compared:

@@ -20,7 +20,7 @@ from grpokit.checkpoint import atomic_folder, save_model
 from grpokit.config import ConfigError, LoRAConfig
 
 
-def apply_lora(model: Any, cfg: LoRAConfig) -> Any:
+def apply_lora(model: Any, lora: LoRAConfig) -> Any:
     """Wrap `model` in a `peft` PeftModel with fresh adapters; every base weight is frozen.
 
     The adapters start with B = 0, so the wrapped model computes exactly what `model` did. `model` itself
@@ -29,18 +29,18 @@ def apply_lora(model: Any, cfg: LoRAConfig) -> Any:
     """
     from peft import LoraConfig, get_peft_model
 
-    if cfg.r < 1:
-        raise ValueError(f"apply_lora needs lora.r >= 1, got {cfg.r}")
-    target_modules = cfg.target_modules
+    if lora.r < 1:
+        raise ValueError(f"apply_lora needs lora.r >= 1, got {lora.r}")
+    target_modules = lora.target_modules
     if target_modules == ["all-linear"]:
         target_modules = "all-linear"  # peft's keyword is a plain string, not a module name
     else:
         check_target_modules(model, target_modules)
     peft_config = LoraConfig(
         task_type="CAUSAL_LM",
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules=target_modules,
     )
     with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecated; nothing for users to do

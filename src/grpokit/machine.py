@@ -51,6 +51,20 @@ EVAL_BATCH_ROWS = 256  # `evaluate.heldout_eval`'s prompts per sampler call, one
 
 
 @dataclass(frozen=True)
+class StepSizes:
+    """What a GRPO / PPO step's memory grows with, as its config sets it (`run_setup.step_sizes`); a refusal names
+    these fields."""
+
+    prompts_per_step: int
+    num_generations: int
+    max_completion_length: int
+    minibatch_size: int | None
+    micro_batch_size: int | None
+    max_tokens_per_micro_batch: int | None
+    gradient_checkpointing: bool
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """Peak bytes of a GRPO step's parts (see the module's docstring), and what they were computed from."""
 
@@ -68,15 +82,15 @@ class MemoryEstimate:
         return max(self.kv_cache + self.sampling, self.training)
 
 
-def text_config(config: Any) -> Any:
-    """The language model's part of a config (a multimodal config nests it)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+def text_config(model_config: Any) -> Any:
+    """The language model's part of a model's config (a multimodal config nests it)."""
+    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
 
 
-def kv_cache_bytes(config: Any, rows: int, positions: int, dtype_bytes: int) -> int:
+def kv_cache_bytes(model_config: Any, rows: int, positions: int, dtype_bytes: int) -> int:
     """Bytes of a KV cache of `positions` for `rows` rows: layers x 2 (keys, values) x kv_heads x head_dim x
     positions x rows x dtype_bytes. A sliding-window layer (`layer_types`) keeps at most its window."""
-    config = text_config(config)
+    config = text_config(model_config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -87,7 +101,7 @@ def kv_cache_bytes(config: Any, rows: int, positions: int, dtype_bytes: int) -> 
 
 
 def estimate(
-    config: Any,
+    model_config: Any,
     *,
     rows: int,
     positions: int,
@@ -95,9 +109,9 @@ def estimate(
     dtype_bytes: int,
     gradient_checkpointing: bool = False,
 ) -> MemoryEstimate:
-    """The estimate for a model `config`: `rows` sampled at once for `positions` (prompt + completion),
-    `training_tokens` positions in the largest training forward, activations of `dtype_bytes`."""
-    text = text_config(config)
+    """The estimate for a model's config (`model_config`): `rows` sampled at once for `positions` (prompt +
+    completion), `training_tokens` positions in the largest training forward, activations of `dtype_bytes`."""
+    text = text_config(model_config)
     hidden = text.hidden_size
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     per_hidden, per_intermediate = SAVED_PER_TOKEN_LAYER
@@ -107,7 +121,7 @@ def estimate(
     else:
         saved_per_token = text.num_hidden_layers * one_layer
     return MemoryEstimate(
-        kv_cache=kv_cache_bytes(config, rows, positions, dtype_bytes),
+        kv_cache=kv_cache_bytes(model_config, rows, positions, dtype_bytes),
         sampling=rows * text.vocab_size * (dtype_bytes + SAMPLING_BYTES_PER_LOGIT),
         training=training_tokens * saved_per_token * dtype_bytes,
         rows=rows,
@@ -164,7 +178,7 @@ def model_config(source: Any) -> Any:
 
 def check_grpo_memory(
     source: Any,
-    cfg: Any,
+    sizes: StepSizes,
     longest_prompt: int,
     device: torch.device,
     dtype: torch.dtype,
@@ -174,26 +188,26 @@ def check_grpo_memory(
     in_process_sampler: bool = True,
     available: int | None = None,
 ) -> MemoryEstimate | None:
-    """Refuse (ConfigError) a GRPO / PPO config whose step cannot fit in memory, before the model loads: the
+    """Refuse (ConfigError) a GRPO / PPO step of `sizes` that cannot fit in memory, before the model loads: the
     estimate of the model `source` (a model object, its config, or a path whose config is read) against `available`
     bytes (default: what `available_bytes` reads; on a CPU the ranks of one machine share it). Without
     `in_process_sampler` (an engine of its own, such as vLLM) the rollout's memory is not this process's. The
     message names the fields that size it. -> the estimate, or None where the model's config cannot be read or has
     no attention of the usual shape."""
-    config = model_config(source)
-    if config is None:
+    source_config = model_config(source)
+    if source_config is None:
         return None
-    G, P = cfg.num_generations, cfg.prompts_per_step // world_size
-    positions = longest_prompt + cfg.max_completion_length
+    G, P = sizes.num_generations, sizes.prompts_per_step // world_size
+    positions = longest_prompt + sizes.max_completion_length
     rows = max(P * G, min(num_eval_rows, EVAL_BATCH_ROWS)) if in_process_sampler else 0
-    minibatch = (cfg.minibatch_size or cfg.prompts_per_step * G) // world_size
-    training_tokens = (cfg.micro_batch_size or minibatch) * positions
-    if cfg.max_tokens_per_micro_batch:  # cut by the budget, but a single longer row runs alone
-        training_tokens = min(training_tokens, max(cfg.max_tokens_per_micro_batch, positions))
-    sizes = {"rows": rows, "positions": positions, "training_tokens": training_tokens}
-    sizes["gradient_checkpointing"] = bool(cfg.gradient_checkpointing)
+    minibatch = (sizes.minibatch_size or sizes.prompts_per_step * G) // world_size
+    training_tokens = (sizes.micro_batch_size or minibatch) * positions
+    if sizes.max_tokens_per_micro_batch:  # cut by the budget, but a single longer row runs alone
+        training_tokens = min(training_tokens, max(sizes.max_tokens_per_micro_batch, positions))
+    shape = {"rows": rows, "positions": positions, "training_tokens": training_tokens}
+    shape["gradient_checkpointing"] = bool(sizes.gradient_checkpointing)
     try:
-        need = estimate(config, **sizes, dtype_bytes=torch.empty((), dtype=dtype).element_size())
+        need = estimate(source_config, **shape, dtype_bytes=torch.empty((), dtype=dtype).element_size())
     except (AttributeError, TypeError, ZeroDivisionError):  # no attention heads (a state-space model, ...): no KV
         return None  # cache of this shape to estimate
     if available is None:
@@ -203,22 +217,22 @@ def check_grpo_memory(
             available //= max(1, ranks_here)
     if available is None or need.total <= available:
         return need
-    raise ConfigError(memory_message(need, cfg, longest_prompt, device, available, per_rank=world_size > 1))
+    raise ConfigError(memory_message(need, sizes, longest_prompt, device, available, per_rank=world_size > 1))
 
 
 def memory_message(
-    need: MemoryEstimate, cfg: Any, longest_prompt: int, device: torch.device, available: int, *, per_rank: bool
+    need: MemoryEstimate, sizes: StepSizes, longest_prompt: int, device: torch.device, available: int, *, per_rank: bool
 ) -> str:
     rank = " per rank" if per_rank else ""
     rows = (
-        f"prompts_per_step {cfg.prompts_per_step}{' / ranks' if per_rank else ''} x num_generations "
-        f"{cfg.num_generations} = {need.rows} rows"
+        f"prompts_per_step {sizes.prompts_per_step}{' / ranks' if per_rank else ''} x num_generations "
+        f"{sizes.num_generations} = {need.rows} rows"
     )
     return (
         f"this config needs about {need.total / GIB:.1f} GiB{rank} at its peak, more than the "
         f"{available / GIB:.1f} GiB of memory available on {device.type}: the sampler's KV cache "
         f"{need.kv_cache / GIB:.1f} GiB ({rows} x {need.positions} positions: the longest prompt, {longest_prompt} "
-        f"tokens, + max_completion_length {cfg.max_completion_length}) and its sampling buffers "
+        f"tokens, + max_completion_length {sizes.max_completion_length}) and its sampling buffers "
         f"{need.sampling / GIB:.1f} GiB (rows x vocabulary); the training forward {need.training / GIB:.1f} GiB "
         f"({need.training_tokens} positions of one micro-batch, see max_tokens_per_micro_batch, micro_batch_size "
         "and gradient_checkpointing). Lower `num_generations`, "

@@ -629,40 +629,6 @@ def fetch_model(name: str, output_dir, *, overwrite: bool = False) -> Path:
     return save_model(model, load_tokenizer(gguf), output_dir, overwrite=overwrite)
 
 
-def with_model(config, model, tokenizer=None):
-    """(a copy of the config, the model object or None): a path or hub id given as `model` becomes the config's
-    `model`; a model object's `name_or_path` is recorded there, so the saved config says what was trained, and
-    is where its tokenizer loads from unless `tokenizer` is given. A model object loaded from another model than
-    the config's `model` names is an error: one of the two is a mistake."""
-    import dataclasses
-
-    config = dataclasses.replace(config)
-    if isinstance(model, (str, Path)):
-        config.model, model = str(model), None
-    elif model is not None and config.model:
-        source = getattr(model, "name_or_path", "")
-        if source and not _same_source(source, config.model):
-            raise ValueError(
-                f"`model` was loaded from {source!r} but config field `model` is {config.model!r}: the tokenizer "
-                f"would load from, and the saved config name, another model than the one trained; set `model` in "
-                f"the config to {source!r} (or leave it empty)"
-            )
-    elif model is not None:
-        source = getattr(model, "name_or_path", "")
-        if tokenizer is None and not (source and (Path(source).exists() or is_hub_id(source))):
-            raise ValueError(
-                f"a {type(model).__name__} object was passed as `model` without `tokenizer=`, and it was not loaded "
-                f"from a folder or hub id its tokenizer could come from (name_or_path {source!r}): pass tokenizer="
-            )
-        config.model = source or f"<{type(model).__name__} object>"
-    return config, model
-
-
-def _same_source(a: str, b: str) -> bool:
-    """Two names of one model: the same text, or two paths to the same folder."""
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
-
-
 def ensure_pad_token(tokenizer):
     """Base checkpoints often have no pad token; pad with EOS (padding is always masked out). A tokenizer without
     an EOS token is an error: no completion could ever end."""

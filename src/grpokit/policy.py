@@ -23,11 +23,11 @@ from typing import Any, Protocol
 import torch
 
 from grpokit import packing
-from grpokit.config import LoRAConfig, RunConfig
+from grpokit.config import LoRAConfig
 from grpokit.distributed import Cluster, full, full_weights, shard, shard_of
 from grpokit.lora import adapters_disabled, apply_lora, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs
-from grpokit.optim import build_optimizer
+from grpokit.optim import OptimizerSettings, build_optimizer
 from grpokit.weights import PolicyWeights
 
 
@@ -51,10 +51,12 @@ class Policy:
     def __init__(
         self,
         model: torch.nn.Module,
-        optim: RunConfig,
+        optim: OptimizerSettings,
         *,
         total_steps: int,
         device: torch.device,
+        logprob_chunk_size: int,
+        gradient_checkpointing: bool = False,
         compute_dtype: torch.dtype = torch.float32,
         lora: LoRAConfig | None = None,
         reference: bool = False,
@@ -65,8 +67,9 @@ class Policy:
         cluster: Cluster | None = None,
         per_token: Callable[..., Any] = completion_logprobs,
     ):
-        """`optim`: any stage config (learning rate, AdamW, schedule, max_grad_norm, logprob_chunk_size,
-        gradient_checkpointing). `reference`: keep a KL reference (with LoRA the base with adapters off,
+        """`optim`: AdamW, its schedule and the gradient clip. `logprob_chunk_size`: token positions per chunk of
+        the vocabulary projection; `gradient_checkpointing`: recompute each layer's activations in the backward
+        (non-reentrant). `reference`: keep a KL reference (with LoRA the base with adapters off,
         otherwise a frozen copy). `temperature`: logprobs are taken under logits / temperature, as the sampler
         draws. `layout`: how a forward lays out its rows (`grpokit.packing`); `max_tokens_per_micro_batch` and
         `micro_batch_size` bound what one forward holds (`micro_batches`); None = no bound. `cluster`: the ranks
@@ -78,7 +81,7 @@ class Policy:
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.temperature = temperature
-        self.chunk_size = optim.logprob_chunk_size
+        self.chunk_size = logprob_chunk_size
         self.max_grad_norm = optim.max_grad_norm
         self.layout = layout
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
@@ -88,7 +91,7 @@ class Policy:
         model = model.to(self.device)
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
             model = model.float()  # master weights: see the module docstring
-        if optim.gradient_checkpointing:
+        if gradient_checkpointing:
             # Non-reentrant: works with frozen inputs (LoRA) and keeps the forward's RNG for dropout.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None and lora.r > 0:  # before the optimizer, so AdamW holds state for the adapters only
@@ -107,25 +110,6 @@ class Policy:
         if self.cluster.sharded:
             self.fsdp_roots = {id(m): shard(m, completion_logprobs) for m in (model, self.ref_model) if m is not None}
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
-
-    @classmethod
-    def for_grpo(cls, model: torch.nn.Module, cfg: Any, *, total_steps: int, device, dtype, cluster=None):
-        """The policy of a GRPO run: LoRA, a reference when beta > 0, the sampling temperature, the training
-        forward's layout and micro-batch bounds, all from the config; `cluster` the ranks it trains on."""
-        return cls(
-            model,
-            cfg,
-            total_steps=total_steps,
-            device=device,
-            compute_dtype=dtype,
-            lora=cfg.lora,
-            reference=cfg.beta > 0,
-            temperature=cfg.temperature,
-            layout=cfg.training_forward,
-            max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
-            micro_batch_size=cfg.micro_batch_size,
-            cluster=cluster,
-        )
 
     # ---------------------------------------------------------------- forwards
     def full_weights(self) -> contextlib.AbstractContextManager:

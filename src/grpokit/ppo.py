@@ -14,7 +14,6 @@ gradients and its AdamW moments, and a second forward and backward per micro-bat
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -29,7 +28,8 @@ from grpokit.config import ConfigError, PPOConfig
 from grpokit.critic import ValueModel, build_critic, check_critic, completion_values
 from grpokit.lora import uses_lora
 from grpokit.modeling import ModelFolderError, check_model_source, check_same_tokenizer, check_vocabulary
-from grpokit.policy import NumericsError, Policy
+from grpokit.policy import NumericsError
+from grpokit.run_setup import stage_policy
 from grpokit.sampler import push_weights
 from grpokit.saving import load_training_state, training_state
 from grpokit.trainer import GRPOTrainer
@@ -69,13 +69,13 @@ class PPOTrainer(GRPOTrainer):
         except ModelFolderError as err:
             raise ConfigError(str(err)) from None
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
-        critic_optim = dataclasses.replace(cfg, learning_rate=cfg.critic_learning_rate or cfg.learning_rate)
-        self.critic = Policy(
+        self.critic = stage_policy(
             critic,
-            critic_optim,
+            cfg,
+            learning_rate=cfg.critic_learning_rate or cfg.learning_rate,
             total_steps=optimizer_steps,
             device=self.device,
-            compute_dtype=self.policy.compute_dtype,
+            dtype=self.policy.compute_dtype,
             layout=cfg.training_forward,
             max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
             micro_batch_size=cfg.micro_batch_size,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from grpokit.arguments import python_arguments
-from grpokit.checkpoint import RunDirectory, run_inputs, seed_everything
+from grpokit.checkpoint import RunDirectory
 from grpokit.config import RewardModelConfig
 from grpokit.data import (
     DataError,
@@ -29,19 +29,15 @@ from grpokit.data import (
     pad_batch,
     where,
 )
-from grpokit.machine import pin_threads
 from grpokit.modeling import (
-    check_model_source,
     check_positions,
     check_vocabulary,
     load_reward_model,
-    resolve_device,
-    resolve_dtype,
-    stage_tokenizer,
 )
 from grpokit.policy import Policy
 from grpokit.reward_scorer import encode_texts, sequence_rewards
 from grpokit.run_loop import LoopSettings, StepReport, run_stage
+from grpokit.run_setup import RunSetup, stage_policy
 from grpokit.runlog import RunLog
 from grpokit.saving import resume, save_trained, write_checkpoint
 
@@ -231,9 +227,8 @@ def train_reward_model(
     )  # fmt: skip
     cfg, model = args.config, args.model
     train_pairs, eval_pairs = args.rows["train_pairs"], args.rows["eval_pairs"]
-    seed_everything(cfg.seed)
-    # the numbers depend on the thread count: recorded in config.yaml (on a copy: the caller's config stays as it was)
-    cfg = replace(cfg, num_threads=pin_threads(cfg.num_threads))
+    setup = RunSetup(cfg)  # seeded, threads pinned
+    cfg = setup.cfg
     if train_pairs is None or eval_pairs is None:
         loaded_train, loaded_eval = reward_model_pairs(cfg)
         train_pairs = loaded_train if train_pairs is None else train_pairs
@@ -242,17 +237,12 @@ def train_reward_model(
         raise DataError("reward-model train data holds no pairs")
     _check_pairs(train_pairs, cfg, "reward-model train data", margin=True)
     _check_pairs(eval_pairs, cfg, "reward-model eval data", margin=False)
-    inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, train_data=train_pairs, eval_data=eval_pairs)
-    run_dir = RunDirectory.for_config(cfg, inputs=inputs)
-    run_dir.plan()
-
-    device = resolve_device(cfg.device)
-    if model is None:
-        check_model_source(cfg.model, tokenizer=tokenizer is None, kind="body")
-    tokenizer = stage_tokenizer(tokenizer, cfg.model)
+    run_dir, tokenizer = setup.open(
+        model=model, tokenizer=tokenizer, model_kind="body", train_data=train_pairs, eval_data=eval_pairs
+    )
     if model is None:
         model = load_reward_model(
-            cfg.model, device, torch.float32, pad_token_id=tokenizer.pad_token_id, new_head=True, field="model"
+            cfg.model, setup.device, torch.float32, pad_token_id=tokenizer.pad_token_id, new_head=True, field="model"
         )
     if getattr(model.config, "num_labels", None) != 1:
         raise ValueError(
@@ -260,9 +250,7 @@ def train_reward_model(
             f"{type(model).__name__} with num_labels={getattr(model.config, 'num_labels', None)}; "
             "load one with grpokit.reward_model.load_reward_model"
         )
-    policy = Policy(
-        model, cfg, total_steps=cfg.max_steps, device=device, compute_dtype=resolve_dtype(cfg.dtype, device)
-    )
+    policy = stage_policy(model, cfg, total_steps=cfg.max_steps, device=setup.device, dtype=setup.dtype)
     check_vocabulary(model, tokenizer)
     train_examples = encode_pairs(tokenizer, train_pairs, cfg, margin=True)
     eval_examples = encode_pairs(tokenizer, eval_pairs, cfg, margin=False)

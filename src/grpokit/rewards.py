@@ -39,7 +39,7 @@ import torch
 from grpokit import algo
 from grpokit.config import BUILTIN_REWARDS, ConfigError
 from grpokit.data import RESERVED_COLUMNS, DataError, check_answers, check_columns, check_eval_answers, completion_text
-from grpokit.modeling import check_model_source, resolve_device
+from grpokit.modeling import check_model_source
 from grpokit.reward_scorer import RewardModelScorer
 from grpokit.types import ArgumentError, kind_of
 
@@ -617,20 +617,29 @@ class RewardSet:
                 out.append(name)
         return out
 
-    def score_step(self, inputs: dict[str, list[Any]], cfg: Any, gather: Callable | None = None):
-        """One generation batch (`reward_inputs`) scored and turned into advantages (`score`, `check_advantages`),
-        under the config's `num_generations`, `scale_rewards`, `reward_aggregation` and `reward_timeout`.
-        `gather` (`Cluster.gather`) joins the scores of every rank's share, so that advantages and every figure
-        are of the whole step (a batch-level `scale_rewards` included) wherever its rows were sampled.
+    def score_step(
+        self,
+        inputs: dict[str, list[Any]],
+        *,
+        group_size: int,
+        scale: str,
+        aggregation: str,
+        timeout: float | None,
+        gather: Callable | None = None,
+    ):
+        """One generation batch (`reward_inputs`) scored (each call within `timeout` seconds) and turned into
+        advantages over groups of `group_size` (`algo.multi_reward_advantages` under `scale` and `aggregation`;
+        `check_advantages`). `gather` (`Cluster.gather`) joins the scores of every rank's share, so that advantages
+        and every figure are of the whole step (a batch-level `scale` included) wherever its rows were sampled.
         -> (rewards (N, K) float32, NaN for None; total (N,); scorable (N,); advantages (N,); gold (N, 1) | None)."""
-        G = cfg.num_generations
+        G = group_size
         gather = gather or (lambda t: t)
-        timeout, warned = cfg.reward_timeout, self.warned_cwd
+        warned = self.warned_cwd
         scores = gather(score(self.funcs, inputs, timeout=timeout, warned_cwd=warned))  # (N, K) float64
         rewards = scores.float()  # (N, K)
         total, scorable = algo.combine_rewards(rewards, self.weights)  # (N,), (N,)
         advantages = algo.multi_reward_advantages(
-            rewards, self.weights, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation
+            rewards, self.weights, group_size=G, scale=scale, aggregation=aggregation
         )  # (N,)
         check_advantages(advantages, scores, self.weights, self.names, group_size=G)
         gold = gather(score(self.gold, inputs, timeout=timeout, warned_cwd=warned)).float() if self.gold else None
@@ -651,35 +660,27 @@ class RewardSet:
 
 
 def reward_set(
-    cfg: Any,
-    task: Any,
+    funcs: list[Any] | None,
+    build: Callable[..., list[tuple[str, RewardFn]]],
+    *,
+    names: Sequence[str],
+    weights: Sequence[float] | None,
+    gold_reward: str | None,
+    prompt_column: str,
     train_rows: list[dict[str, Any]],
-    funcs: list[tuple[str, RewardFn]] | None = None,
     eval_rows: list[dict[str, Any]] | None = None,
 ) -> RewardSet:
-    """Resolve `cfg.reward_funcs` (or take `funcs`), `reward_weights` and `gold_reward`, and check that the
-    rows (training and held-out: their answers, their image columns) carry what they need, before any policy model
+    """The reward functions `funcs` handed in, else those `names` names, with their `weights` (None: 1 each) and the
+    `gold_reward` watched beside them; `build(names, field=...)` turns names into (name, function) pairs
+    (`build_reward_funcs` with the run's settings; `field` the config field that named them). Checks that the rows
+    (training and held-out: their answers, their image columns) carry what they need, before any policy model
     loads."""
-
-    def build(names: Sequence[str], field: str = "reward_funcs") -> list[tuple[str, RewardFn]]:
-        return build_reward_funcs(
-            names,
-            format_pattern=cfg.format_pattern,
-            max_completion_length=cfg.max_completion_length,
-            overlong_buffer=cfg.overlong_buffer,
-            task=task,
-            device=str(resolve_device(cfg.device)),
-            reward_model_batch_size=cfg.reward_model_batch_size,
-            field=field,
-        )
-
-    given = funcs
-    funcs = named_reward_funcs(funcs, build) if funcs is not None else build(cfg.reward_funcs)
+    funcs = named_reward_funcs(funcs, build) if funcs is not None else build(names)
     try:
-        gold = build([cfg.gold_reward], "gold_reward") if cfg.gold_reward else []
+        gold = build([gold_reward], field="gold_reward") if gold_reward else []
     except ValueError as err:
         raise ConfigError(f"config field `gold_reward`: {err}") from None
-    weights = cfg.reward_weights or [1.0] * len(funcs)
+    weights = weights or [1.0] * len(funcs)
     if len(weights) != len(funcs):
         raise ConfigError(f"config field `reward_weights` has {len(weights)} entries for {len(funcs)} reward functions")
     gold_checked = "accuracy" in [name for name, _ in funcs + gold]
@@ -687,17 +688,14 @@ def reward_set(
         check_columns(train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
         check_answers(train_rows, "train data (the `accuracy` reward compares its `answer`)")
     check_eval_answers(eval_rows or [], gold_reward_used=gold_checked)
-    available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != cfg.prompt_column)]
+    available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != prompt_column)]
     asked: set[str] = set()  # the names reward functions ask for in their signatures (not through **kwargs)
     for name, fn in funcs + gold:
         accepted_inputs(name, fn, available)  # a signature grpokit cannot call fails now, not at step 1
         asked |= named_parameters(fn)
-    check_image_columns(train_rows, asked, cfg.prompt_column, "train data")
-    check_image_columns(eval_rows or [], asked, cfg.prompt_column, "eval data")
-    rewards = RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold)
-    if given is not None:  # the config (saved with the run) records the functions that were passed in
-        cfg.reward_funcs = rewards.specs()
-    return rewards
+    check_image_columns(train_rows, asked, prompt_column, "train data")
+    check_image_columns(eval_rows or [], asked, prompt_column, "eval data")
+    return RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold)
 
 
 IMAGE_COLUMNS = ("image", "images")  # TRL's vision-language input columns

@@ -50,17 +50,6 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     """A row ends at the first step whose decoded completion contains one of these (needs a tokenizer)."""
 
-    @classmethod
-    def for_training(cls, cfg: Any) -> SamplingParams:
-        """The rollout settings of a GRPO config."""
-        return cls(
-            max_new_tokens=cfg.max_completion_length,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            stop_strings=tuple(cfg.stop_strings),
-        )
-
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

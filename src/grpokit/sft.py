@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from grpokit.arguments import python_arguments
-from grpokit.checkpoint import RunDirectory, python_random_state, run_inputs, seed_everything
+from grpokit.checkpoint import RunDirectory, python_random_state
 from grpokit.config import ConfigError, SFTConfig
 from grpokit.data import (
     DataError,
@@ -28,18 +28,14 @@ from grpokit.data import (
     pad_batch,
     where,
 )
-from grpokit.machine import pin_threads
 from grpokit.modeling import (
-    check_model_source,
     check_positions,
     check_vocabulary,
     load_model,
-    resolve_device,
-    resolve_dtype,
-    stage_tokenizer,
 )
 from grpokit.policy import Policy
 from grpokit.run_loop import LoopSettings, StepReport, run_stage
+from grpokit.run_setup import RunSetup, stage_policy
 from grpokit.runlog import RunLog
 from grpokit.saving import resume, save_trained, write_checkpoint
 from grpokit.tasks import get_task
@@ -149,25 +145,16 @@ def train_sft(
             f"train_sft: config field `task` is {cfg.task!r} but training rows were passed in (`rows`): use one "
             "(set task: null to train on the rows, or leave `rows` out to train on the task's demonstrations)"
         )
-    seed_everything(cfg.seed)
-    # the numbers depend on the thread count: recorded in config.yaml (on a copy: the caller's config stays as it was)
-    cfg = replace(cfg, num_threads=pin_threads(cfg.num_threads))
+    setup = RunSetup(cfg)  # seeded, threads pinned
+    cfg = setup.cfg
     rows = rows if rows is not None else sft_rows(cfg)
     check_sft_rows(rows, cfg)
     eval_rows = load_rows(cfg.eval_data, field="eval_data")[: cfg.num_eval_prompts] if cfg.eval_data else []
     if cfg.eval_data:
         check_sft_rows(eval_rows, cfg, f"SFT eval data {cfg.eval_data}")
-    inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, train_data=rows, eval_data=eval_rows)
-    run_dir = RunDirectory.for_config(cfg, inputs=inputs)
-    run_dir.plan()
-    device = resolve_device(cfg.device)
-    if model is None:
-        check_model_source(cfg.model, tokenizer=tokenizer is None)
-    tokenizer = stage_tokenizer(tokenizer, cfg.model)
-    model = model if model is not None else load_model(cfg.model, device, torch.float32)
-    policy = Policy(
-        model, cfg, total_steps=cfg.max_steps, device=device, compute_dtype=resolve_dtype(cfg.dtype, device)
-    )
+    run_dir, tokenizer = setup.open(model=model, tokenizer=tokenizer, train_data=rows, eval_data=eval_rows)
+    model = model if model is not None else load_model(cfg.model, setup.device, torch.float32)
+    policy = stage_policy(model, cfg, total_steps=cfg.max_steps, device=setup.device, dtype=setup.dtype)
     check_vocabulary(model, tokenizer)
     examples = encode_examples(tokenizer, rows, cfg)
     eval_examples = encode_examples(tokenizer, eval_rows, cfg) if eval_rows else []

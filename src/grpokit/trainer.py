@@ -17,6 +17,7 @@ PPO (`grpokit.ppo`) is this loop with a critic's per-token advantages in place o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -25,21 +26,21 @@ import torch
 
 from grpokit import algo, machine, modeling, update
 from grpokit.arguments import python_arguments
-from grpokit.checkpoint import RunDirectory, run_inputs, seed_everything
+from grpokit.checkpoint import RunDirectory
 from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.distributed import Cluster
-from grpokit.evaluate import decode_completions, heldout_eval, require_heldout_rows
-from grpokit.modeling import load_model, resolve_dtype, stage_tokenizer
+from grpokit.evaluate import HeldoutSettings, decode_completions, heldout_eval, require_heldout_rows
+from grpokit.modeling import load_model, resolve_device
 from grpokit.monitor import SignalMonitor, group_diversity
-from grpokit.policy import NumericsError, Policy
-from grpokit.rewards import RewardFn, exact_match, reward_inputs, reward_set
+from grpokit.policy import NumericsError
+from grpokit.rewards import RewardFn, build_reward_funcs, exact_match, reward_inputs, reward_set
 from grpokit.run_loop import LoopSettings, StepReport, run_stage
+from grpokit.run_setup import RunSetup, grpo_policy, run_sampler, sampling_params, step_sizes
 from grpokit.runlog import RunLog, plot_curves, read_metrics
 from grpokit.sampler import (
     KVCacheSampler,
     Sampler,
-    SamplingParams,
     call_generate,
     check_rollout,
     prompt_seeds,
@@ -76,33 +77,45 @@ class GRPOTrainer:
             type(self).__name__, self.config_class, config, model=model, tokenizer=tokenizer, reward_funcs=reward_funcs,
             sampler=sampler, datasets={"train_dataset": train_dataset, "eval_dataset": eval_dataset},
         )  # fmt: skip
-        self.cfg = cfg = args.config
         model, reward_funcs = args.model, args.reward_funcs
         train_dataset, eval_dataset = args.rows["train_dataset"], args.rows["eval_dataset"]
-        self.cluster = Cluster.from_env(cfg.distributed, prompts_per_step=cfg.prompts_per_step)  # 1 rank: no torchrun
-        seed_everything(cfg.seed)
-        cfg.num_threads = machine.pin_threads(cfg.num_threads)  # the numbers depend on it: recorded in config.yaml
-        self.device = self.cluster.device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, self.device)
+        self.cluster = Cluster.from_env(args.config.distributed, prompts_per_step=args.config.prompts_per_step)
+        setup = RunSetup(args.config, self.cluster)  # seeded, threads pinned (1 rank: no torchrun)
+        self.cfg = cfg = setup.cfg
+        self.device, dtype = setup.device, setup.dtype
         self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
-        self.train_rows, self.eval_rows = grpo_rows(cfg, self.task, train_dataset, eval_dataset)
+        self.train_rows, self.eval_rows = grpo_rows(
+            self.task, train_dataset, eval_dataset, train_data=cfg.train_data, eval_data=cfg.eval_data, seed=cfg.seed,
+            num_train_prompts=cfg.num_train_prompts, num_eval_prompts=cfg.num_eval_prompts,
+            prompt_column=cfg.prompt_column,
+        )  # fmt: skip
         source = cfg.eval_data is not None or eval_dataset is not None or self.task is not None  # (cut to 0?)
         require_heldout_rows(cfg.eval_every, self.eval_rows, cfg.num_eval_prompts if source else None)
-        self.rewards = reward_set(cfg, self.task, self.train_rows, reward_funcs, self.eval_rows)  # (records in cfg)
-        # what the run reads, which its checkpoints record and a resume must find again (rank 0 checks and writes)
-        rows = {"train_data": self.train_rows, "eval_data": self.eval_rows}
-        inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, **rows) if self.cluster.is_main else None
-        self.run_dir = RunDirectory.for_config(cfg, writer=self.cluster.is_main, inputs=inputs)
-        self.run_dir.plan()
-        if model is None:
-            modeling.check_model_source(cfg.model, tokenizer=tokenizer is None)
-        self.tokenizer = stage_tokenizer(tokenizer, cfg.model)
+        build = functools.partial(
+            build_reward_funcs, format_pattern=cfg.format_pattern, max_completion_length=cfg.max_completion_length,
+            overlong_buffer=cfg.overlong_buffer, task=self.task, device=str(resolve_device(cfg.device)),
+            reward_model_batch_size=cfg.reward_model_batch_size,
+        )  # fmt: skip
+        self.rewards = reward_set(
+            reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
+            prompt_column=cfg.prompt_column, train_rows=self.train_rows, eval_rows=self.eval_rows,
+        )  # fmt: skip
+        if reward_funcs is not None:  # the config (saved with the run) records the functions that were passed in
+            cfg.reward_funcs = self.rewards.specs()
+        self.run_dir, self.tokenizer = setup.open(
+            model=model, tokenizer=tokenizer, train_data=self.train_rows, eval_data=self.eval_rows
+        )
         # what grpokit will change in the prompts, said once (InputWarning), before the model loads
-        self.input_warnings, longest_prompt = scan_all_prompts(self.tokenizer, cfg, self.train_rows, self.eval_rows)
-        machine.check_grpo_memory(model if model is not None else cfg.model, cfg, longest_prompt, self.device, dtype,
-                                 world_size=self.cluster.world_size, num_eval_rows=len(self.eval_rows),
-                                 in_process_sampler=sampler is None or isinstance(sampler, KVCacheSampler))  # fmt: skip
+        self.input_warnings, longest_prompt = scan_all_prompts(
+            self.tokenizer, self.train_rows, self.eval_rows, prompt_column=cfg.prompt_column,
+            max_prompt_length=cfg.max_prompt_length, prompts_per_step=cfg.prompts_per_step,
+        )  # fmt: skip
+        machine.check_grpo_memory(
+            model if model is not None else cfg.model, step_sizes(cfg), longest_prompt, self.device, dtype,
+            world_size=self.cluster.world_size, num_eval_rows=len(self.eval_rows),
+            in_process_sampler=sampler is None or isinstance(sampler, KVCacheSampler),
+        )  # fmt: skip
         model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
         modeling.check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=self.tokenizer)
 
@@ -110,13 +123,12 @@ class GRPOTrainer:
         self.minibatch_size = cfg.minibatch_size or self.generation_size
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
         # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
-        policy = self.policy = Policy.for_grpo(
+        policy = self.policy = grpo_policy(
             model, cfg, total_steps=optimizer_steps, device=self.device, dtype=dtype, cluster=self.cluster
         )
         self.vocab_size = policy.model.get_input_embeddings().num_embeddings  # a sampled id must have an embedding
-        self.sampler = sampler or KVCacheSampler(self.tokenizer, compute_dtype=dtype)
-        push_weights(self.sampler, policy.sampler_weights())
-        self.sampling = SamplingParams.for_training(cfg)
+        self.sampler = run_sampler(self.tokenizer, dtype, policy.sampler_weights(), sampler)
+        self.sampling = sampling_params(cfg)
         self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_seeds`)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.prompt_order = ShuffledEpochs(len(self.train_rows), cfg.seed)
@@ -163,7 +175,10 @@ class GRPOTrainer:
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
         inputs = reward_inputs(rows, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
         # of the whole step: (N, K) NaN where None, (N,) x 3, (N, 1) or None; a reward training cannot use stops here
-        rewards, total, scorable, advantages, gold = self.rewards.score_step(inputs, cfg, gather=cluster.gather)
+        rewards, total, scorable, advantages, gold = self.rewards.score_step(
+            inputs, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation,
+            timeout=cfg.reward_timeout, gather=cluster.gather,
+        )  # fmt: skip
         mask = rollout.trained_mask.float()  # (n, Tc): the tokens in the loss
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated).float().unsqueeze(-1).to(mask.device)
@@ -224,8 +239,12 @@ class GRPOTrainer:
     def evaluate(self, step: int, *, log: bool = False) -> dict[str, float]:
         """Held-out accuracy (the task's gold checker, or exact match on `answer`) and every reward's mean, greedy
         and sampled (`heldout_eval`); kept in the eval history at `step`, and logged as a row of its own when `log`."""
-        check = self.task.is_correct if self.task is not None else exact_match
-        result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, self.cfg, self.device, check, self.rewards)
+        cfg, check = self.cfg, self.task.is_correct if self.task is not None else exact_match
+        settings = HeldoutSettings(
+            temperature=cfg.eval_temperature, max_new_tokens=cfg.max_completion_length, seed=cfg.seed,
+            prompt_column=cfg.prompt_column, max_prompt_length=cfg.max_prompt_length, reward_timeout=cfg.reward_timeout,
+        )  # fmt: skip
+        result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, settings, check, self.rewards)
         if result:
             self.eval_history.append({"step": step, **result})
             if log and self.log is not None:

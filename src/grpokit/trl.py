@@ -30,12 +30,12 @@ from grpokit.checkpoint import (
     PROVENANCE,
     FinishedRunError,
     OutputExistsError,
-    RunDirectory,
     RunDirectoryError,
     check_not_an_input,
     list_checkpoints,
     written_kind,
 )
+from grpokit.run_setup import input_paths, run_directory
 from grpokit.trl_names import (
     GRPOKIT_SOURCES,
     LOSS_TYPES,
@@ -405,7 +405,7 @@ class GRPOTrainer:
         if asked is not None:  # TRL: an explicit resume continues the run; overwrite_output_dir guards fresh runs only
             cfg.overwrite_output_dir = False
         previous = native_trainer.run_dir
-        native_trainer.run_dir = RunDirectory.for_config(cfg, writer=previous.writer, inputs=previous.inputs)
+        native_trainer.run_dir = run_directory(cfg, writer=previous.writer, inputs=previous.inputs)
         native_trainer.run_dir.plan()
         return native_trainer.train()
 
@@ -428,7 +428,8 @@ class GRPOTrainer:
         target = Path(output_dir) if output_dir else run_folder
         if target.resolve() == run_folder.resolve():
             target = run_folder / "model"
-        check_not_an_input(self.trainer.cfg, target, "save_model's output_dir")  # the base model, a reward model
+        # not the base model, a reward model or any other input of the run
+        check_not_an_input(input_paths(self.trainer.cfg), target, "save_model's output_dir")
         # what this trainer saved may be saved over (TRL's scripts save more than once); another model folder grpokit
         # wrote (another run's model, a tokenizer's source, a reward model) is not this run's to replace
         own = {(run_folder / "model").resolve(), *self._saved}
@@ -527,7 +528,7 @@ def trl_args(args: Any) -> GRPOConfig | native.GRPOConfig:
 
 def _earlier_run(cfg: native.GRPOConfig) -> list[str]:
     """What an earlier run left in output_dir."""
-    return RunDirectory.for_config(cfg).holds_run()
+    return run_directory(cfg).holds_run()
 
 
 def _held_run_message(cfg: native.GRPOConfig, found: list[str], *, resumable: bool) -> str:
