@@ -13,6 +13,7 @@ Below the stages a function takes the values it reads, not a config; the functio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ from grpokit.checkpoint import (
 from grpokit.config import GRPOConfig, RunConfig
 from grpokit.distributed import Cluster
 from grpokit.machine import StepSizes, pin_threads
-from grpokit.modeling import check_model_source, resolve_dtype, stage_tokenizer
+from grpokit.modeling import check_model_source, resolve_device, resolve_dtype, stage_tokenizer
 from grpokit.optim import OptimizerSettings
 from grpokit.policy import Policy
+from grpokit.rewards import RewardSet, build_reward_funcs, reward_set
 from grpokit.sampler import KVCacheSampler, PolicyWeights, Sampler, SamplingParams, push_weights
 
 
@@ -219,3 +221,23 @@ def step_sizes(cfg: GRPOConfig) -> StepSizes:
         max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
+
+
+def grpo_rewards(
+    cfg: GRPOConfig, task: Any, reward_funcs: Any, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]
+) -> RewardSet:
+    """The run's weighted reward functions (`rewards.RewardSet`): those passed in (`reward_funcs`), else the config's
+    names built here, checked against the rows. Functions passed in are recorded into the config (saved with the
+    run) by their specs, so config.yaml says what ran."""
+    build = functools.partial(
+        build_reward_funcs, format_pattern=cfg.format_pattern, max_completion_length=cfg.max_completion_length,
+        overlong_buffer=cfg.overlong_buffer, task=task, device=str(resolve_device(cfg.device)),
+        reward_model_batch_size=cfg.reward_model_batch_size,
+    )  # fmt: skip
+    rewards = reward_set(
+        reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
+        prompt_column=cfg.prompt_column, train_rows=train_rows, eval_rows=eval_rows,
+    )  # fmt: skip
+    if reward_funcs is not None:
+        cfg.reward_funcs = rewards.specs()
+    return rewards

@@ -17,7 +17,6 @@ PPO (`grpokit.ppo`) is this loop with a critic's per-token advantages in place o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,12 @@ from grpokit.config import GRPOConfig
 from grpokit.data import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.distributed import Cluster
 from grpokit.evaluate import HeldoutSettings, decode_completions, heldout_eval, require_heldout_rows
-from grpokit.modeling import load_model, resolve_device
+from grpokit.modeling import load_model
 from grpokit.monitor import SignalMonitor, group_diversity
 from grpokit.policy import NumericsError
-from grpokit.rewards import RewardFn, build_reward_funcs, exact_match, reward_inputs, reward_set
+from grpokit.rewards import RewardFn, exact_match, reward_inputs
 from grpokit.run_loop import LoopSettings, StepReport, run_stage
-from grpokit.run_setup import RunSetup, grpo_policy, run_sampler, sampling_params, step_sizes
+from grpokit.run_setup import RunSetup, grpo_policy, grpo_rewards, run_sampler, sampling_params, step_sizes
 from grpokit.runlog import RunLog, plot_curves, read_metrics
 from grpokit.sampler import (
     KVCacheSampler,
@@ -92,17 +91,7 @@ class GRPOTrainer:
         )  # fmt: skip
         source = cfg.eval_data is not None or eval_dataset is not None or self.task is not None  # (cut to 0?)
         require_heldout_rows(cfg.eval_every, self.eval_rows, cfg.num_eval_prompts if source else None)
-        build = functools.partial(
-            build_reward_funcs, format_pattern=cfg.format_pattern, max_completion_length=cfg.max_completion_length,
-            overlong_buffer=cfg.overlong_buffer, task=self.task, device=str(resolve_device(cfg.device)),
-            reward_model_batch_size=cfg.reward_model_batch_size,
-        )  # fmt: skip
-        self.rewards = reward_set(
-            reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
-            prompt_column=cfg.prompt_column, train_rows=self.train_rows, eval_rows=self.eval_rows,
-        )  # fmt: skip
-        if reward_funcs is not None:  # the config (saved with the run) records the functions that were passed in
-            cfg.reward_funcs = self.rewards.specs()
+        self.rewards = grpo_rewards(cfg, self.task, reward_funcs, self.train_rows, self.eval_rows)  # (recorded in cfg)
         self.run_dir, self.tokenizer = setup.open(
             model=model, tokenizer=tokenizer, train_data=self.train_rows, eval_data=self.eval_rows
         )
