@@ -1,5 +1,6 @@
 """`python -m grpokit.cli` as a user runs it: YAML plus command-line overrides, exit codes and messages
-that name the field, generated help, and the train / eval / sft commands on a tiny saved model."""
+that name the field, generated help, `--version`, an override given twice, and the train / eval / sft commands on
+a tiny saved model."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grpokit import __version__
+from grpokit.cli import main
+from grpokit.config import GRPOConfig, check_override_names
 from grpokit.tasks import build_char_tokenizer, tiny_model
 
 
@@ -148,3 +152,35 @@ def test_sft_writes_the_model(tmp_path, model_path):
     AutoModelForCausalLM.from_pretrained(model_dir)  # loads with plain transformers
     rows = [json.loads(line) for line in (tmp_path / "Y" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5]
+
+
+# ---------------------------------------------------------------- in process: --version, an override given twice
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"grpokit {__version__}"
+
+
+@pytest.mark.parametrize(
+    "twice, field",
+    [
+        (["--learning-rate", "1e-3", "--learning-rate", "1e-4"], "learning_rate"),
+        (["--learning_rate=1e-3", "--learning-rate", "1e-4"], "learning_rate"),
+        (["--progress", "--no-progress"], "progress"),
+        (["--lora.r", "4", "--lora.r", "8"], "lora.r"),
+    ],
+)
+def test_an_override_given_twice_is_refused_naming_the_field(tmp_path, capsys, twice, field):
+    rc, err = cli(capsys, "train", "--model", str(tmp_path / "never-loaded"), "--task", "addition", *twice)
+    assert rc == 2
+    assert f"field {field} given twice" in err, err
+
+
+def test_different_fields_of_one_nested_config_are_not_a_repeat():
+    check_override_names(GRPOConfig, ["--lora.r", "4", "--lora.alpha", "8", "--no-progress", "--seed", "1"])

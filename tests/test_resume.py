@@ -4,7 +4,8 @@ N straight steps equal k steps + a real `kill -9` + resume + N - k steps: the sa
 optimizer state (torch.equal) and the same metrics rows (times aside), for GRPO full fine-tune (with the
 checkpoint on an epoch boundary of the prompt order), GRPO with LoRA, and SFT. SIGINT / SIGTERM finish the
 step, checkpoint and exit 130 / 143; a locked folder is refused; an interrupted checkpoint is never loaded;
-a kill during a model save leaves the old or the new folder, whole.
+a kill during a model save leaves the old or the new folder, whole; a second signal stops at once, saying
+which checkpoint was kept (in process).
 
 The children learn where the run stands from their own output (a reward function that prints a line per
 step, or the progress bar), so no test sleeps.
@@ -25,6 +26,8 @@ import torch
 import yaml
 from helpers import read_jsonl, save_tiny
 from safetensors.torch import load_file
+
+from grpokit.checkpoint import RunDirectory, write_checkpoint
 
 TIMES = re.compile(r"^time/|^tokens_per_s$")
 PROBE = '''
@@ -411,3 +414,25 @@ def test_reward_model_resume_extends_to_the_straight_run(tmp_path):
     assert extended.eval_accuracy == straight.eval_accuracy
     # the 5-step run logged its last step (5), which the straight run does not: rows compared from step 6
     assert_same_run(tmp_path / "straight", tmp_path / "extended", 10, rows_from=6)
+
+
+# ---------------------------------------------------------------- a second signal
+
+
+def test_a_second_signal_says_what_was_kept_before_it_stops(tmp_path, capsys):
+    """The second SIGTERM stops at once, as the first one's message says; it used to stop without a word."""
+    out = tmp_path / "run"
+    out.mkdir()
+    rd = RunDirectory(out, config=None, resume_from=None, overwrite=False, keep=0)
+    write_checkpoint(out, 3, lambda folder: (folder / "trainer_state.pt").write_bytes(b"x"), keep=0)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        rd._install_signal_handlers()
+        rd._on_signal(signal.SIGTERM, None)
+        rd._on_signal(signal.SIGTERM, None)  # the handler before grpokit's gets it: here, the list
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert received == [signal.SIGTERM]
+    assert "SIGTERM again: stopping at once; the newest complete checkpoint is" in err and "checkpoint-3" in err
