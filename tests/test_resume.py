@@ -1,4 +1,6 @@
-"""Exact resume and faults (DESIGN invariant 8), through the CLI in subprocesses as a user meets them.
+"""Exact resume and faults (DESIGN invariant 8), through the CLI as a user meets them: kills, signals and the runs
+compared with them in subprocesses; a refusal that needs no process of its own (the second run into a locked folder,
+a fresh run into a folder holding a run, a changed config) through the CLI's entry point in this process.
 
 N straight steps equal k steps + a real `kill -9` + resume + N - k steps: the same final parameters and
 optimizer state (torch.equal) and the same metrics rows (times aside), for GRPO full fine-tune (with the
@@ -83,6 +85,19 @@ def cli(world, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "grpokit.cli", *args], env=world["env"], capture_output=True, text=True, timeout=300
     )
+
+
+def in_process(world, capsys, monkeypatch, *args: str) -> subprocess.CompletedProcess:
+    """`cli`'s command through the CLI's entry point `grpokit.cli.main` in this process, for a command that needs no
+    process of its own (no kill, no signal, no comparison of its numbers with a child's): the same exit code, stdout
+    and stderr, the probe rewards importable as in the children, and no second interpreter to start."""
+    from grpokit.cli import main
+
+    monkeypatch.syspath_prepend(str(world["root"]))
+    capsys.readouterr()  # what this test printed before is not the command's
+    returncode = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["grpokit", *args], returncode, captured.out, captured.err)
 
 
 def start(world, *args: str) -> subprocess.Popen:
@@ -247,13 +262,13 @@ def test_signal_checkpoints_exits_and_resumes_to_the_straight_run(world, straigh
 # ---------------------------------------------------------------- the run directory
 
 
-def test_a_second_run_into_a_locked_folder_is_refused(world):
+def test_a_second_run_into_a_locked_folder_is_refused(world, capsys, monkeypatch):
     config = grpo_yaml(world, "locked", max_steps=100_000, save_every=0)  # still running when the others try
     first = start(world, "train", str(config))
     try:
         wait_for_line(first, "scored 1")
         for extra in ([], ["--resume-from-checkpoint", "latest"], ["--overwrite-output-dir"]):
-            second = cli(world, "train", str(config), *extra)
+            second = in_process(world, capsys, monkeypatch, "train", str(config), *extra)
             assert second.returncode == 2
             assert "is in use by a running run" in second.stderr and f"pid {first.pid}" in second.stderr
         assert first.poll() is None  # the first run was not disturbed
@@ -262,29 +277,31 @@ def test_a_second_run_into_a_locked_folder_is_refused(world):
         first.wait()
 
 
-def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_or_replaced(world, straight_full, tmp_path):
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_or_replaced(
+    world, straight_full, tmp_path, capsys, monkeypatch
+):
     copy = shutil.copytree(straight_full, tmp_path / "copy")
     config = grpo_yaml(world, "unused", output_dir=str(copy), max_steps=2)
-    refused = cli(world, "train", str(config))
+    refused = in_process(world, capsys, monkeypatch, "train", str(config))
     assert refused.returncode == 2
     assert "holds another run" in refused.stderr and "--overwrite-output-dir" in refused.stderr
     assert len(read_jsonl(copy / "metrics.jsonl")) == 6  # nothing touched
-    replaced = cli(world, "train", str(config), "--overwrite-output-dir")
+    replaced = in_process(world, capsys, monkeypatch, "train", str(config), "--overwrite-output-dir")
     assert replaced.returncode == 0, replaced.stderr
     assert [r["step"] for r in read_jsonl(copy / "metrics.jsonl")] == [1, 2]  # its own rows only
     assert sorted(p.name for p in copy.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
-def test_resuming_with_a_changed_config_names_the_fields(world, straight_full, tmp_path):
+def test_resuming_with_a_changed_config_names_the_fields(world, straight_full, tmp_path, capsys, monkeypatch):
     copy = shutil.copytree(straight_full, tmp_path / "copy")
     config = grpo_yaml(world, "unused", output_dir=str(copy), learning_rate=5e-4, max_steps=8)
-    result = cli(world, "train", str(config), "--resume-from-checkpoint", "latest")
+    result = in_process(world, capsys, monkeypatch, "train", str(config), "--resume-from-checkpoint", "latest")
     assert result.returncode == 2
     assert "`learning_rate` 0.001 -> 0.0005" in result.stderr
     assert "`max_steps` 6" not in result.stderr  # a longer run is a resume, not a different one
 
 
-def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_path):
+def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_path, capsys, monkeypatch):
     run_dir = shutil.copytree(straight_full, tmp_path / "run")
     newest = run_dir / "checkpoint-6"
     # what a kill in the middle of writing leaves: a truncated file and no marker
@@ -293,7 +310,7 @@ def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_pat
     (newest / "checkpoint_complete.json").unlink()
     config = grpo_yaml(world, "unused", output_dir=str(run_dir))
 
-    explicit = cli(world, "train", str(config), "--resume-from-checkpoint", str(newest))
+    explicit = in_process(world, capsys, monkeypatch, "train", str(config), "--resume-from-checkpoint", str(newest))
     assert explicit.returncode == 2 and "incomplete" in explicit.stderr and str(newest) in explicit.stderr
 
     latest = cli(world, "train", str(config), "--resume-from-checkpoint", "latest")
