@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from grpokit.config import GRPOConfig
+from grpokit.config import GRPOConfig, SFTConfig
 from grpokit.rewards import gold_reward
 from grpokit.sampler import KVCacheSampler
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
@@ -53,6 +53,41 @@ def digit_share_or_kill(prompts, completions, **kwargs):
 def with_digit_share():
     """`accuracy` (the task's gold checker) plus the graded reward."""
     return [("accuracy", gold_reward(AdditionTask().is_correct)), ("digit_share", digit_share)]
+
+
+def llama():
+    """A fresh tiny Llama in memory (hidden HIDDEN, seed 0), to hand a stage as `model=`."""
+    return tiny_model(build_char_tokenizer(), "llama", hidden_size=HIDDEN, seed=0)
+
+
+def sft_rows(n: int = 8) -> list[dict[str, str]]:
+    return [{"prompt": r["prompt"], "completion": r["answer"]} for r in AdditionTask().rows(n, seed=1)]
+
+
+def sft_config(out, **overrides) -> SFTConfig:
+    """An SFT config for a model and rows passed in: no model path, no task, no data file."""
+    values = {
+        "model": "",
+        "task": None,
+        "train_data": None,
+        "output_dir": str(out),
+        "batch_size": 4,
+        "max_completion_length": 8,
+        "device": "cpu",
+        "progress": False,
+        "seed": 0,
+    }
+    return SFTConfig(**{**values, **overrides})
+
+
+def text_rows(n=8):
+    """N addition rows as data handed in (`i+i=`, its answer as text)."""
+    return [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(n)]
+
+
+def module_level_reward(completions, **_):
+    """Importable as helpers:module_level_reward, so the saved config can name it."""
+    return [float(len(c)) for c in completions]
 
 
 def save_tiny(path: Path, arch: str = "qwen2", *, pad_equals_eos: bool = False, seed: int = 0) -> Path:

@@ -1,4 +1,5 @@
-"""Millisecond tests of the GRPO math in grpokit.algo, with hand-computed expectations."""
+"""Millisecond tests of the GRPO math in grpokit.algo, with hand-computed expectations; flat groups (no reward
+spread among a group's scorable rows) are exactly the groups whose advantages are all 0."""
 
 from __future__ import annotations
 
@@ -651,3 +652,46 @@ def test_per_token_advantages_broadcast_like_per_sequence_ones():
     varied = torch.tensor([[0.7, 0.0, -0.7], [1.0, 2.0, 3.0]])
     loss, _ = algo.per_token_loss(logp, logp.detach(), varied, torch.ones(2, 3), **kwargs)
     torch.testing.assert_close(loss, -varied)  # ratio 1: L = -A per token
+
+
+# ---------------------------------------------------------------- flat groups: no spread among scorable rows
+
+
+def from_rewards(values: list[float | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, scorable) as the trainer builds them from one reward function (None = unscorable)."""
+    rewards = torch.tensor([[math.nan if v is None else v] for v in values])  # (N, 1)
+    return algo.combine_rewards(rewards, torch.ones(1))
+
+
+@pytest.mark.parametrize("scale", sorted(algo.ADVANTAGE_SCALES))
+def test_flat_groups_leave_unscorable_rows_out(scale):
+    """Old: the metric took std == 0 over totals, where an unscorable row counts as 0, so [1, 1, None, 1]
+    was "spread" for the metric while its advantages were all 0."""
+    G = 4
+    total, scorable = from_rewards([1.0, 1.0, None, 1.0] + [0.0, 0.0, None, 1.0] + [None] * 4)
+    flat = algo.flat_groups(total, scorable, group_size=G)
+    assert flat.tolist() == [True, False, True]
+    adv = algo.advantages(total, scorable, group_size=G, scale=scale).reshape(-1, G)
+    assert torch.equal(adv[0], torch.zeros(G))
+    assert torch.equal(adv[2], torch.zeros(G))
+    assert adv[1, 2] == 0  # the unscorable row
+    assert bool((adv[1] != 0).any())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_flat_groups_are_exactly_the_groups_with_zero_advantages(seed):
+    """For random totals and scorable masks, `flat_groups` marks exactly the groups whose advantages are all
+    0, for every advantage scale."""
+    G, P = 4, 64
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([0.1, 0.2, 0.7])  # few values, so ties and flat groups are common; 0.1 does not round
+    total = values[torch.randint(0, 3, (P * G,), generator=g)]
+    scorable = torch.rand(P * G, generator=g) < 0.7
+    total = torch.where(scorable, total, 0.0)  # as combine_rewards leaves an unscorable row
+    flat = algo.flat_groups(total, scorable, group_size=G)
+    assert flat.dtype == torch.bool and flat.shape == (P,)
+    assert 0 < int(flat.sum()) < P  # both kinds occur, so the comparison below means something
+    for scale in algo.ADVANTAGE_SCALES:
+        adv = algo.advantages(total, scorable, group_size=G, scale=scale).reshape(P, G)
+        all_zero = (adv == 0).all(-1)
+        assert torch.equal(flat, all_zero), scale

@@ -15,8 +15,9 @@ import warnings
 
 import datasets
 import pytest
+import torch
 import yaml
-from helpers import config, save_tiny
+from helpers import config, module_level_reward, save_tiny
 
 from grpokit.cli import main
 from grpokit.config import ConfigError, GRPOConfig, PPOConfig, RewardModelConfig, SFTConfig
@@ -187,7 +188,7 @@ def test_a_gold_answer_that_is_not_text_is_refused_before_the_model_loads(tmp_pa
     with pytest.raises(DataError, match=rf"row 6: column 'answer' is {kind}.*compares the completion with the answer"):
         GRPOTrainer(config(NEVER_LOADED, tmp_path / "run"), train_dataset=rows)  # `accuracy`, the default
     # the held-out rows too, where the `accuracy` reward scores them (with a reward of the user's own, a column of
-    # theirs is left out of held-out accuracy instead: tests/test_review_fixes_f3.py)
+    # theirs is left out of held-out accuracy instead: tests/test_evaluation.py)
     with pytest.raises(DataError, match=rf"eval data.*, row 6: column 'answer' is {kind}"):
         GRPOTrainer(
             config(NEVER_LOADED, tmp_path / "run", num_eval_prompts=8),
@@ -331,3 +332,243 @@ def test_argument_errors_are_type_errors_and_config_errors_and_builtin_names_mat
     assert [name for name, _ in built] == list(BUILTIN_REWARDS)
     with pytest.raises(ValueError):
         build_reward_funcs(["nonexistent_builtin"], format_pattern=".*", max_completion_length=8, overlong_buffer=4)
+
+
+# ---------------------------------------------------------------- models, tokenizers, critics, reward models handed in
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+def _ppo_config(grpo_config):
+    from grpokit.config import GRPOConfig, PPOConfig
+
+    return PPOConfig(**{f.name: getattr(grpo_config, f.name) for f in dataclasses.fields(GRPOConfig)})
+
+
+def test_a_model_object_without_a_tokenizer_says_to_pass_one(tmp_path):
+    from grpokit.tasks import build_char_tokenizer, tiny_model
+
+    in_memory = tiny_model(build_char_tokenizer(), "llama", hidden_size=32, seed=0)
+    with pytest.raises(ValueError, match=r"without `tokenizer=`.*pass tokenizer="):
+        GRPOTrainer(config("", tmp_path / "run"), model=in_memory, reward_funcs=module_level_reward)
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_model(tmp_path):
+    from grpokit.arguments import ArgumentError
+    from grpokit.tasks import build_char_tokenizer, tiny_model
+
+    with torch.device("meta"):  # as accelerate's init_empty_weights makes it: shapes, no values
+        model = tiny_model(build_char_tokenizer(), "qwen2", hidden_size=32)
+    with pytest.raises(ArgumentError, match=r"`model` has its weights on the meta device \(e\.g\. model\.embed"):
+        GRPOTrainer(config("never-loaded", tmp_path / "out"), model=model)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_classifier_or_a_frozen_model_as_the_policy_is_refused_naming_model(model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from grpokit.arguments import ArgumentError
+    from grpokit.trainer import GRPOTrainer
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    with pytest.raises(ArgumentError, match=r"`model` is a LlamaForSequenceClassification, which has no language-"):
+        GRPOTrainer(config(model, tmp_path / "run"), model=classifier)
+    frozen = AutoModelForCausalLM.from_pretrained(model).requires_grad_(False)
+    with pytest.raises(ArgumentError, match=r"`model` \(LlamaForCausalLM\) has no parameter that requires grad"):
+        GRPOTrainer(config(model, tmp_path / "run"), model=frozen)
+    from grpokit.config import LoRAConfig
+
+    lora = GRPOTrainer(config(model, tmp_path / "run", lora=LoRAConfig(r=2, alpha=4.0)), model=frozen)  # adapters
+    assert any(p.requires_grad for p in lora.policy.model.parameters())
+
+
+def test_a_peft_model_with_more_lora_asked_or_a_ppo_config_for_grpo_is_refused(model, tmp_path):
+    """A PeftModel plus `lora`: both adapter sets trained and model/ held neither whole; a PPOConfig handed to the
+    GRPO trainer trained GRPO while config.yaml recorded the critic's fields."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from grpokit.arguments import ArgumentError
+    from grpokit.config import LoRAConfig, PPOConfig
+    from grpokit.trainer import GRPOTrainer
+
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model), PeftLoraConfig(r=4, target_modules=["q_proj"])
+    )
+    with pytest.raises(ArgumentError, match=r"`model` is a PeftModel\w* \(it carries LoRA adapters already\)"):
+        GRPOTrainer(config(model, tmp_path / "run", lora=LoRAConfig(r=8, alpha=8.0)), model=peft_model)
+    ppo = PPOConfig(model=str(model), task="addition", output_dir=str(tmp_path / "run"), vf_coef=0.5)
+    with pytest.raises(ArgumentError, match=r"`config` is a PPOConfig, not a GRPOConfig: .* \(PPOTrainer for a PPO"):
+        GRPOTrainer(ppo)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_peft_model_copying_a_tied_module_is_refused_before_training(model, tmp_path):
+    """modules_to_save=["lm_head"] over tied embeddings: both steps trained, then the final save failed."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from grpokit.arguments import ArgumentError
+    from grpokit.trainer import GRPOTrainer
+
+    base = AutoModelForCausalLM.from_pretrained(model)
+    if not base.config.tie_word_embeddings:
+        pytest.skip("the tiny model's embeddings are not tied")
+    lora = PeftLoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(ArgumentError, match=r"modules_to_save \(lm_head\) copy a module of a model with tied"):
+        GRPOTrainer(config(model, tmp_path / "run"), model=get_peft_model(base, lora))
+
+
+def test_a_tokenizer_object_with_another_vocabulary_than_the_models_is_refused(model, tmp_path):
+    """Same size, other ids (another model's tokenizer): every shape check passed and each id read as another
+    character. A tokenizer with tokens added after (a pad token) still passes."""
+    from grpokit.modeling import ModelFolderError, load_tokenizer
+    from grpokit.tasks.tokenizer import DEFAULT_CHARS, build_char_tokenizer
+    from grpokit.trainer import GRPOTrainer
+
+    permuted = build_char_tokenizer(DEFAULT_CHARS[::-1])
+    assert len(permuted) == len(load_tokenizer(model))
+    with pytest.raises(ModelFolderError, match=r"config field `model`: the tokenizer saved in .* is not the "
+                                               r"`tokenizer` passed in: \d+ tokens have another id"):  # fmt: skip
+        GRPOTrainer(config(model, tmp_path / "run", max_steps=1), tokenizer=permuted)
+    from transformers import AutoModelForCausalLM
+
+    own = load_tokenizer(model)
+    own.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    grown = AutoModelForCausalLM.from_pretrained(model)
+    grown.resize_token_embeddings(len(own))
+    trainer = GRPOTrainer(config(model, tmp_path / "run2", max_steps=1), model=grown, tokenizer=own)
+    assert trainer.tokenizer is own
+
+
+def test_a_critic_argument_is_checked_before_any_work_naming_critic(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grpokit.arguments import ArgumentError
+    from grpokit.critic import ValueModel
+    from grpokit.ppo import PPOTrainer
+
+    lm = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "tiny"))
+    cfg = _ppo_config(config(tmp_path / "tiny", tmp_path / "out", max_steps=1))
+    hidden = lm.config.hidden_size
+    critics = {
+        r"`critic` is an object; expected a grpokit\.critic\.ValueModel": object(),
+        rf"`critic`'s head reads 7 features but its body \(Qwen2Model\) has hidden size {hidden}": ValueModel(
+            lm.model, torch.nn.Linear(7, 1)
+        ),
+        r"`critic` wraps a whole causal LM \(Qwen2ForCausalLM\).*ValueModel\(model\.get_decoder\(\)\)": ValueModel(lm),
+    }
+    for message, critic in critics.items():
+        with pytest.raises(ArgumentError, match=message):
+            PPOTrainer(cfg, critic=critic)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_critic_sharing_the_policys_weights_is_refused(model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grpokit.arguments import ArgumentError
+    from grpokit.config import PPOConfig
+    from grpokit.critic import ValueModel
+    from grpokit.ppo import PPOTrainer
+
+    policy = AutoModelForCausalLM.from_pretrained(model)
+    cfg = PPOConfig(model=str(model), task="addition", output_dir=str(tmp_path / "ppo"), max_steps=1, progress=False)
+    with pytest.raises(ArgumentError, match=r"`critic` shares \d+ weight tensors with the policy"):
+        PPOTrainer(cfg, model=policy, critic=ValueModel(policy.get_decoder()))
+
+
+def test_a_reward_model_object_in_reward_funcs_is_refused_naming_what_to_pass(model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from grpokit.arguments import ArgumentError
+    from grpokit.trainer import GRPOTrainer
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    with pytest.raises(ArgumentError, match=r"`reward_funcs\[1\]` is a LlamaForSequenceClassification model object: "
+                                            r"grpokit loads a reward model from its folder"):  # fmt: skip
+        GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=["accuracy", scorer])
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_data_and_an_eval_dataset_together_are_refused_and_a_task_beside_rows_is_said(model, tmp_path):
+    from grpokit.config import ConfigError
+    from grpokit.data import InputWarning
+    from grpokit.trainer import GRPOTrainer
+
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(model, tmp_path / "run", eval_data=str(data), num_eval_prompts=4)
+    with pytest.raises(ConfigError, match=r"`eval_data` is set \(.*eval\.jsonl'\) but `eval_dataset` was passed in"):
+        GRPOTrainer(cfg, eval_dataset=rows)
+    with pytest.warns(InputWarning, match=r"`train_dataset` passed in: these are the training rows; the config's "
+                                          r"task 'addition' gives only its checker"):  # fmt: skip
+        GRPOTrainer(config(model, tmp_path / "run2"), train_dataset=rows)
+
+
+def test_verification_round_api_cases(model, tmp_path):
+    """A reward-model object in a (name, model) pair; TrainResult unpacked as TRL's TrainOutput; the task beside
+    train_pairs said; a frozen model with `lora` as a dict names the dict, not the frozen model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from grpokit.arguments import ArgumentError
+    from grpokit.config import ConfigError, RewardModelConfig
+    from grpokit.data import InputWarning
+    from grpokit.reward_model import train_reward_model
+    from grpokit.trainer import GRPOTrainer
+    from grpokit.types import TrainResult
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    with pytest.raises(ArgumentError, match=r"`reward_funcs\[0\]` = \('rm', a LlamaForSequenceClassification model"):
+        GRPOTrainer(config(model, tmp_path / "run"), reward_funcs=[("rm", scorer)])
+    result = TrainResult(tmp_path, tmp_path, None, {}, [], [], [], {}, 3, 0.25)
+    global_step, training_loss, metrics = result
+    assert (global_step, training_loss, metrics) == (3, 0.25, {"train_loss": 0.25, "global_step": 3})
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"} for i in range(4)]
+    cfg = RewardModelConfig(model=str(model), output_dir=str(tmp_path / "rm"), task="addition", max_steps=1,
+                            num_eval_pairs=4, progress=False)  # fmt: skip
+    with pytest.warns(InputWarning, match=r"`train_pairs` passed in: these are the training pairs; the config's task"):
+        train_reward_model(cfg, train_pairs=pairs)
+    frozen = AutoModelForCausalLM.from_pretrained(model).requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"lora"):
+        GRPOTrainer(config(model, tmp_path / "run3", lora={"r": 4, "alpha": 8.0}), model=frozen)
+
+
+def test_final_round_cases(model, tmp_path):
+    """A sampler whose generate raises is named (with the step); TrainResult reads as TRL's TrainOutput tuple; a
+    reward model's task beside both pair sets is said."""
+    import dataclasses
+
+    from helpers import RecordingSampler
+
+    from grpokit.config import RewardModelConfig
+    from grpokit.data import InputWarning
+    from grpokit.reward_model import train_reward_model
+    from grpokit.sampler import SamplerError
+    from grpokit.trainer import GRPOTrainer
+    from grpokit.types import TrainResult
+
+    class DiesAtStep2(RecordingSampler):
+        def generate(self, *args, **kwargs):
+            if len(self.rollouts) == 1:
+                raise RuntimeError("engine died")
+            return super().generate(*args, **kwargs)
+
+    trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=3, save_every=1), sampler=DiesAtStep2())
+    stop = r"step 2 .*`sampler` \(DiesAtStep2\)\.generate raised RuntimeError: engine died; nothing of this step"
+    with pytest.raises(SamplerError, match=stop):
+        trainer.train()
+    result = TrainResult(tmp_path, tmp_path, None, {}, [], [], [], {}, 3, 0.25)
+    assert result[0] == 3 and len(result) == 3 and result._asdict()["training_loss"] == 0.25
+    assert dataclasses.is_dataclass(result)
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"} for i in range(4)]
+    cfg = RewardModelConfig(model=str(model), output_dir=str(tmp_path / "rm"), task="addition", max_steps=1,
+                            progress=False)  # fmt: skip
+    with pytest.warns(InputWarning, match=r"gives nothing \(both pair sets were passed in\): leave it out"):
+        train_reward_model(cfg, train_pairs=pairs, eval_pairs=pairs)

@@ -1,5 +1,8 @@
-"""`python -m grpokit.cli` as a user runs it: YAML plus command-line overrides, exit codes and messages
-that name the field, generated help, and the train / eval / sft commands on a tiny saved model."""
+"""The command line as a user runs it: YAML plus command-line overrides, exit codes and messages that name the
+field, generated help, `--version`, an override given twice, and the train / eval / sft commands on a tiny saved
+model. A train run and an SFT run go through `python -m grpokit.cli` in a subprocess, as a user starts them; the
+rest calls the CLI's entry point `grpokit.cli.main` in this process (the same exit code, stdout and stderr, without
+a second interpreter importing torch)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grpokit import __version__
+from grpokit.cli import main
+from grpokit.config import GRPOConfig, check_override_names
 from grpokit.tasks import build_char_tokenizer, tiny_model
 
 
@@ -87,37 +93,45 @@ def test_train_yaml_with_overrides(tmp_path, model_path):
     ],
     ids=["bad-literal", "typo-key", "bad-override", "missing-model"],
 )
-def test_bad_input_exits_2_naming_the_field(tmp_path, model_path, yaml_overrides, args, expected):
+def test_bad_input_exits_2_naming_the_field(tmp_path, model_path, yaml_overrides, args, expected, capsys, monkeypatch):
     cfg = train_yaml(tmp_path / "run.yaml", model_path, **yaml_overrides)
-    proc = grpokit(tmp_path, "train", str(cfg), *args)
-    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    monkeypatch.chdir(tmp_path)  # the working directory the YAML's relative output_dir is read against
+    rc = main(["train", str(cfg), *args])
+    out, err = capsys.readouterr()
+    assert rc == 2, (out[-2000:], err[-2000:])
     for text in expected:
-        assert text in proc.stderr
-    assert "Traceback" not in proc.stderr
+        assert text in err
+    assert "Traceback" not in err
     assert not (tmp_path / "from-yaml").exists()  # it failed before the run started
 
 
-def test_train_help_lists_field_docstrings(tmp_path):
-    proc = grpokit(tmp_path, "train", "--help")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    text = " ".join(proc.stdout.split())  # help is wrapped to the terminal width
+def test_train_help_lists_field_docstrings(capsys):
+    with pytest.raises(SystemExit) as exited:  # argparse's --help exits; `python -m grpokit.cli` exits with its code
+        main(["train", "--help"])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 0, err[-2000:]
+    text = " ".join(out.split())  # help is wrapped to the terminal width
     assert "--num-generations" in text and "Completions per prompt" in text
     assert "--loss-type" in text and "--learning-rate" in text
 
 
-def test_top_level_usage_and_unknown_command(tmp_path):
-    ok = grpokit(tmp_path, "--help")
-    assert ok.returncode == 0 and "train" in ok.stdout and "sft" in ok.stdout
-    bad = grpokit(tmp_path, "trian")
-    assert bad.returncode == 2 and "'trian'" in bad.stderr
+def test_top_level_usage_and_unknown_command(capsys):
+    rc = main(["--help"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "train" in out and "sft" in out
+    rc = main(["trian"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'trian'" in err
 
 
-def test_eval_prints_greedy_and_sampled_accuracy(tmp_path, model_path):
-    proc = grpokit(tmp_path, "eval", "--model", str(model_path), "--num-eval-prompts", "20")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    greedy = re.search(r"addition held-out accuracy, greedy: (\d+\.\d)% of 20", proc.stdout)
-    sampled = re.search(r"addition held-out accuracy, sampled \(T=1\): (\d+\.\d)% of 20", proc.stdout)
-    assert greedy and sampled, proc.stdout
+def test_eval_prints_greedy_and_sampled_accuracy(tmp_path, model_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["eval", "--model", str(model_path), "--num-eval-prompts", "20"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    greedy = re.search(r"addition held-out accuracy, greedy: (\d+\.\d)% of 20", out)
+    sampled = re.search(r"addition held-out accuracy, sampled \(T=1\): (\d+\.\d)% of 20", out)
+    assert greedy and sampled, out
     assert 0 <= float(greedy.group(1)) <= 100 and 0 <= float(sampled.group(1)) <= 100
 
 
@@ -148,3 +162,35 @@ def test_sft_writes_the_model(tmp_path, model_path):
     AutoModelForCausalLM.from_pretrained(model_dir)  # loads with plain transformers
     rows = [json.loads(line) for line in (tmp_path / "Y" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5]
+
+
+# ---------------------------------------------------------------- in process: --version, an override given twice
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"grpokit {__version__}"
+
+
+@pytest.mark.parametrize(
+    "twice, field",
+    [
+        (["--learning-rate", "1e-3", "--learning-rate", "1e-4"], "learning_rate"),
+        (["--learning_rate=1e-3", "--learning-rate", "1e-4"], "learning_rate"),
+        (["--progress", "--no-progress"], "progress"),
+        (["--lora.r", "4", "--lora.r", "8"], "lora.r"),
+    ],
+)
+def test_an_override_given_twice_is_refused_naming_the_field(tmp_path, capsys, twice, field):
+    rc, err = cli(capsys, "train", "--model", str(tmp_path / "never-loaded"), "--task", "addition", *twice)
+    assert rc == 2
+    assert f"field {field} given twice" in err, err
+
+
+def test_different_fields_of_one_nested_config_are_not_a_repeat():
+    check_override_names(GRPOConfig, ["--lora.r", "4", "--lora.alpha", "8", "--no-progress", "--seed", "1"])

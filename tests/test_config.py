@@ -1,8 +1,13 @@
-"""Bad configs fail before any model is loaded, with the field's name in the message (invariant 9)."""
+"""Bad configs fail before any model is loaded, with the field's name in the message (invariant 9): impossible
+model sizes for init and the demo, a field of the built-in task beside rows from a file, a path starting with `~`
+(refused where it would not be expanded; a folder named `~tiny` that exists is taken as written)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from helpers import cli_run, save_tiny, tiny_run_args
 
 from grpokit.config import ConfigError, GRPOConfig, LoRAConfig, SFTConfig, from_dict, load_yaml
 
@@ -81,3 +86,93 @@ def test_model_path_may_be_empty_only_when_a_model_object_is_given():
     with pytest.raises(ConfigError, match="`model` is empty"):
         cfg.validate()
     cfg.validate(model_given=True)
+
+
+# ---------------------------------------------------------------- through the command line
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+cli = cli_run
+
+
+@pytest.mark.parametrize(
+    "option, value, field",
+    [
+        ("--hidden-size", "7", "hidden_size"),
+        ("--hidden-size", "0", "hidden_size"),
+        ("--num-layers", "-1", "num_layers"),
+    ],
+)
+def test_init_refuses_impossible_sizes_naming_the_field_and_writes_nothing(tmp_path, capsys, option, value, field):
+    folder = tmp_path / "m"
+    rc, err = cli(capsys, "init", "--output-dir", str(folder), option, value)
+    assert rc == 2
+    assert f"config field `{field}`" in err and f"got {value}" in err, err
+    assert not folder.exists()
+
+
+def test_demo_refuses_an_impossible_width_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc, err = cli(capsys, "demo", "--output-dir", str(out), "--hidden-size", "7", "--sft-steps", "1")
+    assert rc == 2 and "config field `hidden_size`" in err, err
+    assert not out.exists()
+
+
+def test_init_config_validate_is_the_check_init_uses():
+    from grpokit.config import InitConfig
+
+    with pytest.raises(ConfigError, match="`num_layers` must be >= 1, got 0"):
+        InitConfig(num_layers=0).validate()
+
+
+@pytest.mark.parametrize(
+    "stage, field, value",
+    [
+        ("sft", "--forget-carry", "0.3"),
+        ("train", "--task-num-digits", "3"),
+        ("reward-model", "--labeler-flaw", "longer"),
+        ("train", "--num-train-prompts", "8"),
+        ("sft", "--num-train-prompts", "8"),
+        ("reward-model", "--num-train-pairs", "8"),
+        ("reward-model", "--num-train-prompts", "8"),
+        ("reward-model", "--num-eval-prompts", "8"),
+    ],
+)
+def test_a_field_of_the_built_in_task_with_rows_from_a_file_is_refused(tmp_path, capsys, model, stage, field, value):
+    """`--forget-carry 0.3` with SFT data from a file, `--task-num-digits 3` or `--labeler-flaw longer` with a data
+    file: recorded in config.yaml and doing nothing, exit 0; refused naming the field before any work."""
+    data = tmp_path / "rows.jsonl"
+    row = {"prompt": "1+1=", "answer": "2", "completion": "2", "chosen": "2", "rejected": "3"}
+    data.write_text("\n".join(json.dumps(row) for _ in range(4)) + "\n")
+    rc, err = cli(capsys, stage, "--model", model, "--train-data", data, "--output-dir", tmp_path / "out", field, value)
+    assert rc == 2 and f"config field `{field[2:].replace('-', '_')}`" in err and "it would do nothing" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field", ["model", "eval_data", "reward_funcs"])
+def test_a_path_starting_with_a_tilde_in_yaml_is_refused_naming_the_field(model, tmp_path, capsys, field):
+    """`model: ~/tiny` in a YAML file read as a folder named `~`: "does not exist", with no field named."""
+    import yaml
+
+    values = {"model": str(model), "task": "addition", "output_dir": str(tmp_path / "out"), field: "~/somewhere"}
+    if field == "reward_funcs":
+        values[field] = ["accuracy", "~/rm"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    rc, err = cli(capsys, "train", path)
+    where = "reward_funcs[1]" if field == "reward_funcs" else field
+    assert rc == 2 and f"config field `{where}` is '~/" in err and "`~` is not expanded here" in err, err
+
+
+def test_a_model_folder_named_with_a_leading_tilde_trains(model, tmp_path, capsys, monkeypatch):
+    """`~tiny` that exists is a folder's name (no user called tiny): it crashed in the run's fingerprints."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(model, tmp_path / "~tiny")
+    rc, err = cli(capsys, "train", *tiny_run_args("~tiny", tmp_path / "out"))
+    assert rc == 0, err

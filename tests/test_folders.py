@@ -1,6 +1,8 @@
 """Nothing destroyed that grpokit did not write (issue 19, classes 1 and 4): one guarded way to write a folder
 (`checkpoint.check_replaceable`), no input deleted or replaced by the run that reads it, a write the disk refuses
-said as such (what happened, what was kept, how to go on), and a reward function's `os.chdir` undone."""
+said as such (what happened, what was kept, how to go on), and a reward function's `os.chdir` undone; a run of an
+older grpokit still resumes, a model folder is no run's output_dir, and a model beside a run survives its
+overwrite. The run-folder cases users met (nested runs, pruning, save_model) are in test_run_folders.py."""
 
 from __future__ import annotations
 
@@ -299,3 +301,54 @@ def test_a_reward_that_changes_the_working_directory_does_not_move_the_run(tmp_p
     assert not (tmp_path / "elsewhere" / "run").exists()
     assert json.loads((tmp_path / "run" / "checkpoint-2" / "checkpoint_complete.json").read_text())["step"] == 2
     assert result.model_dir.resolve() == (tmp_path / "run" / "model").resolve()
+
+
+# ---------------------------------------------------------------- an older run, a model folder, a model beside
+
+
+def kind(folder: Path) -> str:
+    return json.loads((folder / ".grpokit.json").read_text())["kind"]
+
+
+def test_a_finished_run_of_an_older_grpokit_resumes_to_its_end_and_stays_usable(tmp_path, capsys, model):
+    """A run from before provenance files (its `.lock`, a `model/` with no mark): resumed with a raised max_steps
+    it trains and replaces its final model, and the folder can be resumed again."""
+    out = tmp_path / "out"
+    assert cli(capsys, "train", *train_args(model, out))[0] == 0
+    for marker in (out / ".grpokit.json", out / "model" / ".grpokit.json"):  # as an older grpokit left a run
+        marker.unlink()
+    rc, err = cli(capsys, "train", *train_args(model, out, "--max-steps", "2", "--resume-from-checkpoint", "latest"))
+    assert rc == 0, err
+    assert kind(out) == "run" and kind(out / "model") == "model"
+    assert (out / "checkpoint-2").is_dir()
+    rc, err = cli(capsys, "train", *train_args(model, out, "--max-steps", "3", "--resume-from-checkpoint", "latest"))
+    assert rc == 0, err
+
+
+def test_a_model_folder_grpokit_wrote_is_refused_as_a_runs_output_dir(tmp_path, capsys, model):
+    """`grpokit init --output-dir runs/tiny`, then `grpokit train --output-dir runs/tiny`: the model folder is not
+    written into, and its mark stays `model`."""
+    tiny = tmp_path / "runs" / "tiny"
+    rc, err = cli(capsys, "init", "--output-dir", tiny)
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in tiny.iterdir() if p.is_file()}
+    rc, err = cli(capsys, "train", *train_args(model, tiny))
+    assert rc == 2 and f"output_dir {tiny} is a model folder grpokit wrote" in err and "choose another" in err
+    assert {p.name: p.read_bytes() for p in tiny.iterdir() if p.is_file()} == before
+    assert kind(tiny) == "model"
+
+
+def test_overwrite_output_dir_beside_the_model_is_accepted_and_the_model_kept(tmp_path, capsys, model):
+    """Model runs/exp/base, output runs/exp: `--overwrite-output-dir` deletes only the run's own files, so the
+    model beside them is no reason to refuse; a model at runs/exp/model (the run's final model path) still is."""
+    exp = tmp_path / "runs" / "exp"
+    base = save_tiny(exp / "base", "llama")
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    assert cli(capsys, "train", *train_args(base, exp))[0] == 0
+    rc, err = cli(capsys, "train", *train_args(base, exp, "--overwrite-output-dir", "--seed", "1"))
+    assert rc == 0, err
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
+    inside = exp / "model"
+    rc, err = cli(capsys, "train", *train_args(inside, exp, "--overwrite-output-dir"))
+    assert rc == 2 and "config field `model`" in err and f"in {inside.resolve()}" in err
+    assert (inside / "config.json").is_file()

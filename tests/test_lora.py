@@ -1,6 +1,6 @@
 """LoRA through peft and the reference model: with LoRA and beta > 0 no second model exists and the reference
 is exactly the base model; training moves only the adapters; both save forms load back to the trained model;
-the TR-DPO reference sync on hand values and inside a run."""
+the TR-DPO reference sync on hand values and inside a run; a target module that matches nothing is refused."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from helpers import RecordingSampler, config, save_tiny, step_rows, with_digit_share
 from transformers import AutoModelForCausalLM
 
+from grpokit.cli import main
 from grpokit.config import ConfigError, GRPOConfig, LoRAConfig, from_dict
 from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
 from grpokit.run_setup import stage_policy
@@ -297,3 +298,35 @@ def test_lora_with_reference_sync_is_a_config_error(base_path):
     assert isinstance(from_yaml.lora, LoRAConfig)
     with pytest.raises(ConfigError, match="ref_sync_every"):
         from_yaml.validate()
+
+
+# ---------------------------------------------------------------- a target module that matches nothing
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def write_yaml(path, cfg: GRPOConfig) -> str:
+    import dataclasses
+
+    import yaml
+
+    path.write_text(yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if k != "lora"}))
+    return str(path)
+
+
+def test_a_lora_target_module_matching_nothing_is_refused_beside_one_that_matches(tmp_path, model, capsys):
+    out = tmp_path / "run"
+    run_yaml = write_yaml(tmp_path / "run.yaml", config(model, out, max_steps=1))
+    rc, err = cli(capsys, "train", run_yaml, "--lora.r", "4", "--lora.target-modules", "q_proj", "nosuch_proj")
+    assert rc == 2
+    assert "lora.target_modules" in err and "'nosuch_proj'" in err and "'q_proj'" not in err, err
+    assert "q_proj" in err.split("linear layers are", 1)[1]  # the names that would match are listed
+    assert not (out / "metrics.jsonl").exists() or not step_rows(out)

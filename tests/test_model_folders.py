@@ -1,5 +1,6 @@
 """A folder is loaded only as what it is, with every weight it needs; every stage runs the same checks of its data,
-lengths and evaluation settings (issue 19, classes 3 and 5)."""
+lengths and evaluation settings (issue 19, classes 3 and 5). A config.json of impossible sizes is refused, and a
+hub id reaches the hub or says within seconds why not."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from helpers import config, digit_share, overriding, read_jsonl, save_tiny, save
 from grpokit.cli import main
 from grpokit.config import ConfigError, PPOConfig, RewardModelConfig, SFTConfig
 from grpokit.critic import build_critic
-from grpokit.modeling import ModelFolderError, load_model
+from grpokit.modeling import ModelFolderError, check_model_source, load_model
 from grpokit.ppo import PPOTrainer
 from grpokit.reward_model import train_reward_model
 from grpokit.reward_scorer import RewardModelScorer
@@ -269,3 +270,39 @@ def test_a_lora_runs_checkpoint_starts_a_new_run_as_its_merged_model(folders, tm
     merged = load_model(folders["lora_checkpoint"], "cpu", torch.float32).state_dict()
     assert all(torch.equal(p, merged[n]) for n, p in trainer.policy.model.state_dict().items())
     assert all(p.requires_grad for p in trainer.policy.model.parameters())  # peft had frozen the base: it trains
+
+
+# ---------------------------------------------------------------- model sizes and hub ids
+
+
+@pytest.mark.parametrize(
+    "sizes, words",
+    [
+        ({"num_hidden_layers": -1}, "config.json says num_hidden_layers -1"),
+        ({"hidden_size": 30}, "config.json says hidden_size 30, which 4 attention heads"),
+    ],
+)
+def test_a_model_folder_whose_config_json_has_impossible_sizes_is_refused(tmp_path, sizes, words):
+    folder = save_tiny(tmp_path / "llama", "llama")
+    spec = json.loads((folder / "config.json").read_text())
+    spec.pop("head_dim", None)  # the width then comes from hidden_size / num_attention_heads
+    (folder / "config.json").write_text(json.dumps(spec | sizes))
+    with pytest.raises(ModelFolderError, match=rf"model folder {folder}: its {words}"):
+        check_model_source(folder)
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "hub-unreachable"])
+def test_a_hub_id_reaches_the_hub_or_says_within_seconds_why_not(tmp_path, monkeypatch, offline):
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    expected = "HF_HUB_OFFLINE is set" if offline else "cannot be reached.*needs a network, or give a local folder"
+    with pytest.raises(FileNotFoundError, match=expected):
+        GRPOTrainer(config("some-org/some-model-that-is-not-here", tmp_path / "run"))
+    from grpokit.data import DataError, load_rows
+
+    if not offline:
+        with pytest.raises(DataError, match="config field `train_data`: the data set 'some-org/some-data'"):
+            load_rows("some-org/some-data", field="train_data")

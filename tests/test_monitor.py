@@ -1,10 +1,16 @@
-"""The reward-hacking and collapse monitors fire on the patterns they name, with figures, and only then."""
+"""The reward-hacking and collapse monitors fire on the patterns they name, with figures, and only then; in a run
+their figures reach metrics.jsonl, and a gold reward that scores nothing is said."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from helpers import config, digit_share, llama, step_rows
 
 from grpokit.monitor import SignalMonitor, group_diversity, pearson
+from grpokit.tasks import build_char_tokenizer
+from grpokit.trainer import GRPOTrainer
 
 
 def test_group_diversity_hand_computed():
@@ -78,3 +84,42 @@ def test_kl_drift_fires_above_its_threshold_only():
     assert run(SignalMonitor(), 12, lambda s: {**healthy(s), "kl": 0.2}) == []
     raised = run(SignalMonitor(), 12, lambda s: {**healthy(s), "kl": 2.5})
     assert len(raised) == 1 and "KL to the reference 2.50 nats/token" in raised[0]
+
+
+# ---------------------------------------------------------------- in a run
+
+
+def test_monitor_figures_are_in_the_logged_rows(tmp_path):
+    """Old: the monitor added its figures to the metrics after the row was written, so they never reached
+    metrics.jsonl."""
+    out = tmp_path / "run"
+    cfg = config("in-memory", out, max_steps=3, monitor_window=2, gold_reward="accuracy")
+    trainer = GRPOTrainer(
+        cfg, model=llama(), tokenizer=build_char_tokenizer(), reward_funcs=[("digit_share", digit_share)]
+    )
+    trainer.train()
+
+    rows = step_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows[1:]:
+        assert "monitor/length_drift" in row and "monitor/proxy_gold_corr" in row, row
+        assert math.isfinite(row["monitor/length_drift"]) and math.isfinite(row["monitor/proxy_gold_corr"])
+    # the logged figures are the ones the logged metrics give (window 2, baseline = the first full window)
+    lengths = [r["completions/mean_length"] for r in rows]
+    baseline = (lengths[0] + lengths[1]) / 2
+    assert rows[1]["monitor/length_drift"] == pytest.approx(0.0, abs=1e-12)
+    assert rows[2]["monitor/length_drift"] == pytest.approx(((lengths[1] + lengths[2]) / 2 - baseline) / baseline)
+    for i in (1, 2):
+        proxy = [rows[j]["reward"] for j in (i - 1, i)]
+        gold = [rows[j]["gold/mean"] for j in (i - 1, i)]
+        assert rows[i]["monitor/proxy_gold_corr"] == pytest.approx(pearson(proxy, gold))
+
+
+def test_a_gold_reward_that_scores_nothing_is_said():
+    """`gold/mean` null every step, and no word: the hacking monitor watched nothing."""
+    from grpokit.monitor import SignalMonitor
+
+    monitor = SignalMonitor()
+    warned = monitor.update(1, {"reward": 1.0, "gold/mean": float("nan")}, group_size=2)
+    assert any("the gold_reward returned None for every sample" in w for w in warned)
+    assert not SignalMonitor().update(1, {"reward": 1.0, "gold/mean": 0.5}, group_size=2)

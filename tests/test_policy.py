@@ -1,4 +1,5 @@
-"""The policy's precision and the whole-or-absent folders it is saved into.
+"""The policy's precision, its optimizer step (clipping sees the trainable gradients only), and the whole-or-absent
+folders it is saved into.
 
 bf16 compute keeps float32 master weights and AdamW state: with pure bf16 weights a step at lr 1e-6 moved
 0.39% of a real model's weights (a bf16 weight of 0.02 cannot take a change of 1e-6); with master weights
@@ -7,12 +8,15 @@ it moves nearly all of them, as float32 does.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from helpers import with_digit_share
+from helpers import llama, sft_config, with_digit_share
 
 from grpokit.checkpoint import atomic_folder, list_checkpoints, write_checkpoint
 from grpokit.config import GRPOConfig
+from grpokit.run_setup import stage_policy
 from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
 from grpokit.trainer import GRPOTrainer
 
@@ -100,3 +104,40 @@ def test_checkpoints_carry_a_marker_and_only_the_newest_stay(tmp_path):
     (tmp_path / "checkpoint-6" / "checkpoint_complete.json").unlink()  # as if its writing had been cut short
     (tmp_path / "checkpoint-8").mkdir()  # a folder of the right name and no marker
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
+
+
+# ---------------------------------------------------------------- the optimizer step clips the trainable gradients only
+
+
+def test_optimizer_step_clips_and_reports_the_trainable_gradients_only(tmp_path):
+    """Old: SFT and the reward model clipped ALL parameters, so a frozen parameter's stale gradient entered
+    the norm (and shrank the trainable gradients' clip factor)."""
+    model = llama()
+    frozen = model.model.norm.weight  # the final RMSNorm: a parameter of its own, not tied to anything
+    frozen.requires_grad_(False)
+    cfg = sft_config(tmp_path / "unused", max_grad_norm=1.0)
+    policy = stage_policy(model, cfg, total_steps=1, device=torch.device("cpu"), dtype=torch.float32)
+
+    trainable = policy.trainable_parameters()
+    assert trainable and all(p is not frozen for p in trainable)
+    for i, p in enumerate(trainable):
+        p.grad = torch.full_like(p, 0.01 * (i % 3 + 1))
+    frozen.grad = torch.full_like(frozen, 100.0)  # stale, far larger than everything trainable together
+    frozen_before = frozen.detach().clone()
+    expected_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in trainable))
+    with_frozen = math.sqrt(expected_norm**2 + float(frozen.grad.double().pow(2).sum()))
+    assert expected_norm > cfg.max_grad_norm  # clipping must act, so its factor is observable
+    assert with_frozen > 10 * expected_norm
+
+    seen = []  # the trainable gradients AdamW steps with, i.e. after clipping
+    policy.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append([p.grad.detach().clone() for p in trainable])
+    )
+    before = [p.detach().clone() for p in trainable]
+    grad_norm = policy.optimizer_step()
+
+    assert grad_norm == pytest.approx(expected_norm, rel=1e-5)
+    clipped_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in seen[0]))
+    assert clipped_norm == pytest.approx(cfg.max_grad_norm, rel=1e-5)  # scaled by max_norm / trainable norm
+    assert torch.equal(frozen, frozen_before)
+    assert all(not torch.equal(p, b) for p, b in zip(trainable, before))  # the step did happen

@@ -20,6 +20,7 @@ from helpers import config as grpo_config
 from safetensors.torch import load_file
 
 from grpokit.checkpoint import WriteError
+from grpokit.cli import main
 from grpokit.config import ConfigError, GRPOConfig, PPOConfig
 from grpokit.critic import ValueModel, build_critic, completion_values
 from grpokit.ppo import CRITIC_FILE, PPOTrainer
@@ -291,13 +292,19 @@ def test_a_refused_critic_write_leaves_the_run_resumable_and_the_resume_writes_i
 # ---------------------------------------------------------------- grpokit compare
 
 
-def test_compare_writes_both_methods_memory_breakdown_time_and_accuracy(tmp_path):
+def test_compare_writes_both_methods_memory_breakdown_time_and_accuracy(tmp_path, capsys, monkeypatch):
     model = save_tiny(tmp_path / "tiny", "llama")
     cfg = grpo_config(model, tmp_path / "cmp", max_steps=3, num_eval_prompts=8, eval_every=2)
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GRPOConfig) if f.name != "lora"}
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(values))
-    proc = run_cli("compare", path)
+    # `grpokit compare` in this process (its methods run in processes of their own either way), the methods'
+    # processes in the environment `run_cli` gives a command, with this process's import path after the tests'
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rc = main(["compare", str(path)])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr[-3000:]
     record = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     grpo, ppo = record["grpo"], record["ppo"]
     lm = tiny_model(build_char_tokenizer(), "llama", hidden_size=HIDDEN)
@@ -312,7 +319,7 @@ def test_compare_writes_both_methods_memory_breakdown_time_and_accuracy(tmp_path
         assert [c["samples"] for c in method["accuracy"]] == [0, 16, 24]
     assert ppo["breakdown"]["policy_weights_mb"] == grpo["breakdown"]["policy_weights_mb"] > 0
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
-    assert "critic (weights + gradients + AdamW)" in proc.stdout
+    assert "critic (weights + gradients + AdamW)" in stdout
     rows = read_jsonl(tmp_path / "cmp" / "ppo" / "metrics.jsonl")
     assert any("value_loss" in r for r in rows) and not any(
         "value_loss" in r for r in step_rows(tmp_path / "cmp" / "grpo")

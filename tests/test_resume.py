@@ -1,10 +1,13 @@
-"""Exact resume and faults (DESIGN invariant 8), through the CLI in subprocesses as a user meets them.
+"""Exact resume and faults (DESIGN invariant 8), through the CLI as a user meets them: kills, signals and the runs
+compared with them in subprocesses; a refusal that needs no process of its own (the second run into a locked folder,
+a fresh run into a folder holding a run, a changed config) through the CLI's entry point in this process.
 
 N straight steps equal k steps + a real `kill -9` + resume + N - k steps: the same final parameters and
 optimizer state (torch.equal) and the same metrics rows (times aside), for GRPO full fine-tune (with the
 checkpoint on an epoch boundary of the prompt order), GRPO with LoRA, and SFT. SIGINT / SIGTERM finish the
 step, checkpoint and exit 130 / 143; a locked folder is refused; an interrupted checkpoint is never loaded;
-a kill during a model save leaves the old or the new folder, whole.
+a kill during a model save leaves the old or the new folder, whole; a second signal stops at once, saying
+which checkpoint was kept (in process).
 
 The children learn where the run stands from their own output (a reward function that prints a line per
 step, or the progress bar), so no test sleeps.
@@ -25,6 +28,8 @@ import torch
 import yaml
 from helpers import read_jsonl, save_tiny
 from safetensors.torch import load_file
+
+from grpokit.checkpoint import RunDirectory, write_checkpoint
 
 TIMES = re.compile(r"^time/|^tokens_per_s$")
 PROBE = '''
@@ -80,6 +85,19 @@ def cli(world, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "grpokit.cli", *args], env=world["env"], capture_output=True, text=True, timeout=300
     )
+
+
+def in_process(world, capsys, monkeypatch, *args: str) -> subprocess.CompletedProcess:
+    """`cli`'s command through the CLI's entry point `grpokit.cli.main` in this process, for a command that needs no
+    process of its own (no kill, no signal, no comparison of its numbers with a child's): the same exit code, stdout
+    and stderr, the probe rewards importable as in the children, and no second interpreter to start."""
+    from grpokit.cli import main
+
+    monkeypatch.syspath_prepend(str(world["root"]))
+    capsys.readouterr()  # what this test printed before is not the command's
+    returncode = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["grpokit", *args], returncode, captured.out, captured.err)
 
 
 def start(world, *args: str) -> subprocess.Popen:
@@ -244,13 +262,13 @@ def test_signal_checkpoints_exits_and_resumes_to_the_straight_run(world, straigh
 # ---------------------------------------------------------------- the run directory
 
 
-def test_a_second_run_into_a_locked_folder_is_refused(world):
+def test_a_second_run_into_a_locked_folder_is_refused(world, capsys, monkeypatch):
     config = grpo_yaml(world, "locked", max_steps=100_000, save_every=0)  # still running when the others try
     first = start(world, "train", str(config))
     try:
         wait_for_line(first, "scored 1")
         for extra in ([], ["--resume-from-checkpoint", "latest"], ["--overwrite-output-dir"]):
-            second = cli(world, "train", str(config), *extra)
+            second = in_process(world, capsys, monkeypatch, "train", str(config), *extra)
             assert second.returncode == 2
             assert "is in use by a running run" in second.stderr and f"pid {first.pid}" in second.stderr
         assert first.poll() is None  # the first run was not disturbed
@@ -259,29 +277,31 @@ def test_a_second_run_into_a_locked_folder_is_refused(world):
         first.wait()
 
 
-def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_or_replaced(world, straight_full, tmp_path):
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_or_replaced(
+    world, straight_full, tmp_path, capsys, monkeypatch
+):
     copy = shutil.copytree(straight_full, tmp_path / "copy")
     config = grpo_yaml(world, "unused", output_dir=str(copy), max_steps=2)
-    refused = cli(world, "train", str(config))
+    refused = in_process(world, capsys, monkeypatch, "train", str(config))
     assert refused.returncode == 2
     assert "holds another run" in refused.stderr and "--overwrite-output-dir" in refused.stderr
     assert len(read_jsonl(copy / "metrics.jsonl")) == 6  # nothing touched
-    replaced = cli(world, "train", str(config), "--overwrite-output-dir")
+    replaced = in_process(world, capsys, monkeypatch, "train", str(config), "--overwrite-output-dir")
     assert replaced.returncode == 0, replaced.stderr
     assert [r["step"] for r in read_jsonl(copy / "metrics.jsonl")] == [1, 2]  # its own rows only
     assert sorted(p.name for p in copy.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
-def test_resuming_with_a_changed_config_names_the_fields(world, straight_full, tmp_path):
+def test_resuming_with_a_changed_config_names_the_fields(world, straight_full, tmp_path, capsys, monkeypatch):
     copy = shutil.copytree(straight_full, tmp_path / "copy")
     config = grpo_yaml(world, "unused", output_dir=str(copy), learning_rate=5e-4, max_steps=8)
-    result = cli(world, "train", str(config), "--resume-from-checkpoint", "latest")
+    result = in_process(world, capsys, monkeypatch, "train", str(config), "--resume-from-checkpoint", "latest")
     assert result.returncode == 2
     assert "`learning_rate` 0.001 -> 0.0005" in result.stderr
     assert "`max_steps` 6" not in result.stderr  # a longer run is a resume, not a different one
 
 
-def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_path):
+def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_path, capsys, monkeypatch):
     run_dir = shutil.copytree(straight_full, tmp_path / "run")
     newest = run_dir / "checkpoint-6"
     # what a kill in the middle of writing leaves: a truncated file and no marker
@@ -290,7 +310,7 @@ def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_pat
     (newest / "checkpoint_complete.json").unlink()
     config = grpo_yaml(world, "unused", output_dir=str(run_dir))
 
-    explicit = cli(world, "train", str(config), "--resume-from-checkpoint", str(newest))
+    explicit = in_process(world, capsys, monkeypatch, "train", str(config), "--resume-from-checkpoint", str(newest))
     assert explicit.returncode == 2 and "incomplete" in explicit.stderr and str(newest) in explicit.stderr
 
     latest = cli(world, "train", str(config), "--resume-from-checkpoint", "latest")
@@ -411,3 +431,25 @@ def test_reward_model_resume_extends_to_the_straight_run(tmp_path):
     assert extended.eval_accuracy == straight.eval_accuracy
     # the 5-step run logged its last step (5), which the straight run does not: rows compared from step 6
     assert_same_run(tmp_path / "straight", tmp_path / "extended", 10, rows_from=6)
+
+
+# ---------------------------------------------------------------- a second signal
+
+
+def test_a_second_signal_says_what_was_kept_before_it_stops(tmp_path, capsys):
+    """The second SIGTERM stops at once, as the first one's message says; it used to stop without a word."""
+    out = tmp_path / "run"
+    out.mkdir()
+    rd = RunDirectory(out, settings=None, resume_from=None, overwrite=False, keep=0)
+    write_checkpoint(out, 3, lambda folder: (folder / "trainer_state.pt").write_bytes(b"x"), keep=0)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        rd._install_signal_handlers()
+        rd._on_signal(signal.SIGTERM, None)
+        rd._on_signal(signal.SIGTERM, None)  # the handler before grpokit's gets it: here, the list
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert received == [signal.SIGTERM]
+    assert "SIGTERM again: stopping at once; the newest complete checkpoint is" in err and "checkpoint-3" in err

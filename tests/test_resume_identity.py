@@ -1,7 +1,8 @@
 """A resume proves what it continues (DESIGN invariant 15; issue 19, class 2): every checkpoint records its run's
 identity, stage, resolved config and fingerprints of its data and models, and a resume that would continue
 something else is refused by name, before anything in the folder changes. `latest` with nothing to resume is an
-error, never a fresh start over a trained model; a resume that fails deletes no checkpoint.
+error, never a fresh start over a trained model; a resume that fails deletes no checkpoint. A row's fingerprint
+sees every element of an array, and a value only its repr could name is refused.
 
 Through `grpokit.cli.main` in process (the CLI's entry point: exit code and stderr as a user sees them).
 """
@@ -323,3 +324,30 @@ def test_reward_model_refuses_changed_pairs(world, tmp_path, capsys):
     write_rows(data, [{**pairs[0], "chosen": "9", "rejected": "2"}, *pairs[1:]])  # one pair flipped, same count
     rc, err = cli(capsys, overriding(argv, "--resume-from-checkpoint", "latest", "--max-steps", "2"))
     assert rc == 2 and "the rows of `train_data`: 8 rows, sha256 " in err and " -> 8 rows, sha256 " in err
+
+
+# ---------------------------------------------------------------- row fingerprints
+
+
+def test_row_fingerprints_see_every_array_element_and_refuse_what_only_a_repr_could_name():
+    import numpy as np
+    import torch
+
+    from grpokit.checkpoint import fingerprint_rows
+    from grpokit.data import DataError
+
+    values = np.arange(2000, dtype=np.int64)
+    edited = values.copy()
+    edited[1000] = -1  # inside what numpy's repr elides as `...`
+    assert fingerprint_rows([{"ids": values}]) != fingerprint_rows([{"ids": edited}])
+    tensor = torch.arange(2000)
+    assert fingerprint_rows([{"ids": tensor}]) == fingerprint_rows([{"ids": tensor.clone()}])
+    changed = tensor.clone()
+    changed[1000] = 7
+    assert fingerprint_rows([{"ids": tensor}]) != fingerprint_rows([{"ids": changed}])
+
+    class Opaque:  # its repr holds its address: new in every process
+        pass
+
+    with pytest.raises(DataError, match=r"row 1, key 'meta' holds a .*Opaque, which a run's record cannot"):
+        fingerprint_rows([{"prompt": "a"}, {"prompt": "b", "meta": Opaque()}])

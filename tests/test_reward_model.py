@@ -1,6 +1,8 @@
 """Reward models: the Bradley-Terry loss on hand-computed values, last-token pooling under any padding, the
 synthetic labelers (clean and verbosity-biased), the scorer behind the reward contract (its own tokenizer and
-chat template), bad pairs data, the CLI, and seeded learning checks (clean RM >= 90% held-out pairwise accuracy)."""
+chat template), bad pairs data and pairs handed in, a reward model trained from a classifier with other labels, a
+causal LM given as a reward model, the CLI, and seeded learning checks (clean RM >= 90% held-out pairwise
+accuracy)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_tiny
 
 from grpokit.checkpoint import save_model
+from grpokit.cli import main
 from grpokit.cli import main as cli_main
 from grpokit.config import RewardModelConfig, SFTConfig
 from grpokit.data import DataError, pad_batch
@@ -366,3 +370,75 @@ def test_reward_model_and_rule_reward_combined_advantages_both_modes(rm_path):
     expected_norm = [0.5 * a + 2.0 * b for a, b in zip(rm_adv, rule_adv)]
     got = algo.multi_reward_advantages(rewards, w, group_size=4, scale="group", aggregation="normalize_then_sum")
     torch.testing.assert_close(got, torch.tensor(expected_norm), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- reward-model folders and pairs handed in
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def two_label_classifier(model, tmp_path_factory):
+    """A Llama sequence classifier with 2 labels (a sentiment model, say) on the tiny model's body."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("clf") / "two_labels"
+    AutoModelForSequenceClassification.from_pretrained(model, num_labels=2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+    return folder
+
+
+def test_a_causal_lm_given_as_gold_reward_is_named_as_gold_reward(tmp_path, model, capsys):
+    rc = main(
+        ["train", "--model", str(model), "--task", "addition", "--output-dir", str(tmp_path / "run"),
+         "--gold-reward", str(model), "--max-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
+         "--num-train-prompts", "4", "--num-eval-prompts", "0", "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "grpokit train: error:" in err and "Traceback" not in err
+    assert "gold_reward" in err and "reward_funcs" not in err
+
+
+def test_reward_model_training_from_a_two_label_classifier_starts_a_new_one_output_head(two_label_classifier, tmp_path):
+    from grpokit.config import RewardModelConfig
+    from grpokit.data import InputWarning
+    from grpokit.reward_model import train_reward_model
+
+    cfg = RewardModelConfig(model=str(two_label_classifier), output_dir=str(tmp_path / "rm"), task="addition",
+                            num_train_pairs=8, num_eval_pairs=4, max_steps=1, batch_size=4, progress=False)  # fmt: skip
+    with pytest.warns(InputWarning, match=r"`model`.*score\.weight of shape \[2, \d+\] \(2 labels\).*num_labels=1"):
+        train_reward_model(cfg)
+    saved = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
+    assert len(saved["id2label"]) == 1  # one output, as TRL's RewardTrainer builds
+
+
+def test_reward_model_pairs_handed_in_without_held_out_ones_or_a_task_train_with_no_accuracy(tmp_path):
+    from grpokit.config import RewardModelConfig
+    from grpokit.reward_model import train_reward_model
+
+    cfg = RewardModelConfig(
+        model=str(save_tiny(tmp_path / "tiny")), output_dir=str(tmp_path / "rm"), max_steps=1, batch_size=4,
+        max_completion_length=4, device="cpu", warmup_steps=0,
+    )  # fmt: skip
+    result = train_reward_model(cfg, train_pairs=[{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 4)
+    assert result.eval_accuracy is None
+    assert result.model_dir.is_dir()
+
+
+def test_reward_model_pairs_with_a_blank_chosen_are_said_and_an_unused_margin_column_refused(model, tmp_path):
+    from grpokit.config import RewardModelConfig
+    from grpokit.data import DataError, InputWarning
+    from grpokit.reward_model import train_reward_model
+
+    cfg = RewardModelConfig(model=str(model), output_dir=str(tmp_path / "rm"), task=None, max_steps=1, progress=False)
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"} for i in range(4)]
+    blank = [pairs[0], {**pairs[1], "chosen": " "}, *pairs[2:]]
+    with pytest.raises(DataError, match=r"has a `margin` column, which TRL's RewardTrainer subtracts in its loss"):
+        train_reward_model(cfg, train_pairs=[{**p, "margin": 5.0} for p in pairs])
+    assert not (tmp_path / "rm").exists()
+    with pytest.warns(InputWarning, match=r"1 of 4 pairs have a blank 'chosen' completion \(first: row 1\)"):
+        train_reward_model(cfg, train_pairs=blank)

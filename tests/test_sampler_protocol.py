@@ -1,18 +1,23 @@
 """The sampler protocol an engine can serve: integer seeds per prompt (`prompt_seeds`), and the policy's weights
 handed over as `PolicyWeights` (the live module for the in-process sampler; the full tensors in the model's own
-names, LoRA merged, for an engine in another memory)."""
+names, LoRA merged, for an engine in another memory). What a sampler returns is checked every step, and what it
+returns or raises wrongly is named as the sampler's."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from helpers import tiny_lm
+from helpers import RecordingSampler, config, save_tiny, tiny_lm
 
 from grpokit.config import GRPOConfig, LoRAConfig
 from grpokit.evaluate import completions_for
 from grpokit.run_setup import stage_policy
 from grpokit.sampler import KVCacheSampler, SamplingParams, prompt_generators, prompt_seeds
 from grpokit.tasks import build_char_tokenizer, tiny_model
+from grpokit.trainer import GRPOTrainer
+from grpokit.types import Rollout
 from grpokit.weights import PolicyWeights
 
 
@@ -113,3 +118,110 @@ def test_under_fsdp_on_two_ranks_the_weights_handed_over_equal_the_one_process_m
             assert torch.equal(sharded[name][key], tensor), (name, key)
     assert not torch.equal(whole["lora"]["model.layers.0.self_attn.q_proj.weight"],
                            whole["full"]["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+
+
+# ---------------------------------------------------------------- what a sampler returns and raises
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+class MangledSampler(RecordingSampler):
+    """The in-process sampler, whose answer `mangle` changes: a sampler of another engine that returns wrong things."""
+
+    def __init__(self, mangle):
+        super().__init__()
+        self.mangle = mangle
+
+    def generate(self, *args, **kwargs):
+        return self.mangle(super().generate(*args, **kwargs))
+
+
+def _fewer_rows(r):
+    return dataclasses.replace(
+        r, prompt_ids=r.prompt_ids[:-1], prompt_mask=r.prompt_mask[:-1], completion_ids=r.completion_ids[:-1],
+        completion_mask=r.completion_mask[:-1], sampling_logp=r.sampling_logp[:-1], truncated=r.truncated[:-1],
+    )  # fmt: skip
+
+
+MANGLED = {
+    "fewer rows": (_fewer_rows, r"`completion_ids` of shape \(7, \d+\); expected \(8, completion length\)"),
+    "logp shape": (
+        lambda r: dataclasses.replace(r, sampling_logp=torch.nn.functional.pad(r.sampling_logp, (0, 2))),
+        r"`sampling_logp` of shape \(8, \d+\); expected \(8, \d+\), as `completion_ids`",
+    ),
+    "ids past the vocabulary": (
+        lambda r: dataclasses.replace(r, completion_ids=torch.full_like(r.completion_ids, 99999)),
+        r"completion ids from 99999 to 99999; token ids are >= 0 and below the model's \d+ token embeddings",
+    ),
+    "a list": (lambda r: r.completion_ids.tolist(), r"a list; expected a grpokit.types.Rollout"),
+    "other prompt tokens": (
+        lambda r: dataclasses.replace(r, prompt_ids=r.prompt_ids.roll(1, dims=1)),
+        r"a Rollout whose row 0 holds other prompt tokens \(under `prompt_mask`\) than prompt 0 it was given",
+    ),
+    "another group size": (
+        lambda r: dataclasses.replace(r, group_size=2),
+        r"a Rollout whose `group_size` is 2; it was asked for num_generations = 4 completions of each of 2 prompts",
+    ),
+    "an empty completion": (
+        lambda r: dataclasses.replace(r, completion_mask=torch.zeros_like(r.completion_mask)),
+        r"a Rollout whose row 0 has no completion token \(its `completion_mask` is all 0",
+    ),
+    "float mask": (
+        lambda r: dataclasses.replace(r, completion_mask=r.completion_mask.float()),
+        r"`completion_mask` of dtype torch.float32",
+    ),
+}
+
+
+class FailingEngine:
+    """A sampler whose engine dies when the weights are pushed after the first update."""
+
+    def __init__(self, inner):
+        self.inner, self.pushes = inner, 0
+
+    def update_weights(self, model):
+        self.pushes += 1
+        if self.pushes > 1:
+            raise RuntimeError("engine crashed")
+        self.inner.update_weights(model)
+
+    def generate(self, *args, **kwargs):
+        return self.inner.generate(*args, **kwargs)
+
+
+def test_what_a_sampler_returns_is_checked_every_step_naming_the_sampler(tmp_path):
+    from grpokit.sampler import SamplerError
+
+    sampler = MangledSampler(lambda r: r)
+    trainer = GRPOTrainer(config(save_tiny(tmp_path / "tiny"), tmp_path / "out", max_steps=1), sampler=sampler)
+    assert isinstance(trainer.sample().rollout, Rollout)  # the sampler's own answer passes
+    named = r"`sampler` \(MangledSampler\)\.generate returned "
+    for mangle, message in MANGLED.values():
+        sampler.mangle = mangle
+        with pytest.raises(SamplerError, match=named + message):
+            trainer.sample()
+
+
+def test_nan_logprobs_from_a_sampler_of_its_own_are_named_as_the_samplers(tmp_path):
+    from grpokit.policy import NumericsError
+
+    nan_logp = MangledSampler(
+        lambda r: dataclasses.replace(r, sampling_logp=torch.full_like(r.sampling_logp, float("nan")))
+    )
+    trainer = GRPOTrainer(config(save_tiny(tmp_path / "tiny"), tmp_path / "out", max_steps=1), sampler=nan_logp)
+    with pytest.raises(NumericsError, match=r"`sampler` \(MangledSampler\)'s logprobs in the rollout are NaN or inf"):
+        trainer.sample()
+
+
+def test_a_sampler_whose_update_weights_fails_is_named(model, tmp_path):
+    from helpers import RecordingSampler
+
+    from grpokit.sampler import SamplerError
+    from grpokit.trainer import GRPOTrainer
+
+    trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=2), sampler=FailingEngine(RecordingSampler()))
+    with pytest.raises(SamplerError, match=r"`sampler` \(FailingEngine\)\.update_weights raised RuntimeError: engine"):
+        trainer.train()

@@ -1,7 +1,8 @@
 """The GRPO trainer end to end on tiny saved models: what a run leaves on disk, data sources (text, chat
 messages, `datasets` folders), errors that name the field or the sample (invariant 9), micro-batching
 (invariant 4), the reference model and the on-policy identity (invariant 1), pad == eos (invariant 3),
-the signal monitor, and SFT."""
+the signal monitor, and SFT; rows handed in without a task or data file, a step's count of flat groups over
+scorable rows, and the Python API given a model path, a `datasets` object and a function, recorded in config.yaml."""
 
 from __future__ import annotations
 
@@ -13,7 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import HIDDEN, STEP_KEYS, RecordingSampler, config, read_jsonl, save_tiny, step_rows, with_digit_share
+from helpers import (
+    HIDDEN,
+    STEP_KEYS,
+    RecordingSampler,
+    config,
+    digit_share,
+    llama,
+    module_level_reward,
+    read_jsonl,
+    save_tiny,
+    step_rows,
+    text_rows,
+    with_digit_share,
+)
 
 import grpokit.algo
 from grpokit.config import ConfigError, SFTConfig
@@ -477,3 +491,93 @@ def test_sft_lowers_the_loss_and_writes_the_model(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
     assert (model_dir / "tokenizer_config.json").exists()
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 40
+
+
+# ---------------------------------------------------------------- rows handed in, flat groups in a step, the Python API
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+def test_step_counts_groups_flat_over_their_scorable_rows(tmp_path):
+    """End to end: one None per group and the same non-zero reward elsewhere is no spread at all. The old
+    metric counted the None as 0 (std > 0 over [0, 1, 1, 1]) and reported 0.0."""
+    G = 4
+
+    def one_none_per_group(prompts, completions, **_):
+        return [None if i % G == 0 else 1.0 for i in range(len(completions))]
+
+    cfg = config("in-memory", tmp_path / "run", max_steps=1, prompts_per_step=2, num_generations=G)
+    trainer = GRPOTrainer(
+        cfg, model=llama(), tokenizer=build_char_tokenizer(), reward_funcs=[("one_none", one_none_per_group)]
+    )
+    metrics, samples = trainer.step()
+    assert metrics["frac_reward_zero_std"] == 1.0
+    assert samples and all(s["advantage"] == 0.0 for s in samples)
+
+
+def test_rows_passed_in_need_neither_task_nor_train_data(tmp_path):
+    """Old: validation demanded exactly one of `task` and `train_data` even when rows were handed in."""
+    rows = AdditionTask().rows(8, seed=3)
+    out = tmp_path / "run"
+    cfg = config("in-memory", out, task=None, max_steps=1)
+    assert cfg.task is None and cfg.train_data is None
+    trainer = GRPOTrainer(
+        cfg,
+        model=llama(),
+        tokenizer=build_char_tokenizer(),
+        reward_funcs=[("digit_share", digit_share)],
+        train_dataset=rows,
+    )
+    trainer.train()
+
+    assert [r["step"] for r in step_rows(out)] == [1]
+    logged_prompts = {c["prompt"] for c in read_jsonl(out / "completions.jsonl")}
+    assert logged_prompts and logged_prompts <= {r["prompt"] for r in rows}  # it trained on the rows passed in
+
+
+def test_train_data_and_rows_passed_in_is_a_config_error(tmp_path):
+    out = tmp_path / "run"
+    cfg = config("in-memory", out, task=None, train_data=str(tmp_path / "train.jsonl"), max_steps=1)
+    with pytest.raises(ConfigError, match="`train_data`"):
+        GRPOTrainer(
+            cfg,
+            model=llama(),
+            tokenizer=build_char_tokenizer(),
+            reward_funcs=[("digit_share", digit_share)],
+            train_dataset=AdditionTask().rows(8, seed=3),
+        )
+    assert not out.exists()
+
+
+def test_the_python_api_takes_a_path_a_dataset_and_a_function_and_records_them(tmp_path, model):
+    import datasets
+    import yaml
+
+    from grpokit import GRPOConfig
+    from grpokit import GRPOTrainer as TopLevelTrainer
+
+    cfg = GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        prompts_per_step=2,
+        num_generations=2,
+        max_completion_length=4,
+        num_eval_prompts=2,
+        progress=False,
+        tensorboard=False,
+    )
+    trainer = TopLevelTrainer(
+        cfg,
+        model=str(model),
+        reward_funcs=module_level_reward,
+        train_dataset=datasets.Dataset.from_list(text_rows()),
+        eval_dataset=text_rows(2),
+    )
+    trainer.train()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"] == str(model) and saved["task"] is None and saved["train_data"] is None
+    assert saved["reward_funcs"] == ["helpers:module_level_reward"]
+    assert cfg.model == "" and cfg.reward_funcs == ["accuracy"]  # the caller's config is left as it was

@@ -1,6 +1,6 @@
-"""`grpokit compare` under hostile use: a second comparison into the same folder follows `grpokit train`'s
-run-directory rules, and SIGTERM to the comparison reaches its method's process, which checkpoints; nothing is left
-running, and the printed resume command continues what was kept."""
+"""`grpokit compare`: a second comparison into the same folder follows `grpokit train`'s run-directory rules,
+SIGTERM to the comparison reaches its method's process, which checkpoints; nothing is left running, the printed
+resume command continues what was kept, and a worker that ends without its report is said."""
 
 from __future__ import annotations
 
@@ -158,3 +158,13 @@ def test_a_comparison_stopped_in_ppo_resumes_ppo_and_keeps_the_finished_grpo_fig
     record = json.loads((cmp / "comparison.json").read_text())
     assert record["grpo"] == grpo_figures and record["ppo"]["steps"] == 3
     assert not list(cmp.glob(".*-report.json"))  # in comparison.json now
+
+
+# ---------------------------------------------------------------- a worker without its report
+
+
+def test_a_comparison_worker_that_ends_with_status_0_and_no_report_is_said():
+    from grpokit.compare import ComparisonFailed
+
+    failed = ComparisonFailed("grpo", 0)
+    assert failed.exit_code == 1 and "ended (exit status 0) without writing its report" in str(failed)

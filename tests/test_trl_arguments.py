@@ -1,6 +1,7 @@
-"""The TRL adapter (`grpokit.trl`) under hostile arguments: wrong types and ranges are errors naming the TRL field
-the user wrote, grpokit's own validation speaks TRL's names, no TRL or peft option is dropped without a word, and
-TRL's habits (train(resume_from_checkpoint=True), args= as a dict) work as in TRL."""
+"""The TRL adapter's arguments (`grpokit.trl`): wrong types and ranges are errors naming the TRL field the user
+wrote, grpokit's own validation speaks TRL's names, no TRL or peft option is dropped without a word, args changed
+after the trainer is built are refused, and TRL's habits (train(resume_from_checkpoint=True), args= as a dict) work
+as in TRL."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
-from helpers import save_tiny, step_rows
+from helpers import config, save_tiny, step_rows
 
 from grpokit.checkpoint import RunDirectoryError
 from grpokit.config import ConfigError, PPOConfig
@@ -246,3 +247,29 @@ def test_rerunning_a_finished_trl_script_says_the_run_finished_and_how_to_start_
     message = str(refused.value)
     assert "is the last step of a finished run" in message and "overwrite_output_dir=True" in message
     assert "not with these arguments" not in message  # the arguments are the same: that is not the reason
+
+
+# ---------------------------------------------------------------- args changed after the trainer is built
+
+
+@pytest.mark.parametrize("kind", ["trl", "native"])
+def test_trl_args_changed_after_the_trainer_is_built_are_refused_naming_them(tmp_path, kind):
+    from grpokit.config import ConfigError
+    from grpokit.trl import GRPOConfig as TRLConfig
+    from grpokit.trl import GRPOTrainer as TRLTrainer
+
+    model = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "out"
+    if kind == "trl":
+        args = TRLConfig(output_dir=str(out), per_device_train_batch_size=4, num_generations=4, max_steps=1,
+                         max_completion_length=4, disable_tqdm=True)  # fmt: skip
+    else:
+        args = config(model, out, train_data=None, max_steps=1)
+    rows = [{"prompt": f"{a}+{a}="} for a in range(8)]
+    trainer = TRLTrainer(str(model), reward_funcs=lambda completions, **kw: [1.0] * len(completions), args=args,
+                         train_dataset=rows)  # fmt: skip
+    trainer.args.max_steps = 3  # TRL's own trainer reads args in train(); grpokit's was built from them
+    trainer.args.learning_rate = 0.5
+    with pytest.raises(ConfigError, match=r"`learning_rate` \(.* -> 0\.5\), `max_steps` \(1 -> 3\).*set them before"):
+        trainer.train()
+    assert not (out / "metrics.jsonl").exists()
