@@ -54,7 +54,7 @@ def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, completion_
 def require_heldout_rows(eval_every: int, rows: list[Any], num_eval_prompts: int | None = None) -> None:
     """Before any work: `eval_every` asks for evaluations that held-out rows make; without rows there would be
     none, and no word of it."""
-    from grpokit.config import ConfigError
+    from grpokit.types import ConfigError
 
     if eval_every and num_eval_prompts == 0:
         raise ConfigError(

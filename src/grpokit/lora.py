@@ -12,15 +12,24 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
 from grpokit.checkpoint import atomic_folder, save_model
-from grpokit.config import ConfigError, LoRAConfig
+from grpokit.types import ConfigError
 
 
-def apply_lora(model: Any, lora: LoRAConfig) -> Any:
+class LoRASpec(Protocol):
+    """What `apply_lora` reads of a LoRA section (the config's `lora:`, `config.LoRAConfig`)."""
+
+    r: int  # the adapters' rank; 0: no adapters
+    alpha: float
+    dropout: float
+    target_modules: list[str]  # module names, or ["all-linear"]
+
+
+def apply_lora(model: Any, lora: LoRASpec) -> Any:
     """Wrap `model` in a `peft` PeftModel with fresh adapters; every base weight is frozen.
 
     The adapters start with B = 0, so the wrapped model computes exactly what `model` did. `model` itself

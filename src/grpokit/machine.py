@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from grpokit.config import ConfigError
+from grpokit.types import ConfigError
 
 GIB = 2**30
 SAMPLING_BYTES_PER_LOGIT = 24

@@ -23,9 +23,8 @@ from typing import Any, Protocol
 import torch
 
 from grpokit import packing
-from grpokit.config import LoRAConfig
 from grpokit.distributed import Cluster, full, full_weights, shard, shard_of
-from grpokit.lora import adapters_disabled, apply_lora, sync_reference, uses_lora
+from grpokit.lora import LoRASpec, adapters_disabled, apply_lora, sync_reference, uses_lora
 from grpokit.modeling import completion_logprobs
 from grpokit.optim import OptimizerSettings, build_optimizer
 from grpokit.weights import PolicyWeights
@@ -58,7 +57,7 @@ class Policy:
         logprob_chunk_size: int,
         gradient_checkpointing: bool = False,
         compute_dtype: torch.dtype = torch.float32,
-        lora: LoRAConfig | None = None,
+        lora: LoRASpec | None = None,
         reference: bool = False,
         temperature: float = 1.0,
         layout: str = "padded",
