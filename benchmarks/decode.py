@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_trl import RESULTS, commit, machine, prepare  # noqa: E402
 
-from grpokit.modeling import load_model, load_tokenizer  # noqa: E402
-from grpokit.sampler import SamplingParams, generate  # noqa: E402
+from grpokit.model.loading import load_model, load_tokenizer  # noqa: E402
+from grpokit.rollout.sampler import SamplingParams, generate  # noqa: E402
 
 
 def bare_loop(model, ids, mask, new_tokens, generator):

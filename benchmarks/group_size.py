@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import vs_trl  # noqa: E402  (machine and commit, recorded as the other benchmarks record them)
 
-from grpokit import algo  # noqa: E402
 from grpokit.config import DemoConfig  # noqa: E402
+from grpokit.core import algo  # noqa: E402
 from grpokit.demo import WarmStart, grpo_config, warm_start  # noqa: E402
-from grpokit.runlog import read_metrics  # noqa: E402
-from grpokit.trainer import GRPOTrainer  # noqa: E402
+from grpokit.report.runlog import read_metrics  # noqa: E402
+from grpokit.stages.grpo import GRPOTrainer  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "group-size-demo.json"
 

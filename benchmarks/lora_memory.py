@@ -73,9 +73,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from grpokit.config import GRPOConfig, LoRAConfig
-    from grpokit.lora import uses_lora
-    from grpokit.saving import save_trained
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.model.lora import uses_lora
+    from grpokit.model.saving import save_trained
+    from grpokit.stages.grpo import GRPOTrainer
 
     torch.set_num_threads(args.threads)
     rss_imports = rss_mib()
@@ -163,7 +163,7 @@ def machine() -> str:
 
 
 def build_model(args: argparse.Namespace, path: Path) -> None:
-    from grpokit.tasks import build_char_tokenizer, tiny_model
+    from grpokit.data.tasks import build_char_tokenizer, tiny_model
 
     tokenizer = build_char_tokenizer()
     model = tiny_model(

@@ -70,17 +70,17 @@ NUM_PROMPTS = 64
 
 def prepare(workload: str) -> tuple[Path, Path]:
     """The model folder and the prompts (JSONL) of a workload, built once into CACHE."""
-    from grpokit.checkpoint import save_model
+    from grpokit.runtime.checkpoint import save_model
 
     spec = WORKLOADS[workload]
     CACHE.mkdir(parents=True, exist_ok=True)
     model_dir = CACHE / spec["model"]
     if not model_dir.is_dir() and spec["model"] == "smollm2":
-        from grpokit.modeling import fetch_model
+        from grpokit.model.loading import fetch_model
 
         fetch_model("smollm2", model_dir)
     elif not model_dir.is_dir():
-        from grpokit.tasks import build_char_tokenizer, tiny_model
+        from grpokit.data.tasks import build_char_tokenizer, tiny_model
 
         tokenizer = build_char_tokenizer()
         hidden, layers = (int(x[1:]) for x in spec["model"].split("-")[2:])
@@ -90,7 +90,7 @@ def prepare(workload: str) -> tuple[Path, Path]:
     if not data.is_file() and spec["data"] == "chat":
         write_jsonl(str(data), NUM_PROMPTS, chat=True)
     elif not data.is_file():
-        from grpokit.tasks import AdditionTask
+        from grpokit.data.tasks import AdditionTask
 
         data.write_text("".join(json.dumps(row) + "\n" for row in AdditionTask().rows(NUM_PROMPTS)))
     return model_dir, data
@@ -103,7 +103,7 @@ def clocked_grpokit(workload: str, steps: int, out: str, **extra) -> tuple:
     """A GRPOTrainer on the workload, writing into `out`, whose step start times land in the list returned beside
     it: (trainer, starts). `extra`: config fields beyond the workload's."""
     from grpokit.config import GRPOConfig
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.stages.grpo import GRPOTrainer
 
     spec = WORKLOADS[workload]
     model_dir, data = prepare(workload)

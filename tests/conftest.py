@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.data.tasks import AdditionTask, build_char_tokenizer, tiny_model
 
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     """Tiny models run faster on one intra-op thread, and far faster when another process shares the cores. A
     stage without `num_threads` takes the count the process started with (`machine.STARTING_THREADS`): one here."""
-    from grpokit import machine
+    from grpokit.runtime import machine
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -8,9 +8,9 @@ import signal
 from pathlib import Path
 
 from grpokit.config import GRPOConfig, SFTConfig
-from grpokit.rewards import gold_reward
-from grpokit.sampler import KVCacheSampler
-from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.data.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.rewards.functions import gold_reward
+from grpokit.rollout.sampler import KVCacheSampler
 
 HIDDEN = 32
 STEP_KEYS = (
@@ -102,8 +102,8 @@ def save_tiny_reward_model(folder: Path, chars: str | None = None, name: str = "
     between texts), with a character tokenizer over `chars` (default: grpokit's own alphabet)."""
     import torch
 
-    from grpokit.checkpoint import save_model
-    from grpokit.modeling import load_reward_model
+    from grpokit.model.loading import load_reward_model
+    from grpokit.runtime.checkpoint import save_model
 
     tokenizer = build_char_tokenizer(chars) if chars else build_char_tokenizer()
     lm = save_model(tiny_model(tokenizer, "llama", hidden_size=HIDDEN, seed=0), tokenizer, folder / "llama")

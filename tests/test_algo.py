@@ -1,4 +1,4 @@
-"""Millisecond tests of the GRPO math in grpokit.algo, with hand-computed expectations; flat groups (no reward
+"""Millisecond tests of the GRPO math in grpokit.core.algo, with hand-computed expectations; flat groups (no reward
 spread among a group's scorable rows) are exactly the groups whose advantages are all 0."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpokit import algo
+from grpokit.core import algo
 
 NAN = float("nan")
 F64 = torch.float64

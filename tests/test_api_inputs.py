@@ -3,7 +3,7 @@
 Data: a blank prompt, chat content given as a list of parts, a written-out `<unk>` beside a character the
 tokenizer does not know, a reward function that edits its inputs in place, gold answers that are not text.
 API: every argument of GRPOTrainer / PPOTrainer / train_sft / train_reward_model is checked up front
-(`grpokit.arguments.python_arguments`) and an error names the argument as the caller wrote it. Each check runs
+(`grpokit.stages.arguments.python_arguments`) and an error names the argument as the caller wrote it. Each check runs
 before any model loads: the configs below name a model folder that does not exist.
 """
 
@@ -21,14 +21,14 @@ from helpers import config, module_level_reward, save_tiny
 
 from grpokit.cli import main
 from grpokit.config import ConfigError, GRPOConfig, PPOConfig, RewardModelConfig, SFTConfig
-from grpokit.data import DataError, InputWarning, render_prompt
-from grpokit.ppo import PPOTrainer
-from grpokit.reward_model import train_reward_model
-from grpokit.rewards import build_reward_funcs, score
-from grpokit.sampler import KVCacheSampler
-from grpokit.sft import train_sft
-from grpokit.tasks import build_char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer
+from grpokit.data.rows import DataError, InputWarning, render_prompt
+from grpokit.data.tasks import build_char_tokenizer, tiny_model
+from grpokit.rewards.functions import build_reward_funcs, score
+from grpokit.rollout.sampler import KVCacheSampler
+from grpokit.stages.grpo import GRPOTrainer
+from grpokit.stages.ppo import PPOTrainer
+from grpokit.stages.reward_model import train_reward_model
+from grpokit.stages.sft import train_sft
 from grpokit.trl import GRPOConfig as TRLGRPOConfig
 
 NEVER_LOADED = "never-loaded-model"
@@ -105,7 +105,7 @@ def test_chat_content_given_as_text_parts_reaches_the_model_as_text(tmp_path):
 
 
 def test_a_reward_model_reads_text_parts_as_the_text_they_hold():
-    from grpokit.reward_scorer import reward_model_text
+    from grpokit.rewards.scorer import reward_model_text
 
     tokenizer = build_char_tokenizer()
     parts = [{"role": "user", "content": [{"type": "text", "text": "1+1="}]}]
@@ -170,7 +170,7 @@ def test_reward_values_as_arrays_and_tensors_are_read_alike_and_a_single_number_
     import numpy as np
     import torch
 
-    from grpokit.rewards import RewardError
+    from grpokit.rewards.functions import RewardError
 
     batch = {"prompts": ["p", "p"], "completions": ["a", "b"]}
     for name, values in [("column_array", np.array([[1.0], [2.0]])), ("column_tensor", torch.tensor([[1.0], [2.0]]))]:
@@ -324,8 +324,8 @@ def test_sft_and_reward_model_and_ppo_entry_points_check_the_same_way(tmp_path):
 
 
 def test_argument_errors_are_type_errors_and_config_errors_and_builtin_names_match_the_builder():
-    from grpokit.arguments import ArgumentError
-    from grpokit.config import BUILTIN_REWARDS
+    from grpokit.rewards import BUILTIN_REWARDS
+    from grpokit.stages.arguments import ArgumentError
 
     assert issubclass(ArgumentError, TypeError) and issubclass(ArgumentError, ConfigError)
     built = build_reward_funcs(list(BUILTIN_REWARDS), format_pattern=".*", max_completion_length=8, overlong_buffer=4)
@@ -349,7 +349,7 @@ def _ppo_config(grpo_config):
 
 
 def test_a_model_object_without_a_tokenizer_says_to_pass_one(tmp_path):
-    from grpokit.tasks import build_char_tokenizer, tiny_model
+    from grpokit.data.tasks import build_char_tokenizer, tiny_model
 
     in_memory = tiny_model(build_char_tokenizer(), "llama", hidden_size=32, seed=0)
     with pytest.raises(ValueError, match=r"without `tokenizer=`.*pass tokenizer="):
@@ -357,8 +357,8 @@ def test_a_model_object_without_a_tokenizer_says_to_pass_one(tmp_path):
 
 
 def test_a_model_on_the_meta_device_is_refused_naming_model(tmp_path):
-    from grpokit.arguments import ArgumentError
-    from grpokit.tasks import build_char_tokenizer, tiny_model
+    from grpokit.data.tasks import build_char_tokenizer, tiny_model
+    from grpokit.stages.arguments import ArgumentError
 
     with torch.device("meta"):  # as accelerate's init_empty_weights makes it: shapes, no values
         model = tiny_model(build_char_tokenizer(), "qwen2", hidden_size=32)
@@ -370,8 +370,8 @@ def test_a_model_on_the_meta_device_is_refused_naming_model(tmp_path):
 def test_a_classifier_or_a_frozen_model_as_the_policy_is_refused_naming_model(model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from grpokit.arguments import ArgumentError
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.stages.arguments import ArgumentError
+    from grpokit.stages.grpo import GRPOTrainer
 
     classifier = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
     with pytest.raises(ArgumentError, match=r"`model` is a LlamaForSequenceClassification, which has no language-"):
@@ -392,9 +392,9 @@ def test_a_peft_model_with_more_lora_asked_or_a_ppo_config_for_grpo_is_refused(m
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from grpokit.arguments import ArgumentError
     from grpokit.config import LoRAConfig, PPOConfig
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.stages.arguments import ArgumentError
+    from grpokit.stages.grpo import GRPOTrainer
 
     peft_model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model), PeftLoraConfig(r=4, target_modules=["q_proj"])
@@ -413,8 +413,8 @@ def test_a_peft_model_copying_a_tied_module_is_refused_before_training(model, tm
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from grpokit.arguments import ArgumentError
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.stages.arguments import ArgumentError
+    from grpokit.stages.grpo import GRPOTrainer
 
     base = AutoModelForCausalLM.from_pretrained(model)
     if not base.config.tie_word_embeddings:
@@ -427,9 +427,9 @@ def test_a_peft_model_copying_a_tied_module_is_refused_before_training(model, tm
 def test_a_tokenizer_object_with_another_vocabulary_than_the_models_is_refused(model, tmp_path):
     """Same size, other ids (another model's tokenizer): every shape check passed and each id read as another
     character. A tokenizer with tokens added after (a pad token) still passes."""
-    from grpokit.modeling import ModelFolderError, load_tokenizer
-    from grpokit.tasks.tokenizer import DEFAULT_CHARS, build_char_tokenizer
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.data.tasks.tokenizer import DEFAULT_CHARS, build_char_tokenizer
+    from grpokit.model.loading import ModelFolderError, load_tokenizer
+    from grpokit.stages.grpo import GRPOTrainer
 
     permuted = build_char_tokenizer(DEFAULT_CHARS[::-1])
     assert len(permuted) == len(load_tokenizer(model))
@@ -449,9 +449,9 @@ def test_a_tokenizer_object_with_another_vocabulary_than_the_models_is_refused(m
 def test_a_critic_argument_is_checked_before_any_work_naming_critic(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from grpokit.arguments import ArgumentError
-    from grpokit.critic import ValueModel
-    from grpokit.ppo import PPOTrainer
+    from grpokit.model.critic import ValueModel
+    from grpokit.stages.arguments import ArgumentError
+    from grpokit.stages.ppo import PPOTrainer
 
     lm = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "tiny"))
     cfg = _ppo_config(config(tmp_path / "tiny", tmp_path / "out", max_steps=1))
@@ -472,10 +472,10 @@ def test_a_critic_argument_is_checked_before_any_work_naming_critic(tmp_path):
 def test_a_critic_sharing_the_policys_weights_is_refused(model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from grpokit.arguments import ArgumentError
     from grpokit.config import PPOConfig
-    from grpokit.critic import ValueModel
-    from grpokit.ppo import PPOTrainer
+    from grpokit.model.critic import ValueModel
+    from grpokit.stages.arguments import ArgumentError
+    from grpokit.stages.ppo import PPOTrainer
 
     policy = AutoModelForCausalLM.from_pretrained(model)
     cfg = PPOConfig(model=str(model), task="addition", output_dir=str(tmp_path / "ppo"), max_steps=1, progress=False)
@@ -486,8 +486,8 @@ def test_a_critic_sharing_the_policys_weights_is_refused(model, tmp_path):
 def test_a_reward_model_object_in_reward_funcs_is_refused_naming_what_to_pass(model, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from grpokit.arguments import ArgumentError
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.stages.arguments import ArgumentError
+    from grpokit.stages.grpo import GRPOTrainer
 
     scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
     with pytest.raises(ArgumentError, match=r"`reward_funcs\[1\]` is a LlamaForSequenceClassification model object: "
@@ -498,8 +498,8 @@ def test_a_reward_model_object_in_reward_funcs_is_refused_naming_what_to_pass(mo
 
 def test_eval_data_and_an_eval_dataset_together_are_refused_and_a_task_beside_rows_is_said(model, tmp_path):
     from grpokit.config import ConfigError
-    from grpokit.data import InputWarning
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.data.rows import InputWarning
+    from grpokit.stages.grpo import GRPOTrainer
 
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)]
     data = tmp_path / "eval.jsonl"
@@ -517,12 +517,12 @@ def test_verification_round_api_cases(model, tmp_path):
     train_pairs said; a frozen model with `lora` as a dict names the dict, not the frozen model."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from grpokit.arguments import ArgumentError
     from grpokit.config import ConfigError, RewardModelConfig
-    from grpokit.data import InputWarning
-    from grpokit.reward_model import train_reward_model
-    from grpokit.trainer import GRPOTrainer
-    from grpokit.types import TrainResult
+    from grpokit.core.types import TrainResult
+    from grpokit.data.rows import InputWarning
+    from grpokit.stages.arguments import ArgumentError
+    from grpokit.stages.grpo import GRPOTrainer
+    from grpokit.stages.reward_model import train_reward_model
 
     scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
     with pytest.raises(ArgumentError, match=r"`reward_funcs\[0\]` = \('rm', a LlamaForSequenceClassification model"):
@@ -548,11 +548,11 @@ def test_final_round_cases(model, tmp_path):
     from helpers import RecordingSampler
 
     from grpokit.config import RewardModelConfig
-    from grpokit.data import InputWarning
-    from grpokit.reward_model import train_reward_model
-    from grpokit.sampler import SamplerError
-    from grpokit.trainer import GRPOTrainer
-    from grpokit.types import TrainResult
+    from grpokit.core.types import TrainResult
+    from grpokit.data.rows import InputWarning
+    from grpokit.rollout.sampler import SamplerError
+    from grpokit.stages.grpo import GRPOTrainer
+    from grpokit.stages.reward_model import train_reward_model
 
     class DiesAtStep2(RecordingSampler):
         def generate(self, *args, **kwargs):

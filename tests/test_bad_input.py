@@ -17,14 +17,14 @@ from safetensors.torch import load_file
 
 from grpokit.cli import main
 from grpokit.config import ConfigError, GRPOConfig
-from grpokit.data import DataError, InputWarning
-from grpokit.modeling import ModelFolderError
-from grpokit.monitor import SignalMonitor
-from grpokit.policy import NumericsError
-from grpokit.rewards import RewardError, call_with_timeout, check_advantages, score
-from grpokit.run_setup import run_directory, stage_policy
-from grpokit.saving import save_trained
-from grpokit.trainer import GRPOTrainer
+from grpokit.data.rows import DataError, InputWarning
+from grpokit.model.loading import ModelFolderError
+from grpokit.model.policy import NumericsError
+from grpokit.model.saving import save_trained
+from grpokit.report.monitor import SignalMonitor
+from grpokit.rewards.functions import RewardError, call_with_timeout, check_advantages, score
+from grpokit.stages.grpo import GRPOTrainer
+from grpokit.stages.setup import run_directory, stage_policy
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_learning_rate_1e30_stops_non_zero_and_saves_nothing_non_finite(tmp_path
 
 
 def test_a_nan_gradient_is_refused_before_the_optimizer_step(tmp_path):
-    from grpokit.tasks import build_char_tokenizer, tiny_model
+    from grpokit.data.tasks import build_char_tokenizer, tiny_model
 
     model = tiny_model(build_char_tokenizer(), "llama", hidden_size=32, seed=0)
     policy = stage_policy(
@@ -246,7 +246,7 @@ def test_a_reward_beyond_float32_names_the_function():
 
 
 def test_a_reward_scale_that_overflows_or_vanishes_is_an_error():
-    from grpokit import algo
+    from grpokit.core import algo
 
     weights = torch.ones(1)
     # rewards 1e10 apart by 1: float64 sees the spread, float32 rounds both to the same number
@@ -347,7 +347,7 @@ def test_truncated_completions_and_unscored_steps_are_said_once_with_counts():
 
 def test_sft_says_how_many_prompts_and_completions_it_cut(char_tokenizer):
     from grpokit.config import SFTConfig
-    from grpokit.sft import encode_examples
+    from grpokit.stages.sft import encode_examples
 
     cfg = SFTConfig(max_prompt_length=4, max_completion_length=3)
     rows = [{"prompt": "12+34=", "completion": "46"}, {"prompt": "1+1=", "completion": "2"}]
@@ -397,7 +397,7 @@ def test_a_reward_that_edits_its_inputs_cannot_feed_the_next_one():
 
 
 def test_a_reward_module_with_a_syntax_error_names_file_and_line(tmp_path, monkeypatch):
-    from grpokit.rewards import import_reward
+    from grpokit.rewards.functions import import_reward
 
     (tmp_path / "broken_syntax_rw.py").write_text("def fn(completions, **_)\n    return []\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -406,7 +406,7 @@ def test_a_reward_module_with_a_syntax_error_names_file_and_line(tmp_path, monke
 
 
 def test_rewards_whose_squares_overflow_float32_say_so():
-    from grpokit import algo
+    from grpokit.core import algo
 
     big = torch.tensor([[1e30], [-1e30], [1e30], [-1e30]], dtype=torch.float64)
     weights = torch.ones(1)
@@ -450,7 +450,7 @@ def test_a_model_folder_that_does_not_describe_its_weights_is_refused(tmp_path, 
 def test_a_tokenizer_without_eos_is_refused(char_tokenizer):
     import copy
 
-    from grpokit.modeling import ensure_pad_token
+    from grpokit.model.loading import ensure_pad_token
 
     tokenizer = copy.deepcopy(char_tokenizer)
     tokenizer.eos_token = None
@@ -461,7 +461,7 @@ def test_a_tokenizer_without_eos_is_refused(char_tokenizer):
 def test_output_dir_may_not_be_the_model_or_hold_it_under_overwrite(tmp_path, model):
     with pytest.raises(ConfigError, match="`output_dir` is the model folder"):
         config(model, model).validate()
-    from grpokit.checkpoint import RunDirectoryError
+    from grpokit.runtime.checkpoint import RunDirectoryError
 
     # the model at the run's final model path: refused (by the run directory's exact check) before anything loads
     inside = save_tiny(tmp_path / "run" / "model", "llama")
@@ -475,7 +475,7 @@ def test_output_dir_may_not_be_the_model_or_hold_it_under_overwrite(tmp_path, mo
 
 
 def test_resuming_from_a_damaged_checkpoint_names_the_file(tmp_path, model):
-    from grpokit.checkpoint import RunDirectoryError
+    from grpokit.runtime.checkpoint import RunDirectoryError
 
     out = tmp_path / "run"
     GRPOTrainer(config(model, out, max_steps=1)).train()
@@ -515,7 +515,7 @@ def test_yaml_reads_1e_minus_4_as_a_number_and_refuses_a_key_given_twice(tmp_pat
     ids=["utf-16", "duplicate-key", "nan", "latin-1"],
 )
 def test_a_data_file_that_json_would_misread_is_refused(tmp_path, content, expected):
-    from grpokit.data import load_rows
+    from grpokit.data.rows import load_rows
 
     path = tmp_path / "train.jsonl"
     path.write_bytes(content)
@@ -543,7 +543,7 @@ def test_what_a_run_cannot_do_with_its_inputs_is_warned(tmp_path, model):
 
 def test_reward_model_pairs_that_are_all_ties_are_refused(tmp_path):
     from grpokit.config import RewardModelConfig
-    from grpokit.reward_model import train_reward_model
+    from grpokit.stages.reward_model import train_reward_model
 
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n" for _ in range(3)))

@@ -19,7 +19,7 @@ import yaml
 from grpokit import __version__
 from grpokit.cli import main
 from grpokit.config import GRPOConfig, check_override_names
-from grpokit.tasks import build_char_tokenizer, tiny_model
+from grpokit.data.tasks import build_char_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -98,8 +98,8 @@ def test_sigterm_stops_the_comparison_with_a_checkpoint_and_prints_its_resume_co
     assert shlex.split(resume) == ["grpokit", "compare", str(path), "--resume-from-checkpoint", "latest"]
 
     # the printed command is accepted, and continues GRPO's checkpoint while PPO, never started, starts fresh
-    from grpokit.compare import check_comparison, method_config
     from grpokit.config import load_yaml
+    from grpokit.stages.compare import check_comparison, method_config
 
     resumed = dataclasses.replace(load_yaml(GRPOConfig, path), resume_from_checkpoint="latest")
     check_comparison(resumed)
@@ -164,7 +164,7 @@ def test_a_comparison_stopped_in_ppo_resumes_ppo_and_keeps_the_finished_grpo_fig
 
 
 def test_a_comparison_worker_that_ends_with_status_0_and_no_report_is_said():
-    from grpokit.compare import ComparisonFailed
+    from grpokit.stages.compare import ComparisonFailed
 
     failed = ComparisonFailed("grpo", 0)
     assert failed.exit_code == 1 and "ended (exit status 0) without writing its report" in str(failed)

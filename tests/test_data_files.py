@@ -10,7 +10,7 @@ import pytest
 from helpers import cli_run, config, save_tiny, tiny_run_args
 
 from grpokit.config import GRPOConfig
-from grpokit.data import DataError, load_rows
+from grpokit.data.rows import DataError, load_rows
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_a_binary_file_that_is_no_known_table_names_the_formats(tmp_path):
 
 def test_csv_cells_are_read_as_the_text_written(tmp_path):
     """The answer `060` used to arrive as the number 60, so every right completion "060" scored 0."""
-    from grpokit.data import load_rows
+    from grpokit.data.rows import load_rows
 
     data = tmp_path / "add.csv"
     data.write_text("prompt,answer,note\n41+19=,060,\n1+1=,2,1e3\nN/A?,NA,null\n")
@@ -103,7 +103,7 @@ def test_csv_cells_are_read_as_the_text_written(tmp_path):
 
 
 def test_a_csv_column_named_twice_is_refused(tmp_path):
-    from grpokit.data import DataError, load_rows
+    from grpokit.data.rows import DataError, load_rows
 
     data = tmp_path / "dup.csv"
     data.write_text("prompt,answer,answer\n1+1=,2,x\n")
@@ -112,8 +112,8 @@ def test_a_csv_column_named_twice_is_refused(tmp_path):
 
 
 def test_chat_messages_written_as_json_text_in_a_csv_cell_are_said(tmp_path):
-    from grpokit.data import scan_prompts
-    from grpokit.tasks.tokenizer import build_char_tokenizer
+    from grpokit.data.rows import scan_prompts
+    from grpokit.data.tasks.tokenizer import build_char_tokenizer
 
     rows = [{"prompt": json.dumps([{"role": "user", "content": "1+1="}])}, {"prompt": "2+2="}]
     scan = scan_prompts(build_char_tokenizer(), rows, "prompt", 256, "train data")

@@ -19,9 +19,9 @@ import yaml
 from helpers import KILL_AT_CALL, read_jsonl, save_tiny, save_tiny_reward_model
 from safetensors.torch import load_file
 
-from grpokit.checkpoint import list_checkpoints
 from grpokit.config import GRPOConfig, load_yaml
-from grpokit.trainer import GRPOTrainer
+from grpokit.runtime.checkpoint import list_checkpoints
+from grpokit.stages.grpo import GRPOTrainer
 
 TESTS = Path(__file__).resolve().parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")

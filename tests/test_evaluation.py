@@ -16,7 +16,7 @@ from helpers import cli_run, config, module_level_reward, save_tiny, text_rows, 
 
 from grpokit.cli import main
 from grpokit.config import GRPOConfig, load_yaml
-from grpokit.trainer import GRPOTrainer
+from grpokit.stages.grpo import GRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def rows_with_answer_lists() -> list[dict]:
 
 
 def test_eval_reports_each_reward_mean_greedy_and_sampled(tmp_path, model):
-    from grpokit.evaluate import completions_for
+    from grpokit.rollout.evaluate import completions_for
 
     eval_rows = [{"prompt": f"{i}+{i}="} for i in range(6)]  # no `answer`: accuracy has nothing to check
     cfg = config(model, tmp_path / "run", num_eval_prompts=6)
@@ -72,7 +72,7 @@ def test_grpokit_eval_takes_any_data_file_and_reward_functions(tmp_path, model, 
 
 
 def test_the_jsonl_example_evaluates_held_out_rows_without_a_warning(monkeypatch):
-    from grpokit.data import InputWarning, grpo_rows
+    from grpokit.data.rows import InputWarning, grpo_rows
 
     monkeypatch.chdir(ROOT)  # the README runs it from the repository's root
     cfg = load_yaml(GRPOConfig, ROOT / "examples" / "grpo_jsonl.yaml")
@@ -93,8 +93,8 @@ def test_the_jsonl_example_evaluates_held_out_rows_without_a_warning(monkeypatch
 def test_answer_lists_for_a_users_reward_are_left_out_of_held_out_accuracy(tmp_path, model, monkeypatch):
     from helpers import config
 
-    from grpokit.data import InputWarning
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.data.rows import InputWarning
+    from grpokit.stages.grpo import GRPOTrainer
 
     compared = []
 
@@ -119,8 +119,8 @@ def test_answer_lists_for_a_users_reward_are_left_out_of_held_out_accuracy(tmp_p
 def test_answer_lists_are_refused_where_the_accuracy_reward_compares_them(tmp_path):
     from helpers import config
 
-    from grpokit.data import DataError
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.data.rows import DataError
+    from grpokit.stages.grpo import GRPOTrainer
 
     with pytest.raises(DataError, match=r"eval data.*row 1: column 'answer' is list.*compares the completion"):
         GRPOTrainer(
@@ -160,8 +160,8 @@ def test_eval_with_both_a_task_and_eval_data_is_refused(model, tmp_path, capsys)
 
 
 def test_eval_task_digits_with_eval_data_and_chat_prompts_without_a_user_turn_are_said(model, tmp_path, capsys):
-    from grpokit.data import scan_prompts
-    from grpokit.tasks.tokenizer import build_char_tokenizer
+    from grpokit.data.rows import scan_prompts
+    from grpokit.data.tasks.tokenizer import build_char_tokenizer
 
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))

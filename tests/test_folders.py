@@ -28,9 +28,9 @@ from helpers import (
     tiny_run_args,
 )
 
-from grpokit.checkpoint import list_checkpoints
-from grpokit.saving import save_trained
-from grpokit.trainer import GRPOTrainer
+from grpokit.model.saving import save_trained
+from grpokit.runtime.checkpoint import list_checkpoints
+from grpokit.stages.grpo import GRPOTrainer
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_no_space_left_is_named_through_torch_save_and_safetensors(tmp_path):
     N)" text too (safetensors writes beside its target and renames: it must never be pointed at /dev/full)."""
     from safetensors.torch import save_file
 
-    from grpokit.checkpoint import WriteError, save_state, writing  # noqa: PLC0415 - new in this change
+    from grpokit.runtime.checkpoint import WriteError, save_state, writing  # noqa: PLC0415 - new in this change
 
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import tiny_lm
 
-from grpokit import algo, modeling, packing
+from grpokit.core import algo, packing
+from grpokit.model import loading as modeling
 
 PAD, EOS, BOS = 0, 1, 2
 TEMPERATURE = 0.8

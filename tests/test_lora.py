@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from grpokit.cli import main
 from grpokit.config import ConfigError, GRPOConfig, LoRAConfig, from_dict
-from grpokit.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
-from grpokit.run_setup import stage_policy
-from grpokit.trainer import GRPOTrainer
+from grpokit.model.lora import adapters_disabled, apply_lora, save_policy, sync_reference, uses_lora
+from grpokit.stages.grpo import GRPOTrainer
+from grpokit.stages.setup import stage_policy
 
 R = 4
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from helpers import tiny_lm
 
-from grpokit import algo, update
 from grpokit.config import GRPOConfig
-from grpokit.modeling import completion_logprobs
-from grpokit.run_setup import stage_policy
-from grpokit.types import Rollout
+from grpokit.core import algo
+from grpokit.core.types import Rollout
+from grpokit.model.logprobs import completion_logprobs
+from grpokit.stages import update
+from grpokit.stages.setup import stage_policy
 
 PAD, EOS, BOS = 0, 1, 2
 G = 2
@@ -119,7 +120,7 @@ def test_ppo_scores_the_last_trained_token_and_gae_steps_over_a_hole():
 
 
 def test_a_loss_mask_the_trainer_cannot_use_is_named():
-    from grpokit.sampler import SamplerError, check_rollout
+    from grpokit.rollout.sampler import SamplerError, check_rollout
 
     plain, holed = rollout()
     check_rollout(holed, "engine", rows=6, prompts=list(PROMPTS))
@@ -135,7 +136,7 @@ def test_the_trainer_trains_on_the_loss_mask_a_sampler_returns(tmp_path):
     """Through GRPOTrainer.sample: the step's mask is the sampler's loss mask, not its real-token mask."""
     from helpers import RecordingSampler, config, save_tiny
 
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.stages.grpo import GRPOTrainer
 
     class ToolTurns(RecordingSampler):
         def generate(self, *args, **kwargs):

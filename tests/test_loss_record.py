@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from grpokit.config import GRPOConfig, LoRAConfig
-from grpokit.tasks import build_char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer
+from grpokit.data.tasks import build_char_tokenizer, tiny_model
+from grpokit.stages.grpo import GRPOTrainer
 
 RECORD = Path(__file__).with_name("loss_record.json")
 # metric name -> its key in the record (the record predates TRL's metric names; its numbers are what counts)

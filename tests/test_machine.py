@@ -13,15 +13,15 @@ import yaml
 from helpers import config, read_jsonl, save_tiny
 from transformers import LlamaConfig
 
-from grpokit import machine
-from grpokit import trainer as trainer_module
 from grpokit.cli import main
 from grpokit.config import ConfigError, DemoConfig, GRPOConfig, load_yaml
+from grpokit.data.tasks import build_char_tokenizer, tiny_model
 from grpokit.demo import run_demo
-from grpokit.machine import GIB, check_grpo_memory, estimate
-from grpokit.run_setup import step_sizes
-from grpokit.tasks import build_char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer
+from grpokit.runtime import machine
+from grpokit.runtime.machine import GIB, check_grpo_memory, estimate
+from grpokit.stages import grpo as trainer_module
+from grpokit.stages.grpo import GRPOTrainer
+from grpokit.stages.setup import step_sizes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

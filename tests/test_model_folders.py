@@ -13,14 +13,14 @@ from helpers import config, digit_share, overriding, read_jsonl, save_tiny, save
 
 from grpokit.cli import main
 from grpokit.config import ConfigError, PPOConfig, RewardModelConfig, SFTConfig
-from grpokit.critic import build_critic
-from grpokit.modeling import ModelFolderError, check_model_source, load_model
-from grpokit.ppo import PPOTrainer
-from grpokit.reward_model import train_reward_model
-from grpokit.reward_scorer import RewardModelScorer
-from grpokit.sft import train_sft
-from grpokit.tasks.tokenizer import DEFAULT_CHARS, build_char_tokenizer
-from grpokit.trainer import GRPOTrainer
+from grpokit.data.tasks.tokenizer import DEFAULT_CHARS, build_char_tokenizer
+from grpokit.model.critic import build_critic
+from grpokit.model.loading import ModelFolderError, check_model_source, load_model
+from grpokit.rewards.scorer import RewardModelScorer
+from grpokit.stages.grpo import GRPOTrainer
+from grpokit.stages.ppo import PPOTrainer
+from grpokit.stages.reward_model import train_reward_model
+from grpokit.stages.sft import train_sft
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_an_unknown_model_type_in_a_reward_model_folder_is_named(folders, tmp_pa
 
 def grown_tokenizer_folder(source, target):
     """A copy of `source` whose tokenizer has two tokens more than the model has embeddings."""
-    from grpokit.modeling import load_tokenizer
+    from grpokit.model.loading import load_tokenizer
 
     shutil.copytree(source, target)
     tokenizer = load_tokenizer(target)
@@ -184,7 +184,7 @@ def test_an_adapter_whose_base_is_gone_is_named(folders, tmp_path):
 
 
 def load_model_checked(path):
-    from grpokit.modeling import check_model_source
+    from grpokit.model.loading import check_model_source
 
     check_model_source(path)
     return load_model(path, "cpu", torch.float32)
@@ -301,7 +301,7 @@ def test_a_hub_id_reaches_the_hub_or_says_within_seconds_why_not(tmp_path, monke
     expected = "HF_HUB_OFFLINE is set" if offline else "cannot be reached.*needs a network, or give a local folder"
     with pytest.raises(FileNotFoundError, match=expected):
         GRPOTrainer(config("some-org/some-model-that-is-not-here", tmp_path / "run"))
-    from grpokit.data import DataError, load_rows
+    from grpokit.data.rows import DataError, load_rows
 
     if not offline:
         with pytest.raises(DataError, match="config field `train_data`: the data set 'some-org/some-data'"):

@@ -8,9 +8,9 @@ import math
 import pytest
 from helpers import config, digit_share, llama, step_rows
 
-from grpokit.monitor import SignalMonitor, group_diversity, pearson
-from grpokit.tasks import build_char_tokenizer
-from grpokit.trainer import GRPOTrainer
+from grpokit.data.tasks import build_char_tokenizer
+from grpokit.report.monitor import SignalMonitor, group_diversity, pearson
+from grpokit.stages.grpo import GRPOTrainer
 
 
 def test_group_diversity_hand_computed():
@@ -117,7 +117,7 @@ def test_monitor_figures_are_in_the_logged_rows(tmp_path):
 
 def test_a_gold_reward_that_scores_nothing_is_said():
     """`gold/mean` null every step, and no word: the hacking monitor watched nothing."""
-    from grpokit.monitor import SignalMonitor
+    from grpokit.report.monitor import SignalMonitor
 
     monitor = SignalMonitor()
     warned = monitor.update(1, {"reward": 1.0, "gold/mean": float("nan")}, group_size=2)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import tiny_lm
 
-from grpokit import packing
 from grpokit.config import LoRAConfig
-from grpokit.lora import apply_lora
-from grpokit.modeling import completion_logprobs
+from grpokit.core import packing
+from grpokit.model.logprobs import completion_logprobs
+from grpokit.model.lora import apply_lora
 
 PAD, EOS, BOS = 0, 1, 2
 TEMPERATURE = 0.7

@@ -14,11 +14,11 @@ import pytest
 import torch
 from helpers import llama, sft_config, with_digit_share
 
-from grpokit.checkpoint import atomic_folder, list_checkpoints, write_checkpoint
 from grpokit.config import GRPOConfig
-from grpokit.run_setup import stage_policy
-from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer
+from grpokit.data.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.runtime.checkpoint import atomic_folder, list_checkpoints, write_checkpoint
+from grpokit.stages.grpo import GRPOTrainer
+from grpokit.stages.setup import stage_policy
 
 
 def one_step_moved_fraction(dtype: str, tmp_path) -> tuple[float, GRPOTrainer]:

@@ -19,12 +19,12 @@ from helpers import HIDDEN, KILL_AT_CALL, read_jsonl, save_tiny, save_tiny_rewar
 from helpers import config as grpo_config
 from safetensors.torch import load_file
 
-from grpokit.checkpoint import WriteError
 from grpokit.cli import main
 from grpokit.config import ConfigError, GRPOConfig, PPOConfig
-from grpokit.critic import ValueModel, build_critic, completion_values
-from grpokit.ppo import CRITIC_FILE, PPOTrainer
-from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.data.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.model.critic import ValueModel, build_critic, completion_values
+from grpokit.runtime.checkpoint import WriteError
+from grpokit.stages.ppo import CRITIC_FILE, PPOTrainer
 
 TESTS = Path(__file__).resolve().parent
 
@@ -104,7 +104,7 @@ def test_default_critic_under_lora_is_the_base_model_not_the_adapted_one(tmp_pat
 
 
 def test_critic_from_a_reward_model_folder_takes_its_body_and_score_head(tmp_path):
-    from grpokit.modeling import load_reward_model
+    from grpokit.model.loading import load_reward_model
 
     folder = save_tiny_reward_model(tmp_path)
     reward_model = load_reward_model(folder, "cpu", torch.float32)
@@ -359,8 +359,8 @@ def test_ppo_learns_the_demo_task_from_the_sft_model(tmp_path):
     [("ppo_addition.yaml", PPOConfig), ("compare_addition.yaml", GRPOConfig), ("compare_smollm2.yaml", GRPOConfig)],
 )
 def test_example_configs_load_and_validate(name, cls):
-    from grpokit.compare import method_config
     from grpokit.config import load_yaml
+    from grpokit.stages.compare import method_config
 
     cfg = load_yaml(cls, TESTS.parent / "examples" / name)
     cfg.validate(model_given=True)  # (their model folders are made by the commands their comments name)

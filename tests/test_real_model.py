@@ -24,14 +24,14 @@ DATA = ROOT / "examples" / "data" / "word_problems.jsonl"
 
 @pytest.fixture(scope="module")
 def gguf():
-    from grpokit.modeling import packaged_gguf
+    from grpokit.model.loading import packaged_gguf
 
     return packaged_gguf("smollm2")
 
 
 @pytest.fixture(scope="module")
 def smollm2(gguf):
-    from grpokit.modeling import load_model, load_tokenizer
+    from grpokit.model.loading import load_model, load_tokenizer
 
     return load_model(gguf, "cpu", torch.float32), load_tokenizer(gguf)
 
@@ -42,7 +42,7 @@ def chat_prompts(tokenizer, n):
 
 
 def test_fetch_model_writes_the_same_model_as_the_gguf(tmp_path, smollm2):
-    from grpokit.modeling import fetch_model, load_model, load_tokenizer
+    from grpokit.model.loading import fetch_model, load_model, load_tokenizer
 
     model, tokenizer = smollm2
     folder = fetch_model("smollm2", tmp_path / "smollm2")
@@ -59,8 +59,8 @@ def test_fetch_model_writes_the_same_model_as_the_gguf(tmp_path, smollm2):
 
 
 def test_training_forwards_agree_on_the_real_model(smollm2):
-    from grpokit.modeling import completion_logprobs
-    from grpokit.sampler import KVCacheSampler, SamplingParams
+    from grpokit.model.logprobs import completion_logprobs
+    from grpokit.rollout.sampler import KVCacheSampler, SamplingParams
 
     model, tokenizer = smollm2
     sampler = KVCacheSampler(tokenizer)
@@ -92,8 +92,8 @@ def test_grpo_steps_from_the_gguf_file(tmp_path, gguf):
     sys.path.insert(0, str(ROOT))
     from examples.word_problems import last_number_is_answer
     from grpokit.config import GRPOConfig
-    from grpokit.modeling import load_model
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.model.loading import load_model
+    from grpokit.stages.grpo import GRPOTrainer
 
     cfg = GRPOConfig(
         model=str(gguf),

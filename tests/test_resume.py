@@ -29,7 +29,7 @@ import yaml
 from helpers import read_jsonl, save_tiny
 from safetensors.torch import load_file
 
-from grpokit.checkpoint import RunDirectory, write_checkpoint
+from grpokit.runtime.checkpoint import RunDirectory, write_checkpoint
 
 TIMES = re.compile(r"^time/|^tokens_per_s$")
 PROBE = '''
@@ -323,8 +323,8 @@ def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_pat
 SAVER = """
 import sys
 import torch
-from grpokit.checkpoint import save_model
-from grpokit.tasks import build_char_tokenizer, tiny_model
+from grpokit.runtime.checkpoint import save_model
+from grpokit.data.tasks import build_char_tokenizer, tiny_model
 
 path, tokenizer = sys.argv[1], build_char_tokenizer()
 versions = [tiny_model(tokenizer, "llama", hidden_size=256, num_layers=4, seed=s) for s in (1, 2)]
@@ -337,7 +337,7 @@ for i in range(1000):
 def test_a_kill_during_a_model_save_leaves_the_old_or_the_new_model_whole(world, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from grpokit.tasks import build_char_tokenizer, tiny_model
+    from grpokit.data.tasks import build_char_tokenizer, tiny_model
 
     tokenizer = build_char_tokenizer()
     versions = [tiny_model(tokenizer, "llama", hidden_size=256, num_layers=4, seed=s).state_dict() for s in (1, 2)]
@@ -367,9 +367,9 @@ def test_a_kill_during_a_model_save_leaves_the_old_or_the_new_model_whole(world,
 def test_an_exception_mid_run_leaves_the_last_checkpoint_and_resumes(tmp_path, overrides):
     from helpers import config, with_digit_share
 
-    from grpokit.rewards import RewardError
-    from grpokit.tasks import build_char_tokenizer, tiny_model
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.data.tasks import build_char_tokenizer, tiny_model
+    from grpokit.rewards.functions import RewardError
+    from grpokit.stages.grpo import GRPOTrainer
 
     def run(out, reward_funcs, **run_overrides):
         tokenizer = build_char_tokenizer()
@@ -398,10 +398,10 @@ def test_an_exception_mid_run_leaves_the_last_checkpoint_and_resumes(tmp_path, o
 
 
 def test_reward_model_resume_extends_to_the_straight_run(tmp_path):
-    from grpokit.checkpoint import save_model
     from grpokit.config import RewardModelConfig
-    from grpokit.reward_model import train_reward_model
-    from grpokit.tasks import build_char_tokenizer, tiny_model
+    from grpokit.data.tasks import build_char_tokenizer, tiny_model
+    from grpokit.runtime.checkpoint import save_model
+    from grpokit.stages.reward_model import train_reward_model
 
     tokenizer = build_char_tokenizer()
     lm = save_model(tiny_model(tokenizer, "llama", hidden_size=32, seed=0), tokenizer, tmp_path / "lm")

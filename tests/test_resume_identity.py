@@ -15,8 +15,8 @@ import shutil
 import pytest
 from helpers import overriding, read_jsonl, save_tiny, save_tiny_reward_model
 
-from grpokit.checkpoint import RECORD_FILE, RUN_ID_FILE, ResumeWarning
 from grpokit.cli import main
+from grpokit.runtime.checkpoint import RECORD_FILE, RUN_ID_FILE, ResumeWarning
 
 COMMON = ["--no-progress", "--seed", "0"]
 
@@ -247,7 +247,7 @@ def test_a_grpo_checkpoint_is_not_resumed_by_ppo(world, tmp_path, capsys):
 def test_trl_resume_from_checkpoint_true_with_nothing_to_resume_raises(world, tmp_path):
     """TRL's Trainer raises "No valid checkpoint found in output directory" for `resume_from_checkpoint=True` with
     none; so does the adapter, instead of training from the base model."""
-    from grpokit.checkpoint import RunDirectoryError
+    from grpokit.runtime.checkpoint import RunDirectoryError
     from grpokit.trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(
@@ -333,8 +333,8 @@ def test_row_fingerprints_see_every_array_element_and_refuse_what_only_a_repr_co
     import numpy as np
     import torch
 
-    from grpokit.checkpoint import fingerprint_rows
-    from grpokit.data import DataError
+    from grpokit.data.rows import DataError
+    from grpokit.runtime.checkpoint import fingerprint_rows
 
     values = np.arange(2000, dtype=np.int64)
     edited = values.copy()

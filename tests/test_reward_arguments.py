@@ -11,8 +11,8 @@ import dataclasses
 import pytest
 from helpers import config, save_tiny, text_rows
 
-from grpokit.rewards import RewardError
-from grpokit.trainer import GRPOTrainer
+from grpokit.rewards.functions import RewardError
+from grpokit.stages.grpo import GRPOTrainer
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_a_reward_that_cannot_be_called_by_keyword_is_refused_before_work(tmp_pa
 
 def test_a_positional_only_reward_parameter_is_named_as_such(tmp_path):
     """`def posonly(completions, /, **kw)`: it said grpokit "does not pass" completions, which it does."""
-    from grpokit.rewards import RewardError
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.rewards.functions import RewardError
+    from grpokit.stages.grpo import GRPOTrainer
 
     def posonly(completions, /, **kwargs):
         return [0.0] * len(completions)
@@ -88,7 +88,7 @@ def test_a_positional_only_reward_parameter_is_named_as_such(tmp_path):
 
 
 def test_an_image_column_is_refused_naming_it_unless_a_reward_function_reads_it(tmp_path):
-    from grpokit.data import DataError
+    from grpokit.data.rows import DataError
 
     model = save_tiny(tmp_path / "tiny")
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "images": [f"picture {i}"]} for i in range(4)]
@@ -116,7 +116,7 @@ def test_an_image_column_is_refused_naming_it_unless_a_reward_function_reads_it(
 
 
 def test_a_row_shared_by_a_group_is_copied_once_per_reward_call_and_never_shared_between_functions():
-    from grpokit.rewards import score
+    from grpokit.rewards.functions import score
 
     messages = [{"role": "user", "content": "1+1="}]  # one prompt row, shared by its group's 3 completions
     ids = [5, 6, 7]
@@ -155,7 +155,7 @@ def test_reward_funcs_as_a_function_a_list_or_pairs_and_names_made_unique(tmp_pa
 
 def test_a_function_of_yours_named_as_a_built_in_reward_is_recorded_as_yours(model, tmp_path):
     """A script's `accuracy` (a length reward) was recorded as `accuracy`, so a resume with the built-in passed."""
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.stages.grpo import GRPOTrainer
 
     script = {"__name__": "__main__"}  # a function as a script defines it: module __main__, qualname accuracy
     exec("def accuracy(completions, **_):\n    return [float(len(c)) for c in completions]\n", script)

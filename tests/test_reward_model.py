@@ -14,20 +14,20 @@ import pytest
 import torch
 from helpers import save_tiny
 
-from grpokit.checkpoint import save_model
 from grpokit.cli import main
 from grpokit.cli import main as cli_main
 from grpokit.config import RewardModelConfig, SFTConfig
-from grpokit.data import DataError, pad_batch
-from grpokit.modeling import load_reward_model
-from grpokit.reward_model import bradley_terry_loss, train_reward_model
-from grpokit.reward_scorer import RewardModelScorer, encode_text, sequence_rewards
-from grpokit.rewards import build_reward_funcs, score
-from grpokit.runlog import read_metrics
-from grpokit.sft import train_sft
-from grpokit.tasks import AdditionTask, build_char_tokenizer, preference_pairs, tiny_model
-from grpokit.tasks.preferences import PAIR_MIX, carry_forgotten_answers, label
-from grpokit.tasks.tokenizer import DEFAULT_CHARS
+from grpokit.data.rows import DataError, pad_batch
+from grpokit.data.tasks import AdditionTask, build_char_tokenizer, preference_pairs, tiny_model
+from grpokit.data.tasks.preferences import PAIR_MIX, carry_forgotten_answers, label
+from grpokit.data.tasks.tokenizer import DEFAULT_CHARS
+from grpokit.model.loading import load_reward_model
+from grpokit.report.runlog import read_metrics
+from grpokit.rewards.functions import build_reward_funcs, score
+from grpokit.rewards.scorer import RewardModelScorer, encode_text, sequence_rewards
+from grpokit.runtime.checkpoint import save_model
+from grpokit.stages.reward_model import bradley_terry_loss, train_reward_model
+from grpokit.stages.sft import train_sft
 
 HIDDEN = 32
 # A character tokenizer whose ids differ from the default one's: the alphabet in reverse order.
@@ -345,7 +345,7 @@ def test_reward_model_and_rule_reward_combined_advantages_both_modes(rm_path):
     aggregation modes, computed here by hand from the scores with plain Python."""
     from statistics import fmean, stdev
 
-    from grpokit import algo
+    from grpokit.core import algo
 
     def rule(prompts, completions, **_):  # 1 for a 3-digit answer, no opinion on "077"
         return [None if c == "077" else float(len(c) == 3) for c in completions]
@@ -405,8 +405,8 @@ def test_a_causal_lm_given_as_gold_reward_is_named_as_gold_reward(tmp_path, mode
 
 def test_reward_model_training_from_a_two_label_classifier_starts_a_new_one_output_head(two_label_classifier, tmp_path):
     from grpokit.config import RewardModelConfig
-    from grpokit.data import InputWarning
-    from grpokit.reward_model import train_reward_model
+    from grpokit.data.rows import InputWarning
+    from grpokit.stages.reward_model import train_reward_model
 
     cfg = RewardModelConfig(model=str(two_label_classifier), output_dir=str(tmp_path / "rm"), task="addition",
                             num_train_pairs=8, num_eval_pairs=4, max_steps=1, batch_size=4, progress=False)  # fmt: skip
@@ -418,7 +418,7 @@ def test_reward_model_training_from_a_two_label_classifier_starts_a_new_one_outp
 
 def test_reward_model_pairs_handed_in_without_held_out_ones_or_a_task_train_with_no_accuracy(tmp_path):
     from grpokit.config import RewardModelConfig
-    from grpokit.reward_model import train_reward_model
+    from grpokit.stages.reward_model import train_reward_model
 
     cfg = RewardModelConfig(
         model=str(save_tiny(tmp_path / "tiny")), output_dir=str(tmp_path / "rm"), max_steps=1, batch_size=4,
@@ -431,8 +431,8 @@ def test_reward_model_pairs_handed_in_without_held_out_ones_or_a_task_train_with
 
 def test_reward_model_pairs_with_a_blank_chosen_are_said_and_an_unused_margin_column_refused(model, tmp_path):
     from grpokit.config import RewardModelConfig
-    from grpokit.data import DataError, InputWarning
-    from grpokit.reward_model import train_reward_model
+    from grpokit.data.rows import DataError, InputWarning
+    from grpokit.stages.reward_model import train_reward_model
 
     cfg = RewardModelConfig(model=str(model), output_dir=str(tmp_path / "rm"), task=None, max_steps=1, progress=False)
     pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"} for i in range(4)]

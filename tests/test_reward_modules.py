@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from grpokit.rewards import import_reward
+from grpokit.rewards.functions import import_reward
 
 
 def test_a_reward_module_in_the_working_folder_imports_without_pythonpath(tmp_path, monkeypatch):

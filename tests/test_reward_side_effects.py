@@ -12,7 +12,7 @@ import pytest
 
 
 def _score(fn, **inputs):
-    from grpokit.rewards import score
+    from grpokit.rewards.functions import score
 
     batch = {"prompts": ["p", "p"], "completions": ["a", "bb"], **inputs}
     return score([(fn.__name__, fn), ], batch, timeout=None)  # fmt: skip
@@ -21,7 +21,7 @@ def _score(fn, **inputs):
 def test_a_reward_that_changes_the_working_directory_is_said_once_per_function_and_run(tmp_path, monkeypatch):
     import torch
 
-    from grpokit.rewards import RewardSet, RewardWarning
+    from grpokit.rewards.functions import RewardSet, RewardWarning
 
     monkeypatch.chdir(tmp_path)
 
@@ -46,7 +46,7 @@ def test_a_reward_that_changes_the_umask_is_undone_and_said(tmp_path):
     """`os.umask(0o777)` wrote the final model unreadable (mode 000), with no word."""
     import os
 
-    from grpokit.rewards import RewardWarning
+    from grpokit.rewards.functions import RewardWarning
 
     def hides(completions, **_):
         os.umask(0o777)
@@ -64,7 +64,7 @@ def test_a_reward_calling_os_exit_stops_the_run_naming_it(tmp_path):
     """It ended the process with exit code 0: nothing saved, nothing said."""
     import os
 
-    from grpokit.rewards import RewardError
+    from grpokit.rewards.functions import RewardError
 
     def quits(completions, **_):
         os._exit(0)
@@ -79,7 +79,7 @@ def test_a_reward_that_closes_stdout_is_named(monkeypatch):
     import io
     import sys
 
-    from grpokit.rewards import RewardError
+    from grpokit.rewards.functions import RewardError
 
     monkeypatch.setattr(sys, "stdout", io.StringIO())
 
@@ -97,7 +97,7 @@ def test_a_reward_that_closes_a_file_descriptor_or_switches_off_grad_is_named_or
 
     import torch
 
-    from grpokit.rewards import RewardError, RewardWarning
+    from grpokit.rewards.functions import RewardError, RewardWarning
 
     def no_grad(completions, **_):
         torch.set_grad_enabled(False)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grpokit.rewards import (
+from grpokit.rewards.functions import (
     RewardError,
     build_reward_funcs,
     exact_match,

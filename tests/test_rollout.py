@@ -8,8 +8,8 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from grpokit.modeling import completion_logprobs
-from grpokit.sampler import SamplingParams, filter_logits, generate, prompt_generators
+from grpokit.model.logprobs import completion_logprobs
+from grpokit.rollout.sampler import SamplingParams, filter_logits, generate, prompt_generators
 
 PAD, EOS, BOS = 0, 1, 2
 CHARS = "0123456789+=abcdefghijklmnopq"  # 3 specials + 29 chars = vocab 32
@@ -435,7 +435,7 @@ def test_bad_generate_input(llama):
 
 
 def test_draw_follows_the_distribution_and_never_draws_a_zero():
-    from grpokit.sampler import draw
+    from grpokit.rollout.sampler import draw
 
     probs = torch.tensor([[0.5, 0.3, 0.0, 0.2, 0.0]]).expand(40000, 5)  # (N, V)
     tokens = draw(probs, torch.Generator().manual_seed(0))  # (N,)
@@ -472,7 +472,7 @@ def test_the_rollout_frees_its_kv_cache():
 def test_single_query_attention_equals_sdpa_with_grouped_heads(mask):
     """The decode step's two matrix products against torch's sdpa: 8 query heads over 2 kv heads, a left-padded
     row (masked keys), keys read from a reserved buffer (a strided view, as the sampler's cache holds them)."""
-    from grpokit.modeling import single_query_attention
+    from grpokit.model.attention import single_query_attention
 
     gen = torch.Generator().manual_seed(0)
     n, hq, hkv, t, d = 5, 8, 2, 7, 16
@@ -496,7 +496,7 @@ def test_single_query_attention_equals_sdpa_with_grouped_heads(mask):
 def test_decode_steps_take_the_matrix_product_attention_and_score_as_the_full_forward(llama, monkeypatch):
     """A masked rollout (prompts of unequal length) goes through grpokit's single-query attention, and its
     sampling logprobs equal a full padded forward's over the same rows (which attends through sdpa)."""
-    import grpokit.modeling as modeling
+    import grpokit.model.loading as modeling
 
     calls = []
     real = modeling.single_query_attention

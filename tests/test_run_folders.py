@@ -186,8 +186,8 @@ def test_a_run_whose_folder_or_lock_goes_away_stops_by_name(model, tmp_path, wha
     second run wrote into the same folder (metrics.jsonl read steps [117, 1, 2])."""
     import shutil
 
-    from grpokit.checkpoint import RunDirectoryError
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.runtime.checkpoint import RunDirectoryError
+    from grpokit.stages.grpo import GRPOTrainer
 
     out = tmp_path / "run"
     calls = []
@@ -407,7 +407,7 @@ def test_save_model_never_replaces_an_input_of_the_run(tmp_path, target):
 
     from helpers import save_tiny_reward_model
 
-    from grpokit.checkpoint import OutputExistsError
+    from grpokit.runtime.checkpoint import OutputExistsError
 
     base = Path(shutil.copytree(save_tiny(tmp_path / "tiny", "llama"), tmp_path / "base"))
     reward_model = save_tiny_reward_model(tmp_path / "rm")
@@ -430,7 +430,7 @@ def test_trl_save_model_replaces_only_what_this_trainer_saved(two_step_run, mode
     """save_model("runA/model") replaced another run's trained model (and a reward model, a tokenizer's folder)."""
     import shutil
 
-    from grpokit.checkpoint import OutputExistsError
+    from grpokit.runtime.checkpoint import OutputExistsError
     from grpokit.trl import GRPOConfig, GRPOTrainer
 
     other = shutil.copytree(two_step_run, tmp_path / "other")
@@ -451,7 +451,7 @@ def test_trl_save_model_replaces_only_what_this_trainer_saved(two_step_run, mode
 def test_trl_save_model_may_replace_a_save_of_the_same_run_only(model, tmp_path):
     """A run's own `save_model("final")`, saved again after a resume, was refused as another run's model; a save of
     an earlier run that a new one replaced in the same output_dir (overwrite_output_dir) is another run's."""
-    from grpokit.checkpoint import OutputExistsError
+    from grpokit.runtime.checkpoint import OutputExistsError
     from grpokit.trl import GRPOConfig, GRPOTrainer
 
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]

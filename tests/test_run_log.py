@@ -9,8 +9,8 @@ import json
 import pytest
 from helpers import config, module_level_reward, save_tiny, step_rows, text_rows
 
-from grpokit.runlog import PlainProgress, RunLog, progress
-from grpokit.trainer import GRPOTrainer
+from grpokit.report.runlog import PlainProgress, RunLog, progress
+from grpokit.stages.grpo import GRPOTrainer
 
 
 @pytest.fixture(scope="module")

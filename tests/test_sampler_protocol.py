@@ -12,13 +12,13 @@ import torch
 from helpers import RecordingSampler, config, save_tiny, tiny_lm
 
 from grpokit.config import GRPOConfig, LoRAConfig
-from grpokit.evaluate import completions_for
-from grpokit.run_setup import stage_policy
-from grpokit.sampler import KVCacheSampler, SamplingParams, prompt_generators, prompt_seeds
-from grpokit.tasks import build_char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer
-from grpokit.types import Rollout
-from grpokit.weights import PolicyWeights
+from grpokit.core.types import Rollout
+from grpokit.data.tasks import build_char_tokenizer, tiny_model
+from grpokit.model.weights import PolicyWeights
+from grpokit.rollout.evaluate import completions_for
+from grpokit.rollout.sampler import KVCacheSampler, SamplingParams, prompt_generators, prompt_seeds
+from grpokit.stages.grpo import GRPOTrainer
+from grpokit.stages.setup import stage_policy
 
 
 def test_prompt_seeds_are_the_integers_the_training_generators_were_seeded_with():
@@ -102,7 +102,7 @@ def test_under_fsdp_on_two_ranks_the_weights_handed_over_equal_the_one_process_m
 
     from weights_handover_worker import handed_over
 
-    from grpokit.distributed import Cluster
+    from grpokit.runtime.distributed import Cluster
 
     tests = Path(__file__).resolve().parent
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -156,7 +156,7 @@ MANGLED = {
         lambda r: dataclasses.replace(r, completion_ids=torch.full_like(r.completion_ids, 99999)),
         r"completion ids from 99999 to 99999; token ids are >= 0 and below the model's \d+ token embeddings",
     ),
-    "a list": (lambda r: r.completion_ids.tolist(), r"a list; expected a grpokit.types.Rollout"),
+    "a list": (lambda r: r.completion_ids.tolist(), r"a list; expected a grpokit.core.types.Rollout"),
     "other prompt tokens": (
         lambda r: dataclasses.replace(r, prompt_ids=r.prompt_ids.roll(1, dims=1)),
         r"a Rollout whose row 0 holds other prompt tokens \(under `prompt_mask`\) than prompt 0 it was given",
@@ -193,7 +193,7 @@ class FailingEngine:
 
 
 def test_what_a_sampler_returns_is_checked_every_step_naming_the_sampler(tmp_path):
-    from grpokit.sampler import SamplerError
+    from grpokit.rollout.sampler import SamplerError
 
     sampler = MangledSampler(lambda r: r)
     trainer = GRPOTrainer(config(save_tiny(tmp_path / "tiny"), tmp_path / "out", max_steps=1), sampler=sampler)
@@ -206,7 +206,7 @@ def test_what_a_sampler_returns_is_checked_every_step_naming_the_sampler(tmp_pat
 
 
 def test_nan_logprobs_from_a_sampler_of_its_own_are_named_as_the_samplers(tmp_path):
-    from grpokit.policy import NumericsError
+    from grpokit.model.policy import NumericsError
 
     nan_logp = MangledSampler(
         lambda r: dataclasses.replace(r, sampling_logp=torch.full_like(r.sampling_logp, float("nan")))
@@ -219,8 +219,8 @@ def test_nan_logprobs_from_a_sampler_of_its_own_are_named_as_the_samplers(tmp_pa
 def test_a_sampler_whose_update_weights_fails_is_named(model, tmp_path):
     from helpers import RecordingSampler
 
-    from grpokit.sampler import SamplerError
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.rollout.sampler import SamplerError
+    from grpokit.stages.grpo import GRPOTrainer
 
     trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=2), sampler=FailingEngine(RecordingSampler()))
     with pytest.raises(SamplerError, match=r"`sampler` \(FailingEngine\)\.update_weights raised RuntimeError: engine"):

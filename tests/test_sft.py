@@ -10,9 +10,9 @@ import re
 import pytest
 from helpers import cli_run, llama, read_jsonl, save_tiny, sft_config, sft_rows
 
-from grpokit.optim import lr_factor
-from grpokit.sft import train_sft
-from grpokit.tasks import build_char_tokenizer
+from grpokit.data.tasks import build_char_tokenizer
+from grpokit.model.optim import lr_factor
+from grpokit.stages.sft import train_sft
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_train_sft_gives_a_passed_tokenizer_without_pad_a_pad_token(tmp_path):
 
 def test_sft_rows_with_a_task_are_refused_as_rows_with_train_data_are(tmp_path):
     from grpokit.config import ConfigError, SFTConfig
-    from grpokit.sft import train_sft
+    from grpokit.stages.sft import train_sft
 
     model = str(save_tiny(tmp_path / "tiny"))
     cfg = SFTConfig(model=model, output_dir=str(tmp_path / "sft"), task="addition", max_steps=1, progress=False)

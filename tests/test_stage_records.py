@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from grpokit.config import PPOConfig, RewardModelConfig, SFTConfig
-from grpokit.ppo import PPOTrainer
-from grpokit.reward_model import train_reward_model
-from grpokit.sft import train_sft
-from grpokit.tasks import build_char_tokenizer, tiny_model
+from grpokit.data.tasks import build_char_tokenizer, tiny_model
+from grpokit.stages.ppo import PPOTrainer
+from grpokit.stages.reward_model import train_reward_model
+from grpokit.stages.sft import train_sft
 
 RECORD = Path(__file__).with_name("stage_records.json")
 

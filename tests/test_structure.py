@@ -1,6 +1,6 @@
-"""The package's shape, checked from source: every module imports alone, the import graph has no cycle and only
-the CLI and the demo sit above the trainer, trainer.py stays short enough to read in one sitting, no test patches
-a private name, and the config's `Literal` choices (and their field docstrings) match algo's
+"""The package's shape, checked from source: every module imports alone, the import graph has no cycle and follows
+the layer order (a lower layer never imports a higher one), the GRPO stage stays short enough to read in one sitting,
+no test patches a private name, and the config's `Literal` choices (and their field docstrings) match algo's
 registries, so a loss type, advantage scale, KL estimator, importance level or reward aggregation added to algo
 can be chosen from YAML and is named in the CLI help.
 
@@ -20,19 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from grpokit import algo, config
+from grpokit import config
 from grpokit.config import GRPOConfig
+from grpokit.core import algo
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE_DIR = SRC / "grpokit"
 TESTS_DIR = ROOT / "tests"
 TRAINER_MAX_LINES = 320
-# Modules allowed to import the trainer: the trainer is the top of the library, only entry points sit above it.
-# The entry points that compose the trainer: the command line, the demo, the package's own face
-# (`from grpokit import GRPOTrainer`), the TRL-named facade over it (`grpokit.trl`), PPO (the GRPO loop with a
-# critic, a stage above it) and the GRPO-vs-PPO comparison (which runs both).
-TRAINER_IMPORTERS = {"grpokit.cli", "grpokit.demo", "grpokit", "grpokit.trl", "grpokit.ppo", "grpokit.compare"}
 IMPORT_WORKERS = 2  # the machine has 2 cores; more processes would only contend for them
 
 
@@ -67,9 +63,11 @@ def imported_modules(tree: ast.AST, name: str, is_package: bool, known: set[str]
             else:
                 module = node.module or ""
             targets.add(module)
-            # `from grpokit import algo` imports the submodule grpokit.algo; names that are not modules drop out below
+            # `from grpokit.core import algo` imports the submodule grpokit.core.algo; names that are not modules drop
+            # out below
             targets.update(f"{module}.{alias.name}" for alias in node.names)
-    # Importing a.b.c first runs a and a.b, so `from grpokit.tasks.preferences import x` imports grpokit.tasks
+    # Importing a.b.c first runs a and a.b, so `from grpokit.data.tasks.preferences import x` imports
+    # grpokit.data.tasks
     # (whose __init__ imports every task module). The importer's own ancestors are left out: they are already
     # initialised whenever the importer runs, so they add no import-time dependency.
     with_parents = set()
@@ -262,7 +260,7 @@ def test_every_module_imports_alone_in_a_fresh_interpreter(tmp_path):
     who imports it directly; a process per module in which no other grpokit module was imported first catches a
     missing import or an import-order cycle."""
     modules = sorted(package_modules(PACKAGE_DIR))
-    assert "grpokit.trainer" in modules and "grpokit.tasks.arithmetic" in modules  # the walk found the package
+    assert "grpokit.stages.grpo" in modules and "grpokit.data.tasks.arithmetic" in modules  # the walk found the package
     # PYTHONPATH puts this checkout's src first: the code under test is this tree, whatever is installed.
     env = {
         **os.environ,
@@ -327,24 +325,66 @@ def test_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_only_the_entry_points_import_the_trainer():
-    """The trainer composes everything else; a library module that imports it would invert the layering (and the
-    trainer's imports would then reach back into that module)."""
+# The package's layers, lowest first (docs/architecture.md draws them): a module imports modules of its own layer
+# and of the layers before it, never of a later one. The entry points (the package's face, the command line, the
+# demo, the TRL-named facade) sit above every layer.
+LAYERS = ("core", "runtime", "model", "data", "rewards", "rollout", "report", "config", "stages")
+ENTRY_POINTS = {"grpokit", "grpokit.__main__", "grpokit.cli", "grpokit.demo", "grpokit.trl"}
+
+
+def layer_of(module: str) -> int | None:
+    """A module's layer as its place in LAYERS (the entry points: len(LAYERS)); None: in no layer."""
+    if module in ENTRY_POINTS:
+        return len(LAYERS)
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[0] == "grpokit" and parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return None
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """`importer -> imported` for every import of a later layer's module, and every module in no layer."""
+    found = [f"{name} is in no layer" for name in sorted(graph) if layer_of(name) is None]
+    for name in sorted(graph):
+        for target in sorted(graph[name]):
+            if layer_of(name) is not None and layer_of(target) is not None and layer_of(target) > layer_of(name):
+                found.append(f"{name} ({LAYERS[layer_of(name)]}) -> {target}")
+    return found
+
+
+def test_layer_rule_on_a_made_up_graph():
+    """The rule reports an upward import and a module outside the layers, and passes a downward one; otherwise the
+    check below could pass on a graph it cannot read."""
+    graph = {
+        "grpokit.core.algo": set(),
+        "grpokit.model.policy": {"grpokit.core.algo", "grpokit.stages.grpo"},
+        "grpokit.stages.grpo": {"grpokit.model.policy", "grpokit.core.algo"},
+        "grpokit.cli": {"grpokit.stages.grpo"},
+        "grpokit.stray": set(),
+    }
+    assert layer_violations(graph) == [
+        "grpokit.stray is in no layer",
+        "grpokit.model.policy (model) -> grpokit.stages.grpo",
+    ]
+
+
+def test_no_module_imports_a_later_layer():
+    """A lower layer that imports a higher one inverts the layering: the model would depend on a stage, and a change
+    to a stage could break what every stage builds on. Function-level imports count (they hide the dependency, they
+    do not remove it)."""
     graph = import_graph(PACKAGE_DIR)
-    assert "grpokit.trainer" in graph
-    importers = {name for name, deps in graph.items() if "grpokit.trainer" in deps}
-    assert importers <= TRAINER_IMPORTERS, (
-        f"unexpected importers of grpokit.trainer: {sorted(importers - TRAINER_IMPORTERS)}"
-    )
+    assert {layer_of(name) for name in graph} >= set(range(len(LAYERS) + 1))  # the walk found every layer
+    violations = layer_violations(graph)
+    assert not violations, "imports against the layer order " + " < ".join(LAYERS) + ":\n" + "\n".join(violations)
 
 
 # ---------------------------------------------------------------- 3. the trainer stays short
 
 
-def test_trainer_module_is_at_most_320_lines():
+def test_grpo_stage_is_at_most_320_lines():
     """The training loop must stay readable in one sitting; growth belongs in algo, policy, sampler or data."""
-    lines = len((PACKAGE_DIR / "trainer.py").read_text().splitlines())
-    assert lines <= TRAINER_MAX_LINES, f"src/grpokit/trainer.py has {lines} lines; at most {TRAINER_MAX_LINES}"
+    lines = len((PACKAGE_DIR / "stages" / "grpo.py").read_text().splitlines())
+    assert lines <= TRAINER_MAX_LINES, f"src/grpokit/stages/grpo.py has {lines} lines; at most {TRAINER_MAX_LINES}"
 
 
 # ---------------------------------------------------------------- 4. tests patch only public names
@@ -354,9 +394,9 @@ def test_private_patch_scan_on_made_up_source():
     """The scan finds each form it is meant to find and leaves public names and non-grpokit objects alone."""
     source = """\
 import torch
-import grpokit.algo
-from grpokit import trainer
-from grpokit.trainer import GRPOTrainer
+import grpokit.core.algo
+from grpokit.stages import grpo as trainer
+from grpokit.stages.grpo import GRPOTrainer
 from helpers import config
 
 
@@ -365,9 +405,9 @@ def test_x(monkeypatch, some_fixture):
     head = torch.nn.Linear(2, 2)
     calls = []
     monkeypatch.setattr(trainer, "_optimizer_step", None)
-    monkeypatch.setattr(grpokit.algo, "aggregate_loss", None)
-    monkeypatch.setattr("grpokit.trainer._helper", None)
-    monkeypatch.setattr("grpokit.trainer.helper", None)
+    monkeypatch.setattr(grpokit.core.algo, "aggregate_loss", None)
+    monkeypatch.setattr("grpokit.stages.grpo._helper", None)
+    monkeypatch.setattr("grpokit.stages.grpo.helper", None)
     monkeypatch.setattr("os._exit", None)
     monkeypatch.setattr(torch.utils, "_private", None)
     monkeypatch.setattr(head, "_hook", None)
@@ -426,7 +466,7 @@ def test_config_literal_choices_equal_algo_registry(field, alias, registry):
 @pytest.mark.parametrize(("field", "registry"), [(f, r) for f, _, r in CHOICE_FIELDS])
 def test_field_docstring_names_every_choice(field, registry):
     """The CLI help is the field docstring: each choice must be named there, or users cannot find it."""
-    doc = field_docstrings(PACKAGE_DIR / "config.py", "GRPOConfig").get(field)
+    doc = field_docstrings(PACKAGE_DIR / "config" / "__init__.py", "GRPOConfig").get(field)
     assert doc, f"GRPOConfig.{field} has no docstring"
     # word boundaries, so `grpo` is not found inside `dr_grpo`
     missing = [name for name in getattr(algo, registry) if not re.search(rf"\b{re.escape(name)}\b", doc)]

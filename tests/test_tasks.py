@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpokit.tasks import (
+from grpokit.data.tasks import (
     TASKS,
     AdditionTask,
     accuracy_reward,
@@ -17,7 +17,7 @@ from grpokit.tasks import (
     get_task,
     tiny_model,
 )
-from grpokit.tasks.arithmetic import is_eval_pair
+from grpokit.data.tasks.arithmetic import is_eval_pair
 
 ROUND_TRIP = ["47+85=132", "Hello, World! a b  c", " leading and trailing ", "x\ny: (1 * 2) - 3 = -1?", ""]
 

@@ -29,14 +29,14 @@ from helpers import (
     with_digit_share,
 )
 
-import grpokit.algo
+import grpokit.core.algo
 from grpokit.config import ConfigError, SFTConfig
-from grpokit.data import DataError
-from grpokit.monitor import SignalMonitor
-from grpokit.rewards import RewardError
-from grpokit.sft import train_sft
-from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer
+from grpokit.data.rows import DataError
+from grpokit.data.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.report.monitor import SignalMonitor
+from grpokit.rewards.functions import RewardError
+from grpokit.stages.grpo import GRPOTrainer
+from grpokit.stages.sft import train_sft
 
 # ---------------------------------------------------------------- a run from a saved checkpoint
 
@@ -372,13 +372,13 @@ def test_pad_equal_to_eos_keeps_the_eos_in_the_completion(tmp_path, monkeypatch)
     out = tmp_path / "run"
     sampler = RecordingSampler(build_char_tokenizer(pad_equals_eos=True))
     loss_masks = []  # the token mask each loss aggregation sees (one call per step: no micro-batching)
-    real_aggregate = grpokit.algo.aggregate_loss
+    real_aggregate = grpokit.core.algo.aggregate_loss
 
     def recording_aggregate(loss, mask, **kwargs):
         loss_masks.append(mask.detach().clone())
         return real_aggregate(loss, mask, **kwargs)
 
-    monkeypatch.setattr(grpokit.algo, "aggregate_loss", recording_aggregate)
+    monkeypatch.setattr(grpokit.core.algo, "aggregate_loss", recording_aggregate)
     trainer = GRPOTrainer(
         config(path, out, prompts_per_step=4, max_completion_length=12),
         reward_funcs=with_digit_share(),

@@ -12,9 +12,9 @@ import pytest
 from datasets import Dataset
 from helpers import config, save_tiny, step_rows
 
-from grpokit.checkpoint import RunDirectoryError
 from grpokit.config import ConfigError, PPOConfig
 from grpokit.config import GRPOConfig as NativeConfig
+from grpokit.runtime.checkpoint import RunDirectoryError
 from grpokit.trl import GRPOConfig, GRPOTrainer, lora_from_peft
 
 

@@ -12,8 +12,8 @@ from helpers import save_tiny, step_rows
 
 from grpokit.config import ConfigError
 from grpokit.config import GRPOConfig as NativeConfig
+from grpokit.config.trl_names import CONVERSIONS
 from grpokit.trl import GRPOConfig, GRPOTrainer
-from grpokit.trl_names import CONVERSIONS
 
 TRL_PAGE = Path(__file__).resolve().parents[1] / "docs" / "from-trl.md"  # the TRL field map
 

@@ -78,7 +78,7 @@ def test_train_returns_trl_figures_and_the_adapter_names_trainer_members_it_lack
 def test_trl_train_resume_false_starts_fresh_whatever_the_args_say(model, tmp_path):
     """args.resume_from_checkpoint=True and train(resume_from_checkpoint=False): the call's False was ignored and the
     run resumed; in TRL the call decides."""
-    from grpokit.checkpoint import RunDirectoryError
+    from grpokit.runtime.checkpoint import RunDirectoryError
     from grpokit.trl import GRPOConfig, GRPOTrainer
 
     def fields(**changes):
@@ -97,7 +97,7 @@ def test_trl_train_resume_false_starts_fresh_whatever_the_args_say(model, tmp_pa
 
 
 def test_trl_max_steps_rounded_up_to_whole_generation_steps_is_said(model, tmp_path):
-    from grpokit.data import InputWarning
+    from grpokit.data.rows import InputWarning
     from grpokit.trl import GRPOConfig
 
     args = GRPOConfig(output_dir=str(tmp_path / "r"), max_steps=3, num_iterations=2, per_device_train_batch_size=4,

@@ -10,9 +10,9 @@ import torch
 from helpers import tiny_lm
 
 from grpokit.config import GRPOConfig, LoRAConfig
-from grpokit.distributed import Cluster
-from grpokit.lora import apply_lora
-from grpokit.run_setup import stage_policy
+from grpokit.model.lora import apply_lora
+from grpokit.runtime.distributed import Cluster
+from grpokit.stages.setup import stage_policy
 
 
 def handed_over(cluster: Cluster) -> dict[str, dict[str, torch.Tensor]]:

@@ -19,11 +19,11 @@ __all__ = [
 def __getattr__(name: str):
     # Imported on first use: `import grpokit` (and `grpokit --help`) stays free of torch and transformers.
     if name == "GRPOTrainer":
-        from grpokit.trainer import GRPOTrainer
+        from grpokit.stages.grpo import GRPOTrainer
 
         return GRPOTrainer
     if name == "PPOTrainer":
-        from grpokit.ppo import PPOTrainer
+        from grpokit.stages.ppo import PPOTrainer
 
         return PPOTrainer
     if name in ("GRPOConfig", "LoRAConfig", "PPOConfig", "RewardModelConfig", "SFTConfig"):

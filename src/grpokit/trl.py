@@ -26,17 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit import config as native
-from grpokit.checkpoint import (
-    PROVENANCE,
-    FinishedRunError,
-    OutputExistsError,
-    RunDirectoryError,
-    check_not_an_input,
-    list_checkpoints,
-    written_kind,
-)
-from grpokit.run_setup import input_paths, run_directory
-from grpokit.trl_names import (
+from grpokit.config.trl_names import (
     GRPOKIT_SOURCES,
     LOSS_TYPES,
     RENAMED,
@@ -48,7 +38,17 @@ from grpokit.trl_names import (
     TRL_TYPES,
     UNSUPPORTED,
 )
-from grpokit.types import InputWarning
+from grpokit.core.types import InputWarning
+from grpokit.runtime.checkpoint import (
+    PROVENANCE,
+    FinishedRunError,
+    OutputExistsError,
+    RunDirectoryError,
+    check_not_an_input,
+    list_checkpoints,
+    written_kind,
+)
+from grpokit.stages.setup import input_paths, run_directory
 
 PATH_FIELDS = frozenset({"output_dir", "logging_dir", "resume_from_checkpoint"})
 
@@ -293,7 +293,7 @@ TRAINER_MEMBERS_NOT_PROVIDED = frozenset({
 
 
 class GRPOTrainer:
-    """TRL's GRPOTrainer arguments on grpokit's trainer (`grpokit.trainer.GRPOTrainer`, as `.trainer`)."""
+    """TRL's GRPOTrainer arguments on grpokit's trainer (`grpokit.stages.grpo.GRPOTrainer`, as `.trainer`)."""
 
     def __init__(
         self,
@@ -306,7 +306,7 @@ class GRPOTrainer:
         peft_config: Any = None,
         **unsupported: Any,
     ):
-        from grpokit.trainer import GRPOTrainer as NativeTrainer
+        from grpokit.stages.grpo import GRPOTrainer as NativeTrainer
 
         set_ = [name for name, value in unsupported.items() if value not in (None, (None, None), [], ())]
         if set_:
@@ -442,7 +442,7 @@ class GRPOTrainer:
                 "reward model): save_model replaces only what this run saved; choose another folder, or delete that "
                 "one first"
             )
-        from grpokit.saving import save_trained
+        from grpokit.model.saving import save_trained
 
         lora_form = self.trainer.cfg.lora.save
         folder = save_trained(
@@ -510,7 +510,7 @@ def trl_args(args: Any) -> GRPOConfig | native.GRPOConfig:
         return GRPOConfig(**args)
     if isinstance(args, native.PPOConfig):
         raise native.ConfigError(
-            "GRPOTrainer argument `args` is grpokit's PPOConfig: this trainer runs GRPO (PPO is grpokit.ppo.PPOTrainer)"
+            "GRPOTrainer argument `args` is grpokit's PPOConfig: this trainer runs GRPO (PPO is grpokit.PPOTrainer)"
         )
     if isinstance(args, (GRPOConfig, native.GRPOConfig)):
         return args

@@ -1,0 +1,963 @@
+"""Configs: one dataclass per stage, a docstring under every field (the CLI help is made from them).
+
+A config comes from a YAML file, then per-field overrides on the command line
+(`grpokit train run.yaml --learning-rate 3e-4`). `validate()` runs before any model is loaded, so a
+bad value fails in a second with the field's name instead of minutes into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from grpokit.core.types import ConfigError, check_path_length  # defined there, so that lower layers use them too
+
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
+ScaleRewards = Literal["group", "batch", "none", "rloo"]
+KLEstimator = Literal["k1", "k2", "k3"]
+ImportanceLevel = Literal["token", "sequence"]
+LRSchedule = Literal["constant", "linear", "cosine"]
+TrainingForward = Literal["padded", "packed", "shared_prefix"]
+
+
+@dataclass
+class LoRAConfig:
+    """The `lora:` section: low-rank adapters through `peft` (Hu et al. 2021). r = 0 trains every weight."""
+
+    r: int = 0
+    """Adapter rank; 0 disables LoRA and trains the full model."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (`all-linear`: every linear layer but the output head)."""
+    save: Literal["merged", "adapter"] = "merged"
+    """Save the final model with adapters merged into the weights, or the adapter alone (plus the base path)."""
+
+
+@dataclass
+class RunConfig:
+    """Fields every stage shares: where the model and data come from, where the run goes."""
+
+    # fields that shape a built-in task's rows: with rows from a file (or handed in) they would do nothing
+    # fields that shape a built-in task's rows: with `train_data` (or rows handed in) they would do nothing
+    task_fields: typing.ClassVar[tuple[str, ...]] = ("task_num_digits", "num_train_prompts")
+    # fields this stage inherits and never reads: set, they are refused rather than recorded and ignored
+    unused_fields: typing.ClassVar[tuple[str, ...]] = ()
+
+    model: str = ""
+    """Path to a model folder in `save_pretrained` form (weights, config and tokenizer)."""
+    output_dir: str = "runs/run"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, plots and the final model."""
+    task: str | None = None
+    """Built-in synthetic task to draw prompts from (`addition`); leave empty when `train_data` is set."""
+    task_num_digits: int = 2
+    """Digits per operand of the built-in `addition` task."""
+    train_data: str | None = None
+    """A JSONL file or a `datasets` data set saved with `save_to_disk`, with a `prompt_column`."""
+    eval_data: str | None = None
+    """Held-out rows in the same form as `train_data`; with a `task`, its held-out split is used."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt: plain text, or chat messages [{role, content}] for the chat template."""
+    num_train_prompts: int = 4000
+    """Rows drawn from a built-in task for training (with `train_data`, every row of it is used)."""
+    num_eval_prompts: int = 200
+    """Held-out rows used for evaluation."""
+    max_prompt_length: int = 256
+    """Longer prompts keep their last tokens (left truncation), and a warning counts them."""
+    max_completion_length: int = 16
+    """Tokens a completion may have; one without EOS by then is truncated."""
+    seed: int = 0
+    """Seeds Python, torch and the sampler: the same seed gives the same run on the same machine."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    num_threads: int | None = None
+    """torch's CPU threads. Sums are split among them, so the run's numbers depend on the count: the same seed and
+    the same num_threads give the same run on the same CPU. Empty: the CPUs this process may use when it starts
+    (affinity, OMP_NUM_THREADS); config.yaml records the count used."""
+    dtype: str = "auto"
+    """Compute dtype: `auto` (bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are very slow), `float32`,
+    `bfloat16`. Trained weights and optimizer state stay float32; bfloat16 runs the forwards under autocast."""
+    learning_rate: float = 1e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.99
+    """AdamW beta2."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to `learning_rate`."""
+    lr_schedule: LRSchedule = "constant"
+    """Learning-rate shape after warm-up: `constant`, `linear` decay to 0 or `cosine` decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global L2 norm (0 disables clipping)."""
+    logprob_chunk_size: int = 256
+    """Token positions per chunk of the vocabulary projection: bounds the float32 logits held at once."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them: less memory for
+    about one more forward of compute. Off by default: the token budget of a micro-batch already bounds the
+    activations (benchmarks/vs_trl.py measures both)."""
+    progress: bool = True
+    """Show a progress bar."""
+    save_every: int = 50
+    """Write a checkpoint (weights, optimizer, schedule, every RNG, data position) every this many steps, and
+    always after the last one; a crash loses at most the steps since (0: only after the last step)."""
+    save_total_limit: int = 2
+    """Keep the newest this many checkpoints (0 keeps all)."""
+    resume_from_checkpoint: str | None = None
+    """`latest` (the newest complete checkpoint in output_dir; an error when there is none) or a checkpoint
+    folder of output_dir: the run continues exactly where that checkpoint left it. The checkpoint must be this
+    run's, with the same config (but for how long it runs and how it reports) and the same data and models."""
+    overwrite_output_dir: bool = False
+    """Replace an earlier run found in output_dir (without it, a fresh run there is refused)."""
+
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        """`model_given`: the caller passes a model object, so `model` may be empty; `rows_given`: the caller
+        passes the training rows, so neither `task` nor `train_data` is needed."""
+        _check_types(self)
+        _require(model_given or self.model != "", "model", "is empty: give the path of a model folder")
+        check_no_tilde(self)
+        threads = self.num_threads
+        _require(threads is None or threads >= 1, "num_threads", f"must be >= 1 or empty, got {threads}")
+        if rows_given:
+            _require(self.train_data is None, "train_data", "is set but training rows were passed in: use one")
+        elif (self.task is None) == (self.train_data is None):
+            raise ConfigError(
+                "set exactly one of `task` (a built-in task) and `train_data` (a file or folder); from Python, the "
+                "training rows may be passed in instead (train_dataset=, rows=, train_pairs=)"
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in self.unused_fields:
+            _require(
+                getattr(self, name) == defaults[name],
+                name,
+                f"is {getattr(self, name)!r}, but {type(self).__name__} never reads it: it would do nothing; leave it "
+                "out",
+            )
+        if self.task is None:
+            for name in self.task_fields:
+                _require(
+                    getattr(self, name) == defaults[name],
+                    name,
+                    f"is {getattr(self, name)!r}, but it shapes a built-in `task`'s rows, and this run's rows come "
+                    "from `train_data` (or are handed in): it would do nothing; leave it out",
+                )
+        if self.task is not None:
+            from grpokit.data.tasks import TASKS
+
+            _require(self.task in TASKS, "task", f"is {self.task!r}; known tasks: {sorted(TASKS)}")
+        for name in ("num_train_prompts", "max_prompt_length", "max_completion_length", "logprob_chunk_size"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.num_eval_prompts >= 0, "num_eval_prompts", "must be >= 0")
+        _require(self.task_num_digits >= 1, "task_num_digits", f"must be >= 1, got {self.task_num_digits}")
+        _warn_if_answers_cannot_fit(self.task, self.task_num_digits, self.max_completion_length)
+        _require(self.prompt_column != "", "prompt_column", "is empty: name the column that holds the prompt")
+        _require(-(2**63) <= self.seed < 2**63, "seed", f"must fit in 64 bits, got {self.seed}")
+        _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _warn_if_step_overwrites_weights(self.learning_rate, "learning_rate")
+        for name in ("adam_beta1", "adam_beta2"):  # running averages: a weight of 1 never moves, above it diverges
+            _require(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(
+            self.learning_rate * self.weight_decay < 1,
+            "weight_decay",
+            f"x learning_rate = {self.learning_rate * self.weight_decay:g}: AdamW multiplies every weight by "
+            "(1 - learning_rate x weight_decay) per step, which must stay in (0, 1]",
+        )
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        _require(
+            self.dtype in ("auto", "float32", "bfloat16"),
+            "dtype",
+            f"is {self.dtype!r}; use auto, float32 or bfloat16 (float16 would need loss scaling, which grpokit "
+            "does not do)",
+        )
+        _require(self.save_every >= 0, "save_every", "must be >= 0")
+        _require(self.save_total_limit >= 0, "save_total_limit", "must be >= 0")
+        _require(
+            self.resume_from_checkpoint is None or self.resume_from_checkpoint != "",
+            "resume_from_checkpoint",
+            "is empty: use `latest` or a checkpoint folder",
+        )
+        _require(
+            self.resume_from_checkpoint is None or not self.overwrite_output_dir,
+            "overwrite_output_dir",
+            f"and resume_from_checkpoint ({self.resume_from_checkpoint!r}) are both set: one continues the run in "
+            "output_dir, the other replaces it; give one of them",
+        )
+        check_output_dir(self.output_dir, model=self.model)
+        for name in ("train_data", "eval_data"):
+            check_data_source(getattr(self, name), name)
+        _require(
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+            "device",
+            f"is {self.device!r}; use auto, cpu, cuda, cuda:N or mps",
+        )
+        if self.device.startswith("cuda"):
+            import torch
+
+            _require(torch.cuda.is_available(), "device", f"is {self.device!r}, but this machine has no CUDA device")
+
+
+@dataclass
+class GRPOConfig(RunConfig):
+    """`grpokit train`: GRPO against reward functions (Shao et al. 2024, DeepSeekMath)."""
+
+    output_dir: str = "runs/grpo"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, plots and the final model."""
+    max_steps: int = 100
+    """Generation steps: each samples `prompts_per_step` x `num_generations` completions."""
+    prompts_per_step: int = 16
+    """Distinct prompts sampled per step (P), over all ranks: under torchrun each rank samples P / world size
+    of them (it must divide), so the world size changes the speed, not the algorithm."""
+    num_generations: int = 8
+    """Completions per prompt (G, the group); advantages compare completions of the same prompt."""
+    num_iterations: int = 1
+    """Passes over each generation batch (mu in the GRPO paper); > 1 reuses samples off-policy with clipping."""
+    minibatch_size: int | None = None
+    """Completions per optimizer step; must divide P*G. Empty: one optimizer step per generation batch."""
+    micro_batch_size: int | None = None
+    """Most completions per forward/backward pass (gradient accumulation); must divide `minibatch_size`.
+    Empty: as many as `max_tokens_per_micro_batch` allows."""
+    max_tokens_per_micro_batch: int | None = 512
+    """Most token positions one forward/backward computes (padding included): micro-batches are cut by this
+    budget, so one long completion cannot blow the peak memory. A single longer row runs alone. Empty: no
+    budget. The gradient does not depend on how the batch is cut (normalizers count the whole step)."""
+    training_forward: TrainingForward = "shared_prefix"
+    """How the training, old-policy and reference forwards lay out their rows: `shared_prefix` computes each
+    prompt once for its group and attends the completions to it, `packed` puts the rows end to end (both
+    without padding, attending through grpokit's segment attention; a model whose sliding window is shorter
+    than a row, or with attention softcapping, needs `padded`), `padded` is one padded row per completion
+    (the reference implementation). All three give the same logprobs and gradients up to float rounding."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts; logprobs are computed under the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass for rollouts (1 disables)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0 disables)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Completions also end when their text contains one of these strings."""
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
+    """Reward functions: built-ins `accuracy`, `format`, `overlong`, or `package.module:function`."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward function (default: 1 each)."""
+    format_pattern: str = r"\d+"
+    """Regular expression the `format` reward requires the whole stripped completion to match."""
+    overlong_buffer: int = 4
+    """`overlong` reward (DAPO): completions within this many tokens of the limit get a linear penalty down to -1."""
+    loss_type: LossType = "grpo"
+    """Token-loss aggregation: `grpo` (mean per sequence), `bnpo` (mean per token), `dapo` (tokens of the
+    generation batch), `dr_grpo` (constant sequences x max_completion_length)."""
+    scale_rewards: ScaleRewards = "group"
+    """Advantage: `group` (z-score in the group), `batch` (group mean, batch std), `none` (Dr. GRPO), `rloo`."""
+    beta: float = 0.0
+    """KL penalty coefficient to the frozen reference; 0 loads no reference model at all."""
+    kl_estimator: KLEstimator = "k3"
+    """KL(pi || pi_ref) estimator per token: k1, k2 or k3 (the GRPO paper's, unbiased and >= 0)."""
+    epsilon_low: float = 0.2
+    """Lower clip range: the ratio is clipped at 1 - epsilon_low."""
+    epsilon_high: float = 0.2
+    """Upper clip range: the ratio is clipped at 1 + epsilon_high (DAPO's clip-higher uses 0.28)."""
+    importance_level: ImportanceLevel = "token"
+    """`token` ratios (GRPO) or one `sequence` ratio per completion from mean token log-ratio (GSPO)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit `max_completion_length` without EOS out of the loss entirely (DAPO)."""
+    eval_every: int = 0
+    """Evaluate held-out accuracy every this many steps (0: only before and after training)."""
+    eval_temperature: float = 1.0
+    """Temperature of the sampled evaluation (greedy is always reported as well)."""
+    log_completions_every: int = 10
+    """Write sampled completions to completions.jsonl every this many steps (and at step 1): every prompt of the step
+    with every (num_generations // 2)-th of its completions, with its reward and advantage."""
+    tensorboard: bool = True
+    """Write TensorBoard events to the run directory (scalars, and the sampled completions as text)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (the `report` extra); WANDB_MODE=offline writes the run under output_dir only."""
+    wandb_project: str = "grpokit"
+    """The W&B project of the run."""
+    reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """`sum_then_normalize`: weighted sum of the rewards, then the advantage; `normalize_then_sum`: each
+    reward function's advantage in its group first, then their weighted sum (scales stop mattering)."""
+    reward_timeout: float | None = 600.0
+    """Seconds one call of a reward function may take; a call that runs longer stops the run with an error
+    naming the function. Empty: no limit."""
+    reward_model_batch_size: int = 64
+    """Completions per forward pass of a reward model (a `reward_funcs` entry that is a model folder)."""
+    gold_reward: str | None = None
+    """A reward used only to WATCH the run, never in the loss (e.g. `accuracy` beside a learned reward model):
+    its mean is logged and the reward-hacking monitor compares it with the trained-on reward."""
+    monitor_window: int = 50
+    """Steps in the sliding window of the reward-hacking and collapse monitors."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters; with beta > 0 the reference is the base model with adapters switched off."""
+    ref_sync_every: int = 0
+    """Every this many steps, ref <- alpha * policy + (1 - alpha) * ref (TR-DPO style); 0 never syncs."""
+    ref_sync_alpha: float = 0.6
+    """Mixing weight of the policy in a reference sync."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """How the ranks of a torchrun launch share the run (one process: unused); each samples and trains its
+    share of the step's prompts. `ddp`: every rank holds the whole model; gradients are summed across ranks
+    once per optimizer step. `fsdp`: FSDP2, the model (and the reference), gradients and AdamW state sharded
+    over the ranks, each decoder layer a unit."""
+
+    min_generations: typing.ClassVar[int] = 2  # the group is GRPO's baseline; PPO's critic needs none
+
+    def surrogate(self) -> dict[str, Any]:
+        """The clipped surrogate's settings, as `algo.per_token_loss` takes them."""
+        names = ("epsilon_low", "epsilon_high", "kl_estimator", "importance_level")
+        return {name: getattr(self, name) for name in names}
+
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
+        _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        _require(
+            self.num_generations >= self.min_generations,
+            "num_generations",
+            f"must be >= {self.min_generations}, got {self.num_generations}"
+            + (
+                ": GRPO compares the completions of one prompt, and a group of 1 has advantage 0 everywhere, so "
+                "nothing would be learned (PPO's critic needs no group: `grpokit ppo` takes 1)"
+                if self.min_generations > 1
+                else ""
+            ),
+        )
+        _require(self.num_iterations >= 1, "num_iterations", "must be >= 1")
+        batch = self.prompts_per_step * self.num_generations
+        optimizer_steps = self.max_steps * self.num_iterations * (batch // (self.minibatch_size or batch))
+        if self.warmup_steps > optimizer_steps:
+            from grpokit.data.rows import InputWarning
+
+            warnings.warn(
+                f"warmup_steps = {self.warmup_steps} is more than the run's {optimizer_steps} optimizer steps: the "
+                f"learning rate never reaches {self.learning_rate:g} (it ends at "
+                f"{self.learning_rate * optimizer_steps / self.warmup_steps:.3g})",
+                InputWarning,
+                stacklevel=3,
+            )
+        minibatch = self.minibatch_size or batch
+        _require(
+            minibatch >= 1 and batch % minibatch == 0,
+            "minibatch_size",
+            f"is {minibatch}; it must divide prompts_per_step x num_generations = {batch}",
+        )
+        micro = self.micro_batch_size or minibatch
+        _require(
+            micro >= 1 and minibatch % micro == 0,
+            "micro_batch_size",
+            f"is {micro}; it must divide minibatch_size = {minibatch}",
+        )
+        _require(
+            self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+            "max_tokens_per_micro_batch",
+            f"must be >= 1 or empty (no budget), got {self.max_tokens_per_micro_batch}",
+        )
+        _require(self.temperature > 0, "temperature", f"must be > 0 for training rollouts, got {self.temperature}")
+        _require(
+            self.eval_temperature > 0,
+            "eval_temperature",
+            f"must be > 0, got {self.eval_temperature} (greedy is always reported too)",
+        )
+        _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, "top_k", "must be >= 0")
+        _require(len(self.reward_funcs) >= 1, "reward_funcs", "is empty: give at least one reward function")
+        if self.reward_weights is not None:
+            _require(  # reward functions handed in are counted against the weights when they are built (reward_set)
+                rewards_given or len(self.reward_weights) == len(self.reward_funcs),
+                "reward_weights",
+                f"has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs",
+            )
+            _require(
+                any(w != 0 for w in self.reward_weights),
+                "reward_weights",
+                "are all 0: every advantage would be 0 and nothing would be learned",
+            )
+        _require(
+            self.reward_timeout is None or self.reward_timeout > 0,
+            "reward_timeout",
+            f"must be > 0 seconds or empty (no limit), got {self.reward_timeout}",
+        )
+        for text in self.stop_strings:
+            _require(text != "", "stop_strings", "holds an empty string, which every completion contains")
+        try:
+            re.compile(self.format_pattern)
+        except re.error as err:
+            raise ConfigError(f"config field `format_pattern` is not a regular expression: {err}") from None
+        _require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        _require(
+            0 <= self.epsilon_low < 1,
+            "epsilon_low",
+            f"must be in [0, 1), got {self.epsilon_low}: the ratio is clipped at 1 - epsilon_low, and a ratio is > 0",
+        )
+        _require(self.epsilon_high >= 0, "epsilon_high", f"must be >= 0, got {self.epsilon_high}")
+        _require(
+            self.eval_every >= 0 and self.log_completions_every >= 0,
+            "eval_every/log_completions_every",
+            "must be >= 0",
+        )
+        _require(self.overlong_buffer >= 1, "overlong_buffer", "must be >= 1")
+        if self.wandb:
+            import importlib.util
+
+            _require(
+                importlib.util.find_spec("wandb") is not None,
+                "wandb",
+                "is true but the wandb package is not installed: pip install 'grpokit[report]'",
+            )
+        _require(
+            "overlong" not in self.reward_funcs or self.overlong_buffer <= self.max_completion_length,
+            "overlong_buffer",
+            f"is {self.overlong_buffer}, more than max_completion_length = {self.max_completion_length}: the "
+            "`overlong` reward would penalize every completion, however short",
+        )
+        _require(self.reward_model_batch_size >= 1, "reward_model_batch_size", "must be >= 1")
+        _require(self.monitor_window >= 2, "monitor_window", "must be >= 2")
+        _require(self.lora.r >= 0, "lora.r", f"must be >= 0, got {self.lora.r}")
+        _require(self.lora.alpha > 0, "lora.alpha", f"must be > 0, got {self.lora.alpha}")
+        _require(0 <= self.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.lora.dropout}")
+        _require(len(self.lora.target_modules) >= 1, "lora.target_modules", "is empty: name the modules to adapt")
+        _require(self.ref_sync_every >= 0, "ref_sync_every", "must be >= 0")
+        _require(0.0 <= self.ref_sync_alpha <= 1.0, "ref_sync_alpha", "must be in [0, 1]")
+        _require(
+            not (self.ref_sync_every and self.beta == 0),
+            "ref_sync_every",
+            "needs beta > 0: with beta = 0 there is no reference model to sync",
+        )
+        _require(
+            not (self.lora.save == "adapter" and self.lora.r == 0),
+            "lora.save",
+            "is `adapter` but lora.r = 0: there is no adapter to save",
+        )
+        _require(
+            not (self.ref_sync_every and self.lora.r),
+            "ref_sync_every",
+            "cannot be used with LoRA: the reference is the base model with adapters off, not a copy",
+        )
+
+
+@dataclass
+class PPOConfig(GRPOConfig):
+    """`grpokit ppo`: PPO with a learned critic (Schulman et al. 2017; per-token KL reward of Ouyang et al. 2022):
+    the rollout, rewards, reference and policy of GRPO, with per-token GAE advantages from a value model in
+    place of the group baseline. `scale_rewards` and `reward_aggregation` are GRPO's and unused here."""
+
+    output_dir: str = "runs/ppo"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, plots, the final model and critic."""
+    num_generations: int = 1
+    """Completions per prompt; PPO's baseline is the critic, so 1 suffices (more give more samples per prompt)."""
+    kl_estimator: KLEstimator = "k1"
+    """KL(pi || pi_ref) estimator per token: k1 (log pi - log pi_ref, the InstructGPT penalty), k2 or k3."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where `beta` x KL goes: `reward`, a per-token penalty in the rewards (InstructGPT), so GAE carries it;
+    `loss`, a term of the policy loss as in GRPO."""
+    critic_model: str | None = None
+    """The critic's starting weights: a grpokit reward model folder (its body and its score head, as InstructGPT
+    starts the value model from the reward model) or a causal LM folder (its body, a zero scalar head). Empty:
+    the policy's own starting weights with a zero scalar head."""
+    critic_learning_rate: float | None = None
+    """The critic's peak learning rate (its own AdamW, the same schedule). Empty: `learning_rate`."""
+    gamma: float = 1.0
+    """Discount per token in GAE; 1: the completion's reward counts in full at every token."""
+    lam: float = 0.95
+    """GAE's lambda: 0 the one-step TD error (low variance, biased by the critic), 1 the Monte Carlo return."""
+    vf_coef: float = 0.1
+    """Weight of the value loss. The critic has its own AdamW, which is blind to a constant factor, so this
+    matters only against the critic's gradient clipping (`max_grad_norm`)."""
+    cliprange_value: float = 0.2
+    """A value may move at most this far from the one the advantages were computed with in one loss term
+    (PPO's clipped value loss)."""
+    whiten_advantages: bool = True
+    """Normalize the step's per-token advantages to mean 0, std 1 over its real tokens."""
+
+    min_generations: typing.ClassVar[int] = 1
+
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
+        _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
+        _require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        _require(self.vf_coef > 0, "vf_coef", f"must be > 0, got {self.vf_coef}: the critic would never learn")
+        _require(self.cliprange_value > 0, "cliprange_value", f"must be > 0, got {self.cliprange_value}")
+        lr = self.critic_learning_rate
+        _require(lr is None or (math.isfinite(lr) and lr > 0), "critic_learning_rate", f"must be > 0, got {lr}")
+        _warn_if_step_overwrites_weights(lr, "critic_learning_rate")
+        _require(
+            not (self.kl_penalty == "loss" and self.beta > 0 and self.kl_estimator == "k1"),
+            "kl_estimator",
+            "is k1 with kl_penalty: loss: the k1 term log pi - log pi_ref has zero expected gradient on the policy's "
+            "own samples, so it would not hold the policy near the reference; use k3 (or k2), or kl_penalty: reward",
+        )
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        _require(
+            world == 1,
+            "distributed",
+            f"grpokit ppo runs in one process; this is a torchrun launch of {world}: run it without torchrun",
+        )
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """`grpokit sft`: supervised fine-tuning, cross-entropy on completion tokens only (prompts are context)."""
+
+    output_dir: str = "runs/sft"
+    """Run directory: resolved config, metrics.jsonl and the final model."""
+    completion_column: str = "completion"
+    """Column holding the target completion (with a built-in task: the imperfect demonstrator's answer)."""
+    forget_carry: float = 0.5
+    """Built-in `addition` task: probability that the demonstrator forgets each carry."""
+    task_fields: typing.ClassVar[tuple[str, ...]] = (*RunConfig.task_fields, "forget_carry")
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate."""
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per optimizer step."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 50
+    """Optimizer steps of linear warm-up."""
+    lr_schedule: LRSchedule = "cosine"
+    """Learning-rate shape after warm-up."""
+
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
+        _require(self.max_steps >= 1, "max_steps", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(0.0 <= self.forget_carry <= 1.0, "forget_carry", "must be in [0, 1]")
+
+
+@dataclass
+class RewardModelConfig(RunConfig):
+    """`grpokit reward-model`: a Bradley-Terry reward model (one scalar head) trained on preference pairs."""
+
+    output_dir: str = "runs/reward_model"
+    """Run directory: resolved config, metrics.jsonl and the reward model in `save_pretrained` form."""
+    chosen_column: str = "chosen"
+    """Column with the preferred completion of each pair."""
+    rejected_column: str = "rejected"
+    """Column with the dispreferred completion of each pair."""
+    margin_column: str | None = None
+    """Optional column with a per-pair margin m: the loss becomes -log sigmoid(r_chosen - r_rejected - m)."""
+    center_rewards_coefficient: float = 0.01
+    """Adds coef * mean((r_chosen + r_rejected)^2), which keeps rewards centred on 0 (Eisenstein et al. 2023)."""
+    task_fields: typing.ClassVar[tuple[str, ...]] = ("task_num_digits", "labeler_flaw", "num_train_pairs")
+    unused_fields: typing.ClassVar[tuple[str, ...]] = ("num_train_prompts", "num_eval_prompts")  # pairs, not prompts
+    labeler_flaw: Literal["none", "longer"] = "none"
+    """Built-in task only: the synthetic labeler's systematic flaw (`longer`: between two answers of different
+    length it prefers the longer one, right or wrong)."""
+    num_train_pairs: int = 20000
+    """Built-in task only: preference pairs drawn for training."""
+    num_eval_pairs: int = 1000
+    """Held-out pairs for the pairwise accuracy (built-in task: labeled by a flawless labeler)."""
+    learning_rate: float = 5e-4
+    """Peak AdamW learning rate."""
+    max_steps: int = 500
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Pairs per optimizer step."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear warm-up."""
+    lr_schedule: LRSchedule = "cosine"
+    """Learning-rate shape after warm-up."""
+
+    def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
+        _require(self.max_steps >= 1, "max_steps", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """`grpokit eval`: held-out accuracy of a model on a task, greedy and sampled."""
+
+    model: str = ""
+    """Path to a model folder in `save_pretrained` form (or a .gguf file, or a hub id)."""
+    task: str | None = None
+    """Built-in task whose held-out split is scored with its gold checker; empty: `addition` unless `eval_data` is
+    set (give one of the two)."""
+    eval_data: str | None = None
+    """Held-out rows instead of a task's: a JSONL file, a `datasets` folder or a hub name; an `answer` column is
+    scored by exact match, and `reward_funcs` by their means."""
+    prompt_column: str = "prompt"
+    """Column of `eval_data` holding the prompt (text or chat messages)."""
+    reward_funcs: list[str] = field(default_factory=list)
+    """Reward functions to report the mean of: built-ins, `module:function`, or reward-model folders."""
+    max_prompt_length: int = 256
+    """Longer prompts keep their last tokens."""
+    task_num_digits: int = 2
+    """Digits per operand of the built-in `addition` task."""
+    num_eval_prompts: int = 200
+    """Held-out problems to score."""
+    temperature: float = 1.0
+    """Temperature of the sampled evaluation (greedy is always reported as well)."""
+    max_completion_length: int = 16
+    """Tokens a completion may have."""
+    seed: int = 0
+    """Seed of the sampled evaluation."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda` or `cuda:N`."""
+    num_threads: int | None = None
+    """torch's CPU threads: the figures depend on the count (see the training stages' field). Empty: the CPUs this
+    process may use when it starts."""
+    dtype: str = "auto"
+    """`auto`, `float32`, `bfloat16`."""
+
+    def validate(self) -> None:
+        _check_types(self)
+        _require(self.model != "", "model", "is empty: give the path of a model folder")
+        check_no_tilde(self)
+        threads = self.num_threads
+        _require(threads is None or threads >= 1, "num_threads", f"must be >= 1 or empty, got {threads}")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(self.num_eval_prompts >= 1, "num_eval_prompts", f"must be >= 1, got {self.num_eval_prompts}")
+        _require(
+            self.task is None or self.eval_data is None,
+            "task",
+            f"({self.task!r}) and `eval_data` ({self.eval_data!r}) are both set: the rows come from one; give one",
+        )
+        if self.task is None and self.eval_data is None:
+            self.task = "addition"  # the built-in task, as `grpokit eval --model DIR` has always scored
+        _require(
+            self.eval_data is None or self.task_num_digits == EvalConfig.task_num_digits,
+            "task_num_digits",
+            f"is {self.task_num_digits}, but it shapes the built-in task's rows, and the rows come from `eval_data`: "
+            "it would do nothing; leave it out",
+        )
+        if self.eval_data is None:
+            _warn_if_answers_cannot_fit(self.task, self.task_num_digits, self.max_completion_length)
+        check_data_source(self.eval_data, "eval_data")
+        _require(self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
+
+
+# fields that name a file or folder grpokit reads (output_dir has its own check)
+PATH_FIELDS = (
+    "model", "train_data", "eval_data", "resume_from_checkpoint", "critic_model", "gold_reward", "reward_funcs",
+)  # fmt: skip
+
+
+def check_no_tilde(cfg: Any) -> None:
+    """A path field starting with `~` (from a YAML file: the shell expands it on a command line) is refused by name:
+    it would read as a folder named `~` in the working directory."""
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name, None)
+        for i, path in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(path, str) and path.startswith("~") and not Path(path).exists():  # (`~tiny` may be a name)
+                where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                raise ConfigError(
+                    f"config field `{where}` is {path!r}: `~` is not expanded here (in a YAML file, or after `=` on a "
+                    "command line): write the full path"
+                )
+
+
+def check_data_source(path: str | None, name: str) -> None:
+    """A data field names a file or folder that exists, or a `datasets` hub name (org/name): every stage refuses a
+    missing one before anything loads, also a stage that reads the field only at its end (a DataError, as
+    `data.load_rows` gives)."""
+    from grpokit.data.rows import DataError
+    from grpokit.model.loading import FILE_SUFFIXES, is_hub_id
+
+    _require(path != "", name, "is empty: give a JSONL file, a `datasets` folder or a hub name org/name")
+    if path is not None and not is_hub_id(path) and not Path(path).exists():
+        if str(path).lower().endswith(FILE_SUFFIXES):  # `data/trian.jsonl` is a mistyped path, not a hub name
+            raise DataError(
+                f"config field `{name}`: file {path} does not exist (a name ending in {Path(path).suffix} is a "
+                "file's path, not a hub data set): check its spelling and the working directory"
+            )
+        raise DataError(
+            f"config field `{name}`: {path} does not exist (a JSONL file, a `datasets` folder saved with "
+            "`save_to_disk`, or a hub name org/name)"
+        )
+
+
+def check_output_dir(path: str, name: str = "output_dir", *, model: str = "") -> None:
+    """The run folder can be made here: no file on its way, its nearest existing folder takes a file, and it is
+    neither the filesystem root, the home folder, nor the folder of the model being trained. A model inside it is
+    `RunDirectory._check_inputs`' to judge: only the run's own files are replaced or cleared, so a model beside
+    them (`runs/exp/base` for `runs/exp`) is safe even with overwrite_output_dir."""
+    import tempfile
+
+    _require(path != "", name, "is empty: give the folder the run writes to")
+    _require(not (os.path.islink(path) and not os.path.exists(path)), name, f"is {path!r}, a symbolic link to nothing")
+    _require(
+        not path.startswith("~"), name, f"is {path!r}: `~` is not expanded here (a YAML value): write the full path"
+    )
+    target = check_path_length(path, name)
+    target = target.resolve()
+    _require(target not in (Path("/"), Path.home().resolve()), name, f"is {path!r}: give a folder of its own")
+    if model and Path(model).exists():
+        source = Path(model).resolve()
+        _require(source != target, name, f"is the model folder {model!r}: the run would write into its input")
+    for folder in [target, *target.parents]:
+        if not folder.exists():
+            continue
+        _require(folder.is_dir(), name, f"is {path!r}, but {folder} is a file, not a folder")
+        try:  # os.access says yes to root everywhere; a real file says whether this folder takes one
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            raise ConfigError(
+                f"config field `{name}` is {path!r}, but {folder} cannot be written: {err.strerror}"
+            ) from None
+        return
+
+
+def _warn_if_answers_cannot_fit(task: str | None, num_digits: int, max_completion_length: int) -> None:
+    """The built-in addition task's answers have num_digits + 1 characters, then EOS: a shorter completion limit
+    cuts every one of them with the character tokenizer (a BPE tokenizer may need fewer tokens, so: a warning)."""
+    if task == "addition" and max_completion_length < num_digits + 2:
+        from grpokit.data.rows import InputWarning
+
+        warnings.warn(
+            f"max_completion_length = {max_completion_length} tokens is shorter than the addition task's answers "
+            f"({num_digits + 1} digits for task_num_digits = {num_digits}, then EOS): with the character tokenizer "
+            "no answer fits and every one scores 0",
+            InputWarning,
+            stacklevel=4,
+        )
+
+
+def _warn_if_step_overwrites_weights(rate: float | None, name: str) -> None:
+    """An AdamW step moves each weight by about the learning rate: above 1 one step replaces every weight (a typo
+    for 1e-6 written 1e6?). Said, not refused: a run may mean to break its model (a monitor's test does)."""
+    if rate is not None and rate > 1:
+        from grpokit.core.types import InputWarning
+
+        warnings.warn(
+            f"config field `{name}` is {rate:g}: an AdamW step moves each weight by about the learning rate, so one "
+            "step above 1 overwrites the model (usual values are 1e-6 to 1e-3)",
+            InputWarning,
+            stacklevel=4,
+        )
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field `{name}` {message}")
+
+
+def _check_types(cfg: Any, prefix: str = "") -> None:
+    """YAML gives untyped values; catch `learning_rate: 1e-3x` or `beta: [0]` by field name."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, hints[f.name]):
+            _check_types(value, prefix=f"{prefix}{f.name}.")
+            continue
+        if not _matches(value, hints[f.name]):
+            raise ConfigError(f"config field `{prefix}{f.name}` expects {_type_name(hints[f.name])}, got {value!r}")
+        for number in value if isinstance(value, list) else [value]:
+            # YAML reads `.nan` and `.inf`, and no field of any config can train on them
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"config field `{prefix}{f.name}` must be a finite number, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
+    """Build `cls` from a dict, naming any unknown key and the nearest real field."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown field `{key}` for {cls.__name__}{_nearest(key, names)}")
+    hints = typing.get_type_hints(cls)
+    values = {
+        key: from_dict(hints[key], value, source=f"{source}: {key}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict)
+        else value
+        for key, value in values.items()
+    }
+    cfg = cls(**values)
+    # ints written for float fields (learning_rate: 1) become floats so the saved config is exact
+    for f in dataclasses.fields(cls):
+        if hints[f.name] is float and isinstance(getattr(cfg, f.name), int):
+            setattr(cfg, f.name, float(getattr(cfg, f.name)))
+    return cfg
+
+
+def _nearest(key: str, names: set[str]) -> str:
+    """A TRL field name's grpokit counterpart, or the closest real field."""
+    from grpokit.config.trl_names import trl_hint
+
+    if (hint := trl_hint(key)) is not None:
+        return f"; `{key}` is TRL's name. In grpokit: {hint}"
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def check_override_names(cls: type, args: list[str]) -> None:
+    """`--some-field value` on the command line names a field of `cls`, or gets the same answer as in YAML (tyro's
+    own message would not know TRL's names)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    # A field given twice is refused like a key twice in YAML: "last one wins" would hide which value the run used.
+    # `--x` and `--no-x` set the same boolean, and `--lora.r` is the field `lora.r`, not `lora`.
+    first_given: dict[str, str] = {}
+    for arg in args:
+        if arg.startswith("--") and arg not in ("--help",):
+            key = arg[2:].split("=", 1)[0].replace("-", "_")
+            key = key[3:] if key.startswith("no_") and key[3:] in names else key
+            top = key.split(".", 1)[0]
+            if top not in names and key not in names:
+                raise ConfigError(f"command line: unknown option `{arg}` for {cls.__name__}{_nearest(key, names)}")
+            if key in first_given:
+                raise ConfigError(
+                    f"command line: field {key} given twice (`{first_given[key]}` and `{arg}`); give it once"
+                )
+            first_given[key] = arg
+
+
+def load_yaml(cls: type, path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if isinstance(err, yaml.constructor.ConstructorError) and mark is not None:
+            raise ConfigError(f"{where}: {problem}") from None
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+    return from_dict(cls, values, source=str(path))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last one silently), and
+    `1e-4` reads as the number it is (YAML 1.1 wants `1.0e-4`, so PyYAML reads it as text)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+@dataclass
+class DemoConfig:
+    """`grpokit demo`: a tiny model learns addition from a teacher that forgets carries, then GRPO with the
+    gold checker as reward makes it better than its teacher. Everything is built locally; nothing is downloaded."""
+
+    output_dir: str = "runs/demo"
+    """Where the SFT and GRPO runs, their models and the plot go."""
+    seed: int = 0
+    """Seeds everything: the same seed gives the same table on the same machine."""
+    arch: Literal["llama", "qwen2"] = "llama"
+    """Architecture of the tiny model (a standard transformers config)."""
+    hidden_size: int = 128
+    """Width of the tiny model."""
+    num_layers: int = 2
+    """Transformer blocks of the tiny model."""
+    num_digits: int = 2
+    """Digits per operand."""
+    forget_carry: float = 0.7
+    """Probability that the demonstrator forgets each carry (its systematic mistake)."""
+    sft_examples: int = 50000
+    """Demonstrations in the SFT data set (problems repeat, each with its own draw of the teacher's mistakes)."""
+    sft_steps: int = 1000
+    """SFT optimizer steps on the demonstrator's answers."""
+    sft_learning_rate: float = 1e-3
+    """SFT peak learning rate."""
+    grpo_steps: int = 200
+    """GRPO steps."""
+    grpo_learning_rate: float = 2e-4
+    """GRPO peak learning rate."""
+    prompts_per_step: int = 32
+    """GRPO prompts per step."""
+    num_generations: int = 8
+    """GRPO completions per prompt."""
+    num_eval_prompts: int = 400
+    """Held-out problems in the before/after table."""
+    pipeline: bool = False
+    """Run the whole pipeline instead: SFT, a reward model trained on preferences with a verbosity bias, then
+    GRPO against that reward model (gold accuracy only watched) beside GRPO against the gold checker."""
+    reward_model_steps: int = 400
+    """--pipeline: reward-model optimizer steps."""
+    pipeline_grpo_steps: int = 150
+    """--pipeline: GRPO steps of each of the two runs."""
+    extra_completion_tokens: int = 4
+    """--pipeline: room past the answer's length, so that a longer answer can be written (and rewarded)."""
+    monitor_window: int = 30
+    """--pipeline: steps in the reward-hacking monitor's window."""
+    device: str = "auto"
+    """`auto`, `cpu` or `cuda`."""
+    num_threads: int = 1
+    """torch's CPU threads in every stage. Sums are split among the threads, so the table depends on their count;
+    with one thread nothing is split, and the same seed gives the same table on the same CPU under any load."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+@dataclass
+class InitConfig:
+    """`grpokit init DIR`: a fresh tiny model and the character tokenizer, saved for `grpokit sft` to start from."""
+
+    output_dir: str = "runs/tiny"
+    """Folder to write the model and tokenizer to (save_pretrained form): a new or empty folder, or one `grpokit
+    init` / `fetch-model` wrote before (with `overwrite_output_dir`); anything else is refused, untouched."""
+    overwrite_output_dir: bool = False
+    """Replace a model folder grpokit wrote earlier at output_dir (never a run or a folder grpokit did not write)."""
+    arch: Literal["llama", "qwen2"] = "llama"
+    """Architecture: a standard transformers config, so every code path is the one a real checkpoint takes."""
+    hidden_size: int = 128
+    """Width of the model."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+    def validate(self) -> None:
+        from grpokit.data.tasks.models import check_sizes
+
+        check_sizes(self.hidden_size, self.num_layers)

@@ -1,0 +1,147 @@
+"""Held-out figures of a model, greedy and sampled, through the run's sampler: accuracy under a gold checker and
+the mean of every reward function."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from grpokit.data.rows import answer_problem, encode_prompts
+from grpokit.rollout.sampler import EVAL_STEP, Sampler, SamplingParams, check_rollout, prompt_seeds
+
+
+def sample_batches(
+    sampler: Sampler,
+    tokenizer: Any,
+    prompts: list[Any],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 256,
+    max_prompt_length: int = 256,
+):
+    """One completion per prompt (temperature 0: greedy), `batch_size` prompts at a time; yields (start, the
+    batch's EncodedPrompts, its Rollout, its texts decoded without special tokens). Prompt i draws from its own
+    seed (`prompt_seeds(seed, EVAL_STEP, [i])`), so a sampled evaluation is the same at any batch size or engine
+    split and never moves the training streams."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    for start in range(0, len(prompts), batch_size):
+        encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length)
+        seeds = prompt_seeds(seed, EVAL_STEP, list(range(start, start + len(encoded.ids))))  # by place: any batch size
+        rollout = sampler.generate(encoded.ids, num_generations=1, params=params, seeds=seeds)
+        check_rollout(rollout, sampler, rows=len(encoded.ids), prompts=encoded.ids)
+        yield start, encoded, rollout, decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+
+
+def completions_for(sampler: Sampler, tokenizer: Any, prompts: list[Any], **kwargs: Any) -> list[str]:
+    """The texts of `sample_batches` (same arguments), in prompt order."""
+    return [text for *_, texts in sample_batches(sampler, tokenizer, prompts, **kwargs) for text in texts]
+
+
+def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """Masked tokens (after EOS) are dropped before decoding; special tokens such as EOS are skipped."""
+    return [
+        tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+        for ids, mask in zip(completion_ids, completion_mask)
+    ]
+
+
+def require_heldout_rows(eval_every: int, rows: list[Any], num_eval_prompts: int | None = None) -> None:
+    """Before any work: `eval_every` asks for evaluations that held-out rows make; without rows there would be
+    none, and no word of it."""
+    from grpokit.core.types import ConfigError
+
+    if eval_every and num_eval_prompts == 0:
+        raise ConfigError(
+            f"config field `eval_every` is {eval_every}, but num_eval_prompts is 0, so no held-out row is evaluated: "
+            "raise num_eval_prompts, or set eval_every: 0"
+        )
+    if eval_every and not rows:
+        raise ConfigError(
+            f"config field `eval_every` is {eval_every}, but there are no held-out rows to evaluate on: set "
+            "`eval_data` (or pass eval_dataset=; with a `task`, num_eval_prompts > 0), or set eval_every: 0"
+        )
+
+
+@dataclass(frozen=True)
+class HeldoutSettings:
+    """How `heldout_eval` samples and scores the held-out rows: a GRPO / PPO run's config sets them
+    (`GRPOTrainer.evaluate`), `grpokit eval` its own fields."""
+
+    temperature: float
+    """Of the sampled pass (the greedy pass draws at 0)."""
+    max_new_tokens: int
+    seed: int
+    """Prompt i of the sampled pass draws from `prompt_seeds(seed, EVAL_STEP, [i])`."""
+    prompt_column: str
+    max_prompt_length: int
+    reward_timeout: float | None
+    """Seconds a reward function's call may take (`rewards.score`); None: no limit."""
+
+
+def heldout_eval(
+    sampler: Sampler,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    settings: HeldoutSettings,
+    is_correct: Callable[[str, str], bool] | None = None,
+    rewards: Any = None,
+    *,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Held-out figures of one completion per row, greedy and sampled at `settings.temperature`:
+    eval/accuracy_{greedy,sampled} (rows with an `answer`, under `is_correct`), and with `rewards` (a RewardSet)
+    eval/rewards/NAME/mean_{mode} of every function the rows can feed and eval/reward_{mode}, their weighted sum
+    over the rows some function scored. {} without rows."""
+    prompt_column = settings.prompt_column
+    from grpokit.core import algo
+    from grpokit.rewards.functions import REWARD_INPUTS, RewardError, accepted_inputs, reward_inputs, score
+
+    if not rows:
+        return {}
+    funcs, skipped = [], []
+    available = [*rows[0], *REWARD_INPUTS]
+    for k, (name, fn) in enumerate(rewards.funcs if rewards is not None else []):
+        try:
+            accepted_inputs(name, fn, available)
+            funcs.append((k, name, fn))
+        except RewardError:
+            skipped.append(name)
+    if skipped:
+        warnings.warn(f"held-out rows lack what {skipped} need: those reward functions are not evaluated", stacklevel=2)
+    out: dict[str, float] = {}
+    for mode, mode_temperature in (("greedy", 0.0), ("sampled", settings.temperature)):
+        texts, scores = [], []
+        batches = sample_batches(
+            sampler,
+            tokenizer,
+            [r[prompt_column] for r in rows],
+            temperature=mode_temperature,
+            max_new_tokens=settings.max_new_tokens,
+            seed=settings.seed,
+            batch_size=batch_size,
+            max_prompt_length=settings.max_prompt_length,
+        )
+        for start, prompts, rollout, batch_texts in batches:
+            texts += batch_texts
+            if funcs:
+                batch = rows[start : start + len(batch_texts)]
+                inputs = reward_inputs(batch, prompt_column, 1, prompts.texts, batch_texts, rollout)
+                scores.append(score([(n, f) for _, n, f in funcs], inputs, timeout=settings.reward_timeout).float())
+        # rows whose answer the checker cannot compare as text (a list a reward of the user's reads) are left out
+        compared = [(t, r["answer"]) for t, r in zip(texts, rows) if answer_problem(r.get("answer")) is None]
+        if is_correct is not None and compared:
+            out[f"eval/accuracy_{mode}"] = sum(is_correct(t, str(answer)) for t, answer in compared) / len(compared)
+        if funcs:
+            table = torch.cat(scores)  # (n, K') NaN where None
+            for column, (_, name, _) in zip(table.T, funcs):
+                out[f"eval/rewards/{name}/mean_{mode}"] = column.nanmean().item()
+            weights = rewards.weights[[k for k, _, _ in funcs]]
+            total, scorable = algo.combine_rewards(table, weights)
+            out[f"eval/reward_{mode}"] = total[scorable].mean().item() if bool(scorable.any()) else float("nan")
+    return out

@@ -1,0 +1,308 @@
+"""The GRPO loop: rollout -> score -> advantages -> update -> log, top to bottom.
+
+GRPO (Shao et al. 2024, DeepSeekMath, section 4.1): sample G completions per prompt, normalize their rewards inside
+the group to get advantages, and take clipped policy-gradient steps with a KL penalty to a frozen reference. No
+value network. Where grpokit deviates from the paper:
+- the token-loss aggregation is a choice (`loss_type`): the paper's per-sequence mean (`grpo`), DAPO's token mean,
+  Dr. GRPO's constant normalizer; every normalizer is counted over the whole optimizer step, so micro-batching
+  never changes the gradient;
+- `beta` defaults to 0 (no reference model is loaded) as DAPO and Dr. GRPO found the KL term unnecessary for
+  verifiable rewards; set it > 0 for the paper's behaviour; with LoRA the reference is the policy with its adapters
+  switched off (no second copy), without it a frozen copy that `ref_sync_every` can pull towards the policy (TR-DPO);
+- the old-policy logprobs of a single on-policy pass are the current ones detached (ratio = 1), and are recomputed
+  once before the update only when samples are reused (mu > 1 or several minibatches).
+PPO (`grpokit.stages.ppo`) is this loop with a critic's per-token advantages in place of the group's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpokit.config import GRPOConfig
+from grpokit.core import algo
+from grpokit.core.types import Rollout, StepBatch, TrainResult
+from grpokit.data.rows import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
+from grpokit.data.tasks import get_task
+from grpokit.model import loading as modeling
+from grpokit.model.loading import load_model
+from grpokit.model.policy import NumericsError
+from grpokit.model.saving import resume, save_trained, write_checkpoint
+from grpokit.report.monitor import SignalMonitor, group_diversity
+from grpokit.report.runlog import RunLog, plot_curves, read_metrics
+from grpokit.rewards.functions import RewardFn, exact_match, reward_inputs
+from grpokit.rollout.evaluate import HeldoutSettings, decode_completions, heldout_eval, require_heldout_rows
+from grpokit.rollout.sampler import KVCacheSampler, Sampler, call_generate, check_rollout, prompt_seeds, push_weights
+from grpokit.runtime import machine
+from grpokit.runtime.checkpoint import RunDirectory
+from grpokit.runtime.distributed import Cluster
+from grpokit.stages import update
+from grpokit.stages.arguments import python_arguments
+from grpokit.stages.loop import LoopSettings, StepReport, run_stage
+from grpokit.stages.setup import RunSetup, grpo_policy, grpo_rewards, run_sampler, sampling_params, step_sizes
+
+
+class GRPOTrainer:
+    """The GRPO loop over a `Policy` (model, reference, optimizer) and a `Sampler` (rollouts)."""
+
+    name = "GRPO"  # on the progress bar and the plot
+    config_class: type = GRPOConfig  # the config it runs (a subclass's trainer runs the subclass's)
+
+    def __init__(
+        self,
+        config: GRPOConfig,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        reward_funcs: RewardFn | list[RewardFn | tuple[str, RewardFn] | str] | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        sampler: Sampler | None = None,
+    ):
+        """`config` is a GRPOConfig (or its YAML file's path, or a dict of its fields). `model` (a path, a hub id or a
+        model object), `tokenizer`, `reward_funcs` (a function, a list of them, (name, fn) pairs or names),
+        `train_dataset` / `eval_dataset` (a `datasets.Dataset`, a list of dicts or a path) and `sampler` replace what
+        the config would load or build; their types are checked first (`python_arguments`). The config saved with
+        the run records what ran (the model's name, the reward functions)."""
+        args = python_arguments(
+            type(self).__name__, self.config_class, config, model=model, tokenizer=tokenizer, reward_funcs=reward_funcs,
+            sampler=sampler, datasets={"train_dataset": train_dataset, "eval_dataset": eval_dataset},
+        )  # fmt: skip
+        model, reward_funcs = args.model, args.reward_funcs
+        train_dataset, eval_dataset = args.rows["train_dataset"], args.rows["eval_dataset"]
+        self.cluster = Cluster.from_env(args.config.distributed, prompts_per_step=args.config.prompts_per_step)
+        setup = RunSetup(args.config, self.cluster)  # seeded, threads pinned (1 rank: no torchrun)
+        self.cfg = cfg = setup.cfg
+        self.device, dtype = setup.device, setup.dtype
+        self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
+        # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
+        self.train_rows, self.eval_rows = grpo_rows(
+            self.task, train_dataset, eval_dataset, train_data=cfg.train_data, eval_data=cfg.eval_data, seed=cfg.seed,
+            num_train_prompts=cfg.num_train_prompts, num_eval_prompts=cfg.num_eval_prompts,
+            prompt_column=cfg.prompt_column,
+        )  # fmt: skip
+        source = cfg.eval_data is not None or eval_dataset is not None or self.task is not None  # (cut to 0?)
+        require_heldout_rows(cfg.eval_every, self.eval_rows, cfg.num_eval_prompts if source else None)
+        self.rewards = grpo_rewards(cfg, self.task, reward_funcs, self.train_rows, self.eval_rows)  # (recorded in cfg)
+        self.run_dir, self.tokenizer = setup.open(
+            model=model, tokenizer=tokenizer, train_data=self.train_rows, eval_data=self.eval_rows
+        )
+        # what grpokit will change in the prompts, said once (InputWarning), before the model loads
+        self.input_warnings, longest_prompt = scan_all_prompts(
+            self.tokenizer, self.train_rows, self.eval_rows, prompt_column=cfg.prompt_column,
+            max_prompt_length=cfg.max_prompt_length, prompts_per_step=cfg.prompts_per_step,
+        )  # fmt: skip
+        machine.check_grpo_memory(
+            model if model is not None else cfg.model, step_sizes(cfg), longest_prompt, self.device, dtype,
+            world_size=self.cluster.world_size, num_eval_rows=len(self.eval_rows),
+            in_process_sampler=sampler is None or isinstance(sampler, KVCacheSampler),
+        )  # fmt: skip
+        model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
+        modeling.check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=self.tokenizer)
+
+        self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
+        self.minibatch_size = cfg.minibatch_size or self.generation_size
+        optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
+        # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
+        policy = self.policy = grpo_policy(
+            model, cfg, total_steps=optimizer_steps, device=self.device, dtype=dtype, cluster=self.cluster
+        )
+        self.vocab_size = policy.model.get_input_embeddings().num_embeddings  # a sampled id must have an embedding
+        self.sampler = run_sampler(self.tokenizer, dtype, policy.sampler_weights(), sampler)
+        self.sampling = sampling_params(cfg)
+        self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_seeds`)
+        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.prompt_order = ShuffledEpochs(len(self.train_rows), cfg.seed)
+        self.monitor = SignalMonitor(long_window=cfg.monitor_window)
+        self.eval_history: list[dict[str, float]] = []
+        self.log: RunLog | None = None
+        self.last_metrics: dict[str, float] = {}  # the last step's figures
+
+    # ---------------------------------------------------------------- one step
+    def step(self, rows: list[dict[str, Any]] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """rollout -> score -> advantages -> (reference, old logprobs) -> mu passes of updates, on `rows`
+        (default: the next `prompts_per_step` rows of the seeded prompt order)."""
+        b = self.sample(rows)
+        ref_logp = self.policy.reference_logprobs(b.rollout)  # (n, Tc) or None
+        reuses_samples = self.cfg.num_iterations > 1 or self.minibatch_size < self.generation_size
+        old_logp = self.policy.logprobs(b.rollout) if reuses_samples else None
+        b.clock.append(time.perf_counter())
+        stats = self._update(b.rollout, b.mask, b.step_mask, b.first_row, b.advantages, old_logp, ref_logp)
+        push_weights(self.sampler, self.policy.sampler_weights())
+        b.clock.append(time.perf_counter())
+        return self.figures(b, stats)
+
+    def sample(self, rows: list[dict[str, Any]] | None = None) -> StepBatch:
+        """This rank's share of the step's prompts (`rows`, default the next of the seeded order) sampled, and the
+        whole step scored, its group advantages computed (`RewardSet.score_step`)."""
+        cfg, G, cluster = self.cfg, self.cfg.num_generations, self.cluster
+        if rows is None:
+            rows = [self.train_rows[i] for i in self.prompt_order.take(cfg.prompts_per_step)]
+        mine = cluster.share(len(rows))  # every rank walks the same order and samples its share of it
+        rows_here = range(mine.start * G, mine.stop * G)  # this rank's rows among the step's N
+        rows = [rows[i] for i in mine]
+        self.steps_taken += 1
+        t0 = time.perf_counter()
+        prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
+        seeds = prompt_seeds(cfg.seed, self.steps_taken, list(mine))
+        rollout = call_generate(self.sampler, prompts.ids, num_generations=G, params=self.sampling, seeds=seeds)
+        check_rollout(rollout, self.sampler, rows=len(rows) * G, vocab_size=self.vocab_size, prompts=prompts.ids)
+        if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
+            own = type(self.sampler) is KVCacheSampler  # (a subclass may change what it returns)
+            source = "the policy's" if own else f"`sampler` ({type(self.sampler).__name__})'s"
+            raise NumericsError(f"{source} logprobs in the rollout are NaN or inf: the weights it sampled with no "
+                                "longer give numbers")  # fmt: skip
+        t_rollout = time.perf_counter()
+        completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
+        inputs = reward_inputs(rows, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
+        # of the whole step: (N, K) NaN where None, (N,) x 3, (N, 1) or None; a reward training cannot use stops here
+        rewards, total, scorable, advantages, gold = self.rewards.score_step(
+            inputs, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation,
+            timeout=cfg.reward_timeout, gather=cluster.gather,
+        )  # fmt: skip
+        mask = rollout.trained_mask.float()  # (n, Tc): the tokens in the loss
+        if cfg.mask_truncated_completions:
+            mask = mask * (~rollout.truncated).float().unsqueeze(-1).to(mask.device)
+        step_mask = cluster.gather(torch.nn.functional.pad(mask, (0, cfg.max_completion_length - mask.shape[1])))
+        mine_adv = advantages[rows_here.start : rows_here.stop].to(self.device)
+        return StepBatch(
+            rollout, prompts, completions, rewards, total, scorable, gold, mine_adv, advantages, mask, step_mask,
+            rows_here.start, [t0, t_rollout, time.perf_counter()],
+        )  # fmt: skip
+
+    def figures(self, batch: StepBatch, stats: dict[str, float]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The whole step's metrics (on every rank; times of the slowest) with the update's `stats`; samples to log."""
+        cluster, rollout, G = self.cluster, batch.rollout, self.cfg.num_generations
+        lengths = cluster.gather(rollout.trained_mask.sum(-1))  # (N,) the tokens the model wrote and trains on
+        truncated = cluster.gather(rollout.truncated.long()).bool()  # (N,)
+        completions, seen = cluster.gather_objects(batch.completions), cluster.gather_objects(batch.prompts.seen)
+        t0, t_rollout, t_reward, t_ref, t_update = batch.clock
+        span = [t_rollout - t0, t_reward - t_rollout, t_ref - t_reward, t_update - t_ref, t_update - t0]
+        times = list(cluster.max(dict(enumerate(span))).values())
+        metrics = {
+            **self.rewards.step_figures(batch.rewards, batch.total, batch.scorable, batch.gold, group_size=G),
+            "diversity": group_diversity(completions, G),
+            "completions/mean_length": lengths.float().mean().item(),
+            "completions/clipped_ratio": truncated.float().mean().item(),
+            "completions/clipped_count": float(truncated.sum()),
+            "prompts_truncated": cluster.sum({"cut": float(batch.prompts.cut)})["cut"],
+            **stats,
+            **dict(zip(("time/rollout", "time/reward", "time/reference", "time/update", "time/step"), times)),
+            "tokens_per_s": float(lengths.sum()) / times[-1],
+        }
+        seen_n = [p for p in seen for _ in range(G)]  # the prompt as the model saw it (cut ones cut)
+        rows = zip(seen_n, completions, batch.total.tolist(), batch.scorable.tolist(), batch.step_advantages.tolist())
+        samples = [
+            {"prompt": p, "completion": c, "reward": r if ok else None, "advantage": a} for p, c, r, ok, a in rows
+        ]
+        return metrics, samples[:: max(1, G // 2)]
+
+    def _update(self, rollout: Rollout, mask, step_mask, first_row, advantages, old_logp, ref_logp) -> dict[str, float]:
+        """The step's update (`update.run_update`) and its figures, summed over the ranks."""
+        cfg, lr = self.cfg, self.policy.lr  # (the step's first rate)
+        added = update.FIGURES  # what the micro-batches add up, summed over the ranks too
+        sums = dict.fromkeys((*added, "grad_norm", "sampler_logp_diff"), 0.0)
+        n_opt_steps = update.run_update(
+            self.policy, rollout, mask=mask, step_mask=step_mask, first_row=first_row, advantages=advantages,
+            old_logp=old_logp, ref_logp=ref_logp, loss_type=cfg.loss_type, surrogate=cfg.surrogate(), beta=cfg.beta,
+            num_iterations=cfg.num_iterations, minibatch_size=self.minibatch_size,
+            max_completion_length=cfg.max_completion_length, shuffle=self.shuffle_generator, sums=sums,
+        )  # fmt: skip
+        if old_logp is not None:
+            sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)
+        # over the ranks: sums and counts added, the gap's maximum (grad_norm is already of the summed gradients)
+        sums.update(self.cluster.sum({k: sums[k] for k in added}))
+        sums.update(self.cluster.max({"sampler_logp_diff": sums["sampler_logp_diff"]}))
+        stats = update.policy_figures(sums, n_opt_steps, with_kl=ref_logp is not None)
+        return {**stats, "learning_rate": lr}
+
+    # ---------------------------------------------------------------- the run
+    def evaluate(self, step: int, *, log: bool = False) -> dict[str, float]:
+        """Held-out accuracy (the task's gold checker, or exact match on `answer`) and every reward's mean, greedy
+        and sampled (`heldout_eval`); kept in the eval history at `step`, and logged as a row of its own when `log`."""
+        cfg, check = self.cfg, self.task.is_correct if self.task is not None else exact_match
+        settings = HeldoutSettings(
+            temperature=cfg.eval_temperature, max_new_tokens=cfg.max_completion_length, seed=cfg.seed,
+            prompt_column=cfg.prompt_column, max_prompt_length=cfg.max_prompt_length, reward_timeout=cfg.reward_timeout,
+        )  # fmt: skip
+        result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, settings, check, self.rewards)
+        if result:
+            self.eval_history.append({"step": step, **result})
+            if log and self.log is not None:
+                self.log.log(step, result)
+        return result
+
+    def train(self) -> TrainResult:
+        """The run (`run_loop.run_stage`): resumes or starts it (`resume_from_checkpoint`), checkpoints every
+        `save_every` steps and after the last, and on SIGINT / SIGTERM finishes the step, checkpoints and raises
+        TrainingInterrupted."""
+        cfg, out, main = self.cfg, self.run_dir.path, self.cluster.is_main  # rank 0 alone writes
+        record = dataclasses.asdict(cfg)
+        settings = LoopSettings(self.name, cfg.max_steps, cfg.save_every, cfg.progress, tensorboard=cfg.tensorboard,
+                                record=record, wandb_project=cfg.wandb_project if cfg.wandb else None)  # fmt: skip
+        model_dir = run_stage(self, self.run_dir, settings, self.cluster)
+        logged = read_metrics(out / "metrics.jsonl") if main else []
+        plot = plot_curves(logged, out / "curves.png", title=self.name) if main else None
+        losses = [row["loss"] for row in logged if row.get("loss") is not None]
+        m, warned, mean_loss = self.monitor, [*self.input_warnings, *self.monitor.warnings], float("nan")
+        if losses:
+            mean_loss = sum(losses) / len(losses)
+        return TrainResult(out, model_dir, plot, self.last_metrics, self.eval_history, warned, m.summary(),
+                           dict(m.fired), cfg.max_steps, mean_loss)  # fmt: skip
+
+    # ---------------------------------------------------------------- the run loop's hooks (`run_loop.Stage`)
+    def begin(self, log: RunLog | None, start: int) -> None:
+        self.log = log
+        if start == 0:
+            self.evaluate(0, log=True)
+
+    def train_step(self, step: int) -> StepReport:
+        """`step`, the reference sync, a held-out evaluation when due, the monitors' warnings."""
+        cfg = self.cfg
+        metrics, samples = self.step()
+        if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
+            self.policy.sync_reference(cfg.ref_sync_alpha)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            metrics.update(self.evaluate(step))
+        warnings = self.monitor.update(step, metrics, group_size=cfg.num_generations)  # (its figures go in the row)
+        self.last_metrics = metrics
+        due = cfg.log_completions_every and (step % cfg.log_completions_every == 0 or step == 1)
+        postfix = {"reward": f"{metrics['reward']:.3f}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+        return StepReport(metrics, postfix, warnings, samples if due else None)
+
+    def finish(self, log: RunLog | None) -> None:
+        self.evaluate(self.cfg.max_steps, log=True)
+
+    def save(self, folder: Path) -> Path:
+        """What goes beside the model first (a run folder with model/ holds all the run wrote), then the model."""
+        self.save_beside_model(folder)
+        return save_trained(self.policy, folder / "model", self.tokenizer, lora_form=self.cfg.lora.save, overwrite=True)
+
+    def save_beside_model(self, out: Path) -> None:
+        """What a stage saves beside the final model, inside the run folder's guard (a refused write says what was
+        kept); GRPO saves nothing more."""
+
+    def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
+        """checkpoint-STEP: the policy's weights (or the adapter), optimizer, schedule, every RNG, `stage_state`."""
+        shuffle = self.shuffle_generator
+        return write_checkpoint(self.policy, run, step, self.tokenizer, self.stage_state(), shuffle=shuffle)
+
+    def stage_state(self) -> dict[str, Any]:
+        """The rest of a checkpoint: the prompt order and its position, the monitors, the evaluations so far."""
+        return {"prompt_order": self.prompt_order.state_dict(), "monitor": self.monitor.state_dict(),
+                "eval_history": self.eval_history}  # fmt: skip
+
+    def resume(self, checkpoint: Path) -> int:
+        return self._resume(checkpoint)["step"]
+
+    def _resume(self, folder: Path) -> dict[str, Any]:
+        state = resume(self.policy, folder, shuffle=self.shuffle_generator)
+        self.prompt_order.load_state_dict(state["prompt_order"])
+        self.monitor.load_state_dict(state["monitor"])
+        self.eval_history = list(state["eval_history"])
+        self.steps_taken = state["step"]
+        return state

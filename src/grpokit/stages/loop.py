@@ -1,0 +1,116 @@
+"""The training run every stage shares: resume or start, take the steps, log them, checkpoint, stop on a signal,
+save the model.
+
+SFT, reward-model, GRPO and PPO training differ in what one step does and in what a checkpoint holds beside the
+policy; everything around that is here, once: the checkpoint found under the run folder's lock (rank 0's, told to
+every rank), later checkpoints discarded only after the resumed one loaded, metrics.jsonl / TensorBoard opened where
+the checkpoint left them, the progress bar, the folder checked to still be the run's before each row is written, a
+signal on any rank finishing the step and checkpointing on all of them, and a step that cannot train (NaN, a
+sampler that fails) stopping the run with the step, the learning rate and the checkpoint left to resume from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from grpokit.core.types import SamplerError
+from grpokit.model.policy import NumericsError, Policy
+from grpokit.report.runlog import RunLog, progress
+from grpokit.runtime.checkpoint import RunDirectory, numerics_stop
+from grpokit.runtime.distributed import Cluster
+
+
+@dataclass
+class StepReport:
+    """What one step gives the loop to show and keep."""
+
+    metrics: dict[str, float] | None = None  # the row metrics.jsonl gets for this step; None: no row this step
+    postfix: dict[str, str] = field(default_factory=dict)  # figures beside the progress bar (kept until replaced)
+    warnings: list[str] = field(default_factory=list)  # printed above the bar, one line each
+    completions: list[dict[str, Any]] | None = None  # rows for completions.jsonl; None: none this step
+
+
+class Stage(Protocol):
+    """A training stage as the run loop drives it."""
+
+    policy: Policy  # the trained model (its learning rate goes into the message of a step that cannot train)
+
+    def resume(self, checkpoint: Path) -> int:
+        """Restore everything from `checkpoint` (written by `write_checkpoint`); return the step it was taken at."""
+
+    def begin(self, log: RunLog | None, start: int) -> None:
+        """Before the first step (`start` 0 for a fresh run): e.g. GRPO evaluates the starting model."""
+
+    def train_step(self, step: int) -> StepReport:
+        """One step: data, forward, backward, optimizer step; its figures."""
+
+    def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
+        """checkpoint-STEP, whole (`saving.write_checkpoint` with the stage's own state)."""
+
+    def finish(self, log: RunLog | None) -> None:
+        """After the last step, before the model is saved: held-out figures, logged at the last step."""
+
+    def save(self, folder: Path) -> Path:
+        """The trained model (and what goes beside it) into the run folder; returns the model's folder."""
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How a stage's run is driven (from its config, by the stage)."""
+
+    name: str  # on the progress bar
+    max_steps: int
+    save_every: int  # checkpoint every this many steps (0: after the last step only)
+    show_progress: bool = True
+    tensorboard: bool = False
+    record: dict[str, Any] | None = None  # the resolved config, written to config.yaml by a fresh run
+    wandb_project: str | None = None  # mirror the metrics to this W&B project; None: no W&B
+
+
+def run_stage(stage: Stage, run_dir: RunDirectory, settings: LoopSettings, cluster: Cluster | None = None) -> Path:
+    """Drives `stage` from its checkpoint (or step 0) to `settings.max_steps` inside `run_dir` (its lock, its
+    signal handlers, its whole-or-absent checkpoints); returns the saved model's folder. Rank 0 alone writes;
+    every rank takes every step."""
+    cluster = cluster or Cluster()
+    main = cluster.is_main
+    with run_dir as run:
+        run.checkpoint = cluster.broadcast(run.checkpoint)  # what rank 0 found, under its lock
+        start = stage.resume(run.checkpoint) if run.checkpoint is not None else 0
+        run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
+        log = None
+        if main:
+            log = RunLog(run.path, tensorboard=settings.tensorboard, record=settings.record,
+                         wandb_project=settings.wandb_project, resume_step=start or None)  # fmt: skip
+        step, bar = start, None
+        try:
+            stage.begin(log, start)  # (before the numerics guard below: no step was taken yet)
+            bar = progress(range(start + 1, settings.max_steps + 1), settings.name.lower(), initial=start,
+                           total=settings.max_steps, enabled=settings.show_progress and main)  # fmt: skip
+            try:
+                for step in bar:
+                    report = stage.train_step(step)
+                    if main:
+                        run.check_still_ours()  # before its files are written: deleted, or another run's now
+                        for warning in report.warnings:
+                            bar.write(f"WARNING {warning}")
+                        if report.metrics is not None:
+                            log.log(step, report.metrics)
+                        if report.completions is not None:
+                            log.log_completions(step, report.completions)
+                    if report.postfix:
+                        bar.set_postfix(**report.postfix)
+                    run.stop_signal = int(cluster.max({"s": run.stop_signal or 0})["s"]) or None  # one rank: all
+                    if run.checkpoint_due(step, settings.max_steps, settings.save_every):
+                        run.check_stop(step, stage.write_checkpoint(run, step))
+                stage.finish(log)
+            except (NumericsError, SamplerError) as err:  # say where the run stopped and what is left to resume
+                where = f"step {step} (learning rate {stage.policy.lr:g})"
+                raise type(err)(numerics_stop(run.path, where, err)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        return stage.save(run.path)

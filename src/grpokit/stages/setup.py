@@ -1,0 +1,243 @@
+"""The run set-up every training stage shares (SFT, reward-model, GRPO and PPO training) up to its loop, and what a
+stage's config gives the layers below it.
+
+`RunSetup(cfg, cluster)` seeds Python's and torch's RNGs, pins torch's CPU threads (the count recorded on a copy of
+the config: the caller's config stays as it was) and resolves the device and compute dtype. The stage then reads and
+checks its own data (and GRPO its rewards), and `RunSetup.open` checks the output folder against what the run reads
+(`RunDirectory.plan`), then the model's source, and stages the tokenizer: all before any model loads, so that a
+typo costs a second, not a load.
+
+Below the stages a function takes the values it reads, not a config; the functions here take them from one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpokit.config import GRPOConfig, RunConfig
+from grpokit.model.loading import check_model_source, resolve_device, resolve_dtype, stage_tokenizer
+from grpokit.model.optim import OptimizerSettings
+from grpokit.model.policy import Policy
+from grpokit.rewards.functions import RewardSet, build_reward_funcs, reward_set
+from grpokit.rollout.sampler import KVCacheSampler, PolicyWeights, Sampler, SamplingParams, push_weights
+from grpokit.runtime.checkpoint import (
+    RunDirectory,
+    RunSettings,
+    fingerprint_rows,
+    fingerprint_source,
+    fingerprint_tokenizer,
+    seed_everything,
+)
+from grpokit.runtime.distributed import Cluster
+from grpokit.runtime.machine import StepSizes, pin_threads
+
+
+class RunSetup:
+    """What every training stage does before its loop, in two parts around the stage's own data checks (the order
+    of the checks is the order of the errors a user meets)."""
+
+    def __init__(self, cfg: RunConfig, cluster: Cluster | None = None):
+        """Seeds, pins threads and resolves `device` (this rank's under a torchrun launch, `cluster`) and `dtype`;
+        `self.cfg` is the stage's config from here on."""
+        seed_everything(cfg.seed)
+        # the numbers depend on the thread count: recorded in config.yaml (on a copy: the caller's config stays)
+        self.cfg = dataclasses.replace(cfg, num_threads=pin_threads(cfg.num_threads))
+        self.cluster = cluster or Cluster()
+        self.device = self.cluster.device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+
+    def open(
+        self, *, model: Any, tokenizer: Any, model_kind: str = "causal_lm", **rows: Any
+    ) -> tuple[RunDirectory, Any]:
+        """-> (the run's folder, checked and planned; the stage's tokenizer). `model` / `tokenizer`: the objects
+        handed in, or None (the config's `model` names them: its source is checked as a `model_kind` folder);
+        `rows`: the data the run reads (train_data=..., eval_data=...), which its checkpoints record."""
+        cfg, main = self.cfg, self.cluster.is_main
+        # what the run reads, which its checkpoints record and a resume must find again (rank 0 checks and writes)
+        inputs = run_inputs(cfg, model=model, tokenizer=tokenizer, **rows) if main else None
+        run_dir = run_directory(cfg, writer=main, inputs=inputs)
+        run_dir.plan()
+        if model is None:
+            check_model_source(cfg.model, tokenizer=tokenizer is None, kind=model_kind)
+        return run_dir, stage_tokenizer(tokenizer, cfg.model)
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def run_inputs(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None, **rows: Any) -> dict[str, Any]:
+    """Fingerprints of everything a stage reads besides its config, for the checkpoint's record: each of `rows`
+    (train_data=[...], eval_data=[...]), the model (`model`, a model object, else the config's `model`: with
+    beta > 0 also the reference), a `tokenizer` object handed in, and every other model folder the config names
+    (`critic_model`, reward models in `reward_funcs` and `gold_reward`). One function for every stage, so all of
+    them check the same things."""
+    inputs: dict[str, Any] = {name: fingerprint_rows(value) for name, value in rows.items() if value is not None}
+    inputs["model"] = fingerprint_source(model if model is not None else getattr(cfg, "model", None))
+    if tokenizer is not None:
+        inputs["tokenizer"] = fingerprint_tokenizer(tokenizer)
+    if getattr(cfg, "critic_model", None):
+        inputs["critic_model"] = fingerprint_source(cfg.critic_model)
+    named = [*(getattr(cfg, "reward_funcs", None) or []), getattr(cfg, "gold_reward", None)]
+    folders = [name for name in named if isinstance(name, str) and Path(name).is_dir()]
+    if folders:
+        inputs["reward_models"] = {name: fingerprint_source(name) for name in folders}
+    return inputs
+
+
+def plain_config(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as JSON values (nested sections as dicts, tuples as lists), as the record keeps it."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def input_paths(cfg: Any) -> tuple[tuple[str, str], ...]:
+    """(field, text) of every text a config field holds (a list field's entries too), but where the run writes
+    (`output_dir`) and what it resumes (`resume_from_checkpoint`): the candidates for the inputs it names."""
+    found = []
+    for f in dataclasses.fields(cfg):
+        if f.name in ("output_dir", "resume_from_checkpoint"):
+            continue
+        value = getattr(cfg, f.name)
+        found += [(f.name, item) for item in (value if isinstance(value, (list, tuple)) else [value])]
+    return tuple((name, item) for name, item in found if isinstance(item, str) and item)
+
+
+def run_directory(cfg: RunConfig, *, writer: bool = True, inputs: dict[str, Any] | None = None) -> RunDirectory:
+    """The run directory of a stage config (output_dir, resume_from_checkpoint, overwrite_output_dir, ...);
+    `inputs`: the stage's `run_inputs`, recorded in its checkpoints and checked on resume."""
+    stage = type(cfg).__name__
+    settings = RunSettings(
+        stage=stage,
+        resolved_config=plain_config(cfg),
+        max_steps=cfg.max_steps,
+        logs_every_step=stage in ("GRPOConfig", "PPOConfig"),
+        input_paths=input_paths(cfg),
+    )
+    return RunDirectory(
+        cfg.output_dir,
+        settings=settings,
+        resume_from=cfg.resume_from_checkpoint,
+        overwrite=cfg.overwrite_output_dir,
+        keep=cfg.save_total_limit,
+        writer=writer,
+        inputs=inputs,
+    )
+
+
+# ---------------------------------------------------------------- the policy and the sampler
+
+
+def optimizer_settings(cfg: RunConfig, *, learning_rate: float | None = None) -> OptimizerSettings:
+    """The config's AdamW, schedule and gradient clip; `learning_rate` replaces its peak rate (PPO's critic)."""
+    return OptimizerSettings(
+        learning_rate=cfg.learning_rate if learning_rate is None else learning_rate,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_schedule=cfg.lr_schedule,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+
+
+def stage_policy(
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    *,
+    total_steps: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    learning_rate: float | None = None,
+    **options: Any,
+) -> Policy:
+    """A `Policy` training `model` as the config says: its optimizer (`optimizer_settings`), logprob chunks and
+    gradient checkpointing; `options`: the rest of `Policy`'s (LoRA, a reference, the forward's layout, ...)."""
+    return Policy(
+        model,
+        optimizer_settings(cfg, learning_rate=learning_rate),
+        total_steps=total_steps,
+        device=device,
+        compute_dtype=dtype,
+        logprob_chunk_size=cfg.logprob_chunk_size,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        **options,
+    )
+
+
+def grpo_policy(
+    model: torch.nn.Module, cfg: GRPOConfig, *, total_steps: int, device: torch.device, dtype: torch.dtype, cluster
+) -> Policy:
+    """The policy of a GRPO (or PPO) run: LoRA, a reference when beta > 0, the sampling temperature, the training
+    forward's layout and micro-batch bounds; `cluster` the ranks it trains on."""
+    return stage_policy(
+        model,
+        cfg,
+        total_steps=total_steps,
+        device=device,
+        dtype=dtype,
+        lora=cfg.lora,
+        reference=cfg.beta > 0,
+        temperature=cfg.temperature,
+        layout=cfg.training_forward,
+        max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
+        micro_batch_size=cfg.micro_batch_size,
+        cluster=cluster,
+    )
+
+
+def run_sampler(tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, sampler: Sampler | None = None) -> Sampler:
+    """The sampler a run draws its rollouts and its held-out evaluations from (and `grpokit eval` its figures):
+    `sampler` handed in, else the in-process `KVCacheSampler` under the compute `dtype`; given `weights`, the
+    policy's as they start."""
+    sampler = sampler or KVCacheSampler(tokenizer, compute_dtype=dtype)
+    push_weights(sampler, weights)
+    return sampler
+
+
+def sampling_params(cfg: GRPOConfig) -> SamplingParams:
+    """The rollout settings of a GRPO (or PPO) config."""
+    return SamplingParams(
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        stop_strings=tuple(cfg.stop_strings),
+    )
+
+
+def step_sizes(cfg: GRPOConfig) -> StepSizes:
+    """What a GRPO (or PPO) step's memory grows with (`machine.check_grpo_memory`)."""
+    return StepSizes(
+        prompts_per_step=cfg.prompts_per_step,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        minibatch_size=cfg.minibatch_size,
+        micro_batch_size=cfg.micro_batch_size,
+        max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+
+
+def grpo_rewards(
+    cfg: GRPOConfig, task: Any, reward_funcs: Any, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]
+) -> RewardSet:
+    """The run's weighted reward functions (`rewards.RewardSet`): those passed in (`reward_funcs`), else the config's
+    names built here, checked against the rows. Functions passed in are recorded into the config (saved with the
+    run) by their specs, so config.yaml says what ran."""
+    build = functools.partial(
+        build_reward_funcs, format_pattern=cfg.format_pattern, max_completion_length=cfg.max_completion_length,
+        overlong_buffer=cfg.overlong_buffer, task=task, device=str(resolve_device(cfg.device)),
+        reward_model_batch_size=cfg.reward_model_batch_size,
+    )  # fmt: skip
+    rewards = reward_set(
+        reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
+        prompt_column=cfg.prompt_column, train_rows=train_rows, eval_rows=eval_rows,
+    )  # fmt: skip
+    if reward_funcs is not None:
+        cfg.reward_funcs = rewards.specs()
+    return rewards

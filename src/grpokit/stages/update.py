@@ -1,0 +1,144 @@
+"""One update of a generation batch, the loop GRPO and PPO share (`run_update`): mu passes over the batch's rows in
+minibatches (one optimizer step each), micro-batched (one backward each), the policy-gradient pass of a micro-batch
+(`policy_pass`) and the update's figures (`policy_figures`). GRPO and PPO differ in their advantages (one per
+completion, or one per token from GAE) and in what else a micro-batch and an optimizer step train (PPO's critic,
+passed in as `on_micro_batch` / `on_optimizer_step`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from grpokit.core import algo
+from grpokit.model.policy import NumericsError, Policy
+
+FIGURES = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "tokens", "first_pass_tokens")
+"""What `policy_pass` adds to an update's sums (its counts and sums of token figures)."""
+
+
+def run_update(
+    policy: Policy,
+    rollout: Any,
+    *,
+    mask: torch.Tensor,
+    step_mask: torch.Tensor,
+    first_row: int,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    loss_type: str,
+    surrogate: dict[str, Any],
+    beta: float,
+    num_iterations: int,
+    minibatch_size: int,
+    max_completion_length: int,
+    shuffle: torch.Generator,
+    sums: dict[str, float],
+    on_micro_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    on_optimizer_step: Callable[[], None] | None = None,
+) -> int:
+    """mu = `num_iterations` passes; each splits the step's N rows (`step_mask` (N, T): every rank's loss mask) into
+    minibatches of `minibatch_size` (one optimizer step each; reshuffled with `shuffle` after the first pass, or from
+    the first when there are several), and this rank's rows of a minibatch (`mask` (n, T), its rows start at
+    `first_row` among the N) into the policy's micro-batches (one backward each). Every normalizer is counted over the
+    whole minibatch. `on_micro_batch(idx, m, minibatch)` runs after a micro-batch's policy pass (PPO's critic), and
+    `on_optimizer_step()` after the policy's optimizer step. Figures go to `sums`; -> the optimizer steps taken."""
+    N, n_here = step_mask.shape[0], rollout.num_sequences
+    n_opt_steps, generation_tokens = 0, int(step_mask.sum())
+    for iteration in range(num_iterations):
+        reshuffle = iteration > 0 or minibatch_size < N
+        order = torch.randperm(N, generator=shuffle) if reshuffle else torch.arange(N)
+        for mb_idx in order.split(minibatch_size):
+            normalizer = algo.step_normalizer(
+                loss_type,
+                step_mask[mb_idx],
+                generation_tokens=generation_tokens,
+                generation_sequences=N,
+                max_completion_length=max_completion_length,
+            )
+            here = mb_idx[(mb_idx >= first_row) & (mb_idx < first_row + n_here)] - first_row
+            for idx in policy.micro_batches(rollout, here):
+                m = policy_pass(
+                    policy, rollout, idx, mask, advantages, old_logp, ref_logp, loss_type=loss_type,
+                    surrogate=surrogate, normalizer=normalizer, beta=beta, first_pass=iteration == 0, sums=sums,
+                )  # fmt: skip
+                if on_micro_batch is not None:
+                    on_micro_batch(idx, m, here)
+            sums["grad_norm"] += policy.optimizer_step()
+            if on_optimizer_step is not None:
+                on_optimizer_step()
+            n_opt_steps += 1
+    return n_opt_steps
+
+
+def policy_pass(
+    policy: Policy,
+    rollout: Any,
+    idx: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    *,
+    loss_type: str,
+    surrogate: dict[str, Any],
+    normalizer: float,
+    beta: float,
+    first_pass: bool,
+    sums: dict[str, float],
+) -> torch.Tensor:
+    """Rows `idx`: the policy's forward, the clipped surrogate (`surrogate`: algo.per_token_loss's settings; + beta
+    KL), its share of the step loss (`loss_type`'s, `normalizer` counted over the whole optimizer step), the
+    backward; its figures added to `sums` (`FIGURES`, and with `old_logp` None, the one on-policy pass, the largest
+    trainer-sampler logprob gap). `advantages`: (N,) one per completion or (N, T) one per token; `mask` (N, T) the
+    tokens in the loss. -> the rows' mask (n, w)."""
+    logp, entropy = policy.forward(rollout, idx, with_entropy=first_pass)  # (n, w)
+    width = logp.shape[1]
+    m = mask[idx, :width]  # (n, w)
+    token_loss, tok_stats = algo.per_token_loss(
+        logp,
+        old_logp[idx, :width] if old_logp is not None else logp.detach(),
+        advantages[idx] if advantages.dim() == 1 else advantages[idx, :width],  # (n,) or (n, w)
+        m,
+        ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
+        beta=beta,
+        **surrogate,
+    )
+    loss = algo.aggregate_loss(token_loss, m, loss_type=loss_type, normalizer=normalizer)
+    if not math.isfinite(loss_value := loss.item()):
+        raise NumericsError(f"the loss is {loss_value}; the optimizer step was not applied")
+    policy.backward(loss)
+    n_tok = float(m.sum())
+    sums["loss"] += loss_value
+    sums["clip_ratio/low_mean"] += float((tok_stats["clipped_low"] * m).sum())
+    sums["clip_ratio/high_mean"] += float((tok_stats["clipped_high"] * m).sum())
+    sums["kl"] += float((tok_stats["kl"] * m).sum())
+    sums["tokens"] += n_tok
+    if first_pass:
+        sums["entropy"] += float((entropy * m).sum())
+        sums["first_pass_tokens"] += n_tok
+    if old_logp is None:  # one pass, one optimizer step: logp is still the sampling policy's
+        gap = algo.max_logp_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
+        sums["sampler_logp_diff"] = max(sums["sampler_logp_diff"], gap)
+    return m
+
+
+def policy_figures(sums: dict[str, float], n_opt_steps: int, *, with_kl: bool) -> dict[str, float]:
+    """An update's figures from its `sums` (over every rank): the mean loss and gradient norm of its optimizer
+    steps, token means of entropy (first pass), clipping and KL (`with_kl`: a reference exists), the logprob gap."""
+    tokens_seen, first_pass_tokens = max(sums["tokens"], 1.0), max(sums["first_pass_tokens"], 1.0)
+    stats = {
+        "loss": sums["loss"] / n_opt_steps,
+        "grad_norm": sums["grad_norm"] / n_opt_steps,
+        "entropy": sums["entropy"] / first_pass_tokens,
+        "clip_ratio/low_mean": sums["clip_ratio/low_mean"] / tokens_seen,
+        "clip_ratio/high_mean": sums["clip_ratio/high_mean"] / tokens_seen,
+        "sampler_logp_diff": sums["sampler_logp_diff"],
+    }
+    stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
+    if with_kl:
+        stats["kl"] = sums["kl"] / tokens_seen
+    return stats
