@@ -352,3 +352,22 @@ def test_overwrite_output_dir_beside_the_model_is_accepted_and_the_model_kept(tm
     rc, err = cli(capsys, "train", *train_args(inside, exp, "--overwrite-output-dir"))
     assert rc == 2 and "config field `model`" in err and f"in {inside.resolve()}" in err
     assert (inside / "config.json").is_file()
+
+
+def test_a_single_file_is_written_whole_or_not_at_all(tmp_path):
+    """`atomic_file` (the critic beside a PPO model, a trimmed metrics.jsonl, a model folder's provenance): an error
+    while writing leaves the old file and no temporary beside it; a finished write replaces the file in one rename."""
+    from grpokit.runtime.checkpoint import atomic_file
+
+    target = tmp_path / "critic.safetensors"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="mid-write"), atomic_file(target) as partial:
+        partial.write_text("half")
+        raise RuntimeError("stopped mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["critic.safetensors"]
+    with atomic_file(target) as partial:
+        assert partial.parent == tmp_path and partial.name != target.name
+        partial.write_text("new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["critic.safetensors"]

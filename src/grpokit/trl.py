@@ -44,6 +44,7 @@ from grpokit.runtime.checkpoint import (
     FinishedRunError,
     OutputExistsError,
     RunDirectoryError,
+    atomic_file,
     check_not_an_input,
     list_checkpoints,
     written_kind,
@@ -476,9 +477,8 @@ def _folder_run_id(run_folder: Path) -> str | None:
 def _mark_saved_from(folder: Path, run_folder: Path, run_id: str | None) -> None:
     record = json.loads((folder / PROVENANCE).read_text())
     record["saved_from"] = {"output_dir": str(run_folder.resolve()), "run_id": run_id}
-    tmp = folder / f".tmp-{PROVENANCE}"
-    tmp.write_text(json.dumps(record))
-    tmp.replace(folder / PROVENANCE)
+    with atomic_file(folder / PROVENANCE) as tmp:
+        tmp.write_text(json.dumps(record))
 
 
 def args_fields(args: Any) -> dict[str, Any]:

@@ -207,9 +207,10 @@ def _keep_rows(path: Path, keep: Any, *, say: bool = True) -> None:
             "the resumed run logs those steps again",
             stacklevel=3,
         )
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    from grpokit.runtime.checkpoint import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(kept))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:

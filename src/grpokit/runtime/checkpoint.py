@@ -363,6 +363,24 @@ def atomic_folder(
         _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary name beside `path` to write one file under; on success the file is synced and replaces
+    `path` in one rename, so `path` is always the whole old file or the whole new one. An error leaves `path` as it
+    was and no temporary behind; a write the disk refuses is a WriteError naming `path`."""
+    path = Path(os.path.abspath(path))
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with writing(path):
+            yield tmp
+            with open(tmp, "rb") as written:
+                os.fsync(written.fileno())
+            tmp.replace(path)
+            _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

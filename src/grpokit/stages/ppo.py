@@ -189,14 +189,12 @@ class PPOTrainer(GRPOTrainer):
         its critic, and a write the disk refuses leaves the run resumable from its last checkpoint."""
         from safetensors.torch import save_model
 
-        from grpokit.runtime.checkpoint import writing
+        from grpokit.runtime.checkpoint import atomic_file
 
         path = out / CRITIC_FILE
         self.critic.check_finite(f"so {path} was not written")
-        partial = path.with_name(f".tmp-{CRITIC_FILE}")
-        with writing(path):
+        with atomic_file(path) as partial:  # whole or absent
             save_model(self.critic.model, str(partial))
-            partial.replace(path)  # whole or absent
 
     def stage_state(self) -> dict[str, Any]:
         """GRPO's, plus the critic: its weights, AdamW and schedule."""
