@@ -457,7 +457,7 @@ def test_a_critic_argument_is_checked_before_any_work_naming_critic(tmp_path):
     cfg = _ppo_config(config(tmp_path / "tiny", tmp_path / "out", max_steps=1))
     hidden = lm.config.hidden_size
     critics = {
-        r"`critic` is an object; expected a grpokit\.critic\.ValueModel": object(),
+        r"`critic` is an object; expected a grpokit\.model\.critic\.ValueModel": object(),
         rf"`critic`'s head reads 7 features but its body \(Qwen2Model\) has hidden size {hidden}": ValueModel(
             lm.model, torch.nn.Linear(7, 1)
         ),
