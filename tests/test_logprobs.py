@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_lm
 
 from grpokit.core import algo, packing
-from grpokit.model import loading as modeling
+from grpokit.model import loading, logprobs
 
 PAD, EOS, BOS = 0, 1, 2
 TEMPERATURE = 0.8
@@ -56,7 +56,7 @@ def test_completion_logprobs_match_a_plain_forward(attn):
     """Index alignment: hidden state Tp-1+t must score completion token t."""
     model = tiny_llama(attn=attn)
     batch = make_batch(PROMPTS, COMPLETIONS, LENGTHS)
-    logp, entropy = modeling.completion_logprobs(model, *batch, temperature=TEMPERATURE, with_entropy=True)
+    logp, entropy = logprobs.completion_logprobs(model, *batch, temperature=TEMPERATURE, with_entropy=True)
     assert logp.dtype == torch.float32 and logp.shape == (3, 4)
     with torch.no_grad():
         for i, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
@@ -75,7 +75,7 @@ def loss_and_grads(model, batch, loss_type, tc):
     tc = width of the unpadded batch: the fixed offsets land on the same real positions either way.
     """
     model.zero_grad()
-    logp, _ = modeling.completion_logprobs(model, *batch, temperature=TEMPERATURE, chunk_size=3)
+    logp, _ = logprobs.completion_logprobs(model, *batch, temperature=TEMPERATURE, chunk_size=3)
     mask = batch[3]
     g = torch.Generator().manual_seed(7)
     shift = torch.zeros(logp.shape)
@@ -124,7 +124,7 @@ def test_pad_equal_to_eos_scores_the_eos_and_masks_what_follows():
     completions = [[9, 10, EOS, EOS, EOS], [11, EOS, EOS, EOS, EOS]]
     batch = make_batch(prompts, completions, [3, 2], fill=EOS)
     assert batch[0][1, 0] == EOS and batch[3].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
-    logp, _ = modeling.completion_logprobs(model, *batch, temperature=TEMPERATURE)
+    logp, _ = logprobs.completion_logprobs(model, *batch, temperature=TEMPERATURE)
     assert logp[0, 2] < 0 and logp[1, 1] < 0  # the EOS tokens are scored
     assert torch.equal(logp[0, 3:], torch.zeros(2)) and torch.equal(logp[1, 2:], torch.zeros(3))
 
@@ -143,25 +143,25 @@ def test_pad_equal_to_eos_scores_the_eos_and_masks_what_follows():
 
 
 def test_resolve_device_and_dtype():
-    assert modeling.resolve_device("cpu") == torch.device("cpu")
+    assert loading.resolve_device("cpu") == torch.device("cpu")
     expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert modeling.resolve_device("auto") == expected
-    assert modeling.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert modeling.resolve_dtype("auto", "cuda") == torch.bfloat16
-    assert modeling.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert loading.resolve_device("auto") == expected
+    assert loading.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert loading.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert loading.resolve_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="'float8'"):
-        modeling.resolve_dtype("float8", "cpu")
+        loading.resolve_dtype("float8", "cpu")
 
 
 def test_load_model_from_a_local_path(tmp_path):
     model = tiny_llama()
     model.save_pretrained(tmp_path / "m")
-    loaded = modeling.load_model(tmp_path / "m", torch.device("cpu"), torch.float32)
+    loaded = loading.load_model(tmp_path / "m", torch.device("cpu"), torch.float32)
     ids = torch.tensor([[BOS, 5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):
-        modeling.load_model(missing, "cpu", torch.float32)
+        loading.load_model(missing, "cpu", torch.float32)
     with pytest.raises(FileNotFoundError, match="nope"):
-        modeling.load_tokenizer(missing)
+        loading.load_tokenizer(missing)

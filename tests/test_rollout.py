@@ -496,11 +496,11 @@ def test_single_query_attention_equals_sdpa_with_grouped_heads(mask):
 def test_decode_steps_take_the_matrix_product_attention_and_score_as_the_full_forward(llama, monkeypatch):
     """A masked rollout (prompts of unequal length) goes through grpokit's single-query attention, and its
     sampling logprobs equal a full padded forward's over the same rows (which attends through sdpa)."""
-    import grpokit.model.loading as modeling
+    import grpokit.model.attention as attention
 
     calls = []
-    real = modeling.single_query_attention
-    monkeypatch.setattr(modeling, "single_query_attention", lambda *a: calls.append(1) or real(*a))
+    real = attention.single_query_attention
+    monkeypatch.setattr(attention, "single_query_attention", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(3)
     rollout = generate(
         llama,

@@ -13,7 +13,7 @@ token sits. All three give the same log-probs (up to float rounding); they diffe
   that one prompt pass.
 
 The two packed layouts come with `Segments`: which keys each query may see. Their attention runs as one
-batched call over short padded runs (modeling.segment_attention), so it costs what each row needs, a
+batched call over short padded runs (model.attention.segment_attention), so it costs what each row needs, a
 completion's own tokens and its prompt, never the (L, L) square of the whole sequence: on CPU the square
 with a mask was ~20% of the training forward.
 

@@ -28,8 +28,7 @@ from grpokit.core import algo
 from grpokit.core.types import Rollout, StepBatch, TrainResult
 from grpokit.data.rows import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.data.tasks import get_task
-from grpokit.model import loading as modeling
-from grpokit.model.loading import load_model
+from grpokit.model.loading import check_context_length, load_model
 from grpokit.model.policy import NumericsError
 from grpokit.model.saving import resume, save_trained, write_checkpoint
 from grpokit.report.monitor import SignalMonitor, group_diversity
@@ -102,7 +101,7 @@ class GRPOTrainer:
             in_process_sampler=sampler is None or isinstance(sampler, KVCacheSampler),
         )  # fmt: skip
         model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
-        modeling.check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=self.tokenizer)
+        check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=self.tokenizer)
 
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
         self.minibatch_size = cfg.minibatch_size or self.generation_size
