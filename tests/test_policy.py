@@ -141,3 +141,28 @@ def test_optimizer_step_clips_and_reports_the_trainable_gradients_only(tmp_path)
     assert clipped_norm == pytest.approx(cfg.max_grad_norm, rel=1e-5)  # scaled by max_norm / trainable norm
     assert torch.equal(frozen, frozen_before)
     assert all(not torch.equal(p, b) for p, b in zip(trainable, before))  # the step did happen
+
+
+def test_checkpointing_is_switched_on_by_the_name_transformers_keeps(tmp_path):
+    """`gradient_checkpointing: true` checkpoints the decoder layers without transformers' deprecation warning for
+    the old method name (which would print on every run), for a policy and for a critic's body alike."""
+    import warnings
+
+    from grpokit.model.critic import ValueModel
+
+    tokenizer = build_char_tokenizer()
+    cfg = sft_config(tmp_path / "unused", gradient_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        policy = stage_policy(
+            tiny_model(tokenizer, "llama", hidden_size=32, seed=0),
+            cfg,
+            total_steps=1,
+            device="cpu",
+            dtype=torch.float32,
+        )
+        critic = ValueModel(tiny_model(tokenizer, "llama", hidden_size=32, seed=0).get_decoder())
+        critic.activation_checkpointing_enable()
+    for model in (policy.model, critic):
+        layers = list(model.get_decoder().layers)
+        assert layers and all(layer.gradient_checkpointing for layer in layers)

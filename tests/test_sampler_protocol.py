@@ -225,3 +225,20 @@ def test_a_sampler_whose_update_weights_fails_is_named(model, tmp_path):
     trainer = GRPOTrainer(config(model, tmp_path / "run", max_steps=2), sampler=FailingEngine(RecordingSampler()))
     with pytest.raises(SamplerError, match=r"`sampler` \(FailingEngine\)\.update_weights raised RuntimeError: engine"):
         trainer.train()
+
+
+def test_a_sampler_that_fails_in_evaluation_is_named_as_in_training():
+    """Held-out evaluation calls the sampler as a training step does: what its `generate` raises (an engine that
+    died, a division by a greedy temperature of 0) comes out as a SamplerError naming the sampler, not as the
+    engine's own traceback."""
+    from grpokit.core.types import SamplerError
+
+    class Failing:
+        def update_weights(self, weights):
+            pass
+
+        def generate(self, prompt_ids, *, num_generations, params, seeds):
+            raise ZeroDivisionError("float division by zero")
+
+    with pytest.raises(SamplerError, match=r"`sampler` \(Failing\)\.generate raised ZeroDivisionError"):
+        completions_for(Failing(), build_char_tokenizer(), ["1+1="], temperature=0.0, max_new_tokens=4, seed=0)

@@ -28,8 +28,9 @@ USAGE = """usage: grpokit COMMAND [CONFIG.yaml] [--field value ...]   (COMMAND: 
 `grpokit COMMAND --help` lists every field of that command's config."""
 
 
-def parse_config(cls: type, args: list[str], prog: str) -> Any:
-    """YAML file (optional, first argument) -> dataclass defaults -> command-line overrides via tyro."""
+def parse_config(cls: type, args: list[str], prog: str, description: str | None = None) -> Any:
+    """YAML file (optional, first argument) -> dataclass defaults -> command-line overrides via tyro. `description`
+    (default: the config class's docstring) heads the command's --help."""
     import tyro
 
     from grpokit.config import _check_types, check_override_names, load_yaml
@@ -40,7 +41,7 @@ def parse_config(cls: type, args: list[str], prog: str) -> Any:
         _check_types(default)  # before tyro, which would otherwise trip over a bad YAML value
         args = args[1:]
     check_override_names(cls, args)
-    return tyro.cli(cls, default=default, args=args, prog=prog, description=cls.__doc__)
+    return tyro.cli(cls, default=default, args=args, prog=prog, description=description or cls.__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +202,14 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
     return 0
 
 
+COMPARE_HELP = """`grpokit compare`: GRPO and PPO on the same workload, each in a process of its own, from one GRPO
+config (PPO runs with the same fields and its own defaults for the rest). Writes OUTPUT_DIR/grpo and OUTPUT_DIR/ppo
+(each a run folder), OUTPUT_DIR/comparison.json (both methods' figures, the machine, the commit, the date) and
+comparison.png (held-out accuracy against samples seen and wall time, the memory breakdown), and prints the table:
+peak memory with its breakdown, time per step and held-out accuracy side by side. The fields below are
+GRPOConfig's."""
+
+
 def _compare(args: list[str]) -> int:
     from pathlib import Path
 
@@ -214,7 +223,9 @@ def _compare(args: list[str]) -> int:
             return 2
         return _compare_worker(*args[1:])
     try:
-        cfg = parse_config(GRPOConfig, args, "grpokit compare [GRPO-CONFIG.yaml]  (PPO runs with the same fields)")
+        cfg = parse_config(
+            GRPOConfig, args, "grpokit compare [GRPO-CONFIG.yaml]  (PPO runs with the same fields)", COMPARE_HELP
+        )
     except ConfigError as err:
         raise ConfigError(f"{err}{_ppo_only_hint(str(err))}") from None
     check_comparison(cfg)  # before the earlier comparison's files are touched

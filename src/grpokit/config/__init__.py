@@ -941,7 +941,8 @@ class DemoConfig:
 
 @dataclass
 class InitConfig:
-    """`grpokit init DIR`: a fresh tiny model and the character tokenizer, saved for `grpokit sft` to start from."""
+    """`grpokit init --output-dir DIR`: a fresh tiny model and the character tokenizer, saved for `grpokit sft` to
+    start from."""
 
     output_dir: str = "runs/tiny"
     """Folder to write the model and tokenizer to (save_pretrained form): a new or empty folder, or one `grpokit

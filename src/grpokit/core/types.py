@@ -15,7 +15,19 @@ import torch
 
 @dataclass(frozen=True)
 class Rollout:
-    """What the sampler returns for one generation batch."""
+    """What the sampler returns for one generation batch of N = prompts x G rows, row p*G + g the g-th completion of
+    prompt p:
+
+    - prompt_ids, prompt_mask: (N, Tp) long, the prompts left-padded (pad_token_id), mask 1 on real tokens;
+    - completion_ids, completion_mask: (N, Tc) long, right-padded after each completion's end, mask 1 on the real
+      completion tokens including the EOS;
+    - sampling_logp: (N, Tc) float32, log pi(token) under logits / temperature (temperature 1 for greedy), 0 where
+      masked: compared with the trainer's logprobs, never used in the ratio;
+    - truncated: (N,) bool, no EOS or stop string within max_new_tokens;
+    - group_size: G;
+    - loss_mask: (N, Tc) long or None, the tokens the loss trains on (None: every real completion token).
+
+    `rollout.sampler.check_rollout` checks all of it every step."""
 
     prompt_ids: torch.Tensor  # (N, Tp) long, left-padded with pad_token_id
     prompt_mask: torch.Tensor  # (N, Tp) long, 1 for real prompt tokens

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import GenerationMixin
 
+from grpokit.model.loading import enable_activation_checkpointing
 from grpokit.model.logprobs import completion_hidden
 
 
@@ -38,8 +39,11 @@ class ValueModel(torch.nn.Module):
     def get_decoder(self) -> torch.nn.Module:
         return self.decoder
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.decoder.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Checkpointing of the body's layers (`loading.enable_activation_checkpointing`); the head is one layer."""
+        enable_activation_checkpointing(self.decoder)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # transformers' name before 5.2x
 
 
 def check_critic(critic: Any) -> None:

@@ -632,6 +632,17 @@ def fetch_model(name: str, output_dir, *, overwrite: bool = False) -> Path:
     return save_model(model, load_tokenizer(gguf), output_dir, overwrite=overwrite)
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Activation (gradient) checkpointing, non-reentrant: it works with frozen inputs (LoRA) and keeps the forward's
+    RNG for dropout. Called by the name this transformers has (5.2x renamed `gradient_checkpointing_enable`, which
+    now warns on every run, to `activation_checkpointing_enable`; the two do the same)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
 def ensure_pad_token(tokenizer):
     """Base checkpoints often have no pad token; pad with EOS (padding is always masked out). A tokenizer without
     an EOS token is an error: no completion could ever end."""

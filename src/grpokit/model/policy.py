@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from grpokit.core import packing
+from grpokit.model.loading import enable_activation_checkpointing
 from grpokit.model.logprobs import completion_logprobs
 from grpokit.model.lora import LoRASpec, adapters_disabled, apply_lora, sync_reference, uses_lora
 from grpokit.model.optim import OptimizerSettings, build_optimizer
@@ -91,8 +92,7 @@ class Policy:
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
             model = model.float()  # master weights: see the module docstring
         if gradient_checkpointing:
-            # Non-reentrant: works with frozen inputs (LoRA) and keeps the forward's RNG for dropout.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if lora is not None and lora.r > 0:  # before the optimizer, so AdamW holds state for the adapters only
             model = apply_lora(model, lora)
         self.model = model

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from grpokit.data.rows import answer_problem, encode_prompts
-from grpokit.rollout.sampler import EVAL_STEP, Sampler, SamplingParams, check_rollout, prompt_seeds
+from grpokit.rollout.sampler import EVAL_STEP, Sampler, SamplingParams, call_generate, check_rollout, prompt_seeds
 
 
 def sample_batches(
@@ -33,7 +33,8 @@ def sample_batches(
     for start in range(0, len(prompts), batch_size):
         encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length)
         seeds = prompt_seeds(seed, EVAL_STEP, list(range(start, start + len(encoded.ids))))  # by place: any batch size
-        rollout = sampler.generate(encoded.ids, num_generations=1, params=params, seeds=seeds)
+        rollout = call_generate(sampler, encoded.ids, num_generations=1, params=params, seeds=seeds)  # (its errors:
+        # a SamplerError naming the sampler, as in training)
         check_rollout(rollout, sampler, rows=len(encoded.ids), prompts=encoded.ids)
         yield start, encoded, rollout, decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
 

@@ -33,7 +33,8 @@ from grpokit.model.weights import PolicyWeights
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one generation batch."""
+    """How to sample one generation batch. Training samples at the config's `temperature`; greedy held-out evaluation
+    asks for `temperature=0.0` (argmax), which an engine must take as greedy, not divide by."""
 
     max_new_tokens: int
     """Most completion tokens per row; a row that reaches it without ending is truncated."""
@@ -275,7 +276,9 @@ def prompt_seeds(seed: int, step: int, places: list[int]) -> list[int]:
     """One integer seed per prompt of a step, from (the run's seed, the step, the prompt's place in the step): the
     same prompt at the same place draws the same completions however the step is split over ranks, micro-batches
     or engine calls, a resumed run needs no sampling state, and any engine can take them (integers, not torch
-    generators). Evaluation uses step `EVAL_STEP`."""
+    generators). Each is an unsigned 64-bit integer in [0, 2**64), what `torch.Generator.manual_seed` takes; an
+    engine whose seeds are signed 64-bit can take `seed - 2**63` (a one-to-one map). Evaluation uses step
+    `EVAL_STEP`."""
     import numpy as np
 
     out = []
