@@ -309,9 +309,9 @@ def _eval(args: list[str]) -> int:
         resolve_device,
         resolve_dtype,
     )
+    from grpokit.model.weights import PolicyWeights
     from grpokit.rewards.functions import RewardSet, build_reward_funcs, exact_match
     from grpokit.rollout.evaluate import HeldoutSettings, heldout_eval
-    from grpokit.rollout.sampler import PolicyWeights
     from grpokit.runtime.machine import pin_threads
     from grpokit.stages.setup import run_sampler
 

@@ -2,9 +2,9 @@
 
 A checkpoint holds the weights in `save_pretrained` form (with LoRA the adapter alone; under FSDP
 torch.distributed.checkpoint's shards instead), AdamW and the schedule, every RNG (each rank's too) and what the
-stage adds (its data position, monitors...). `resume` undoes `write_checkpoint` bit for bit, so a resumed run
-takes the steps the uninterrupted one would have. The folder's life (whole or absent, kept or pruned, the run's
-record) is `checkpoint.RunDirectory`'s; what goes in it is this module's.
+stage adds (its data position, monitors...). `resume_policy` undoes `write_policy_checkpoint` bit for bit, so a
+resumed run takes the steps the uninterrupted one would have. The folder's life (whole or absent, kept or pruned,
+the run's record) is `checkpoint.RunDirectory`'s; what goes in it is this module's.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def save_trained(
     return Path(policy.cluster.broadcast(folder and str(folder)))
 
 
-def write_checkpoint(
+def write_policy_checkpoint(
     policy: Policy,
     run: RunDirectory,
     step: int,
@@ -90,9 +90,9 @@ def write_checkpoint(
     return Path(cluster.broadcast(folder and str(folder)))  # whole: marked and in place
 
 
-def resume(policy: Policy, folder: Path, **generators: torch.Generator) -> dict[str, Any]:
-    """Undo `write_checkpoint`: weights, optimizer, schedule and RNGs restored; returns the stage's state (with its
-    `step`)."""
+def resume_policy(policy: Policy, folder: Path, **generators: torch.Generator) -> dict[str, Any]:
+    """Undo `write_policy_checkpoint`: weights, optimizer, schedule and RNGs restored; returns the stage's state (with
+    its `step`)."""
     state = load_state(folder)
     if (folder / SHARDS).is_dir():  # FSDP's: any number of ranks, one process too
         _load_shards(policy, folder / SHARDS)
@@ -139,7 +139,7 @@ def load_training_state(policy: Policy, state: dict[str, Any]) -> None:
 
 def _save_weights(policy: Policy, folder: Path, tokenizer: Any) -> None:
     """Into an open checkpoint folder: the model in `save_pretrained` form (with LoRA the adapter), which loads back
-    exactly (float32) and also serves anyone who wants that step's model. `write_checkpoint`, its caller, has
+    exactly (float32) and also serves anyone who wants that step's model. `write_policy_checkpoint`, its caller, has
     checked the weights are finite."""
     if uses_lora(policy.model):
         policy.model.save_pretrained(folder, safe_serialization=True)

@@ -30,7 +30,7 @@ from grpokit.data.rows import ShuffledEpochs, encode_prompts, grpo_rows, scan_al
 from grpokit.data.tasks import get_task
 from grpokit.model.loading import check_context_length, load_model
 from grpokit.model.policy import NumericsError
-from grpokit.model.saving import resume, save_trained, write_checkpoint
+from grpokit.model.saving import resume_policy, save_trained, write_policy_checkpoint
 from grpokit.report.monitor import SignalMonitor, group_diversity
 from grpokit.report.runlog import RunLog, plot_curves, read_metrics
 from grpokit.rewards.functions import RewardFn, exact_match, reward_inputs
@@ -288,7 +288,7 @@ class GRPOTrainer:
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         """checkpoint-STEP: the policy's weights (or the adapter), optimizer, schedule, every RNG, `stage_state`."""
         shuffle = self.shuffle_generator
-        return write_checkpoint(self.policy, run, step, self.tokenizer, self.stage_state(), shuffle=shuffle)
+        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, self.stage_state(), shuffle=shuffle)
 
     def stage_state(self) -> dict[str, Any]:
         """The rest of a checkpoint: the prompt order and its position, the monitors, the evaluations so far."""
@@ -299,7 +299,7 @@ class GRPOTrainer:
         return self._resume(checkpoint)["step"]
 
     def _resume(self, folder: Path) -> dict[str, Any]:
-        state = resume(self.policy, folder, shuffle=self.shuffle_generator)
+        state = resume_policy(self.policy, folder, shuffle=self.shuffle_generator)
         self.prompt_order.load_state_dict(state["prompt_order"])
         self.monitor.load_state_dict(state["monitor"])
         self.eval_history = list(state["eval_history"])

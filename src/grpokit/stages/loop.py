@@ -47,7 +47,7 @@ class Stage(Protocol):
         """One step: data, forward, backward, optimizer step; its figures."""
 
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
-        """checkpoint-STEP, whole (`saving.write_checkpoint` with the stage's own state)."""
+        """checkpoint-STEP, whole (`saving.write_policy_checkpoint` with the stage's own state)."""
 
     def finish(self, log: RunLog | None) -> None:
         """After the last step, before the model is saved: held-out figures, logged at the last step."""

@@ -29,7 +29,7 @@ from grpokit.data.rows import (
 )
 from grpokit.model.loading import check_positions, check_vocabulary, load_reward_model
 from grpokit.model.policy import Policy
-from grpokit.model.saving import resume, save_trained, write_checkpoint
+from grpokit.model.saving import resume_policy, save_trained, write_policy_checkpoint
 from grpokit.report.runlog import RunLog
 from grpokit.rewards.scorer import encode_texts, sequence_rewards
 from grpokit.runtime.checkpoint import RunDirectory
@@ -296,7 +296,7 @@ class RewardModelStage:
         self.eval_accuracy: float | None = None  # None without held-out pairs
 
     def resume(self, checkpoint: Path) -> int:
-        state = resume(self.policy, checkpoint)
+        state = resume_policy(self.policy, checkpoint)
         self.pair_order.load_state_dict(state["pair_order"])
         self.metrics = state["metrics"]
         return state["step"]
@@ -329,7 +329,7 @@ class RewardModelStage:
 
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         stage = {"pair_order": self.pair_order.state_dict(), "metrics": self.metrics}
-        return write_checkpoint(self.policy, run, step, self.tokenizer, stage)
+        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, stage)
 
     def finish(self, log: RunLog | None) -> None:
         if not self.eval_examples:

@@ -24,8 +24,9 @@ from grpokit.config import GRPOConfig, RunConfig
 from grpokit.model.loading import check_model_source, resolve_device, resolve_dtype, stage_tokenizer
 from grpokit.model.optim import OptimizerSettings
 from grpokit.model.policy import Policy
+from grpokit.model.weights import PolicyWeights
 from grpokit.rewards.functions import RewardSet, build_reward_funcs, reward_set
-from grpokit.rollout.sampler import KVCacheSampler, PolicyWeights, Sampler, SamplingParams, push_weights
+from grpokit.rollout.sampler import KVCacheSampler, Sampler, SamplingParams, push_weights
 from grpokit.runtime.checkpoint import (
     RunDirectory,
     RunSettings,

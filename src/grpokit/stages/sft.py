@@ -29,7 +29,7 @@ from grpokit.data.rows import (
 from grpokit.data.tasks import get_task
 from grpokit.model.loading import check_positions, check_vocabulary, load_model
 from grpokit.model.policy import Policy
-from grpokit.model.saving import resume, save_trained, write_checkpoint
+from grpokit.model.saving import resume_policy, save_trained, write_policy_checkpoint
 from grpokit.report.runlog import RunLog
 from grpokit.runtime.checkpoint import RunDirectory, python_random_state
 from grpokit.stages.arguments import python_arguments
@@ -187,7 +187,7 @@ class SFTStage:
         self.batch_rng = random.Random(seed)
 
     def resume(self, checkpoint: Path) -> int:
-        state = resume(self.policy, checkpoint)
+        state = resume_policy(self.policy, checkpoint)
         self.batch_rng.setstate(python_random_state(state["batch_rng"]))
         return state["step"]
 
@@ -206,7 +206,7 @@ class SFTStage:
         return StepReport(metrics, postfix={"loss": f"{metrics['loss']:.4f}"})
 
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
-        return write_checkpoint(self.policy, run, step, self.tokenizer, {"batch_rng": self.batch_rng.getstate()})
+        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, {"batch_rng": self.batch_rng.getstate()})
 
     def finish(self, log: RunLog | None) -> None:
         if self.eval_examples and log is not None:
