@@ -277,7 +277,7 @@ def prompt_seeds(seed: int, step: int, places: list[int]) -> list[int]:
     same prompt at the same place draws the same completions however the step is split over ranks, micro-batches
     or engine calls, a resumed run needs no sampling state, and any engine can take them (integers, not torch
     generators). Each is an unsigned 64-bit integer in [0, 2**64), what `torch.Generator.manual_seed` takes; an
-    engine whose seeds are signed 64-bit can take `seed - 2**63` (a one-to-one map). Evaluation uses step
+    engine must take it as it is (vLLM does, but reads -1 as "unseeded": no signed remapping). Evaluation uses step
     `EVAL_STEP`."""
     import numpy as np
 
