@@ -221,3 +221,21 @@ def tiny_run_args(model, out, *extra) -> list[str]:
         "--num-generations", "2", "--max-completion-length", "4", "--num-eval-prompts", "0", "--no-progress",
         "--no-tensorboard",
     ], *extra)  # fmt: skip
+
+
+def require_vllm() -> None:
+    """Skip the calling test module when vLLM is not installed, unless `scripts/setup.sh --vllm` installed it into this
+    environment (its marker `grpokit-vllm` beside the interpreter's prefix): then a vLLM that fails to import fails the
+    module, so a broken install never passes as skipped tests."""
+    import sys
+
+    import pytest
+
+    from grpokit.rollout.vllm import import_vllm
+
+    try:
+        import_vllm()
+    except ImportError as err:
+        if (Path(sys.prefix) / "grpokit-vllm").exists():
+            pytest.fail(f"scripts/setup.sh --vllm installed vLLM here, but it does not import: {err}", pytrace=False)
+        pytest.skip("vLLM is not installed (bash scripts/setup.sh --vllm)", allow_module_level=True)

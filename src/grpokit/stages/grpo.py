@@ -42,7 +42,7 @@ from grpokit.runtime.distributed import Cluster
 from grpokit.stages import update
 from grpokit.stages.arguments import python_arguments
 from grpokit.stages.loop import LoopSettings, StepReport, run_stage
-from grpokit.stages.setup import RunSetup, grpo_policy, grpo_rewards, run_sampler, sampling_params, step_sizes
+from grpokit.stages.setup import RunSetup, grpo_policy, grpo_rewards, grpo_sampler, sampling_params, step_sizes
 
 
 class GRPOTrainer:
@@ -98,7 +98,7 @@ class GRPOTrainer:
         machine.check_grpo_memory(
             model if model is not None else cfg.model, step_sizes(cfg), longest_prompt, self.device, dtype,
             world_size=self.cluster.world_size, num_eval_rows=len(self.eval_rows),
-            in_process_sampler=sampler is None or isinstance(sampler, KVCacheSampler),
+            in_process_sampler=(sampler is None and not cfg.use_vllm) or isinstance(sampler, KVCacheSampler),
         )  # fmt: skip
         model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
         check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=self.tokenizer)
@@ -111,7 +111,9 @@ class GRPOTrainer:
             model, cfg, total_steps=optimizer_steps, device=self.device, dtype=dtype, cluster=self.cluster
         )
         self.vocab_size = policy.model.get_input_embeddings().num_embeddings  # a sampled id must have an embedding
-        self.sampler = run_sampler(self.tokenizer, dtype, policy.sampler_weights(), sampler)
+        self.sampler, self.correction = grpo_sampler(
+            cfg, self.tokenizer, dtype, policy.sampler_weights(), sampler, device=self.device, model_given=args.model
+        )  # the correction: for the gap between another engine's logprobs and the trainer's
         self.sampling = sampling_params(cfg)
         self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_seeds`)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -210,6 +212,7 @@ class GRPOTrainer:
             old_logp=old_logp, ref_logp=ref_logp, loss_type=cfg.loss_type, surrogate=cfg.surrogate(), beta=cfg.beta,
             num_iterations=cfg.num_iterations, minibatch_size=self.minibatch_size,
             max_completion_length=cfg.max_completion_length, shuffle=self.shuffle_generator, sums=sums,
+            correction=self.correction,
         )  # fmt: skip
         if old_logp is not None:
             sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)
@@ -217,7 +220,7 @@ class GRPOTrainer:
         sums.update(self.cluster.sum({k: sums[k] for k in added}))
         sums.update(self.cluster.max({"sampler_logp_diff": sums["sampler_logp_diff"]}))
         stats = update.policy_figures(sums, n_opt_steps, with_kl=ref_logp is not None)
-        return {**stats, "learning_rate": lr}
+        return {**stats, **update.correction_figures(sums, self.cluster), "learning_rate": lr}
 
     # ---------------------------------------------------------------- the run
     def evaluate(self, step: int, *, log: bool = False) -> dict[str, float]:
@@ -300,6 +303,7 @@ class GRPOTrainer:
 
     def _resume(self, folder: Path) -> dict[str, Any]:
         state = resume_policy(self.policy, folder, shuffle=self.shuffle_generator)
+        push_weights(self.sampler, self.policy.sampler_weights())  # an engine in another memory holds the old ones
         self.prompt_order.load_state_dict(state["prompt_order"])
         self.monitor.load_state_dict(state["monitor"])
         self.eval_history = list(state["eval_history"])

@@ -12,16 +12,19 @@ Below the stages a function takes the values it reads, not a config; the functio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from grpokit.config import GRPOConfig, RunConfig
-from grpokit.model.loading import check_model_source, resolve_device, resolve_dtype, stage_tokenizer
+from grpokit.model.loading import check_model_source, is_hub_id, resolve_device, resolve_dtype, stage_tokenizer
 from grpokit.model.optim import OptimizerSettings
 from grpokit.model.policy import Policy
 from grpokit.model.weights import PolicyWeights
@@ -37,6 +40,7 @@ from grpokit.runtime.checkpoint import (
 )
 from grpokit.runtime.distributed import Cluster
 from grpokit.runtime.machine import StepSizes, pin_threads
+from grpokit.stages.update import SamplerCorrection
 
 
 class RunSetup:
@@ -198,6 +202,93 @@ def run_sampler(tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, samp
     sampler = sampler or KVCacheSampler(tokenizer, compute_dtype=dtype)
     push_weights(sampler, weights)
     return sampler
+
+
+def grpo_sampler(cfg: GRPOConfig, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, sampler: Any, *,
+                 device: torch.device, model_given: Any) -> tuple[Sampler, SamplerCorrection | None]:  # fmt: skip
+    """A GRPO run's sampler (`sampler` handed in, else vLLM's with `use_vllm`, else the in-process one) holding
+    `weights`, and the engine-vs-trainer correction its update applies (`sampler_correction`)."""
+    if cfg.use_vllm and sampler is None:
+        sampler = vllm_sampler(cfg, tokenizer, dtype, weights, device=device, model_given=model_given is not None)
+    sampler = run_sampler(tokenizer, dtype, weights, sampler)
+    return sampler, sampler_correction(cfg, sampler)
+
+
+def vllm_sampler(cfg: Any, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, *, device: torch.device,
+                 model_given: bool) -> Sampler:  # fmt: skip
+    """The `VLLMSampler` of a config with `use_vllm` (a GRPO config or `grpokit eval`'s), its engine started (a
+    colocated engine loaded, or the server found healthy) and holding `weights`, before the first step: a missing
+    vllm, a model vLLM cannot load or an unreachable server stops the run here. A colocated engine loads the config's
+    model folder or hub id itself; a model handed in as an object (or a .gguf file) is written to a temporary folder
+    first (its config, tokenizer and the policy's weights), deleted once the engine has read it."""
+    from grpokit.rollout.vllm import EngineSettings, LocalEngine, ServerEngine, VLLMSampler, import_vllm
+
+    if cfg.vllm_mode == "server":
+        engine = ServerEngine(cfg.vllm_server_url(), timeout=cfg.vllm_server_timeout)
+    else:
+        import_vllm()
+        on_cpu = device.type == "cpu"
+        source = str(cfg.model)
+        readable = not model_given and source.endswith(".gguf") is False
+        readable = readable and (is_hub_id(source) or (Path(source) / "config.json").is_file())
+        with contextlib.ExitStack() as stack:
+            if not readable:
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="grpokit-vllm-"))
+                write_engine_folder(folder, weights, tokenizer)
+                source = folder
+            settings = EngineSettings(
+                model=source, dtype=str(dtype).removeprefix("torch."), max_model_length=cfg.vllm_max_model_length,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                kv_cache_gb=cfg.vllm_kv_cache_gb if on_cpu else None,
+                enforce_eager=on_cpu if cfg.vllm_enforce_eager is None else cfg.vllm_enforce_eager,
+                enable_sleep_mode=cfg.vllm_enable_sleep_mode, seed=cfg.seed,
+            )  # fmt: skip
+            engine = LocalEngine(settings)
+    vocab = weights.module.get_input_embeddings().num_embeddings
+    if engine.vocab_size is not None and engine.vocab_size != vocab:
+        where = f"the vLLM server at {cfg.vllm_server_url()}" if cfg.vllm_mode == "server" else "the vLLM engine"
+        raise ValueError(
+            f"{where} serves a model of {engine.vocab_size} token embeddings, the policy has {vocab}: it serves "
+            "another model (`grpokit vllm-serve` the policy's starting model)"
+        )
+    return VLLMSampler(engine, tokenizer, dtype=dtype)
+
+
+def sampler_correction(cfg: GRPOConfig, sampler: Any) -> SamplerCorrection | None:
+    """The engine-vs-trainer correction a GRPO update applies: for a sampler whose logprobs come from another
+    implementation (`corrects_sampling`, vLLM) with `vllm_importance_sampling_correction`; else None. With top_p < 1
+    or top_k > 0 it says once what the engine's logprobs are."""
+    if not (getattr(sampler, "corrects_sampling", False) and cfg.vllm_importance_sampling_correction):
+        return None
+    if cfg.top_p < 1 or cfg.top_k > 0:
+        from grpokit.data.rows import InputWarning
+
+        warnings.warn(
+            f"top_p = {cfg.top_p}, top_k = {cfg.top_k} with vLLM: the engine's logprob of a sampled token is that of "
+            "the renormalized kept set (what it sampled from), the trainer's that of the whole distribution, so every "
+            "correction weight pi_trainer / q_vLLM is <= 1 (the kept mass) and the logged sampler_logp_diff is that "
+            f"gap, not a bug; vllm_importance_sampling_mode = {cfg.vllm_importance_sampling_mode} weighs the tokens "
+            "by it",
+            InputWarning,
+            stacklevel=2,
+        )
+    return SamplerCorrection(
+        cfg.vllm_importance_sampling_mode, cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max
+    )
+
+
+def write_engine_folder(folder: str | Path, weights: PolicyWeights, tokenizer: Any) -> None:
+    """A model folder an engine can load: the policy's config, its whole weights (LoRA merged) in one safetensors file,
+    and the tokenizer."""
+    from safetensors.torch import save_file
+
+    module = weights.module
+    config = module.get_base_model().config if hasattr(module, "get_base_model") else module.config
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    state = {name: tensor.contiguous().clone() for name, tensor in weights.named_tensors()}  # (tied: no shared storage)
+    save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
 
 
 def sampling_params(cfg: GRPOConfig) -> SamplingParams:

@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from grpokit.core import algo
 from grpokit.model.policy import NumericsError, Policy
+
+
+@dataclass(frozen=True)
+class SamplerCorrection:
+    """The engine-vs-trainer importance correction (`algo.sampler_correction`) a GRPO update applies when another
+    engine (vLLM) sampled: its mode and bounds (TRL's `vllm_importance_sampling_*`)."""
+
+    mode: str = "sequence_mask"
+    clip_min: float | None = None
+    clip_max: float | None = 3.0
+
+
+CORRECTION_SUMS = ("sampler_weight/sum", "sampler_weight/count", "sampler_weight/zeros")
+"""What `policy_pass` adds up of the correction's weights (first pass); their min and max are kept beside."""
 
 FIGURES = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "tokens", "first_pass_tokens")
 """What `policy_pass` adds to an update's sums (its counts and sums of token figures)."""
@@ -39,13 +54,15 @@ def run_update(
     sums: dict[str, float],
     on_micro_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     on_optimizer_step: Callable[[], None] | None = None,
+    correction: SamplerCorrection | None = None,
 ) -> int:
     """mu = `num_iterations` passes; each splits the step's N rows (`step_mask` (N, T): every rank's loss mask) into
     minibatches of `minibatch_size` (one optimizer step each; reshuffled with `shuffle` after the first pass, or from
     the first when there are several), and this rank's rows of a minibatch (`mask` (n, T), its rows start at
     `first_row` among the N) into the policy's micro-batches (one backward each). Every normalizer is counted over the
     whole minibatch. `on_micro_batch(idx, m, minibatch)` runs after a micro-batch's policy pass (PPO's critic), and
-    `on_optimizer_step()` after the policy's optimizer step. Figures go to `sums`; -> the optimizer steps taken."""
+    `on_optimizer_step()` after the policy's optimizer step. `correction`: weigh each token by the engine-vs-trainer
+    importance weight (`algo.sampler_correction`). Figures go to `sums`; -> the optimizer steps taken."""
     N, n_here = step_mask.shape[0], rollout.num_sequences
     n_opt_steps, generation_tokens = 0, int(step_mask.sum())
     for iteration in range(num_iterations):
@@ -64,6 +81,7 @@ def run_update(
                 m = policy_pass(
                     policy, rollout, idx, mask, advantages, old_logp, ref_logp, loss_type=loss_type,
                     surrogate=surrogate, normalizer=normalizer, beta=beta, first_pass=iteration == 0, sums=sums,
+                    correction=correction,
                 )  # fmt: skip
                 if on_micro_batch is not None:
                     on_micro_batch(idx, m, here)
@@ -89,22 +107,34 @@ def policy_pass(
     beta: float,
     first_pass: bool,
     sums: dict[str, float],
+    correction: SamplerCorrection | None = None,
 ) -> torch.Tensor:
     """Rows `idx`: the policy's forward, the clipped surrogate (`surrogate`: algo.per_token_loss's settings; + beta
     KL), its share of the step loss (`loss_type`'s, `normalizer` counted over the whole optimizer step), the
     backward; its figures added to `sums` (`FIGURES`, and with `old_logp` None, the one on-policy pass, the largest
     trainer-sampler logprob gap). `advantages`: (N,) one per completion or (N, T) one per token; `mask` (N, T) the
-    tokens in the loss. -> the rows' mask (n, w)."""
+    tokens in the loss. `correction`: each token's surrogate weighed by pi_trainer(old) / q_sampler (its figures added
+    to `sums` on the first pass). -> the rows' mask (n, w)."""
     logp, entropy = policy.forward(rollout, idx, with_entropy=first_pass)  # (n, w)
     width = logp.shape[1]
     m = mask[idx, :width]  # (n, w)
+    old = old_logp[idx, :width] if old_logp is not None else logp.detach()  # (n, w) the sampling policy's, as trained
+    weight = None
+    if correction is not None:
+        weight = algo.sampler_correction(
+            old, rollout.sampling_logp[idx, :width], m, mode=correction.mode, clip_min=correction.clip_min,
+            clip_max=correction.clip_max,
+        )  # fmt: skip
+        if first_pass:
+            add_correction_figures(sums, algo.correction_values(weight, m, mode=correction.mode))
     token_loss, tok_stats = algo.per_token_loss(
         logp,
-        old_logp[idx, :width] if old_logp is not None else logp.detach(),
+        old,
         advantages[idx] if advantages.dim() == 1 else advantages[idx, :width],  # (n,) or (n, w)
         m,
         ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
         beta=beta,
+        sampler_weight=weight,
         **surrogate,
     )
     loss = algo.aggregate_loss(token_loss, m, loss_type=loss_type, normalizer=normalizer)
@@ -124,6 +154,34 @@ def policy_pass(
         gap = algo.max_logp_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
         sums["sampler_logp_diff"] = max(sums["sampler_logp_diff"], gap)
     return m
+
+
+def add_correction_figures(sums: dict[str, float], values: torch.Tensor) -> None:
+    """A micro-batch's correction weights (1-D) into `sums`: their sum, count and zeros, and the running min / max."""
+    if values.numel() == 0:
+        return
+    sums["sampler_weight/sum"] = sums.get("sampler_weight/sum", 0.0) + float(values.sum())
+    sums["sampler_weight/count"] = sums.get("sampler_weight/count", 0.0) + float(values.numel())
+    sums["sampler_weight/zeros"] = sums.get("sampler_weight/zeros", 0.0) + float((values == 0).sum())
+    sums["sampler_weight/min"] = min(sums.get("sampler_weight/min", math.inf), float(values.min()))
+    sums["sampler_weight/max"] = max(sums.get("sampler_weight/max", -math.inf), float(values.max()))
+
+
+def correction_figures(sums: dict[str, float], cluster: Any) -> dict[str, float]:
+    """The correction's logged figures over every rank (TRL's names): its weights' min, mean and max, and the share
+    set to 0. No correction: none."""
+    if "sampler_weight/count" not in sums:
+        return {}
+    sums = {**sums, **cluster.sum({k: sums[k] for k in CORRECTION_SUMS})}
+    extremes = cluster.max({"max": sums["sampler_weight/max"], "negated_min": -sums["sampler_weight/min"]})
+    sums["sampler_weight/max"], sums["sampler_weight/min"] = extremes["max"], -extremes["negated_min"]
+    count = sums["sampler_weight/count"]
+    return {
+        "sampling/importance_sampling_ratio/min": sums["sampler_weight/min"],
+        "sampling/importance_sampling_ratio/mean": sums["sampler_weight/sum"] / count,
+        "sampling/importance_sampling_ratio/max": sums["sampler_weight/max"],
+        "sampling/importance_sampling_masked": sums["sampler_weight/zeros"] / count,
+    }
 
 
 def policy_figures(sums: dict[str, float], n_opt_steps: int, *, with_kl: bool) -> dict[str, float]:
