@@ -22,6 +22,8 @@ USAGE = """usage: grpokit COMMAND [CONFIG.yaml] [--field value ...]   (COMMAND: 
   sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
   reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
   eval          held-out accuracy and reward means    grpokit eval --model runs/grpo/model
+  vllm-serve    a vLLM engine a run samples from      grpokit vllm-serve runs/tiny --port 8000
+                (for `use_vllm: true` with `vllm_mode: server`; needs `bash scripts/setup.sh --vllm`)
   demo          SFT on a flawed teacher, then GRPO: better than the teacher in ~1 minute on a CPU
                 (--pipeline: a flawed reward model gets exploited, the monitor says so; gold GRPO beside it)
 
@@ -69,6 +71,7 @@ def _main(argv: list[str] | None = None) -> int:
         import transformers
 
         from grpokit.config import ConfigError
+        from grpokit.core.types import SamplerError
         from grpokit.data.rows import DataError
         from grpokit.model.policy import NumericsError
         from grpokit.rewards.functions import RewardError
@@ -107,10 +110,12 @@ def _main(argv: list[str] | None = None) -> int:
             return _fetch_model(rest)
         if command == "demo":
             return _demo(rest)
+        if command == "vllm-serve":
+            return _vllm_serve(rest)
     except TrainingInterrupted as stop:
         print(f"grpokit {command}: {stop}\nresume with: {resume_command(argv)}", file=sys.stderr)
         return stop.exit_code
-    except NumericsError as err:
+    except (NumericsError, SamplerError) as err:  # (a sampler that failed: an engine, a server that went away)
         print(f"grpokit {command}: stopped: {err}", file=sys.stderr)
         return 3
     except WriteError as err:  # the disk said no: what happened, what was kept, and the command to go on with
@@ -313,7 +318,7 @@ def _eval(args: list[str]) -> int:
     from grpokit.rewards.functions import RewardSet, build_reward_funcs, exact_match
     from grpokit.rollout.evaluate import HeldoutSettings, heldout_eval
     from grpokit.runtime.machine import pin_threads
-    from grpokit.stages.setup import run_sampler
+    from grpokit.stages.setup import run_sampler, vllm_sampler
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
     cfg.validate()
@@ -354,7 +359,9 @@ def _eval(args: list[str]) -> int:
         map(len, encode_prompts(tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length).ids)
     )
     check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=tokenizer)
-    sampler = run_sampler(tokenizer, dtype, PolicyWeights(model))  # as a run builds the one it evaluates through
+    weights = PolicyWeights(model)
+    vllm = vllm_sampler(cfg, tokenizer, dtype, weights, device=device, model_given=False) if cfg.use_vllm else None
+    sampler = run_sampler(tokenizer, dtype, weights, vllm)  # as a run builds the one it evaluates through
     settings = HeldoutSettings(
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_completion_length,
@@ -377,6 +384,30 @@ def _eval(args: list[str]) -> int:
         else:
             unscored = " (no completion got a score from it: every call returned None)" if value != value else ""
             print(f"{name} held-out {what.removesuffix('/mean')}, {mode}: {value:.4f} (mean of {len(rows)}){unscored}")
+    return 0
+
+
+def _vllm_serve(args: list[str]) -> int:
+    import torch
+
+    from grpokit.config import VLLMServeConfig
+    from grpokit.rollout.vllm import EngineSettings, import_vllm
+    from grpokit.rollout.vllm_server import serve
+
+    if args and not args[0].startswith("-") and not args[0].endswith((".yaml", ".yml")):
+        args = ["--model", *args]  # `grpokit vllm-serve MODEL` (as `trl vllm-serve --model MODEL`, both work)
+    cfg = parse_config(VLLMServeConfig, args, "grpokit vllm-serve MODEL")
+    cfg.validate()
+    import_vllm("grpokit vllm-serve")
+    on_gpu = torch.cuda.is_available()
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    settings = EngineSettings(
+        model=cfg.model, dtype=dtype, max_model_length=cfg.max_model_length,
+        gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
+        kv_cache_gb=None if on_gpu else cfg.kv_cache_gb,
+        enforce_eager=not on_gpu if cfg.enforce_eager is None else cfg.enforce_eager, seed=cfg.seed,
+    )  # fmt: skip
+    serve(settings, host=cfg.host, port=cfg.port)
     return 0
 
 

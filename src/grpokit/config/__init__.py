@@ -686,8 +686,8 @@ class RewardModelConfig(RunConfig):
 
 
 @dataclass
-class EvalConfig:
-    """`grpokit eval`: held-out accuracy of a model on a task, greedy and sampled."""
+class EvalFields:
+    """`grpokit eval`'s own fields (`EvalConfig` adds vLLM's after them)."""
 
     model: str = ""
     """Path to a model folder in `save_pretrained` form (or a .gguf file, or a hub id)."""
@@ -746,6 +746,58 @@ class EvalConfig:
             _warn_if_answers_cannot_fit(self.task, self.task_num_digits, self.max_completion_length)
         check_data_source(self.eval_data, "eval_data")
         _require(self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
+
+
+@dataclass
+class EvalConfig(VLLMFields, EvalFields):
+    """`grpokit eval`: held-out accuracy of a model on a task, greedy and sampled (`use_vllm`: through vLLM)."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_vllm()
+
+
+@dataclass
+class VLLMServeConfig:
+    """`grpokit vllm-serve MODEL`: a vLLM engine behind HTTP that a run with `vllm_mode: server` samples from and
+    pushes its weights to (start it first, with the policy's starting model; on a GPU machine, on GPUs the trainer
+    does not use)."""
+
+    model: str = ""
+    """The model folder (`save_pretrained` form, with its tokenizer) or hub id the engine loads."""
+    host: str = "0.0.0.0"
+    """Address to listen on (`0.0.0.0`: every interface; `127.0.0.1`: this machine only)."""
+    port: int = 8000
+    """Port to listen on (a run's `vllm_server_port`)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The engine's dtype; `auto`: float32 on a CPU, bfloat16 on a GPU (the trainer casts the weights it pushes)."""
+    max_model_length: int | None = None
+    """The engine's context (prompt + completion tokens); empty: the model's own."""
+    gpu_memory_utilization: float = 0.9
+    """Share of each GPU's memory the engine may take (the server has its GPUs to itself)."""
+    tensor_parallel_size: int = 1
+    """GPUs the engine splits the model over."""
+    kv_cache_gb: float = 1.0
+    """On a CPU: the KV cache in GiB."""
+    enforce_eager: bool | None = None
+    """No CUDA graphs; empty: eager on a CPU, graphs on a GPU."""
+    seed: int = 0
+    """The engine's seed (requests carry their own seeds; this one is for unseeded requests)."""
+
+    def validate(self) -> None:
+        _check_types(self)
+        _require(self.model != "", "model", "is empty: give the model folder or hub id (grpokit vllm-serve MODEL)")
+        _require(
+            not self.model.endswith(".gguf"),
+            "model",
+            f"is a .gguf file ({self.model}): give a model folder (`grpokit fetch-model smollm2 DIR` writes one)",
+        )
+        _require(1 <= self.port <= 65535, "port", f"is {self.port}")
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        _require(self.kv_cache_gb > 0, "kv_cache_gb", f"must be > 0, got {self.kv_cache_gb}")
+        length = self.max_model_length
+        _require(length is None or length >= 2, "max_model_length", f"must be >= 2 or empty, got {length}")
 
 
 # fields that name a file or folder grpokit reads (output_dir has its own check)

