@@ -89,10 +89,26 @@ def test_epochs_become_steps_and_steps_per_generation_splits_the_batch():
     assert GRPOConfig(warmup_steps=0.1, max_steps=50).to_grpokit().warmup_steps == 5
 
 
+def test_trls_vllm_fields_map_to_grpokits():
+    """`use_vllm=True` samples through vLLM with TRL's mode, server address and importance correction as given."""
+    cfg = GRPOConfig(
+        use_vllm=True, vllm_mode="server", vllm_server_host="10.0.0.2", vllm_server_port=8100, vllm_server_timeout=30.0,
+        vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.0,
+    ).to_grpokit(num_prompts=16)  # fmt: skip
+    assert (cfg.use_vllm, cfg.vllm_mode, cfg.vllm_server_url(), cfg.vllm_server_timeout) == (
+        True, "server", "http://10.0.0.2:8100", 30.0,
+    )  # fmt: skip
+    assert (cfg.vllm_importance_sampling_mode, cfg.vllm_importance_sampling_clip_max) == ("token_truncate", 2.0)
+    defaults = GRPOConfig(use_vllm=True).to_grpokit(num_prompts=16)
+    assert (defaults.vllm_mode, defaults.vllm_gpu_memory_utilization, defaults.vllm_importance_sampling_mode) == (
+        "colocate", 0.3, "sequence_mask",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"use_vllm": True}, "`use_vllm` = True is not supported"),
+        ({"vllm_group_port": 51217}, "`vllm_group_port` = 51217 is not supported"),
         ({"deepspeed": "ds.json"}, "`deepspeed` = 'ds.json' is not supported"),
         ({"fp16": True}, "`fp16` = True is not supported"),
         ({"no_such_field": 1}, "TRL field `no_such_field` is not one grpokit maps"),

@@ -220,9 +220,9 @@ class VLLMFields:
     use_vllm: bool = False
     """Sample rollouts (and held-out evaluations) with vLLM instead of grpokit's in-process sampler (the `vllm` extra:
     `bash scripts/setup.sh --vllm`)."""
-    vllm_mode: Literal["server", "colocate"] = "server"
-    """`server`: a `grpokit vllm-serve MODEL` server (other GPUs or another machine) samples and receives the weights
-    over HTTP; `colocate`: an engine in the training process (TRL's default is `server`, as here)."""
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    """`colocate`: an engine in the training process (TRL's default, as here); `server`: a `grpokit vllm-serve MODEL`
+    server (other GPUs or another machine) samples and receives the weights over HTTP."""
     vllm_server_base_url: str | None = None
     """The server's URL (`http://host:port`); empty: `vllm_server_host` and `vllm_server_port`."""
     vllm_server_host: str = "0.0.0.0"
