@@ -450,6 +450,7 @@ def _demo(args: list[str]) -> int:
     from grpokit.demo import run_demo, run_pipeline
 
     cfg = parse_config(DemoConfig, args, "grpokit demo")
+    cfg.validate()
     from grpokit.data.tasks.models import check_sizes
 
     check_sizes(cfg.hidden_size, cfg.num_layers)  # before the data, the SFT run and its folders

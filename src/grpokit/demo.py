@@ -175,8 +175,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     teacher = warm.task.demonstrator_accuracy(warm.eval_rows, random.Random(cfg.seed))
     table = {"demonstrator": {"greedy": teacher, "sampled": teacher}}
     # The trainer scores the held-out rows before its first step (the SFT model) and after its last.
+    engine = {"use_vllm": True, "vllm_mode": "colocate"} if cfg.use_vllm else {}
     result = GRPOTrainer(
-        grpo_config(cfg, warm.folder.claim("grpo")), model=warm.model, tokenizer=warm.tokenizer,
+        grpo_config(cfg, warm.folder.claim("grpo"), **engine), model=warm.model, tokenizer=warm.tokenizer,
         eval_dataset=warm.eval_rows,
     ).train()  # fmt: skip
     warm.folder.done("grpo")
@@ -186,7 +187,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     ):
         table[name] = {"greedy": row["eval/accuracy_greedy"], "sampled": row["eval/accuracy_sampled"]}
 
-    print(f"\nheld-out accuracy on {len(warm.eval_rows)} problems (seed {cfg.seed}):")
+    through = ", GRPO sampling through vLLM" if cfg.use_vllm else ""
+    print(f"\nheld-out accuracy on {len(warm.eval_rows)} problems (seed {cfg.seed}{through}):")
     print(f"{'':28s} {'greedy':>8s} {'sampled T=1':>12s}")
     for name, row in table.items():
         print(f"{name:28s} {row['greedy']:8.1%} {row['sampled']:12.1%}")

@@ -1095,6 +1095,12 @@ class DemoConfig:
     with one thread nothing is split, and the same seed gives the same table on the same CPU under any load."""
     progress: bool = True
     """Show progress bars."""
+    use_vllm: bool = False
+    """Sample the GRPO run's rollouts and held-out evaluations through a vLLM engine in this process (`use_vllm: true`,
+    `vllm_mode: colocate`; `bash scripts/setup.sh --vllm` installs it); not with --pipeline."""
+
+    def validate(self) -> None:
+        _require(not (self.use_vllm and self.pipeline), "use_vllm", "applies to the demo's GRPO run, not --pipeline")
 
 
 @dataclass
