@@ -141,3 +141,15 @@ def test_three_steps_through_a_vllm_server(folder, tmp_path):
     calls = log.read_text()
     assert calls.count("POST /generate -> 200") == STEPS
     assert calls.count("POST /update_weights -> 200") == STEPS + 1  # the starting weights, then after every step
+
+
+def test_grpokit_eval_samples_through_vllm_as_the_in_process_sampler_does_greedy(straight, capsys):
+    """Greedy, both samplers write the same tokens: the same accuracy and reward means (the sampled figures come
+    from other random streams)."""
+    args = ["eval", "--model", straight / "model", "--num-eval-prompts", "16", "--max-completion-length", "6",
+            "--reward-funcs", "helpers:digit_share"]  # fmt: skip
+    assert _cli(args) == 0
+    own = [line for line in capsys.readouterr().out.splitlines() if "greedy" in line]
+    assert _cli([*args, "--use-vllm"]) == 0
+    through_vllm = [line for line in capsys.readouterr().out.splitlines() if "greedy" in line]
+    assert len(own) == 3 and through_vllm == own, (own, through_vllm)  # accuracy, the reward, the sum
