@@ -5,19 +5,18 @@ without vLLM, unless `scripts/setup.sh --vllm` installed it (then a vLLM that do
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
-from helpers import config, digit_share, read_jsonl, require_vllm
+from helpers import read_jsonl, require_vllm
 from safetensors.torch import load_file
 
 require_vllm()
 
-from grpokit import GRPOTrainer  # noqa: E402
 from grpokit.data.tasks import build_char_tokenizer, tiny_model  # noqa: E402
-from grpokit.rewards.functions import RewardError  # noqa: E402
 from grpokit.rollout.vllm import ServerEngine  # noqa: E402
 from grpokit.runtime.checkpoint import save_model  # noqa: E402
 
@@ -71,45 +70,49 @@ def test_three_colocated_steps_through_the_cli(straight):
     assert len({r["loss"] for r in rows}) == STEPS  # the steps trained on different rollouts
 
 
-def test_a_resumed_colocated_run_equals_its_straight_run(folder, straight, tmp_path):
-    """The same run through the Python API, its reward failing at step 3, resumed from checkpoint-2: the completions
-    of every step and the final weights are the straight run's (the engine is seeded per prompt and holds the
-    checkpoint's weights after the resume)."""
+PROBE = """
+calls = 0
 
-    def run(**overrides):
-        cfg = config(
-            folder, tmp_path / "crashed", max_steps=STEPS, num_train_prompts=16, num_generations=4,
-            max_completion_length=12, learning_rate=0.01, use_vllm=True, vllm_mode="colocate", save_every=1,
-            **overrides,
-        )  # fmt: skip
-        return GRPOTrainer(cfg, reward_funcs=[graded])
 
-    FAILING_CALL[:] = [3, 0]
-    with pytest.raises(RewardError, match="ConnectionError"):
-        run().train()
-    FAILING_CALL[:] = []
-    run(resume_from_checkpoint="latest").train()
-    crashed = tmp_path / "crashed"
-    ours, theirs = read_jsonl(crashed / "completions.jsonl"), read_jsonl(straight / "completions.jsonl")
-    assert [r["completion"] for r in ours] == [r["completion"] for r in theirs]
-    mine, straight_weights = (
-        load_file(crashed / "model" / "model.safetensors"),
-        load_file(straight / "model" / "model.safetensors"),
-    )
+def graded(prompts, completions, **_):
+    \"\"\"helpers.digit_share, printing one line per step so that the test knows where the run is.\"\"\"
+    global calls
+    calls += 1
+    print(f"scored {calls}", flush=True)
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.05 * len(c) for c in completions]
+"""
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_equals_the_straight_run(folder, straight, tmp_path):
+    """A colocated run in a process of its own gets SIGTERM during step 2: it finishes the step, checkpoints and
+    exits 143, as without vLLM; resumed, its completions at every step and its final weights are the straight
+    run's (the engine is seeded per prompt and gets the checkpoint's weights before the first rollout)."""
+    (tmp_path / "vllm_probe_rewards.py").write_text(PROBE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = tmp_path / "stopped"
+    argv = [str(a) for a in run_args(folder, out, "--vllm-mode", "colocate", "--save-every", "1")]
+    argv[argv.index("helpers:digit_share")] = "vllm_probe_rewards:graded"
+    with open(tmp_path / "child.log", "w") as log:
+        child = subprocess.Popen([sys.executable, "-m", "grpokit.cli", *argv], env=env, stdout=subprocess.PIPE,
+                                 stderr=log, text=True)  # fmt: skip
+        for line in child.stdout:
+            if line.strip() == "scored 2":
+                break
+        child.send_signal(signal.SIGTERM)
+        child.communicate(timeout=300)
+    stderr = (tmp_path / "child.log").read_text()
+    assert child.returncode == 143, stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert _cli([*argv, "--resume-from-checkpoint", "latest"]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    ours, theirs = read_jsonl(out / "completions.jsonl"), read_jsonl(straight / "completions.jsonl")
+    assert [r["completion"] for r in ours] == [r["completion"] for r in theirs] and ours
+    mine, straight_weights = (load_file(run / "model" / "model.safetensors") for run in (out, straight))
     assert mine.keys() == straight_weights.keys()
     assert max(float((mine[k] - straight_weights[k]).abs().max()) for k in mine) < 1e-5
-
-
-FAILING_CALL: list[int] = []  # [the call that fails, calls so far]
-
-
-def graded(prompts, completions, **columns):
-    """`digit_share`, failing at call FAILING_CALL[0] when set (a reward backend that goes away)."""
-    if FAILING_CALL:
-        FAILING_CALL[1] += 1
-        if FAILING_CALL[1] == FAILING_CALL[0]:
-            raise ConnectionError("reward backend unreachable")
-    return digit_share(prompts, completions, **columns)
 
 
 def free_port() -> int:
