@@ -4,8 +4,8 @@
 
 `GRPOConfig` takes the field names, units and defaults of TRL 1.16's GRPOConfig and maps them onto grpokit's
 own config (`to_grpokit`); `GRPOTrainer` takes TRL's arguments and runs grpokit's trainer. A TRL option that
-grpokit does not have is an error naming it as soon as it is set to anything but TRL's default (`use_vllm=True`,
-`deepspeed=...`), never silently ignored; a value of the wrong type or out of range is an error naming the TRL
+grpokit does not have is an error naming it as soon as it is set to anything but TRL's default (`deepspeed=...`,
+`vllm_group_port=...`), never silently ignored; a value of the wrong type or out of range is an error naming the TRL
 field, and an error grpokit's own validation raises about a field computed from TRL's names those TRL fields
 (`trl_error`). `trainer.train(resume_from_checkpoint=True)` continues the latest checkpoint of output_dir, as in
 TRL. This module never imports `trl`; the native config stays grpokit's.
