@@ -31,6 +31,13 @@ def test_readme_is_at_most_200_lines():
     assert len(README.read_text().splitlines()) <= 200
 
 
+def test_ci_runs_the_readmes_test_command_verbatim():
+    """.ci/run is the README's "Set up and run the tests" command, so what CI proves is what a reader types."""
+    found = re.search(r"^Set up and run the tests:\n\n {4}(\S.*)$", README.read_text(), flags=re.M)
+    assert found, "the README lost its 'Set up and run the tests:' command"
+    assert found.group(1) in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
 def anchors(page: Path) -> set[str]:
     """The anchors a markdown renderer gives the page's headings: lower case, punctuation dropped, spaces -> '-'."""
     headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
