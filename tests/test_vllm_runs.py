@@ -156,3 +156,20 @@ def test_grpokit_eval_samples_through_vllm_as_the_in_process_sampler_does_greedy
     assert _cli([*args, "--use-vllm"]) == 0
     through_vllm = [line for line in capsys.readouterr().out.splitlines() if "greedy" in line]
     assert len(own) == 3 and through_vllm == own, (own, through_vllm)  # accuracy, the reward, the sum
+
+
+def test_a_model_vllm_cannot_load_is_an_error_naming_it(folder, tmp_path):
+    """(Last in the module: a failed load is not allowed to leave anything behind, but it runs after the others.)"""
+    import shutil
+
+    from grpokit.core.types import SamplerError
+    from grpokit.rollout.vllm import EngineSettings, LocalEngine
+
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    for file in folder.iterdir():
+        if not file.name.endswith(".safetensors"):
+            shutil.copy(file, broken / file.name)
+    expected = f"vLLM could not load the model '{broken}': .*Cannot find any model weights"
+    with pytest.raises(SamplerError, match=expected):
+        LocalEngine(EngineSettings(model=str(broken)))
