@@ -159,7 +159,7 @@ def test_grpokit_eval_samples_through_vllm_as_the_in_process_sampler_does_greedy
 
 
 def test_a_model_vllm_cannot_load_is_an_error_naming_it(folder, tmp_path):
-    """(Last in the module: a failed load is not allowed to leave anything behind, but it runs after the others.)"""
+    """(A failed load leaves nothing behind: an engine built after it samples as before, tried by hand.)"""
     import shutil
 
     from grpokit.core.types import SamplerError
@@ -173,3 +173,12 @@ def test_a_model_vllm_cannot_load_is_an_error_naming_it(folder, tmp_path):
     expected = f"vLLM could not load the model '{broken}': .*Cannot find any model weights"
     with pytest.raises(SamplerError, match=expected):
         LocalEngine(EngineSettings(model=str(broken)))
+
+
+def test_an_engine_context_shorter_than_a_row_is_refused_before_training(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = _cli(run_args(folder, out, "--vllm-mode", "colocate", "--vllm-max-model-length", "12"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "the vLLM engine holds 12 tokens (vllm_max_model_length), less than the longest prompt plus" in err
+    assert not (out / "metrics.jsonl").exists()

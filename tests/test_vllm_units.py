@@ -262,3 +262,14 @@ def test_vllm_fields_without_use_vllm_and_with_ppo_are_refused():
     with pytest.raises(ConfigError, match="`vllm_server_base_url` is 'localhost:8000': give a URL"):
         GRPOConfig(model="m", task="addition", use_vllm=True, vllm_mode="server",
                    vllm_server_base_url="localhost:8000").validate()  # fmt: skip
+
+
+def test_vllm_serve_on_a_port_in_use_is_refused_before_the_model_loads():
+    from grpokit.rollout.vllm_server import serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            serve(EngineSettings(model="not loaded"), host="127.0.0.1", port=port)

@@ -360,7 +360,10 @@ def _eval(args: list[str]) -> int:
     )
     check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=tokenizer)
     weights = PolicyWeights(model)
-    vllm = vllm_sampler(cfg, tokenizer, dtype, weights, device=device, model_given=False) if cfg.use_vllm else None
+    vllm = None
+    if cfg.use_vllm:
+        row = longest_prompt + cfg.max_completion_length
+        vllm = vllm_sampler(cfg, tokenizer, dtype, weights, device=device, model_given=False, longest_row=row)
     sampler = run_sampler(tokenizer, dtype, weights, vllm)  # as a run builds the one it evaluates through
     settings = HeldoutSettings(
         temperature=cfg.temperature,

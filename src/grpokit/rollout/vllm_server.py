@@ -14,6 +14,7 @@ used again (every later call answers 503: restart the server).
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import traceback
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -91,7 +92,13 @@ class EngineHandler(BaseHTTPRequestHandler):
 
 def serve(settings: EngineSettings, *, host: str, port: int) -> None:
     """Load the engine, then answer on host:port until interrupted (the model loads before the port opens, so a
-    trainer's health check answered means ready)."""
+    trainer's health check answered means ready; whether the port is free is checked before the load)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} (--host, --port)") from None
     engine = LocalEngine(settings)
     server = EngineServer((host, port), engine, settings.model)
     print(f"grpokit vllm-serve: {settings.model} ready on http://{host}:{port}", file=sys.stderr, flush=True)

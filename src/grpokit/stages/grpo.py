@@ -111,9 +111,10 @@ class GRPOTrainer:
             model, cfg, total_steps=optimizer_steps, device=self.device, dtype=dtype, cluster=self.cluster
         )
         self.vocab_size = policy.model.get_input_embeddings().num_embeddings  # a sampled id must have an embedding
-        self.sampler, self.correction = grpo_sampler(
-            cfg, self.tokenizer, dtype, policy.sampler_weights(), sampler, device=self.device, model_given=args.model
-        )  # the correction: for the gap between another engine's logprobs and the trainer's
+        self.sampler, self.correction = grpo_sampler(  # (the correction: for another engine's logprobs)
+            cfg, self.tokenizer, dtype, policy.sampler_weights(), sampler, device=self.device, model_given=args.model,
+            longest_row=longest_prompt + cfg.max_completion_length,
+        )  # fmt: skip
         self.sampling = sampling_params(cfg)
         self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_seeds`)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)

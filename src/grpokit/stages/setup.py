@@ -204,18 +204,22 @@ def run_sampler(tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, samp
     return sampler
 
 
-def grpo_sampler(cfg: GRPOConfig, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, sampler: Any, *,
-                 device: torch.device, model_given: Any) -> tuple[Sampler, SamplerCorrection | None]:  # fmt: skip
+def grpo_sampler(
+    cfg: GRPOConfig, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, sampler: Any, *,
+    device: torch.device, model_given: Any, longest_row: int,
+) -> tuple[Sampler, SamplerCorrection | None]:  # fmt: skip
     """A GRPO run's sampler (`sampler` handed in, else vLLM's with `use_vllm`, else the in-process one) holding
-    `weights`, and the engine-vs-trainer correction its update applies (`sampler_correction`)."""
+    `weights`, and the engine-vs-trainer correction its update applies (`sampler_correction`). `longest_row`: the
+    longest prompt plus max_completion_length, which an engine's context must hold."""
     if cfg.use_vllm and sampler is None:
-        sampler = vllm_sampler(cfg, tokenizer, dtype, weights, device=device, model_given=model_given is not None)
+        sampler = vllm_sampler(cfg, tokenizer, dtype, weights, device=device, model_given=model_given is not None,
+                               longest_row=longest_row)  # fmt: skip
     sampler = run_sampler(tokenizer, dtype, weights, sampler)
     return sampler, sampler_correction(cfg, sampler)
 
 
 def vllm_sampler(cfg: Any, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, *, device: torch.device,
-                 model_given: bool) -> Sampler:  # fmt: skip
+                 model_given: bool, longest_row: int) -> Sampler:  # fmt: skip
     """The `VLLMSampler` of a config with `use_vllm` (a GRPO config or `grpokit eval`'s), its engine started (a
     colocated engine loaded, or the server found healthy) and holding `weights`, before the first step: a missing
     vllm, a model vLLM cannot load or an unreachable server stops the run here. A colocated engine loads the config's
@@ -246,8 +250,14 @@ def vllm_sampler(cfg: Any, tokenizer: Any, dtype: torch.dtype, weights: PolicyWe
             )  # fmt: skip
             engine = LocalEngine(settings)
     vocab = weights.module.get_input_embeddings().num_embeddings
+    where = f"the vLLM server at {cfg.vllm_server_url()}" if cfg.vllm_mode == "server" else "the vLLM engine"
+    if engine.max_model_len is not None and longest_row > engine.max_model_len:
+        field = "vllm_max_model_length" if cfg.vllm_mode == "colocate" else "its --max-model-length"
+        raise ValueError(
+            f"{where} holds {engine.max_model_len} tokens ({field}), less than the longest prompt plus "
+            f"max_completion_length ({longest_row}): raise it, or shorten max_prompt_length / max_completion_length"
+        )
     if engine.vocab_size is not None and engine.vocab_size != vocab:
-        where = f"the vLLM server at {cfg.vllm_server_url()}" if cfg.vllm_mode == "server" else "the vLLM engine"
         raise ValueError(
             f"{where} serves a model of {engine.vocab_size} token embeddings, the policy has {vocab}: it serves "
             "another model (`grpokit vllm-serve` the policy's starting model)"
