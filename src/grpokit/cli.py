@@ -393,7 +393,7 @@ def _eval(args: list[str]) -> int:
 def _vllm_serve(args: list[str]) -> int:
     import torch
 
-    from grpokit.config import VLLMServeConfig
+    from grpokit.config import ConfigError, VLLMServeConfig
     from grpokit.rollout.vllm import EngineSettings, import_vllm
     from grpokit.rollout.vllm_server import serve
 
@@ -401,7 +401,10 @@ def _vllm_serve(args: list[str]) -> int:
         args = ["--model", *args]  # `grpokit vllm-serve MODEL` (as `trl vllm-serve --model MODEL`, both work)
     cfg = parse_config(VLLMServeConfig, args, "grpokit vllm-serve MODEL")
     cfg.validate()
-    import_vllm("grpokit vllm-serve")
+    try:
+        import_vllm(None)
+    except ImportError as err:  # not a bug to show a traceback for: a missing optional extra
+        raise ConfigError(str(err)) from None
     on_gpu = torch.cuda.is_available()
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     settings = EngineSettings(

@@ -47,7 +47,7 @@ INSTALL_HINT = (
 SEED_SPAN = 2**64  # vLLM takes seeds in [0, 2**64); -1 is "unseeded"
 
 
-def import_vllm(field: str = "use_vllm") -> Any:
+def import_vllm(field: str | None = "use_vllm") -> Any:
     """The `vllm` package, imported with its engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, unless the
     caller set it: a separate engine process would need every script that builds one to have a `__main__` guard);
     missing: an ImportError that names `field` and how to install it."""
@@ -55,7 +55,8 @@ def import_vllm(field: str = "use_vllm") -> Any:
     try:
         import vllm
     except ImportError as err:
-        raise ImportError(f"{field}: vLLM is not installed ({err}); {INSTALL_HINT}") from err
+        where = f"{field}: " if field else ""
+        raise ImportError(f"{where}vLLM is not installed ({err}); {INSTALL_HINT}") from err
     return vllm
 
 
