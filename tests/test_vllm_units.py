@@ -70,6 +70,7 @@ def test_a_seed_keeps_its_value_unless_its_group_would_overflow_vllms_range():
         ({"prompt": [2, 99]}, "prompt token 99 is outside the engine's 85 tokens"),
         ({"seed": SEED_SPAN - 1}, "outside what vLLM takes"),
         ({"temperature": 0.0}, "greedy sampling takes n = 1"),
+        ({"temperature": 2.5}, "temperature 2.5 is outside"),
     ],
 )
 def test_what_vllm_would_refuse_is_refused_before_it_is_sent(change, expected):
@@ -257,7 +258,7 @@ def test_a_grpo_step_through_another_engine_weighs_its_tokens_and_logs_the_weigh
 def test_vllm_fields_without_use_vllm_and_with_ppo_are_refused():
     with pytest.raises(ConfigError, match="`vllm_server_port` is set but use_vllm is false"):
         GRPOConfig(model="m", task="addition", vllm_server_port=9000).validate()
-    with pytest.raises(ConfigError, match="`use_vllm` is True, but PPOConfig never reads it"):
+    with pytest.raises(ConfigError, match="`use_vllm` is true, but PPO samples with grpokit's own sampler"):
         PPOConfig(model="m", task="addition", use_vllm=True).validate()
     with pytest.raises(ConfigError, match="`vllm_server_base_url` is 'localhost:8000': give a URL"):
         GRPOConfig(model="m", task="addition", use_vllm=True, vllm_mode="server",
@@ -273,3 +274,92 @@ def test_vllm_serve_on_a_port_in_use_is_refused_before_the_model_loads():
         port = busy.getsockname()[1]
         with pytest.raises(ValueError, match=rf"cannot listen on 127.0.0.1:{port}: Address already in use"):
             serve(EngineSettings(model="not loaded"), host="127.0.0.1", port=port)
+
+
+# ---------------------------------------------------------------- `grpokit vllm-serve` around a stand-in engine
+
+
+class GatedEngine(FakeEngine):
+    """A stand-in engine whose generation waits for `gate` when one is set (a slow engine)."""
+
+    gate = None
+
+    def complete(self, requests):
+        if self.gate is not None:
+            self.gate.wait(timeout=60)
+        return super().complete(requests)
+
+
+@pytest.fixture
+def served(tmp_path, char_tokenizer):
+    """(a `grpokit vllm-serve` server on a stand-in engine, listening on a free port, its model's weights)."""
+    import threading
+
+    from grpokit.rollout.vllm_server import EngineServer
+    from grpokit.runtime.checkpoint import save_model
+
+    model = tiny_model(char_tokenizer, "llama", hidden_size=32, seed=0)
+    folder = save_model(model, char_tokenizer, tmp_path / "served")
+    server = EngineServer(("127.0.0.1", 0), GatedEngine(), str(folder))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, model
+    server.shutdown()
+    server.server_close()
+
+
+def url_of(server):
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_push_of_another_models_weights_is_refused_and_leaves_the_engine_usable(served, char_tokenizer):
+    server, model = served
+    other = tiny_model(char_tokenizer, "llama", hidden_size=64, seed=0)
+    client = ServerEngine(url_of(server), timeout=5)
+    with pytest.raises(SamplerError, match="400: these weights are not the served model's .*model.embed_tokens.weight"):
+        client.load_weights(PolicyWeights(other).named_tensors())
+    assert server.engine.loads == 0 and server.failed is None
+    client.load_weights(PolicyWeights(model).named_tensors())  # the right model's weights go in
+    assert server.engine.loads == 1
+
+
+def test_a_second_run_pushing_to_the_same_server_stops_the_first_instead_of_mixing_weights(served, char_tokenizer):
+    server, model = served
+    first = VLLMSampler(ServerEngine(url_of(server), timeout=5), char_tokenizer)
+    first.update_weights(PolicyWeights(model, version=lambda: 1))
+    params = SamplingParams(max_new_tokens=2)
+    first.generate([[2, 5]], num_generations=2, params=params, seeds=[0])
+    second = VLLMSampler(ServerEngine(url_of(server), timeout=5), char_tokenizer)
+    second.update_weights(PolicyWeights(model, version=lambda: 1))
+    with pytest.raises(SamplerError, match="409: this server holds other weights than the run's last push"):
+        first.generate([[2, 5]], num_generations=2, params=params, seeds=[0])
+    second.generate([[2, 5]], num_generations=2, params=params, seeds=[0])  # the latest run goes on
+
+
+def test_a_caller_that_gives_up_leaves_the_server_healthy(served, char_tokenizer):
+    """A trainer's timeout (or a killed trainer) while the engine generates: the server answers into a closed
+    connection, and stays usable."""
+    import threading
+
+    server, model = served
+    sampler = VLLMSampler(ServerEngine(url_of(server), timeout=0.5), char_tokenizer)
+    sampler.update_weights(PolicyWeights(model, version=lambda: 1))
+    server.engine.gate = threading.Event()
+    with pytest.raises(SamplerError, match=r"did not answer /generate within 0.5 s \(vllm_server_timeout\)"):
+        sampler.generate([[2, 5]], num_generations=2, params=SamplingParams(max_new_tokens=2), seeds=[0])
+    server.engine.gate.set()
+    again = VLLMSampler(ServerEngine(url_of(server), timeout=5), char_tokenizer)
+    again.update_weights(PolicyWeights(model, version=lambda: 1))
+    rollout = again.generate([[2, 5]], num_generations=2, params=SamplingParams(max_new_tokens=2), seeds=[0])
+    assert server.failed is None and rollout.completion_ids.shape == (2, 2)
+
+
+def test_an_engine_that_failed_is_reported_at_once_not_waited_for(served, char_tokenizer):
+    server, model = served
+    sampler = VLLMSampler(ServerEngine(url_of(server), timeout=5), char_tokenizer)
+    sampler.update_weights(PolicyWeights(model, version=lambda: 1))
+    server.engine.fail = RuntimeError("out of memory")
+    with pytest.raises(SamplerError, match="500: /generate: RuntimeError: out of memory"):
+        sampler.generate([[2, 5]], num_generations=2, params=SamplingParams(max_new_tokens=2), seeds=[0])
+    with pytest.raises(SamplerError, match="answered /health with 503: the engine failed earlier .*restart the server"):
+        ServerEngine(url_of(server), timeout=240)  # at once: a server that answers is not retried for 240 s

@@ -394,13 +394,19 @@ def _vllm_serve(args: list[str]) -> int:
     import torch
 
     from grpokit.config import ConfigError, VLLMServeConfig
+    from grpokit.model.loading import check_model_source, hub_reachable, is_hub_id
     from grpokit.rollout.vllm import EngineSettings, import_vllm
     from grpokit.rollout.vllm_server import serve
 
     if args and not args[0].startswith("-") and not args[0].endswith((".yaml", ".yml")):
+        if "--model" in args[1:] or any(a.startswith("--model=") for a in args[1:]):
+            raise ConfigError(f"the model is given twice: as MODEL ({args[0]}) and as --model; give one")
         args = ["--model", *args]  # `grpokit vllm-serve MODEL` (as `trl vllm-serve --model MODEL`, both work)
     cfg = parse_config(VLLMServeConfig, args, "grpokit vllm-serve MODEL")
     cfg.validate()
+    check_model_source(cfg.model, field="model")  # a missing folder in a second, not after vLLM's hub retries
+    if is_hub_id(cfg.model):
+        hub_reachable(cfg.model)
     try:
         import_vllm(None)
     except ImportError as err:  # not a bug to show a traceback for: a missing optional extra

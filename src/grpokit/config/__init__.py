@@ -248,7 +248,8 @@ class VLLMFields:
 
     def validate_vllm(self) -> None:
         _require(self.vllm_server_timeout > 0, "vllm_server_timeout", f"must be > 0, got {self.vllm_server_timeout}")
-        _require(1 <= self.vllm_server_port <= 65535, "vllm_server_port", f"is {self.vllm_server_port}")
+        port = self.vllm_server_port
+        _require(1 <= port <= 65535, "vllm_server_port", f"is {port}: not in 1..65535")
         utilization = self.vllm_gpu_memory_utilization
         _require(0 < utilization <= 1, "vllm_gpu_memory_utilization", f"must be in (0, 1], got {utilization}")
         length = self.vllm_max_model_length
@@ -260,6 +261,22 @@ class VLLMFields:
             url is None or url.startswith(("http://", "https://")),
             "vllm_server_base_url",
             f"is {url!r}: give a URL such as http://localhost:8000",
+        )
+        if url is not None:
+            from urllib.parse import urlsplit
+
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 (reading it checks the range)
+            except ValueError as err:
+                raise ConfigError(f"config field `vllm_server_base_url` is {url!r}: {err}") from None
+            _require(bool(parts.hostname), "vllm_server_base_url", f"is {url!r}: it names no host")
+        host = self.vllm_server_host
+        _require(
+            "://" not in host and "/" not in host and (host.count(":") != 1),
+            "vllm_server_host",
+            f"is {host!r}: give a bare host name or address (the port is vllm_server_port), or set "
+            "vllm_server_base_url to a whole URL",
         )
         if not self.use_vllm:
             set_here = [f.name for f in dataclasses.fields(VLLMFields) if f.name != "use_vllm"
@@ -281,6 +298,23 @@ class VLLMFields:
             f"is true in a torchrun launch of {world} processes: sampling through vLLM runs in one process for now "
             "(a rank per engine and FSDP's gathered weights per engine are not built); run without torchrun",
         )
+        other = self.SERVER_FIELDS if self.vllm_mode == "colocate" else self.COLOCATE_FIELDS
+        defaults = {f.name: f.default for f in dataclasses.fields(VLLMFields)}
+        for name in other:
+            _require(
+                getattr(self, name) == defaults[name],
+                name,
+                f"is {getattr(self, name)!r}, but it sets the other vLLM mode than vllm_mode: {self.vllm_mode}"
+                + (" (a server's settings are `grpokit vllm-serve`'s options)" if self.vllm_mode == "server" else ""),
+            )
+
+    COLOCATE_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "vllm_gpu_memory_utilization", "vllm_max_model_length", "vllm_tensor_parallel_size", "vllm_enable_sleep_mode",
+        "vllm_kv_cache_gb", "vllm_enforce_eager",
+    )  # fmt: skip
+    SERVER_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+    )  # fmt: skip
 
     def vllm_server_url(self) -> str:
         return self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
@@ -462,6 +496,12 @@ class GRPOConfig(VLLMFields, RunConfig):
         _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= 0, "top_k", "must be >= 0")
         self.validate_vllm()
+        for name in ("temperature", "eval_temperature"):
+            _require(
+                not self.use_vllm or getattr(self, name) <= 2,
+                name,
+                f"is {getattr(self, name)}: vLLM samples at temperatures up to 2 (use_vllm)",
+            )
         low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
         _require(low is None or low >= 0, "vllm_importance_sampling_clip_min", f"must be >= 0 or empty, got {low}")
         _require(
@@ -469,6 +509,19 @@ class GRPOConfig(VLLMFields, RunConfig):
             "vllm_importance_sampling_clip_max",
             f"is {high}: it must be > 0 and above vllm_importance_sampling_clip_min ({low}), or empty",
         )
+        if self.vllm_importance_sampling_mode.endswith("mask"):  # on-policy weights are 1: a bound on the wrong side
+            _require(  # of 1 would drop every token, and nothing would be learned
+                high is None or high > 1,
+                "vllm_importance_sampling_clip_max",
+                f"is {high}: with {self.vllm_importance_sampling_mode} a weight above it is dropped, and the weights "
+                "of a sampler that matches the trainer are 1: it must be > 1 (or empty)",
+            )
+            _require(
+                low is None or low < 1,
+                "vllm_importance_sampling_clip_min",
+                f"is {low}: with {self.vllm_importance_sampling_mode} a weight below it is dropped, and the weights "
+                "of a sampler that matches the trainer are 1: it must be < 1 (or empty)",
+            )
         _require(
             low is not None or high is not None or not self.vllm_importance_sampling_mode.endswith("truncate"),
             "vllm_importance_sampling_clip_max",
@@ -591,6 +644,12 @@ class PPOConfig(GRPOConfig):
          "vllm_importance_sampling_clip_min")  # fmt: skip
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        _require(
+            not self.use_vllm,
+            "use_vllm",
+            "is true, but PPO samples with grpokit's own sampler: sampling through vLLM (and its importance "
+            "correction) is built for GRPO only (`grpokit train`)",
+        )
         super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
         _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
         _require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
@@ -792,7 +851,7 @@ class VLLMServeConfig:
             "model",
             f"is a .gguf file ({self.model}): give a model folder (`grpokit fetch-model smollm2 DIR` writes one)",
         )
-        _require(1 <= self.port <= 65535, "port", f"is {self.port}")
+        _require(1 <= self.port <= 65535, "port", f"is {self.port}: a port is in 1..65535")
         _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         _require(self.kv_cache_gb > 0, "kv_cache_gb", f"must be > 0, got {self.kv_cache_gb}")

@@ -25,11 +25,15 @@ What the engine is told, and why:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -112,10 +116,19 @@ def engine_requests(
     return requests
 
 
-def check_requests(requests: list[dict[str, Any]], *, max_model_len: int | None, vocab_size: int | None) -> None:
+MAX_TEMPERATURE = 2.0  # vLLM refuses a temperature above it
+
+
+def check_requests(
+    requests: list[dict[str, Any]], *, max_model_len: int | None, vocab_size: int | None,
+    context_field: str = "vllm_max_model_length",
+) -> None:  # fmt: skip
     """What vLLM would refuse, refused here first with the prompt it concerns: a refused request left the in-process
-    engine hanging on the next call when probed, so nothing invalid is ever sent."""
+    engine hanging on the next call when probed, so nothing invalid is ever sent. `context_field`: what sets the
+    engine's context, named in the error."""
     for i, r in enumerate(requests):
+        if not 0 <= r["temperature"] <= MAX_TEMPERATURE:
+            raise ValueError(f"request {i}: temperature {r['temperature']} is outside [0, {MAX_TEMPERATURE:g}]")
         prompt = r["prompt"]
         if not prompt or any(not isinstance(t, int) or t < 0 for t in prompt):
             raise ValueError(f"request {i}: the prompt must be a non-empty list of token ids >= 0")
@@ -124,7 +137,7 @@ def check_requests(requests: list[dict[str, Any]], *, max_model_len: int | None,
         if max_model_len is not None and len(prompt) + r["max_tokens"] > max_model_len:
             raise ValueError(
                 f"request {i}: a {len(prompt)}-token prompt plus {r['max_tokens']} new tokens exceeds the engine's "
-                f"max_model_len {max_model_len} (vllm_max_model_length)"
+                f"max_model_len {max_model_len} ({context_field})"
             )
         seed, n = r["seed"], r["n"]
         if seed is not None and not 0 <= seed <= SEED_SPAN - n:
@@ -267,8 +280,13 @@ def build_llm(settings: EngineSettings) -> Any:
         kwargs["enable_sleep_mode"] = True
     try:
         return vllm.LLM(**kwargs)
-    except Exception as err:  # vLLM raises many kinds while loading; all mean "this model does not load"
-        raise SamplerError(f"vLLM could not load the model {settings.model!r}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # vLLM raises many kinds while loading; all mean "this engine does not start"
+        hint = ""
+        if "cache blocks" in str(err) and settings.kv_cache_gb is not None:  # vLLM names its GPU setting
+            hint = f" (on a CPU the KV cache is vllm_kv_cache_gb / --kv-cache-gb, here {settings.kv_cache_gb:g} GiB)"
+        raise SamplerError(
+            f"vLLM could not load the model {settings.model!r}: {type(err).__name__}: {err}{hint}"
+        ) from err
 
 
 def llm_complete(llm: Any, requests: list[dict[str, Any]]) -> list[list[Completion]]:
@@ -306,9 +324,22 @@ def llm_complete(llm: Any, requests: list[dict[str, Any]]) -> list[list[Completi
     return answers
 
 
+# What vLLM logs at every reload: two lines of timing, and a warning that its rotary embedding "failed to load
+# weights" (it has none to load: its frequencies are computed, and the logprobs after a push equal the trainer's,
+# tests/test_vllm_engine.py). Every step would print them; they are kept for errors only.
+RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace",
+    "vllm.v1.core.block_pool",
+)  # fmt: skip
+
+
 def llm_load_weights(llm: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Replace the engine's weights with `tensors` (the whole state, in the model's own names) and drop the prefix
     cache, whose keys and values the old weights computed."""
+    import logging
+
+    for name in RELOAD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(tensors), "is_checkpoint_format": True})
     llm.reset_prefix_cache()
 
@@ -327,6 +358,8 @@ class Engine(Protocol):
 class LocalEngine:
     """vLLM in this process (`vllm_mode: colocate`): it shares the machine with the trainer. With sleep mode (CUDA),
     the engine's memory is released after each generation and its weights woken before the next push."""
+
+    context_field = "vllm_max_model_length"
 
     def __init__(self, settings: EngineSettings):
         if settings.enable_sleep_mode and not torch.cuda.is_available():
@@ -369,48 +402,70 @@ class LocalEngine:
 
 class ServerEngine:
     """A `grpokit vllm-serve` server (`vllm_mode: server`), over HTTP: JSON requests, weights as one safetensors body.
-    Every call has `timeout` seconds: a server that does not answer is a clear error, never a hang."""
+    Every call has `timeout` seconds: a server that does not answer is a clear error, never a hang. Each push carries
+    a token that the next generation names, so that a server another run pushed its weights to in between refuses
+    (one server serves one run) instead of sampling from the other run's weights."""
 
-    def __init__(self, base_url: str, *, timeout: float):
+    context_field = "the server's --max-model-length"
+
+    def __init__(self, base_url: str, *, timeout: float, announce: Any = None):
         self.base_url, self.timeout = base_url.rstrip("/"), timeout
+        self.announce = announce or (lambda text: print(text, file=sys.stderr, flush=True))
         info = self.wait_until_healthy()
         self.max_model_len, self.vocab_size = info.get("max_model_len"), info.get("vocab_size")
-        self.model = info.get("model")
+        self.model, self.shapes = info.get("model"), info.get("shapes")
+        self.weights_token: str | None = None
 
-    def _call(self, path: str, body: bytes | None = None, content_type: str = "application/json") -> dict[str, Any]:
+    def _call(self, path: str, body: bytes | None = None, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
         request = urllib.request.Request(self.base_url + path, data=body, method="GET" if body is None else "POST")
-        if body is not None:
-            request.add_header("Content-Type", content_type)
+        for key, value in {**({"Content-Type": content_type} if body is not None else {}), **(headers or {})}.items():
+            request.add_header(key, value)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:2000]
-            raise SamplerError(f"the vLLM server at {self.base_url} answered {path} with {err.code}: {detail}") from err
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                detail = json.loads(detail)["error"]
+            raise ServerAnswer(f"the vLLM server at {self.base_url} answered {path} with {err.code}: {detail}") from err
+        except TimeoutError as err:
             raise SamplerError(
                 f"the vLLM server at {self.base_url} did not answer {path} within {self.timeout:g} s "
-                f"(vllm_server_timeout): {getattr(err, 'reason', err)}"
+                "(vllm_server_timeout)"
             ) from err
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                raise SamplerError(
+                    f"the vLLM server at {self.base_url} did not answer {path} within {self.timeout:g} s "
+                    "(vllm_server_timeout)"
+                ) from err
+            raise Unreachable(f"the vLLM server at {self.base_url} cannot be reached ({path}): {reason}") from err
 
     def wait_until_healthy(self) -> dict[str, Any]:
-        """The server's /health answer, retried until `timeout` seconds have passed (a server still loading its
-        model refuses connections); then a SamplerError that says how to start one."""
-        deadline, last = time.monotonic() + self.timeout, None
+        """The server's /health answer. A server that refuses connections may still be loading its model: retried
+        until `timeout` seconds have passed (said once), then a SamplerError that says how to start one. A server
+        that answers with an error is that error at once."""
+        deadline, said = time.monotonic() + self.timeout, False
         while True:
             try:
                 return self._call("/health")
-            except SamplerError as err:
-                last = err
-            if time.monotonic() >= deadline:
-                raise SamplerError(
-                    f"no vLLM server answered at {self.base_url} within {self.timeout:g} s (vllm_server_timeout): "
-                    f"start one with `grpokit vllm-serve MODEL --port PORT`, or set vllm_mode: colocate ({last})"
-                )
+            except Unreachable as err:
+                if time.monotonic() >= deadline:
+                    raise SamplerError(
+                        f"no vLLM server answered at {self.base_url} within {self.timeout:g} s (vllm_server_timeout): "
+                        f"start one with `grpokit vllm-serve MODEL --port PORT`, or set vllm_mode: colocate ({err})"
+                    ) from None
+            if not said:
+                self.announce(f"waiting up to {self.timeout:g} s (vllm_server_timeout) for the vLLM server at "
+                              f"{self.base_url} (start it with `grpokit vllm-serve MODEL --port PORT`)")  # fmt: skip
+                said = True
             time.sleep(0.5)
 
     def complete(self, requests: list[dict[str, Any]]) -> list[list[Completion]]:
-        answer = self._call("/generate", json.dumps({"requests": requests}).encode())
+        body = json.dumps({"requests": requests, "weights_token": self.weights_token}).encode()
+        answer = self._call("/generate", body)
         return [[Completion(**c) for c in group] for group in answer["completions"]]
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -421,7 +476,33 @@ class ServerEngine:
             tensor = tensor.detach().cpu().contiguous()
             state[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
             seen.add(tensor.data_ptr())
-        self._call("/update_weights", save(state), content_type="application/octet-stream")
+        token = uuid.uuid4().hex
+        self._call("/update_weights", save(state), content_type="application/octet-stream",
+                   headers={"X-Weights-Token": token})  # fmt: skip
+        self.weights_token = token
+
+
+class ServerAnswer(SamplerError):
+    """The server answered with an error (its message says what)."""
+
+
+class Unreachable(SamplerError):
+    """No server accepted the connection."""
+
+
+def shape_mismatch(expected: dict[str, list[int]] | None, state: dict[str, Any]) -> str | None:
+    """What in `state` (name -> tensor or shape) does not fit the model a server loaded (`expected`, its checkpoint's
+    names and shapes; None: unknown): the first missing or differently shaped tensor, else None. Extra names (a
+    tied head the checkpoint leaves out) are fine."""
+    if not expected:
+        return None
+    for name, shape in expected.items():
+        if name not in state:
+            return f"no tensor {name} (the served model has it)"
+        got = list(state[name].shape) if hasattr(state[name], "shape") else list(state[name])
+        if got != list(shape):
+            return f"{name} is {tuple(got)}, the served model's is {tuple(shape)}"
+    return None
 
 
 # ---------------------------------------------------------------- the sampler
@@ -471,7 +552,10 @@ class VLLMSampler:
         requests = engine_requests(
             prompt_ids, num_generations=num_generations, params=params, seeds=seeds, eos_token_ids=self.eos_token_ids
         )
-        check_requests(requests, max_model_len=self.engine.max_model_len, vocab_size=self.engine.vocab_size)
+        check_requests(
+            requests, max_model_len=self.engine.max_model_len, vocab_size=self.engine.vocab_size,
+            context_field=getattr(self.engine, "context_field", "vllm_max_model_length"),
+        )  # fmt: skip
         completions = self._guard("generate", lambda: self.engine.complete(requests))
         return rollout_from_completions(
             prompt_ids, completions, num_generations=num_generations, params=params,

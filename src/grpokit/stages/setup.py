@@ -225,12 +225,24 @@ def vllm_sampler(cfg: Any, tokenizer: Any, dtype: torch.dtype, weights: PolicyWe
     vllm, a model vLLM cannot load or an unreachable server stops the run here. A colocated engine loads the config's
     model folder or hub id itself; a model handed in as an object (or a .gguf file) is written to a temporary folder
     first (its config, tokenizer and the policy's weights), deleted once the engine has read it."""
-    from grpokit.rollout.vllm import EngineSettings, LocalEngine, ServerEngine, VLLMSampler, import_vllm
+    from grpokit.rollout.vllm import EngineSettings, LocalEngine, ServerEngine, VLLMSampler, import_vllm, shape_mismatch
 
     if cfg.vllm_mode == "server":
         engine = ServerEngine(cfg.vllm_server_url(), timeout=cfg.vllm_server_timeout)
+        wrong = shape_mismatch(engine.shapes, dict(weights.named_tensors()))
+        if wrong is not None:
+            raise ValueError(
+                f"the vLLM server at {cfg.vllm_server_url()} serves {engine.model}, not the policy's model: {wrong}; "
+                "start it with the run's starting model (`grpokit vllm-serve MODEL`)"
+            )
     else:
         import_vllm()
+        if cfg.vllm_max_model_length is not None and longest_row > cfg.vllm_max_model_length:
+            raise ValueError(
+                f"config field `vllm_max_model_length` is {cfg.vllm_max_model_length}, less than the longest prompt "
+                f"plus max_completion_length ({longest_row}): raise it, or shorten max_prompt_length / "
+                "max_completion_length"
+            )
         on_cpu = device.type == "cpu"
         source = str(cfg.model)
         readable = not model_given and source.endswith(".gguf") is False
