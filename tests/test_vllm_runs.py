@@ -176,9 +176,10 @@ def test_a_model_vllm_cannot_load_is_an_error_naming_it(folder, tmp_path):
 
 
 def test_an_engine_context_shorter_than_a_row_is_refused_before_training(folder, tmp_path, capsys):
+    """(Before the engine loads.)"""
     out = tmp_path / "run"
     rc = _cli(run_args(folder, out, "--vllm-mode", "colocate", "--vllm-max-model-length", "12"))
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert "the vLLM engine holds 12 tokens (vllm_max_model_length), less than the longest prompt plus" in err
+    assert "`vllm_max_model_length` is 12, less than the longest prompt plus max_completion_length (18)" in err
     assert not (out / "metrics.jsonl").exists()
