@@ -261,7 +261,8 @@ def compare_section() -> list[str]:
 def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
     """`benchmarks/vllm_sampler.py`'s records: the in-process sampler beside VLLMSampler, generation and a GRPO step."""
     out = []
-    for r in records if records is not None else [r for _, r in _load("vllm-sampler-*.json")]:
+    records = records if records is not None else [r for _, r in _load("vllm-sampler-*.json")]
+    for r in (r for r in records if "generation" in r):
         w, g, s = r["workload"], r["generation"], r.get("grpo_step")
         own, eng = g["generation"]["in-process"], g["generation"]["vLLM colocate"]
         rows, total = w["prompts"] * w["generations"], w["prompts"] * w["generations"] * w["new_tokens"]
@@ -288,7 +289,7 @@ def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
                 x, y = p["median_parts_s"][key], q["median_parts_s"][key]
                 lines.append(f"| {label} | {x:.2f} s | {y:.2f} s | {y / x:.2f} |")
         st, push = g["startup_s"], g["push_s"]
-        before = ", ".join(f"{t:.2f} s" for t in g["in_process_before_engine_s"])
+        alone = ", ".join(f"{t:.2f} s" for t in g["in_process_before_engine_s"])
         ratio = g["ratio_vllm_over_in_process"]
         verdict = (
             f"vLLM's CPU build took {ratio:.2f}x the in-process sampler's time to generate the same {total} tokens"
@@ -305,9 +306,16 @@ def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
             if ratio < 1 and (not s or s["ratio_step_vllm_over_in_process"] < 1)
             else "Neither is faster in both measures."
         )
-        loads = [g["load_1min"]["start"], g["load_1min"]["end"]]
-        if s:
-            loads += [s["load_1min"]["start"], s["load_1min"]["end"]]
+        parts = [("generation", g), ("GRPO step", s)] if s else [("generation", g)]
+        before = "; ".join(f"{part.get('load_1min_before', part['load_1min']['start']):.2f} ({name})"
+                           for name, part in parts)  # fmt: skip
+        shares = [(name, part.get("cpu_share")) for name, part in parts]
+        quiet = (
+            "; other processes' CPU time while each part ran: "
+            + ", ".join(f"{c['others_cpu_s']:.0f} s in {c['wall_s']:.0f} s ({name})" for name, c in shares if c)
+            if all(c for _, c in shares)
+            else ""
+        )
         out += [
             f"## vLLM as the rollout engine: {w['model']}, {w['prompts']} prompts x {w['generations']}, "
             f"{w['new_tokens']} new tokens",
@@ -328,15 +336,14 @@ def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
             f"{push['median']:.2f} s (median of {len(push['times'])}).",
             f"The engine's logprobs of its last rollout differ from the trainer's by at most "
             f"{g['max_logp_gap_engine_vs_trainer']:.1e};",
-            f"the in-process sampler alone, before vLLM was imported: {before}.",
+            f"the in-process sampler alone, before vLLM was imported: {alone}.",
             "",
             f"On this {r['machine']['cores']}-core CPU, {verdict}.",
             faster,
             "vLLM is built for GPUs (paged attention, continuous batching, CUDA graphs), which this record does not",
             "measure: it says nothing about vLLM on a GPU.",
             "",
-            f"1-minute load average while measuring: {', '.join(f'{x:.2f}' for x in loads)} "
-            "(each part's start and end).",
+            f"1-minute load average before each part started: {before}{quiet}.",
             "",
             f"Record: {provenance(r)}.",
             "",

@@ -23,7 +23,8 @@ benchmark cache unless `--model` names one). Two parts, each in a fresh process 
     includes the weight push that ends the step.
 
 It prints the config, commit, machine and a summary table, and writes benchmarks/results/vllm-sampler-smollm2-135m.json
-(`--out`) with every raw figure and the 1-minute load average around each part (measure on a quiet machine).
+(`--out`) with every raw figure, the 1-minute load average at each part's start and end, and the CPU seconds other
+processes took while each part ran (`cpu_share`; measure on a quiet machine: those should be near 0).
 `python benchmarks/table.py --write` turns the record into the docs table.
 """
 
@@ -52,6 +53,29 @@ KV_CACHE_GB = 1.0
 
 def load_1min() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+class CpuShare:
+    """How quiet the machine was while a part ran: the CPU seconds the whole machine spent busy (/proc/stat) beside
+    this process's own (`os.times`); what is left is other processes' (and the kernel's) time."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self.busy(), self.own()
+
+    @staticmethod
+    def busy() -> float:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def own() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def figures(self) -> dict:
+        busy, own = self.busy() - self.busy0, self.own() - self.own0
+        return {"wall_s": time.perf_counter() - self.t0, "own_cpu_s": own, "machine_busy_cpu_s": busy,
+                "others_cpu_s": max(busy - own, 0.0)}  # fmt: skip
 
 
 def model_folder(given: str | None) -> Path:
@@ -109,7 +133,7 @@ def sampler_worker(args: argparse.Namespace) -> dict:
     from grpokit.model.weights import PolicyWeights
     from grpokit.rollout.sampler import KVCacheSampler, SamplingParams, prompt_seeds
 
-    loads = {"start": load_1min()}
+    loads, share = {"start": load_1min()}, CpuShare()
     folder = model_folder(args.model)
     model = load_model(str(folder), "cpu", torch.float32).eval()
     tokenizer = without_eos(load_tokenizer(str(folder)))
@@ -148,6 +172,7 @@ def sampler_worker(args: argparse.Namespace) -> dict:
     samplers = {"in-process": own, "vLLM colocate": engine_sampler}
     times: dict[str, list[float]] = {name: [] for name in samplers}
     tokens: dict[str, list[int]] = {name: [] for name in samplers}
+    others: dict[str, list[float]] = {name: [] for name in samplers}  # other processes' CPU s during each call
     pushes, tensor_lists, last = [], [], None
 
     def call(name: str, seeds: list[int]):
@@ -164,9 +189,10 @@ def sampler_worker(args: argparse.Namespace) -> dict:
             seeds = prompt_seeds(0, r + 1, list(range(len(prompt_ids))))
             order = list(samplers) if r % 2 == 0 else list(samplers)[::-1]
             for name in order:
-                t0 = time.perf_counter()
+                t0, call_share = time.perf_counter(), CpuShare()
                 rollout = call(name, seeds)
                 times[name].append(time.perf_counter() - t0)
+                others[name].append(call_share.figures()["others_cpu_s"])
                 tokens[name].append(int(rollout.completion_mask.sum()))
                 if name == "vLLM colocate":
                     last = rollout
@@ -206,6 +232,7 @@ def sampler_worker(args: argparse.Namespace) -> dict:
                 "times_s": times[name],
                 "tokens": tokens[name],
                 "tokens_per_s": statistics.median(tokens[name]) / medians[name],
+                "others_cpu_s": others[name],
             }
             for name in samplers
         },  # fmt: skip
@@ -215,6 +242,7 @@ def sampler_worker(args: argparse.Namespace) -> dict:
         "torch_threads": {"before_engine": threads_before, "after_engine": threads_after},
         "cpu_affinity": {"before_engine": affinity_before, "after_engine": affinity_after},
         "load_1min": loads,
+        "cpu_share": share.figures(),
     }
 
 
@@ -226,7 +254,7 @@ def step_worker(args: argparse.Namespace) -> dict:
     from grpokit.model.loading import load_tokenizer
     from grpokit.stages.grpo import GRPOTrainer
 
-    loads = {"start": load_1min()}
+    loads, share = {"start": load_1min()}, CpuShare()
     folder, data = model_folder(args.model), chat_prompts()
     tokenizer = without_eos(load_tokenizer(str(folder)))
     with tempfile.TemporaryDirectory() as out:
@@ -243,7 +271,8 @@ def step_worker(args: argparse.Namespace) -> dict:
             builds[name] = time.perf_counter() - t0
         parts = ("time/rollout", "time/reward", "time/reference", "time/update", "time/step")
         runs: dict[str, dict[str, list[float]]] = {
-            name: {"wall_s": [], **{k: [] for k in parts}, "mean_length": [], "warmup_wall_s": []} for name in trainers
+            name: {"wall_s": [], **{k: [] for k in parts}, "mean_length": [], "warmup_wall_s": [], "others_cpu_s": []}
+            for name in trainers
         }
         for name, trainer in trainers.items():  # one warm-up step each
             t0 = time.perf_counter()
@@ -252,9 +281,10 @@ def step_worker(args: argparse.Namespace) -> dict:
         for r in range(args.step_rounds):
             order = list(trainers) if r % 2 == 0 else list(trainers)[::-1]
             for name in order:
-                t0 = time.perf_counter()
+                t0, step_share = time.perf_counter(), CpuShare()
                 metrics, _ = trainers[name].step()
                 runs[name]["wall_s"].append(time.perf_counter() - t0)
+                runs[name]["others_cpu_s"].append(step_share.figures()["others_cpu_s"])
                 for k in parts:
                     runs[name][k].append(metrics[k])
                 runs[name]["mean_length"].append(metrics["completions/mean_length"])
@@ -277,6 +307,7 @@ def step_worker(args: argparse.Namespace) -> dict:
         / summary["in-process"]["median_parts_s"]["time/rollout"],
         "vllm_pushes": pushes,
         "load_1min": loads,
+        "cpu_share": share.figures(),
     }
 
 
@@ -326,7 +357,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="generation rounds, alternating (after a warm-up)")
     parser.add_argument("--step-rounds", type=int, default=5, help="GRPO step rounds, alternating (after a warm-up)")
-    parser.add_argument("--skip-step", action="store_true", help="part (a) only")
+    parser.add_argument(
+        "--part",
+        choices=["both", "generation", "step"],
+        default="both",
+        help="run one part only and put it into the record at --out, keeping the other part if that record is of "
+        "the same commit and workload (so that each part can use its own quiet window)",
+    )
     parser.add_argument("--out", default=str(RECORD), help="where the record goes")
     parser.add_argument("--worker", choices=["generation", "step"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -337,8 +374,8 @@ def main() -> None:
     info = machine()
     info.pop("trl", None)
     info["vllm"] = vllm_version()
-    header = {"commit": commit(), "machine": info, "load_1min_at_start": load_1min()}
-    print(json.dumps(header, indent=1), flush=True)
+    header = {"commit": commit(), "machine": info}
+    print(json.dumps({**header, "load_1min": load_1min()}, indent=1), flush=True)
     model_folder(args.model), chat_prompts()  # outside the timed processes
     record = {
         "benchmark": "vllm_sampler",
@@ -352,18 +389,26 @@ def main() -> None:
             "dtype": "float32",
             "temperature": 1.0,
             "rounds": args.rounds,
-            "step_rounds": 0 if args.skip_step else args.step_rounds,
+            "step_rounds": args.step_rounds,
             "beta": BETA,
             "equal_work": "both samplers get the tokenizer with no EOS id (eos_token_id = []): every row writes "
             "new_tokens tokens, checked on every call",
         },
-        "generation": run_part("generation", args),
     }
-    if not args.skip_step:
-        record["grpo_step"] = run_part("step", args)
-    record["load_1min_at_end"] = load_1min()
-    print("\n".join(summary_lines(record)))
     path = Path(args.out)
+    if args.part != "both" and path.is_file():
+        old = json.loads(path.read_text())
+        same = all(old.get(k) == record[k] for k in ("commit", "machine", "workload"))
+        kept = {k: old[k] for k in ("generation", "grpo_step") if same and k in old}
+        print(f"keeping {', '.join(kept) or 'nothing'} from {path}" + ("" if same else " (another commit or workload)"))
+        record.update(kept)
+    for part, key in (("generation", "generation"), ("step", "grpo_step")):
+        if args.part in ("both", part):
+            date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            record[key] = {"date": date, "load_1min_before": load_1min(), **run_part(part, args)}
+    if "generation" not in record:
+        sys.exit(f"no generation part measured yet for this commit and workload: run --part generation (-> {path})")
+    print("\n".join(summary_lines(record)))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"-> {path}")
