@@ -180,6 +180,10 @@ def code_point_reward(prompts, completions, **_):
     return [sum(map(ord, c)) % 101 / 100 for c in completions]
 
 
+def fmt(x: float | None, unit: str, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f} {unit}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -371,8 +375,9 @@ def main() -> None:
     print(json.dumps({k: record[k] for k in ("commit", "machine", "workload")}), flush=True)
     record["sampler"] = time_sampler(args, model, no_eos, rows, device, dtype, budget)
     s = record["sampler"]
-    print(f"sampler: {s['rows']} rows x {s['new_tokens']} tokens, median {s['median_s']} s, "
-          f"{s['tokens_per_s']} tokens/s, peak GPU {s['peak_gpu_gib']} GiB", flush=True)  # fmt: skip
+    print(f"sampler: {s['rows']} rows x {s['new_tokens']} tokens: median {fmt(s['median_s'], 's')}, "
+          f"{fmt(s['tokens_per_s'], 'tokens/s', 0)}, peak GPU memory {fmt(s['peak_gpu_gib'], 'GiB')}",
+          flush=True)  # fmt: skip
     record["grpo_step"] = {}
     for micro in (512, None):
         key = f"micro_tokens_{micro or 'none'}"
@@ -384,8 +389,9 @@ def main() -> None:
         del model
         gc.collect()
         f = record["grpo_step"][key]
-        print(f"GRPO step ({key}): median {f['median_step_s']} s, parts {f['median_parts_s']}, "
-              f"peak GPU {f['peak_gpu_gib']} GiB", flush=True)  # fmt: skip
+        parts = ", ".join(f"{k[5:]} {v:.2f} s" for k, v in (f["median_parts_s"] or {}).items())
+        print(f"GRPO step ({key}): median {fmt(f['median_step_s'], 's')} ({parts}), "
+              f"peak GPU memory {fmt(f['peak_gpu_gib'], 'GiB')}", flush=True)  # fmt: skip
     record["stopped_early"] = budget.cut
     record["wall_s"] = time.perf_counter() - budget.start
     record["peak_rss_gib"] = rss_gib()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,6 +259,15 @@ def compare_section() -> list[str]:
     return out
 
 
+def round_list(a: list[float], b: list[float], others_a: list[float] | None, others_b: list[float] | None) -> str:
+    """`1: 7.7 / 9.9 s (0 / 0), 2: ...`: each round's two times and other processes' CPU seconds beside them."""
+    items = []
+    for i, (x, y) in enumerate(zip(a, b)):
+        busy = f" ({others_a[i]:.0f} / {others_b[i]:.0f})" if others_a and others_b else ""
+        items.append(f"{i + 1}: {x:.1f} / {y:.1f} s{busy}")
+    return ", ".join(items)
+
+
 def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
     """`benchmarks/vllm_sampler.py`'s records: the in-process sampler beside VLLMSampler, generation and a GRPO step."""
     out = []
@@ -291,21 +301,32 @@ def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
         st, push = g["startup_s"], g["push_s"]
         alone = ", ".join(f"{t:.2f} s" for t in g["in_process_before_engine_s"])
         ratio = g["ratio_vllm_over_in_process"]
-        verdict = (
-            f"vLLM's CPU build took {ratio:.2f}x the in-process sampler's time to generate the same {total} tokens"
-            if ratio >= 1
-            else f"vLLM's CPU build generated the same {total} tokens in {ratio:.2f}x the in-process sampler's time"
-        )
+        pairs = [("generation", own["times_s"], eng["times_s"], own.get("others_cpu_s"), eng.get("others_cpu_s"))]
         if s:
-            step = s["ratio_step_vllm_over_in_process"]
-            verdict += f", and a whole GRPO step through it took {step:.2f}x the in-process one's"
-        faster = (
-            "Here the in-process sampler is the faster rollout engine."
-            if ratio >= 1 and (not s or s["ratio_step_vllm_over_in_process"] >= 1)
-            else "Here vLLM's CPU build is the faster rollout engine."
-            if ratio < 1 and (not s or s["ratio_step_vllm_over_in_process"] < 1)
-            else "Neither is faster in both measures."
-        )
+            raw_p, raw_q = s["trainers"]["in-process"]["raw"], s["trainers"]["vLLM colocate"]["raw"]
+            pairs.append(("GRPO step", raw_p["wall_s"], raw_q["wall_s"], raw_p.get("others_cpu_s"),
+                          raw_q.get("others_cpu_s")))  # fmt: skip
+
+        def rounds_said(name: str, a: list[float], b: list[float], oa, ob) -> str:
+            """How many rounds vLLM was the slower one in, and which rounds other processes inflated."""
+            slower = "slower" if statistics.median(b) >= statistics.median(a) else "faster"
+            count = sum((y >= x) == (slower == "slower") for x, y in zip(a, b))
+            said = f"{slower} in {count} of {len(a)} rounds"
+            busy = [i + 1 for i in range(len(a)) if oa and ob and (oa[i] > 0.1 * a[i] or ob[i] > 0.1 * b[i])]
+            if busy:
+                said += (f"; other processes took more than a tenth of a core during round(s) "
+                         f"{', '.join(map(str, busy))}, whose times they inflated")  # fmt: skip
+            return said
+
+        verdict = [
+            f"On this {r['machine']['cores']}-core CPU, vLLM's CPU build took {ratio:.2f}x the in-process sampler's "
+            f"time to generate the same {total} tokens ({rounds_said(*pairs[0])})."
+        ]
+        if s:
+            verdict.append(
+                f"A whole GRPO step through it took {s['ratio_step_vllm_over_in_process']:.2f}x the in-process one's "
+                f"({rounds_said(*pairs[1])})."
+            )
         parts = [("generation", g), ("GRPO step", s)] if s else [("generation", g)]
         before = "; ".join(f"{part.get('load_1min_before', part['load_1min']['start']):.2f} ({name})"
                            for name, part in parts)  # fmt: skip
@@ -316,6 +337,9 @@ def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
             if all(c for _, c in shares)
             else ""
         )
+        rounds = ["Every round, in-process / vLLM (other processes' CPU seconds during each call in brackets):"]
+        for k, (name, a, b, oa, ob) in enumerate(pairs):
+            rounds.append(f"{name} {round_list(a, b, oa, ob)}" + (";" if k < len(pairs) - 1 else "."))
         out += [
             f"## vLLM as the rollout engine: {w['model']}, {w['prompts']} prompts x {w['generations']}, "
             f"{w['new_tokens']} new tokens",
@@ -338,12 +362,12 @@ def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
             f"{g['max_logp_gap_engine_vs_trainer']:.1e};",
             f"the in-process sampler alone, before vLLM was imported: {alone}.",
             "",
-            f"On this {r['machine']['cores']}-core CPU, {verdict}.",
-            faster,
+            *verdict,
             "vLLM is built for GPUs (paged attention, continuous batching, CUDA graphs), which this record does not",
             "measure: it says nothing about vLLM on a GPU.",
             "",
             f"1-minute load average before each part started: {before}{quiet}.",
+            *rounds,
             "",
             f"Record: {provenance(r)}.",
             "",
@@ -355,7 +379,17 @@ def gpu_step_section(records: list[dict] | None = None) -> list[str]:
     """`benchmarks/gpu_step.py`'s records (a GPU's; smoke records are not shown)."""
     out = []
     records = records if records is not None else [r for _, r in _load("gpu-step-*.json")]
-    for r in (r for r in records if not r.get("smoke")):
+    records = [r for r in records if not r.get("smoke")]
+    if not records:
+        return [
+            "## One GPU",
+            "",
+            "`python benchmarks/gpu_step.py` times grpokit's in-process sampler and a GRPO step in bfloat16 on one",
+            "CUDA GPU (a random model of Qwen2-0.5B's shape; peak GPU memory too). It has not been run on a GPU yet:",
+            "no record, so no figures here; its docstring says how to run it.",
+            "",
+        ]
+    for r in records:
         w, smp = r["workload"], r["sampler"]
         sh = w["shape"]
         lines = [
