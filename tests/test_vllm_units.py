@@ -71,6 +71,7 @@ def test_a_seed_keeps_its_value_unless_its_group_would_overflow_vllms_range():
         ({"seed": SEED_SPAN - 1}, "outside what vLLM takes"),
         ({"temperature": 0.0}, "greedy sampling takes n = 1"),
         ({"temperature": 2.5}, "temperature 2.5 is outside"),
+        ({"stop_token_ids": [85]}, r"a stop \(EOS\) token id in \[85\] is outside the engine's 85 tokens"),
     ],
 )
 def test_what_vllm_would_refuse_is_refused_before_it_is_sent(change, expected):

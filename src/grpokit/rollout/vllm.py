@@ -9,10 +9,10 @@ it, a row that reaches max tokens without ending is truncated), so both samplers
 
 What the engine is told, and why:
 - `logprobs_mode="processed_logprobs"`: the sampled token's logprob after the temperature, as the trainer computes it;
-  equal to grpokit's own to ~1e-6 in float32 when top_p = 1 and top_k = 0. With top_p < 1 or top_k > 0 the engine's
-  logprob is that of the renormalized kept set (what it really sampled from), which the trainer's logprob of the
-  unfiltered distribution is not: the importance correction (`core.algo.sampler_correction`) then weighs each token by
-  pi_trainer / q_engine <= 1.
+  equal to grpokit's own to 1e-6 (a tiny model) to 5e-5 (SmolLM2-135M) in float32 when top_p = 1 and top_k = 0.
+  With top_p < 1 or top_k > 0 the engine's logprob is that of the renormalized kept set (what it really sampled
+  from), which the trainer's logprob of the unfiltered distribution is not: the importance correction
+  (`core.algo.sampler_correction`) then weighs each token by pi_trainer / q_engine <= 1.
 - `ignore_eos=True` with `stop_token_ids` = the trainer tokenizer's EOS ids: a row ends where grpokit's tokenizer
   says, not where the engine's generation config adds more ids.
 - Seeds: vLLM draws the g-th of n completions from seed + g and reads -1 as "unseeded"; grpokit's seeds are unsigned
@@ -139,6 +139,9 @@ def check_requests(
                 f"request {i}: a {len(prompt)}-token prompt plus {r['max_tokens']} new tokens exceeds the engine's "
                 f"max_model_len {max_model_len} ({context_field})"
             )
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in r["stop_token_ids"]):
+            raise ValueError(f"request {i}: a stop (EOS) token id in {r['stop_token_ids']} is outside the engine's "
+                             f"{vocab_size} tokens")  # fmt: skip
         seed, n = r["seed"], r["n"]
         if seed is not None and not 0 <= seed <= SEED_SPAN - n:
             raise ValueError(f"request {i}: seed {seed} with n = {n} is outside what vLLM takes, [0, 2**64 - n]")
