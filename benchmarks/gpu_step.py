@@ -215,6 +215,25 @@ class Budget:
         return False
 
 
+def timed_rounds(call, rounds: int, device: torch.device, budget: Budget, label: str) -> tuple[float, list, list]:
+    """(the warm-up call's seconds, each timed call's seconds, each timed call's result): `call(0)` once untimed as
+    a warm-up, then `call(1..rounds)` while the budget lasts, each between device syncs."""
+    t0 = time.perf_counter()
+    call(0)
+    sync(device)
+    warmup, times, results = time.perf_counter() - t0, [], []
+    for r in range(rounds):
+        if not budget.left(f"{label} {r + 1}"):
+            break
+        sync(device)
+        t0 = time.perf_counter()
+        result = call(r + 1)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        results.append(result)
+    return warmup, times, results
+
+
 def time_sampler(args, model, tokenizer, rows, device, dtype, budget: Budget) -> dict:
     from grpokit.data.rows import encode_prompts
     from grpokit.rollout.sampler import KVCacheSampler, SamplingParams, prompt_seeds
@@ -224,7 +243,6 @@ def time_sampler(args, model, tokenizer, rows, device, dtype, budget: Budget) ->
     sampler.update_weights(model)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
     places = list(range(len(prompts)))
-    times, tokens = [], []
 
     def call(step: int) -> int:
         rollout = sampler.generate(prompts, num_generations=args.generations, params=params,
@@ -232,18 +250,7 @@ def time_sampler(args, model, tokenizer, rows, device, dtype, budget: Budget) ->
         return int(rollout.completion_mask.sum())
 
     reset_peak(device)
-    t0 = time.perf_counter()
-    call(0)  # warm-up
-    sync(device)
-    warmup = time.perf_counter() - t0
-    for r in range(args.rounds):
-        if not budget.left(f"sampler round {r + 1}"):
-            break
-        sync(device)
-        t0 = time.perf_counter()
-        tokens.append(call(r + 1))
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    warmup, times, tokens = timed_rounds(call, args.rounds, device, budget, "sampler round")
     rows_n = len(prompts) * args.generations
     if any(t != rows_n * args.new_tokens for t in tokens):
         print(f"note: some rows ended early ({tokens} tokens vs {rows_n * args.new_tokens})", flush=True)
@@ -278,22 +285,10 @@ def time_steps(args, model, tokenizer, rows, device, dtype_name: str, micro: int
                               train_dataset=rows)  # fmt: skip
         built = time.perf_counter() - t0
         reset_peak(device)
-        figures: dict[str, list[float]] = {"wall_s": [], **{k: [] for k in parts}, "mean_length": []}
-        t0 = time.perf_counter()
-        trainer.step()  # warm-up
-        sync(device)
-        warmup = time.perf_counter() - t0
-        for s in range(args.steps):
-            if not budget.left(f"step {s + 1} (micro-batch budget {micro})"):
-                break
-            sync(device)
-            t0 = time.perf_counter()
-            metrics, _ = trainer.step()
-            sync(device)
-            figures["wall_s"].append(time.perf_counter() - t0)
-            for k in parts:
-                figures[k].append(metrics[k])
-            figures["mean_length"].append(metrics["completions/mean_length"])
+        label = f"step (micro-batch budget {micro})"
+        warmup, walls, steps = timed_rounds(lambda _, step=trainer.step: step()[0], args.steps, device, budget, label)
+        figures: dict[str, list[float]] = {"wall_s": walls, **{k: [m[k] for m in steps] for k in parts}}
+        figures["mean_length"] = [m["completions/mean_length"] for m in steps]
         peak = peak_gib(device)
         del trainer
     gc.collect()
