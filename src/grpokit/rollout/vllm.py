@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 import urllib.error
@@ -428,14 +427,9 @@ class ServerEngine:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 detail = json.loads(detail)["error"]
             raise ServerAnswer(f"the vLLM server at {self.base_url} answered {path} with {err.code}: {detail}") from err
-        except TimeoutError as err:
-            raise SamplerError(
-                f"the vLLM server at {self.base_url} did not answer {path} within {self.timeout:g} s "
-                "(vllm_server_timeout)"
-            ) from err
-        except (urllib.error.URLError, OSError) as err:
+        except OSError as err:  # (URLError is one; a timeout while reading comes bare, one while connecting wrapped)
             reason = getattr(err, "reason", err)
-            if isinstance(reason, (TimeoutError, socket.timeout)):
+            if isinstance(reason, TimeoutError):  # (socket.timeout is TimeoutError)
                 raise SamplerError(
                     f"the vLLM server at {self.base_url} did not answer {path} within {self.timeout:g} s "
                     "(vllm_server_timeout)"
