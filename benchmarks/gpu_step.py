@@ -1,7 +1,8 @@
 """grpokit on one CUDA GPU: the in-process sampler and a full GRPO step, bfloat16, a Qwen2-0.5B-shaped model.
 
-NOT RUN ON A GPU YET: no GPU was lent to the task that wrote this script; it has only run on a CPU with `--smoke`
-(tiny sizes, float32), which exercises every code path below. The first GPU run's record is the first real figure.
+Run on one NVIDIA H200 (torch 2.11, CUDA 13.0) on 2026-12-04 at commit e293ab4: the record is
+benchmarks/results/gpu-step-qwen2-0.5b.json, its table in docs/benchmarks.md. `--smoke` (tiny sizes, float32, on a
+CPU) exercises every code path below.
 
 How to run, from the repository root, on a machine with one CUDA GPU (torch with CUDA, transformers, peft, safetensors,
 tokenizers, numpy, pyyaml, tqdm, tensorboard, matplotlib: grpokit's imports; it never imports vllm, trl, datasets or

@@ -375,6 +375,21 @@ def vllm_sampler_section(records: list[dict] | None = None) -> list[str]:
     return out
 
 
+def budget_note(settings: dict) -> list[str]:
+    """What the micro-batch budget cost on the GPU: the update with the default budget beside one forward."""
+    cut, whole = settings.get("micro_tokens_512"), settings.get("micro_tokens_none")
+    if not cut or not whole or cut["median_step_s"] is None or whole["median_step_s"] is None:
+        return []
+    slower = cut["median_parts_s"]["time/update"] / whole["median_parts_s"]["time/update"]
+    memory = whole["peak_gpu_gib"] / cut["peak_gpu_gib"]
+    return [
+        f"The default budget of 512 positions per forward (`max_tokens_per_micro_batch`, sized for a CPU) made the "
+        f"update {slower:.0f}x slower than one forward here, which took {memory:.1f}x the peak memory: on a GPU "
+        "with memory to spare, raise the budget or empty it.",
+        "",
+    ]
+
+
 def gpu_step_section(records: list[dict] | None = None) -> list[str]:
     """`benchmarks/gpu_step.py`'s records (a GPU's; smoke records are not shown)."""
     out = []
@@ -419,6 +434,7 @@ def gpu_step_section(records: list[dict] | None = None) -> list[str]:
             "",
             *lines,
             "",
+            *budget_note(r["grpo_step"]),
             f"Record: {provenance(r)}."
             + (f" Stopped early: {', '.join(r['stopped_early'])}." if r["stopped_early"] else ""),
             "",
