@@ -239,3 +239,40 @@ def require_vllm() -> None:
         if (Path(sys.prefix) / "grpokit-vllm").exists():
             pytest.fail(f"scripts/setup.sh --vllm installed vLLM here, but it does not import: {err}", pytrace=False)
         pytest.skip("vLLM is not installed (bash scripts/setup.sh --vllm)", allow_module_level=True)
+
+
+def cpu_kind() -> str:
+    """The kind of CPU a seeded record's exact floats belong to: the vendor and the vector width torch's kernels
+    dispatch on. The same code rounds differently on an AMD and an Intel CPU of the same width (the BLAS each gets),
+    so a record holds one set of figures per kind."""
+    import torch
+
+    vendor = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{vendor} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def seeded_record(path: Path, name: str, recorder: str):
+    """`name`'s record for this kind of CPU; a kind with none is skipped, saying how to record it (`recorder`)."""
+    import pytest
+
+    records = json.loads(path.read_text())
+    kind = cpu_kind()
+    if kind not in records:
+        pytest.skip(f"{path.name} has no figures for this CPU ({kind}; it has {', '.join(records)}): `{recorder}`")
+    return records[kind][name]
+
+
+def write_seeded_record(path: Path, record: dict) -> str:
+    """Writes `record` as this CPU kind's, keeping the other kinds' figures; returns the kind."""
+    records = json.loads(path.read_text()) if path.exists() else {}
+    kind = cpu_kind()
+    records[kind] = record
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return kind

@@ -1,7 +1,7 @@
 """The seeded records of the other training stages (beside tests/loss_record.json, GRPO's): a short seeded CPU run
 of PPO (a critic, beta > 0, mu = 2), of SFT and of reward-model training reproduces its recorded metrics exactly,
 and the sum of its final weights to the last bit (SFT and the reward model log every 10 steps; the weights see
-every step).
+every step). One set of figures per kind of CPU, as tests/loss_record.json (`helpers.cpu_kind`).
 
 A refactor keeps tests/stage_records.json unchanged. An intended change of the numbers re-records it
 (`python tests/test_stage_records.py`) and its commit says why.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import seeded_record, write_seeded_record
 
 from grpokit.config import PPOConfig, RewardModelConfig, SFTConfig
 from grpokit.data.tasks import build_char_tokenizer, tiny_model
@@ -85,7 +86,7 @@ STAGES = {"ppo_beta_mu2": ppo, "sft": sft, "reward_model": reward_model}
 
 @pytest.mark.parametrize("name", list(STAGES))
 def test_seeded_stage_reproduces_its_record(name, tmp_path):
-    recorded = json.loads(RECORD.read_text())[name]
+    recorded = seeded_record(RECORD, name, "python tests/test_stage_records.py")
     assert recorded["rows"], name
     assert STAGES[name](tmp_path / name) == recorded  # exact: every logged number, and the weights to the last bit
 
@@ -96,5 +97,5 @@ if __name__ == "__main__":  # re-record: only for an intended change, said in th
     torch.set_num_threads(1)  # as the test runs (conftest), so the sums happen in the same order
     with tempfile.TemporaryDirectory() as tmp:
         record = {name: make(Path(tmp) / name) for name, make in STAGES.items()}
-    RECORD.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {RECORD}", file=sys.stderr)
+    kind = write_seeded_record(RECORD, record)
+    print(f"wrote {RECORD} for {kind}", file=sys.stderr)
