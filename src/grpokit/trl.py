@@ -8,7 +8,9 @@ grpokit does not have is an error naming it as soon as it is set to anything but
 `vllm_group_port=...`), never silently ignored; a value of the wrong type or out of range is an error naming the TRL
 field, and an error grpokit's own validation raises about a field computed from TRL's names those TRL fields
 (`trl_error`). `trainer.train(resume_from_checkpoint=True)` continues the latest checkpoint of output_dir, as in
-TRL. This module never imports `trl`; the native config stays grpokit's.
+TRL. The trainer has the transformers.Trainer face a TRL script touches: `callbacks=` (transformers' TrainerCallback
+events, `grpokit.stages.callbacks`), `.state`, `.model`, `.evaluate()`, `.log()`, `.push_to_hub()` (an error: grpokit
+makes no network calls). This module never imports `trl`; the native config stays grpokit's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from grpokit.config.trl_names import (
     TRL_TYPES,
     UNSUPPORTED,
 )
-from grpokit.core.types import InputWarning
+from grpokit.core.types import ArgumentError, InputWarning
 from grpokit.runtime.checkpoint import (
     PROVENANCE,
     FinishedRunError,
@@ -287,9 +289,7 @@ def trl_names_in_errors(given: frozenset[str] | set[str] | None) -> Iterator[Non
 
 # transformers.Trainer members TRL scripts call that the adapter lacks: named in the AttributeError, not a bare name
 TRAINER_MEMBERS_NOT_PROVIDED = frozenset({
-    "state", "model", "model_wrapped", "evaluate", "predict", "log", "log_metrics", "save_metrics", "save_state",
-    "push_to_hub", "create_model_card", "add_callback", "remove_callback", "pop_callback", "callback_handler",
-    "accelerator", "is_world_process_zero", "is_local_process_zero", "processing_class", "optimizer", "lr_scheduler",
+    "model_wrapped", "predict", "log_metrics", "save_metrics", "save_state", "create_model_card", "accelerator",
 })  # fmt: skip
 
 
@@ -305,8 +305,10 @@ class GRPOTrainer:
         eval_dataset: Any = None,
         processing_class: Any = None,
         peft_config: Any = None,
+        callbacks: list[Any] | None = None,
         **unsupported: Any,
     ):
+        from grpokit.stages.callbacks import CallbackHooks, Callbacks
         from grpokit.stages.grpo import GRPOTrainer as NativeTrainer
 
         set_ = [name for name, value in unsupported.items() if value not in (None, (None, None), [], ())]
@@ -314,6 +316,12 @@ class GRPOTrainer:
             raise native.ConfigError(f"GRPOTrainer argument `{set_[0]}` is not supported by grpokit.trl")
         if reward_funcs is None:
             raise native.ConfigError("GRPOTrainer needs reward_funcs (a function, a list of them, or a model folder)")
+        if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+            raise ArgumentError(
+                f"GRPOTrainer argument `callbacks` is a {type(callbacks).__name__}; it takes a list of "
+                "transformers.TrainerCallback objects (or classes)"
+            )
+        handler = Callbacks(callbacks)  # (checked before anything loads)
         args = trl_args(args)
         given = None  # a native config: its own names are the ones the user wrote
         if isinstance(args, GRPOConfig):
@@ -375,6 +383,9 @@ class GRPOTrainer:
                     f"True) would continue, but not with these arguments ({err}); for a new run there set "
                     "overwrite_output_dir=True, or choose another output_dir"
                 ) from None
+        self.callback_handler = handler
+        self.trainer.hooks = CallbackHooks(self.trainer, self.args, handler)  # keeps .state current, calls them
+        self.trainer.hooks.event("on_init_end")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **unsupported: Any):
         """TRL's `train`: `resume_from_checkpoint` True continues the latest checkpoint in output_dir, a path that
@@ -408,17 +419,94 @@ class GRPOTrainer:
         previous = native_trainer.run_dir
         native_trainer.run_dir = run_directory(cfg, writer=previous.writer, inputs=previous.inputs)
         native_trainer.run_dir.plan()
-        return native_trainer.train()
+        result = native_trainer.train()
+        return dataclasses.replace(result, global_step=self.state.global_step)  # TRL's unit: optimizer steps
 
     def __getattr__(self, name: str) -> Any:  # only for names the object lacks
         if name in TRAINER_MEMBERS_NOT_PROVIDED:
             raise AttributeError(
                 f"grpokit.trl.GRPOTrainer has no `{name}` (a transformers.Trainer member the adapter does not "
                 "provide). It has train() (which returns a TrainResult with .metrics, .global_step, "
-                ".training_loss, .eval_history), save_model(), .args and .trainer (grpokit's trainer: "
-                ".trainer.policy.model, .trainer.tokenizer); the run's figures are in OUTPUT_DIR/metrics.jsonl"
+                ".training_loss, .eval_history), evaluate(), save_model(), log(), push_to_hub() (an error naming the "
+                "model folder), add_callback() / pop_callback() / remove_callback(), .state (with .log_history), "
+                ".model, .processing_class, .optimizer, .lr_scheduler, .args and .trainer (grpokit's trainer); the "
+                "run's figures are in OUTPUT_DIR/metrics.jsonl"
             )
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # ---------------------------------------------------------------- transformers.Trainer's face
+    @property
+    def state(self) -> Any:
+        """transformers' TrainerState: global_step and max_steps in optimizer steps (TRL's unit), epoch, and
+        log_history (a row per step and per evaluation, with its `step`)."""
+        return self.trainer.state
+
+    @property
+    def model(self) -> Any:
+        """The trained module (a PeftModel with LoRA), never wrapped: grpokit sums gradients itself under DDP, and
+        FSDP2 shards this same module in place."""
+        return self.trainer.policy.model
+
+    @property
+    def processing_class(self) -> Any:
+        return self.trainer.tokenizer
+
+    tokenizer = processing_class  # (transformers < 5's name)
+
+    @property
+    def optimizer(self) -> Any:
+        return self.trainer.policy.optimizer
+
+    @property
+    def lr_scheduler(self) -> Any:
+        return self.trainer.policy.scheduler
+
+    def add_callback(self, callback: Any) -> None:
+        """transformers' `add_callback`: a TrainerCallback, or its class (instantiated)."""
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback: Any) -> Any:
+        """The first callback that is `callback` (or of that class), removed and returned; None if there is none."""
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: Any) -> None:
+        self.callback_handler.remove_callback(callback)
+
+    def is_world_process_zero(self) -> bool:
+        return self.trainer.cluster.is_main
+
+    def is_local_process_zero(self) -> bool:
+        return self.trainer.cluster.local_rank == 0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """transformers' `log`: the row (with the epoch) kept in state.log_history at the current step and given to
+        the callbacks' on_log. metrics.jsonl holds the run's own rows only."""
+        self.trainer.hooks.log(logs)
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """A held-out evaluation of the model as it is now, on the trainer's eval_dataset (a ValueError without
+        one, as in TRL): accuracy and every reward's mean, greedy and sampled, as `eval_NAME` keys; logged in
+        state.log_history and given to the callbacks' on_evaluate. On every rank under torchrun, as in TRL."""
+        for name, value in (("eval_dataset", eval_dataset), ("ignore_keys", ignore_keys)):
+            if value is not None:
+                raise native.ConfigError(
+                    f"GRPOTrainer.evaluate argument `{name}` is not supported by grpokit.trl: it evaluates the "
+                    "eval_dataset given to GRPOTrainer(...)"
+                )
+        return self.trainer.hooks.evaluate(metric_key_prefix)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any):
+        """An error: grpokit makes no network calls. The message names the model folder and how to upload it."""
+        folder = Path(self.trainer.cfg.output_dir) / "model"
+        repo = getattr(self.args, "hub_model_id", None) or f"YOUR_NAME/{Path(self.trainer.cfg.output_dir).name}"
+        where = f"the trained model is in {folder}" if folder.is_dir() else f"train() saves the model to {folder}"
+        raise RuntimeError(
+            f"GRPOTrainer.push_to_hub does not upload: grpokit makes no network calls (it trains offline). {where}; "
+            f"push it with huggingface_hub: `huggingface_hub.upload_folder(repo_id={repo!r}, folder_path="
+            f"{str(folder)!r})`, or on the command line `hf upload {repo} {folder}` (after `hf auth login`)"
+        )
 
     def save_model(self, output_dir: str | None = None):
         """The policy in `save_pretrained` form. As TRL's, it replaces an earlier save there, but only a model folder

@@ -83,7 +83,7 @@ class TrainResult:
     warnings: list[str]
     monitor_summary: list[str]  # one line per monitor: FIRED with its first warning, or its last figures
     monitor_fired: dict[str, str]  # monitor kind -> its first warning
-    global_step: int = 0  # the steps the run has taken (its max_steps), as TRL's TrainOutput names it
+    global_step: int = 0  # steps taken (grpokit.trl: optimizer steps), as TRL names it; max_steps unless ended early
     training_loss: float = float("nan")  # the mean logged loss over those steps (metrics.jsonl), as TRL's
 
     @property

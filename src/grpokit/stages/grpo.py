@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerState
 
 from grpokit.config import GRPOConfig
 from grpokit.core import algo
@@ -41,7 +42,7 @@ from grpokit.runtime.checkpoint import RunDirectory
 from grpokit.runtime.distributed import Cluster
 from grpokit.stages import update
 from grpokit.stages.arguments import python_arguments
-from grpokit.stages.loop import LoopSettings, StepReport, run_stage
+from grpokit.stages.loop import LoopSettings, RunHooks, StepReport, run_stage
 from grpokit.stages.setup import RunSetup, grpo_policy, grpo_rewards, grpo_sampler, sampling_params, step_sizes
 
 
@@ -50,6 +51,7 @@ class GRPOTrainer:
 
     name = "GRPO"  # on the progress bar and the plot
     config_class: type = GRPOConfig  # the config it runs (a subclass's trainer runs the subclass's)
+    hooks: RunHooks = RunHooks()  # called at the run's events (`loop.RunHooks`; the TRL adapter's callbacks)
 
     def __init__(
         self,
@@ -106,6 +108,7 @@ class GRPOTrainer:
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
         self.minibatch_size = cfg.minibatch_size or self.generation_size
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
+        self.state = TrainerState(max_steps=optimizer_steps)  # transformers' progress record, in optimizer steps
         # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
         policy = self.policy = grpo_policy(
             model, cfg, total_steps=optimizer_steps, device=self.device, dtype=dtype, cluster=self.cluster
@@ -247,7 +250,7 @@ class GRPOTrainer:
         record = dataclasses.asdict(cfg)
         settings = LoopSettings(self.name, cfg.max_steps, cfg.save_every, cfg.progress, tensorboard=cfg.tensorboard,
                                 record=record, wandb_project=cfg.wandb_project if cfg.wandb else None)  # fmt: skip
-        model_dir = run_stage(self, self.run_dir, settings, self.cluster)
+        model_dir = run_stage(self, self.run_dir, settings, self.cluster, self.hooks)
         logged = read_metrics(out / "metrics.jsonl") if main else []
         plot = plot_curves(logged, out / "curves.png", title=self.name) if main else None
         losses = [row["loss"] for row in logged if row.get("loss") is not None]
@@ -255,7 +258,7 @@ class GRPOTrainer:
         if losses:
             mean_loss = sum(losses) / len(losses)
         return TrainResult(out, model_dir, plot, self.last_metrics, self.eval_history, warned, m.summary(),
-                           dict(m.fired), cfg.max_steps, mean_loss)  # fmt: skip
+                           dict(m.fired), self.steps_taken, mean_loss)  # fmt: skip
 
     # ---------------------------------------------------------------- the run loop's hooks (`run_loop.Stage`)
     def begin(self, log: RunLog | None, start: int) -> None:
@@ -277,8 +280,8 @@ class GRPOTrainer:
         postfix = {"reward": f"{metrics['reward']:.3f}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
         return StepReport(metrics, postfix, warnings, samples if due else None)
 
-    def finish(self, log: RunLog | None) -> None:
-        self.evaluate(self.cfg.max_steps, log=True)
+    def finish(self, log: RunLog | None, step: int) -> None:
+        self.evaluate(step, log=True)
 
     def save(self, folder: Path) -> Path:
         """What goes beside the model first (a run folder with model/ holds all the run wrote), then the model."""

@@ -7,6 +7,8 @@ every rank), later checkpoints discarded only after the resumed one loaded, metr
 the checkpoint left them, the progress bar, the folder checked to still be the run's before each row is written, a
 signal on any rank finishing the step and checkpointing on all of them, and a step that cannot train (NaN, a
 sampler that fails) stopping the run with the step, the learning rate and the checkpoint left to resume from.
+Code from outside the stage (the TRL adapter's transformers callbacks) sees the run at its events through
+`RunHooks`, and may ask for a checkpoint or for the run to end after a step.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ class Stage(Protocol):
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         """checkpoint-STEP, whole (`saving.write_policy_checkpoint` with the stage's own state)."""
 
-    def finish(self, log: RunLog | None) -> None:
-        """After the last step, before the model is saved: held-out figures, logged at the last step."""
+    def finish(self, log: RunLog | None, step: int) -> None:
+        """After the last step (`step`: max_steps, or an earlier one a hook ended the run at), before the model is
+        saved: held-out figures, logged at that step."""
 
     def save(self, folder: Path) -> Path:
         """The trained model (and what goes beside it) into the run folder; returns the model's folder."""
@@ -69,11 +72,45 @@ class LoopSettings:
     wandb_project: str | None = None  # mirror the metrics to this W&B project; None: no W&B
 
 
-def run_stage(stage: Stage, run_dir: RunDirectory, settings: LoopSettings, cluster: Cluster | None = None) -> Path:
-    """Drives `stage` from its checkpoint (or step 0) to `settings.max_steps` inside `run_dir` (its lock, its
-    signal handlers, its whole-or-absent checkpoints); returns the saved model's folder. Rank 0 alone writes;
-    every rank takes every step."""
-    cluster = cluster or Cluster()
+@dataclass(frozen=True)
+class HookAnswer:
+    """What a hook asks of the loop after a step."""
+
+    save: bool = False  # checkpoint after this step, due or not
+    stop: bool = False  # end the run after this step as its last: checkpoint, `finish`, the model saved
+
+
+class RunHooks:
+    """The run's events, for code outside the stage (the TRL adapter's callbacks), called on every rank in this
+    order: `train_begin`, then per step `step_begin`, `step_end`, `saved` (when a checkpoint was written), and
+    `train_end` once the model is saved. A raised error ends the run as a failing step does. The base does
+    nothing."""
+
+    def train_begin(self, start: int) -> None:
+        """Before the stage's `begin`: `start` is the step the run resumed at (0: a fresh run)."""
+
+    def step_begin(self, step: int) -> None:
+        """Before `step` is taken."""
+
+    def step_end(self, step: int, metrics: dict[str, float] | None) -> HookAnswer:
+        """After `step` and its row (`metrics`, as the stage reported it on this rank; None: no row this step)."""
+        return HookAnswer()
+
+    def saved(self, step: int, checkpoint: Path) -> None:
+        """After checkpoint-`step` is complete (written by rank 0, in `checkpoint`)."""
+
+    def train_end(self, step: int, model_dir: Path) -> None:
+        """After the last step's `finish` and the model saved into `model_dir`."""
+
+
+def run_stage(
+    stage: Stage, run_dir: RunDirectory, settings: LoopSettings, cluster: Cluster | None = None,
+    hooks: RunHooks | None = None,
+) -> Path:  # fmt: skip
+    """Drives `stage` from its checkpoint (or step 0) to `settings.max_steps` (or to the step `hooks` ends it at)
+    inside `run_dir` (its lock, its signal handlers, its whole-or-absent checkpoints); returns the saved model's
+    folder. Rank 0 alone writes; every rank takes every step and calls the hooks."""
+    cluster, hooks = cluster or Cluster(), hooks or RunHooks()
     main = cluster.is_main
     with run_dir as run:
         run.checkpoint = cluster.broadcast(run.checkpoint)  # what rank 0 found, under its lock
@@ -85,11 +122,13 @@ def run_stage(stage: Stage, run_dir: RunDirectory, settings: LoopSettings, clust
                          wandb_project=settings.wandb_project, resume_step=start or None)  # fmt: skip
         step, bar = start, None
         try:
+            hooks.train_begin(start)
             stage.begin(log, start)  # (before the numerics guard below: no step was taken yet)
             bar = progress(range(start + 1, settings.max_steps + 1), settings.name.lower(), initial=start,
                            total=settings.max_steps, enabled=settings.show_progress and main)  # fmt: skip
             try:
                 for step in bar:
+                    hooks.step_begin(step)
                     report = stage.train_step(step)
                     if main:
                         run.check_still_ours()  # before its files are written: deleted, or another run's now
@@ -101,10 +140,18 @@ def run_stage(stage: Stage, run_dir: RunDirectory, settings: LoopSettings, clust
                             log.log_completions(step, report.completions)
                     if report.postfix:
                         bar.set_postfix(**report.postfix)
-                    run.stop_signal = int(cluster.max({"s": run.stop_signal or 0})["s"]) or None  # one rank: all
-                    if run.checkpoint_due(step, settings.max_steps, settings.save_every):
-                        run.check_stop(step, stage.write_checkpoint(run, step))
-                stage.finish(log)
+                    asked = hooks.step_end(step, report.metrics)
+                    # a signal, or a hook's save or stop, on one rank: on all (they checkpoint and stop together)
+                    flags = cluster.max({"s": run.stop_signal or 0, "save": asked.save, "stop": asked.stop})
+                    run.stop_signal = int(flags["s"]) or None
+                    due = run.checkpoint_due(step, settings.max_steps, settings.save_every)
+                    if due or flags["save"] or flags["stop"]:
+                        checkpoint = stage.write_checkpoint(run, step)
+                        hooks.saved(step, checkpoint)
+                        run.check_stop(step, checkpoint)
+                    if flags["stop"]:
+                        break
+                stage.finish(log, step)
             except (NumericsError, SamplerError) as err:  # say where the run stopped and what is left to resume
                 where = f"step {step} (learning rate {stage.policy.lr:g})"
                 raise type(err)(numerics_stop(run.path, where, err)) from None
@@ -113,4 +160,6 @@ def run_stage(stage: Stage, run_dir: RunDirectory, settings: LoopSettings, clust
                 bar.close()
             if log is not None:
                 log.close()
-        return stage.save(run.path)
+        model_dir = stage.save(run.path)
+        hooks.train_end(step, model_dir)
+        return model_dir

@@ -331,13 +331,13 @@ class RewardModelStage:
         stage = {"pair_order": self.pair_order.state_dict(), "metrics": self.metrics}
         return write_policy_checkpoint(self.policy, run, step, self.tokenizer, stage)
 
-    def finish(self, log: RunLog | None) -> None:
+    def finish(self, log: RunLog | None, step: int) -> None:
         if not self.eval_examples:
             return
         eval_metrics = evaluate_pairs(
             self.policy.model, self.tokenizer, self.eval_examples, batch_size=self.batch_size, kinds=self.eval_kinds
         )
-        log.log(self.max_steps, eval_metrics)
+        log.log(step, eval_metrics)
         self.metrics = {**self.metrics, **eval_metrics}
         self.eval_accuracy = eval_metrics["eval/pairwise_accuracy"]
 

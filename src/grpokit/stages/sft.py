@@ -208,11 +208,11 @@ class SFTStage:
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         return write_policy_checkpoint(self.policy, run, step, self.tokenizer, {"batch_rng": self.batch_rng.getstate()})
 
-    def finish(self, log: RunLog | None) -> None:
+    def finish(self, log: RunLog | None, step: int) -> None:
         if self.eval_examples and log is not None:
             pad_id = self.tokenizer.pad_token_id
             eval_loss = heldout_loss(self.policy, self.eval_examples, pad_id, self.batch_size)
-            log.log(self.max_steps, {"eval/loss": eval_loss})
+            log.log(step, {"eval/loss": eval_loss})
 
     def save(self, folder: Path) -> Path:
         return save_trained(self.policy, folder / "model", self.tokenizer, overwrite=True)  # the run's own
