@@ -27,6 +27,10 @@ RESERVED_COLUMNS = (
     "truncated",
     "raw_prompts",
     "rendered_prompts",
+    # TRL's objects rather than data: the run's TrainerState and the two logging functions
+    "trainer_state",
+    "log_metric",
+    "log_extra",
 )
 
 

@@ -2,21 +2,27 @@
 
 A reward function is called once per generation batch BY KEYWORD, as TRL calls one:
 
-    fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]
+    fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., log_metric=..., log_extra=...,
+       **columns) -> list[float | None]
 
 `prompts` are the data set's prompts as it holds them (text, or chat messages), one per completion (a
 prompt's row is repeated for each of its G completions); `completions` are text, or for chat prompts
 TRL's conversational form [{"role": "assistant", "content": text}]; `completion_ids` the sampled token
 ids. `columns` holds every other column of the data set, plus grpokit's extras `completion_lengths`
 (tokens), `truncated` (no EOS within max_completion_length), `raw_prompts` (= `prompts`, as before) and
-`rendered_prompts` (the text the model was given, chat template applied). A function without **kwargs
+`rendered_prompts` (the text the model was given, chat template applied). TRL's three objects come too:
+`trainer_state` (the run's transformers.TrainerState: global_step, epoch, max_steps, as TRL counts them),
+`log_metric(name, value)` and `log_extra(column, values)` (`RewardLogs`). A function without **kwargs
 gets only the names it declares; one that needs a name nobody provides is an error before the run.
 None means "this function does not apply to this sample"; a NaN or an exception is a bug and stops
-the run with the function's name and the sample.
+the run with the function's name and the sample. An `async def` function (or one that returns an
+awaitable) is awaited: the async functions of a batch run concurrently in one event loop (`await_rewards`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import importlib
@@ -29,10 +35,10 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -49,6 +55,9 @@ from grpokit.data.rows import (
 from grpokit.model.loading import check_model_source
 from grpokit.rewards import BUILTIN_REWARDS
 from grpokit.rewards.scorer import RewardModelScorer
+
+if TYPE_CHECKING:
+    from grpokit.runtime.distributed import Cluster
 
 RewardFn = Callable[..., Sequence[float | None]]
 __all__ = [
@@ -68,6 +77,129 @@ class RewardError(RuntimeError):
 
 # What grpokit passes to every reward function besides the data set's own columns (which may not shadow them).
 REWARD_INPUTS = RESERVED_COLUMNS
+# Of those, the objects TRL passes beside the data (`score` adds them to each call, never copied)
+CONTRACT_INPUTS = ("trainer_state", "log_metric", "log_extra")
+# The columns of a logged completion (`GRPOTrainer.figures`): a `log_extra` column may not replace one
+SAMPLE_COLUMNS = frozenset({"step", "prompt", "completion", "reward", "advantage"})
+# Metric prefixes grpokit's own figures use outside a step's reward figures (held-out rows, monitors)
+RESERVED_METRIC_PREFIXES = ("eval/", "monitor/")
+
+
+@dataclass
+class LoggedValues:
+    """What a step's reward functions logged, reduced over the ranks (`RewardLogs.reduce`)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)  # name -> mean of every call's value, every rank's
+    extras: dict[str, list[Any]] = field(default_factory=dict)  # column -> one value per completion (N), rank order
+    owners: dict[str, str] = field(default_factory=dict)  # metric or column -> the function that logged it first
+
+
+class RewardLogs:
+    """TRL's `log_metric(name, value)` and `log_extra(column, values)` for one batch of reward calls.
+
+    As in TRL 1.16: a metric's value for the step is the mean of every value logged under its name during the
+    step, over every rank's calls (sum and count reduced, so each call weighs the same); an extra column holds one
+    value per completion of the batch, beside the logged completions (completions.jsonl), a rank that did not log
+    it filling its rows with None. Unlike TRL, which averages a metric of the same name as its own into its own
+    figure, a name grpokit logs itself is refused (`RewardSet.with_logged`; the `eval/` and `monitor/` prefixes
+    here); a column is one list per step, so a second `log_extra` of a column, a wrong count or a value JSON cannot
+    hold is refused, naming the function.
+    """
+
+    def __init__(self, num_completions: int):
+        self.n = num_completions
+        self.metrics: dict[str, list[float]] = {}
+        self.extras: dict[str, list[Any]] = {}
+        self.owners: dict[str, str] = {}
+
+    def callables(self, name: str) -> dict[str, Callable[..., None]]:
+        """`log_metric` and `log_extra` for the reward function `name` (named by their errors)."""
+
+        def log_metric(metric: str, value: float) -> None:
+            if not isinstance(metric, str) or not metric:
+                raise RewardError(f"reward function `{name}` called log_metric({metric!r}, ...): a name is text")
+            if metric.startswith(RESERVED_METRIC_PREFIXES):
+                raise RewardError(
+                    f"reward function `{name}` logged the metric {metric!r}: grpokit's own figures use the prefixes "
+                    f"{', '.join(RESERVED_METRIC_PREFIXES)}; choose another name"
+                )
+            number = _one_number(value)
+            if not isinstance(number, numbers.Real):
+                raise RewardError(
+                    f"reward function `{name}` logged {value!r:.60} as the metric {metric!r}; expected one number"
+                )
+            self.metrics.setdefault(metric, []).append(float(number))
+            self.owners.setdefault(metric, name)
+
+        def log_extra(column: str, values: Sequence[Any]) -> None:
+            if not isinstance(column, str) or not column or column in SAMPLE_COLUMNS:
+                raise RewardError(
+                    f"reward function `{name}` called log_extra({column!r}, ...): a column is text other than the "
+                    f"logged completion's own ({', '.join(sorted(SAMPLE_COLUMNS))})"
+                )
+            if column in self.extras:
+                raise RewardError(
+                    f"reward function `{name}` logged the column {column!r}, which `{self.owners[column]}` logged "
+                    "already this step: one list per column and step"
+                )
+            if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+                raise RewardError(
+                    f"reward function `{name}` logged {type(values).__name__} as the column {column!r}; expected a "
+                    f"list of {self.n} values, one per completion"
+                )
+            values = list(values)
+            if len(values) != self.n:
+                raise RewardError(
+                    f"reward function `{name}` logged {len(values)} values in the column {column!r} for {self.n} "
+                    "completions"
+                )
+            self.extras[column] = [_json_value(v, name, column, i) for i, v in enumerate(values)]
+            self.owners.setdefault(column, name)
+
+        return {"log_metric": log_metric, "log_extra": log_extra}
+
+    def reduce(self, gather_objects: Callable[[list[Any]], list[Any]] | None = None) -> LoggedValues:
+        """The step's values over every rank (`gather_objects`: `Cluster.gather_objects`, one collective; None: this
+        process alone): each metric's sum over count, each column's rows in rank order."""
+        mine = (self.n, {k: (sum(v), len(v)) for k, v in self.metrics.items()}, self.extras, self.owners)
+        parts = gather_objects([mine]) if gather_objects is not None else [mine]
+        out = LoggedValues()
+        for metric in sorted({k for _, sums, _, _ in parts for k in sums}):
+            total = sum(sums[metric][0] for _, sums, _, _ in parts if metric in sums)
+            count = sum(sums[metric][1] for _, sums, _, _ in parts if metric in sums)
+            out.metrics[metric] = total / count
+        for column in sorted({k for _, _, extras, _ in parts for k in extras}):
+            out.extras[column] = [v for n, _, extras, _ in parts for v in extras.get(column, [None] * n)]
+        for _, _, _, owners in parts:
+            for key, owner in owners.items():
+                out.owners.setdefault(key, owner)
+        return out
+
+
+def _one_number(value: Any) -> Any:
+    """A one-element tensor or array (a reward's own arithmetic) as its number; anything else as it is."""
+    size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", None)
+    if size == 1 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
+def _json_value(value: Any, name: str, column: str, row: int) -> Any:
+    """A `log_extra` value as completions.jsonl holds it: numbers, text, None, lists and dicts of them (NaN and inf
+    are None, as in the metrics); a numpy or torch scalar is its number. Anything else is refused, naming it."""
+    value = _one_number(value)
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, name, column, row) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v, name, column, row) for k, v in value.items()}
+    raise RewardError(
+        f"reward function `{name}` logged {type(value).__name__} {value!r:.60} in the column {column!r} (sample "
+        f"{row}): completions.jsonl holds numbers, text, None, and lists or dicts of them"
+    )
 
 
 def reward_inputs(
@@ -364,27 +496,26 @@ def _exit_refused(real_exit: Any) -> Any:
     return _exit
 
 
-class _Timeout(BaseException):
-    """Raised inside a reward call that ran past `reward_timeout` (a BaseException, so `except Exception` in the
-    reward function cannot swallow it)."""
+class _Timeout(SystemExit):
+    """Raised inside a reward call that ran past `reward_timeout`: not an Exception, so `except Exception` in the
+    reward function cannot swallow it, and a SystemExit, which asyncio re-raises out of its event loop wherever it
+    lands (a task's step, a callback) instead of logging it and going on."""
 
 
-def call_with_timeout(name: str, fn: RewardFn, timeout: float | None, *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs) in this thread, stopped with a RewardError naming `name` after `timeout` seconds.
-
-    The call stays in the calling thread, so a reward that uses signals itself (math verifiers set SIGALRM
-    timeouts) keeps working; a watchdog thread sends SIGUSR1 to interrupt it when the time is up. Where
-    signals cannot reach the caller (not the main thread, or no pthread_kill), the call runs in a worker
-    thread and is abandoned when late. A call stuck inside native code is interrupted when it returns to Python.
-    """
-    if not timeout:
-        return fn(*args, **kwargs)
-    late = RewardError(
+def late_error(name: str, timeout: float) -> RewardError:
+    return RewardError(
         f"reward function `{name}` did not return within reward_timeout = {timeout:g} s "
         "(raise reward_timeout if it is only slow)"
     )
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_kill"):
-        return _call_in_worker(fn, timeout, late, args, kwargs)
+
+
+@contextlib.contextmanager
+def _watchdog(timeout: float | None, late: str) -> Iterator[None]:
+    """Inside: after `timeout` seconds (None: never) a watchdog thread sends SIGUSR1 to this (the main) thread,
+    whose handler raises `_Timeout` wherever the thread then is; `late` is said on stderr first."""
+    if not timeout:
+        yield
+        return
     expired = threading.Event()
     main = threading.get_ident()
 
@@ -404,12 +535,135 @@ def call_with_timeout(name: str, fn: RewardFn, timeout: float | None, *args: Any
     timer.daemon = True
     timer.start()
     try:
-        return fn(*args, **kwargs)
-    except _Timeout:
-        raise late from None
+        yield
     finally:
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous if previous is not None else signal.SIG_DFL)
+
+
+def _signals_reach_here() -> bool:
+    """Whether a watchdog's SIGUSR1 can interrupt this thread: the main thread, on a system with pthread_kill."""
+    return threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_kill")
+
+
+def call_with_timeout(name: str, fn: RewardFn, timeout: float | None, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) in this thread, stopped with a RewardError naming `name` after `timeout` seconds.
+
+    The call stays in the calling thread, so a reward that uses signals itself (math verifiers set SIGALRM
+    timeouts) keeps working; a watchdog thread sends SIGUSR1 to interrupt it when the time is up. Where
+    signals cannot reach the caller (not the main thread, or no pthread_kill), the call runs in a worker
+    thread and is abandoned when late. A call stuck inside native code is interrupted when it returns to Python.
+    """
+    if not timeout:
+        return fn(*args, **kwargs)
+    late = late_error(name, timeout)
+    if not _signals_reach_here():
+        return _call_in_worker(fn, timeout, late, args, kwargs)
+    try:
+        with _watchdog(timeout, str(late)):
+            return fn(*args, **kwargs)
+    except _Timeout:
+        raise late from None
+
+
+# The event loops async reward functions run in, each kept for the process: an async client a reward made in one
+# step (bound to the loop it first ran in) still works in the next, as under TRL's one loop. "main": run in the main
+# thread; "thread": a daemon thread's, where the main thread runs a loop of its own (a notebook) or is not the caller.
+_LOOPS: dict[str, asyncio.AbstractEventLoop] = {}
+
+
+def await_rewards(calls: Sequence[tuple[str, Any]], timeout: float | None) -> list[Any]:
+    """The awaitables of `calls` ((name, awaitable): the async reward functions' calls of one batch) awaited
+    concurrently in one event loop, each within `timeout` seconds of the start (None: no limit); -> their values, in
+    order. The first that raises or runs late is raised, named (a RewardError), the others cancelled.
+
+    In the main thread with no event loop running there (a script, each rank of torchrun) the loop runs in this
+    thread, so a reward's own signal handlers (SIGALRM timeouts of math verifiers) work, and the watchdog's SIGUSR1
+    stops one that holds the loop past its time, as `call_with_timeout` does. Where a loop runs already (a notebook)
+    or this is another thread, they run in a daemon thread's loop, as TRL runs them: a late one is cancelled, and one
+    that holds that loop is abandoned with it."""
+    if _signals_reach_here() and not _loop_running():
+        return _await_here(calls, timeout)
+    return _await_in_thread(calls, timeout)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _awaited(name: str, awaitable: Any) -> Any:
+    """`awaitable`'s value, what it raises as a RewardError naming `name` (its timeout and cancellation as they are)."""
+    try:
+        return await awaitable
+    except (RewardError, _Timeout, asyncio.CancelledError):
+        raise
+    except BaseException as err:
+        raise _reward_error(name, err) from (None if isinstance(err, _ExitCalled) else err)
+
+
+def _outcome(tasks: list[asyncio.Task], timeout: float | None, late: list[str]) -> list[Any]:
+    """The values of `tasks`, all done; else the first (in order) that raised, raised; else the one the watchdog
+    stopped, or the first of `late` (the names of those still waiting when the time was up), named as late."""
+    failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    stopped = [t.get_name() for t in failed if isinstance(t.exception(), _Timeout)]
+    for task in failed:
+        if not isinstance(task.exception(), _Timeout):
+            raise task.exception()
+    if stopped or late:
+        raise late_error((stopped or late)[0], timeout or 0.0) from None
+    return [t.result() for t in tasks]
+
+
+def _await_here(calls: Sequence[tuple[str, Any]], timeout: float | None) -> list[Any]:
+    loop = _LOOPS.get("main") or _LOOPS.setdefault("main", asyncio.new_event_loop())
+    tasks = [loop.create_task(_awaited(name, awaitable), name=name) for name, awaitable in calls]
+    names = ", ".join(f"`{name}`" for name, _ in calls)
+    said = f"reward functions {names}, awaited together, did not all return within reward_timeout = {timeout} s"
+    late: list[str] = []
+    try:
+        with _watchdog(timeout, said):
+            loop.run_until_complete(asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION))
+    except _Timeout:  # in a task's step (that task is done with it) or while the loop waited (every one not done)
+        late = [t.get_name() for t in tasks if not t.done()]
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:  # one failed or the time is up: the others stop
+            task.cancel()
+        if pending:
+            with contextlib.suppress(_Timeout), _watchdog(timeout, f"cancelling {names}"):
+                loop.run_until_complete(asyncio.wait(pending))
+    return _outcome(tasks, timeout, late)
+
+
+def _await_in_thread(calls: Sequence[tuple[str, Any]], timeout: float | None) -> list[Any]:
+    loop = _LOOPS.get("thread")
+    if loop is None:
+        loop = _LOOPS["thread"] = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="grpokit-async-rewards", daemon=True).start()
+    tasks: list[asyncio.Task] = []
+
+    async def together() -> None:
+        tasks.extend(asyncio.ensure_future(_awaited(name, awaitable)) for name, awaitable in calls)
+        for task, (name, _) in zip(tasks, calls):
+            task.set_name(name)
+        _, pending = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    finished = asyncio.run_coroutine_threadsafe(together(), loop)
+    try:
+        finished.result(timeout)
+    except concurrent.futures.TimeoutError:  # a reward holds the loop: it is abandoned, the next batch gets another
+        _LOOPS.pop("thread", None)
+        raise late_error(next((t.get_name() for t in tasks if not t.done()), calls[0][0]), timeout or 0.0) from None
+    late = [t.get_name() for t in tasks if t.cancelled()]
+    return _outcome(tasks, timeout, late)
 
 
 def _call_in_worker(fn: RewardFn, timeout: float, late: RewardError, args: tuple, kwargs: dict) -> Any:
@@ -478,83 +732,142 @@ def score(
     *,
     timeout: float | None = None,
     warned_cwd: set[str] | None = None,
+    state: Any = None,
+    logs: RewardLogs | None = None,
 ) -> torch.Tensor:
     """Call every reward function once on the batch, by keyword (`inputs`: prompts, completions, ... as
-    `reward_inputs` builds them); returns (N, K) float64 with NaN where one said None.
+    `reward_inputs` builds them; and TRL's `trainer_state`, `log_metric`, `log_extra`); returns (N, K) float64 with
+    NaN where one said None.
 
     Every return value is checked here, so that a broken reward stops the run with the function's
     name and the sample, not later as a NaN loss: one finite number (or None) per completion, within
     float32's range (training computes in float32). A call may take `timeout` seconds (None: no limit).
-    `warned_cwd`: the functions already warned about changing the working directory (a RewardSet's, kept across
-    its steps; None: a set of this call's own).
+    The calls that return an awaitable (`async def` functions) are awaited together, after the others
+    (`await_rewards`), and checked alike. `warned_cwd`: the functions already warned about changing the working
+    directory (a RewardSet's, kept across its steps; None: a set of this call's own). `state`: the TrainerState
+    passed as `trainer_state` (None: a fresh one, as outside a run); `logs`: where `log_metric` and `log_extra` go
+    (None: checked, then dropped).
     """
     warned_cwd = set() if warned_cwd is None else warned_cwd
     prompts, completions = inputs["prompts"], inputs["completions"]
     n = len(completions)
+    logs = RewardLogs(n) if logs is None else logs
+    available = [*inputs, *CONTRACT_INPUTS]
     out = torch.full((n, len(reward_funcs)), float("nan"), dtype=torch.float64)  # (N, K)
-    for k, (name, fn) in enumerate(reward_funcs):
-        accepted = accepted_inputs(name, fn, list(inputs))
-        # each function gets its own copy of every input, nested lists and dicts included (completion_ids, chat
-        # messages, list columns): one that edits its inputs in place cannot feed the next one, or the log, its edits
-        memo: dict[int, Any] = {}  # one per call: a row shared by several completions is copied once
-        kwargs = {key: private_copy(v, memo) for key, v in inputs.items() if accepted is None or key in accepted}
-        cwd, umask, real_exit, grad = os.getcwd(), _umask(), os._exit, torch.is_grad_enabled()
-        _keep_spare_streams()
-        os._exit = _exit_refused(real_exit)
-        try:
-            values = call_with_timeout(name, fn, timeout, **kwargs)
-        except RewardError:
+    waiting: list[tuple[int, str, Any]] = []  # (k, name, awaitable): the async functions' calls, awaited together
+    try:
+        for k, (name, fn) in enumerate(reward_funcs):
+            accepted = accepted_inputs(name, fn, available)
+            # each function gets its own copy of every input, nested lists and dicts included (completion_ids, chat
+            # messages, list columns): one that edits its inputs in place cannot feed the next one, or the log, its
+            # edits. TRL's objects are passed as they are (a state and two functions, not data)
+            memo: dict[int, Any] = {}  # one per call: a row shared by several completions is copied once
+            kwargs = {key: private_copy(v, memo) for key, v in inputs.items() if accepted is None or key in accepted}
+            kwargs.update(_contract(name, accepted, state, logs))
+            values = guarded_call(name, warned_cwd, lambda: call_with_timeout(name, fn, timeout, **kwargs))  # noqa: B023
+            if inspect.isawaitable(values):
+                waiting.append((k, name, values))
+            else:
+                out[:, k] = torch.tensor(checked_rewards(name, values, prompts, completions), dtype=torch.float64)
+        if waiting:
+            calls, places = [(name, awaitable) for _, name, awaitable in waiting], [k for k, _, _ in waiting]
+            waiting = []  # await_rewards owns them now
+            together = "`, `".join(name for name, _ in calls)  # (said as "reward function `a`, `b` ...")
+            values_of = guarded_call(together, warned_cwd, lambda: await_rewards(calls, timeout))
+            for k, (name, _), values in zip(places, calls, values_of):
+                out[:, k] = torch.tensor(checked_rewards(name, values, prompts, completions), dtype=torch.float64)
+    finally:
+        for _, _, awaitable in waiting:  # never awaited: an earlier function failed
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+    return out
+
+
+def _contract(name: str, accepted: set[str] | None, state: Any, logs: RewardLogs) -> dict[str, Any]:
+    """TRL's `trainer_state`, `log_metric` and `log_extra` for the reward function `name`, those it takes."""
+    wanted = [key for key in CONTRACT_INPUTS if accepted is None or key in accepted]
+    if not wanted:
+        return {}
+    if state is None and "trainer_state" in wanted:
+        from transformers import TrainerState
+
+        state = TrainerState()
+    return {key: value for key, value in {"trainer_state": state, **logs.callables(name)}.items() if key in wanted}
+
+
+def _reward_error(name: str, err: BaseException) -> RewardError:
+    """What a reward function raised, as the RewardError that stops the run naming it."""
+    if isinstance(err, _ExitCalled):
+        return RewardError(
+            f"reward function `{name}` called os._exit({err.args[0]}), which would end the run at once, with no "
+            "word and nothing saved"
+        )
+    return RewardError(f"reward function `{name}` raised {type(err).__name__}: {err}")
+
+
+def guarded_call(name: str, warned: set[str], call: Callable[[], Any]) -> Any:
+    """`call()`, a reward function's call (`name`; for the awaiting of several async ones, their names joined), with
+    the process kept as the run needs it. A changed working directory, file-creation mask or grad mode is set
+    back and said once per function of `warned`; os._exit, sys.exit(), KeyboardInterrupt, an exception or closing
+    stdout / stderr stops the run with a RewardError naming the function."""
+    cwd, umask, real_exit, grad = os.getcwd(), _umask(), os._exit, torch.is_grad_enabled()
+    _keep_spare_streams()
+    os._exit = _exit_refused(real_exit)
+    try:
+        values = call()
+    except RewardError:
+        raise
+    except (_ExitCalled, Exception, KeyboardInterrupt) as err:  # a reward's exit() or Ctrl-C is its bug, named
+        raise _reward_error(name, err) from (None if isinstance(err, _ExitCalled) else err)
+    except SystemExit as err:
+        if isinstance(err, _Timeout):  # (the watchdog's, late on its way out: the call was late)
             raise
-        except _ExitCalled as err:
+        raise _reward_error(name, err) from err
+    finally:
+        os._exit = real_exit
+        _restore_cwd(cwd, name, warned)
+        _restore_umask(umask, name, warned)
+        if torch.is_grad_enabled() != grad:  # torch.set_grad_enabled(False) would leave the backward no graph
+            torch.set_grad_enabled(grad)
+            _warn_once(warned, f"grad {name}", f"reward function `{name}` changed torch's grad mode; "
+                       "grpokit set it back after the call (and does after every call)")  # fmt: skip
+    closed = _reopen_closed_streams()
+    if closed:
+        raise RewardError(f"reward function `{name}` closed {closed}: the run could no longer report")
+    return values
+
+
+def checked_rewards(name: str, values: Any, prompts: list[Any], completions: list[Any]) -> list[float]:
+    """A reward function's answer for N completions as N floats (NaN for None), or the RewardError naming it and the
+    sample: one finite number or None per completion, within float32's range."""
+    n = len(completions)
+    # a 0-d tensor or array is one number for the whole batch, not one per completion (and cannot be iterated)
+    if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable) or getattr(values, "ndim", 1) == 0:
+        raise RewardError(
+            f"reward function `{name}` returned {type(values).__name__} {values!r:.60}; expected a list of {n} "
+            "floats, one per completion"
+        )
+    values = list(values)
+    if len(values) != n:
+        raise RewardError(f"reward function `{name}` returned {len(values)} values for {n} completions")
+    out = []
+    for i, value in enumerate(values):
+        if value is None:
+            out.append(float("nan"))
+            continue
+        value = _one_number(value)  # one-element tensors and numpy arrays (a row of an (N, 1) output) alike
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):  # a bool counts as 0 or 1
             raise RewardError(
-                f"reward function `{name}` called os._exit({err.args[0]}), which would end the run at once, with no "
-                "word and nothing saved"
-            ) from None
-        except (Exception, SystemExit, KeyboardInterrupt) as err:  # a reward's exit() or Ctrl-C is its bug, named
-            raise RewardError(f"reward function `{name}` raised {type(err).__name__}: {err}") from err
-        finally:
-            os._exit = real_exit
-            _restore_cwd(cwd, name, warned_cwd)
-            _restore_umask(umask, name, warned_cwd)
-            if torch.is_grad_enabled() != grad:  # torch.set_grad_enabled(False) would leave the backward no graph
-                torch.set_grad_enabled(grad)
-                _warn_once(warned_cwd, f"grad {name}", f"reward function `{name}` changed torch's grad mode; "
-                           "grpokit set it back after the call (and does after every call)")  # fmt: skip
-        closed = _reopen_closed_streams()
-        if closed:
-            raise RewardError(f"reward function `{name}` closed {closed}: the run could no longer report")
-        # a 0-d tensor or array is one number for the whole batch, not one per completion (and cannot be iterated)
-        if (
-            isinstance(values, (str, bytes, dict))
-            or not isinstance(values, Iterable)
-            or getattr(values, "ndim", 1) == 0
-        ):
-            raise RewardError(
-                f"reward function `{name}` returned {type(values).__name__} {values!r:.60}; expected a list of {n} "
-                "floats, one per completion"
+                f"reward function `{name}` returned {value!r} for sample {i} "
+                f"(prompt {prompts[i]!r:.200}, completion {completions[i]!r:.200}); expected a finite number "
+                "or None"
             )
-        values = list(values)
-        if len(values) != n:
-            raise RewardError(f"reward function `{name}` returned {len(values)} values for {n} completions")
-        for i, value in enumerate(values):
-            if value is None:
-                continue
-            # one-element tensors and numpy arrays (a row of an (N, 1) output) are their number, alike
-            size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", None)
-            if size == 1 and callable(getattr(value, "item", None)):
-                value = value.item()
-            if not isinstance(value, numbers.Real) or not math.isfinite(value):  # a bool counts as 0 or 1
-                raise RewardError(
-                    f"reward function `{name}` returned {value!r} for sample {i} "
-                    f"(prompt {prompts[i]!r:.200}, completion {completions[i]!r:.200}); expected a finite number "
-                    "or None"
-                )
-            if abs(value) > FLOAT32_MAX:
-                raise RewardError(
-                    f"reward function `{name}` returned {value!r} for sample {i}: beyond float32's range "
-                    f"(+-{FLOAT32_MAX:.3g}), which training computes in; rescale the reward"
-                )
-            out[i, k] = float(value)
+        if abs(value) > FLOAT32_MAX:
+            raise RewardError(
+                f"reward function `{name}` returned {value!r} for sample {i}: beyond float32's range "
+                f"(+-{FLOAT32_MAX:.3g}), which training computes in; rescale the reward"
+            )
+        out.append(float(value))
     return out
 
 
@@ -603,6 +916,8 @@ class RewardSet:
     gold: list[tuple[str, RewardFn]]  # watched beside a learned reward, never in the loss
     # the functions this run has warned about changing the working directory: said once per function and run
     warned_cwd: set[str] = field(default_factory=set)
+    state: Any = None  # the run's transformers.TrainerState, passed as `trainer_state` (None: a fresh one per call)
+    logged: LoggedValues = field(default_factory=LoggedValues)  # what the last `score_step`'s functions logged
 
     @property
     def names(self) -> list[str]:
@@ -636,25 +951,49 @@ class RewardSet:
         scale: str,
         aggregation: str,
         timeout: float | None,
-        gather: Callable | None = None,
+        cluster: Cluster | None = None,
     ):
         """One generation batch (`reward_inputs`) scored (each call within `timeout` seconds) and turned into
         advantages over groups of `group_size` (`algo.multi_reward_advantages` under `scale` and `aggregation`;
-        `check_advantages`). `gather` (`Cluster.gather`) joins the scores of every rank's share, so that advantages
-        and every figure are of the whole step (a batch-level `scale` included) wherever its rows were sampled.
+        `check_advantages`). `cluster` joins the scores of every rank's share, so that advantages and every figure
+        are of the whole step (a batch-level `scale` included) wherever its rows were sampled, and what the functions
+        logged (`logged`, reduced over the ranks).
         -> (rewards (N, K) float32, NaN for None; total (N,); scorable (N,); advantages (N,); gold (N, 1) | None)."""
         G = group_size
-        gather = gather or (lambda t: t)
-        warned = self.warned_cwd
-        scores = gather(score(self.funcs, inputs, timeout=timeout, warned_cwd=warned))  # (N, K) float64
-        rewards = scores.float()  # (N, K)
+        gather = cluster.gather if cluster is not None else (lambda t: t)
+        warned, logs = self.warned_cwd, RewardLogs(len(inputs["completions"]))
+        scores = gather(score(self.funcs, inputs, timeout=timeout, warned_cwd=warned, state=self.state, logs=logs))
+        rewards = scores.float()  # (N, K); scores (N, K) float64
         total, scorable = algo.combine_rewards(rewards, self.weights)  # (N,), (N,)
         advantages = algo.multi_reward_advantages(
             rewards, self.weights, group_size=G, scale=scale, aggregation=aggregation
         )  # (N,)
         check_advantages(advantages, scores, self.weights, self.names, group_size=G)
-        gold = gather(score(self.gold, inputs, timeout=timeout, warned_cwd=warned)).float() if self.gold else None
+        gold = None
+        if self.gold:
+            gold = gather(score(self.gold, inputs, timeout=timeout, warned_cwd=warned, state=self.state, logs=logs))
+            gold = gold.float()  # (N, 1)
+        self.logged = logs.reduce(cluster.gather_objects if cluster is not None else None)
         return rewards, total, scorable, advantages, gold
+
+    def with_logged(
+        self, metrics: dict[str, float], samples: list[dict[str, Any]], *, every: int = 1
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """A step's `metrics` and its N logged completions (`samples`, every `every`-th kept) with what its reward
+        functions logged (`logged`): their metrics beside grpokit's, their columns beside each completion. A metric
+        of a name grpokit logs itself is refused, naming the function (TRL would average the two into one)."""
+        logged = self.logged
+        for name in logged.metrics:
+            if name in metrics:
+                raise RewardError(
+                    f"reward function `{logged.owners[name]}` logged the metric {name!r} (log_metric), a name grpokit "
+                    f"logs itself at every step ({metrics[name]!r:.12} this step): choose another name, e.g. "
+                    f"'{logged.owners[name]}/{name}'"
+                )
+        for column, values in logged.extras.items():
+            for sample, value in zip(samples, values):
+                sample[column] = value
+        return {**metrics, **logged.metrics}, samples[::every]
 
     def step_figures(self, rewards, total, scorable, gold, *, group_size: int) -> dict[str, float]:
         """What a step logs of `score_step`'s answer: the mean and spread of the total (NaN, logged as null,
@@ -680,12 +1019,13 @@ def reward_set(
     prompt_column: str,
     train_rows: list[dict[str, Any]],
     eval_rows: list[dict[str, Any]] | None = None,
+    state: Any = None,
 ) -> RewardSet:
     """The reward functions `funcs` handed in, else those `names` names, with their `weights` (None: 1 each) and the
     `gold_reward` watched beside them; `build(names, field=...)` turns names into (name, function) pairs
     (`build_reward_funcs` with the run's settings; `field` the config field that named them). Checks that the rows
     (training and held-out: their answers, their image columns) carry what they need, before any policy model
-    loads."""
+    loads. `state`: the run's TrainerState, what the functions get as `trainer_state`."""
     funcs = named_reward_funcs(funcs, build) if funcs is not None else build(names)
     try:
         gold = build([gold_reward], field="gold_reward") if gold_reward else []
@@ -706,7 +1046,7 @@ def reward_set(
         asked |= named_parameters(fn)
     check_image_columns(train_rows, asked, prompt_column, "train data")
     check_image_columns(eval_rows or [], asked, prompt_column, "eval data")
-    return RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold)
+    return RewardSet(funcs, torch.tensor(weights, dtype=torch.float32), gold, state=state)
 
 
 IMAGE_COLUMNS = ("image", "images")  # TRL's vision-language input columns

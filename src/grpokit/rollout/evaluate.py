@@ -98,10 +98,12 @@ def heldout_eval(
     """Held-out figures of one completion per row, greedy and sampled at `settings.temperature`:
     eval/accuracy_{greedy,sampled} (rows with an `answer`, under `is_correct`), and with `rewards` (a RewardSet)
     eval/rewards/NAME/mean_{mode} of every function the rows can feed and eval/reward_{mode}, their weighted sum
-    over the rows some function scored. {} without rows."""
+    over the rows some function scored, and eval/METRIC_{mode} of each metric they log (`log_metric`: the mean of
+    its values; a `log_extra` column is checked and dropped, held-out rows keep no completions). The functions get
+    `rewards.state` as `trainer_state`. {} without rows."""
     prompt_column = settings.prompt_column
     from grpokit.core import algo
-    from grpokit.rewards.functions import REWARD_INPUTS, RewardError, accepted_inputs, reward_inputs, score
+    from grpokit.rewards.functions import REWARD_INPUTS, RewardError, RewardLogs, accepted_inputs, reward_inputs, score
 
     if not rows:
         return {}
@@ -117,7 +119,7 @@ def heldout_eval(
         warnings.warn(f"held-out rows lack what {skipped} need: those reward functions are not evaluated", stacklevel=2)
     out: dict[str, float] = {}
     for mode, mode_temperature in (("greedy", 0.0), ("sampled", settings.temperature)):
-        texts, scores = [], []
+        texts, scores, logged, owners = [], [], {}, {}
         batches = sample_batches(
             sampler,
             tokenizer,
@@ -133,7 +135,12 @@ def heldout_eval(
             if funcs:
                 batch = rows[start : start + len(batch_texts)]
                 inputs = reward_inputs(batch, prompt_column, 1, prompts.texts, batch_texts, rollout)
-                scores.append(score([(n, f) for _, n, f in funcs], inputs, timeout=settings.reward_timeout).float())
+                logs = RewardLogs(len(batch_texts))
+                called = [(n, f) for _, n, f in funcs]
+                scores.append(score(called, inputs, timeout=settings.reward_timeout, state=rewards.state, logs=logs))
+                for metric, values in logs.metrics.items():
+                    logged.setdefault(metric, []).extend(values)
+                    owners.setdefault(metric, logs.owners[metric])
         # rows whose answer the checker cannot compare as text (a list a reward of the user's reads) are left out
         compared = [(t, r["answer"]) for t, r in zip(texts, rows) if answer_problem(r.get("answer")) is None]
         if is_correct is not None and compared:
@@ -145,4 +152,11 @@ def heldout_eval(
             weights = rewards.weights[[k for k, _, _ in funcs]]
             total, scorable = algo.combine_rewards(table, weights)
             out[f"eval/reward_{mode}"] = total[scorable].mean().item() if bool(scorable.any()) else float("nan")
+        for metric, values in logged.items():
+            if f"eval/{metric}_{mode}" in out:
+                raise RewardError(
+                    f"reward function `{owners[metric]}` logged the metric {metric!r} (log_metric), which would "
+                    f"be logged as eval/{metric}_{mode}, a name grpokit logs itself: choose another name"
+                )
+            out[f"eval/{metric}_{mode}"] = sum(values) / len(values)
     return out

@@ -30,6 +30,7 @@ from transformers import TrainerControl, TrainerState
 
 from grpokit.report.runlog import read_metrics, strict
 from grpokit.stages.loop import HookAnswer, RunHooks
+from grpokit.stages.progress import at_step, optimizer_steps_per_step
 
 # the events a transformers callback may define (one at least, or it is no callback)
 EVENTS = (
@@ -118,7 +119,7 @@ class CallbackHooks(RunHooks):
         self.trainer, self.args, self.callbacks = trainer, args, callbacks
         self.control = TrainerControl()
         # optimizer steps per generation step (the trainer's state counts the run's optimizer steps)
-        self.per_step = max(1, trainer.state.max_steps // trainer.cfg.max_steps)
+        self.per_step = optimizer_steps_per_step(trainer.cfg)
         self.reported = len(trainer.eval_history)  # evaluations already told to the callbacks
 
     @property
@@ -135,8 +136,7 @@ class CallbackHooks(RunHooks):
 
     def at(self, step: int) -> None:
         """`state` after generation step `step`: its optimizer steps, and epochs as the prompts drawn so far."""
-        self.state.global_step = step * self.per_step
-        self.state.epoch = step * self.trainer.cfg.prompts_per_step / len(self.trainer.train_rows)
+        at_step(self.state, self.trainer.cfg, step, len(self.trainer.train_rows))
 
     def log(self, logs: dict[str, float]) -> None:
         """transformers' `Trainer.log`: the epoch added, the row kept in log_history with its step, on_log."""

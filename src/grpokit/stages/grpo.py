@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerState
 
 from grpokit.config import GRPOConfig
 from grpokit.core import algo
@@ -43,6 +42,7 @@ from grpokit.runtime.distributed import Cluster
 from grpokit.stages import update
 from grpokit.stages.arguments import python_arguments
 from grpokit.stages.loop import LoopSettings, RunHooks, StepReport, run_stage
+from grpokit.stages.progress import at_step, trainer_state
 from grpokit.stages.setup import RunSetup, grpo_policy, grpo_rewards, grpo_sampler, sampling_params, step_sizes
 
 
@@ -88,7 +88,8 @@ class GRPOTrainer:
         )  # fmt: skip
         source = cfg.eval_data is not None or eval_dataset is not None or self.task is not None  # (cut to 0?)
         require_heldout_rows(cfg.eval_every, self.eval_rows, cfg.num_eval_prompts if source else None)
-        self.rewards = grpo_rewards(cfg, self.task, reward_funcs, self.train_rows, self.eval_rows)  # (recorded in cfg)
+        self.state = trainer_state(cfg, len(self.train_rows), self.cluster)  # TRL's: what rewards (and callbacks) see
+        self.rewards = grpo_rewards(cfg, self.task, reward_funcs, self.train_rows, self.eval_rows, self.state)
         self.run_dir, self.tokenizer = setup.open(
             model=model, tokenizer=tokenizer, train_data=self.train_rows, eval_data=self.eval_rows
         )
@@ -108,7 +109,6 @@ class GRPOTrainer:
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
         self.minibatch_size = cfg.minibatch_size or self.generation_size
         optimizer_steps = cfg.max_steps * cfg.num_iterations * (self.generation_size // self.minibatch_size)
-        self.state = TrainerState(max_steps=optimizer_steps)  # transformers' progress record, in optimizer steps
         # beta = 0: no reference at all, which is most of GRPO's memory saving over PPO after the critic.
         policy = self.policy = grpo_policy(
             model, cfg, total_steps=optimizer_steps, device=self.device, dtype=dtype, cluster=self.cluster
@@ -151,6 +151,7 @@ class GRPOTrainer:
         rows_here = range(mine.start * G, mine.stop * G)  # this rank's rows among the step's N
         rows = [rows[i] for i in mine]
         self.steps_taken += 1
+        at_step(self.state, cfg, self.steps_taken - 1, len(self.train_rows))  # (the steps before it: TRL counts so)
         t0 = time.perf_counter()
         prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
         seeds = prompt_seeds(cfg.seed, self.steps_taken, list(mine))
@@ -167,7 +168,7 @@ class GRPOTrainer:
         # of the whole step: (N, K) NaN where None, (N,) x 3, (N, 1) or None; a reward training cannot use stops here
         rewards, total, scorable, advantages, gold = self.rewards.score_step(
             inputs, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation,
-            timeout=cfg.reward_timeout, gather=cluster.gather,
+            timeout=cfg.reward_timeout, cluster=cluster,
         )  # fmt: skip
         mask = rollout.trained_mask.float()  # (n, Tc): the tokens in the loss
         if cfg.mask_truncated_completions:
@@ -204,7 +205,7 @@ class GRPOTrainer:
         samples = [
             {"prompt": p, "completion": c, "reward": r if ok else None, "advantage": a} for p, c, r, ok, a in rows
         ]
-        return metrics, samples[:: max(1, G // 2)]
+        return self.rewards.with_logged(metrics, samples, every=max(1, G // 2))  # (what the rewards logged added)
 
     def _update(self, rollout: Rollout, mask, step_mask, first_row, advantages, old_logp, ref_logp) -> dict[str, float]:
         """The step's update (`update.run_update`) and its figures, summed over the ranks."""
@@ -270,6 +271,7 @@ class GRPOTrainer:
         """`step`, the reference sync, a held-out evaluation when due, the monitors' warnings."""
         cfg = self.cfg
         metrics, samples = self.step()
+        at_step(self.state, cfg, step, len(self.train_rows))
         if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
             self.policy.sync_reference(cfg.ref_sync_alpha)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:

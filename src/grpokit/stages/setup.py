@@ -340,11 +340,17 @@ def step_sizes(cfg: GRPOConfig) -> StepSizes:
 
 
 def grpo_rewards(
-    cfg: GRPOConfig, task: Any, reward_funcs: Any, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]
+    cfg: GRPOConfig,
+    task: Any,
+    reward_funcs: Any,
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    state: Any = None,
 ) -> RewardSet:
     """The run's weighted reward functions (`rewards.RewardSet`): those passed in (`reward_funcs`), else the config's
-    names built here, checked against the rows. Functions passed in are recorded into the config (saved with the
-    run) by their specs, so config.yaml says what ran."""
+    names built here, checked against the rows; they get the run's TrainerState `state` as `trainer_state`.
+    Functions passed in are recorded into the config (saved with the run) by their specs, so config.yaml says what
+    ran."""
     build = functools.partial(
         build_reward_funcs, format_pattern=cfg.format_pattern, max_completion_length=cfg.max_completion_length,
         overlong_buffer=cfg.overlong_buffer, task=task, device=str(resolve_device(cfg.device)),
@@ -352,7 +358,7 @@ def grpo_rewards(
     )  # fmt: skip
     rewards = reward_set(
         reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
-        prompt_column=cfg.prompt_column, train_rows=train_rows, eval_rows=eval_rows,
+        prompt_column=cfg.prompt_column, train_rows=train_rows, eval_rows=eval_rows, state=state,
     )  # fmt: skip
     if reward_funcs is not None:
         cfg.reward_funcs = rewards.specs()
