@@ -111,7 +111,7 @@ def test_trls_vllm_fields_map_to_grpokits():
         ({"vllm_group_port": 51217}, "`vllm_group_port` = 51217 is not supported"),
         ({"deepspeed": "ds.json"}, "`deepspeed` = 'ds.json' is not supported"),
         ({"fp16": True}, "`fp16` = True is not supported"),
-        ({"no_such_field": 1}, "TRL field `no_such_field` is not one grpokit maps"),
+        ({"no_such_field": 1}, "`no_such_field` is not a field of TRL 1.16's GRPOConfig"),
     ],
 )
 def test_a_trl_option_grpokit_lacks_is_an_error_naming_it(fields, expected):

@@ -46,8 +46,8 @@ def test_requests_carry_one_seed_per_prompt_and_greedy_asks_for_single_completio
     sampled = engine_requests([[2, 5], [2, 6, 7]], num_generations=4, params=params, seeds=[11, 12], eos_token_ids=[1])
     assert [(r["prompt"], r["n"], r["seed"]) for r in sampled] == [([2, 5], 4, 11), ([2, 6, 7], 4, 12)]
     assert sampled[0] | {"prompt": None} == {
-        "prompt": None, "n": 4, "seed": 11, "temperature": 0.7, "top_p": 0.9, "top_k": 3, "max_tokens": 5,
-        "stop": ["\n"], "stop_token_ids": [1],
+        "prompt": None, "n": 4, "seed": 11, "temperature": 0.7, "top_p": 0.9, "top_k": 3, "min_p": 0.0,
+        "repetition_penalty": 1.0, "max_tokens": 5, "stop": ["\n"], "stop_token_ids": [1],
     }  # fmt: skip
     greedy = engine_requests([[2, 5]], num_generations=3, params=SamplingParams(max_new_tokens=5, temperature=0.0),
                              seeds=[11], eos_token_ids=[1])  # fmt: skip

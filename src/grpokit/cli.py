@@ -43,7 +43,39 @@ def parse_config(cls: type, args: list[str], prog: str, description: str | None 
         _check_types(default)  # before tyro, which would otherwise trip over a bad YAML value
         args = args[1:]
     check_override_names(cls, args)
-    return tyro.cli(cls, default=default, args=args, prog=prog, description=description or cls.__doc__)
+    return tyro.cli(
+        cls, default=default, args=args, prog=prog, description=description or cls.__doc__, registry=_json_fields()
+    )
+
+
+def _json_fields() -> Any:
+    """tyro reads a `dict` field (chat_template_kwargs) as subcommands; on grpokit's command line it is one JSON
+    value, as its YAML value is one mapping: `--chat-template-kwargs '{"enable_thinking": false}'`."""
+    import json
+
+    from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
+
+    registry = ConstructorRegistry()
+
+    @registry.primitive_rule
+    def json_dict(info: Any) -> Any:
+        if info.type is not dict:
+            return None
+        return PrimitiveConstructorSpec(
+            nargs=1,
+            metavar="JSON",
+            instance_from_str=lambda args: _json_mapping(json.loads(args[0])),
+            is_instance=lambda value: isinstance(value, dict),
+            str_from_instance=lambda value: [json.dumps(value)],
+        )
+
+    return registry
+
+
+def _json_mapping(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object ({{...}}), got {value!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,7 +388,10 @@ def _eval(args: list[str]) -> int:
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_model(cfg.model, device, dtype).eval()
     longest_prompt = max(
-        map(len, encode_prompts(tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length).ids)
+        len(ids)
+        for ids in encode_prompts(
+            tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length, cfg.chat_template_kwargs
+        ).ids
     )
     check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=tokenizer)
     weights = PolicyWeights(model)
@@ -372,6 +407,7 @@ def _eval(args: list[str]) -> int:
         prompt_column=cfg.prompt_column,
         max_prompt_length=cfg.max_prompt_length,
         reward_timeout=defaults.reward_timeout,
+        chat_template_kwargs=cfg.chat_template_kwargs,
     )
     result = heldout_eval(sampler, tokenizer, rows, settings, is_correct, rewards)
     if not result:  # the reward functions need columns the rows lack (heldout_eval warned which), and no answer

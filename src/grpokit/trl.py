@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -29,10 +30,16 @@ from typing import Any
 
 from grpokit import config as native
 from grpokit.config.trl_names import (
+    ADAMW_NAMES,
+    GENERATION_KWARGS,
     GRPOKIT_SOURCES,
     LOSS_TYPES,
+    NO_EFFECT,
+    OTHER_OPTIMIZERS,
+    OTHER_SCHEDULES,
     RENAMED,
     SAME_NAME,
+    SCHEDULE_KWARGS,
     SCHEDULES,
     TRL_ABOVE_ZERO,
     TRL_DEFAULTS,
@@ -62,20 +69,19 @@ class GRPOConfig:
     def __init__(self, **fields: Any):
         unknown = sorted(set(fields) - set(TRL_DEFAULTS))
         if unknown:
-            raise native.ConfigError(
-                f"TRL field `{unknown[0]}` is not one grpokit maps (see docs/from-trl.md); "
-                "use grpokit's own GRPOConfig for grpokit-only fields"
-            )
-        for name, reason in UNSUPPORTED.items():
-            if name in fields and fields[name] != TRL_DEFAULTS[name]:
-                raise native.ConfigError(f"TRL field `{name}` = {fields[name]!r} is not supported: {reason}")
-        if fields.get("fp16"):
-            raise native.ConfigError("TRL field `fp16` = True is not supported: float16 needs loss scaling; use bf16")
+            raise native.ConfigError(_not_a_trl_field(unknown[0]))
         for name in PATH_FIELDS & fields.keys():  # TRL (transformers) takes a Path where it takes a folder's name
             if isinstance(fields[name], os.PathLike):
                 fields[name] = os.fspath(fields[name])
+        for name in JSON_FIELDS & fields.keys():  # TRL reads a dict field given as text (a command line's) as JSON
+            fields[name] = _json_dict(name, fields[name])
         for name, value in fields.items():
             check_trl_field(name, value)
+        for name, reason in UNSUPPORTED.items():
+            if name in fields and fields[name] != TRL_DEFAULTS[name]:
+                raise native.ConfigError(f"TRL field `{name}` = {fields[name]!r} is not supported: {reason}")
+        check_optimizer(fields.get("optim", TRL_DEFAULTS["optim"]))
+        check_generation_kwargs(fields.get("generation_kwargs") or {})
         self.given = frozenset(fields)  # what the user wrote: the names an error speaks of
         self.fields = {**TRL_DEFAULTS, **fields}
         if self.fields["steps_per_generation"] is not None and self.fields["generation_batch_size"] is not None:
@@ -83,6 +89,7 @@ class GRPOConfig:
                 "TRL fields `steps_per_generation` and `generation_batch_size` are both set: give one (TRL refuses "
                 "both as well)"
             )
+        warn_no_effect(fields)
 
     def __getattr__(self, name: str) -> Any:
         if name not in ("fields", "given") and name in self.fields:
@@ -100,6 +107,13 @@ class GRPOConfig:
         out.update({new: f[old] for old, new in RENAMED.items()})
         out["save_total_limit"] = max(f["save_total_limit"] or 0, 0)  # TRL: None (or <= 0) keeps all, grpokit's 0
         out["top_k"] = f["top_k"] or 0
+        out["min_p"] = f["min_p"] or 0.0  # TRL: None is off
+        for key, value in (f["generation_kwargs"] or {}).items():  # TRL: they override the fields of that meaning
+            if key in GENERATION_KWARGS:
+                field = GENERATION_KWARGS[key]
+                out[field] = ([value] if isinstance(value, str) else list(value)) if field == "stop_strings" else value
+        out["chat_template_kwargs"] = f["chat_template_kwargs"] or None
+        out["kl_importance_weight"] = f["use_bias_correction_kl"] and f["beta"] != 0  # (only a KL term is weighed)
         out["gradient_checkpointing"] = bool(f["gradient_checkpointing"])
         G = f["num_generations"]
         # TRL counts completions: per device per forward; x devices x steps_per_generation per generation batch
@@ -141,11 +155,7 @@ class GRPOConfig:
         out["loss_type"] = f["loss_type"]
         scale = f["scale_rewards"]
         out["scale_rewards"] = {True: "group", False: "none"}.get(scale, scale)
-        if f["lr_scheduler_type"] not in SCHEDULES:
-            raise native.ConfigError(
-                f"TRL field `lr_scheduler_type` = {f['lr_scheduler_type']!r}: grpokit has {', '.join(SCHEDULES)}"
-            )
-        out["lr_schedule"] = SCHEDULES[f["lr_scheduler_type"]]
+        out["lr_schedule"], out["min_lr_rate"] = self._schedule()
         per_generation = steps_per_generation // accumulation * f["num_iterations"]  # optimizer steps
         per_epoch = None if num_prompts is None else num_prompts // out["prompts_per_step"]  # TRL drops a last part
         out["max_steps"] = self._max_steps(per_generation, per_epoch, out["prompts_per_step"], num_prompts)
@@ -158,13 +168,24 @@ class GRPOConfig:
 
         warmup = f["warmup_steps"]  # transformers reads a value below 1 as a fraction of the run
         out["warmup_steps"] = math.ceil(warmup * optimizer_steps) if 0 < warmup < 1 else int(warmup)
+        if f["lr_scheduler_type"] == "constant" and warmup:  # transformers' `constant` never warms up
+            out["warmup_steps"] = 0
+            warnings.warn(
+                f"TRL field `warmup_steps` = {warmup} has no effect with lr_scheduler_type='constant' (transformers' "
+                "constant schedule has no warm-up, so grpokit's has none either): 'constant_with_warmup' warms up",
+                InputWarning,
+                stacklevel=2,
+            )
         out["save_every"] = self._every("save_strategy", "save_steps", in_generations, per_epoch, ("no", "steps"))
         out["log_completions_every"] = in_generations("logging_steps") if f["log_completions"] else 0
         reports = [f["report_to"]] if isinstance(f["report_to"], str) else list(f["report_to"] or [])
         unknown = [r for r in reports if r not in ("none", "tensorboard", "wandb", "all")]
         if unknown:
+            also = (
+                " (no Trackio: every figure is in OUTPUT_DIR/metrics.jsonl as well)" if unknown[0] == "trackio" else ""
+            )
             raise native.ConfigError(
-                f"TRL field `report_to` = {unknown[0]!r}: grpokit logs to tensorboard, wandb, both (all) or none"
+                f"TRL field `report_to` = {unknown[0]!r}: grpokit logs to tensorboard, wandb, both (all) or none{also}"
             )
         out["tensorboard"] = any(r in ("tensorboard", "all") for r in reports)
         out["wandb"] = any(r in ("wandb", "all") for r in reports)
@@ -182,6 +203,39 @@ class GRPOConfig:
         out["overwrite_output_dir"] = f["overwrite_output_dir"]
         out.setdefault("output_dir", "trainer_output")  # TRL's own default folder
         return native.GRPOConfig(**out)
+
+    def _schedule(self) -> tuple[str, float]:
+        """`lr_scheduler_type` and its `lr_scheduler_kwargs` as grpokit's (lr_schedule, min_lr_rate); transformers'
+        cosine_with_min_lr takes min_lr (a rate) or min_lr_rate (a fraction of learning_rate), exactly one."""
+        f = self.fields
+        kind, kwargs = f["lr_scheduler_type"], dict(f["lr_scheduler_kwargs"] or {})
+        if kind not in SCHEDULES:
+            what = f" ({OTHER_SCHEDULES[kind]})" if kind in OTHER_SCHEDULES else ""
+            raise native.ConfigError(
+                f"TRL field `lr_scheduler_type` = {kind!r}{what} is not supported: grpokit has {', '.join(SCHEDULES)}"
+            )
+        for key, value in kwargs.items():
+            if key not in SCHEDULE_KWARGS.get(kind, ()) or (key == "num_cycles" and value != 0.5):
+                raise native.ConfigError(
+                    f"TRL field `lr_scheduler_kwargs` key `{key}` = {value!r} is not supported with lr_scheduler_type="
+                    f"{kind!r}: grpokit reads min_lr or min_lr_rate (cosine_with_min_lr) and num_cycles only at "
+                    "transformers' default 0.5 (one half wave)"
+                )
+        if kind != "cosine_with_min_lr":
+            return SCHEDULES[kind], 0.0
+        floors = [key for key in ("min_lr", "min_lr_rate") if kwargs.get(key) is not None]
+        if len(floors) != 1:
+            raise native.ConfigError(
+                "TRL field `lr_scheduler_type` = 'cosine_with_min_lr' needs exactly one of min_lr and min_lr_rate in "
+                f"`lr_scheduler_kwargs` (transformers refuses {'both' if floors else 'neither'} too), got "
+                f"{f['lr_scheduler_kwargs']!r}"
+            )
+        floor = kwargs[floors[0]]
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)):
+            raise native.ConfigError(
+                f"TRL field `lr_scheduler_kwargs` key `{floors[0]}` expects a number, got {floor!r}"
+            )
+        return "cosine_with_min_lr", floor / f["learning_rate"] if floors[0] == "min_lr" else float(floor)
 
     def _every(self, strategy: str, steps: str, in_generations: Any, per_epoch: int | None, kinds: tuple) -> int:
         """`save_strategy` / `eval_strategy` with its step count, as grpokit's every-N generation steps (0: off)."""
@@ -222,6 +276,97 @@ class GRPOConfig:
                 "train none): set max_steps, or a smaller batch"
             )
         return math.ceil(f["num_train_epochs"] * per_epoch)
+
+
+JSON_FIELDS = frozenset({"lr_scheduler_kwargs", "generation_kwargs", "chat_template_kwargs"})
+
+
+def _not_a_trl_field(name: str) -> str:
+    """The error for a name TRL 1.16's GRPOConfig does not have: the nearest TRL field, or grpokit's own field."""
+    close = difflib.get_close_matches(name, sorted(TRL_DEFAULTS), n=1)
+    if close:
+        hint = f"; did you mean `{close[0]}`?"
+    elif name in {f.name for f in dataclasses.fields(native.GRPOConfig)}:
+        hint = (
+            ": it is a field of grpokit's own GRPOConfig, which a TRL config cannot set; build that one instead "
+            "(`from grpokit import GRPOConfig`)"
+        )
+    else:
+        hint = " (docs/from-trl.md lists how grpokit answers each TRL field)"
+    return f"GRPOConfig argument `{name}` is not a field of TRL 1.16's GRPOConfig{hint}"
+
+
+def _json_dict(name: str, value: Any) -> Any:
+    """A dict field given as JSON text (as TRL, through transformers, reads one), as the dict; anything else as it is
+    (its type is checked next)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError as err:
+        raise native.ConfigError(f"TRL field `{name}` is text that is not JSON ({err}): give a dict") from None
+    if not isinstance(parsed, dict):
+        raise native.ConfigError(f"TRL field `{name}` is JSON text of a {type(parsed).__name__}: give a dict")
+    return parsed
+
+
+def check_optimizer(name: str) -> None:
+    """`optim`: the names of torch's AdamW are grpokit's optimizer; any other optimizer is refused, naming it."""
+    if name in ADAMW_NAMES:
+        return
+    what = next((text for prefix, text in OTHER_OPTIMIZERS.items() if name.startswith(prefix)), None)
+    kind = f" ({what})" if what else ""
+    raise native.ConfigError(
+        f"TRL field `optim` = {name!r}{kind} is not supported: grpokit trains with torch's AdamW (adam_beta1, "
+        f"adam_beta2, adam_epsilon, weight_decay); the same algorithm goes by {', '.join(ADAMW_NAMES)}"
+    )
+
+
+def check_generation_kwargs(kwargs: dict[str, Any]) -> None:
+    """`generation_kwargs`: the keys that are grpokit's sampling fields, of the field's type; any other key (a
+    GenerationConfig or vLLM SamplingParams option grpokit's samplers lack) refused by name."""
+    for key, value in kwargs.items():
+        if key == "do_sample" and value is True:  # what GRPO's rollouts do anyway
+            continue
+        if key not in GENERATION_KWARGS:
+            raise native.ConfigError(
+                f"TRL field `generation_kwargs` key `{key}` is not supported: grpokit's samplers (its own and vLLM) "
+                f"take {', '.join(GENERATION_KWARGS)} from it (do_sample only as True)"
+            )
+        if GENERATION_KWARGS[key] == "stop_strings":
+            texts = [value] if isinstance(value, str) else value
+            if not isinstance(texts, list) or not all(isinstance(t, str) and t for t in texts):
+                raise native.ConfigError(
+                    f"TRL field `generation_kwargs` key `{key}` expects a text or a list of non-empty texts, got "
+                    f"{value!r}"
+                )
+            continue
+        try:
+            check_trl_field(key, value)
+        except native.ConfigError as err:
+            raise native.ConfigError(str(err).replace(f"TRL field `{key}`", f"TRL field `generation_kwargs` key "
+                                                       f"`{key}`")) from None  # fmt: skip
+
+
+def warn_no_effect(fields: dict[str, Any]) -> None:
+    """One InputWarning naming every field set away from TRL's default that changes nothing in grpokit, and one for
+    `bf16=True` on a machine whose matrix products would run on the CPU."""
+    set_ = [name for name in fields if name in NO_EFFECT and fields[name] != TRL_DEFAULTS[name]]
+    if set_:
+        listed = "; ".join(f"`{name}` ({NO_EFFECT[name]})" for name in set_)
+        warnings.warn(f"TRL fields accepted with no effect in grpokit: {listed}", InputWarning, stacklevel=3)
+    if fields.get("bf16") is True:
+        import torch
+
+        if fields.get("use_cpu") or not torch.cuda.is_available():
+            where = "use_cpu=True" if fields.get("use_cpu") else "this machine has no CUDA device"
+            warnings.warn(
+                f"TRL field `bf16` = True on a CPU ({where}): the forwards run under bfloat16 autocast, whose matrix "
+                "products are very slow on most CPUs (grpokit's own `dtype: auto` computes in float32 there); leave "
+                "bf16 unset for float32",
+                InputWarning,
+                stacklevel=3,
+            )
 
 
 def check_trl_field(name: str, value: Any) -> None:

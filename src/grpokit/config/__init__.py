@@ -27,7 +27,7 @@ LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
 ScaleRewards = Literal["group", "batch", "none", "rloo"]
 KLEstimator = Literal["k1", "k2", "k3"]
 ImportanceLevel = Literal["token", "sequence"]
-LRSchedule = Literal["constant", "linear", "cosine"]
+LRSchedule = Literal["constant", "linear", "cosine", "cosine_with_min_lr"]
 TrainingForward = Literal["padded", "packed", "shared_prefix"]
 
 
@@ -98,10 +98,17 @@ class RunConfig:
     """AdamW beta1."""
     adam_beta2: float = 0.99
     """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon: added to the root of the second moment, it bounds the step of a weight whose gradients are
+    all near 0."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up from 0 to `learning_rate`."""
     lr_schedule: LRSchedule = "constant"
-    """Learning-rate shape after warm-up: `constant`, `linear` decay to 0 or `cosine` decay to 0."""
+    """Learning-rate shape after warm-up: `constant`, `linear` decay to 0, `cosine` decay to 0, or
+    `cosine_with_min_lr` decay to `min_lr_rate` x learning_rate (transformers' schedule of that name)."""
+    min_lr_rate: float = 0.0
+    """`lr_schedule: cosine_with_min_lr`: the learning rate the cosine ends at, as a fraction of `learning_rate`
+    (transformers' min_lr_rate; its min_lr is min_lr_rate x learning_rate)."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global L2 norm (0 disables clipping)."""
     logprob_chunk_size: int = 256
@@ -177,7 +184,15 @@ class RunConfig:
             f"x learning_rate = {self.learning_rate * self.weight_decay:g}: AdamW multiplies every weight by "
             "(1 - learning_rate x weight_decay) per step, which must stay in (0, 1]",
         )
+        _require(self.adam_epsilon > 0, "adam_epsilon", f"must be > 0, got {self.adam_epsilon}")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(0 <= self.min_lr_rate <= 1, "min_lr_rate", f"must be in [0, 1], got {self.min_lr_rate}")
+        _require(
+            self.min_lr_rate == 0 or self.lr_schedule == "cosine_with_min_lr",
+            "min_lr_rate",
+            f"is {self.min_lr_rate}, but lr_schedule is {self.lr_schedule!r}: only cosine_with_min_lr reads it (it "
+            "would do nothing); set lr_schedule: cosine_with_min_lr, or leave min_lr_rate out",
+        )
         _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         _require(
             self.dtype in ("auto", "float32", "bfloat16"),
@@ -356,8 +371,18 @@ class GRPOConfig(VLLMFields, RunConfig):
     """Nucleus sampling mass for rollouts (1 disables)."""
     top_k: int = 0
     """Sample only among the k most likely tokens (0 disables)."""
+    min_p: float = 0.0
+    """Min-p sampling for rollouts (Nguyen et al. 2024): after top_k and top_p, drop every token less likely than
+    min_p x the most likely one (0 disables). As with top_p, the loss's logprobs are the unfiltered model's."""
+    repetition_penalty: float = 1.0
+    """Rollouts: the logit of every token already in the prompt or the completion so far is divided by this
+    (multiplied when negative) before the temperature, as transformers' and vLLM's repetition penalty (Keskar et
+    al. 2019); 1 disables. The loss's logprobs are the model's own, without the penalty."""
     stop_strings: list[str] = field(default_factory=list)
     """Completions also end when their text contains one of these strings."""
+    chat_template_kwargs: dict | None = None
+    """Variables for the tokenizer's chat template wherever chat prompts are rendered (rollouts, evaluation), e.g.
+    `{enable_thinking: false}` for Qwen3; on the command line as JSON: `'{"enable_thinking": false}'`."""
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
     """Reward functions: built-ins `accuracy`, `format`, `overlong`, or `package.module:function`."""
     reward_weights: list[float] | None = None
@@ -375,6 +400,11 @@ class GRPOConfig(VLLMFields, RunConfig):
     """KL penalty coefficient to the frozen reference; 0 loads no reference model at all."""
     kl_estimator: KLEstimator = "k3"
     """KL(pi || pi_ref) estimator per token: k1, k2 or k3 (the GRPO paper's, unbiased and >= 0)."""
+    kl_importance_weight: bool = False
+    """Weigh each token's KL term by its importance ratio pi / pi_old (of the token, or of the sequence with
+    importance_level: sequence), which makes it the unbiased reverse-KL gradient on reused samples (DeepSeek-V3.2;
+    TRL's use_bias_correction_kl). The ratio is 1 on-policy, its gradient is not: the term adds KL x grad log pi.
+    Needs beta > 0."""
     epsilon_low: float = 0.2
     """Lower clip range: the ratio is clipped at 1 - epsilon_low."""
     epsilon_high: float = 0.2
@@ -439,7 +469,7 @@ class GRPOConfig(VLLMFields, RunConfig):
 
     def surrogate(self) -> dict[str, Any]:
         """The clipped surrogate's settings, as `algo.per_token_loss` takes them."""
-        names = ("epsilon_low", "epsilon_high", "kl_estimator", "importance_level")
+        names = ("epsilon_low", "epsilon_high", "kl_estimator", "importance_level", "kl_importance_weight")
         return {name: getattr(self, name) for name in names}
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
@@ -495,6 +525,14 @@ class GRPOConfig(VLLMFields, RunConfig):
         )
         _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= 0, "top_k", "must be >= 0")
+        _require(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1] (0 disables), got {self.min_p}")
+        _require(self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        check_template_kwargs(self.chat_template_kwargs)
+        _require(
+            not self.kl_importance_weight or self.beta > 0,
+            "kl_importance_weight",
+            "is true but beta = 0: there is no KL term to weigh (it would do nothing)",
+        )
         self.validate_vllm()
         for name in ("temperature", "eval_temperature"):
             _require(
@@ -653,6 +691,12 @@ class PPOConfig(GRPOConfig):
         super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
         _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
         _require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        _require(
+            not self.kl_importance_weight or self.kl_penalty == "loss",
+            "kl_importance_weight",
+            "is true with kl_penalty: reward: the KL is then a reward, not a term of the loss to weigh; use "
+            "kl_penalty: loss",
+        )
         _require(self.vf_coef > 0, "vf_coef", f"must be > 0, got {self.vf_coef}: the critic would never learn")
         _require(self.cliprange_value > 0, "cliprange_value", f"must be > 0, got {self.cliprange_value}")
         lr = self.critic_learning_rate
@@ -758,6 +802,9 @@ class EvalFields:
     scored by exact match, and `reward_funcs` by their means."""
     prompt_column: str = "prompt"
     """Column of `eval_data` holding the prompt (text or chat messages)."""
+    chat_template_kwargs: dict | None = None
+    """Variables for the tokenizer's chat template when it renders chat prompts, e.g. `{enable_thinking: false}` for
+    Qwen3; on the command line as JSON: `'{"enable_thinking": false}'`."""
     reward_funcs: list[str] = field(default_factory=list)
     """Reward functions to report the mean of: built-ins, `module:function`, or reward-model folders."""
     max_prompt_length: int = 256
@@ -787,6 +834,7 @@ class EvalFields:
         threads = self.num_threads
         _require(threads is None or threads >= 1, "num_threads", f"must be >= 1 or empty, got {threads}")
         _require(self.temperature > 0, "temperature", "must be > 0")
+        check_template_kwargs(self.chat_template_kwargs)
         _require(self.num_eval_prompts >= 1, "num_eval_prompts", f"must be >= 1, got {self.num_eval_prompts}")
         _require(
             self.task is None or self.eval_data is None,
@@ -928,6 +976,26 @@ def check_output_dir(path: str, name: str = "output_dir", *, model: str = "") ->
                 f"config field `{name}` is {path!r}, but {folder} cannot be written: {err.strerror}"
             ) from None
         return
+
+
+# apply_chat_template's own parameters: grpokit sets them (or has no use for them); only template variables are free
+CHAT_TEMPLATE_PARAMETERS = (
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+)  # fmt: skip
+
+
+def check_template_kwargs(kwargs: dict | None, name: str = "chat_template_kwargs") -> None:
+    """Template variables by name: text keys, none of them a parameter of `apply_chat_template` itself."""
+    for key in kwargs or {}:
+        _require(isinstance(key, str), name, f"has the key {key!r}: a template variable is named by text")
+        _require(
+            key not in CHAT_TEMPLATE_PARAMETERS,
+            name,
+            f"has the key `{key}`, a parameter of apply_chat_template itself (grpokit renders prompts with "
+            "add_generation_prompt, as text): only the template's own variables go here",
+        )
 
 
 def _warn_if_answers_cannot_fit(task: str | None, num_digits: int, max_completion_length: int) -> None:

@@ -1,11 +1,228 @@
-"""TRL 1.16's GRPOConfig fields as grpokit reads them: defaults, renames, what grpokit lacks, and the answer
-grpokit's own YAML / command line gives a TRL name. Pure data, imported by `grpokit.trl` and `grpokit.config`."""
+"""TRL 1.16's GRPOConfig fields as grpokit reads them: every field's default, and one answer for each. Pure data,
+imported by `grpokit.trl` and `grpokit.config`; grpokit never imports `trl` (tests/test_trl_fields.py walks the
+installed TRL's dataclass against these tables).
+
+Every field of TRL 1.16's GRPOConfig (transformers 5's TrainingArguments included) is in exactly one of:
+- MAPPED: grpokit does what the field asks (`grpokit.trl.GRPOConfig.to_grpokit` maps it onto grpokit's config; a
+  value grpokit cannot honour, `optim="sgd"` say, is refused by name there);
+- NO_EFFECT: accepted; it changes nothing grpokit computes (cosmetic, hardware- or launcher-specific, or read only
+  by a feature that is itself refused). Those set away from TRL's default are named in one InputWarning per config;
+- UNSUPPORTED: refused once set away from TRL's default, with what the field does in TRL and why grpokit cannot.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-# TRL field -> (grpokit field, how the value converts). Fields with a converter of their own are in `to_grpokit`.
+# TRL 1.16's default of every field, in its dataclass's order (taken from the installed trl 1.16.0): the drop-in
+# trains as TRL would where grpokit's own defaults differ (learning rate, loss type, completion length, AdamW beta2,
+# schedule, seed, checkpointing).
+TRL_DEFAULTS: dict[str, Any] = {
+    "output_dir": None,
+    "per_device_train_batch_size": 8,
+    "num_train_epochs": 3.0,
+    "max_steps": -1,
+    "learning_rate": 1e-6,
+    "lr_scheduler_type": "linear",
+    "lr_scheduler_kwargs": None,
+    "warmup_steps": 0,
+    "optim": "adamw_torch_fused",
+    "optim_args": None,
+    "weight_decay": 0.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "optim_target_modules": None,
+    "gradient_accumulation_steps": 1,
+    "average_tokens_across_devices": True,
+    "max_grad_norm": 1.0,
+    "label_smoothing_factor": 0.0,
+    "bf16": None,
+    "fp16": False,
+    "bf16_full_eval": False,
+    "fp16_full_eval": False,
+    "tf32": None,
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": None,
+    "torch_compile": False,
+    "torch_compile_backend": None,
+    "torch_compile_mode": None,
+    "use_liger_kernel": False,
+    "liger_kernel_config": None,
+    "use_cache": False,
+    "neftune_noise_alpha": None,
+    "torch_empty_cache_steps": None,
+    "auto_find_batch_size": False,
+    "logging_strategy": "steps",
+    "logging_steps": 10,
+    "logging_first_step": False,
+    "log_on_each_node": True,
+    "logging_nan_inf_filter": True,
+    "include_num_input_tokens_seen": "no",
+    "log_level": "passive",
+    "log_level_replica": "warning",
+    "disable_tqdm": None,
+    "report_to": "none",
+    "run_name": None,
+    "project": "huggingface",
+    "trackio_space_id": None,
+    "trackio_bucket_id": None,
+    "trackio_static_space_id": None,
+    "eval_strategy": "no",
+    "eval_steps": None,
+    "eval_delay": 0,
+    "per_device_eval_batch_size": 8,
+    "prediction_loss_only": False,
+    "eval_on_start": False,
+    "eval_do_concat_batches": True,
+    "eval_use_gather_object": False,
+    "eval_accumulation_steps": None,
+    "include_for_metrics": [],
+    "batch_eval_metrics": False,
+    "save_only_model": False,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_on_each_node": False,
+    "save_total_limit": None,
+    "enable_jit_checkpoint": False,
+    "push_to_hub": False,
+    "hub_token": None,
+    "hub_private_repo": None,
+    "hub_model_id": None,
+    "hub_strategy": "every_save",
+    "hub_always_push": False,
+    "hub_revision": None,
+    "load_best_model_at_end": False,
+    "metric_for_best_model": None,
+    "greater_is_better": None,
+    "ignore_data_skip": False,
+    "restore_callback_states_from_checkpoint": False,
+    "full_determinism": False,
+    "seed": 42,
+    "data_seed": None,
+    "use_cpu": False,
+    "accelerator_config": None,
+    "parallelism_config": None,
+    "dataloader_drop_last": False,
+    "dataloader_num_workers": 0,
+    "dataloader_pin_memory": True,
+    "dataloader_persistent_workers": False,
+    "dataloader_prefetch_factor": None,
+    "dataloader_multiprocessing_context": None,
+    "dataloader_in_order": True,
+    "remove_unused_columns": False,
+    "label_names": None,
+    "train_sampling_strategy": "random",
+    "length_column_name": "length",
+    "ddp_find_unused_parameters": None,
+    "ddp_bucket_cap_mb": None,
+    "ddp_broadcast_buffers": None,
+    "ddp_static_graph": None,
+    "ddp_backend": None,
+    "ddp_timeout": 1800,
+    "fsdp": None,
+    "fsdp_config": None,
+    "deepspeed": None,
+    "debug": "",
+    "skip_memory_metrics": True,
+    "do_train": False,
+    "do_eval": False,
+    "do_predict": False,
+    "resume_from_checkpoint": None,
+    "local_rank": -1,
+    "model_init_kwargs": None,
+    "trust_remote_code": False,
+    "router_aux_loss_coef": None,
+    "disable_dropout": False,
+    "cast_lm_head_to_fp32": False,
+    "num_generations": 8,
+    "num_generations_eval": None,
+    "max_completion_length": 512,
+    "ds3_gather_for_generation": True,
+    "shuffle_dataset": True,
+    "pad_to_multiple_of": "auto",
+    "generation_batch_size": None,
+    "steps_per_generation": None,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": None,
+    "generation_kwargs": None,
+    "chat_template_kwargs": None,
+    "repetition_penalty": 1.0,
+    "cache_implementation": None,
+    "use_vllm": False,
+    "vllm_mode": "colocate",
+    "vllm_model_impl": "vllm",
+    "vllm_enable_sleep_mode": False,
+    "vllm_structured_outputs_regex": None,
+    "vllm_server_base_url": None,
+    "vllm_server_host": "0.0.0.0",
+    "vllm_server_port": 8000,
+    "vllm_server_timeout": 240.0,
+    "vllm_group_port": 51216,
+    "vllm_gpu_memory_utilization": 0.3,
+    "vllm_max_model_length": None,
+    "vllm_tensor_parallel_size": 1,
+    "beta": 0.0,
+    "num_iterations": 1,
+    "epsilon": 0.2,
+    "delta": None,
+    "epsilon_high": None,
+    "sapo_temperature_neg": 1.05,
+    "sapo_temperature_pos": 1.0,
+    "vespo_k_pos": 2.0,
+    "vespo_lambda_pos": 3.0,
+    "vespo_k_neg": 3.0,
+    "vespo_lambda_neg": 2.0,
+    "importance_sampling_level": "token",
+    "reward_weights": None,
+    "multi_objective_aggregation": "sum_then_normalize",
+    "scale_rewards": "group",
+    "loss_type": "dapo",
+    "mask_truncated_completions": False,
+    "sync_ref_model": False,
+    "ref_model_mixup_alpha": 0.6,
+    "ref_model_sync_steps": 512,
+    "top_entropy_quantile": 1.0,
+    "entropy_coef": 0.0,
+    "use_adaptive_entropy": False,
+    "entropy_coef_min": 0.0,
+    "entropy_coef_max": 1.0,
+    "entropy_coef_delta": 0.005,
+    "entropy_target": 0.2,
+    "max_tool_calling_iterations": None,
+    "vllm_importance_sampling_correction": True,
+    "vllm_importance_sampling_mode": "sequence_mask",
+    "vllm_importance_sampling_clip_max": 3.0,
+    "vllm_importance_sampling_clip_min": None,
+    "off_policy_mask_threshold": None,
+    "use_bias_correction_kl": True,
+    "log_completions": False,
+    "log_multimodal": True,
+    "num_completions_to_print": None,
+    "log_unique_prompts": False,
+    "log_completions_hub_repo": None,
+    "use_transformers_continuous_batching": False,
+    "transformers_continuous_batching_config": None,
+    "use_transformers_paged": False,
+    "vllm_importance_sampling_cap": None,
+    # fields of older versions the adapter still takes (OLDER_NAMES)
+    "max_prompt_length": None,
+    "overwrite_output_dir": False,
+    "logging_dir": None,
+}
+# Not fields of TRL 1.16's GRPOConfig: names older TRL / transformers had, which TRL scripts still carry.
+OLDER_NAMES = {
+    "max_prompt_length": "TRL < 1.0's prompt limit (grpokit's `max_prompt_length`: longer prompts keep their last "
+    "tokens)",
+    "overwrite_output_dir": "transformers 4's field: replaces an earlier run in output_dir (else refused)",
+    "logging_dir": "transformers 4's TensorBoard folder: grpokit writes OUTPUT_DIR/tensorboard",
+}
+
+# ---------------------------------------------------------------- mapped
+
+# TRL field -> the grpokit field of the same name and meaning, the value as it is (None leaves grpokit's default)
 SAME_NAME = (
     "output_dir",
     "learning_rate",
@@ -15,6 +232,7 @@ SAME_NAME = (
     "temperature",
     "top_p",
     "top_k",
+    "repetition_penalty",
     "num_iterations",
     "mask_truncated_completions",
     "reward_weights",
@@ -22,6 +240,7 @@ SAME_NAME = (
     "weight_decay",
     "adam_beta1",
     "adam_beta2",
+    "adam_epsilon",
     "max_grad_norm",
     "gradient_checkpointing",
     "save_total_limit",
@@ -47,141 +266,263 @@ RENAMED = {
     "multi_objective_aggregation": "reward_aggregation",
     "ref_model_mixup_alpha": "ref_sync_alpha",
 }
-# TRL 1.16's defaults of every field this module reads: the drop-in trains as TRL would, where grpokit's own
-# defaults differ (learning rate, loss type, completion length, AdamW beta2, schedule, seed, checkpointing).
-TRL_DEFAULTS: dict[str, Any] = {
-    "output_dir": None,
-    "learning_rate": 1e-6,
-    "beta": 0.0,
-    "num_generations": 8,
-    "max_completion_length": 512,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 0,
-    "num_iterations": 1,
-    "mask_truncated_completions": False,
-    "reward_weights": None,
-    "seed": 42,
-    "weight_decay": 0.0,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "max_grad_norm": 1.0,
-    "gradient_checkpointing": True,
-    "save_total_limit": None,
-    "max_prompt_length": None,
-    "importance_sampling_level": "token",
-    "multi_objective_aggregation": "sum_then_normalize",
-    "ref_model_mixup_alpha": 0.6,
-    "use_vllm": False,
-    "vllm_mode": "colocate",
-    "vllm_enable_sleep_mode": False,
-    "vllm_server_base_url": None,
-    "vllm_server_host": "0.0.0.0",
-    "vllm_server_port": 8000,
-    "vllm_server_timeout": 240.0,
-    "vllm_gpu_memory_utilization": 0.3,
-    "vllm_max_model_length": None,
-    "vllm_tensor_parallel_size": 1,
-    "vllm_importance_sampling_correction": True,
-    "vllm_importance_sampling_mode": "sequence_mask",
-    "vllm_importance_sampling_clip_max": 3.0,
-    "vllm_importance_sampling_clip_min": None,
-    "epsilon": 0.2,
-    "epsilon_high": None,
-    "loss_type": "dapo",
-    "scale_rewards": "group",
-    "per_device_train_batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "steps_per_generation": None,
-    "generation_batch_size": None,
-    "max_steps": -1,
-    "num_train_epochs": 3.0,
-    "warmup_steps": 0,
-    "lr_scheduler_type": "linear",
-    "save_steps": 500,
-    "save_strategy": "steps",
-    "logging_steps": 10,
-    "log_completions": False,
-    "report_to": "none",
-    "bf16": None,
-    "fp16": False,
-    "sync_ref_model": False,
-    "ref_model_sync_steps": 512,
-    "eval_strategy": "no",
-    "eval_steps": None,
-    "disable_tqdm": None,
-    "resume_from_checkpoint": None,
-    "overwrite_output_dir": False,  # transformers 4's field (gone in 5): the adapter's way to replace a run
-    "use_cpu": False,
-    # accepted, no effect on what grpokit computes (cosmetic, or grpokit has no such machinery to tune)
-    "run_name": None,
-    "logging_dir": None,
-    "dataloader_num_workers": 0,
-    "remove_unused_columns": False,
-    "per_device_eval_batch_size": 8,
-    "num_completions_to_print": None,
-    "log_unique_prompts": False,
-    "shuffle_dataset": True,
-    # grpokit has none of these: anything but the default is an error naming the field
-    "vllm_model_impl": "vllm",
-    "vllm_structured_outputs_regex": None,
-    "vllm_group_port": 51216,
-    "vllm_importance_sampling_cap": None,
-    "deepspeed": None,
-    "fsdp": None,
-    "torch_compile": False,
-    "use_liger_kernel": False,
-    "push_to_hub": False,
-    "delta": None,
-    "min_p": None,
-    "repetition_penalty": 1.0,
-    "top_entropy_quantile": 1.0,
-    "entropy_coef": 0.0,
-    "disable_dropout": False,
-    "adam_epsilon": 1e-8,
-    "optim": "adamw_torch_fused",
-    "generation_kwargs": None,
-    "chat_template_kwargs": None,
-    "model_init_kwargs": None,
-    "cast_lm_head_to_fp32": False,
-    "num_generations_eval": None,
+# TRL fields `to_grpokit` converts (units, several fields into one, a value set): grpokit field(s) they become
+CONVERTED = {
+    "per_device_train_batch_size": "prompts_per_step, minibatch_size, micro_batch_size",
+    "gradient_accumulation_steps": "minibatch_size",
+    "steps_per_generation": "minibatch_size",
+    "generation_batch_size": "prompts_per_step",
+    "num_train_epochs": "max_steps",
+    "max_steps": "max_steps",
+    "warmup_steps": "warmup_steps",
+    "lr_scheduler_type": "lr_schedule",
+    "lr_scheduler_kwargs": "min_lr_rate",
+    "optim": "(AdamW: the adamw_torch names)",
+    "epsilon": "epsilon_low, epsilon_high",
+    "epsilon_high": "epsilon_high",
+    "loss_type": "loss_type",
+    "scale_rewards": "scale_rewards",
+    "min_p": "min_p",
+    "generation_kwargs": "temperature, top_p, top_k, min_p, repetition_penalty, stop_strings",
+    "chat_template_kwargs": "chat_template_kwargs",
+    "use_bias_correction_kl": "kl_importance_weight",
+    "save_steps": "save_every",
+    "save_strategy": "save_every",
+    "logging_steps": "log_completions_every, eval_every",
+    "log_completions": "log_completions_every",
+    "report_to": "tensorboard, wandb",
+    "bf16": "dtype",
+    "use_cpu": "device",
+    "sync_ref_model": "ref_sync_every",
+    "ref_model_sync_steps": "ref_sync_every",
+    "eval_strategy": "eval_every",
+    "eval_steps": "eval_every",
+    "disable_tqdm": "progress",
+    "resume_from_checkpoint": "resume_from_checkpoint",
+    "overwrite_output_dir": "overwrite_output_dir",  # transformers 4
 }
-NO_EFFECT = frozenset(
-    {
-        "run_name",
-        "logging_dir",
-        "dataloader_num_workers",
-        "remove_unused_columns",
-        "per_device_eval_batch_size",
-        "num_completions_to_print",
-        "log_unique_prompts",
-        "shuffle_dataset",  # grpokit always walks a seeded shuffle, reshuffled every epoch
-    }
+MAPPED = frozenset(SAME_NAME) | frozenset(RENAMED) | frozenset(CONVERTED)
+
+# ---------------------------------------------------------------- accepted with no effect
+
+_LOADER = "the data loader's worker processes and pinned buffers; grpokit holds the rows in memory and builds batches "
+_LOADER += "in process"
+_HUB = "read only by push_to_hub, which grpokit refuses"
+_TRACKIO = "Trackio's settings; grpokit has no Trackio (report_to='trackio' is refused)"
+_PREDICTION = "transformers' prediction loop for compute_metrics; GRPO's evaluation is generation scored by the rewards"
+_DDP = (
+    "options of the DistributedDataParallel wrapper and process group accelerate builds; grpokit's `distributed: ddp`"
 )
-UNSUPPORTED = {
+_DDP += " sums gradients itself"
+_CONTINUOUS = "transformers' continuous-batching generation; grpokit's sampler drops ended rows from the decode batch"
+_CONTINUOUS += " itself"
+NO_EFFECT: dict[str, str] = {
+    "label_smoothing_factor": "label smoothing of transformers' cross-entropy, which TRL's GRPO loss does not use",
+    "bf16_full_eval": "casts the model for evaluation only; grpokit evaluates in the training's compute dtype",
+    "fp16_full_eval": "casts the model for evaluation only; grpokit evaluates in the training's compute dtype",
+    "tf32": "TF32 matrix products on Ampere GPUs; grpokit leaves torch's setting as it is",
+    "gradient_checkpointing_kwargs": "options of transformers' checkpointing; grpokit checkpoints each decoder layer "
+    "non-reentrantly (use_reentrant=False), whatever they say",
+    "use_cache": "the KV cache in training forwards (off in TRL); grpokit's sampler keeps its own cache, its training "
+    "forwards none",
+    "torch_empty_cache_steps": "empties the CUDA caching allocator every N steps, to lower peak memory",
+    "auto_find_batch_size": "halves the batch after an out-of-memory error; grpokit checks the memory before the run "
+    "and bounds each forward by max_tokens_per_micro_batch",
+    "logging_strategy": "grpokit logs every step",
+    "logging_first_step": "grpokit logs every step, the first one included",
+    "log_on_each_node": "rank 0 alone writes grpokit's logs",
+    "logging_nan_inf_filter": "grpokit stops a run whose loss is NaN or inf, so none is averaged in",
+    "include_num_input_tokens_seen": "a count of input tokens in the logs; grpokit logs completion lengths and "
+    "tokens_per_s",
+    "log_level": "transformers' logging verbosity",
+    "log_level_replica": "transformers' logging verbosity",
+    "run_name": "the run's name in the experiment trackers",
+    "project": _TRACKIO,
+    "trackio_space_id": _TRACKIO,
+    "trackio_bucket_id": _TRACKIO,
+    "trackio_static_space_id": _TRACKIO,
+    "eval_delay": "TRL skips evaluations before this step; grpokit evaluates on its schedule (training is the same)",
+    "per_device_eval_batch_size": "grpokit evaluates held-out prompts in batches of its own size",
+    "prediction_loss_only": _PREDICTION,
+    "eval_on_start": "grpokit evaluates before the first step whenever it has held-out rows",
+    "eval_do_concat_batches": _PREDICTION,
+    "eval_use_gather_object": _PREDICTION,
+    "eval_accumulation_steps": _PREDICTION,
+    "include_for_metrics": _PREDICTION,
+    "batch_eval_metrics": _PREDICTION,
+    "label_names": _PREDICTION,
+    "save_only_model": "checkpoints without optimizer and RNG state (they cannot resume); grpokit's checkpoints hold "
+    "what a resume needs",
+    "save_on_each_node": "rank 0 alone writes grpokit's checkpoints",
+    "enable_jit_checkpoint": "a checkpoint on SIGTERM; grpokit checkpoints on SIGINT and SIGTERM always",
+    "hub_token": _HUB,
+    "hub_private_repo": _HUB,
+    "hub_model_id": _HUB,
+    "hub_strategy": _HUB,
+    "hub_always_push": _HUB,
+    "hub_revision": _HUB,
+    "metric_for_best_model": "read only by load_best_model_at_end and save_strategy='best', which grpokit refuses",
+    "greater_is_better": "read only by load_best_model_at_end and save_strategy='best', which grpokit refuses",
+    "ignore_data_skip": "how TRL replays the data loader to its place on resume; grpokit restores the place directly",
+    "restore_callback_states_from_checkpoint": "callbacks' own states in checkpoints; grpokit's checkpoints hold none",
+    "full_determinism": "torch's deterministic kernels; grpokit's seeded runs repeat on the same machine and thread "
+    "count without them",
+    "dataloader_drop_last": "TRL's GRPO sampler forms whole generation batches, as grpokit's epochs do",
+    "dataloader_num_workers": _LOADER,
+    "dataloader_pin_memory": _LOADER,
+    "dataloader_persistent_workers": _LOADER,
+    "dataloader_prefetch_factor": _LOADER,
+    "dataloader_multiprocessing_context": _LOADER,
+    "dataloader_in_order": _LOADER,
+    "remove_unused_columns": "grpokit hands every column to the reward functions",
+    "train_sampling_strategy": "TRL's GRPO draws prompts with its own sampler (shuffle_dataset)",
+    "length_column_name": "read only by group_by_length sampling",
+    "ddp_find_unused_parameters": _DDP,
+    "ddp_bucket_cap_mb": _DDP,
+    "ddp_broadcast_buffers": _DDP,
+    "ddp_static_graph": _DDP,
+    "ddp_backend": _DDP,
+    "ddp_timeout": _DDP,
+    "debug": "transformers' debug modes (underflow_overflow, tpu_metrics_debug)",
+    "skip_memory_metrics": "transformers' memory profiler",
+    "do_train": "a flag for a script's own logic; transformers' Trainer does not read it",
+    "do_eval": "a flag for a script's own logic; transformers' Trainer does not read it",
+    "do_predict": "a flag for a script's own logic; transformers' Trainer does not read it",
+    "local_rank": "the rank older launchers pass on the command line; grpokit reads torchrun's environment",
+    "ds3_gather_for_generation": "DeepSpeed ZeRO-3's weight gathering for generation; grpokit runs no DeepSpeed",
+    "shuffle_dataset": "grpokit always walks a seeded shuffle, reshuffled every epoch",
+    "pad_to_multiple_of": "pads prompts and completions to a multiple (AWS Trainium); grpokit's forwards are packed "
+    "or share prefixes",
+    "cache_implementation": "the KV cache type of transformers' generate; grpokit's sampler keeps a cache of its own",
+    "sapo_temperature_neg": "read only by loss_type='sapo', which grpokit does not have",
+    "sapo_temperature_pos": "read only by loss_type='sapo', which grpokit does not have",
+    "vespo_k_pos": "read only by loss_type='vespo', which grpokit does not have",
+    "vespo_lambda_pos": "read only by loss_type='vespo', which grpokit does not have",
+    "vespo_k_neg": "read only by loss_type='vespo', which grpokit does not have",
+    "vespo_lambda_neg": "read only by loss_type='vespo', which grpokit does not have",
+    "entropy_coef_min": "read only with use_adaptive_entropy, which grpokit refuses",
+    "entropy_coef_max": "read only with use_adaptive_entropy, which grpokit refuses",
+    "entropy_coef_delta": "read only with use_adaptive_entropy, which grpokit refuses",
+    "entropy_target": "read only with use_adaptive_entropy, which grpokit refuses",
+    "log_multimodal": "images and videos beside the logged completions; grpokit trains text only",
+    "num_completions_to_print": "completions printed to the console; grpokit writes them to completions.jsonl",
+    "log_unique_prompts": "a console table's layout; grpokit writes completions to completions.jsonl",
+    "log_completions_hub_repo": "pushes the completions table to a Hub dataset; grpokit writes completions.jsonl",
+    "use_transformers_continuous_batching": _CONTINUOUS,
+    "transformers_continuous_batching_config": _CONTINUOUS,
+    "use_transformers_paged": _CONTINUOUS,
+    "logging_dir": OLDER_NAMES["logging_dir"],
+}
+
+# ---------------------------------------------------------------- refused
+
+_COMPILE = "compiles the model with torch.compile; grpokit runs it uncompiled"
+_LIGER = "Liger's fused kernels (its chunked GRPO loss); grpokit computes the LM head's logprobs in chunks of its own"
+_LAUNCH = "launch under torchrun with grpokit's `distributed: fsdp` (FSDP2) or `ddp`"
+UNSUPPORTED: dict[str, str] = {
+    "optim_args": "extra arguments of the `optim` optimizer; grpokit's AdamW takes adam_beta1, adam_beta2, "
+    "adam_epsilon and weight_decay",
+    "optim_target_modules": "the modules GaLore / APOLLO optimize; grpokit's optimizer is AdamW (for adapters: "
+    "peft_config)",
+    "average_tokens_across_devices": "False normalizes each device's loss by its own token count; grpokit always "
+    "counts the whole step's tokens over all ranks (TRL's default, True)",
+    "fp16": "float16 mixed precision with a loss scaler; grpokit has no loss scaling: use bf16",
+    "torch_compile": _COMPILE,
+    "torch_compile_backend": _COMPILE,
+    "torch_compile_mode": _COMPILE,
+    "use_liger_kernel": _LIGER,
+    "liger_kernel_config": _LIGER,
+    "neftune_noise_alpha": "NEFTune: noise added to the input embeddings of training forwards; grpokit adds none",
+    "push_to_hub": "uploads each save to the Hub; grpokit writes the model folder: push it with huggingface_hub",
+    "load_best_model_at_end": "makes the checkpoint with the best metric_for_best_model the final model; grpokit's "
+    "final model is the last step's",
+    "data_seed": "a seed of its own for the data order; grpokit's order comes from `seed`",
+    "accelerator_config": f"configures accelerate's Accelerator (batch splitting, dispatching): grpokit does not run "
+    f"on accelerate; {_LAUNCH}",
+    "parallelism_config": f"accelerate's tensor / context / data-parallel sizes; {_LAUNCH}",
+    "fsdp": f"accelerate's FSDP is not used: {_LAUNCH}",
+    "fsdp_config": f"accelerate's FSDP is not used: {_LAUNCH}",
+    "deepspeed": f"DeepSpeed is not used: {_LAUNCH}",
+    "model_init_kwargs": "keyword arguments of from_pretrained when `model` is a name (dtype, attn_implementation, "
+    "...); grpokit loads float32 weights and computes in bf16's dtype: load the model as you want it and pass it",
+    "trust_remote_code": "runs a model's own Python code from the Hub when loading it by name; load the model "
+    "yourself and pass the object",
+    "router_aux_loss_coef": "adds a Mixture-of-Experts router's load-balancing loss; grpokit's loss has no auxiliary "
+    "term",
+    "disable_dropout": "turns the model's dropout off; grpokit keeps the model's dropout as configured",
+    "cast_lm_head_to_fp32": "keeps the LM head in float32 while the body runs in bf16; grpokit's head runs in the "
+    "body's compute dtype (its log-softmax in float32)",
+    "num_generations_eval": "evaluation samples one completion per prompt, greedy and sampled",
     "vllm_model_impl": "the engine runs vLLM's own model implementation",
     "vllm_structured_outputs_regex": "no structured (regex-guided) outputs",
     "vllm_group_port": "a server gets the weights over HTTP (`grpokit vllm-serve`), not through an NCCL group",
+    "delta": "caps the unclipped ratio at delta (INTELLECT-2's two-sided clipping); grpokit clips at 1 +- epsilon only",
+    "top_entropy_quantile": "keeps only the highest-entropy tokens in the loss (Beyond the 80/20 Rule); grpokit "
+    "trains every token",
+    "entropy_coef": "an entropy bonus in the loss; grpokit's loss has none",
+    "use_adaptive_entropy": "an entropy bonus whose coefficient follows a target entropy; grpokit's loss has none",
+    "max_tool_calling_iterations": "caps an agent's tool-calling turns (`tools`); grpokit's trainer takes no tools yet",
+    "off_policy_mask_threshold": "off-policy sequence masking (DeepSeek-V3.2): negative-advantage sequences that "
+    "drifted past it leave the loss; grpokit has no such mask",
     "vllm_importance_sampling_cap": "TRL deprecated it (1.6): set `vllm_importance_sampling_clip_max`",
-    "deepspeed": "DeepSpeed is not used: launch under torchrun with grpokit's `distributed: fsdp` (FSDP2)",
-    "fsdp": "accelerate's FSDP is not used: launch under torchrun with grpokit's `distributed: fsdp` (FSDP2)",
-    "torch_compile": "grpokit does not compile the model",
-    "use_liger_kernel": "grpokit's LM-head logprob gradient is its own (no Liger kernels)",
-    "push_to_hub": "grpokit writes the model folder; push it with huggingface_hub",
-    "delta": "no two-sided clipping delta in grpokit's loss",
-    "min_p": "no min-p sampling",
-    "repetition_penalty": "no repetition penalty in the sampler",
-    "top_entropy_quantile": "no entropy-masked loss",
-    "entropy_coef": "no entropy bonus",
-    "disable_dropout": "grpokit keeps the model's dropout as configured",
-    "adam_epsilon": "grpokit's AdamW uses eps 1e-8",
-    "optim": "grpokit trains with fused AdamW (adamw_torch_fused)",
-    "generation_kwargs": "sampling is set by temperature, top_p, top_k",
-    "chat_template_kwargs": "the chat template renders with add_generation_prompt only",
-    "model_init_kwargs": "pass a model object for custom loading",
-    "cast_lm_head_to_fp32": "grpokit computes the LM head's logprobs in float32 already",
-    "num_generations_eval": "evaluation is greedy and sampled, once per prompt",
 }
+
+# ---------------------------------------------------------------- values of mapped fields
+
+# `optim`: torch's AdamW under each kernel's name is grpokit's optimizer (fused when it can be); the rest, refused
+ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused")
+OTHER_OPTIMIZERS = {  # name prefix -> what it is
+    "adamw_torch_4bit": "AdamW with 4-bit states (torchao)",
+    "adamw_torch_8bit": "AdamW with 8-bit states (torchao)",
+    "adamw_anyprecision": "torchdistx's AnyPrecisionAdamW (states in a chosen precision, Kahan summation)",
+    "adamw_bnb_8bit": "8-bit AdamW (bitsandbytes)",
+    "adamw_8bit": "8-bit AdamW (bitsandbytes)",
+    "adafactor": "Adafactor (factored second moments)",
+    "ademamix": "AdEMAMix (a second, slow momentum)",
+    "sgd": "SGD",
+    "adagrad": "Adagrad",
+    "lion": "Lion (bitsandbytes)",
+    "paged_": "a bitsandbytes paged optimizer (states paged to host memory)",
+    "rmsprop": "RMSprop",
+    "galore_": "GaLore (low-rank gradient projection)",
+    "lomo": "LOMO (the update fused into the backward)",
+    "adalomo": "AdaLomo (the update fused into the backward)",
+    "grokadamw": "GrokAdamW (gradient filtering)",
+    "schedule_free_": "a schedule-free optimizer (Defazio et al. 2024)",
+    "apollo_": "APOLLO (low-rank scaling of the update)",
+    "stable_adamw": "StableAdamW (update clipping)",
+}
+# transformers' schedule names -> grpokit's `lr_schedule` (transformers' `constant` has no warm-up: `to_grpokit`)
+SCHEDULES = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant",
+    "constant_with_warmup": "constant",
+    "cosine_with_min_lr": "cosine_with_min_lr",
+}
+OTHER_SCHEDULES = {
+    "cosine_with_restarts": "cosine with hard restarts",
+    "polynomial": "polynomial decay to lr_end",
+    "inverse_sqrt": "inverse square-root decay",
+    "reduce_lr_on_plateau": "a cut whenever an evaluation metric stalls",
+    "cosine_warmup_with_min_lr": "a cosine warm-up, then a cosine decay to a floor",
+    "warmup_stable_decay": "warm-up, a constant stage, then a decay (WSD)",
+    "greedy": "a rate adapted to the training metrics",
+}
+# lr_scheduler_kwargs keys grpokit reads, per schedule (num_cycles: only transformers' default half wave)
+SCHEDULE_KWARGS = {"cosine": ("num_cycles",), "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate")}
+# generation_kwargs keys -> the grpokit sampling field (TRL: they override the fields of the same meaning)
+GENERATION_KWARGS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "stop_strings": "stop_strings",  # transformers' GenerationConfig name
+    "stop": "stop_strings",  # vLLM's SamplingParams name
+}
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
 # The type of each field grpokit reads, as TRL 1.16's dataclass (and transformers 5's TrainingArguments) declares
 # it; a value of another type is refused by name before any arithmetic. Python callers get no HfArgumentParser:
 # `learning_rate="1e-5"` is text, as it would be in TRL's own dataclass. The unsupported fields need no entry:
@@ -258,6 +599,14 @@ TRL_TYPES: dict[str, Any] = {
     "num_completions_to_print": int | None,
     "log_unique_prompts": bool,
     "shuffle_dataset": bool,
+    "optim": str,
+    "adam_epsilon": float,
+    "lr_scheduler_kwargs": dict | str | None,
+    "min_p": float | None,
+    "repetition_penalty": float,
+    "generation_kwargs": dict | str | None,
+    "chat_template_kwargs": dict | str | None,
+    "use_bias_correction_kl": bool,
 }
 # The least value of a TRL field that counts or divides (TRL's and transformers' own checks), checked up front so
 # that `gradient_accumulation_steps=0` is an error naming it, not a ZeroDivisionError.
@@ -274,7 +623,7 @@ TRL_MINIMUM: dict[str, float] = {
     "per_device_eval_batch_size": 1,
     "dataloader_num_workers": 0,
 }
-TRL_ABOVE_ZERO = ("save_steps", "logging_steps", "eval_steps", "num_train_epochs")
+TRL_ABOVE_ZERO = ("save_steps", "logging_steps", "eval_steps", "num_train_epochs", "adam_epsilon", "repetition_penalty")
 
 # grpokit field -> the TRL field(s) it is computed from: a grpokit error about a field the user never wrote is
 # told in the TRL names they did write (`grpokit.trl.trl_error`). Same-named fields map to themselves.
@@ -313,15 +662,17 @@ GRPOKIT_SOURCES: dict[str, tuple[str, ...]] = {
     "loss_type": ("loss_type",),
     **{new: (old,) for old, new in RENAMED.items()},
     **{name: (name,) for name in SAME_NAME},
-    **{name: (name,) for name in ("resume_from_checkpoint", "overwrite_output_dir")},
+    **{name: (name,) for name in ("resume_from_checkpoint", "overwrite_output_dir", "chat_template_kwargs")},
+    # generation_kwargs overrides the sampling fields of the same meaning (after SAME_NAME: these win)
+    **{name: (name, "generation_kwargs") for name in GENERATION_KWARGS if name in SAME_NAME + ("min_p",)},
+    "min_lr_rate": ("lr_scheduler_kwargs",),
+    "kl_importance_weight": ("use_bias_correction_kl", "beta"),
     # a peft LoraConfig's options, as grpokit's `lora:` section
     "lora.r": ("peft_config.r",),
     "lora.alpha": ("peft_config.lora_alpha",),
     "lora.dropout": ("peft_config.lora_dropout",),
     "lora.target_modules": ("peft_config.target_modules",),
 }
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
 
 # What grpokit's own YAML / CLI answers when given a TRL field name (`trl_hint`).
@@ -340,9 +691,14 @@ CONVERSIONS = {
     "log_completions": "`log_completions_every` (0: never)",
     "report_to": "`tensorboard: true` and / or `wandb: true`",
     "bf16": "`dtype: bfloat16`",
-    "fp16": "nothing: float16 needs loss scaling; `dtype: bfloat16`",
     "use_cpu": "`device: cpu`",
-    "lr_scheduler_type": "`lr_schedule` (constant, linear, cosine)",
+    "lr_scheduler_type": "`lr_schedule` (constant, linear, cosine, cosine_with_min_lr)",
+    "lr_scheduler_kwargs": "`min_lr_rate` (with `lr_schedule: cosine_with_min_lr`; transformers' min_lr is min_lr_rate "
+    "x learning_rate)",
+    "optim": "nothing: grpokit trains with torch's AdamW (TRL's adamw_torch_fused)",
+    "generation_kwargs": "the sampling fields themselves: `temperature`, `top_p`, `top_k`, `min_p`, "
+    "`repetition_penalty`, `stop_strings`",
+    "use_bias_correction_kl": "`kl_importance_weight` (TRL's default is true; grpokit's false)",
     "num_train_epochs": "`max_steps` (generation steps of prompts_per_step prompts each)",
     "sync_ref_model": "`ref_sync_every` (steps; 0 never syncs)",
     "ref_model_sync_steps": "`ref_sync_every`",
@@ -351,6 +707,7 @@ CONVERSIONS = {
     "disable_tqdm": "`progress: false`",
     **{old: f"`{new}`" for old, new in RENAMED.items()},
     **{name: f"nothing ({reason})" for name, reason in UNSUPPORTED.items()},
+    **{name: f"nothing: no effect in grpokit ({reason})" for name, reason in NO_EFFECT.items()},
 }
 
 

@@ -339,8 +339,13 @@ def per_token_loss(
     kl_estimator: str = "k3",
     importance_level: str = "token",
     sampler_weight: torch.Tensor | None = None,
+    kl_importance_weight: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta KL_it, unmasked (N, T).
+
+    `kl_importance_weight`: the KL term is rho_it KL_it instead (rho unclipped, with its gradient), the unbiased
+    reverse-KL gradient on samples of pi_old (DeepSeek-V3.2, arXiv 2512.02556; TRL's
+    use_bias_correction_kl). The logged "kl" stays KL_it.
 
     `advantages`: one per completion (N,) as in GRPO, or one per token (N, T) as PPO's GAE gives.
     Asymmetric clipping ("clip-higher") is from DAPO (Yu et al. 2025). `sampler_weight` (N, T), when given, multiplies
@@ -366,7 +371,7 @@ def per_token_loss(
         loss = loss * sampler_weight.to(loss.dtype)  # (N, T)
     kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if beta != 0:
-        loss = loss + beta * kl
+        loss = loss + beta * (kl * ratio if kl_importance_weight else kl)
     stats = {
         "kl": kl.detach(),
         "clipped_low": ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(logp.dtype),

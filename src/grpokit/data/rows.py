@@ -356,14 +356,19 @@ def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**m, "content": message_text(m["content"])} for m in messages]
 
 
-def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
-    """Plain text stays as it is; chat messages go through the tokenizer's chat template."""
+def render_prompt(
+    tokenizer: Any, prompt: str | list[dict[str, str]], template_kwargs: dict[str, Any] | None = None
+) -> str:
+    """Plain text stays as it is; chat messages go through the tokenizer's chat template, with `template_kwargs` as
+    its variables (a config's `chat_template_kwargs`: Qwen3's enable_thinking, say)."""
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("prompts are chat messages but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template(text_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            text_messages(prompt), tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+        )
     raise DataError(f"a prompt must be text or a list of {{role, content}} messages, got {prompt!r:.80}")
 
 
@@ -374,12 +379,15 @@ class EncodedPrompts(NamedTuple):
     seen: list[str]  # the text of `ids`: the rendered text, or the decoded kept tokens of a cut prompt
 
 
-def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int) -> EncodedPrompts:
-    """Render and tokenize prompts. Long prompts keep their LAST tokens, where the question usually is. A chat
-    template already holds any BOS, so it gets no special tokens added."""
+def encode_prompts(
+    tokenizer: Any, prompts: list[Any], max_length: int, template_kwargs: dict[str, Any] | None = None
+) -> EncodedPrompts:
+    """Render (`render_prompt`, with the chat template's `template_kwargs`) and tokenize prompts. Long prompts keep
+    their LAST tokens, where the question usually is. A chat template already holds any BOS, so it gets no special
+    tokens added."""
     texts, ids, cut, seen = [], [], 0, []
     for prompt in prompts:
-        text = render_prompt(tokenizer, prompt)
+        text = render_prompt(tokenizer, prompt, template_kwargs)
         tokens = list(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"])
         if not tokens:
             raise DataError(f"prompt {prompt!r:.80} encodes to no tokens")
@@ -399,7 +407,12 @@ class PromptScan(NamedTuple):
 
 
 def scan_prompts(
-    tokenizer: Any, rows: list[dict[str, Any]], prompt_column: str, max_length: int, source: str
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    prompt_column: str,
+    max_length: int,
+    source: str,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> PromptScan:
     """Every prompt rendered and tokenized once, before the first step: a prompt that cannot be rendered or
     encodes to nothing is an error naming its row; warnings, with counts, say what grpokit will change: prompts
@@ -416,7 +429,7 @@ def scan_prompts(
     for i, row in enumerate(rows):
         prompt = row[prompt_column]
         try:
-            text = render_prompt(tokenizer, prompt)
+            text = render_prompt(tokenizer, prompt, template_kwargs)
         except DataError as err:
             raise DataError(f"{where(rows, i, source)}: {err}") from None
         except Exception as err:  # a chat template raising (roles it does not allow, say)
@@ -484,11 +497,13 @@ def scan_all_prompts(
     prompt_column: str,
     max_prompt_length: int,
     prompts_per_step: int,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[str], int]:
-    """`scan_prompts` over the train and eval rows, and `prompts_per_step` against the training rows; each warning
-    is also issued as an InputWarning. -> (warnings, tokens of the longest prompt as the model will see it)."""
+    """`scan_prompts` over the train and eval rows (chat prompts rendered with `chat_template_kwargs`), and
+    `prompts_per_step` against the training rows; each warning is also issued as an InputWarning. -> (warnings,
+    tokens of the longest prompt as the model will see it)."""
     scans = [
-        scan_prompts(tokenizer, rows, prompt_column, max_prompt_length, source)
+        scan_prompts(tokenizer, rows, prompt_column, max_prompt_length, source, chat_template_kwargs)
         for rows, source in ((train_rows, "train data"), (eval_rows, "eval data"))
     ]
     messages = [message for scan in scans for message in scan.warnings]

@@ -24,14 +24,16 @@ def sample_batches(
     seed: int,
     batch_size: int = 256,
     max_prompt_length: int = 256,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ):
-    """One completion per prompt (temperature 0: greedy), `batch_size` prompts at a time; yields (start, the
-    batch's EncodedPrompts, its Rollout, its texts decoded without special tokens). Prompt i draws from its own
-    seed (`prompt_seeds(seed, EVAL_STEP, [i])`), so a sampled evaluation is the same at any batch size or engine
-    split and never moves the training streams."""
+    """One completion per prompt (temperature 0: greedy), `batch_size` prompts at a time (chat prompts rendered
+    with `chat_template_kwargs`); yields (start, the batch's EncodedPrompts, its Rollout, its texts decoded without
+    special tokens). Prompt i draws from its own seed (`prompt_seeds(seed, EVAL_STEP, [i])`), so a sampled
+    evaluation is the same at any batch size or engine split and never moves the training streams."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     for start in range(0, len(prompts), batch_size):
-        encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length)
+        batch = prompts[start : start + batch_size]
+        encoded = encode_prompts(tokenizer, batch, max_prompt_length, chat_template_kwargs)
         seeds = prompt_seeds(seed, EVAL_STEP, list(range(start, start + len(encoded.ids))))  # by place: any batch size
         rollout = call_generate(sampler, encoded.ids, num_generations=1, params=params, seeds=seeds)  # (its errors:
         # a SamplerError naming the sampler, as in training)
@@ -83,6 +85,8 @@ class HeldoutSettings:
     max_prompt_length: int
     reward_timeout: float | None
     """Seconds a reward function's call may take (`rewards.score`); None: no limit."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """The chat template's variables for chat prompts (a config's `chat_template_kwargs`)."""
 
 
 def heldout_eval(
@@ -129,6 +133,7 @@ def heldout_eval(
             seed=settings.seed,
             batch_size=batch_size,
             max_prompt_length=settings.max_prompt_length,
+            chat_template_kwargs=settings.chat_template_kwargs,
         )
         for start, prompts, rollout, batch_texts in batches:
             texts += batch_texts

@@ -10,14 +10,16 @@ share the prompt, so the prompt is prefilled ONCE and its KV cache is repeated G
 batch; only the decode steps run on all N = P * G rows.
 
 The logprob of each sampled token is taken under log_softmax(logits / temperature) on the
-UNFILTERED logits (top-k / top-p only shape the draw), which is exactly what the trainer computes
-from the same weights (DESIGN.md invariant 6), so old_logp can come straight from here.
+UNFILTERED logits (the repetition penalty, top-k, top-p and min-p only shape the draw), which is exactly
+what the trainer computes from the same weights (DESIGN.md invariant 6), so old_logp can come straight
+from here. The draw follows transformers' order: penalty on the raw logits, temperature, top-k, top-p, min-p.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +48,12 @@ class SamplingParams:
     """Draw from the k most likely tokens only; 0 = off."""
     stop_strings: tuple[str, ...] = ()
     """A row ends at the first step whose decoded completion contains one of these (needs a tokenizer)."""
+    min_p: float = 0.0
+    """Min-p (Nguyen et al. 2024): after top-k and top-p, drop the tokens less likely than min_p x the most likely
+    one; 0 = off."""
+    repetition_penalty: float = 1.0
+    """A token already in the prompt or the completion so far has its raw logit divided by it (multiplied when
+    negative), greedy draws included (`penalize_repeats`); 1 = off."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -56,6 +64,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if isinstance(self.stop_strings, str) or any(not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
 
@@ -175,11 +187,22 @@ _ROLLOUT_DTYPES = {
 SHRINK_AT = 0.25  # ended rows leave the decode batch once they are this share of it
 
 
-def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k, then outside the top-p nucleus (Holtzman et al. 2020).
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty (Keskar et al. 2019, CTRL) as transformers and vLLM apply it: the raw logit (N, V) of
+    every token marked in `seen` (N, V) bool (present in the row's prompt or completion so far) is divided by
+    `penalty` when positive and multiplied by it when negative, so a penalty > 1 makes repeats less likely."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)  # (N, V)
+    return torch.where(seen, penalized, logits)  # (N, V)
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, then outside the top-p nucleus (Holtzman et al. 2020), then
+    below min-p (Nguyen et al. 2024), the order transformers applies them in.
 
     logits (N, V) are already divided by the temperature. The nucleus is the smallest set of most
-    likely tokens whose probability reaches top_p; the most likely token is always kept.
+    likely tokens whose probability reaches top_p; the most likely token is always kept. Min-p keeps the
+    tokens whose probability is at least min_p x the most likely token's (a ratio the earlier filters'
+    renormalization leaves unchanged).
     """
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
@@ -191,6 +214,10 @@ def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.Te
         drop_sorted = mass_before >= top_p  # (N, V) the set before it already reaches top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # (N, V) back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))  # (N, V)
+    if min_p > 0.0:
+        # p_v / p_max = exp(logit_v - logit_max): the threshold in logit space needs no softmax
+        floor = logits.amax(dim=-1, keepdim=True) + math.log(min_p)  # (N, 1)
+        logits = logits.masked_fill(logits < floor, float("-inf"))  # (N, V)
     return logits
 
 
@@ -217,16 +244,24 @@ def sample_tokens(
     params: SamplingParams,
     generator: torch.Generator | None,
     uniforms: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row (from `uniforms` (N,) when given, see `draw`); return (tokens (N,), logp (N,)
-    float32 on the unfiltered logits)."""
+    float32 on the unfiltered, unpenalized logits: the model's own, as the trainer computes it). `seen` (N, V) bool:
+    the tokens each row holds so far, for `params.repetition_penalty`."""
     greedy = params.temperature == 0
     scaled = logits.float() / (1.0 if greedy else params.temperature)  # (N, V)
+    shaped = scaled  # (N, V) what the draw sees
+    if params.repetition_penalty != 1.0:
+        if seen is None:
+            raise ValueError("repetition_penalty needs `seen`, the tokens each row holds so far")
+        shaped = penalize_repeats(logits.float(), seen, params.repetition_penalty)  # on the raw logits (N, V)
+        shaped = shaped / (1.0 if greedy else params.temperature)  # (N, V)
     if greedy:
-        tokens = scaled.argmax(dim=-1)  # (N,)
+        tokens = shaped.argmax(dim=-1)  # (N,)
     else:
-        probs = filter_logits(scaled, top_k=params.top_k, top_p=params.top_p).softmax(dim=-1)  # (N, V)
-        tokens = draw(probs, generator, uniforms)  # (N,)
+        kept = filter_logits(shaped, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)  # (N, V)
+        tokens = draw(kept.softmax(dim=-1), generator, uniforms)  # (N,)
     logp = scaled.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # (N,)
     return tokens, logp
 
@@ -317,6 +352,16 @@ def _left_pad(prompt_ids: list[list[int]], pad_token_id: int, device: torch.devi
     return ids.to(device), mask.to(device)
 
 
+def _prompt_tokens(prompt_ids: list[list[int]], vocab_size: int, group_size: int) -> torch.Tensor:
+    """(N, V) bool: the tokens of each row's prompt (padding is not a token of it), each prompt's row repeated
+    `group_size` times, for the repetition penalty. Ids past the logits' width (an embedding larger than the head)
+    are never drawn, so they need no mark."""
+    seen = torch.zeros(len(prompt_ids), vocab_size, dtype=torch.bool)  # (P, V)
+    for p, ids in enumerate(prompt_ids):
+        seen[p, [t for t in ids if t < vocab_size]] = True
+    return seen.repeat_interleave(group_size, dim=0)  # (N, V)
+
+
 def hits_stop_string(tokenizer, rows: list[list[int]], stop_strings: tuple[str, ...]) -> list[bool]:
     """Whether each row's decoded completion so far contains any stop string."""
     texts = tokenizer.batch_decode(rows, skip_special_tokens=False)
@@ -395,12 +440,17 @@ def generate(
         N = logits.shape[0]
         active = torch.arange(N, device=device)  # (n,) the rows still in the decode batch
         done = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+        penalized = params.repetition_penalty != 1.0
+        seen = _prompt_tokens(prompt_ids, logits.shape[-1], G).to(device) if penalized else None  # (N, V)
         step_ids, step_logp, step_mask = [], [], []
         for step in range(params.max_new_tokens):
             u = uniforms()  # (N,) or None
             drawn, drawn_logp = sample_tokens(
-                logits, params, None if per_prompt else generator, None if u is None else u[active]
-            )
+                logits, params, None if per_prompt else generator, None if u is None else u[active],
+                None if seen is None else seen[active],
+            )  # fmt: skip
+            if seen is not None:
+                seen[active, drawn] = True  # (N, V) a row's own tokens count against it from the next step on
             alive = ~done  # (N,) rows whose token this step is part of the completion
             tokens = torch.full((N,), pad_token_id, dtype=torch.long, device=device).index_copy(0, active, drawn)
             logp = torch.zeros(N, dtype=torch.float32, device=device).index_copy(0, active, drawn_logp.float())

@@ -12,7 +12,13 @@ What the engine is told, and why:
   equal to grpokit's own to 1e-6 (a tiny model) to 5e-5 (SmolLM2-135M) in float32 when top_p = 1 and top_k = 0.
   With top_p < 1 or top_k > 0 the engine's logprob is that of the renormalized kept set (what it really sampled
   from), which the trainer's logprob of the unfiltered distribution is not: the importance correction
-  (`core.algo.sampler_correction`) then weighs each token by pi_trainer / q_engine <= 1.
+  (`core.algo.sampler_correction`) then weighs each token by pi_trainer / q_engine <= 1. So with min_p > 0 and a
+  repetition penalty: vLLM's logprob is of what it sampled from (the penalized, filtered distribution), where the
+  in-process sampler reports the model's own; the correction weighs the gap (with the penalty it may exceed 1).
+- `min_p` and `repetition_penalty` are vLLM's own, with transformers' meaning (the penalty on the raw logits of every
+  token in the prompt or the output so far, divided when positive, multiplied otherwise). One difference of order:
+  vLLM applies min-p before top-k / top-p, transformers (and grpokit's sampler) after; they differ only when top_p < 1
+  and min_p > 0 are both set (the nucleus is then taken of a smaller set).
 - `ignore_eos=True` with `stop_token_ids` = the trainer tokenizer's EOS ids: a row ends where grpokit's tokenizer
   says, not where the engine's generation config adds more ids.
 - Seeds: vLLM draws the g-th of n completions from seed + g and reads -1 as "unseeded"; grpokit's seeds are unsigned
@@ -101,6 +107,8 @@ def engine_requests(
         "temperature": params.temperature,
         "top_p": params.top_p,
         "top_k": params.top_k,
+        "min_p": params.min_p,
+        "repetition_penalty": params.repetition_penalty,
         "max_tokens": params.max_new_tokens,
         "stop": list(params.stop_strings),
         "stop_token_ids": list(eos_token_ids),
@@ -128,6 +136,9 @@ def check_requests(
     for i, r in enumerate(requests):
         if not 0 <= r["temperature"] <= MAX_TEMPERATURE:
             raise ValueError(f"request {i}: temperature {r['temperature']} is outside [0, {MAX_TEMPERATURE:g}]")
+        if not 0 <= r.get("min_p", 0.0) <= 1 or not r.get("repetition_penalty", 1.0) > 0:
+            raise ValueError(f"request {i}: min_p must be in [0, 1] and repetition_penalty > 0, got "
+                             f"{r.get('min_p')} and {r.get('repetition_penalty')}")  # fmt: skip
         prompt = r["prompt"]
         if not prompt or any(not isinstance(t, int) or t < 0 for t in prompt):
             raise ValueError(f"request {i}: the prompt must be a non-empty list of token ids >= 0")
@@ -302,6 +313,8 @@ def llm_complete(llm: Any, requests: list[dict[str, Any]]) -> list[list[Completi
                 temperature=r["temperature"],
                 top_p=r["top_p"],
                 top_k=r["top_k"],
+                min_p=r.get("min_p", 0.0),  # (a request from a grpokit before these: off, as it meant)
+                repetition_penalty=r.get("repetition_penalty", 1.0),
                 max_tokens=r["max_tokens"],
                 stop=r["stop"] or None,
                 stop_token_ids=r["stop_token_ids"],

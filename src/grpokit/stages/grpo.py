@@ -34,7 +34,7 @@ from grpokit.model.saving import resume_policy, save_trained, write_policy_check
 from grpokit.report.monitor import SignalMonitor, group_diversity
 from grpokit.report.runlog import RunLog, plot_curves, read_metrics
 from grpokit.rewards.functions import RewardFn, exact_match, reward_inputs
-from grpokit.rollout.evaluate import HeldoutSettings, decode_completions, heldout_eval, require_heldout_rows
+from grpokit.rollout.evaluate import decode_completions, heldout_eval, require_heldout_rows
 from grpokit.rollout.sampler import KVCacheSampler, Sampler, call_generate, check_rollout, prompt_seeds, push_weights
 from grpokit.runtime import machine
 from grpokit.runtime.checkpoint import RunDirectory
@@ -43,7 +43,9 @@ from grpokit.stages import update
 from grpokit.stages.arguments import python_arguments
 from grpokit.stages.loop import LoopSettings, RunHooks, StepReport, run_stage
 from grpokit.stages.progress import at_step, trainer_state
-from grpokit.stages.setup import RunSetup, grpo_policy, grpo_rewards, grpo_sampler, sampling_params, step_sizes
+from grpokit.stages.setup import (
+    RunSetup, grpo_policy, grpo_rewards, grpo_sampler, heldout_settings, sampling_params, step_sizes,
+)  # fmt: skip
 
 
 class GRPOTrainer:
@@ -97,6 +99,7 @@ class GRPOTrainer:
         self.input_warnings, longest_prompt = scan_all_prompts(
             self.tokenizer, self.train_rows, self.eval_rows, prompt_column=cfg.prompt_column,
             max_prompt_length=cfg.max_prompt_length, prompts_per_step=cfg.prompts_per_step,
+            chat_template_kwargs=cfg.chat_template_kwargs,
         )  # fmt: skip
         machine.check_grpo_memory(
             model if model is not None else cfg.model, step_sizes(cfg), longest_prompt, self.device, dtype,
@@ -153,7 +156,8 @@ class GRPOTrainer:
         self.steps_taken += 1
         at_step(self.state, cfg, self.steps_taken - 1, len(self.train_rows))  # (the steps before it: TRL counts so)
         t0 = time.perf_counter()
-        prompts = encode_prompts(self.tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length)
+        texts, template = [r[cfg.prompt_column] for r in rows], cfg.chat_template_kwargs
+        prompts = encode_prompts(self.tokenizer, texts, cfg.max_prompt_length, template)
         seeds = prompt_seeds(cfg.seed, self.steps_taken, list(mine))
         rollout = call_generate(self.sampler, prompts.ids, num_generations=G, params=self.sampling, seeds=seeds)
         check_rollout(rollout, self.sampler, rows=len(rows) * G, vocab_size=self.vocab_size, prompts=prompts.ids)
@@ -232,10 +236,7 @@ class GRPOTrainer:
         """Held-out accuracy (the task's gold checker, or exact match on `answer`) and every reward's mean, greedy
         and sampled (`heldout_eval`); kept in the eval history at `step`, and logged as a row of its own when `log`."""
         cfg, check = self.cfg, self.task.is_correct if self.task is not None else exact_match
-        settings = HeldoutSettings(
-            temperature=cfg.eval_temperature, max_new_tokens=cfg.max_completion_length, seed=cfg.seed,
-            prompt_column=cfg.prompt_column, max_prompt_length=cfg.max_prompt_length, reward_timeout=cfg.reward_timeout,
-        )  # fmt: skip
+        settings = heldout_settings(cfg)
         result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, settings, check, self.rewards)
         if result:
             self.eval_history.append({"step": step, **result})

@@ -29,6 +29,7 @@ from grpokit.model.optim import OptimizerSettings
 from grpokit.model.policy import Policy
 from grpokit.model.weights import PolicyWeights
 from grpokit.rewards.functions import RewardSet, build_reward_funcs, reward_set
+from grpokit.rollout.evaluate import HeldoutSettings
 from grpokit.rollout.sampler import KVCacheSampler, Sampler, SamplingParams, push_weights
 from grpokit.runtime.checkpoint import (
     RunDirectory,
@@ -147,6 +148,8 @@ def optimizer_settings(cfg: RunConfig, *, learning_rate: float | None = None) ->
         warmup_steps=cfg.warmup_steps,
         lr_schedule=cfg.lr_schedule,
         max_grad_norm=cfg.max_grad_norm,
+        adam_epsilon=cfg.adam_epsilon,
+        min_lr_rate=cfg.min_lr_rate,
     )
 
 
@@ -323,6 +326,21 @@ def sampling_params(cfg: GRPOConfig) -> SamplingParams:
         top_p=cfg.top_p,
         top_k=cfg.top_k,
         stop_strings=tuple(cfg.stop_strings),
+        min_p=cfg.min_p,
+        repetition_penalty=cfg.repetition_penalty,
+    )
+
+
+def heldout_settings(cfg: GRPOConfig) -> HeldoutSettings:
+    """How a GRPO (or PPO) run samples and scores its held-out rows."""
+    return HeldoutSettings(
+        temperature=cfg.eval_temperature,
+        max_new_tokens=cfg.max_completion_length,
+        seed=cfg.seed,
+        prompt_column=cfg.prompt_column,
+        max_prompt_length=cfg.max_prompt_length,
+        reward_timeout=cfg.reward_timeout,
+        chat_template_kwargs=cfg.chat_template_kwargs,
     )
 
 
