@@ -164,3 +164,44 @@ def test_stop_strings_and_eos_end_rows_as_the_in_process_sampler_ends_them(engin
     last = [row[n - 1] for row, n in zip(sampled.completion_ids, lengths.tolist())]
     assert torch.equal(sampled.truncated, torch.tensor([token != eos for token in last]))
     assert bool((lengths[sampled.truncated] == 40).all())
+
+
+def test_the_repetition_penalty_means_the_same_in_both_samplers(engine, tokenizer, model):
+    """Greedy under a penalty of 3 (transformers' and vLLM's rule, on the prompt and the completion so far), vLLM
+    writes the tokens grpokit's sampler writes, and they differ from the unpenalized ones."""
+    sampler, own = VLLMSampler(engine, tokenizer), KVCacheSampler(tokenizer)
+    sampler.update_weights(model)
+    own.update_weights(model)
+    ids = prompts(tokenizer)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, repetition_penalty=3.0)
+    mine = own.generate(ids, num_generations=1, params=params, seeds=None)
+    theirs = sampler.generate(ids, num_generations=1, params=params, seeds=None)
+    plain = own.generate(ids, num_generations=1, params=SamplingParams(max_new_tokens=16, temperature=0.0), seeds=None)
+    assert torch.equal(mine.completion_ids, theirs.completion_ids)
+    assert not torch.equal(mine.completion_ids, plain.completion_ids)
+
+
+def test_every_token_either_sampler_draws_under_min_p_passes_it(engine, tokenizer, model):
+    """With min_p 0.3 at temperature 1, each drawn token's probability under the model is at least 0.3 x the most
+    likely token's, in both samplers; without min_p the same draws take tokens below that."""
+    sampler, own = VLLMSampler(engine, tokenizer), KVCacheSampler(tokenizer)
+    sampler.update_weights(model)
+    own.update_weights(model)
+    ids = prompts(tokenizer)
+    seeds = prompt_seeds(5, 1, [0, 1, 2, 3])
+
+    def worst(rollout) -> float:
+        """The smallest p(drawn) / p(most likely) over the rollout's tokens."""
+        ratios = []
+        for row, (tokens, mask) in enumerate(zip(rollout.completion_ids, rollout.completion_mask)):
+            prompt, written = ids[row // G], tokens[mask.bool()].tolist()
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + written])).logits[0, len(prompt) - 1 : -1]  # (T, V)
+            probs = logits.float().softmax(-1)
+            ratios.append((probs.gather(-1, torch.tensor(written)[:, None]).squeeze(-1) / probs.amax(-1)).min())
+        return float(min(ratios))
+
+    params = SamplingParams(max_new_tokens=12, min_p=0.3)
+    for engine_sampler in (own, sampler):
+        assert worst(engine_sampler.generate(ids, num_generations=G, params=params, seeds=seeds)) >= 0.3 * (1 - 1e-3)
+    assert worst(own.generate(ids, num_generations=G, params=SamplingParams(max_new_tokens=12), seeds=seeds)) < 0.3

@@ -282,19 +282,26 @@ def vllm_sampler(cfg: Any, tokenizer: Any, dtype: torch.dtype, weights: PolicyWe
 
 def sampler_correction(cfg: GRPOConfig, sampler: Any) -> SamplerCorrection | None:
     """The engine-vs-trainer correction a GRPO update applies: for a sampler whose logprobs come from another
-    implementation (`corrects_sampling`, vLLM) with `vllm_importance_sampling_correction`; else None. With top_p < 1
-    or top_k > 0 it says once what the engine's logprobs are."""
+    implementation (`corrects_sampling`, vLLM) with `vllm_importance_sampling_correction`; else None. With a filter
+    (top_p < 1, top_k > 0, min_p > 0) or a repetition penalty it says once what the engine's logprobs are."""
     if not (getattr(sampler, "corrects_sampling", False) and cfg.vllm_importance_sampling_correction):
         return None
-    if cfg.top_p < 1 or cfg.top_k > 0:
+    shaped = {"top_p": cfg.top_p < 1, "top_k": cfg.top_k > 0, "min_p": cfg.min_p > 0,
+              "repetition_penalty": cfg.repetition_penalty != 1}  # fmt: skip
+    if any(shaped.values()):
         from grpokit.data.rows import InputWarning
 
+        named = ", ".join(f"{name} = {getattr(cfg, name)}" for name, on in shaped.items() if on)
+        weights = (
+            "the correction weights pi_trainer / q_vLLM move away from 1 (above it for a penalized token)"
+            if shaped["repetition_penalty"]
+            else "every correction weight pi_trainer / q_vLLM is <= 1 (the kept mass)"
+        )
         warnings.warn(
-            f"top_p = {cfg.top_p}, top_k = {cfg.top_k} with vLLM: the engine's logprob of a sampled token is that of "
-            "the renormalized kept set (what it sampled from), the trainer's that of the whole distribution, so every "
-            "correction weight pi_trainer / q_vLLM is <= 1 (the kept mass) and the logged sampler_logp_diff is that "
-            f"gap, not a bug; vllm_importance_sampling_mode = {cfg.vllm_importance_sampling_mode} weighs the tokens "
-            "by it",
+            f"{named} with vLLM: the engine's logprob of a sampled token is that of the distribution it sampled from "
+            "(penalized, renormalized over the kept set), the trainer's that of the model's whole distribution, so "
+            f"{weights}, and the logged sampler_logp_diff is that gap, not a bug; vllm_importance_sampling_mode = "
+            f"{cfg.vllm_importance_sampling_mode} weighs the tokens by it",
             InputWarning,
             stacklevel=2,
         )
