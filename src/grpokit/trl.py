@@ -3,14 +3,16 @@
     from grpokit.trl import GRPOConfig, GRPOTrainer      # was: from trl import GRPOConfig, GRPOTrainer
 
 `GRPOConfig` takes the field names, units and defaults of TRL 1.16's GRPOConfig and maps them onto grpokit's
-own config (`to_grpokit`); `GRPOTrainer` takes TRL's arguments and runs grpokit's trainer. A TRL option that
-grpokit does not have is an error naming it as soon as it is set to anything but TRL's default (`deepspeed=...`,
-`vllm_group_port=...`), never silently ignored; a value of the wrong type or out of range is an error naming the TRL
-field, and an error grpokit's own validation raises about a field computed from TRL's names those TRL fields
-(`trl_error`). `trainer.train(resume_from_checkpoint=True)` continues the latest checkpoint of output_dir, as in
-TRL. The trainer has the transformers.Trainer face a TRL script touches: `callbacks=` (transformers' TrainerCallback
-events, `grpokit.stages.callbacks`), `.state`, `.model`, `.evaluate()`, `.log()`, `.push_to_hub()` (an error: grpokit
-makes no network calls). This module never imports `trl`; the native config stays grpokit's.
+own config (`to_grpokit`); `GRPOTrainer` takes TRL's arguments and runs grpokit's trainer. Every TRL field has one
+answer (`grpokit.config.trl_names`): mapped; accepted with no effect, those set named in one InputWarning
+(`logging_first_step=True`, `hub_model_id=...`); or refused with its reason once set to anything but TRL's default
+(`deepspeed=...`, `vllm_group_port=...`), never silently ignored. A value of the wrong type or out of range is an
+error naming the TRL field, and an error grpokit's own validation raises about a field computed from TRL's names
+those TRL fields (`trl_error`). `trainer.train(resume_from_checkpoint=True)` continues the latest checkpoint of
+output_dir, as in TRL. The trainer has the transformers.Trainer face a TRL script touches: `callbacks=`
+(transformers' TrainerCallback events, `grpokit.stages.callbacks`), `.state`, `.model`, `.evaluate()`, `.log()`,
+`.push_to_hub()` (an error: grpokit makes no network calls). This module never imports `trl`; the native config stays
+grpokit's.
 """
 
 from __future__ import annotations
