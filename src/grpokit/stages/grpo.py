@@ -39,13 +39,12 @@ from grpokit.rollout.sampler import KVCacheSampler, Sampler, call_generate, chec
 from grpokit.runtime import machine
 from grpokit.runtime.checkpoint import RunDirectory
 from grpokit.runtime.distributed import Cluster
+from grpokit.stages import setup as run_setup
 from grpokit.stages import update
 from grpokit.stages.arguments import python_arguments
 from grpokit.stages.loop import LoopSettings, RunHooks, StepReport, run_stage
 from grpokit.stages.progress import at_step, trainer_state
-from grpokit.stages.setup import (
-    RunSetup, grpo_policy, grpo_rewards, grpo_sampler, heldout_settings, sampling_params, step_sizes,
-)  # fmt: skip
+from grpokit.stages.setup import RunSetup, grpo_policy, grpo_rewards, grpo_sampler, sampling_params, step_sizes
 
 
 class GRPOTrainer:
@@ -236,7 +235,7 @@ class GRPOTrainer:
         """Held-out accuracy (the task's gold checker, or exact match on `answer`) and every reward's mean, greedy
         and sampled (`heldout_eval`); kept in the eval history at `step`, and logged as a row of its own when `log`."""
         cfg, check = self.cfg, self.task.is_correct if self.task is not None else exact_match
-        settings = heldout_settings(cfg)
+        settings = run_setup.heldout_settings(cfg)
         result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, settings, check, self.rewards)
         if result:
             self.eval_history.append({"step": step, **result})
