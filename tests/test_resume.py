@@ -15,6 +15,7 @@ step, or the progress bar), so no test sleeps.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ import yaml
 from helpers import read_jsonl, save_tiny
 from safetensors.torch import load_file
 
-from grpokit.runtime.checkpoint import RunDirectory, write_checkpoint
+from grpokit.runtime.checkpoint import RunDirectory, RunDirectoryError, write_checkpoint
 
 TIMES = re.compile(r"^time/|^tokens_per_s$")
 PROBE = '''
@@ -453,3 +454,32 @@ def test_a_second_signal_says_what_was_kept_before_it_stops(tmp_path, capsys):
     err = capsys.readouterr().err
     assert received == [signal.SIGTERM]
     assert "SIGTERM again: stopping at once; the newest complete checkpoint is" in err and "checkpoint-3" in err
+
+
+def _without_field(folder: Path, name: str) -> None:
+    """The run's config.yaml and its checkpoint's record as a grpokit without field `name` wrote them."""
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    del saved[name]
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    for record_file in folder.glob("checkpoint-*/run_record.json"):
+        record = json.loads(record_file.read_text())
+        del record["config"][name]
+        record.pop("defaults", None)
+        record_file.write_text(json.dumps(record))
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes_at_its_default(qwen2_path, tmp_path):
+    """A checkpoint written by a grpokit that had no `adam_epsilon` resumes when the field is at its default (which
+    does what that grpokit did) and is refused, naming it, when it is set to something else."""
+    from helpers import config
+
+    from grpokit.stages.grpo import GRPOTrainer
+
+    out = tmp_path / "run"
+    GRPOTrainer(config(qwen2_path, out, max_steps=1, save_every=1)).train()
+    _without_field(out, "adam_epsilon")
+    with pytest.raises(RunDirectoryError, match="adam_epsilon"):
+        GRPOTrainer(config(qwen2_path, out, max_steps=2, resume_from_checkpoint="latest", adam_epsilon=1e-6))
+    result = GRPOTrainer(config(qwen2_path, out, max_steps=2, resume_from_checkpoint="latest")).train()
+    assert result.global_step == 2
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2]

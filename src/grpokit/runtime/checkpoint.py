@@ -698,6 +698,14 @@ def _describe(fingerprint: dict[str, Any] | None) -> str:
     return f"{size}, sha256 {fingerprint['sha256'][:12]}"
 
 
+def _same_setting(key: str, saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """`key` means the same in a saved config and the current one. A field the saved config lacks came with a later
+    grpokit: at its default it does what the older run did (a new field's default keeps the old behaviour)."""
+    if key not in saved and key in defaults:
+        return current.get(key) == defaults[key]
+    return saved.get(key) == current.get(key)
+
+
 def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What makes the run described by `current` (a record as `RunDirectory.record` makes it) another run than the
     checkpoint's `recorded` one: the stage, config fields outside RESUMABLE_CHANGES (a moved input whose contents
@@ -708,9 +716,10 @@ def record_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
     old_inputs, new_inputs = recorded.get("inputs", {}), current["inputs"]
     old_config, new_config = recorded.get("config", {}), current["config"]
     found = []
+    defaults = current.get("defaults", {})
     for key in sorted(old_config.keys() | new_config.keys()):
         moved = key in MOVABLE_INPUTS and key in new_inputs and old_inputs.get(key) == new_inputs[key]
-        if key not in RESUMABLE_CHANGES and not moved and old_config.get(key) != new_config.get(key):
+        if key not in RESUMABLE_CHANGES and not moved and not _same_setting(key, old_config, new_config, defaults):
             found.append(f"`{key}` {old_config.get(key)!r} -> {new_config.get(key)!r}")
     for key in sorted(old_inputs.keys() | new_inputs.keys()):
         if old_inputs.get(key) != new_inputs.get(key):
@@ -746,6 +755,8 @@ class RunSettings:
     """(field, text) of every text a config field holds (a list field's entries too), but where the run writes
     (`output_dir`) and what it resumes (`resume_from_checkpoint`): those that name an existing file or folder are
     inputs the run must not write into, replace or delete (`existing_paths`)."""
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Each config field's default, as JSON values: a field an older checkpoint's config lacks matches at it."""
 
 
 class RunDirectory:
@@ -791,7 +802,8 @@ class RunDirectory:
         """What checkpoint-STEP of this run records: the run's identity, its stage, its resolved config and the
         fingerprints of its inputs; a resume checks them against the run resuming it."""
         return {"run_id": self.run_id, "stage": self.settings.stage, "step": step,
-                "config": self.settings.resolved_config, "inputs": self.inputs}  # fmt: skip
+                "config": self.settings.resolved_config, "inputs": self.inputs,
+                "defaults": self.settings.defaults}  # fmt: skip
 
     def holds_run(self) -> list[str]:
         """The names of earlier run output found in the folder."""
@@ -1112,8 +1124,11 @@ class RunDirectory:
             return
         saved = yaml.safe_load(saved_file.read_text()) or {}
         current = self.settings.resolved_config
+        defaults = self.settings.defaults
         changed = sorted(
-            k for k in current.keys() | saved.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+            k
+            for k in current.keys() | saved.keys()
+            if k not in RESUMABLE_CHANGES and not _same_setting(k, saved, current, defaults)
         )
         if changed:
             details = "; ".join(f"`{k}` {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])

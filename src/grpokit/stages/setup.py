@@ -101,6 +101,19 @@ def plain_config(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def config_defaults(cfg: Any) -> dict[str, Any]:
+    """Each field's default of a config dataclass, as JSON values (`plain_config`'s form)."""
+    found = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            found[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            found[f.name] = f.default_factory()
+    return json.loads(
+        json.dumps(found, default=lambda v: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else str(v))
+    )
+
+
 def input_paths(cfg: Any) -> tuple[tuple[str, str], ...]:
     """(field, text) of every text a config field holds (a list field's entries too), but where the run writes
     (`output_dir`) and what it resumes (`resume_from_checkpoint`): the candidates for the inputs it names."""
@@ -123,6 +136,7 @@ def run_directory(cfg: RunConfig, *, writer: bool = True, inputs: dict[str, Any]
         max_steps=cfg.max_steps,
         logs_every_step=stage in ("GRPOConfig", "PPOConfig"),
         input_paths=input_paths(cfg),
+        defaults=config_defaults(cfg),
     )
     return RunDirectory(
         cfg.output_dir,
