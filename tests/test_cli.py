@@ -224,3 +224,12 @@ def test_the_usage_names_each_commands_own_example_config(capsys):
     root = Path(__file__).resolve().parents[1]
     for command, path in shown:
         assert Path(path).name.startswith(own[command]) and (root / path).is_file(), (command, path)
+
+
+def test_the_usage_lists_the_readmes_commands_in_the_readmes_order(capsys):
+    """The two lists a newcomer compares: the same commands, in the order the pipeline runs them."""
+    assert main(["--help"]) == 0
+    usage = re.findall(r"^  ([a-z][\w-]*) ", capsys.readouterr().out, flags=re.M)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = re.findall(r"^\| `grpokit ([\w-]+)", readme, flags=re.M)
+    assert usage == table and len(usage) >= 10, (usage, table)

