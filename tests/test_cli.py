@@ -194,3 +194,42 @@ def test_an_override_given_twice_is_refused_naming_the_field(tmp_path, capsys, t
 
 def test_different_fields_of_one_nested_config_are_not_a_repeat():
     check_override_names(GRPOConfig, ["--lora.r", "4", "--lora.alpha", "8", "--no-progress", "--seed", "1"])
+
+
+# ---------------------------------------------------------------- what a newcomer types
+
+
+@pytest.mark.parametrize("args", [["--lr", "3e-5"], ["--lr=3e-5"]])
+def test_lr_is_short_for_learning_rate(args):
+    """`--lr` answered "did you mean `lora`?"."""
+    from grpokit.cli import parse_config
+    from grpokit.config import SFTConfig
+
+    assert parse_config(GRPOConfig, ["examples/grpo_addition.yaml", *args], "grpokit train").learning_rate == 3e-5
+    assert parse_config(SFTConfig, args, "grpokit sft").learning_rate == 3e-5
+
+
+def test_lr_given_beside_learning_rate_is_a_repeat(capsys):
+    rc, err = cli(capsys, "train", "--model", "never-loaded", "--lr", "1e-3", "--learning-rate", "1e-4")
+    assert rc == 2 and "field learning_rate given twice" in err, err
+
+
+def test_the_usage_names_each_commands_own_example_config(capsys):
+    """`grpokit --help` showed `compare examples/grpo_addition.yaml` where the README and the example's own comment
+    use compare_addition.yaml: each command's example is the config made for it, and it exists."""
+    assert main(["--help"]) == 0
+    shown = re.findall(r"grpokit ([\w-]+) (examples/\S+\.yaml)", capsys.readouterr().out)
+    own = {"train": "grpo_", "ppo": "ppo_", "compare": "compare_", "sft": "sft_", "reward-model": "reward_model_"}
+    assert {command for command, _ in shown} == set(own)
+    root = Path(__file__).resolve().parents[1]
+    for command, path in shown:
+        assert Path(path).name.startswith(own[command]) and (root / path).is_file(), (command, path)
+
+
+def test_the_usage_lists_the_readmes_commands_in_the_readmes_order(capsys):
+    """The two lists a newcomer compares: the same commands, in the order the pipeline runs them."""
+    assert main(["--help"]) == 0
+    usage = re.findall(r"^  ([a-z][\w-]*) ", capsys.readouterr().out, flags=re.M)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = re.findall(r"^\| `grpokit ([\w-]+)", readme, flags=re.M)
+    assert usage == table and len(usage) >= 10, (usage, table)

@@ -306,3 +306,57 @@ def test_a_hub_id_reaches_the_hub_or_says_within_seconds_why_not(tmp_path, monke
     if not offline:
         with pytest.raises(DataError, match="config field `train_data`: the data set 'some-org/some-data'"):
             load_rows("some-org/some-data", field="train_data")
+
+
+# ---------------------------------------------------------------- a .gguf file off a terminal
+
+
+def write_tiny_gguf(path, vocab: int = 16, hidden: int = 8, intermediate: int = 16, heads: int = 2):
+    """A one-layer Llama in GGUF form (float32 tensors, a byte-level BPE vocabulary of letters), as llama.cpp's
+    converter writes one: what transformers' GGUF reader turns back into a LlamaForCausalLM."""
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(32)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["<eos>"] + [chr(ord("a") + i) for i in range(vocab - 1)])
+    writer.add_token_types([1] * vocab)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_merges([])
+    writer.add_eos_token_id(0)
+    writer.add_bos_token_id(0)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (vocab, hidden), "output_norm": (hidden,), "output": (vocab, hidden)}
+    shapes |= {f"blk.0.{name}": (hidden,) for name in ("attn_norm", "ffn_norm")}
+    shapes |= {f"blk.0.attn_{name}": (hidden, hidden) for name in ("q", "k", "v", "output")}
+    shapes |= {"blk.0.ffn_gate": (intermediate, hidden), "blk.0.ffn_up": (intermediate, hidden)}
+    shapes |= {"blk.0.ffn_down": (hidden, intermediate)}
+    for name, shape in shapes.items():
+        writer.add_tensor(f"{name}.weight", rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_file_loads_without_a_progress_bar_off_a_terminal(tmp_path, capsys):
+    """`grpokit fetch-model` (which loads the packaged .gguf file through `load_model`) filled a log with one line
+    per redraw of transformers' de-quantizing bar, which ignores transformers' own switch for bars."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")  # (skips without the `gguf` package: the `bench` extra)
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    model = load_model(path, "cpu", torch.float32)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 1
+    err = capsys.readouterr().err  # not a terminal
+    assert "Converting and de-quantizing" not in err, err
+    assert reader.tqdm is bar  # the reader's own bar again after the load

@@ -86,6 +86,33 @@ def test_kl_drift_fires_above_its_threshold_only():
     assert len(raised) == 1 and "KL to the reference 2.50 nats/token" in raised[0]
 
 
+def test_no_signal_is_said_at_step_3_when_most_groups_start_flat():
+    """75-94% of groups without reward spread all run long (a weak SFT model's run) raised nothing before: the
+    window's bar is 90% over 10 steps."""
+    monitor = SignalMonitor()
+    flat = [0.8, 0.75, 0.85, 0.94, 0.8, 0.75]
+    raised = run(monitor, 6, lambda s: {**healthy(s), "frac_reward_zero_std": flat[s - 1], "reward": 0.04})
+    assert len(raised) == 1 and raised[0].startswith(
+        "step 3: 80% of groups [frac_reward_zero_std] over the first 3 steps had the same reward for every "
+        "completion (this step's mean reward 0.04): their advantages are 0"
+    ), raised
+    for change in ("num_generations", "temperature", "partial credit", "SFT first", "easier prompts"):
+        assert change in raised[0], change
+    assert monitor.summary() == [f"no_signal: FIRED at {raised[0]}"]
+
+
+def test_no_signal_is_quiet_on_a_healthy_run_and_on_one_whose_groups_are_solved_late():
+    """Healthy: the demo's GRPO run starts at 41%, 38%, 31% of groups flat (seed 0). Late in a run that learned, most
+    groups are flat because every completion is right (the demo reaches 74% over 3 steps near its end): the first
+    steps' bar does not apply there, so a sliding 3-step window would fail this."""
+    start = [0.74, 0.7, 0.78]  # mean 0.74: just under the first steps' bar
+    late = [0.85, 0.8, 0.9, 0.85, 0.8, 0.9, 0.85, 0.8, 0.9, 0.85] * 3  # mean 0.85: under the window's bar
+    flat = start + late
+    monitor = SignalMonitor()
+    assert run(monitor, len(flat), lambda s: {**healthy(s), "frac_reward_zero_std": flat[s - 1]}) == []
+    assert run(SignalMonitor(), 40, healthy) == []
+
+
 # ---------------------------------------------------------------- in a run
 
 

@@ -431,12 +431,13 @@ def feed(monitor: SignalMonitor, steps, zero_std: float, truncated: float) -> li
 
 
 def test_monitor_warns_once_when_groups_have_no_spread():
+    """A run that starts healthy and then loses its spread: the window's bar (more than 90% over 10 steps)."""
     monitor = SignalMonitor()
-    per_step = feed(monitor, range(1, 11), 0.95, 0.0)
-    assert per_step[:9] == [[]] * 9  # the window is not full yet
-    (warning,) = per_step[9]
-    assert "frac_reward_zero_std" in warning and "step 10" in warning
-    assert feed(monitor, range(11, 31), 0.95, 0.0) == [[]] * 20  # never repeated
+    per_step = feed(monitor, range(1, 4), 0.3, 0.0) + feed(monitor, range(4, 14), 0.95, 0.0)
+    assert per_step[:12] == [[]] * 12  # until the window holds 10 flat steps
+    (warning,) = per_step[12]
+    assert "frac_reward_zero_std" in warning and "step 13" in warning and "over the last 10 steps" in warning
+    assert feed(monitor, range(14, 31), 0.95, 0.0) == [[]] * 17  # never repeated
     assert monitor.warnings == [warning]
 
 

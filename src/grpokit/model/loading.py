@@ -4,6 +4,8 @@ sizes in its config, its weights file, its context length and vocabulary."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
 from pathlib import Path
@@ -421,6 +423,26 @@ def check_vocabulary(model, tokenizer, *, field: str = "model", tokenizer_of: st
         )
 
 
+@contextlib.contextmanager
+def gguf_bar_on_a_terminal_only():
+    """transformers' GGUF reader draws its "Converting and de-quantizing" bar with tqdm directly, past transformers'
+    own `disable_progress_bar`: off a terminal (a log file, CI) every redraw lands in the log as a line. Inside this
+    block that bar takes tqdm's own `disable=None`, which draws it on a terminal only."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # a transformers without a GGUF reader draws no bar
+        reader = None
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=None)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def _gguf_args(path) -> tuple[str, dict]:
     """(folder, extra from_pretrained kwargs): a `.gguf` file loads through transformers' GGUF reader (the `gguf`
     package), de-quantized to float32."""
@@ -473,9 +495,10 @@ def load_pretrained(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its load report says what is checked below, as a log line
     try:
-        model, info = from_pretrained(
-            cls, folder, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra, **kwargs
-        )
+        with gguf_bar_on_a_terminal_only() if extra else contextlib.nullcontext():
+            model, info = from_pretrained(
+                cls, folder, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra, **kwargs
+            )
     except (ValueError, KeyError, RuntimeError) as err:  # an unknown model_type, a config it cannot build, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ModelFolderError(
