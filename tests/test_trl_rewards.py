@@ -68,3 +68,67 @@ def test_async_reward_functions_are_awaited_together(model, tmp_path):
     trainer.train()
     steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert len(steps) == 2 and all(r["judge/calls"] == 1.0 and r["rewards/async_length/mean"] > 0 for r in steps)
+
+
+def test_the_documented_reward_functions_get_what_trl_passes_and_are_weighted(model, tmp_path):
+    """TRL's reward-function examples, as its docs write them, on conversational prompts: a `<think>/<answer>` format
+    check on the message's content, a length reward on `completion_ids`, a `\\boxed{}` check against a data set
+    column reached through its name; three functions with `reward_weights`. Each logged mean is the mean of what
+    that function returned, and `reward` their weighted sum."""
+    import re
+
+    returned = defaultdict(list)  # function name -> every value it returned
+
+    def format_reward_func(completions, **kwargs):
+        pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+        contents = [completion[0]["content"] for completion in completions]
+        returned["format_reward_func"] += [1.0 if re.match(pattern, c) else 0.0 for c in contents]
+        return returned["format_reward_func"][-len(contents) :]
+
+    def length_reward(completion_ids, **kwargs):
+        assert all(isinstance(ids, list) and all(isinstance(t, int) for t in ids) for ids in completion_ids)
+        returned["length_reward"] += [float(len(ids)) for ids in completion_ids]
+        return returned["length_reward"][-len(completion_ids) :]
+
+    def boxed_reward(completions, ground_truth, **kwargs):
+        matches = [re.search(r"\\boxed\{(.*?)\}", c[0]["content"]) for c in completions]
+        contents = [m.group(1) if m else "" for m in matches]
+        # each completion gets its own prompt's column value: ground truth "i" for the prompt asking about i
+        prompts = kwargs["prompts"]
+        assert [p[-1]["content"] for p in prompts] == [f"what is {g}?" for g in ground_truth]
+        returned["boxed_reward"] += [1.0 if c == g else 0.0 for c, g in zip(contents, ground_truth)]
+        return returned["boxed_reward"][-len(completions) :]
+
+    data = [{"prompt": [{"role": "user", "content": f"what is {i}?"}], "ground_truth": str(i)} for i in range(8)]
+    trainer = GRPOTrainer(
+        model=str(model), reward_funcs=[format_reward_func, length_reward, boxed_reward],
+        args=args(tmp_path, max_steps=2, reward_weights=[1.0, 0.5, 2.0]), train_dataset=data,
+    )  # fmt: skip
+    trainer.train()
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "reward" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    per_step = 4  # per_device_train_batch_size completions per generation batch
+    for i, row in enumerate(rows):
+        means = {}
+        for name in ("format_reward_func", "length_reward", "boxed_reward"):
+            values = returned[name][i * per_step : (i + 1) * per_step]
+            means[name] = sum(values) / len(values)
+            assert row[f"rewards/{name}/mean"] == pytest.approx(means[name])
+        weighted = means["format_reward_func"] + 0.5 * means["length_reward"] + 2.0 * means["boxed_reward"]
+        assert row["reward"] == pytest.approx(weighted)
+    assert min(returned["length_reward"]) >= 1.0  # a completion holds at least its EOS or one sampled token
+
+
+def test_trls_own_reward_functions_run_through_the_adapter(model, tmp_path):
+    """`trl.rewards.think_format_reward` and `get_soft_overlong_punishment` (TRL's own code) as reward_funcs."""
+    rewards = pytest.importorskip("trl.rewards")
+    data = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}]} for i in range(8)]
+    overlong = rewards.get_soft_overlong_punishment(max_completion_len=4, soft_punish_cache=2)
+    trainer = GRPOTrainer(
+        model=str(model), reward_funcs=[rewards.think_format_reward, overlong],
+        args=args(tmp_path, max_steps=1, reward_weights=[1.0, 1.0]), train_dataset=data,
+    )  # fmt: skip
+    trainer.train()
+    (row,) = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "reward" in r]
+    assert row["rewards/think_format_reward/mean"] == 0.0  # a random tiny model writes no <think> block
+    assert -1.0 <= row[f"rewards/{overlong.__name__}/mean"] <= 0.0
