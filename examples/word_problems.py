@@ -67,15 +67,16 @@ def last_number_is_answer(prompts, completions, answer, **_):
 
 def answer_is_right(prompts, completions, answer, **_):
     """1 when the last number in the completion is the answer, else 0: correctness alone, with no length term.
-    The recipe watches it as its `gold_reward` (logged, never trained on)."""
+    The recipe (examples/grpo_smollm2.yaml) trains on it beside `answer_format`."""
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
     return [float(re.findall(r"-?\d+", text)[-1:] == [gold]) for text, gold in zip(texts, answer)]
 
 
 def answer_format(prompts, completions, **_):
     """1 when the completion writes an addition with its result ("9 + 7 = 16") and ends with "The answer is" and
-    a number (a final period allowed), right or wrong, else 0: the form the one-step prompts ask for. It only pays for the form; `last_number_is_answer` pays for
-    the number, so a run's two curves tell the form learnt from the arithmetic learnt."""
+    a number (a final period allowed), right or wrong, else 0: the form the one-step prompts ask for. It pays
+    for the form only and `answer_is_right` for the number, so a run's two curves tell the form learnt from the
+    arithmetic learnt."""
     scores = []
     for completion in completions:
         text = completion[-1]["content"] if isinstance(completion, list) else completion
