@@ -85,6 +85,7 @@ def test_a_no_effect_field_set_away_from_its_default_is_named_in_one_warning():
         ({"average_tokens_across_devices": False}, "own token count"),
         ({"off_policy_mask_threshold": 0.5}, "off-policy sequence masking"),
         ({"cast_lm_head_to_fp32": True}, "keeps the LM head in float32"),
+        ({"shuffle_dataset": False}, "keeps the data set's order (a curriculum)"),
     ],
 )
 def test_a_refused_field_says_what_it_does_in_trl(fields, reason):

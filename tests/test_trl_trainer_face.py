@@ -186,3 +186,24 @@ def test_a_resumed_run_has_its_earlier_rows_in_log_history(model_path, tmp_path)
     resumed.train(resume_from_checkpoint=True)
     assert [row["step"] for row in resumed.state.log_history] == [1, 2, 3]
     assert resumed.state.log_history[:2] == first.state.log_history
+
+
+def test_the_tail_of_trls_own_grpo_script_runs(model_path, tmp_path, capsys):
+    """What trl/scripts/grpo.py calls after train(): accelerator.print (once, on the main process), save_model to
+    output_dir, hub_model_id, end() (transformers >= 5.18)."""
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+        max_steps=1, use_cpu=True, report_to="none", save_strategy="no", hub_model_id="me/tiny-grpo",
+    )  # fmt: skip
+    trainer = GRPOTrainer(model=str(model_path), reward_funcs=lambda completions, **_: [1.0] * len(completions),
+                          args=args, train_dataset=[{"prompt": f"{i}+{i}="} for i in range(4)])  # fmt: skip
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    capsys.readouterr()
+    trainer.accelerator.print("Training completed.")
+    assert capsys.readouterr().out == "Training completed.\n"
+    accelerator = trainer.accelerator
+    assert (accelerator.is_main_process, accelerator.process_index, accelerator.num_processes) == (True, 0, 1)
+    trainer.save_model(args.output_dir)
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert trainer.hub_model_id == "me/tiny-grpo"
+    trainer.end()

@@ -436,8 +436,30 @@ def trl_names_in_errors(given: frozenset[str] | set[str] | None) -> Iterator[Non
 
 # transformers.Trainer members TRL scripts call that the adapter lacks: named in the AttributeError, not a bare name
 TRAINER_MEMBERS_NOT_PROVIDED = frozenset({
-    "model_wrapped", "predict", "log_metrics", "save_metrics", "save_state", "create_model_card", "accelerator",
+    "model_wrapped", "predict", "log_metrics", "save_metrics", "save_state", "create_model_card",
 })  # fmt: skip
+
+
+class ProcessView:
+    """The members of accelerate's `Accelerator` that TRL's scripts use between train() and the end, on grpokit's
+    process group (`Cluster`): which process this is, printing once, waiting for the others."""
+
+    def __init__(self, cluster: Any):
+        self.cluster = cluster
+        self.process_index, self.num_processes = cluster.rank, cluster.world_size
+        self.local_process_index = cluster.local_rank
+        self.is_main_process, self.is_local_main_process = cluster.is_main, cluster.local_rank == 0
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """`print` on the main process only, as accelerate's."""
+        if self.is_local_main_process:
+            print(*args, **kwargs)
+
+    def wait_for_everyone(self) -> None:
+        import torch.distributed as dist
+
+        if self.num_processes > 1 and dist.is_initialized():
+            dist.barrier()
 
 
 class GRPOTrainer:
@@ -618,6 +640,23 @@ class GRPOTrainer:
 
     def remove_callback(self, callback: Any) -> None:
         self.callback_handler.remove_callback(callback)
+
+    @property
+    def accelerator(self) -> ProcessView:
+        """What TRL's scripts call on `trainer.accelerator` (`print`, `is_main_process`, `wait_for_everyone`, ...),
+        answered from grpokit's own process group: grpokit runs without accelerate."""
+        return ProcessView(self.trainer.cluster)
+
+    @property
+    def hub_model_id(self) -> str | None:
+        """The args' `hub_model_id` (TRL's scripts print it after push_to_hub, which grpokit refuses offline)."""
+        return getattr(self.args, "hub_model_id", None)
+
+    def end(self) -> None:
+        """transformers' `end()` (5.18+), the last call of TRL's scripts: the trackers are closed when train()
+        returns, so what is left is the process group grpokit joined under torchrun, left once every rank got
+        here (a group the script made itself is the script's to destroy)."""
+        self.trainer.cluster.close()
 
     def is_world_process_zero(self) -> bool:
         return self.trainer.cluster.is_main

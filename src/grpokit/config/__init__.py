@@ -58,7 +58,7 @@ class RunConfig:
     unused_fields: typing.ClassVar[tuple[str, ...]] = ()
 
     model: str = ""
-    """Path to a model folder in `save_pretrained` form (weights, config and tokenizer)."""
+    """The model: a folder in `save_pretrained` form (weights, config and tokenizer), a `.gguf` file or a hub id."""
     output_dir: str = "runs/run"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, plots and the final model."""
     task: str | None = None
@@ -66,7 +66,8 @@ class RunConfig:
     task_num_digits: int = 2
     """Digits per operand of the built-in `addition` task."""
     train_data: str | None = None
-    """A JSONL file or a `datasets` data set saved with `save_to_disk`, with a `prompt_column`."""
+    """The prompts: a JSONL, JSON, Parquet or CSV file, a `datasets` folder (`save_to_disk`) or a hub data set name,
+    with a `prompt_column`."""
     eval_data: str | None = None
     """Held-out rows in the same form as `train_data`; with a `task`, its held-out split is used."""
     prompt_column: str = "prompt"

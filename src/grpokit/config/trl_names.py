@@ -390,7 +390,6 @@ NO_EFFECT: dict[str, str] = {
     "do_predict": "a flag for a script's own logic; transformers' Trainer does not read it",
     "local_rank": "the rank older launchers pass on the command line; grpokit reads torchrun's environment",
     "ds3_gather_for_generation": "DeepSpeed ZeRO-3's weight gathering for generation; grpokit runs no DeepSpeed",
-    "shuffle_dataset": "grpokit always walks a seeded shuffle, reshuffled every epoch",
     "pad_to_multiple_of": "pads prompts and completions to a multiple (AWS Trainium); grpokit's forwards are packed "
     "or share prefixes",
     "cache_implementation": "the KV cache type of transformers' generate; grpokit's sampler keeps a cache of its own",
@@ -420,6 +419,8 @@ _COMPILE = "compiles the model with torch.compile; grpokit runs it uncompiled"
 _LIGER = "Liger's fused kernels (its chunked GRPO loss); grpokit computes the LM head's logprobs in chunks of its own"
 _LAUNCH = "launch under torchrun with grpokit's `distributed: fsdp` (FSDP2) or `ddp`"
 UNSUPPORTED: dict[str, str] = {
+    "shuffle_dataset": "False keeps the data set's order (a curriculum); grpokit always walks a seeded shuffle, "
+    "reshuffled every epoch",
     "optim_args": "extra arguments of the `optim` optimizer; grpokit's AdamW takes adam_beta1, adam_beta2, "
     "adam_epsilon and weight_decay",
     "optim_target_modules": "the modules GaLore / APOLLO optimize; grpokit's optimizer is AdamW (for adapters: "

@@ -447,7 +447,8 @@ def scan_prompts(
     if cut:
         warnings.append(
             f"{source}: {cut} of {len(rows)} prompts are longer than max_prompt_length = {max_length} tokens "
-            f"(longest {max(lengths)}): each keeps its last {max_length} tokens; completions.jsonl logs the cut text"
+            f"(longest {max(lengths)}): each keeps its last {max_length} tokens (raise max_prompt_length to keep them "
+            "whole); completions.jsonl logs the cut text"
         )
     if unknown:
         i, text = next(iter(unknown.items()))

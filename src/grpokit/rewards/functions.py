@@ -10,7 +10,8 @@ prompt's row is repeated for each of its G completions); `completions` are text,
 TRL's conversational form [{"role": "assistant", "content": text}]; `completion_ids` the sampled token
 ids. `columns` holds every other column of the data set, plus grpokit's extras `completion_lengths`
 (tokens), `truncated` (no EOS within max_completion_length), `raw_prompts` (= `prompts`, as before) and
-`rendered_prompts` (the text the model was given, chat template applied). TRL's three objects come too:
+`rendered_prompts` (the prompt as text, chat template applied, before any cut to `max_prompt_length`). TRL's three
+objects come too:
 `trainer_state` (the run's transformers.TrainerState: global_step, epoch, max_steps, as TRL counts them),
 `log_metric(name, value)` and `log_extra(column, values)` (`RewardLogs`). A function without **kwargs
 gets only the names it declares; one that needs a name nobody provides is an error before the run.
