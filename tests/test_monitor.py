@@ -87,30 +87,47 @@ def test_kl_drift_fires_above_its_threshold_only():
 
 
 def test_no_signal_is_said_at_step_3_when_most_groups_start_flat():
-    """75-94% of groups without reward spread all run long (a weak SFT model's run) raised nothing before: the
-    window's bar is 90% over 10 steps."""
+    """The README's `grpokit train examples/grpo_jsonl.yaml --model runs/sft/model --max-steps 12` after a 100-step
+    SFT: 50-94% of groups without reward spread, 65% over the first 3 steps, the reward flat at ~0.1, and no word
+    before (the first steps' bar was 75%, the window's more than 90% over 10 steps)."""
     monitor = SignalMonitor()
-    flat = [0.8, 0.75, 0.85, 0.94, 0.8, 0.75]
-    raised = run(monitor, 6, lambda s: {**healthy(s), "frac_reward_zero_std": flat[s - 1], "reward": 0.04})
+    flat = [0.5, 0.688, 0.75, 0.875, 0.875, 0.938, 0.812, 0.625, 0.625, 0.812, 0.75, 0.562]  # that run's, per step
+    raised = run(monitor, len(flat), lambda s: {**healthy(s), "frac_reward_zero_std": flat[s - 1], "reward": 0.105})
     assert len(raised) == 1 and raised[0].startswith(
-        "step 3: 80% of groups [frac_reward_zero_std] over the first 3 steps had the same reward for every "
-        "completion (this step's mean reward 0.04): their advantages are 0"
+        "step 3: 65% of groups [frac_reward_zero_std] over the first 3 steps had the same reward for every "
+        "completion (this step's mean reward 0.105): their advantages are 0"
     ), raised
     for change in ("num_generations", "temperature", "partial credit", "SFT first", "easier prompts"):
         assert change in raised[0], change
     assert monitor.summary() == [f"no_signal: FIRED at {raised[0]}"]
 
 
-def test_no_signal_is_quiet_on_a_healthy_run_and_on_one_whose_groups_are_solved_late():
-    """Healthy: the demo's GRPO run starts at 41%, 38%, 31% of groups flat (seed 0). Late in a run that learned, most
-    groups are flat because every completion is right (the demo reaches 74% over 3 steps near its end): the first
-    steps' bar does not apply there, so a sliding 3-step window would fail this."""
-    start = [0.74, 0.7, 0.78]  # mean 0.74: just under the first steps' bar
+@pytest.mark.parametrize(
+    "start",
+    [
+        [0.41, 0.38, 0.31],  # `grpokit demo`, seed 0
+        [0.19, 0.16, 0.16],  # `grpokit demo --pipeline`: its first GRPO run ...
+        [0.34, 0.28, 0.44],  # ... and its second
+        [0.54, 0.5, 0.58],  # mean 0.54: just under the first steps' bar
+    ],
+)
+def test_no_signal_is_quiet_on_healthy_starts_and_on_groups_solved_late(start):
+    """Late in a run that learned, most groups are flat because every completion is right (the demo reaches 74% over
+    3 steps near its end): the first steps' bar does not apply there, so a sliding 3-step window would fail this."""
     late = [0.85, 0.8, 0.9, 0.85, 0.8, 0.9, 0.85, 0.8, 0.9, 0.85] * 3  # mean 0.85: under the window's bar
     flat = start + late
     monitor = SignalMonitor()
     assert run(monitor, len(flat), lambda s: {**healthy(s), "frac_reward_zero_std": flat[s - 1]}) == []
     assert run(SignalMonitor(), 40, healthy) == []
+
+
+def test_no_signal_is_not_said_where_advantages_come_from_a_critic():
+    """PPO's advantages are the critic's (reward minus value, through GAE), not the group's: a group whose
+    completions all got one reward still has them, so "their advantages are 0, so they teach nothing" would be
+    false. PPO's monitor (`group_advantages=False`) does not say it; GRPO's does, on the same figures."""
+    every_group_flat = lambda s: {**healthy(s), "frac_reward_zero_std": 1.0}  # noqa: E731
+    assert run(SignalMonitor(group_advantages=False), 20, every_group_flat) == []
+    assert len(run(SignalMonitor(), 20, every_group_flat)) == 1
 
 
 # ---------------------------------------------------------------- in a run

@@ -184,6 +184,30 @@ def test_kl_as_reward_penalty_or_loss_term_and_no_group_figures_for_one_generati
     assert "kl_reward" not in in_loss and "frac_reward_zero_std" in in_loss
 
 
+def constant_reward(prompts, completions, **_):
+    return [1.0] * len(completions)
+
+
+def test_ppo_does_not_warn_that_groups_without_reward_spread_teach_nothing(tmp_path):
+    """Every group flat from the first step: GRPO's advantages are then 0 and it says so at step 3; PPO's come from
+    the critic (reward minus value), nonzero here, so the same warning in a PPO run (and in `grpokit compare`'s PPO
+    half) was false. The fraction is still logged."""
+    from grpokit.stages.grpo import GRPOTrainer
+
+    tokenizer = build_char_tokenizer()
+    fired = {}
+    for name, trainer_class, make_config in (("ppo", PPOTrainer, ppo_config), ("grpo", GRPOTrainer, grpo_config)):
+        cfg = make_config("unused", tmp_path / name, max_steps=3)
+        model = tiny_model(tokenizer, "llama", hidden_size=HIDDEN, seed=1)
+        trainer = trainer_class(cfg, model=model, tokenizer=tokenizer, reward_funcs=[("constant", constant_reward)])
+        trainer.train()
+        assert [r["frac_reward_zero_std"] for r in step_rows(tmp_path / name)] == [1.0] * 3
+        fired[name] = trainer.monitor.fired
+    said = fired["grpo"]["no_signal"]
+    assert said.startswith("step 3: 100% of groups") and "teach nothing" in said
+    assert "no_signal" not in fired["ppo"], fired["ppo"]
+
+
 # ---------------------------------------------------------------- config and refusals
 
 

@@ -53,6 +53,8 @@ class PPOTrainer(GRPOTrainer):
             check_model_source(config.critic_model, field="critic_model", tokenizer=False, kind="body")
         super().__init__(config, **grpo_arguments)
         cfg = self.cfg
+        # a group whose completions all got one reward still has the critic's advantages: no "teaches nothing"
+        self.monitor.group_advantages = False
         policy_weights = {id(p) for p in self.policy.model.parameters()}
         if critic is not None and (shared := sum(id(p) in policy_weights for p in critic.parameters())):
             raise ArgumentError(
