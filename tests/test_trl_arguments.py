@@ -273,3 +273,14 @@ def test_trl_args_changed_after_the_trainer_is_built_are_refused_naming_them(tmp
     with pytest.raises(ConfigError, match=r"`learning_rate` \(.* -> 0\.5\), `max_steps` \(1 -> 3\).*set them before"):
         trainer.train()
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_under_torchrun_the_per_device_batch_counts_every_process(monkeypatch):
+    """TRL's per_device_train_batch_size is per process: launched on 2 (torchrun's WORLD_SIZE), a generation batch
+    holds twice the completions, so twice the prompts per step, as in TRL."""
+    args = GRPOConfig(per_device_train_batch_size=4, num_generations=2, max_steps=1)
+    assert args.to_grpokit().prompts_per_step == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = args.to_grpokit()
+    assert (cfg.prompts_per_step, cfg.micro_batch_size, cfg.minibatch_size) == (4, 4, None)
+    assert args.to_grpokit(world_size=1).prompts_per_step == 2

@@ -60,6 +60,7 @@ from grpokit.runtime.checkpoint import (
     list_checkpoints,
     written_kind,
 )
+from grpokit.runtime.distributed import launch_world_size
 from grpokit.stages.setup import input_paths, run_directory
 
 PATH_FIELDS = frozenset({"output_dir", "logging_dir", "resume_from_checkpoint"})
@@ -98,13 +99,16 @@ class GRPOConfig:
             return self.fields[name]
         raise AttributeError(name)
 
-    def to_grpokit(self, *, num_prompts: int | None = None, world_size: int = 1) -> native.GRPOConfig:
-        """grpokit's GRPOConfig; `num_prompts` (the training set's size) turns TRL's epochs into steps.
+    def to_grpokit(self, *, num_prompts: int | None = None, world_size: int | None = None) -> native.GRPOConfig:
+        """grpokit's GRPOConfig; `num_prompts` (the training set's size) turns TRL's epochs into steps, and
+        `world_size` (None: the launch's, torchrun's WORLD_SIZE, 1 without it) multiplies TRL's per-device batch into
+        the whole step's, as TRL's processes do.
 
         TRL counts steps in optimizer steps, grpokit in generation steps (one generation batch each, trained in
         num_iterations x steps_per_generation / gradient_accumulation_steps optimizer steps): max_steps, save_steps,
         logging_steps and eval_steps are converted, rounded up to whole generation steps."""
         f = self.fields
+        world_size = launch_world_size() if world_size is None else world_size
         out: dict[str, Any] = {name: f[name] for name in SAME_NAME if f[name] is not None}
         out.update({new: f[old] for old, new in RENAMED.items()})
         out["save_total_limit"] = max(f["save_total_limit"] or 0, 0)  # TRL: None (or <= 0) keeps all, grpokit's 0

@@ -36,6 +36,11 @@ class DistributedError(ValueError):
     """A launch the run cannot split as asked (world size against the batch shape, a missing variable)."""
 
 
+def launch_world_size() -> int:
+    """The processes of this launch: torchrun's WORLD_SIZE, 1 without torchrun."""
+    return int(os.environ.get(WORLD_ENV, "1"))
+
+
 @dataclass
 class Cluster:
     """This process's rank among `world_size` and the collectives of the loop; world size 1: the identity."""
