@@ -207,3 +207,22 @@ def test_the_tail_of_trls_own_grpo_script_runs(model_path, tmp_path, capsys):
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     assert trainer.hub_model_id == "me/tiny-grpo"
     trainer.end()
+
+
+def test_a_run_stopped_on_an_evaluation_step_evaluates_that_step_once(model_path, tmp_path):
+    """A callback's stop at step 2 with an evaluation due at every step: the model of step 2 is evaluated once,
+    not again as the run's final evaluation."""
+    evaluated = []
+
+    class CountEvaluations(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            evaluated.append(state.global_step)
+
+    trainer = GRPOTrainer(
+        model=model_path, reward_funcs=reward_len, eval_dataset=TRAIN[:2], train_dataset=TRAIN,
+        args=small(tmp_path / "run", max_steps=5, save_strategy="no", eval_strategy="steps", eval_steps=1),
+        callbacks=[StopAfterTwoSteps(), CountEvaluations()],
+    )  # fmt: skip
+    trainer.train()
+    assert [row["step"] for row in trainer.trainer.eval_history] == [0, 1, 2]
+    assert evaluated == [0, 1, 2]

@@ -283,7 +283,8 @@ class GRPOTrainer:
         return StepReport(metrics, postfix, warnings, samples if due else None)
 
     def finish(self, log: RunLog | None, step: int) -> None:
-        self.evaluate(step, log=True)
+        if not self.eval_history or self.eval_history[-1]["step"] != step:  # (a hook's stop on an eval step: done)
+            self.evaluate(step, log=True)
 
     def save(self, folder: Path) -> Path:
         """What goes beside the model first (a run folder with model/ holds all the run wrote), then the model."""
