@@ -5,10 +5,10 @@ and the measured margins are more than twice as large (greedy +68 points over SF
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from grpokit.config import DemoConfig
 from grpokit.demo import run_demo
 
 
@@ -19,8 +19,10 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_demo_grpo_beats_sft_and_teacher_on_held_out_problems(tmp_path):
-    table = run_demo(DemoConfig(output_dir=str(tmp_path), progress=False))
+def test_demo_grpo_beats_sft_and_teacher_on_held_out_problems(demo_warm_start):
+    cfg, fresh = demo_warm_start
+    table = run_demo(cfg, warm=fresh())
+    tmp_path = Path(cfg.output_dir)
     teacher, sft, grpo = table["demonstrator"], table["SFT on demonstrator"], table["SFT + GRPO (gold reward)"]
     for mode in ("greedy", "sampled"):
         assert grpo[mode] >= sft[mode] + 0.25, (mode, table)
@@ -34,7 +36,7 @@ def test_demo_grpo_beats_sft_and_teacher_on_held_out_problems(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_reward_hacking_is_caught_and_gold_grpo_is_not_flagged(tmp_path):
+def test_pipeline_reward_hacking_is_caught_and_gold_grpo_is_not_flagged(demo_warm_start):
     """The pipeline demo: GRPO against the verbosity-biased reward model raises its proxy reward while gold
     accuracy falls, and the hacking monitor fires; GRPO against the gold checker improves, monitor quiet.
 
@@ -45,7 +47,9 @@ def test_pipeline_reward_hacking_is_caught_and_gold_grpo_is_not_flagged(tmp_path
     gold run's held-out greedy +55..+64 points."""
     from grpokit.demo import run_pipeline
 
-    table = run_pipeline(DemoConfig(output_dir=str(tmp_path), progress=False))
+    cfg, fresh = demo_warm_start
+    table = run_pipeline(cfg, warm=fresh())
+    tmp_path = Path(cfg.output_dir)
     hacked, gold = table["reward model"], table["gold checker"]
     assert hacked["hacking_fired"] and not gold["hacking_fired"]
     assert hacked["proxy_end"] > hacked["proxy_start"] + 1.0  # the proxy reward climbs ...

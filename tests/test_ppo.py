@@ -354,18 +354,15 @@ def test_compare_writes_both_methods_memory_breakdown_time_and_accuracy(tmp_path
 
 
 @pytest.mark.slow
-def test_ppo_learns_the_demo_task_from_the_sft_model(tmp_path):
+def test_ppo_learns_the_demo_task_from_the_sft_model(tmp_path, demo_warm_start):
     """From the demo's SFT model, PPO with one completion per prompt (the critic is the only baseline), the gold
     checker as reward and the defaults of `grpokit ppo` must gain 25 points of held-out greedy accuracy within 60
     steps of 64 prompts. Measured on this project's CPU at seeds 0 / 1 / 2 / 3: 30.7 -> 93.2%, 32.3 -> 88.7%,
     36.0 -> 65.7%, 31.2 -> 79.0% (+62, +56, +30, +48 points); the test runs seed 0, the demo's."""
-    from grpokit.config import DemoConfig
     from grpokit.demo import grpo_config as demo_grpo_config
-    from grpokit.demo import warm_start
 
-    torch.set_num_threads(2)  # (conftest's fixture restores one thread after the test) big enough for two cores
-    demo = DemoConfig(output_dir=str(tmp_path), progress=False)
-    warm = warm_start(demo, tmp_path)
+    demo, fresh = demo_warm_start  # the demo's SFT model, made once for the session
+    warm = fresh()
     base = demo_grpo_config(demo, tmp_path / "ppo")
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
     cfg = PPOConfig(**{**fields, "num_generations": 1, "prompts_per_step": 64, "max_steps": 60, "eval_every": 0,

@@ -168,10 +168,21 @@ def grpo_config(cfg: DemoConfig, output_dir: Path, **overrides: Any) -> GRPOConf
     return GRPOConfig(**{**values, **overrides})
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
+def reuse_or_warm_start(cfg: DemoConfig, out: Path, warm: WarmStart | None) -> WarmStart:
+    """`warm` when given (a warm start `warm_start` made for this config and folder, reused: the tests share one
+    SFT model across the demos), else a fresh one."""
+    if warm is None:
+        return warm_start(cfg, out)
+    if warm.folder.out.resolve() != out.resolve():
+        raise ValueError(f"the warm start given was made in {warm.folder.out}, not in this demo's {out}")
+    return warm
+
+
+def run_demo(cfg: DemoConfig, warm: WarmStart | None = None) -> dict[str, dict[str, float]]:
+    """The demo: the warm start (`warm`, else SFT now), GRPO with the gold checker, the held-out table."""
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    warm = warm_start(cfg, out)
+    warm = reuse_or_warm_start(cfg, out, warm)
     teacher = warm.task.demonstrator_accuracy(warm.eval_rows, random.Random(cfg.seed))
     table = {"demonstrator": {"greedy": teacher, "sampled": teacher}}
     # The trainer scores the held-out rows before its first step (the SFT model) and after its last.
@@ -200,13 +211,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
     return table
 
 
-def run_pipeline(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
-    """SFT -> reward model on flawed preferences -> GRPO against it (gold watched) and against gold."""
+def run_pipeline(cfg: DemoConfig, warm: WarmStart | None = None) -> dict[str, dict[str, Any]]:
+    """SFT (or the warm start `warm`) -> reward model on flawed preferences -> GRPO against it (gold watched) and
+    against gold."""
     from grpokit.stages.reward_model import reward_model_pairs, train_reward_model
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    warm = warm_start(cfg, out)
+    warm = reuse_or_warm_start(cfg, out, warm)
     max_completion_length = cfg.num_digits + 2 + cfg.extra_completion_tokens  # of both GRPO runs, EOS included
     rm_cfg = RewardModelConfig(
         model=str(warm.model_dir),
