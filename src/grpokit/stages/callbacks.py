@@ -170,14 +170,10 @@ class CallbackHooks(RunHooks):
 
     # ---------------------------------------------------------------- the loop's events
     def train_begin(self, start: int) -> None:
-        """A new TrainerState's figures (transformers makes one per train()); a resumed run's log_history holds its
-        rows so far again, read back from metrics.jsonl."""
-        state, cfg, cluster = self.state, self.trainer.cfg, self.trainer.cluster
+        """A fresh log_history (transformers makes a new TrainerState per train(); the run's schedule figures are
+        the trainer's `progress.trainer_state`); a resumed run's holds its rows so far again, from metrics.jsonl."""
+        state = self.state
         state.log_history.clear()
-        state.logging_steps = self.per_step  # every step is logged
-        state.save_steps = cfg.save_every * self.per_step or state.max_steps
-        state.eval_steps = cfg.eval_every * self.per_step or state.max_steps
-        state.is_world_process_zero, state.is_local_process_zero = cluster.is_main, cluster.local_rank == 0
         metrics_file = Path(self.trainer.run_dir.path) / "metrics.jsonl"
         if start and metrics_file.is_file():  # (rank 0's file: another rank sees it on a shared file system)
             for row in read_metrics(metrics_file):

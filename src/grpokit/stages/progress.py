@@ -28,7 +28,7 @@ def optimizer_steps_per_step(cfg: GRPOConfig) -> int:
 def trainer_state(cfg: GRPOConfig, num_prompts: int, cluster: Cluster) -> TrainerState:
     """A run's TrainerState before its first step: `max_steps` its optimizer steps, `num_train_epochs` the epochs its
     steps start over `num_prompts` training prompts, logging every generation step, saving and evaluating every
-    `save_every` / `eval_every` (the trainer's callbacks, `stages.callbacks`, set these again at each train())."""
+    `save_every` / `eval_every` (what callbacks read, `stages.callbacks`)."""
     per_step = optimizer_steps_per_step(cfg)
     return TrainerState(
         max_steps=cfg.max_steps * per_step,
