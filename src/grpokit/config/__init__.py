@@ -337,7 +337,49 @@ class VLLMFields:
 
 
 @dataclass
-class GRPOConfig(VLLMFields, RunConfig):
+class EnvironmentFields:
+    """The fields of multi-turn rollouts (an environment per row, tools), shared by training and `grpokit eval`."""
+
+    environment: str | None = None
+    """`package.module:factory`: a class or function called with no arguments once per rollout row, giving that row's
+    environment: `reset(**columns)` -> an observation or None, and either `step(text)` -> (observation or None,
+    reward, done) after each model turn, or public methods that are tools (TRL's `environment_factory`); its
+    `reward()` / `get_reward()`, when it has one, becomes a reward column named after its class
+    (docs/environments.md)."""
+    tools: list[str] = field(default_factory=list)
+    """Tools the model may call: built-in `calc` (integer arithmetic), or `package.module:function` (a typed Python
+    function with a docstring); called as the model writes them (`tool_format`), their output inserted, not trained."""
+    tool_format: Literal["tags"] = "tags"
+    """How a tool call is written: `tags`: `<NAME>ARGUMENT</NAME>`, the turn stops at the closing tag, the output
+    comes back as `<result>OUTPUT</result>` (any template, tiny models)."""
+    max_turns: int = 8
+    """Model turns per rollout row with an environment or tools (the environment scores the last one too)."""
+    max_tool_output_tokens: int = 256
+    """A tool's output (an observation) is cut to this many tokens before it is inserted."""
+    tool_timeout: float | None = 10.0
+    """Seconds a tool call may take (an environment's `step` without tools likewise); past it the model reads that it
+    timed out, and the count is logged. Empty: no limit."""
+    mask_inserted_tokens: bool = True
+    """The loss trains only on the tokens the model sampled; false also trains on what tools and the environment
+    inserted (a control run showing why the mask matters)."""
+
+    def uses_environment(self) -> bool:
+        return self.environment is not None or bool(self.tools)
+
+    def validate_environment(self) -> None:
+        _require(self.max_turns >= 1, "max_turns", f"must be >= 1, got {self.max_turns}")
+        _require(self.max_tool_output_tokens >= 1, "max_tool_output_tokens", "must be >= 1")
+        _require(
+            self.tool_timeout is None or self.tool_timeout > 0,
+            "tool_timeout",
+            f"must be > 0 seconds or empty (no limit), got {self.tool_timeout}",
+        )
+        for name in self.tools:
+            _require(isinstance(name, str) and name != "", "tools", f"holds {name!r}: give tool names")
+
+
+@dataclass
+class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     """`grpokit train`: GRPO against reward functions (Shao et al. 2024, DeepSeekMath)."""
 
     output_dir: str = "runs/grpo"
@@ -535,6 +577,7 @@ class GRPOConfig(VLLMFields, RunConfig):
             "is true but beta = 0: there is no KL term to weigh (it would do nothing)",
         )
         self.validate_vllm()
+        self.validate_environment()
         for name in ("temperature", "eval_temperature"):
             _require(
                 not self.use_vllm or getattr(self, name) <= 2,
@@ -857,12 +900,14 @@ class EvalFields:
 
 
 @dataclass
-class EvalConfig(VLLMFields, EvalFields):
-    """`grpokit eval`: held-out accuracy of a model on a task, greedy and sampled (`use_vllm`: through vLLM)."""
+class EvalConfig(EnvironmentFields, VLLMFields, EvalFields):
+    """`grpokit eval`: held-out accuracy of a model on a task, greedy and sampled (`use_vllm`: through vLLM; with an
+    `environment` or `tools`: multi-turn)."""
 
     def validate(self) -> None:
         super().validate()
         self.validate_vllm()
+        self.validate_environment()
 
 
 @dataclass

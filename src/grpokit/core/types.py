@@ -13,6 +13,26 @@ from typing import Any
 import torch
 
 
+@dataclass
+class Episode:
+    """One row of a multi-turn rollout: what happened between the model and its environment, in order.
+
+    `pieces` is the completion as it was written, ("model", text) for a turn the model sampled and ("inserted", text)
+    for what the environment put between turns (a tool's output, an observation, template glue); their tokens are
+    the row's completion ids, never re-encoded from these texts."""
+
+    environment: Any  # the row's own environment instance (made for this row, reset with its columns)
+    pieces: list[tuple[str, str]]  # ("model" | "inserted", decoded text), in order
+    num_turns: int = 0  # model turns sampled
+    tool_calls: list[dict[str, Any]] | None = None  # {"name", "arguments", "result" | "error"} per call, in order
+    step_rewards: list[float] | None = None  # the environment's step() reward after each model turn
+    done: bool = False  # the environment said done (False: max_turns or the token budget ended the row)
+    ended_by: str = ""  # "done" | "max_turns" | "length" (the token budget) | "overflow" (an observation did not fit)
+    tool_errors: int = 0  # tool calls that raised (their error went back to the model as text)
+    tool_timeouts: int = 0  # tool calls past their timeout (said to the model as text)
+    observations_cut: int = 0  # observations cut to max_tool_output_tokens
+
+
 @dataclass(frozen=True)
 class Rollout:
     """What the sampler returns for one generation batch of N = prompts x G rows, row p*G + g the g-th completion of
@@ -41,6 +61,9 @@ class Rollout:
     # `completion_mask`) and not trained (0 here, sampling_logp 0); the forward reads `completion_mask`, every
     # loss, count and figure reads `trained_mask`.
     loss_mask: torch.Tensor | None = None
+    # (N,) one Episode per row for a multi-turn rollout (`rollout.multiturn`): its environment, turns, tool calls and
+    # step rewards, what the reward functions see; None for a single-turn sampler.
+    episodes: tuple[Episode, ...] | None = None
 
     @property
     def num_sequences(self) -> int:

@@ -80,6 +80,10 @@ class RewardError(RuntimeError):
 REWARD_INPUTS = RESERVED_COLUMNS
 # Of those, the objects TRL passes beside the data (`score` adds them to each call, never copied)
 CONTRACT_INPUTS = ("trainer_state", "log_metric", "log_extra")
+# What a multi-turn rollout (an environment per row) adds: the rows' environment instances (passed as they are, not
+# copied: a reward reads their state), model turns, tool calls ({"name", "arguments", "result" | "error"}) and the
+# environment's step rewards
+EPISODE_INPUTS = ("environments", "num_turns", "tool_calls", "step_rewards")
 # The columns of a logged completion (`GRPOTrainer.figures`): a `log_extra` column may not replace one
 SAMPLE_COLUMNS = frozenset({"step", "prompt", "completion", "reward", "advantage"})
 # Metric prefixes grpokit's own figures use outside a step's reward figures (held-out rows, monitors)
@@ -217,11 +221,15 @@ def reward_inputs(
     prompts = [row[prompt_column] for row in rows for _ in range(G)]
     lengths = rollout.completion_mask.sum(-1).tolist()  # (N,)
     columns = {key: [row[key] for row in rows for _ in range(G)] for key in rows[0] if key != prompt_column}
+    episodes = getattr(rollout, "episodes", None)
+    if episodes is not None:  # the whole transcript: the model's turns and what was inserted between them
+        columns.update(episode_inputs(episodes))
     return {
         **columns,
         "prompts": prompts,
         "completions": [
-            c if isinstance(p, str) else [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)
+            c if isinstance(p, str) else conversation(c, None if episodes is None else episodes[i])
+            for i, (p, c) in enumerate(zip(prompts, completions))
         ],
         "completion_ids": [ids[:n] for ids, n in zip(rollout.completion_ids.tolist(), lengths)],
         "completion_lengths": lengths,
@@ -229,6 +237,24 @@ def reward_inputs(
         "raw_prompts": prompts,
         "rendered_prompts": [p for p in rendered for _ in range(G)],
     }
+
+
+def episode_inputs(episodes: Sequence[Any]) -> dict[str, list[Any]]:
+    """The keywords a multi-turn rollout's rewards get beside the columns (`EPISODE_INPUTS`), one per row."""
+    return {
+        "environments": [e.environment for e in episodes],
+        "num_turns": [e.num_turns for e in episodes],
+        "tool_calls": [list(e.tool_calls or []) for e in episodes],
+        "step_rewards": [list(e.step_rewards or []) for e in episodes],
+    }
+
+
+def conversation(completion: str, episode: Any) -> list[dict[str, str]]:
+    """A chat prompt's completion in TRL's message form: one assistant message, or for a multi-turn row its
+    turns in order, the model's as assistant messages and what was inserted between them as tool messages."""
+    if episode is None:
+        return [{"role": "assistant", "content": completion}]
+    return [{"role": "assistant" if kind == "model" else "tool", "content": text} for kind, text in episode.pieces]
 
 
 def accepted_inputs(name: str, fn: RewardFn, available: Sequence[str]) -> set[str] | None:
@@ -305,11 +331,12 @@ def overlong_reward(max_completion_length: int, buffer: int) -> RewardFn:
     return overlong
 
 
-def import_reward(spec: str) -> RewardFn:
-    """`package.module:function` -> the function (a custom reward named in a YAML config)."""
+def import_reward(spec: str, kind: str = "reward function") -> RewardFn:
+    """`package.module:function` -> the function (a custom reward named in a YAML config; `kind` says what else it
+    is in the errors: a tool, an environment)."""
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise ValueError(f"reward function {spec!r}: expected a built-in name or `package.module:function`")
+        raise ValueError(f"{kind} {spec!r}: expected a built-in name or `package.module:function`")
     if os.getcwd() not in sys.path and "" not in sys.path:
         # `python -m` puts the working folder on the path and the `grpokit` script does not: a reward module
         # next to the config imports either way (appended: it never shadows an installed package)
@@ -317,19 +344,17 @@ def import_reward(spec: str) -> RewardFn:
     try:
         module = importlib.import_module(module_name)
     except SyntaxError as err:
-        raise ValueError(
-            f"reward function {spec!r} could not be imported: {err.msg} at {err.filename}:{err.lineno}"
-        ) from None
+        raise ValueError(f"{kind} {spec!r} could not be imported: {err.msg} at {err.filename}:{err.lineno}") from None
     except Exception as err:  # ImportError, or whatever the module raises while it imports
-        raise ValueError(f"reward function {spec!r} could not be imported: {type(err).__name__}: {err}") from err
+        raise ValueError(f"{kind} {spec!r} could not be imported: {type(err).__name__}: {err}") from err
     if not hasattr(module, attr):
         raise ValueError(
-            f"reward function {spec!r} could not be imported: the module {module_name!r} that Python imported, "
+            f"{kind} {spec!r} could not be imported: the module {module_name!r} that Python imported, "
             f"{getattr(module, '__file__', None) or '(built in)'}, has no attribute {attr!r}{_shadowing(module)}"
         )
     fn = getattr(module, attr)
     if not callable(fn):
-        raise ValueError(f"reward function {spec!r} is not callable")
+        raise ValueError(f"{kind} {spec!r} is not callable")
     return fn
 
 
@@ -763,7 +788,11 @@ def score(
             # messages, list columns): one that edits its inputs in place cannot feed the next one, or the log, its
             # edits. TRL's objects are passed as they are (a state and two functions, not data)
             memo: dict[int, Any] = {}  # one per call: a row shared by several completions is copied once
-            kwargs = {key: private_copy(v, memo) for key, v in inputs.items() if accepted is None or key in accepted}
+            kwargs = {
+                key: v if key == "environments" else private_copy(v, memo)  # (the live instances: their state)
+                for key, v in inputs.items()
+                if accepted is None or key in accepted
+            }
             kwargs.update(_contract(name, accepted, state, logs))
             values = guarded_call(name, warned_cwd, lambda: call_with_timeout(name, fn, timeout, **kwargs))  # noqa: B023
             if inspect.isawaitable(values):
@@ -1021,12 +1050,16 @@ def reward_set(
     train_rows: list[dict[str, Any]],
     eval_rows: list[dict[str, Any]] | None = None,
     state: Any = None,
+    episodes: bool = False,
+    extra: Sequence[tuple[str, RewardFn]] = (),
 ) -> RewardSet:
     """The reward functions `funcs` handed in, else those `names` names, with their `weights` (None: 1 each) and the
     `gold_reward` watched beside them; `build(names, field=...)` turns names into (name, function) pairs
     (`build_reward_funcs` with the run's settings; `field` the config field that named them). Checks that the rows
     (training and held-out: their answers, their image columns) carry what they need, before any policy model
-    loads. `state`: the run's TrainerState, what the functions get as `trainer_state`."""
+    loads. `state`: the run's TrainerState, what the functions get as `trainer_state`. `episodes`: the rollouts are
+    multi-turn (the functions may take `EPISODE_INPUTS`); `extra`: reward columns of the environment, after the
+    others, weight 1 each (as TRL adds an environment's `get_reward`)."""
     funcs = named_reward_funcs(funcs, build) if funcs is not None else build(names)
     try:
         gold = build([gold_reward], field="gold_reward") if gold_reward else []
@@ -1035,12 +1068,21 @@ def reward_set(
     weights = weights or [1.0] * len(funcs)
     if len(weights) != len(funcs):
         raise ConfigError(f"config field `reward_weights` has {len(weights)} entries for {len(funcs)} reward functions")
+    funcs, weights = [*funcs, *extra], [*weights, *[1.0] * len(extra)]
     gold_checked = "accuracy" in [name for name, _ in funcs + gold]
     if gold_checked:
         check_columns(train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
         check_answers(train_rows, "train data (the `accuracy` reward compares its `answer`)")
     check_eval_answers(eval_rows or [], gold_reward_used=gold_checked)
     available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != prompt_column)]
+    if episodes:
+        shadowed = [c for c in EPISODE_INPUTS if c in train_rows[0]]
+        if shadowed:
+            raise DataError(
+                f"train data has a column {shadowed[0]!r}, a name a multi-turn run passes its reward functions "
+                f"({', '.join(EPISODE_INPUTS)}): rename the column"
+            )
+        available += EPISODE_INPUTS
     asked: set[str] = set()  # the names reward functions ask for in their signatures (not through **kwargs)
     for name, fn in funcs + gold:
         accepted_inputs(name, fn, available)  # a signature grpokit cannot call fails now, not at step 1

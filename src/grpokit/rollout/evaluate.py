@@ -25,6 +25,7 @@ def sample_batches(
     batch_size: int = 256,
     max_prompt_length: int = 256,
     chat_template_kwargs: dict[str, Any] | None = None,
+    rows: list[dict[str, Any]] | None = None,
 ):
     """One completion per prompt (temperature 0: greedy), `batch_size` prompts at a time (chat prompts rendered
     with `chat_template_kwargs`); yields (start, the batch's EncodedPrompts, its Rollout, its texts decoded without
@@ -35,7 +36,10 @@ def sample_batches(
         batch = prompts[start : start + batch_size]
         encoded = encode_prompts(tokenizer, batch, max_prompt_length, chat_template_kwargs)
         seeds = prompt_seeds(seed, EVAL_STEP, list(range(start, start + len(encoded.ids))))  # by place: any batch size
-        rollout = call_generate(sampler, encoded.ids, num_generations=1, params=params, seeds=seeds)  # (its errors:
+        batch_rows = None if rows is None else rows[start : start + batch_size]  # (a multi-turn sampler's columns)
+        rollout = call_generate(
+            sampler, encoded.ids, batch_rows, num_generations=1, params=params, seeds=seeds
+        )  # (errors:
         # a SamplerError naming the sampler, as in training)
         check_rollout(rollout, sampler, rows=len(encoded.ids), prompts=encoded.ids)
         yield start, encoded, rollout, decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
@@ -107,12 +111,20 @@ def heldout_eval(
     `rewards.state` as `trainer_state`. {} without rows."""
     prompt_column = settings.prompt_column
     from grpokit.core import algo
-    from grpokit.rewards.functions import REWARD_INPUTS, RewardError, RewardLogs, accepted_inputs, reward_inputs, score
+    from grpokit.rewards.functions import (
+        EPISODE_INPUTS,
+        REWARD_INPUTS,
+        RewardError,
+        RewardLogs,
+        accepted_inputs,
+        reward_inputs,
+        score,
+    )
 
     if not rows:
         return {}
     funcs, skipped = [], []
-    available = [*rows[0], *REWARD_INPUTS]
+    available = [*rows[0], *REWARD_INPUTS, *(EPISODE_INPUTS if getattr(sampler, "takes_rows", False) else ())]
     for k, (name, fn) in enumerate(rewards.funcs if rewards is not None else []):
         try:
             accepted_inputs(name, fn, available)
@@ -134,6 +146,7 @@ def heldout_eval(
             batch_size=batch_size,
             max_prompt_length=settings.max_prompt_length,
             chat_template_kwargs=settings.chat_template_kwargs,
+            rows=rows,
         )
         for start, prompts, rollout, batch_texts in batches:
             texts += batch_texts

@@ -79,7 +79,7 @@ def check_rollout(
     token ids the trainer indexes with, and (given `prompts`, the token ids it was asked to continue) whose row
     p*G + g holds prompt p under its `prompt_mask`; otherwise a SamplerError naming the sampler. Shapes and dtypes
     cost nothing; the id range is two reductions over (N, Tc) and the prompts one look per row, once per
-    generation batch."""
+    generation batch. Its sampling logprobs of real tokens are numbers (else a NumericsError: the weights broke)."""
     where = f"`sampler` ({type(sampler).__name__}).generate returned"
     if not isinstance(rollout, Rollout):
         raise SamplerError(f"{where} {kind_of(rollout)}; expected a grpokit.core.types.Rollout")
@@ -135,6 +135,14 @@ def check_rollout(
             f"{where} completion ids from {int(ids.min())} to {int(ids.max())}; token ids are >= 0{bound}. "
             "Does the sampler use another model's tokenizer?"
         )
+    if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
+        from grpokit.model.policy import NumericsError
+
+        own = type(sampler) is KVCacheSampler  # (a subclass may change what it returns)
+        source = "the policy's" if own else f"`sampler` ({type(sampler).__name__})'s"
+        raise NumericsError(
+            f"{source} logprobs in the rollout are NaN or inf: the weights it sampled with no longer give numbers"
+        )
     if prompts is not None:
         group = rows // len(prompts)
         if rollout.group_size != group:
@@ -151,9 +159,12 @@ def check_rollout(
                 )
 
 
-def call_generate(sampler: Any, prompt_ids: list[list[int]], **kwargs: Any) -> Any:
-    """`sampler.generate(prompt_ids, **kwargs)`; what it raises (an engine that died) is a SamplerError naming the
+def call_generate(sampler: Any, prompt_ids: list[list[int]], rows: list[Any] | None = None, **kwargs: Any) -> Any:
+    """`sampler.generate(prompt_ids, **kwargs)`, with the prompts' data `rows` for a sampler that `takes_rows` (a
+    multi-turn one: they reset its environments); what it raises (an engine that died) is a SamplerError naming the
     sampler, which the run turns into a stop naming the step and its last checkpoint."""
+    if rows is not None and getattr(sampler, "takes_rows", False):
+        kwargs["rows"] = rows
     try:
         return sampler.generate(prompt_ids, **kwargs)
     except SamplerError:

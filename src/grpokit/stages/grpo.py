@@ -29,12 +29,12 @@ from grpokit.core.types import Rollout, StepBatch, TrainResult
 from grpokit.data.rows import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.data.tasks import get_task
 from grpokit.model.loading import check_context_length, load_model
-from grpokit.model.policy import NumericsError
 from grpokit.model.saving import resume_policy, save_trained, write_policy_checkpoint
 from grpokit.report.monitor import SignalMonitor, group_diversity
 from grpokit.report.runlog import RunLog, plot_curves, read_metrics
 from grpokit.rewards.functions import RewardFn, exact_match, reward_inputs
 from grpokit.rollout.evaluate import decode_completions, heldout_eval, require_heldout_rows
+from grpokit.rollout.multiturn import episode_figures, rollout_counts
 from grpokit.rollout.sampler import KVCacheSampler, Sampler, call_generate, check_rollout, prompt_seeds, push_weights
 from grpokit.runtime import machine
 from grpokit.runtime.checkpoint import RunDirectory
@@ -64,12 +64,14 @@ class GRPOTrainer:
         train_dataset: Any = None,
         eval_dataset: Any = None,
         sampler: Sampler | None = None,
+        tools: list[Any] | None = None,
+        environment_factory: Any = None,
     ):
         """`config` is a GRPOConfig (or its YAML file's path, or a dict of its fields). `model` (a path, a hub id or a
         model object), `tokenizer`, `reward_funcs` (a function, a list of them, (name, fn) pairs or names),
         `train_dataset` / `eval_dataset` (a `datasets.Dataset`, a list of dicts or a path) and `sampler` replace what
-        the config would load or build; their types are checked first (`python_arguments`). The config saved with
-        the run records what ran (the model's name, the reward functions)."""
+        the config would load or build (`tools`, `environment_factory`: its `tools`, `environment`); their types are
+        checked first (`python_arguments`). The config saved with the run records what ran (model, rewards, tools)."""
         args = python_arguments(
             type(self).__name__, self.config_class, config, model=model, tokenizer=tokenizer, reward_funcs=reward_funcs,
             sampler=sampler, datasets={"train_dataset": train_dataset, "eval_dataset": eval_dataset},
@@ -90,7 +92,9 @@ class GRPOTrainer:
         source = cfg.eval_data is not None or eval_dataset is not None or self.task is not None  # (cut to 0?)
         require_heldout_rows(cfg.eval_every, self.eval_rows, cfg.num_eval_prompts if source else None)
         self.state = trainer_state(cfg, len(self.train_rows), self.cluster)  # TRL's: what rewards (and callbacks) see
-        self.rewards = grpo_rewards(cfg, self.task, reward_funcs, self.train_rows, self.eval_rows, self.state)
+        self.make_environment = run_setup.environments(cfg, tools, environment_factory)  # (None: single-turn)
+        self.rewards = grpo_rewards(cfg, self.task, reward_funcs, self.train_rows, self.eval_rows, self.state,
+                                    self.make_environment)  # fmt: skip
         self.run_dir, self.tokenizer = setup.open(
             model=model, tokenizer=tokenizer, train_data=self.train_rows, eval_data=self.eval_rows
         )
@@ -118,7 +122,7 @@ class GRPOTrainer:
         self.vocab_size = policy.model.get_input_embeddings().num_embeddings  # a sampled id must have an embedding
         self.sampler, self.correction = grpo_sampler(  # (the correction: for another engine's logprobs)
             cfg, self.tokenizer, dtype, policy.sampler_weights(), sampler, device=self.device, model_given=args.model,
-            longest_row=longest_prompt + cfg.max_completion_length,
+            longest_row=longest_prompt + cfg.max_completion_length, make_environment=self.make_environment,
         )  # fmt: skip
         self.sampling = sampling_params(cfg)
         self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_seeds`)
@@ -158,13 +162,8 @@ class GRPOTrainer:
         texts, template = [r[cfg.prompt_column] for r in rows], cfg.chat_template_kwargs
         prompts = encode_prompts(self.tokenizer, texts, cfg.max_prompt_length, template)
         seeds = prompt_seeds(cfg.seed, self.steps_taken, list(mine))
-        rollout = call_generate(self.sampler, prompts.ids, num_generations=G, params=self.sampling, seeds=seeds)
+        rollout = call_generate(self.sampler, prompts.ids, rows, num_generations=G, params=self.sampling, seeds=seeds)
         check_rollout(rollout, self.sampler, rows=len(rows) * G, vocab_size=self.vocab_size, prompts=prompts.ids)
-        if not bool(rollout.sampling_logp[rollout.completion_mask.bool()].isfinite().all()):
-            own = type(self.sampler) is KVCacheSampler  # (a subclass may change what it returns)
-            source = "the policy's" if own else f"`sampler` ({type(self.sampler).__name__})'s"
-            raise NumericsError(f"{source} logprobs in the rollout are NaN or inf: the weights it sampled with no "
-                                "longer give numbers")  # fmt: skip
         t_rollout = time.perf_counter()
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
         inputs = reward_inputs(rows, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
@@ -198,7 +197,7 @@ class GRPOTrainer:
             "completions/mean_length": lengths.float().mean().item(),
             "completions/clipped_ratio": truncated.float().mean().item(),
             "completions/clipped_count": float(truncated.sum()),
-            "prompts_truncated": cluster.sum({"cut": float(batch.prompts.cut)})["cut"],
+            **episode_figures(cluster.sum(rollout_counts(rollout.episodes, batch.prompts.cut))),  # (multi-turn too)
             **stats,
             **dict(zip(("time/rollout", "time/reward", "time/reference", "time/update", "time/step"), times)),
             "tokens_per_s": float(lengths.sum()) / times[-1],

@@ -24,11 +24,13 @@ from typing import Any
 import torch
 
 from grpokit.config import GRPOConfig, RunConfig
+from grpokit.core.types import ConfigError
 from grpokit.model.loading import check_model_source, is_hub_id, resolve_device, resolve_dtype, stage_tokenizer
 from grpokit.model.optim import OptimizerSettings
 from grpokit.model.policy import Policy
 from grpokit.model.weights import PolicyWeights
 from grpokit.rewards.functions import RewardSet, build_reward_funcs, reward_set
+from grpokit.rollout.environments import environment_rewards
 from grpokit.rollout.evaluate import HeldoutSettings
 from grpokit.rollout.sampler import KVCacheSampler, Sampler, SamplingParams, push_weights
 from grpokit.runtime.checkpoint import (
@@ -223,16 +225,54 @@ def run_sampler(tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, samp
 
 def grpo_sampler(
     cfg: GRPOConfig, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, sampler: Any, *,
-    device: torch.device, model_given: Any, longest_row: int,
+    device: torch.device, model_given: Any, longest_row: int, make_environment: Any = None,
 ) -> tuple[Sampler, SamplerCorrection | None]:  # fmt: skip
     """A GRPO run's sampler (`sampler` handed in, else vLLM's with `use_vllm`, else the in-process one) holding
     `weights`, and the engine-vs-trainer correction its update applies (`sampler_correction`). `longest_row`: the
-    longest prompt plus max_completion_length, which an engine's context must hold."""
+    longest prompt plus max_completion_length, which an engine's context must hold. With `make_environment` (the
+    run's `environments`) it draws multi-turn rollouts through that sampler."""
     if cfg.use_vllm and sampler is None:
         sampler = vllm_sampler(cfg, tokenizer, dtype, weights, device=device, model_given=model_given is not None,
                                longest_row=longest_row)  # fmt: skip
-    sampler = run_sampler(tokenizer, dtype, weights, sampler)
+    sampler = multi_turn(cfg, tokenizer, run_sampler(tokenizer, dtype, weights, sampler), make_environment)
     return sampler, sampler_correction(cfg, sampler)
+
+
+def environments(cfg: Any, tools: Any = None, factory: Any = None) -> Any:
+    """What makes each rollout row's environment (`rollout.environments.environment_maker`) from the config's
+    `environment` and `tools`, or the `tools` / `environment_factory` handed to the trainer (which replace them and
+    are recorded into the config by name, as reward functions are); None for a single-turn run."""
+    from grpokit.rewards.functions import import_reward
+    from grpokit.rollout.environments import environment_maker, resolve_tools
+
+    def load(spec: str, field: str) -> Any:
+        try:
+            return import_reward(spec, kind=field.rstrip("s"))
+        except ValueError as err:
+            raise ConfigError(f"config field `{field}`: {err}") from None
+
+    if factory is None and cfg.environment is not None:
+        factory = load(cfg.environment, "environment")
+    elif factory is not None:
+        cfg.environment = _spec(factory)
+    made = resolve_tools(cfg.tools if tools is None else list(tools), lambda spec: load(spec, "tools"))
+    if tools is not None:
+        cfg.tools = [_spec(tool) for tool in made]
+    return environment_maker(made, factory, tool_format=cfg.tool_format, timeout=cfg.tool_timeout)
+
+
+def _spec(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def multi_turn(cfg: Any, tokenizer: Any, sampler: Sampler, make_environment: Any) -> Sampler:
+    """`sampler` drawing multi-turn rollouts (`rollout.multiturn.MultiTurnSampler`) when the run has environments."""
+    if make_environment is None:
+        return sampler
+    from grpokit.rollout.multiturn import MultiTurnSampler, TurnLimits
+
+    limits = TurnLimits(cfg.max_turns, cfg.max_tool_output_tokens, cfg.tool_timeout, cfg.mask_inserted_tokens)
+    return MultiTurnSampler(sampler, tokenizer, make_environment, limits)
 
 
 def vllm_sampler(cfg: Any, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, *, device: torch.device,
@@ -385,6 +425,7 @@ def grpo_rewards(
     train_rows: list[dict[str, Any]],
     eval_rows: list[dict[str, Any]],
     state: Any = None,
+    make_environment: Any = None,
 ) -> RewardSet:
     """The run's weighted reward functions (`rewards.RewardSet`): those passed in (`reward_funcs`), else the config's
     names built here, checked against the rows; they get the run's TrainerState `state` as `trainer_state`.
@@ -398,6 +439,7 @@ def grpo_rewards(
     rewards = reward_set(
         reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
         prompt_column=cfg.prompt_column, train_rows=train_rows, eval_rows=eval_rows, state=state,
+        episodes=make_environment is not None, extra=environment_rewards(make_environment) if make_environment else (),
     )  # fmt: skip
     if reward_funcs is not None:
         cfg.reward_funcs = rewards.specs()
