@@ -1,0 +1,95 @@
+"""`grpokit demo --tools`, small: SFT on the calculator demonstrator, GRPO raising the calculator's use and the
+held-out accuracy, and the control run that trains on the calculator's output tokens.
+
+The small version: 3-digit operands, a 64-wide model, 200 SFT steps at a high rate, 12 GRPO steps. The demonstrator
+calls the calculator in half its rows and otherwise guesses with every carry forgotten (always wrong: each operand
+starts with 5 or more, so the sum always carries out), so the SFT model calls in about half its samples, and only a
+call can be rewarded."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from grpokit.config import ConfigError, DemoConfig
+from grpokit.data.tasks import ToolAdditionTask
+from grpokit.data.tasks.tool_arithmetic import count_tool_calls, final_answer
+from grpokit.demo_tools import run_tools_demo
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Overrides conftest's: the demos pin their own thread count (DemoConfig.num_threads)."""
+    yield
+
+
+def small_config(folder: Path) -> DemoConfig:
+    return DemoConfig(
+        output_dir=str(folder),
+        tools=True,
+        hidden_size=64,
+        tools_num_digits=3,
+        tool_rate=0.5,
+        tools_forget_carry=1.0,
+        sft_examples=5000,
+        tools_sft_steps=200,
+        sft_learning_rate=6e-3,
+        tools_grpo_steps=12,
+        tools_prompts_per_step=8,
+        num_generations=8,
+        num_eval_prompts=100,
+        progress=False,
+    )
+
+
+def test_tool_task_reads_the_answer_after_the_last_result():
+    task = ToolAdditionTask(num_digits=3, forget_carry=1.0, tool_rate=1.0)
+    row = task.rows(1, seed=0)[0]
+    demo = task.demonstrate(row, rng=random.Random(0))
+    assert demo == task.tool_transcript(row["prompt"]) and len(demo) == task.max_completion_chars
+    assert task.is_correct(demo, row["answer"]) and count_tool_calls(demo) == 1
+    # the answer is what follows the result: a right result followed by a wrong answer is wrong
+    assert not task.is_correct(demo[: -len(row["answer"])] + "000", row["answer"])
+    assert final_answer("<calc>1+2</calc><result>3</result>3") == "3"
+    assert task.is_correct(row["answer"], row["answer"])  # no call: the whole text is the answer
+    guess = ToolAdditionTask(num_digits=3, forget_carry=1.0, tool_rate=0.0).demonstrate(row, random.Random(0))
+    assert not task.is_correct(guess, row["answer"])  # every carry forgotten: always wrong here
+    a, b = (int(x) for x in row["prompt"].removesuffix("=").split("+"))
+    assert min(a, b) >= 500 and len(row["answer"]) == 4
+
+
+def test_demo_tools_config_refuses_two_demos_at_once():
+    with pytest.raises(ConfigError, match="tools"):
+        DemoConfig(tools=True, pipeline=True).validate()
+    with pytest.raises(ConfigError, match="tool_rate"):
+        DemoConfig(tools=True, tool_rate=1.5).validate()
+
+
+@pytest.mark.slow
+def test_grpo_raises_tool_use_and_accuracy_and_the_control_trains_on_the_tool_output(tmp_path):
+    table = run_tools_demo(small_config(tmp_path))
+    sft, grpo = table["SFT on demonstrator"], table["SFT + GRPO"]
+    assert 0.2 <= sft["calls_sampled"] <= 0.8, table  # SFT copied both habits
+    assert grpo["calls_sampled"] >= sft["calls_sampled"] + 0.25, table
+    assert grpo["accuracy_greedy"] >= sft["accuracy_greedy"] + 0.25, table
+    assert grpo["accuracy_sampled"] >= sft["accuracy_sampled"] + 0.2, table
+
+    # Both GRPO runs start from the same SFT model with the same seed: their first rollouts are the same, and they
+    # differ in what is trained: the control also trains on each call's <result>...</result> (17 tag tokens + the sum)
+    def first_step(run: str) -> dict:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        return next(r for r in rows if "reward" in r)
+
+    masked, control = first_step("grpo"), first_step("grpo_unmasked")
+    assert masked["reward"] == control["reward"] and masked["tools/rows_with_calls"] == control["tools/rows_with_calls"]
+    calls = masked["tools/call_frequency"]
+    assert calls > 0.2
+    inserted = control["completions/mean_length"] - masked["completions/mean_length"]  # trained tokens per row
+    assert inserted >= calls * (len("<result></result>") + 1), (inserted, calls)
+
+    record = json.loads((tmp_path / "tools_table.json").read_text())
+    assert record["table"] == table and record["config"]["tools_num_digits"] == 3
+    assert (tmp_path / "tools.png").stat().st_size > 10_000
