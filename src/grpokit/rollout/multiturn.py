@@ -140,6 +140,8 @@ class MultiTurnSampler:
                 row.episode.num_turns += 1
                 if cut or truncated:
                     row.live, row.truncated, row.episode.ended_by = False, True, "length"
+                elif not self._closes(ids):  # (chat: a stop string ended it, not its end token: left as it is)
+                    row.live, row.episode.ended_by = False, "stop"
                 else:
                     stepping.append(row)
             self._step(stepping, turn, budget)
@@ -153,13 +155,13 @@ class MultiTurnSampler:
             observation = environment.reset(**columns)
         except Exception as err:
             raise EnvironmentFailure(
-                f"the environment ({type(environment).__name__}).reset raised {type(err).__name__}: {err} (prompt {p})"
+                f"the environment ({_kind(environment)}).reset raised {type(err).__name__}: {err} (prompt {p})"
             ) from err
         if observation is not None:
-            ids = self._encode(environment, observation, p)
+            ids = self._encode(environment, observation, p, reset=True)
             if len(ids) >= budget:
                 raise EnvironmentFailure(
-                    f"the environment ({type(environment).__name__}).reset of prompt {p} returned an observation of "
+                    f"the environment ({_kind(environment)}).reset of prompt {p} returned an observation of "
                     f"{len(ids)} tokens, which leaves no room for the model in max_completion_length = {budget}"
                 )
             self._insert(row, ids)
@@ -199,7 +201,7 @@ class MultiTurnSampler:
             [None if getattr(row.environment, "manages_timeouts", False) else self.limits.step_timeout for row in rows],
         )
         for row, (status, value) in zip(rows, answers):
-            name = type(row.environment).__name__
+            name = _kind(row.environment)
             if status == "timeout":
                 row.episode.tool_timeouts += 1
                 row.live, row.episode.ended_by = False, "timeout"
@@ -226,12 +228,17 @@ class MultiTurnSampler:
                 continue
             self._insert(row, ids)
 
-    def _encode(self, environment: Any, observation: Any, p: int) -> list[int]:
+    def _closes(self, ids: list[int]) -> bool:
+        closes = getattr(self.insertion, "closes_turn", None)
+        return closes is None or closes(ids)
+
+    def _encode(self, environment: Any, observation: Any, p: int, reset: bool = False) -> list[int]:
         try:
-            return self.insertion.encode(observation)
+            encode = getattr(self.insertion, "encode_reset", None) if reset else None  # (chat: refused)
+            return (encode or self.insertion.encode)(observation)
         except TypeError as err:
             raise EnvironmentFailure(
-                f"the environment ({type(environment).__name__}) of prompt {p} returned an observation grpokit cannot "
+                f"the environment ({_kind(environment)}) of prompt {p} returned an observation grpokit cannot "
                 f"insert: {err}"
             ) from err
 
@@ -268,6 +275,11 @@ class MultiTurnSampler:
             loss_mask=torch.tensor([right(row.trained, 0) for row in rows]),  # (N, Tc) 1 on sampled tokens only
             episodes=tuple(row.episode for row in rows),
         )
+
+
+def _kind(environment: Any) -> str:
+    """The environment's class as its errors name it: the user's own (a ToolUse's base), not grpokit's wrapper."""
+    return type(getattr(environment, "user_environment", environment)).__name__
 
 
 def _step_answer(value: Any, name: str, row: _Row, turn: int) -> tuple[Any, float, bool]:
@@ -313,6 +325,9 @@ def _concurrently(calls: list[tuple[Any, Any]], timeouts: list[float | None]) ->
     return out
 
 
+ENDINGS = ("max_turns", "length", "overflow", "timeout", "stop")  # how a row ends but "done", each counted
+
+
 def rollout_counts(episodes: tuple[Episode, ...] | None, prompts_cut: int) -> dict[str, float]:
     """This rank's counts of a step's rollout that the step's figures sum over the ranks (`episode_figures`): the
     prompts cut to max_prompt_length, and for a multi-turn rollout its rows, turns, tool calls and how rows ended."""
@@ -328,7 +343,7 @@ def rollout_counts(episodes: tuple[Episode, ...] | None, prompts_cut: int) -> di
         "errors": float(sum(e.tool_errors for e in episodes)),
         "timeouts": float(sum(e.tool_timeouts for e in episodes)),
         "cut": float(sum(e.observations_cut for e in episodes)),
-        **{f"ended_{why}": float(ended.count(why)) for why in ("max_turns", "length", "overflow", "timeout")},
+        **{f"ended_{why}": float(ended.count(why)) for why in ENDINGS},
     })  # fmt: skip
     return counts
 
@@ -349,6 +364,6 @@ def episode_figures(counts: dict[str, float]) -> dict[str, float]:
         "tools/errors": counts["errors"],
         "tools/timeouts": counts["timeouts"],
         "turns/observations_cut": counts["cut"],
-        **{f"turns/ended_{why}": counts[f"ended_{why}"] for why in ("max_turns", "length", "overflow", "timeout")},
+        **{f"turns/ended_{why}": counts[f"ended_{why}"] for why in ENDINGS},
     })  # fmt: skip
     return figures
