@@ -137,11 +137,11 @@ class Scripted:
         )
 
 
-def chat_rollout(turns, factory=None, **limits):
+def chat_rollout(turns, factory=None, tools=(add,), **limits):
     tok = tokenizer()
-    make = environment_maker([add], factory, tool_format="chat", timeout=5.0)
+    make = environment_maker(list(tools), factory, tool_format="chat", timeout=5.0)
     kwargs = chat_template_kwargs(tok, make, None, [QUESTION])
-    insertion = ChatInsertion(tok, kwargs)
+    insertion = ChatInsertion(tok, kwargs, limits.get("max_tool_output_tokens"))
     sampler = MultiTurnSampler(Scripted(tok, turns), tok, make, TurnLimits(**limits), insertion=insertion)
     prompt = encode_prompts(tok, [QUESTION], 256, kwargs).ids
     rollout = sampler.generate(prompt, num_generations=2, params=SamplingParams(max_new_tokens=400), seeds=[7])
@@ -174,6 +174,33 @@ def test_a_turn_a_stop_string_ended_is_left_as_it_is_and_ends_the_row():
     CALLS.clear()
     tok, rollout = chat_rollout(['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>STOP'])
     assert CALLS == [] and rollout.episodes[0].ended_by == "stop" and rollout.loss_mask.all()
+
+
+def test_a_long_tool_output_is_cut_inside_its_message_never_through_the_template():
+    def spell(word: str) -> str:
+        """Spell a word out.
+
+        Args:
+            word: the word
+        """
+        return " ".join(word * 20)
+
+    call = '<tool_call>{"name": "spell", "arguments": {"word": "abc"}}</tool_call>'
+    tok, rollout = chat_rollout([call, "ok"], tools=[spell], max_tool_output_tokens=64)
+    glue = inserted_text(tok, rollout, 0)
+    assert glue.startswith("\nuser: <tool_response>a b c a b") and glue.endswith("</tool_response><eos>\nassistant: ")
+    assert len(tok(glue, add_special_tokens=False)["input_ids"]) <= 64 and rollout.episodes[0].observations_cut == 1
+    assert rollout.episodes[0].pieces[-1] == ("model", "ok")  # the model's next turn followed the assistant header
+    with pytest.raises(ConfigError, match=r"`max_tool_output_tokens` is 20, and the chat template .* takes 51 tokens"):
+        ChatInsertion(tokenizer(), {}, 20)
+
+
+def test_a_tokenizer_that_marks_the_call_tags_special_is_refused():
+    """A model turn reaches the environment decoded without special tokens: its calls would vanish unread."""
+    tok = tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    with pytest.raises(ConfigError, match=r"marks <tool_call> as a special token, which a decoded model turn drops"):
+        check_chat_template(tok, {})
 
 
 def test_a_reset_observation_is_refused_in_chat_format_with_the_way_out():

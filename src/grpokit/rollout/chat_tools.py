@@ -168,8 +168,12 @@ _RESULT = {"role": "tool", "name": "probe_tool", "content": "probe result"}
 _ANSWER = {"role": "assistant", "content": "probe answer"}
 
 
+def tokenizer_name(tokenizer: Any) -> str:
+    return f"the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r}"
+
+
 def template_name(tokenizer: Any) -> str:
-    return f"the chat template of the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r}"
+    return f"the chat template of {tokenizer_name(tokenizer)}"
 
 
 def render(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any], *, generation: bool) -> str:
@@ -185,8 +189,12 @@ def check_chat_template(tokenizer: Any, kwargs: dict[str, Any]) -> None:
     assistant turn without a thought and one with (which must be kept)."""
     who = template_name(tokenizer)
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"tool_format: chat renders tools through the chat template, and {who[4:]} has none: "
-                          f"{TAGS_WAY_OUT}")  # fmt: skip
+        raise ConfigError(f"tool_format: chat renders tools through the chat template, and "
+                          f"{tokenizer_name(tokenizer)} has none: {TAGS_WAY_OUT}")  # fmt: skip
+    special = [tag for tag in (_OPEN, _CLOSE) if tag in set(getattr(tokenizer, "all_special_tokens", ()))]
+    if special:  # a model turn reaches the environment decoded without special tokens: the call would vanish
+        raise ConfigError(f"{tokenizer_name(tokenizer)} marks {special[0]} as a special token, which a decoded "
+                          f"model turn drops, so no tool call would ever be read: {TAGS_WAY_OUT}")  # fmt: skip
     for asking in _ASKING:
         _check_turns(tokenizer, kwargs, who, asking, thought=_THOUGHT in asking["content"])
 
@@ -256,14 +264,22 @@ class ChatInsertion:
     template's rendering of the observation (a list of tool messages, or a text, which becomes a user message) after
     an assistant turn, from the end of that turn (after its EOS token) to the next assistant header. A short
     conversation ending in an assistant turn is rendered with and without the messages; the difference is the
-    insertion, tokenized once (so an end-of-turn token in it is the template's, never the model's)."""
+    insertion, tokenized once (so an end-of-turn token in it is the template's, never the model's). One longer than
+    `max_tokens` (max_tool_output_tokens) is cut inside the messages' contents (`cut`), never through the
+    template's own tokens, which `max_tokens` must leave room beside."""
 
-    def __init__(self, tokenizer: Any, template_kwargs: dict[str, Any] | None):
+    def __init__(self, tokenizer: Any, template_kwargs: dict[str, Any] | None, max_tokens: int | None = None):
         self.tokenizer = tokenizer
         self.kwargs = dict(template_kwargs or {})
         check_chat_template(tokenizer, self.kwargs)
         self.end_id = tokenizer.eos_token_id
         self._heads: dict[str | None, tuple[list[dict[str, Any]], list[int]]] = {}
+        bare = len(self.encode([{"role": "tool", "name": "probe_tool", "content": ""}]))
+        if max_tokens is not None and bare >= max_tokens:
+            raise ConfigError(
+                f"config field `max_tool_output_tokens` is {max_tokens}, and {template_name(tokenizer)} takes {bare} "
+                "tokens of its own around one tool result: no room is left for the result; raise it"
+            )
 
     def encode(self, observation: Any) -> list[int]:
         messages = _as_messages(observation)
@@ -278,6 +294,29 @@ class ChatInsertion:
                 f"follows a model turn; {TAGS_WAY_OUT}"
             )
         return ids[len(head_ids) :]
+
+    def cut(self, observation: Any, max_tokens: int) -> list[int]:
+        """The insertion of `observation` in at most `max_tokens` tokens: each message's content keeps its first
+        tokens, an equal share of what the template's own tokens leave (shrunk while the whole is still longer)."""
+        messages = _as_messages(observation)
+        bare = len(self.encode([{**m, "content": ""} for m in messages]))
+        share = (max_tokens - bare) // len(messages)
+        while share >= 1:
+            ids = self.encode([{**m, "content": self._first(m["content"], share)} for m in messages])
+            if len(ids) <= max_tokens:
+                return ids
+            share = min(share - 1, share - (len(ids) - max_tokens) // len(messages))
+        raise ConfigError(
+            f"config field `max_tool_output_tokens` is {max_tokens}, and {template_name(self.tokenizer)} takes {bare} "
+            f"tokens of its own around {len(messages)} tool results in one turn: no room is left for the results; "
+            "raise it"
+        )
+
+    def _first(self, content: Any, count: int) -> Any:
+        if not isinstance(content, str):
+            return content
+        ids = self._ids(content)
+        return content if len(ids) <= count else self.tokenizer.decode(ids[:count])
 
     def encode_reset(self, observation: Any) -> list[int]:
         """An environment's `reset()` observation (TRL appends it to the last user message): refused."""

@@ -220,8 +220,10 @@ class MultiTurnSampler:
                 row.live, row.episode.ended_by = False, "max_turns"
                 continue
             ids = self._encode(row.environment, observation, row.prompt)
-            if len(ids) > self.limits.max_tool_output_tokens:
-                ids = ids[: self.limits.max_tool_output_tokens]
+            if len(ids) > self.limits.max_tool_output_tokens:  # (chat: cut inside the messages, the template kept)
+                cut = getattr(self.insertion, "cut", None)
+                limit = self.limits.max_tool_output_tokens
+                ids = ids[:limit] if cut is None else cut(observation, limit)
                 row.episode.observations_cut += 1
             if len(row.ids) + len(ids) >= budget:  # no room left for a model token after it: rolled back
                 row.live, row.truncated, row.episode.ended_by = False, True, "overflow"

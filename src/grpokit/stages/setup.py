@@ -277,7 +277,8 @@ def multi_turn(cfg: Any, tokenizer: Any, sampler: Sampler, make_environment: Any
     from grpokit.rollout.multiturn import MultiTurnSampler, TurnLimits
 
     limits = TurnLimits(cfg.max_turns, cfg.max_tool_output_tokens, cfg.tool_timeout, cfg.mask_inserted_tokens)
-    insertion = ChatInsertion(tokenizer, template) if cfg.tool_format == "chat" else None
+    chat = cfg.tool_format == "chat"
+    insertion = ChatInsertion(tokenizer, template, cfg.max_tool_output_tokens) if chat else None
     return MultiTurnSampler(sampler, tokenizer, make_environment, limits, insertion=insertion)
 
 
