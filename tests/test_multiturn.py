@@ -138,7 +138,8 @@ def test_the_loss_mask_is_one_exactly_on_the_sampled_tokens():
 def test_the_ids_the_trainer_forwards_are_what_the_sampler_saw_at_every_turn():
     """Every call of the wrapped sampler continued a prefix of the row the trainer forwards (its prompt + the first
     tokens of its completion), and together the calls cover every turn of every row. Fails on any rewrite of the
-    history between turns (re-encoding, a dropped separator, a re-rendered template)."""
+    history between turns that changes its ids (a dropped separator, an observation encoded another way, a
+    re-rendered template; re-encoding the model's tokens is the next test's, with a tokenizer where it shows)."""
     inner, rollout = three_turns()
     assert [len(call["prompts"]) for call in inner.calls] == [2, 4, 4]  # turn 1: one call, G each; then per row
     assert [call["G"] for call in inner.calls] == [2, 1, 1]
@@ -179,6 +180,18 @@ def test_nothing_the_model_wrote_is_re_encoded():
     assert real_ids(rollout, 0) == [a, b, ok, a, b]
     assert rollout.loss_mask[0].tolist() == [1, 1, 0, 1, 1]
     assert inner.calls[1]["prompts"] == [[2, a, a, b, ok]]
+
+
+def test_a_tool_tag_the_tokenizer_cannot_write_is_refused():
+    """A character tokenizer without `<` (as the default alphabet was): `</calc>` could never be sampled, and every
+    rollout would stay one turn without a word. Fails if such a run started."""
+    from grpokit.core.types import ConfigError
+
+    plain = build_char_tokenizer(DEFAULT_CHARS.replace("<", "").replace(">", ""))
+    make = environment_maker([calc], None, tool_format="tags", timeout=None)
+    sampler = MultiTurnSampler(Scripted(lambda history, g: [5], plain), plain, make, TurnLimits())
+    with pytest.raises(ConfigError, match=r"\(ToolUse\) ends a turn at '</calc>', which the tokenizer cannot write"):
+        sampler.generate([[2, 5]], num_generations=1, params=SamplingParams(max_new_tokens=4), seeds=[0])
 
 
 # ---------------------------------------------------------------------------------------------- the loss mask trains

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from grpokit.core.types import Episode, Rollout
+from grpokit.core.types import ConfigError, Episode, Rollout
 from grpokit.rollout.environments import EnvironmentFailure
 from grpokit.rollout.sampler import SamplingParams, call_generate, check_rollout
 
@@ -124,7 +124,9 @@ class MultiTurnSampler:
         if len(columns) != len(prompt_ids):
             raise ValueError(f"{len(columns)} data rows for {len(prompt_ids)} prompts: one row per prompt")
         episodes = [self._start(p, g, columns[p], budget) for p in range(len(prompt_ids)) for g in range(G)]
-        stop = tuple(dict.fromkeys((*params.stop_strings, *getattr(episodes[0].environment, "stop_strings", ()))))
+        syntax_stops = tuple(getattr(episodes[0].environment, "stop_strings", ()))
+        writable_stop_strings(self.tokenizer, syntax_stops, type(episodes[0].environment).__name__)
+        stop = tuple(dict.fromkeys((*params.stop_strings, *syntax_stops)))
         for turn in range(1, self.limits.max_turns + 1):
             going = [row for row in episodes if row.live]
             if not going:
@@ -282,6 +284,22 @@ class MultiTurnSampler:
             loss_mask=torch.tensor([right(row.trained, 0) for row in rows]),  # (N, Tc) 1 on sampled tokens only
             episodes=tuple(row.episode for row in rows),
         )
+
+
+def writable_stop_strings(tokenizer: Any, stop_strings: tuple[str, ...], environment: str) -> None:
+    """The stop strings that end a model turn at a tool call (`</calc>`) are text the tokenizer can write: one with a
+    character it maps to its unknown token could never be sampled, and every rollout would stay one turn without a
+    word (the built-in character tokenizer has no `<`). A ConfigError naming the string otherwise."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return
+    for text in stop_strings:
+        if unknown in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise ConfigError(
+                f"the environment ({environment}) ends a turn at {text!r}, which the tokenizer cannot write (it "
+                f"encodes a character of it as {tokenizer.unk_token!r}): the model could never call the tool. Use a "
+                "tokenizer whose vocabulary has those characters"
+            )
 
 
 def _step_answer(value: Any, name: str, row: _Row, turn: int) -> tuple[Any, float, bool]:
