@@ -528,6 +528,27 @@ def test_a_step_answer_outside_the_contract_is_named(answer, said):
     assert "(Failing)" in str(caught.value) and "prompt 1" in str(caught.value)
 
 
+def test_the_docs_example_environment_plays_as_documented():
+    """docs/environments.md's `Guess`, run as written: 5 (higher), 9 (lower), 7 (done); its step rewards and its
+    reward(). Fails if the page's example no longer fits the contract."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "environments.md").read_text()
+    (code,) = re.findall(r"<!-- example: run by tests/test_multiturn.py -->\n```python\n(.*?)```", page, flags=re.S)
+    namespace: dict = {}
+    exec(code, namespace)
+    guesses = iter(["5", "9", "7"])
+    inner = Scripted(lambda history, g: enc(next(guesses)) + [TOK.eos_token_id])
+    sampler = MultiTurnSampler(inner, TOK, namespace["Guess"], TurnLimits(max_turns=8))
+    r = sampler.generate(PROMPTS[:1], num_generations=1, params=SamplingParams(max_new_tokens=48), seeds=[0],
+                         rows=[{"prompt": "guess", "answer": "7"}])  # fmt: skip
+    episode = r.episodes[0]
+    assert [text for _, text in episode.pieces] == ["5", "higher", "9", "lower", "7"]
+    assert episode.step_rewards == [0.0, 0.0, 1.0] and episode.ended_by == "done"
+    assert episode.environment.reward() == pytest.approx(1 / 3)
+
+
 # ---------------------------------------------------------------------------------------------- rewards
 class Keyed:
     """An environment with its own step: two turns, step rewards 0.5 then 1.0, reward() 1 for key "b"."""
