@@ -181,10 +181,12 @@ def test_the_wall_clock_limit_kills_the_whole_process_group(trusted):
 @needs_bwrap
 def test_an_interpreter_outside_usr_runs_with_its_prefix_or_is_refused_by_name():
     """The interpreter this process runs on (its prefix bound read-only), the same Python inside; under root its
-    prefix must be reachable by uid 65534, and one that is not (pyenv under /root) is refused, naming the folder."""
-    real = os.path.realpath(sys.executable)
-    try:
-        result = run("import sys; print(sys.version)", interpreter=real)
+    prefix must be reachable by uid 65534, and one that is not (pyenv under /root) is refused, naming the folder.
+    An interpreter that is not an executable file is refused by name."""
+    with pytest.raises(ValueError, match="interpreter = 'no-such-python' is not an executable file"):
+        run("pass", interpreter="no-such-python")
+    try:  # a virtual environment's python is a link to its base interpreter: the link is followed
+        result = run("import sys; print(sys.version)", interpreter=sys.executable)
     except SandboxUnavailable as err:
         assert os.geteuid() == 0 and "cannot reach the interpreter's prefix" in str(err) and "trusted=True" in str(err)
         return
@@ -280,17 +282,19 @@ def test_extract_code_takes_the_last_python_block_else_the_text():
 @needs_bwrap
 def test_code_tests_pays_the_fraction_of_asserts_passed():
     """2 of 3 asserts -> 2/3; exiting 0 before the asserts (sys.exit, os._exit) -> 0; printing a made-up count ->
-    0; a loop -> 0 at its CPU limit; all pass -> 1. The built-in name `code_tests` is this reward."""
+    0; a loop -> 0 at its CPU limit; replacing builtins.exec (so that the tests would not run) -> 0; all pass -> 1.
+    The built-in name `code_tests` is this reward."""
     completions = [
         "```python\ndef add(a, b):\n    return a + b if a > 0 else 1\n```",  # fails add(-1, 1) == 0
         "import sys; sys.exit(0)",
         "import os; os._exit(0)",
         "print('0' * 32 + ' 3')\nimport os; os._exit(0)",
         "def add(a, b):\n    while True:\n        pass",
+        "import builtins\nbuiltins.exec = lambda *args, **kwargs: None\ndef add(a, b):\n    return None",
         [{"role": "assistant", "content": "```python\ndef add(a, b):\n    return a + b\n```"}],
     ]
     reward = code_tests_reward(limits=FAST)
-    assert reward(completions=completions, tests=[TESTS] * len(completions)) == [2 / 3, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert reward(completions=completions, tests=[TESTS] * len(completions)) == [2 / 3, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     built = build_reward_funcs(["code_tests"], format_pattern=".*", max_completion_length=8, overlong_buffer=4)
     [(name, builtin)] = built
     assert name == "code_tests" and builtin(completions=completions[:1], tests=[TESTS]) == [2 / 3]

@@ -12,6 +12,8 @@ before the code ran, then leaves through `os._exit`, so:
   ends the code, and the tests still run against what it defined (nothing); `os._exit` ends the process before
   the report, which scores 0;
 - printing a count does not pay without the token; the program's own atexit handlers never run after the report;
+- `exec`, `compile`, `os.write` and `os._exit` are held by the harness before the code runs: replacing them in
+  `builtins` or `os` neither skips the tests nor edits the report;
 - a program that raises (a SyntaxError, an exception at import time) scores 0, as does one that passes any limit
   (the wall-clock or CPU limit, memory, its output cap).
 What it cannot stop: code in the same process can find the token (gc, frames) or return objects that equal
@@ -47,11 +49,13 @@ import os as _grpokit_os, sys as _grpokit_sys
 def _grpokit_harness(solution, tests):
     import builtins, traceback
 
+    # held here before the solution runs: patching builtins.exec or os.write cannot skip the tests or edit the report
+    run, compile_, write, leave, flush = exec, compile, _grpokit_os.write, _grpokit_os._exit, _grpokit_sys.stdout.flush
     token = _grpokit_sys.stdin.readline().strip()
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     passed = 0
     try:
-        exec(compile(solution, "solution.py", "exec"), namespace)
+        run(compile_(solution, "solution.py", "exec"), namespace)
     except SystemExit:
         pass  # the program ended: the tests still run against what it defined
     except BaseException:
@@ -59,13 +63,16 @@ def _grpokit_harness(solution, tests):
         tests = []
     for i, test in enumerate(tests):
         try:
-            exec(compile(test, f"test_{i}", "exec"), namespace)
+            run(compile_(test, "test_%d" % i, "exec"), namespace)
             passed += 1
         except BaseException:
             traceback.print_exc(limit=1)
-    _grpokit_sys.stdout.flush()
-    _grpokit_os.write(1, f"\\n{token} {passed}\\n".encode())
-    _grpokit_os._exit(0)
+    try:
+        flush()
+    except BaseException:
+        pass
+    write(1, ("\\n%s %d\\n" % (token, passed)).encode())
+    leave(0)
 """
 
 

@@ -176,7 +176,7 @@ if pid == 0:
         os.write(2, f"sandbox: could not start {argv[0]}: {err}\n".encode())
     os._exit(127)
 _, status = os.waitpid(pid, 0)
-end = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.waitstatus_to_exitcode(status)}
+end = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
 os.write(status_fd, json.dumps(end).encode())
 os._exit(end.get("exit", 128 + end.get("signal", 0)))
 """
@@ -309,14 +309,17 @@ def check_sandbox(bwrap: str, interpreter: str) -> None:
 def _probe(bwrap: str, interpreter: str) -> str | None:
     drop = _drop_root()
     if drop:
+        fixes = {
+            "bwrap": f"install it where every user may run it (`{INSTALL}` into an environment outside /root)",
+            "the interpreter's prefix": "pass interpreter= a Python every user may run, e.g. /usr/bin/python3",
+        }
         for what, path in (("bwrap", bwrap), ("the interpreter's prefix", _prefix(interpreter))):
             blocked = path and _unreachable(path, SANDBOX_UID)
             if blocked:
                 return (
                     f"no sandbox: grpokit runs as root, so bwrap starts as uid {SANDBOX_UID} (root is exempt from "
-                    f"the process limit), and that uid cannot reach {what} {path}: {blocked} is in the way. Install "
-                    f"bwrap where every user can run it ({INSTALL} into an environment outside /root), or pass "
-                    f"interpreter= a Python under /usr, e.g. /usr/bin/python3; {OPT_OUT}"
+                    f"the process limit), and that uid cannot reach {what} {path}: {blocked} is in the way; "
+                    f"{fixes[what]}; {OPT_OUT}"
                 )
     try:
         version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=30, **drop)
@@ -378,34 +381,44 @@ def run(
     code, argv = _program(code_or_argv)
     if not isinstance(limits, SandboxLimits):
         raise TypeError(f"run(): limits is {type(limits).__name__}; expected a SandboxLimits")
-    python = interpreter or default_interpreter()
+    exe_py = _interpreter(interpreter)
     data = stdin.encode() if isinstance(stdin, str) else stdin
     if trusted:
         with tempfile.TemporaryDirectory(prefix="grpokit-trusted-") as work:
             if code is not None:
                 Path(work, "main.py").write_text(code)
-                argv = [python, "-I", "-u", str(Path(work, "main.py"))]
+                argv = [exe_py, "-I", "-u", str(Path(work, "main.py"))]
             env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-            return _supervise(python, argv, data, limits, sandboxed=False, popen={"cwd": work, "env": env})
+            return _supervise(exe_py, argv, data, limits, sandboxed=False, popen={"cwd": work, "env": env})
     exe = find_bwrap(bwrap)
-    check_sandbox(exe, python)
+    exe_py = os.path.realpath(exe_py)  # a virtual environment's link points outside the folders bound inside
+    check_sandbox(exe, exe_py)
     code_fd = None
     if code is not None:
         code_fd = os.memfd_create("grpokit-sandbox-code")  # bwrap copies it to /sandbox/main.py
         os.write(code_fd, code.encode())
         os.lseek(code_fd, 0, os.SEEK_SET)
-        argv = [python, "-I", "-u", PROGRAM]
+        argv = [exe_py, "-I", "-u", PROGRAM]
     try:
-        prefix = [exe, *_bwrap_args(limits, python, code_fd), "--"]
+        prefix = [exe, *_bwrap_args(limits, exe_py, code_fd), "--"]
         popen = {"env": {}, "pass_fds": (code_fd,) if code_fd is not None else (), **_drop_root()}
-        return _supervise(python, argv, data, limits, sandboxed=True, popen=popen, bwrap=prefix)
+        return _supervise(exe_py, argv, data, limits, sandboxed=True, popen=popen, bwrap=prefix)
     finally:
         if code_fd is not None:
             os.close(code_fd)
 
 
+def _interpreter(interpreter: str | None) -> str:
+    if interpreter is None:
+        return default_interpreter()
+    found = interpreter if os.path.isabs(interpreter) else shutil.which(interpreter)
+    if not found or not os.access(found, os.X_OK):
+        raise ValueError(f"run(): interpreter = {interpreter!r} is not an executable file (absolute, or on PATH)")
+    return found
+
+
 def _supervise(
-    python: str,
+    exe_py: str,
     argv: list[str],
     stdin: bytes | None,
     limits: SandboxLimits,
@@ -419,7 +432,7 @@ def _supervise(
     how the program ended (the wrapper's report)."""
     status_r, status_w = os.pipe()
     limits_json = json.dumps(limits.rlimits())
-    cmd = [*(bwrap or []), python, "-I", "-S", "-c", _WRAPPER, str(status_w), limits_json, *argv]
+    cmd = [*(bwrap or []), exe_py, "-I", "-S", "-c", _WRAPPER, str(status_w), limits_json, *argv]
     start = time.monotonic()
     deadline = start + limits.wall_seconds
     try:
