@@ -15,6 +15,7 @@ import socket
 import sys
 import tempfile
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,27 @@ def test_a_fork_bomb_is_stopped_at_the_process_limit():
     assert result.ok, result
     assert result.stdout.startswith("stopped at ") and "Resource temporarily unavailable" in result.stdout, result
     assert 0 < int(result.stdout.split()[2]) <= 13, result.stdout
+
+
+@needs_bwrap
+def test_concurrent_sandboxes_each_have_their_own_process_count():
+    """4 sandboxes at once, each holding 8 children for a second under a 12-process limit: 4 x 11 processes of uid
+    65534 run together, and each sandbox counts only its own (the limit is set inside its user namespace; set
+    before bwrap made that namespace, it would count all of them)."""
+    program = (
+        "import os, time\n"
+        "r, w = os.pipe()\n"
+        "for _ in range(8):\n"
+        "    if os.fork() == 0:\n"
+        "        os.close(w)\n"
+        "        os.read(r, 1)\n"
+        "        os._exit(0)\n"
+        "time.sleep(1)\n"
+        "print('forked 8')\n"
+    )
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: run(program, limits=SandboxLimits(processes=12)), range(4)))
+    assert [r.stdout for r in results] == ["forked 8\n"] * 4, [r.stderr[-200:] for r in results]
 
 
 @needs_bwrap
