@@ -427,7 +427,8 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     """Variables for the tokenizer's chat template wherever chat prompts are rendered (rollouts, evaluation), e.g.
     `{enable_thinking: false}` for Qwen3; on the command line as JSON: `'{"enable_thinking": false}'`."""
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
-    """Reward functions: built-ins `accuracy`, `format`, `overlong`, or `package.module:function`."""
+    """Reward functions: built-ins `accuracy`, `format`, `overlong`, `code_tests` (the completion's Python run
+    against the row's `tests` in a sandbox: docs/sandbox.md), or `package.module:function`."""
     reward_weights: list[float] | None = None
     """Weight of each reward function (default: 1 each)."""
     format_pattern: str = r"\d+"
