@@ -354,3 +354,20 @@ def test_code_tests_runs_the_rows_of_a_batch_at_the_same_time(tmp_path):
     )
     reward = code_tests_reward(trusted=True, workers=4, limits=SandboxLimits(wall_seconds=20))
     assert reward(completions=[program] * 4, tests=[["assert ready"]] * 4) == [1.0] * 4
+
+
+def test_a_tool_that_finds_no_sandbox_stops_the_run_instead_of_telling_the_model():
+    """A tool's exceptions go back to the model as text (`call_tool`), but SandboxUnavailable is the machine's: it
+    is raised to the trainer, not fed to the model as if its program had failed (fails if call_tool catches it)."""
+    from grpokit.rollout.environments import call_tool
+    from grpokit.runtime.sandbox import SandboxUnavailable
+
+    def python(code: str) -> str:
+        raise SandboxUnavailable("no sandbox: bwrap was not found")
+
+    def broken(code: str) -> str:
+        raise ValueError("bad program")
+
+    assert call_tool({"broken": broken}, "broken", {"code": "x"}, 5).error == "error: ValueError: bad program"
+    with pytest.raises(SandboxUnavailable, match="bwrap was not found"):
+        call_tool({"python": python}, "python", {"code": "print(1)"}, 5)

@@ -347,8 +347,9 @@ class EnvironmentFields:
     `reward()` / `get_reward()`, when it has one, becomes a reward column named after its class
     (docs/environments.md)."""
     tools: list[str] = field(default_factory=list)
-    """Tools the model may call: built-in `calc` (integer arithmetic), or `package.module:function` (a typed Python
-    function with a docstring); called as the model writes them (`tool_format`), their output inserted, not trained."""
+    """Tools the model may call: built-in `calc` (integer arithmetic), `python` (runs the model's program in
+    `grpokit.sandbox`, no network), or `package.module:function` (a typed Python function with a docstring);
+    called as the model writes them (`tool_format`), their output inserted, not trained."""
     tool_format: Literal["tags"] = "tags"
     """How a tool call is written: `tags`: `<NAME>ARGUMENT</NAME>`, the turn stops at the closing tag, the output
     comes back as `<result>OUTPUT</result>` (any template, tiny models)."""
