@@ -347,8 +347,9 @@ class EnvironmentFields:
     `reward()` / `get_reward()`, when it has one, becomes a reward column named after its class
     (docs/environments.md)."""
     tools: list[str] = field(default_factory=list)
-    """Tools the model may call: built-in `calc` (integer arithmetic), or `package.module:function` (a typed Python
-    function with a docstring); called as the model writes them (`tool_format`), their output inserted, not trained."""
+    """Tools the model may call: built-in `calc` (integer arithmetic), `python` (runs the model's program in
+    `grpokit.sandbox`, no network), or `package.module:function` (a typed Python function with a docstring);
+    called as the model writes them (`tool_format`), their output inserted, not trained."""
     tool_format: Literal["tags", "chat"] = "tags"
     """How a tool call is written: `tags`: `<NAME>ARGUMENT</NAME>`, the turn stops at the closing tag, the output
     comes back as `<result>OUTPUT</result>` (any template, tiny models); `chat`: as TRL does, through the chat
@@ -430,7 +431,8 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     """Variables for the tokenizer's chat template wherever chat prompts are rendered (rollouts, evaluation), e.g.
     `{enable_thinking: false}` for Qwen3; on the command line as JSON: `'{"enable_thinking": false}'`."""
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
-    """Reward functions: built-ins `accuracy`, `format`, `overlong`, or `package.module:function`."""
+    """Reward functions: built-ins `accuracy`, `format`, `overlong`, `code_tests` (the completion's Python run
+    against the row's `tests` in a sandbox: docs/sandbox.md), or `package.module:function`."""
     reward_weights: list[float] | None = None
     """Weight of each reward function (default: 1 each)."""
     format_pattern: str = r"\d+"

@@ -55,6 +55,7 @@ from grpokit.data.rows import (
 )
 from grpokit.model.loading import check_model_source
 from grpokit.rewards import BUILTIN_REWARDS
+from grpokit.rewards.code import code_tests_reward
 from grpokit.rewards.scorer import RewardModelScorer
 
 if TYPE_CHECKING:
@@ -403,6 +404,7 @@ def build_reward_funcs(
         "accuracy": lambda: gold_reward(task.is_correct if task is not None else exact_match),
         "format": lambda: format_reward(format_pattern),
         "overlong": lambda: overlong_reward(max_completion_length, overlong_buffer),
+        "code_tests": code_tests_reward,  # the sandbox's default limits; for others call code_tests_reward(...)
     }
     funcs = []
     for name in names:

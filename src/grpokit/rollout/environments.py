@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 from grpokit.core.types import ConfigError
 from grpokit.rollout.chat_tools import ChatSyntax
+from grpokit.runtime.sandbox import SandboxUnavailable, check_sandbox, default_interpreter, find_bwrap
+from grpokit.runtime.sandbox import python as python_tool
 
 
 class Environment(Protocol):
@@ -68,7 +70,8 @@ def call_tool(tools: dict[str, Callable[..., Any]], name: str, arguments: dict[s
 ):  # fmt: skip
     """`tools[name](**arguments)` in a thread of its own, waited for at most `timeout` seconds. An unknown name, an
     exception or a timeout becomes the outcome's `error` text (the model reads it and may try again); nothing is
-    raised. A timed-out call's thread is left to finish on its own (a daemon: Python cannot stop a thread), so a tool
+    raised, except SandboxUnavailable (the machine cannot run the tool's code safely: the trainer's problem, not the
+    model's). A timed-out call's thread is left to finish on its own (a daemon: Python cannot stop a thread), so a tool
     that can hang should run its work in a process it can kill, as `grpokit.sandbox` does."""
     if name not in tools:
         known = ", ".join(sorted(tools)) or "none"
@@ -79,6 +82,8 @@ def call_tool(tools: dict[str, Callable[..., Any]], name: str, arguments: dict[s
         try:
             result = tools[name](**arguments)
             box["result"] = asyncio.run(_awaited(result)) if inspect.isawaitable(result) else result  # (an async tool)
+        except SandboxUnavailable as err:  # no sandbox here: the run must stop, not the model read it
+            box["fatal"] = err
         except BaseException as err:  # noqa: BLE001 (a tool's failure is the model's to read, whatever it is)
             box["error"] = f"error: {type(err).__name__}: {err}"
 
@@ -87,6 +92,8 @@ def call_tool(tools: dict[str, Callable[..., Any]], name: str, arguments: dict[s
     worker.join(timeout)
     if worker.is_alive():
         return ToolOutcome(name, arguments, error=f"error: {name} timed out after {timeout:g} s", timed_out=True)
+    if "fatal" in box:
+        raise box["fatal"]
     if "error" in box:
         return ToolOutcome(name, arguments, error=box["error"])
     return ToolOutcome(name, arguments, result=box.get("result"))
@@ -289,7 +296,7 @@ def calc(expression: str) -> str:
     return str(value(tree.body))
 
 
-BUILTIN_TOOLS: dict[str, Callable[..., Any]] = {"calc": calc}
+BUILTIN_TOOLS: dict[str, Callable[..., Any]] = {"calc": calc, "python": python_tool}
 """Tools a config names by a bare name (`tools: [calc]`); any other is `module:function`."""
 
 
@@ -319,6 +326,8 @@ def resolve_tools(specs: Sequence[Any], importer: Callable[[str], Any]) -> list[
         if callable(spec):
             out.append(spec)
         elif spec in BUILTIN_TOOLS:
+            if spec == "python":  # no sandbox here: said now, before any model loads, not at the first call
+                check_sandbox(find_bwrap(), default_interpreter())
             out.append(BUILTIN_TOOLS[spec])
         elif isinstance(spec, str) and ":" in spec:
             out.append(importer(spec))

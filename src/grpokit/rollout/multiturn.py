@@ -10,9 +10,10 @@ inserted (their sampling logprob 0). No mask is ever inferred from token ids: pa
 end-of-turn token in mid-sequence stays attended and trained.
 
 The group of prompt p is G rows, each with its own environment instance (`make_environment()`, reset with the row's
-columns). Turn 1 is one call of the wrapped sampler for all prompts (G draws each, seeded as a single-turn rollout
-is); every later turn is one call for the rows still going, each its own prompt with a seed derived from its
-prompt's seed, its place in the group and the turn (`turn_seeds`), so a row's draws do not depend on the others.
+columns). At turn 1 the prompts whose environments inserted nothing before it are one call of the wrapped sampler
+(G draws each, seeded as a single-turn rollout is); every other row, at every turn, is a prompt of its own (its
+whole history) with a seed derived from its prompt's seed, its place in the group and the turn (`turn_seeds`), so a
+row's draws do not depend on the other rows of the call.
 
 Limits: `max_turns` model turns; `max_new_tokens` (the run's max_completion_length) counts the model's and the
 inserted tokens together: a turn gets what is left, and an observation that would leave no room for a model token is
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from grpokit.core.types import Episode, Rollout
+from grpokit.core.types import ConfigError, Episode, Rollout
 from grpokit.rollout.environments import EnvironmentFailure
 from grpokit.rollout.sampler import SamplingParams, call_generate, check_rollout
 
@@ -69,8 +70,9 @@ class PlainInsertion:
 
 
 def turn_seeds(prompt_seed: int, place_in_group: int, turn: int) -> int:
-    """The seed of one row's turn `turn` (>= 2; turn 1 draws from its prompt's seed as a single-turn rollout does):
-    an unsigned 64-bit integer from (its prompt's seed, its place in the group, the turn)."""
+    """The seed of one row's turn `turn` (turn 1 of a prompt without opening observations draws from the prompt's
+    seed as a single-turn rollout does): an unsigned 64-bit integer from (its prompt's seed, its place in the group,
+    the turn)."""
     import numpy as np
 
     (state,) = np.random.SeedSequence([prompt_seed % 2**64, place_in_group, turn]).generate_state(1, dtype=np.uint64)
@@ -122,7 +124,9 @@ class MultiTurnSampler:
         if len(columns) != len(prompt_ids):
             raise ValueError(f"{len(columns)} data rows for {len(prompt_ids)} prompts: one row per prompt")
         episodes = [self._start(p, g, columns[p], budget) for p in range(len(prompt_ids)) for g in range(G)]
-        stop = tuple(dict.fromkeys((*params.stop_strings, *getattr(episodes[0].environment, "stop_strings", ()))))
+        syntax_stops = tuple(getattr(episodes[0].environment, "stop_strings", ()))
+        writable_stop_strings(self.tokenizer, syntax_stops, _kind(episodes[0].environment))
+        stop = tuple(dict.fromkeys((*params.stop_strings, *syntax_stops)))
         for turn in range(1, self.limits.max_turns + 1):
             going = [row for row in episodes if row.live]
             if not going:
@@ -178,20 +182,32 @@ class MultiTurnSampler:
         turn: int,
         budget: int,
     ) -> list[tuple[list, list, bool]]:  # fmt: skip
-        """One turn of the wrapped sampler for the rows still going: (new ids, their logprobs, truncated) per row."""
+        """One turn of the wrapped sampler for the rows still going: (new ids, their logprobs, truncated) per row.
+        At turn 1 a prompt whose rows all start at the bare prompt (no opening observation) is drawn as a group, one
+        prefill, seeded as a single-turn rollout is; every other row is a prompt of its own with its turn's seed.
+        Two calls at most, so that no prompt's draws depend on what the others' environments did."""
         room = max(budget - len(row.ids) for row in going)
         turn_params = replace(params, max_new_tokens=room, stop_strings=stop)
-        grouped = turn == 1 and all(not row.ids for row in going)  # every row starts at its prompt: one prefill each
+        opened = {row.prompt for row in going if row.ids}
+        bare = sorted({row.prompt for row in going} - opened) if turn == 1 else []
+        grouped = [row for row in going if row.prompt in bare]  # (in order: row p*G + g of the call)
+        alone = [row for row in going if row.prompt not in bare]
+        calls = []
         if grouped:
-            histories, count, row_seeds = [list(ids) for ids in prompt_ids], G, seeds
-        else:
-            histories, count = [list(prompt_ids[row.prompt]) + row.ids for row in going], 1
-            row_seeds = None if seeds is None else [turn_seeds(seeds[row.prompt], row.place, turn) for row in going]
-        rollout = call_generate(self.inner, histories, num_generations=count, params=turn_params, seeds=row_seeds)
-        check_rollout(rollout, self.inner, rows=len(histories) * count, prompts=histories)
-        real = rollout.completion_mask.bool().cpu()
-        ids, logp, truncated = rollout.completion_ids.cpu(), rollout.sampling_logp.float().cpu(), rollout.truncated
-        return [(ids[i][real[i]].tolist(), logp[i][real[i]].tolist(), bool(truncated[i])) for i in range(len(going))]
+            calls.append((grouped, [list(prompt_ids[p]) for p in bare], G, None if seeds is None else
+                          [seeds[p] for p in bare]))  # fmt: skip
+        if alone:
+            calls.append((alone, [list(prompt_ids[row.prompt]) + row.ids for row in alone], 1, None if seeds is None
+                          else [turn_seeds(seeds[row.prompt], row.place, turn) for row in alone]))  # fmt: skip
+        drawn: dict[int, tuple[list, list, bool]] = {}
+        for rows, histories, count, row_seeds in calls:
+            rollout = call_generate(self.inner, histories, num_generations=count, params=turn_params, seeds=row_seeds)
+            check_rollout(rollout, self.inner, rows=len(histories) * count, prompts=histories)
+            real = rollout.completion_mask.bool().cpu()
+            ids, logp, truncated = rollout.completion_ids.cpu(), rollout.sampling_logp.float().cpu(), rollout.truncated
+            for i, row in enumerate(rows):
+                drawn[id(row)] = (ids[i][real[i]].tolist(), logp[i][real[i]].tolist(), bool(truncated[i]))
+        return [drawn[id(row)] for row in going]
 
     def _step(self, rows: list[_Row], turn: int, budget: int) -> None:
         """Every row's environment reads the model's turn (concurrently); its observation is inserted, or the row
@@ -282,6 +298,22 @@ class MultiTurnSampler:
 def _kind(environment: Any) -> str:
     """The environment's class as its errors name it: the user's own (a ToolUse's base), not grpokit's wrapper."""
     return type(getattr(environment, "user_environment", environment)).__name__
+
+
+def writable_stop_strings(tokenizer: Any, stop_strings: tuple[str, ...], environment: str) -> None:
+    """The stop strings that end a model turn at a tool call (`</calc>`) are text the tokenizer can write: one with a
+    character it maps to its unknown token could never be sampled, and every rollout would stay one turn without a
+    word (the built-in character tokenizer has no `<`). A ConfigError naming the string otherwise."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return
+    for text in stop_strings:
+        if unknown in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise ConfigError(
+                f"the environment ({environment}) ends a turn at {text!r}, which the tokenizer cannot write (it "
+                f"encodes a character of it as {tokenizer.unk_token!r}): the model could never call the tool. Use a "
+                "tokenizer whose vocabulary has those characters"
+            )
 
 
 def _step_answer(value: Any, name: str, row: _Row, turn: int) -> tuple[Any, float, bool]:
