@@ -470,6 +470,25 @@ def test_a_tool_that_raises_is_told_to_the_model_and_counted():
     assert episode_figures(rollout_counts(r.episodes, 0))["tools/errors"] == 1.0
 
 
+def test_the_last_turns_tool_calls_are_not_made():
+    """max_turns 2 and a model that calls a tool every turn: the tool runs once (turn 1), not for the last turn, whose
+    output the model would never read; the row ends at max_turns, not done. Fails if the last turn's call ran (a
+    python tool would spend its sandbox time for nothing)."""
+    calls = []
+
+    def count(text: str) -> str:
+        calls.append(text)
+        return "seen"
+
+    inner = Scripted(by_turn("<count>a</count>", "<count>b</count>", eos_last=False))
+    r = tools_sampler(inner, count, max_turns=2).generate(
+        PROMPTS[:1], num_generations=1, params=SamplingParams(max_new_tokens=160), seeds=[0]
+    )
+    episode = r.episodes[0]
+    assert calls == ["a"] and episode.num_turns == 2
+    assert (episode.ended_by, episode.done, len(episode.tool_calls)) == ("max_turns", False, 1)
+
+
 class Failing:
     """An environment whose step at `turn` of the instance numbered `which` (made in row order) does `what`."""
 

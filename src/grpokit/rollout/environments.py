@@ -198,6 +198,11 @@ class ToolUse:
         self.calls = []
         return self.base.reset(**columns) if self.base is not None else None
 
+    def last_step(self, text: str) -> tuple[Any, float, bool]:
+        """`step` of the row's last allowed turn: whether the model ended (no call), without making the calls, whose
+        output the model would never read (a tool's step rewards are 0)."""
+        return None, 0.0, not self.syntax.parse(text)
+
     def step(self, text: str) -> tuple[Any, float, bool]:
         requests = self.syntax.parse(text)
         if not requests:

@@ -212,8 +212,13 @@ class MultiTurnSampler:
     def _step(self, rows: list[_Row], turn: int, budget: int) -> None:
         """Every row's environment reads the model's turn (concurrently); its observation is inserted, or the row
         ends (done, no observation, its last turn, or no room left)."""
+
+        def step(environment: Any) -> Any:  # (a last turn's tool calls are not made: nobody would read them)
+            last = turn == self.limits.max_turns and getattr(environment, "last_step", None)
+            return last or environment.step
+
         answers = _concurrently(
-            [(row.environment.step, row.episode.pieces[-1][1]) for row in rows],
+            [(step(row.environment), row.episode.pieces[-1][1]) for row in rows],
             [None if getattr(row.environment, "manages_timeouts", False) else self.limits.step_timeout for row in rows],
         )
         for row, (status, value) in zip(rows, answers):
