@@ -234,11 +234,11 @@ class MultiTurnSampler:
                 ) from value
             observation, reward, done = _step_answer(value, name, row, turn)
             row.episode.step_rewards.append(reward)
+            if not done and turn == self.limits.max_turns:
+                row.live, row.episode.ended_by = False, "max_turns"
+                continue
             if done or observation is None:
                 row.live, row.episode.done, row.episode.ended_by = False, bool(done), "done"
-                continue
-            if turn == self.limits.max_turns:
-                row.live, row.episode.ended_by = False, "max_turns"
                 continue
             ids = self._encode(row.environment, observation, row.prompt)
             if len(ids) > self.limits.max_tool_output_tokens:  # (chat: cut inside the messages, the template kept)
