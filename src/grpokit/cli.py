@@ -370,9 +370,10 @@ def _eval(args: list[str]) -> int:
     )
     from grpokit.model.weights import PolicyWeights
     from grpokit.rewards.functions import RewardSet, build_reward_funcs, exact_match
+    from grpokit.rollout.environments import environment_rewards
     from grpokit.rollout.evaluate import HeldoutSettings, heldout_eval
     from grpokit.runtime.machine import pin_threads
-    from grpokit.stages.setup import run_sampler, vllm_sampler
+    from grpokit.stages.setup import environments, multi_turn, prompt_template, run_sampler, vllm_sampler
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
     cfg.validate()
@@ -399,6 +400,9 @@ def _eval(args: list[str]) -> int:
         task=None if cfg.eval_data is not None else task,
         device=str(device),
     )
+    make_environment = environments(cfg)  # (None: single-turn) checked before the model loads, as a run does
+    if make_environment is not None:
+        funcs += environment_rewards(make_environment)  # its reward() and step rewards, reported as rewards are
     if cfg.eval_data is not None and not funcs and not any("answer" in row for row in rows):
         raise ConfigError(
             f"config field `eval_data`: the rows of {cfg.eval_data} have no `answer` column and `reward_funcs` is "
@@ -407,13 +411,12 @@ def _eval(args: list[str]) -> int:
         )
     rewards = RewardSet(funcs, torch.ones(len(funcs)), []) if funcs else None
     tokenizer = load_tokenizer(cfg.model)
+    template = prompt_template(cfg, tokenizer, make_environment, rows)  # (tool_format chat: the tools' schemas too)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_model(cfg.model, device, dtype).eval()
     longest_prompt = max(
         len(ids)
-        for ids in encode_prompts(
-            tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length, cfg.chat_template_kwargs
-        ).ids
+        for ids in encode_prompts(tokenizer, [r[cfg.prompt_column] for r in rows], cfg.max_prompt_length, template).ids
     )
     check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=tokenizer)
     weights = PolicyWeights(model)
@@ -421,7 +424,8 @@ def _eval(args: list[str]) -> int:
     if cfg.use_vllm:
         row = longest_prompt + cfg.max_completion_length
         vllm = vllm_sampler(cfg, tokenizer, dtype, weights, device=device, model_given=False, longest_row=row)
-    sampler = run_sampler(tokenizer, dtype, weights, vllm)  # as a run builds the one it evaluates through
+    # as a run builds the one it evaluates through: with `environment` or `tools`, multi-turn
+    sampler = multi_turn(cfg, tokenizer, run_sampler(tokenizer, dtype, weights, vllm), make_environment, template)
     settings = HeldoutSettings(
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_completion_length,
@@ -429,7 +433,7 @@ def _eval(args: list[str]) -> int:
         prompt_column=cfg.prompt_column,
         max_prompt_length=cfg.max_prompt_length,
         reward_timeout=defaults.reward_timeout,
-        chat_template_kwargs=cfg.chat_template_kwargs,
+        chat_template_kwargs=template,
     )
     result = heldout_eval(sampler, tokenizer, rows, settings, is_correct, rewards)
     if not result:  # the reward functions need columns the rows lack (heldout_eval warned which), and no answer

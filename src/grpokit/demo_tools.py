@@ -68,7 +68,8 @@ class ToolsWarmStart:
 
 
 def tools_task(cfg: DemoConfig) -> ToolAdditionTask:
-    return ToolAdditionTask(num_digits=cfg.tools_num_digits, forget_carry=cfg.tools_forget_carry, tool_rate=cfg.tool_rate)
+    digits, forget, rate = cfg.tools_num_digits, cfg.tools_forget_carry, cfg.tool_rate
+    return ToolAdditionTask(num_digits=digits, forget_carry=forget, tool_rate=rate)
 
 
 def tools_warm_start(cfg: DemoConfig, out: Path) -> ToolsWarmStart:
@@ -92,8 +93,8 @@ def tools_warm_start(cfg: DemoConfig, out: Path) -> ToolsWarmStart:
     called = sum(row["completion"].startswith("<") for row in rows) / len(rows)
     print(
         f"grpokit demo --tools: {task.num_digits}-digit addition with a calculator (<calc>A+B</calc>); the "
-        f"demonstrator calls it in {called:.0%} of its {len(rows)} rows and guesses in the others; tiny {cfg.arch} with "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+        f"demonstrator calls it in {called:.0%} of its {len(rows)} rows and guesses in the others; tiny {cfg.arch} "
+        f"with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     )
     sft_cfg = SFTConfig(
         output_dir=str(folder.claim("sft")),
@@ -243,7 +244,8 @@ def plot_tools(runs: dict[str, TrainResult], path: Path) -> Path:
     for ax, (key, title) in zip(axes, panels):
         for name, result in runs.items():
             points = [(r["step"], r[key]) for r in read_metrics(result.output_dir / "metrics.jsonl") if key in r]
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="." if len(points) < 30 else None)
+            marker = "." if len(points) < 30 else None
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, marker=marker)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -119,6 +119,12 @@ class GRPOConfig:
                 field = GENERATION_KWARGS[key]
                 out[field] = ([value] if isinstance(value, str) else list(value)) if field == "stop_strings" else value
         out["chat_template_kwargs"] = f["chat_template_kwargs"] or None
+        # TRL's tools go through the chat template (its only form) and wait as long as a tool takes; its iterations
+        # count the tool rounds after the first turn, None none at all: then no row can take more turns than its
+        # completion has tokens (each turn samples one), which bounds it as TRL's max_completion_length does
+        out["tool_format"], out["tool_timeout"] = "chat", None
+        iterations = f["max_tool_calling_iterations"]
+        out["max_turns"] = f["max_completion_length"] if iterations is None else iterations + 1
         out["kl_importance_weight"] = f["use_bias_correction_kl"] and f["beta"] != 0  # (only a KL term is weighed)
         out["gradient_checkpointing"] = bool(f["gradient_checkpointing"])
         G = f["num_generations"]
@@ -479,6 +485,8 @@ class GRPOTrainer:
         processing_class: Any = None,
         peft_config: Any = None,
         callbacks: list[Any] | None = None,
+        tools: list[Any] | None = None,
+        environment_factory: Any = None,
         **unsupported: Any,
     ):
         from grpokit.stages.callbacks import CallbackHooks, Callbacks
@@ -487,8 +495,12 @@ class GRPOTrainer:
         set_ = [name for name, value in unsupported.items() if value not in (None, (None, None), [], ())]
         if set_:
             raise native.ConfigError(f"GRPOTrainer argument `{set_[0]}` is not supported by grpokit.trl")
-        if reward_funcs is None:
-            raise native.ConfigError("GRPOTrainer needs reward_funcs (a function, a list of them, or a model folder)")
+        environment_factory = trl_environment(environment_factory, train_dataset)
+        if reward_funcs is None and not _owns_reward(environment_factory):
+            raise native.ConfigError(
+                "GRPOTrainer needs reward_funcs (a function, a list of them, or a model folder), or an "
+                "environment_factory whose environments define get_reward() (as TRL)"
+            )
         if callbacks is not None and not isinstance(callbacks, (list, tuple)):
             raise ArgumentError(
                 f"GRPOTrainer argument `callbacks` is a {type(callbacks).__name__}; it takes a list of "
@@ -510,6 +522,8 @@ class GRPOTrainer:
                 cfg = args.to_grpokit(num_prompts=len(train_dataset) if sized else None)
             else:
                 cfg = dataclasses.replace(args)
+            if reward_funcs is None:  # the environment's get_reward() alone scores the rollouts (its own column)
+                cfg = dataclasses.replace(cfg, reward_funcs=[], environment=_spec_of(environment_factory.factory))
             if peft_config is not None and type(model).__name__.startswith("Peft"):
                 raise native.ConfigError(
                     f"GRPOTrainer: `model` is a {type(model).__name__} (it carries LoRA adapters already) and "
@@ -539,6 +553,8 @@ class GRPOTrainer:
                     reward_funcs=reward_funcs,
                     train_dataset=train_dataset,
                     eval_dataset=eval_dataset,
+                    tools=tools,
+                    environment_factory=environment_factory,
                 )
             except FinishedRunError as err:
                 if build is cfg:
@@ -757,6 +773,45 @@ def _mark_saved_from(folder: Path, run_folder: Path, run_id: str | None) -> None
     record["saved_from"] = {"output_dir": str(run_folder.resolve()), "run_id": run_id}
     with atomic_file(folder / PROVENANCE) as tmp:
         tmp.write_text(json.dumps(record))
+
+
+def trl_environment(factory: Any, train_dataset: Any) -> Any:
+    """TRL's `environment_factory` for grpokit's trainer: one factory (a class or a function), wrapped so that its
+    instances' methods are tools by TRL's rule (`TRLEnvironment`); TRL's dict of named factories and a run without a
+    train_dataset are refused by name."""
+    from grpokit.rollout.environments import TRLEnvironment
+
+    if factory is None:
+        return None
+    if isinstance(factory, dict):
+        raise native.ConfigError(
+            "GRPOTrainer argument `environment_factory` is a dict (TRL's experimental multi-environment form, an "
+            "`environment` column choosing each row's): grpokit.trl takes one factory, a class or a function; one "
+            "run per environment, or one environment class whose reset(**row) sets itself up from the row"
+        )
+    if train_dataset is None:
+        raise native.ConfigError(
+            "GRPOTrainer: `environment_factory` without a train_dataset, where TRL lets each environment's reset() "
+            "supply the prompt: grpokit renders every prompt from the dataset once for its whole group (token in, "
+            "token out), so pass a train_dataset with a prompt column"
+        )
+    return TRLEnvironment(factory)
+
+
+def _owns_reward(factory: Any) -> bool:
+    """An environment_factory (wrapped by `trl_environment`) whose environments score themselves with get_reward()
+    (one made to look, as TRL makes one)."""
+    if factory is None:
+        return False
+    try:
+        probe = factory()
+    except Exception:  # noqa: BLE001 (building the trainer names the factory that fails, and why)
+        return True
+    return callable(getattr(type(probe), "get_reward", None))
+
+
+def _spec_of(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def args_fields(args: Any) -> dict[str, Any]:

@@ -347,11 +347,15 @@ class EnvironmentFields:
     `reward()` / `get_reward()`, when it has one, becomes a reward column named after its class
     (docs/environments.md)."""
     tools: list[str] = field(default_factory=list)
-    """Tools the model may call: built-in `calc` (integer arithmetic), or `package.module:function` (a typed Python
-    function with a docstring); called as the model writes them (`tool_format`), their output inserted, not trained."""
-    tool_format: Literal["tags"] = "tags"
+    """Tools the model may call: built-in `calc` (integer arithmetic), `python` (runs the model's program in
+    `grpokit.sandbox`, no network), or `package.module:function` (a typed Python function with a docstring);
+    called as the model writes them (`tool_format`), their output inserted, not trained."""
+    tool_format: Literal["tags", "chat"] = "tags"
     """How a tool call is written: `tags`: `<NAME>ARGUMENT</NAME>`, the turn stops at the closing tag, the output
-    comes back as `<result>OUTPUT</result>` (any template, tiny models)."""
+    comes back as `<result>OUTPUT</result>` (any template, tiny models); `chat`: as TRL does, through the chat
+    template's tool support: the tools' JSON schemas rendered in the prompt, calls written
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (several per turn), answered as tool messages the
+    template renders; the template is checked first (tool support, earlier turns kept) and refused by name."""
     max_turns: int = 8
     """Model turns per rollout row with an environment or tools (the environment scores the last one too)."""
     max_tool_output_tokens: int = 256
@@ -427,7 +431,8 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     """Variables for the tokenizer's chat template wherever chat prompts are rendered (rollouts, evaluation), e.g.
     `{enable_thinking: false}` for Qwen3; on the command line as JSON: `'{"enable_thinking": false}'`."""
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
-    """Reward functions: built-ins `accuracy`, `format`, `overlong`, or `package.module:function`."""
+    """Reward functions: built-ins `accuracy`, `format`, `overlong`, `code_tests` (the completion's Python run
+    against the row's `tests` in a sandbox: docs/sandbox.md), or `package.module:function`."""
     reward_weights: list[float] | None = None
     """Weight of each reward function (default: 1 each)."""
     format_pattern: str = r"\d+"
@@ -609,7 +614,11 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
             "vllm_importance_sampling_clip_max",
             "and vllm_importance_sampling_clip_min are both empty: a truncated weight needs a bound",
         )
-        _require(len(self.reward_funcs) >= 1, "reward_funcs", "is empty: give at least one reward function")
+        _require(  # (an environment's reward() may be the only one: `reward_set` refuses a run with none at all)
+            len(self.reward_funcs) >= 1 or self.uses_environment(),
+            "reward_funcs",
+            "is empty: give at least one reward function",
+        )
         if self.reward_weights is not None:
             _require(  # reward functions handed in are counted against the weights when they are built (reward_set)
                 rewards_given or len(self.reward_weights) == len(self.reward_funcs),

@@ -300,6 +300,7 @@ CONVERTED = {
     "disable_tqdm": "progress",
     "resume_from_checkpoint": "resume_from_checkpoint",
     "overwrite_output_dir": "overwrite_output_dir",  # transformers 4
+    "max_tool_calling_iterations": "max_turns",
 }
 MAPPED = frozenset(SAME_NAME) | frozenset(RENAMED) | frozenset(CONVERTED)
 
@@ -462,7 +463,6 @@ UNSUPPORTED: dict[str, str] = {
     "trains every token",
     "entropy_coef": "an entropy bonus in the loss; grpokit's loss has none",
     "use_adaptive_entropy": "an entropy bonus whose coefficient follows a target entropy; grpokit's loss has none",
-    "max_tool_calling_iterations": "caps an agent's tool-calling turns (`tools`); grpokit's trainer takes no tools yet",
     "off_policy_mask_threshold": "off-policy sequence masking (DeepSeek-V3.2): negative-advantage sequences that "
     "drifted past it leave the loss; grpokit has no such mask",
     "vllm_importance_sampling_cap": "TRL deprecated it (1.6): set `vllm_importance_sampling_clip_max`",
@@ -548,6 +548,7 @@ TRL_TYPES: dict[str, Any] = {
     "beta": float,
     "num_generations": int,
     "max_completion_length": int,
+    "max_tool_calling_iterations": int | None,
     "temperature": float,
     "top_p": float,
     "top_k": int | None,
@@ -618,6 +619,7 @@ TRL_MINIMUM: dict[str, float] = {
     "generation_batch_size": 1,
     "num_generations": 2,  # TRL: GRPO needs at least 2 generations per prompt
     "max_completion_length": 1,
+    "max_tool_calling_iterations": 0,
     "num_iterations": 1,
     "ref_model_sync_steps": 1,
     "warmup_steps": 0,
@@ -668,6 +670,7 @@ GRPOKIT_SOURCES: dict[str, tuple[str, ...]] = {
     **{name: (name, "generation_kwargs") for name in GENERATION_KWARGS if name in SAME_NAME + ("min_p",)},
     "min_lr_rate": ("lr_scheduler_kwargs",),
     "kl_importance_weight": ("use_bias_correction_kl", "beta"),
+    "max_turns": ("max_tool_calling_iterations", "max_completion_length"),
     # a peft LoraConfig's options, as grpokit's `lora:` section
     "lora.r": ("peft_config.r",),
     "lora.alpha": ("peft_config.lora_alpha",),
@@ -706,6 +709,8 @@ CONVERSIONS = {
     "eval_strategy": "`eval_every` (steps; 0: before and after training)",
     "eval_steps": "`eval_every`",
     "disable_tqdm": "`progress: false`",
+    "max_tool_calling_iterations": "`max_turns` = it + 1 (model turns, the first included), with `tools` or an "
+    "`environment` and `tool_format: chat`",
     **{old: f"`{new}`" for old, new in RENAMED.items()},
     **{name: f"nothing ({reason})" for name, reason in UNSUPPORTED.items()},
     **{name: f"nothing: no effect in grpokit ({reason})" for name, reason in NO_EFFECT.items()},

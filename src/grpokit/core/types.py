@@ -28,6 +28,8 @@ class Episode:
     step_rewards: list[float] | None = None  # the environment's step() reward after each model turn
     done: bool = False  # the environment said done (False: max_turns or the token budget ended the row)
     ended_by: str = ""  # "done" | "max_turns" | "length" (the token budget) | "overflow" (an observation did not fit)
+    # | "timeout" (the environment's own step ran past its timeout)
+    # | "stop" (a chat-format turn a stop string ended, not its end token)
     tool_errors: int = 0  # tool calls that raised (their error went back to the model as text)
     tool_timeouts: int = 0  # tool calls past their timeout (said to the model as text)
     observations_cut: int = 0  # observations cut to max_tool_output_tokens

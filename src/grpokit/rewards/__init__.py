@@ -1,5 +1,6 @@
 """What scores a completion: the reward contract, the built-in rewards and the weighted reward set (`functions`),
-and a trained reward model behind the same contract (`scorer`)."""
+a trained reward model behind the same contract (`scorer`), and code run against test cases in the sandbox
+(`code`)."""
 
 # The built-in reward names, here so that the config (a higher layer) reads them without importing torch.
-BUILTIN_REWARDS = ("accuracy", "format", "overlong")
+BUILTIN_REWARDS = ("accuracy", "format", "overlong", "code_tests")

@@ -55,6 +55,7 @@ from grpokit.data.rows import (
 )
 from grpokit.model.loading import check_model_source
 from grpokit.rewards import BUILTIN_REWARDS
+from grpokit.rewards.code import code_tests_reward
 from grpokit.rewards.scorer import RewardModelScorer
 
 if TYPE_CHECKING:
@@ -81,8 +82,8 @@ REWARD_INPUTS = RESERVED_COLUMNS
 # Of those, the objects TRL passes beside the data (`score` adds them to each call, never copied)
 CONTRACT_INPUTS = ("trainer_state", "log_metric", "log_extra")
 # What a multi-turn rollout (an environment per row) adds: the rows' environment instances (passed as they are, not
-# copied: a reward reads their state), model turns, tool calls ({"name", "arguments", "result" | "error"}) and the
-# environment's step rewards
+# copied: a reward reads their state; for tools on a factory's instance, that instance, as TRL passes it), model
+# turns, tool calls ({"name", "arguments", "result" | "error"}) and the environment's step rewards
 EPISODE_INPUTS = ("environments", "num_turns", "tool_calls", "step_rewards")
 # The columns of a logged completion (`GRPOTrainer.figures`): a `log_extra` column may not replace one
 SAMPLE_COLUMNS = frozenset({"step", "prompt", "completion", "reward", "advantage"})
@@ -242,7 +243,7 @@ def reward_inputs(
 def episode_inputs(episodes: Sequence[Any]) -> dict[str, list[Any]]:
     """The keywords a multi-turn rollout's rewards get beside the columns (`EPISODE_INPUTS`), one per row."""
     return {
-        "environments": [e.environment for e in episodes],
+        "environments": [getattr(e.environment, "user_environment", e.environment) for e in episodes],
         "num_turns": [e.num_turns for e in episodes],
         "tool_calls": [list(e.tool_calls or []) for e in episodes],
         "step_rewards": [list(e.step_rewards or []) for e in episodes],
@@ -251,9 +252,15 @@ def episode_inputs(episodes: Sequence[Any]) -> dict[str, list[Any]]:
 
 def conversation(completion: str, episode: Any) -> list[dict[str, str]]:
     """A chat prompt's completion in TRL's message form: one assistant message, or for a multi-turn row its
-    turns in order, the model's as assistant messages and what was inserted between them as tool messages."""
+    turns in order, the model's as assistant messages and what was inserted between them as tool messages (with
+    tool_format chat, as TRL gives them: each call in its assistant message's `tool_calls`, the tool messages as
+    they were rendered)."""
     if episode is None:
         return [{"role": "assistant", "content": completion}]
+    form = getattr(episode.environment, "chat_messages", None)  # (tool_format chat: the tool calls and messages)
+    messages = form(episode.pieces) if callable(form) else None
+    if messages is not None:
+        return messages
     return [{"role": "assistant" if kind == "model" else "tool", "content": text} for kind, text in episode.pieces]
 
 
@@ -397,6 +404,7 @@ def build_reward_funcs(
         "accuracy": lambda: gold_reward(task.is_correct if task is not None else exact_match),
         "format": lambda: format_reward(format_pattern),
         "overlong": lambda: overlong_reward(max_completion_length, overlong_buffer),
+        "code_tests": code_tests_reward,  # the sandbox's default limits; for others call code_tests_reward(...)
     }
     funcs = []
     for name in names:
@@ -1069,6 +1077,11 @@ def reward_set(
     if len(weights) != len(funcs):
         raise ConfigError(f"config field `reward_weights` has {len(weights)} entries for {len(funcs)} reward functions")
     funcs, weights = [*funcs, *extra], [*weights, *[1.0] * len(extra)]
+    if not funcs:
+        raise ConfigError(
+            "config field `reward_funcs` is empty and the environment brings no reward of its own (reward() or "
+            "get_reward()): nothing would score the rollouts"
+        )
     gold_checked = "accuracy" in [name for name, _ in funcs + gold]
     if gold_checked:
         check_columns(train_rows, ["answer"], "train data (the `accuracy` reward needs it)")

@@ -21,6 +21,7 @@ tiny models, where a tool `calc` is called by `<calc>ARGUMENT</calc>` (the turn 
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
 import operator
 import threading
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from grpokit.core.types import ConfigError
+from grpokit.rollout.chat_tools import ChatSyntax
+from grpokit.runtime.sandbox import SandboxUnavailable, check_sandbox, default_interpreter, find_bwrap
+from grpokit.runtime.sandbox import python as python_tool
 
 
 class Environment(Protocol):
@@ -66,7 +70,8 @@ def call_tool(tools: dict[str, Callable[..., Any]], name: str, arguments: dict[s
 ):  # fmt: skip
     """`tools[name](**arguments)` in a thread of its own, waited for at most `timeout` seconds. An unknown name, an
     exception or a timeout becomes the outcome's `error` text (the model reads it and may try again); nothing is
-    raised. A timed-out call's thread is left to finish on its own (a daemon: Python cannot stop a thread), so a tool
+    raised, except SandboxUnavailable (the machine cannot run the tool's code safely: the trainer's problem, not the
+    model's). A timed-out call's thread is left to finish on its own (a daemon: Python cannot stop a thread), so a tool
     that can hang should run its work in a process it can kill, as `grpokit.sandbox` does."""
     if name not in tools:
         known = ", ".join(sorted(tools)) or "none"
@@ -75,7 +80,10 @@ def call_tool(tools: dict[str, Callable[..., Any]], name: str, arguments: dict[s
 
     def run() -> None:
         try:
-            box["result"] = tools[name](**arguments)
+            result = tools[name](**arguments)
+            box["result"] = asyncio.run(_awaited(result)) if inspect.isawaitable(result) else result  # (an async tool)
+        except SandboxUnavailable as err:  # no sandbox here: the run must stop, not the model read it
+            box["fatal"] = err
         except BaseException as err:  # noqa: BLE001 (a tool's failure is the model's to read, whatever it is)
             box["error"] = f"error: {type(err).__name__}: {err}"
 
@@ -84,9 +92,15 @@ def call_tool(tools: dict[str, Callable[..., Any]], name: str, arguments: dict[s
     worker.join(timeout)
     if worker.is_alive():
         return ToolOutcome(name, arguments, error=f"error: {name} timed out after {timeout:g} s", timed_out=True)
+    if "fatal" in box:
+        raise box["fatal"]
     if "error" in box:
         return ToolOutcome(name, arguments, error=box["error"])
     return ToolOutcome(name, arguments, result=box.get("result"))
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def tool_name(fn: Callable[..., Any]) -> str:
@@ -167,9 +181,11 @@ class ToolUse:
     manages_timeouts = True  # each call has its own timeout: the sampler waits for `step` without one
 
     def __init__(self, tools: Sequence[Callable[..., Any]], syntax_factory: Callable[[dict], Any], *,
-                 timeout: float | None, base: Any = None):  # fmt: skip
+                 timeout: float | None, base: Any = None, trl_methods: bool = False):  # fmt: skip
         self.base = base
-        self.tools = check_tools([*tools, *(environment_methods(base) if base is not None else [])])
+        self.outcome_names = ("get_reward",) if trl_methods else ("reward", "get_reward")
+        skip = TRL_NOT_TOOLS if trl_methods else NOT_TOOLS
+        self.tools = check_tools([*tools, *(environment_methods(base, skip) if base is not None else [])])
         self.syntax = syntax_factory(self.tools)
         self.timeout = timeout
         self.calls: list[ToolOutcome] = []
@@ -181,6 +197,11 @@ class ToolUse:
     def reset(self, **columns: Any) -> str | None:
         self.calls = []
         return self.base.reset(**columns) if self.base is not None else None
+
+    def last_step(self, text: str) -> tuple[Any, float, bool]:
+        """`step` of the row's last allowed turn: whether the model ended (no call), without making the calls, whose
+        output the model would never read (a tool's step rewards are 0)."""
+        return None, 0.0, not self.syntax.parse(text)
 
     def step(self, text: str) -> tuple[Any, float, bool]:
         requests = self.syntax.parse(text)
@@ -196,8 +217,19 @@ class ToolUse:
         return self.syntax.observation(outcomes), 0.0, False
 
     def reward(self) -> float | None:
-        outcome = _reward_method(self.base)
+        outcome = _reward_method(self.base, self.outcome_names)
         return None if outcome is None else outcome()
+
+    @property
+    def user_environment(self) -> Any:
+        """What the reward functions get as this row's environment: the instance the user's factory made (as TRL
+        passes it: its own class, its state), or this object for tools alone."""
+        return self if self.base is None else self.base
+
+    def chat_messages(self, pieces: list[tuple[str, str]]) -> list[dict[str, Any]] | None:
+        """The row's completion as TRL's messages, when the syntax knows them (`ChatSyntax`); None: the default."""
+        form = getattr(self.syntax, "messages", None)
+        return None if form is None else form(pieces)
 
     def __getattr__(self, name: str) -> Any:  # a reward function reading `environments` sees the base's state
         base = self.__dict__.get("base")
@@ -206,10 +238,13 @@ class ToolUse:
         return getattr(base, name)
 
 
-def environment_methods(instance: Any) -> list[Callable[..., Any]]:
-    """An environment instance's tools as TRL exposes them: its public methods, `reset`, `step`, `get_reward` and
-    `reward` aside (listed on the class, so that a property is not evaluated)."""
-    skip = {"reset", "step", "get_reward", "reward"}
+NOT_TOOLS = frozenset({"reset", "step", "get_reward", "reward"})
+TRL_NOT_TOOLS = frozenset({"reset", "get_reward"})  # TRL's rule: a `step` or `reward` method is a tool there
+
+
+def environment_methods(instance: Any, skip: frozenset[str] = NOT_TOOLS) -> list[Callable[..., Any]]:
+    """An environment instance's tools as TRL exposes them: its public methods but those in `skip` (listed on the
+    class, so that a property is not evaluated)."""
     return [
         getattr(instance, name)
         for name, _ in inspect.getmembers(type(instance), predicate=inspect.isfunction)
@@ -217,8 +252,8 @@ def environment_methods(instance: Any) -> list[Callable[..., Any]]:
     ]
 
 
-def _reward_method(instance: Any) -> Callable[[], Any] | None:
-    for name in ("reward", "get_reward"):
+def _reward_method(instance: Any, names: tuple[str, ...] = ("reward", "get_reward")) -> Callable[[], Any] | None:
+    for name in names:
         method = getattr(type(instance), name, None) if instance is not None else None
         if callable(method):
             return getattr(instance, name)
@@ -228,7 +263,7 @@ def _reward_method(instance: Any) -> Callable[[], Any] | None:
 def outcome_reward(environment: Any) -> Callable[[], Any] | None:
     """The environment's episode reward (`reward()`, or TRL's `get_reward()`), None when it has none."""
     if isinstance(environment, ToolUse):
-        return environment.reward if _reward_method(environment.base) is not None else None
+        return environment.reward if _reward_method(environment.base, environment.outcome_names) is not None else None
     return _reward_method(environment)
 
 
@@ -266,13 +301,26 @@ def calc(expression: str) -> str:
     return str(value(tree.body))
 
 
-BUILTIN_TOOLS: dict[str, Callable[..., Any]] = {"calc": calc}
+BUILTIN_TOOLS: dict[str, Callable[..., Any]] = {"calc": calc, "python": python_tool}
 """Tools a config names by a bare name (`tools: [calc]`); any other is `module:function`."""
 
 
 # ---------------------------------------------------------------------------------------------- a run's environments
-SYNTAXES: dict[str, Callable[[dict[str, Callable[..., Any]]], Any]] = {"tags": TagSyntax}
-"""`tool_format` -> the syntax of tool calls, made from the tools by name."""
+SYNTAXES: dict[str, Callable[[dict[str, Callable[..., Any]]], Any]] = {"tags": TagSyntax, "chat": ChatSyntax}
+"""`tool_format` -> the syntax of tool calls, made from the tools by name (`chat`: `rollout.chat_tools`)."""
+
+
+class TRLEnvironment:
+    """TRL's `environment_factory` as `grpokit.trl` hands it over: every public method of its instances is a tool,
+    `step` and `reward` too (TRL lists them so), only `reset` and `get_reward` are not, and `get_reward()` is the
+    episode's outcome. (grpokit's own rule reads an environment with a `step` method as one that reads every turn.)"""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.factory = factory
+        self.__name__ = getattr(factory, "__name__", type(factory).__name__)  # (what errors name)
+
+    def __call__(self) -> Any:
+        return self.factory()
 
 
 def resolve_tools(specs: Sequence[Any], importer: Callable[[str], Any]) -> list[Callable[..., Any]]:
@@ -283,6 +331,8 @@ def resolve_tools(specs: Sequence[Any], importer: Callable[[str], Any]) -> list[
         if callable(spec):
             out.append(spec)
         elif spec in BUILTIN_TOOLS:
+            if spec == "python":  # no sandbox here: said now, before any model loads, not at the first call
+                check_sandbox(find_bwrap(), default_interpreter())
             out.append(BUILTIN_TOOLS[spec])
         elif isinstance(spec, str) and ":" in spec:
             out.append(importer(spec))
@@ -304,6 +354,7 @@ def environment_maker(tools: Sequence[Callable[..., Any]], factory: Callable[[],
     if tool_format not in SYNTAXES:
         raise ConfigError(f"config field `tool_format` is {tool_format!r}: one of {', '.join(SYNTAXES)}")
     check_tools(tools)  # names and callables, before any row
+    trl = isinstance(factory, TRLEnvironment)
     if factory is not None:
         if not callable(factory):
             raise ConfigError(f"`environment` is {factory!r}, which is not callable: give a class or a function")
@@ -315,7 +366,7 @@ def environment_maker(tools: Sequence[Callable[..., Any]], factory: Callable[[],
         if not callable(getattr(probe, "reset", None)):
             raise ConfigError(f"`environment` makes {type(probe).__name__} objects, which have no `reset` method: an "
                               "environment has reset(**columns) (and step(text), or tool methods)")  # fmt: skip
-        if callable(getattr(probe, "step", None)):
+        if callable(getattr(probe, "step", None)) and not trl:
             if tools:
                 raise ConfigError(
                     f"`environment` ({type(probe).__name__}) has its own step(), which reads every model turn, and "
@@ -323,10 +374,11 @@ def environment_maker(tools: Sequence[Callable[..., Any]], factory: Callable[[],
                     "whose methods are its tools"
                 )
             return factory
-        ToolUse(tools, SYNTAXES[tool_format], timeout=timeout, base=probe)  # its methods checked as tools
+        ToolUse(tools, SYNTAXES[tool_format], timeout=timeout, base=probe, trl_methods=trl)  # methods checked as tools
 
     def make() -> ToolUse:
-        return ToolUse(tools, SYNTAXES[tool_format], timeout=timeout, base=factory() if factory else None)
+        base = factory() if factory else None
+        return ToolUse(tools, SYNTAXES[tool_format], timeout=timeout, base=base, trl_methods=trl)
 
     return make
 
@@ -336,11 +388,19 @@ def environment_rewards(make: Callable[[], Any]) -> list[tuple[str, Callable[...
     names it), and the sum of its `step` rewards (NAME_steps) for an environment with its own step()."""
     probe = make()
     base = probe.base if isinstance(probe, ToolUse) else probe
+    names = probe.outcome_names if isinstance(probe, ToolUse) else ("reward", "get_reward")
     columns: list[tuple[str, Callable[..., list[float | None]]]] = []
     if base is not None and outcome_reward(probe) is not None:
 
-        def outcome(environments: list[Any], **_: Any) -> list[float | None]:
-            return [outcome_reward(e)() for e in environments]
+        def outcome(environments: list[Any], **_: Any) -> Any:  # (the instances the factory made: `user_environment`)
+            values = [_reward_method(e, names)() for e in environments]
+            if not any(inspect.isawaitable(v) for v in values):
+                return values
+
+            async def gathered() -> list[Any]:  # an async get_reward (TRL allows one): awaited together
+                return [await v if inspect.isawaitable(v) else v for v in values]
+
+            return gathered()
 
         columns.append((type(base).__name__, outcome))
     if not isinstance(probe, ToolUse):

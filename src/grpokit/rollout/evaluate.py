@@ -11,7 +11,11 @@ from typing import Any
 import torch
 
 from grpokit.data.rows import answer_problem, encode_prompts
+from grpokit.rollout.multiturn import episode_figures, rollout_counts
 from grpokit.rollout.sampler import EVAL_STEP, Sampler, SamplingParams, call_generate, check_rollout, prompt_seeds
+
+EPISODE_FIGURES = ("turns/mean", "tools/call_frequency", "tools/failure_frequency")
+"""The held-out figures of a multi-turn rollout (`multiturn.episode_figures`), per mode: eval/turns/mean_greedy, ..."""
 
 
 def sample_batches(
@@ -108,7 +112,8 @@ def heldout_eval(
     eval/rewards/NAME/mean_{mode} of every function the rows can feed and eval/reward_{mode}, their weighted sum
     over the rows some function scored, and eval/METRIC_{mode} of each metric they log (`log_metric`: the mean of
     its values; a `log_extra` column is checked and dropped, held-out rows keep no completions). The functions get
-    `rewards.state` as `trainer_state`. {} without rows."""
+    `rewards.state` as `trainer_state`. Through a multi-turn sampler also eval/FIGURE_{mode} of `EPISODE_FIGURES`
+    (model turns, tool calls and failed calls per row). {} without rows."""
     prompt_column = settings.prompt_column
     from grpokit.core import algo
     from grpokit.rewards.functions import (
@@ -135,7 +140,7 @@ def heldout_eval(
         warnings.warn(f"held-out rows lack what {skipped} need: those reward functions are not evaluated", stacklevel=2)
     out: dict[str, float] = {}
     for mode, mode_temperature in (("greedy", 0.0), ("sampled", settings.temperature)):
-        texts, scores, logged, owners = [], [], {}, {}
+        texts, scores, logged, owners, episodes = [], [], {}, {}, []
         batches = sample_batches(
             sampler,
             tokenizer,
@@ -150,6 +155,7 @@ def heldout_eval(
         )
         for start, prompts, rollout, batch_texts in batches:
             texts += batch_texts
+            episodes += rollout.episodes or ()
             if funcs:
                 batch = rows[start : start + len(batch_texts)]
                 inputs = reward_inputs(batch, prompt_column, 1, prompts.texts, batch_texts, rollout)
@@ -170,6 +176,9 @@ def heldout_eval(
             weights = rewards.weights[[k for k, _, _ in funcs]]
             total, scorable = algo.combine_rewards(table, weights)
             out[f"eval/reward_{mode}"] = total[scorable].mean().item() if bool(scorable.any()) else float("nan")
+        if episodes:  # a multi-turn sampler's: how the model used its tools and turns
+            figures = episode_figures(rollout_counts(tuple(episodes), 0))
+            out.update({f"eval/{key}_{mode}": figures[key] for key in EPISODE_FIGURES})
         for metric, values in logged.items():
             if f"eval/{metric}_{mode}" in out:
                 raise RewardError(

@@ -10,9 +10,10 @@ inserted (their sampling logprob 0). No mask is ever inferred from token ids: pa
 end-of-turn token in mid-sequence stays attended and trained.
 
 The group of prompt p is G rows, each with its own environment instance (`make_environment()`, reset with the row's
-columns). Turn 1 is one call of the wrapped sampler for all prompts (G draws each, seeded as a single-turn rollout
-is); every later turn is one call for the rows still going, each its own prompt with a seed derived from its
-prompt's seed, its place in the group and the turn (`turn_seeds`), so a row's draws do not depend on the others.
+columns). At turn 1 the prompts whose environments inserted nothing before it are one call of the wrapped sampler
+(G draws each, seeded as a single-turn rollout is); every other row, at every turn, is a prompt of its own (its
+whole history) with a seed derived from its prompt's seed, its place in the group and the turn (`turn_seeds`), so a
+row's draws do not depend on the other rows of the call.
 
 Limits: `max_turns` model turns; `max_new_tokens` (the run's max_completion_length) counts the model's and the
 inserted tokens together: a turn gets what is left, and an observation that would leave no room for a model token is
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from grpokit.core.types import Episode, Rollout
+from grpokit.core.types import ConfigError, Episode, Rollout
 from grpokit.rollout.environments import EnvironmentFailure
 from grpokit.rollout.sampler import SamplingParams, call_generate, check_rollout
 
@@ -69,8 +70,9 @@ class PlainInsertion:
 
 
 def turn_seeds(prompt_seed: int, place_in_group: int, turn: int) -> int:
-    """The seed of one row's turn `turn` (>= 2; turn 1 draws from its prompt's seed as a single-turn rollout does):
-    an unsigned 64-bit integer from (its prompt's seed, its place in the group, the turn)."""
+    """The seed of one row's turn `turn` (turn 1 of a prompt without opening observations draws from the prompt's
+    seed as a single-turn rollout does): an unsigned 64-bit integer from (its prompt's seed, its place in the group,
+    the turn)."""
     import numpy as np
 
     (state,) = np.random.SeedSequence([prompt_seed % 2**64, place_in_group, turn]).generate_state(1, dtype=np.uint64)
@@ -122,7 +124,9 @@ class MultiTurnSampler:
         if len(columns) != len(prompt_ids):
             raise ValueError(f"{len(columns)} data rows for {len(prompt_ids)} prompts: one row per prompt")
         episodes = [self._start(p, g, columns[p], budget) for p in range(len(prompt_ids)) for g in range(G)]
-        stop = tuple(dict.fromkeys((*params.stop_strings, *getattr(episodes[0].environment, "stop_strings", ()))))
+        syntax_stops = tuple(getattr(episodes[0].environment, "stop_strings", ()))
+        writable_stop_strings(self.tokenizer, syntax_stops, _kind(episodes[0].environment))
+        stop = tuple(dict.fromkeys((*params.stop_strings, *syntax_stops)))
         for turn in range(1, self.limits.max_turns + 1):
             going = [row for row in episodes if row.live]
             if not going:
@@ -140,6 +144,8 @@ class MultiTurnSampler:
                 row.episode.num_turns += 1
                 if cut or truncated:
                     row.live, row.truncated, row.episode.ended_by = False, True, "length"
+                elif not self._closes(ids):  # (chat: a stop string ended it, not its end token: left as it is)
+                    row.live, row.episode.ended_by = False, "stop"
                 else:
                     stepping.append(row)
             self._step(stepping, turn, budget)
@@ -153,13 +159,13 @@ class MultiTurnSampler:
             observation = environment.reset(**columns)
         except Exception as err:
             raise EnvironmentFailure(
-                f"the environment ({type(environment).__name__}).reset raised {type(err).__name__}: {err} (prompt {p})"
+                f"the environment ({_kind(environment)}).reset raised {type(err).__name__}: {err} (prompt {p})"
             ) from err
         if observation is not None:
-            ids = self._encode(environment, observation, p)
+            ids = self._encode(environment, observation, p, reset=True)
             if len(ids) >= budget:
                 raise EnvironmentFailure(
-                    f"the environment ({type(environment).__name__}).reset of prompt {p} returned an observation of "
+                    f"the environment ({_kind(environment)}).reset of prompt {p} returned an observation of "
                     f"{len(ids)} tokens, which leaves no room for the model in max_completion_length = {budget}"
                 )
             self._insert(row, ids)
@@ -176,30 +182,47 @@ class MultiTurnSampler:
         turn: int,
         budget: int,
     ) -> list[tuple[list, list, bool]]:  # fmt: skip
-        """One turn of the wrapped sampler for the rows still going: (new ids, their logprobs, truncated) per row."""
+        """One turn of the wrapped sampler for the rows still going: (new ids, their logprobs, truncated) per row.
+        At turn 1 a prompt whose rows all start at the bare prompt (no opening observation) is drawn as a group, one
+        prefill, seeded as a single-turn rollout is; every other row is a prompt of its own with its turn's seed.
+        Two calls at most, so that no prompt's draws depend on what the others' environments did."""
         room = max(budget - len(row.ids) for row in going)
         turn_params = replace(params, max_new_tokens=room, stop_strings=stop)
-        grouped = turn == 1 and all(not row.ids for row in going)  # every row starts at its prompt: one prefill each
+        opened = {row.prompt for row in going if row.ids}
+        bare = sorted({row.prompt for row in going} - opened) if turn == 1 else []
+        grouped = [row for row in going if row.prompt in bare]  # (in order: row p*G + g of the call)
+        alone = [row for row in going if row.prompt not in bare]
+        calls = []
         if grouped:
-            histories, count, row_seeds = [list(ids) for ids in prompt_ids], G, seeds
-        else:
-            histories, count = [list(prompt_ids[row.prompt]) + row.ids for row in going], 1
-            row_seeds = None if seeds is None else [turn_seeds(seeds[row.prompt], row.place, turn) for row in going]
-        rollout = call_generate(self.inner, histories, num_generations=count, params=turn_params, seeds=row_seeds)
-        check_rollout(rollout, self.inner, rows=len(histories) * count, prompts=histories)
-        real = rollout.completion_mask.bool().cpu()
-        ids, logp, truncated = rollout.completion_ids.cpu(), rollout.sampling_logp.float().cpu(), rollout.truncated
-        return [(ids[i][real[i]].tolist(), logp[i][real[i]].tolist(), bool(truncated[i])) for i in range(len(going))]
+            calls.append((grouped, [list(prompt_ids[p]) for p in bare], G, None if seeds is None else
+                          [seeds[p] for p in bare]))  # fmt: skip
+        if alone:
+            calls.append((alone, [list(prompt_ids[row.prompt]) + row.ids for row in alone], 1, None if seeds is None
+                          else [turn_seeds(seeds[row.prompt], row.place, turn) for row in alone]))  # fmt: skip
+        drawn: dict[int, tuple[list, list, bool]] = {}
+        for rows, histories, count, row_seeds in calls:
+            rollout = call_generate(self.inner, histories, num_generations=count, params=turn_params, seeds=row_seeds)
+            check_rollout(rollout, self.inner, rows=len(histories) * count, prompts=histories)
+            real = rollout.completion_mask.bool().cpu()
+            ids, logp, truncated = rollout.completion_ids.cpu(), rollout.sampling_logp.float().cpu(), rollout.truncated
+            for i, row in enumerate(rows):
+                drawn[id(row)] = (ids[i][real[i]].tolist(), logp[i][real[i]].tolist(), bool(truncated[i]))
+        return [drawn[id(row)] for row in going]
 
     def _step(self, rows: list[_Row], turn: int, budget: int) -> None:
         """Every row's environment reads the model's turn (concurrently); its observation is inserted, or the row
         ends (done, no observation, its last turn, or no room left)."""
+
+        def step(environment: Any) -> Any:  # (a last turn's tool calls are not made: nobody would read them)
+            last = turn == self.limits.max_turns and getattr(environment, "last_step", None)
+            return last or environment.step
+
         answers = _concurrently(
-            [(row.environment.step, row.episode.pieces[-1][1]) for row in rows],
+            [(step(row.environment), row.episode.pieces[-1][1]) for row in rows],
             [None if getattr(row.environment, "manages_timeouts", False) else self.limits.step_timeout for row in rows],
         )
         for row, (status, value) in zip(rows, answers):
-            name = type(row.environment).__name__
+            name = _kind(row.environment)
             if status == "timeout":
                 row.episode.tool_timeouts += 1
                 row.live, row.episode.ended_by = False, "timeout"
@@ -211,27 +234,34 @@ class MultiTurnSampler:
                 ) from value
             observation, reward, done = _step_answer(value, name, row, turn)
             row.episode.step_rewards.append(reward)
+            if not done and turn == self.limits.max_turns:
+                row.live, row.episode.ended_by = False, "max_turns"
+                continue
             if done or observation is None:
                 row.live, row.episode.done, row.episode.ended_by = False, bool(done), "done"
                 continue
-            if turn == self.limits.max_turns:
-                row.live, row.episode.ended_by = False, "max_turns"
-                continue
             ids = self._encode(row.environment, observation, row.prompt)
-            if len(ids) > self.limits.max_tool_output_tokens:
-                ids = ids[: self.limits.max_tool_output_tokens]
+            if len(ids) > self.limits.max_tool_output_tokens:  # (chat: cut inside the messages, the template kept)
+                cut = getattr(self.insertion, "cut", None)
+                limit = self.limits.max_tool_output_tokens
+                ids = ids[:limit] if cut is None else cut(observation, limit)
                 row.episode.observations_cut += 1
             if len(row.ids) + len(ids) >= budget:  # no room left for a model token after it: rolled back
                 row.live, row.truncated, row.episode.ended_by = False, True, "overflow"
                 continue
             self._insert(row, ids)
 
-    def _encode(self, environment: Any, observation: Any, p: int) -> list[int]:
+    def _closes(self, ids: list[int]) -> bool:
+        closes = getattr(self.insertion, "closes_turn", None)
+        return closes is None or closes(ids)
+
+    def _encode(self, environment: Any, observation: Any, p: int, reset: bool = False) -> list[int]:
         try:
-            return self.insertion.encode(observation)
+            encode = getattr(self.insertion, "encode_reset", None) if reset else None  # (chat: refused)
+            return (encode or self.insertion.encode)(observation)
         except TypeError as err:
             raise EnvironmentFailure(
-                f"the environment ({type(environment).__name__}) of prompt {p} returned an observation grpokit cannot "
+                f"the environment ({_kind(environment)}) of prompt {p} returned an observation grpokit cannot "
                 f"insert: {err}"
             ) from err
 
@@ -268,6 +298,27 @@ class MultiTurnSampler:
             loss_mask=torch.tensor([right(row.trained, 0) for row in rows]),  # (N, Tc) 1 on sampled tokens only
             episodes=tuple(row.episode for row in rows),
         )
+
+
+def _kind(environment: Any) -> str:
+    """The environment's class as its errors name it: the user's own (a ToolUse's base), not grpokit's wrapper."""
+    return type(getattr(environment, "user_environment", environment)).__name__
+
+
+def writable_stop_strings(tokenizer: Any, stop_strings: tuple[str, ...], environment: str) -> None:
+    """The stop strings that end a model turn at a tool call (`</calc>`) are text the tokenizer can write: one with a
+    character it maps to its unknown token could never be sampled, and every rollout would stay one turn without a
+    word (the built-in character tokenizer has no `<`). A ConfigError naming the string otherwise."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return
+    for text in stop_strings:
+        if unknown in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise ConfigError(
+                f"the environment ({environment}) ends a turn at {text!r}, which the tokenizer cannot write (it "
+                f"encodes a character of it as {tokenizer.unk_token!r}): the model could never call the tool. Use a "
+                "tokenizer whose vocabulary has those characters"
+            )
 
 
 def _step_answer(value: Any, name: str, row: _Row, turn: int) -> tuple[Any, float, bool]:
@@ -313,6 +364,9 @@ def _concurrently(calls: list[tuple[Any, Any]], timeouts: list[float | None]) ->
     return out
 
 
+ENDINGS = ("max_turns", "length", "overflow", "timeout", "stop")  # how a row ends but "done", each counted
+
+
 def rollout_counts(episodes: tuple[Episode, ...] | None, prompts_cut: int) -> dict[str, float]:
     """This rank's counts of a step's rollout that the step's figures sum over the ranks (`episode_figures`): the
     prompts cut to max_prompt_length, and for a multi-turn rollout its rows, turns, tool calls and how rows ended."""
@@ -328,7 +382,7 @@ def rollout_counts(episodes: tuple[Episode, ...] | None, prompts_cut: int) -> di
         "errors": float(sum(e.tool_errors for e in episodes)),
         "timeouts": float(sum(e.tool_timeouts for e in episodes)),
         "cut": float(sum(e.observations_cut for e in episodes)),
-        **{f"ended_{why}": float(ended.count(why)) for why in ("max_turns", "length", "overflow", "timeout")},
+        **{f"ended_{why}": float(ended.count(why)) for why in ENDINGS},
     })  # fmt: skip
     return counts
 
@@ -349,6 +403,6 @@ def episode_figures(counts: dict[str, float]) -> dict[str, float]:
         "tools/errors": counts["errors"],
         "tools/timeouts": counts["timeouts"],
         "turns/observations_cut": counts["cut"],
-        **{f"turns/ended_{why}": counts[f"ended_{why}"] for why in ("max_turns", "length", "overflow", "timeout")},
+        **{f"turns/ended_{why}": counts[f"ended_{why}"] for why in ENDINGS},
     })  # fmt: skip
     return figures

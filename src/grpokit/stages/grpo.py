@@ -98,11 +98,12 @@ class GRPOTrainer:
         self.run_dir, self.tokenizer = setup.open(
             model=model, tokenizer=tokenizer, train_data=self.train_rows, eval_data=self.eval_rows
         )
+        self.template = run_setup.prompt_template(cfg, self.tokenizer, self.make_environment, self.train_rows)
         # what grpokit will change in the prompts, said once (InputWarning), before the model loads
         self.input_warnings, longest_prompt = scan_all_prompts(
             self.tokenizer, self.train_rows, self.eval_rows, prompt_column=cfg.prompt_column,
             max_prompt_length=cfg.max_prompt_length, prompts_per_step=cfg.prompts_per_step,
-            chat_template_kwargs=cfg.chat_template_kwargs,
+            chat_template_kwargs=self.template,  # (the config's, with tool_format chat the tools' schemas too)
         )  # fmt: skip
         machine.check_grpo_memory(
             model if model is not None else cfg.model, step_sizes(cfg), longest_prompt, self.device, dtype,
@@ -123,6 +124,7 @@ class GRPOTrainer:
         self.sampler, self.correction = grpo_sampler(  # (the correction: for another engine's logprobs)
             cfg, self.tokenizer, dtype, policy.sampler_weights(), sampler, device=self.device, model_given=args.model,
             longest_row=longest_prompt + cfg.max_completion_length, make_environment=self.make_environment,
+            template=self.template,
         )  # fmt: skip
         self.sampling = sampling_params(cfg)
         self.steps_taken = 0  # the step number seeds its prompts' draws (`prompt_seeds`)
@@ -159,7 +161,7 @@ class GRPOTrainer:
         self.steps_taken += 1
         at_step(self.state, cfg, self.steps_taken - 1, len(self.train_rows))  # (the steps before it: TRL counts so)
         t0 = time.perf_counter()
-        texts, template = [r[cfg.prompt_column] for r in rows], cfg.chat_template_kwargs
+        texts, template = [r[cfg.prompt_column] for r in rows], self.template
         prompts = encode_prompts(self.tokenizer, texts, cfg.max_prompt_length, template)
         seeds = prompt_seeds(cfg.seed, self.steps_taken, list(mine))
         rollout = call_generate(self.sampler, prompts.ids, rows, num_generations=G, params=self.sampling, seeds=seeds)
@@ -234,7 +236,7 @@ class GRPOTrainer:
         """Held-out accuracy (the task's gold checker, or exact match on `answer`) and every reward's mean, greedy
         and sampled (`heldout_eval`); kept in the eval history at `step`, and logged as a row of its own when `log`."""
         cfg, check = self.cfg, self.task.is_correct if self.task is not None else exact_match
-        settings = run_setup.heldout_settings(cfg)
+        settings = run_setup.heldout_settings(cfg, self.template)
         result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, settings, check, self.rewards)
         if result:
             self.eval_history.append({"step": step, **result})

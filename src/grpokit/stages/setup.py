@@ -30,7 +30,7 @@ from grpokit.model.optim import OptimizerSettings
 from grpokit.model.policy import Policy
 from grpokit.model.weights import PolicyWeights
 from grpokit.rewards.functions import RewardSet, build_reward_funcs, reward_set
-from grpokit.rollout.environments import environment_rewards
+from grpokit.rollout.environments import TRLEnvironment, environment_rewards
 from grpokit.rollout.evaluate import HeldoutSettings
 from grpokit.rollout.sampler import KVCacheSampler, Sampler, SamplingParams, push_weights
 from grpokit.runtime.checkpoint import (
@@ -225,16 +225,17 @@ def run_sampler(tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, samp
 
 def grpo_sampler(
     cfg: GRPOConfig, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, sampler: Any, *,
-    device: torch.device, model_given: Any, longest_row: int, make_environment: Any = None,
+    device: torch.device, model_given: Any, longest_row: int, make_environment: Any = None, template: Any = None,
 ) -> tuple[Sampler, SamplerCorrection | None]:  # fmt: skip
     """A GRPO run's sampler (`sampler` handed in, else vLLM's with `use_vllm`, else the in-process one) holding
     `weights`, and the engine-vs-trainer correction its update applies (`sampler_correction`). `longest_row`: the
     longest prompt plus max_completion_length, which an engine's context must hold. With `make_environment` (the
-    run's `environments`) it draws multi-turn rollouts through that sampler."""
+    run's `environments`) it draws multi-turn rollouts through that sampler (`template`: the prompts' template
+    variables, `prompt_template`)."""
     if cfg.use_vllm and sampler is None:
         sampler = vllm_sampler(cfg, tokenizer, dtype, weights, device=device, model_given=model_given is not None,
                                longest_row=longest_row)  # fmt: skip
-    sampler = multi_turn(cfg, tokenizer, run_sampler(tokenizer, dtype, weights, sampler), make_environment)
+    sampler = multi_turn(cfg, tokenizer, run_sampler(tokenizer, dtype, weights, sampler), make_environment, template)
     return sampler, sampler_correction(cfg, sampler)
 
 
@@ -262,17 +263,36 @@ def environments(cfg: Any, tools: Any = None, factory: Any = None) -> Any:
 
 
 def _spec(fn: Any) -> str:
+    fn = getattr(fn, "factory", fn) if isinstance(fn, TRLEnvironment) else fn  # (grpokit.trl's: the user's own)
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
-def multi_turn(cfg: Any, tokenizer: Any, sampler: Sampler, make_environment: Any) -> Sampler:
-    """`sampler` drawing multi-turn rollouts (`rollout.multiturn.MultiTurnSampler`) when the run has environments."""
+def multi_turn(cfg: Any, tokenizer: Any, sampler: Sampler, make_environment: Any, template: Any = None) -> Sampler:
+    """`sampler` drawing multi-turn rollouts (`rollout.multiturn.MultiTurnSampler`) when the run has environments;
+    with `tool_format: chat` what follows a model turn is the chat template's (`chat_tools.ChatInsertion`, rendered
+    with the prompts' `template` variables)."""
     if make_environment is None:
         return sampler
+    from grpokit.rollout.chat_tools import ChatInsertion
     from grpokit.rollout.multiturn import MultiTurnSampler, TurnLimits
 
     limits = TurnLimits(cfg.max_turns, cfg.max_tool_output_tokens, cfg.tool_timeout, cfg.mask_inserted_tokens)
-    return MultiTurnSampler(sampler, tokenizer, make_environment, limits)
+    chat = cfg.tool_format == "chat"
+    insertion = ChatInsertion(tokenizer, template, cfg.max_tool_output_tokens) if chat else None
+    return MultiTurnSampler(sampler, tokenizer, make_environment, limits, insertion=insertion)
+
+
+def prompt_template(cfg: Any, tokenizer: Any, make_environment: Any, rows: list[dict[str, Any]]) -> Any:
+    """The chat template variables the run renders its prompts with (training and held-out): the config's
+    `chat_template_kwargs`, and with `tool_format: chat` the tools' JSON schemas as `tools`, given at run time and
+    never written into the config; the template and the `rows`' prompts are checked then, before the model loads
+    (`chat_tools.chat_template_kwargs`)."""
+    if make_environment is None or cfg.tool_format != "chat":
+        return cfg.chat_template_kwargs
+    from grpokit.rollout.chat_tools import chat_template_kwargs
+
+    prompts = [row[cfg.prompt_column] for row in rows]
+    return chat_template_kwargs(tokenizer, make_environment, cfg.chat_template_kwargs, prompts)
 
 
 def vllm_sampler(cfg: Any, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, *, device: torch.device,
@@ -392,8 +412,9 @@ def sampling_params(cfg: GRPOConfig) -> SamplingParams:
     )
 
 
-def heldout_settings(cfg: GRPOConfig) -> HeldoutSettings:
-    """How a GRPO (or PPO) run samples and scores its held-out rows."""
+def heldout_settings(cfg: GRPOConfig, template: dict[str, Any] | None = None) -> HeldoutSettings:
+    """How a GRPO (or PPO) run samples and scores its held-out rows; `template`: the run's prompt template variables
+    (`prompt_template`), default the config's."""
     return HeldoutSettings(
         temperature=cfg.eval_temperature,
         max_new_tokens=cfg.max_completion_length,
@@ -401,7 +422,7 @@ def heldout_settings(cfg: GRPOConfig) -> HeldoutSettings:
         prompt_column=cfg.prompt_column,
         max_prompt_length=cfg.max_prompt_length,
         reward_timeout=cfg.reward_timeout,
-        chat_template_kwargs=cfg.chat_template_kwargs,
+        chat_template_kwargs=cfg.chat_template_kwargs if template is None else template,
     )
 
 

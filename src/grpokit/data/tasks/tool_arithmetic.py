@@ -3,9 +3,11 @@
 The problems are the addition task's ("62345+67890=", answer "130235") with operands long enough that a tiny
 model cannot add them in its head, each operand's first digit 5 or more: every sum then has num_digits + 1 digits,
 so a call, its result and the answer each have one length (a tiny model learns to copy at a fixed offset in a few
-hundred SFT steps), and no operand starts with a 0 (which Python's syntax, the calculator's, refuses). A calculator is offered in the tag protocol (`rollout.environments.TagTools`):
-the model writes `<calc>62345+67890</calc>`, its turn stops there, the environment appends
-`<result>130235</result>` (tokens the model did not write), and the model goes on to write the answer and EOS.
+hundred SFT steps), and no operand starts with a 0 (which Python's syntax, the calculator's, refuses).
+
+A calculator is offered in the tag protocol (`rollout.environments.TagSyntax`): the model writes
+`<calc>62345+67890</calc>`, its turn stops there, the environment appends `<result>130235</result>` (tokens the
+model did not write), and the model goes on to write the answer and EOS.
 
 The demonstrator (the SFT data) calls the calculator in a fraction `tool_rate` of its rows and guesses in the
 others, the guess being the addition task's carry-forgetting answer (a plausible sum with digit mistakes):
