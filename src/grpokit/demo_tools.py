@@ -41,6 +41,7 @@ from grpokit.rollout.multiturn import MultiTurnSampler, TurnLimits
 from grpokit.rollout.sampler import KVCacheSampler
 from grpokit.runtime.checkpoint import seed_everything
 from grpokit.runtime.machine import pin_threads
+from grpokit.stages.compare import provenance
 from grpokit.stages.grpo import GRPOTrainer
 from grpokit.stages.sft import train_sft
 
@@ -214,7 +215,8 @@ def run_tools_demo(cfg: DemoConfig, warm: ToolsWarmStart | None = None) -> dict[
     plot = plot_tools(runs, warm.folder.claim("tools.png"))
     warm.folder.done("tools.png")
     times["total"] = time.perf_counter() - start  # (the SFT run's included when it ran here)
-    record = {"seed": cfg.seed, "eval_problems": len(rows), "table": table, "seconds": times, "config": _config(cfg)}
+    record = {"seed": cfg.seed, "eval_problems": len(rows), "table": table, "seconds": times, "config": _config(cfg),
+              **provenance()}  # fmt: skip
     (warm.folder.claim("tools_table.json")).write_text(json.dumps(record, indent=1) + "\n")
     warm.folder.done("tools_table.json")
     print(f"\nplot:  {plot}\ntable: {out / 'tools_table.json'}")
