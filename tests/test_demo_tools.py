@@ -38,6 +38,7 @@ def small_config(folder: Path) -> DemoConfig:
         tools_num_digits=3,
         tool_rate=0.7,
         tools_forget_carry=1.0,
+        tools_sft_by_turn=False,
         sft_examples=5000,
         tools_sft_steps=250,
         sft_learning_rate=6e-3,
@@ -60,10 +61,25 @@ def test_tool_task_reads_the_answer_after_the_last_result():
     assert not task.is_correct(demo[: -len(row["answer"])] + "000", row["answer"])
     assert final_answer("<calc>1+2</calc><result>3</result>3") == "3"
     assert task.is_correct(row["answer"], row["answer"])  # no call: the whole text is the answer
+    a, b = row["prompt"].removesuffix("=").split("+")
+    assert min(int(a), int(b)) >= 500 and len(row["answer"]) == 4  # every sum has 4 digits, the first a 1
+    # a guess forgets each carry between columns (here every one) but always writes the final carry
     guess = ToolAdditionTask(num_digits=3, forget_carry=1.0, tool_rate=0.0).demonstrate(row, random.Random(0))
-    assert not task.is_correct(guess, row["answer"])  # every carry forgotten: always wrong here
-    a, b = (int(x) for x in row["prompt"].removesuffix("=").split("+"))
-    assert min(a, b) >= 500 and len(row["answer"]) == 4
+    assert guess == "1" + "".join(str((int(x) + int(y)) % 10) for x, y in zip(a, b))
+
+
+def test_turn_rows_keep_the_result_out_of_every_target():
+    task = ToolAdditionTask(num_digits=3, forget_carry=0.5, tool_rate=0.5)
+    problems = task.rows(40, seed=0)
+    rows = task.turn_rows(problems, random.Random(0))
+    calls = [r for r in rows if r["completion"].startswith("<calc>")]
+    answers = [r for r in rows if "</result>" in r["prompt"]]
+    assert len(rows) == len(problems) + len(calls) and len(answers) == len(calls) > 0
+    for row in rows:
+        assert "<result>" not in row["completion"] and row["completion"]
+    for call, answer in zip(calls, answers):  # the answer's row continues the call's problem, the result as context
+        assert answer["prompt"] == call["prompt"] + call["completion"] + f"<result>{int(call['answer'])}</result>"
+        assert answer["completion"] == str(int(call["answer"]))
 
 
 def test_demo_tools_config_refuses_two_demos_at_once():

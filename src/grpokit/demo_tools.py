@@ -12,9 +12,11 @@ The control run is the same GRPO run with `mask_inserted_tokens: false`: the cal
 on as if the model had written them, each with the advantage of its whole transcript. The table reports what that
 does to the tool-call rate, the accuracy and the model's own writing of `<result>` tags.
 
-The SFT stage trains on whole demonstrations, the calculator's results included (an SFT row is prompt and
-completion text, with no mask inside the completion): the SFT model has thus seen results follow calls, and GRPO
-decides what it does with them.
+SFT trains on the demonstrator's turns (`ToolAdditionTask.turn_rows`): a call is two SFT rows, the call after the
+problem and the answer after the problem, the call and the calculator's result, so the result is context and never
+a target, as the loss mask makes it in the rollouts (an SFT row is prompt and completion text, with no mask inside
+the completion: a row per turn is how the result stays out of the loss). `tools_sft_by_turn: false` trains on whole
+transcripts instead.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from grpokit.config import DemoConfig, GRPOConfig, SFTConfig
 from grpokit.core.types import TrainResult
 from grpokit.data.tasks import ToolAdditionTask, build_char_tokenizer, tiny_model
 from grpokit.data.tasks.tokenizer import DEFAULT_CHARS
-from grpokit.data.tasks.tool_arithmetic import RESULT_OPEN
+from grpokit.data.tasks.tool_arithmetic import CALL_OPEN, RESULT_OPEN
 from grpokit.demo import DemoFolder
 from grpokit.model.loading import resolve_device
 from grpokit.report.runlog import read_metrics
@@ -86,20 +88,21 @@ def tools_warm_start(cfg: DemoConfig, out: Path) -> ToolsWarmStart:
     tokenizer = build_char_tokenizer(DEFAULT_CHARS + task.chars)
     model = tiny_model(tokenizer, cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
     model = model.to(resolve_device(cfg.device))
+    problems = task.rows(cfg.sft_examples, split="train", seed=cfg.seed)
     rng = random.Random(cfg.seed)
-    rows = [
-        {**row, "completion": task.demonstrate(row, rng)}
-        for row in task.rows(cfg.sft_examples, split="train", seed=cfg.seed)
-    ]
-    called = sum(row["completion"].startswith("<") for row in rows) / len(rows)
+    if cfg.tools_sft_by_turn:  # one row per model turn: the result is context
+        rows = task.turn_rows(problems, rng)
+    else:
+        rows = [{**row, "completion": task.demonstrate(row, rng)} for row in problems]
+    called = sum(row["completion"].startswith(CALL_OPEN) for row in rows) / len(problems)
     print(
         f"grpokit demo --tools: {task.num_digits}-digit addition with a calculator (<calc>A+B</calc>); the "
-        f"demonstrator calls it in {called:.0%} of its {len(rows)} rows and guesses in the others; tiny {cfg.arch} "
-        f"with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+        f"demonstrator calls it in {called:.0%} of its {len(problems)} problems and guesses in the others; tiny "
+        f"{cfg.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     )
     sft_cfg = SFTConfig(
         output_dir=str(folder.claim("sft")),
-        task=None,  # the rows are the tools task's demonstrations, made above with its tool_rate
+        task=None,  # the rows are the tools task's demonstrations by turn, made above with its tool_rate
         max_steps=cfg.tools_sft_steps,
         learning_rate=cfg.sft_learning_rate,
         max_completion_length=task.max_completion_chars + 1,
@@ -226,7 +229,7 @@ def run_tools_demo(cfg: DemoConfig, warm: ToolsWarmStart | None = None) -> dict[
 
 def _config(cfg: DemoConfig) -> dict[str, Any]:
     keys = ("seed", "arch", "hidden_size", "num_layers", "tools_num_digits", "tool_rate", "tools_forget_carry",
-            "sft_examples", "tools_sft_steps", "sft_learning_rate", "tools_grpo_steps", "tools_grpo_learning_rate",
+            "sft_examples", "tools_sft_by_turn", "tools_sft_steps", "sft_learning_rate", "tools_grpo_steps", "tools_grpo_learning_rate",
             "tools_prompts_per_step", "num_generations", "num_threads")  # fmt: skip
     return {k: getattr(cfg, k) for k in keys}
 

@@ -1277,10 +1277,13 @@ class DemoConfig:
     tokens too (`mask_inserted_tokens: false`)."""
     tools_num_digits: int = 5
     """--tools: digits per operand (each operand's first digit is 5 or more)."""
-    tool_rate: float = 0.35
+    tool_rate: float = 0.45
     """--tools: fraction of the demonstrator's rows that call the calculator."""
     tools_forget_carry: float = 0.2
     """--tools: probability that the demonstrator's guess forgets each carry."""
+    tools_sft_by_turn: bool = True
+    """--tools: SFT rows one per model turn, so the calculator's result is context and never a target (as the loss
+    mask makes it in the rollouts); false: whole transcripts, the result a target too."""
     tools_sft_steps: int = 300
     """--tools: SFT optimizer steps on the demonstrator's transcripts."""
     tools_grpo_steps: int = 30
