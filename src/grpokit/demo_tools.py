@@ -229,8 +229,8 @@ def run_tools_demo(cfg: DemoConfig, warm: ToolsWarmStart | None = None) -> dict[
 
 def _config(cfg: DemoConfig) -> dict[str, Any]:
     keys = ("seed", "arch", "hidden_size", "num_layers", "tools_num_digits", "tool_rate", "tools_forget_carry",
-            "sft_examples", "tools_sft_by_turn", "tools_sft_steps", "sft_learning_rate", "tools_grpo_steps", "tools_grpo_learning_rate",
-            "tools_prompts_per_step", "num_generations", "num_threads")  # fmt: skip
+            "sft_examples", "tools_sft_by_turn", "tools_sft_steps", "sft_learning_rate", "tools_grpo_steps",
+            "tools_grpo_learning_rate", "tools_prompts_per_step", "num_generations", "num_threads")  # fmt: skip
     return {k: getattr(cfg, k) for k in keys}
 
 
