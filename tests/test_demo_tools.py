@@ -63,9 +63,10 @@ def test_tool_task_reads_the_answer_after_the_last_result():
     assert task.is_correct(row["answer"], row["answer"])  # no call: the whole text is the answer
     a, b = row["prompt"].removesuffix("=").split("+")
     assert min(int(a), int(b)) >= 500 and len(row["answer"]) == 4  # every sum has 4 digits, the first a 1
-    # a guess forgets each carry between columns (here every one) but always writes the final carry
+    # a guess is the addition task's: with every carry forgotten, the digit sums and a leading 0 (always wrong here)
     guess = ToolAdditionTask(num_digits=3, forget_carry=1.0, tool_rate=0.0).demonstrate(row, random.Random(0))
-    assert guess == "1" + "".join(str((int(x) + int(y)) % 10) for x, y in zip(a, b))
+    assert guess == "0" + "".join(str((int(x) + int(y)) % 10) for x, y in zip(a, b))
+    assert not task.is_correct(guess, row["answer"])
 
 
 def test_turn_rows_keep_the_result_out_of_every_target():

@@ -52,8 +52,7 @@ MAX_TURNS = 2
 TOOL_TIMEOUT = 10.0
 """Seconds a calculator call may take (it takes microseconds; the limit is the run's default)."""
 WARMUP_STEPS = 5
-"""Linear learning-rate warm-up of both GRPO runs: without it, the first step at the full rate knocked the masked run's
-rows with a call from 27% to 12% at seed 0 (it recovered) and the control's to 10% (it did not)."""
+"""Linear learning-rate warm-up of both GRPO runs: the SFT model's first steps change it most."""
 RUNS = {"grpo": ("SFT + GRPO", True), "grpo_unmasked": ("SFT + GRPO, tool output not masked", False)}
 """The two GRPO runs: folder -> (the table's name, mask_inserted_tokens)."""
 

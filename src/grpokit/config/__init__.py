@@ -1277,7 +1277,7 @@ class DemoConfig:
     tokens too (`mask_inserted_tokens: false`)."""
     tools_num_digits: int = 5
     """--tools: digits per operand (each operand's first digit is 5 or more)."""
-    tool_rate: float = 0.45
+    tool_rate: float = 0.4
     """--tools: fraction of the demonstrator's rows that call the calculator."""
     tools_forget_carry: float = 0.2
     """--tools: probability that the demonstrator's guess forgets each carry."""
@@ -1288,7 +1288,7 @@ class DemoConfig:
     """--tools: SFT optimizer steps on the demonstrator's transcripts."""
     tools_grpo_steps: int = 30
     """--tools: GRPO steps of each of the two runs (tool output masked, and not)."""
-    tools_grpo_learning_rate: float = 1e-3
+    tools_grpo_learning_rate: float = 5e-4
     """--tools: GRPO peak learning rate of both runs (after a 5-step warm-up)."""
     tools_prompts_per_step: int = 16
     """--tools: GRPO prompts per step (each with `num_generations` completions)."""

@@ -10,10 +10,11 @@ A calculator is offered in the tag protocol (`rollout.environments.TagSyntax`): 
 model did not write), and the model goes on to write the answer and EOS.
 
 The demonstrator (the SFT data) calls the calculator in a fraction `tool_rate` of its rows and guesses in the
-others, the guess being a sum with forgotten carries (`guess`: a plausible sum with digit mistakes):
+others, the guess being the addition task's carry-forgetting answer (a plausible sum with digit mistakes; every
+sum here carries out of its first column, so a guess starts with 1, or with 0 where it forgot that carry):
 
     62345+67890=<calc>62345+67890</calc><result>130235</result>130235<eos>   (tool_rate of the rows)
-    62345+67890=129135<eos>                                                  (the others: a guess)
+    62345+67890=120135<eos>                                                  (the others: a guess)
 
 The gold checker reads the final answer: the text after the transcript's last `</result>`, or the whole text when
 no tool was called, so a copied result scores and a guess scores only when it is right.
@@ -88,11 +89,11 @@ class ToolAdditionTask(AdditionTask):
         return f"{self.call_text(prompt)}{RESULT_OPEN}{total}{RESULT_CLOSE}{total}"
 
     def demonstrate(self, row: dict[str, str], rng: random.Random) -> str:
-        """A call with its result and the answer copied from it (probability `tool_rate`), else a guess (`guess`).
-        One draw decides, then the guess draws its own."""
+        """A call with its result and the answer copied from it (probability `tool_rate`), else a guess: the addition
+        task's carry-forgetting answer. One draw decides, then the guess draws its own."""
         if rng.random() < self.tool_rate:
             return self.tool_transcript(row["prompt"])
-        return self.guess(row, rng)
+        return super().demonstrate(row, rng)
 
     def turn_rows(self, rows: Sequence[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
         """SFT rows of the demonstrator, one per model turn (`prompt`, `completion`): a call is two rows, the call
@@ -100,8 +101,9 @@ class ToolAdditionTask(AdditionTask):
         is context and never a target, as in a rollout, where it is inserted and masked; a guess is one row. (SFT
         ends every completion with EOS; in a rollout the call's turn ends at the stop string `</calc>`, before it.)
         Trained on whole transcripts instead, the tiny model also learns to predict the result's digits from the
-        call, which it cannot, and at seeds 2 and 3 it then wrote a sum of its own after `</result>` instead of
-        copying the result (0-1% of its calls right after 300 SFT steps; 64% and more with one row per turn)."""
+        call, which it cannot, and at 2 of 4 seeds it then wrote a sum of its own after `</result>` instead of copying
+        the result (0% of its sampled calls right after 300 SFT steps, tool_rate 0.35-0.45); with one row per turn
+        64-71% at each of 4 seeds."""
         out = []
         for row in rows:
             text = self.demonstrate(row, rng)
@@ -113,21 +115,6 @@ class ToolAdditionTask(AdditionTask):
             out.append({**row, "completion": text[:call]})
             out.append({**row, "prompt": row["prompt"] + text[:answer], "completion": text[answer:]})
         return out
-
-    def guess(self, row: dict[str, str], rng: random.Random) -> str:
-        """The demonstrator's answer without the calculator: the addition task's column-by-column sum, each carry
-        into the next column forgotten with probability `forget_carry`; the final carry is always written (every
-        sum here starts with 1, and a guess starting with 0 would be no plausible sum). So every guess starts with
-        1, as often as a call starts with `<`: with tool_rate < 0.5 guessing is the SFT model's likeliest start."""
-        a, b = _parse_prompt(row["prompt"])
-        total, carry = 0, 0
-        for column in range(self.num_digits):
-            s = a % 10 + b % 10 + carry
-            total += (s % 10) * 10**column
-            last = column == self.num_digits - 1
-            carry = int(s >= 10 and (last or rng.random() >= self.forget_carry))
-            a, b = a // 10, b // 10
-        return self.format_answer(total + carry * 10**self.num_digits)
 
     def is_correct(self, completion: str, answer: str) -> bool:
         """Gold checker on the final answer (`final_answer`; see `arithmetic.check_answer`)."""
