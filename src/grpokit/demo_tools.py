@@ -149,24 +149,27 @@ def tool_figures(model: Any, task: ToolAdditionTask, tokenizer: Any, rows: list[
     dict[str, float]
 ):  # fmt: skip
     """Held-out figures of `model` with the calculator, greedy and sampled at T = 1 (each row seeded by its place):
-    `calls_MODE` (rows with a call), `accuracy_MODE` (the gold checker on the final answer), `imitated_MODE` (rows
-    where the model wrote a `<result>` tag itself)."""
+    `calls_MODE` (rows with a call), `accuracy_MODE` (the gold checker on the final answer), `cut_MODE` (rows that
+    reached max_completion_length without EOS), `imitated_MODE` (rows where the model wrote a `<result>` tag
+    itself)."""
     make = environment_maker([calc], None, tool_format="tags", timeout=TOOL_TIMEOUT)
     limits = TurnLimits(max_turns=MAX_TURNS, step_timeout=TOOL_TIMEOUT)
     sampler = MultiTurnSampler(KVCacheSampler(tokenizer), tokenizer, make, limits)
     sampler.update_weights(model)
     out: dict[str, float] = {}
     for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-        texts, calls, imitated = [], [], []
+        texts, calls, cut, imitated = [], [], [], []
         for _, _, rollout, batch_texts in sample_batches(
             sampler, tokenizer, [r["prompt"] for r in rows], temperature=temperature,
             max_new_tokens=task.max_completion_chars + 1, seed=seed, rows=rows,
         ):  # fmt: skip
             texts += batch_texts
             calls += [bool(e.tool_calls) for e in rollout.episodes]
+            cut += rollout.truncated.tolist()
             imitated += [any(k == "model" and RESULT_OPEN in text for k, text in e.pieces) for e in rollout.episodes]
         out[f"calls_{mode}"] = sum(calls) / len(rows)
         out[f"accuracy_{mode}"] = sum(task.is_correct(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows)
+        out[f"cut_{mode}"] = sum(cut) / len(rows)
         out[f"imitated_{mode}"] = sum(imitated) / len(rows)
     return out
 
@@ -202,17 +205,14 @@ def run_tools_demo(cfg: DemoConfig, warm: ToolsWarmStart | None = None) -> dict[
         table[name] = tool_figures(model, task, warm.tokenizer, rows, seed=cfg.seed)
         times[folder_name] = time.perf_counter() - run_start
 
-    print(f"\nheld-out, {len(rows)} problems (seed {cfg.seed}): rows with a calculator call, accuracy, and rows where")
-    print("the model wrote a <result> tag itself; greedy | sampled at T=1")
-    header = ("", "calls", "accuracy", "own <result>", "| calls", "accuracy", "own <result>")
-    print(f"{header[0]:36s}" + "".join(f"{h:>13s}" for h in header[1:]))
+    print(f"\nheld-out, {len(rows)} problems (seed {cfg.seed}), greedy | sampled at T=1: rows with a calculator call,")
+    print("accuracy; of the sampled rows, those cut at max_completion_length and those with a <result> the model wrote")
+    columns = ("calls_greedy", "accuracy_greedy", *(f"{k}_sampled" for k in ("calls", "accuracy", "cut", "imitated")))
+    header = ("calls", "accuracy", "| calls", "accuracy", "cut", "own <result>")
+    print(f"{'':36s}" + "".join(f"{h:>13s}" for h in header))
     for name, row in table.items():
-        cells = [
-            f"{row[key]:.1%}" if key in row else "-"
-            for mode in ("greedy", "sampled")
-            for key in (f"calls_{mode}", f"accuracy_{mode}", f"imitated_{mode}")
-        ]
-        cells[3] = "| " + cells[3]
+        cells = [f"{row[key]:.1%}" if key in row else "-" for key in columns]
+        cells[2] = "| " + cells[2]
         print(f"{name:36s}" + "".join(f"{c:>13s}" for c in cells))
     plot = plot_tools(runs, warm.folder.claim("tools.png"))
     warm.folder.done("tools.png")
