@@ -1286,7 +1286,7 @@ class DemoConfig:
     mask makes it in the rollouts); false: whole transcripts, the result a target too."""
     tools_sft_steps: int = 300
     """--tools: SFT optimizer steps on the demonstrator's transcripts."""
-    tools_grpo_steps: int = 30
+    tools_grpo_steps: int = 15
     """--tools: GRPO steps of each of the two runs (tool output masked, and not)."""
     tools_grpo_learning_rate: float = 5e-4
     """--tools: GRPO peak learning rate of both runs (after a 5-step warm-up)."""
