@@ -253,14 +253,13 @@ def episode_inputs(episodes: Sequence[Any]) -> dict[str, list[Any]]:
 def conversation(completion: str, episode: Any) -> list[dict[str, str]]:
     """A chat prompt's completion in TRL's message form: one assistant message, or for a multi-turn row its
     turns in order, the model's as assistant messages and what was inserted between them as tool messages (with
-    tool_format chat, as TRL gives them: each call in its assistant message's `tool_calls`, the tool messages as
-    they were rendered)."""
+    tool_format chat, as TRL gives them: each call in its assistant message's `tool_calls`, the inserted messages
+    under their own roles, with the contents the model was shown)."""
     if episode is None:
         return [{"role": "assistant", "content": completion}]
-    form = getattr(episode.environment, "chat_messages", None)  # (tool_format chat: the tool calls and messages)
-    messages = form(episode.pieces) if callable(form) else None
+    messages = getattr(episode, "messages", None)  # (tool_format chat: the sampler's)
     if messages is not None:
-        return messages
+        return list(messages)
     return [{"role": "assistant" if kind == "model" else "tool", "content": text} for kind, text in episode.pieces]
 
 

@@ -53,7 +53,7 @@ class EnvironmentFailure(RuntimeError):
 class ToolOutcome:
     """One tool call: its name and arguments, and its result, or the error the model is told instead."""
 
-    name: str
+    name: str | None  # None: a call whose name could not be read
     arguments: dict[str, Any]
     result: Any = None
     error: str | None = None  # the text the model sees instead of a result
@@ -225,11 +225,6 @@ class ToolUse:
         """What the reward functions get as this row's environment: the instance the user's factory made (as TRL
         passes it: its own class, its state), or this object for tools alone."""
         return self if self.base is None else self.base
-
-    def chat_messages(self, pieces: list[tuple[str, str]]) -> list[dict[str, Any]] | None:
-        """The row's completion as TRL's messages, when the syntax knows them (`ChatSyntax`); None: the default."""
-        form = getattr(self.syntax, "messages", None)
-        return None if form is None else form(pieces)
 
     def __getattr__(self, name: str) -> Any:  # a reward function reading `environments` sees the base's state
         base = self.__dict__.get("base")

@@ -90,6 +90,7 @@ class _Row:
     logp: list[float] = field(default_factory=list)
     live: bool = True
     truncated: bool = False
+    shown: list[Any] = field(default_factory=list)  # each inserted observation as the model was shown it (cut)
 
 
 class MultiTurnSampler:
@@ -168,7 +169,7 @@ class MultiTurnSampler:
                     f"the environment ({_kind(environment)}).reset of prompt {p} returned an observation of "
                     f"{len(ids)} tokens, which leaves no room for the model in max_completion_length = {budget}"
                 )
-            self._insert(row, ids)
+            self._insert(row, ids, observation)
         return row
 
     def _draw(
@@ -244,12 +245,12 @@ class MultiTurnSampler:
             if len(ids) > self.limits.max_tool_output_tokens:  # (chat: cut inside the messages, the template kept)
                 cut = getattr(self.insertion, "cut", None)
                 limit = self.limits.max_tool_output_tokens
-                ids = ids[:limit] if cut is None else cut(observation, limit)
+                ids, observation = (ids[:limit], observation) if cut is None else cut(observation, limit)
                 row.episode.observations_cut += 1
             if len(row.ids) + len(ids) >= budget:  # no room left for a model token after it: rolled back
                 row.live, row.truncated, row.episode.ended_by = False, True, "overflow"
                 continue
-            self._insert(row, ids)
+            self._insert(row, ids, observation)
 
     def _closes(self, ids: list[int]) -> bool:
         closes = getattr(self.insertion, "closes_turn", None)
@@ -265,7 +266,8 @@ class MultiTurnSampler:
                 f"insert: {err}"
             ) from err
 
-    def _insert(self, row: _Row, ids: list[int]) -> None:
+    def _insert(self, row: _Row, ids: list[int], observation: Any) -> None:
+        row.shown.append(observation)
         row.ids += ids
         row.trained += [0 if self.limits.mask_inserted_tokens else 1] * len(ids)
         row.logp += [0.0] * len(ids)
@@ -281,7 +283,9 @@ class MultiTurnSampler:
         def right(values: list, fill) -> list:
             return values + [fill] * (width - len(values))
 
+        form = getattr(self.insertion, "messages", None)  # (chat: the completion in TRL's message form)
         for row in rows:  # the tool calls the row's environment made, as the rewards see them
+            row.episode.messages = None if form is None else form(row.episode.pieces, row.shown)
             calls = getattr(row.environment, "calls", None)
             if calls is not None:
                 row.episode.tool_calls = [call.as_record() for call in calls]
