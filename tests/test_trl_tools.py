@@ -6,13 +6,15 @@ Where TRL is installed, its own rendering of a tool's schema and its own turn gl
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from grpokit.core.types import ConfigError, Rollout
+from grpokit.core.types import ConfigError, Rollout, SamplerError
 from grpokit.data.rows import encode_prompts
 from grpokit.data.tasks import build_char_tokenizer, tiny_model
 from grpokit.data.tasks.tokenizer import CHAT_TEMPLATE, DEFAULT_CHARS
@@ -277,6 +279,13 @@ def test_a_huge_tool_output_is_cut_before_it_is_tokenized():
     assert conversation("", rollout.episodes[0])[1]["content"].startswith("abab")
 
 
+def test_a_tool_of_two_arguments_in_the_tag_syntax_is_told_of_the_chat_format():
+    with pytest.raises(
+        ConfigError, match=r"tool 'add' takes 2 arguments \(a, b\); .*tool_format: chat.*named arguments"
+    ):
+        environment_maker([add], None, tool_format="tags", timeout=None)()
+
+
 def test_a_tokenizer_that_marks_the_call_tags_special_is_refused():
     """A model turn reaches the environment decoded without special tokens: its calls would vanish unread."""
     tok = tokenizer()
@@ -499,3 +508,32 @@ def test_trls_environment_forms_grpokit_does_not_take_are_refused_by_name(caller
     with pytest.raises(ConfigError, match=r"needs reward_funcs .* or an environment_factory whose environments define"):
         GRPOTrainer(str(caller), None, args=args, train_dataset=dataset, tools=[add])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_trl_user_is_told_the_way_out_of_tool_format_chat_that_a_trl_script_can_take(caller, tmp_path):
+    """grpokit's `tool_format: tags` is no TRL field: the advice a TRL config gets is code that runs."""
+
+    def echo(text: str) -> str:
+        return text
+
+    args, text_prompts = trl_args(tmp_path / "run"), [{"prompt": "add 2 and 3"}] * 4
+    with pytest.raises(ConfigError, match=r"row 0 has a text prompt: .*TRL's GRPOConfig has no field for it") as told:
+        GRPOTrainer(str(caller), lambda completions, **_: [0.0] * len(completions), args=args,
+                    train_dataset=text_prompts, tools=[add])  # fmt: skip
+    assert "tool_format: tags writes" not in str(told.value)
+    advice = re.search(r"args=(.*\))$", str(told.value)).group(1)
+    native = eval(advice, {"dataclasses": dataclasses, "args": args, "train_dataset": text_prompts})
+    trainer = GRPOTrainer(str(caller), lambda completions, **_: [0.0] * len(completions), args=native,
+                          train_dataset=text_prompts, tools=[echo])  # fmt: skip
+    assert trainer.trainer.cfg.tool_format == "tags" and trainer.trainer.cfg.tools[0].endswith(".echo")
+
+    class Talks(Calculator):
+        def reset(self, **row):
+            super().reset(**row)
+            return "use the tool"
+
+    dataset = [{"prompt": QUESTION}] * 4
+    trainer = GRPOTrainer(str(caller), None, args=trl_args(tmp_path / "talks"), train_dataset=dataset,
+                          environment_factory=Talks)  # fmt: skip
+    with pytest.raises(SamplerError, match=r"reset\(\) returned an observation.*TRL's GRPOConfig has no field"):
+        trainer.train()

@@ -344,8 +344,8 @@ class ChatInsertion:
             "reset() returned an observation, which TRL appends to the last user message; with tool_format: chat "
             "grpokit does not: a group's G rows share one prompt, rendered once, and each row's tokens continue it "
             "unchanged (token in, token out), so a row's own text cannot go inside it. Return None from reset() and "
-            "put the text in the prompt (a dataset column, or a chat prompt built from the row), or use tool_format: "
-            "tags, which inserts it after the prompt"
+            "put the text in the prompt (a dataset column, or a chat prompt built from the row). The tag format "
+            f"inserts it after the prompt: {TAGS_WAY_OUT}"
         )
 
     def closes_turn(self, ids: list[int]) -> bool:

@@ -136,7 +136,8 @@ class TagSyntax:
             if len(required) > 1:
                 raise ConfigError(
                     f"tool {name!r} takes {len(required)} arguments ({', '.join(p.name for p in required)}); in the "
-                    f"tag syntax a tool takes one, the text between <{name}> and </{name}>"
+                    f"tag syntax a tool takes one, the text between <{name}> and </{name}> (tool_format: chat, "
+                    "through a chat template with tool support, passes named arguments)"
                 )
         self.tools = tools
         self.result_tag = result_tag
