@@ -910,37 +910,39 @@ def checked_rewards(name: str, values: Any, prompts: list[Any], completions: lis
 
 
 def check_advantages(
-    advantages: torch.Tensor, rewards: torch.Tensor, weights: torch.Tensor, names: list[str], *, group_size: int
-) -> None:
+    advantages: torch.Tensor, rewards: torch.Tensor, weights: torch.Tensor, names: list[str], *, group_size: int,
+    scale: str = "group", aggregation: str = "sum_then_normalize",
+) -> None:  # fmt: skip
     """A reward scale that float32 cannot train on is an error, not a zero or an infinite gradient.
 
     advantages (N,) float32 as the loss will use them; rewards (N, K) float64 as the functions returned them
-    (NaN = None). Overflow: a non-finite advantage. Vanishing: the rewards differ inside some group (in float64),
-    yet every advantage is below VANISHING_ADVANTAGE.
+    (NaN = None). Overflow: a non-finite advantage. Vanishing: the same advantages computed in float64 (under the
+    same `scale` and `aggregation`) are not all 0, yet every float32 advantage is below VANISHING_ADVANTAGE. Rewards
+    that differ inside a group but whose weighted sums do not (two functions that cancel) give advantages of 0 in
+    float64 too: that is no error.
     """
-    scale = ", ".join(
+    sizes = ", ".join(
         f"`{name}` up to {column.nan_to_num(0.0).abs().max().item():.3g}" for name, column in zip(names, rewards.T)
     )
     if not bool(torch.isfinite(advantages).all()):
         raise RewardError(
-            f"the advantages overflow float32 (rewards: {scale}); rescale the reward functions or use "
+            f"the advantages overflow float32 (rewards: {sizes}); rescale the reward functions or use "
             "scale_rewards: group"
         )
-    total, scorable = algo.combine_rewards(rewards, weights.to(rewards))  # (N,), (N,)
-    columns = [(column.nan_to_num(0.0), ~column.isnan()) for column in rewards.T]
-    spread = any(
-        not bool(algo.flat_groups(r, s, group_size=group_size).all()) for r, s in [(total, scorable), *columns]
-    )
+    exact = algo.multi_reward_advantages(
+        rewards.double(), weights.double(), group_size=group_size, scale=scale, aggregation=aggregation
+    )  # (N,) float64
+    spread = bool((exact.nan_to_num(0.0).abs() >= VANISHING_ADVANTAGE).any())
     largest = float(advantages.abs().max()) if advantages.numel() else 0.0
     if spread and largest < VANISHING_ADVANTAGE and float(rewards.nan_to_num(0.0).abs().max()) ** 2 > FLOAT32_MAX:
         raise RewardError(
-            f"the rewards ({scale}) overflow float32 in the group statistics (their squares pass {FLOAT32_MAX:.3g}), "
+            f"the rewards ({sizes}) overflow float32 in the group statistics (their squares pass {FLOAT32_MAX:.3g}), "
             "so every advantage is 0: rescale the reward functions"
         )
     if spread and largest < VANISHING_ADVANTAGE:
         raise RewardError(
             f"every advantage of this step is below {VANISHING_ADVANTAGE:g} (largest {largest:.3g}) although the "
-            f"rewards differ inside a group (rewards: {scale}): float32 cannot resolve their differences at this "
+            f"rewards differ inside a group (rewards: {sizes}): float32 cannot resolve their differences at this "
             "scale; rescale or re-centre the reward functions"
         )
 
@@ -1006,7 +1008,8 @@ class RewardSet:
         advantages = algo.multi_reward_advantages(
             rewards, self.weights, group_size=G, scale=scale, aggregation=aggregation
         )  # (N,)
-        check_advantages(advantages, scores, self.weights, self.names, group_size=G)
+        check_advantages(advantages, scores, self.weights, self.names, group_size=G, scale=scale,
+                         aggregation=aggregation)  # fmt: skip
         gold = None
         if self.gold:
             gold = gather(score(self.gold, inputs, timeout=timeout, warned_cwd=warned, state=self.state, logs=logs))
