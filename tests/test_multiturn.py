@@ -638,6 +638,11 @@ def test_rewards_get_each_rows_environment_turns_and_transcript(tmp_path):
     (row,) = [r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "reward" in r]
     assert row["rewards/Keyed/mean"] == 0.5 and row["rewards/Keyed_steps/mean"] == 1.5
     assert row["turns/mean"] == 2.0 and row["tools/call_frequency"] == 0.0
+    # config.yaml records the functions passed in, not the environment's columns (its `environment` brings them back:
+    # a replay of the config would otherwise look for reward functions named Keyed and Keyed_steps)
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["reward_funcs"] == ["records"]
 
 
 # ---------------------------------------------------------------------------------------------- seeds
