@@ -83,8 +83,9 @@ REWARD_INPUTS = RESERVED_COLUMNS
 CONTRACT_INPUTS = ("trainer_state", "log_metric", "log_extra")
 # What a multi-turn rollout (an environment per row) adds: the rows' environment instances (passed as they are, not
 # copied: a reward reads their state; for tools on a factory's instance, that instance, as TRL passes it), model
-# turns, tool calls ({"name", "arguments", "result" | "error"}) and the environment's step rewards
-EPISODE_INPUTS = ("environments", "num_turns", "tool_calls", "step_rewards")
+# turns, tool calls ({"name", "arguments", "result" | "error"}), the environment's step rewards, and each row's final
+# turn (the model's last: where its answer is)
+EPISODE_INPUTS = ("environments", "num_turns", "tool_calls", "step_rewards", "final_turns")
 # The columns of a logged completion (`GRPOTrainer.figures`): a `log_extra` column may not replace one
 SAMPLE_COLUMNS = frozenset({"step", "prompt", "completion", "reward", "advantage"})
 # Metric prefixes grpokit's own figures use outside a step's reward figures (held-out rows, monitors)
@@ -247,7 +248,14 @@ def episode_inputs(episodes: Sequence[Any]) -> dict[str, list[Any]]:
         "num_turns": [e.num_turns for e in episodes],
         "tool_calls": [list(e.tool_calls or []) for e in episodes],
         "step_rewards": [list(e.step_rewards or []) for e in episodes],
+        "final_turns": final_turns(episodes),
     }
+
+
+def final_turns(episodes: Sequence[Any]) -> list[str]:
+    """Each row's last model turn: its answer, which a gold check compares (the transcript before it holds tool
+    calls and their outputs, which no answer column equals)."""
+    return [next((text for kind, text in reversed(e.pieces) if kind == "model"), "") for e in episodes]
 
 
 def conversation(completion: str, episode: Any) -> list[dict[str, str]]:
@@ -307,8 +315,12 @@ def named_parameters(fn: RewardFn) -> set[str]:
 def gold_reward(is_correct: Callable[[str, str], bool]) -> RewardFn:
     """1 when `is_correct(completion, row's answer column)`, else 0: a verifier as a reward."""
 
-    def accuracy(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
-        return [float(is_correct(completion_text(c), str(a))) for c, a in zip(completions, answer)]
+    def accuracy(completions: list[Any], answer: list[str], final_turns: list[str] | None = None, **_: Any) -> (
+        list[float]
+    ):  # fmt: skip
+        """(A multi-turn row is checked on its final turn, `final_turns`.)"""
+        texts = final_turns if final_turns is not None else [completion_text(c) for c in completions]
+        return [float(is_correct(text, str(a))) for text, a in zip(texts, answer)]
 
     return accuracy
 
