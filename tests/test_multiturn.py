@@ -695,6 +695,18 @@ def test_a_tool_named_like_the_answer_tag_is_refused():
         environment_maker([result], None, tool_format="tags", timeout=None)
 
 
+def test_a_two_argument_tool_in_the_tag_syntax_is_refused_with_the_way_out():
+    """Fails if the refusal did not say which format takes such a tool."""
+    from grpokit.core.types import ConfigError
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(ConfigError, match=r"tool 'add' takes 2 arguments \(a, b\); in the tag syntax a tool takes one"
+                       r".*with tool_format: chat a tool takes its arguments by name"):  # fmt: skip
+        environment_maker([add], None, tool_format="tags", timeout=None)
+
+
 def test_the_docs_example_environment_plays_as_documented():
     """docs/environments.md's `Guess`, run as written: 5 (higher), 9 (lower), 7 (done); its step rewards and its
     reward(). Fails if the page's example no longer fits the contract."""

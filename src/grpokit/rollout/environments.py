@@ -141,7 +141,8 @@ class TagSyntax:
             if len(required) > 1:
                 raise ConfigError(
                     f"tool {name!r} takes {len(required)} arguments ({', '.join(p.name for p in required)}); in the "
-                    f"tag syntax a tool takes one, the text between <{name}> and </{name}>"
+                    f"tag syntax a tool takes one, the text between <{name}> and </{name}>; with tool_format: chat a "
+                    "tool takes its arguments by name (through the chat template's tool support)"
                 )
         self.tools = tools
         self.result_tag = result_tag
