@@ -822,6 +822,11 @@ def test_rewards_get_each_rows_environment_turns_and_transcript(tmp_path):
     (row,) = [r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "reward" in r]
     assert row["rewards/Keyed/mean"] == 0.5 and row["rewards/Keyed_steps/mean"] == 1.5
     assert row["turns/mean"] == 2.0 and row["tools/call_frequency"] == 0.0
+    # config.yaml records the functions passed in, not the environment's columns (its `environment` brings them back:
+    # a replay of the config would otherwise look for reward functions named Keyed and Keyed_steps)
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["reward_funcs"] == ["records"]
 
 
 # ---------------------------------------------------------------------------------------------- seeds
@@ -1019,3 +1024,29 @@ def test_grpokit_eval_with_tools_runs_multi_turn(tmp_path, capsys):
     assert "addition held-out tools/call_frequency, greedy: 1.0000" in with_tools
     assert "addition held-out turns, greedy: 2.0000" in with_tools
     assert "addition held-out turns, sampled (T=1): 2.0000" in with_tools
+
+
+def test_the_gold_check_reads_a_multi_turn_rows_final_turn(tmp_path):
+    """The built-in `accuracy` reward and held-out accuracy compare the model's final turn with `answer`, not the
+    transcript, whose tool calls and outputs no answer equals: a model that asks the calculator and then answers
+    right scores 1 in training and in evaluation. Fails if either compared the whole transcript (it scored 0)."""
+    from helpers import config
+
+    from grpokit.stages.grpo import GRPOTrainer
+
+    rows = [{"prompt": "37+1=", "answer": "38"}, {"prompt": "40+2=", "answer": "42"}]
+
+    def reply(history, g):  # asks the calculator, then writes its result
+        text = TOK.decode(history)
+        if "<result>" not in text:
+            return enc(f"<calc>{text.split('=')[0].split(' ')[-1].strip()}</calc>")
+        return enc(text.rsplit("<result>", 1)[1].split("</result>")[0]) + [TOK.eos_token_id]
+
+    cfg = config(tiny_folder(tmp_path / "tiny"), tmp_path / "out", task=None, max_steps=1, num_generations=2,
+                 max_completion_length=48, tools=["calc"], eval_every=1, num_eval_prompts=2)  # fmt: skip
+    trainer = GRPOTrainer(cfg, sampler=Scripted(reply), tokenizer=TOK, train_dataset=rows, eval_dataset=rows)
+    trainer.train()
+    logged = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    (step,) = [r for r in logged if "reward" in r]
+    assert step["rewards/accuracy/mean"] == 1.0 and step["tools/call_frequency"] == 1.0
+    assert [r["eval/accuracy_greedy"] for r in logged if "eval/accuracy_greedy" in r] == [1.0, 1.0]

@@ -469,11 +469,12 @@ def grpo_rewards(
         overlong_buffer=cfg.overlong_buffer, task=task, device=str(resolve_device(cfg.device)),
         reward_model_batch_size=cfg.reward_model_batch_size,
     )  # fmt: skip
+    extra = environment_rewards(make_environment) if make_environment else []  # (the environment's own columns)
     rewards = reward_set(
         reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
         prompt_column=cfg.prompt_column, train_rows=train_rows, eval_rows=eval_rows, state=state,
-        episodes=make_environment is not None, extra=environment_rewards(make_environment) if make_environment else (),
+        episodes=make_environment is not None, extra=extra,
     )  # fmt: skip
-    if reward_funcs is not None:
-        cfg.reward_funcs = rewards.specs()
+    if reward_funcs is not None:  # (not the environment's columns: its `environment` brings them back)
+        cfg.reward_funcs = rewards.specs()[: len(rewards.funcs) - len(extra)]
     return rewards
