@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -106,6 +107,23 @@ def test_only_tmp_is_writable_and_the_hosts_folders_are_absent():
     for path in ("/root", "/work", "/home", home, str(Path(__file__).parent)):
         assert f"absent {path}" in lines, result.stdout
     assert "uid 65534 65534" in lines
+
+
+@needs_bwrap
+def test_the_program_cannot_make_a_user_namespace_of_its_own():
+    """`unshare -U` inside the sandbox fails (bwrap's --disable-userns): a nested user namespace would make the
+    program uid 0 of its own namespace, with the capabilities that open most of the kernel's attack surface to it.
+    Fails without the flag (the hostile tester's `unshare -r` gave uid 0)."""
+    program = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.unshare(0x10000000), os.strerror(ctypes.get_errno()))\n"  # CLONE_NEWUSER
+    )
+    result = run(program)
+    assert result.ok and result.stdout.split()[0] == "-1", result
+    if shutil.which("unshare", path="/usr/bin:/bin"):  # (util-linux's; the sandbox sees the host's /usr)
+        command = run(["unshare", "-U", "true"])
+        assert command.exit_code != 0 and "unshare failed" in command.stderr, command
 
 
 @needs_bwrap

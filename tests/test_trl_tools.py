@@ -279,13 +279,6 @@ def test_a_huge_tool_output_is_cut_before_it_is_tokenized():
     assert conversation("", rollout.episodes[0])[1]["content"].startswith("abab")
 
 
-def test_a_tool_of_two_arguments_in_the_tag_syntax_is_told_of_the_chat_format():
-    with pytest.raises(
-        ConfigError, match=r"tool 'add' takes 2 arguments \(a, b\); .*tool_format: chat.*named arguments"
-    ):
-        environment_maker([add], None, tool_format="tags", timeout=None)()
-
-
 def test_a_tokenizer_that_marks_the_call_tags_special_is_refused():
     """A model turn reaches the environment decoded without special tokens: its calls would vanish unread."""
     tok = tokenizer()

