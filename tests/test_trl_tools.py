@@ -213,15 +213,16 @@ def test_a_turn_a_stop_string_ended_is_left_as_it_is_and_ends_the_row():
     assert CALLS == [] and rollout.episodes[0].ended_by == "stop" and rollout.loss_mask.all()
 
 
+def spell(word: str) -> str:
+    """Spell a word out.
+
+    Args:
+        word: the word
+    """
+    return " ".join(word * 20)
+
+
 def test_a_long_tool_output_is_cut_inside_its_message_never_through_the_template():
-    def spell(word: str) -> str:
-        """Spell a word out.
-
-        Args:
-            word: the word
-        """
-        return " ".join(word * 20)
-
     call = '<tool_call>{"name": "spell", "arguments": {"word": "abc"}}</tool_call>'
     tok, rollout = chat_rollout([call, "ok"], tools=[spell], max_tool_output_tokens=64)
     glue = inserted_text(tok, rollout, 0)
@@ -233,14 +234,6 @@ def test_a_long_tool_output_is_cut_inside_its_message_never_through_the_template
 
 
 def test_the_rewards_see_a_cut_tool_output_as_the_model_was_shown_it():
-    def spell(word: str) -> str:
-        """Spell a word out.
-
-        Args:
-            word: the word
-        """
-        return " ".join(word * 20)
-
     call = '<tool_call>{"name": "spell", "arguments": {"word": "abc"}}</tool_call>'
     tok, rollout = chat_rollout([call, "ok"], tools=[spell], max_tool_output_tokens=64)
     shown = inserted_text(tok, rollout, 0).split("<tool_response>")[1].split("</tool_response>")[0]
