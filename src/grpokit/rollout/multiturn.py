@@ -350,9 +350,9 @@ class MultiTurnSampler:
             return values + [fill] * (width - len(values))
 
         form = getattr(self.insertion, "messages", None)  # (chat: the completion in TRL's message form)
-        for row in rows:  # the tool calls the row's environment made, as the rewards see them
+        for row in rows:  # the calls a ToolUse made (a user environment's own `calls` is theirs)
             row.episode.messages = None if form is None else form(row.episode.pieces, row.shown)
-            calls = getattr(row.environment, "calls", None)
+            calls = row.environment.calls if isinstance(row.environment, ToolUse) else None
             if calls is not None:
                 row.episode.tool_calls = [call.as_record() for call in calls]
                 row.episode.tool_timeouts += sum(call.timed_out for call in calls)

@@ -235,12 +235,37 @@ def _unreachable(path: str, uid: int) -> str | None:
     return None
 
 
+def _report(raw: bytes) -> dict[str, int] | None:
+    """The wrapper's report of how the program ended: {"exit": code} or {"signal": number}; None when there is none
+    or it is not one (a program that wrote the pipe itself: its run then reads as the wrapper's exit status)."""
+    try:
+        end = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not (isinstance(end, dict) and len(end) == 1 and type(next(iter(end.values()))) is int):
+        return None
+    if "exit" in end:
+        return end
+    if "signal" in end and end["signal"] in {s.value for s in signal.Signals}:
+        return end
+    return None
+
+
 def _prefix(interpreter: str) -> str | None:
-    """The folder to bind read-only for `interpreter`: its install prefix (bin/..), or None when it lives in /usr."""
+    """The folder to bind read-only for `interpreter`: its install prefix (bin/..), or None when it lives in /usr.
+    A prefix that would show the host (/, or a home folder and what holds it) is refused: the sandbox hides them."""
     real = os.path.realpath(interpreter)
     if real == "/usr" or real.startswith("/usr/"):
         return None
-    return str(Path(real).parent.parent)
+    prefix = Path(real).parent.parent
+    home = Path(os.path.expanduser("~")).resolve()
+    if prefix == Path("/") or prefix == home or prefix in home.parents:
+        raise SandboxUnavailable(
+            f"no sandbox for the interpreter {interpreter}: its install folder {prefix} would have to be visible in "
+            f"the sandbox, and it holds the host's files; use /usr/bin/python3 or a Python installed in a folder of "
+            f"its own; {OPT_OUT}"
+        )
+    return str(prefix)
 
 
 def _root_links() -> list[str]:
@@ -461,8 +486,8 @@ def _supervise(
     finally:
         os.close(status_r)
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-    if report:
-        end = json.loads(report)
+    end = _report(report)  # (the program runs as the wrapper's uid and may have written this pipe: checked)
+    if end is not None:
         exit_code = end.get("exit")
         killed_by = signal.Signals(end["signal"]).name if "signal" in end else None
     elif killed:

@@ -268,8 +268,12 @@ def environments(cfg: Any, tools: Any = None, factory: Any = None) -> Any:
 
 
 def _spec(fn: Any) -> str:
+    """How the config records a tool or factory handed in: a built-in tool by its name, else `module:qualname`."""
+    from grpokit.rollout.environments import BUILTIN_TOOLS
+
     fn = getattr(fn, "factory", fn) if isinstance(fn, TRLEnvironment) else fn  # (grpokit.trl's: the user's own)
-    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+    builtin = next((name for name, tool in BUILTIN_TOOLS.items() if tool is fn), None)
+    return builtin or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def multi_turn(cfg: Any, tokenizer: Any, sampler: Sampler, make_environment: Any, template: Any = None) -> Sampler:
