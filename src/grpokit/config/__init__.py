@@ -1270,6 +1270,28 @@ class DemoConfig:
     """--pipeline: room past the answer's length, so that a longer answer can be written (and rewarded)."""
     monitor_window: int = 30
     """--pipeline: steps in the reward-hacking monitor's window."""
+    tools: bool = False
+    """Run the tool-use demo instead: additions too long to do in one's head and a calculator the model calls
+    (`<calc>A+B</calc>`); SFT on a demonstrator that calls it in `tool_rate` of its rows and guesses in the others,
+    then GRPO with the gold checker on the final answer, beside a control run that trains on the calculator's output
+    tokens too (`mask_inserted_tokens: false`)."""
+    tools_num_digits: int = 5
+    """--tools: digits per operand (each operand's first digit is 5 or more)."""
+    tool_rate: float = 0.4
+    """--tools: fraction of the demonstrator's rows that call the calculator."""
+    tools_forget_carry: float = 0.2
+    """--tools: probability that the demonstrator's guess forgets each carry."""
+    tools_sft_by_turn: bool = True
+    """--tools: SFT rows one per model turn, so the calculator's result is context and never a target (as the loss
+    mask makes it in the rollouts); false: whole transcripts, the result a target too."""
+    tools_sft_steps: int = 300
+    """--tools: SFT optimizer steps on the demonstrator's transcripts."""
+    tools_grpo_steps: int = 15
+    """--tools: GRPO steps of each of the two runs (tool output masked, and not)."""
+    tools_grpo_learning_rate: float = 5e-4
+    """--tools: GRPO peak learning rate of both runs (after a 5-step warm-up)."""
+    tools_prompts_per_step: int = 16
+    """--tools: GRPO prompts per step (each with `num_generations` completions)."""
     device: str = "auto"
     """`auto`, `cpu` or `cuda`."""
     num_threads: int = 1
@@ -1283,6 +1305,13 @@ class DemoConfig:
 
     def validate(self) -> None:
         _require(not (self.use_vllm and self.pipeline), "use_vllm", "applies to the demo's GRPO run, not --pipeline")
+        _require(not (self.tools and self.pipeline), "tools", "and `pipeline` are two demos: choose one")
+        _require(not (self.use_vllm and self.tools), "use_vllm", "applies to the demo's GRPO run, not --tools")
+        _require(0.0 <= self.tool_rate <= 1.0, "tool_rate", f"must be in [0, 1], got {self.tool_rate}")
+        _require(0.0 <= self.tools_forget_carry <= 1.0, "tools_forget_carry", "must be in [0, 1]")
+        _require(self.tools_grpo_learning_rate > 0, "tools_grpo_learning_rate", "must be > 0")
+        for name in ("tools_num_digits", "tools_sft_steps", "tools_grpo_steps", "tools_prompts_per_step"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

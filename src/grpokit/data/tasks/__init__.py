@@ -8,8 +8,9 @@ from .arithmetic import AdditionTask, accuracy_reward, check_answer, count_carri
 from .models import tiny_model
 from .preferences import LABELER_FLAWS, preference_pairs
 from .tokenizer import build_char_tokenizer
+from .tool_arithmetic import ToolAdditionTask
 
-TASKS = {"addition": AdditionTask}
+TASKS = {"addition": AdditionTask, "tool_addition": ToolAdditionTask}
 
 
 def get_task(name: str, **kwargs: Any) -> AdditionTask:
@@ -23,6 +24,7 @@ __all__ = [
     "TASKS",
     "LABELER_FLAWS",
     "AdditionTask",
+    "ToolAdditionTask",
     "accuracy_reward",
     "build_char_tokenizer",
     "check_answer",
