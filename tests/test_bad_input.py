@@ -579,3 +579,19 @@ def test_a_completion_limit_shorter_than_the_tasks_answers_is_warned(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", InputWarning)
         config("m", tmp_path / "run", max_completion_length=4).validate()  # 3 digits + EOS fit
+
+
+def test_reward_functions_that_cancel_inside_a_group_give_zero_advantages_without_an_error():
+    """Two reward columns that differ inside a group but whose weighted sums are equal (x and 1 - x): the advantages
+    are 0 in exact arithmetic too, so nothing is lost to float32 and the step trains on nothing, as it should. Fails
+    if the vanishing check reads spread from the columns rather than from the advantages they give."""
+    from grpokit.core import algo
+
+    x = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    rewards, weights = torch.stack([x, 1 - x], dim=1), torch.ones(2)
+    for aggregation in ("sum_then_normalize", "normalize_then_sum"):
+        adv = algo.multi_reward_advantages(
+            rewards.float(), weights, group_size=2, scale="group", aggregation=aggregation
+        )
+        assert float(adv.abs().max()) == 0.0
+        check_advantages(adv, rewards, weights, ["a", "b"], group_size=2, scale="group", aggregation=aggregation)

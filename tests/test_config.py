@@ -33,7 +33,7 @@ def grpo(**overrides) -> GRPOConfig:
         ({"temperature": 0.0}, "temperature", "must be > 0"),
         ({"learning_rate": "fast"}, "learning_rate", "expects float"),
         ({"beta": -0.1}, "beta", "must be >= 0"),
-        ({"task": "sorting"}, "task", "known tasks: ['addition']"),
+        ({"task": "sorting"}, "task", "known tasks: ['addition', 'tool_addition']"),
         ({"ref_sync_every": 10}, "ref_sync_every", "needs beta > 0"),
         ({"lora": LoRAConfig(save="adapter")}, "lora.save", "no adapter to save"),
     ],

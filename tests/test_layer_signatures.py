@@ -16,7 +16,7 @@ PACKAGE_DIR = ROOT / "src" / "grpokit"
 
 # The stages, the config and the entry points above them own a config or compose the stages, so they may read one
 # (the layers are tests/test_structure.py's); every other module is below the stages.
-ABOVE_THE_STAGES = {"grpokit", "grpokit.__main__", "grpokit.cli", "grpokit.demo", "grpokit.trl"}
+ABOVE_THE_STAGES = {"grpokit", "grpokit.__main__", "grpokit.cli", "grpokit.demo", "grpokit.demo_tools", "grpokit.trl"}
 
 
 def may_read_a_config(module: str) -> bool:

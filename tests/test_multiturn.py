@@ -182,15 +182,30 @@ def test_nothing_the_model_wrote_is_re_encoded():
     assert inner.calls[1]["prompts"] == [[2, a, a, b, ok]]
 
 
-def test_a_tool_tag_the_tokenizer_cannot_write_is_refused():
+def test_a_tool_tag_the_tokenizer_cannot_write_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     """A character tokenizer without `<` (as the default alphabet was): `</calc>` could never be sampled, and every
-    rollout would stay one turn without a word. Fails if such a run started."""
+    rollout would stay one turn without a word. A GRPOTrainer refuses it before its model loads (a load would raise
+    here), naming the tool and the config field; a sampler built by hand refuses it at its first rollout. Fails if
+    such a run started, or the error named grpokit's own class (ToolUse) instead of the tool."""
+    from helpers import config
+
+    import grpokit.stages.grpo
     from grpokit.core.types import ConfigError
 
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the tool's tags were checked")
+
+    monkeypatch.setattr(grpokit.stages.grpo, "load_model", no_load)
     plain = build_char_tokenizer(DEFAULT_CHARS.replace("<", "").replace(">", ""))
+    said = r"config field `tools`: the tool `calc` is called as <calc>...</calc> .*cannot write '</calc>'"
+    folder = tmp_path / "tiny"
+    tiny_model(plain, "llama", hidden_size=HIDDEN, seed=0).save_pretrained(folder)
+    plain.save_pretrained(folder)
+    with pytest.raises(ConfigError, match=said):
+        grpokit.stages.grpo.GRPOTrainer(config(folder, tmp_path / "out", max_steps=1), tools=[calc])
     make = environment_maker([calc], None, tool_format="tags", timeout=None)
     sampler = MultiTurnSampler(Scripted(lambda history, g: [5], plain), plain, make, TurnLimits())
-    with pytest.raises(ConfigError, match=r"\(ToolUse\) ends a turn at '</calc>', which the tokenizer cannot write"):
+    with pytest.raises(ConfigError, match=said):
         sampler.generate([[2, 5]], num_generations=1, params=SamplingParams(max_new_tokens=4), seeds=[0])
 
 
@@ -427,6 +442,72 @@ def test_an_observation_is_cut_to_max_tool_output_tokens():
     assert episode_figures(rollout_counts(r.episodes, 0))["turns/observations_cut"] == 1.0
 
 
+def words(text: str) -> str:
+    """A tool whose answer is long: 200 words."""
+    return " ".join(["word"] * 200)
+
+
+def test_a_cut_tool_answer_keeps_its_result_tags():
+    """Tag syntax, max_tool_output_tokens 24 (the char tokenizer: `<result>` 8 tokens, `</result>` 9): the answer is
+    `<result>`, the output's first 7 tokens, `</result>`, and counted as cut; a limit the two tags fill is refused
+    before any rollout. Fails if the cut went through the closing tag (the model would read an unclosed `<result>`
+    and write on inside it)."""
+    from grpokit.core.types import ConfigError
+    from grpokit.rollout.multiturn import check_tool_syntax
+
+    inner = Scripted(by_turn("<words>x</words>", "ok"))
+    r = tools_sampler(inner, words, max_tool_output_tokens=24).generate(
+        PROMPTS[:1], num_generations=1, params=SamplingParams(max_new_tokens=96), seeds=[0]
+    )
+    episode = r.episodes[0]
+    assert episode.pieces[1] == ("inserted", "<result>word wo</result>")
+    assert real_ids(r, 0)[len(enc("<words>x</words>")) :][:24] == enc("<result>") + enc("word wo") + enc("</result>")
+    assert episode.observations_cut == 1 and episode.num_turns == 2
+    make = environment_maker([words], None, tool_format="tags", timeout=None)
+    with pytest.raises(ConfigError, match=r"`max_tool_output_tokens` is 17, and an answer's tags <result> and "
+                       r"</result> take 17 tokens"):  # fmt: skip
+        check_tool_syntax(TOK, make(), 17)
+    check_tool_syntax(TOK, make(), 18)
+
+
+class CountingTokenizer:
+    """TOK, keeping the length of every text it is asked to tokenize."""
+
+    def __init__(self):
+        self.lengths = []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return TOK(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(TOK, name)
+
+
+def test_a_huge_tool_output_is_bounded_before_it_is_tokenized():
+    """A tool that returns a million characters, max_tool_output_tokens 32: no text longer than (32 + 1) x the
+    vocabulary's longest entry (the bound on characters per token) is tokenized, and the answer is the whole output's
+    first tokens inside its tags, counted as cut; one whose whole text is an environment's own observation (no tags)
+    keeps its first 32 tokens. Fails if the whole output were tokenized to keep 32 of its tokens."""
+    huge_text = "0123456789" * 100_000
+
+    def huge(text: str) -> str:
+        return huge_text
+
+    class Loud(Always):
+        observation = huge_text
+
+    counting = CountingTokenizer()
+    bound = (32 + 1) * max(map(len, TOK.get_vocab()))
+    make = environment_maker([huge], None, tool_format="tags", timeout=None)
+    for factory, want in [(make, "<result>" + huge_text[:15] + "</result>"), (Loud, huge_text[:32])]:
+        inner = Scripted(lambda history, g: enc("<huge>x</huge>") if history == PROMPTS[0] else enc("ok"))
+        sampler = MultiTurnSampler(inner, counting, factory, TurnLimits(max_turns=2, max_tool_output_tokens=32))
+        r = sampler.generate(PROMPTS[:1], num_generations=1, params=SamplingParams(max_new_tokens=96), seeds=[0])
+        assert r.episodes[0].pieces[1] == ("inserted", want) and r.episodes[0].observations_cut == 1
+    assert max(counting.lengths) <= bound < 10_000
+
+
 def test_a_tool_past_its_timeout_is_told_to_the_model_and_counted():
     """A tool blocked on an event never set, `tool_timeout` 0.2 s: the model's next turn reads that it timed out,
     the row goes on, and tools/timeouts counts it. Fails if a hung tool hung the rollout, or went uncounted."""
@@ -535,16 +616,95 @@ def test_an_environment_whose_step_raises_is_named_with_its_row_and_turn():
     [
         (lambda: ("x", 1.0), r"returned \('x', 1\.0\); expected \(observation or None, reward, done\)"),
         (lambda: ("x", math.nan, False), r"returned the reward nan: a reward is a finite number"),
-        (lambda: ("x", "high", False), r"returned the reward 'high', which is not a number"),
+        (lambda: ("x", "high", False), r"returned the reward 'high' \(str\), which is not a number"),
+        (lambda: ("x", "1.0", False), r"returned the reward '1.0' \(str\), which is not a number"),
+        (lambda: ("x", 0.0, "no"), r"returned done = 'no' \(str\): done is a bool"),
         (lambda: (7, 0.0, False), r"returned an observation grpokit cannot insert"),
     ],
-    ids=["not-a-triple", "nan-reward", "text-reward", "not-text"],
+    ids=["not-a-triple", "nan-reward", "text-reward", "numeric-text-reward", "text-done", "not-text"],
 )
 def test_a_step_answer_outside_the_contract_is_named(answer, said):
     """Fails if a malformed answer were taken (a NaN reward reaching the advantages) or named without its row."""
     with pytest.raises(EnvironmentFailure, match=said) as caught:
         run_failing(2, 1, answer)
-    assert "(Failing)" in str(caught.value) and "prompt 1" in str(caught.value)
+    assert "(Failing)" in str(caught.value) and "prompt 1, generation 0, turn 1" in str(caught.value)
+
+
+def test_numpy_numbers_and_bools_are_a_step_answer():
+    """A numpy float reward and a numpy bool `done` (what a numpy game returns) are taken. Fails if the type check
+    refused them."""
+    import numpy as np
+
+    r = run_failing(2, 1, lambda: ("<result>go</result>", np.float32(0.5), np.bool_(False)))
+    assert r.episodes[2].step_rewards[0] == 0.5 and r.episodes[2].num_turns == 3
+
+
+class Board:
+    """An environment of TRL's form (no step: its method is its tool)."""
+
+    def reset(self, **columns):
+        return None
+
+    def move(self, where: str) -> str:
+        """Move.
+
+        Args:
+            where: the square.
+        """
+        return "moved"
+
+
+@pytest.mark.parametrize("form", ["plain", "trl"])
+def test_a_factory_that_returns_one_instance_for_every_row_is_refused(form):
+    """`environment_factory=lambda: SHARED`: the rows would step one object concurrently (a guessing game's tries
+    counted over every row). Refused at the start of the rollout, naming the class and the rows, for an environment
+    with its own step and for TRL's form (the user's instance under grpokit's ToolUse). Fails if it ran."""
+    from grpokit.rollout.environments import TRLEnvironment
+
+    shared = Always() if form == "plain" else Board()
+    make = (lambda: shared) if form == "plain" else environment_maker([], TRLEnvironment(lambda: shared),
+                                                                      tool_format="tags", timeout=None)  # fmt: skip
+    sampler = MultiTurnSampler(Scripted(by_turn("a", "b")), TOK, make, TurnLimits(max_turns=2))
+    name = type(shared).__name__
+    with pytest.raises(EnvironmentFailure, match=rf"returned the same {name} object for rows 0 and 1 \(prompt 0, "
+                       r"generation 0 and prompt 0, generation 1\): make an environment per row"):  # fmt: skip
+        sampler.generate(PROMPTS[:1], num_generations=2, params=SamplingParams(max_new_tokens=32), seeds=[0])
+    assert form == "trl" or shared.steps == 0  # refused before any row stepped it
+
+
+def test_an_environment_without_a_module_is_refused_by_its_form():
+    """`environment: mygame` (no `:factory`): the error says what the field takes, not "a built-in name" (there are
+    no built-in environments). Fails on the reward functions' message."""
+    from grpokit.config import GRPOConfig
+    from grpokit.core.types import ConfigError
+    from grpokit.stages.setup import environments
+
+    with pytest.raises(ConfigError, match=r"`environment` is 'mygame': expected `package.module:factory` .*no "
+                       r"built-in ones"):  # fmt: skip
+        environments(GRPOConfig(environment="mygame"))
+
+
+def test_a_tool_named_like_the_answer_tag_is_refused():
+    """A tool `result` in the tag syntax: its calls and every answer would share `<result>`. Fails if accepted."""
+    from grpokit.core.types import ConfigError
+
+    def result(text: str) -> str:
+        return text
+
+    with pytest.raises(ConfigError, match=r"tool 'result' has the name of the tag every tool's answer comes in"):
+        environment_maker([result], None, tool_format="tags", timeout=None)
+
+
+def test_a_two_argument_tool_in_the_tag_syntax_is_refused_with_the_way_out():
+    """Fails if the refusal did not say which format takes such a tool."""
+    from grpokit.core.types import ConfigError
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(ConfigError, match=r"tool 'add' takes 2 arguments \(a, b\); in the tag syntax a tool takes one"
+                       r".*with tool_format: chat a tool takes its arguments by name"):  # fmt: skip
+        environment_maker([add], None, tool_format="tags", timeout=None)
 
 
 def test_the_docs_example_environment_plays_as_documented():
@@ -566,6 +726,30 @@ def test_the_docs_example_environment_plays_as_documented():
     assert [text for _, text in episode.pieces] == ["5", "higher", "9", "lower", "7"]
     assert episode.step_rewards == [0.0, 0.0, 1.0] and episode.ended_by == "done"
     assert episode.environment.reward() == pytest.approx(1 / 3)
+
+
+def test_the_docs_example_pays_nothing_to_an_episode_a_length_cut_ended():
+    """The page's `Guess` with max_completion_length 12: row 0's first turn reaches it (step() is never called), row
+    1 guesses 5 (higher) and its second turn reaches it. reward() is 0 for both, unsolved. Fails if the example
+    divided by zero tries (the run stopped) or paid an unsolved episode."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "environments.md").read_text()
+    (code,) = re.findall(r"<!-- example: run by tests/test_multiturn.py -->\n```python\n(.*?)```", page, flags=re.S)
+    namespace: dict = {}
+    exec(code, namespace)
+
+    def reply(history, g):
+        long = enc("1" * 20)
+        return long if "higher" in TOK.decode(history) or g == 0 else enc("5") + [TOK.eos_token_id]
+
+    sampler = MultiTurnSampler(Scripted(reply), TOK, namespace["Guess"], TurnLimits(max_turns=8))
+    r = sampler.generate(PROMPTS[:1], num_generations=2, params=SamplingParams(max_new_tokens=12), seeds=[0],
+                         rows=[{"prompt": "guess", "answer": "7"}])  # fmt: skip
+    assert [e.ended_by for e in r.episodes] == ["length", "length"] and [e.num_turns for e in r.episodes] == [1, 2]
+    assert [e.step_rewards for e in r.episodes] == [[], [0.0]]
+    assert [e.environment.reward() for e in r.episodes] == [0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------- rewards
@@ -638,6 +822,11 @@ def test_rewards_get_each_rows_environment_turns_and_transcript(tmp_path):
     (row,) = [r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "reward" in r]
     assert row["rewards/Keyed/mean"] == 0.5 and row["rewards/Keyed_steps/mean"] == 1.5
     assert row["turns/mean"] == 2.0 and row["tools/call_frequency"] == 0.0
+    # config.yaml records the functions passed in, not the environment's columns (its `environment` brings them back:
+    # a replay of the config would otherwise look for reward functions named Keyed and Keyed_steps)
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["reward_funcs"] == ["records"]
 
 
 # ---------------------------------------------------------------------------------------------- seeds
@@ -835,3 +1024,29 @@ def test_grpokit_eval_with_tools_runs_multi_turn(tmp_path, capsys):
     assert "addition held-out tools/call_frequency, greedy: 1.0000" in with_tools
     assert "addition held-out turns, greedy: 2.0000" in with_tools
     assert "addition held-out turns, sampled (T=1): 2.0000" in with_tools
+
+
+def test_the_gold_check_reads_a_multi_turn_rows_final_turn(tmp_path):
+    """The built-in `accuracy` reward and held-out accuracy compare the model's final turn with `answer`, not the
+    transcript, whose tool calls and outputs no answer equals: a model that asks the calculator and then answers
+    right scores 1 in training and in evaluation. Fails if either compared the whole transcript (it scored 0)."""
+    from helpers import config
+
+    from grpokit.stages.grpo import GRPOTrainer
+
+    rows = [{"prompt": "37+1=", "answer": "38"}, {"prompt": "40+2=", "answer": "42"}]
+
+    def reply(history, g):  # asks the calculator, then writes its result
+        text = TOK.decode(history)
+        if "<result>" not in text:
+            return enc(f"<calc>{text.split('=')[0].split(' ')[-1].strip()}</calc>")
+        return enc(text.rsplit("<result>", 1)[1].split("</result>")[0]) + [TOK.eos_token_id]
+
+    cfg = config(tiny_folder(tmp_path / "tiny"), tmp_path / "out", task=None, max_steps=1, num_generations=2,
+                 max_completion_length=48, tools=["calc"], eval_every=1, num_eval_prompts=2)  # fmt: skip
+    trainer = GRPOTrainer(cfg, sampler=Scripted(reply), tokenizer=TOK, train_dataset=rows, eval_dataset=rows)
+    trainer.train()
+    logged = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    (step,) = [r for r in logged if "reward" in r]
+    assert step["rewards/accuracy/mean"] == 1.0 and step["tools/call_frequency"] == 1.0
+    assert [r["eval/accuracy_greedy"] for r in logged if "eval/accuracy_greedy" in r] == [1.0, 1.0]

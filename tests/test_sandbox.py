@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -106,6 +107,23 @@ def test_only_tmp_is_writable_and_the_hosts_folders_are_absent():
     for path in ("/root", "/work", "/home", home, str(Path(__file__).parent)):
         assert f"absent {path}" in lines, result.stdout
     assert "uid 65534 65534" in lines
+
+
+@needs_bwrap
+def test_the_program_cannot_make_a_user_namespace_of_its_own():
+    """`unshare -U` inside the sandbox fails (bwrap's --disable-userns): a nested user namespace would make the
+    program uid 0 of its own namespace, with the capabilities that open most of the kernel's attack surface to it.
+    Fails without the flag (the hostile tester's `unshare -r` gave uid 0)."""
+    program = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.unshare(0x10000000), os.strerror(ctypes.get_errno()))\n"  # CLONE_NEWUSER
+    )
+    result = run(program)
+    assert result.ok and result.stdout.split()[0] == "-1", result
+    if shutil.which("unshare", path="/usr/bin:/bin"):  # (util-linux's; the sandbox sees the host's /usr)
+        command = run(["unshare", "-U", "true"])
+        assert command.exit_code != 0 and "unshare failed" in command.stderr, command
 
 
 @needs_bwrap
@@ -371,3 +389,27 @@ def test_a_tool_that_finds_no_sandbox_stops_the_run_instead_of_telling_the_model
     assert call_tool({"broken": broken}, "broken", {"code": "x"}, 5).error == "error: ValueError: bad program"
     with pytest.raises(SandboxUnavailable, match="bwrap was not found"):
         call_tool({"python": python}, "python", {"code": "print(1)"}, 5)
+
+
+def test_a_status_report_the_program_could_have_written_is_not_believed():
+    """The program runs as the wrapper's uid and could write the wrapper's status pipe: what is not exactly one
+    integer exit status or a known signal is no report (the run then reads as the wrapper's own exit status), never
+    an exception out of `run` that would stop training (fails if the report were parsed blindly)."""
+    from grpokit.runtime.sandbox import _report
+
+    assert _report(b'{"exit": 0}') == {"exit": 0} and _report(b'{"signal": 9}') == {"signal": 9}
+    for forged in (b"junk", b'{"exit": 0}{"exit": 1}', b'{"signal": 999}', b'{"exit": "0"}', b"[0]", b""):
+        assert _report(forged) is None
+
+
+def test_an_interpreter_whose_folder_would_show_the_host_is_refused(tmp_path):
+    """An interpreter outside /usr gets its install folder (bin/..) bound read-only: one at /x/python3 would bind /,
+    one under ~/bin the home folder, showing the files the sandbox hides; refused by name (fails if bound)."""
+    import os
+
+    from grpokit.runtime.sandbox import SandboxUnavailable, _prefix
+
+    for interpreter in ("/x/python3", os.path.expanduser("~/bin/python3")):
+        with pytest.raises(SandboxUnavailable, match="holds the host's files"):
+            _prefix(interpreter)
+    assert _prefix(str(tmp_path / "py" / "bin" / "python3")) == str(tmp_path / "py")

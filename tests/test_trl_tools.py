@@ -6,16 +6,19 @@ Where TRL is installed, its own rendering of a tool's schema and its own turn gl
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from grpokit.core.types import ConfigError, Rollout
+from grpokit.core.types import ConfigError, Rollout, SamplerError
 from grpokit.data.rows import encode_prompts
 from grpokit.data.tasks import build_char_tokenizer, tiny_model
 from grpokit.data.tasks.tokenizer import CHAT_TEMPLATE, DEFAULT_CHARS
+from grpokit.rewards.functions import conversation
 from grpokit.rollout.chat_tools import ChatInsertion, ChatSyntax, chat_template_kwargs, check_chat_template
 from grpokit.rollout.environments import EnvironmentFailure, TRLEnvironment, environment_maker
 from grpokit.rollout.multiturn import MultiTurnSampler, TurnLimits
@@ -137,14 +140,14 @@ class Scripted:
         )
 
 
-def chat_rollout(turns, factory=None, tools=(add,), **limits):
+def chat_rollout(turns, factory=None, tools=(add,), insertion_tokenizer=None, budget=400, **limits):
     tok = tokenizer()
     make = environment_maker(list(tools), factory, tool_format="chat", timeout=5.0)
     kwargs = chat_template_kwargs(tok, make, None, [QUESTION])
-    insertion = ChatInsertion(tok, kwargs, limits.get("max_tool_output_tokens"))
+    insertion = ChatInsertion(insertion_tokenizer or tok, kwargs, limits.get("max_tool_output_tokens"))
     sampler = MultiTurnSampler(Scripted(tok, turns), tok, make, TurnLimits(**limits), insertion=insertion)
     prompt = encode_prompts(tok, [QUESTION], 256, kwargs).ids
-    rollout = sampler.generate(prompt, num_generations=2, params=SamplingParams(max_new_tokens=400), seeds=[7])
+    rollout = sampler.generate(prompt, num_generations=2, params=SamplingParams(max_new_tokens=budget), seeds=[7])
     return tok, rollout
 
 
@@ -162,11 +165,45 @@ def test_a_tool_call_with_bad_json_comes_back_to_the_model_as_an_error_it_reads(
     assert (episode.num_turns, episode.tool_errors, episode.ended_by) == (3, 1, "done")
     trained = tok.decode([t for t, m in zip(row, mask) if m])
     assert trained == f"{bad}<eos>{good}<eos>5<eos>"  # the model's three turns, each with its EOS, and nothing else
-    messages = episode.environment.chat_messages(episode.pieces)
+    messages = conversation("", episode)
     assert [m["role"] for m in messages] == ["assistant", "tool", "assistant", "tool", "assistant"]
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
     assert messages[2]["tool_calls"] == [call]
     assert messages[3] == {"role": "tool", "name": "add", "content": "5"}
+
+
+def test_an_unreadable_call_stays_in_the_rewards_message_as_written_and_names_no_made_up_tool():
+    """TRL keeps a turn it cannot parse as content; the failed call's record has the name the model wrote, if any."""
+    CALLS.clear()
+    unclosed, no_object = '<<tool_call>\n{"<tool_>', '<tool_call>{"name": "add", "arguments": 5}</tool_call>'
+    good = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    tok, rollout = chat_rollout([f"I try {good} then {no_object}", unclosed, "5"], budget=600)
+    episode = rollout.episodes[0]
+    messages = conversation("", episode)
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    assert messages[0] == {"role": "assistant", "content": f"I try  then {no_object}", "tool_calls": [call]}
+    assert messages[1:3] == [{"role": "tool", "name": "add", "content": "5"},
+                             {"role": "tool", "name": "add", "content": "error: the arguments of a call to add are an "
+                              "object of named values"}]  # fmt: skip
+    assert messages[3] == {"role": "assistant", "content": unclosed}  # the model's text, no tool_calls
+    assert messages[4] == {"role": "tool", "content": "error: <tool_call> without </tool_call> after it"}
+    assert [c["name"] for c in episode.tool_calls] == ["add", "add", None] and episode.tool_errors == 2
+
+
+def test_an_environments_text_reaches_the_rewards_as_the_user_message_it_became():
+    class Guess:
+        def reset(self, **_):
+            self.tries = 0
+
+        def step(self, text):
+            self.tries += 1
+            return ("lower", 0.0, False) if self.tries == 1 else (None, 1.0, True)
+
+    tok, rollout = chat_rollout(["7", "5"], factory=Guess, tools=())
+    assert inserted_text(tok, rollout, 0) == "\nuser: lower<eos>\nassistant: "  # the template's glue, not trained
+    assert conversation("", rollout.episodes[0]) == [
+        {"role": "assistant", "content": "7"}, {"role": "user", "content": "lower"},
+        {"role": "assistant", "content": "5"}]  # fmt: skip
 
 
 def test_a_turn_a_stop_string_ended_is_left_as_it_is_and_ends_the_row():
@@ -176,15 +213,16 @@ def test_a_turn_a_stop_string_ended_is_left_as_it_is_and_ends_the_row():
     assert CALLS == [] and rollout.episodes[0].ended_by == "stop" and rollout.loss_mask.all()
 
 
+def spell(word: str) -> str:
+    """Spell a word out.
+
+    Args:
+        word: the word
+    """
+    return " ".join(word * 20)
+
+
 def test_a_long_tool_output_is_cut_inside_its_message_never_through_the_template():
-    def spell(word: str) -> str:
-        """Spell a word out.
-
-        Args:
-            word: the word
-        """
-        return " ".join(word * 20)
-
     call = '<tool_call>{"name": "spell", "arguments": {"word": "abc"}}</tool_call>'
     tok, rollout = chat_rollout([call, "ok"], tools=[spell], max_tool_output_tokens=64)
     glue = inserted_text(tok, rollout, 0)
@@ -193,6 +231,45 @@ def test_a_long_tool_output_is_cut_inside_its_message_never_through_the_template
     assert rollout.episodes[0].pieces[-1] == ("model", "ok")  # the model's next turn followed the assistant header
     with pytest.raises(ConfigError, match=r"`max_tool_output_tokens` is 20, and the chat template .* takes 51 tokens"):
         ChatInsertion(tokenizer(), {}, 20)
+
+
+def test_the_rewards_see_a_cut_tool_output_as_the_model_was_shown_it():
+    call = '<tool_call>{"name": "spell", "arguments": {"word": "abc"}}</tool_call>'
+    tok, rollout = chat_rollout([call, "ok"], tools=[spell], max_tool_output_tokens=64)
+    shown = inserted_text(tok, rollout, 0).split("<tool_response>")[1].split("</tool_response>")[0]
+    assert 0 < len(shown) < len(spell("abc"))
+    assert conversation("", rollout.episodes[0])[1] == {"role": "tool", "name": "spell", "content": shown}
+
+
+class Counting:
+    """A tokenizer that keeps the length of the longest text it was asked to tokenize."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["tok"], name)
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.tok(text, **kwargs)
+
+
+def test_a_huge_tool_output_is_cut_before_it_is_tokenized():
+    def flood(word: str) -> str:
+        """Repeat a word a great many times.
+
+        Args:
+            word: the word
+        """
+        return word * 100_000
+
+    call = '<tool_call>{"name": "flood", "arguments": {"word": "ab"}}</tool_call>'
+    counting = Counting(tokenizer())
+    tok, rollout = chat_rollout([call, "ok"], tools=[flood], insertion_tokenizer=counting, max_tool_output_tokens=64)
+    # (64 + 1) tokens of the vocabulary's longest string (<eos>, 5 characters) and the template's own text
+    assert counting.longest < 1_000 and rollout.episodes[0].observations_cut == 1
+    assert conversation("", rollout.episodes[0])[1]["content"].startswith("abab")
 
 
 def test_a_tokenizer_that_marks_the_call_tags_special_is_refused():
@@ -417,3 +494,32 @@ def test_trls_environment_forms_grpokit_does_not_take_are_refused_by_name(caller
     with pytest.raises(ConfigError, match=r"needs reward_funcs .* or an environment_factory whose environments define"):
         GRPOTrainer(str(caller), None, args=args, train_dataset=dataset, tools=[add])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_trl_user_is_told_the_way_out_of_tool_format_chat_that_a_trl_script_can_take(caller, tmp_path):
+    """grpokit's `tool_format: tags` is no TRL field: the advice a TRL config gets is code that runs."""
+
+    def echo(text: str) -> str:
+        return text
+
+    args, text_prompts = trl_args(tmp_path / "run"), [{"prompt": "add 2 and 3"}] * 4
+    with pytest.raises(ConfigError, match=r"row 0 has a text prompt: .*TRL's GRPOConfig has no field for it") as told:
+        GRPOTrainer(str(caller), lambda completions, **_: [0.0] * len(completions), args=args,
+                    train_dataset=text_prompts, tools=[add])  # fmt: skip
+    assert "tool_format: tags writes" not in str(told.value)
+    advice = re.search(r"args=(.*\))$", str(told.value)).group(1)
+    native = eval(advice, {"dataclasses": dataclasses, "args": args, "train_dataset": text_prompts})
+    trainer = GRPOTrainer(str(caller), lambda completions, **_: [0.0] * len(completions), args=native,
+                          train_dataset=text_prompts, tools=[echo])  # fmt: skip
+    assert trainer.trainer.cfg.tool_format == "tags" and trainer.trainer.cfg.tools[0].endswith(".echo")
+
+    class Talks(Calculator):
+        def reset(self, **row):
+            super().reset(**row)
+            return "use the tool"
+
+    dataset = [{"prompt": QUESTION}] * 4
+    trainer = GRPOTrainer(str(caller), None, args=trl_args(tmp_path / "talks"), train_dataset=dataset,
+                          environment_factory=Talks)  # fmt: skip
+    with pytest.raises(SamplerError, match=r"reset\(\) returned an observation.*TRL's GRPOConfig has no field"):
+        trainer.train()

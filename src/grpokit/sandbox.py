@@ -10,35 +10,10 @@ The machinery is `grpokit.runtime.sandbox`; `code_tests_reward` (the built-in re
 docs/sandbox.md has the limits, the tests that show each one and the measured overhead.
 """
 
-from grpokit.runtime.sandbox import (
-    DEFAULT_LIMITS,
-    SandboxError,
-    SandboxLimits,
-    SandboxResult,
-    SandboxUnavailable,
-    check_sandbox,
-    default_interpreter,
-    find_bwrap,
-    python,
-    python_tool,
-    run,
-    tool_text,
-)
+from grpokit.runtime import sandbox as _machinery
+from grpokit.runtime.sandbox import *  # noqa: F403 (the face: the machinery's public names, listed once there)
 
-__all__ = [
-    "DEFAULT_LIMITS",
-    "SandboxError",
-    "SandboxLimits",
-    "SandboxResult",
-    "SandboxUnavailable",
-    "check_sandbox",
-    "default_interpreter",
-    "find_bwrap",
-    "python",
-    "python_tool",
-    "run",
-    "tool_text",
-]
+__all__ = list(_machinery.__all__)
 
 # not in __all__: importing them imports torch (through the data layer), which `import *` should not do
 _REWARD_NAMES = ("code_tests_reward", "extract_code", "run_tests")

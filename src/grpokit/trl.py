@@ -50,6 +50,7 @@ from grpokit.config.trl_names import (
     UNSUPPORTED,
 )
 from grpokit.core.types import ArgumentError, InputWarning
+from grpokit.rollout.chat_tools import TAGS_WAY_OUT
 from grpokit.runtime.checkpoint import (
     PROVENANCE,
     FinishedRunError,
@@ -430,11 +431,36 @@ def trl_error(err: native.ConfigError, given: frozenset[str] | set[str]) -> nati
     return native.ConfigError(f"{kind} {trl_names}, as grpokit's `{field}`, {rest}")
 
 
+# grpokit's way out of what tool_format chat refuses, as a TRL config's user takes it (it has no such field)
+TRL_TAGS_WAY_OUT = (
+    "grpokit's tag format (tool_format: tags, a call written <NAME>ARGUMENT</NAME>, one text argument per tool) "
+    "works with any template, and TRL's GRPOConfig has no field for it: give grpokit.trl's GRPOTrainer grpokit's "
+    "own config made from yours, args=dataclasses.replace(args.to_grpokit(num_prompts=len(train_dataset)), "
+    "tool_format='tags')"
+)
+
+
 @contextlib.contextmanager
-def trl_names_in_errors(given: frozenset[str] | set[str] | None) -> Iterator[None]:
-    """ConfigErrors raised inside speak of the TRL fields in `given` (None: a native config, nothing to tell)."""
+def trl_way_out(trl_config: bool) -> Iterator[None]:
+    """An error raised inside whose way out is `tool_format: tags` (`chat_tools.TAGS_WAY_OUT`: a ConfigError, or an
+    EnvironmentFailure the step wraps) tells a TRL config's user how to take it (`TRL_TAGS_WAY_OUT`): the same
+    error, its text changed."""
     try:
         yield
+    except Exception as err:
+        text = err.args[0] if err.args and isinstance(err.args[0], str) else ""
+        if trl_config and TAGS_WAY_OUT in text:
+            err.args = (text.replace(TAGS_WAY_OUT, TRL_TAGS_WAY_OUT), *err.args[1:])
+        raise
+
+
+@contextlib.contextmanager
+def trl_names_in_errors(given: frozenset[str] | set[str] | None) -> Iterator[None]:
+    """ConfigErrors raised inside speak of the TRL fields in `given` (None: a native config, nothing to tell), and
+    of the way out a TRL config has (`trl_way_out`)."""
+    try:
+        with trl_way_out(given is not None):
+            yield
     except native.ConfigError as err:
         if given is None:
             raise
@@ -608,7 +634,8 @@ class GRPOTrainer:
         previous = native_trainer.run_dir
         native_trainer.run_dir = run_directory(cfg, writer=previous.writer, inputs=previous.inputs)
         native_trainer.run_dir.plan()
-        result = native_trainer.train()
+        with trl_way_out(isinstance(self.args, GRPOConfig)):  # (a reset() observation is refused at the first step)
+            result = native_trainer.train()
         return dataclasses.replace(result, global_step=self.state.global_step)  # TRL's unit: optimizer steps
 
     def __getattr__(self, name: str) -> Any:  # only for names the object lacks

@@ -33,6 +33,8 @@ class Episode:
     tool_errors: int = 0  # tool calls that raised (their error went back to the model as text)
     tool_timeouts: int = 0  # tool calls past their timeout (said to the model as text)
     observations_cut: int = 0  # observations cut to max_tool_output_tokens
+    messages: list[dict[str, Any]] | None = None  # tool_format chat: the completion in TRL's message form, as the
+    # model was shown it (`ChatInsertion.messages`)
 
 
 @dataclass(frozen=True)

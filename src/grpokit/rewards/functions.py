@@ -83,8 +83,9 @@ REWARD_INPUTS = RESERVED_COLUMNS
 CONTRACT_INPUTS = ("trainer_state", "log_metric", "log_extra")
 # What a multi-turn rollout (an environment per row) adds: the rows' environment instances (passed as they are, not
 # copied: a reward reads their state; for tools on a factory's instance, that instance, as TRL passes it), model
-# turns, tool calls ({"name", "arguments", "result" | "error"}) and the environment's step rewards
-EPISODE_INPUTS = ("environments", "num_turns", "tool_calls", "step_rewards")
+# turns, tool calls ({"name", "arguments", "result" | "error"}), the environment's step rewards, and each row's final
+# turn (the model's last: where its answer is)
+EPISODE_INPUTS = ("environments", "num_turns", "tool_calls", "step_rewards", "final_turns")
 # The columns of a logged completion (`GRPOTrainer.figures`): a `log_extra` column may not replace one
 SAMPLE_COLUMNS = frozenset({"step", "prompt", "completion", "reward", "advantage"})
 # Metric prefixes grpokit's own figures use outside a step's reward figures (held-out rows, monitors)
@@ -247,20 +248,26 @@ def episode_inputs(episodes: Sequence[Any]) -> dict[str, list[Any]]:
         "num_turns": [e.num_turns for e in episodes],
         "tool_calls": [list(e.tool_calls or []) for e in episodes],
         "step_rewards": [list(e.step_rewards or []) for e in episodes],
+        "final_turns": final_turns(episodes),
     }
+
+
+def final_turns(episodes: Sequence[Any]) -> list[str]:
+    """Each row's last model turn: its answer, which a gold check compares (the transcript before it holds tool
+    calls and their outputs, which no answer column equals)."""
+    return [next((text for kind, text in reversed(e.pieces) if kind == "model"), "") for e in episodes]
 
 
 def conversation(completion: str, episode: Any) -> list[dict[str, str]]:
     """A chat prompt's completion in TRL's message form: one assistant message, or for a multi-turn row its
     turns in order, the model's as assistant messages and what was inserted between them as tool messages (with
-    tool_format chat, as TRL gives them: each call in its assistant message's `tool_calls`, the tool messages as
-    they were rendered)."""
+    tool_format chat, as TRL gives them: each call in its assistant message's `tool_calls`, the inserted messages
+    under their own roles, with the contents the model was shown)."""
     if episode is None:
         return [{"role": "assistant", "content": completion}]
-    form = getattr(episode.environment, "chat_messages", None)  # (tool_format chat: the tool calls and messages)
-    messages = form(episode.pieces) if callable(form) else None
+    messages = getattr(episode, "messages", None)  # (tool_format chat: the sampler's)
     if messages is not None:
-        return messages
+        return list(messages)
     return [{"role": "assistant" if kind == "model" else "tool", "content": text} for kind, text in episode.pieces]
 
 
@@ -307,8 +314,12 @@ def named_parameters(fn: RewardFn) -> set[str]:
 def gold_reward(is_correct: Callable[[str, str], bool]) -> RewardFn:
     """1 when `is_correct(completion, row's answer column)`, else 0: a verifier as a reward."""
 
-    def accuracy(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
-        return [float(is_correct(completion_text(c), str(a))) for c, a in zip(completions, answer)]
+    def accuracy(completions: list[Any], answer: list[str], final_turns: list[str] | None = None, **_: Any) -> (
+        list[float]
+    ):  # fmt: skip
+        """(A multi-turn row is checked on its final turn, `final_turns`.)"""
+        texts = final_turns if final_turns is not None else [completion_text(c) for c in completions]
+        return [float(is_correct(text, str(a))) for text, a in zip(texts, answer)]
 
     return accuracy
 
@@ -910,37 +921,39 @@ def checked_rewards(name: str, values: Any, prompts: list[Any], completions: lis
 
 
 def check_advantages(
-    advantages: torch.Tensor, rewards: torch.Tensor, weights: torch.Tensor, names: list[str], *, group_size: int
-) -> None:
+    advantages: torch.Tensor, rewards: torch.Tensor, weights: torch.Tensor, names: list[str], *, group_size: int,
+    scale: str = "group", aggregation: str = "sum_then_normalize",
+) -> None:  # fmt: skip
     """A reward scale that float32 cannot train on is an error, not a zero or an infinite gradient.
 
     advantages (N,) float32 as the loss will use them; rewards (N, K) float64 as the functions returned them
-    (NaN = None). Overflow: a non-finite advantage. Vanishing: the rewards differ inside some group (in float64),
-    yet every advantage is below VANISHING_ADVANTAGE.
+    (NaN = None). Overflow: a non-finite advantage. Vanishing: the same advantages computed in float64 (under the
+    same `scale` and `aggregation`) are not all 0, yet every float32 advantage is below VANISHING_ADVANTAGE. Rewards
+    that differ inside a group but whose weighted sums do not (two functions that cancel) give advantages of 0 in
+    float64 too: that is no error.
     """
-    scale = ", ".join(
+    sizes = ", ".join(
         f"`{name}` up to {column.nan_to_num(0.0).abs().max().item():.3g}" for name, column in zip(names, rewards.T)
     )
     if not bool(torch.isfinite(advantages).all()):
         raise RewardError(
-            f"the advantages overflow float32 (rewards: {scale}); rescale the reward functions or use "
+            f"the advantages overflow float32 (rewards: {sizes}); rescale the reward functions or use "
             "scale_rewards: group"
         )
-    total, scorable = algo.combine_rewards(rewards, weights.to(rewards))  # (N,), (N,)
-    columns = [(column.nan_to_num(0.0), ~column.isnan()) for column in rewards.T]
-    spread = any(
-        not bool(algo.flat_groups(r, s, group_size=group_size).all()) for r, s in [(total, scorable), *columns]
-    )
+    exact = algo.multi_reward_advantages(
+        rewards.double(), weights.double(), group_size=group_size, scale=scale, aggregation=aggregation
+    )  # (N,) float64
+    spread = bool((exact.nan_to_num(0.0).abs() >= VANISHING_ADVANTAGE).any())
     largest = float(advantages.abs().max()) if advantages.numel() else 0.0
     if spread and largest < VANISHING_ADVANTAGE and float(rewards.nan_to_num(0.0).abs().max()) ** 2 > FLOAT32_MAX:
         raise RewardError(
-            f"the rewards ({scale}) overflow float32 in the group statistics (their squares pass {FLOAT32_MAX:.3g}), "
+            f"the rewards ({sizes}) overflow float32 in the group statistics (their squares pass {FLOAT32_MAX:.3g}), "
             "so every advantage is 0: rescale the reward functions"
         )
     if spread and largest < VANISHING_ADVANTAGE:
         raise RewardError(
             f"every advantage of this step is below {VANISHING_ADVANTAGE:g} (largest {largest:.3g}) although the "
-            f"rewards differ inside a group (rewards: {scale}): float32 cannot resolve their differences at this "
+            f"rewards differ inside a group (rewards: {sizes}): float32 cannot resolve their differences at this "
             "scale; rescale or re-centre the reward functions"
         )
 
@@ -1006,7 +1019,8 @@ class RewardSet:
         advantages = algo.multi_reward_advantages(
             rewards, self.weights, group_size=G, scale=scale, aggregation=aggregation
         )  # (N,)
-        check_advantages(advantages, scores, self.weights, self.names, group_size=G)
+        check_advantages(advantages, scores, self.weights, self.names, group_size=G, scale=scale,
+                         aggregation=aggregation)  # fmt: skip
         gold = None
         if self.gold:
             gold = gather(score(self.gold, inputs, timeout=timeout, warned_cwd=warned, state=self.state, logs=logs))

@@ -42,67 +42,65 @@ _CALL = re.compile(re.escape(_OPEN) + r".*?(?:" + re.escape(_CLOSE) + r"|$)", re
 class ChatSyntax:
     """Tool calls in the Hermes / Qwen form, `<tool_call>{"name": NAME, "arguments": {...}}</tool_call>`, several per
     turn, read from the model's whole turn (it ends at the end-of-turn token: no stop strings); the answers are tool
-    messages, which `ChatInsertion` renders through the template. One instance per row (`ToolUse` makes it), so it
-    keeps the row's answers for the transcript the rewards see (`messages`)."""
+    messages, which `ChatInsertion` renders through the template."""
 
     stop_strings: tuple[str, ...] = ()
 
     def __init__(self, tools: dict[str, Callable[..., Any]]):
         self.tools = tools
-        self.answers: list[list[dict[str, Any]]] = []  # each step's tool messages, in order
 
-    def parse(self, text: str) -> list[tuple[str, dict[str, Any]]]:
-        """Every call in the turn, in order: (name, arguments), or (name or "tool_call", {"__malformed__": why}) for
-        a call that cannot be read; [] for a turn without a call."""
-        calls = []
-        for match in _CALL.finditer(text):
-            block = match.group(0)
-            if not block.endswith(_CLOSE):
-                calls.append(("tool_call", {"__malformed__": f"{_OPEN} without {_CLOSE} after it"}))
-                continue
-            calls.append(_read_call(block[len(_OPEN) : -len(_CLOSE)]))
-        return calls
+    def parse(self, text: str) -> list[tuple[str | None, dict[str, Any]]]:
+        """Every call in the turn, in order: (name, arguments), or (the name it wrote, or None when none can be read,
+        {"__malformed__": why}) for a call that cannot be read; [] for a turn without a call."""
+        return [call for _, call in _blocks(text)]
 
     def observation(self, outcomes: list[Any]) -> list[dict[str, Any]]:
-        """The tool messages answering one turn's calls, in the calls' order (an error's text in place of a
-        result)."""
-        messages = [
-            {"role": "tool", "name": o.name, "content": o.error if o.error is not None else str(o.result)}
+        """The tool messages answering one turn's calls, in the calls' order (an error's text in place of a result;
+        no `name` for a call whose name could not be read)."""
+        return [
+            {"role": "tool", **({"name": o.name} if o.name is not None else {}),
+             "content": o.error if o.error is not None else str(o.result)}
             for o in outcomes
-        ]
-        self.answers.append(messages)
-        return messages
-
-    def messages(self, pieces: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """The row's completion in TRL's message form: each model turn an assistant message (its text without the
-        call blocks as `content`, its readable calls as `tool_calls`), each insertion the tool messages it
-        rendered (an observation rolled back for want of room was never inserted: the answers run ahead)."""
-        out: list[dict[str, Any]] = []
-        answers = iter(self.answers)
-        for kind, text in pieces:
-            if kind != "model":
-                out += next(answers, [])
-                continue
-            calls = [
-                {"type": "function", "function": {"name": name, "arguments": arguments}}
-                for name, arguments in self.parse(text)
-                if "__malformed__" not in arguments
-            ]
-            message: dict[str, Any] = {"role": "assistant", "content": _CALL.sub("", text).strip()}
-            if calls:
-                message["tool_calls"] = calls
-            out.append(message)
-        return out
+        ]  # fmt: skip
 
 
-def _read_call(body: str) -> tuple[str, dict[str, Any]]:
+def _blocks(text: str) -> list[tuple[re.Match[str], tuple[str | None, dict[str, Any]]]]:
+    """Each `<tool_call>` block of a turn (where it was written), with the call read from it (`ChatSyntax.parse`)."""
+    out = []
+    for match in _CALL.finditer(text):
+        block = match.group(0)
+        if not block.endswith(_CLOSE):
+            out.append((match, (None, {"__malformed__": f"{_OPEN} without {_CLOSE} after it"})))
+        else:
+            out.append((match, _read_call(block[len(_OPEN) : -len(_CLOSE)])))
+    return out
+
+
+def assistant_message(text: str) -> dict[str, Any]:
+    """A model turn in TRL's message form: its readable calls as `tool_calls`, the rest of what it wrote as
+    `content`. A call that cannot be read stays in the content as written (as TRL keeps a turn it cannot parse)."""
+    content, calls, at = [], [], 0
+    for match, (name, arguments) in _blocks(text):
+        content.append(text[at : match.start()])
+        at = match.end()
+        if "__malformed__" in arguments:
+            content.append(match.group(0))
+        else:
+            calls.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+    message: dict[str, Any] = {"role": "assistant", "content": "".join([*content, text[at:]]).strip()}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _read_call(body: str) -> tuple[str | None, dict[str, Any]]:
     """One call's JSON body -> (name, arguments); what cannot be read -> (its name if any, {"__malformed__": why})."""
     try:
         call = json.loads(body)
     except json.JSONDecodeError as err:  # (the model has its call before it: the error says where, not the text)
-        return "tool_call", {"__malformed__": f"the tool call is not valid JSON: {err.msg} at character {err.pos}"}
+        return None, {"__malformed__": f"the tool call is not valid JSON: {err.msg} at character {err.pos}"}
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
-        return "tool_call", {"__malformed__": 'a tool call is {"name": NAME, "arguments": {...}}'}
+        return None, {"__malformed__": 'a tool call is {"name": NAME, "arguments": {...}}'}
     name, arguments = call["name"], call.get("arguments", call.get("parameters", {}))
     if isinstance(arguments, str):  # some models write the arguments as a JSON text
         with contextlib.suppress(ValueError):
@@ -266,7 +264,9 @@ class ChatInsertion:
     conversation ending in an assistant turn is rendered with and without the messages; the difference is the
     insertion, tokenized once (so an end-of-turn token in it is the template's, never the model's). One longer than
     `max_tokens` (max_tool_output_tokens) is cut inside the messages' contents (`cut`), never through the
-    template's own tokens, which `max_tokens` must leave room beside."""
+    template's own tokens, which `max_tokens` must leave room beside; a content so long that it must be cut is cut
+    to `max_chars` characters before it is tokenized at all (a tool answering 10 MB is not tokenized whole), unless
+    a normalizer that merges characters leaves those within `max_tokens` (then it is tokenized whole)."""
 
     def __init__(self, tokenizer: Any, template_kwargs: dict[str, Any] | None, max_tokens: int | None = None):
         self.tokenizer = tokenizer
@@ -274,6 +274,10 @@ class ChatInsertion:
         check_chat_template(tokenizer, self.kwargs)
         self.end_id = tokenizer.eos_token_id
         self._heads: dict[str | None, tuple[list[dict[str, Any]], list[int]]] = {}
+        # no token's text is longer than the vocabulary's longest string (a byte-level BPE writes a byte as one
+        # character, SentencePiece's byte tokens as <0x..>): a content this long has more than max_tokens tokens
+        longest = max(map(len, getattr(tokenizer, "get_vocab", dict)()), default=0) or 64
+        self.max_tokens, self.max_chars = max_tokens, None if max_tokens is None else (max_tokens + 1) * longest
         bare = len(self.encode([{"role": "tool", "name": "probe_tool", "content": ""}]))
         if max_tokens is not None and bare >= max_tokens:
             raise ConfigError(
@@ -283,7 +287,14 @@ class ChatInsertion:
 
     def encode(self, observation: Any) -> list[int]:
         messages = _as_messages(observation)
-        called = messages[0].get("name") if messages[0].get("role") == "tool" else None
+        bounded = self._bounded(messages)
+        ids = self._rendered(bounded)
+        if bounded is not messages and len(ids) <= self.max_tokens:  # (a normalizer merged characters: all of it)
+            ids = self._rendered(messages)
+        return ids
+
+    def _rendered(self, messages: list[dict[str, Any]]) -> list[int]:
+        called = (messages[0].get("name") or "") if messages[0].get("role") == "tool" else None
         head, head_ids = self._head(called)
         text = render(self.tokenizer, head + messages, self.kwargs, generation=True)
         ids = self._ids(text)
@@ -295,22 +306,40 @@ class ChatInsertion:
             )
         return ids[len(head_ids) :]
 
-    def cut(self, observation: Any, max_tokens: int) -> list[int]:
-        """The insertion of `observation` in at most `max_tokens` tokens: each message's content keeps its first
-        tokens, an equal share of what the template's own tokens leave (shrunk while the whole is still longer)."""
-        messages = _as_messages(observation)
+    def cut(self, observation: Any, max_tokens: int) -> tuple[list[int], list[dict[str, Any]]]:
+        """The insertion of `observation` in at most `max_tokens` tokens, and its messages as they were cut (what
+        the model was shown): each message's content keeps its first tokens, an equal share of what the template's
+        own tokens leave (shrunk while the whole is still longer)."""
+        messages = self._bounded(_as_messages(observation))
         bare = len(self.encode([{**m, "content": ""} for m in messages]))
         share = (max_tokens - bare) // len(messages)
         while share >= 1:
-            ids = self.encode([{**m, "content": self._first(m["content"], share)} for m in messages])
+            shown = [{**m, "content": self._first(m["content"], share)} for m in messages]
+            ids = self.encode(shown)
             if len(ids) <= max_tokens:
-                return ids
+                return ids, shown
             share = min(share - 1, share - (len(ids) - max_tokens) // len(messages))
         raise ConfigError(
             f"config field `max_tool_output_tokens` is {max_tokens}, and {template_name(self.tokenizer)} takes {bare} "
             f"tokens of its own around {len(messages)} tool results in one turn: no room is left for the results; "
             "raise it"
         )
+
+    def _bounded(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        chars = self.max_chars
+        if chars is None or all(not isinstance(m["content"], str) or len(m["content"]) <= chars for m in messages):
+            return messages
+        return [{**m, "content": m["content"][:chars]} if isinstance(m["content"], str) else m for m in messages]
+
+    def messages(self, pieces: list[tuple[str, str]], shown: list[Any]) -> list[dict[str, Any]]:
+        """A row's completion in TRL's message form, as the model was shown it: each model turn an assistant message
+        (`assistant_message`), each insertion the messages it rendered (`shown`, in order: cut ones as they were
+        cut, an environment's text as the user message it became)."""
+        observations = iter(shown)
+        out: list[dict[str, Any]] = []
+        for kind, text in pieces:
+            out += [assistant_message(text)] if kind == "model" else _as_messages(next(observations))
+        return out
 
     def _first(self, content: Any, count: int) -> Any:
         if not isinstance(content, str):
@@ -324,8 +353,8 @@ class ChatInsertion:
             "reset() returned an observation, which TRL appends to the last user message; with tool_format: chat "
             "grpokit does not: a group's G rows share one prompt, rendered once, and each row's tokens continue it "
             "unchanged (token in, token out), so a row's own text cannot go inside it. Return None from reset() and "
-            "put the text in the prompt (a dataset column, or a chat prompt built from the row), or use tool_format: "
-            "tags, which inserts it after the prompt"
+            "put the text in the prompt (a dataset column, or a chat prompt built from the row). The tag format "
+            f"inserts it after the prompt: {TAGS_WAY_OUT}"
         )
 
     def closes_turn(self, ids: list[int]) -> bool:

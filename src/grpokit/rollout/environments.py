@@ -127,6 +127,11 @@ class TagSyntax:
     `<result>OUTPUT</result>` (`result_tag`). A tool in this syntax takes one argument, the text between the tags."""
 
     def __init__(self, tools: dict[str, Callable[..., Any]], *, result_tag: str = "result"):
+        if result_tag in tools:  # its calls and every answer would share one tag
+            raise ConfigError(
+                f"tool {result_tag!r} has the name of the tag every tool's answer comes in (<{result_tag}>...</"
+                f"{result_tag}>): the model could not tell its calls from the answers; rename the function"
+            )
         for name, fn in tools.items():
             required = [
                 p
@@ -136,7 +141,8 @@ class TagSyntax:
             if len(required) > 1:
                 raise ConfigError(
                     f"tool {name!r} takes {len(required)} arguments ({', '.join(p.name for p in required)}); in the "
-                    f"tag syntax a tool takes one, the text between <{name}> and </{name}>"
+                    f"tag syntax a tool takes one, the text between <{name}> and </{name}>; with tool_format: chat a "
+                    "tool takes its arguments by name (through the chat template's tool support)"
                 )
         self.tools = tools
         self.result_tag = result_tag
@@ -162,6 +168,19 @@ class TagSyntax:
     def observation(self, outcomes: list[ToolOutcome]) -> str:
         tag = self.result_tag
         return "".join(f"<{tag}>{o.error if o.error is not None else o.result}</{tag}>" for o in outcomes)
+
+    @property
+    def result_frame(self) -> tuple[str, str]:
+        """The tags around an answer, which an answer cut to max_tool_output_tokens keeps."""
+        return f"<{self.result_tag}>", f"</{self.result_tag}>"
+
+    def frame(self, observation: str) -> tuple[str, str, str] | None:
+        """An answer as (`<result>`, what is between, `</result>`), so that a cut keeps both tags (a model that reads
+        an unclosed `<result>` goes on writing inside it); None for text that is not an answer."""
+        head, tail = self.result_frame
+        if len(observation) >= len(head) + len(tail) and observation.startswith(head) and observation.endswith(tail):
+            return head, observation[len(head) : len(observation) - len(tail)], tail
+        return None
 
 
 def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
@@ -215,6 +234,11 @@ class ToolUse:
                 outcomes.append(call_tool(self.tools, name, arguments, self.timeout))
         self.calls += outcomes
         return self.syntax.observation(outcomes), 0.0, False
+
+    def observation_frame(self, observation: Any) -> tuple[str, str, str] | None:
+        """(opening, body, closing) of an answer whose tags a cut keeps (the tag syntax's); None: cut as it is."""
+        frame = getattr(self.syntax, "frame", None)
+        return frame(observation) if frame is not None and isinstance(observation, str) else None
 
     def reward(self) -> float | None:
         outcome = _reward_method(self.base, self.outcome_names)
@@ -374,7 +398,8 @@ def environment_maker(tools: Sequence[Callable[..., Any]], factory: Callable[[],
                     "whose methods are its tools"
                 )
             return factory
-        ToolUse(tools, SYNTAXES[tool_format], timeout=timeout, base=probe, trl_methods=trl)  # methods checked as tools
+    # the tools (the factory's methods among them) checked by the syntax, before any row: one argument, no clash
+    ToolUse(tools, SYNTAXES[tool_format], timeout=timeout, base=probe if factory else None, trl_methods=trl)
 
     def make() -> ToolUse:
         base = factory() if factory else None

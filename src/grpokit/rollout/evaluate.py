@@ -122,6 +122,7 @@ def heldout_eval(
         RewardError,
         RewardLogs,
         accepted_inputs,
+        final_turns,
         reward_inputs,
         score,
     )
@@ -154,7 +155,7 @@ def heldout_eval(
             rows=rows,
         )
         for start, prompts, rollout, batch_texts in batches:
-            texts += batch_texts
+            texts += batch_texts if rollout.episodes is None else final_turns(rollout.episodes)  # (the answers)
             episodes += rollout.episodes or ()
             if funcs:
                 batch = rows[start : start + len(batch_texts)]

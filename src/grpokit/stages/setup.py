@@ -247,6 +247,11 @@ def environments(cfg: Any, tools: Any = None, factory: Any = None) -> Any:
     from grpokit.rollout.environments import environment_maker, resolve_tools
 
     def load(spec: str, field: str) -> Any:
+        if field == "environment" and ":" not in spec:
+            raise ConfigError(
+                f"config field `environment` is {spec!r}: expected `package.module:factory` (a class or a function "
+                "that makes one row's environment; there are no built-in ones)"
+            )
         try:
             return import_reward(spec, kind=field.rstrip("s"))
         except ValueError as err:
@@ -263,8 +268,12 @@ def environments(cfg: Any, tools: Any = None, factory: Any = None) -> Any:
 
 
 def _spec(fn: Any) -> str:
+    """How the config records a tool or factory handed in: a built-in tool by its name, else `module:qualname`."""
+    from grpokit.rollout.environments import BUILTIN_TOOLS
+
     fn = getattr(fn, "factory", fn) if isinstance(fn, TRLEnvironment) else fn  # (grpokit.trl's: the user's own)
-    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+    builtin = next((name for name, tool in BUILTIN_TOOLS.items() if tool is fn), None)
+    return builtin or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def multi_turn(cfg: Any, tokenizer: Any, sampler: Sampler, make_environment: Any, template: Any = None) -> Sampler:
@@ -286,13 +295,20 @@ def prompt_template(cfg: Any, tokenizer: Any, make_environment: Any, rows: list[
     """The chat template variables the run renders its prompts with (training and held-out): the config's
     `chat_template_kwargs`, and with `tool_format: chat` the tools' JSON schemas as `tools`, given at run time and
     never written into the config; the template and the `rows`' prompts are checked then, before the model loads
-    (`chat_tools.chat_template_kwargs`)."""
-    if make_environment is None or cfg.tool_format != "chat":
+    (`chat_tools.chat_template_kwargs`), and so are the tag syntax's tags against the tokenizer
+    (`multiturn.check_tool_syntax`)."""
+    if make_environment is None:
+        return cfg.chat_template_kwargs
+    from grpokit.rollout.multiturn import check_tool_syntax
+
+    probe = make_environment()  # (one instance for both checks: a factory may be costly)
+    check_tool_syntax(tokenizer, probe, cfg.max_tool_output_tokens)
+    if cfg.tool_format != "chat":
         return cfg.chat_template_kwargs
     from grpokit.rollout.chat_tools import chat_template_kwargs
 
     prompts = [row[cfg.prompt_column] for row in rows]
-    return chat_template_kwargs(tokenizer, make_environment, cfg.chat_template_kwargs, prompts)
+    return chat_template_kwargs(tokenizer, lambda: probe, cfg.chat_template_kwargs, prompts)
 
 
 def vllm_sampler(cfg: Any, tokenizer: Any, dtype: torch.dtype, weights: PolicyWeights, *, device: torch.device,
@@ -457,11 +473,12 @@ def grpo_rewards(
         overlong_buffer=cfg.overlong_buffer, task=task, device=str(resolve_device(cfg.device)),
         reward_model_batch_size=cfg.reward_model_batch_size,
     )  # fmt: skip
+    extra = environment_rewards(make_environment) if make_environment else []  # (the environment's own columns)
     rewards = reward_set(
         reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
         prompt_column=cfg.prompt_column, train_rows=train_rows, eval_rows=eval_rows, state=state,
-        episodes=make_environment is not None, extra=environment_rewards(make_environment) if make_environment else (),
+        episodes=make_environment is not None, extra=extra,
     )  # fmt: skip
-    if reward_funcs is not None:
-        cfg.reward_funcs = rewards.specs()
+    if reward_funcs is not None:  # (not the environment's columns: its `environment` brings them back)
+        cfg.reward_funcs = rewards.specs()[: len(rewards.funcs) - len(extra)]
     return rewards
