@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpokit.data.tasks import (
     TASKS,
     AdditionTask,
+    ToolAdditionTask,
     accuracy_reward,
     build_char_tokenizer,
     count_carries,
@@ -219,10 +220,14 @@ def test_registry():
         0.2,
         4,
     )
-    with pytest.raises(ValueError, match="known tasks: \\['addition'\\]"):
+    with pytest.raises(ValueError, match="known tasks: \\['addition', 'tool_addition'\\]"):
         get_task("multiplication")
     with pytest.raises(ValueError, match="forget_carry"):
         AdditionTask(forget_carry=1.5)
+    tool = get_task("tool_addition", num_digits=5, forget_carry=0.2)
+    assert isinstance(tool, ToolAdditionTask) and (tool.name, tool.max_completion_chars) == ("tool_addition", 53)
+    with pytest.raises(ValueError, match="tool_rate"):
+        ToolAdditionTask(tool_rate=-0.1)
     with pytest.raises(ValueError, match="num_digits"):
         AdditionTask(num_digits=0)
 
