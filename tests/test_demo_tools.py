@@ -88,6 +88,8 @@ def test_demo_tools_config_refuses_two_demos_at_once():
         DemoConfig(tools=True, pipeline=True).validate()
     with pytest.raises(ConfigError, match="tool_rate"):
         DemoConfig(tools=True, tool_rate=1.5).validate()
+    with pytest.raises(ConfigError, match="never calls the calculator"):  # nothing for GRPO to reinforce
+        DemoConfig(tools=True, tool_rate=0.0).validate()
 
 
 @pytest.mark.slow

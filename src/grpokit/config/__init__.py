@@ -1306,8 +1306,15 @@ class DemoConfig:
     def validate(self) -> None:
         _require(not (self.use_vllm and self.pipeline), "use_vllm", "applies to the demo's GRPO run, not --pipeline")
         _require(not (self.tools and self.pipeline), "tools", "and `pipeline` are two demos: choose one")
-        _require(not (self.use_vllm and self.tools), "use_vllm", "applies to the demo's GRPO run, not --tools")
-        _require(0.0 <= self.tool_rate <= 1.0, "tool_rate", f"must be in [0, 1], got {self.tool_rate}")
+        _require(
+            not (self.use_vllm and self.tools), "use_vllm", "samples the plain demo's GRPO run, not --tools: drop it"
+        )
+        _require(
+            0.0 < self.tool_rate <= 1.0,
+            "tool_rate",
+            f"must be in (0, 1], got {self.tool_rate}: a demonstrator that never calls the calculator leaves GRPO no "
+            "call to reinforce",
+        )
         _require(0.0 <= self.tools_forget_carry <= 1.0, "tools_forget_carry", "must be in [0, 1]")
         _require(self.tools_grpo_learning_rate > 0, "tools_grpo_learning_rate", "must be > 0")
         for name in ("tools_num_digits", "tools_sft_steps", "tools_grpo_steps", "tools_prompts_per_step"):
