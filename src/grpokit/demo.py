@@ -357,43 +357,47 @@ def _run_row(result: TrainResult) -> dict[str, Any]:
 
 
 def plot_pipeline(runs: dict[str, TrainResult], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = (
         ("reward", "trained-on (proxy) reward"),
         ("gold/mean", "gold accuracy on the training samples"),
         ("eval/accuracy_greedy", "held-out accuracy (greedy)"),
         ("completions/mean_length", "completion length (tokens)"),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
-        for name, result in runs.items():
-            points = [(r["step"], r[key]) for r in read_metrics(result.output_dir / "metrics.jsonl") if key in r]
-            ax.plot(
-                [p[0] for p in points],
-                [p[1] for p in points],
-                label=f"GRPO on {name}",
-                marker="." if len(points) < 30 else None,
-            )
+
+    def hacking_line(ax: Any, key: str) -> None:
         for result in runs.values():
             fired = result.monitor_fired.get("hacking")
             if fired and key == "gold/mean":
-                ax.axvline(
-                    int(fired.split(":")[0].removeprefix("step ")),
-                    color="red",
-                    ls="--",
-                    lw=1,
-                    label="hacking monitor fires",
-                )
-        ax.set_title(title, fontsize=10)
+                step = int(fired.split(":")[0].removeprefix("step "))
+                ax.axvline(step, color="red", ls="--", lw=1, label="hacking monitor fires")
+
+    title = "GRPO against a flawed reward model vs against the gold checker"
+    return plot_runs(runs, panels, path, title=title, label="GRPO on {}", legends=2, decorate=hacking_line, width=4.2)
+
+
+def plot_runs(runs: dict[str, TrainResult], panels: tuple[tuple[str, str], ...], path: Path, *, title: str,
+              label: str = "{}", legends: int = 1, decorate: Any = None, width: float = 4.4) -> Path:  # fmt: skip
+    """One panel per (metric, title) of `panels`, a curve per run (`label` formatted with its name) read from its
+    metrics.jsonl; `decorate(ax, metric)` adds to a panel; legends on the first `legends` panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.4))
+    for ax, (key, panel_title) in zip(axes, panels):
+        for name, result in runs.items():
+            points = [(r["step"], r[key]) for r in read_metrics(result.output_dir / "metrics.jsonl") if key in r]
+            marker = "." if len(points) < 30 else None
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label.format(name), marker=marker)
+        if decorate is not None:
+            decorate(ax, key)
+        ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
-    fig.suptitle("GRPO against a flawed reward model vs against the gold checker")
+    for ax in axes[:legends]:
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

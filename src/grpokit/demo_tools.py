@@ -34,9 +34,8 @@ from grpokit.core.types import TrainResult
 from grpokit.data.tasks import ToolAdditionTask, build_char_tokenizer, tiny_model
 from grpokit.data.tasks.tokenizer import DEFAULT_CHARS
 from grpokit.data.tasks.tool_arithmetic import CALL_OPEN, RESULT_OPEN
-from grpokit.demo import DemoFolder
+from grpokit.demo import DemoFolder, plot_runs
 from grpokit.model.loading import resolve_device
-from grpokit.report.runlog import read_metrics
 from grpokit.rollout.environments import calc, environment_maker
 from grpokit.rollout.evaluate import sample_batches
 from grpokit.rollout.multiturn import MultiTurnSampler, TurnLimits
@@ -234,28 +233,10 @@ def _config(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def plot_tools(runs: dict[str, TrainResult], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = (
         ("tools/rows_with_calls", "rows with a calculator call (training samples)"),
         ("reward", "reward (gold checker, training samples)"),
         ("eval/accuracy_greedy", "held-out accuracy (greedy)"),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
-        for name, result in runs.items():
-            points = [(r["step"], r[key]) for r in read_metrics(result.output_dir / "metrics.jsonl") if key in r]
-            marker = "." if len(points) < 30 else None
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, marker=marker)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("GRPO with a calculator: the tool's output masked from the loss, and not")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    title = "GRPO with a calculator: the tool's output masked from the loss, and not"
+    return plot_runs(runs, panels, path, title=title)
