@@ -475,6 +475,15 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     """Lower bound of the correction's weights (empty: none)."""
     mask_truncated_completions: bool = False
     """Leave completions that hit `max_completion_length` without EOS out of the loss entirely (DAPO)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025; verl's `algorithm.filter_groups.enable`): after a step's rollouts are
+    scored, drop the groups whose rewards have no spread (advantage 0: the groups `frac_reward_zero_std` counts) and
+    sample the next prompts of the order, `prompts_per_step` at a time, until the step has `prompts_per_step` groups
+    with spread (a surplus is dropped). Its cost is logged as dynamic_sampling/prompts_sampled_per_kept."""
+    max_dynamic_sampling_rounds: int = 4
+    """With dynamic_sampling: the most generation rounds of one step, the first included (verl's
+    `max_num_gen_batches`). A step still short after them trains on what it has: its groups with spread and the
+    earliest flat ones (advantage 0), counted in dynamic_sampling/flat_trained and warned about."""
     eval_every: int = 0
     """Evaluate held-out accuracy every this many steps (0: only before and after training)."""
     eval_temperature: float = 1.0
@@ -654,6 +663,7 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
             "must be >= 0",
         )
         _require(self.overlong_buffer >= 1, "overlong_buffer", "must be >= 1")
+        self.validate_dynamic_sampling()
         if self.wandb:
             import importlib.util
 
@@ -690,6 +700,29 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
             not (self.ref_sync_every and self.lora.r),
             "ref_sync_every",
             "cannot be used with LoRA: the reference is the base model with adapters off, not a copy",
+        )
+
+    def validate_dynamic_sampling(self) -> None:
+        rounds = self.max_dynamic_sampling_rounds
+        default = next(f.default for f in dataclasses.fields(GRPOConfig) if f.name == "max_dynamic_sampling_rounds")
+        _require(
+            self.dynamic_sampling or rounds == default,
+            "max_dynamic_sampling_rounds",
+            f"is {rounds}, but dynamic_sampling is false: it would do nothing; set dynamic_sampling: true",
+        )
+        if not self.dynamic_sampling:
+            return
+        _require(
+            rounds >= 2,
+            "max_dynamic_sampling_rounds",
+            f"is {rounds}: it counts the step's generation rounds, the first included, so dynamic sampling needs at "
+            "least 2 (with 1 a step trains its first round as it is, flat groups included)",
+        )
+        _require(
+            self.top_k != 1,
+            "dynamic_sampling",
+            "is true with top_k: 1: every completion of a prompt is then the same greedy one, so every group is flat "
+            "and every step would sample max_dynamic_sampling_rounds rounds for nothing",
         )
 
 
@@ -740,6 +773,12 @@ class PPOConfig(GRPOConfig):
             "use_vllm",
             "is true, but PPO samples with grpokit's own sampler: sampling through vLLM (and its importance "
             "correction) is built for GRPO only (`grpokit train`)",
+        )
+        _require(
+            not self.dynamic_sampling,
+            "dynamic_sampling",
+            "is true, but PPO's advantages come from its critic: a group whose rewards are all equal still has them "
+            "(reward minus value), so it is no group to drop; dynamic sampling is GRPO's (`grpokit train`)",
         )
         super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
         _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")

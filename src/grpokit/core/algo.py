@@ -218,6 +218,21 @@ def flat_groups(total: torch.Tensor, scorable: torch.Tensor, *, group_size: int)
     return ~(hi > lo)  # (P,); a group with no scorable row is flat too
 
 
+def kept_groups(flat: torch.Tensor, keep: int) -> torch.Tensor:
+    """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): the `keep` groups a step trains out of the groups
+    sampled for it so far, `flat` (M,) bool in sampling order (`flat_groups`, M >= keep).
+
+    The first `keep` groups with reward spread, in sampling order (a surplus is left out, as verl keeps exactly the
+    batch); when fewer were sampled (the cap on generation rounds was reached), the earliest flat groups fill the
+    rest, so that the step keeps its shape (their advantages are 0). -> (keep,) long indices, ascending.
+    """
+    if flat.dim() != 1 or flat.numel() < keep:
+        raise ValueError(f"{keep} groups to keep out of {tuple(flat.shape)} flags; expected at least {keep} groups")
+    spread = (~flat).nonzero().squeeze(-1)[:keep]  # (<= keep,)
+    fill = flat.nonzero().squeeze(-1)[: keep - len(spread)]  # (keep - spread,)
+    return torch.cat([spread, fill]).sort().values  # (keep,)
+
+
 REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 

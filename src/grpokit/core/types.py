@@ -6,7 +6,7 @@ Tp = padded prompt length (prompts are LEFT-padded), Tc = padded completion leng
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,26 @@ class StepBatch:
     step_mask: torch.Tensor  # (N, max_completion_length) every rank's `mask`
     first_row: int  # this rank's rows among the step's N start here
     clock: list[float]  # perf_counter at the start, after the rollout, after scoring; the step appends the rest
+    figures: dict[str, float] = field(default_factory=dict)  # what else the step logs (dynamic sampling's cost)
+
+
+@dataclass
+class Generation:
+    """One generation round of a step (`GRPOTrainer.sample_round`): P prompts, this rank's share sampled, the whole
+    round's N = P x G rows scored."""
+
+    rows: list[Any]  # (P,) the round's data rows, every rank's (every rank walks the same prompt order)
+    prompts: Any  # `data.encode_prompts` of this rank's share of them
+    rollout: Rollout  # this rank's n rows
+    completions: list[str]  # (n,) decoded
+    rewards: torch.Tensor  # (N, K) float32, NaN where a function returned None
+    total: torch.Tensor  # (N,) the weighted sum
+    scorable: torch.Tensor  # (N,) bool
+    advantages: torch.Tensor  # (N,) the round's group advantages
+    gold: torch.Tensor | None  # (N, 1) the watched-only reward
+    logged: Any  # `rewards.LoggedValues`: what the reward functions logged, over the ranks
+    first_row: int  # this rank's rows among the round's N start here
+    clock: list[float]  # perf_counter at the start, after the rollout, after scoring
 
 
 @dataclass

@@ -11,6 +11,8 @@ read the per-step metrics and warn, once each, with the figures that triggered t
 - mode collapse: the completions of a group are all alike and the entropy is ~0; and a cliff: entropy or
   within-group diversity falling most of the way within a few steps (one wild update does that);
 - unscored steps: every reward function returned None for every completion;
+- dynamic sampling's cap: a step that still lacked groups with reward spread after its last allowed round trained
+  flat groups in their place;
 - truncated completions: the first step where some hit max_completion_length without EOS (with counts);
 - length drift: completion length moved far from where the run started;
 - KL drift: the policy is far from its reference;
@@ -134,6 +136,18 @@ class SignalMonitor:
                 step,
                 "no completion got a reward: every reward function returned None for every sample, so the "
                 "step had no learning signal (`reward` is logged as null); check what the functions apply to",
+                new,
+            )
+        if (flat := metrics.get("dynamic_sampling/flat_trained", 0.0)) > 0:
+            rounds = metrics.get("dynamic_sampling/rounds", float("nan"))
+            self._raise(
+                "dynamic_sampling_cap",
+                step,
+                f"dynamic sampling reached its cap (max_dynamic_sampling_rounds: {rounds:.0f} generation rounds) with "
+                f"{flat:.0f} of the step's groups still without reward spread: the step trained them as they are, "
+                "advantage 0 [dynamic_sampling/flat_trained]. More rounds, more completions per prompt "
+                "(num_generations), a higher temperature or prompts nearer the model's level make a group with "
+                "spread likelier.",
                 new,
             )
         gold = metrics.get("gold/mean", 0.0)

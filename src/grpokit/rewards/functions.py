@@ -183,6 +183,23 @@ class RewardLogs:
         return out
 
 
+def join_logged(parts: list[LoggedValues], sizes: list[int], rows: torch.Tensor) -> LoggedValues:
+    """What several batches' reward calls logged (`parts`, of `sizes` completions each) as one batch's: each metric
+    the mean of the batches' values (batches of one size: each call weighs the same), each column its values at
+    `rows` (N,) of the batches' completions end to end (None where a batch did not log it)."""
+    out = LoggedValues()
+    for metric in sorted({k for part in parts for k in part.metrics}):
+        values = [part.metrics[metric] for part in parts if metric in part.metrics]
+        out.metrics[metric] = sum(values) / len(values)
+    for column in sorted({k for part in parts for k in part.extras}):
+        values = [v for part, n in zip(parts, sizes) for v in part.extras.get(column, [None] * n)]
+        out.extras[column] = [values[i] for i in rows.tolist()]
+    for part in parts:
+        for key, owner in part.owners.items():
+            out.owners.setdefault(key, owner)
+    return out
+
+
 def _one_number(value: Any) -> Any:
     """A one-element tensor or array (a reward's own arithmetic) as its number; anything else as it is."""
     size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", None)
@@ -1016,17 +1033,24 @@ class RewardSet:
         scores = gather(score(self.funcs, inputs, timeout=timeout, warned_cwd=warned, state=self.state, logs=logs))
         rewards = scores.float()  # (N, K); scores (N, K) float64
         total, scorable = algo.combine_rewards(rewards, self.weights)  # (N,), (N,)
-        advantages = algo.multi_reward_advantages(
-            rewards, self.weights, group_size=G, scale=scale, aggregation=aggregation
-        )  # (N,)
-        check_advantages(advantages, scores, self.weights, self.names, group_size=G, scale=scale,
-                         aggregation=aggregation)  # fmt: skip
+        advantages = self.advantages(scores, group_size=G, scale=scale, aggregation=aggregation)  # (N,)
         gold = None
         if self.gold:
             gold = gather(score(self.gold, inputs, timeout=timeout, warned_cwd=warned, state=self.state, logs=logs))
             gold = gold.float()  # (N, 1)
         self.logged = logs.reduce(cluster.gather_objects if cluster is not None else None)
         return rewards, total, scorable, advantages, gold
+
+    def advantages(self, scores: torch.Tensor, *, group_size: int, scale: str, aggregation: str) -> torch.Tensor:
+        """The advantages (N,) float32 of a whole batch of scores (N, K) (`algo.multi_reward_advantages` under `scale`
+        and `aggregation`), checked (`check_advantages`): `score_step`'s, and those of a batch made of the groups
+        dynamic sampling kept."""
+        advantages = algo.multi_reward_advantages(
+            scores.float(), self.weights, group_size=group_size, scale=scale, aggregation=aggregation
+        )  # (N,)
+        check_advantages(advantages, scores.double(), self.weights, self.names, group_size=group_size, scale=scale,
+                         aggregation=aggregation)  # fmt: skip
+        return advantages
 
     def with_logged(
         self, metrics: dict[str, float], samples: list[dict[str, Any]], *, every: int = 1

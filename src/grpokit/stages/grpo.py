@@ -25,23 +25,23 @@ import torch
 
 from grpokit.config import GRPOConfig
 from grpokit.core import algo
-from grpokit.core.types import Rollout, StepBatch, TrainResult
+from grpokit.core.types import Generation, Rollout, StepBatch, TrainResult
 from grpokit.data.rows import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.data.tasks import get_task
 from grpokit.model.loading import check_context_length, load_model
 from grpokit.model.saving import resume_policy, save_trained, write_policy_checkpoint
-from grpokit.report.monitor import SignalMonitor, group_diversity
+from grpokit.report.monitor import SignalMonitor
 from grpokit.report.runlog import RunLog, plot_curves, read_metrics
 from grpokit.rewards.functions import RewardFn, exact_match, reward_inputs
 from grpokit.rollout.evaluate import decode_completions, heldout_eval, require_heldout_rows
-from grpokit.rollout.multiturn import episode_figures, rollout_counts
 from grpokit.rollout.sampler import KVCacheSampler, Sampler, call_generate, check_rollout, prompt_seeds, push_weights
 from grpokit.runtime import machine
 from grpokit.runtime.checkpoint import RunDirectory
 from grpokit.runtime.distributed import Cluster
+from grpokit.stages import dynamic_sampling, update
 from grpokit.stages import setup as run_setup
-from grpokit.stages import update
 from grpokit.stages.arguments import python_arguments
+from grpokit.stages.figures import step_figures
 from grpokit.stages.loop import LoopSettings, RunHooks, StepReport, run_stage
 from grpokit.stages.progress import at_step, trainer_state
 from grpokit.stages.setup import RunSetup, grpo_policy, grpo_rewards, grpo_sampler, sampling_params, step_sizes
@@ -151,65 +151,59 @@ class GRPOTrainer:
 
     def sample(self, rows: list[dict[str, Any]] | None = None) -> StepBatch:
         """This rank's share of the step's prompts (`rows`, default the next of the seeded order) sampled, and the
-        whole step scored, its group advantages computed (`RewardSet.score_step`)."""
+        whole step scored, its group advantages computed (`sample_round`); with `dynamic_sampling` (rows handed in
+        are trained as they are), the flat groups replaced by further prompts' (`dynamic_sampling.fill_step`)."""
+        cfg, cluster = self.cfg, self.cluster
+        self.steps_taken += 1
+        at_step(self.state, cfg, self.steps_taken - 1, len(self.train_rows))  # (the steps before it: TRL counts so)
+        b, figures = self.sample_round(0, rows), {}
+        if rows is None and cfg.dynamic_sampling:
+            b, figures = dynamic_sampling.fill_step(
+                b, self.sample_round, self.encode, self.rewards, cluster, group_size=cfg.num_generations,
+                max_rounds=cfg.max_dynamic_sampling_rounds, scale=cfg.scale_rewards,
+                aggregation=cfg.reward_aggregation, pad_token_id=self.tokenizer.pad_token_id,
+            )  # fmt: skip
+        mask = b.rollout.trained_mask.float()  # (n, Tc): the tokens in the loss
+        if cfg.mask_truncated_completions:
+            mask = mask * (~b.rollout.truncated).float().unsqueeze(-1).to(mask.device)
+        step_mask = cluster.gather(torch.nn.functional.pad(mask, (0, cfg.max_completion_length - mask.shape[1])))
+        mine_adv = b.advantages[b.first_row : b.first_row + len(mask)].to(self.device)
+        return StepBatch(
+            b.rollout, b.prompts, b.completions, b.rewards, b.total, b.scorable, b.gold, mine_adv, b.advantages, mask,
+            step_mask, b.first_row, b.clock, figures,
+        )  # fmt: skip
+
+    def sample_round(self, first_place: int, rows: list[dict[str, Any]] | None = None) -> Generation:
+        """`rows` (default: the next `prompts_per_step` of the seeded order), this rank's share sampled (each prompt's
+        draws seeded by its place in the step, from `first_place`) and the whole round scored (`score_step`)."""
         cfg, G, cluster = self.cfg, self.cfg.num_generations, self.cluster
         if rows is None:
             rows = [self.train_rows[i] for i in self.prompt_order.take(cfg.prompts_per_step)]
         mine = cluster.share(len(rows))  # every rank walks the same order and samples its share of it
-        rows_here = range(mine.start * G, mine.stop * G)  # this rank's rows among the step's N
-        rows = [rows[i] for i in mine]
-        self.steps_taken += 1
-        at_step(self.state, cfg, self.steps_taken - 1, len(self.train_rows))  # (the steps before it: TRL counts so)
-        t0 = time.perf_counter()
-        texts, template = [r[cfg.prompt_column] for r in rows], self.template
-        prompts = encode_prompts(self.tokenizer, texts, cfg.max_prompt_length, template)
-        seeds = prompt_seeds(cfg.seed, self.steps_taken, list(mine))
-        rollout = call_generate(self.sampler, prompts.ids, rows, num_generations=G, params=self.sampling, seeds=seeds)
-        check_rollout(rollout, self.sampler, rows=len(rows) * G, vocab_size=self.vocab_size, prompts=prompts.ids)
+        here, t0 = [rows[i] for i in mine], time.perf_counter()
+        prompts = self.encode(here)
+        seeds = prompt_seeds(cfg.seed, self.steps_taken, [first_place + i for i in mine])
+        rollout = call_generate(self.sampler, prompts.ids, here, num_generations=G, params=self.sampling, seeds=seeds)
+        check_rollout(rollout, self.sampler, rows=len(here) * G, vocab_size=self.vocab_size, prompts=prompts.ids)
         t_rollout = time.perf_counter()
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
-        inputs = reward_inputs(rows, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
-        # of the whole step: (N, K) NaN where None, (N,) x 3, (N, 1) or None; a reward training cannot use stops here
+        inputs = reward_inputs(here, cfg.prompt_column, G, prompts.texts, completions, rollout)  # the keyword args
+        # of the whole round: (N, K) NaN where None, (N,) x 3, (N, 1) or None; a reward training cannot use stops here
         rewards, total, scorable, advantages, gold = self.rewards.score_step(
             inputs, group_size=G, scale=cfg.scale_rewards, aggregation=cfg.reward_aggregation,
             timeout=cfg.reward_timeout, cluster=cluster,
         )  # fmt: skip
-        mask = rollout.trained_mask.float()  # (n, Tc): the tokens in the loss
-        if cfg.mask_truncated_completions:
-            mask = mask * (~rollout.truncated).float().unsqueeze(-1).to(mask.device)
-        step_mask = cluster.gather(torch.nn.functional.pad(mask, (0, cfg.max_completion_length - mask.shape[1])))
-        mine_adv = advantages[rows_here.start : rows_here.stop].to(self.device)
-        return StepBatch(
-            rollout, prompts, completions, rewards, total, scorable, gold, mine_adv, advantages, mask, step_mask,
-            rows_here.start, [t0, t_rollout, time.perf_counter()],
-        )  # fmt: skip
+        return Generation(rows, prompts, rollout, completions, rewards, total, scorable, advantages, gold,
+                          self.rewards.logged, mine.start * G, [t0, t_rollout, time.perf_counter()])  # fmt: skip
+
+    def encode(self, rows: list[dict[str, Any]]) -> Any:
+        """The rows' prompts as the model sees them (`encode_prompts`)."""
+        texts = [r[self.cfg.prompt_column] for r in rows]
+        return encode_prompts(self.tokenizer, texts, self.cfg.max_prompt_length, self.template)
 
     def figures(self, batch: StepBatch, stats: dict[str, float]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """The whole step's metrics (on every rank; times of the slowest) with the update's `stats`; samples to log."""
-        cluster, rollout, G = self.cluster, batch.rollout, self.cfg.num_generations
-        lengths = cluster.gather(rollout.trained_mask.sum(-1))  # (N,) the tokens the model wrote and trains on
-        truncated = cluster.gather(rollout.truncated.long()).bool()  # (N,)
-        completions, seen = cluster.gather_objects(batch.completions), cluster.gather_objects(batch.prompts.seen)
-        t0, t_rollout, t_reward, t_ref, t_update = batch.clock
-        span = [t_rollout - t0, t_reward - t_rollout, t_ref - t_reward, t_update - t_ref, t_update - t0]
-        times = list(cluster.max(dict(enumerate(span))).values())
-        metrics = {
-            **self.rewards.step_figures(batch.rewards, batch.total, batch.scorable, batch.gold, group_size=G),
-            "diversity": group_diversity(completions, G),
-            "completions/mean_length": lengths.float().mean().item(),
-            "completions/clipped_ratio": truncated.float().mean().item(),
-            "completions/clipped_count": float(truncated.sum()),
-            **episode_figures(cluster.sum(rollout_counts(rollout.episodes, batch.prompts.cut))),  # (multi-turn too)
-            **stats,
-            **dict(zip(("time/rollout", "time/reward", "time/reference", "time/update", "time/step"), times)),
-            "tokens_per_s": float(lengths.sum()) / times[-1],
-        }
-        seen_n = [p for p in seen for _ in range(G)]  # the prompt as the model saw it (cut ones cut)
-        rows = zip(seen_n, completions, batch.total.tolist(), batch.scorable.tolist(), batch.step_advantages.tolist())
-        samples = [
-            {"prompt": p, "completion": c, "reward": r if ok else None, "advantage": a} for p, c, r, ok, a in rows
-        ]
-        return self.rewards.with_logged(metrics, samples, every=max(1, G // 2))  # (what the rewards logged added)
+        """The whole step's metrics with the update's `stats`, and its samples to log (`step_figures`)."""
+        return step_figures(batch, stats, self.cluster, self.rewards, group_size=self.cfg.num_generations)
 
     def _update(self, rollout: Rollout, mask, step_mask, first_row, advantages, old_logp, ref_logp) -> dict[str, float]:
         """The step's update (`update.run_update`) and its figures, summed over the ranks."""
