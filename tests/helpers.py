@@ -36,6 +36,13 @@ def digit_share(prompts, completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.05 * len(c) for c in completions]
 
 
+def flat_when_even(prompts, completions, **_):
+    """`digit_share`, except that a prompt whose digits add up to an even number gets 0.5 for every completion: its
+    group is flat, decided by the prompt alone (dynamic sampling's tests; importable by launched ranks)."""
+    graded = digit_share(prompts, completions)
+    return [0.5 if sum(int(ch) for ch in p if ch.isdigit()) % 2 == 0 else r for p, r in zip(prompts, graded)]
+
+
 KILL_AT_CALL = "GRPOKIT_TEST_KILL_AT_CALL"
 _calls = 0
 

@@ -94,7 +94,8 @@ def write_config(folder: Path, model: Path, **overrides) -> Path:
 
 def launch(config: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True):
     """`torchrun --nproc_per_node 2 grpokit train CONFIG.yaml EXTRA...` in its own process group."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", **(env or {})}
+    pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])  # (a checkout's src)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(GRPOKIT), "train", str(config), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, start_new_session=True)
     assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -171,6 +172,26 @@ def test_killed_two_rank_run_resumes_on_two_ranks_and_on_one(mode, llama_path, t
     one_process(config, one_rank, resume_from_checkpoint="latest")
     assert completions(one_rank) == completions(straight)
     assert max_relative_difference(weights(one_rank), weights(straight)) <= 1e-5
+
+
+def test_dynamic_sampling_on_two_ranks_is_one_process(llama_path, tmp_path):
+    """Dynamic sampling chooses on every rank from the whole round's rewards and deals the kept groups out (a group
+    sampled on one rank may be trained on the other): 2 ranks train what one process trains, under `dapo`'s token
+    count and a batch-level advantage scale, both over the kept batch."""
+    config = write_config(
+        tmp_path, llama_path, reward_funcs=["helpers:flat_when_even"], dynamic_sampling=True,
+        max_dynamic_sampling_rounds=3, loss_type="dapo", scale_rewards="batch",
+    )  # fmt: skip
+    launch(config)
+    split, whole = tmp_path / "run", one_process(config, tmp_path / "whole")
+    assert completions(split) == completions(whole)
+    assert max_relative_difference(weights(split), weights(whole)) <= 1e-5
+    steps_split = [r for r in read_jsonl(split / "metrics.jsonl") if "loss" in r]
+    steps_whole = [r for r in read_jsonl(whole / "metrics.jsonl") if "loss" in r]
+    assert sum(r["dynamic_sampling/groups_dropped"] for r in steps_whole) > 0  # flat groups were replaced
+    for a, b in zip(steps_split, steps_whole, strict=True):
+        for key in [k for k in b if k.startswith("dynamic_sampling/")] + ["reward", "frac_reward_zero_std", "loss"]:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7, nan_ok=True), (b["step"], key)
 
 
 def test_a_step_that_does_not_split_over_the_ranks_is_refused(llama_path, tmp_path):
