@@ -177,9 +177,10 @@ def test_killed_two_rank_run_resumes_on_two_ranks_and_on_one(mode, llama_path, t
 def test_dynamic_sampling_on_two_ranks_is_one_process(llama_path, tmp_path):
     """Dynamic sampling chooses on every rank from the whole round's rewards and deals the kept groups out (a group
     sampled on one rank may be trained on the other): 2 ranks train what one process trains, under `dapo`'s token
-    count and a batch-level advantage scale, both over the kept batch."""
+    count and a batch-level advantage scale, both over the kept batch. Under FSDP, which also gathers the sharded
+    weights for each of a step's generation rounds and needs every rank to train as many rows."""
     config = write_config(
-        tmp_path, llama_path, reward_funcs=["helpers:flat_when_even"], dynamic_sampling=True,
+        tmp_path, llama_path, distributed="fsdp", reward_funcs=["helpers:flat_when_even"], dynamic_sampling=True,
         max_dynamic_sampling_rounds=3, loss_type="dapo", scale_rewards="batch",
     )  # fmt: skip
     launch(config)

@@ -67,7 +67,7 @@ def fill_step(
         rounds.append(more)
         flat = torch.cat([flat, algo.flat_groups(more.total, more.scorable, group_size=G)])  # (R * P,)
     chosen = algo.kept_groups(flat, P)  # (P,) the groups trained, in sampling order
-    rows = (chosen[:, None] * G + torch.arange(G)).reshape(-1)  # (N,) their rows among every round's rows
+    rows = (chosen[:, None] * G + torch.arange(G, device=chosen.device)).reshape(-1)  # (N,) their rows, all rounds
 
     def whole(name: str) -> torch.Tensor:  # (N, ...) the kept rows of a whole-round tensor
         return torch.cat([getattr(r, name) for r in rounds])[rows]
