@@ -206,6 +206,14 @@ HAND_LOSSES = {
     "bnpo": (sum(ROW0) + sum(ROW1)) / 5,  # 0.2147600694006349
     "dapo": (sum(ROW0) + sum(ROW1)) / 6,  # 24 tokens in 8 generated sequences, 2 in this step
     "dr_grpo": (sum(ROW0) + sum(ROW1)) / 8,  # 2 sequences * max_completion_length 4
+    "luspo": (sum(ROW0) + sum(ROW1)) / 2,  # each sequence's sum, a mean over the 2 sequences
+}
+# the new loss types aggregate as TRL's: cispo and vespo as dapo, sapo as grpo (their own policy terms:
+# tests/test_loss_types.py)
+HAND_LOSSES.update(cispo=HAND_LOSSES["dapo"], vespo=HAND_LOSSES["dapo"], sapo=HAND_LOSSES["grpo"])
+HAND_NORMALIZERS = {
+    **{"grpo": 2.0, "bnpo": 5.0, "dapo": 6.0, "dr_grpo": 8.0},
+    **{"cispo": 6.0, "sapo": 2.0, "luspo": 2.0, "vespo": 6.0},
 }
 
 
@@ -231,7 +239,7 @@ def test_aggregate_loss_hand_computed(loss_type):
     logp, old, ref, a, mask = hand_example()
     loss, _ = algo.per_token_loss(logp, old, a, mask, ref_logp=ref, beta=0.1, epsilon_low=0.2, epsilon_high=0.28)
     norm = algo.step_normalizer(loss_type, mask, generation_tokens=24, generation_sequences=8, max_completion_length=4)
-    assert norm == {"grpo": 2.0, "bnpo": 5.0, "dapo": 6.0, "dr_grpo": 8.0}[loss_type]
+    assert norm == HAND_NORMALIZERS[loss_type]
     value = algo.aggregate_loss(loss, mask, loss_type=loss_type, normalizer=norm)
     assert float(value) == pytest.approx(HAND_LOSSES[loss_type], abs=1e-12)
 
@@ -329,32 +337,52 @@ SPLITS = {
 }
 
 
+# the switches the micro-batch test adds: delta caps the clipped surrogate (the clipped loss types only), the
+# off-policy mask drops some negative-advantage rows (its sampler logprobs: the old ones, noisier)
+SWITCHES = {"plain": {}, "delta": {"delta": 1.1}, "off_policy_mask": {"off_policy_mask_threshold": 0.05}}
+
+
 @pytest.mark.parametrize("importance_level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", algo.LOSS_TYPES)
-def test_micro_batches_and_ranks_sum_to_the_whole_step(loss_type, importance_level):
+@pytest.mark.parametrize(
+    ("loss_type", "switch"),
+    [(t, s) for t in algo.LOSS_TYPES for s in SWITCHES if s != "delta" or t in algo.CLIPPED_LOSS_TYPES],
+)
+def test_micro_batches_and_ranks_sum_to_the_whole_step(loss_type, switch, importance_level):
     model = TinyLM()
     ctx, targets, mask, a, g = step_data()
     with torch.no_grad():
         base = model.logp(ctx, targets, mask)
     old = base + 0.3 * torch.randn(base.shape, generator=g)  # off-policy enough to clip
     ref = base + 0.2 * torch.randn(base.shape, generator=g)
+    sampling = old + 0.3 * torch.randn(base.shape, generator=g)
     norm = algo.step_normalizer(
         loss_type, mask, generation_tokens=123, generation_sequences=24, max_completion_length=T_MAX
     )
     kw = {"beta": 0.04, "epsilon_low": 0.2, "epsilon_high": 0.28, "importance_level": importance_level}
+    kw |= {"loss_type": loss_type, **SWITCHES[switch]}
+    if loss_type == "cispo":
+        kw["epsilon_high"] = 1.2  # cispo's cap of the ratio itself: some weights below it, some capped
 
     def run(rows):
         rows = list(rows)
         logp = model.logp(ctx[rows], targets[rows], mask[rows])
-        loss, stats = algo.per_token_loss(logp, old[rows], a[rows], mask[rows], ref_logp=ref[rows], **kw)
+        loss, stats = algo.per_token_loss(
+            logp, old[rows], a[rows], mask[rows], ref_logp=ref[rows], sampling_logp=sampling[rows], **kw
+        )
         value = algo.aggregate_loss(loss, mask[rows], loss_type=loss_type, normalizer=norm)
         value.backward()
         return float(value.detach()), stats
 
     model.zero_grad()
     whole, stats = run(range(12))
-    clipped = (stats["clipped_low"] + stats["clipped_high"]) * mask
-    assert clipped.sum() > 0  # the clip branch is exercised
+    clip = {"cispo": stats.get("cispo_clipped"), "vespo": stats.get("vespo_phi", 1) - 1, "sapo": stats["ratio"] - 1}
+    exercised = clip.get(loss_type, stats["clipped_low"] + stats["clipped_high"])
+    assert (exercised * mask).abs().sum() > 0  # the clip (cispo: the cap; vespo's weight, sapo's gate) is exercised
+    if switch == "off_policy_mask":
+        dropped = stats["off_policy_dropped"][:, 0][mask.sum(-1) > 0]
+        assert 0 < dropped.sum() < dropped.numel()  # some rows with tokens dropped, some kept
+    if switch == "delta":
+        assert ((stats["ratio"] > 1.1) & (a[:, None] < 0) & mask.bool()).any()  # some tokens capped at delta
     expected = grads(model)
     for name, ranks in SPLITS.items():
         total_loss, rank_grads = 0.0, []
@@ -368,9 +396,10 @@ def test_micro_batches_and_ranks_sum_to_the_whole_step(loss_type, importance_lev
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("loss_type", algo.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", algo.CLIPPED_LOSS_TYPES)
 def test_on_policy_identity(loss_type):
-    """Invariant 1: rho = 1 and KL = 0 at the first pass, so L_it = -A_i; the gradient is not 0."""
+    """Invariant 1: rho = 1 and KL = 0 at the first pass, so L_it = -A_i; the gradient is not 0. (The clipped loss
+    types; the others' policy terms on-policy: tests/test_loss_types.py.)"""
     model = TinyLM()
     ctx, targets, mask, _, _ = step_data()
     rewards = torch.tensor([1.0, 0, 0, 1, 0.5, 2, 2, 0, 3, 1, 1, 0])
@@ -386,6 +415,7 @@ def test_on_policy_identity(loss_type):
         beta=0.1,
         epsilon_low=0.2,
         epsilon_high=0.28,
+        loss_type=loss_type,
     )
     assert torch.equal(stats["kl"] * mask, torch.zeros_like(logp))
     assert torch.equal(stats["ratio"], torch.ones_like(logp))
@@ -396,6 +426,8 @@ def test_on_policy_identity(loss_type):
     lengths, adv = LENGTHS, a.tolist()
     if loss_type == "grpo":  # -mean of A over the 11 non-empty sequences
         expected = -sum(x for x, n in zip(adv, lengths) if n) / 11
+    elif loss_type == "luspo":  # -sum_i A_i n_i over the 11 non-empty sequences
+        expected = -sum(x * n for x, n in zip(adv, lengths)) / 11
     else:  # -sum_i A_i n_i / normalizer
         denom = {"bnpo": sum(lengths), "dapo": 100 * 12 / 16, "dr_grpo": 12 * T_MAX}[loss_type]
         expected = -sum(x * n for x, n in zip(adv, lengths)) / denom

@@ -83,7 +83,6 @@ def test_a_no_effect_field_set_away_from_its_default_is_named_in_one_warning():
         ({"neftune_noise_alpha": 5.0}, "NEFTune: noise added to the input embeddings"),
         ({"load_best_model_at_end": True}, "the best metric_for_best_model the final model"),
         ({"average_tokens_across_devices": False}, "own token count"),
-        ({"off_policy_mask_threshold": 0.5}, "off-policy sequence masking"),
         ({"cast_lm_head_to_fp32": True}, "keeps the LM head in float32"),
         ({"shuffle_dataset": False}, "keeps the data set's order (a curriculum)"),
     ],

@@ -21,9 +21,18 @@ from typing import Any, Literal
 
 import yaml
 
-from grpokit.core.types import ConfigError, check_path_length  # defined there, so that lower layers use them too
+from grpokit.core.algo import CLIPPED_LOSS_TYPES
+from grpokit.core.types import (  # defined there, so that lower layers use them too
+    ConfigError,
+    InputWarning,
+    check_path_length,
+)
 
-LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo"]
+# the settings of the loss types beyond the clipped surrogate and of its switches (TRL's names), as algo.per_token_loss
+# takes them; each read only by the loss types named
+LOSS_TYPE_FIELDS = ("delta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
+                    "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask_threshold")  # fmt: skip
 ScaleRewards = Literal["group", "batch", "none", "rloo"]
 KLEstimator = Literal["k1", "k2", "k3"]
 ImportanceLevel = Literal["token", "sequence"]
@@ -440,8 +449,12 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     overlong_buffer: int = 4
     """`overlong` reward (DAPO): completions within this many tokens of the limit get a linear penalty down to -1."""
     loss_type: LossType = "grpo"
-    """Token-loss aggregation: `grpo` (mean per sequence), `bnpo` (mean per token), `dapo` (tokens of the
-    generation batch), `dr_grpo` (constant sequences x max_completion_length)."""
+    """The loss. The clipped surrogate with its token-loss aggregation: `grpo` (mean per sequence), `bnpo` (mean per
+    token), `dapo` (tokens of the generation batch), `dr_grpo` (constant sequences x max_completion_length), `luspo`
+    (a sum per sequence, mean over sequences; with importance_level: sequence). Or another policy term: `cispo`
+    (MiniMax-M1: REINFORCE weighed by the ratio capped at epsilon_high; aggregated as dapo), `sapo` (a soft sigmoid
+    gate instead of the clip; as grpo), `vespo` (a gamma weight of each sequence's ratio; as dapo): see
+    docs/algorithms.md."""
     scale_rewards: ScaleRewards = "group"
     """Advantage: `group` (z-score in the group), `batch` (group mean, batch std), `none` (Dr. GRPO), `rloo`."""
     beta: float = 0.0
@@ -459,6 +472,28 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     """Upper clip range: the ratio is clipped at 1 + epsilon_high (DAPO's clip-higher uses 0.28)."""
     importance_level: ImportanceLevel = "token"
     """`token` ratios (GRPO) or one `sequence` ratio per completion from mean token log-ratio (GSPO)."""
+    delta: float | None = None
+    """INTELLECT-2's two-sided clip: the unclipped ratio is capped at delta too, so a negative-advantage token whose
+    ratio ran far above 1 weighs at most delta. Empty: off. Must be > 1 (INTELLECT-2 takes 4; above 1 + epsilon_high
+    it changes nothing for A > 0); with the clipped loss types only (grpo, bnpo, dapo, dr_grpo, luspo)."""
+    sapo_temperature_pos: float = 1.0
+    """`sapo`: the gate's temperature for tokens with a positive advantage (larger: the gradient fades sooner as the
+    ratio leaves 1)."""
+    sapo_temperature_neg: float = 1.05
+    """`sapo`: the gate's temperature for tokens with an advantage <= 0."""
+    vespo_k_pos: float = 2.0
+    """`vespo`: the power k of the weight w^k exp(lambda (1 - w)) for A >= 0: how hard sequences with a ratio w < 1
+    are weighed down."""
+    vespo_lambda_pos: float = 3.0
+    """`vespo`: the decay lambda for A >= 0: how hard sequences with a ratio w > 1 are weighed down."""
+    vespo_k_neg: float = 3.0
+    """`vespo`: the power k for A < 0."""
+    vespo_lambda_neg: float = 2.0
+    """`vespo`: the decay lambda for A < 0."""
+    off_policy_mask_threshold: float | None = None
+    """DeepSeek-V3.2's off-policy sequence mask: a completion with a negative advantage whose mean log(q / pi) over its
+    tokens (KL from the sampler q, the rollout's sampling logprobs, to the policy in training) exceeds this leaves the
+    loss; logged as off_policy_mask/masked_fraction. Empty: off. Must be > 0 (the paper's delta; TRL suggests 0.5)."""
     vllm_importance_sampling_correction: bool = True
     """With use_vllm: weigh each token's policy-gradient term by pi_trainer / q_vLLM, the trainer's logprob of the
     sampled token over the engine's (their implementations differ; with top_p < 1 or top_k > 0 the engine's is of the
@@ -527,7 +562,64 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     def surrogate(self) -> dict[str, Any]:
         """The clipped surrogate's settings, as `algo.per_token_loss` takes them."""
         names = ("epsilon_low", "epsilon_high", "kl_estimator", "importance_level", "kl_importance_weight")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in names + LOSS_TYPE_FIELDS}
+
+    def validate_loss_type(self) -> None:
+        """The loss type's own settings (`LOSS_TYPE_FIELDS`) checked, and TRL's checks of their combinations: what TRL
+        warns about is warned about, what it refuses is refused; a setting the loss type does not read is warned
+        about too (TRL ignores it)."""
+        loss, level = self.loss_type, self.importance_level
+        for name in LOSS_TYPE_FIELDS:
+            value = getattr(self, name)
+            _require(value is None or math.isfinite(value), name, f"must be a finite number, got {value}")
+        _require(self.delta is None or self.delta > 1, "delta", f"must be > 1 (or empty: off), got {self.delta}: "
+                 "on-policy ratios are 1, and a cap below them stops every positive-advantage gradient")  # fmt: skip
+        _require(
+            self.delta is None or loss in CLIPPED_LOSS_TYPES,
+            "delta",
+            f"is {self.delta}, but loss_type {loss!r} has no clipped surrogate to cap (delta: "
+            f"{', '.join(CLIPPED_LOSS_TYPES)}; TRL ignores it there)",
+        )
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            _require(getattr(self, name) >= 0, name, f"must be >= 0 (a power of the ratio), got {getattr(self, name)}")
+        threshold = self.off_policy_mask_threshold
+        _require(threshold is None or threshold > 0, "off_policy_mask_threshold", f"must be > 0 (or empty: off), got "
+                 f"{threshold}: on-policy, sampler and trainer differ by float rounding, either side of 0")  # fmt: skip
+        _require(
+            not (loss == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction
+                 and self.vllm_importance_sampling_mode.startswith("sequence")),
+            "vllm_importance_sampling_mode",
+            f"is {self.vllm_importance_sampling_mode!r}, but loss_type vespo folds the correction's token weights into "
+            "its sequence weight: use token_truncate or token_mask (TRL refuses it as well)",
+        )  # fmt: skip
+        said = []
+        if loss == "luspo" and level != "sequence":
+            said.append("loss_type luspo is LUSPO with importance_level: sequence (the paper's setup); it is `token`")
+        if loss == "vespo" and level != "token":
+            said.append("loss_type vespo computes its own sequence weight from token ratios: importance_level: "
+                        "sequence changes only its KL term's weight; `token` is the setup")  # fmt: skip
+        if level == "sequence" and loss in ("bnpo", "dr_grpo", "dapo", "cispo"):
+            said.append(
+                f"importance_level: sequence with loss_type {loss} sums per-token terms, which weighs each "
+                "sequence by its length instead of optimizing GSPO's per-sequence objective (grpo does)"
+            )
+        if loss == "cispo" and self.epsilon_high < 1:
+            said.append(
+                f"loss_type cispo caps each token's weight at epsilon_high = {self.epsilon_high}, the ratio's "
+                "own bound (not 1 + epsilon_high): every on-policy weight is then that cap; ScaleRL suggests 5"
+            )
+        if self.delta is not None and self.delta <= 1 + self.epsilon_high:
+            said.append(f"delta = {self.delta} is not above 1 + epsilon_high = {1 + self.epsilon_high}: it caps "
+                        "positive-advantage ratios below the clip (INTELLECT-2 takes delta = 4)")  # fmt: skip
+        for prefix in ("sapo", "vespo"):
+            moved = [f.name for f in dataclasses.fields(self) if f.name.startswith(prefix + "_")
+                     and getattr(self, f.name) != f.default]  # fmt: skip
+            if moved and loss != prefix:
+                said.append(f"{', '.join(moved)} set, but only loss_type {prefix} reads them (it is {loss})")
+        for message in said:
+            warnings.warn(message, InputWarning, stacklevel=4)
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
@@ -657,6 +749,7 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
             f"must be in [0, 1), got {self.epsilon_low}: the ratio is clipped at 1 - epsilon_low, and a ratio is > 0",
         )
         _require(self.epsilon_high >= 0, "epsilon_high", f"must be >= 0, got {self.epsilon_high}")
+        self.validate_loss_type()
         _require(
             self.eval_every >= 0 and self.log_completions_every >= 0,
             "eval_every/log_completions_every",

@@ -245,6 +245,15 @@ SAME_NAME = (
     "gradient_checkpointing",
     "save_total_limit",
     "max_prompt_length",  # TRL < 1.0
+    # the loss types beyond the clipped surrogate (loss_type cispo, sapo, luspo, vespo) and the loss's switches
+    "delta",
+    "sapo_temperature_neg",
+    "sapo_temperature_pos",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "off_policy_mask_threshold",
     # sampling through vLLM (grpokit's engine settings beside them: vllm_kv_cache_gb, vllm_enforce_eager)
     "use_vllm",
     "vllm_mode",
@@ -394,12 +403,6 @@ NO_EFFECT: dict[str, str] = {
     "pad_to_multiple_of": "pads prompts and completions to a multiple (AWS Trainium); grpokit's forwards are packed "
     "or share prefixes",
     "cache_implementation": "the KV cache type of transformers' generate; grpokit's sampler keeps a cache of its own",
-    "sapo_temperature_neg": "read only by loss_type='sapo', which grpokit does not have",
-    "sapo_temperature_pos": "read only by loss_type='sapo', which grpokit does not have",
-    "vespo_k_pos": "read only by loss_type='vespo', which grpokit does not have",
-    "vespo_lambda_pos": "read only by loss_type='vespo', which grpokit does not have",
-    "vespo_k_neg": "read only by loss_type='vespo', which grpokit does not have",
-    "vespo_lambda_neg": "read only by loss_type='vespo', which grpokit does not have",
     "entropy_coef_min": "read only with use_adaptive_entropy, which grpokit refuses",
     "entropy_coef_max": "read only with use_adaptive_entropy, which grpokit refuses",
     "entropy_coef_delta": "read only with use_adaptive_entropy, which grpokit refuses",
@@ -458,13 +461,10 @@ UNSUPPORTED: dict[str, str] = {
     "vllm_model_impl": "the engine runs vLLM's own model implementation",
     "vllm_structured_outputs_regex": "no structured (regex-guided) outputs",
     "vllm_group_port": "a server gets the weights over HTTP (`grpokit vllm-serve`), not through an NCCL group",
-    "delta": "caps the unclipped ratio at delta (INTELLECT-2's two-sided clipping); grpokit clips at 1 +- epsilon only",
     "top_entropy_quantile": "keeps only the highest-entropy tokens in the loss (Beyond the 80/20 Rule); grpokit "
     "trains every token",
     "entropy_coef": "an entropy bonus in the loss; grpokit's loss has none",
     "use_adaptive_entropy": "an entropy bonus whose coefficient follows a target entropy; grpokit's loss has none",
-    "off_policy_mask_threshold": "off-policy sequence masking (DeepSeek-V3.2): negative-advantage sequences that "
-    "drifted past it leave the loss; grpokit has no such mask",
     "vllm_importance_sampling_cap": "TRL deprecated it (1.6): set `vllm_importance_sampling_clip_max`",
 }
 
@@ -522,7 +522,7 @@ GENERATION_KWARGS = {
     "stop_strings": "stop_strings",  # transformers' GenerationConfig name
     "stop": "stop_strings",  # vLLM's SamplingParams name
 }
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")  # all of TRL 1.16's
 
 # The type of each field grpokit reads, as TRL 1.16's dataclass (and transformers 5's TrainingArguments) declares
 # it; a value of another type is refused by name before any arithmetic. Python callers get no HfArgumentParser:
@@ -609,6 +609,14 @@ TRL_TYPES: dict[str, Any] = {
     "generation_kwargs": dict | str | None,
     "chat_template_kwargs": dict | str | None,
     "use_bias_correction_kl": bool,
+    "delta": float | None,
+    "sapo_temperature_neg": float,
+    "sapo_temperature_pos": float,
+    "vespo_k_pos": float,
+    "vespo_lambda_pos": float,
+    "vespo_k_neg": float,
+    "vespo_lambda_neg": float,
+    "off_policy_mask_threshold": float | None,
 }
 # The least value of a TRL field that counts or divides (TRL's and transformers' own checks), checked up front so
 # that `gradient_accumulation_steps=0` is an error naming it, not a ZeroDivisionError.

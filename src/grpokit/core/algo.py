@@ -5,7 +5,9 @@ N = P * G rows (prompt p owns rows p*G .. p*G + G - 1), T = padded completion le
 References: GRPO (Shao et al. 2024, DeepSeekMath), DAPO (Yu et al. 2025), Dr. GRPO (Liu et al. 2025,
 "Understanding R1-Zero-Like Training"), GSPO (Zheng et al. 2025), RLOO (Ahmadian et al. 2024),
 k1/k2/k3 (Schulman 2020, "Approximating KL divergence"), PPO (Schulman et al. 2017), GAE (Schulman et al.
-2016), the per-token KL reward of InstructGPT (Ouyang et al. 2022).
+2016), the per-token KL reward of InstructGPT (Ouyang et al. 2022); the policy losses beyond the clipped surrogate:
+CISPO (MiniMax-M1, arXiv 2506.13585), SAPO (arXiv 2511.20347), LUSPO (arXiv 2602.05261), VESPO (arXiv 2602.10693),
+INTELLECT-2's two-sided clip (arXiv 2505.07291) and DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556).
 """
 
 from __future__ import annotations
@@ -341,6 +343,119 @@ def correction_values(weight: torch.Tensor, mask: torch.Tensor, *, mode: str) ->
 IMPORTANCE_LEVELS = ("token", "sequence")
 
 
+# ---------------------------------------------------------------- the policy term of each loss type
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor, adv: torch.Tensor, *, epsilon_low: float, epsilon_high: float, delta: float | None = None
+) -> torch.Tensor:
+    """PPO's clipped surrogate as GRPO takes it: -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A).
+
+    `delta`, INTELLECT-2's two-sided clip (arXiv 2505.07291): -min(min(rho, delta) A, clip(rho) A). With A < 0 the plain
+    surrogate keeps the unclipped term once rho > 1 - eps_low, so a token whose probability rose far since it was
+    sampled weighs without bound; the cap holds it at delta (and stops its gradient there). For A > 0 and
+    delta > 1 + eps_high nothing changes. The loss of grpo, bnpo, dapo, dr_grpo and luspo.
+
+    ratio: (N, T); adv: (N, 1) or (N, T). -> (N, T)
+    """
+    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)  # (N, T)
+    unclipped = ratio if delta is None else ratio.clamp(max=delta)  # (N, T)
+    return -torch.minimum(unclipped * adv, clipped * adv)  # (N, T)
+
+
+def cispo_surrogate(logp: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, *, cap: float) -> torch.Tensor:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): -sg(min(rho, cap)) A log pi, REINFORCE on every token weighed by its
+    importance ratio, the weight capped and detached. PPO's clip drops the gradient of a token whose ratio left the
+    trust region (often a rare, decisive token); CISPO keeps every token's gradient and bounds only its weight.
+
+    The cap is the ratio's own bound (TRL passes epsilon_high itself, ScaleRL's epsilon_max, arXiv 2510.13786, which
+    recommends 5), not 1 + epsilon_high: below 1 it makes every on-policy weight the cap.
+
+    logp, ratio: (N, T); adv: (N, 1) or (N, T). -> (N, T)
+    """
+    return -ratio.clamp(max=cap).detach() * adv * logp  # (N, T)
+
+
+def sapo_surrogate(
+    ratio: torch.Tensor, adv: torch.Tensor, *, temperature_pos: float, temperature_neg: float
+) -> torch.Tensor:
+    """SAPO, Soft Adaptive Policy Optimization (arXiv 2511.20347): the hard clip replaced by a smooth gate,
+    -f(rho) A with f(rho) = 4 / tau * sigmoid(tau (rho - 1)), tau = temperature_pos where A > 0, else temperature_neg.
+
+    f'(rho) = 4 s (1 - s) with s the sigmoid: 1 at rho = 1, so on-policy the gradient is GRPO's, and it fades smoothly
+    as rho leaves 1 instead of dropping to 0 at a clip edge; a larger tau fades faster (the paper's negative
+    temperature is the larger: negative-advantage tokens destabilize more).
+
+    ratio: (N, T); adv: (N, 1) or (N, T). -> (N, T)
+    """
+    tau = torch.where(adv > 0, adv.new_tensor(temperature_pos), adv.new_tensor(temperature_neg))  # like adv
+    return -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv  # (N, T)
+
+
+_LOG_W_FLOOR = math.log(1e-8)  # VESPO's bounds on a log weight (TRL's): [ln 1e-8, 20]
+
+
+def vespo_weights(
+    log_ratio: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k_pos: float,
+    lambda_pos: float,
+    k_neg: float,
+    lambda_neg: float,
+    sampler_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """VESPO (arXiv 2602.10693): each sequence's gamma weight phi(w) = w^k exp(lambda (1 - w)) of its importance ratio
+    w = prod_t pi / pi_old over its loss tokens (a product, not GSPO's geometric mean); phi(1) = 1, and phi fades both
+    where w << 1 (w^k) and where w >> 1 (exp(-lambda w)) instead of clipping. k and lambda follow the advantage's sign
+    (A >= 0: k_pos, lambda_pos). An engine-vs-trainer correction's token weights (`sampler_weight`, token modes) join
+    w as factors pi_old / q. In log space, each log bounded as TRL does (a token's log ratio to [-20, 20], a correction
+    weight's and the sum's to [ln 1e-8, 20]); a weight that overflows is 0. Detached: it scales the gradient of
+    -phi A log pi and is never trained.
+
+    log_ratio, mask, sampler_weight: (N, T); adv: (N, 1) or (N, T). -> (N, 1) (with per-token advantages (N, T))
+    """
+    on = mask.bool()
+    with torch.no_grad():
+        log_w = torch.where(on, log_ratio.clamp(-20.0, 20.0), 0.0).sum(-1, keepdim=True)  # (N, 1)
+        if sampler_weight is not None:
+            log_q = sampler_weight.to(log_ratio).log().clamp(_LOG_W_FLOOR, 20.0)  # (N, T); a dropped token: the floor
+            log_w = log_w + torch.where(on, log_q, 0.0).sum(-1, keepdim=True)  # (N, 1)
+        log_w = log_w.clamp(_LOG_W_FLOOR, 20.0)  # (N, 1)
+        nonneg = adv >= 0  # (N, 1) or (N, T)
+        k = torch.where(nonneg, adv.new_tensor(k_pos), adv.new_tensor(k_neg))
+        lam = torch.where(nonneg, adv.new_tensor(lambda_pos), adv.new_tensor(lambda_neg))
+        log_phi = lam + k * log_w - lam * log_w.exp()  # like adv
+        return log_phi.exp().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_keep(
+    adv: torch.Tensor, logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, *, threshold: float
+) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9): a sequence with A < 0 whose mean
+    log(q / pi) over its loss tokens (an estimate of KL(q || pi), q the policy that sampled it, pi the one in training)
+    exceeds `threshold` leaves the loss; sequences with A >= 0 or closer to the policy stay. Pushing down a sample the
+    policy would no longer produce mostly adds noise.
+
+    q is the sampler's own logprobs (rollout.sampling_logp), which a grpokit rollout always carries. TRL takes vLLM's
+    when vLLM sampled and the old policy's otherwise, because only vLLM gives it sampling logprobs; the sampler's are
+    the truer q in both cases (they see an engine's numerics and the drift of earlier optimizer steps), and those of
+    grpokit's own sampler equal the old policy's to float rounding. A NaN sampling logprob (a token an engine could not
+    score) is no evidence and counts 0, as in TRL.
+
+    adv: (N, 1) or (N, T); logp, sampling_logp, mask: (N, T). -> float (N, 1): 1 keep, 0 drop (with per-token
+    advantages (N, T))
+    """
+    gap = torch.where(mask.bool(), sampling_logp.to(logp) - logp.detach(), 0.0).nan_to_num(nan=0.0)  # (N, T)
+    mean_kl = gap.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1).to(logp.dtype)  # (N, 1)
+    return ((adv >= 0) | (mean_kl <= threshold)).to(logp.dtype)
+
+
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "luspo")
+"""The loss types whose policy term is the clipped surrogate (they differ in aggregation): the ones `delta` caps."""
+
+
 def per_token_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -355,8 +470,20 @@ def per_token_loss(
     importance_level: str = "token",
     sampler_weight: torch.Tensor | None = None,
     kl_importance_weight: bool = False,
+    loss_type: str = "grpo",
+    delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta KL_it, unmasked (N, T).
+    """L_it = policy term + beta KL_it, unmasked (N, T). The policy term is the loss type's: the clipped surrogate
+    -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) (`clipped_surrogate`, with `delta`), or `cispo_surrogate`
+    (its cap: epsilon_high), `sapo_surrogate`, or VESPO's -phi_i A_i log pi (`vespo_weights`).
 
     `kl_importance_weight`: the KL term is rho_it KL_it instead (rho unclipped, with its gradient), the unbiased
     reverse-KL gradient on samples of pi_old (DeepSeek-V3.2, arXiv 2512.02556; TRL's
@@ -364,14 +491,23 @@ def per_token_loss(
 
     `advantages`: one per completion (N,) as in GRPO, or one per token (N, T) as PPO's GAE gives.
     Asymmetric clipping ("clip-higher") is from DAPO (Yu et al. 2025). `sampler_weight` (N, T), when given, multiplies
-    the surrogate term (not the KL) of each token: the engine-vs-trainer correction (`sampler_correction`), as TRL
-    applies it. stats hold float (N, T)
-    maps "kl", "clipped_low", "clipped_high", "ratio" (detached; the caller masks and sums).
+    the policy term (not the KL) of each token: the engine-vs-trainer correction (`sampler_correction`), as TRL
+    applies it (VESPO folds it into its sequence weight instead). `off_policy_mask_threshold`: the policy term of a
+    sequence `off_policy_keep` drops (from `sampling_logp` (N, T), the sampler's logprobs) is 0. stats hold float
+    (N, T) maps "kl", "clipped_low", "clipped_high" (0 for cispo, sapo, vespo: no hard clip), "ratio", and, where they
+    apply, "cispo_clipped" (weight capped, A > 0), "vespo_phi" and "off_policy_dropped" (detached; the caller masks
+    and sums).
     """
     if kl_estimator not in KL_ESTIMATORS:
         raise _unknown("kl_estimator", kl_estimator, KL_ESTIMATORS)
     if importance_level not in IMPORTANCE_LEVELS:
         raise _unknown("importance_level", importance_level, IMPORTANCE_LEVELS)
+    if loss_type not in _NORMALIZERS:
+        raise _unknown("loss_type", loss_type, LOSS_TYPES)
+    if delta is not None and loss_type not in CLIPPED_LOSS_TYPES:
+        raise ValueError(f"delta={delta} caps the clipped surrogate's ratio; loss_type={loss_type!r} has none")
+    if off_policy_mask_threshold is not None and sampling_logp is None:
+        raise ValueError(f"off_policy_mask_threshold={off_policy_mask_threshold} needs sampling_logp")
     if beta != 0 and ref_logp is None:
         raise ValueError(f"beta={beta} needs ref_logp")
     if importance_level == "token":
@@ -380,19 +516,34 @@ def per_token_loss(
         ratio = sequence_ratio(logp, old_logp, mask).expand_as(logp)  # (N, T)
     adv = advantages.to(logp.dtype)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # (N, 1) or (N, T)
-    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)  # (N, T)
-    loss = -torch.minimum(ratio * adv, clipped * adv)  # (N, T)
-    if sampler_weight is not None:
+    no_clip = torch.zeros_like(logp)
+    stats = {"clipped_low": no_clip, "clipped_high": no_clip}
+    if loss_type == "cispo":
+        loss = cispo_surrogate(logp, ratio, adv, cap=epsilon_high)  # (N, T)
+        stats["cispo_clipped"] = ((ratio > epsilon_high) & (adv > 0)).to(logp.dtype)
+    elif loss_type == "sapo":
+        loss = sapo_surrogate(ratio, adv, temperature_pos=sapo_temperature_pos, temperature_neg=sapo_temperature_neg)
+    elif loss_type == "vespo":
+        phi = vespo_weights(
+            logp - old_logp, adv, mask, k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg,
+            lambda_neg=vespo_lambda_neg, sampler_weight=sampler_weight,
+        )  # fmt: skip
+        loss = -phi * adv * logp  # (N, T)
+        stats["vespo_phi"] = phi.expand_as(logp)
+    else:
+        loss = clipped_surrogate(ratio, adv, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta)
+        stats["clipped_low"] = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(logp.dtype)
+        stats["clipped_high"] = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(logp.dtype)
+    if off_policy_mask_threshold is not None:
+        keep = off_policy_keep(adv, logp, sampling_logp, mask, threshold=off_policy_mask_threshold)  # (N, 1)
+        loss = loss * keep  # (N, T)
+        stats["off_policy_dropped"] = (1.0 - keep).expand_as(logp)
+    if sampler_weight is not None and loss_type != "vespo":
         loss = loss * sampler_weight.to(loss.dtype)  # (N, T)
     kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if beta != 0:
         loss = loss + beta * (kl * ratio if kl_importance_weight else kl)
-    stats = {
-        "kl": kl.detach(),
-        "clipped_low": ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(logp.dtype),
-        "clipped_high": ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(logp.dtype),
-        "ratio": ratio.detach(),
-    }
+    stats.update(kl=kl.detach(), ratio=ratio.detach())
     return loss, stats
 
 
@@ -424,8 +575,13 @@ _NORMALIZERS = {
     "bnpo": _bnpo_normalizer,
     "dapo": _dapo_normalizer,
     "dr_grpo": _dr_grpo_normalizer,
+    "cispo": _dapo_normalizer,  # TRL's: the tokens of the generation batch, as DAPO
+    "sapo": _grpo_normalizer,  # TRL's: GRPO's mean of per-sequence means
+    "luspo": _grpo_normalizer,  # LUSPO: each sequence's token SUM (its length weighs it), a mean over sequences
+    "vespo": _dapo_normalizer,  # TRL's: the tokens of the generation batch, as DAPO
 }
 LOSS_TYPES = tuple(_NORMALIZERS)
+_PER_SEQUENCE_MEAN = ("grpo", "sapo")  # a sequence's tokens are averaged before the sequences are summed
 
 
 def step_normalizer(
@@ -446,12 +602,12 @@ def step_normalizer(
 def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, *, loss_type: str, normalizer: float) -> torch.Tensor:
     """Sum of this micro-batch's share of the step loss; the shares of a step add up to its loss.
 
-    grpo: sum_i (sum_t m L / max(sum_t m, 1)) / normalizer; the others: sum m L / normalizer.
+    grpo, sapo: sum_i (sum_t m L / max(sum_t m, 1)) / normalizer; the others (luspo included): sum m L / normalizer.
     """
     if loss_type not in _NORMALIZERS:
         raise _unknown("loss_type", loss_type, LOSS_TYPES)
     masked = torch.where(mask.bool(), loss, 0.0)  # (n, T); where, not *, so inf/NaN padding stays out
-    if loss_type == "grpo":
+    if loss_type in _PER_SEQUENCE_MEAN:
         per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1).to(loss.dtype)  # (n,)
         return per_seq.sum() / normalizer
     return masked.sum() / normalizer

@@ -30,7 +30,23 @@ class SamplerCorrection:
 CORRECTION_SUMS = ("sampler_weight/sum", "sampler_weight/count", "sampler_weight/zeros")
 """What `policy_pass` adds up of the correction's weights (first pass); their min and max are kept beside."""
 
-FIGURES = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "tokens", "first_pass_tokens")
+LOSS_FIGURES = {
+    "cispo_clip_ratio": ("cispo/capped", "cispo/tokens"),
+    "vespo/phi_seq_mean": ("vespo/phi", "vespo/sequences"),
+    "off_policy_mask/masked_fraction": ("off_policy/dropped", "off_policy/sequences"),
+}
+"""The figures of a loss type or switch (TRL's names; the masked fraction is grpokit's): figure -> (the sum, its
+count). cispo's is a token mean (weights capped where A > 0), the others means over sequences; logged when the count is
+not 0, that is when the loss type or switch ran."""
+
+LOSS_STATS = {"cispo_clipped": "cispo_clip_ratio", "vespo_phi": "vespo/phi_seq_mean",
+              "off_policy_dropped": "off_policy_mask/masked_fraction"}  # fmt: skip
+"""`algo.per_token_loss`'s stat -> the figure made of it."""
+
+FIGURES = (
+    "loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "tokens", "first_pass_tokens",
+    *(key for pair in LOSS_FIGURES.values() for key in pair),
+)  # fmt: skip
 """What `policy_pass` adds to an update's sums (its counts and sums of token figures)."""
 
 
@@ -135,6 +151,8 @@ def policy_pass(
         ref_logp=ref_logp[idx, :width] if ref_logp is not None else None,
         beta=beta,
         sampler_weight=weight,
+        loss_type=loss_type,
+        sampling_logp=rollout.sampling_logp[idx, :width],
         **surrogate,
     )
     loss = algo.aggregate_loss(token_loss, m, loss_type=loss_type, normalizer=normalizer)
@@ -147,6 +165,7 @@ def policy_pass(
     sums["clip_ratio/high_mean"] += float((tok_stats["clipped_high"] * m).sum())
     sums["kl"] += float((tok_stats["kl"] * m).sum())
     sums["tokens"] += n_tok
+    add_loss_figures(sums, tok_stats, m)
     if first_pass:
         sums["entropy"] += float((entropy * m).sum())
         sums["first_pass_tokens"] += n_tok
@@ -154,6 +173,26 @@ def policy_pass(
         gap = algo.max_logp_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
         sums["sampler_logp_diff"] = max(sums["sampler_logp_diff"], gap)
     return m
+
+
+def add_loss_figures(sums: dict[str, float], stats: dict[str, torch.Tensor], m: torch.Tensor) -> None:
+    """A micro-batch's figures of its loss type or switch (`LOSS_FIGURES`) into `sums`, from `algo.per_token_loss`'s
+    stats (n, w) over the tokens in the loss `m` (n, w): cispo's capped tokens over its tokens; VESPO's weight and the
+    off-policy mask's dropped share as a mean over the sequences with a token of each one's mean over its tokens (its
+    value, with one advantage per completion)."""
+    on = m.to(torch.float64)  # (n, w)
+    has_tokens = on.sum(-1) > 0  # (n,)
+    for stat, figure in LOSS_STATS.items():
+        if stat not in stats:
+            continue
+        total, count = LOSS_FIGURES[figure]
+        if stat == "cispo_clipped":
+            value, n = float((stats[stat] * on).sum()), float(on.sum())
+        else:
+            row_means = (stats[stat] * on).sum(-1) / on.sum(-1).clamp(min=1)  # (n,)
+            value, n = float(row_means[has_tokens].sum()), float(has_tokens.sum())
+        sums[total] = sums.get(total, 0.0) + value
+        sums[count] = sums.get(count, 0.0) + n
 
 
 def add_correction_figures(sums: dict[str, float], values: torch.Tensor) -> None:
@@ -197,6 +236,9 @@ def policy_figures(sums: dict[str, float], n_opt_steps: int, *, with_kl: bool) -
         "sampler_logp_diff": sums["sampler_logp_diff"],
     }
     stats["clip_ratio/region_mean"] = stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
+    for figure, (total, count) in LOSS_FIGURES.items():
+        if sums.get(count, 0.0) > 0:
+            stats[figure] = sums[total] / sums[count]
     if with_kl:
         stats["kl"] = sums["kl"] / tokens_seen
     return stats
