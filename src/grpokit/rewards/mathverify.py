@@ -2,11 +2,12 @@
 
 math-verify (`pip install 'grpokit[math]'`, the verifier of TRL's and open-r1's accuracy rewards) parses both sides
 into sympy and compares them as mathematics: `\\boxed{0.5}` equals 1/2, `(x+1)^2` equals `x^2+2x+1`. The gold answer is
-parsed as written, and when that finds nothing, as LaTeX between `$...$` (so `x^2+2x+1` parses too); the completion's
-answer is the text inside its last `<answer>...</answer>` (as LaTeX between `$...$` when bare parsing finds nothing),
-else the whole completion, where math-verify takes the last `\\boxed{}` or the last expression it finds. A gold answer
-that does not parse gives None, not 0: the row is left out of its group rather than rewarded for nothing (as TRL's
-accuracy reward does), and a warning and the metric `math_accuracy/unparsable_gold` (their share of the batch) say so.
+parsed as written, and when that finds nothing and it looks like math, as LaTeX between `$...$` (so `x^2+2x+1` parses
+too). The completion's answer is its last `\\boxed{}` (inside its last `<answer>...</answer>` when it has them), else
+the text inside those tags (as LaTeX between `$...$` when bare parsing finds nothing), else the whole completion,
+where math-verify finds the expression (`completion_answer`). A gold answer that does not parse gives None, not 0:
+the row is left out of its group rather than rewarded for nothing (as TRL's accuracy reward does), and a warning and
+the metric `math_accuracy/unparsable_gold` (their share of the batch) say so.
 
 math-verify stops a slow parse or comparison with SIGALRM, which works in the main thread only: grpokit calls reward
 functions in the main thread (`functions.call_with_timeout`), so its timeouts hold; called from another thread the
@@ -40,6 +41,40 @@ def tagged_answer(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
+def last_boxed(text: str) -> str | None:
+    """The last `\\boxed{...}` of `text`, braces balanced (math-verify alone reads several boxes as one set: a model
+    that corrects itself, `\\boxed{1} no, \\boxed{2}`, would answer {1, 2}); None without a whole one."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for end in range(start + len("\\boxed"), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if depth == 0:
+            return text[start : end + 1]
+    return None
+
+
+def completion_answer(text: str) -> tuple[str, bool]:
+    """What of a completion is its answer, and whether it is bare math (to be read as LaTeX between `$...$` when
+    parsing it as it is finds nothing): the last `\\boxed{}` of the text inside its last `<answer>` tags (or of the
+    whole text), else the text inside the tags (bare), else the whole completion (prose: math-verify finds the
+    expression in it)."""
+    tagged = tagged_answer(text)
+    inner = tagged if tagged is not None else text
+    boxed = last_boxed(inner)
+    if boxed is not None:
+        return boxed, False
+    return inner, tagged is not None
+
+
+def looks_like_math(text: str) -> bool:
+    """Whether a gold answer that math-verify finds nothing in is worth reading as LaTeX between `$...$`: it holds a
+    digit, a LaTeX command or an operator (`x^2+2x+1`); words alone (`yes`, `hello world`) would read as products of
+    symbols."""
+    return any(c.isdigit() or c in "\\^_+-*/=" for c in text)
+
+
 def math_accuracy_reward(parsing_timeout: int | None = 5, verify_timeout: int | None = 5) -> Any:
     """The `math_accuracy` reward: 1.0 when math-verify finds the completion's answer equal to the row's `answer`,
     0.0 when not (or when the completion has no answer it can parse), None when the gold answer does not parse.
@@ -60,7 +95,7 @@ def math_accuracy_reward(parsing_timeout: int | None = 5, verify_timeout: int | 
 
     def parse(text: str, seconds: int | None, *, latex_fallback: bool) -> list:
         parsed = mv.parse(text, parsing_timeout=seconds)
-        if not parsed and latex_fallback:
+        if not parsed and latex_fallback and looks_like_math(text):
             parsed = mv.parse(f"${text}$", parsing_timeout=seconds)
         return parsed
 
@@ -90,8 +125,8 @@ def math_accuracy_reward(parsing_timeout: int | None = 5, verify_timeout: int | 
                         stacklevel=2,
                     )
                 continue
-            tagged = tagged_answer(text)
-            pred = parse(tagged if tagged is not None else text, parse_seconds, latex_fallback=tagged is not None)
+            said, bare = completion_answer(text)
+            pred = parse(said, parse_seconds, latex_fallback=bare)
             out.append(float(bool(pred) and mv.verify(gold, pred, timeout_seconds=verify_seconds)))
         if log_metric is not None and out:
             log_metric("math_accuracy/unparsable_gold", sum(v is None for v in out) / len(out))
