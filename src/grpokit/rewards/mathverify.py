@@ -16,7 +16,6 @@ reward runs without them (as TRL's does) and grpokit's `reward_timeout` is what 
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 import warnings
@@ -87,10 +86,9 @@ def math_accuracy_reward(parsing_timeout: int | None = 5, verify_timeout: int | 
     warned: list[bool] = []  # the first unparsable gold answer of the run is said once
 
     def timeouts() -> tuple[int | None, int | None]:
+        """math-verify's timeouts where SIGALRM can be set (math-verify says once that they are off elsewhere)."""
         if threading.current_thread() is threading.main_thread():
             return parsing_timeout, verify_timeout
-        for name in ("math_verify.parser", "math_verify.grader"):  # (their "timeout is disabled" warning per call)
-            logging.getLogger(name).setLevel(logging.ERROR)
         return None, None
 
     def parse(text: str, seconds: int | None, *, latex_fallback: bool) -> list:
