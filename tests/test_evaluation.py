@@ -93,7 +93,7 @@ def test_the_jsonl_example_evaluates_held_out_rows_without_a_warning(monkeypatch
 def test_answer_lists_for_a_users_reward_are_left_out_of_held_out_accuracy(tmp_path, model, monkeypatch):
     from helpers import config
 
-    from grpokit.data.rows import InputWarning
+    from grpokit.data.rows import InputWarning, answer_check
     from grpokit.stages.grpo import GRPOTrainer
 
     compared = []
@@ -109,7 +109,8 @@ def test_answer_lists_for_a_users_reward_are_left_out_of_held_out_accuracy(tmp_p
             eval_dataset=rows_with_answer_lists(),
             reward_funcs=[accepted_answers],
         )
-    monkeypatch.setattr(trainer, "task", types.SimpleNamespace(is_correct=is_correct))  # records what it compares
+    # (the built-in tasks' check: `answer_check` of their is_correct) records what it compares
+    monkeypatch.setattr(trainer, "task", types.SimpleNamespace(check=answer_check(is_correct)))
     result = trainer.evaluate(0)
     assert result["eval/accuracy_greedy"] == 1.0  # over the 6 rows with a text answer
     assert sorted(set(compared)) == sorted(str(i + 1) for i in (0, 2, 3, 4, 6, 7))

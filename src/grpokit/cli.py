@@ -359,7 +359,7 @@ def _eval(args: list[str]) -> int:
 
     from grpokit.config import ConfigError, EvalConfig, GRPOConfig
     from grpokit.data.rows import check_eval_answers, check_rows, encode_prompts, load_rows
-    from grpokit.data.tasks import get_task
+    from grpokit.data.tasks import ReasoningGymTask
     from grpokit.model.loading import (
         check_context_length,
         check_model_source,
@@ -369,26 +369,31 @@ def _eval(args: list[str]) -> int:
         resolve_dtype,
     )
     from grpokit.model.weights import PolicyWeights
-    from grpokit.rewards.functions import RewardSet, build_reward_funcs, exact_match
+    from grpokit.rewards.functions import RewardSet, build_reward_funcs
     from grpokit.rollout.environments import environment_rewards
     from grpokit.rollout.evaluate import HeldoutSettings, heldout_eval
     from grpokit.runtime.machine import pin_threads
-    from grpokit.stages.setup import environments, multi_turn, prompt_template, run_sampler, vllm_sampler
+    from grpokit.stages.setup import (
+        environments,
+        gold_check,
+        multi_turn,
+        prompt_template,
+        run_sampler,
+        run_task,
+        vllm_sampler,
+    )
 
     cfg = parse_config(EvalConfig, args, "grpokit eval [CONFIG.yaml]")
     cfg.validate()
     pin_threads(cfg.num_threads)
-    if cfg.eval_data is not None:
-        rows, is_correct, name = (
-            load_rows(cfg.eval_data, field="eval_data")[: cfg.num_eval_prompts],
-            exact_match,
-            cfg.eval_data,
-        )
+    task = run_task(cfg) if cfg.eval_data is None else None  # (the held-out rows of a run of this seed)
+    if task is None:
+        rows, name = load_rows(cfg.eval_data, field="eval_data")[: cfg.num_eval_prompts], cfg.eval_data
     else:
-        task = get_task(cfg.task, num_digits=cfg.task_num_digits)
-        rows, is_correct, name = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed), task.is_correct, cfg.task
+        rows, name = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed), cfg.task
     check_rows(rows, cfg.prompt_column, "eval data")
-    check_eval_answers(rows, gold_reward_used="accuracy" in cfg.reward_funcs)  # a task's rows have text answers
+    if not isinstance(task, ReasoningGymTask):  # (its scorer reads its rows as they are; a built-in's are text)
+        check_eval_answers(rows, gold_reward_used="accuracy" in cfg.reward_funcs)
     check_model_source(cfg.model)
     device = resolve_device(cfg.device)
     defaults = GRPOConfig()
@@ -397,7 +402,7 @@ def _eval(args: list[str]) -> int:
         format_pattern=defaults.format_pattern,
         max_completion_length=cfg.max_completion_length,
         overlong_buffer=min(defaults.overlong_buffer, cfg.max_completion_length),
-        task=None if cfg.eval_data is not None else task,
+        task=task,
         device=str(device),
     )
     make_environment = environments(cfg)  # (None: single-turn) checked before the model loads, as a run does
@@ -435,7 +440,7 @@ def _eval(args: list[str]) -> int:
         reward_timeout=defaults.reward_timeout,
         chat_template_kwargs=template,
     )
-    result = heldout_eval(sampler, tokenizer, rows, settings, is_correct, rewards)
+    result = heldout_eval(sampler, tokenizer, rows, settings, gold_check(task), rewards)
     if not result:  # the reward functions need columns the rows lack (heldout_eval warned which), and no answer
         raise ConfigError(
             f"config field `reward_funcs`: none of {cfg.reward_funcs} could score the rows of {name} (see the warning "

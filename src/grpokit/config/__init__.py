@@ -60,9 +60,8 @@ class LoRAConfig:
 class RunConfig:
     """Fields every stage shares: where the model and data come from, where the run goes."""
 
-    # fields that shape a built-in task's rows: with rows from a file (or handed in) they would do nothing
     # fields that shape a built-in task's rows: with `train_data` (or rows handed in) they would do nothing
-    task_fields: typing.ClassVar[tuple[str, ...]] = ("task_num_digits", "num_train_prompts")
+    task_fields: typing.ClassVar[tuple[str, ...]] = ("task_num_digits", "task_settings", "num_train_prompts")
     # fields this stage inherits and never reads: set, they are refused rather than recorded and ignored
     unused_fields: typing.ClassVar[tuple[str, ...]] = ()
 
@@ -71,9 +70,14 @@ class RunConfig:
     output_dir: str = "runs/run"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, plots and the final model."""
     task: str | None = None
-    """Built-in synthetic task to draw prompts from (`addition`); leave empty when `train_data` is set."""
+    """Task to draw prompts from: built-in `addition`, or `reasoning_gym:NAME`, a task of the reasoning-gym package
+    (`pip install 'grpokit[reasoning]'`; its seeded generator, its scorer as the `accuracy` reward, the answer
+    read from `<answer>` tags); leave empty when `train_data` is set."""
     task_num_digits: int = 2
     """Digits per operand of the built-in `addition` task."""
+    task_settings: dict | None = None
+    """A `reasoning_gym:` task's own settings (reasoning-gym's create_dataset keywords), e.g.
+    `{min_terms: 2, max_terms: 2, max_digits: 2}` for chain_sum; on the command line as JSON."""
     train_data: str | None = None
     """The prompts: a JSONL, JSON, Parquet or CSV file, a `datasets` folder (`save_to_disk`) or a hub data set name,
     with a `prompt_column`."""
@@ -173,9 +177,7 @@ class RunConfig:
                     "from `train_data` (or are handed in): it would do nothing; leave it out",
                 )
         if self.task is not None:
-            from grpokit.data.tasks import TASKS
-
-            _require(self.task in TASKS, "task", f"is {self.task!r}; known tasks: {sorted(TASKS)}")
+            check_task(self.task, self.task_num_digits, self.task_settings, type(self).task_num_digits)
         for name in ("num_train_prompts", "max_prompt_length", "max_completion_length", "logprob_chunk_size"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.num_eval_prompts >= 0, "num_eval_prompts", "must be >= 0")
@@ -440,8 +442,11 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     """Variables for the tokenizer's chat template wherever chat prompts are rendered (rollouts, evaluation), e.g.
     `{enable_thinking: false}` for Qwen3; on the command line as JSON: `'{"enable_thinking": false}'`."""
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
-    """Reward functions: built-ins `accuracy`, `format`, `overlong`, `code_tests` (the completion's Python run
-    against the row's `tests` in a sandbox: docs/sandbox.md), or `package.module:function`."""
+    """Reward functions: built-ins `accuracy` (the task's gold checker or scorer; without a task, exact match on
+    `answer`), `math_accuracy` (math-verify's equivalence with `answer`: `pip install 'grpokit[math]'`), `format`,
+    `format_think_answer` / `format_answer_tags` (the whole completion is `<think>..</think><answer>..</answer>` /
+    `<answer>..</answer>`), `overlong`, `code_tests` (the completion's Python run against the row's `tests` in a
+    sandbox: docs/sandbox.md), or `package.module:function`."""
     reward_weights: list[float] | None = None
     """Weight of each reward function (default: 1 each)."""
     format_pattern: str = r"\d+"
@@ -720,6 +725,8 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
             "reward_funcs",
             "is empty: give at least one reward function",
         )
+        check_reward_packages(self.reward_funcs, "reward_funcs")
+        check_reward_packages([self.gold_reward] if self.gold_reward else [], "gold_reward")
         if self.reward_weights is not None:
             _require(  # reward functions handed in are counted against the weights when they are built (reward_set)
                 rewards_given or len(self.reward_weights) == len(self.reward_funcs),
@@ -926,6 +933,7 @@ class SFTConfig(RunConfig):
     """Learning-rate shape after warm-up."""
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        _refuse_reasoning_gym(self.task, "grpokit sft trains on a task's demonstrations")
         super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
         _require(self.max_steps >= 1, "max_steps", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -946,7 +954,12 @@ class RewardModelConfig(RunConfig):
     """Optional column with a per-pair margin m: the loss becomes -log sigmoid(r_chosen - r_rejected - m)."""
     center_rewards_coefficient: float = 0.01
     """Adds coef * mean((r_chosen + r_rejected)^2), which keeps rewards centred on 0 (Eisenstein et al. 2023)."""
-    task_fields: typing.ClassVar[tuple[str, ...]] = ("task_num_digits", "labeler_flaw", "num_train_pairs")
+    task_fields: typing.ClassVar[tuple[str, ...]] = (
+        "task_num_digits",
+        "task_settings",
+        "labeler_flaw",
+        "num_train_pairs",
+    )
     unused_fields: typing.ClassVar[tuple[str, ...]] = ("num_train_prompts", "num_eval_prompts")  # pairs, not prompts
     labeler_flaw: Literal["none", "longer"] = "none"
     """Built-in task only: the synthetic labeler's systematic flaw (`longer`: between two answers of different
@@ -967,6 +980,7 @@ class RewardModelConfig(RunConfig):
     """Learning-rate shape after warm-up."""
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
+        _refuse_reasoning_gym(self.task, "grpokit reward-model trains on a task's preference pairs")
         super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
         _require(self.max_steps >= 1, "max_steps", "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -980,8 +994,9 @@ class EvalFields:
     model: str = ""
     """Path to a model folder in `save_pretrained` form (or a .gguf file, or a hub id)."""
     task: str | None = None
-    """Built-in task whose held-out split is scored with its gold checker; empty: `addition` unless `eval_data` is
-    set (give one of the two)."""
+    """Task whose held-out split is scored with its gold checker (`addition`, or `reasoning_gym:NAME`: the held-out
+    rows a run of the same `seed` and `task_settings` evaluates on); empty: `addition` unless `eval_data` is set
+    (give one of the two)."""
     eval_data: str | None = None
     """Held-out rows instead of a task's: a JSONL file, a `datasets` folder or a hub name; an `answer` column is
     scored by exact match, and `reward_funcs` by their means."""
@@ -996,6 +1011,8 @@ class EvalFields:
     """Longer prompts keep their last tokens."""
     task_num_digits: int = 2
     """Digits per operand of the built-in `addition` task."""
+    task_settings: dict | None = None
+    """A `reasoning_gym:` task's own settings (see the training stages' field); on the command line as JSON."""
     num_eval_prompts: int = 200
     """Held-out problems to score."""
     temperature: float = 1.0
@@ -1028,12 +1045,16 @@ class EvalFields:
         )
         if self.task is None and self.eval_data is None:
             self.task = "addition"  # the built-in task, as `grpokit eval --model DIR` has always scored
-        _require(
-            self.eval_data is None or self.task_num_digits == EvalConfig.task_num_digits,
-            "task_num_digits",
-            f"is {self.task_num_digits}, but it shapes the built-in task's rows, and the rows come from `eval_data`: "
-            "it would do nothing; leave it out",
-        )
+        for name, kind in (("task_num_digits", "the built-in"), ("task_settings", "a reasoning_gym")):
+            _require(
+                self.eval_data is None or getattr(self, name) == getattr(EvalConfig, name),
+                name,
+                f"is {getattr(self, name)!r}, but it shapes {kind} task's rows, and the rows come from `eval_data`: "
+                "it would do nothing; leave it out",
+            )
+        if self.task is not None:
+            check_task(self.task, self.task_num_digits, self.task_settings, EvalConfig.task_num_digits)
+        check_reward_packages(self.reward_funcs, "reward_funcs")
         if self.eval_data is None:
             _warn_if_answers_cannot_fit(self.task, self.task_num_digits, self.max_completion_length)
         check_data_source(self.eval_data, "eval_data")
@@ -1183,6 +1204,64 @@ def check_template_kwargs(kwargs: dict | None, name: str = "chat_template_kwargs
             f"has the key `{key}`, a parameter of apply_chat_template itself (grpokit renders prompts with "
             "add_generation_prompt, as text): only the template's own variables go here",
         )
+
+
+# built-in rewards that need an optional package: name -> (module, PyPI package, grpokit's extra)
+REWARD_PACKAGES = {"math_accuracy": ("math_verify", "math-verify", "math")}
+
+
+def check_reward_packages(names: list[str], field: str) -> None:
+    """The packages the built-in rewards `names` need are installed (else an error naming the extra to install)."""
+    import importlib.util
+
+    for name in names:
+        if name in REWARD_PACKAGES:
+            module, package, extra = REWARD_PACKAGES[name]
+            _require(
+                importlib.util.find_spec(module) is not None,
+                field,
+                f"names {name!r}, which needs the {package} package: pip install 'grpokit[{extra}]'",
+            )
+
+
+def _refuse_reasoning_gym(task: str | None, needs: str) -> None:
+    from grpokit.data.tasks import reasoning_gym_name
+
+    _require(
+        reasoning_gym_name(task) is None,
+        "task",
+        f"is {task!r}: {needs}, which a reasoning-gym task does not make; give `train_data` (reasoning-gym tasks "
+        "serve GRPO, PPO and `grpokit eval`)",
+    )
+
+
+def check_task(task: str, num_digits: int, settings: dict | None, default_digits: int) -> None:
+    """A config's `task`: a built-in task (which takes `task_num_digits`, no `task_settings`) or `reasoning_gym:NAME`
+    (which takes `task_settings`, no `task_num_digits`): the name, the package and the settings checked by building
+    the task (`data.tasks.make_task`), before any model loads."""
+    from grpokit.data.tasks import TASKS, make_task, reasoning_gym_name
+
+    if reasoning_gym_name(task) is None:
+        _require(task in TASKS, "task", f"is {task!r}; known tasks: {sorted(TASKS)}, or reasoning_gym:NAME")
+        _require(
+            not settings,
+            "task_settings",
+            f"is {settings!r}, but the built-in task {task!r} takes no settings (task_num_digits shapes its rows; "
+            "`reasoning_gym:` tasks take settings)",
+        )
+        return
+    _require(
+        num_digits == default_digits,
+        "task_num_digits",
+        f"is {num_digits}, but it shapes the built-in addition task's rows, not {task!r}'s: give that task's own "
+        "settings in `task_settings`",
+    )
+    try:
+        make_task(task, num_digits=num_digits, settings=settings)
+    except ImportError as err:
+        raise ConfigError(f"config field `task` is {task!r}: {err}") from None
+    except ValueError as err:  # (its message names the field)
+        raise ConfigError(str(err)) from None
 
 
 def _warn_if_answers_cannot_fit(task: str | None, num_digits: int, max_completion_length: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -262,6 +263,19 @@ def answer_problem(answer: Any) -> str | None:
     if isinstance(answer, str) and not answer.strip():
         return "is empty: no completion could match it"
     return None
+
+
+def answer_check(is_correct: Callable[[str, str], bool]) -> Callable[[str, dict[str, Any]], bool | None]:
+    """A gold check of a completion against its row (what held-out accuracy calls) from `is_correct(completion,
+    answer)`: the row's `answer` as text; None (the row left out of accuracy) where it cannot be compared as text
+    (`answer_problem`: no answer, or a list a reward of the user's reads)."""
+
+    def check(completion: str, row: dict[str, Any]) -> bool | None:
+        if answer_problem(row.get("answer")) is not None:
+            return None
+        return is_correct(completion, str(row["answer"]))
+
+    return check
 
 
 def check_answers(rows: list[dict[str, Any]], source: str, column: str = "answer") -> None:

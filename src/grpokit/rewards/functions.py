@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import importlib
 import inspect
 import math
@@ -53,9 +54,11 @@ from grpokit.data.rows import (
     check_eval_answers,
     completion_text,
 )
+from grpokit.data.tasks.reasoning_gym_task import ReasoningGymTask
 from grpokit.model.loading import check_model_source
 from grpokit.rewards import BUILTIN_REWARDS
 from grpokit.rewards.code import code_tests_reward
+from grpokit.rewards.mathverify import math_accuracy_reward
 from grpokit.rewards.scorer import RewardModelScorer
 
 if TYPE_CHECKING:
@@ -345,6 +348,36 @@ def exact_match(completion: str, answer: str) -> bool:
     return completion.strip() == answer.strip()
 
 
+def task_accuracy(task: Any) -> RewardFn:
+    """The `accuracy` reward of a run's task: a reasoning-gym task's own scorer (a score in [0, 1], the answer read
+    from `<answer>` tags), a built-in task's gold checker (1 or 0), or without a task exact match on `answer`."""
+    if task is None:
+        return gold_reward(exact_match)
+    if isinstance(task, ReasoningGymTask):
+        return task.reward()
+    return gold_reward(task.is_correct)
+
+
+# The common tag layouts of a reasoning completion, each a built-in reward of its name: 1 when the whole completion
+# (stripped) has the layout, else 0. One block of each tag, nothing outside them but whitespace, as the format
+# rewards of DeepSeek-R1 (Guo et al. 2025, section 2.2.2) and open-r1 ask for; a block holds no tag of its own pair.
+TAG_LAYOUTS = {
+    "format_think_answer": r"<think>((?!</?think>).)*</think>\s*<answer>((?!</?answer>).)*</answer>",
+    "format_answer_tags": r"<answer>((?!</?answer>).)*</answer>",
+}
+
+
+def tag_layout_reward(name: str) -> RewardFn:
+    """The reward `name` of `TAG_LAYOUTS`: 1.0 when the whole stripped completion has that layout, else 0.0."""
+    compiled = re.compile(TAG_LAYOUTS[name], re.DOTALL)
+
+    def layout(completions: list[Any], **_: Any) -> list[float]:
+        return [float(compiled.fullmatch(completion_text(c).strip()) is not None) for c in completions]
+
+    layout.__name__ = layout.__qualname__ = name
+    return layout
+
+
 def format_reward(pattern: str) -> RewardFn:
     """1 when the whole stripped completion matches `pattern`, else 0."""
     compiled = re.compile(pattern)
@@ -429,10 +462,12 @@ def build_reward_funcs(
     folder holding a config.json is a reward model (`RewardModelScorer`), logged under the folder's name.
     `field`: the config field that gave the names (`reward_funcs`, `gold_reward`), named by a folder's errors."""
     builtins: dict[str, Callable[[], RewardFn]] = {
-        "accuracy": lambda: gold_reward(task.is_correct if task is not None else exact_match),
+        "accuracy": lambda: task_accuracy(task),
         "format": lambda: format_reward(format_pattern),
         "overlong": lambda: overlong_reward(max_completion_length, overlong_buffer),
         "code_tests": code_tests_reward,  # the sandbox's default limits; for others call code_tests_reward(...)
+        "math_accuracy": math_accuracy_reward,  # math-verify's default timeouts; for others call it with them
+        **{name: functools.partial(tag_layout_reward, name) for name in TAG_LAYOUTS},
     }
     funcs = []
     for name in names:
@@ -1098,6 +1133,7 @@ def reward_set(
     state: Any = None,
     episodes: bool = False,
     extra: Sequence[tuple[str, RewardFn]] = (),
+    text_answers: bool = True,
 ) -> RewardSet:
     """The reward functions `funcs` handed in, else those `names` names, with their `weights` (None: 1 each) and the
     `gold_reward` watched beside them; `build(names, field=...)` turns names into (name, function) pairs
@@ -1105,7 +1141,8 @@ def reward_set(
     (training and held-out: their answers, their image columns) carry what they need, before any policy model
     loads. `state`: the run's TrainerState, what the functions get as `trainer_state`. `episodes`: the rollouts are
     multi-turn (the functions may take `EPISODE_INPUTS`); `extra`: reward columns of the environment, after the
-    others, weight 1 each (as TRL adds an environment's `get_reward`)."""
+    others, weight 1 each (as TRL adds an environment's `get_reward`). `text_answers`: `accuracy` compares the rows'
+    `answer` as text (False: it is a task's own scorer, which reads its rows as they are: a reasoning-gym task's)."""
     funcs = named_reward_funcs(funcs, build) if funcs is not None else build(names)
     try:
         gold = build([gold_reward], field="gold_reward") if gold_reward else []
@@ -1121,10 +1158,11 @@ def reward_set(
             "get_reward()): nothing would score the rollouts"
         )
     gold_checked = "accuracy" in [name for name, _ in funcs + gold]
-    if gold_checked:
+    if gold_checked and text_answers:
         check_columns(train_rows, ["answer"], "train data (the `accuracy` reward needs it)")
         check_answers(train_rows, "train data (the `accuracy` reward compares its `answer`)")
-    check_eval_answers(eval_rows or [], gold_reward_used=gold_checked)
+    if text_answers:
+        check_eval_answers(eval_rows or [], gold_reward_used=gold_checked)
     available = [*REWARD_INPUTS, *(c for c in train_rows[0] if c != prompt_column)]
     if episodes:
         shadowed = [c for c in EPISODE_INPUTS if c in train_rows[0]]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from grpokit.data.rows import answer_problem, encode_prompts
+from grpokit.data.rows import encode_prompts
 from grpokit.rollout.multiturn import episode_figures, rollout_counts
 from grpokit.rollout.sampler import EVAL_STEP, Sampler, SamplingParams, call_generate, check_rollout, prompt_seeds
 
@@ -102,13 +102,15 @@ def heldout_eval(
     tokenizer: Any,
     rows: list[dict[str, Any]],
     settings: HeldoutSettings,
-    is_correct: Callable[[str, str], bool] | None = None,
+    check: Callable[[str, dict[str, Any]], bool | None] | None = None,
     rewards: Any = None,
     *,
     batch_size: int = 256,
 ) -> dict[str, float]:
     """Held-out figures of one completion per row, greedy and sampled at `settings.temperature`:
-    eval/accuracy_{greedy,sampled} (rows with an `answer`, under `is_correct`), and with `rewards` (a RewardSet)
+    eval/accuracy_{greedy,sampled} (the share of the rows `check(completion, row)` accepts, of those it does not
+    leave out by answering None: a task's gold check, or `rows.answer_check` on an `answer`), and with `rewards` (a
+    RewardSet)
     eval/rewards/NAME/mean_{mode} of every function the rows can feed and eval/reward_{mode}, their weighted sum
     over the rows some function scored, and eval/METRIC_{mode} of each metric they log (`log_metric`: the mean of
     its values; a `log_extra` column is checked and dropped, held-out rows keep no completions). The functions get
@@ -166,10 +168,10 @@ def heldout_eval(
                 for metric, values in logs.metrics.items():
                     logged.setdefault(metric, []).extend(values)
                     owners.setdefault(metric, logs.owners[metric])
-        # rows whose answer the checker cannot compare as text (a list a reward of the user's reads) are left out
-        compared = [(t, r["answer"]) for t, r in zip(texts, rows) if answer_problem(r.get("answer")) is None]
-        if is_correct is not None and compared:
-            out[f"eval/accuracy_{mode}"] = sum(is_correct(t, str(answer)) for t, answer in compared) / len(compared)
+        # rows the check cannot compare (an answer list a reward of the user's reads: None) are left out
+        verdicts = [v for v in (check(t, r) for t, r in zip(texts, rows)) if v is not None] if check else []
+        if verdicts:
+            out[f"eval/accuracy_{mode}"] = sum(map(bool, verdicts)) / len(verdicts)
         if funcs:
             table = torch.cat(scores)  # (n, K') NaN where None
             for column, (_, name, _) in zip(table.T, funcs):

@@ -27,12 +27,11 @@ from grpokit.config import GRPOConfig
 from grpokit.core import algo
 from grpokit.core.types import Generation, Rollout, StepBatch, TrainResult
 from grpokit.data.rows import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
-from grpokit.data.tasks import get_task
 from grpokit.model.loading import check_context_length, load_model
 from grpokit.model.saving import resume_policy, save_trained, write_policy_checkpoint
 from grpokit.report.monitor import SignalMonitor
 from grpokit.report.runlog import RunLog, plot_curves, read_metrics
-from grpokit.rewards.functions import RewardFn, exact_match, reward_inputs
+from grpokit.rewards.functions import RewardFn, reward_inputs
 from grpokit.rollout.evaluate import decode_completions, heldout_eval, require_heldout_rows
 from grpokit.rollout.sampler import KVCacheSampler, Sampler, call_generate, check_rollout, prompt_seeds, push_weights
 from grpokit.runtime import machine
@@ -82,7 +81,7 @@ class GRPOTrainer:
         setup = RunSetup(args.config, self.cluster)  # seeded, threads pinned (1 rank: no torchrun)
         self.cfg = cfg = setup.cfg
         self.device, dtype = setup.device, setup.dtype
-        self.task = get_task(cfg.task, num_digits=cfg.task_num_digits) if cfg.task else None
+        self.task = run_setup.run_task(cfg)  # (None: the rows come from train_data or are handed in)
         # Data, rewards and the output folder are checked before the model loads: a typo costs a second, not a load.
         self.train_rows, self.eval_rows = grpo_rows(
             self.task, train_dataset, eval_dataset, train_data=cfg.train_data, eval_data=cfg.eval_data, seed=cfg.seed,
@@ -229,7 +228,7 @@ class GRPOTrainer:
     def evaluate(self, step: int, *, log: bool = False) -> dict[str, float]:
         """Held-out accuracy (the task's gold checker, or exact match on `answer`) and every reward's mean, greedy
         and sampled (`heldout_eval`); kept in the eval history at `step`, and logged as a row of its own when `log`."""
-        cfg, check = self.cfg, self.task.is_correct if self.task is not None else exact_match
+        cfg, check = self.cfg, run_setup.gold_check(self.task)
         settings = run_setup.heldout_settings(cfg, self.template)
         result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, settings, check, self.rewards)
         if result:

@@ -25,11 +25,13 @@ import torch
 
 from grpokit.config import GRPOConfig, RunConfig
 from grpokit.core.types import ConfigError
+from grpokit.data.rows import answer_check
+from grpokit.data.tasks import ReasoningGymTask, make_task
 from grpokit.model.loading import check_model_source, is_hub_id, resolve_device, resolve_dtype, stage_tokenizer
 from grpokit.model.optim import OptimizerSettings
 from grpokit.model.policy import Policy
 from grpokit.model.weights import PolicyWeights
-from grpokit.rewards.functions import RewardSet, build_reward_funcs, reward_set
+from grpokit.rewards.functions import RewardSet, build_reward_funcs, exact_match, reward_set
 from grpokit.rollout.environments import TRLEnvironment, environment_rewards
 from grpokit.rollout.evaluate import HeldoutSettings
 from grpokit.rollout.sampler import KVCacheSampler, Sampler, SamplingParams, push_weights
@@ -455,6 +457,20 @@ def step_sizes(cfg: GRPOConfig) -> StepSizes:
     )
 
 
+def run_task(cfg: Any) -> Any:
+    """The task a config (a training stage's or `grpokit eval`'s) draws its rows from: a built-in one with
+    `task_num_digits`, or `reasoning_gym:NAME` with `task_settings` (`data.tasks.make_task`); None without `task`."""
+    if cfg.task is None:
+        return None
+    return make_task(cfg.task, num_digits=cfg.task_num_digits, settings=cfg.task_settings)
+
+
+def gold_check(task: Any) -> Any:
+    """Held-out accuracy's check of a completion against its row: the task's own (`check`), else exact match on the
+    row's `answer` (rows without a text answer left out)."""
+    return task.check if task is not None else answer_check(exact_match)
+
+
 def grpo_rewards(
     cfg: GRPOConfig,
     task: Any,
@@ -477,7 +493,7 @@ def grpo_rewards(
     rewards = reward_set(
         reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
         prompt_column=cfg.prompt_column, train_rows=train_rows, eval_rows=eval_rows, state=state,
-        episodes=make_environment is not None, extra=extra,
+        episodes=make_environment is not None, extra=extra, text_answers=not isinstance(task, ReasoningGymTask),
     )  # fmt: skip
     if reward_funcs is not None:  # (not the environment's columns: its `environment` brings them back)
         cfg.reward_funcs = rewards.specs()[: len(rewards.funcs) - len(extra)]

@@ -134,6 +134,12 @@ class AdditionTask:
         """Gold checker (see `check_answer`)."""
         return check_answer(completion, answer)
 
+    def check(self, completion: str, row: dict[str, Any]) -> bool | None:
+        """Held-out accuracy's gold check of a completion against its row: `is_correct` on the row's `answer`."""
+        from grpokit.data.rows import answer_check
+
+        return answer_check(self.is_correct)(completion, row)
+
     def demonstrate(self, row: dict[str, str], rng: random.Random) -> str:
         """The imperfect demonstrator's answer text (no EOS) for `row`; the exact rule is in the module doc."""
         a, b = _parse_prompt(row["prompt"])
