@@ -44,7 +44,9 @@ def model(tmp_path_factory):
 
 
 def entry_row(answer: str = "2248") -> dict:
-    return ReasoningGymTask.row({"question": "What is 1124 + 1124?", "answer": answer, "metadata": {}})
+    return ReasoningGymTask("chain_sum", CHAIN_SUM).row(
+        {"question": "What is 1124 + 1124?", "answer": answer, "metadata": {}}
+    )
 
 
 # ---------------------------------------------------------------- rows
@@ -117,6 +119,27 @@ def test_the_answer_is_extracted_from_the_tags_before_the_tasks_scorer(chain_sum
     # held-out accuracy counts full marks only
     assert chain_sum.check("<answer>2248</answer>", row) is True
     assert chain_sum.check("<answer>The answer is 2248</answer>", row) is False
+
+
+def test_answer_format_last_number_asks_with_the_question_alone_and_reads_the_last_number():
+    """For a model that never writes the tags: the prompt is the question as plain text, the answer the
+    completion's last number (tags or not), scored by the task's own scorer."""
+    task = ReasoningGymTask("chain_sum", {**CHAIN_SUM, "answer_format": "last_number"})
+    assert "answer_format" not in task.settings  # grpokit's key, never handed to reasoning-gym
+    row = task.rows(3, split="train", seed=0)[0]
+    assert row["prompt"] == row["question"]  # a plain-text prompt: no template, no instruction
+
+    def scores(text):
+        return task.score(text, "What is 1124 + 1124?", "2248", {})
+
+    assert scores("The answer is 2248.") == 1.0
+    assert scores("1124 + 1124 = 2248") == 1.0
+    assert scores("2248, or maybe 2249") == 0.0  # the last number is read
+    assert scores("<answer>2248</answer>") == 1.0
+    assert scores("no number") == 0.0
+    assert task.score("5 - 9 = -4", "5 - 9 =", "-4", {}) == 1.0  # the sign belongs to the number
+    with pytest.raises(ValueError, match="task_settings.*answer_format.*'boxed'"):
+        ReasoningGymTask("chain_sum", {"answer_format": "boxed"})
 
 
 def test_accuracy_reward_is_the_tasks_scorer_under_the_reward_contract():

@@ -6,7 +6,10 @@ reasoning-gym (`pip install 'grpokit[reasoning]'`) makes problems of about a hun
 appears inside a longer one ("The answer is 2248" scores 4/18 for 2248), so the answer is extracted first: the text
 inside the completion's last `<answer>...</answer>` (reasoning_gym.utils.extract_answer); a completion without the
 tags scores 0. Every row's prompt says so: a system message (`INSTRUCTION`) and the question as the user's message,
-rendered by the tokenizer's chat template.
+rendered by the tokenizer's chat template. `task_settings: {answer_format: last_number}` (grpokit's own key, not
+passed to reasoning-gym) is for models too small to follow that instruction (SmolLM2-135M-Instruct writes the tags
+in none of 96 samples): the prompt is the question alone, as plain text the model continues, and the answer is the
+last number of the completion (lm-evaluation-harness's "flexible-extract" for GSM8K).
 
 Rows: {"prompt": [system, user], "question", "answer" (text, or None where the task accepts several answers and
 scores from the metadata), "metadata"}: the entry, as the scorer reads it. Held-out rows never equal training rows:
@@ -18,6 +21,7 @@ seeds or sizes; the splits are also drawn from different generator seeds (`split
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 PREFIX = "reasoning_gym:"
@@ -31,6 +35,8 @@ SPLITS = ("train", "eval")
 _SEED_SPAN = 2**29
 # settings the run itself decides: the rows are drawn from its `seed`, as many as num_train_prompts / num_eval_prompts
 RUN_SETTINGS = ("seed", "size")
+ANSWER_FORMATS = ("tags", "last_number")  # `answer_format` in task_settings: how the prompt asks and the answer is read
+_LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def reasoning_gym_name(task: str | None) -> str | None:
@@ -77,6 +83,13 @@ class ReasoningGymTask:
                 f"config field `task`: reasoning-gym has no task {name!r}; its tasks: {', '.join(sorted(DATASETS))}"
             )
         self.name, self.settings = f"{PREFIX}{name}", dict(settings or {})
+        self.answer_format = self.settings.pop("answer_format", "tags")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(
+                f"config field `task_settings`: answer_format is {self.answer_format!r}; expected one of "
+                f"{list(ANSWER_FORMATS)} (tags: an instruction asks for <answer></answer>; last_number: the question "
+                "alone, the completion's last number read)"
+            )
         self.dataset_name = name
         fixed = [key for key in RUN_SETTINGS if key in self.settings]
         if fixed:
@@ -124,15 +137,21 @@ class ReasoningGymTask:
             drawn += chunk
         return out
 
-    @staticmethod
-    def row(entry: dict[str, Any]) -> dict[str, Any]:
-        """A reasoning-gym entry as a row: the prompt (the instruction, then the question) and the entry's fields."""
-        prompt = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": entry["question"]}]
+    def row(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A reasoning-gym entry as a row: the prompt (the instruction, then the question; with answer_format
+        last_number the question alone, as plain text) and the entry's fields."""
+        prompt: Any = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": entry["question"]}]
+        if self.answer_format == "last_number":
+            prompt = entry["question"]
         return {"prompt": prompt, "question": entry["question"], "answer": entry["answer"],
                 "metadata": entry["metadata"]}  # fmt: skip
 
     def extract(self, completion: str) -> str | None:
-        """The answer a completion gives: the text inside its last `<answer>...</answer>`, stripped; None without."""
+        """The answer a completion gives: the text inside its last `<answer>...</answer>`, stripped; None without.
+        answer_format last_number: the completion's last number (None without one)."""
+        if self.answer_format == "last_number":
+            numbers = _LAST_NUMBER.findall(completion)
+            return numbers[-1] if numbers else None
         from reasoning_gym.utils import extract_answer
 
         return extract_answer(completion)
