@@ -533,16 +533,16 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
         return {name: getattr(self, name) for name in names}
 
     def validate_entropy_terms(self) -> None:
-        """top_entropy_quantile in [0, 1] (TRL's range) and a finite entropy_coef; a positive one warns."""
+        """top_entropy_quantile in [0, 1] (TRL's range; `_check_types` refuses NaN and inf in any field); a positive
+        entropy_coef warns."""
         q, coef = self.top_entropy_quantile, self.entropy_coef
         _require(
             0 <= q <= 1,
             "top_entropy_quantile",
             f"must be in [0, 1] (the fraction of the step's loss tokens kept, by entropy; 1 keeps all), got {q}",
         )
-        _require(math.isfinite(coef), "entropy_coef", f"must be a finite number, got {coef}")
         if coef > 0:
-            from grpokit.data.rows import InputWarning
+            from grpokit.core.types import InputWarning
 
             warnings.warn(
                 f"entropy_coef = {coef:g} adds an entropy bonus to the loss, and a bonus can make the entropy grow "
