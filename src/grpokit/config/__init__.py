@@ -468,9 +468,9 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     entropy_coef: float = 0.0
     """Entropy bonus: the loss is the policy loss - entropy_coef x the mean entropy of the step's loss tokens (those
     top_entropy_quantile keeps), counted over the whole optimizer step, with its gradient. Careful: a positive bonus
-    can make the entropy grow until the completions are noise (in verl's GRPO examples 0.001 did: verl PR #781), so
-    a positive value warns: watch the logged `entropy`. 0: no bonus (and no extra cost); a negative value penalizes
-    entropy. TRL's name and default."""
+    can make the entropy explode (0.001 did in verl's GRPO examples: verl PR #781), so a positive value warns: watch
+    the logged `entropy`. 0: no bonus (and no extra cost); a negative value penalizes entropy. TRL's name and
+    default."""
     vllm_importance_sampling_correction: bool = True
     """With use_vllm: weigh each token's policy-gradient term by pi_trainer / q_vLLM, the trainer's logprob of the
     sampled token over the engine's (their implementations differ; with top_p < 1 or top_k > 0 the engine's is of the
@@ -545,9 +545,9 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
             from grpokit.core.types import InputWarning
 
             warnings.warn(
-                f"entropy_coef = {coef:g} adds an entropy bonus to the loss, and a bonus can make the entropy grow "
-                "until the completions are noise: in verl's GRPO examples even 0.001 did (verl PR #781; verl's default "
-                "is 0 since). Watch `entropy` in the logs",
+                f"entropy_coef = {coef:g} adds an entropy bonus to the loss, and a bonus can make the entropy "
+                "explode: 0.001 did in verl's GRPO examples (verl PR #781; verl's default is 0 since). Watch `entropy` "
+                "in the logs",
                 InputWarning,
                 stacklevel=3,
             )
