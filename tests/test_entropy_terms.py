@@ -157,8 +157,8 @@ def trl_loss(trl, logp, entropy, old, advantages, mask, *, loss_type, keep, coef
         model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1, aux_loss_enabled=False,
         _metrics=collections.defaultdict(lambda: collections.defaultdict(list)), max_completion_length=mask.shape[1],
         args=types.SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, entropy, None),  # the leaf tensors
     )  # fmt: skip
-    fake._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logp, entropy, None)
     fake.get_high_entropy_mask = types.MethodType(trl.GRPOTrainer.get_high_entropy_mask, fake)
     n, T = mask.shape
     ones = torch.ones(n, 1, dtype=torch.long)
