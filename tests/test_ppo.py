@@ -258,7 +258,8 @@ def test_missing_critic_model_folder_is_named_before_the_policy_loads(tmp_path):
 
 
 def run_cli(command: str, config: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True):
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", **(env or {})}
+    pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])  # a worktree's src/
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "grpokit.cli", command, str(config), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     if check:
