@@ -30,11 +30,13 @@ LAUNCH_TIMEOUT = 600  # a hang guard only (a collective one rank never joins), f
 
 LORA = {"lora": {"r": 4, "alpha": 8.0}}
 REUSE = {"num_iterations": 2, "minibatch_size": 4}  # mu = 2, two minibatches: spread unevenly over the ranks
+# the high-entropy selection's threshold and the entropy bonus's normalizer, both over every rank's tokens
+ENTROPY_TERMS = {"top_entropy_quantile": 0.5, "entropy_coef": 0.01}
 # (mode, loss type) -> what else the case turns on
 EXTRAS = {
     ("ddp", "dapo"): {"scale_rewards": "batch"},
-    ("ddp", "dr_grpo"): REUSE,
-    ("fsdp", "dapo"): REUSE,
+    ("ddp", "dr_grpo"): {**REUSE, **ENTROPY_TERMS},
+    ("fsdp", "dapo"): {**REUSE, **ENTROPY_TERMS},
     ("fsdp", "dr_grpo"): {"gradient_checkpointing": True},
 }
 # Every loss type under both modes, with LoRA and without: 16 launches. The default run takes the half in which
@@ -94,7 +96,8 @@ def write_config(folder: Path, model: Path, **overrides) -> Path:
 
 def launch(config: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True):
     """`torchrun --nproc_per_node 2 grpokit train CONFIG.yaml EXTRA...` in its own process group."""
-    pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])  # (a checkout's src)
+    # the caller's PYTHONPATH after the tests' folder: a worktree's src/ must reach the ranks, not the installed one
+    pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(GRPOKIT), "train", str(config), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, start_new_session=True)
@@ -140,7 +143,8 @@ def test_two_ranks_train_as_one_process(case, llama_path, tmp_path):
     assert max_relative_difference(weights(split), weights(whole)) <= 1e-5
     steps_split, steps_whole = read_jsonl(split / "metrics.jsonl"), read_jsonl(whole / "metrics.jsonl")
     for a, b in zip(steps_split, steps_whole):  # figures of the whole step, reduced over the ranks
-        for key in ("reward", "completions/mean_length", "frac_reward_zero_std", "kl", "entropy", "loss", "grad_norm"):
+        for key in ("reward", "completions/mean_length", "frac_reward_zero_std", "kl", "entropy", "loss", "grad_norm",
+                    "policy_loss", "entropy/threshold"):  # fmt: skip
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
     assert [r["step"] for r in steps_split if "loss" in r] == [1, 2, 3]  # rank 0 alone wrote the log

@@ -499,6 +499,18 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     """DeepSeek-V3.2's off-policy sequence mask: a completion with a negative advantage whose mean log(q / pi) over its
     tokens (KL from the sampler q, the rollout's sampling logprobs, to the policy in training) exceeds this leaves the
     loss; logged as off_policy_mask/masked_fraction. Empty: off. Must be > 0 (the paper's delta; TRL suggests 0.5)."""
+    top_entropy_quantile: float = 1.0
+    """Keep in the policy-gradient term only this fraction of each optimizer step's loss tokens, those where the
+    policy's entropy is highest (Wang et al. 2025, "Beyond the 80/20 Rule": 0.2); the KL term keeps every token. The
+    threshold is the (1 - q) quantile of the entropies of ALL the step's loss tokens (every micro-batch and rank),
+    taken by one forward without a graph before the step's passes; a token tied with it stays. 1 keeps every token
+    (no extra forward); 0 only the highest-entropy one. TRL's name and default."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss is the policy loss - entropy_coef x the mean entropy of the step's loss tokens (those
+    top_entropy_quantile keeps), counted over the whole optimizer step, with its gradient. Careful: a positive bonus
+    can make the entropy explode (0.001 did in verl's GRPO examples: verl PR #781), so a positive value warns: watch
+    the logged `entropy`. 0: no bonus (and no extra cost); a negative value penalizes entropy. TRL's name and
+    default."""
     vllm_importance_sampling_correction: bool = True
     """With use_vllm: weigh each token's policy-gradient term by pi_trainer / q_vLLM, the trainer's logprob of the
     sampled token over the engine's (their implementations differ; with top_p < 1 or top_k > 0 the engine's is of the
@@ -625,6 +637,26 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
                 said.append(f"{', '.join(moved)} set, but only loss_type {prefix} reads them (it is {loss})")
         for message in said:
             warnings.warn(message, InputWarning, stacklevel=4)
+
+    def validate_entropy_terms(self) -> None:
+        """top_entropy_quantile in [0, 1] (TRL's range; `_check_types` refuses NaN and inf in any field); a positive
+        entropy_coef warns."""
+        q, coef = self.top_entropy_quantile, self.entropy_coef
+        _require(
+            0 <= q <= 1,
+            "top_entropy_quantile",
+            f"must be in [0, 1] (the fraction of the step's loss tokens kept, by entropy; 1 keeps all), got {q}",
+        )
+        if coef > 0:
+            from grpokit.core.types import InputWarning
+
+            warnings.warn(
+                f"entropy_coef = {coef:g} adds an entropy bonus to the loss, and a bonus can make the entropy "
+                "explode: 0.001 did in verl's GRPO examples (verl PR #781; verl's default is 0 since). Watch `entropy` "
+                "in the logs",
+                InputWarning,
+                stacklevel=3,
+            )
 
     def validate(self, *, model_given: bool = False, rows_given: bool = False, rewards_given: bool = False) -> None:
         super().validate(model_given=model_given, rows_given=rows_given, rewards_given=rewards_given)
@@ -757,6 +789,7 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
         )
         _require(self.epsilon_high >= 0, "epsilon_high", f"must be >= 0, got {self.epsilon_high}")
         self.validate_loss_type()
+        self.validate_entropy_terms()
         _require(
             self.eval_every >= 0 and self.log_completions_every >= 0,
             "eval_every/log_completions_every",

@@ -235,6 +235,8 @@ SAME_NAME = (
     "repetition_penalty",
     "num_iterations",
     "mask_truncated_completions",
+    "top_entropy_quantile",
+    "entropy_coef",
     "reward_weights",
     "seed",
     "weight_decay",
@@ -461,10 +463,8 @@ UNSUPPORTED: dict[str, str] = {
     "vllm_model_impl": "the engine runs vLLM's own model implementation",
     "vllm_structured_outputs_regex": "no structured (regex-guided) outputs",
     "vllm_group_port": "a server gets the weights over HTTP (`grpokit vllm-serve`), not through an NCCL group",
-    "top_entropy_quantile": "keeps only the highest-entropy tokens in the loss (Beyond the 80/20 Rule); grpokit "
-    "trains every token",
-    "entropy_coef": "an entropy bonus in the loss; grpokit's loss has none",
-    "use_adaptive_entropy": "an entropy bonus whose coefficient follows a target entropy; grpokit's loss has none",
+    "use_adaptive_entropy": "an entropy bonus whose coefficient follows a target entropy (Skywork-OR1); grpokit's "
+    "entropy_coef is a fixed coefficient",
     "vllm_importance_sampling_cap": "TRL deprecated it (1.6): set `vllm_importance_sampling_clip_max`",
 }
 
@@ -554,6 +554,8 @@ TRL_TYPES: dict[str, Any] = {
     "top_k": int | None,
     "num_iterations": int,
     "mask_truncated_completions": bool,
+    "top_entropy_quantile": float,
+    "entropy_coef": float,
     "reward_weights": list[float] | None,
     "seed": int,
     "weight_decay": float,

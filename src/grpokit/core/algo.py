@@ -43,6 +43,9 @@ def _chunk_logprobs(hidden, ids, lm_head, temperature, wants_entropy):
     logits = lm_head(hidden)  # (m, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (m, V)
     logp = selective_log_softmax(logits, ids)  # (m,)
+    if wants_entropy["grad"]:  # a term of the loss: taped, and recomputed with the chunk in the backward
+        log_probs = torch.log_softmax(logits, dim=-1)  # (m, V)
+        return logp, -(log_probs.exp() * log_probs).sum(-1)  # (m,), (m,)
     if not wants_entropy["now"]:
         return logp, None
     wants_entropy["now"] = False  # a backward that recomputes this chunk needs no metric
@@ -60,35 +63,54 @@ class _LinearLogprobs(torch.autograd.Function):
     recomputes the chunk's logits once and turns them into the gradient in place. autograd through
     log_softmax would keep or rebuild a dozen (m, V) temporaries per chunk (a tenth of a 135M model's
     update on a CPU); a frozen head (LoRA) gets no weight gradient at all.
+
+    The entropy H_i = -sum_v p_iv log p_iv is a metric (no gradient) unless `entropy_grad`: then
+    dH_i / d logit_iv = -p_iv (log p_iv + H_i), and the backward needs only the (m,) entropies beside the
+    log-normalizers; no (m, V) tensor lives from the forward to the backward either way.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, temperature, with_entropy):
+    def forward(ctx, hidden, weight, bias, ids, temperature, with_entropy, entropy_grad):
         logits = torch.nn.functional.linear(hidden, weight, bias).div_(temperature)  # (m, V)
         lse = torch.logsumexp(logits, dim=-1)  # (m,)
         logp = logits.gather(-1, ids[:, None]).squeeze(-1) - lse  # (m,)
         entropy = None
-        if with_entropy:  # a metric: H = -sum_v p_v log p_v
+        if with_entropy:  # H = -sum_v p_v log p_v
             log_probs = logits.sub_(lse[:, None])  # (m, V) in place: the logits are not needed any more
             entropy = -log_probs.exp().mul_(log_probs).sum(-1)  # (m,)
-            ctx.mark_non_differentiable(entropy)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+            if not entropy_grad:
+                ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy if entropy_grad else None)
         ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no (m, V) work for it
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
+        if entropy is None:
+            grad_entropy = None
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
         T = ctx.temperature
-        logits = torch.nn.functional.linear(hidden, weight, bias).div_(T)  # (m, V)
-        # d loss / d logits = g_i ([v = ids_i] - p_iv) / T, built in the logits' memory
-        grad = logits.sub_(lse[:, None]).exp_().mul_(-grad_logp[:, None] / T)  # (m, V)
+        log_probs = torch.nn.functional.linear(hidden, weight, bias).div_(T).sub_(lse[:, None])  # (m, V)
+        if grad_entropy is None:
+            # d loss / d logits = g_i ([v = ids_i] - p_iv) / T, built in the logits' memory
+            grad = log_probs.exp_().mul_(-grad_logp[:, None] / T)  # (m, V)
+        else:
+            # d loss / d logits = (g_i [v = ids_i] - p_iv (g_i + gH_i (log p_iv + H_i))) / T
+            g = grad_logp if grad_logp is not None else torch.zeros_like(lse)  # (m,)
+            probs = log_probs.exp()  # (m, V)
+            grad = log_probs.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(g[:, None])  # (m, V)
+            grad = grad.mul_(probs).mul_(-1 / T)  # (m, V)
+            del probs
+            grad_logp = g
         grad.scatter_add_(-1, ids[:, None], grad_logp[:, None] / T)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = grad @ weight if need_hidden else None  # (m, H)
         grad_weight = grad.t() @ hidden if need_weight else None  # (V, H)
         grad_bias = grad.sum(0) if bias is not None and need_bias else None  # (V,)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def logprobs_from_hidden(
@@ -99,32 +121,37 @@ def logprobs_from_hidden(
     temperature: float,
     chunk_size: int = 512,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (M,) of `ids` under lm_head(hidden) / temperature, computed chunk by chunk.
+    """Log-probs (M,) of `ids` under lm_head(hidden) / temperature, computed chunk by chunk; with `with_entropy`
+    also the entropies (M,) of those distributions, a metric without gradient unless `entropy_grad` (an entropy
+    term in the loss; implies `with_entropy`).
 
     Only one chunk's (chunk, V) float32 logits are alive at a time, in the forward and the backward. A plain
-    `nn.Linear` head in float32 without hooks goes through `_LinearLogprobs`; any other head, or a forward under
-    autocast, through a checkpointed log_softmax per chunk (whose recompute skips the entropy).
+    `nn.Linear` head in float32 (or float64) without hooks goes through `_LinearLogprobs`; any other head, or a
+    forward under autocast, through a checkpointed log_softmax per chunk (whose recompute skips a metric entropy).
     temperature <= 0 (greedy) counts as 1.
     """
     temperature = temperature if temperature > 0 else 1.0
+    with_entropy = with_entropy or entropy_grad
     step = max(int(chunk_size), 1)
     fused = (
         type(lm_head) is torch.nn.Linear
         and not (lm_head._forward_hooks or lm_head._forward_pre_hooks)  # a hook must see the head's call
-        and lm_head.weight.dtype == torch.float32
-        and hidden.dtype == torch.float32
+        and lm_head.weight.dtype == hidden.dtype
+        and hidden.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled(hidden.device.type)
     )
     outs = []
     for start in range(0, max(hidden.shape[0], 1), step):  # M == 0 still runs one empty chunk
         h, i = hidden[start : start + step], ids[start : start + step]  # (m, H), (m,)
         if fused:
-            outs.append(_LinearLogprobs.apply(h, lm_head.weight, lm_head.bias, i, temperature, with_entropy))
+            outs.append(
+                _LinearLogprobs.apply(h, lm_head.weight, lm_head.bias, i, temperature, with_entropy, entropy_grad)
+            )
             continue
-        fn = functools.partial(
-            _chunk_logprobs, lm_head=lm_head, temperature=temperature, wants_entropy={"now": with_entropy}
-        )
+        wants = {"now": with_entropy, "grad": entropy_grad and torch.is_grad_enabled()}
+        fn = functools.partial(_chunk_logprobs, lm_head=lm_head, temperature=temperature, wants_entropy=wants)
         if torch.is_grad_enabled():
             outs.append(torch.utils.checkpoint.checkpoint(fn, h, i, use_reentrant=False))
         else:
@@ -480,6 +507,7 @@ def per_token_loss(
     vespo_lambda_neg: float = 2.0,
     off_policy_mask_threshold: float | None = None,
     sampling_logp: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_it = policy term + beta KL_it, unmasked (N, T). The policy term is the loss type's: the clipped surrogate
     -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) (`clipped_surrogate`, with `delta`), or `cispo_surrogate`
@@ -492,7 +520,9 @@ def per_token_loss(
     `advantages`: one per completion (N,) as in GRPO, or one per token (N, T) as PPO's GAE gives.
     Asymmetric clipping ("clip-higher") is from DAPO (Yu et al. 2025). `sampler_weight` (N, T), when given, multiplies
     the policy term (not the KL) of each token: the engine-vs-trainer correction (`sampler_correction`), as TRL
-    applies it (VESPO folds it into its sequence weight instead). `off_policy_mask_threshold`: the policy term of a
+    applies it (VESPO folds it into its sequence weight instead). `selected` (N, T) 0/1, when given, keeps the policy term of
+    the selected tokens only and the KL term of every token (`high_entropy_mask`, as TRL's top_entropy_quantile
+    does). `off_policy_mask_threshold`: the policy term of a
     sequence `off_policy_keep` drops (from `sampling_logp` (N, T), the sampler's logprobs) is 0. stats hold float
     (N, T) maps "kl", "clipped_low", "clipped_high" (0 for cispo, sapo, vespo: no hard clip), "ratio", and, where they
     apply, "cispo_clipped" (weight capped, A > 0), "vespo_phi" and "off_policy_dropped" (detached; the caller masks
@@ -540,11 +570,47 @@ def per_token_loss(
         stats["off_policy_dropped"] = (1.0 - keep).expand_as(logp)
     if sampler_weight is not None and loss_type != "vespo":
         loss = loss * sampler_weight.to(loss.dtype)  # (N, T)
+    if selected is not None:
+        loss = loss * selected.to(loss.dtype)  # (N, T)
     kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if beta != 0:
         loss = loss + beta * (kl * ratio if kl_importance_weight else kl)
     stats.update(kl=kl.detach(), ratio=ratio.detach())
     return loss, stats
+
+
+# ---------------------------------------------------------------- high-entropy tokens and the entropy bonus
+
+
+def entropy_threshold(entropies: torch.Tensor, keep: float) -> float:
+    """The (1 - keep) quantile of `entropies` (1-D: every loss token of the optimizer step, all micro-batches and
+    ranks), linearly interpolated between order statistics as torch.quantile's default (its size limit aside), in
+    the entropies' dtype. Tokens at or above it are the top `keep` fraction of "Beyond the 80/20 Rule" (Wang et al.
+    2025): keep = 0.2 trains the 20% highest-entropy "forking" tokens; keep = 0 gives the largest entropy (only its
+    ties stay). No tokens: inf, so none is selected."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    if entropies.numel() == 0:
+        return math.inf
+    ordered = entropies.reshape(-1).sort().values  # (M,)
+    rank = torch.tensor(1.0 - keep, dtype=ordered.dtype) * (ordered.numel() - 1)  # as torch.quantile: in the dtype
+    below, above = int(rank.floor()), int(rank.ceil())
+    return float(ordered[below].lerp(ordered[above], rank - below))
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(N, T) bool: the loss tokens (`mask`) whose entropy is at or above `threshold` (`entropy_threshold`); a tie
+    with the threshold is kept, padding never is."""
+    return (entropy >= threshold) & mask.bool()
+
+
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, *, normalizer: float) -> torch.Tensor:
+    """This micro-batch's share of the step's mean token entropy: sum of H over `mask` / `normalizer`, where the
+    normalizer counts the mask's tokens over the WHOLE optimizer step (every micro-batch and rank), so the shares of
+    a step add up to its mean. The loss subtracts entropy_coef x it (an entropy bonus, as PPO's; TRL's entropy_coef,
+    which divides each micro-batch's own mean by the accumulation steps instead: the same with one micro-batch).
+    Gradient only as far as `entropy` has one (`logprobs_from_hidden(entropy_grad=True)`)."""
+    return torch.where(mask.bool(), entropy, 0.0).sum() / max(normalizer, 1.0)
 
 
 # ---------------------------------------------------------------- aggregation (loss_type)

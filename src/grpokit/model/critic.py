@@ -86,7 +86,7 @@ def completion_values(
     *,
     layout: str = "padded",
     group_ids: torch.Tensor | None = None,
-    **_logprob_settings: Any,  # temperature, chunk_size, with_entropy: a value has none of them
+    **_logprob_settings: Any,  # temperature, chunk_size, with_entropy, entropy_grad: a value has none of them
 ) -> tuple[torch.Tensor, None]:
     """V_t (N, Tc) float32 for every real completion token t, from the state before it is sampled (the hidden state
     that predicts it); 0 where masked. -> (values, None), the shape of `completion_logprobs`'s answer."""

@@ -21,6 +21,7 @@ def completion_logprobs(
     temperature: float,
     chunk_size: int = 256,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
     layout: str = "padded",
     group_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -29,7 +30,8 @@ def completion_logprobs(
     Runs the decoder body once on the rows laid out as `layout` (`grpokit.core.packing`: padded, packed or
     shared_prefix, the last with `group_ids` (N,)) and applies the LM head only to the hidden states that
     predict a real completion token, in chunks of `chunk_size` tokens. The packed layouts run their attention
-    through `segment_attention`, whatever attention the model was loaded with.
+    through `segment_attention`, whatever attention the model was loaded with. `with_entropy`: also the entropies
+    (N, Tc) of the token distributions, a metric unless `entropy_grad` (a loss term: `algo.logprobs_from_hidden`).
     """
     hidden, lay = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, layout, group_ids)
     logp_flat, entropy_flat = algo.logprobs_from_hidden(
@@ -39,7 +41,9 @@ def completion_logprobs(
         temperature=temperature,
         chunk_size=chunk_size,
         with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
     )
+    with_entropy = with_entropy or entropy_grad
     zeros = torch.zeros(lay.valid.shape, dtype=torch.float32, device=hidden.device)  # (N, Tc)
     logp = zeros.masked_scatter(lay.valid, logp_flat.float())  # (N, Tc)
     entropy = zeros.masked_scatter(lay.valid, entropy_flat.float()) if with_entropy else None  # (N, Tc)

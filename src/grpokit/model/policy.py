@@ -151,11 +151,24 @@ class Policy:
             out += [rows[:0]] * (most - len(out))
         return out
 
-    def forward(self, batch: TokenBatch, idx: torch.Tensor, *, with_entropy: bool = False):
+    def forward(self, batch: TokenBatch, idx: torch.Tensor, *, with_entropy: bool = False, entropy_grad: bool = False):
         """Completion logprobs (n, w) of rows `idx` with a graph, in train mode; w = their longest completion.
-        -> (logp, entropy or None)."""
+        -> (logp, entropy or None); the entropy (`with_entropy`) is a metric, or with `entropy_grad` a loss term with
+        its gradient."""
         self.model.train()
-        return self._logprobs(self.model, batch, idx, with_entropy=with_entropy)
+        return self._logprobs(self.model, batch, idx, with_entropy=with_entropy, entropy_grad=entropy_grad)
+
+    @torch.no_grad()
+    def entropies(self, batch: TokenBatch, rows: torch.Tensor) -> torch.Tensor:
+        """(N, Tc) the entropy of the policy's next-token distribution (under the temperature) at each completion
+        token of rows `rows` (0 elsewhere), in train mode as `forward` computes it, without a graph: what the
+        high-entropy token selection ranks before an optimizer step's passes."""
+        self.model.train()
+        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=self.device)  # (N, Tc)
+        for idx in self.micro_batches(batch, rows):
+            _, entropy = self._logprobs(self.model, batch, idx, with_entropy=True)  # (n, w)
+            out[idx.to(self.device), : entropy.shape[1]] = entropy
+        return out
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
@@ -196,12 +209,13 @@ class Policy:
         """(N,) the prompt each row belongs to: rows g*G .. g*G+G-1 share one (a batch without groups: its own)."""
         return torch.arange(batch.completion_ids.shape[0]) // getattr(batch, "group_size", 1)
 
-    def _logprobs(self, model: torch.nn.Module, batch: TokenBatch, idx: torch.Tensor, *, with_entropy=False):
+    def _logprobs(self, model, batch: TokenBatch, idx: torch.Tensor, *, with_entropy=False, entropy_grad=False):
         """Rows `idx` trimmed to the columns they use, so padding elsewhere in the batch costs nothing. No rows
         (an FSDP rank with fewer micro-batches): row 0 runs so the weights are gathered with the other ranks, and
         (0, 1) results come back, tied to the graph so that the backward reduces the gradients with them too."""
         if len(idx) == 0:
-            logp, entropy = self._logprobs(model, batch, torch.zeros(1, dtype=torch.long), with_entropy=with_entropy)
+            one = torch.zeros(1, dtype=torch.long)
+            logp, entropy = self._logprobs(model, batch, one, with_entropy=with_entropy, entropy_grad=entropy_grad)
             return logp[:0], None if entropy is None else entropy[:0]
         prompt_mask = batch.prompt_mask[idx]  # (n, Tp)
         completion_mask = batch.completion_mask[idx]  # (n, Tc)
@@ -217,6 +231,7 @@ class Policy:
                 temperature=self.temperature,
                 chunk_size=self.chunk_size,
                 with_entropy=with_entropy,
+                entropy_grad=entropy_grad,
                 layout=self.layout,
                 group_ids=self._group_ids(batch)[idx],
             )

@@ -121,6 +121,16 @@ class Cluster:
         dist.all_gather(parts, here)
         return torch.cat(parts).to(tensor.device)
 
+    def gather_uneven(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D `values`, whose lengths may differ, concatenated in rank order, on every rank."""
+        if not self.active:
+            return values
+        counts = self.gather(torch.tensor([values.numel()], device=values.device))  # (W,)
+        padded = values.new_zeros(int(counts.max()))  # (most,)
+        padded[: values.numel()] = values
+        parts = self.gather(padded).reshape(self.world_size, -1)  # (W, most)
+        return torch.cat([part[:n] for part, n in zip(parts, counts.tolist())])
+
     def gather_objects(self, items: list[Any]) -> list[Any]:
         """Every rank's list (picklable items: texts, rows) concatenated in rank order, on every rank."""
         if not self.active:

@@ -214,7 +214,7 @@ class GRPOTrainer:
             old_logp=old_logp, ref_logp=ref_logp, loss_type=cfg.loss_type, surrogate=cfg.surrogate(), beta=cfg.beta,
             num_iterations=cfg.num_iterations, minibatch_size=self.minibatch_size,
             max_completion_length=cfg.max_completion_length, shuffle=self.shuffle_generator, sums=sums,
-            correction=self.correction,
+            correction=self.correction, entropy=update.EntropyTerms(cfg.top_entropy_quantile, cfg.entropy_coef),
         )  # fmt: skip
         if old_logp is not None:
             sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)

@@ -173,6 +173,7 @@ class PPOTrainer(GRPOTrainer):
             beta=cfg.beta if cfg.kl_penalty == "loss" else 0.0, num_iterations=cfg.num_iterations,
             minibatch_size=self.minibatch_size, max_completion_length=cfg.max_completion_length,
             shuffle=self.shuffle_generator, sums=sums, on_micro_batch=critic_pass, on_optimizer_step=critic_step,
+            entropy=update.EntropyTerms(cfg.top_entropy_quantile, cfg.entropy_coef),
         )  # fmt: skip
         if old_logp is not None:
             sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)

@@ -27,6 +27,28 @@ class SamplerCorrection:
     clip_max: float | None = 3.0
 
 
+@dataclass(frozen=True)
+class EntropyTerms:
+    """The entropy terms of an update (TRL's names: `top_entropy_quantile`, `entropy_coef`): each optimizer step
+    keeps in its policy-gradient term only the `top_quantile` fraction of its loss tokens of highest entropy (Wang
+    et al. 2025, "Beyond the 80/20 Rule"; 1: all), and subtracts `coef` x the mean entropy of those tokens from its
+    loss (an entropy bonus; 0: none)."""
+
+    top_quantile: float = 1.0
+    coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepEntropy:
+    """One optimizer step's entropy terms, fixed before its micro-batches run (`step_entropy`): `selected` (n, T)
+    bool, the high-entropy tokens of this rank's rows (None: every loss token), the bonus's `coef`, and `tokens`,
+    the bonus's tokens counted over the whole step (every micro-batch and rank)."""
+
+    selected: torch.Tensor | None
+    coef: float
+    tokens: float
+
+
 CORRECTION_SUMS = ("sampler_weight/sum", "sampler_weight/count", "sampler_weight/zeros")
 """What `policy_pass` adds up of the correction's weights (first pass); their min and max are kept beside."""
 
@@ -46,8 +68,9 @@ LOSS_STATS = {"cispo_clipped": "cispo_clip_ratio", "vespo_phi": "vespo/phi_seq_m
 FIGURES = (
     "loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "tokens", "first_pass_tokens",
     *(key for pair in LOSS_FIGURES.values() for key in pair),
+    "policy_loss", "entropy/bonus_passes", "entropy/threshold", "entropy/threshold_steps",
 )  # fmt: skip
-"""What `policy_pass` adds to an update's sums (its counts and sums of token figures)."""
+"""What `policy_pass` (and `step_entropy`) add to an update's sums (its counts and sums of token figures)."""
 
 
 def run_update(
@@ -71,6 +94,7 @@ def run_update(
     on_micro_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     on_optimizer_step: Callable[[], None] | None = None,
     correction: SamplerCorrection | None = None,
+    entropy: EntropyTerms | None = None,
 ) -> int:
     """mu = `num_iterations` passes; each splits the step's N rows (`step_mask` (N, T): every rank's loss mask) into
     minibatches of `minibatch_size` (one optimizer step each; reshuffled with `shuffle` after the first pass, or from
@@ -78,7 +102,8 @@ def run_update(
     `first_row` among the N) into the policy's micro-batches (one backward each). Every normalizer is counted over the
     whole minibatch. `on_micro_batch(idx, m, minibatch)` runs after a micro-batch's policy pass (PPO's critic), and
     `on_optimizer_step()` after the policy's optimizer step. `correction`: weigh each token by the engine-vs-trainer
-    importance weight (`algo.sampler_correction`). Figures go to `sums`; -> the optimizer steps taken."""
+    importance weight (`algo.sampler_correction`). `entropy`: the high-entropy token selection and the entropy
+    bonus (`step_entropy`). Figures go to `sums`; -> the optimizer steps taken."""
     N, n_here = step_mask.shape[0], rollout.num_sequences
     n_opt_steps, generation_tokens = 0, int(step_mask.sum())
     for iteration in range(num_iterations):
@@ -93,11 +118,12 @@ def run_update(
                 max_completion_length=max_completion_length,
             )
             here = mb_idx[(mb_idx >= first_row) & (mb_idx < first_row + n_here)] - first_row
+            step_terms = step_entropy(policy, rollout, here, mask, step_mask[mb_idx], entropy, sums)
             for idx in policy.micro_batches(rollout, here):
                 m = policy_pass(
                     policy, rollout, idx, mask, advantages, old_logp, ref_logp, loss_type=loss_type,
                     surrogate=surrogate, normalizer=normalizer, beta=beta, first_pass=iteration == 0, sums=sums,
-                    correction=correction,
+                    correction=correction, entropy_terms=step_terms,
                 )  # fmt: skip
                 if on_micro_batch is not None:
                     on_micro_batch(idx, m, here)
@@ -124,14 +150,17 @@ def policy_pass(
     first_pass: bool,
     sums: dict[str, float],
     correction: SamplerCorrection | None = None,
+    entropy_terms: StepEntropy | None = None,
 ) -> torch.Tensor:
     """Rows `idx`: the policy's forward, the clipped surrogate (`surrogate`: algo.per_token_loss's settings; + beta
     KL), its share of the step loss (`loss_type`'s, `normalizer` counted over the whole optimizer step), the
     backward; its figures added to `sums` (`FIGURES`, and with `old_logp` None, the one on-policy pass, the largest
     trainer-sampler logprob gap). `advantages`: (N,) one per completion or (N, T) one per token; `mask` (N, T) the
     tokens in the loss. `correction`: each token's surrogate weighed by pi_trainer(old) / q_sampler (its figures added
-    to `sums` on the first pass). -> the rows' mask (n, w)."""
-    logp, entropy = policy.forward(rollout, idx, with_entropy=first_pass)  # (n, w)
+    to `sums` on the first pass). `entropy_terms`: the optimizer step's high-entropy tokens and entropy bonus
+    (`step_entropy`). -> the rows' mask (n, w)."""
+    bonus = entropy_terms is not None and entropy_terms.coef != 0  # then the entropy is a loss term, with a gradient
+    logp, entropy = policy.forward(rollout, idx, with_entropy=first_pass, entropy_grad=bonus)  # (n, w)
     width = logp.shape[1]
     m = mask[idx, :width]  # (n, w)
     old = old_logp[idx, :width] if old_logp is not None else logp.detach()  # (n, w) the sampling policy's, as trained
@@ -153,9 +182,12 @@ def policy_pass(
         sampler_weight=weight,
         loss_type=loss_type,
         sampling_logp=rollout.sampling_logp[idx, :width],
+        selected=selected_tokens(entropy_terms, idx, width),
         **surrogate,
     )
     loss = algo.aggregate_loss(token_loss, m, loss_type=loss_type, normalizer=normalizer)
+    if bonus:
+        loss = with_entropy_bonus(loss, entropy_terms, entropy, m, idx, sums)
     if not math.isfinite(loss_value := loss.item()):
         raise NumericsError(f"the loss is {loss_value}; the optimizer step was not applied")
     policy.backward(loss)
@@ -167,7 +199,7 @@ def policy_pass(
     sums["tokens"] += n_tok
     add_loss_figures(sums, tok_stats, m)
     if first_pass:
-        sums["entropy"] += float((entropy * m).sum())
+        sums["entropy"] += float((entropy.detach() * m).sum())
         sums["first_pass_tokens"] += n_tok
     if old_logp is None:  # one pass, one optimizer step: logp is still the sampling policy's
         gap = algo.max_logp_gap(logp.detach(), rollout.sampling_logp[idx, :width], m)
@@ -193,6 +225,60 @@ def add_loss_figures(sums: dict[str, float], stats: dict[str, torch.Tensor], m: 
             value, n = float(row_means[has_tokens].sum()), float(has_tokens.sum())
         sums[total] = sums.get(total, 0.0) + value
         sums[count] = sums.get(count, 0.0) + n
+
+
+def step_entropy(
+    policy: Policy,
+    rollout: Any,
+    rows: torch.Tensor,
+    mask: torch.Tensor,
+    step_mask: torch.Tensor,
+    terms: EntropyTerms | None,
+    sums: dict[str, float],
+) -> StepEntropy | None:
+    """An optimizer step's entropy terms, fixed before its micro-batches: with `terms.top_quantile` < 1, a forward
+    without a graph over this rank's `rows` gives their tokens' entropies, the threshold is the quantile of every
+    rank's loss-token entropies (`mask` (n, T) this rank's, gathered), so the selection is the one a single batch
+    would make whatever the micro-batches and ranks; the bonus's normalizer counts the selected tokens, or with no
+    selection the step's loss tokens (`step_mask`: every rank's). The threshold goes to `sums`. No terms: None."""
+    if terms is None or (terms.top_quantile >= 1 and terms.coef == 0):
+        return None
+    if terms.top_quantile >= 1:
+        return StepEntropy(None, terms.coef, float(step_mask.sum()))
+    entropy = policy.entropies(rollout, rows).to(mask.device)[:, : mask.shape[1]]  # (n, T)
+    in_step = torch.zeros_like(mask, dtype=torch.bool)  # (n, T): this step's loss tokens on this rank
+    in_step[rows] = mask[rows].bool()
+    threshold = algo.entropy_threshold(policy.cluster.gather_uneven(entropy[in_step]), terms.top_quantile)
+    selected = algo.high_entropy_mask(entropy, in_step, threshold)  # (n, T)
+    tokens = policy.cluster.sum({"selected": float(selected.sum())})["selected"]
+    if math.isfinite(threshold):  # (a step without loss tokens has none)
+        sums["entropy/threshold"] = sums.get("entropy/threshold", 0.0) + threshold
+        sums["entropy/threshold_steps"] = sums.get("entropy/threshold_steps", 0.0) + 1.0
+    return StepEntropy(selected, terms.coef, tokens)
+
+
+def selected_tokens(terms: StepEntropy | None, idx: torch.Tensor, width: int) -> torch.Tensor | None:
+    """The high-entropy selection (n, w) of rows `idx`, or None when the step keeps every token."""
+    if terms is None or terms.selected is None:
+        return None
+    return terms.selected[idx, :width]
+
+
+def with_entropy_bonus(
+    loss: torch.Tensor,
+    terms: StepEntropy,
+    entropy: torch.Tensor | None,
+    m: torch.Tensor,
+    idx: torch.Tensor,
+    sums: dict[str, float],
+) -> torch.Tensor:
+    """`loss` - coef x this micro-batch's share of the step's mean entropy over the bonus's tokens (the selected
+    ones, as TRL; `algo.entropy_bonus`); the loss without it goes to `sums` as `policy_loss`."""
+    selected = selected_tokens(terms, idx, m.shape[1])
+    tokens = m.bool() if selected is None else m.bool() & selected  # (n, w)
+    sums["policy_loss"] = sums.get("policy_loss", 0.0) + loss.item()
+    sums["entropy/bonus_passes"] = sums.get("entropy/bonus_passes", 0.0) + 1.0
+    return loss - terms.coef * algo.entropy_bonus(entropy, tokens, normalizer=terms.tokens)
 
 
 def add_correction_figures(sums: dict[str, float], values: torch.Tensor) -> None:
@@ -241,4 +327,8 @@ def policy_figures(sums: dict[str, float], n_opt_steps: int, *, with_kl: bool) -
             stats[figure] = sums[total] / sums[count]
     if with_kl:
         stats["kl"] = sums["kl"] / tokens_seen
+    if sums.get("entropy/bonus_passes"):  # an entropy bonus: the loss without it, as TRL logs it
+        stats["policy_loss"] = sums["policy_loss"] / n_opt_steps
+    if sums.get("entropy/threshold_steps"):  # each rank added each step's (shared) threshold once
+        stats["entropy/threshold"] = sums["entropy/threshold"] / sums["entropy/threshold_steps"]
     return stats
