@@ -144,6 +144,11 @@ def test_the_bonus_is_a_share_of_the_steps_mean_over_its_tokens():
 # ---------------------------------------------------------------- TRL 1.16's own loss
 
 
+# the other loss types' settings at TRL's defaults, but for SAPO's 1.05, which TRL rounds to float32: 1.25 is exact
+LOSS_SETTINGS = {"sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.25, "vespo_k_pos": 2.0,
+                 "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}  # fmt: skip
+
+
 def trl_loss(trl, logp, entropy, old, advantages, mask, *, loss_type, keep, coef, beta, ref):
     """TRL 1.16's GRPOTrainer._compute_loss on these per-token tensors, one process, one micro-batch."""
     identity = types.SimpleNamespace(
@@ -156,10 +161,11 @@ def trl_loss(trl, logp, entropy, old, advantages, mask, *, loss_type, keep, coef
         beta=beta, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, use_vllm=False,
         model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1, aux_loss_enabled=False,
         _metrics=collections.defaultdict(lambda: collections.defaultdict(list)), max_completion_length=mask.shape[1],
-        args=types.SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+        args=types.SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1, **LOSS_SETTINGS),
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, entropy, None),  # the leaf tensors
     )  # fmt: skip
     fake.get_high_entropy_mask = types.MethodType(trl.GRPOTrainer.get_high_entropy_mask, fake)
+    fake.get_gamma_weights = trl.GRPOTrainer.get_gamma_weights  # (a staticmethod)
     n, T = mask.shape
     ones = torch.ones(n, 1, dtype=torch.long)
     inputs = {"prompt_ids": ones, "prompt_mask": ones, "completion_ids": torch.ones(n, T, dtype=torch.long),
@@ -175,7 +181,8 @@ def grpokit_loss(logp, entropy, old, advantages, mask, *, loss_type, keep, coef,
         threshold = algo.entropy_threshold(entropy.detach()[mask.bool()], keep)
         selected = algo.high_entropy_mask(entropy.detach(), mask, threshold)
     loss, _ = algo.per_token_loss(logp, old, advantages, mask, ref_logp=ref, beta=beta, epsilon_low=0.2,
-                                  epsilon_high=0.28, selected=selected)  # fmt: skip
+                                  epsilon_high=0.28, selected=selected, loss_type=loss_type,
+                                  **LOSS_SETTINGS)  # fmt: skip
     normalizer = algo.step_normalizer(loss_type, mask, generation_tokens=int(mask.sum()),
                                       generation_sequences=len(mask), max_completion_length=mask.shape[1])  # fmt: skip
     value = algo.aggregate_loss(loss, mask, loss_type=loss_type, normalizer=normalizer)
@@ -195,18 +202,19 @@ def test_the_loss_and_its_gradient_are_trls(loss_type, keep, coef, beta):
     g = torch.Generator().manual_seed(0)
     n, T = 8, 12
     mask = (torch.arange(T) < torch.randint(1, T + 1, (n,), generator=g)[:, None]).long()  # (n, T)
-    logp0 = -torch.rand(n, T, generator=g) * 3
-    old = logp0 + 0.3 * torch.randn(n, T, generator=g)
-    entropy0 = torch.rand(n, T, generator=g) * 4
-    advantages = torch.randn(n, generator=g)
-    ref = logp0 + 0.2 * torch.randn(n, T, generator=g)
+    # float64: luspo's token sums reach ~2, where float32's rounding alone is 1e-7
+    logp0 = -torch.rand(n, T, generator=g, dtype=torch.float64) * 3
+    old = logp0 + 0.3 * torch.randn(n, T, generator=g, dtype=torch.float64)
+    entropy0 = torch.rand(n, T, generator=g, dtype=torch.float64) * 4
+    advantages = torch.randn(n, generator=g, dtype=torch.float64)
+    ref = logp0 + 0.2 * torch.randn(n, T, generator=g, dtype=torch.float64)
     results = []
     for loss in (lambda *a, **k: trl_loss(trl, *a, **k), grpokit_loss):
         logp, entropy = logp0.clone().requires_grad_(True), entropy0.clone().requires_grad_(True)
         value = loss(logp, entropy, old, advantages, mask, loss_type=loss_type, keep=keep, coef=coef, beta=beta,
                      ref=ref)  # fmt: skip
         grads = torch.autograd.grad(value, [logp, entropy], allow_unused=True)
-        results.append([value.detach(), *(torch.zeros(n, T) if x is None else x for x in grads)])
+        results.append([value.detach(), *(torch.zeros(n, T, dtype=torch.float64) if x is None else x for x in grads)])
     (want, want_logp, want_entropy), (got, got_logp, got_entropy) = results
     assert float(got) == pytest.approx(float(want), abs=1e-7)
     torch.testing.assert_close(got_logp, want_logp, rtol=0, atol=1e-8)
