@@ -4,13 +4,15 @@ examples/grpo_smollm2_reasoning_gym.yaml at several seeds, run side by side (one
 
     grpokit fetch-model smollm2 runs/smollm2
     python benchmarks/smollm2_reasoning_gym.py [--seeds 0 1] [--out benchmarks/results] [--runs runs/rg]
+        [--name smollm2-chain-sum] [-- FLAGS for grpokit train, e.g. --dynamic-sampling]
 
-Writes OUT/smollm2-chain-sum.json (the figures of every run, the machine, commit, date) and OUT/smollm2-chain-sum.png
-(reward and held-out accuracy per step, a curve per seed), and prints a table."""
+Writes OUT/NAME.json (the figures of every run, the flags, the machine, commit, date) and OUT/NAME.png (reward and
+held-out accuracy per step, a curve per seed), and prints a table."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -30,17 +32,16 @@ from grpokit.report.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "grpo_smollm2_reasoning_gym.yaml"
-NAME = "smollm2-chain-sum"
 HELD_OUT = ("eval/accuracy_greedy", "eval/accuracy_sampled")
 
 
-def run_seeds(seeds: list[int], runs: Path) -> dict[int, dict]:
+def run_seeds(seeds: list[int], runs: Path, flags: list[str]) -> dict[int, dict]:
     """One `grpokit train` process per seed, all at once; -> per seed its wall seconds and peak RSS (os.wait4)."""
     started, procs = {}, {}
     for seed in seeds:
         out = runs / f"seed{seed}"
         cmd = [sys.executable, "-m", "grpokit.cli", "train", str(CONFIG), "--seed", str(seed), "--output-dir", str(out),
-               "--overwrite-output-dir"]  # fmt: skip
+               "--overwrite-output-dir", *flags]  # fmt: skip
         log = open(runs / f"seed{seed}.log", "w")  # noqa: SIM115 (closed with the process)
         procs[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         started[seed] = time.perf_counter()
@@ -86,24 +87,30 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "rg")
+    parser.add_argument("--name", default="smollm2-chain-sum", help="the record's file name (without .json/.png)")
     parser.add_argument("--summarize-only", action="store_true", help="read finished runs in --runs, train nothing")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    flags = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: len(argv) - len(flags) - (1 if "--" in argv else 0)])
+    name = args.name
+    command = " ".join(["python benchmarks/smollm2_reasoning_gym.py", *(a for a in argv if a != "--summarize-only")])
     args.runs.mkdir(parents=True, exist_ok=True)
     if args.summarize_only:
         process = {s: json.loads((args.runs / f"seed{s}.process.json").read_text()) for s in args.seeds}
     else:
-        process = run_seeds(args.seeds, args.runs)
+        process = run_seeds(args.seeds, args.runs, flags)
         for s, p in process.items():
             (args.runs / f"seed{s}.process.json").write_text(json.dumps(p))
     runs = {s: summarize(args.runs / f"seed{s}", process[s]) for s in args.seeds}
     cfg = load_yaml(GRPOConfig, CONFIG)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     record = {
-        "name": NAME,
+        "name": name,
         "what": "examples/grpo_smollm2_reasoning_gym.yaml: GRPO with LoRA on SmolLM2-135M-Instruct, reasoning-gym "
         "chain_sum, seeds side by side on one CPU",
-        "command": "python benchmarks/smollm2_reasoning_gym.py --seeds " + " ".join(map(str, args.seeds)),
-        "config": {k: v for k, v in cfg.__dict__.items() if k in CONFIG.read_text()},
+        "command": command,
+        "flags": flags,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in CONFIG.read_text()},
         "runs": {str(s): r for s, r in runs.items()},
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -117,11 +124,11 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{NAME}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     results = {f"seed {s}": SimpleNamespace(output_dir=args.runs / f"seed{s}") for s in args.seeds}
     panels = (("reward", "reward (training samples)"), (HELD_OUT[0], "held-out accuracy, greedy"),
               (HELD_OUT[1], "held-out accuracy, sampled at 0.7"))  # fmt: skip
-    plot_runs(results, panels, args.out / f"{NAME}.png", title="SmolLM2-135M-Instruct, GRPO on reasoning-gym chain_sum")
+    plot_runs(results, panels, args.out / f"{name}.png", title="SmolLM2-135M-Instruct, GRPO on reasoning-gym chain_sum")
     print(f"{'seed':>4} {'greedy before':>13} {'after':>6} {'sampled before':>14} {'after':>6} {'train min':>9} "
           f"{'wall min':>8} {'RSS GB':>6}")  # fmt: skip
     for s, r in runs.items():

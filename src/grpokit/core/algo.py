@@ -520,9 +520,9 @@ def per_token_loss(
     `advantages`: one per completion (N,) as in GRPO, or one per token (N, T) as PPO's GAE gives.
     Asymmetric clipping ("clip-higher") is from DAPO (Yu et al. 2025). `sampler_weight` (N, T), when given, multiplies
     the policy term (not the KL) of each token: the engine-vs-trainer correction (`sampler_correction`), as TRL
-    applies it (VESPO folds it into its sequence weight instead). `selected` (N, T) 0/1, when given, keeps the policy term of
-    the selected tokens only and the KL term of every token (`high_entropy_mask`, as TRL's top_entropy_quantile
-    does). `off_policy_mask_threshold`: the policy term of a
+    applies it (VESPO folds it into its sequence weight instead). `selected` (N, T) 0/1, when given, keeps the
+    policy term of the selected tokens only and the KL term of every token (`high_entropy_mask`, as TRL's
+    top_entropy_quantile does). `off_policy_mask_threshold`: the policy term of a
     sequence `off_policy_keep` drops (from `sampling_logp` (N, T), the sampler's logprobs) is 0. stats hold float
     (N, T) maps "kl", "clipped_low", "clipped_high" (0 for cispo, sapo, vespo: no hard clip), "ratio", and, where they
     apply, "cispo_clipped" (weight capped, A > 0), "vespo_phi" and "off_policy_dropped" (detached; the caller masks
