@@ -310,7 +310,7 @@ def test_reward_model_learns_and_a_flawed_labeler_leaves_a_length_gap(tmp_path, 
 def test_reward_model_reaches_90_percent_from_an_sft_model(tmp_path, demo_warm_start):
     """The issue's acceptance bar: >= 90% held-out pairwise accuracy on clean synthetic preferences,
     starting from a tiny model fine-tuned on the addition demonstrator: the demo's SFT model (a 128-wide Llama,
-    1000 steps on the teacher that forgets carries with p=0.7), which the session makes once for the demo tests."""
+    1000 steps on the teacher that forgets carries with p=0.7), made once a session (conftest: demo_warm_start)."""
     _, fresh = demo_warm_start
     cfg = rm_config(
         tmp_path,
