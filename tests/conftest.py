@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -53,18 +55,53 @@ def qwen2_path(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2")
 
 
+def pytest_collection_modifyitems(items):
+    """The tests that wait for the whole demo (`demo_runs`) go last: the rest of the suite runs while it trains."""
+    items.sort(key=lambda item: "demo_runs" in item.fixturenames)  # stable: the order is otherwise the same
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_background(request, tmp_path_factory):
+    """The demo's runs (`tests/demo_runs.py`: its warm start, `run_demo`, `run_pipeline`; about 210 s on one core),
+    started in a process of their own before the first test when the session holds a test that needs them, so that
+    they train while the suite runs; None otherwise."""
+    from demo_runs import Background
+
+    uses = {name for item in request.session.items for name in item.fixturenames}
+    if not uses & {"demo_warm_start", "demo_runs"}:
+        yield None
+        return
+    background = Background(tmp_path_factory.mktemp("demo"), tables="demo_runs" in uses)
+    yield background
+    background.close()
+
+
 @pytest.fixture(scope="session")
-def demo_warm_start(tmp_path_factory):
-    """The demo's SFT warm start (about 50 s on 2 cores), made once for the tests that start from it (the demo, its
-    pipeline, PPO on the demo task): `(config, fresh)`, where `fresh()` is the warm start with its own copy of the
-    model, which training changes in place. Every demo test writes into the config's one folder (distinct runs)."""
-    import copy
-    import dataclasses
+def demo_runs(demo_background):
+    """The demo's runs, made by the background process: `.table("demo")` / `.table("pipeline")` (what `run_demo` /
+    `run_pipeline` returned; each waits until it is made) and `.out`, the demo's output folder."""
+    return demo_background
 
-    from grpokit.config import DemoConfig
-    from grpokit.demo import warm_start
 
-    folder = tmp_path_factory.mktemp("demo")
-    cfg = DemoConfig(output_dir=str(folder), progress=False)
-    warm = warm_start(cfg, folder)
-    return cfg, lambda: dataclasses.replace(warm, model=copy.deepcopy(warm.model))
+@pytest.fixture(scope="session")
+def demo_warm_start(demo_background):
+    """The demo's SFT warm start (the tests that start from it: PPO on the demo task, the reward model's 90%), made
+    once by the background process: `(config, fresh)`, where `fresh()` is the warm start with its own copy of the
+    model, loaded from the folder the warm start saved it to (the same weights to the bit, in train mode as SFT
+    leaves it), and its held-out rows. Do not write into the config's folder."""
+    from demo_runs import config
+    from transformers import AutoModelForCausalLM
+
+    from grpokit.demo import DemoFolder, WarmStart
+
+    demo_background.wait("warm")
+    cfg = config(demo_background.root)
+    task = AdditionTask(num_digits=cfg.num_digits, forget_carry=cfg.forget_carry)
+    tokenizer, model_dir = build_char_tokenizer(), demo_background.out / "sft" / "model"
+    eval_rows = json.loads((demo_background.root / "eval_rows.json").read_text())
+
+    def fresh():
+        model = AutoModelForCausalLM.from_pretrained(model_dir).train()
+        return WarmStart(task, tokenizer, model, eval_rows, model_dir, DemoFolder(demo_background.out))
+
+    return cfg, fresh

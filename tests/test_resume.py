@@ -322,20 +322,65 @@ def test_an_interrupted_checkpoint_is_never_loaded(world, straight_full, tmp_pat
 
 
 SAVER = """
+import os
 import sys
-import torch
-from grpokit.runtime.checkpoint import save_model
+import traceback
+
 from grpokit.data.tasks import build_char_tokenizer, tiny_model
+from grpokit.runtime.checkpoint import save_model
+
+
+class Announcing:
+    \"\"\"A model saying when a save reaches its weights: the folder is prepared, the weights not yet written.\"\"\"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def save_pretrained(self, *args, **kwargs):
+        print(f"weights {i}", flush=True)
+        return self.model.save_pretrained(*args, **kwargs)
+
 
 path, tokenizer = sys.argv[1], build_char_tokenizer()
-versions = [tiny_model(tokenizer, "llama", hidden_size=256, num_layers=4, seed=s) for s in (1, 2)]
-for i in range(1000):
-    print(f"saving {i}", flush=True)
-    save_model(versions[i % 2], tokenizer, path, overwrite=True)  # replacing its own model folder, as asked
+versions = [Announcing(tiny_model(tokenizer, "llama", hidden_size=256, num_layers=4, seed=s)) for s in (1, 2)]
+# One saving process per line read, forked from this one: each kill costs a fork, not an interpreter importing torch.
+for _ in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            print(f"saver {os.getpid()}", flush=True)
+            for i in range(1000):
+                print(f"saving {i}", flush=True)
+                save_model(versions[i % 2], tokenizer, path, overwrite=True)  # replacing its own model folder
+        except BaseException:
+            traceback.print_exc()
+        os._exit(1)  # only a kill may end a saver
+    _, status = os.waitpid(pid, 0)
+    print(f"ended {os.waitstatus_to_exitcode(status)}", flush=True)
 """
 
 
+def read_until(proc: subprocess.Popen, line: str) -> str:
+    """The saver process's next line starting with `line` (blocking on the pipe); an `ended` line before it means
+    the saver died of something other than the test's kill."""
+    seen = []
+    for out in proc.stdout:
+        seen.append(out.strip())
+        if out.startswith(line):
+            return out.strip()
+        if out.startswith("ended"):
+            break
+    raise AssertionError(f"no {line!r} line from the saver: {seen[-5:]}")
+
+
 def test_a_kill_during_a_model_save_leaves_the_old_or_the_new_model_whole(world, tmp_path):
+    """kill -9 of a process replacing its model folder, as save number k begins and as save k writes its weights.
+    A kill as a save begins usually lands before the save has written anything (the test wakes on the line first):
+    with a save that empties the folder and writes into it, 9 such kills in 100 broke the folder (measured); every
+    kill as the weights are written broke it."""
     from transformers import AutoModelForCausalLM
 
     from grpokit.data.tasks import build_char_tokenizer, tiny_model
@@ -346,19 +391,28 @@ def test_a_kill_during_a_model_save_leaves_the_old_or_the_new_model_whole(world,
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
     outcomes = []
-    for kill_at in (1, 2, 3, 5, 8, 13):
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(path)], env=world["env"], stdout=subprocess.PIPE, text=True
-        )
-        wait_for_line(proc, f"saving {kill_at}")  # save number `kill_at` has just begun
-        proc.kill()
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path)], env=world["env"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        for kill_at in [f"{where} {k}" for where in ("saving", "weights") for k in (1, 2, 3, 5, 8, 13)]:
+            proc.stdin.write("save\n")  # a new saver process, forked: it saves, alternating the versions
+            proc.stdin.flush()
+            saver = int(read_until(proc, "saver ").split()[1])
+            read_until(proc, kill_at + "\n")
+            os.kill(saver, signal.SIGKILL)
+            assert read_until(proc, "ended") == f"ended {-signal.SIGKILL}"  # it died of the kill
+            loaded = AutoModelForCausalLM.from_pretrained(path).state_dict()
+            matches = [all(torch.equal(loaded[k], v[k]) for k in v) for v in versions]
+            assert sum(matches) == 1, f"kill at {kill_at!r}: the model folder is neither version"
+            outcomes.append(matches.index(True))
+            assert not [p for p in tmp_path.iterdir() if p.name.startswith("model") and p != path]
+    finally:
+        proc.stdin.close()  # the saver process's loop ends
         proc.wait()
-        loaded = AutoModelForCausalLM.from_pretrained(path).state_dict()
-        matches = [all(torch.equal(loaded[k], v[k]) for k in v) for v in versions]
-        assert sum(matches) == 1, f"kill at save {kill_at}: the model folder is neither version"
-        outcomes.append(matches.index(True))
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith("model") and p != path]
-    assert len(outcomes) == 6
+    assert len(outcomes) == 12
+    assert proc.returncode == 0
 
 
 # ---------------------------------------------------------------- in process: a crash, and the reward model
