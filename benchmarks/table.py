@@ -442,6 +442,32 @@ def gpu_step_section(records: list[dict] | None = None) -> list[str]:
     return out
 
 
+def learning_section() -> list[str]:
+    """benchmarks/smollm2_reasoning_gym.py's records: held-out accuracy before and after, per seed."""
+    lines = []
+    for name, r in _load("smollm2-chain-sum*.json"):
+        lines += [
+            "## A real model that learns: SmolLM2-135M-Instruct on reasoning-gym `chain_sum`",
+            "",
+            f"`{r['command']}` ({r['what']}); held-out accuracy on {r['config']['num_eval_prompts']} problems the "
+            f"training split never holds, before -> after {r['config']['max_steps']} steps. Record: `results/{name}`; "
+            "why these settings: [training.md](training.md#smollm2-on-reasoning-gym-a-task-nobody-here-wrote).",
+            "",
+            "| seed | greedy | sampled | training | wall | peak RSS |",
+            "|---|---|---|---|---|---|",
+        ]
+        for seed, run in r["runs"].items():
+            evals = run["held_out"]
+            a, b = evals[min(evals, key=int)], evals[max(evals, key=int)]
+            g, s = "eval/accuracy_greedy", "eval/accuracy_sampled"
+            lines.append(
+                f"| {seed} | {a[g]:.3f} -> {b[g]:.3f} | {a[s]:.3f} -> {b[s]:.3f} | {run['training_s'] / 60:.1f} min | "
+                f"{run['wall_s'] / 60:.1f} min | {run['peak_rss_gb']:.2f} GB |"
+            )
+        lines += ["", provenance(r), ""]
+    return lines
+
+
 def render_page() -> str:
     lines = [
         "# Benchmarks",
@@ -459,6 +485,7 @@ def render_page() -> str:
         *distributed_section(),
         *group_size_section(),
         *compare_section(),
+        *learning_section(),
     ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
