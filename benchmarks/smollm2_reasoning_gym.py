@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import torch
 import transformers
+import yaml
 
 from grpokit.config import GRPOConfig, load_yaml
 from grpokit.demo import plot_runs
@@ -55,7 +56,8 @@ def run_seeds(seeds: list[int], runs: Path, flags: list[str]) -> dict[int, dict]
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
             raise SystemExit(f"seed {seed}: grpokit train exited {code}; see {runs / f'seed{seed}.log'}")
-        done[seed] = {"wall_s": round(time.perf_counter() - started[seed], 1), "peak_rss_gb": usage.ru_maxrss / 1e6}
+        done[seed] = {"wall_s": round(time.perf_counter() - started[seed], 1), "peak_rss_gb": usage.ru_maxrss / 1e6,
+                      "load_average_at_end": os.getloadavg()}  # fmt: skip
     return done
 
 
@@ -100,36 +102,41 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "rg")
     parser.add_argument("--name", default="smollm2-chain-sum", help="the record's file name (without .json/.png)")
     parser.add_argument("--summarize-only", action="store_true", help="read finished runs in --runs, train nothing")
+    parser.add_argument("--note", default="", help="what else ran on the machine meanwhile (kept in the record)")
     argv = sys.argv[1:]
     flags = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: len(argv) - len(flags) - (1 if "--" in argv else 0)])
     name = args.name
-    command = " ".join(["python benchmarks/smollm2_reasoning_gym.py", *(a for a in argv if a != "--summarize-only")])
+    command = " ".join(["python benchmarks/smollm2_reasoning_gym.py --seeds", *map(str, args.seeds), *(["--"] + flags if flags else [])])
     args.runs.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     if args.summarize_only:
         process = {s: json.loads((args.runs / f"seed{s}.process.json").read_text()) for s in args.seeds}
     else:
         process = run_seeds(args.seeds, args.runs, flags)
-        for s, p in process.items():
-            (args.runs / f"seed{s}.process.json").write_text(json.dumps(p))
+        for s, p in process.items():  # the commit the runs trained at, for a record made later (--summarize-only)
+            (args.runs / f"seed{s}.process.json").write_text(json.dumps({**p, "commit": commit.strip()}))
+    commit = process[args.seeds[0]].pop("commit", commit)  # (each seed's is the same)
+    for p in process.values():
+        p.pop("commit", None)
     runs = {s: summarize(args.runs / f"seed{s}", process[s]) for s in args.seeds}
     cfg = load_yaml(GRPOConfig, CONFIG)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    fields = yaml.safe_load(CONFIG.read_text())  # the fields the example sets (each seed's own `seed` aside)
     record = {
         "name": name,
         "what": "examples/grpo_smollm2_reasoning_gym.yaml: GRPO with LoRA on SmolLM2-135M-Instruct, reasoning-gym "
         "chain_sum, seeds side by side on one CPU",
         "command": command,
         "flags": flags,
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in CONFIG.read_text()},
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in fields},
         "runs": {str(s): r for s, r in runs.items()},
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "load_average_at_end": os.getloadavg(),
+            "shared": args.note,
         },  # fmt: skip
         "commit": commit.strip(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -34,6 +34,7 @@ def main(root: Path, tables: bool = True) -> None:
     from grpokit.demo import run_demo, run_pipeline, warm_start
 
     os.nice(10)  # the suite's own processes first: this one is meant for the core they leave idle
+    die_with_parent()
     cfg, said = config(root), sys.stdout
     with open(root / "demo.log", "a") as log, contextlib.redirect_stdout(log):
         warm = warm_start(cfg, Path(cfg.output_dir))  # its model saved in ROOT/runs/sft/model
@@ -45,13 +46,28 @@ def main(root: Path, tables: bool = True) -> None:
             print(name, file=said, flush=True)
 
 
+def die_with_parent() -> None:
+    """Linux: killed when the test process dies, however it dies (a CI runner's SIGKILL runs no teardown)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call: nobody waits for this process
+        sys.exit(1)
+
+
+# a guard against a hang, not a speed bound: the demo's runs take about 210 s on one free core
+WAIT_LIMIT_S = 3600
+
+
 class Background:
     """This process, seen from the test process (conftest's `demo_background`)."""
 
     def __init__(self, root: Path, tables: bool):
         import subprocess
 
-        self.root, self.said = root, set()
+        self.root, self.said, self.pending = root, set(), ""
         self.out = Path(config(root).output_dir)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
         with open(root / "demo.log", "a") as log:  # appending, as the process's redirected stdout does
@@ -65,13 +81,24 @@ class Background:
 
     def wait(self, part: str) -> None:
         """Blocks on the process's stdout (no polling) until it says `part` is done; its log if it ended first."""
-        while part not in self.said:
-            line = self.proc.stdout.readline()
-            if not line:
+        import select
+        import time
+
+        deadline, fd = time.monotonic() + WAIT_LIMIT_S, self.proc.stdout.fileno()
+        while part not in self.said:  # raw reads of the pipe: a buffered readline could hide a line from select
+            ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                self.proc.kill()
+                log = (self.root / "demo.log").read_text()
+                raise AssertionError(f"the demo's process said nothing for {WAIT_LIMIT_S} s (killed):\n{log[-5000:]}")
+            data = os.read(fd, 4096)
+            if not data:
                 code = self.proc.wait()
                 log = (self.root / "demo.log").read_text()
                 raise AssertionError(f"the demo's process ended (exit {code}) before its {part!r}:\n{log[-5000:]}")
-            self.said.add(line.strip())
+            self.pending += data.decode()
+            *lines, self.pending = self.pending.split("\n")
+            self.said.update(line.strip() for line in lines)
 
     def table(self, name: str) -> dict:
         """`run_demo`'s table (`demo`) or `run_pipeline`'s (`pipeline`), once made."""

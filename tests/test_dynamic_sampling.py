@@ -124,6 +124,35 @@ def test_kept_groups_are_the_first_with_spread_then_the_earliest_flat():
         algo.kept_groups(torch.tensor([F, F]), 3)
 
 
+def test_a_group_is_dropped_only_when_its_advantages_are_all_zero_under_either_aggregation():
+    """Rewards (2, 0) and (0, 1) weighted 1 and 2 total 2 on both rows: flat summed, yet under normalize_then_sum each
+    column has spread and the advantages are not 0, so the group is kept; a column of weight 0 does not count; a None
+    row is left out of its column, as the advantages leave it."""
+    nan = float("nan")
+    rewards = torch.tensor(
+        [
+            [2.0, 0.0],
+            [0.0, 1.0],  # group 0: totals equal, columns not
+            [1.0, 1.0],
+            [1.0, 1.0],  # group 1: flat everywhere
+            [1.0, 0.0],
+            [1.0, 5.0],  # group 2: only column 2 has spread
+            [1.0, nan],
+            [0.0, 3.0],
+        ]
+    )  # group 3: column 2 has one row: flat; column 1 has spread
+    for weights, aggregation, expected in [
+        ([1.0, 2.0], "sum_then_normalize", [True, True, False, False]),
+        ([1.0, 2.0], "normalize_then_sum", [False, True, False, False]),
+        ([1.0, 0.0], "normalize_then_sum", [False, True, True, False]),
+    ]:
+        w = torch.tensor(weights)
+        flat = algo.signal_free_groups(rewards, w, group_size=2, aggregation=aggregation)
+        assert flat.tolist() == expected, (weights, aggregation)
+        advantages = algo.multi_reward_advantages(rewards, w, group_size=2, scale="group", aggregation=aggregation)
+        assert ((advantages.reshape(4, 2) == 0).all(-1)).tolist() == expected  # the one definition: advantages 0
+
+
 def test_joined_rollouts_pad_each_side_and_keep_only_used_columns():
     a = Rollout(
         prompt_ids=torch.tensor([[5, 6]]), prompt_mask=torch.tensor([[1, 1]]),

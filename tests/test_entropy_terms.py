@@ -275,7 +275,8 @@ def test_micro_batches_and_ranks_give_the_gradient_of_one_batch(loss_type):
         selected = algo.high_entropy_mask(entropy, mask, algo.entropy_threshold(gathered, 0.3))  # (n, T)
         logp, h = model.per_token(ctx[rows], targets[rows], mask[rows])
         loss, _ = algo.per_token_loss(logp, old[rows], advantages[rows], mask[rows], ref_logp=None, beta=0.0,
-                                      epsilon_low=0.2, epsilon_high=0.28, selected=selected[rows])  # fmt: skip
+                                      epsilon_low=0.2, epsilon_high=0.28, selected=selected[rows],
+                                      loss_type=loss_type)  # fmt: skip
         value = algo.aggregate_loss(loss, mask[rows], loss_type=loss_type, normalizer=normalizer)
         value = value - 0.05 * algo.entropy_bonus(h, selected[rows], normalizer=float(selected.sum()))
         value.backward()
@@ -430,3 +431,28 @@ def test_the_trl_adapter_maps_both_fields_and_still_refuses_the_adaptive_coeffic
         TRLConfig(top_entropy_quantile=2.0, max_steps=1).to_grpokit().validate(model_given=True, rows_given=True)
     with pytest.raises(ConfigError, match="use_adaptive_entropy` = True is not supported"):
         TRLConfig(use_adaptive_entropy=True, max_steps=1)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_token_of_probability_zero_adds_nothing_to_the_entropy_or_its_gradient(fused):
+    """A logit of -inf (a vocabulary entry masked off by its bias) is a probability of 0: it adds 0 to the entropy
+    (not 0 x -inf = NaN, which would make the top_entropy_quantile threshold NaN and select no token) and gets no
+    NaN gradient; the entropy equals the one over the other entries."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 5)
+    with torch.no_grad():
+        head.bias[3] = -math.inf
+    if not fused:
+        head = torch.nn.Sequential(head)  # any other head: the checkpointed path
+    hidden = torch.randn(6, 4, requires_grad=True)
+    ids = torch.tensor([0, 1, 2, 4, 0, 1])
+    logp, entropy = algo.logprobs_from_hidden(hidden, head, ids, temperature=0.8, with_entropy=True,
+                                              entropy_grad=True)  # fmt: skip
+    assert torch.isfinite(entropy).all() and torch.isfinite(logp).all()
+    linear = head if fused else head[0]
+    kept = [0, 1, 2, 4]
+    logits = ((hidden @ linear.weight.T + linear.bias) / 0.8)[:, kept]
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.isfinite(hidden.grad).all()

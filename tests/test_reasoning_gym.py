@@ -138,6 +138,9 @@ def test_answer_format_last_number_asks_with_the_question_alone_and_reads_the_la
     assert scores("<answer>2248</answer>") == 1.0
     assert scores("no number") == 0.0
     assert task.score("5 - 9 = -4", "5 - 9 =", "-4", {}) == 1.0  # the sign belongs to the number
+    assert task.score("5 - 9 = \u22124", "5 - 9 =", "-4", {}) == 1.0  # a Unicode minus too
+    assert task.extract("It is 1,234.5 in all") == "1234.5"  # thousands grouped by commas
+    assert task.extract("3, 4, then 5,") == "5"  # a comma that groups no thousands ends the number
     with pytest.raises(ValueError, match="task_settings.*answer_format.*'boxed'"):
         ReasoningGymTask("chain_sum", {"answer_format": "boxed"})
 

@@ -44,7 +44,8 @@ def _chunk_logprobs(hidden, ids, lm_head, temperature, wants_entropy):
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (m, V)
     logp = selective_log_softmax(logits, ids)  # (m,)
     if wants_entropy["grad"]:  # a term of the loss: taped, and recomputed with the chunk in the backward
-        log_probs = torch.log_softmax(logits, dim=-1)  # (m, V)
+        # clamped: a token of probability 0 (logit -inf) adds 0 to the entropy, not 0 x -inf = NaN
+        log_probs = torch.log_softmax(logits, dim=-1).clamp(min=torch.finfo(logits.dtype).min)  # (m, V)
         return logp, -(log_probs.exp() * log_probs).sum(-1)  # (m,), (m,)
     if not wants_entropy["now"]:
         return logp, None
@@ -52,7 +53,7 @@ def _chunk_logprobs(hidden, ids, lm_head, temperature, wants_entropy):
     with torch.no_grad():  # entropy is a metric only: H = lse - sum_v p_v * logit_v
         lse = torch.logsumexp(logits, dim=-1)  # (m,)
         probs = (logits - lse[:, None]).exp_()  # (m, V)
-        entropy = lse - (probs * logits).sum(-1)  # (m,)
+        entropy = lse - (probs * logits).nan_to_num_(nan=0.0).sum(-1)  # (m,) (0 x -inf: a token of probability 0)
     return logp, entropy  # (m,), (m,)
 
 
@@ -77,7 +78,8 @@ class _LinearLogprobs(torch.autograd.Function):
         entropy = None
         if with_entropy:  # H = -sum_v p_v log p_v
             log_probs = logits.sub_(lse[:, None])  # (m, V) in place: the logits are not needed any more
-            entropy = -log_probs.exp().mul_(log_probs).sum(-1)  # (m,)
+            # nan_to_num_: a token of probability 0 (logit -inf) adds 0, not 0 x -inf = NaN
+            entropy = -log_probs.exp().mul_(log_probs).nan_to_num_(nan=0.0).sum(-1)  # (m,)
             if not entropy_grad:
                 ctx.mark_non_differentiable(entropy)
         ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy if entropy_grad else None)
@@ -102,7 +104,7 @@ class _LinearLogprobs(torch.autograd.Function):
             g = grad_logp if grad_logp is not None else torch.zeros_like(lse)  # (m,)
             probs = log_probs.exp()  # (m, V)
             grad = log_probs.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(g[:, None])  # (m, V)
-            grad = grad.mul_(probs).mul_(-1 / T)  # (m, V)
+            grad = grad.mul_(probs).nan_to_num_(nan=0.0).mul_(-1 / T)  # (m, V) (p = 0: no gradient, not NaN)
             del probs
             grad_logp = g
         grad.scatter_add_(-1, ids[:, None], grad_logp[:, None] / T)
@@ -245,6 +247,27 @@ def flat_groups(total: torch.Tensor, scorable: torch.Tensor, *, group_size: int)
     hi = torch.where(s, r, -torch.inf).amax(-1)  # (P,)
     lo = torch.where(s, r, torch.inf).amin(-1)  # (P,)
     return ~(hi > lo)  # (P,); a group with no scorable row is flat too
+
+
+def signal_free_groups(
+    rewards: torch.Tensor, weights: torch.Tensor, *, group_size: int, aggregation: str
+) -> torch.Tensor:
+    """(P,) bool: the groups whose advantages are all 0 under `aggregation`, from the reward columns (N, K) (NaN
+    where a function returned None) and their weights (K,): what dynamic sampling drops.
+
+    sum_then_normalize: the combined reward has no spread (`flat_groups`). normalize_then_sum: every weighted column
+    is flat on its own rows -- a group whose weighted total is constant can still have advantages there (rewards
+    (2, 0) and (0, 1) with weights 1 and 2 both total 2, yet each column's z-scores are not 0)."""
+    if aggregation == "sum_then_normalize":
+        total, scorable = combine_rewards(rewards, weights)  # (N,), (N,)
+        return flat_groups(total, scorable, group_size=group_size)
+    if aggregation == "normalize_then_sum":
+        flat = torch.ones(rewards.shape[0] // group_size, dtype=torch.bool, device=rewards.device)  # (P,)
+        for column, weight in zip(rewards.unbind(-1), weights.tolist()):
+            if weight != 0:
+                flat &= flat_groups(torch.nan_to_num(column, nan=0.0), ~torch.isnan(column), group_size=group_size)
+        return flat
+    raise _unknown("reward_aggregation", aggregation, REWARD_AGGREGATIONS)
 
 
 def kept_groups(flat: torch.Tensor, keep: int) -> torch.Tensor:

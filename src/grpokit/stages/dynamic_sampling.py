@@ -3,11 +3,12 @@ that teach something.
 
 A group whose completions all got the same reward has advantage 0: it adds nothing to the gradient, yet it takes its
 place in the step (and in `loss_type: dapo`'s token count), so a step of mostly flat groups is a small, noisy one.
-After a step's rollouts are scored, `fill_step` drops the flat groups (`algo.flat_groups`: no spread of the combined
-reward over the scorable rows; the spread, not the mean, which for a non-binary reward is what tells a flat group,
-as OpenRLHF #1270 found) and samples the next prompts of the seeded order, `prompts_per_step` at a time (a whole
-generation batch per round, as verl), until the step holds `prompts_per_step` groups with spread (`algo.kept_groups`:
-the first ones in sampling order; a surplus is dropped, as verl keeps exactly the batch).
+After a step's rollouts are scored, `fill_step` drops the flat groups (`algo.signal_free_groups`: no spread of the
+combined reward over the scorable rows, or under normalize_then_sum of any weighted reward; the spread, not the
+mean, which for a non-binary reward is what tells a flat group, as OpenRLHF #1270 found) and samples the next
+prompts of the seeded order, `prompts_per_step` at a time (a whole generation batch per round, as verl), until
+the step holds `prompts_per_step` groups with spread (`algo.kept_groups`: the first ones in sampling order; a
+surplus is dropped, as verl keeps exactly the batch).
 
 The cap, `max_dynamic_sampling_rounds` (verl: `algorithm.filter_groups.max_num_gen_batches`). verl raises an error
 when it is reached; grpokit trains on what it has: the groups with spread, filled up with the earliest flat groups
@@ -61,11 +62,15 @@ def fill_step(
     the cost of the sampling)."""
     P, G = len(first.rows), group_size
     rounds = [first]
-    flat = algo.flat_groups(first.total, first.scorable, group_size=G)  # (P,)
+
+    def signal_free(r: Generation) -> torch.Tensor:  # (P,) the round's groups whose advantages are all 0
+        return algo.signal_free_groups(r.rewards, rewards.weights, group_size=G, aggregation=aggregation)
+
+    flat = signal_free(first)  # (P,)
     while int((~flat).sum()) < P and len(rounds) < max_rounds:
         more = sample_round(len(rounds) * P)
         rounds.append(more)
-        flat = torch.cat([flat, algo.flat_groups(more.total, more.scorable, group_size=G)])  # (R * P,)
+        flat = torch.cat([flat, signal_free(more)])  # (R * P,)
     chosen = algo.kept_groups(flat, P)  # (P,) the groups trained, in sampling order
     rows = (chosen[:, None] * G + torch.arange(G, device=chosen.device)).reshape(-1)  # (N,) their rows, all rounds
 

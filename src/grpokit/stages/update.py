@@ -248,7 +248,13 @@ def step_entropy(
     entropy = policy.entropies(rollout, rows).to(mask.device)[:, : mask.shape[1]]  # (n, T)
     in_step = torch.zeros_like(mask, dtype=torch.bool)  # (n, T): this step's loss tokens on this rank
     in_step[rows] = mask[rows].bool()
-    threshold = algo.entropy_threshold(policy.cluster.gather_uneven(entropy[in_step]), terms.top_quantile)
+    step_entropies = policy.cluster.gather_uneven(entropy[in_step])  # every rank's loss tokens' entropies
+    if not bool(torch.isfinite(step_entropies).all()):  # a NaN would make the threshold NaN and select no token
+        raise NumericsError(
+            f"top_entropy_quantile: {int((~torch.isfinite(step_entropies)).sum())} of the step's "
+            f"{step_entropies.numel()} loss-token entropies are not finite; the optimizer step was not applied"
+        )
+    threshold = algo.entropy_threshold(step_entropies, terms.top_quantile)
     selected = algo.high_entropy_mask(entropy, in_step, threshold)  # (n, T)
     tokens = policy.cluster.sum({"selected": float(selected.sum())})["selected"]
     if math.isfinite(threshold):  # (a step without loss tokens has none)

@@ -36,7 +36,8 @@ _SEED_SPAN = 2**29
 # settings the run itself decides: the rows are drawn from its `seed`, as many as num_train_prompts / num_eval_prompts
 RUN_SETTINGS = ("seed", "size")
 ANSWER_FORMATS = ("tags", "last_number")  # `answer_format` in task_settings: how the prompt asks and the answer is read
-_LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# a number: thousands grouped by commas (1,234) or not, a sign (ASCII or Unicode minus), decimals
+_LAST_NUMBER = re.compile(r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def reasoning_gym_name(task: str | None) -> str | None:
@@ -151,7 +152,7 @@ class ReasoningGymTask:
         answer_format last_number: the completion's last number (None without one)."""
         if self.answer_format == "last_number":
             numbers = _LAST_NUMBER.findall(completion)
-            return numbers[-1] if numbers else None
+            return numbers[-1].replace(",", "").replace("\u2212", "-") if numbers else None
         from reasoning_gym.utils import extract_answer
 
         return extract_answer(completion)
