@@ -107,7 +107,8 @@ def main() -> None:
     flags = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: len(argv) - len(flags) - (1 if "--" in argv else 0)])
     name = args.name
-    command = " ".join(["python benchmarks/smollm2_reasoning_gym.py --seeds", *map(str, args.seeds), *(["--"] + flags if flags else [])])
+    script = "python benchmarks/smollm2_reasoning_gym.py --seeds"
+    command = " ".join([script, *map(str, args.seeds), *(["--", *flags] if flags else [])])
     args.runs.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     if args.summarize_only:
