@@ -68,7 +68,8 @@ def reference_gradients(model, cfg: GRPOConfig, batch: Rollout, mask: torch.Tens
     logp, _ = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                   batch.completion_mask, temperature=1.0, layout="padded")  # fmt: skip
     m = mask.float()[:, : logp.shape[1]]
-    loss, _ = algo.per_token_loss(logp, logp.detach(), ADVANTAGES, m, ref_logp=None, beta=0.0, **cfg.surrogate())
+    loss, _ = algo.per_token_loss(logp, logp.detach(), ADVANTAGES, m, ref_logp=None, beta=0.0, loss_type=cfg.loss_type,
+                                  **cfg.surrogate())  # fmt: skip
     normalizer = algo.step_normalizer(cfg.loss_type, mask.float(), generation_tokens=int(mask.sum()),
                                       generation_sequences=len(mask), max_completion_length=mask.shape[1])  # fmt: skip
     algo.aggregate_loss(loss, m, loss_type=cfg.loss_type, normalizer=normalizer).backward()

@@ -147,7 +147,6 @@ def demo_model_config():
         (demo_model_config, "grpo_addition.yaml"),
         (demo_model_config, {"prompts_per_step": 32, "num_generations": 8, "max_completion_length": 4}),  # the demo
         (smollm2_config, "grpo_smollm2.yaml"),
-        (smollm2_config, "grpo_smollm2_reasoning_gym.yaml"),
         (smollm2_config, "compare_smollm2.yaml"),
     ],
 )
