@@ -143,6 +143,8 @@ def test_answer_format_last_number_asks_with_the_question_alone_and_reads_the_la
     assert task.extract("3, 4, then 5,") == "5"  # a comma that groups no thousands ends the number
     with pytest.raises(ValueError, match="task_settings.*answer_format.*'boxed'"):
         ReasoningGymTask("chain_sum", {"answer_format": "boxed"})
+    with pytest.raises(ValueError, match="task_settings.*last_number.*not all numbers"):
+        ReasoningGymTask("spell_backward", {"answer_format": "last_number"})  # answers are words
 
 
 def test_accuracy_reward_is_the_tasks_scorer_under_the_reward_contract():

@@ -76,8 +76,11 @@ class RunConfig:
     task_num_digits: int = 2
     """Digits per operand of the built-in `addition` task."""
     task_settings: dict | None = None
-    """A `reasoning_gym:` task's own settings (reasoning-gym's create_dataset keywords), e.g.
-    `{min_terms: 2, max_terms: 2, max_digits: 2}` for chain_sum; on the command line as JSON."""
+    """A `reasoning_gym:` task's own settings (reasoning-gym's create_dataset keywords), e.g. in YAML
+    `{min_terms: 2, max_terms: 2, max_digits: 2}` for chain_sum, on the command line as JSON:
+    `'{"min_terms": 2, "max_digits": 2}'`; plus grpokit's own `answer_format`: `tags` (an instruction asks for
+    <answer></answer>, the text inside read) or `last_number` (the question alone as plain text, the completion's
+    last number read: for models that never write the tags; numeric answers only)."""
     train_data: str | None = None
     """The prompts: a JSONL, JSON, Parquet or CSV file, a `datasets` folder (`save_to_disk`) or a hub data set name,
     with a `prompt_column`."""
@@ -625,7 +628,8 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
         if loss == "cispo" and self.epsilon_high < 1:
             said.append(
                 f"loss_type cispo caps each token's weight at epsilon_high = {self.epsilon_high}, the ratio's "
-                "own bound (not 1 + epsilon_high): every on-policy weight is then that cap; ScaleRL suggests 5"
+                "own bound (not 1 + epsilon_high): every on-policy weight is then that cap; set epsilon_high: 5 "
+                "(ScaleRL's)"
             )
         if self.delta is not None and self.delta <= 1 + self.epsilon_high:
             said.append(f"delta = {self.delta} is not above 1 + epsilon_high = {1 + self.epsilon_high}: it caps "

@@ -99,11 +99,12 @@ class ReasoningGymTask:
                 "num_train_prompts of them for training and num_eval_prompts held out; leave it out"
             )
         self.scorer = self._dataset(seed=0, size=1)  # (its score_answer: the settings may shape the scoring)
+        self.check_answer_format(self.scorer[0])  # (at config time; every drawn row is checked too)
 
     def _dataset(self, *, seed: int, size: int) -> Any:
         try:
             return self.rg.create_dataset(self.dataset_name, seed=seed, size=size, **self.settings)
-        except (TypeError, ValueError, AssertionError) as err:
+        except (TypeError, ValueError, AssertionError, AttributeError, KeyError) as err:  # (composite's: dicts)
             import dataclasses
 
             config_class = self.rg.factory.DATASETS[self.dataset_name][1]
@@ -133,6 +134,7 @@ class ReasoningGymTask:
             left = n - len(out)  # (the training split keeps 9 questions in 10, the held-out split 1)
             chunk = min(limit - drawn, (left * EVAL_BUCKETS if want_eval else left + left // 4) + 16)
             for entry in self._dataset(seed=start + drawn, size=chunk):
+                self.check_answer_format(entry)
                 if is_eval_question(entry["question"]) == want_eval and len(out) < n:
                     out.append(self.row(entry))
             drawn += chunk
@@ -146,6 +148,19 @@ class ReasoningGymTask:
             prompt = entry["question"]
         return {"prompt": prompt, "question": entry["question"], "answer": entry["answer"],
                 "metadata": entry["metadata"]}  # fmt: skip
+
+    def check_answer_format(self, entry: dict[str, Any]) -> None:
+        """answer_format last_number reads a number: a task whose answers are not numbers (spell_backward's words)
+        could never be scored right, so it is refused before any model loads."""
+        answer = entry.get("answer")
+        if self.answer_format == "last_number" and (
+            not isinstance(answer, str) or _LAST_NUMBER.fullmatch(answer.strip()) is None
+        ):
+            raise ValueError(
+                f"config field `task_settings`: answer_format last_number reads the completion's last number, but "
+                f"{self.name}'s answers are not all numbers ({answer!r} for {entry.get('question', '')!r:.80}); use "
+                "answer_format: tags"
+            )
 
     def extract(self, completion: str) -> str | None:
         """The answer a completion gives: the text inside its last `<answer>...</answer>`, stripped; None without.
