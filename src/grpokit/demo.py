@@ -133,16 +133,19 @@ def warm_start(cfg: DemoConfig, out: Path) -> WarmStart:
         num_train_prompts=cfg.sft_examples,
         learning_rate=cfg.sft_learning_rate,
         max_completion_length=task.max_completion_chars + 1,
-        seed=cfg.seed,
-        device=cfg.device,
-        num_threads=cfg.num_threads,
-        progress=cfg.progress,
-        overwrite_output_dir=True,  # the demo is a fixed recipe: running it again replaces its runs
+        **run_fields(cfg),
     )
     model_dir = train_sft(sft_cfg, model=model, tokenizer=tokenizer)  # its rows: the task's demonstrations
     folder.done("sft")
     eval_rows = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed)
     return WarmStart(task, tokenizer, model, eval_rows, model_dir, folder)
+
+
+def run_fields(cfg: DemoConfig) -> dict[str, Any]:
+    """What every stage of a demo runs with: the demo's seed, device, threads and progress bar, and its output
+    folder replaced (the demo is a fixed recipe: running it again replaces its runs)."""
+    return {"seed": cfg.seed, "device": cfg.device, "num_threads": cfg.num_threads, "progress": cfg.progress,
+            "overwrite_output_dir": True}  # fmt: skip
 
 
 def grpo_config(cfg: DemoConfig, output_dir: Path, **overrides: Any) -> GRPOConfig:
@@ -159,11 +162,7 @@ def grpo_config(cfg: DemoConfig, output_dir: Path, **overrides: Any) -> GRPOConf
         "num_eval_prompts": cfg.num_eval_prompts,
         "eval_every": cfg.grpo_steps // 4,
         "eval_temperature": 1.0,
-        "seed": cfg.seed,
-        "device": cfg.device,
-        "num_threads": cfg.num_threads,
-        "progress": cfg.progress,
-        "overwrite_output_dir": True,
+        **run_fields(cfg),
     }
     return GRPOConfig(**{**values, **overrides})
 
@@ -231,11 +230,7 @@ def run_pipeline(cfg: DemoConfig, warm: WarmStart | None = None) -> dict[str, di
         batch_size=64,
         center_rewards_coefficient=0.0,
         max_steps=cfg.reward_model_steps,
-        seed=cfg.seed,
-        device=cfg.device,
-        num_threads=cfg.num_threads,
-        progress=cfg.progress,
-        overwrite_output_dir=True,
+        **run_fields(cfg),
     )
     flawed_pairs, clean_pairs = reward_model_pairs(rm_cfg)
     # every length the hacked run can write, up to a completion cut off at the limit (read with an EOS, like any),

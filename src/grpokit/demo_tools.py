@@ -34,7 +34,7 @@ from grpokit.core.types import TrainResult
 from grpokit.data.tasks import ToolAdditionTask, build_char_tokenizer, tiny_model
 from grpokit.data.tasks.tokenizer import DEFAULT_CHARS
 from grpokit.data.tasks.tool_arithmetic import CALL_OPEN, RESULT_OPEN
-from grpokit.demo import DemoFolder, plot_runs
+from grpokit.demo import DemoFolder, grpo_config, plot_runs, run_fields
 from grpokit.model.loading import resolve_device
 from grpokit.rollout.environments import calc, environment_maker
 from grpokit.rollout.evaluate import sample_batches
@@ -104,11 +104,7 @@ def tools_warm_start(cfg: DemoConfig, out: Path) -> ToolsWarmStart:
         max_steps=cfg.tools_sft_steps,
         learning_rate=cfg.sft_learning_rate,
         max_completion_length=task.max_completion_chars + 1,
-        seed=cfg.seed,
-        device=cfg.device,
-        num_threads=cfg.num_threads,
-        progress=cfg.progress,
-        overwrite_output_dir=True,
+        **run_fields(cfg),
     )
     train_sft(sft_cfg, model=model, tokenizer=tokenizer, rows=rows)
     folder.done("sft")
@@ -117,8 +113,9 @@ def tools_warm_start(cfg: DemoConfig, out: Path) -> ToolsWarmStart:
 
 
 def tools_grpo_config(cfg: DemoConfig, task: ToolAdditionTask, output_dir: Path, *, mask: bool) -> GRPOConfig:
-    return GRPOConfig(
-        output_dir=str(output_dir),
+    return grpo_config(
+        cfg,
+        output_dir,
         task="tool_addition",
         task_num_digits=task.num_digits,
         tools=["calc"],
@@ -132,16 +129,8 @@ def tools_grpo_config(cfg: DemoConfig, task: ToolAdditionTask, output_dir: Path,
         prompts_per_step=cfg.tools_prompts_per_step,
         num_generations=cfg.num_generations,
         max_completion_length=task.max_completion_chars + 1,  # the demonstrator's transcript + EOS
-        reward_funcs=["accuracy"],  # the task's gold checker on the final answer
-        num_eval_prompts=cfg.num_eval_prompts,
         eval_every=max(1, cfg.tools_grpo_steps // 4),
-        eval_temperature=1.0,
-        seed=cfg.seed,
-        device=cfg.device,
-        num_threads=cfg.num_threads,
-        progress=cfg.progress,
-        overwrite_output_dir=True,
-    )
+    )  # (the demo's reward, accuracy: the task's gold checker, here on the final answer; its held-out evaluation)
 
 
 def tool_figures(model: Any, task: ToolAdditionTask, tokenizer: Any, rows: list[dict[str, str]], *, seed: int) -> (
