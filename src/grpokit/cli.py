@@ -359,7 +359,6 @@ def _eval(args: list[str]) -> int:
 
     from grpokit.config import ConfigError, EvalConfig, GRPOConfig
     from grpokit.data.rows import check_eval_answers, check_rows, encode_prompts, load_rows
-    from grpokit.data.tasks import ReasoningGymTask
     from grpokit.model.loading import (
         check_context_length,
         check_model_source,
@@ -392,7 +391,7 @@ def _eval(args: list[str]) -> int:
     else:
         rows, name = task.rows(cfg.num_eval_prompts, split="eval", seed=cfg.seed), cfg.task
     check_rows(rows, cfg.prompt_column, "eval data")
-    if not isinstance(task, ReasoningGymTask):  # (its scorer reads its rows as they are; a built-in's are text)
+    if task is None or task.text_answers:  # (a reasoning-gym task's scorer reads its rows as they are)
         check_eval_answers(rows, gold_reward_used="accuracy" in cfg.reward_funcs)
     check_model_source(cfg.model)
     device = resolve_device(cfg.device)

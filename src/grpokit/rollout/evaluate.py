@@ -110,12 +110,11 @@ def heldout_eval(
     """Held-out figures of one completion per row, greedy and sampled at `settings.temperature`:
     eval/accuracy_{greedy,sampled} (the share of the rows `check(completion, row)` accepts, of those it does not
     leave out by answering None: a task's gold check, or `rows.answer_check` on an `answer`), and with `rewards` (a
-    RewardSet)
-    eval/rewards/NAME/mean_{mode} of every function the rows can feed and eval/reward_{mode}, their weighted sum
-    over the rows some function scored, and eval/METRIC_{mode} of each metric they log (`log_metric`: the mean of
-    its values; a `log_extra` column is checked and dropped, held-out rows keep no completions). The functions get
-    `rewards.state` as `trainer_state`. Through a multi-turn sampler also eval/FIGURE_{mode} of `EPISODE_FIGURES`
-    (model turns, tool calls and failed calls per row). {} without rows."""
+    RewardSet) eval/rewards/NAME/mean_{mode} of every function the rows can feed and eval/reward_{mode}, their
+    weighted sum over the rows some function scored, and eval/METRIC_{mode} of each metric they log (`log_metric`:
+    the mean of its values; a `log_extra` column is checked and dropped, held-out rows keep no completions). The
+    functions get `rewards.state` as `trainer_state`. Through a multi-turn sampler also eval/FIGURE_{mode} of
+    `EPISODE_FIGURES` (model turns, tool calls and failed calls per row). {} without rows."""
     prompt_column = settings.prompt_column
     from grpokit.core import algo
     from grpokit.rewards.functions import (

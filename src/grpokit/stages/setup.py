@@ -26,7 +26,7 @@ import torch
 from grpokit.config import GRPOConfig, RunConfig
 from grpokit.core.types import ConfigError
 from grpokit.data.rows import answer_check
-from grpokit.data.tasks import ReasoningGymTask, make_task
+from grpokit.data.tasks import make_task
 from grpokit.model.loading import check_model_source, is_hub_id, resolve_device, resolve_dtype, stage_tokenizer
 from grpokit.model.optim import OptimizerSettings
 from grpokit.model.policy import Policy
@@ -493,7 +493,7 @@ def grpo_rewards(
     rewards = reward_set(
         reward_funcs, build, names=cfg.reward_funcs, weights=cfg.reward_weights, gold_reward=cfg.gold_reward,
         prompt_column=cfg.prompt_column, train_rows=train_rows, eval_rows=eval_rows, state=state,
-        episodes=make_environment is not None, extra=extra, text_answers=not isinstance(task, ReasoningGymTask),
+        episodes=make_environment is not None, extra=extra, text_answers=task is None or task.text_answers,
     )  # fmt: skip
     if reward_funcs is not None:  # (not the environment's columns: its `environment` brings them back)
         cfg.reward_funcs = rewards.specs()[: len(rewards.funcs) - len(extra)]

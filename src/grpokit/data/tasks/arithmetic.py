@@ -85,6 +85,7 @@ class AdditionTask:
     """Addition of two non-negative integers with up to `num_digits` digits each."""
 
     name = "addition"
+    text_answers = True  # its rows' `answer` is text the `accuracy` reward compares (the rows' checks apply)
 
     def __init__(self, num_digits: int = 2, forget_carry: float = 0.5):
         if not isinstance(num_digits, int) or num_digits < 1:

@@ -75,6 +75,8 @@ class ReasoningGymTask:
     `name` and `settings` are checked here (an unknown name, a setting the task does not take or refuses: a
     ValueError naming `task` or `task_settings`), so a config fails before any model loads."""
 
+    text_answers = False  # its scorer reads each row's entry as it is (an answer may be None, scored from metadata)
+
     def __init__(self, name: str, settings: dict[str, Any] | None = None):
         self.rg = import_reasoning_gym()
         from reasoning_gym.factory import DATASETS
