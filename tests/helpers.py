@@ -57,6 +57,41 @@ def digit_share_or_kill(prompts, completions, **kwargs):
     return digit_share(prompts, completions)
 
 
+STOP_LAUNCH_AT_CALL = "GRPOKIT_TEST_STOP_LAUNCH_AT_CALL"
+FAULT_AT_CALL = "GRPOKIT_TEST_FAULT_AT_CALL"
+_launch_calls = 0
+
+
+def digit_share_with_faults(prompts, completions, **_):
+    """`digit_share` on each rank of a torchrun launch, with a fault at a chosen call of the process:
+    - $GRPOKIT_TEST_STOP_LAUNCH_AT_CALL = "N": rank 0's call N sends SIGTERM to torchrun (this process's parent), as
+      a cluster does before preemption, and returns once the SIGTERM torchrun forwards has reached this rank (held
+      back until then and delivered here, so the step the launch stops at does not depend on how fast torchrun
+      forwards it);
+    - $GRPOKIT_TEST_FAULT_AT_CALL = "N:R:kill": rank R's call N SIGKILLs that rank alone (an out-of-memory kill, a
+      crashed GPU); "N:R:hang": rank R stops answering (a hang, a node lost without its connections closing) until
+      torchrun's SIGTERM ends it."""
+    global _launch_calls
+    _launch_calls += 1
+    rank, call = os.environ.get("RANK"), str(_launch_calls)
+    if rank == "0" and os.environ.get(STOP_LAUNCH_AT_CALL) == call:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        os.kill(os.getppid(), signal.SIGTERM)
+        signal.sigwait({signal.SIGTERM})  # torchrun's forward, taken off the pending set ...
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.raise_signal(signal.SIGTERM)  # ... and given to the run's handler, once
+    fault = os.environ.get(FAULT_AT_CALL, "::").split(":")
+    if fault[:2] == [call, rank] and fault[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault[:2] == [call, rank] and fault[2] == "hang":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.sigwait({signal.SIGTERM})  # torchrun's, once another rank has failed: it ends this rank
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.raise_signal(signal.SIGTERM)
+    return digit_share(prompts, completions)
+
+
 def with_digit_share():
     """`accuracy` (the task's gold checker) plus the graded reward."""
     return [("accuracy", gold_reward(AdditionTask().is_correct)), ("digit_share", digit_share)]
@@ -283,3 +318,16 @@ def write_seeded_record(path: Path, record: dict) -> str:
     records[kind] = record
     path.write_text(json.dumps(records, indent=1) + "\n")
     return kind
+
+
+if __name__ == "__main__":  # `torchrun ... -m helpers FOLDER ARGS...`: `grpokit ARGS` on each rank, its exit code kept
+    import sys
+
+    from grpokit.cli import main
+
+    code = 1  # (an error raised out of main: Python's exit code)
+    try:
+        code = main(sys.argv[2:])
+    finally:
+        Path(sys.argv[1], f"exit-{os.environ['RANK']}").write_text(str(code))
+    sys.exit(code)

@@ -62,13 +62,13 @@ def test_every_trl_1_16_field_has_exactly_one_answer_and_trls_default():
 def test_a_no_effect_field_set_away_from_its_default_is_named_in_one_warning():
     said = input_warnings(lambda: GRPOConfig(
         logging_first_step=True, torch_empty_cache_steps=10, hub_model_id="me/run", hub_strategy="end",
-        ds3_gather_for_generation=False, dataloader_pin_memory=True, tf32=True, ddp_timeout=600,
+        ds3_gather_for_generation=False, dataloader_pin_memory=True, tf32=True,
     ))  # fmt: skip
     assert len(said) == 1
     named = re.findall(r"`(\w+)` \(", said[0])
     # dataloader_pin_memory=True is TRL's default: not named
     assert named == ["logging_first_step", "torch_empty_cache_steps", "hub_model_id", "hub_strategy",
-                     "ds3_gather_for_generation", "tf32", "ddp_timeout"]  # fmt: skip
+                     "ds3_gather_for_generation", "tf32"]  # fmt: skip
     assert "grpokit logs every step, the first one included" in said[0]
     assert input_warnings(lambda: GRPOConfig(dataloader_pin_memory=True, logging_first_step=False)) == []
 

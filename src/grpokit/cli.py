@@ -130,6 +130,7 @@ def _main(argv: list[str] | None = None) -> int:
         from grpokit.model.policy import NumericsError
         from grpokit.rewards.functions import RewardError
         from grpokit.runtime.checkpoint import TrainingInterrupted, WriteError
+        from grpokit.runtime.distributed import LostRankError
     except ImportError:
         shadows = _stdlib_shadows()
         if not shadows:
@@ -169,6 +170,8 @@ def _main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         print(f"grpokit {command}: {stop}\nresume with: {resume_command(argv)}", file=sys.stderr)
         return stop.exit_code
+    except LostRankError:  # said when it was found (`run_loop`): torchrun's SIGTERM may have ended us before here
+        return 3
     except (NumericsError, SamplerError) as err:  # (a sampler that failed: an engine, a server that went away)
         print(f"grpokit {command}: stopped: {err}", file=sys.stderr)
         return 3

@@ -576,6 +576,11 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
     share of the step's prompts. `ddp`: every rank holds the whole model; gradients are summed across ranks
     once per optimizer step. `fsdp`: FSDP2, the model (and the reference), gradients and AdamW state sharded
     over the ranks, each decoder layer a unit."""
+    ddp_timeout: int = 1800
+    """Seconds a collective of a torchrun launch waits for the slowest rank before the run stops (one process:
+    unused). A rank that stops answering (its node lost, a hang) ends the others' wait after this long, with a
+    message naming the checkpoint to resume from; a rank that dies on a live node is noticed at once. It must
+    exceed the longest gap between two collectives: a held-out evaluation, or a checkpoint written by rank 0."""
 
     min_generations: typing.ClassVar[int] = 2  # the group is GRPO's baseline; PPO's critic needs none
 
@@ -678,6 +683,7 @@ class GRPOConfig(EnvironmentFields, VLLMFields, RunConfig):
             ),
         )
         _require(self.num_iterations >= 1, "num_iterations", "must be >= 1")
+        _require(self.ddp_timeout >= 1, "ddp_timeout", f"must be >= 1 (seconds), got {self.ddp_timeout}")
         batch = self.prompts_per_step * self.num_generations
         optimizer_steps = self.max_steps * self.num_iterations * (batch // (self.minibatch_size or batch))
         if self.warmup_steps > optimizer_steps:

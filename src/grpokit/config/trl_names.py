@@ -245,6 +245,7 @@ SAME_NAME = (
     "adam_epsilon",
     "max_grad_norm",
     "gradient_checkpointing",
+    "ddp_timeout",  # the process group's timeout, in seconds
     "save_total_limit",
     "max_prompt_length",  # TRL < 1.0
     # the loss types beyond the clipped surrogate (loss_type cispo, sapo, luspo, vespo) and the loss's switches
@@ -394,7 +395,6 @@ NO_EFFECT: dict[str, str] = {
     "ddp_broadcast_buffers": _DDP,
     "ddp_static_graph": _DDP,
     "ddp_backend": _DDP,
-    "ddp_timeout": _DDP,
     "debug": "transformers' debug modes (underflow_overflow, tpu_metrics_debug)",
     "skip_memory_metrics": "transformers' memory profiler",
     "do_train": "a flag for a script's own logic; transformers' Trainer does not read it",

@@ -39,6 +39,7 @@ PROVENANCE = ".grpokit.json"
 STATE_FILE = "trainer_state.pt"
 RECORD_FILE = "run_record.json"  # in each checkpoint: what it continues (`run_record`), checked before any resume
 RUN_ID_FILE = "run_id"  # in the run directory: the identity its checkpoints must carry
+LAUNCHER_ENV = "TORCHELASTIC_RUN_ID"  # set in every rank's environment by torchrun's agent
 CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9]\d*)")  # as grpokit names them: `checkpoint-01` is a copy of yours
 # What a run writes into its directory; `overwrite_output_dir` removes exactly these.
 RUN_FILES = (
@@ -70,6 +71,7 @@ RESUMABLE_CHANGES = frozenset(
         "wandb",
         "wandb_project",
         "distributed",  # how ranks share the work, not what it computes
+        "ddp_timeout",  # how long a rank waits for the others
         "num_threads",  # how many CPU threads compute it (rounding may differ; config.yaml records the new count)
     }
 )
@@ -793,7 +795,9 @@ class RunDirectory:
         self.checks_inputs = inputs is not None
         self.checkpoint: Path | None = None  # what `open` decided to resume from
         self.run_id: str | None = None  # the run's identity, written to RUN_ID_FILE at its fresh start
+        # the signal the run stops for after this step: this process's, or another rank's (`run_loop` agrees on it)
         self.stop_signal: int | None = None
+        self._signalled = False  # this process got a signal (its second one stops at once, but under torchrun)
         self._lock_file = None
         self._handlers: dict[int, Any] = {}
         self._had_lock = (self.path / ".lock").is_file()  # before this run makes one: an earlier run was here
@@ -1258,7 +1262,17 @@ class RunDirectory:
         self._handlers.clear()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stop_signal is not None:  # the second one: stop now, as the user asks
+        name = signal.Signals(signum).name
+        if self._signalled and LAUNCHER_ENV in os.environ:
+            # a cluster signals torchrun and every rank at once, and torchrun forwards its own: each rank gets two
+            print(
+                f"\n{name} again: still finishing this step (under torchrun a repeated signal does not stop a rank "
+                "mid-step; torchrun kills the ranks after its --shutdown-timeout)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        if self._signalled:  # this process's second one: stop now, as the user asks
             found = list_checkpoints(self.path) if self.writer else []
             kept = (
                 f"the newest complete checkpoint is {found[-1][1]} (`--resume-from-checkpoint latest` continues it)"
@@ -1274,13 +1288,18 @@ class RunDirectory:
             self._restore_signal_handlers()
             signal.raise_signal(signum)
             return
+        self._signalled = True
+        if self.stop_signal is not None:  # another rank's signal, agreed at the last step's end (`run_loop`)
+            print(f"\n{name}: this rank is already stopping with the others", file=sys.stderr, flush=True)
+            return
         self.stop_signal = signum
-        print(
-            f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
+        again = (
+            "torchrun kills the ranks after its --shutdown-timeout, 30 s unless set: it must cover a step and a "
+            "checkpoint"
+            if LAUNCHER_ENV in os.environ
+            else "send it again to stop at once"
         )
+        print(f"\n{name}: finishing this step, then writing a checkpoint ({again})", file=sys.stderr, flush=True)
 
     def save_checkpoint(self, step: int, write: Callable[[Path], None]) -> Path:
         if not self.writer:

@@ -21,6 +21,7 @@ and gathered whole once per rollout (`full_weights`).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ MODES = ("ddp", "fsdp")
 
 class DistributedError(ValueError):
     """A launch the run cannot split as asked (world size against the batch shape, a missing variable)."""
+
+
+class LostRankError(RuntimeError):
+    """A collective failed because a rank left the launch (killed, crashed, its node lost) or stopped answering for
+    `ddp_timeout` seconds: this rank cannot go on alone."""
+
+
+# What the gloo backend's errors say when a peer's connection closed or a collective timed out (they are plain
+# RuntimeErrors; NCCL's are torch.distributed.DistError)
+_GLOO_PEER_LOST = ("gloo/transport", "pair closure", "Connection closed by peer", "Connection reset by peer")
 
 
 def launch_world_size() -> int:
@@ -50,11 +61,17 @@ class Cluster:
     local_rank: int = 0
     mode: str = "ddp"
     owns_group: bool = False  # this object initialised the process group, so `close` destroys it
+    timeout_s: float = 1800.0  # how long a collective waits for the slowest rank before it fails (`ddp_timeout`)
+    lost: str | None = None  # why the group broke (`lost_rank`): `close` then leaves it without a last barrier
 
     @classmethod
-    def from_env(cls, mode: str = "ddp", *, prompts_per_step: int | None = None) -> Cluster:
+    def from_env(
+        cls, mode: str = "ddp", *, prompts_per_step: int | None = None, timeout_s: float = 1800.0
+    ) -> Cluster:
         """The launch torchrun made (WORLD_SIZE > 1: join the process group), else a single process; checked
-        against the step it must split (`share`) before any work."""
+        against the step it must split (`share`) before any work. `timeout_s` bounds every collective's wait for a
+        rank that stopped answering (a node lost without its connections closing): then the collective fails, not
+        hangs (gloo's own default is 30 minutes)."""
         if mode not in MODES:
             raise DistributedError(f"config field `distributed`: unknown mode {mode!r}; expected one of {MODES}")
         world_size = int(os.environ.get(WORLD_ENV, "1"))
@@ -74,8 +91,10 @@ class Cluster:
         if owns:
             if torch.cuda.is_available():
                 torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(rank=rank, world_size=world_size, local_rank=local_rank, mode=mode, owns_group=owns)
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank, mode=mode, owns_group=owns,
+                   timeout_s=timeout_s)  # fmt: skip
 
     @property
     def is_main(self) -> bool:
@@ -190,15 +209,37 @@ class Cluster:
                     g.copy_(part.view_as(g))
                 bucket, size = [], 0
 
+    def lost_rank(self, err: BaseException) -> str | None:
+        """What happened, when `err` is a collective that failed because a rank left or stopped answering (and the
+        group is then marked broken: see `close`); None for any other error."""
+        if not self.active or not isinstance(err, RuntimeError):
+            return None
+        import torch.distributed as dist
+
+        text = str(err)
+        if not isinstance(err, dist.DistError) and not any(mark in text for mark in _GLOO_PEER_LOST):
+            return None
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        # with two ranks the one that left is the other; with more, torchrun's failure summary names it
+        who = f"rank {1 - self.rank}" if self.world_size == 2 else "another rank (torchrun's summary names it)"
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            what = f"{who} did not answer within ddp_timeout = {self.timeout_s:g} s (stalled, or its node was lost)"
+        else:
+            what = f"{who} left the launch (killed, crashed or its node lost)"
+        self.lost = f"rank {self.rank} of {self.world_size}: {what}; the collective said: {first}"
+        return self.lost
+
     def close(self) -> None:
         """Leave the process group this object joined (one the caller made is left to the caller), once every
         rank is done with it: rank 0 writes the last files alone, and a rank that tears its connections down
         while a peer still holds them open can abort (seen as SIGABRT, "terminate called without an active
-        exception", at the end of a 2-rank gloo run)."""
+        exception", at the end of a 2-rank gloo run). A group a rank left (`lost_rank`) is left at once: no
+        barrier would ever complete."""
         if self.owns_group:
             import torch.distributed as dist
 
-            dist.barrier()
+            if self.lost is None:
+                dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

@@ -77,7 +77,8 @@ class GRPOTrainer:
         )  # fmt: skip
         model, reward_funcs = args.model, args.reward_funcs
         train_dataset, eval_dataset = args.rows["train_dataset"], args.rows["eval_dataset"]
-        self.cluster = Cluster.from_env(args.config.distributed, prompts_per_step=args.config.prompts_per_step)
+        self.cluster = Cluster.from_env(args.config.distributed, prompts_per_step=args.config.prompts_per_step,
+                                        timeout_s=args.config.ddp_timeout)  # fmt: skip
         setup = RunSetup(args.config, self.cluster)  # seeded, threads pinned (1 rank: no torchrun)
         self.cfg = cfg = setup.cfg
         self.device, dtype = setup.device, setup.dtype

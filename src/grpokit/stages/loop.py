@@ -5,14 +5,16 @@ SFT, reward-model, GRPO and PPO training differ in what one step does and in wha
 policy; everything around that is here, once: the checkpoint found under the run folder's lock (rank 0's, told to
 every rank), later checkpoints discarded only after the resumed one loaded, metrics.jsonl / TensorBoard opened where
 the checkpoint left them, the progress bar, the folder checked to still be the run's before each row is written, a
-signal on any rank finishing the step and checkpointing on all of them, and a step that cannot train (NaN, a
-sampler that fails) stopping the run with the step, the learning rate and the checkpoint left to resume from.
+signal on any rank finishing the step and checkpointing on all of them, a step that cannot train (NaN, a
+sampler that fails) stopping the run with the step, the learning rate and the checkpoint left to resume from, and a
+rank that left the launch (a collective failed) stopping the others with the checkpoint to resume from.
 Code from outside the stage (the TRL adapter's transformers callbacks) sees the run at its events through
 `RunHooks`, and may ask for a checkpoint or for the run to end after a step.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,8 +22,8 @@ from typing import Any, Protocol
 from grpokit.core.types import SamplerError
 from grpokit.model.policy import NumericsError, Policy
 from grpokit.report.runlog import RunLog, progress
-from grpokit.runtime.checkpoint import RunDirectory, numerics_stop
-from grpokit.runtime.distributed import Cluster
+from grpokit.runtime.checkpoint import RunDirectory, list_checkpoints, numerics_stop
+from grpokit.runtime.distributed import Cluster, LostRankError
 
 
 @dataclass
@@ -111,55 +113,83 @@ def run_stage(
     inside `run_dir` (its lock, its signal handlers, its whole-or-absent checkpoints); returns the saved model's
     folder. Rank 0 alone writes; every rank takes every step and calls the hooks."""
     cluster, hooks = cluster or Cluster(), hooks or RunHooks()
-    main = cluster.is_main
     with run_dir as run:
-        run.checkpoint = cluster.broadcast(run.checkpoint)  # what rank 0 found, under its lock
-        start = stage.resume(run.checkpoint) if run.checkpoint is not None else 0
-        run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
-        log = None
-        if main:
-            log = RunLog(run.path, tensorboard=settings.tensorboard, record=settings.record,
-                         wandb_project=settings.wandb_project, resume_step=start or None)  # fmt: skip
-        step, bar = start, None
         try:
-            hooks.train_begin(start)
-            stage.begin(log, start)  # (before the numerics guard below: no step was taken yet)
-            bar = progress(range(start + 1, settings.max_steps + 1), settings.name.lower(), initial=start,
-                           total=settings.max_steps, enabled=settings.show_progress and main)  # fmt: skip
-            try:
-                for step in bar:
-                    hooks.step_begin(step)
-                    report = stage.train_step(step)
-                    if main:
-                        run.check_still_ours()  # before its files are written: deleted, or another run's now
-                        for warning in report.warnings:
-                            bar.write(f"WARNING {warning}")
-                        if report.metrics is not None:
-                            log.log(step, report.metrics)
-                        if report.completions is not None:
-                            log.log_completions(step, report.completions)
-                    if report.postfix:
-                        bar.set_postfix(**report.postfix)
-                    asked = hooks.step_end(step, report.metrics)
-                    # a signal, or a hook's save or stop, on one rank: on all (they checkpoint and stop together)
-                    flags = cluster.max({"s": run.stop_signal or 0, "save": asked.save, "stop": asked.stop})
-                    run.stop_signal = int(flags["s"]) or None
-                    due = run.checkpoint_due(step, settings.max_steps, settings.save_every)
-                    if due or flags["save"] or flags["stop"]:
-                        checkpoint = stage.write_checkpoint(run, step)
-                        hooks.saved(step, checkpoint)
-                        run.check_stop(step, checkpoint)
-                    if flags["stop"]:
-                        break
-                stage.finish(log, step)
-            except (NumericsError, SamplerError) as err:  # say where the run stopped and what is left to resume
-                where = f"step {step} (learning rate {stage.policy.lr:g})"
-                raise type(err)(numerics_stop(run.path, where, err)) from None
-        finally:
-            if bar is not None:
-                bar.close()
-            if log is not None:
-                log.close()
-        model_dir = stage.save(run.path)
-        hooks.train_end(step, model_dir)
-        return model_dir
+            return _run(stage, run, settings, cluster, hooks)
+        except RuntimeError as err:  # a collective that failed: a rank left, or stopped answering
+            lost = cluster.lost_rank(err)
+            if lost is None:
+                raise
+            message = lost_rank_stop(run, lost)
+            # said now, while this run's signal handlers hold: torchrun's SIGTERM to the remaining ranks follows a
+            # lost one within a fraction of a second, and would end the process before the CLI prints
+            print(f"grpokit: stopped: {message}", file=sys.stderr, flush=True)
+            raise LostRankError(message) from err
+
+
+def lost_rank_stop(run: RunDirectory, lost: str) -> str:
+    """What a rank whose peer left says: what happened, and the checkpoint the launch resumes from."""
+    found = list_checkpoints(run.path)
+    kept = (
+        f"the last complete checkpoint is {found[-1][1]} (step {found[-1][0]}): once every rank can run, launch "
+        "again with `--resume-from-checkpoint latest`"
+        if found
+        else "no checkpoint was written yet: launch again to start over"
+    )
+    return f"{lost}; this rank stops too; {kept}"
+
+
+def _run(stage: Stage, run: RunDirectory, settings: LoopSettings, cluster: Cluster, hooks: RunHooks) -> Path:
+    main = cluster.is_main
+    run.checkpoint = cluster.broadcast(run.checkpoint)  # what rank 0 found, under its lock
+    start = stage.resume(run.checkpoint) if run.checkpoint is not None else 0
+    run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
+    log = None
+    if main:
+        log = RunLog(run.path, tensorboard=settings.tensorboard, record=settings.record,
+                     wandb_project=settings.wandb_project, resume_step=start or None)  # fmt: skip
+    step, bar = start, None
+    try:
+        hooks.train_begin(start)
+        stage.begin(log, start)  # (before the numerics guard below: no step was taken yet)
+        bar = progress(range(start + 1, settings.max_steps + 1), settings.name.lower(), initial=start,
+                       total=settings.max_steps, enabled=settings.show_progress and main)  # fmt: skip
+        try:
+            for step in bar:
+                hooks.step_begin(step)
+                report = stage.train_step(step)
+                if main:
+                    run.check_still_ours()  # before its files are written: deleted, or another run's now
+                    for warning in report.warnings:
+                        bar.write(f"WARNING {warning}")
+                    if report.metrics is not None:
+                        log.log(step, report.metrics)
+                    if report.completions is not None:
+                        log.log_completions(step, report.completions)
+                if report.postfix:
+                    bar.set_postfix(**report.postfix)
+                asked = hooks.step_end(step, report.metrics)
+                # a signal, or a hook's save or stop, on one rank: on all (they checkpoint and stop together). The
+                # ranks get a signal at different moments (one between steps, one inside a collective): the flags
+                # of this step's end decide, the same on every rank.
+                flags = cluster.max({"s": run.stop_signal or 0, "save": asked.save, "stop": asked.stop})
+                run.stop_signal = int(flags["s"]) or None
+                due = run.checkpoint_due(step, settings.max_steps, settings.save_every)
+                if due or flags["save"] or flags["stop"]:
+                    checkpoint = stage.write_checkpoint(run, step)
+                    hooks.saved(step, checkpoint)
+                    run.check_stop(step, checkpoint)
+                if flags["stop"]:
+                    break
+            stage.finish(log, step)
+        except (NumericsError, SamplerError) as err:  # say where the run stopped and what is left to resume
+            where = f"step {step} (learning rate {stage.policy.lr:g})"
+            raise type(err)(numerics_stop(run.path, where, err)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    model_dir = stage.save(run.path)
+    hooks.train_end(step, model_dir)
+    return model_dir
