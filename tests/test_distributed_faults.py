@@ -11,6 +11,7 @@ exit code kept in FOLDER (torchrun reports none after a SIGTERM)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from test_distributed import (
     write_config,
 )
 
-from grpokit.runtime.checkpoint import list_checkpoints
+from grpokit.runtime.checkpoint import LAUNCHER_ENV, RunDirectory, list_checkpoints
+from grpokit.runtime.distributed import Cluster
 
 TORCHRUN_SIGNALLED = 1  # torchrun 2.13 itself: it forwards SIGTERM, waits for the ranks, then raises SignalException
 
@@ -78,3 +80,57 @@ def test_sigterm_then_a_lost_rank_then_resume_is_the_straight_run(mode, fault, l
     straight = one_process(config, tmp_path / "straight")
     assert completions(run) == completions(straight)
     assert max_relative_difference(weights(run), weights(straight)) <= 1e-5
+
+
+# ---------------------------------------------------------------- in this process: the handler, the classification
+
+
+def signals_to(rd: RunDirectory, *signums: int) -> list[int]:
+    """What reaches the handler before grpokit's (a signal grpokit passes on to stop at once) when `rd` gets
+    `signums`."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        rd._install_signal_handlers()
+        for signum in signums:
+            rd._on_signal(signum, None)
+    finally:
+        rd._restore_signal_handlers()
+        signal.signal(signal.SIGTERM, previous)
+    return received
+
+
+def test_a_rank_stopped_by_another_ranks_signal_takes_its_own_as_the_first(tmp_path, capsys):
+    """Rank 1 learns at a step's end that rank 0 got SIGTERM; torchrun's forward reaches rank 1 later: it is rank
+    1's first signal, not a second one that would stop it mid-checkpoint."""
+    rd = RunDirectory(tmp_path, settings=None, resume_from=None, overwrite=False, keep=0, writer=False)
+    rd.stop_signal = signal.SIGTERM  # as `run_loop` sets it from the ranks' flags
+    assert signals_to(rd, signal.SIGTERM) == []
+    assert "SIGTERM: this rank is already stopping with the others" in capsys.readouterr().err
+    assert signals_to(rd, signal.SIGTERM) == [signal.SIGTERM]  # its own second one: at once, as in one process
+
+
+def test_under_torchrun_a_repeated_signal_does_not_stop_a_rank_mid_step(tmp_path, capsys, monkeypatch):
+    """A cluster signals torchrun and every rank, and torchrun forwards its own: each rank gets SIGTERM twice, and
+    the step still ends with its checkpoint (torchrun's SIGKILL after --shutdown-timeout is the stop at once)."""
+    monkeypatch.setenv(LAUNCHER_ENV, "run-1")
+    rd = RunDirectory(tmp_path, settings=None, resume_from=None, overwrite=False, keep=0, writer=False)
+    assert signals_to(rd, signal.SIGTERM, signal.SIGTERM) == []
+    assert rd.stop_signal == signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "torchrun kills the ranks after its --shutdown-timeout" in err and "SIGTERM again: still finishing" in err
+
+
+GLOO_RESET = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:9108: Connection reset"
+GLOO_TIMEOUT = "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv"
+
+
+def test_a_failed_collective_names_the_rank_that_left_and_other_errors_are_not_taken_for_one():
+    two, four = Cluster(rank=0, world_size=2, timeout_s=5), Cluster(rank=2, world_size=4)
+    assert two.lost_rank(RuntimeError(GLOO_RESET)).startswith("rank 0 of 2: rank 1 left the launch")
+    assert "rank 1 did not answer within ddp_timeout = 5 s" in two.lost_rank(RuntimeError(GLOO_TIMEOUT))
+    assert four.lost_rank(RuntimeError(GLOO_RESET)).startswith("rank 2 of 4: another rank (torchrun's summary")
+    assert two.lost is not None and four.lost is not None  # `close` leaves a broken group without its barrier
+    for other in (RuntimeError("CUDA out of memory"), ValueError(GLOO_RESET)):
+        assert Cluster(rank=0, world_size=2).lost_rank(other) is None
+    assert Cluster().lost_rank(RuntimeError(GLOO_RESET)) is None  # one process: no rank to lose

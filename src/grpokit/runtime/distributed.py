@@ -65,9 +65,7 @@ class Cluster:
     lost: str | None = None  # why the group broke (`lost_rank`): `close` then leaves it without a last barrier
 
     @classmethod
-    def from_env(
-        cls, mode: str = "ddp", *, prompts_per_step: int | None = None, timeout_s: float = 1800.0
-    ) -> Cluster:
+    def from_env(cls, mode: str = "ddp", *, prompts_per_step: int | None = None, timeout_s: float = 1800.0) -> Cluster:
         """The launch torchrun made (WORLD_SIZE > 1: join the process group), else a single process; checked
         against the step it must split (`share`) before any work. `timeout_s` bounds every collective's wait for a
         rank that stopped answering (a node lost without its connections closing): then the collective fails, not

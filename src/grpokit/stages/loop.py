@@ -22,8 +22,8 @@ from typing import Any, Protocol
 from grpokit.core.types import SamplerError
 from grpokit.model.policy import NumericsError, Policy
 from grpokit.report.runlog import RunLog, progress
-from grpokit.runtime.checkpoint import RunDirectory, list_checkpoints, numerics_stop
-from grpokit.runtime.distributed import Cluster, LostRankError
+from grpokit.runtime.checkpoint import RUN_ID_FILE, RunDirectory, list_checkpoints, numerics_stop
+from grpokit.runtime.distributed import Cluster, DistributedError, LostRankError
 
 
 @dataclass
@@ -139,8 +139,31 @@ def lost_rank_stop(run: RunDirectory, lost: str) -> str:
     return f"{lost}; this rank stops too; {kept}"
 
 
+def check_every_rank_sees(run: RunDirectory, cluster: Cluster) -> None:
+    """Every rank sees the run folder rank 0 opened, checked once before any work by reading back rank 0's run
+    identity: on several machines `output_dir` must be on a file system every node shares, at the same path (a
+    relative one is read against each node's working folder), or FSDP's ranks would write their checkpoint shards
+    where rank 0 never looks."""
+    if not cluster.active:
+        return
+    run_id = cluster.broadcast(run.run_id)
+    try:
+        seen = (run.path / RUN_ID_FILE).read_text().strip()
+    except OSError:
+        seen = None
+    blind = cluster.gather_objects([] if seen == run_id else [cluster.rank])
+    if blind:
+        raise DistributedError(
+            f"config field `output_dir` ({run.path}): rank{'s' * (len(blind) > 1)} {', '.join(map(str, blind))} "
+            "cannot see the run folder rank 0 writes (its run_id file is missing there, or another run's): across "
+            "machines, output_dir must be a folder every node shares at the same path (an absolute path on a "
+            "shared file system)"
+        )
+
+
 def _run(stage: Stage, run: RunDirectory, settings: LoopSettings, cluster: Cluster, hooks: RunHooks) -> Path:
     main = cluster.is_main
+    check_every_rank_sees(run, cluster)
     run.checkpoint = cluster.broadcast(run.checkpoint)  # what rank 0 found, under its lock
     start = stage.resume(run.checkpoint) if run.checkpoint is not None else 0
     run.discard_later_checkpoints()  # only now that the checkpoint resumed has loaded
