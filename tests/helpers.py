@@ -65,9 +65,8 @@ _launch_calls = 0
 def digit_share_with_faults(prompts, completions, **_):
     """`digit_share` on each rank of a torchrun launch, with a fault at a chosen call of the process:
     - $GRPOKIT_TEST_STOP_LAUNCH_AT_CALL = "N": rank 0's call N sends SIGTERM to torchrun (this process's parent), as
-      a cluster does before preemption, and returns once the SIGTERM torchrun forwards has reached this rank (held
-      back until then and delivered here, so the step the launch stops at does not depend on how fast torchrun
-      forwards it);
+      a cluster does before preemption, and returns once the SIGTERM torchrun forwards has reached this rank (so
+      the step the launch stops at does not depend on how fast torchrun forwards it);
     - $GRPOKIT_TEST_FAULT_AT_CALL = "N:R:kill": rank R's call N SIGKILLs that rank alone (an out-of-memory kill, a
       crashed GPU); "N:R:hang": rank R stops answering (a hang, a node lost without its connections closing) until
       torchrun's SIGTERM ends it."""
@@ -75,20 +74,27 @@ def digit_share_with_faults(prompts, completions, **_):
     _launch_calls += 1
     rank, call = os.environ.get("RANK"), str(_launch_calls)
     if rank == "0" and os.environ.get(STOP_LAUNCH_AT_CALL) == call:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        os.kill(os.getppid(), signal.SIGTERM)
-        signal.sigwait({signal.SIGTERM})  # torchrun's forward, taken off the pending set ...
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        signal.raise_signal(signal.SIGTERM)  # ... and given to the run's handler, once
+        # Any thread of the process may take the forwarded signal (a reward's watchdog, gloo's); Python then runs the
+        # run's handler in this, the main thread, at its next instruction. The byte Python writes to a wakeup pipe
+        # for each signal it handles wakes this thread for it, wherever the signal landed.
+        wake, wrote = os.pipe()
+        os.set_blocking(wrote, False)
+        before = signal.set_wakeup_fd(wrote)
+        try:
+            os.kill(os.getppid(), signal.SIGTERM)
+            while os.read(wake, 1)[0] != signal.SIGTERM:
+                pass
+        finally:
+            signal.set_wakeup_fd(before)
+            os.close(wake)
+            os.close(wrote)
     fault = os.environ.get(FAULT_AT_CALL, "::").split(":")
     if fault[:2] == [call, rank] and fault[2] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if fault[:2] == [call, rank] and fault[2] == "hang":
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        signal.sigwait({signal.SIGTERM})  # torchrun's, once another rank has failed: it ends this rank
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        signal.raise_signal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's, once another rank has failed, ends this rank
+        while True:
+            signal.pause()
     return digit_share(prompts, completions)
 
 
