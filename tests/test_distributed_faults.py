@@ -69,7 +69,9 @@ def test_sigterm_then_a_lost_rank_then_resume_is_the_straight_run(mode, fault, l
     code, ranks, out = launch(tmp_path, config, "--resume-from-checkpoint", "latest",
                               env={FAULT_AT_CALL: f"2:1:{fault}"})  # fmt: skip
     assert code == 1 and 1 not in ranks, out[-3000:]  # rank 1 ended by a signal (its own, or torchrun's)
-    assert ranks.get(0, 3) == 3  # (torchrun's SIGTERM may end rank 0 after it said why it stops)
+    # rank 0 stops on its own (3); torchrun's SIGTERM, sent as it sees the lost rank, could only end it first in
+    # the instant between the run's signal handlers and the CLI's ignoring it
+    assert ranks.get(0, 3) == 3
     assert [step for step, _ in list_checkpoints(run)] == [2, 3]
     said = {"kill": "rank 1 left the launch", "hang": "rank 1 did not answer within ddp_timeout = 10 s"}[fault]
     assert f"grpokit: stopped: rank 0 of 2: {said}" in out, out[-3000:]

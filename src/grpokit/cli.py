@@ -240,6 +240,7 @@ def _yaml_overwrites(argv: list[str]) -> bool:
 
 def _train(args: list[str], *, ppo: bool = False) -> int:
     from grpokit.config import GRPOConfig, PPOConfig
+    from grpokit.runtime.distributed import LostRankError
 
     if ppo:
         from grpokit.stages.ppo import PPOTrainer as Trainer
@@ -250,6 +251,12 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
     trainer = Trainer(cfg)  # under torchrun: one rank of the launch (grpokit.runtime.distributed)
     try:
         result = trainer.train()
+    except LostRankError:
+        import signal
+
+        # torchrun's SIGTERM to the remaining ranks follows a lost one: this rank leaves now with its own exit code
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
     finally:
         trainer.cluster.close()
     if not trainer.cluster.is_main:
