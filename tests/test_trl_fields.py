@@ -73,6 +73,13 @@ def test_a_no_effect_field_set_away_from_its_default_is_named_in_one_warning():
     assert input_warnings(lambda: GRPOConfig(dataloader_pin_memory=True, logging_first_step=False)) == []
 
 
+def test_ddp_timeout_is_the_process_groups_timeout_under_trls_name():
+    """A TRL script's `ddp_timeout` (accelerate's process-group timeout) is grpokit's field of that name, not one
+    accepted with no effect."""
+    assert input_warnings(lambda: GRPOConfig(ddp_timeout=600)) == []
+    assert GRPOConfig(ddp_timeout=600).to_grpokit(num_prompts=64).ddp_timeout == 600
+
+
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
