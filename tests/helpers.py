@@ -69,7 +69,7 @@ def digit_share_with_faults(prompts, completions, **_):
       the step the launch stops at does not depend on how fast torchrun forwards it);
     - $GRPOKIT_TEST_FAULT_AT_CALL = "N:R:kill": rank R's call N SIGKILLs that rank alone (an out-of-memory kill, a
       crashed GPU); "N:R:hang": rank R stops answering (a hang, a node lost without its connections closing) until
-      torchrun's SIGTERM ends it."""
+      torchrun's SIGTERM ends it; "N:R:raise": rank R's reward raises (an error only one rank meets)."""
     global _launch_calls
     _launch_calls += 1
     rank, call = os.environ.get("RANK"), str(_launch_calls)
@@ -91,6 +91,8 @@ def digit_share_with_faults(prompts, completions, **_):
     fault = os.environ.get(FAULT_AT_CALL, "::").split(":")
     if fault[:2] == [call, rank] and fault[2] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault[:2] == [call, rank] and fault[2] == "raise":
+        raise ValueError(f"a fault on rank {rank} alone")
     if fault[:2] == [call, rank] and fault[2] == "hang":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's, once another rank has failed, ends this rank
         while True:

@@ -1,9 +1,9 @@
 """Faults of a torchrun launch (2 ranks, gloo, CPU), each started as a cluster would cause it: SIGTERM to torchrun
 (preemption), one rank killed (SIGKILL: out of memory, a crashed GPU) or one rank that stops answering (a hang, a
 node lost without its connections closing). SIGTERM finishes the step on every rank, writes one checkpoint and
-every rank exits 143; a lost rank stops the others at once (killed) or after `ddp_timeout` (silent), each saying
-what happened and which checkpoint to resume; and the run resumed after both faults ends where the straight run in
-one process ends (completions and weights).
+every rank exits 143; a lost rank stops the others at once (killed, or stopped by an error of its own) or after
+`ddp_timeout` (silent), each saying what happened and which checkpoint to resume; and the run resumed after both
+faults ends where the straight run in one process ends (completions and weights).
 
 Each launch runs `torchrun ... -m helpers FOLDER train CONFIG.yaml`: `grpokit train` on each rank, with each rank's
 exit code kept in FOLDER (torchrun reports none after a SIGTERM)."""
@@ -82,6 +82,19 @@ def test_sigterm_then_a_lost_rank_then_resume_is_the_straight_run(mode, fault, l
     straight = one_process(config, tmp_path / "straight")
     assert completions(run) == completions(straight)
     assert max_relative_difference(weights(run), weights(straight)) <= 1e-5
+
+
+def test_an_error_on_one_rank_stops_both_at_once(llama_path, tmp_path):  # noqa: F811
+    """Rank 1's reward raises in step 2 while rank 0 waits in the step's gather: rank 1 leaves the process group
+    without the closing barrier (which rank 0's gather would have answered, both then waiting for `ddp_timeout`),
+    so rank 0's gather fails at once, and each says why it stopped."""
+    config = write_config(tmp_path, llama_path, save_every=1, reward_funcs=["helpers:digit_share_with_faults"])
+    code, ranks, out = launch(tmp_path, config, env={FAULT_AT_CALL: "2:1:raise"})  # (ddp_timeout: 1800 s)
+    assert (code, ranks) == (1, {0: 3, 1: 2}), out[-3000:]
+    assert "grpokit train: error: reward function `helpers:digit_share_with_faults` raised ValueError: a fault on " \
+           "rank 1 alone" in out  # fmt: skip
+    assert "grpokit: stopped: rank 0 of 2: rank 1 left the launch (an error there" in out
+    assert f"the last complete checkpoint is {tmp_path / 'run' / 'checkpoint-1'} (step 1)" in out
 
 
 # ---------------------------------------------------------------- in this process: the handler, the classification

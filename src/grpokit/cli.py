@@ -240,6 +240,7 @@ def _yaml_overwrites(argv: list[str]) -> bool:
 
 def _train(args: list[str], *, ppo: bool = False) -> int:
     from grpokit.config import GRPOConfig, PPOConfig
+    from grpokit.runtime.checkpoint import TrainingInterrupted
     from grpokit.runtime.distributed import LostRankError
 
     if ppo:
@@ -249,8 +250,13 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
 
     cfg = parse_config(PPOConfig if ppo else GRPOConfig, args, f"grpokit {'ppo' if ppo else 'train'} [CONFIG.yaml]")
     trainer = Trainer(cfg)  # under torchrun: one rank of the launch (grpokit.runtime.distributed)
+    together = False  # every rank ends here at once: the run's end, or a signal's stop (agreed at a step's end)
     try:
         result = trainer.train()
+        together = True
+    except TrainingInterrupted:
+        together = True
+        raise
     except LostRankError:
         import signal
 
@@ -258,7 +264,7 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
     finally:
-        trainer.cluster.close()
+        trainer.cluster.close(together=together)
     if not trainer.cluster.is_main:
         return 0  # rank 0 reports the run
     if result.warnings:

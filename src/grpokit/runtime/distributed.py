@@ -223,20 +223,22 @@ class Cluster:
         if "timed out" in text.lower() or "timeout" in text.lower():
             what = f"{who} did not answer within ddp_timeout = {self.timeout_s:g} s (stalled, or its node was lost)"
         else:
-            what = f"{who} left the launch (killed, crashed or its node lost)"
+            what = f"{who} left the launch (an error there, a kill, or its node lost: its own output says which)"
         self.lost = f"rank {self.rank} of {self.world_size}: {what}; the collective said: {first}"
         return self.lost
 
-    def close(self) -> None:
+    def close(self, *, together: bool = True) -> None:
         """Leave the process group this object joined (one the caller made is left to the caller), once every
         rank is done with it: rank 0 writes the last files alone, and a rank that tears its connections down
         while a peer still holds them open can abort (seen as SIGABRT, "terminate called without an active
-        exception", at the end of a 2-rank gloo run). A group a rank left (`lost_rank`) is left at once: no
-        barrier would ever complete."""
+        exception", at the end of a 2-rank gloo run). Left at once, without that barrier, when a rank left
+        (`lost_rank`: none would complete) and when this rank stops alone (`together` False: an error here, while
+        the others wait in another collective that the barrier would answer, both then hanging until
+        `ddp_timeout`): its connections close, and the others' next collective fails at once."""
         if self.owns_group:
             import torch.distributed as dist
 
-            if self.lost is None:
+            if self.lost is None and together:
                 dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
