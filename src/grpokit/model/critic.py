@@ -119,3 +119,30 @@ def build_critic(policy_start: torch.nn.Module | None, critic_model: str | None,
             head.weight.copy_(scorer.score.weight)
             head.bias.zero_()  # the reward model's score head has no bias
     return ValueModel(body, head).to(device)
+
+
+@torch.no_grad()
+def critic_from_shards(policy_model: torch.nn.Module, device: Any) -> ValueModel:
+    """The default critic of an FSDP run (`distributed: fsdp`), whose policy is already sharded: a ValueModel built
+    on the meta device from the policy body's config (no random init), then its weights: each one the policy's
+    starting value (with LoRA the base weight, `base_layer`: the fresh adapters add 0), gathered one tensor at a
+    time (every rank calls; `distributed.full`), and a zero head. The whole critic is on each rank until `Policy`
+    shards it, the policy never: it stays sharded."""
+    from grpokit.runtime.distributed import full
+
+    body = policy_model.get_decoder()
+    # the policy body's tensors under the critic body's names (peft puts a LoRA layer's base weight in base_layer)
+    source = {name.replace(".base_layer.", "."): t for name, t in body.named_parameters() if ".lora_" not in name}
+    buffers = {name.replace(".base_layer.", "."): t for name, t in body.named_buffers() if ".lora_" not in name}
+    with torch.device("meta"):
+        critic = ValueModel(type(body)(body.config))
+    critic.to_empty(device=device)
+    for name, param in critic.decoder.named_parameters():
+        if name not in source:
+            raise ValueError(f"critic_from_shards: the policy's body has no weight {name}")
+        param.copy_(full(source[name]))
+    for name, buffer in critic.decoder.named_buffers():  # (not sharded: each rank holds them whole)
+        buffer.copy_(buffers[name])
+    torch.nn.init.zeros_(critic.head.weight)
+    torch.nn.init.zeros_(critic.head.bias)
+    return critic

@@ -106,15 +106,30 @@ class Policy:
                 self.ref_model.to(compute_dtype)  # never trained: its forward runs in compute_dtype anyway
         # FSDP2: the forwards go through a sharded root per model (`distributed.shard`); AdamW then holds shards
         self.fsdp_roots = {}  # id(model) -> its FSDP root; empty unless sharded
+        self._weights_whole = False  # inside `full_weights`
         if self.cluster.sharded:
-            self.fsdp_roots = {id(m): shard(m, completion_logprobs) for m in (model, self.ref_model) if m is not None}
+            self.fsdp_roots[id(model)] = shard(model, per_token)  # (a critic's: its values)
+            if self.ref_model is not None:  # (only a policy has a reference)
+                self.fsdp_roots[id(self.ref_model)] = shard(self.ref_model, completion_logprobs)
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
 
     # ---------------------------------------------------------------- forwards
     def full_weights(self) -> contextlib.AbstractContextManager:
-        """Around a rollout or an evaluation: under FSDP the policy's weights gathered once, not per forward."""
+        """Around a rollout or an evaluation: under FSDP the policy's weights gathered once, not per forward. Inside
+        it, a nested call gathers nothing (an evaluation's sampler calls, as many as this rank's rows need)."""
         root = self.fsdp_roots.get(id(self.model))
-        return full_weights(root) if root is not None else contextlib.nullcontext()
+        if root is None or self._weights_whole:
+            return contextlib.nullcontext()
+        return self._gathered(root)
+
+    @contextlib.contextmanager
+    def _gathered(self, root) -> Any:
+        with full_weights(root):
+            self._weights_whole = True
+            try:
+                yield
+            finally:
+                self._weights_whole = False
 
     def sampler_weights(self) -> PolicyWeights:
         """The policy's weights as a sampler takes them (`sampler.PolicyWeights`): the live module, the context that
