@@ -220,6 +220,9 @@ def _load_shards(policy: Policy, path: Path) -> None:
     with warnings.catch_warnings():  # one process reading every rank's shards is what is meant here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(state, checkpoint_id=path, no_dist=not policy.cluster.active)
+    # not strict: the state holds the trained weights alone (a LoRA model's frozen base is not in it), each of which
+    # dcp.load filled or refused
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_state_dict(policy.model, policy.optimizer, model_state_dict=model, optim_state_dict=optimizer, options=options)
     if synced:
         set_model_state_dict(policy.ref_model, state["reference"])
