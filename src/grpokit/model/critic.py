@@ -9,6 +9,7 @@ bounds, so the two walk a step's rows in step.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,28 +122,37 @@ def build_critic(policy_start: torch.nn.Module | None, critic_model: str | None,
     return ValueModel(body, head).to(device)
 
 
-@torch.no_grad()
-def critic_from_shards(policy_model: torch.nn.Module, device: Any) -> ValueModel:
-    """The default critic of an FSDP run (`distributed: fsdp`), whose policy is already sharded: a ValueModel built
-    on the meta device from the policy body's config (no random init), then its weights: each one the policy's
-    starting value (with LoRA the base weight, `base_layer`: the fresh adapters add 0), gathered one tensor at a
-    time (every rank calls; `distributed.full`), and a zero head. The whole critic is on each rank until `Policy`
-    shards it, the policy never: it stays sharded."""
-    from grpokit.runtime.distributed import full
+def critic_on_meta(policy_model: torch.nn.Module) -> tuple[ValueModel, Callable[[ValueModel], None]]:
+    """The default critic of an FSDP run (`distributed: fsdp`), whose policy is sharded: a ValueModel on the meta
+    device, its body built from the policy body's config (no weights anywhere), and the `fill` that writes its
+    shards once `distributed.shard` has sharded it like the policy (`Policy(..., fill=)`): each weight's local part
+    copied from the policy's local part of the same weight (FSDP2 cuts every parameter on dim 0 over the same ranks,
+    so the parts match and no rank communicates), with LoRA from the base weight (`base_layer`: the fresh adapters
+    add 0, so the policy starts as its base); the buffers (not sharded) copied whole; a zero head. No rank ever
+    holds the whole critic."""
+    from grpokit.runtime.distributed import shard_of
 
     body = policy_model.get_decoder()
     # the policy body's tensors under the critic body's names (peft puts a LoRA layer's base weight in base_layer)
     source = {name.replace(".base_layer.", "."): t for name, t in body.named_parameters() if ".lora_" not in name}
-    buffers = {name.replace(".base_layer.", "."): t for name, t in body.named_buffers() if ".lora_" not in name}
+    buffers = dict(body.named_buffers())
     with torch.device("meta"):
         critic = ValueModel(type(body)(body.config))
-    critic.to_empty(device=device)
-    for name, param in critic.decoder.named_parameters():
-        if name not in source:
-            raise ValueError(f"critic_from_shards: the policy's body has no weight {name}")
-        param.copy_(full(source[name]))
-    for name, buffer in critic.decoder.named_buffers():  # (not sharded: each rank holds them whole)
-        buffer.copy_(buffers[name])
-    torch.nn.init.zeros_(critic.head.weight)
-    torch.nn.init.zeros_(critic.head.bias)
-    return critic
+    missing = sorted(set(dict(critic.decoder.named_parameters())) - set(source))
+    if missing:
+        raise ValueError(f"critic_on_meta: the policy's body has no weight {missing[0]} ({len(missing)} missing)")
+
+    @torch.no_grad()
+    def fill(model: ValueModel) -> None:
+        for name, param in model.decoder.named_parameters():
+            mine, policy_part = shard_of(param), shard_of(source[name])
+            if mine.shape != policy_part.shape:
+                raise RuntimeError(f"critic_on_meta: {name}'s shard is {tuple(mine.shape)} here but the policy's is "
+                                   f"{tuple(policy_part.shape)}: they are not sharded alike")  # fmt: skip
+            mine.copy_(policy_part)
+        for name, buffer in model.decoder.named_buffers():
+            buffer.copy_(buffers[name])
+        shard_of(model.head.weight).zero_()
+        shard_of(model.head.bias).zero_()
+
+    return critic, fill

@@ -27,8 +27,9 @@ from grpokit.config import GRPOConfig
 from grpokit.core import algo
 from grpokit.core.types import Generation, Rollout, StepBatch, TrainResult
 from grpokit.data.rows import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
-from grpokit.model.loading import check_context_length, load_model
+from grpokit.model.loading import check_context_length
 from grpokit.model.saving import resume_policy, save_trained, write_policy_checkpoint
+from grpokit.model.sharded import training_model
 from grpokit.report.monitor import SignalMonitor
 from grpokit.report.runlog import RunLog, plot_curves, read_metrics
 from grpokit.rewards.functions import RewardFn, reward_inputs
@@ -110,7 +111,7 @@ class GRPOTrainer:
             world_size=self.cluster.world_size, num_eval_rows=len(self.eval_rows),
             in_process_sampler=(sampler is None and not cfg.use_vllm) or isinstance(sampler, KVCacheSampler),
         )  # fmt: skip
-        model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
+        model = training_model(model, cfg.model, self.device, self.cluster)  # (fsdp: on the meta device, if it can)
         check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=self.tokenizer)
 
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N

@@ -26,7 +26,7 @@ import torch
 from grpokit.config import ConfigError, PPOConfig
 from grpokit.core import algo
 from grpokit.core.types import Rollout
-from grpokit.model.critic import ValueModel, build_critic, check_critic, completion_values, critic_from_shards
+from grpokit.model.critic import ValueModel, build_critic, check_critic, completion_values, critic_on_meta
 from grpokit.model.loading import ModelFolderError, check_model_source, check_same_tokenizer, check_vocabulary
 from grpokit.model.lora import uses_lora
 from grpokit.model.policy import NumericsError
@@ -64,8 +64,9 @@ class PPOTrainer(GRPOTrainer):
                 f"`critic` shares {shared} weight tensors with the policy: its updates would move the policy. Build "
                 "it on a copy: ValueModel(copy.deepcopy(model).get_decoder()), or leave it out (grpokit copies)"
             )
+        fill = None  # (under FSDP the default critic is built on the meta device and copies the policy's shards)
         if critic is None and cfg.critic_model is None and self.cluster.sharded:
-            critic = critic_from_shards(self.policy.model, self.device)  # (the policy is sharded already)
+            critic, fill = critic_on_meta(self.policy.model)
         elif critic is None:
             critic = build_critic(None if cfg.critic_model else self._starting_model(), cfg.critic_model, self.device)
         try:  # the critic reads the policy's token ids
@@ -89,6 +90,7 @@ class PPOTrainer(GRPOTrainer):
             micro_batch_size=cfg.micro_batch_size,
             per_token=completion_values,
             cluster=self.cluster,  # its gradients summed over the ranks (ddp) or it sharded like the policy (fsdp)
+            fill=fill,
         )
         self.beside = {CRITIC_SHARDS: self.critic}  # under FSDP its checkpoint is DCP shards beside the policy's
 
