@@ -88,8 +88,8 @@ def test_ppo_on_two_ranks_is_ppo_in_one_process(overrides, llama_path, tmp_path)
 
 def test_compare_under_torchrun_writes_one_record(llama_path, tmp_path):  # noqa: F811
     """Both methods run on both ranks (each in a fresh process per rank, the ranks joined again for each method);
-    rank 0 writes the record, with every rank's peak memory."""
-    config = write_config(tmp_path, llama_path, max_steps=1, num_eval_prompts=3)  # (evaluated at steps 0 and 1)
+    rank 0 writes the record, with every rank's peak memory. Under fsdp each rank holds half the critic."""
+    config = write_config(tmp_path, llama_path, max_steps=1, num_eval_prompts=3, distributed="fsdp")
     launch(config, command="compare")
     out = tmp_path / "run"
     record = json.loads((out / "comparison.json").read_text())
@@ -100,3 +100,6 @@ def test_compare_under_torchrun_writes_one_record(llama_path, tmp_path):  # noqa
         assert record[method]["peak_memory_mb"] == max(record[method]["peak_memory_mb_per_rank"])
         assert len(completions(out / method)) == 4 * 2  # the whole step's completions, by rank 0
     assert record["ppo"]["critic_memory_mb"] > 0 == record["grpo"]["critic_memory_mb"]
+    body = load_file(llama_path / "model.safetensors")  # the critic: the policy's body (float32) and a head
+    whole_mb = sum(t.numel() for name, t in body.items() if name.startswith("model.")) * 4 / 2**20
+    assert record["ppo"]["breakdown"]["critic_weights_mb"] < 0.6 * whole_mb  # a shard of it on each rank
