@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from test_distributed import completions, launch, max_relative_difference, one_process, weights, write_config
 
 from grpokit.model.loading import ModelFolderError, load_model
+from grpokit.model.logprobs import completion_logprobs
 from grpokit.model.lora import apply_lora
 from grpokit.model.sharded import (
     fill_from_folder,
@@ -27,7 +28,6 @@ from grpokit.model.sharded import (
     training_model,
     weight_files,
 )
-from grpokit.model.logprobs import completion_logprobs
 from grpokit.runtime.distributed import Cluster, shard, shard_of
 
 LORA = SimpleNamespace(r=4, alpha=8.0, dropout=0.0, target_modules=["all-linear"])
