@@ -136,12 +136,16 @@ def meta_model(
     place: `load_pretrained`'s checks) before any weight is read. Its `name_or_path` is `name` (default: `folder`),
     as `from_pretrained` records the name it was given (a saved LoRA adapter names it as its base);
     `weights_folder` finds the folder from it once the model is sharded and allocated."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # what from_pretrained also sets: the name it was given, the folder's generation config, eval mode
     model.config._name_or_path = model.name_or_path = str(name or folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    model.eval()
     check_file_tensors(model, file_tensors(folder), f"config field `{field}`: the weights in {folder}")
     return model
 
