@@ -55,7 +55,7 @@ def training_model(model: Any, path: Any, device: Any, cluster: Cluster, *, fiel
     else:
         folder, why = sharded_source(path, field=field)
     if folder is not None:
-        meta = meta_model(folder, field=field)
+        meta = meta_model(folder, field=field, name=path)
         why = unfit_buffers(meta)
         if not why:
             return meta
@@ -69,17 +69,11 @@ def sharded_source(path: Any, *, field: str = "model") -> tuple[Path | None, str
     """(the folder whose safetensors files each rank can read its shards from, "") or (None, why not). A hub id is
     its snapshot in the local hub cache (no download here: one not there loads whole, as before). The folder is
     checked as every model source is (`check_model_source`), so what is missing or damaged is named first."""
-    if is_hub_id(path):
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(str(path), local_files_only=True))
-        except Exception:  # huggingface_hub's "not in the cache" errors differ between its versions
-            return None, f"{path} is not in the local hub cache (`hf download {path}` first to read it shard by shard)"
-        if not (folder / "config.json").is_file():
-            return None, f"{path} is only partly in the local hub cache (no config.json)"
-    else:
-        folder = Path(path)
+    folder = local_folder(path)
+    if folder is None:
+        return None, f"{path} is not in the local hub cache (`hf download {path}` first to read it shard by shard)"
+    if is_hub_id(path) and not (folder / "config.json").is_file():
+        return None, f"{path} is only partly in the local hub cache (no config.json)"
     check_model_source(folder, field=field, tokenizer=False)
     if folder.is_file():
         return None, f"{path} is a {folder.suffix} file, de-quantized whole as it loads"
@@ -99,6 +93,18 @@ def sharded_source(path: Any, *, field: str = "model") -> tuple[Path | None, str
     if any(get_checkpoint_conversion_mapping(kind) for kind in kinds if kind):
         return None, f"transformers converts the tensors of {path} (model_type {spec.get('model_type')}) as it loads"
     return folder, ""
+
+
+def local_folder(path: Any) -> Path | None:
+    """A model's local folder: `path` itself, or a hub id's snapshot in the local hub cache (None: not there)."""
+    if not is_hub_id(path):
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception:  # huggingface_hub's "not in the cache" errors differ between its versions
+        return None
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -122,17 +128,24 @@ def file_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def meta_model(folder: Path, *, field: str = "model", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def meta_model(
+    folder: Path, *, field: str = "model", name: Any = None, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """AutoModelForCausalLM built from `folder`'s config.json on the meta device, in `dtype`; its parameters and
     persistent buffers checked against the folder's tensors (none missing, none of another shape, none without a
-    place: `load_pretrained`'s checks) before any weight is read. Its `name_or_path` is `folder`, where
-    `fill_from_folder` reads from once it is sharded and allocated."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    place: `load_pretrained`'s checks) before any weight is read. Its `name_or_path` is `name` (default: `folder`),
+    as `from_pretrained` records the name it was given (a saved LoRA adapter names it as its base);
+    `weights_folder` finds the folder from it once the model is sharded and allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.config._name_or_path = str(folder)  # what from_pretrained records too: where the weights are
+    # what from_pretrained also sets: the name it was given, the folder's generation config, eval mode
+    model.config._name_or_path = model.name_or_path = str(name or folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    model.eval()
     check_file_tensors(model, file_tensors(folder), f"config field `{field}`: the weights in {folder}")
     return model
 
@@ -142,10 +155,11 @@ def weights_folder(model: torch.nn.Module) -> Path | None:
     holds its weights."""
     if not any(p.is_meta for p in model.parameters()):
         return None
-    folder = getattr(model.config, "_name_or_path", "") if hasattr(model, "config") else ""
-    if not folder or not weight_files(Path(folder)):
-        raise ValueError(f"{type(model).__name__} is on the meta device and names no folder of weights to read")
-    return Path(folder)
+    name = getattr(model.config, "_name_or_path", "") if hasattr(model, "config") else ""
+    folder = local_folder(name) if name else None
+    if folder is None or not weight_files(folder):
+        raise ValueError(f"{type(model).__name__} is on the meta device and names no folder of weights ({name!r})")
+    return folder
 
 
 def unfit_buffers(model: torch.nn.Module) -> str:
