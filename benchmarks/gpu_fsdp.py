@@ -7,8 +7,8 @@ benchmarks/gpu_step.py's pieces (tokenizer, model config, reward, timing), so th
 How to run, from the repository root, on a machine with one CUDA GPU (grpokit's imports only: torch with CUDA,
 transformers, peft, safetensors, tokenizers, ...; never vllm, trl, datasets or tyro; it downloads nothing):
 
-    PYTHONPATH=src python benchmarks/gpu_fsdp.py            # about 6 minutes on an H200 (see --budget-s)
-    PYTHONPATH=src python benchmarks/gpu_fsdp.py --smoke    # tiny sizes, float32, on the CPU (a few minutes on 2 cores)
+    PYTHONPATH=src python benchmarks/gpu_fsdp.py            # ~6 min on an H200, estimated (see --budget-s)
+    PYTHONPATH=src python benchmarks/gpu_fsdp.py --smoke    # tiny sizes, float32, on the CPU (~10 s on 2 cores)
 
 On this workplace's device tool: run(command="PYTHONUNBUFFERED=1 PYTHONPATH=src python3 benchmarks/gpu_fsdp.py",
 timeout_s=600); the record comes back from $OUT (gpu-fsdp-qwen2.json). `--budget-s` (default 360) starts no new
@@ -40,7 +40,8 @@ What it measures, for each model size (`--sizes`: qwen2-0.5b, qwen2-1.5b), each 
   synchronized around each): median step time and its `time/*` parts, the peak GPU memory of the steps (reset
   after the build), and the warm-up step's metrics (loss, rewards: none and fsdp start from the same weights and
   seeds, so they should agree to bf16 rounding). beta 0.04 (a reference is held), grpokit's default micro-batch
-  budget (512 positions), float32 weights under bfloat16 autocast (`dtype: bfloat16`), as a grpokit run does.
+  budget (512 positions; `--micro-tokens`), float32 weights under bfloat16 autocast (`dtype: bfloat16`), as a
+  grpokit run does.
 
 It writes gpu-fsdp-qwen2.json (`--smoke`: gpu-fsdp-smoke.json) to $OUT when that is set, else to
 benchmarks/results/ (`--smoke`: the system's temporary folder), and prints a summary.
@@ -199,7 +200,7 @@ def measure(args, size: str, folder: Path, tokenizer, rows, device, dtype_name: 
             model=str(folder), output_dir=out, device=str(device), dtype=dtype_name, max_steps=args.steps + 1,
             prompts_per_step=args.prompts, num_generations=args.generations, max_completion_length=args.new_tokens,
             beta=0.04, num_eval_prompts=0, progress=False, seed=0, save_every=10**6, tensorboard=False,
-            distributed="fsdp" if mode == "fsdp" else "ddp",
+            distributed="fsdp" if mode == "fsdp" else "ddp", max_tokens_per_micro_batch=args.micro_tokens or None,
         )  # fmt: skip
         gpu_step.reset_peak(device)
         host_reset = host_high_water_reset()
@@ -257,6 +258,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=None, help="G (default 8; smoke 4)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per completion (default 256; smoke 16)")
     parser.add_argument("--steps", type=int, default=None, help="timed GRPO steps per setting (default 2; smoke 1)")
+    parser.add_argument("--micro-tokens", type=int, default=512, help="max_tokens_per_micro_batch (0: no bound)")
     parser.add_argument("--budget-s", type=float, default=360.0, help="start no new setting or step after this")
     parser.add_argument("--out", help="the record's path (default: $OUT, else benchmarks/results/)")
     args = parser.parse_args()
@@ -298,7 +300,7 @@ def main() -> None:
             "saved_dtype": "bfloat16",
             "device": str(device),
             "beta": 0.04,
-            "max_tokens_per_micro_batch": "grpokit's default",
+            "max_tokens_per_micro_batch": args.micro_tokens or None,
             "fsdp": "a 1-rank process group; the trainer's Cluster active at world size 1 (OneRankCluster)",
             "equal_work": "the tokenizer has no EOS id (eos_token_id = []): every row writes new_tokens tokens",
         },
