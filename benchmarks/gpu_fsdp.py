@@ -108,7 +108,7 @@ def one_rank_cluster_class():
             return True
 
         @classmethod
-        def from_env(cls, mode: str = "ddp", *, prompts_per_step: int | None = None) -> Cluster:
+        def from_env(cls, mode: str = "ddp", **_: object) -> Cluster:  # (prompts_per_step: 1 rank splits any)
             if mode != "fsdp":
                 raise ValueError(f"OneRankCluster is for distributed: fsdp, not {mode!r}")
             return cls(rank=0, world_size=1, local_rank=0, mode=mode, owns_group=False)
