@@ -135,35 +135,111 @@ def decode_section() -> list[str]:
     return out
 
 
+DISTRIBUTED_MODES = {
+    "one-process": "one process",
+    "ddp": "ddp, per rank",
+    "fsdp": "fsdp, per rank",
+    "fsdp-load-whole": "fsdp, model loaded whole and handed in, per rank",
+}
+
+
 def distributed_section() -> list[str]:
     out = []
     for _, r in _load("distributed-memory-*.json"):
-        c, figs = r["config"], r["figures"]
-        alloc = {name: ", ".join(f"{k}={v}" for k, v in env.items()) for name, env in r["allocators"].items()}
-        cols = list(figs)
-        head = " | ".join(f"peak RSS, {alloc[a] or 'glibc default'}" for a in cols)
-        lines = [f"| | model state held | {head} |", "| --- | ---: |" + " ---: |" * len(cols)]
-        for mode, label in (("one-process", "one process"), ("ddp", "ddp, per rank"), ("fsdp", "fsdp, per rank")):
-            state = figs[cols[0]][mode]["model_state_mb_per_process"]["total"]
-            peaks = " | ".join(f"{figs[a][mode]['median_peak_rss_gb_per_process']:.2f} GB" for a in cols)
-            lines.append(f"| {label} | {state:.0f} MB | {peaks} |")
-        out += [
-            f"## Memory per process under torchrun: {r['workload']}",
-            "",
-            "`python benchmarks/distributed_memory.py`: the same GRPO workload "
-            f"({c['prompts']} x {c['generations']} completions <= {c['max_completion']} tokens, beta {c['beta']}, so",
-            "a reference is held) as one process and as 2 ranks (torchrun, gloo) under `distributed: ddp` and",
-            "`distributed: fsdp`. Model state is counted from the tensors (weights, reference, AdamW moments,",
-            "gradients; under fsdp the rank's shards). On a CPU glibc keeps the blocks FSDP frees after each layer's",
-            "gather in the heap, so RSS shows that high-water mark; with a fixed mmap threshold large blocks go back",
-            "when freed. Every rank's RSS also holds its own PyTorch runtime and, before sharding, the whole model.",
-            "",
-            *lines,
-            "",
-            f"Record: {provenance(r)}.",
-            "",
-        ]
+        out += distributed_phases(r) if "final_weights_vs_one_process" in r else distributed_overall(r)
     return out
+
+
+def distributed_overall(r: dict) -> list[str]:
+    """A record of the first form: one peak RSS per process (the whole run's)."""
+    c, figs = r["config"], r["figures"]
+    alloc = {name: ", ".join(f"{k}={v}" for k, v in env.items()) for name, env in r["allocators"].items()}
+    cols = list(figs)
+    head = " | ".join(f"peak RSS, {alloc[a] or 'glibc default'}" for a in cols)
+    lines = [f"| | model state held | {head} |", "| --- | ---: |" + " ---: |" * len(cols)]
+    for mode, label in (("one-process", "one process"), ("ddp", "ddp, per rank"), ("fsdp", "fsdp, per rank")):
+        state = figs[cols[0]][mode]["model_state_mb_per_process"]["total"]
+        peaks = " | ".join(f"{figs[a][mode]['median_peak_rss_gb_per_process']:.2f} GB" for a in cols)
+        lines.append(f"| {label} | {state:.0f} MB | {peaks} |")
+    return [
+        f"## Memory per process under torchrun: {r['workload']}",
+        "",
+        "`python benchmarks/distributed_memory.py`: the same GRPO workload "
+        f"({c['prompts']} x {c['generations']} completions <= {c['max_completion']} tokens, beta {c['beta']}, so",
+        "a reference is held) as one process and as 2 ranks (torchrun, gloo) under `distributed: ddp` and",
+        "`distributed: fsdp`. Model state is counted from the tensors (weights, reference, AdamW moments,",
+        "gradients; under fsdp the rank's shards). On a CPU glibc keeps the blocks FSDP frees after each layer's",
+        "gather in the heap, so RSS shows that high-water mark; with a fixed mmap threshold large blocks go back",
+        "when freed. Every rank's RSS also holds its own PyTorch runtime and, before sharding, the whole model.",
+        "",
+        *lines,
+        "",
+        f"Record: {provenance(r)}.",
+        "",
+    ]
+
+
+def weights_cell(diff: dict | None) -> str:
+    """The final weights' max relative difference against one process (and without the biases, when it has some)."""
+    if diff is None:
+        return "-"
+    cell = f"{diff['max_relative_difference']:.1e}"
+    if diff["max_relative_difference_without_biases"] not in (None, diff["max_relative_difference"]):
+        cell += f" (without biases {diff['max_relative_difference_without_biases']:.1e})"
+    return cell
+
+
+def distributed_phases(r: dict) -> list[str]:
+    """A record with the peak RSS while loading and while training, and the final weights against one process."""
+    c, figs, m = r["config"], r["figures"], r["model"]
+    alloc = {
+        name: ", ".join(f"{k}={v}" for k, v in env.items()) or "glibc default" for name, env in r["allocators"].items()
+    }
+    cols = list(figs)
+    head = " | ".join(f"loading, {alloc[a]} | training, {alloc[a]}" for a in cols)
+    lines = [
+        f"| | model state per rank | RSS at start | {head} | final weights vs one process |",
+        "| --- | ---: | ---: |" + " ---: | ---: |" * len(cols) + " ---: |",
+    ]
+    for mode, label in DISTRIBUTED_MODES.items():
+        if mode not in figs[cols[0]]:
+            continue
+        state = figs[cols[0]][mode]["model_state_mb_per_process"]["total"]
+        start = figs[cols[0]][mode]["median_start_rss_gb_per_process"]
+        peaks = " | ".join(
+            f"{figs[a][mode]['median_loading_peak_rss_gb_per_process']:.2f} GB "
+            f"| {figs[a][mode]['median_training_peak_rss_gb_per_process']:.2f} GB"
+            for a in cols
+        )
+        worst = weights_cell(r["final_weights_vs_one_process"].get(mode))
+        lines.append(f"| {label} | {state:.0f} MB | {start:.2f} GB | {peaks} | {worst} |")
+    alone = all(f["training_peak_alone"] for a in cols for f in figs[a].values())
+    training = (
+        "the high-water mark from the first step on (reset after the build)"
+        if alone
+        else "the whole run's high-water mark (no reset)"
+    )
+    return [
+        f"## Memory per process under torchrun: {r['workload']}",
+        "",
+        f"`python benchmarks/distributed_memory.py --workload {r['workload']}`: {m['name']}",
+        f"({m['parameters'] / 1e6:.1f}M parameters), {c['prompts']} x {c['generations']} completions <= "
+        f"{c['max_completion']} tokens, beta {c['beta']} (a reference is held), {c['steps_timed'] + 1} steps, as",
+        "one process and as 2 ranks (torchrun, gloo, CPU) under `distributed: ddp` and `distributed: fsdp` (the",
+        "model given by its folder: grpokit's FSDP load), and under fsdp with every rank loading the whole model",
+        "and handing it in (today's load-everything path). Medians over ranks and repeats. RSS at start: before the",
+        "trainer is built (the runtime); loading: the high-water mark when the trainer is built, before the first",
+        f"step; training: {training}.",
+        "Model state is counted from the tensors (weights, reference, AdamW moments, gradients; under fsdp the",
+        "rank's shards). On a CPU glibc keeps freed blocks in the heap; with a fixed mmap threshold large blocks go",
+        "back when freed. Final weights: max |a - b| / max |b| over the tensors against one process's after the",
+        "same steps (Qwen2's attention biases amplify rounding: the figure without biases beside it).",
+        "",
+        *lines,
+        "",
+        f"Record: {provenance(r)}.",
+        "",
+    ]
 
 
 def group_size_section() -> list[str]:
@@ -390,6 +466,68 @@ def budget_note(settings: dict) -> list[str]:
     ]
 
 
+def gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} GiB"
+
+
+def gpu_fsdp_section(records: list[dict] | None = None) -> list[str]:
+    """`benchmarks/gpu_fsdp.py`'s records (a GPU's; smoke records are not shown)."""
+    records = records if records is not None else [r for _, r in _load("gpu-fsdp-*.json")]
+    records = [r for r in records if not r.get("smoke")]
+    if not records:
+        return [
+            "## One GPU, with and without FSDP",
+            "",
+            "`python benchmarks/gpu_fsdp.py` times bfloat16 GRPO steps of random 0.5B and 1.5B Qwen2-shaped models on",
+            "one CUDA GPU, without FSDP and under FSDP on a 1-rank process group (peak GPU memory while loading and",
+            "training too). It has not been run on a GPU yet: no record, so no figures here; its docstring says how.",
+            "",
+        ]
+    out = []
+    for r in records:
+        w = r["workload"]
+        lines = [
+            "| model | setting | build | peak GPU, build | model state | step (rollout / reference / update) "
+            "| peak GPU, steps |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, f in r["settings"].items():
+            size, mode = key.split("/")
+            params = r["models"][size]["parameters"] / 1e9
+            state = sum(f["model_state_mb"].values()) / 1024
+            load = f["loading"]
+            if f["median_step_s"] is None:
+                step = "not timed (budget)"
+            else:
+                parts = f["median_parts_s"]
+                step = (
+                    f"{f['median_step_s']:.2f} s ({parts['time/rollout']:.2f} / {parts['time/reference']:.2f} / "
+                    f"{parts['time/update']:.2f} s)"
+                )
+            lines.append(
+                f"| {size} ({params:.2f}B) | {mode} | {load['build_s']:.1f} s | {gib(load['peak_gpu_gib'])} "
+                f"| {state:.1f} GiB | {step} | {gib(f['peak_gpu_gib'])} |"
+            )
+        cut = f" Stopped early by the time budget: {', '.join(r['stopped_early'])}." if r["stopped_early"] else ""
+        out += [
+            "## One GPU, with and without FSDP",
+            "",
+            "`python benchmarks/gpu_fsdp.py`: GRPO steps (beta 0.04) of random Qwen2-shaped models saved in bfloat16",
+            f"and given by their folder, {w['prompts']} prompts x {w['generations']} completions of "
+            f"{w['new_tokens']} tokens each, float32 weights under {w['dtype']} autocast, micro-batches of <= "
+            f"{w['max_tokens_per_micro_batch']} positions; `none`: one process; `fsdp`: FSDP2 on a 1-rank process",
+            "group (every shard on the one GPU: FSDP's overhead, not a saving). Build: the trainer's construction",
+            "(load, reference, sharding); model state: weights, reference,",
+            f"AdamW moments, gradients; medians.{cut}",
+            "",
+            *lines,
+            "",
+            f"Record: {provenance(r)}.",
+            "",
+        ]
+    return out
+
+
 def gpu_step_section(records: list[dict] | None = None) -> list[str]:
     """`benchmarks/gpu_step.py`'s records (a GPU's; smoke records are not shown)."""
     out = []
@@ -482,6 +620,7 @@ def render_page() -> str:
         *decode_section(),
         *vllm_sampler_section(),
         *gpu_step_section(),
+        *gpu_fsdp_section(),
         *distributed_section(),
         *group_size_section(),
         *compare_section(),

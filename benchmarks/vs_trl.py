@@ -68,24 +68,30 @@ NUM_PROMPTS = 64
 # ---------------------------------------------------------------- shared inputs
 
 
-def prepare(workload: str) -> tuple[Path, Path]:
-    """The model folder and the prompts (JSONL) of a workload, built once into CACHE."""
+def prepare(workload: str, model_dir: Path | None = None) -> tuple[Path, Path]:
+    """The model folder and the prompts (JSONL) of a workload, built once into CACHE; `model_dir`: a folder holding
+    the workload's model already (used as it is, nothing fetched or built)."""
     from grpokit.runtime.checkpoint import save_model
 
     spec = WORKLOADS[workload]
     CACHE.mkdir(parents=True, exist_ok=True)
-    model_dir = CACHE / spec["model"]
-    if not model_dir.is_dir() and spec["model"] == "smollm2":
-        from grpokit.model.loading import fetch_model
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model folder {model_dir} (given for workload {workload}) does not exist")
+    else:
+        model_dir = CACHE / spec["model"]
+        if not model_dir.is_dir() and spec["model"] == "smollm2":
+            from grpokit.model.loading import fetch_model
 
-        fetch_model("smollm2", model_dir)
-    elif not model_dir.is_dir():
-        from grpokit.data.tasks import build_char_tokenizer, tiny_model
+            fetch_model("smollm2", model_dir)
+        elif not model_dir.is_dir():
+            from grpokit.data.tasks import build_char_tokenizer, tiny_model
 
-        tokenizer = build_char_tokenizer()
-        hidden, layers = (int(x[1:]) for x in spec["model"].split("-")[2:])
-        model = tiny_model(tokenizer, "qwen2", hidden_size=hidden, num_layers=layers, num_heads=8, seed=0)
-        save_model(model, tokenizer, model_dir)
+            tokenizer = build_char_tokenizer()
+            hidden, layers = (int(x[1:]) for x in spec["model"].split("-")[2:])
+            model = tiny_model(tokenizer, "qwen2", hidden_size=hidden, num_layers=layers, num_heads=8, seed=0)
+            save_model(model, tokenizer, model_dir)
     data = CACHE / f"prompts-{spec['data']}.jsonl"
     if not data.is_file() and spec["data"] == "chat":
         write_jsonl(str(data), NUM_PROMPTS, chat=True)
@@ -99,14 +105,16 @@ def prepare(workload: str) -> tuple[Path, Path]:
 # ---------------------------------------------------------------- workers (one process each)
 
 
-def clocked_grpokit(workload: str, steps: int, out: str, **extra) -> tuple:
+def clocked_grpokit(workload: str, steps: int, out: str, *, model_dir=None, model=None, **extra) -> tuple:
     """A GRPOTrainer on the workload, writing into `out`, whose step start times land in the list returned beside
-    it: (trainer, starts). `extra`: config fields beyond the workload's."""
+    it: (trainer, starts). `model_dir`: the model folder instead of the workload's (`prepare`); `model`: a model
+    object handed to the trainer (the config still names the folder: its tokenizer); `extra`: config fields beyond
+    the workload's."""
     from grpokit.config import GRPOConfig
     from grpokit.stages.grpo import GRPOTrainer
 
     spec = WORKLOADS[workload]
-    model_dir, data = prepare(workload)
+    model_dir, data = prepare(workload, model_dir)
     starts: list[float] = []
 
     class Clocked(GRPOTrainer):
@@ -130,7 +138,7 @@ def clocked_grpokit(workload: str, steps: int, out: str, **extra) -> tuple:
         progress=False,
         **extra,
     )
-    return Clocked(cfg, reward_funcs=[("answer", last_number_is_answer)]), starts
+    return Clocked(cfg, model=model, reward_funcs=[("answer", last_number_is_answer)]), starts
 
 
 def grpokit_worker(workload: str, steps: int, checkpointing: bool | None) -> dict:

@@ -94,12 +94,12 @@ def write_config(folder: Path, model: Path, **overrides) -> Path:
     return path
 
 
-def launch(config: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True):
-    """`torchrun --nproc_per_node 2 grpokit train CONFIG.yaml EXTRA...` in its own process group."""
+def launch(config: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True, command: str = "train"):
+    """`torchrun --nproc_per_node 2 grpokit COMMAND CONFIG.yaml EXTRA...` in its own process group."""
     # the caller's PYTHONPATH after the tests' folder: a worktree's src/ must reach the ranks, not the installed one
     pythonpath = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(GRPOKIT), "train", str(config), *extra]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(GRPOKIT), command, str(config), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, start_new_session=True)
     assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -240,12 +240,6 @@ def test_critic_model_with_a_smaller_vocabulary_is_refused_by_name(tmp_path):
         PPOTrainer(ppo_config(model, tmp_path / "run", critic_model=str(folder)))
 
 
-def test_ppo_under_torchrun_is_refused_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="`distributed`.*one process"):
-        ppo_config("m", tmp_path).validate(model_given=True)
-
-
 def test_missing_critic_model_folder_is_named_before_the_policy_loads(tmp_path):
     model = save_tiny(tmp_path / "tiny", "llama")
     cfg = ppo_config(model, tmp_path / "run", critic_model=str(tmp_path / "nowhere"))

@@ -290,6 +290,7 @@ def _compare(args: list[str]) -> int:
 
     from grpokit.config import ConfigError, GRPOConfig, save_yaml
     from grpokit.runtime.checkpoint import writing
+    from grpokit.runtime.distributed import Cluster
     from grpokit.stages.compare import ComparisonFailed, check_comparison, run_comparison
 
     if args[:1] == ["--worker"]:  # one method's process, started by `run_comparison`
@@ -305,14 +306,19 @@ def _compare(args: list[str]) -> int:
         raise ConfigError(f"{err}{_ppo_only_hint(str(err))}") from None
     check_comparison(cfg)  # before the earlier comparison's files are touched
     out = Path(cfg.output_dir)
-    with writing(out / "compare-config.yaml"):
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "compare-config.yaml")  # what both worker processes read: the file with the overrides
+    cluster = Cluster.from_env()  # under torchrun: this rank, joined with the others (`run_comparison`)
     try:
-        run_comparison(cfg, out / "compare-config.yaml")
+        if cluster.is_main:
+            with writing(out / "compare-config.yaml"):
+                out.mkdir(parents=True, exist_ok=True)
+                save_yaml(cfg, out / "compare-config.yaml")  # what the worker processes read: the overrides too
+        cluster.broadcast(None)  # (the other ranks' workers read it once it is written)
+        run_comparison(cfg, out / "compare-config.yaml", cluster)
     except ComparisonFailed as failed:
         print(f"grpokit compare: error: {failed}", file=sys.stderr)
         return failed.exit_code
+    finally:
+        cluster.close()
     return 0
 
 

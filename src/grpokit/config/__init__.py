@@ -943,12 +943,6 @@ class PPOConfig(GRPOConfig):
             "is k1 with kl_penalty: loss: the k1 term log pi - log pi_ref has zero expected gradient on the policy's "
             "own samples, so it would not hold the policy near the reference; use k3 (or k2), or kl_penalty: reward",
         )
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        _require(
-            world == 1,
-            "distributed",
-            f"grpokit ppo runs in one process; this is a torchrun launch of {world}: run it without torchrun",
-        )
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint
@@ -746,13 +747,23 @@ def gae(
     return advantages, (advantages + values) * m
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(x - mean) / std over the real tokens (N, T), the variance Bessel-corrected; 0 where masked. Fewer than
-    two real tokens: the mean alone is removed (a std of one number is undefined)."""
+    two real tokens: the mean alone is removed (a std of one number is undefined). `total`: a sum (a 0-d tensor)
+    over every process holding a share of the tokens, so that the mean and std are the whole step's (None: x holds
+    all of them)."""
+    total = total or (lambda t: t)
     m = mask.to(x.dtype)
-    count = m.sum()
-    mean = (x * m).sum() / count.clamp(min=1)
-    var = (((x - mean) * m).pow(2).sum() / (count - 1)).clamp(min=0) if count > 1 else None
+    count = total(m.sum())
+    mean = total((x * m).sum()) / count.clamp(min=1)
+    var = (total(((x - mean) * m).pow(2).sum()) / (count - 1)).clamp(min=0) if count > 1 else None
     out = x - mean if shift_mean else x.clone()
     if var is not None:
         out = out * torch.rsqrt(var + eps)

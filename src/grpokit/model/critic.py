@@ -9,6 +9,7 @@ bounds, so the two walk a step's rows in step.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,39 @@ def build_critic(policy_start: torch.nn.Module | None, critic_model: str | None,
             head.weight.copy_(scorer.score.weight)
             head.bias.zero_()  # the reward model's score head has no bias
     return ValueModel(body, head).to(device)
+
+
+def critic_on_meta(policy_model: torch.nn.Module) -> tuple[ValueModel, Callable[[ValueModel], None]]:
+    """The default critic of an FSDP run (`distributed: fsdp`), whose policy is sharded: a ValueModel on the meta
+    device, its body built from the policy body's config (no weights anywhere), and the `fill` that writes its
+    shards once `distributed.shard` has sharded it like the policy (`Policy(..., fill=)`): each weight's local part
+    copied from the policy's local part of the same weight (FSDP2 cuts every parameter on dim 0 over the same ranks,
+    so the parts match and no rank communicates), with LoRA from the base weight (`base_layer`: the fresh adapters
+    add 0, so the policy starts as its base); the buffers (not sharded) copied whole; a zero head. No rank ever
+    holds the whole critic."""
+    from grpokit.runtime.distributed import shard_of
+
+    body = policy_model.get_decoder()
+    # the policy body's tensors under the critic body's names (peft puts a LoRA layer's base weight in base_layer)
+    source = {name.replace(".base_layer.", "."): t for name, t in body.named_parameters() if ".lora_" not in name}
+    buffers = dict(body.named_buffers())
+    with torch.device("meta"):
+        critic = ValueModel(type(body)(body.config))
+    missing = sorted(set(dict(critic.decoder.named_parameters())) - set(source))
+    if missing:
+        raise ValueError(f"critic_on_meta: the policy's body has no weight {missing[0]} ({len(missing)} missing)")
+
+    @torch.no_grad()
+    def fill(model: ValueModel) -> None:
+        for name, param in model.decoder.named_parameters():
+            mine, policy_part = shard_of(param), shard_of(source[name])
+            if mine.shape != policy_part.shape:
+                raise RuntimeError(f"critic_on_meta: {name}'s shard is {tuple(mine.shape)} here but the policy's is "
+                                   f"{tuple(policy_part.shape)}: they are not sharded alike")  # fmt: skip
+            mine.copy_(policy_part)
+        for name, buffer in model.decoder.named_buffers():
+            buffer.copy_(buffers[name])
+        shard_of(model.head.weight).zero_()
+        shard_of(model.head.bias).zero_()
+
+    return critic, fill

@@ -510,10 +510,7 @@ def load_pretrained(
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(k for k in set(info.get("missing_keys") or ()) - tied if not k.startswith(new_modules))
     if missing:
-        raise ModelFolderError(
-            f"{what} lack {len(missing)} tensors a {type(model).__name__} needs (first: {missing[0]}), which would "
-            "start random: does config.json describe these weights?"
-        )
+        raise missing_tensors_error(what, type(model).__name__, missing)
     mismatched = sorted(info.get("mismatched_keys") or ())
     renewed = [(name, saved, wanted) for name, saved, wanted in mismatched if name.startswith(new_modules)]
     if renewed:
@@ -532,25 +529,43 @@ def load_pretrained(
         )
     mismatched = [m for m in mismatched if m not in renewed]
     if mismatched:
-        name, saved, wanted = mismatched[0]
-        raise ModelFolderError(
-            f"{what} have other shapes than its config.json describes ({len(mismatched)} tensors; first: {name} is "
-            f"{list(saved)} in the weights, {list(wanted)} by config.json): is config.json the one saved with them?"
-        )
+        raise mismatched_tensors_error(what, mismatched)
     # a causal LM's head is not part of a classifier built on the same body: it is left out on purpose
     dropped = ("lm_head.",) if cls.__name__.endswith(CLASSIFIER_SUFFIX) else ()
     unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.startswith(dropped))
     if unexpected:
-        raise ModelFolderError(
-            f"{what} hold {len(unexpected)} tensors a {type(model).__name__} has no place for (first: "
-            f"{unexpected[0]}), which would be dropped: does config.json describe these weights?"
-        )
+        raise unexpected_tensors_error(what, type(model).__name__, unexpected)
     if extra:
         # The weights are de-quantized floats now; the GGUF quantization note would stop save_pretrained.
         model.config.quantization_config = None
         del model.config.quantization_config
         model.hf_quantizer = None
     return model
+
+
+def missing_tensors_error(what: str, model_class: str, missing: list[str]) -> ModelFolderError:
+    """Weights a model needs and its files lack (`what`: the field and folder; `missing`: their names, sorted)."""
+    return ModelFolderError(
+        f"{what} lack {len(missing)} tensors a {model_class} needs (first: {missing[0]}), which would start random: "
+        "does config.json describe these weights?"
+    )
+
+
+def mismatched_tensors_error(what: str, mismatched: list[tuple[str, Any, Any]]) -> ModelFolderError:
+    """Weights of other shapes than config.json describes: (name, shape saved, shape wanted), sorted by name."""
+    name, saved, wanted = mismatched[0]
+    return ModelFolderError(
+        f"{what} have other shapes than its config.json describes ({len(mismatched)} tensors; first: {name} is "
+        f"{list(saved)} in the weights, {list(wanted)} by config.json): is config.json the one saved with them?"
+    )
+
+
+def unexpected_tensors_error(what: str, model_class: str, unexpected: list[str]) -> ModelFolderError:
+    """Weights a model has no place for (a config describing fewer layers than were saved), by name, sorted."""
+    return ModelFolderError(
+        f"{what} hold {len(unexpected)} tensors a {model_class} has no place for (first: {unexpected[0]}), which "
+        "would be dropped: does config.json describe these weights?"
+    )
 
 
 def load_model(path, device, dtype, *, field: str = "model"):

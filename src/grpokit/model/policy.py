@@ -18,6 +18,7 @@ import copy
 import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -27,8 +28,9 @@ from grpokit.model.loading import enable_activation_checkpointing
 from grpokit.model.logprobs import completion_logprobs
 from grpokit.model.lora import LoRASpec, adapters_disabled, apply_lora, sync_reference, uses_lora
 from grpokit.model.optim import OptimizerSettings, build_optimizer
+from grpokit.model.sharded import fill_from_folder, lora_on_meta, meta_model, say_sharded_load, weights_folder
 from grpokit.model.weights import PolicyWeights
-from grpokit.runtime.distributed import Cluster, full, full_weights, shard, shard_of
+from grpokit.runtime.distributed import Cluster, LogprobForward, full, full_weights, shard, shard_of
 
 
 class NumericsError(RuntimeError):
@@ -66,16 +68,21 @@ class Policy:
         micro_batch_size: int | None = None,
         cluster: Cluster | None = None,
         per_token: Callable[..., Any] = completion_logprobs,
+        fill: Callable[[torch.nn.Module], None] | None = None,
     ):
-        """`optim`: AdamW, its schedule and the gradient clip. `logprob_chunk_size`: token positions per chunk of
-        the vocabulary projection; `gradient_checkpointing`: recompute each layer's activations in the backward
-        (non-reentrant). `reference`: keep a KL reference (with LoRA the base with adapters off,
-        otherwise a frozen copy). `temperature`: logprobs are taken under logits / temperature, as the sampler
-        draws. `layout`: how a forward lays out its rows (`grpokit.core.packing`); `max_tokens_per_micro_batch` and
-        `micro_batch_size` bound what one forward holds (`micro_batches`); None = no bound. `cluster`: the ranks
-        of a torchrun launch (`runtime.distributed`), whose gradients each optimizer step sums. `per_token`: what the
-        forwards compute per completion token, `completion_logprobs` (model, rows...) -> (logp, entropy), or
-        for a critic `critic.completion_values` -> (values, None)."""
+        """`model`: holding its weights, or built on the meta device from a folder (`sharded.training_model` under
+        FSDP), whose shards each rank then reads from the folder's files. `optim`: AdamW, its schedule and the
+        gradient clip. `logprob_chunk_size`: token positions per chunk of the vocabulary projection;
+        `gradient_checkpointing`: recompute each layer's activations in the backward (non-reentrant). `reference`:
+        keep a KL reference (with LoRA the base with adapters off, otherwise a frozen copy, or under a sharded start
+        the model read again from its folder). `temperature`: logprobs are taken under logits / temperature, as the
+        sampler draws. `layout`: how a forward lays out its rows (`grpokit.core.packing`);
+        `max_tokens_per_micro_batch` and `micro_batch_size` bound what one forward holds (`micro_batches`); None =
+        no bound. `cluster`: the ranks of a torchrun launch (`runtime.distributed`), whose gradients each optimizer
+        step sums. `per_token`: what the forwards compute per completion token, `completion_logprobs` (model,
+        rows...) -> (logp, entropy), or for a critic `critic.completion_values` -> (values, None). `fill`: for a
+        `model` on the meta device that no folder fills (FSDP only), what writes each rank's shards once they are
+        allocated (`distributed.shard`'s `fill`: PPO's critic copies the policy's)."""
         if layout not in packing.LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; expected one of {list(packing.LAYOUTS)}")
         self.device = torch.device(device)
@@ -88,33 +95,76 @@ class Policy:
         self.micro_batch_size = micro_batch_size
         self.cluster = cluster or Cluster()
         self.per_token = per_token
-        model = model.to(self.device)
-        if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
-            model = model.float()  # master weights: see the module docstring
+        # a model on the meta device: the folder its shards are read from (or `fill`, which writes them)
+        source = weights_folder(model) if fill is None else None
+        if (source is not None or fill is not None) and not self.cluster.sharded:
+            raise ValueError(f"Policy: a model on the meta device (from {source or fill}) starts under FSDP only")
+        if source is None and fill is None:
+            model = model.to(self.device)
+            if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+                model = model.float()  # master weights: see the module docstring
         if gradient_checkpointing:
             enable_activation_checkpointing(model)
+        drawn: dict[str, torch.Tensor] = {}  # a meta model's LoRA adapters as drawn, whole, until they are sharded
         if lora is not None and lora.r > 0:  # before the optimizer, so AdamW holds state for the adapters only
-            model = apply_lora(model, lora)
+            model, drawn = (apply_lora(model, lora), {}) if source is None else lora_on_meta(model, lora)
         self.model = model
         self.has_reference = reference
         self.reference_synced = False  # a synced copy is no longer the initial model: checkpoints must hold it
-        # With LoRA the reference is the policy with its adapters off: no copy (`reference_logprobs`).
+        # With LoRA the reference is the policy with its adapters off: no copy (`reference_logprobs`). A sharded
+        # start builds it from the files as the policy is, never copied from the policy.
         self.ref_model: torch.nn.Module | None = None
         if reference and not uses_lora(model):
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.ref_model = copy.deepcopy(model) if source is None else meta_model(source)
+            self.ref_model.eval().requires_grad_(False)
             if compute_dtype != torch.float32:
                 self.ref_model.to(compute_dtype)  # never trained: its forward runs in compute_dtype anyway
         # FSDP2: the forwards go through a sharded root per model (`distributed.shard`); AdamW then holds shards
         self.fsdp_roots = {}  # id(model) -> its FSDP root; empty unless sharded
+        self._weights_whole = False  # inside `full_weights`
         if self.cluster.sharded:
-            self.fsdp_roots = {id(m): shard(m, completion_logprobs) for m in (model, self.ref_model) if m is not None}
+            self.fsdp_roots = self._shard(source, drawn, fill)
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
+
+    def _shard(self, source: Path | None, drawn: dict[str, torch.Tensor], fill=None) -> dict[int, LogprobForward]:
+        """The policy and its reference sharded (`distributed.shard`), each its own root. Models on the meta device
+        then have each rank's shards read from `source` (`sharded.fill_from_folder`; the policy's LoRA adapters
+        from `drawn`), and rank 0 says what each rank read; or written by `fill` (a critic: no reference)."""
+        if fill is not None:
+            return {id(self.model): shard(self.model, self.per_token, fill=fill, device=self.device)}
+        roots, read = {}, {}
+        for what, m in (("policy", self.model), ("reference", self.ref_model)):
+            if m is None:
+                continue
+            if source is None:
+                roots[id(m)] = shard(m, self.per_token)
+                continue
+
+            def fill(lm: torch.nn.Module, what: str = what) -> None:
+                read[what] = fill_from_folder(lm, source, values=drawn if what == "policy" else None)
+
+            roots[id(m)] = shard(m, self.per_token, fill=fill, device=self.device)
+        if source is not None:
+            say_sharded_load(self.cluster, source, read)
+        return roots
 
     # ---------------------------------------------------------------- forwards
     def full_weights(self) -> contextlib.AbstractContextManager:
-        """Around a rollout or an evaluation: under FSDP the policy's weights gathered once, not per forward."""
+        """Around a rollout or an evaluation: under FSDP the policy's weights gathered once, not per forward. Inside
+        it, a nested call gathers nothing (an evaluation's sampler calls, as many as this rank's rows need)."""
         root = self.fsdp_roots.get(id(self.model))
-        return full_weights(root) if root is not None else contextlib.nullcontext()
+        if root is None or self._weights_whole:
+            return contextlib.nullcontext()
+        return self._gathered(root)
+
+    @contextlib.contextmanager
+    def _gathered(self, root) -> Any:
+        with full_weights(root):
+            self._weights_whole = True
+            try:
+                yield
+            finally:
+                self._weights_whole = False
 
     def sampler_weights(self) -> PolicyWeights:
         """The policy's weights as a sampler takes them (`sampler.PolicyWeights`): the live module, the context that

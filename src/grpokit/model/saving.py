@@ -63,20 +63,28 @@ def write_policy_checkpoint(
     step: int,
     tokenizer: Any,
     stage_state: dict[str, Any],
+    *,
+    beside: dict[str, Policy] | None = None,
     **generators: torch.Generator,
 ) -> Path:
     """checkpoint-STEP of a stage: the weights (`_save_weights`), AdamW and the schedule (`training_state`), every
     RNG (with the stage's own `generators`; each rank's own under `rank_rng`) and `stage_state` (its data position,
     monitors, ...). Rank 0 writes it (every rank holds the same weights); every rank returns its folder once it is
-    whole."""
+    whole. `beside`: the stage's other trained policies (PPO's critic) by folder name: under FSDP each one's shards
+    go into that folder of the checkpoint, beside the policy's (otherwise `stage_state` holds them)."""
     policy.check_finite("so the checkpoint was not written")
     cluster = policy.cluster
     ranks_rng = cluster.gather_objects([rng_state()])  # rank r's RNGs at [r]
     state = {"step": step, "policy": training_state(policy), "rng": rng_state(**generators), **stage_state}
 
+    def write_shards(folder: Path) -> None:
+        _save_shards(policy, folder / SHARDS)
+        for name, other in (beside or {}).items():
+            _save_shards(other, folder / name)
+
     def write(folder: Path) -> None:
         if policy.fsdp_roots:  # every rank writes its shards into the folder rank 0 is filling
-            _save_shards(policy, Path(cluster.broadcast(str(folder))) / SHARDS)
+            write_shards(Path(cluster.broadcast(str(folder))))
             tokenizer.save_pretrained(folder)
         else:
             _save_weights(policy, folder, tokenizer)
@@ -86,14 +94,20 @@ def write_policy_checkpoint(
     if cluster.is_main:
         folder = run.save_checkpoint(step, write)
     elif policy.fsdp_roots:
-        _save_shards(policy, Path(cluster.broadcast(None)) / SHARDS)
+        write_shards(Path(cluster.broadcast(None)))
     return Path(cluster.broadcast(folder and str(folder)))  # whole: marked and in place
 
 
-def resume_policy(policy: Policy, folder: Path, **generators: torch.Generator) -> dict[str, Any]:
+def resume_policy(
+    policy: Policy, folder: Path, *, beside: dict[str, Policy] | None = None, **generators: torch.Generator
+) -> dict[str, Any]:
     """Undo `write_policy_checkpoint`: weights, optimizer, schedule and RNGs restored; returns the stage's state (with
-    its `step`)."""
+    its `step`). `beside`: the stage's other policies, whose shards (a checkpoint written under FSDP) are loaded from
+    their folders; the stage restores them from its state otherwise."""
     state = load_state(folder)
+    for name, other in (beside or {}).items():
+        if (folder / name).is_dir():
+            _load_shards(other, folder / name)
     if (folder / SHARDS).is_dir():  # FSDP's: any number of ranks, one process too
         _load_shards(policy, folder / SHARDS)
     elif policy.fsdp_roots:
@@ -206,6 +220,9 @@ def _load_shards(policy: Policy, path: Path) -> None:
     with warnings.catch_warnings():  # one process reading every rank's shards is what is meant here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(state, checkpoint_id=path, no_dist=not policy.cluster.active)
+    # not strict: the state holds the trained weights alone (a LoRA model's frozen base is not in it), each of which
+    # dcp.load filled or refused
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_state_dict(policy.model, policy.optimizer, model_state_dict=model, optim_state_dict=optimizer, options=options)
     if synced:
         set_model_state_dict(policy.ref_model, state["reference"])

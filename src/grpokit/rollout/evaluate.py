@@ -13,6 +13,7 @@ import torch
 from grpokit.data.rows import encode_prompts
 from grpokit.rollout.multiturn import episode_figures, rollout_counts
 from grpokit.rollout.sampler import EVAL_STEP, Sampler, SamplingParams, call_generate, check_rollout, prompt_seeds
+from grpokit.runtime.distributed import Cluster
 
 EPISODE_FIGURES = ("turns/mean", "tools/call_frequency", "tools/failure_frequency")
 """The held-out figures of a multi-turn rollout (`multiturn.episode_figures`), per mode: eval/turns/mean_greedy, ..."""
@@ -30,16 +31,19 @@ def sample_batches(
     max_prompt_length: int = 256,
     chat_template_kwargs: dict[str, Any] | None = None,
     rows: list[dict[str, Any]] | None = None,
+    first_place: int = 0,
 ):
     """One completion per prompt (temperature 0: greedy), `batch_size` prompts at a time (chat prompts rendered
     with `chat_template_kwargs`); yields (start, the batch's EncodedPrompts, its Rollout, its texts decoded without
-    special tokens). Prompt i draws from its own seed (`prompt_seeds(seed, EVAL_STEP, [i])`), so a sampled
-    evaluation is the same at any batch size or engine split and never moves the training streams."""
+    special tokens). Prompt i draws from its own seed (`prompt_seeds(seed, EVAL_STEP, [first_place + i])`: its place
+    among all the held-out prompts when `prompts` are a rank's share of them), so a sampled evaluation is the same
+    at any batch size, engine or rank split and never moves the training streams."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         encoded = encode_prompts(tokenizer, batch, max_prompt_length, chat_template_kwargs)
-        seeds = prompt_seeds(seed, EVAL_STEP, list(range(start, start + len(encoded.ids))))  # by place: any batch size
+        places = range(first_place + start, first_place + start + len(encoded.ids))  # by place: any batch size
+        seeds = prompt_seeds(seed, EVAL_STEP, list(places))
         batch_rows = None if rows is None else rows[start : start + batch_size]  # (a multi-turn sampler's columns)
         rollout = call_generate(
             sampler, encoded.ids, batch_rows, num_generations=1, params=params, seeds=seeds
@@ -106,6 +110,7 @@ def heldout_eval(
     rewards: Any = None,
     *,
     batch_size: int = 256,
+    cluster: Cluster | None = None,
 ) -> dict[str, float]:
     """Held-out figures of one completion per row, greedy and sampled at `settings.temperature`:
     eval/accuracy_{greedy,sampled} (the share of the rows `check(completion, row)` accepts, of those it does not
@@ -114,7 +119,12 @@ def heldout_eval(
     weighted sum over the rows some function scored, and eval/METRIC_{mode} of each metric they log (`log_metric`:
     the mean of its values; a `log_extra` column is checked and dropped, held-out rows keep no completions). The
     functions get `rewards.state` as `trainer_state`. Through a multi-turn sampler also eval/FIGURE_{mode} of
-    `EPISODE_FIGURES` (model turns, tool calls and failed calls per row). {} without rows."""
+    `EPISODE_FIGURES` (model turns, tool calls and failed calls per row). {} without rows.
+
+    Under torchrun (`cluster`) each rank samples and scores its contiguous share of the rows (`eval_share`; the
+    shares may differ by one row), and the completions, scores and logged values are gathered in row order, so the
+    figures are the ones one process computes. Every rank must call it (and under FSDP inside the policy's
+    `full_weights`, as the ranks call the sampler unequally often)."""
     prompt_column = settings.prompt_column
     from grpokit.core import algo
     from grpokit.rewards.functions import (
@@ -141,25 +151,29 @@ def heldout_eval(
     if skipped:
         warnings.warn(f"held-out rows lack what {skipped} need: those reward functions are not evaluated", stacklevel=2)
     out: dict[str, float] = {}
+    cluster = cluster or Cluster()
+    share = eval_share(len(rows), cluster)
+    mine = rows[share.start : share.stop]
     for mode, mode_temperature in (("greedy", 0.0), ("sampled", settings.temperature)):
         texts, scores, logged, owners, episodes = [], [], {}, {}, []
         batches = sample_batches(
             sampler,
             tokenizer,
-            [r[prompt_column] for r in rows],
+            [r[prompt_column] for r in mine],
             temperature=mode_temperature,
             max_new_tokens=settings.max_new_tokens,
             seed=settings.seed,
             batch_size=batch_size,
             max_prompt_length=settings.max_prompt_length,
             chat_template_kwargs=settings.chat_template_kwargs,
-            rows=rows,
+            rows=mine,
+            first_place=share.start,
         )
         for start, prompts, rollout, batch_texts in batches:
             texts += batch_texts if rollout.episodes is None else final_turns(rollout.episodes)  # (the answers)
             episodes += rollout.episodes or ()
             if funcs:
-                batch = rows[start : start + len(batch_texts)]
+                batch = mine[start : start + len(batch_texts)]
                 inputs = reward_inputs(batch, prompt_column, 1, prompts.texts, batch_texts, rollout)
                 logs = RewardLogs(len(batch_texts))
                 called = [(n, f) for _, n, f in funcs]
@@ -167,6 +181,9 @@ def heldout_eval(
                 for metric, values in logs.metrics.items():
                     logged.setdefault(metric, []).extend(values)
                     owners.setdefault(metric, logs.owners[metric])
+        if cluster.active:  # every rank's, in row order
+            texts, scores, episodes = map(cluster.gather_objects, (texts, scores, episodes))
+            logged, owners = merged_logs(cluster.gather_objects([(logged, owners)]))
         # rows the check cannot compare (an answer list a reward of the user's reads: None) are left out
         verdicts = [v for v in (check(t, r) for t, r in zip(texts, rows)) if v is not None] if check else []
         if verdicts:
@@ -189,3 +206,20 @@ def heldout_eval(
                 )
             out[f"eval/{metric}_{mode}"] = sum(values) / len(values)
     return out
+
+
+def eval_share(n: int, cluster: Cluster) -> range:
+    """This rank's contiguous share of n held-out rows: rank r of W takes rows r*n//W .. (r+1)*n//W - 1 (any n: the
+    shares differ by at most one row, and a rank may have none)."""
+    return range(cluster.rank * n // cluster.world_size, (cluster.rank + 1) * n // cluster.world_size)
+
+
+def merged_logs(parts: list[tuple[dict[str, list[float]], dict[str, str]]]) -> tuple[dict, dict]:
+    """Every rank's logged metric values (metric -> values, in row order) and their owners, as one rank's."""
+    logged: dict[str, list[float]] = {}
+    owners: dict[str, str] = {}
+    for values, names in parts:
+        for metric, metric_values in values.items():
+            logged.setdefault(metric, []).extend(metric_values)
+            owners.setdefault(metric, names[metric])
+    return logged, owners

@@ -271,13 +271,23 @@ class LogprobForward(torch.nn.Module):
         return self.per_token(self.lm, *args, **kwargs)
 
 
-def shard(lm: torch.nn.Module, per_token: Callable[..., Any]) -> LogprobForward:
+def shard(
+    lm: torch.nn.Module,
+    per_token: Callable[..., Any],
+    *,
+    fill: Callable[[torch.nn.Module], None] | None = None,
+    device: torch.device | None = None,
+) -> LogprobForward:
     """FSDP2 over the ranks: each decoder layer is a unit of its own, the rest (embeddings, final norm, LM head,
     tied or not: one parameter in one unit) the root's. Gradients are summed, not averaged: each rank's loss
     already carries the whole step's normalizer. One tiny forward initialises FSDP from the root, so that the
     sampler may later call the layers directly; after it every weight is a shard again (AdamW must hold those,
     the objects FSDP puts back after each gather). `per_token(lm, prompt_ids, prompt_mask, completion_ids,
-    completion_mask, temperature=...)` is the forward the root runs."""
+    completion_mask, temperature=...)` is the forward the root runs.
+
+    A model on the meta device (no values: `model.sharded.meta_model`) is sharded as it is, then only this
+    rank's shards are allocated on `device`, and `fill(lm)` writes them: every parameter's local part
+    (`shard_of`) and every buffer (which FSDP does not shard)."""
     from torch.distributed.fsdp import fully_shard
 
     layers = list(lm.get_decoder().layers)
@@ -288,6 +298,11 @@ def shard(lm: torch.nn.Module, per_token: Callable[..., Any]) -> LogprobForward:
     for unit in (root, *layers):
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
+    if fill is not None:
+        if device is None:
+            raise ValueError("shard: a model filled after sharding (`fill`) needs the `device` its shards go on")
+        root.to_empty(device=device)
+        fill(lm)
     device = next(lm.parameters()).device
     one = torch.ones((1, 1), dtype=torch.long, device=device)
     with torch.no_grad():

@@ -30,6 +30,7 @@ import os
 import platform
 import resource
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.runtime.checkpoint import RunDirectory, TrainingInterrupted, list_checkpoints
+from grpokit.runtime.distributed import Cluster
 from grpokit.stages.setup import run_directory
 
 METHODS = ("grpo", "ppo")
@@ -143,12 +145,13 @@ def check_comparison(grpo: Any) -> None:
 
 
 def worker(method: str, config_path: str, report_path: str) -> None:
-    """One method's run in this (fresh) process; its figures to `report_path` as JSON."""
-    import torch
-    import transformers  # noqa: F401  (loaded before the baseline: it is the runtime, not the method)
+    """One method's run in this (fresh) process; its figures to `report_path` as JSON. Under torchrun every rank's
+    worker runs it (the ranks joined in a process group of their own), and rank 0 writes the figures, with each
+    rank's peak memory; the breakdown is the rank with the highest peak's."""
+    import torch  # noqa: F401  (loaded before the baseline: torch and transformers are the runtime, not the method)
+    import transformers  # noqa: F401
 
     from grpokit.config import load_yaml
-    from grpokit.report.runlog import read_metrics
     from grpokit.stages.grpo import GRPOTrainer
     from grpokit.stages.ppo import PPOTrainer
 
@@ -157,6 +160,20 @@ def worker(method: str, config_path: str, report_path: str) -> None:
 
     cfg = method_config(load_yaml(GRPOConfig, config_path), method)
     trainer = (PPOTrainer if method == "ppo" else GRPOTrainer)(cfg)
+    try:
+        report = method_report(trainer, cfg, method, before_models_mb)
+    finally:
+        trainer.cluster.close()
+    if trainer.cluster.is_main:
+        Path(report_path).write_text(json.dumps(report, indent=1))
+
+
+def method_report(trainer: Any, cfg: Any, method: str, before_models_mb: float) -> dict[str, Any]:
+    """`trainer`'s run and its figures (`worker`): on every rank; what every rank measured, gathered."""
+    import torch
+
+    from grpokit.report.runlog import read_metrics
+
     on_cuda = trainer.device.type == "cuda"
     result = trainer.train()
     if on_cuda:
@@ -176,6 +193,10 @@ def worker(method: str, config_path: str, report_path: str) -> None:
         "runtime_mb": runtime,
     }
     parts["activations_and_other_mb"] = peak - sum(parts.values())
+    ranks = trainer.cluster.gather_objects([(peak, parts, critic)])  # rank r's at [r]
+    if not trainer.cluster.is_main:
+        return {}
+    peak, parts, critic = max(ranks, key=lambda r: r[0])
     rows = read_metrics(Path(result.output_dir) / "metrics.jsonl")
     train_rows = [r for r in rows if r.get("time/step") is not None]
     step_times = [r["time/step"] for r in train_rows]
@@ -194,8 +215,10 @@ def worker(method: str, config_path: str, report_path: str) -> None:
         }
         for e in result.eval_history
     ]
-    report = {
-        "peak_memory_mb": peak,
+    return {
+        "peak_memory_mb": peak,  # the highest rank's (under torchrun), and its breakdown
+        "peak_memory_mb_per_rank": [r[0] for r in ranks],
+        "ranks": len(ranks),
         "peak_kind": "max allocated (CUDA)" if on_cuda else "max RSS",
         "step_time_s": statistics.median(step_times[1:] or step_times),  # the first step warms up
         "critic_memory_mb": critic["weights"] + critic["gradients"] + critic["optimizer"],
@@ -206,11 +229,17 @@ def worker(method: str, config_path: str, report_path: str) -> None:
         "final_accuracy_greedy": curve[-1]["accuracy_greedy"] if curve else None,
         "device": str(trainer.device),
     }
-    Path(report_path).write_text(json.dumps(report, indent=1))
 
 
-def run_comparison(grpo_cfg: Any, config_path: Path) -> dict[str, Any]:
-    """Both methods, one fresh process each (GRPO first), then the table, comparison.json and comparison.png."""
+def run_comparison(grpo_cfg: Any, config_path: Path, cluster: Cluster | None = None) -> dict[str, Any]:
+    """Both methods, one fresh process each (GRPO first), then the table, comparison.json and comparison.png.
+
+    Under torchrun (`cluster`: this launch's ranks, joined) every rank runs this: each method runs in a fresh
+    process per rank, those processes joined in a process group of their own (a new rendezvous port chosen by rank
+    0 for each method, so that the second method's group never meets the first's), and rank 0 reads the reports
+    and writes the record; the other ranks return {}."""
+    cluster = cluster or Cluster()
+    main = cluster.is_main
     check_comparison(grpo_cfg)
     out = Path(grpo_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,25 +247,31 @@ def run_comparison(grpo_cfg: Any, config_path: Path) -> dict[str, Any]:
     with ForwardedSignals() as signals:
         for method in METHODS:
             report_path = report_file(out, method)
-            if (done := finished_report(grpo_cfg, method)) is not None:
-                print(f"grpokit compare: {method} finished before the interruption; its figures are kept", flush=True)
+            done = cluster.broadcast(finished_report(grpo_cfg, method) if main else None)  # (rank 0 reads the files)
+            if done is not None:
+                if main:
+                    print(f"grpokit compare: {method} finished before the interruption; its figures are kept")
                 reports[method] = done
                 continue
-            report_path.unlink(missing_ok=True)  # an earlier comparison's
+            if main:
+                report_path.unlink(missing_ok=True)  # an earlier comparison's
             # the CLI's own error reporting in the method's process (`_compare_worker`)
             command = [sys.executable, "-m", "grpokit.cli", "compare", "--worker", method, str(config_path),
                        str(report_path)]  # fmt: skip
-            env = {**os.environ, PARENT_PID: str(os.getpid())}
+            env = {**os.environ, PARENT_PID: str(os.getpid()), **worker_rendezvous(cluster)}
             # a session of its own: a terminal's Ctrl-C reaches this process alone, which passes it on once
             worker = subprocess.Popen(command, env=env, start_new_session=True)
-            print(f"grpokit compare: {method} in its own process (pid {worker.pid}) -> {out / method}", flush=True)
+            if main:
+                print(f"grpokit compare: {method} in its own process (pid {worker.pid}) -> {out / method}", flush=True)
             code = signals.wait(worker)
             if signals.received is not None:
                 raise ComparisonInterrupted(signals.received, kept(grpo_cfg, reports, method))
-            if code != 0 or not report_path.is_file():
+            if code != 0 or (main and not report_path.is_file()):
                 raise ComparisonFailed(method, code)
-            reports[method] = json.loads(report_path.read_text())  # the file stays: a resume after an
-            # interruption in a later method takes this method's figures from it instead of running it again
+            reports[method] = json.loads(report_path.read_text()) if main else {}  # the file stays: a resume
+            # after an interruption in a later method takes this method's figures from it instead of running it
+    if not main:
+        return {}
     record = {**reports, "config": str(config_path), **provenance()}
     record["grpo_saves_mb"] = reports["ppo"]["peak_memory_mb"] - reports["grpo"]["peak_memory_mb"]
     (out / REPORT).write_text(json.dumps(record, indent=1))
@@ -246,6 +281,20 @@ def run_comparison(grpo_cfg: Any, config_path: Path) -> dict[str, Any]:
     plot_comparison(record, out / PLOT)
     print(f"\n{out / REPORT}\n{out / PLOT}")
     return record
+
+
+def worker_rendezvous(cluster: Cluster) -> dict[str, str]:
+    """Under torchrun, the environment that joins one method's worker processes (one per rank) in a process group
+    of their own: a port free on rank 0's machine, where rank 0's worker then holds the group's store (not
+    torchrun's own store, where an earlier method's group left its keys). One process: nothing."""
+    if not cluster.active:
+        return {}
+    port = None
+    if cluster.is_main:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+    return {"MASTER_PORT": str(cluster.broadcast(port)), "TORCHELASTIC_USE_AGENT_STORE": "False"}
 
 
 class ForwardedSignals:

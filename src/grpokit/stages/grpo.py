@@ -27,8 +27,9 @@ from grpokit.config import GRPOConfig
 from grpokit.core import algo
 from grpokit.core.types import Generation, Rollout, StepBatch, TrainResult
 from grpokit.data.rows import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
-from grpokit.model.loading import check_context_length, load_model
+from grpokit.model.loading import check_context_length
 from grpokit.model.saving import resume_policy, save_trained, write_policy_checkpoint
+from grpokit.model.sharded import training_model
 from grpokit.report.monitor import SignalMonitor
 from grpokit.report.runlog import RunLog, plot_curves, read_metrics
 from grpokit.rewards.functions import RewardFn, reward_inputs
@@ -52,6 +53,7 @@ class GRPOTrainer:
     name = "GRPO"  # on the progress bar and the plot
     config_class: type = GRPOConfig  # the config it runs (a subclass's trainer runs the subclass's)
     hooks: RunHooks = RunHooks()  # called at the run's events (`loop.RunHooks`; the TRL adapter's callbacks)
+    beside: dict[str, Any] = {}  # the stage's other Policies by checkpoint folder, for their FSDP shards (PPO's critic)
 
     def __init__(
         self,
@@ -110,7 +112,7 @@ class GRPOTrainer:
             world_size=self.cluster.world_size, num_eval_rows=len(self.eval_rows),
             in_process_sampler=(sampler is None and not cfg.use_vllm) or isinstance(sampler, KVCacheSampler),
         )  # fmt: skip
-        model = model if model is not None else load_model(cfg.model, self.device, torch.float32)
+        model = training_model(model, cfg.model, self.device, self.cluster)  # (fsdp: on the meta device, if it can)
         check_context_length(model, longest_prompt, cfg.max_completion_length, tokenizer=self.tokenizer)
 
         self.generation_size = cfg.prompts_per_step * cfg.num_generations  # N
@@ -231,7 +233,9 @@ class GRPOTrainer:
         and sampled (`heldout_eval`); kept in the eval history at `step`, and logged as a row of its own when `log`."""
         cfg, check = self.cfg, run_setup.gold_check(self.task)
         settings = run_setup.heldout_settings(cfg, self.template)
-        result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, settings, check, self.rewards)
+        with self.policy.full_weights():  # (FSDP: gathered once; the ranks sample unequal shares of the rows)
+            result = heldout_eval(self.sampler, self.tokenizer, self.eval_rows, settings, check, self.rewards,
+                                  cluster=self.cluster)  # fmt: skip
         if result:
             self.eval_history.append({"step": step, **result})
             if log and self.log is not None:
@@ -292,8 +296,8 @@ class GRPOTrainer:
 
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         """checkpoint-STEP: the policy's weights (or the adapter), optimizer, schedule, every RNG, `stage_state`."""
-        shuffle = self.shuffle_generator
-        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, self.stage_state(), shuffle=shuffle)
+        state, policy, shuffle = self.stage_state(), self.policy, self.shuffle_generator
+        return write_policy_checkpoint(policy, run, step, self.tokenizer, state, beside=self.beside, shuffle=shuffle)
 
     def stage_state(self) -> dict[str, Any]:
         """The rest of a checkpoint: the prompt order and its position, the monitors, the evaluations so far."""
@@ -304,7 +308,7 @@ class GRPOTrainer:
         return self._resume(checkpoint)["step"]
 
     def _resume(self, folder: Path) -> dict[str, Any]:
-        state = resume_policy(self.policy, folder, shuffle=self.shuffle_generator)
+        state = resume_policy(self.policy, folder, beside=self.beside, shuffle=self.shuffle_generator)
         push_weights(self.sampler, self.policy.sampler_weights())  # an engine in another memory holds the old ones
         self.prompt_order.load_state_dict(state["prompt_order"])
         self.monitor.load_state_dict(state["monitor"])

@@ -100,7 +100,8 @@ def run_update(
     minibatches of `minibatch_size` (one optimizer step each; reshuffled with `shuffle` after the first pass, or from
     the first when there are several), and this rank's rows of a minibatch (`mask` (n, T), its rows start at
     `first_row` among the N) into the policy's micro-batches (one backward each). Every normalizer is counted over the
-    whole minibatch. `on_micro_batch(idx, m, minibatch)` runs after a micro-batch's policy pass (PPO's critic), and
+    whole minibatch. `on_micro_batch(idx, m, minibatch)` runs after a micro-batch's policy pass (PPO's critic;
+    `minibatch`: the whole minibatch's rows among the N, every rank's, whose `step_mask` counts its normalizer), and
     `on_optimizer_step()` after the policy's optimizer step. `correction`: weigh each token by the engine-vs-trainer
     importance weight (`algo.sampler_correction`). `entropy`: the high-entropy token selection and the entropy
     bonus (`step_entropy`). Figures go to `sums`; -> the optimizer steps taken."""
@@ -126,7 +127,7 @@ def run_update(
                     correction=correction, entropy_terms=step_terms,
                 )  # fmt: skip
                 if on_micro_batch is not None:
-                    on_micro_batch(idx, m, here)
+                    on_micro_batch(idx, m, mb_idx)
             sums["grad_norm"] += policy.optimizer_step()
             if on_optimizer_step is not None:
                 on_optimizer_step()
