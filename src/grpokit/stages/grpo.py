@@ -283,7 +283,8 @@ class GRPOTrainer:
     def save(self, folder: Path) -> Path:
         """What goes beside the model first (a run folder with model/ holds all the run wrote), then the model."""
         self.save_beside_model(folder)
-        return save_trained(self.policy, folder / "model", self.tokenizer, lora_form=self.cfg.lora.save, overwrite=True)
+        form = {"lora_form": self.cfg.lora.save, "max_shard_size": self.cfg.max_shard_size}
+        return save_trained(self.policy, folder / "model", self.tokenizer, overwrite=True, **form)
 
     def save_beside_model(self, out: Path) -> None:
         """What a stage saves beside the final model, inside the run folder's guard (a refused write says what was
@@ -291,8 +292,8 @@ class GRPOTrainer:
 
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         """checkpoint-STEP: the policy's weights (or the adapter), optimizer, schedule, every RNG, `stage_state`."""
-        shuffle = self.shuffle_generator
-        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, self.stage_state(), shuffle=shuffle)
+        written = (self.policy, run, step, self.tokenizer, self.stage_state(), self.cfg.max_shard_size)
+        return write_policy_checkpoint(*written, shuffle=self.shuffle_generator)
 
     def stage_state(self) -> dict[str, Any]:
         """The rest of a checkpoint: the prompt order and its position, the monitors, the evaluations so far."""
