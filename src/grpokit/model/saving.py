@@ -155,11 +155,12 @@ def _save_gathered(
     they are saved (`_as_saved`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    warnings.warn(
-        f"{type(policy.model).__name__}'s weights are converted as save_pretrained writes them, so rank 0 gathers "
-        f"the whole model to write {path}",
-        stacklevel=3,
-    )
+    if policy.cluster.is_main:
+        warnings.warn(
+            f"{type(policy.model).__name__}'s weights are converted as save_pretrained writes them, so rank 0 "
+            f"gathers the whole model to write {path}",
+            stacklevel=3,
+        )
     gathered = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     for name in _tied_names(policy.model):  # a tied weight comes back once per name: save_pretrained needs it once
         gathered.pop(name, None)
