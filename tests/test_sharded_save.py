@@ -7,7 +7,6 @@ the straight run. The 2-rank FSDP writer is checked in tests/test_distributed.py
 from __future__ import annotations
 
 import shutil
-from functools import partial
 
 import pytest
 import torch
@@ -20,11 +19,11 @@ from grpokit.runtime.checkpoint import RunDirectoryError, save_model
 from grpokit.runtime.weight_files import (
     INDEX_NAME,
     WEIGHTS_NAME,
-    WeightSource,
     plan_shards,
     read_weight_files,
     shard_file_names,
     shard_size_bytes,
+    tensor_source,
     weight_files,
     write_weight_files,
 )
@@ -76,11 +75,8 @@ def test_the_streaming_writer_writes_save_pretraineds_files_holding_one_shard_at
     ours = tmp_path / "ours"
     model.save_pretrained(ours, state_dict={})  # its config files alone
     state = model.state_dict()
-    sources = [
-        WeightSource(name, t.numel() * t.element_size(), partial(t.clone))
-        for name, t in state.items()
-        if name != "lm_head.weight"  # the tied head: the embedding's second name
-    ]
+    # the tied head is the embedding's second name
+    sources = [tensor_source(name, t) for name, t in state.items() if name != "lm_head.weight"]
     written = write_weight_files(ours, sources, SMALL, total_parameters=model.num_parameters())
     files = sorted(p.name for p in (tmp_path / "reference").iterdir())
     assert files == sorted(p.name for p in ours.iterdir()) == sorted([*SHARDS, INDEX_NAME, "config.json",

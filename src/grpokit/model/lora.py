@@ -8,6 +8,7 @@ LoRA the reference is a full frozen copy, which `sync_reference` can pull toward
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import warnings
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import torch
 from grpokit.core.types import ConfigError
 from grpokit.runtime.checkpoint import atomic_folder, save_model
 from grpokit.runtime.distributed import full
-from grpokit.runtime.weight_files import MAX_SHARD_SIZE, WeightSource
+from grpokit.runtime.weight_files import MAX_SHARD_SIZE, WeightSource, tensor_source
 
 
 class LoRASpec(Protocol):
@@ -199,13 +200,11 @@ def merged_sources(model: Any, dropped: set[str]) -> list[WeightSource]:
     for key, tensor in state.items():
         if ".lora_" in key or key in dropped:  # lora_A / lora_B / ...: the adapters themselves
             continue
-        produce = _merged_weight(state, *adapted[key]) if key in adapted else _gathered(tensor)
-        sources.append(WeightSource(key.replace(".base_layer.", "."), tensor.numel() * tensor.element_size(), produce))
+        source = tensor_source(key.replace(".base_layer.", "."), tensor)
+        if key in adapted:
+            source = dataclasses.replace(source, produce=_merged_weight(state, *adapted[key]))
+        sources.append(source)
     return sources
-
-
-def _gathered(tensor: torch.Tensor) -> Any:
-    return lambda: full(tensor).detach()
 
 
 def _merged_weight(state: dict[str, torch.Tensor], name: str, module: Any) -> Any:

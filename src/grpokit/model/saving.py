@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from grpokit.runtime.weight_files import (
     WeightSource,
     read_weight_files,
     shard_size_bytes,
+    tensor_source,
     weight_files,
     write_weight_files,
 )
@@ -95,11 +95,7 @@ def _save_streamed(
         sources = merged_sources(model, dropped)
     else:
         state = model.state_dict()  # each rank's shards (DTensors): nothing gathered yet
-        sources = [
-            WeightSource(name, t.numel() * t.element_size(), partial(_whole, t))
-            for name, t in state.items()
-            if name not in dropped
-        ]
+        sources = [tensor_source(name, t) for name, t in state.items() if name not in dropped]
     sources = _as_saved(base, sources)
     if sources is None:
         return _save_gathered(policy, path, tokenizer, lora_form, max_shard_size, overwrite)
@@ -114,10 +110,6 @@ def _save_streamed(
         notes["weights"] = {"written": "streamed from FSDP shards", "files": len(written.files),
                             "total_size": written.total_size, "largest_held": written.largest_held}  # fmt: skip
     return Path(policy.cluster.broadcast(str(path)))
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    return full(tensor).detach()
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from grpokit.runtime.distributed import full
+
 MAX_SHARD_SIZE = "5GB"  # the config's default (`max_shard_size`); transformers 5's save_pretrained says 50GB
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -75,6 +77,11 @@ class WeightSource:
     name: str
     nbytes: int
     produce: Callable[[], torch.Tensor]
+
+
+def tensor_source(name: str, tensor: torch.Tensor) -> WeightSource:
+    """`tensor` written under `name`: its whole value (a DTensor's gathered, a collective; a plain tensor as it is)."""
+    return WeightSource(name, tensor.numel() * tensor.element_size(), lambda: full(tensor).detach())
 
 
 @dataclass(frozen=True)
