@@ -7,6 +7,7 @@ compares it with the same config trained in this process."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,8 @@ from helpers import KILL_AT_CALL, read_jsonl, save_tiny, save_tiny_reward_model
 from safetensors.torch import load_file
 
 from grpokit.config import GRPOConfig, load_yaml
-from grpokit.runtime.checkpoint import list_checkpoints
+from grpokit.runtime.checkpoint import PROVENANCE, list_checkpoints
+from grpokit.runtime.weight_files import INDEX_NAME, read_weight_files, weight_files
 from grpokit.stages.grpo import GRPOTrainer
 
 TESTS = Path(__file__).resolve().parent
@@ -32,8 +34,10 @@ LORA = {"lora": {"r": 4, "alpha": 8.0}}
 REUSE = {"num_iterations": 2, "minibatch_size": 4}  # mu = 2, two minibatches: spread unevenly over the ranks
 # the high-entropy selection's threshold and the entropy bonus's normalizer, both over every rank's tokens
 ENTROPY_TERMS = {"top_entropy_quantile": 0.5, "entropy_coef": 0.01}
+SMALL_SHARDS = {"max_shard_size": "40KB"}  # the tiny Llama's final model in 5 files and an index
 # (mode, loss type) -> what else the case turns on
 EXTRAS = {
+    ("fsdp", "grpo"): SMALL_SHARDS,  # (with LoRA by default: merged module by module as the shards are written)
     ("ddp", "dapo"): {"scale_rewards": "batch"},
     ("ddp", "dr_grpo"): {**REUSE, **ENTROPY_TERMS},
     ("fsdp", "dapo"): {**REUSE, **ENTROPY_TERMS},
@@ -118,7 +122,8 @@ def completions(run: Path) -> list[tuple[int, str, str]]:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "model" / "model.safetensors")
+    """The final model's tensors: one model.safetensors or the shards its index names."""
+    return dict(read_weight_files(run / "model"))
 
 
 def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -154,9 +159,10 @@ def test_two_ranks_train_as_one_process(case, llama_path, tmp_path):
 def test_killed_two_rank_run_resumes_on_two_ranks_and_on_one(mode, llama_path, tmp_path):
     """kill -9 of the whole launch (torchrun and both ranks) in step 3, after the checkpoint of step 2: the run
     resumed on 2 ranks ends where the straight run ends; the same checkpoint resumed in one process continues
-    with the same data and draws."""
+    with the same data and draws. In small shards: a ddp checkpoint's weights are an index and shards; under fsdp
+    the final model is written tensor by tensor, in the files one process writes, rank 0 never holding it whole."""
     reward = {"reward_funcs": ["helpers:digit_share_or_kill"]}
-    config = write_config(tmp_path, llama_path, max_steps=4, save_every=2, distributed=mode, **reward)
+    config = write_config(tmp_path, llama_path, max_steps=4, save_every=2, distributed=mode, **reward, **SMALL_SHARDS)
     straight = one_process(config, tmp_path / "straight")
 
     # the reward function's 3rd call on a rank is in step 3: it SIGKILLs the launch's process group
@@ -165,6 +171,7 @@ def test_killed_two_rank_run_resumes_on_two_ranks_and_on_one(mode, llama_path, t
     run = tmp_path / "run"
     assert [step for step, _ in list_checkpoints(run)] == [2]
     assert (run / "checkpoint-2" / "shards").is_dir() == (mode == "fsdp")  # FSDP's: torch.distributed.checkpoint
+    assert len(weight_files(run / "checkpoint-2")) == (5 if mode == "ddp" else 0)  # ddp's: save_pretrained's shards
     assert max(r["step"] for r in read_jsonl(run / "metrics.jsonl")) == 2  # it died in step 3
     one_rank = tmp_path / "one-rank"
     shutil.copytree(run, one_rank)
@@ -172,6 +179,12 @@ def test_killed_two_rank_run_resumes_on_two_ranks_and_on_one(mode, llama_path, t
     launch(config, "--resume-from-checkpoint", "latest")
     assert completions(run) == completions(straight)
     assert max_relative_difference(weights(run), weights(straight)) <= 1e-5
+    files = [[p.name for p in weight_files(folder / "model")] for folder in (run, straight)]
+    assert files[0] == files[1] and len(files[0]) == 5  # the layout one process writes, its index too
+    assert (run / "model" / INDEX_NAME).read_text() == (straight / "model" / INDEX_NAME).read_text()
+    written = json.loads((run / "model" / PROVENANCE).read_text()).get("weights")
+    if mode == "fsdp":  # the streaming writer's own count: at most one 40 KB shard of the 143 KB held at once
+        assert written["files"] == 5 and written["largest_held"] <= 40_000 < written["total_size"] / 3
 
     one_process(config, one_rank, resume_from_checkpoint="latest")
     assert completions(one_rank) == completions(straight)

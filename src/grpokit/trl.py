@@ -772,6 +772,7 @@ class GRPOTrainer:
             target,
             self.trainer.tokenizer,
             lora_form=lora_form,
+            max_shard_size=self.trainer.cfg.max_shard_size,
             overwrite=target.resolve() in own or saved_here,
         )
         self._saved.add(Path(folder).resolve())

@@ -27,6 +27,7 @@ from grpokit.core.types import (  # defined there, so that lower layers use them
     InputWarning,
     check_path_length,
 )
+from grpokit.runtime.weight_files import MAX_SHARD_SIZE, shard_size_bytes
 
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo"]
 # the settings of the loss types beyond the clipped surrogate and of its switches (TRL's names), as algo.per_token_loss
@@ -141,6 +142,14 @@ class RunConfig:
     always after the last one; a crash loses at most the steps since (0: only after the last step)."""
     save_total_limit: int = 2
     """Keep the newest this many checkpoints (0 keeps all)."""
+    max_shard_size: str = MAX_SHARD_SIZE
+    """The largest weights file of the final model and of a checkpoint (`save_pretrained`'s max_shard_size): a
+    larger model is written as shards `model-0000K-of-0000N.safetensors` named by `model.safetensors.index.json`,
+    as transformers writes them (a tensor larger than this gets a file of its own); a smaller one as one
+    `model.safetensors`. A number and a unit: KB, MB, GB, TB (powers of 1000). 5GB, the Hub's usual shard, rather
+    than transformers 5's 50GB: under `distributed: fsdp` rank 0 gathers and holds one shard at a time while it
+    writes the final model. (Checkpoints under fsdp are torch.distributed.checkpoint's shards; a LoRA adapter is one
+    small file.)"""
     resume_from_checkpoint: str | None = None
     """`latest` (the newest complete checkpoint in output_dir; an error when there is none) or a checkpoint
     folder of output_dir: the run continues exactly where that checkpoint left it. The checkpoint must be this
@@ -217,6 +226,7 @@ class RunConfig:
         )
         _require(self.save_every >= 0, "save_every", "must be >= 0")
         _require(self.save_total_limit >= 0, "save_total_limit", "must be >= 0")
+        _check_shard_size(self.max_shard_size)
         _require(
             self.resume_from_checkpoint is None or self.resume_from_checkpoint != "",
             "resume_from_checkpoint",
@@ -1333,6 +1343,18 @@ def _warn_if_step_overwrites_weights(rate: float | None, name: str) -> None:
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config field `{name}` {message}")
+
+
+def _check_shard_size(size: str) -> None:
+    """`max_shard_size` is a size save_pretrained reads the same way (checked now: a bad one would fail only when
+    the first weights are written)."""
+    try:
+        shard_size_bytes(size)
+    except ValueError:
+        raise ConfigError(
+            f"config field `max_shard_size` is {size!r}: give a number and a unit, e.g. 5GB or 500MB (KB, MB, GB, TB: "
+            "powers of 1000, as save_pretrained reads them)"
+        ) from None
 
 
 def _check_types(cfg: Any, prefix: str = "") -> None:

@@ -227,7 +227,10 @@ def check_model_source(path, *, field: str = "model", tokenizer: bool = True, ki
         raise ModelFolderError(f"{prefix} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
     for name in weights:
         if name.endswith(".index.json"):
-            shards = set(json.loads((path / name).read_text()).get("weight_map", {}).values())
+            try:
+                shards = set(json.loads((path / name).read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ModelFolderError(f"{prefix}: {name} is not an index (JSON with a `weight_map`)") from None
             lost = sorted(shard for shard in shards if shard not in names)
             if lost:
                 raise ModelFolderError(f"{prefix}: {name} lists {lost[0]}, which is missing ({len(lost)} missing)")

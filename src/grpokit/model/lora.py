@@ -8,6 +8,7 @@ LoRA the reference is a full frozen copy, which `sync_reference` can pull toward
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import warnings
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ import torch
 
 from grpokit.core.types import ConfigError
 from grpokit.runtime.checkpoint import atomic_folder, save_model
+from grpokit.runtime.distributed import full
+from grpokit.runtime.weight_files import MAX_SHARD_SIZE, WeightSource, tensor_source
 
 
 class LoRASpec(Protocol):
@@ -102,6 +105,7 @@ def save_policy(
     base_path: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     overwrite: bool = False,
+    max_shard_size: str | int = MAX_SHARD_SIZE,
 ) -> Path:
     """Save a LoRA policy atomically (a temporary folder, then a rename), as `checkpoint.save_model` does.
 
@@ -116,14 +120,16 @@ def save_policy(
     config's `base_model_name_or_path` is `base_path` (default: the folder the base was loaded from),
     made absolute when it is a local folder so the adapter loads from any working directory.
 
-    `state_dict`: the model's whole state dict gathered from its shards (FSDP), used instead of its tensors.
-    `overwrite`: an existing `path` is replaced only when it is a model folder grpokit wrote and this is set.
+    `state_dict`: the model's state dict gathered from its shards (FSDP), used instead of its tensors (for
+    `adapter`, the adapters' alone suffice). `overwrite`: an existing `path` is replaced only when it is a model
+    folder grpokit wrote and this is set. `max_shard_size`: the merged model's largest file (`save_model`).
     """
     if not uses_lora(model):
         raise ValueError("save_policy needs a model with LoRA adapters; use grpokit.runtime.checkpoint.save_model")
     if mode == "merged":
         merged = merged_state_dict(model, state_dict)
-        return save_model(model.get_base_model(), tokenizer, path, state_dict=merged, overwrite=overwrite)
+        base = model.get_base_model()
+        return save_model(base, tokenizer, path, state_dict=merged, overwrite=overwrite, max_shard_size=max_shard_size)
     if mode != "adapter":
         raise ValueError(f"save mode {mode!r}: use 'merged' or 'adapter'")
     peft_config = model.peft_config[model.active_adapter]
@@ -174,6 +180,47 @@ def merged_state_dict(model: Any, gathered: dict[str, torch.Tensor] | None = Non
                 merged += (delta * module.scaling[adapter]).to(merged.dtype)
         state[f"{name}.weight"] = merged
     return state
+
+
+def merged_sources(model: Any, dropped: set[str]) -> list[WeightSource]:
+    """`merged_state_dict`'s tensors, in its order, each made only when written (`weight_files.write_weight_files`):
+    under FSDP one adapted weight is gathered with its adapters and merged at a time, W + scaling * B @ A, as
+    `merged_state_dict` merges gathered pieces; an unadapted tensor is gathered as it is. `dropped`: the base model's
+    state-dict names not to write (the second name of a tied weight)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    state = base.state_dict()  # under FSDP each rank's shards: nothing gathered yet
+    adapted = {
+        f"{name}.base_layer.weight": (name, module)
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer) and not module.merged
+    }
+    sources = []
+    for key, tensor in state.items():
+        if ".lora_" in key or key in dropped:  # lora_A / lora_B / ...: the adapters themselves
+            continue
+        source = tensor_source(key.replace(".base_layer.", "."), tensor)
+        if key in adapted:
+            source = dataclasses.replace(source, produce=_merged_weight(state, *adapted[key]))
+        sources.append(source)
+    return sources
+
+
+def _merged_weight(state: dict[str, torch.Tensor], name: str, module: Any) -> Any:
+    @torch.no_grad()
+    def produce() -> torch.Tensor:
+        weight = state[f"{name}.base_layer.weight"]
+        merged = full(weight).detach()
+        merged = merged if hasattr(weight, "full_tensor") else merged.clone()  # a plain tensor is the live weight
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                delta = full(state[f"{name}.lora_B.{adapter}.weight"]) @ full(state[f"{name}.lora_A.{adapter}.weight"])
+                delta = delta.T if module.fan_in_fan_out else delta
+                merged += (delta * module.scaling[adapter]).to(merged.dtype)
+        return merged
+
+    return produce
 
 
 @torch.no_grad()

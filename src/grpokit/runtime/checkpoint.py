@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from grpokit.runtime.weight_files import MAX_SHARD_SIZE, shard_size_bytes
+
 MARKER = "checkpoint_complete.json"  # written last: a checkpoint folder without it is never loaded
 # In every model folder grpokit writes: its kind, so a later write can tell grpokit's own folder (which it may
 # replace when asked) from a user's (which it never replaces). Hidden: `from_pretrained` and the hub ignore it.
@@ -73,6 +75,7 @@ RESUMABLE_CHANGES = frozenset(
         "distributed",  # how ranks share the work, not what it computes
         "ddp_timeout",  # how long a rank waits for the others
         "num_threads",  # how many CPU threads compute it (rounding may differ; config.yaml records the new count)
+        "max_shard_size",  # how the weights are cut into files, not what they are
     }
 )
 
@@ -313,7 +316,12 @@ def check_replaceable(path: str | Path, kind: str, *, overwrite: bool, what: str
 
 @contextlib.contextmanager
 def atomic_folder(
-    path: str | Path, *, marker: dict[str, Any] | None = None, kind: str | None = None, overwrite: bool = False
+    path: str | Path,
+    *,
+    marker: dict[str, Any] | None = None,
+    kind: str | None = None,
+    overwrite: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> Iterator[Path]:
     """Yields a temporary folder to write into; on success it replaces `path` in one rename.
 
@@ -324,7 +332,8 @@ def atomic_folder(
 
     `kind` (`model`): the folder is marked as grpokit's (PROVENANCE), and an existing `path` is replaced only as
     `check_replaceable` allows, checked before the first byte and again before the swap. Without `kind`, `path`
-    is the caller's own (a checkpoint-STEP of the run directory it holds locked).
+    is the caller's own (a checkpoint-STEP of the run directory it holds locked). `provenance`: more entries for
+    PROVENANCE, read when the block ends (the block may fill them in: how its weights were written).
     """
     path = Path(os.path.abspath(path))  # `.` has no name to put a temporary one beside
     if kind is not None:
@@ -341,7 +350,8 @@ def atomic_folder(
 
                 # the names it holds: a later replace finds a file a user added (a model card) and keeps it
                 written = sorted(p.name for p in tmp.iterdir())
-                (tmp / PROVENANCE).write_text(json.dumps({"kind": kind, "grpokit": __version__, "files": written}))
+                record = {"kind": kind, "grpokit": __version__, "files": written, **(provenance or {})}
+                (tmp / PROVENANCE).write_text(json.dumps(record))
             _fsync_tree(tmp)
             if marker is not None:
                 # with the names it holds: pruning or a rewrite finds a file a user added later, and keeps it
@@ -392,13 +402,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_model(
-    model: Any, tokenizer: Any, path: str | Path, *, state_dict: dict | None = None, overwrite: bool = False
+    model: Any,
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    state_dict: dict | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = MAX_SHARD_SIZE,
 ) -> Path:
-    """`save_pretrained` (weights from `state_dict` when given) and the tokenizer, atomically, as a model folder
-    grpokit wrote. An existing `path` is replaced only when it is empty, or a model folder grpokit wrote and
-    `overwrite` is set; anything else is refused untouched (OutputExistsError)."""
+    """`save_pretrained` (weights from `state_dict` when given; files of at most `max_shard_size`, a larger model in
+    shards and an index: `weight_files`) and the tokenizer, atomically, as a model folder grpokit wrote. An existing
+    `path` is replaced only when it is empty, or a model folder grpokit wrote and `overwrite` is set; anything else
+    is refused untouched (OutputExistsError)."""
+    limit = shard_size_bytes(max_shard_size)
     with atomic_folder(path, kind="model", overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, max_shard_size=limit)
         tokenizer.save_pretrained(tmp)
     return Path(path)
 

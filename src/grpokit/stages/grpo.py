@@ -288,7 +288,8 @@ class GRPOTrainer:
     def save(self, folder: Path) -> Path:
         """What goes beside the model first (a run folder with model/ holds all the run wrote), then the model."""
         self.save_beside_model(folder)
-        return save_trained(self.policy, folder / "model", self.tokenizer, lora_form=self.cfg.lora.save, overwrite=True)
+        form = {"lora_form": self.cfg.lora.save, "max_shard_size": self.cfg.max_shard_size}
+        return save_trained(self.policy, folder / "model", self.tokenizer, overwrite=True, **form)
 
     def save_beside_model(self, out: Path) -> None:
         """What a stage saves beside the final model, inside the run folder's guard (a refused write says what was
@@ -297,7 +298,8 @@ class GRPOTrainer:
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         """checkpoint-STEP: the policy's weights (or the adapter), optimizer, schedule, every RNG, `stage_state`."""
         state, policy, shuffle = self.stage_state(), self.policy, self.shuffle_generator
-        return write_policy_checkpoint(policy, run, step, self.tokenizer, state, beside=self.beside, shuffle=shuffle)
+        return write_policy_checkpoint(policy, run, step, self.tokenizer, state, max_shard_size=self.cfg.max_shard_size,
+                                       beside=self.beside, shuffle=shuffle)  # fmt: skip
 
     def stage_state(self) -> dict[str, Any]:
         """The rest of a checkpoint: the prompt order and its position, the monitors, the evaluations so far."""

@@ -33,6 +33,7 @@ from grpokit.model.saving import resume_policy, save_trained, write_policy_check
 from grpokit.report.runlog import RunLog
 from grpokit.rewards.scorer import encode_texts, sequence_rewards
 from grpokit.runtime.checkpoint import RunDirectory
+from grpokit.runtime.weight_files import MAX_SHARD_SIZE
 from grpokit.stages.arguments import python_arguments
 from grpokit.stages.loop import LoopSettings, StepReport, run_stage
 from grpokit.stages.setup import RunSetup, stage_policy
@@ -262,6 +263,7 @@ def train_reward_model(
     stage = RewardModelStage(
         policy, tokenizer, train_examples, eval_examples, eval_kinds, batch_size=cfg.batch_size, seed=cfg.seed,
         max_steps=cfg.max_steps, margin=margin, center_coefficient=cfg.center_rewards_coefficient,
+        max_shard_size=cfg.max_shard_size,
     )  # fmt: skip
     settings = LoopSettings("reward-model", cfg.max_steps, cfg.save_every, cfg.progress, record=asdict(cfg))
     model_dir = run_stage(stage, run_dir, settings)
@@ -286,8 +288,11 @@ class RewardModelStage:
         max_steps: int,
         margin: bool,
         center_coefficient: float | None,
+        max_shard_size: str = MAX_SHARD_SIZE,
     ):
+        """`max_shard_size`: the largest weights file of a checkpoint and of the final model."""
         self.policy, self.tokenizer, self.batch_size, self.max_steps = policy, tokenizer, batch_size, max_steps
+        self.max_shard_size = max_shard_size
         self.train_examples, self.eval_examples, self.eval_kinds = train_examples, eval_examples, eval_kinds
         self.margin, self.center_coefficient = margin, center_coefficient
         self.pair_order = ShuffledEpochs(len(train_examples), seed)
@@ -329,7 +334,7 @@ class RewardModelStage:
 
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         stage = {"pair_order": self.pair_order.state_dict(), "metrics": self.metrics}
-        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, stage)
+        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, stage, self.max_shard_size)
 
     def finish(self, log: RunLog | None, step: int) -> None:
         if not self.eval_examples:
@@ -342,4 +347,5 @@ class RewardModelStage:
         self.eval_accuracy = eval_metrics["eval/pairwise_accuracy"]
 
     def save(self, folder: Path) -> Path:
-        return save_trained(self.policy, folder / "model", self.tokenizer, overwrite=True)  # the run's own
+        shards = self.max_shard_size
+        return save_trained(self.policy, folder / "model", self.tokenizer, max_shard_size=shards, overwrite=True)

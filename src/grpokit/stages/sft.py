@@ -32,6 +32,7 @@ from grpokit.model.policy import Policy
 from grpokit.model.saving import resume_policy, save_trained, write_policy_checkpoint
 from grpokit.report.runlog import RunLog
 from grpokit.runtime.checkpoint import RunDirectory, python_random_state
+from grpokit.runtime.weight_files import MAX_SHARD_SIZE
 from grpokit.stages.arguments import python_arguments
 from grpokit.stages.loop import LoopSettings, StepReport, run_stage
 from grpokit.stages.setup import RunSetup, stage_policy
@@ -161,8 +162,9 @@ def train_sft(
         "`max_completion_length`)",
     )
     stage = SFTStage(
-        policy, tokenizer, examples, eval_examples, batch_size=cfg.batch_size, seed=cfg.seed, max_steps=cfg.max_steps
-    )
+        policy, tokenizer, examples, eval_examples, batch_size=cfg.batch_size, seed=cfg.seed, max_steps=cfg.max_steps,
+        max_shard_size=cfg.max_shard_size,
+    )  # fmt: skip
     settings = LoopSettings("sft", cfg.max_steps, cfg.save_every, cfg.progress, record=asdict(cfg))
     return run_stage(stage, run_dir, settings)
 
@@ -181,9 +183,12 @@ class SFTStage:
         batch_size: int,
         seed: int,
         max_steps: int,
+        max_shard_size: str = MAX_SHARD_SIZE,
     ):
+        """`max_shard_size`: the largest weights file of a checkpoint and of the final model."""
         self.policy, self.tokenizer, self.batch_size, self.max_steps = policy, tokenizer, batch_size, max_steps
         self.examples, self.eval_examples = examples, eval_examples
+        self.max_shard_size = max_shard_size
         self.batch_rng = random.Random(seed)
 
     def resume(self, checkpoint: Path) -> int:
@@ -206,7 +211,8 @@ class SFTStage:
         return StepReport(metrics, postfix={"loss": f"{metrics['loss']:.4f}"})
 
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
-        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, {"batch_rng": self.batch_rng.getstate()})
+        stage = {"batch_rng": self.batch_rng.getstate()}
+        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, stage, self.max_shard_size)
 
     def finish(self, log: RunLog | None, step: int) -> None:
         if self.eval_examples and log is not None:
@@ -215,4 +221,5 @@ class SFTStage:
             log.log(step, {"eval/loss": eval_loss})
 
     def save(self, folder: Path) -> Path:
-        return save_trained(self.policy, folder / "model", self.tokenizer, overwrite=True)  # the run's own
+        shards = self.max_shard_size
+        return save_trained(self.policy, folder / "model", self.tokenizer, max_shard_size=shards, overwrite=True)
