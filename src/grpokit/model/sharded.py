@@ -38,9 +38,7 @@ from grpokit.model.loading import (
 )
 from grpokit.model.lora import LoRASpec, apply_lora
 from grpokit.runtime.distributed import Cluster, shard_of
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+from grpokit.runtime.weight_files import INDEX_NAME, WEIGHTS_NAME, weight_files
 
 
 def training_model(model: Any, path: Any, device: Any, cluster: Cluster, *, field: str = "model") -> torch.nn.Module:
@@ -82,7 +80,7 @@ def sharded_source(path: Any, *, field: str = "model") -> tuple[Path | None, str
         return None, f"{path} is a LoRA adapter folder, merged into its base model as it loads"
     files = weight_files(folder)
     if not files:
-        return None, f"{path} holds no safetensors weights ({SINGLE} or {INDEX} can be read shard by shard)"
+        return None, f"{path} holds no safetensors weights ({WEIGHTS_NAME} or {INDEX_NAME} can be read shard by shard)"
     others = sorted(n for n in names if n.endswith(".safetensors") and n not in {f.name for f in files})
     if others:
         return None, f"{path} holds safetensors files its weights do not list ({others[0]})"
@@ -105,13 +103,6 @@ def local_folder(path: Any) -> Path | None:
         return Path(snapshot_download(str(path), local_files_only=True))
     except Exception:  # huggingface_hub's "not in the cache" errors differ between its versions
         return None
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files holding a folder's weights: its index's shards, or its one model.safetensors."""
-    if (folder / INDEX).is_file():
-        return [folder / name for name in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))]
-    return [folder / SINGLE] if (folder / SINGLE).is_file() else []
 
 
 def file_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
