@@ -139,7 +139,10 @@ def test_two_ranks_train_as_one_process(case, llama_path, tmp_path):
         folder = str(save_tiny_reward_model(tmp_path / "rm"))
         overrides["reward_funcs"] = [folder if f == "REWARD_MODEL" else f for f in overrides["reward_funcs"]]
     config = write_config(tmp_path, llama_path, **overrides)
-    launch(config)
+    proc = launch(config)
+    if overrides["distributed"] == "fsdp":  # no rank loaded the whole model: each read its rows from the file
+        assert "every rank loads the whole model" not in proc.stderr
+        assert "grpokit: distributed fsdp: each rank read its own rows of" in proc.stderr
     split, whole = tmp_path / "run", one_process(config, tmp_path / "whole")
     assert len(completions(whole)) == 3 * 4 * 2
     assert completions(split) == completions(whole)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import HIDDEN, build_char_tokenizer, tiny_model
 from safetensors.torch import load_file, save_file
-from test_distributed import completions, launch, max_relative_difference, one_process, weights, write_config
+from test_distributed import ALL, completions, launch, max_relative_difference, one_process, weights, write_config
 
 from grpokit.model.loading import ModelFolderError, load_model
 from grpokit.model.logprobs import completion_logprobs
@@ -181,7 +181,12 @@ def shares(output: str) -> dict[str, list[float]]:
     "case",
     [
         pytest.param({"beta": 0.04}, id="tied-reference"),
-        pytest.param({"beta": 0.04, "lora": {"r": 4, "alpha": 8.0}, "gradient_checkpointing": True}, id="lora"),
+        # LoRA over a sharded start also runs in test_distributed.py's fsdp-*-lora cases (from one file there)
+        pytest.param(
+            {"beta": 0.04, "lora": {"r": 4, "alpha": 8.0}, "gradient_checkpointing": True},
+            id="lora",
+            marks=[] if ALL else [pytest.mark.skip("GRPOKIT_DISTRIBUTED_ALL=1")],
+        ),
     ],
 )
 def test_two_ranks_started_shard_by_shard_train_as_one_process(case, sharded_llama, tmp_path):
