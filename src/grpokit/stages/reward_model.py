@@ -334,7 +334,8 @@ class RewardModelStage:
 
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         stage = {"pair_order": self.pair_order.state_dict(), "metrics": self.metrics}
-        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, stage, self.max_shard_size)
+        shard_size = self.max_shard_size
+        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, stage, max_shard_size=shard_size)
 
     def finish(self, log: RunLog | None, step: int) -> None:
         if not self.eval_examples:

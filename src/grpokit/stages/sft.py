@@ -212,7 +212,8 @@ class SFTStage:
 
     def write_checkpoint(self, run: RunDirectory, step: int) -> Path:
         stage = {"batch_rng": self.batch_rng.getstate()}
-        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, stage, self.max_shard_size)
+        shard_size = self.max_shard_size
+        return write_policy_checkpoint(self.policy, run, step, self.tokenizer, stage, max_shard_size=shard_size)
 
     def finish(self, log: RunLog | None, step: int) -> None:
         if self.eval_examples and log is not None:
