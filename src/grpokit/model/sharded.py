@@ -19,6 +19,7 @@ tensors transformers converts as it loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -269,7 +270,10 @@ def own_rows(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def slice_reader(path: Path) -> Any:
     """torch.distributed.checkpoint's reader of a Hugging Face safetensors folder, counting the bytes it reads
-    (`bytes_read`): each read is the slice of one tensor that this rank holds (`get_slice`), never the whole tensor."""
+    (`bytes_read`): each read is the slice of one tensor that this rank holds (`get_slice`), never the whole tensor.
+    One slice per opening of its file: safetensors maps the file, and every page a read touches stays in the
+    process's resident memory until the file is closed, so the library's one opening per file would leave a rank
+    holding all its slices twice (its shards, and the mapped pages they came from) by the end of the file."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     class SliceReader(HuggingFaceStorageReader):
@@ -278,7 +282,10 @@ def slice_reader(path: Path) -> Any:
         def read_data(self, plan, planner):
             for item in plan.items:
                 self.bytes_read += math.prod(item.lengths) * self.storage_data[item.storage_index].dtype.itemsize
-            return super().read_data(plan, planner)
+                super().read_data(dataclasses.replace(plan, items=[item]), planner).wait()
+            done: torch.futures.Future[None] = torch.futures.Future()
+            done.set_result(None)
+            return done
 
     return SliceReader(str(path))
 
