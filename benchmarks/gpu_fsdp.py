@@ -25,11 +25,9 @@ What it measures, for each model size (`--sizes`: qwen2-0.5b, qwen2-1.5b), each 
   character tokenizer widened to 151,936 ids, handed in as an object with no EOS id, so every row writes
   `--new-tokens` tokens (equal work in every step);
 - `none`: one process, `distributed` at its default (no process group: grpokit's single-process path);
-- `fsdp`: the same process inside a 1-rank process group (NCCL; gloo in smoke) with `distributed: fsdp`. grpokit
-  never shards at world size 1 (`Cluster.sharded` needs world size > 1: `torchrun --nproc_per_node 1` with
-  `distributed: fsdp` runs the single-process path, so it would measure `none` again). To measure FSDP2 on one GPU
-  the trainer is built with a `Cluster` of world size 1 that is `active` (OneRankCluster below: the 1-rank group
-  this script made), so every FSDP code path runs (fully_shard, the whole-model gather per rollout, the gathers
+- `fsdp`: the same process inside a 1-rank process group (NCCL; gloo in smoke) with `distributed: fsdp`, which
+  grpokit runs as FSDP over one rank (as under `torchrun --nproc_per_node 1`), so every FSDP code path runs
+  (fully_shard, the whole-model gather per rollout, the gathers
   per forward and backward, the reduce-scatter of the gradients, AdamW on DTensor shards) with one rank holding
   every shard: the figures are FSDP's overhead on one GPU, not a saving (that needs more ranks). It is checked:
   the trainer must report sharded, else the script stops;
@@ -64,7 +62,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -97,32 +94,11 @@ KIB_PER_GIB = 2**20
 # ---------------------------------------------------------------- FSDP on one rank
 
 
-def one_rank_cluster_class():
-    """A `Cluster` of world size 1 that is `active` (the 1-rank process group `one_rank_fsdp` made), so that
-    `sharded` holds under `distributed: fsdp`; grpokit's own `Cluster.from_env` returns a single process there."""
-    from grpokit.runtime.distributed import Cluster
-
-    class OneRankCluster(Cluster):
-        @property
-        def active(self) -> bool:
-            return True
-
-        @classmethod
-        def from_env(cls, mode: str = "ddp", **_: object) -> Cluster:  # (prompts_per_step: 1 rank splits any)
-            if mode != "fsdp":
-                raise ValueError(f"OneRankCluster is for distributed: fsdp, not {mode!r}")
-            return cls(rank=0, world_size=1, local_rank=0, mode=mode, owns_group=False)
-
-    return OneRankCluster
-
-
 @contextlib.contextmanager
 def one_rank_fsdp(device: torch.device):
-    """Inside: a 1-rank process group (NCCL on a GPU, gloo on a CPU) and GRPOTrainer building its cluster as a
-    OneRankCluster. The patch is this script's only way in: GRPOTrainer calls `Cluster.from_env` itself."""
+    """Inside: a 1-rank process group (NCCL on a GPU, gloo on a CPU), which `Cluster.from_env` joins under
+    `distributed: fsdp` as FSDP over one rank (what `torchrun --nproc_per_node 1` gives)."""
     import torch.distributed as dist
-
-    import grpokit.stages.grpo as grpo_stage
 
     with socket.socket() as s:  # a free port for the group's store (loopback: nothing leaves the machine)
         s.bind(("127.0.0.1", 0))
@@ -132,8 +108,7 @@ def one_rank_fsdp(device: torch.device):
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        with mock.patch.object(grpo_stage, "Cluster", one_rank_cluster_class()):
-            yield
+        yield
     finally:
         dist.destroy_process_group()
 
@@ -301,7 +276,7 @@ def main() -> None:
             "device": str(device),
             "beta": 0.04,
             "max_tokens_per_micro_batch": args.micro_tokens or None,
-            "fsdp": "a 1-rank process group; the trainer's Cluster active at world size 1 (OneRankCluster)",
+            "fsdp": "a 1-rank process group, distributed: fsdp (FSDP over one rank)",
             "equal_work": "the tokenizer has no EOS id (eos_token_id = []): every row writes new_tokens tokens",
         },
         "models": {},

@@ -31,7 +31,8 @@ from grpokit.model.sharded import (
 from grpokit.runtime.distributed import Cluster, shard, shard_of
 
 LORA = SimpleNamespace(r=4, alpha=8.0, dropout=0.0, target_modules=["all-linear"])
-FSDP_PAIR = Cluster(rank=0, world_size=2, mode="fsdp")  # rank 0 of two, as training_model sees it (no collective)
+# rank 0 of two, as training_model sees it (no collective)
+FSDP_PAIR = Cluster(rank=0, world_size=2, mode="fsdp", grouped=True)
 
 
 def save_in_shards(path: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
@@ -213,3 +214,22 @@ def sharded_llama_whole(folder: Path) -> Path:
             tensors.update(load_file(path))
         save_file(tensors, whole)
     return whole
+
+
+def test_fsdp_on_one_rank_shards_over_a_group_of_one_and_trains_as_without_it(sharded_llama, one_rank_group, tmp_path):
+    """`torchrun --nproc_per_node 1` with `distributed: fsdp` (here: a process group of one made by the caller) is
+    FSDP over one rank, as accelerate's FSDP on one GPU: the sharded start and FSDP's units, not a silent plain run
+    (a GPU measures FSDP's own cost so); its steps are the plain run's (the same sums over one rank)."""
+    from grpokit.config import GRPOConfig, load_yaml
+    from grpokit.stages.grpo import GRPOTrainer
+
+    assert Cluster.from_env("fsdp").sharded and not Cluster.from_env("ddp").sharded
+    config = write_config(tmp_path, sharded_llama, beta=0.04)
+    cfg = load_yaml(GRPOConfig, config)
+    trainer = GRPOTrainer(GRPOConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "fsdp"), "distributed": "fsdp"}))
+    assert len(trainer.policy.fsdp_roots) == 2  # the policy and its reference, each read from the files
+    trainer.train()
+    plain = one_process(config, tmp_path / "plain")
+    assert completions(tmp_path / "fsdp") == completions(plain)
+    assert max_relative_difference(weights(plain), load_file(sharded_llama_whole(sharded_llama))) > 1e-4  # trained
+    assert max_relative_difference(weights(tmp_path / "fsdp"), weights(plain)) <= 1e-5

@@ -63,6 +63,7 @@ class Cluster:
     owns_group: bool = False  # this object initialised the process group, so `close` destroys it
     timeout_s: float = 1800.0  # how long a collective waits for the slowest rank before it fails (`ddp_timeout`)
     lost: str | None = None  # why the group broke (`lost_rank`): `close` then leaves it without a last barrier
+    grouped: bool = False  # in a process group (a launch's, perhaps of one rank: FSDP over one)
 
     @classmethod
     def from_env(cls, mode: str = "ddp", *, prompts_per_step: int | None = None, timeout_s: float = 1800.0) -> Cluster:
@@ -73,26 +74,30 @@ class Cluster:
         if mode not in MODES:
             raise DistributedError(f"config field `distributed`: unknown mode {mode!r}; expected one of {MODES}")
         world_size = int(os.environ.get(WORLD_ENV, "1"))
-        if world_size <= 1:
+        import torch.distributed as dist
+
+        # FSDP on one rank (`torchrun --nproc_per_node 1`, or a process group of one the caller made) shards over
+        # a group of one, as accelerate's FSDP on one GPU does: the same code path as more ranks, nothing saved
+        group_of_one = dist.is_initialized() and dist.get_world_size() == 1
+        one_rank_fsdp = mode == "fsdp" and ("RANK" in os.environ or group_of_one)
+        if world_size <= 1 and not one_rank_fsdp:
             return cls()
         if prompts_per_step is not None:
             cls(world_size=world_size).share(prompts_per_step)
-        import torch.distributed as dist
-
+        owns = not dist.is_initialized()
         missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
+        if missing and owns:
             raise DistributedError(
                 f"WORLD_SIZE={world_size} but {', '.join(missing)} unset: launch with torchrun --nproc_per_node N"
             )
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        owns = not dist.is_initialized()
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         if owns:
             if torch.cuda.is_available():
                 torch.cuda.set_device(local_rank)
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         return cls(rank=rank, world_size=world_size, local_rank=local_rank, mode=mode, owns_group=owns,
-                   timeout_s=timeout_s)  # fmt: skip
+                   timeout_s=timeout_s, grouped=True)  # fmt: skip
 
     @property
     def is_main(self) -> bool:
@@ -105,8 +110,8 @@ class Cluster:
 
     @property
     def sharded(self) -> bool:
-        """FSDP2: the weights, gradients and optimizer state are split over the ranks."""
-        return self.active and self.mode == "fsdp"
+        """FSDP2: the weights, gradients and optimizer state are split over the ranks (over one: `from_env`)."""
+        return self.grouped and self.mode == "fsdp"
 
     def device(self, name: str) -> torch.device:
         """The config's device for this rank: `auto` or `cuda` becomes this rank's own GPU (cuda:LOCAL_RANK)."""
