@@ -146,6 +146,11 @@ def test_a_failed_collective_names_the_rank_that_left_and_other_errors_are_not_t
     assert "rank 1 did not answer within ddp_timeout = 5 s" in two.lost_rank(RuntimeError(GLOO_TIMEOUT))
     assert four.lost_rank(RuntimeError(GLOO_RESET)).startswith("rank 2 of 4: another rank (torchrun's summary")
     assert two.lost is not None and four.lost is not None  # `close` leaves a broken group without its barrier
-    for other in (RuntimeError("CUDA out of memory"), ValueError(GLOO_RESET)):
+    from grpokit.model.policy import NumericsError
+    from grpokit.rewards.functions import RewardError
+
+    # grpokit's own errors (RuntimeError subclasses) quoting a reset connection: a reward's, not a lost rank
+    reward_reset = RewardError(f"reward function `judge` raised ConnectionResetError: {GLOO_RESET}")
+    for other in (RuntimeError("CUDA out of memory"), ValueError(GLOO_RESET), reward_reset, NumericsError(GLOO_RESET)):
         assert Cluster(rank=0, world_size=2).lost_rank(other) is None
     assert Cluster().lost_rank(RuntimeError(GLOO_RESET)) is None  # one process: no rank to lose

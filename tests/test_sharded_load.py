@@ -6,6 +6,7 @@ run started so equals one process, and each rank read about half of the files.""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,8 +32,8 @@ from grpokit.model.sharded import (
 from grpokit.runtime.distributed import Cluster, shard, shard_of
 
 LORA = SimpleNamespace(r=4, alpha=8.0, dropout=0.0, target_modules=["all-linear"])
-# rank 0 of two, as training_model sees it (no collective)
-FSDP_PAIR = Cluster(rank=0, world_size=2, mode="fsdp", grouped=True)
+# FSDP over one rank, as training_model sees it (its collectives are the identity)
+FSDP_ONE = Cluster(rank=0, world_size=1, mode="fsdp", grouped=True)
 
 
 def save_in_shards(path: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
@@ -131,12 +132,12 @@ def test_what_cannot_be_read_shard_by_shard_loads_whole_and_says_why(tmp_path, c
     from test_model_folders import write_tiny_gguf
 
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")  # (skips without the `gguf` package)
-    model = training_model(None, gguf, "cpu", FSDP_PAIR)
+    model = training_model(None, gguf, "cpu", FSDP_ONE)
     assert not any(p.is_meta for p in model.parameters())
     assert f"every rank loads the whole model, then shards it: {gguf} is a .gguf file" in capsys.readouterr().err
 
     given = tiny_model(build_char_tokenizer(), "llama", hidden_size=HIDDEN)
-    assert training_model(given, None, "cpu", FSDP_PAIR) is given
+    assert training_model(given, None, "cpu", FSDP_ONE) is given
     assert "the model was handed in as an object" in capsys.readouterr().err
     assert training_model(given, None, "cpu", Cluster()) is given  # one process: nothing to say
     assert capsys.readouterr().err == ""
@@ -156,7 +157,7 @@ def test_a_hub_id_is_read_from_its_snapshot_in_the_local_cache(sharded_llama, tm
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert sharded_source("tiny-org/llama") == (snapshot, "")
-    model = training_model(None, "tiny-org/llama", "cpu", FSDP_PAIR)
+    model = training_model(None, "tiny-org/llama", "cpu", FSDP_ONE)
     assert model.name_or_path == "tiny-org/llama" and all(p.is_meta for p in model.parameters())
     folder, why = sharded_source("tiny-org/absent")
     assert folder is None and "tiny-org/absent is not in the local hub cache" in why
@@ -224,7 +225,7 @@ def test_fsdp_on_one_rank_shards_over_a_group_of_one_and_trains_as_without_it(sh
     from grpokit.stages.grpo import GRPOTrainer
 
     assert Cluster.from_env("fsdp").sharded and not Cluster.from_env("ddp").sharded
-    config = write_config(tmp_path, sharded_llama, beta=0.04)
+    config = write_config(tmp_path, sharded_llama, beta=0.04, max_shard_size="40KB")
     cfg = load_yaml(GRPOConfig, config)
     trainer = GRPOTrainer(GRPOConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "fsdp"), "distributed": "fsdp"}))
     assert len(trainer.policy.fsdp_roots) == 2  # the policy and its reference, each read from the files
@@ -233,3 +234,9 @@ def test_fsdp_on_one_rank_shards_over_a_group_of_one_and_trains_as_without_it(sh
     assert completions(tmp_path / "fsdp") == completions(plain)
     assert max_relative_difference(weights(plain), load_file(sharded_llama_whole(sharded_llama))) > 1e-4  # trained
     assert max_relative_difference(weights(tmp_path / "fsdp"), weights(plain)) <= 1e-5
+    # the final model streamed tensor by tensor is cut into the files one process writes
+    index = "model/model.safetensors.index.json"
+    assert (
+        json.loads((tmp_path / "fsdp" / index).read_text())["weight_map"]
+        == json.loads((plain / index).read_text())["weight_map"]
+    )

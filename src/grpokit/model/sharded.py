@@ -45,21 +45,27 @@ from grpokit.runtime.weight_files import INDEX_NAME, WEIGHTS_NAME, weight_files
 def training_model(model: Any, path: Any, device: Any, cluster: Cluster, *, field: str = "model") -> torch.nn.Module:
     """The model a stage trains: `model` handed in, else the one at `path` (`load_model`, float32). Under FSDP
     (`cluster.sharded`) a folder with safetensors weights gives a model on the meta device instead (`meta_model`),
-    whose weights each rank reads shard by shard when `Policy` shards it; anything else loads whole on every rank,
-    and rank 0 prints one line saying why."""
+    whose weights each rank reads shard by shard when `Policy` shards it; anything else (on any rank) loads whole on
+    every rank, and rank 0 prints one line saying why."""
     if not cluster.sharded:
         return model if model is not None else load_model(path, device, torch.float32, field=field)
     if model is not None:
         folder, why = None, "the model was handed in as an object (give its folder to read it shard by shard)"
     else:
         folder, why = sharded_source(path, field=field)
+    meta = None
     if folder is not None:
         meta = meta_model(folder, field=field, name=path)
         why = unfit_buffers(meta)
-        if not why:
-            return meta
+    # every rank starts the same way (the sharded fill is collective): one that cannot read its shards (another
+    # node's hub cache, say) makes all load whole
+    whole = [(rank, reason) for rank, reason in enumerate(cluster.gather_objects([why])) if reason]
+    if not whole:
+        return meta
     if cluster.is_main:
-        print(f"grpokit: distributed fsdp: every rank loads the whole model, then shards it: {why}", file=sys.stderr,
+        rank, reason = whole[0]
+        said = reason if rank == 0 else f"rank {rank}: {reason}"
+        print(f"grpokit: distributed fsdp: every rank loads the whole model, then shards it: {said}", file=sys.stderr,
               flush=True)  # fmt: skip
     return model if model is not None else load_model(path, device, torch.float32, field=field)
 
@@ -133,8 +139,11 @@ def meta_model(
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # what from_pretrained also sets: the name it was given, the folder's generation config, eval mode
+    # what from_pretrained also sets: the name it was given, the folder's generation config, eval mode, and no
+    # weight conversions (`sharded_source` refuses models with any), which save_pretrained reads to write the tensors
+    # in name order: without it the final model's shards would be cut otherwise than one process cuts them
     model.config._name_or_path = model.name_or_path = str(name or folder)
+    model._weight_conversions = []
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     model.eval()

@@ -215,10 +215,13 @@ class Cluster:
     def lost_rank(self, err: BaseException) -> str | None:
         """What happened, when `err` is a collective that failed because a rank left or stopped answering (and the
         group is then marked broken: see `close`); None for any other error."""
-        if not self.active or not isinstance(err, RuntimeError):
-            return None
         import torch.distributed as dist
 
+        # gloo raises a plain RuntimeError; a subclass is someone's own error (a reward or a vLLM server whose
+        # connection was reset says "Connection reset by peer" too, and is no rank's loss)
+        collective = isinstance(err, dist.DistError) or type(err) is RuntimeError
+        if not self.active or not collective:
+            return None
         text = str(err)
         if not isinstance(err, dist.DistError) and not any(mark in text for mark in _GLOO_PEER_LOST):
             return None

@@ -53,7 +53,7 @@ class GRPOTrainer:
     name = "GRPO"  # on the progress bar and the plot
     config_class: type = GRPOConfig  # the config it runs (a subclass's trainer runs the subclass's)
     hooks: RunHooks = RunHooks()  # called at the run's events (`loop.RunHooks`; the TRL adapter's callbacks)
-    beside: dict[str, Any] = {}  # the stage's other Policies by checkpoint folder, for their FSDP shards (PPO's critic)
+    beside: dict[str, Any] | None = None  # the other Policies by checkpoint folder, for their FSDP shards (a critic)
 
     def __init__(
         self,
