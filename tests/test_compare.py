@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import config, digit_share, save_tiny, step_rows
 
@@ -168,3 +169,22 @@ def test_a_comparison_worker_that_ends_with_status_0_and_no_report_is_said():
 
     failed = ComparisonFailed("grpo", 0)
     assert failed.exit_code == 1 and "ended (exit status 0) without writing its report" in str(failed)
+
+
+def reward_that_fails(prompts, completions, **kwargs):
+    raise ValueError("a fault in this worker alone")
+
+
+def test_a_worker_that_fails_on_its_own_error_leaves_its_ranks_without_the_closing_barrier(tmp_path, monkeypatch):
+    """Under torchrun the other ranks would sit in a step's collective, which the closing barrier would answer
+    (both then waiting for ddp_timeout): a worker failing on an error of its own leaves at once, as `grpokit train`
+    does (`loop.leaving_cluster`)."""
+    from grpokit.runtime.distributed import Cluster
+    from grpokit.stages.compare import worker
+
+    left = []
+    monkeypatch.setattr(Cluster, "close", lambda self, *, together=True: left.append(together))
+    path = write_config(tmp_path, max_steps=1, reward_funcs=[f"{__name__}:reward_that_fails"])
+    with pytest.raises(Exception, match="a fault in this worker alone"):  # (the reward's error, as the run says)
+        worker("grpo", str(path), str(tmp_path / "report.json"))
+    assert left == [False]

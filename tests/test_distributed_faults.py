@@ -29,8 +29,16 @@ from test_distributed import (
     write_config,
 )
 
-from grpokit.runtime.checkpoint import LAUNCHER_ENV, RunDirectory, list_checkpoints
-from grpokit.runtime.distributed import Cluster
+from grpokit.model.policy import NumericsError
+from grpokit.runtime.checkpoint import (
+    LAUNCHER_ENV,
+    RunDirectory,
+    RunDirectoryError,
+    TrainingInterrupted,
+    list_checkpoints,
+)
+from grpokit.runtime.distributed import Cluster, DistributedError, LostRankError
+from grpokit.stages.loop import leaving_cluster
 
 TORCHRUN_SIGNALLED = 1  # torchrun 2.13 itself: it forwards SIGTERM, waits for the ranks, then raises SignalException
 
@@ -154,3 +162,42 @@ def test_a_failed_collective_names_the_rank_that_left_and_other_errors_are_not_t
     for other in (RuntimeError("CUDA out of memory"), ValueError(GLOO_RESET), reward_reset, NumericsError(GLOO_RESET)):
         assert Cluster(rank=0, world_size=2).lost_rank(other) is None
     assert Cluster().lost_rank(RuntimeError(GLOO_RESET)) is None  # one process: no rank to lose
+
+
+class ClosingCluster(Cluster):
+    """A cluster that records how it was left (`together`) instead of leaving a process group."""
+
+    def close(self, *, together: bool = True) -> None:
+        self.left = together
+
+
+def left_after(err: BaseException | None) -> bool:
+    """Whether `leaving_cluster` left with the closing barrier after a block that raised `err` (None: returned)."""
+    cluster = ClosingCluster(rank=1, world_size=2)
+    try:
+        with leaving_cluster(cluster):
+            if err is not None:
+                raise err
+    except BaseException as raised:  # noqa: BLE001 (a KeyboardInterrupt among them)
+        assert raised is err
+    return cluster.left
+
+
+def test_a_rank_leaves_with_the_closing_barrier_only_when_every_rank_ends_together():
+    """The barrier (gloo aborts at teardown without it) after a run, a signal's stop and the errors every rank
+    raises together; without it after an error that may be this rank's alone (the others would answer it from
+    another collective and hang) and after a lost rank, whose SIGTERM from torchrun is then ignored."""
+    assert left_after(None)
+    stopped = TrainingInterrupted(signal.SIGTERM, 2, Path("checkpoint-2"))
+    for agreed in (stopped, NumericsError("nan"), DistributedError("output_dir")):
+        assert left_after(agreed), agreed
+    for alone in (ValueError("a reward"), RunDirectoryError("a shard"), KeyboardInterrupt()):
+        assert not left_after(alone), alone
+    previous = signal.getsignal(signal.SIGTERM)
+    cluster = ClosingCluster(rank=1, world_size=2)
+    try:
+        with pytest.raises(LostRankError), leaving_cluster(cluster):
+            raise LostRankError("rank 0 left")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN and cluster.left is False
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -6,6 +6,7 @@ the straight run. The 2-rank FSDP writer is checked in tests/test_distributed.py
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -163,3 +164,26 @@ def test_a_one_process_run_in_small_shards_resumes_from_its_sharded_checkpoint_a
     assert len(weight_files(tmp_path / "resumed" / "model")) == 3  # cut at 60KB now
     rows = [read_jsonl(tmp_path / name / "completions.jsonl") for name in ("straight", "resumed")]
     assert rows[0] == rows[1] and {r["step"] for r in rows[0]} == {1, 2, 3, 4}
+
+
+def test_the_one_file_writer_writes_save_files_bytes_holding_one_tensor_at_a_time(tmp_path):
+    """PPO's critic under FSDP (`write_streamed_file`): the header first, then each tensor as it is made; the file is
+    safetensors' own (every dtype the critic may have, a scalar, an empty tensor), and the writer held at most the
+    largest tensor."""
+    from safetensors.torch import save_file
+
+    from grpokit.runtime.weight_files import write_streamed_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 5, generator=g), "b.bias": torch.randn(3, generator=g).bfloat16(),
+               "c.half": torch.randn(2, 3, generator=g).half(), "d.count": torch.tensor(4), "e.mask": torch.ones(3) > 0,
+               "f.scalar": torch.tensor(0.5), "g.empty": torch.zeros(0, 4)}  # fmt: skip
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    reference = (tmp_path / "reference.safetensors").read_bytes()
+    header = json.loads(reference[8 : 8 + int.from_bytes(reference[:8], "little")])
+    order = [name for name in header if name != "__metadata__"]  # safetensors' order: by alignment, then name
+    with open(tmp_path / "ours.safetensors", "wb") as out:
+        held = write_streamed_file(out, [(name, tensors[name]) for name in order])
+    assert (tmp_path / "ours.safetensors").read_bytes() == reference
+    assert held == max(t.nbytes for t in tensors.values())
+    assert write_streamed_file(None, list(tensors.items())) == 0  # another rank: gathers, writes and keeps nothing

@@ -226,3 +226,21 @@ def test_a_run_stopped_on_an_evaluation_step_evaluates_that_step_once(model_path
     trainer.train()
     assert [row["step"] for row in trainer.trainer.eval_history] == [0, 1, 2]
     assert evaluated == [0, 1, 2]
+
+
+def test_a_callbacks_evaluation_asked_on_another_rank_runs_on_this_one(model_path, tmp_path, monkeypatch):
+    """Held-out evaluation is a collective under torchrun: a callback's should_evaluate is agreed over the ranks
+    with the save and stop flags (`Cluster.max`), so an evaluation another rank's callback asks for after step 1
+    runs here too (the cluster stands in for that rank's flag)."""
+    from grpokit.runtime.distributed import Cluster
+
+    def max_with_another_ranks_evaluation(self, values):
+        return {**values, "eval": 1.0} if "eval" in values and trainer.state.global_step == 1 else dict(values)
+
+    monkeypatch.setattr(Cluster, "max", max_with_another_ranks_evaluation)
+    trainer = GRPOTrainer(
+        model=model_path, reward_funcs=reward_len, eval_dataset=TRAIN[:2], train_dataset=TRAIN,
+        args=small(tmp_path / "run", max_steps=2, save_strategy="no", eval_strategy="no"),
+    )  # fmt: skip
+    trainer.train()
+    assert 1 in [row["step"] for row in trainer.trainer.eval_history]

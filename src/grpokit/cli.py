@@ -240,8 +240,7 @@ def _yaml_overwrites(argv: list[str]) -> bool:
 
 def _train(args: list[str], *, ppo: bool = False) -> int:
     from grpokit.config import GRPOConfig, PPOConfig
-    from grpokit.runtime.checkpoint import TrainingInterrupted
-    from grpokit.runtime.distributed import LostRankError
+    from grpokit.stages.loop import leaving_cluster
 
     if ppo:
         from grpokit.stages.ppo import PPOTrainer as Trainer
@@ -250,21 +249,8 @@ def _train(args: list[str], *, ppo: bool = False) -> int:
 
     cfg = parse_config(PPOConfig if ppo else GRPOConfig, args, f"grpokit {'ppo' if ppo else 'train'} [CONFIG.yaml]")
     trainer = Trainer(cfg)  # under torchrun: one rank of the launch (grpokit.runtime.distributed)
-    together = False  # every rank ends here at once: the run's end, or a signal's stop (agreed at a step's end)
-    try:
+    with leaving_cluster(trainer.cluster):  # with the closing barrier only when every rank ends together
         result = trainer.train()
-        together = True
-    except TrainingInterrupted:
-        together = True
-        raise
-    except LostRankError:
-        import signal
-
-        # torchrun's SIGTERM to the remaining ranks follows a lost one: this rank leaves now with its own exit code
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise
-    finally:
-        trainer.cluster.close(together=together)
     if not trainer.cluster.is_main:
         return 0  # rank 0 reports the run
     if result.warnings:

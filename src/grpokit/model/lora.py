@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -169,15 +169,11 @@ def merged_state_dict(model: Any, gathered: dict[str, torch.Tensor] | None = Non
             continue
         if gathered is None:
             merged = module.get_base_layer().weight.detach().clone()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    merged += module.get_delta_weight(adapter).to(merged.dtype)
         else:
-            merged = source[f"{name}.base_layer.weight"].clone()
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A and gathered is None:
-                merged += module.get_delta_weight(adapter).to(merged.dtype)
-            elif adapter in module.lora_A:
-                delta = source[f"{name}.lora_B.{adapter}.weight"] @ source[f"{name}.lora_A.{adapter}.weight"]
-                delta = delta.T if module.fan_in_fan_out else delta
-                merged += (delta * module.scaling[adapter]).to(merged.dtype)
+            merged = _add_adapters(source[f"{name}.base_layer.weight"].clone(), name, module, source.__getitem__)
         state[f"{name}.weight"] = merged
     return state
 
@@ -213,14 +209,21 @@ def _merged_weight(state: dict[str, torch.Tensor], name: str, module: Any) -> An
         weight = state[f"{name}.base_layer.weight"]
         merged = full(weight).detach()
         merged = merged if hasattr(weight, "full_tensor") else merged.clone()  # a plain tensor is the live weight
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A:
-                delta = full(state[f"{name}.lora_B.{adapter}.weight"]) @ full(state[f"{name}.lora_A.{adapter}.weight"])
-                delta = delta.T if module.fan_in_fan_out else delta
-                merged += (delta * module.scaling[adapter]).to(merged.dtype)
-        return merged
+        return _add_adapters(merged, name, module, lambda key: full(state[key]))  # (B and A gathered in turn)
 
     return produce
+
+
+def _add_adapters(merged: torch.Tensor, name: str, module: Any, piece: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """`merged` (the whole base weight of the LoRA layer `module`, at `name`) plus scaling * B @ A of each active
+    adapter, in place, with B and A whole from `piece(state-dict name)`: the one merge of gathered pieces, for
+    `merged_state_dict` and `merged_sources`."""
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            delta = piece(f"{name}.lora_B.{adapter}.weight") @ piece(f"{name}.lora_A.{adapter}.weight")
+            delta = delta.T if module.fan_in_fan_out else delta
+            merged += (delta * module.scaling[adapter]).to(merged.dtype)
+    return merged
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -128,6 +129,44 @@ def write_weight_files(
         }
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return WrittenWeights(names, total, largest)
+
+
+# safetensors' names of torch's dtypes (its format's `dtype` field)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+
+
+def write_streamed_file(out: BinaryIO | None, tensors: list[tuple[str, torch.Tensor]]) -> int:
+    """`tensors` as one safetensors file written to `out` (the writing rank; None on the others, which take part in
+    every gather and write nothing), holding one whole tensor at a time: every tensor's dtype and shape (a
+    DTensor's are the whole one's) are known before any is gathered, so the header goes first, then each tensor's
+    bytes as it is gathered (`full`, a collective), in order. The file is what safetensors' `save_file` writes,
+    but for the order of the tensors. Returns the most bytes of tensor held at once (the largest tensor)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads its header
+    if out is not None:
+        out.write(len(text).to_bytes(8, "little") + text)
+    largest = 0
+    for _, tensor in tensors:
+        whole = full(tensor).detach()
+        if out is not None:
+            data = whole.to("cpu").contiguous().reshape(-1).view(torch.uint8)  # (little-endian, as the format's)
+            out.write(data.numpy().data)  # (no copy)
+            largest = max(largest, data.numel())
+        del whole
+    return largest
 
 
 def weight_files(folder: Path) -> list[Path]:

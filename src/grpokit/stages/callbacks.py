@@ -200,9 +200,13 @@ class CallbackHooks(RunHooks):
         if metrics is not None:
             self.log(split_row(metrics)[0])
         self.report_evaluations()  # one due at this step (its figures were in the step's row)
-        if self.control.should_evaluate:  # asked by a callback
-            self.evaluate()
-        return HookAnswer(save=self.control.should_save, stop=self.control.should_training_stop)
+        # a callback's should_evaluate: run by the loop on every rank when any rank's callback set it
+        # (`evaluation_asked`), as held-out evaluation is a collective under torchrun
+        return HookAnswer(save=self.control.should_save, stop=self.control.should_training_stop,
+                          evaluate=self.control.should_evaluate)  # fmt: skip
+
+    def evaluation_asked(self, step: int) -> None:
+        self.evaluate()
 
     def saved(self, step: int, checkpoint: Path) -> None:
         self.control.should_save = False

@@ -153,6 +153,7 @@ def worker(method: str, config_path: str, report_path: str) -> None:
 
     from grpokit.config import load_yaml
     from grpokit.stages.grpo import GRPOTrainer
+    from grpokit.stages.loop import leaving_cluster
     from grpokit.stages.ppo import PPOTrainer
 
     before_models_mb = _rss_mb()
@@ -160,10 +161,8 @@ def worker(method: str, config_path: str, report_path: str) -> None:
 
     cfg = method_config(load_yaml(GRPOConfig, config_path), method)
     trainer = (PPOTrainer if method == "ppo" else GRPOTrainer)(cfg)
-    try:
+    with leaving_cluster(trainer.cluster):  # a rank failing alone leaves at once (the others' collective fails)
         report = method_report(trainer, cfg, method, before_models_mb)
-    finally:
-        trainer.cluster.close()
     if trainer.cluster.is_main:
         Path(report_path).write_text(json.dumps(report, indent=1))
 

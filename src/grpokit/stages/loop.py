@@ -14,7 +14,10 @@ Code from outside the stage (the TRL adapter's transformers callbacks) sees the 
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +25,13 @@ from typing import Any, Protocol
 from grpokit.core.types import SamplerError
 from grpokit.model.policy import NumericsError, Policy
 from grpokit.report.runlog import RunLog, progress
-from grpokit.runtime.checkpoint import RUN_ID_FILE, RunDirectory, list_checkpoints, numerics_stop
+from grpokit.runtime.checkpoint import (
+    RUN_ID_FILE,
+    RunDirectory,
+    TrainingInterrupted,
+    list_checkpoints,
+    numerics_stop,
+)
 from grpokit.runtime.distributed import Cluster, DistributedError, LostRankError
 
 
@@ -80,13 +89,14 @@ class HookAnswer:
 
     save: bool = False  # checkpoint after this step, due or not
     stop: bool = False  # end the run after this step as its last: checkpoint, `finish`, the model saved
+    evaluate: bool = False  # a held-out evaluation after this step (`RunHooks.evaluation_asked`)
 
 
 class RunHooks:
     """The run's events, for code outside the stage (the TRL adapter's callbacks), called on every rank in this
-    order: `train_begin`, then per step `step_begin`, `step_end`, `saved` (when a checkpoint was written), and
-    `train_end` once the model is saved. A raised error ends the run as a failing step does. The base does
-    nothing."""
+    order: `train_begin`, then per step `step_begin`, `step_end`, `evaluation_asked` (when a rank's hook asked),
+    `saved` (when a checkpoint was written), and `train_end` once the model is saved. A raised error ends the run as
+    a failing step does. The base does nothing."""
 
     def train_begin(self, start: int) -> None:
         """Before the stage's `begin`: `start` is the step the run resumed at (0: a fresh run)."""
@@ -97,6 +107,10 @@ class RunHooks:
     def step_end(self, step: int, metrics: dict[str, float] | None) -> HookAnswer:
         """After `step` and its row (`metrics`, as the stage reported it on this rank; None: no row this step)."""
         return HookAnswer()
+
+    def evaluation_asked(self, step: int) -> None:
+        """After `step_end`, when a hook on any rank asked for an evaluation (`HookAnswer.evaluate`): held-out
+        evaluation is a collective under torchrun, so every rank runs it, or none."""
 
     def saved(self, step: int, checkpoint: Path) -> None:
         """After checkpoint-`step` is complete (written by rank 0, in `checkpoint`)."""
@@ -125,6 +139,35 @@ def run_stage(
             # lost one within a fraction of a second, and would end the process before the CLI prints
             print(f"grpokit: stopped: {message}", file=sys.stderr, flush=True)
             raise LostRankError(message) from err
+
+
+# Errors every rank raises together, from figures every rank shares: a NumericsError (the gradient norm and the
+# search for a non-finite weight are all-reduced), `check_every_rank_sees`'s DistributedError (gathered), a signal's
+# stop (agreed at a step's end). Any other error may be one rank's alone (its reward, its shard of a checkpoint).
+AGREED_ERRORS: tuple[type[BaseException], ...] = (TrainingInterrupted, NumericsError, DistributedError)
+
+
+@contextmanager
+def leaving_cluster(cluster: Cluster) -> Iterator[None]:
+    """Runs the block (a trainer's run on this rank), then leaves `cluster`'s process group (`Cluster.close`).
+    The rule: the closing barrier (which keeps gloo from aborting at teardown, "terminate called without an active
+    exception") is entered when every rank is known to end the block together: it returned, or raised one of
+    AGREED_ERRORS. On any other error this rank leaves alone, at once: the others may wait in another collective,
+    which the barrier would answer (both then hang until `ddp_timeout`); its closed connections fail theirs at once.
+    A LostRankError (a peer left) leaves without it too (`Cluster.lost_rank`), ignoring the SIGTERM torchrun sends
+    the remaining ranks after a lost one, so that this rank ends with its own exit code."""
+    together = False
+    try:
+        yield
+        together = True
+    except AGREED_ERRORS:
+        together = True
+        raise
+    except LostRankError:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    finally:
+        cluster.close(together=together)
 
 
 def lost_rank_stop(run: RunDirectory, lost: str) -> str:
@@ -192,11 +235,14 @@ def _run(stage: Stage, run: RunDirectory, settings: LoopSettings, cluster: Clust
                 if report.postfix:
                     bar.set_postfix(**report.postfix)
                 asked = hooks.step_end(step, report.metrics)
-                # a signal, or a hook's save or stop, on one rank: on all (they checkpoint and stop together). The
-                # ranks get a signal at different moments (one between steps, one inside a collective): the flags
-                # of this step's end decide, the same on every rank.
-                flags = cluster.max({"s": run.stop_signal or 0, "save": asked.save, "stop": asked.stop})
+                # a signal, or a hook's save, stop or evaluation, on one rank: on all (they evaluate, checkpoint and
+                # stop together). The ranks get a signal at different moments (one between steps, one inside a
+                # collective): the flags of this step's end decide, the same on every rank.
+                flags = cluster.max({"s": run.stop_signal or 0, "save": asked.save, "stop": asked.stop,
+                                     "eval": asked.evaluate})  # fmt: skip
                 run.stop_signal = int(flags["s"]) or None
+                if flags["eval"]:
+                    hooks.evaluation_asked(step)
                 due = run.checkpoint_due(step, settings.max_steps, settings.save_every)
                 if due or flags["save"] or flags["stop"]:
                     checkpoint = stage.write_checkpoint(run, step)

@@ -206,25 +206,26 @@ class PPOTrainer(GRPOTrainer):
     def save_beside_model(self, out: Path) -> None:
         """The critic, as `critic.safetensors`, written before the final model: a PPO run folder with model/ holds
         its critic, and a write the disk refuses leaves the run resumable from its last checkpoint. Rank 0 writes it;
-        under FSDP every rank takes part in gathering it (to rank 0, on the CPU)."""
-        from safetensors.torch import save_file, save_model
+        under FSDP every rank takes part in gathering it one tensor at a time, which rank 0 writes and lets go
+        (`weight_files.write_streamed_file`): no rank holds the whole critic."""
+        from safetensors.torch import save_model
 
         from grpokit.runtime.checkpoint import atomic_file
+        from grpokit.runtime.weight_files import write_streamed_file
 
         path = out / CRITIC_FILE
         self.critic.check_finite(f"so {path} was not written")
-        gathered = None
-        if self.critic.fsdp_roots:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            gathered = get_model_state_dict(self.critic.model, options=options)
-        if self.cluster.is_main:
-            with atomic_file(path) as partial:  # whole or absent
-                if gathered is None:
+        if not self.critic.fsdp_roots:
+            if self.cluster.is_main:
+                with atomic_file(path) as partial:  # whole or absent
                     save_model(self.critic.model, str(partial))
-                else:
-                    save_file({k: v.contiguous() for k, v in gathered.items()}, str(partial))
+            return
+        tensors = list(self.critic.model.state_dict().items())  # each rank's shards (DTensors): none gathered yet
+        if not self.cluster.is_main:
+            write_streamed_file(None, tensors)
+            return
+        with atomic_file(path) as partial, open(partial, "wb") as file:
+            write_streamed_file(file, tensors)
 
     def stage_state(self) -> dict[str, Any]:
         """GRPO's, plus the critic: its weights, AdamW and schedule (under FSDP its weights and AdamW are shards in
@@ -240,12 +241,7 @@ class PPOTrainer(GRPOTrainer):
 
         if "critic" not in state:
             raise RunDirectoryError(f"checkpoint {folder} holds no critic: it was written by a GRPO run, not PPO")
-        if "weights" in state["critic"]:
-            if self.critic.fsdp_roots:
-                raise RunDirectoryError(
-                    f"checkpoint {folder} was written without `distributed: fsdp`: resume it under ddp or in one "
-                    "process"
-                )
+        if "weights" in state["critic"]:  # (a checkpoint written without fsdp: `resume_policy` refused it under fsdp)
             self.critic.model.load_state_dict(state["critic"]["weights"])
         elif not (folder / CRITIC_SHARDS).is_dir():
             raise RunDirectoryError(f"checkpoint {folder} holds neither the critic's weights nor {CRITIC_SHARDS}/")
