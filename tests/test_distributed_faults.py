@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,23 @@ def test_a_rank_leaves_with_the_closing_barrier_only_when_every_rank_ends_togeth
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN and cluster.left is False
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_resume_command_printed_under_torchrun_is_a_launch_of_as_many_ranks(monkeypatch, tmp_path):
+    """A run stopped under torchrun resumes under torchrun (one process would hold the whole model an FSDP run
+    shards), by the script's path (torchrun reads its first argument as a file); over several nodes, on each."""
+    from grpokit.cli import resume_command
+
+    script = tmp_path / "bin" / "grpokit"
+    script.parent.mkdir()
+    script.write_text("")
+    argv = ["train", "run.yaml", "--resume-from-checkpoint", "checkpoint-2"]
+    assert resume_command(argv) == "grpokit train run.yaml --resume-from-checkpoint latest"
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    monkeypatch.setenv(LAUNCHER_ENV, "run-1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expected = f"torchrun --nproc_per_node 2 {script} train run.yaml --resume-from-checkpoint latest"
+    assert resume_command(argv) == expected
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resume_command(argv) == f"{expected} (on every node, with this launch's --nnodes and rendezvous)"

@@ -4,6 +4,7 @@ per-field overrides (`--learning-rate 3e-4`); `grpokit train --help` lists every
 from __future__ import annotations
 
 import errno
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -168,7 +169,8 @@ def _main(argv: list[str] | None = None) -> int:
         if command == "vllm-serve":
             return _vllm_serve(rest)
     except TrainingInterrupted as stop:
-        print(f"grpokit {command}: {stop}\nresume with: {resume_command(argv)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun every rank stops so: rank 0 says it)
+            print(f"grpokit {command}: {stop}\nresume with: {resume_command(argv)}", file=sys.stderr)
         return stop.exit_code
     except LostRankError:  # said when it was found (`run_loop`): torchrun's SIGTERM may have ended us before here
         return 3
@@ -220,7 +222,17 @@ def resume_command(argv: list[str]) -> str:
             kept.append(arg)
     if _yaml_overwrites(kept):  # the YAML's own `overwrite_output_dir: true` would refuse the resume
         kept.append("--no-overwrite-output-dir")
-    return shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
+    from grpokit.runtime.checkpoint import LAUNCHER_ENV
+
+    if LAUNCHER_ENV not in os.environ:
+        return shlex.join(["grpokit", *kept, "--resume-from-checkpoint", "latest"])
+    # under torchrun: a launch of as many ranks (one process would hold the whole model an FSDP run shards), by the
+    # script's own path (torchrun takes its first argument for a file)
+    script = os.path.abspath(sys.argv[0]) if os.path.isfile(sys.argv[0]) else "grpokit"
+    per_node, world = os.environ.get("LOCAL_WORLD_SIZE", "1"), os.environ.get("WORLD_SIZE", "1")
+    resume = [script, *kept, "--resume-from-checkpoint", "latest"]
+    command = shlex.join(["torchrun", "--nproc_per_node", per_node, *resume])
+    return command if per_node == world else f"{command} (on every node, with this launch's --nnodes and rendezvous)"
 
 
 def _yaml_overwrites(argv: list[str]) -> bool:

@@ -1313,7 +1313,7 @@ class RunDirectory:
         self.stop_signal = signum
         again = (
             "torchrun kills the ranks after its --shutdown-timeout, 30 s unless set: it must cover a step and a "
-            "checkpoint"
+            "checkpoint; torchrun also sends it when a rank has failed, and then this rank stops without one"
             if LAUNCHER_ENV in os.environ
             else "send it again to stop at once"
         )
