@@ -147,6 +147,24 @@ def distributed_section() -> list[str]:
     out = []
     for _, r in _load("distributed-memory-*.json"):
         out += distributed_phases(r) if "final_weights_vs_one_process" in r else distributed_overall(r)
+    for _, r in _load("distributed-equality-*.json"):
+        c = r["config"]
+        out += [
+            f"## A real model on 2 ranks against one process: {Path(r['model']).name}",
+            "",
+            f"`python benchmarks/distributed_equality.py --model-path {Path(r['model']).name}`: `grpokit train` of the",
+            f"addition task, {c['max_steps']} steps of {c['prompts_per_step']} x {c['num_generations']} completions "
+            f"<= {c['max_completion_length']} tokens, beta {c['beta']}, a graded reward (every group has spread),",
+            "in one process and under `torchrun --nproc_per_node 2` with `distributed: fsdp` (the sharded start).",
+            "",
+            "| same completions | final weights, max relative difference | weights moved from the start |",
+            "| --- | ---: | ---: |",
+            f"| {'yes' if r['same_completions'] else 'no'} ({r['completions']} logged) "
+            f"| {r['max_relative_difference']:.1e} | {r['moved_from_start']:.1e} |",
+            "",
+            f"Record: {r['commit']}, {r['date']}.",
+            "",
+        ]
     return out
 
 
@@ -233,7 +251,10 @@ def distributed_phases(r: dict) -> list[str]:
         "Model state is counted from the tensors (weights, reference, AdamW moments, gradients; under fsdp the",
         "rank's shards). On a CPU glibc keeps freed blocks in the heap; with a fixed mmap threshold large blocks go",
         "back when freed. Final weights: max |a - b| / max |b| over the tensors against one process's after the",
-        "same steps (Qwen2's attention biases amplify rounding: the figure without biases beside it).",
+        "same steps (Qwen2's attention biases amplify rounding: the figure without biases beside it). A reward",
+        "that is flat in a step leaves a gradient of 0 in exact arithmetic, which AdamW turns into full-size steps",
+        "of rounding noise that differ between any two summation orders (ddp as much as fsdp): see the graded-reward",
+        "comparison below.",
         "",
         *lines,
         "",
