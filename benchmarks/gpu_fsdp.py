@@ -52,7 +52,6 @@ import contextlib
 import datetime
 import gc
 import json
-import os
 import re
 import resource
 import shutil
@@ -248,13 +247,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: this benchmark is for a GPU (use --smoke to check the code path on a CPU)")
         device, dtype_name, shapes = torch.device("cuda", 0), "bfloat16", SHAPES
-    name = "gpu-fsdp-smoke.json" if smoke else "gpu-fsdp-qwen2.json"
-    if args.out:
-        path = Path(args.out)
-    elif os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / name
-    else:
-        path = (Path(tempfile.gettempdir()) if smoke else ROOT / "benchmarks" / "results") / name
+    path = gpu_step.record_path(args.out, "gpu-fsdp-smoke.json" if smoke else "gpu-fsdp-qwen2.json", smoke)
     budget = gpu_step.Budget(args.budget_s)
 
     tokenizer = gpu_step.wide_char_tokenizer(shapes["qwen2-0.5b"]["vocab_size"])  # (every size's vocabulary)

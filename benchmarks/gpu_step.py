@@ -204,6 +204,16 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def record_path(out: str | None, name: str, smoke: bool) -> Path:
+    """Where a GPU benchmark writes its record: `--out`, else $OUT (the device tool's folder), else
+    benchmarks/results/ (a smoke run's: the system's temporary folder)."""
+    if out:
+        return Path(out)
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"]) / name
+    return (Path(tempfile.gettempdir()) if smoke else ROOT / "benchmarks" / "results") / name
+
+
 class Budget:
     def __init__(self, seconds: float):
         self.start, self.seconds = time.perf_counter(), seconds
@@ -330,13 +340,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: this benchmark is for a GPU (use --smoke to check the code path on a CPU)")
         device, dtype, dtype_name, shape = torch.device("cuda"), torch.bfloat16, "bfloat16", QWEN2_05B
-    name = "gpu-step-smoke.json" if smoke else "gpu-step-qwen2-0.5b.json"
-    if args.out:
-        path = Path(args.out)
-    elif os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / name
-    else:
-        path = (Path(tempfile.gettempdir()) if smoke else ROOT / "benchmarks" / "results") / name
+    path = record_path(args.out, "gpu-step-smoke.json" if smoke else "gpu-step-qwen2-0.5b.json", smoke)
     budget = Budget(args.budget_s)
 
     t0 = time.perf_counter()

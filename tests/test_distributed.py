@@ -20,7 +20,7 @@ import yaml
 from helpers import KILL_AT_CALL, read_jsonl, save_tiny, save_tiny_reward_model
 from safetensors.torch import load_file
 
-from grpokit.config import GRPOConfig, load_yaml
+from grpokit.config import load_yaml
 from grpokit.runtime.checkpoint import PROVENANCE, list_checkpoints
 from grpokit.runtime.weight_files import INDEX_NAME, read_weight_files, weight_files
 from grpokit.stages.grpo import GRPOTrainer
@@ -109,11 +109,12 @@ def launch(config: Path, *extra: str, env: dict[str, str] | None = None, check: 
     return proc
 
 
-def one_process(config: Path, output_dir: Path, **overrides) -> Path:
-    cfg = load_yaml(GRPOConfig, config)
-    cfg = GRPOConfig(**{**cfg.__dict__, "output_dir": str(output_dir), **overrides})
+def one_process(config: Path, output_dir: Path, *, trainer: type = GRPOTrainer, **overrides) -> Path:
+    """`config` trained in this process by `trainer` (its own config class) into `output_dir`."""
+    cfg = load_yaml(trainer.config_class, config)
+    cfg = trainer.config_class(**{**cfg.__dict__, "output_dir": str(output_dir), **overrides})
     sys.path.insert(0, str(TESTS))  # the config names helpers:digit_share, as the launched ranks import it
-    GRPOTrainer(cfg).train()
+    trainer(cfg).train()
     return output_dir
 
 

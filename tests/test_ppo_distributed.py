@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from helpers import read_jsonl
 from safetensors.torch import load_file
 from test_distributed import (  # noqa: F401  (llama_path: the module's tiny Llama fixture)
-    TESTS,
     completions,
     launch,
     llama_path,
     max_relative_difference,
+    one_process,
     weights,
     write_config,
 )
 
-from grpokit.config import PPOConfig, load_yaml
 from grpokit.stages.ppo import CRITIC_FILE, CRITIC_SHARDS, PPOTrainer
 
 # eval at steps 0, 2 and 3 over 3 held-out rows: 2 on one rank, 1 on the other; a checkpoint after step 2
@@ -39,11 +37,7 @@ FIGURES = (
 
 
 def one_process_ppo(config: Path, output_dir: Path, **overrides) -> Path:
-    cfg = load_yaml(PPOConfig, config)
-    cfg = PPOConfig(**{**cfg.__dict__, "output_dir": str(output_dir), **overrides})
-    sys.path.insert(0, str(TESTS))  # the config names helpers:digit_share, as the launched ranks import it
-    PPOTrainer(cfg).train()
-    return output_dir
+    return one_process(config, output_dir, trainer=PPOTrainer, **overrides)
 
 
 def critic(run: Path):
