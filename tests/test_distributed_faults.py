@@ -72,7 +72,8 @@ def test_sigterm_then_a_lost_rank_then_resume_is_the_straight_run(mode, fault, l
     assert [step for step, _ in list_checkpoints(run)] == [2]  # one checkpoint: the step every rank was in
     assert (run / "checkpoint-2" / "shards").is_dir() == (mode == "fsdp")
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
-    assert out.count("stopped by SIGTERM after step 2") == 2  # each rank
+    assert out.count("stopped by SIGTERM after step 2") == 1  # rank 0 says it for all
+    assert "resume with: torchrun --nproc_per_node 2 " in out  # a launch of as many ranks, not one process
 
     # the resumed process's 2nd reward call is in step 4, after checkpoint-3
     code, ranks, out = launch(tmp_path, config, "--resume-from-checkpoint", "latest",

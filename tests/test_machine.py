@@ -110,7 +110,7 @@ def test_num_generations_30000_is_refused_before_the_model_loads(tmp_path, model
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the memory check")
 
-    monkeypatch.setattr(trainer_module, "load_model", no_load)
+    monkeypatch.setattr(trainer_module, "training_model", no_load)
     rc = main(
         ["train", "--model", str(model), "--task", "addition", "--output-dir", str(tmp_path / "run"),
          "--prompts-per-step", "64", "--num-generations", "10000000", "--max-completion-length", "8",

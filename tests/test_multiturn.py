@@ -195,7 +195,7 @@ def test_a_tool_tag_the_tokenizer_cannot_write_is_refused_before_the_model_loads
     def no_load(*args, **kwargs):
         raise AssertionError("the model loaded before the tool's tags were checked")
 
-    monkeypatch.setattr(grpokit.stages.grpo, "load_model", no_load)
+    monkeypatch.setattr(grpokit.stages.grpo, "training_model", no_load)
     plain = build_char_tokenizer(DEFAULT_CHARS.replace("<", "").replace(">", ""))
     said = r"config field `tools`: the tool `calc` is called as <calc>...</calc> .*cannot write '</calc>'"
     folder = tmp_path / "tiny"
