@@ -140,10 +140,10 @@ class Policy:
                 roots[id(m)] = shard(m, self.per_token)
                 continue
 
-            def fill(lm: torch.nn.Module, what: str = what) -> None:
+            def read_shards(lm: torch.nn.Module, what: str = what) -> None:
                 read[what] = fill_from_folder(lm, source, values=drawn if what == "policy" else None)
 
-            roots[id(m)] = shard(m, self.per_token, fill=fill, device=self.device)
+            roots[id(m)] = shard(m, self.per_token, fill=read_shards, device=self.device)
         if source is not None:
             say_sharded_load(self.cluster, source, read)
         return roots

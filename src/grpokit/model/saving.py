@@ -67,14 +67,31 @@ def save_trained(
     gathered = None  # the adapter under FSDP: its weights alone gathered (every rank takes part), small
     if policy.fsdp_roots:
         gathered = {name: full(p).detach().cpu() for name, p in policy.model.named_parameters() if p.requires_grad}
+    return _save_on_rank_0(policy, path, tokenizer, lora_form, gathered, max_shard_size, overwrite)
+
+
+def _save_on_rank_0(
+    policy: Policy,
+    path: str | Path,
+    tokenizer: Any,
+    lora_form: str,
+    state_dict: dict[str, torch.Tensor] | None,
+    max_shard_size: str | int,
+    overwrite: bool,
+) -> Path:
+    """save_pretrained's folder written by rank 0 (`lora.save_policy` with LoRA, else `checkpoint.save_model`), from
+    `state_dict` when given (gathered from FSDP's shards) else the model's own tensors; every rank returns the
+    folder once it is whole."""
     folder = None
-    if policy.cluster.is_main and lora:
+    if policy.cluster.is_main and uses_lora(policy.model):
         folder = save_policy(
-            policy.model, tokenizer, path, lora_form, state_dict=gathered, overwrite=overwrite,
+            policy.model, tokenizer, path, lora_form, state_dict=state_dict, overwrite=overwrite,
             max_shard_size=max_shard_size,
         )  # fmt: skip
     elif policy.cluster.is_main:
-        folder = save_model(policy.model, tokenizer, path, overwrite=overwrite, max_shard_size=max_shard_size)
+        folder = save_model(
+            policy.model, tokenizer, path, state_dict=state_dict, overwrite=overwrite, max_shard_size=max_shard_size
+        )
     return Path(policy.cluster.broadcast(folder and str(folder)))
 
 
@@ -156,17 +173,7 @@ def _save_gathered(
     gathered = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     for name in _tied_names(policy.model):  # a tied weight comes back once per name: save_pretrained needs it once
         gathered.pop(name, None)
-    folder = None
-    if policy.cluster.is_main and uses_lora(policy.model):
-        folder = save_policy(
-            policy.model, tokenizer, path, lora_form, state_dict=gathered, overwrite=overwrite,
-            max_shard_size=max_shard_size,
-        )  # fmt: skip
-    elif policy.cluster.is_main:
-        folder = save_model(
-            policy.model, tokenizer, path, state_dict=gathered, overwrite=overwrite, max_shard_size=max_shard_size
-        )
-    return Path(policy.cluster.broadcast(folder and str(folder)))
+    return _save_on_rank_0(policy, path, tokenizer, lora_form, gathered, max_shard_size, overwrite)
 
 
 def write_policy_checkpoint(

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from grpokit.config import GRPOConfig
-from grpokit.core import algo
 from grpokit.core.types import Generation, Rollout, StepBatch, TrainResult
 from grpokit.data.rows import ShuffledEpochs, encode_prompts, grpo_rows, scan_all_prompts
 from grpokit.model.loading import check_context_length
@@ -210,8 +209,7 @@ class GRPOTrainer:
     def _update(self, rollout: Rollout, mask, step_mask, first_row, advantages, old_logp, ref_logp) -> dict[str, float]:
         """The step's update (`update.run_update`) and its figures, summed over the ranks."""
         cfg, lr = self.cfg, self.policy.lr  # (the step's first rate)
-        added = update.FIGURES  # what the micro-batches add up, summed over the ranks too
-        sums = dict.fromkeys((*added, "grad_norm", "sampler_logp_diff"), 0.0)
+        sums = dict.fromkeys((*update.FIGURES, "grad_norm", "sampler_logp_diff"), 0.0)  # what the passes add up
         n_opt_steps = update.run_update(
             self.policy, rollout, mask=mask, step_mask=step_mask, first_row=first_row, advantages=advantages,
             old_logp=old_logp, ref_logp=ref_logp, loss_type=cfg.loss_type, surrogate=cfg.surrogate(), beta=cfg.beta,
@@ -219,11 +217,7 @@ class GRPOTrainer:
             max_completion_length=cfg.max_completion_length, shuffle=self.shuffle_generator, sums=sums,
             correction=self.correction, entropy=update.EntropyTerms(cfg.top_entropy_quantile, cfg.entropy_coef),
         )  # fmt: skip
-        if old_logp is not None:
-            sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)
-        # over the ranks: sums and counts added, the gap's maximum (grad_norm is already of the summed gradients)
-        sums.update(self.cluster.sum({k: sums[k] for k in added}))
-        sums.update(self.cluster.max({"sampler_logp_diff": sums["sampler_logp_diff"]}))
+        update.sums_over_ranks(sums, self.cluster, rollout, old_logp)
         stats = update.policy_figures(sums, n_opt_steps, with_kl=ref_logp is not None)
         return {**stats, **update.correction_figures(sums, self.cluster), "learning_rate": lr}
 

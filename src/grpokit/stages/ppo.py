@@ -188,11 +188,8 @@ class PPOTrainer(GRPOTrainer):
             shuffle=self.shuffle_generator, sums=sums, on_micro_batch=critic_pass, on_optimizer_step=critic_step,
             entropy=update.EntropyTerms(cfg.top_entropy_quantile, cfg.entropy_coef),
         )  # fmt: skip
-        if old_logp is not None:
-            sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)
-        # over the ranks: sums and counts added, the gap's maximum (the gradient norms are of the summed gradients)
-        sums.update(self.cluster.sum({k: sums[k] for k in (*update.FIGURES, "value_loss", "value_clip_frac")}))
-        sums.update(self.cluster.max({"sampler_logp_diff": sums["sampler_logp_diff"]}))
+        summed = (*update.FIGURES, "value_loss", "value_clip_frac")  # (the critic's gradient norm: of summed ones)
+        update.sums_over_ranks(sums, self.cluster, rollout, old_logp, summed=summed)
         tokens = max(sums["tokens"], 1.0)
         stats = {
             **update.policy_figures(sums, n_opt_steps, with_kl=ref_logp is not None),

@@ -316,6 +316,17 @@ def correction_figures(sums: dict[str, float], cluster: Any) -> dict[str, float]
     }
 
 
+def sums_over_ranks(sums: dict[str, float], cluster: Any, rollout: Any, old_logp: torch.Tensor | None,
+                    *, summed: tuple[str, ...] = FIGURES) -> None:  # fmt: skip
+    """An update's `sums` made the whole step's, in place: the sampler's logprob gap of this rank's rows taken
+    (`algo.max_logp_gap`, when there are old-policy logprobs), then the sums and counts `summed` added over the
+    ranks and the gap's maximum taken (the gradient norms are of the summed gradients already)."""
+    if old_logp is not None:
+        sums["sampler_logp_diff"] = algo.max_logp_gap(old_logp, rollout.sampling_logp, rollout.trained_mask)
+    sums.update(cluster.sum({k: sums[k] for k in summed}))
+    sums.update(cluster.max({"sampler_logp_diff": sums["sampler_logp_diff"]}))
+
+
 def policy_figures(sums: dict[str, float], n_opt_steps: int, *, with_kl: bool) -> dict[str, float]:
     """An update's figures from its `sums` (over every rank): the mean loss and gradient norm of its optimizer
     steps, token means of entropy (first pass), clipping and KL (`with_kl`: a reference exists), the logprob gap."""
